@@ -1,0 +1,112 @@
+"""The policy protocol: everything opdlens needs from a student or a teacher.
+
+Token sequences are plain ``Sequence[int]``. A *prefix* is the full model input (prompt
+tokens followed by generated tokens). Log-probabilities are natural-log, float32, over the
+model's full output vocabulary.
+
+Two implementations live in the package:
+
+* :class:`opdlens.models.HFPolicy` wraps any Hugging Face causal LM (CPU or CUDA);
+* :class:`opdlens.synthetic.SyntheticPolicy` is a small Markov model whose success
+  probabilities are exact (dynamic programming); it is the oracle of the test-suite.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Protocol, runtime_checkable
+
+import torch
+
+TokenSeq = Sequence[int]
+
+
+class OpdlensError(ValueError):
+    """A user-facing error: the message says what is wrong and how to fix it."""
+
+
+@dataclass
+class Completion:
+    """One sampled continuation of a prefix.
+
+    ``tokens`` are the generated tokens only (the EOS token included when one was produced),
+    ``logprobs`` the sampling policy's log-probability of each of them (same length), and
+    ``finished`` is True when generation stopped at EOS rather than at the length cap.
+    """
+
+    tokens: list[int]
+    logprobs: list[float] = field(default_factory=list)
+    finished: bool = True
+
+    def __post_init__(self) -> None:
+        if self.logprobs and len(self.logprobs) != len(self.tokens):
+            raise OpdlensError(
+                f"Completion has {len(self.tokens)} tokens but {len(self.logprobs)} log-probs"
+            )
+
+
+@runtime_checkable
+class Policy(Protocol):
+    """Next-token distributions and sampling over token ids."""
+
+    @property
+    def vocab_size(self) -> int:
+        """Size of the output distribution (logits dimension)."""
+        ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        """Token ids that end a generation."""
+        ...
+
+    def next_token_logprobs(self, prefixes: Sequence[TokenSeq]) -> torch.Tensor:
+        """Log-probabilities of the next token after each prefix: float32 ``[B, V]``."""
+        ...
+
+    def continuation_logprobs(self, context: TokenSeq, continuation: TokenSeq) -> torch.Tensor:
+        """Full next-token log-distributions along a continuation, in one forward pass.
+
+        Row ``t`` is the distribution of the token at position ``t`` of ``continuation``
+        given ``context + continuation[:t]``: float32 ``[len(continuation), V]``.
+        Scoring one path under several contexts (teacher configurations) is one call each.
+        """
+        ...
+
+    def sample(
+        self,
+        prefixes: Sequence[TokenSeq],
+        n: int,
+        max_new_tokens: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> list[list[Completion]]:
+        """``n`` independent continuations of every prefix (result ``[len(prefixes)][n]``).
+
+        Deterministic for a given seed. Generation stops at an EOS token or after
+        ``max_new_tokens`` tokens.
+        """
+        ...
+
+
+def check_logprobs(logprobs: torch.Tensor, who: str) -> torch.Tensor:
+    """Reject NaN/inf-positive log-probs with a message naming the source."""
+    if torch.isnan(logprobs).any():
+        raise OpdlensError(
+            f"{who} returned NaN log-probabilities; check the model weights/dtype "
+            "(fp16 overflow is a common cause: try dtype=bfloat16 or float32)"
+        )
+    if (logprobs > 1e-4).any():
+        raise OpdlensError(f"{who} returned log-probabilities > 0; pass log-softmax outputs, not logits")
+    return logprobs
+
+
+def check_same_vocab(student: Policy, teacher: Policy) -> None:
+    """Student and teacher must score the same token ids."""
+    if student.vocab_size != teacher.vocab_size:
+        raise OpdlensError(
+            f"student vocabulary size {student.vocab_size} != teacher vocabulary size "
+            f"{teacher.vocab_size}: distillation signals need a shared tokenizer. Pick a teacher "
+            "from the same model family (same tokenizer), e.g. Qwen3-0.6B with Qwen3-8B."
+        )
