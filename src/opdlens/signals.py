@@ -1,0 +1,227 @@
+"""Per-node gradient signals and alignment scores (PAPERS.md, part A).
+
+At a node ``u`` the student's objective restricted to the well-visited child set ``S_u`` is
+``J = Σ_k P_θ(k) P_succ(k)``; its gradient with respect to the student's logits is the *ideal*
+direction ``g_k = P_θ(k) (P_succ(k) − P̄)``. Every distillation algorithm gives a per-node
+gradient of the same shape ``P_θ(k)(c_k − c̄)``:
+
+==============  ===========================================================================
+ideal           ``c_k = P_succ(k)``
+GKD             ``c_k = −ℓ_k``, ``ℓ_k = log P_θ(k) − log P_te(k)`` (descent on KL(P_θ‖P_te))
+single-sample   ``(1/N) Σ_i −ℓ_{y_i} (e_{y_i} − P_θ)`` over the student-sampled children
+                ``y_i`` at ``u``; equals GKD in expectation
+MiniLLM         GKD (exact single-step term) ``+ R_{u+1} (e_{y_u} − P_θ)`` with ``R_{u+1}`` the
+                (length-normalised, discounted) reward-to-go ``Σ_{t>u} −ℓ_t(y_t)`` along the path
+Dr. GRPO        ``(1/N) Σ_i (r_i − r̄)(e_{y_i} − P_θ)``; equals the ideal in expectation
+==============  ===========================================================================
+
+All vectors live on ``S_u`` with the distributions renormalised over ``S_u``
+(``renormalize=True``, as in the paper). The alignment ``Align(u) = cos(g_ideal, g_D)``.
+
+Everything is vectorised over the nodes of a path: inputs are padded ``[..., K]`` arrays with a
+boolean mask, as produced by :meth:`opdlens.tree.PathStats.padded`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from scipy.signal import lfilter
+
+from opdlens.policy import OpdlensError, check_logprobs
+from opdlens.tree import PathStats
+
+Tensor = torch.Tensor
+ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
+
+
+@dataclass(frozen=True)
+class SignalConfig:
+    """Thresholds and options; defaults follow the paper (short tasks)."""
+
+    min_visits: int = 20  # per child in S_u (paper: 20 short tasks, 10 on long AIME traces)
+    min_children: int = 2  # |S_u| needed for a node to count
+    min_psucc_range: float = 0.0  # node needs max P_succ − min P_succ > this over S_u
+    renormalize: bool = True  # renormalise P_θ, P_te over S_u
+    minillm_gamma: float = 1.0  # discount of the reward-to-go
+    minillm_length_norm: bool = True  # divide the reward-to-go by its number of terms
+
+
+# --------------------------------------------------------------------------- vector formulas
+def _masked(x: Tensor, mask: Tensor) -> Tensor:
+    return torch.where(mask, x, torch.zeros_like(x))
+
+
+def restrict(logp: Tensor, mask: Tensor, renormalize: bool = True) -> tuple[Tensor, Tensor]:
+    """Probabilities and log-probabilities restricted to the mask (optionally renormalised)."""
+    neg_inf = torch.full_like(logp, float("-inf"))
+    lp = torch.where(mask, logp, neg_inf)
+    if renormalize:
+        lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True).nan_to_num(neginf=0.0)
+    p = _masked(lp.exp(), mask)
+    return p, _masked(lp, mask)
+
+
+def ideal_gradient(p: Tensor, psucc: Tensor, mask: Tensor) -> Tensor:
+    """``P_θ(k)(P_succ(k) − P̄)``: gradient of ``Σ P_θ P_succ`` w.r.t. the logits."""
+    psucc = _masked(psucc, mask)
+    pbar = (p * psucc).sum(-1, keepdim=True)
+    return _masked(p * (psucc - pbar), mask)
+
+
+def gkd_gradient(p: Tensor, ell: Tensor, mask: Tensor) -> Tensor:
+    """``−P_θ(k)(ℓ_k − ℓ̄)``: descent direction of KL(P_θ‖P_te) w.r.t. the logits."""
+    ell = _masked(ell, mask)
+    lbar = (p * ell).sum(-1, keepdim=True)
+    return _masked(-p * (ell - lbar), mask)
+
+
+def _score_function(p: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
+    """``Σ_k w_k (e_k − P_θ)``: the logit gradient of ``Σ_k w_k log P_θ(k)``."""
+    w = _masked(weights, mask)
+    return _masked(w - p * w.sum(-1, keepdim=True), mask)
+
+
+def single_sample_gradient(p: Tensor, ell: Tensor, counts: Tensor, mask: Tensor) -> Tensor:
+    """Monte-Carlo single-sample estimator ``(1/N) Σ_i −ℓ_{y_i}(e_{y_i} − P_θ)`` from counts."""
+    n = _masked(counts.to(p.dtype), mask)
+    total = n.sum(-1, keepdim=True).clamp_min(1.0)
+    return _score_function(p, -_masked(ell, mask) * n / total, mask)
+
+
+def drgrpo_gradient(p: Tensor, counts: Tensor, successes: Tensor, baseline: Tensor, mask: Tensor) -> Tensor:
+    """Dr. GRPO per-node gradient ``(1/N) Σ_i (r_i − r̄)(e_{y_i} − P_θ)`` from counts."""
+    n = _masked(counts.to(p.dtype), mask)
+    s = _masked(successes.to(p.dtype), mask)
+    total = n.sum(-1, keepdim=True).clamp_min(1.0)
+    return _score_function(p, (s - n * baseline.unsqueeze(-1)) / total, mask)
+
+
+def minillm_gradient(p: Tensor, ell: Tensor, onehot: Tensor, reward_to_go: Tensor, mask: Tensor) -> Tensor:
+    """MiniLLM: exact single-step term (GKD) plus ``R_{u+1}(e_{y_u} − P_θ)``."""
+    long_term = _score_function(p, onehot.to(p.dtype) * reward_to_go.unsqueeze(-1), mask)
+    return gkd_gradient(p, ell, mask) + long_term
+
+
+def masked_cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
+    """Cosine over the last axis; NaN where either vector is (numerically) zero."""
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
+
+
+def teacher_advantage(p_student: Tensor, p_teacher: Tensor, psucc: Tensor, mask: Tensor) -> Tensor:
+    """``A(u) = Σ_{k∈S_u} (P̃_te(k) − P̃_θ(k)) P_succ(k)``."""
+    return _masked((p_teacher - p_student) * psucc, mask).sum(-1)
+
+
+def divergences(logp_student: Tensor, logp_teacher: Tensor) -> dict[str, Tensor]:
+    """Full-vocabulary KL(P_θ‖P_te), Jensen–Shannon, L2 and cosine of the probability vectors."""
+    p, q = logp_student.exp(), logp_teacher.exp()
+    kl = (p * (logp_student - logp_teacher)).sum(-1)
+    log_m = torch.logaddexp(logp_student, logp_teacher) - np.log(2.0)
+    js = 0.5 * (p * (logp_student - log_m)).sum(-1) + 0.5 * (q * (logp_teacher - log_m)).sum(-1)
+    l2 = (p - q).norm(dim=-1)
+    cos = (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1))
+    return {"kl": kl, "js": js, "l2": l2, "cos_prob": cos}
+
+
+def reward_to_go(token_ell: Tensor, gamma: float = 1.0, length_norm: bool = True) -> Tensor:
+    """``R_{u+1} = Σ_{t>u} γ^{t−u−1} (−ℓ_t)`` for every node of a path (``[L]``), optionally
+    divided by its number of terms (MiniLLM's length normalisation)."""
+    r = (-token_ell).double().numpy()
+    # discounted reverse cumulative sum: G[u] = r[u] + γ G[u+1]
+    g = lfilter([1.0], [1.0, -gamma], r[::-1])[::-1]
+    rtg = torch.from_numpy(np.concatenate([g[1:], [0.0]]).copy())
+    if length_norm:
+        terms = torch.arange(rtg.shape[0] - 1, -1, -1, dtype=torch.float64)
+        rtg = rtg / terms.clamp_min(1.0)
+    return rtg
+
+
+# --------------------------------------------------------------------------- per-path signals
+def path_signals(
+    stats: PathStats,
+    logp_student: Tensor,
+    logp_teacher: Tensor,
+    config: SignalConfig | None = None,
+    *,
+    baseline: float | None = None,
+) -> dict[str, np.ndarray]:
+    """All per-node signals along one path.
+
+    ``logp_student`` / ``logp_teacher`` are the full next-token log-distributions at every node
+    of the path (``[L, V]``, e.g. from ``Policy.continuation_logprobs``). ``baseline`` is the
+    Dr. GRPO group mean reward (the question's success rate); by default each node's own mean.
+    Returns a dict of ``[L]`` numpy arrays (see ``opdlens.analysis`` for the column meanings).
+    """
+    cfg = config or SignalConfig()
+    big_l = stats.length
+    for name, lp in (("student", logp_student), ("teacher", logp_teacher)):
+        if lp.ndim != 2 or lp.shape[0] != big_l:
+            raise OpdlensError(f"{name} log-probs have shape {tuple(lp.shape)}, expected [{big_l}, V] for this path")
+        check_logprobs(lp, name)
+    if logp_student.shape[1] != logp_teacher.shape[1]:
+        raise OpdlensError(
+            f"student vocabulary ({logp_student.shape[1]}) and teacher vocabulary ({logp_teacher.shape[1]}) "
+            "differ: student and teacher must share a tokenizer"
+        )
+    lps, lpt = logp_student.double(), logp_teacher.double()
+
+    pad = stats.padded(cfg.min_visits)
+    mask = torch.from_numpy(pad["mask"])
+    tok = torch.from_numpy(pad["child_token"])
+    n = torch.from_numpy(pad["visits"]).double()
+    s = torch.from_numpy(pad["successes"]).double()
+    m = torch.from_numpy(pad["sampled"]).double()
+    ms = torch.from_numpy(pad["sampled_successes"]).double()
+    psucc = torch.where(mask, s / n.clamp_min(1.0), torch.zeros_like(n))
+
+    ls_k = lps.gather(1, tok)
+    lt_k = lpt.gather(1, tok)
+    p_st, lp_st = restrict(ls_k, mask, cfg.renormalize)
+    p_te, lp_te = restrict(lt_k, mask, cfg.renormalize)
+    ell = _masked(lp_st - lp_te, mask)
+
+    path = torch.from_numpy(stats.path)
+    onehot = mask & (tok == path.unsqueeze(1))
+    token_ell = (lps - lpt).gather(1, path.unsqueeze(1)).squeeze(1)
+    rtg = reward_to_go(token_ell, cfg.minillm_gamma, cfg.minillm_length_norm)
+    if baseline is None:
+        base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
+    else:
+        base = torch.full((big_l,), float(baseline), dtype=torch.float64)
+
+    g_ideal = ideal_gradient(p_st, psucc, mask)
+    grads = {
+        "gkd": gkd_gradient(p_st, ell, mask),
+        "single": single_sample_gradient(p_st, ell, m, mask),
+        "minillm": minillm_gradient(p_st, ell, onehot, rtg, mask),
+        "drgrpo": drgrpo_gradient(p_st, m, ms, base, mask),
+    }
+
+    n_children = mask.sum(-1)
+    big = torch.finfo(torch.float64).max
+    ps_max = torch.where(mask, psucc, torch.full_like(psucc, -big)).max(-1).values
+    ps_min = torch.where(mask, psucc, torch.full_like(psucc, big)).min(-1).values
+    valid = (n_children >= cfg.min_children) & ((ps_max - ps_min) > cfg.min_psucc_range)
+
+    nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
+    out: dict[str, Tensor] = {
+        "valid": valid,
+        "n_children": n_children,
+        "visits": torch.from_numpy(stats.node_visits()),
+        "depth_norm": torch.arange(big_l, dtype=torch.float64) / big_l,
+        "p_student": lps.gather(1, path.unsqueeze(1)).squeeze(1).exp(),
+        "p_teacher": lpt.gather(1, path.unsqueeze(1)).squeeze(1).exp(),
+        "psucc_token": torch.where(onehot.any(-1), (psucc * onehot).sum(-1), nan),
+        "teacher_adv": torch.where(n_children > 0, teacher_advantage(p_st, p_te, psucc, mask), nan),
+        "norm_ideal": g_ideal.norm(dim=-1),
+        "norm_gkd": grads["gkd"].norm(dim=-1),
+    }
+    for name, g in grads.items():
+        out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
+    out.update(divergences(lps, lpt))
+    return {k: v.numpy() for k, v in out.items()}
