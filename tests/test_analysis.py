@@ -1,0 +1,356 @@
+"""Tests of opdlens.analysis on small hand-built node tables with exact expected values."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pandas as pd
+import pytest
+from scipy import stats
+
+from opdlens import analysis as A
+from opdlens.policy import OpdlensError
+
+NAN = float("nan")
+
+
+def node_row(
+    teacher: str, q: str, path: int, correct: bool, u: int, align: float, **kw: object
+) -> dict[str, object]:
+    """One row of the node table; ``align`` NaN means an invalid node."""
+    valid = bool(kw.pop("valid", not math.isnan(align)))
+    row: dict[str, object] = {
+        "question_id": q, "path_id": path, "path_correct": correct, "teacher": teacher,
+        "node": u, "depth_norm": u / 10, "token_id": 100 + u, "token_text": f"t{u}",
+        "valid": valid, "n_children": 2 if valid else 1, "visits": 40, "p_student": 0.5,
+        "p_teacher": 0.4, "psucc_token": 0.7 if valid else NAN, "teacher_adv": 0.1,
+        "align_gkd": align, "align_single": align, "align_minillm": align,
+        "align_drgrpo": 1.0 if valid else NAN, "norm_ideal": 1.0, "norm_gkd": 1.0,
+        "kl": 0.0, "js": 0.0, "l2": 0.0, "cos_prob": 1.0,
+    }  # fmt: skip
+    row.update(kw)
+    return row
+
+
+def path_rows(
+    teacher: str, q: str, path: int, correct: bool, aligns: list[float], **kw: object
+) -> list[dict[str, object]]:
+    return [node_row(teacher, q, path, correct, u, a, **kw) for u, a in enumerate(aligns)]
+
+
+def table(*groups: list[dict[str, object]]) -> pd.DataFrame:
+    return pd.DataFrame([r for g in groups for r in g])
+
+
+# --------------------------------------------------------------------------------------------
+# helpers
+# --------------------------------------------------------------------------------------------
+
+
+def test_holm_matches_hand_computation() -> None:
+    p = [0.01, 0.04, 0.03, 0.005]
+    # sorted: 0.005*4=0.02, 0.01*3=0.03, 0.03*2=0.06, 0.04*1=0.04 -> monotone max 0.06
+    np.testing.assert_allclose(A.holm(p), [0.03, 0.06, 0.06, 0.02])
+    np.testing.assert_allclose(A.holm([0.5, 0.4]), [0.8, 0.8])  # 0.4*2=0.8, max(0.8, 0.5)
+    np.testing.assert_allclose(A.holm([0.9, 0.6]), [1.0, 1.0])  # capped at 1
+    out = A.holm([0.02, NAN, 0.01])  # NaN ignored, m = 2
+    np.testing.assert_allclose(out[[0, 2]], [0.02, 0.02])
+    assert math.isnan(out[1])
+    assert A.holm([]).shape == (0,)
+
+
+def test_t_interval_matches_scipy() -> None:
+    x = np.array([0.1, 0.4, -0.2, 0.7, 0.3])
+    lo, hi = A.t_interval(x, 0.95)
+    elo, ehi = stats.t.interval(0.95, 4, loc=x.mean(), scale=stats.sem(x))
+    assert lo == pytest.approx(elo, abs=1e-12) and hi == pytest.approx(ehi, abs=1e-12)
+    lo90, hi90 = A.t_interval(x, 0.90)
+    assert lo < lo90 < hi90 < hi
+    assert A.t_interval([0.3, 0.3, 0.3]) == (0.3, 0.3)
+    assert all(math.isnan(v) for v in A.t_interval([0.3]))
+
+
+def test_bootstrap_interval_seeded_and_exact() -> None:
+    x = np.array([0.1, 0.4, -0.2, 0.7, 0.3, 0.0])
+    a = A.bootstrap_interval(x, 0.95, n_boot=2000, seed=7)
+    assert a == A.bootstrap_interval(x, 0.95, n_boot=2000, seed=7)
+    assert a != A.bootstrap_interval(x, 0.95, n_boot=2000, seed=8)
+    # same draws by hand
+    idx = np.random.default_rng(7).integers(0, x.size, size=(2000, x.size))
+    lo, hi = np.quantile(x[idx].mean(axis=1), [0.025, 0.975])
+    assert a == pytest.approx((lo, hi), abs=1e-15)
+    assert a[0] < x.mean() < a[1]
+    assert A.bootstrap_interval([0.2, 0.2, 0.2]) == pytest.approx((0.2, 0.2), abs=1e-15)
+
+
+# --------------------------------------------------------------------------------------------
+# per path
+# --------------------------------------------------------------------------------------------
+
+
+def test_per_path_values() -> None:
+    rows = path_rows("T", "q1", 0, True, [0.5, -0.5, 1.0, NAN])
+    rows[0].update(norm_ideal=2.0, norm_gkd=1.0)  # w = 2
+    rows[1].update(norm_ideal=1.0, norm_gkd=1.0)  # w = 1
+    rows[2].update(norm_ideal=0.5, norm_gkd=2.0)  # w = 1
+    # a "valid" node whose alignment is NaN is ignored as well
+    rows.append(node_row("T", "q1", 0, True, 4, NAN, valid=True))
+    other = path_rows("T", "q1", 1, False, [NAN, NAN])  # no valid node at all
+    pp = A.per_path(table(rows, other))
+    assert list(pp.columns) == [
+        "teacher", "question_id", "path_id", "path_correct", "n_nodes", "n_valid", "mean", "std",
+        "weighted_mean", "frac_pos", "frac_neg",
+    ]  # fmt: skip
+    r = pp.iloc[0]
+    assert (r.teacher, r.question_id, r.path_id, bool(r.path_correct)) == ("T", "q1", 0, True)
+    assert (r.n_nodes, r.n_valid) == (5, 3)
+    assert r["mean"] == pytest.approx(1 / 3)
+    assert r["std"] == pytest.approx(np.std([0.5, -0.5, 1.0], ddof=1))
+    assert r.weighted_mean == pytest.approx((2 * 0.5 + 1 * -0.5 + 1 * 1.0) / 4)
+    assert r.frac_pos == pytest.approx(2 / 3) and r.frac_neg == pytest.approx(1 / 3)
+    e = pp.iloc[1]
+    assert (e.n_nodes, e.n_valid, bool(e.path_correct)) == (2, 0, False)
+    assert math.isnan(e["mean"]) and math.isnan(e.weighted_mean)
+
+
+def test_per_path_other_metric_and_zero_weights() -> None:
+    rows = path_rows("T", "q", 0, True, [0.2, 0.4], norm_gkd=0.0)
+    rows[0]["align_single"] = -1.0
+    pp = A.per_path(table(rows), metric="align_single")
+    assert pp["mean"].iloc[0] == pytest.approx((-1.0 + 0.4) / 2)
+    assert math.isnan(pp.weighted_mean.iloc[0])  # all weights zero
+
+
+# --------------------------------------------------------------------------------------------
+# per question
+# --------------------------------------------------------------------------------------------
+
+
+def _question_table() -> pd.DataFrame:
+    groups = []
+    # q1: correct paths means 0.2 and 0.4 -> 0.3; incorrect 0.5
+    groups += [path_rows("T", "q1", 0, True, [0.1, 0.3]), path_rows("T", "q1", 1, True, [0.4])]
+    groups += [path_rows("T", "q1", 2, False, [0.5, NAN])]
+    # q2: correct 0.0, incorrect mean of (0.6, -0.2) = 0.2
+    groups += [path_rows("T", "q2", 0, True, [0.0]), path_rows("T", "q2", 1, False, [0.6])]
+    groups += [path_rows("T", "q2", 2, False, [-0.2])]
+    # q3: correct -0.3, incorrect 0.1
+    groups += [path_rows("T", "q3", 0, True, [-0.3]), path_rows("T", "q3", 1, False, [0.1])]
+    # q4: only correct paths -> not in the paired tests
+    groups += [path_rows("T", "q4", 0, True, [0.9])]
+    # q5: correct 0.5, incorrect 0.45
+    groups += [path_rows("T", "q5", 0, True, [0.5]), path_rows("T", "q5", 1, False, [0.45])]
+    return table(*groups)
+
+
+def test_per_question_means_and_paired_tests() -> None:
+    res = A.per_question(_question_table())
+    t = res.table.set_index("question_id")
+    assert t.loc["q1", "mean_correct"] == pytest.approx(0.3)
+    assert t.loc["q1", "mean_incorrect"] == pytest.approx(0.5)
+    assert (t.loc["q1", "n_correct"], t.loc["q1", "n_incorrect"]) == (2, 1)
+    assert t.loc["q2", "mean_incorrect"] == pytest.approx(0.2)
+    assert t.loc["q2", "diff"] == pytest.approx(-0.2)
+    assert t.loc["q4", "n_incorrect"] == 0 and math.isnan(t.loc["q4", "mean_incorrect"])
+    assert math.isnan(t.loc["q4", "diff"])
+
+    c = np.array([0.3, 0.0, -0.3, 0.5])
+    i = np.array([0.5, 0.2, 0.1, 0.45])
+    row = res.tests.set_index("teacher").loc["T"]
+    assert row.n == 4
+    assert row.mean_correct == pytest.approx(c.mean())
+    assert row.mean_incorrect == pytest.approx(i.mean())
+    assert row.mean_diff == pytest.approx((c - i).mean())
+    tt = stats.ttest_rel(c, i)
+    assert row.t_stat == pytest.approx(tt.statistic) and row.t_p == pytest.approx(tt.pvalue)
+    w = stats.wilcoxon(c, i)
+    assert row.wilcoxon_stat == pytest.approx(w.statistic)
+    assert row.wilcoxon_p == pytest.approx(w.pvalue)
+
+
+def test_per_question_without_pairs_gives_nan_tests() -> None:
+    nodes = table(path_rows("T", "q1", 0, True, [0.3]), path_rows("T", "q2", 0, False, [0.1]))
+    row = A.per_question(nodes).tests.iloc[0]
+    assert row.n == 0 and math.isnan(row.t_p) and math.isnan(row.wilcoxon_p)
+    # only correct paths anywhere: the table still has both groups' columns
+    res = A.per_question(table(path_rows("T", "q1", 0, True, [0.3])))
+    assert {"mean_incorrect", "n_incorrect"} <= set(res.table.columns)
+
+
+# --------------------------------------------------------------------------------------------
+# per teacher
+# --------------------------------------------------------------------------------------------
+
+PATH_MEANS = {
+    "A": [0.1, 0.3, 0.5, 0.2],
+    "B": [-0.2, 0.0, -0.4, 0.1, -0.1],
+    "C": [0.05, 0.0, 0.1],
+}
+
+
+def _teacher_table() -> pd.DataFrame:
+    groups = []
+    for teacher, means in PATH_MEANS.items():
+        for k, m in enumerate(means):
+            # two nodes per path, symmetric around the path mean, plus one invalid node
+            groups.append(path_rows(teacher, f"q{k // 2}", k % 2, k % 2 == 0, [m - 0.1, m + 0.1, NAN]))
+    return table(*groups)
+
+
+def test_per_teacher_table_values() -> None:
+    s = A.per_teacher(_teacher_table())
+    t = s.table.set_index("teacher")
+    assert list(t.index) == ["A", "B", "C"]
+    for teacher, means in PATH_MEANS.items():
+        m = np.array(means)
+        r = t.loc[teacher]
+        assert r.n_paths == m.size and r.n_nodes == 2 * m.size
+        assert r["mean"] == pytest.approx(m.mean())
+        assert r["std"] == pytest.approx(m.std(ddof=1))
+        lo, hi = stats.t.interval(0.95, m.size - 1, loc=m.mean(), scale=stats.sem(m))
+        assert r.ci_low == pytest.approx(lo) and r.ci_high == pytest.approx(hi)
+        nodes_x = np.concatenate([m - 0.1, m + 0.1])
+        assert r.node_mean == pytest.approx(nodes_x.mean())
+        assert r.node_std == pytest.approx(nodes_x.std(ddof=1))
+        assert r.frac_pos == pytest.approx(np.mean(nodes_x > 0))
+        assert r.frac_neg == pytest.approx(np.mean(nodes_x < 0))
+        assert r.weighted_mean == pytest.approx(nodes_x.mean())  # unit weights
+        assert r.ci_method == "t"
+    assert t.loc["A", "n_questions"] == 2 and t.loc["B", "n_questions"] == 3
+
+
+def test_per_teacher_bootstrap_ci() -> None:
+    s = A.per_teacher(_teacher_table(), ci="bootstrap", n_boot=500, seed=3)
+    r = s.table.set_index("teacher").loc["B"]
+    expect = A.bootstrap_interval(PATH_MEANS["B"], 0.95, n_boot=500, seed=3)
+    assert (r.ci_low, r.ci_high) == pytest.approx(expect)
+    assert r.ci_method == "bootstrap"
+    with pytest.raises(OpdlensError, match="ci must be"):
+        A.per_teacher(_teacher_table(), ci="normal")  # type: ignore[arg-type]
+
+
+def test_per_teacher_pairwise_with_holm() -> None:
+    s = A.per_teacher(_teacher_table(), alpha=0.05)
+    pw = s.pairwise
+    assert [(a, b) for a, b in zip(pw.teacher_a, pw.teacher_b)] == [
+        ("A", "B"), ("A", "C"), ("B", "C"),
+    ]  # fmt: skip
+    welch, mw = [], []
+    for _, r in pw.iterrows():
+        xa, xb = np.array(PATH_MEANS[r.teacher_a]), np.array(PATH_MEANS[r.teacher_b])
+        w = stats.ttest_ind(xa, xb, equal_var=False)
+        u = stats.mannwhitneyu(xa, xb, alternative="two-sided")
+        assert r.welch_t == pytest.approx(w.statistic) and r.welch_p == pytest.approx(w.pvalue)
+        assert r.mw_u == pytest.approx(u.statistic) and r.mw_p == pytest.approx(u.pvalue)
+        assert r["diff"] == pytest.approx(xa.mean() - xb.mean())
+        assert (r.n_a, r.n_b) == (xa.size, xb.size)
+        welch.append(w.pvalue)
+        mw.append(u.pvalue)
+    # Holm by hand for 3 tests
+    order = np.argsort(welch)
+    adj = np.empty(3)
+    running = 0.0
+    for rank, j in enumerate(order):
+        running = max(running, min(1.0, (3 - rank) * welch[j]))
+        adj[j] = running
+    np.testing.assert_allclose(pw.welch_p_holm, adj)
+    np.testing.assert_allclose(pw.mw_p_holm, A.holm(mw))
+    np.testing.assert_array_equal(pw.significant, adj <= 0.05)
+    assert bool(pw.significant.iloc[0])  # A vs B differ clearly
+
+
+def test_per_teacher_single_teacher_has_empty_pairwise() -> None:
+    s = A.per_teacher(table(path_rows("A", "q", 0, True, [0.2, 0.4])))
+    assert len(s.pairwise) == 0 and "welch_p_holm" in s.pairwise.columns
+    r = s.table.iloc[0]
+    assert r.n_paths == 1 and math.isnan(r.ci_low) and math.isnan(r["std"])
+
+
+# --------------------------------------------------------------------------------------------
+# correlations
+# --------------------------------------------------------------------------------------------
+
+
+def test_divergence_correlations_match_scipy() -> None:
+    a1 = [0.9, -0.3, 0.5, 0.1, -0.8]
+    kl1 = [2.0, 0.1, 1.0, 0.5, 0.2]
+    a2 = [0.2, 0.4, -0.6, 0.0]
+    kl2 = [0.3, 0.1, 0.9, 0.9]  # tie -> average ranks
+    p1 = path_rows("T", "q", 0, True, a1)
+    p2 = path_rows("T", "q", 1, False, a2)
+    for r, v in zip(p1, kl1):
+        r["kl"] = v
+    for r, v in zip(p2, kl2):
+        r["kl"] = v
+    p1.append(node_row("T", "q", 0, True, 9, NAN, kl=100.0))  # invalid: ignored
+    nodes = table(p1, p2)
+    res = A.divergence_correlations(nodes, columns=["kl", "js", "depth_norm"])
+    pp = res.per_path.set_index(["path_id", "variable"])
+    r1, s1 = stats.pearsonr(a1, kl1).statistic, stats.spearmanr(a1, kl1).statistic
+    r2, s2 = stats.pearsonr(a2, kl2).statistic, stats.spearmanr(a2, kl2).statistic
+    assert pp.loc[(0, "kl"), "pearson"] == pytest.approx(r1)
+    assert pp.loc[(0, "kl"), "spearman"] == pytest.approx(s1)
+    assert pp.loc[(1, "kl"), "pearson"] == pytest.approx(r2)
+    assert pp.loc[(1, "kl"), "spearman"] == pytest.approx(s2)
+    assert pp.loc[(0, "kl"), "n"] == 5
+    # js is constant (0.0) on every path: undefined correlation
+    assert math.isnan(pp.loc[(0, "js"), "pearson"]) and math.isnan(pp.loc[(1, "js"), "spearman"])
+    d1 = [u / 10 for u in range(5)]
+    assert pp.loc[(0, "depth_norm"), "pearson"] == pytest.approx(stats.pearsonr(a1, d1).statistic)
+
+    summ = res.summary.set_index("variable")
+    assert list(summ.index) == ["kl", "js", "depth_norm"]
+    assert summ.loc["kl", "n_paths"] == 2
+    assert summ.loc["kl", "pearson_mean"] == pytest.approx((r1 + r2) / 2)
+    assert summ.loc["kl", "spearman_mean"] == pytest.approx((s1 + s2) / 2)
+    lo, hi = stats.t.interval(0.95, 1, loc=(r1 + r2) / 2, scale=stats.sem([r1, r2]))
+    assert summ.loc["kl", "pearson_ci_low"] == pytest.approx(lo)
+    assert summ.loc["kl", "pearson_ci_high"] == pytest.approx(hi)
+    assert summ.loc["js", "n_paths"] == 0 and math.isnan(summ.loc["js", "pearson_mean"])
+
+
+def test_correlation_of_nearly_constant_series_is_nan() -> None:
+    rows = path_rows("T", "q", 0, True, [0.1, 0.5, 0.9], kl=0.1)
+    rows[1]["kl"] = 0.1 * 3 / 3  # identical up to rounding
+    res = A.divergence_correlations(table(rows), columns=["kl"])
+    assert math.isnan(res.per_path.pearson.iloc[0])
+    two = table(path_rows("T", "q", 0, True, [0.1, 0.5]))
+    short = A.divergence_correlations(two, columns=["depth_norm"])
+    assert math.isnan(short.per_path.pearson.iloc[0])  # n = 2 < min_nodes = 3
+    assert short.per_path.n.iloc[0] == 2
+
+
+# --------------------------------------------------------------------------------------------
+# analyze + errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_analyze_bundles_everything() -> None:
+    nodes = _teacher_table()
+    an = A.analyze(nodes)
+    pd.testing.assert_frame_equal(an.paths, A.per_path(nodes))
+    pd.testing.assert_frame_equal(an.teachers.table, A.per_teacher(nodes).table)
+    assert an.correlations is not None
+    assert set(an.correlations.summary.variable) == set(A.DIVERGENCE_COLUMNS)
+    assert A.analyze(nodes.drop(columns=list(A.DIVERGENCE_COLUMNS))).correlations is None
+
+
+def test_errors_are_explicit() -> None:
+    good = _teacher_table()
+    with pytest.raises(OpdlensError, match="empty"):
+        A.per_path(good.iloc[0:0])
+    with pytest.raises(OpdlensError, match=r"lacks column\(s\) \['norm_gkd'\]"):
+        A.per_path(good.drop(columns=["norm_gkd"]))
+    with pytest.raises(OpdlensError, match="align_foo"):
+        A.per_teacher(good, metric="align_foo")
+    no_valid = good.assign(valid=False)
+    with pytest.raises(OpdlensError, match="min_visits") as exc:
+        A.per_question(no_valid)
+    assert isinstance(exc.value, ValueError)
+    with pytest.raises(OpdlensError, match="NaN on all"):
+        A.per_path(good.assign(align_minillm=NAN), metric="align_minillm")
+    with pytest.raises(OpdlensError, match="missing|lacks"):
+        A.divergence_correlations(good, columns=["entropy"])
+    with pytest.raises(OpdlensError, match="DataFrame"):
+        A.per_path([1, 2])  # type: ignore[arg-type]
