@@ -1,0 +1,170 @@
+"""Report of a diagnostics run: Markdown summary, CSV tables, PNG figures, token-level HTML.
+
+:func:`write_report` is the entry point. It runs :func:`opdlens.analysis.analyze` on the
+per-node table and writes into ``out_dir``::
+
+    summary.md                 tables with one-line explanations of every number
+    index.html                 self-contained page: tables, figures, coloured tokens per teacher
+    per_teacher.csv            per-teacher means, CIs, node fractions
+    pairwise.csv               pairwise teacher tests (Welch, Mann-Whitney, Holm)
+    correct_vs_incorrect.csv   paired tests per teacher
+    per_question.csv           per (teacher, question) correct / incorrect means
+    per_path.csv               per (teacher, question, path) statistics
+    correlations.csv           per (teacher, variable) mean within-path correlations
+    correlations_per_path.csv  per path correlations
+    questions.csv              per question: inputs, path counts, per-teacher mean alignment
+    figures/*.png              alignment_hist, teacher_means, correct_vs_incorrect, depth,
+                               and extra_<i>.png for the ``extra`` figures
+"""
+
+from __future__ import annotations
+
+import shutil
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+
+from opdlens.analysis import Analysis, analyze, require_columns, valid_nodes
+from opdlens.policy import OpdlensError
+from opdlens.report.figures import (
+    plot_correct_incorrect,
+    plot_depth,
+    plot_distribution,
+    plot_teacher_means,
+)
+from opdlens.report.html import alignment_color, render_page, render_token_view
+from opdlens.report.tables import (
+    CSV_FILES,
+    build_tables,
+    overview_lines,
+    questions_frame,
+    render_markdown_table,
+    write_csvs,
+)
+
+__all__ = ["CSV_FILES", "FIGURE_FILES", "alignment_color", "write_report"]
+
+#: PNG files written under ``figures/``.
+FIGURE_FILES: dict[str, str] = {
+    "distribution": "alignment_hist.png",
+    "teacher_means": "teacher_means.png",
+    "correct_vs_incorrect": "correct_vs_incorrect.png",
+    "depth": "alignment_vs_depth.png",
+}
+
+QUESTION_COLUMNS = ["question_id", "n_rollouts", "success_rate", "n_targeted"]
+PATH_COLUMNS = ["question_id", "path_id", "correct", "length", "text"]
+TOKEN_COLUMNS = ["node", "token_id", "token_text", "depth_norm", "n_children", "visits",
+                 "p_student", "p_teacher", "psucc_token", "teacher_adv", "kl"]  # fmt: skip
+
+
+def write_report(
+    out_dir: str | Path,
+    nodes: pd.DataFrame,
+    questions: pd.DataFrame,
+    paths: pd.DataFrame,
+    *,
+    extra: Sequence[tuple[str, str | Path]] | None = None,
+    metric: str = "align_gkd",
+    confidence: float = 0.95,
+    ci: Literal["t", "bootstrap"] = "t",
+    n_boot: int = 10_000,
+    seed: int = 0,
+    alpha: float = 0.05,
+    max_questions: int = 20,
+    max_tokens: int = 4000,
+    title: str = "opdlens report",
+) -> Path:
+    """Write the full report of one run into ``out_dir`` and return the path of ``index.html``.
+
+    ``nodes``, ``questions`` and ``paths`` are the pipeline's per-node, per-question and
+    per-path tables. ``extra`` is an optional list of ``(title, png path)`` (e.g. training
+    curves) copied to ``figures/`` and embedded in the HTML and listed in ``summary.md``.
+    ``metric`` picks the alignment column; ``confidence``, ``ci``, ``n_boot``, ``seed`` and
+    ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`. The token view of the HTML
+    shows at most ``max_questions`` questions and ``max_tokens`` tokens per path.
+    """
+    require_columns(nodes, ["node", "token_text", "depth_norm"])
+    require_columns(questions, QUESTION_COLUMNS, "questions")
+    require_columns(paths, PATH_COLUMNS, "paths")
+    extras = [(str(t), Path(p)) for t, p in (extra or [])]
+    for t, p in extras:
+        if not p.is_file():
+            raise OpdlensError(f"extra figure {t!r}: file {p} does not exist")
+
+    an: Analysis = analyze(
+        nodes, metric, confidence=confidence, ci=ci, n_boot=n_boot, seed=seed, alpha=alpha
+    )
+    out = Path(out_dir)
+    fig_dir = out / "figures"
+    fig_dir.mkdir(parents=True, exist_ok=True)
+
+    qtable = questions_frame(an, questions, paths)
+    write_csvs(out, an, qtable)
+    tables = build_tables(an, qtable)
+    overview = overview_lines(an, nodes, questions, paths)
+
+    teachers = [str(t) for t in an.teachers.table["teacher"]]
+    valid = valid_nodes(nodes, metric)
+    conf = round(100 * confidence)
+    figs: list[tuple[str, str, Path]] = [
+        (
+            "Alignment distribution",
+            "Histogram of the alignment of single valid nodes per teacher; dashed line: mean.",
+            plot_distribution(valid, metric, teachers, fig_dir / FIGURE_FILES["distribution"]),
+        ),
+        (
+            "Alignment per teacher",
+            f"Mean of path means with {conf}% CI ({'t-interval' if ci == 't' else 'bootstrap'}).",
+            plot_teacher_means(
+                an.teachers.table, metric, confidence, fig_dir / FIGURE_FILES["teacher_means"]
+            ),
+        ),
+        (
+            "Correct vs incorrect paths",
+            f"Mean of path means of correct and of incorrect paths, {conf}% t-CI over paths.",
+            plot_correct_incorrect(
+                an.paths, teachers, metric, confidence,
+                fig_dir / FIGURE_FILES["correct_vs_incorrect"],
+            ),  # fmt: skip
+        ),
+        (
+            "Alignment vs normalised depth",
+            "Mean alignment of valid nodes in 10 depth bins (0 = first token, 1 = last), ± 1 s.e.",
+            plot_depth(valid, metric, teachers, fig_dir / FIGURE_FILES["depth"]),
+        ),
+    ]
+    for i, (t, p) in enumerate(extras):
+        dst = fig_dir / f"extra_{i}{p.suffix or '.png'}"
+        if p.resolve() != dst.resolve():
+            shutil.copyfile(p, dst)
+        figs.append((t, "", dst))
+
+    md = [f"# {title}", ""]
+    md += [f"- {line}" for line in overview]
+    md.append("")
+    md += [render_markdown_table(t) for t in tables]
+    md += ["## Figures", ""]
+    for t, caption, p in figs:
+        md += [f"### {t}", "", caption, "", f"![{t}]({p.relative_to(out).as_posix()})", ""]
+    md += ["## Files", "", "CSV tables (full precision): "
+           + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]  # fmt: skip
+    (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+
+    token_nodes = nodes
+    missing = [c for c in TOKEN_COLUMNS if c not in nodes.columns]
+    if missing:  # the token view degrades gracefully: tooltips show n/a
+        token_nodes = nodes.assign(**{c: float("nan") for c in missing})
+    token_view = render_token_view(
+        token_nodes, questions, paths, an.paths, teachers, metric,
+        max_questions=max_questions, max_tokens=max_tokens,
+    )  # fmt: skip
+    page = render_page(
+        title=title, overview=overview, tables=tables, figures=figs, token_view=token_view,
+        teachers=teachers, metric=metric,
+    )  # fmt: skip
+    index = out / "index.html"
+    index.write_text(page, encoding="utf-8")
+    return index

@@ -1,0 +1,149 @@
+"""Matplotlib figures of the report (Agg canvas, no pyplot state, no display needed).
+
+Each function draws one PNG and returns its path:
+
+* :func:`plot_distribution` - histogram of node alignment, one panel per teacher;
+* :func:`plot_teacher_means` - per-teacher mean alignment with CI error bars;
+* :func:`plot_correct_incorrect` - grouped bars: correct vs incorrect paths per teacher;
+* :func:`plot_depth` - mean alignment per normalised-depth bin, one line per teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from opdlens.analysis import t_interval
+
+__all__ = ["plot_correct_incorrect", "plot_depth", "plot_distribution", "plot_teacher_means"]
+
+_DPI = 110
+
+
+def _palette(n: int) -> list[tuple[float, float, float, float]]:
+    from matplotlib import colormaps
+
+    cmap = colormaps["tab10" if n <= 10 else "tab20"]
+    return [cmap(i % cmap.N) for i in range(n)]
+
+
+def _save(fig: Figure, path: Path) -> Path:
+    FigureCanvasAgg(fig)
+    fig.tight_layout()
+    fig.savefig(path, dpi=_DPI)
+    return path
+
+
+def _yerr(means: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+    """Asymmetric error bars from a CI; undefined CIs give zero-length bars."""
+    low = np.where(np.isfinite(lo), means - lo, 0.0)
+    high = np.where(np.isfinite(hi), hi - means, 0.0)
+    return np.vstack([np.maximum(low, 0.0), np.maximum(high, 0.0)])
+
+
+def plot_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], path: Path) -> Path:
+    """Histogram of ``metric`` over valid nodes (40 bins on [-1, 1]), one panel per teacher."""
+    n = len(teachers)
+    ncol = min(n, 4)
+    nrow = math.ceil(n / ncol)
+    fig = Figure(figsize=(3.2 * ncol, 2.6 * nrow))
+    bins = np.linspace(-1.0, 1.0, 41)
+    colors = _palette(n)
+    for i, teacher in enumerate(teachers):
+        ax = fig.add_subplot(nrow, ncol, i + 1)
+        x = valid.loc[valid["teacher"] == teacher, metric].to_numpy(dtype=float)
+        ax.hist(x, bins=bins, color=colors[i], alpha=0.85)
+        if x.size:
+            ax.axvline(float(x.mean()), color="black", lw=1.2, ls="--")
+        ax.axvline(0.0, color="grey", lw=0.6)
+        std = f"{x.std(ddof=1):.2f}" if x.size > 1 else "-"
+        ax.set_title(f"{teacher}\nmean {x.mean() if x.size else float('nan'):.3f}, sd {std}",
+                     fontsize=9)  # fmt: skip
+        ax.set_xlim(-1.0, 1.0)
+        ax.set_xlabel(metric, fontsize=8)
+        ax.tick_params(labelsize=7)
+        if i % ncol == 0:
+            ax.set_ylabel("valid nodes", fontsize=8)
+    return _save(fig, path)
+
+
+def plot_teacher_means(table: pd.DataFrame, metric: str, confidence: float, path: Path) -> Path:
+    """Bar per teacher: mean of path means with the CI of the teacher table as error bars."""
+    teachers = [str(t) for t in table["teacher"]]
+    m = table["mean"].to_numpy(dtype=float)
+    err = _yerr(m, table["ci_low"].to_numpy(dtype=float), table["ci_high"].to_numpy(dtype=float))
+    fig = Figure(figsize=(max(4.0, 0.9 * len(teachers) + 2.0), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(teachers))
+    ax.bar(x, m, yerr=err, capsize=4, color=_palette(len(teachers)), edgecolor="black", lw=0.5)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(x, teachers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"mean {metric} (path means)")
+    ax.set_title(f"Alignment per teacher ({round(100 * confidence)}% CI)", fontsize=10)
+    return _save(fig, path)
+
+
+def plot_correct_incorrect(
+    paths: pd.DataFrame, teachers: list[str], metric: str, confidence: float, path: Path
+) -> Path:
+    """Grouped bars per teacher: mean of correct vs incorrect path means, t-CI over paths."""
+    fig = Figure(figsize=(max(4.5, 1.1 * len(teachers) + 2.0), 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    x = np.arange(len(teachers))
+    width = 0.38
+    pm = paths[np.isfinite(paths["mean"].to_numpy(dtype=float))]
+    for k, (flag, label, color) in enumerate(
+        ((True, "correct paths", "#4a90d9"), (False, "incorrect paths", "#e8a33d"))
+    ):
+        means, lo, hi = [], [], []
+        for teacher in teachers:
+            v = pm.loc[(pm["teacher"] == teacher) & (pm["path_correct"] == flag), "mean"]
+            a = v.to_numpy(dtype=float)
+            means.append(float(a.mean()) if a.size else float("nan"))
+            ci = t_interval(a, confidence)
+            lo.append(ci[0])
+            hi.append(ci[1])
+        mm = np.array(means)
+        err = _yerr(np.nan_to_num(mm), np.array(lo), np.array(hi))
+        ax.bar(x + (k - 0.5) * width, np.nan_to_num(mm), width, yerr=err, capsize=3, label=label,
+               color=color, edgecolor="black", lw=0.5)  # fmt: skip
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xticks(x, teachers, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel(f"mean {metric} (path means)")
+    ax.set_title(f"Correct vs incorrect paths ({round(100 * confidence)}% CI)", fontsize=10)
+    ax.legend(fontsize=8)
+    return _save(fig, path)
+
+
+def plot_depth(
+    valid: pd.DataFrame, metric: str, teachers: list[str], path: Path, n_bins: int = 10
+) -> Path:
+    """Mean ``metric`` of valid nodes per bin of ``depth_norm`` (± 1 s.e.), one line per teacher."""
+    fig = Figure(figsize=(6.0, 3.6))
+    ax = fig.add_subplot(1, 1, 1)
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    centers = (edges[:-1] + edges[1:]) / 2
+    for teacher, color in zip(teachers, _palette(len(teachers))):
+        sub = valid[valid["teacher"] == teacher]
+        d = pd.to_numeric(sub["depth_norm"], errors="coerce").to_numpy(dtype=float)
+        y = sub[metric].to_numpy(dtype=float)
+        ok = np.isfinite(d)
+        b = np.clip(np.digitize(d[ok], edges[1:-1]), 0, n_bins - 1)
+        g = pd.DataFrame({"b": b, "y": y[ok]}).groupby("b")["y"].agg(["mean", "std", "size"])
+        g = g.reindex(range(n_bins))
+        mean = g["mean"].to_numpy(dtype=float)
+        se = (g["std"] / np.sqrt(g["size"])).to_numpy(dtype=float)
+        ax.plot(centers, mean, marker="o", ms=3, color=color, label=teacher)
+        ax.fill_between(centers, mean - se, mean + se, color=color, alpha=0.15, lw=0)
+    ax.axhline(0.0, color="black", lw=0.8)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_xlabel("normalised depth (node / path length)")
+    ax.set_ylabel(f"mean {metric}")
+    ax.set_title("Alignment along the path (± 1 s.e.)", fontsize=10)
+    ax.legend(fontsize=7, ncol=2)
+    return _save(fig, path)

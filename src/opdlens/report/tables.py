@@ -1,0 +1,315 @@
+"""Human-readable tables of an :class:`opdlens.analysis.Analysis`: CSVs, Markdown, HTML.
+
+Each table is built once as a :class:`Table` (title, one-line notes explaining the numbers,
+headers, formatted cells) and rendered both to Markdown (``summary.md``) and to HTML
+(``index.html``), so the two views always agree. CSVs hold the full-precision analysis frames.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from opdlens.analysis import Analysis
+
+__all__ = [
+    "CSV_FILES",
+    "Table",
+    "build_tables",
+    "fmt",
+    "fmt_ci",
+    "fmt_p",
+    "render_html_table",
+    "render_markdown_table",
+    "write_csvs",
+]
+
+#: CSV file written for each analysis frame.
+CSV_FILES: dict[str, str] = {
+    "per_teacher": "per_teacher.csv",
+    "pairwise": "pairwise.csv",
+    "correct_vs_incorrect": "correct_vs_incorrect.csv",
+    "per_question": "per_question.csv",
+    "per_path": "per_path.csv",
+    "correlations": "correlations.csv",
+    "correlations_per_path": "correlations_per_path.csv",
+    "questions": "questions.csv",
+}
+
+DASH = "–"
+
+
+def fmt(x: object, digits: int = 3, signed: bool = False) -> str:
+    """Fixed-point number with ``digits`` decimals; NaN / None as an en dash."""
+    if x is None:
+        return DASH
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return str(x)
+    if math.isnan(v):
+        return DASH
+    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+
+
+def fmt_p(p: object) -> str:
+    """p-value with 3 significant digits (``0.0312``, ``1.2e-05``); NaN as an en dash."""
+    try:
+        v = float(p)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return DASH
+    if math.isnan(v):
+        return DASH
+    return f"{v:.3g}"
+
+
+def fmt_ci(lo: object, hi: object, digits: int = 3) -> str:
+    """``[lo, hi]`` with ``digits`` decimals, or an en dash when undefined."""
+    if any(isinstance(v, float) and math.isnan(v) for v in (lo, hi)):
+        return DASH
+    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
+
+
+def fmt_pct(x: object) -> str:
+    """Fraction as a percentage with one decimal."""
+    try:
+        v = float(x)  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return DASH
+    return DASH if math.isnan(v) else f"{100 * v:.1f}%"
+
+
+@dataclass
+class Table:
+    """A formatted table: ``rows`` are lists of strings, one per header."""
+
+    key: str
+    title: str
+    notes: list[str]
+    headers: list[str]
+    rows: list[list[str]] = field(default_factory=list)
+
+
+def _md_cell(s: str) -> str:
+    return s.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown_table(t: Table) -> str:
+    """Section with a ``##`` title, notes as a bullet list, and a GitHub-flavoured table."""
+    out = [f"## {t.title}", ""]
+    out += [f"- {n}" for n in t.notes]
+    out.append("")
+    if not t.rows:
+        out += ["_(no rows)_", ""]
+        return "\n".join(out)
+    out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
+    out.append("|" + "|".join("---" for _ in t.headers) + "|")
+    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
+    out.append("")
+    return "\n".join(out)
+
+
+def render_html_table(t: Table) -> str:
+    """Section with an ``<h2>``, notes and an HTML table (all text escaped)."""
+    e = html.escape
+    parts = [f'<section class="table" id="tbl-{e(t.key)}"><h2>{e(t.title)}</h2>']
+    if t.notes:
+        parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in t.notes) + "</ul>")
+    if not t.rows:
+        parts.append("<p><em>(no rows)</em></p></section>")
+        return "".join(parts)
+    parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers))
+    parts.append("</tr></thead><tbody>")
+    for r in t.rows:
+        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+    parts.append("</tbody></table></section>")
+    return "".join(parts)
+
+
+def questions_frame(an: Analysis, questions: pd.DataFrame, paths: pd.DataFrame) -> pd.DataFrame:
+    """The per-question input table joined with path counts and per-teacher mean alignment.
+
+    Columns: the input columns, ``n_paths`` / ``n_correct_paths`` (from the paths table) and
+    one ``align[<teacher>]`` column per teacher (mean of that teacher's path means).
+    """
+    q = questions.copy()
+    counts = paths.groupby("question_id").agg(
+        n_paths=("path_id", "size"), n_correct_paths=("correct", "sum")
+    )
+    q = q.merge(counts, how="left", left_on="question_id", right_index=True)
+    pm = an.paths[np.isfinite(an.paths["mean"].to_numpy(dtype=float))]
+    means = pm.groupby(["question_id", "teacher"])["mean"].mean().unstack("teacher")
+    means.columns = [f"align[{c}]" for c in means.columns]
+    q = q.merge(means, how="left", left_on="question_id", right_index=True)
+    for c in ("n_paths", "n_correct_paths"):
+        q[c] = q[c].fillna(0).astype(int)
+    return q
+
+
+def write_csvs(
+    out_dir: Path, an: Analysis, questions_table: pd.DataFrame
+) -> dict[str, Path]:
+    """Write every analysis frame as CSV (full precision) into ``out_dir``; returns the paths."""
+    frames: dict[str, pd.DataFrame | None] = {
+        "per_teacher": an.teachers.table,
+        "pairwise": an.teachers.pairwise,
+        "correct_vs_incorrect": an.questions.tests,
+        "per_question": an.questions.table,
+        "per_path": an.paths,
+        "correlations": an.correlations.summary if an.correlations else None,
+        "correlations_per_path": an.correlations.per_path if an.correlations else None,
+        "questions": questions_table,
+    }
+    written: dict[str, Path] = {}
+    for key, df in frames.items():
+        if df is None:
+            continue
+        p = out_dir / CSV_FILES[key]
+        df.to_csv(p, index=False)
+        written[key] = p
+    return written
+
+
+def build_tables(
+    an: Analysis, questions_table: pd.DataFrame, *, max_question_rows: int = 50
+) -> list[Table]:
+    """The report's tables, formatted, in display order."""
+    conf = round(100 * an.teachers.confidence)
+    tt = an.teachers.table
+    method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap"
+    tables: list[Table] = []
+
+    t = Table(
+        "per_teacher",
+        "Alignment per teacher",
+        [
+            f"mean: average over paths of the path's mean `{an.metric}` over its valid nodes "
+            f"(each path counts once); > 0 the teacher's gradient helps, < 0 it hurts.",
+            f"{conf}% CI: {method} over path means; std: spread of the path means.",
+            "node std: spread over single nodes (the per-token variance); % > 0 / % < 0: share "
+            "of valid nodes with positive / negative alignment.",
+            "weighted: sum(w cos) / sum(w) over all valid nodes with w = |g_ideal| |g_GKD| "
+            "(nodes with large gradients count more).",
+        ],
+        ["teacher", "mean", f"{conf}% CI", "std", "paths", "questions", "nodes", "node std",
+         "% > 0", "% < 0", "weighted"],  # fmt: skip
+    )
+    for r in tt.itertuples(index=False):
+        t.rows.append([
+            str(r.teacher), fmt(r.mean), fmt_ci(r.ci_low, r.ci_high), fmt(r.std),
+            str(r.n_paths), str(r.n_questions), str(r.n_nodes), fmt(r.node_std),
+            fmt_pct(r.frac_pos), fmt_pct(r.frac_neg), fmt(r.weighted_mean),
+        ])  # fmt: skip
+    tables.append(t)
+
+    t = Table(
+        "correct_vs_incorrect",
+        "Correct vs incorrect paths",
+        [
+            "Per question: mean alignment of its correct paths and of its incorrect paths; "
+            "questions: those having both kinds of path.",
+            "diff: mean over questions of (correct - incorrect); negative means incorrect paths "
+            "align better.",
+            "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, "
+            "across questions.",
+        ],
+        ["teacher", "questions", "correct", "incorrect", "diff", "p (t)", "p (Wilcoxon)"],
+    )
+    for r in an.questions.tests.itertuples(index=False):
+        t.rows.append([
+            str(r.teacher), str(r.n), fmt(r.mean_correct), fmt(r.mean_incorrect),
+            fmt(r.mean_diff, signed=True), fmt_p(r.t_p), fmt_p(r.wilcoxon_p),
+        ])  # fmt: skip
+    tables.append(t)
+
+    alpha = an.teachers.alpha
+    t = Table(
+        "pairwise",
+        "Teacher comparisons",
+        [
+            "diff: mean of teacher A minus mean of teacher B (path means).",
+            "Welch: unequal-variance t-test; Mann-Whitney: rank test; both two-sided on path "
+            "means. Holm: p-values corrected for the number of pairs.",
+            f"significant: Holm-corrected Welch p <= {alpha:g}. Every teacher scores the same "
+            "paths, so these unpaired tests are conservative.",
+        ],
+        ["teacher A", "teacher B", "diff", "p (Welch)", "p (Welch, Holm)", "p (MW)",
+         "p (MW, Holm)", "significant"],  # fmt: skip
+    )
+    for r in an.teachers.pairwise.itertuples(index=False):
+        t.rows.append([
+            str(r.teacher_a), str(r.teacher_b), fmt(r.diff, signed=True), fmt_p(r.welch_p),
+            fmt_p(r.welch_p_holm), fmt_p(r.mw_p), fmt_p(r.mw_p_holm),
+            "yes" if r.significant else "no",
+        ])  # fmt: skip
+    tables.append(t)
+
+    if an.correlations is not None:
+        t = Table(
+            "correlations",
+            "Alignment vs divergences and depth",
+            [
+                "Correlation between the node alignment and each quantity, computed within each "
+                "path over its valid nodes, then averaged over paths.",
+                "kl / js / l2: student-teacher divergence at the node; cos_prob: cosine of the "
+                "two probability vectors; depth_norm: position in the path (0 = start, 1 = end).",
+                f"paths: paths with a defined correlation; CI: {conf}% t-interval over paths.",
+            ],
+            ["teacher", "variable", "paths", "Pearson", f"Pearson {conf}% CI", "Spearman",
+             f"Spearman {conf}% CI"],  # fmt: skip
+        )
+        for r in an.correlations.summary.itertuples(index=False):
+            t.rows.append([
+                str(r.teacher), str(r.variable), str(r.n_paths), fmt(r.pearson_mean, signed=True),
+                fmt_ci(r.pearson_ci_low, r.pearson_ci_high), fmt(r.spearman_mean, signed=True),
+                fmt_ci(r.spearman_ci_low, r.spearman_ci_high),
+            ])  # fmt: skip
+        tables.append(t)
+
+    align_cols = [c for c in questions_table.columns if str(c).startswith("align[")]
+    shown = questions_table.head(max_question_rows)
+    more = len(questions_table) - len(shown)
+    t = Table(
+        "questions",
+        "Questions",
+        [
+            "success: share of the student's rollouts that were correct; rollouts / targeted: "
+            "initial and targeted rollouts; paths: representative paths (correct ones).",
+            "align[teacher]: mean alignment of the question's paths under that teacher.",
+        ]
+        + ([f"{more} more question(s) in questions.csv."] if more > 0 else []),
+        ["question", "success", "rollouts", "targeted", "paths (correct)", *align_cols],
+    )
+    for _, r in shown.iterrows():
+        t.rows.append([
+            str(r["question_id"]), fmt(r["success_rate"]), str(r["n_rollouts"]),
+            str(r["n_targeted"]), f"{r['n_paths']} ({r['n_correct_paths']})",
+            *[fmt(r[c], signed=True) for c in align_cols],
+        ])  # fmt: skip
+    tables.append(t)
+    return tables
+
+
+def overview_lines(
+    an: Analysis, nodes: pd.DataFrame, questions: pd.DataFrame, paths: pd.DataFrame
+) -> list[str]:
+    """One-line facts about the run shown at the top of the report."""
+    valid = nodes["valid"].fillna(False).astype(bool)
+    teachers: Sequence[str] = [str(t) for t in an.teachers.table["teacher"]]
+    sr = pd.to_numeric(questions["success_rate"], errors="coerce")
+    return [
+        f"alignment metric: `{an.metric}`: cosine between the ideal (success-seeking) gradient "
+        "and the distillation gradient at a node, in [-1, 1]: > 0 helpful, about 0 orthogonal "
+        "(stylistic), < 0 harmful.",
+        f"{nodes['question_id'].nunique()} question(s), {len(paths)} representative path(s), "
+        f"{len(teachers)} teacher configuration(s): {', '.join(teachers)}.",
+        f"{len(nodes)} scored node(s), {int(valid.sum())} valid ({fmt_pct(valid.mean())}): a node "
+        "is valid when >= 2 next tokens have enough visits to estimate their success rate.",
+        f"mean student success rate over questions: {fmt(sr.mean())}.",
+    ]
