@@ -1,0 +1,361 @@
+"""The diagnostic pipeline: phase 1 builds and enriches the generation tree, phase 2 scores teachers.
+
+Per question:
+
+1. *initial rollouts*: ``rollouts_per_question`` student samples of the prompt, graded;
+2. *representative paths*: ``n_correct_paths`` correct and ``n_incorrect_paths`` incorrect
+   rollouts (as available), drawn with the run seed;
+3. *solutions* for self-distillation contexts (a correct and a wrong rollout that are not
+   representative paths when possible; their summaries written by the summariser model);
+4. *targeted rollouts* per path (:mod:`opdlens.targeting`), prioritised with every targeting
+   teacher's log-probs, stored chunk by chunk;
+5. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
+   per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
+
+Everything is written through :class:`opdlens.store.RunStore` as it finishes; rerunning a run
+directory resumes where it stopped and gives the same results as an uninterrupted run.
+The pipeline only talks to models through :class:`opdlens.policy.Policy`, so the synthetic
+oracle policy runs through exactly the same code as a Hugging Face model.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+import torch
+from tqdm.auto import tqdm
+
+from opdlens.policy import OpdlensError, Policy, check_same_vocab
+from opdlens.signals import SignalConfig, path_signals
+from opdlens.store import RunStore, derive_seed, safe_name
+from opdlens.targeting import Target, TargetingConfig, select_targets
+from opdlens.teachers import SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
+from opdlens.tree import RolloutSet, path_stats
+
+Messages = list[dict[str, str]]
+
+
+@dataclass
+class QuestionEnv:
+    """How the pipeline sees one question: prompt tokens, grading and text rendering."""
+
+    id: str
+    prompt_ids: list[int]
+    grade: Callable[[Sequence[int]], bool]
+    question_text: str = ""
+    decode: Callable[[Sequence[int]], str] = lambda toks: " ".join(map(str, toks))
+    token_texts: Callable[[Sequence[int]], list[str]] = lambda toks: [str(t) for t in toks]
+    external_solution: str | None = None
+
+
+@dataclass
+class Teacher:
+    """A teacher configuration bound to a model; ``encode`` turns context messages into ids
+    (None: the teacher sees the student's prompt ids, e.g. the synthetic oracle)."""
+
+    spec: TeacherSpec
+    policy: Policy
+    encode: Callable[[Messages], list[int]] | None = None
+
+
+@dataclass
+class PhaseOptions:
+    rollouts_per_question: int = 64
+    max_new_tokens: int = 48
+    temperature: float = 1.0
+    n_correct_paths: int = 2
+    n_incorrect_paths: int = 2
+    chunk_rollouts: int = 256
+    seed: int = 0
+    targeting: TargetingConfig = field(default_factory=TargetingConfig)
+    signals: SignalConfig = field(default_factory=SignalConfig)
+    targeting_teachers: list[str] | None = None  # names; None = all teachers
+    summarizer: Policy | None = None  # default: the student
+    summarizer_encode: Callable[[Messages], list[int]] | None = None
+    summarizer_decode: Callable[[Sequence[int]], str] | None = None
+
+
+class Diagnosis:
+    """Runs phases 1 and 2 for a list of questions into a run store."""
+
+    def __init__(
+        self,
+        store: RunStore,
+        student: Policy,
+        teachers: Sequence[Teacher],
+        options: PhaseOptions | None = None,
+        *,
+        progress: bool = True,
+    ) -> None:
+        if not teachers:
+            raise OpdlensError("no teacher configuration given: add at least one under 'teachers'")
+        names = [t.spec.name for t in teachers]
+        if len(set(names)) != len(names):
+            raise OpdlensError(f"teacher names must be unique, got {names}")
+        for t in teachers:
+            check_same_vocab(student, t.policy)
+        self.store, self.student, self.teachers = store, student, list(teachers)
+        self.opt = options or PhaseOptions()
+        self.progress = progress
+        self.skips: list[dict[str, str]] = []
+
+    # ------------------------------------------------------------------ helpers
+    def _sample_graded(
+        self, env: QuestionEnv, prefixes: list[list[int]], n: int, max_new: int, seed: int, forced: int
+    ) -> RolloutSet:
+        """Sample ``n`` completions per generated-token prefix and grade them."""
+        eos = self.student.eos_token_ids
+        tokens: list[list[int]] = []
+        todo = []
+        for p in prefixes:
+            if (p and p[-1] in eos) or max_new <= 0:  # finished (forced EOS / cap): outcome is fixed
+                tokens.extend([list(p)] * n)
+            else:
+                todo.append(p)
+        if todo:
+            comps = self.student.sample(
+                [env.prompt_ids + p for p in todo], n, max_new, seed=seed, temperature=self.opt.temperature
+            )
+            for p, cs in zip(todo, comps):
+                tokens.extend(list(p) + c.tokens for c in cs)
+        success = [bool(env.grade(t)) for t in tokens]
+        return RolloutSet.from_lists(tokens, success, [forced] * len(tokens))
+
+    def _chunks_of(self, env: QuestionEnv, prefix: str) -> RolloutSet | None:
+        sets = []
+        qdir = self.store.root / "rollouts" / safe_name(env.id)
+        for f in sorted(qdir.glob(f"{prefix}*.parquet")) if qdir.exists() else []:
+            sets.append(self.store.read_chunk(env.id, f.stem))
+        if not sets:
+            return None
+        out = sets[0]
+        for s in sets[1:]:
+            out = out.extend(s)
+        return out
+
+    def _teacher_context(self, teacher: Teacher, env: QuestionEnv, sol: Solutions) -> list[int] | None:
+        kind: ContextKind = teacher.spec.context
+        if missing_for(kind, sol) is not None:
+            return None
+        if teacher.encode is None:
+            if kind != "plain":
+                raise OpdlensError(f"teacher {teacher.spec.name!r} needs a text context but its model has no tokenizer")
+            return list(env.prompt_ids)
+        return teacher.encode(context_messages(kind, env.question_text, sol))
+
+    # ------------------------------------------------------------------ phase 1
+    def initial(self, env: QuestionEnv) -> RolloutSet:
+        if not self.store.has_chunk(env.id, "initial"):
+            rs = self._sample_graded(
+                env,
+                [[]],
+                self.opt.rollouts_per_question,
+                self.opt.max_new_tokens,
+                derive_seed(self.opt.seed, env.id, "initial"),
+                0,
+            )
+            self.store.write_chunk(env.id, "initial", rs)
+        return self.store.read_chunk(env.id, "initial")
+
+    def paths(self, env: QuestionEnv, initial: RolloutSet) -> pd.DataFrame:
+        rel = self.store.paths_file(env.id)
+        if self.store.has(rel):
+            return self.store.read_table(rel)
+        rng = np.random.default_rng(derive_seed(self.opt.seed, env.id, "paths"))
+        rows = []
+        for want, n_want in ((True, self.opt.n_correct_paths), (False, self.opt.n_incorrect_paths)):
+            uniq: dict[tuple[int, ...], None] = {}
+            for t, s in zip(initial.tokens, initial.success):
+                if bool(s) == want and t.size > 0:
+                    uniq.setdefault(tuple(int(x) for x in t), None)
+            cands = list(uniq)
+            for i in rng.permutation(len(cands))[:n_want]:
+                rows.append({"question_id": env.id, "correct": want, "tokens": list(cands[i])})
+        if not rows:
+            raise OpdlensError(f"question {env.id!r}: no non-empty rollout to use as a representative path")
+        df = pd.DataFrame(rows)
+        df.insert(1, "path_id", range(len(df)))
+        df["length"] = df["tokens"].map(len)
+        df["text"] = df["tokens"].map(env.decode)
+        self.store.write_table(rel, df)
+        return df
+
+    def solutions(self, env: QuestionEnv, initial: RolloutSet, paths: pd.DataFrame) -> Solutions:
+        rel = f"solutions/{self.store.paths_file(env.id).split('/', 1)[1]}"
+        if self.store.has(rel):
+            row = self.store.read_table(rel).iloc[0].to_dict()
+            return Solutions(**{k: (None if pd.isna(v) else v) for k, v in row.items()})
+        on_path = {tuple(p) for p in paths["tokens"]}
+
+        def pick(want: bool) -> str | None:
+            cands = [t for t, s in zip(initial.tokens, initial.success) if bool(s) == want and t.size]
+            off = [t for t in cands if tuple(int(x) for x in t) not in on_path]
+            chosen = (off or cands)[:1]
+            return env.decode(chosen[0]) if chosen else None
+
+        sol = Solutions(correct=pick(True), wrong=pick(False), external=env.external_solution)
+        kinds = {t.spec.context for t in self.teachers}
+        if kinds & {"sum-1c", "sum-1c1w"}:
+            sol.correct_summary = self._summarize(env, sol.correct, "correct")
+            if "sum-1c1w" in kinds:
+                sol.wrong_summary = self._summarize(env, sol.wrong, "wrong")
+        self.store.write_table(rel, pd.DataFrame([sol.__dict__]))
+        return sol
+
+    def _summarize(self, env: QuestionEnv, text: str | None, which: str) -> str | None:
+        if text is None:
+            return None
+        model = self.opt.summarizer or self.student
+        encode = self.opt.summarizer_encode
+        decode = self.opt.summarizer_decode or env.decode
+        if encode is None:
+            return text  # no tokenizer (synthetic): the "summary" is the solution itself
+        ids = encode([{"role": "user", "content": SUMMARY_PROMPT.format(solution=text)}])
+        comp = model.sample([ids], 1, 96, seed=derive_seed(self.opt.seed, env.id, "summary", which), temperature=0.3)
+        eos = model.eos_token_ids
+        toks = [t for t in comp[0][0].tokens if t not in eos]
+        return decode(toks).strip() or text
+
+    def targeted(self, env: QuestionEnv, paths: pd.DataFrame, contexts: dict[str, list[int]]) -> int:
+        """Enrich every path; returns the number of targeted rollouts stored for the question."""
+        driving = [
+            t
+            for t in self.teachers
+            if t.spec.name in contexts
+            and (self.opt.targeting_teachers is None or t.spec.name in self.opt.targeting_teachers)
+        ]
+        if not driving:
+            return 0
+        for row in paths.itertuples():
+            pid = int(row.path_id)
+            path = [int(x) for x in row.tokens]
+            done_prefix = f"targeted-p{pid:02d}"
+            before = self._chunks_of(env, "initial")
+            for j in range(pid):
+                extra = self._chunks_of(env, f"targeted-p{j:02d}")
+                if extra is not None and before is not None:
+                    before = before.extend(extra)
+            assert before is not None
+            stats = path_stats(path, before)
+            lps = self.student.continuation_logprobs(env.prompt_ids, path)
+            lpts = [t.policy.continuation_logprobs(contexts[t.spec.name], path) for t in driving]
+            targets = select_targets(path, stats, lps, lpts, self.opt.targeting)
+            for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
+                name = f"{done_prefix}-{ci:04d}"
+                if self.store.has_chunk(env.id, name):
+                    continue
+                parts = []
+                for gi, ((need, node), group) in enumerate(_group(chunk)):
+                    prefixes = [path[:node] + [t.token] for t in group]
+                    seed = derive_seed(self.opt.seed, env.id, name, gi)
+                    parts.append(
+                        self._sample_graded(env, prefixes, need, self.opt.max_new_tokens - node - 1, seed, node + 1)
+                    )
+                rs = parts[0]
+                for p in parts[1:]:
+                    rs = rs.extend(p)
+                self.store.write_chunk(env.id, name, rs)
+        targeted = self._chunks_of(env, "targeted")
+        return 0 if targeted is None else len(targeted)
+
+    # ------------------------------------------------------------------ phase 2
+    def score(self, env: QuestionEnv, paths: pd.DataFrame, contexts: dict[str, list[int]], success_rate: float) -> None:
+        rollouts = self.store.read_rollouts(env.id)
+        cache: dict[int, tuple[list[int], torch.Tensor, object]] = {}
+        for t in self.teachers:
+            rel = self.store.nodes_file(t.spec.name, env.id)
+            if self.store.has(rel) or t.spec.name not in contexts:
+                continue
+            frames = []
+            for row in paths.itertuples():
+                pid = int(row.path_id)
+                if pid not in cache:
+                    path = [int(x) for x in row.tokens]
+                    cache[pid] = (
+                        path,
+                        self.student.continuation_logprobs(env.prompt_ids, path),
+                        path_stats(path, rollouts),
+                    )
+                path, lps, stats = cache[pid]
+                lpt = t.policy.continuation_logprobs(contexts[t.spec.name], path)
+                sig = path_signals(stats, lps, lpt, self.opt.signals, baseline=success_rate)
+                df = pd.DataFrame(sig)
+                df.insert(0, "node", np.arange(len(path)))
+                df.insert(0, "teacher", t.spec.name)
+                df.insert(0, "path_correct", bool(row.correct))
+                df.insert(0, "path_id", pid)
+                df.insert(0, "question_id", env.id)
+                df["token_id"] = path
+                df["token_text"] = env.token_texts(path)
+                frames.append(df)
+            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+
+    # ------------------------------------------------------------------ driver
+    def run_question(self, env: QuestionEnv) -> dict[str, object]:
+        initial = self.initial(env)
+        paths = self.paths(env, initial)
+        sol = self.solutions(env, initial, paths)
+        contexts: dict[str, list[int]] = {}
+        for t in self.teachers:
+            ctx = self._teacher_context(t, env, sol)
+            if ctx is None:
+                self.skips.append(
+                    {"question_id": env.id, "teacher": t.spec.name, "reason": missing_for(t.spec.context, sol) or ""}
+                )
+            else:
+                contexts[t.spec.name] = ctx
+        n_targeted = self.targeted(env, paths, contexts)
+        self.score(env, paths, contexts, initial.success_rate)
+        return {
+            "question_id": env.id,
+            "n_rollouts": len(initial),
+            "success_rate": initial.success_rate,
+            "n_targeted": n_targeted,
+            "n_paths": len(paths),
+        }
+
+    def run(self, envs: Iterable[QuestionEnv]) -> pd.DataFrame:
+        envs = list(envs)
+        if not envs:
+            raise OpdlensError("no questions to diagnose: the task returned an empty question set")
+        rows = []
+        for env in tqdm(envs, desc="questions", unit="q", disable=not self.progress):
+            rows.append(self.run_question(env))
+        questions = pd.DataFrame(rows)
+        self.store.write_table("questions.parquet", questions)
+        self.store.write_table("skips.parquet", pd.DataFrame(self.skips, columns=["question_id", "teacher", "reason"]))
+        return questions
+
+
+def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
+    """Split targets into chunks of about ``size`` rollouts (a target is never split)."""
+    chunks: list[list[Target]] = [[]]
+    total = 0
+    for t in targets:
+        if chunks[-1] and total + t.need > size:
+            chunks.append([])
+            total = 0
+        chunks[-1].append(t)
+        total += t.need
+    return [c for c in chunks if c]
+
+
+def _group(targets: list[Target]) -> list[tuple[tuple[int, int], list[Target]]]:
+    """Group targets sharing (need, node): one batched sampling call each."""
+    groups: dict[tuple[int, int], list[Target]] = {}
+    for t in targets:
+        groups.setdefault((t.need, t.node), []).append(t)
+    return list(groups.items())
+
+
+def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(nodes, questions, paths) tables of a finished run."""
+    nodes = store.read_all("nodes")
+    if nodes.empty:
+        raise OpdlensError(f"no per-node results in {store.root}: run `opdlens diagnose` first")
+    questions = store.read_table("questions.parquet")
+    paths = store.read_all("paths").drop(columns=["tokens"])
+    return nodes, questions, paths

@@ -1,0 +1,101 @@
+"""Teacher configurations: who scores the student's paths, and with which context.
+
+A teacher is a model (an external one, or the student itself for self-distillation) plus the
+context it sees before the student's tokens. The student's path is scored as the assistant's
+reply in every case, so one forward pass per (path, configuration) gives ``P_te`` at every node.
+
+Contexts (PAPERS.md, part A), named as in the paper:
+
+=================  ============================================================================
+``plain``          the student's own prompt (external teachers: Qwen3-4B/8B/14B in the paper)
+``1c``             Self-1C: the question plus one correct solution
+``sum-1c``         Self-Sum-1C: the question plus a summary of that solution
+``1c1w``           Self-1C1W: one correct and one wrong solution
+``sum-1c1w``       Self-Sum-1C1W: summaries of both
+``1c-ext``         Self-1C(ext): a correct solution written by another (bigger) model, or supplied
+                   with the data (``question.meta["solution"]``)
+=================  ============================================================================
+
+Solutions come from the question's own initial rollouts (never one of the representative
+paths being scored, when another exists).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+ContextKind = Literal["plain", "1c", "sum-1c", "1c1w", "sum-1c1w", "1c-ext"]
+NEEDS_CORRECT = {"1c", "sum-1c", "1c1w", "sum-1c1w"}
+NEEDS_WRONG = {"1c1w", "sum-1c1w"}
+NEEDS_SUMMARY = {"sum-1c", "sum-1c1w"}
+
+
+class TeacherSpec(BaseModel):
+    """One teacher configuration of a diagnose run."""
+
+    name: str = Field(description="label used in tables and plots, e.g. 'Self-1C'")
+    model: str | None = Field(None, description="model spec; None = the student (self-distillation)")
+    context: ContextKind = "plain"
+
+    @property
+    def is_self(self) -> bool:
+        return self.model is None
+
+
+DEFAULT_TEACHERS = [
+    TeacherSpec(name="Self-1C", context="1c"),
+    TeacherSpec(name="Self-Sum-1C", context="sum-1c"),
+    TeacherSpec(name="Self-1C1W", context="1c1w"),
+]
+
+SUMMARY_PROMPT = (
+    "Summarize the key steps of the following solution in one or two short sentences, "
+    "keeping the final answer.\n\nSolution:\n{solution}"
+)
+
+
+@dataclass
+class Solutions:
+    """Reference texts available to build self-distillation contexts for one question."""
+
+    correct: str | None = None
+    wrong: str | None = None
+    correct_summary: str | None = None
+    wrong_summary: str | None = None
+    external: str | None = None
+
+
+def missing_for(kind: ContextKind, sol: Solutions) -> str | None:
+    """Why a context cannot be built for this question (None if it can)."""
+    if kind in NEEDS_CORRECT and sol.correct is None:
+        return "no correct rollout to show the teacher"
+    if kind in NEEDS_WRONG and sol.wrong is None:
+        return "no incorrect rollout to show the teacher"
+    if kind == "1c-ext" and sol.external is None:
+        return "no external solution (set solution_model or supply meta['solution'])"
+    return None
+
+
+def context_messages(kind: ContextKind, question_prompt: str, sol: Solutions) -> list[dict[str, str]]:
+    """Chat messages the teacher sees before the student's reply."""
+    if (why := missing_for(kind, sol)) is not None:
+        raise ValueError(f"cannot build context {kind!r}: {why}")
+    if kind == "plain":
+        body = question_prompt
+    elif kind in ("1c", "sum-1c", "1c-ext"):
+        ref = {"1c": sol.correct, "sum-1c": sol.correct_summary or sol.correct, "1c-ext": sol.external}[kind]
+        body = (
+            f"{question_prompt}\n\nHere is a correct solution for reference:\n{ref}\n\n"
+            "Now write your own solution."
+        )
+    else:
+        good = sol.correct_summary or sol.correct if kind == "sum-1c1w" else sol.correct
+        bad = sol.wrong_summary or sol.wrong if kind == "sum-1c1w" else sol.wrong
+        body = (
+            f"{question_prompt}\n\nHere is a correct solution:\n{good}\n\n"
+            f"Here is an incorrect solution:\n{bad}\n\nNow write your own solution."
+        )
+    return [{"role": "user", "content": body}]

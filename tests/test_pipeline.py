@@ -1,0 +1,113 @@
+"""The diagnostic pipeline on the synthetic oracle policy: phases, resume, teacher ordering."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.policy import OpdlensError
+from opdlens.signals import SignalConfig
+from opdlens.store import RunStore
+from opdlens.synthetic import SyntheticPolicy
+from opdlens.targeting import TargetingConfig, depth_windows, select_targets
+from opdlens.teachers import TeacherSpec
+from opdlens.tree import RolloutSet, path_stats
+
+
+def _setup(tmp_path, seed=0, fail_after=None):
+    student = SyntheticPolicy.random(seed=seed, horizon=10)
+    calls = {"n": 0}
+    if fail_after is not None:
+        real = student.sample
+
+        def flaky(*a, **kw):
+            calls["n"] += 1
+            if calls["n"] > fail_after:
+                raise KeyboardInterrupt("simulated kill")
+            return real(*a, **kw)
+
+        student.sample = flaky  # type: ignore[method-assign]
+    teachers = [
+        Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
+        Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2)),
+    ]
+    opts = PhaseOptions(
+        rollouts_per_question=200,
+        max_new_tokens=10,
+        chunk_rollouts=100,
+        targeting=TargetingConfig(first_window=2, per_window_gkd=2, per_window_gap=2, visit_target=60),
+        signals=SignalConfig(min_visits=10),
+    )
+    envs = [QuestionEnv(id=f"q{i}", prompt_ids=[], grade=student.is_success) for i in range(2)]
+    return Diagnosis(RunStore(tmp_path), student, teachers, opts, progress=False), envs
+
+
+def test_pipeline_runs_and_separates_helpful_from_harmful_teachers(tmp_path):
+    diag, envs = _setup(tmp_path)
+    questions = diag.run(envs)
+    assert questions["n_targeted"].gt(0).all()
+    nodes, q2, paths = load_results(diag.store)
+    assert set(nodes["teacher"]) == {"helpful", "harmful"}
+    assert set(paths.columns) >= {"question_id", "path_id", "correct", "length", "text"}
+    valid = nodes[nodes["valid"]]
+    assert len(valid) > 10
+    mean = valid.groupby("teacher")["align_gkd"].mean()
+    assert mean["helpful"] > 0.3 and mean["harmful"] < -0.3
+    # targeted rollouts made deep nodes valid: some valid node beyond depth 2
+    assert (valid["node"] > 2).any()
+
+
+def test_interrupted_run_resumes_to_identical_results(tmp_path):
+    diag, envs = _setup(tmp_path / "a", fail_after=5)
+    with pytest.raises(KeyboardInterrupt):
+        diag.run(envs)
+    n_chunks = len(list((tmp_path / "a" / "rollouts").rglob("*.parquet")))
+    assert n_chunks >= 3  # finished chunks were kept
+    diag2, _ = _setup(tmp_path / "a")
+    diag2.run(envs)
+    diag3, _ = _setup(tmp_path / "b")
+    diag3.run(envs)
+    a, _, _ = load_results(RunStore(tmp_path / "a"))
+    b, _, _ = load_results(RunStore(tmp_path / "b"))
+    key = ["teacher", "question_id", "path_id", "node"]
+    pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
+    ra = RunStore(tmp_path / "a").read_rollouts("q0")
+    rb = RunStore(tmp_path / "b").read_rollouts("q0")
+    assert len(ra) == len(rb) and all(np.array_equal(x, y) for x, y in zip(ra.tokens, rb.tokens))
+
+
+def test_targets_follow_windows_and_budgets():
+    assert depth_windows(400, 50, 2.0) == [(0, 50), (50, 150), (150, 350), (350, 400)]
+    pol = SyntheticPolicy.random(seed=2, horizon=10)
+    teacher = pol.tilted(3.0, seed=0)
+    comps = pol.sample([[]], 50, 10, seed=0)[0]
+    rs = RolloutSet.from_lists([c.tokens for c in comps], [pol.is_success(c.tokens) for c in comps])
+    path = max(rs.tokens, key=len).tolist()
+    cfg = TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=30)
+    targets = select_targets(path, path_stats(path, rs), pol.continuation_logprobs([], path),
+                             [teacher.continuation_logprobs([], path)], cfg)
+    windows = depth_windows(len(path), 2, 2.0)
+    for start, end in windows:
+        in_w = [t for t in targets if start <= t.node < end]
+        off_path = {(t.node, t.token) for t in in_w if t.token != path[t.node]}
+        assert len(off_path) <= 2  # one by |g_KD|, one by |P_θ − P_te|
+    for t in targets:
+        assert t.need == 30 - path_stats(path, rs).visits_of(t.node, t.token)
+    capped = select_targets(path, path_stats(path, rs), pol.continuation_logprobs([], path),
+                            [teacher.continuation_logprobs([], path)],
+                            TargetingConfig(first_window=2, visit_target=30, max_rollouts_per_path=40))
+    assert sum(t.need for t in capped) == 40
+
+
+def test_pipeline_bad_input(tmp_path):
+    student = SyntheticPolicy.random(seed=0)
+    other = SyntheticPolicy.random(seed=0, vocab_size=7)
+    with pytest.raises(OpdlensError, match="shared tokenizer"):
+        Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), other)])
+    with pytest.raises(OpdlensError, match="no teacher"):
+        Diagnosis(RunStore(tmp_path), student, [])
+    diag = Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), student)], progress=False)
+    with pytest.raises(OpdlensError, match="no questions"):
+        diag.run([])
