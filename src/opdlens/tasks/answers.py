@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import re
 import string
+import threading
 from typing import Any, Final
 
 ANSWER_TYPES: Final[tuple[str, ...]] = ("int", "bool", "letter", "text", "math")
@@ -218,6 +219,15 @@ def extract_letter(text: str, letters: str = "ABCD") -> str | None:
 # ---------------------------------------------------------------------------- text & math
 
 
+def _strip_decoration(s: str) -> str:
+    """Remove surrounding spaces, bold/italic marks, quotes, ``$`` and a final period."""
+    prev = None
+    while prev != s:
+        prev = s
+        s = s.strip().strip("*_`'\"$").rstrip(".").strip()
+    return s
+
+
 def normalize_text(text: str) -> str:
     """Lower-case, drop punctuation, articles and extra spaces (SQuAD-style normalisation)."""
     t = text.lower()
@@ -244,7 +254,7 @@ def extract_text(text: str) -> str | None:
             if not lines:
                 return None
             candidate = lines[-1]
-    candidate = candidate.strip().strip("*_`'\" ").rstrip(".").strip()
+    candidate = _strip_decoration(candidate)
     return candidate or None
 
 
@@ -259,8 +269,7 @@ def extract_math(text: str) -> str | None:
         return boxed
     tail = _after_last_marker(body)
     if tail is not None and tail.strip():
-        line = tail.strip().splitlines()[0].strip().strip("*").strip()
-        line = line.strip("$").rstrip(".").strip()
+        line = _strip_decoration(tail.strip().splitlines()[0])
         if line:
             return _canonical_int(line) or line
     nums = _numbers(body)
@@ -275,13 +284,14 @@ def _math_verify_equal(gold: str, pred: str) -> bool | None:
         from math_verify import parse, verify
     except ImportError:  # pragma: no cover - optional dependency
         return None
+    # math_verify's timeouts use signal.alarm, which only works in the main thread.
+    limit = 5 if threading.current_thread() is threading.main_thread() else None
     try:
-        # Timeouts use signal.alarm, which only works in the main thread: disable them.
-        g = parse(f"${gold}$", parsing_timeout=None)  # type: ignore[arg-type]
-        p = parse(f"${pred}$", parsing_timeout=None)  # type: ignore[arg-type]
+        g = parse(f"${gold}$", parsing_timeout=limit)  # type: ignore[arg-type]
+        p = parse(f"${pred}$", parsing_timeout=limit)  # type: ignore[arg-type]
         if not g or not p:
             return None
-        return bool(verify(g, p, timeout_seconds=None))
+        return bool(verify(g, p, timeout_seconds=limit))
     except Exception:  # noqa: BLE001 - a grader must never crash a run
         return None
 
