@@ -1,0 +1,362 @@
+"""Tests of opdlens.report: files, numbers in summary.md / CSVs, HTML tokens, colours, figures."""
+
+from __future__ import annotations
+
+import base64
+import math
+import re
+import struct
+import zlib
+from html.parser import HTMLParser
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from opdlens import analysis as A
+from opdlens.policy import OpdlensError
+from opdlens.report import CSV_FILES, FIGURE_FILES, write_report
+from opdlens.report.html import GREY, alignment_color, display_token
+from opdlens.report.tables import fmt, fmt_ci, fmt_p
+
+NAN = float("nan")
+TEACHERS = ["ext-4B", "self-1C"]
+TOKENS = {
+    # (question, path): token texts
+    ("q1", 0): ["The", " answer", " is", "\n", " 42", "."],
+    ("q1", 1): ["<script>alert(1)</script>", " &", "\t", "", " 7"],
+    ("q2", 0): [" Let", " x", " =", " 3"],
+    ("q2", 1): [" so", "\n\n", " 5", " <b>"],
+}
+CORRECT = {("q1", 0): True, ("q1", 1): False, ("q2", 0): True, ("q2", 1): False}
+
+
+def _align(teacher: str, q: str, path: int, u: int) -> float:
+    """Deterministic alignment pattern with exact 1 / -1 / 0 and invalid (NaN) nodes."""
+    if (q, path, u) == ("q1", 0, 0):
+        return 1.0
+    if (q, path, u) == ("q1", 0, 1):
+        return -1.0
+    if (q, path, u) == ("q1", 0, 2):
+        return NAN
+    if (q, path, u) == ("q1", 0, 3):
+        return 0.0
+    rng = np.random.default_rng(zlib.crc32(f"{teacher}/{q}/{path}/{u}".encode()))
+    base = 0.2 if teacher == "self-1C" else -0.1
+    return float(np.clip(base + rng.normal(0, 0.5), -1, 1))
+
+
+@pytest.fixture(scope="module")
+def data() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    rows = []
+    for teacher in TEACHERS:
+        for (q, p), toks in TOKENS.items():
+            n = len(toks)
+            for u, tok in enumerate(toks):
+                a = _align(teacher, q, p, u)
+                valid = not math.isnan(a)
+                rows.append({
+                    "question_id": q, "path_id": p, "path_correct": CORRECT[(q, p)],
+                    "teacher": teacher, "node": u, "depth_norm": u / n, "token_id": 1000 + u,
+                    "token_text": tok, "valid": valid, "n_children": 3 if valid else 1,
+                    "visits": 20 + u, "p_student": 0.25, "p_teacher": 0.5,
+                    "psucc_token": 0.75 if valid else NAN, "teacher_adv": 0.125,
+                    "align_gkd": a, "align_single": a, "align_minillm": a,
+                    "align_drgrpo": 1.0 if valid else NAN, "norm_ideal": 1.0 + u,
+                    "norm_gkd": 0.5, "kl": 0.1 * u + (0.3 if teacher == "ext-4B" else 0.0),
+                    "js": 0.05 * ((u * 7) % 5), "l2": 0.2 * ((u * 3) % 4), "cos_prob": 1.0 - 0.1 * u,
+                })  # fmt: skip
+    nodes = pd.DataFrame(rows)
+    questions = pd.DataFrame({
+        "question_id": ["q1", "q2"], "n_rollouts": [64, 64], "success_rate": [0.625, 0.25],
+        "n_targeted": [300, 120],
+    })  # fmt: skip
+    paths = pd.DataFrame([
+        {"question_id": q, "path_id": p, "correct": CORRECT[(q, p)], "length": len(t),
+         "text": "".join(t)}
+        for (q, p), t in TOKENS.items()
+    ])  # fmt: skip
+    return nodes, questions, paths
+
+
+@pytest.fixture(scope="module")
+def report(tmp_path_factory: pytest.TempPathFactory, data) -> Path:  # type: ignore[no-untyped-def]
+    out = tmp_path_factory.mktemp("report")
+    extra_png = out.parent / "curve.png"
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(3, 2))
+    FigureCanvasAgg(fig)
+    fig.add_subplot(1, 1, 1).plot([0, 1, 2], [3, 1, 2])
+    fig.savefig(extra_png)
+    nodes, questions, paths = data
+    index = write_report(out, nodes, questions, paths, extra=[("training loss", extra_png)])
+    assert index == out / "index.html"
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# colours and token display
+# --------------------------------------------------------------------------------------------
+
+
+def test_alignment_color_endpoints_and_interpolation() -> None:
+    assert alignment_color(1.0) == "#1a9850"
+    assert alignment_color(-1.0) == "#d73027"
+    assert alignment_color(0.0) == "#ffffff"
+    assert alignment_color(NAN) == GREY and alignment_color(None) == GREY
+    assert alignment_color(5.0) == "#1a9850" and alignment_color(-3.0) == "#d73027"
+    # halfway between white (255) and green (26, 152, 80): 140.5 -> 140 (banker's), 203.5, 167.5
+    assert alignment_color(0.5) == "#" + "".join(
+        f"{round(255 + (e - 255) * 0.5):02x}" for e in (26, 152, 80)
+    )
+
+
+def test_display_token_escapes_and_shows_whitespace() -> None:
+    assert display_token("<script>") == "&lt;script&gt;"
+    assert display_token("a&b") == "a&amp;b"
+    assert display_token("\n") == '<span class="sp">↵</span>\n'
+    assert display_token("") == '<span class="sp">∅</span>'
+    assert display_token(" x") == " x"
+
+
+# --------------------------------------------------------------------------------------------
+# files, CSVs and summary.md numbers
+# --------------------------------------------------------------------------------------------
+
+
+def test_all_files_written(report: Path) -> None:
+    for name in [*CSV_FILES.values(), "summary.md", "index.html"]:
+        assert (report / name).is_file(), name
+    for name in [*FIGURE_FILES.values(), "extra_0.png"]:
+        assert (report / "figures" / name).is_file(), name
+
+
+def test_csvs_match_analysis(report: Path, data) -> None:  # type: ignore[no-untyped-def]
+    nodes = data[0]
+    an = A.analyze(nodes)
+    pairs = {
+        "per_teacher.csv": an.teachers.table,
+        "pairwise.csv": an.teachers.pairwise,
+        "correct_vs_incorrect.csv": an.questions.tests,
+        "per_question.csv": an.questions.table,
+        "per_path.csv": an.paths,
+        "correlations.csv": an.correlations.summary,
+    }
+    for name, expected in pairs.items():
+        got = pd.read_csv(report / name)
+        assert list(got.columns) == list(expected.columns), name
+        for col in expected.columns:
+            e = expected[col].to_numpy()
+            if np.issubdtype(np.asarray(e).dtype, np.number):
+                np.testing.assert_allclose(got[col].to_numpy(dtype=float), e.astype(float),
+                                           rtol=1e-12, equal_nan=True, err_msg=f"{name}:{col}")  # fmt: skip
+            else:
+                assert [str(x) for x in got[col]] == [str(x) for x in e], f"{name}:{col}"
+    q = pd.read_csv(report / "questions.csv").set_index("question_id")
+    assert q.loc["q1", "n_paths"] == 2 and q.loc["q1", "n_correct_paths"] == 1
+    pm = an.paths.groupby(["question_id", "teacher"])["mean"].mean()
+    assert q.loc["q2", "align[self-1C]"] == pytest.approx(pm[("q2", "self-1C")])
+
+
+def _md_table(md: str, title: str) -> list[dict[str, str]]:
+    """Rows of the Markdown table under ``## title`` as dicts header -> cell."""
+    sec = md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    lines = [ln for ln in sec.splitlines() if ln.startswith("|")]
+    headers = [h.strip() for h in lines[0].strip("|").split("|")]
+    return [
+        dict(zip(headers, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]
+    ]
+
+
+def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-untyped-def]
+    md = (report / "summary.md").read_text(encoding="utf-8")
+    an = A.analyze(data[0])
+    rows = {r["teacher"]: r for r in _md_table(md, "Alignment per teacher")}
+    assert set(rows) == set(TEACHERS)
+    for r in an.teachers.table.itertuples():
+        got = rows[r.teacher]
+        assert float(got["mean"]) == pytest.approx(r.mean, abs=5e-4)
+        lo, hi = (float(x) for x in re.findall(r"-?\d+\.\d+", got["95% CI"]))
+        assert lo == pytest.approx(r.ci_low, abs=5e-4) and hi == pytest.approx(r.ci_high, abs=5e-4)
+        assert got["95% CI"] == fmt_ci(r.ci_low, r.ci_high)
+        assert int(got["paths"]) == r.n_paths == 4 and int(got["nodes"]) == r.n_nodes
+        assert got["% > 0"] == f"{100 * r.frac_pos:.1f}%"
+        assert float(got["weighted"]) == pytest.approx(r.weighted_mean, abs=5e-4)
+
+    cvi = {r["teacher"]: r for r in _md_table(md, "Correct vs incorrect paths")}
+    for r in an.questions.tests.itertuples():
+        got = cvi[r.teacher]
+        assert int(got["questions"]) == r.n == 2
+        assert float(got["diff"]) == pytest.approx(r.mean_diff, abs=5e-4)
+        assert got["p (t)"] == fmt_p(r.t_p) and got["p (Wilcoxon)"] == fmt_p(r.wilcoxon_p)
+
+    pw = _md_table(md, "Teacher comparisons")
+    assert len(pw) == 1
+    r = an.teachers.pairwise.iloc[0]
+    assert (pw[0]["teacher A"], pw[0]["teacher B"]) == (r.teacher_a, r.teacher_b)
+    assert pw[0]["p (Welch, Holm)"] == fmt_p(r.welch_p_holm)
+    assert pw[0]["significant"] == ("yes" if r.significant else "no")
+
+    corr = _md_table(md, "Alignment vs divergences and depth")
+    s = an.correlations.summary
+    assert len(corr) == len(s) == 2 * len(A.DIVERGENCE_COLUMNS)
+    for got, r in zip(corr, s.itertuples()):
+        assert (got["teacher"], got["variable"]) == (r.teacher, r.variable)
+        assert got["Pearson"] == fmt(r.pearson_mean, signed=True)
+        assert got["Spearman"] == fmt(r.spearman_mean, signed=True)
+
+    qs = {r["question"]: r for r in _md_table(md, "Questions")}
+    assert qs["q1"]["success"] == "0.625" and qs["q2"]["paths (correct)"] == "2 (1)"
+    # every explained section and every figure is referenced
+    for name in FIGURE_FILES.values():
+        assert f"(figures/{name})" in md
+    assert "(figures/extra_0.png)" in md and "training loss" in md
+
+
+# --------------------------------------------------------------------------------------------
+# HTML
+# --------------------------------------------------------------------------------------------
+
+
+class _TokenParser(HTMLParser):
+    """Collects token spans per (teacher, question, path), with colour, text and tooltip."""
+
+    def __init__(self) -> None:
+        super().__init__(convert_charrefs=True)
+        self.teacher: str | None = None
+        self.question: str | None = None
+        self.path: int | None = None
+        self.depth = 0  # nesting inside a token span
+        self.tokens: dict[tuple[str, str, int], list[dict[str, str]]] = {}
+        self.scripts = 0
+        self.hidden: dict[str, bool] = {}
+
+    def handle_starttag(self, tag: str, attrs: list[tuple[str, str | None]]) -> None:
+        a = dict(attrs)
+        if tag == "script":
+            self.scripts += 1
+        cls = a.get("class") or ""
+        if tag == "div" and cls == "teacher-view":
+            self.teacher = a["data-teacher"]
+            self.hidden[self.teacher] = "hidden" in a
+        if tag == "div" and cls == "path":
+            self.question, self.path = a["data-question"], int(a["data-path"] or -1)
+        if tag == "span":
+            if self.depth:
+                self.depth += 1
+            elif cls.split()[:1] == ["tok"]:
+                key = (self.teacher, self.question, self.path)
+                style = a.get("style") or ""
+                self.tokens.setdefault(key, []).append(  # type: ignore[arg-type]
+                    {"cls": cls, "color": style.split("background:")[1], "text": "",
+                     "tip": a.get("data-tip") or ""}  # fmt: skip
+                )
+                self.depth = 1
+
+    def handle_endtag(self, tag: str) -> None:
+        if tag == "span" and self.depth:
+            self.depth -= 1
+
+    def handle_data(self, data: str) -> None:
+        if self.depth:
+            key = (self.teacher, self.question, self.path)
+            self.tokens[key][-1]["text"] += data  # type: ignore[index]
+
+
+def _shown(tok: str) -> str:
+    """What the page shows for a token (markers included, tags stripped)."""
+    if tok == "":
+        return "∅"
+    return tok.replace("\n", "↵\n").replace("\t", "→\t")
+
+
+def test_html_tokens_in_order_with_colours(report: Path, data) -> None:  # type: ignore[no-untyped-def]
+    page = (report / "index.html").read_text(encoding="utf-8")
+    p = _TokenParser()
+    p.feed(page)
+    assert set(p.hidden) == set(TEACHERS)
+    assert p.hidden == {"ext-4B": False, "self-1C": True}  # first teacher shown
+    nodes = data[0]
+    for teacher in TEACHERS:
+        for (q, path), toks in TOKENS.items():
+            spans = p.tokens[(teacher, q, path)]
+            assert [s["text"] for s in spans] == [_shown(t) for t in toks]
+            sub = nodes[(nodes.teacher == teacher) & (nodes.question_id == q)
+                        & (nodes.path_id == path)].sort_values("node")  # fmt: skip
+            for s, a in zip(spans, sub.align_gkd):
+                assert s["color"] == alignment_color(a)
+                assert ("inv" in s["cls"].split()) == math.isnan(a)
+    first = p.tokens[("ext-4B", "q1", 0)]
+    assert [s["color"] for s in first[:4]] == ["#1a9850", "#d73027", GREY, "#ffffff"]
+    tip = first[0]["tip"]
+    assert "align_gkd = +1.000" in tip and "P_student = 0.250" in tip
+    assert "P_teacher = 0.500" in tip and "P_succ = 0.750" in tip
+    assert "teacher adv = +0.125" in tip and "visits = 20" in tip and "KL = 0.3000" in tip
+    assert "\n" in tip  # one quantity per line
+    assert "invalid node" in first[2]["tip"] and "P_succ = n/a" in first[2]["tip"]
+
+
+def test_html_is_escaped_and_self_contained(report: Path) -> None:
+    page = (report / "index.html").read_text(encoding="utf-8")
+    assert "<script>alert(1)</script>" not in page
+    assert "&lt;script&gt;alert(1)&lt;/script&gt;" in page
+    assert " &lt;b&gt;" in page and " <b>" not in page
+    p = _TokenParser()
+    p.feed(page)
+    assert p.scripts == 1  # only the inline teacher selector
+    assert not re.search(r"""(src|href)\s*=\s*["']?(https?:)?//""", page)
+    assert "<link" not in page
+    assert page.count("data:image/png;base64,") == len(FIGURE_FILES) + 1
+    extra = base64.b64encode((report / "figures" / "extra_0.png").read_bytes()).decode()
+    assert extra in page
+    assert "id='teacher-select'" in page
+    for t in TEACHERS:
+        assert f"<option value='{t}'>" in page
+    assert "linear-gradient" in page  # legend
+
+
+def _png_size(path: Path) -> tuple[int, int]:
+    raw = path.read_bytes()
+    assert raw[:8] == b"\x89PNG\r\n\x1a\n", path
+    assert raw[12:16] == b"IHDR"
+    return struct.unpack(">II", raw[16:24])
+
+
+def test_figures_are_valid_pngs(report: Path) -> None:
+    for name in FIGURE_FILES.values():
+        f = report / "figures" / name
+        w, h = _png_size(f)
+        assert w >= 300 and h >= 200, name
+        assert f.stat().st_size > 8_000, name
+
+
+# --------------------------------------------------------------------------------------------
+# options and errors
+# --------------------------------------------------------------------------------------------
+
+
+def test_truncation_options(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+    nodes, questions, paths = data
+    write_report(tmp_path, nodes, questions, paths, max_questions=1, max_tokens=2, ci="bootstrap")
+    page = (tmp_path / "index.html").read_text(encoding="utf-8")
+    p = _TokenParser()
+    p.feed(page)
+    assert {k[1] for k in p.tokens} == {"q1"}
+    assert all(len(v) == 2 for v in p.tokens.values())
+    assert "Showing 1 of 2 questions" in page and "more tokens not shown" in page
+    assert (pd.read_csv(tmp_path / "per_teacher.csv")["ci_method"] == "bootstrap").all()
+
+
+def test_report_errors(tmp_path: Path, data) -> None:  # type: ignore[no-untyped-def]
+    nodes, questions, paths = data
+    with pytest.raises(OpdlensError, match="questions table lacks.*success_rate"):
+        write_report(tmp_path, nodes, questions.drop(columns="success_rate"), paths)
+    with pytest.raises(OpdlensError, match="paths table lacks"):
+        write_report(tmp_path, nodes, questions, paths.drop(columns="text"))
+    with pytest.raises(OpdlensError, match="does not exist"):
+        write_report(tmp_path, nodes, questions, paths, extra=[("x", tmp_path / "nope.png")])
+    with pytest.raises(OpdlensError, match="min_visits"):
+        write_report(tmp_path, nodes.assign(valid=False), questions, paths)
