@@ -74,7 +74,7 @@ def write_report(
     seed: int = 0,
     alpha: float = 0.05,
     max_questions: int = 20,
-    max_tokens: int = 4000,
+    max_tokens: int = 2000,
     title: str = "opdlens report",
 ) -> Path:
     """Write the full report of one run into ``out_dir`` and return the path of ``index.html``.
@@ -84,7 +84,9 @@ def write_report(
     curves) copied to ``figures/`` and embedded in the HTML and listed in ``summary.md``.
     ``metric`` picks the alignment column; ``confidence``, ``ci``, ``n_boot``, ``seed`` and
     ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`. The token view of the HTML
-    shows at most ``max_questions`` questions and ``max_tokens`` tokens per path.
+    shows at most ``max_questions`` questions and ``max_tokens`` tokens per path; each
+    shown token costs about 300 bytes of HTML per teacher, so the page size is roughly
+    ``300 B x teachers x shown tokens``.
     """
     require_columns(nodes, ["node", "token_text", "depth_norm"])
     require_columns(questions, QUESTION_COLUMNS, "questions")

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from opdlens.report.tables import Table, fmt, render_html_table
+from opdlens.report.tables import Table, fmt, inline_code, render_html_table
 
 __all__ = [
     "GREEN",
@@ -81,6 +81,13 @@ def display_token(text: object) -> str:
     return "".join(out)
 
 
+def _int(x: object) -> str:
+    try:
+        return str(int(x))  # type: ignore[call-overload]
+    except (TypeError, ValueError):
+        return "n/a"
+
+
 def _num(x: object, digits: int = 3, signed: bool = False) -> str:
     return fmt(x, digits, signed=signed).replace("–", "n/a")
 
@@ -89,18 +96,14 @@ def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[ty
     """Tooltip text of one node: alignment, probabilities, P_succ, advantage, visits, KL."""
     r = row
     valid = bool(r.get("valid", False))
-    visits = r.get("visits")
-    try:
-        visits_s = str(int(visits))  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        visits_s = "n/a"
+    visits_s = _int(r.get("visits"))
     lines = [
         f"node {r.get('node')}  token id {r.get('token_id')}"
         + ("" if valid else "  (invalid node: not enough visited children)"),
         f"{metric} = {_num(r.get(metric), signed=True)}",
         f"P_student = {_num(r.get('p_student'))}   P_teacher = {_num(r.get('p_teacher'))}",
         f"P_succ = {_num(r.get('psucc_token'))}   teacher adv = {_num(r.get('teacher_adv'), signed=True)}",
-        f"visits = {visits_s}   children = {r.get('n_children')}   KL = {_num(r.get('kl'), 4)}",
+        f"visits = {visits_s}   children = {_int(r.get('n_children'))}   KL = {_num(r.get('kl'), 4)}",
     ]
     return "\n".join(lines)
 
@@ -134,7 +137,7 @@ def render_token_view(
     metric: str,
     *,
     max_questions: int = 20,
-    max_tokens: int = 4000,
+    max_tokens: int = 2000,
 ) -> str:
     """The per-teacher token views: for each question and representative path, coloured tokens.
 
@@ -174,8 +177,9 @@ def render_token_view(
             qmeta = ""
             if qi is not None:
                 qmeta = (
-                    f" <span class='meta'>success rate {fmt(qi.get('success_rate'))}, "
-                    f"{qi.get('n_rollouts')} rollouts, {qi.get('n_targeted')} targeted</span>"
+                    f" <span class='meta'>student success rate {fmt(qi.get('success_rate'))}, "
+                    f"{_int(qi.get('n_rollouts'))} rollouts, {_int(qi.get('n_targeted'))} "
+                    "targeted rollouts</span>"
                 )
             out.append(f"<section class='question'><h3>Question {e(q)}{qmeta}</h3>")
             path_ids = sorted({int(k[2]) for k in groups if k[0] == teacher and k[1] == q})
@@ -237,8 +241,9 @@ h3{font-size:1.05em;margin:1.2em 0 .4em}
 ul.notes{font-size:.85em;color:#555;margin:.3em 0 .6em;padding-left:1.2em}
 table{border-collapse:collapse;font-size:.85em;margin:.4em 0 1em}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
-th{background:#f3f3f3} td:first-child,th:first-child{text-align:left}
-.figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;flex:1 1 480px}
+th{background:#f3f3f3} td:first-child,th:first-child,td.txt{text-align:left}
+code{background:#f0f0f0;padding:0 3px;border-radius:3px}
+.figs{display:flex;flex-wrap:wrap;gap:12px} figure{margin:0;flex:1 1 480px} figure.wide{flex-basis:100%}
 figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.8em;color:#555}
 .controls{position:sticky;top:0;background:#fff;padding:8px 0;border-bottom:1px solid #ddd;z-index:5}
 .legend{display:flex;align-items:center;gap:8px;flex-wrap:wrap;font-size:.85em;margin-top:6px}
@@ -249,7 +254,7 @@ figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.8em;color
 .path-head{font-size:.9em;margin-bottom:3px}
 .badge{font-size:.75em;padding:1px 6px;border-radius:8px;color:#fff}
 .badge.ok{background:#2e7d32} .badge.bad{background:#c62828}
-.tokens{font-family:Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;word-break:break-word;
+.tokens{font-family:Menlo,Consolas,monospace;font-size:13px;white-space:pre-wrap;overflow-wrap:anywhere;tab-size:4;
  border:1px solid #ddd;padding:6px;line-height:1.75;background:#fafafa}
 .tok{position:relative;border-radius:2px;padding:1px 0;cursor:default}
 .tok:hover{outline:1px solid #333}
@@ -291,15 +296,16 @@ def render_page(
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
         f"<h1>{e(title)}</h1><ul class='notes'>",
-        "".join(f"<li>{e(line.replace('`', ''))}</li>" for line in overview),
+        "".join(f"<li>{inline_code(line)}</li>" for line in overview),
         "</ul>",
     ]
     parts += [render_html_table(t) for t in tables]
     if figures:
         parts.append("<h2>Figures</h2><div class='figs'>")
-        for ftitle, caption, p in figures:
+        for i, (ftitle, caption, p) in enumerate(figures):
+            wide = " class='wide'" if i == 0 else ""
             parts.append(
-                f"<figure><img alt='{e(ftitle, quote=True)}' src='{_embed_png(p)}'>"
+                f"<figure{wide}><img alt='{e(ftitle, quote=True)}' src='{_embed_png(p)}'>"
                 f"<figcaption><b>{e(ftitle)}</b>. {e(caption)}</figcaption></figure>"
             )
         parts.append("</div>")

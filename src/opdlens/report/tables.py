@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import html
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -115,19 +116,36 @@ def render_markdown_table(t: Table) -> str:
     return "\n".join(out)
 
 
+def inline_code(text: str) -> str:
+    """Escape ``text`` for HTML, turning Markdown-style `code` spans into ``<code>``."""
+    parts = html.escape(text).split("`")
+    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
+
+
+def _is_number(cell: str) -> bool:
+    return bool(re.fullmatch(r"[-+]?[\d.,%e\[\]() –+-]+|yes|no", cell))
+
+
 def render_html_table(t: Table) -> str:
     """Section with an ``<h2>``, notes and an HTML table (all text escaped)."""
     e = html.escape
     parts = [f'<section class="table" id="tbl-{e(t.key)}"><h2>{e(t.title)}</h2>']
     if t.notes:
-        parts.append("<ul class='notes'>" + "".join(f"<li>{e(n)}</li>" for n in t.notes) + "</ul>")
+        parts.append(
+            "<ul class='notes'>" + "".join(f"<li>{inline_code(n)}</li>" for n in t.notes) + "</ul>"
+        )
     if not t.rows:
         parts.append("<p><em>(no rows)</em></p></section>")
         return "".join(parts)
     parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers))
     parts.append("</tr></thead><tbody>")
     for r in t.rows:
-        parts.append("<tr>" + "".join(f"<td>{e(c)}</td>" for c in r) + "</tr>")
+        parts.append(
+            "<tr>"
+            + "".join(f"<td>{e(c)}</td>" if _is_number(c) else f"<td class='txt'>{e(c)}</td>"
+                      for c in r)
+            + "</tr>"
+        )  # fmt: skip
     parts.append("</tbody></table></section>")
     return "".join(parts)
 
