@@ -515,7 +515,8 @@ def per_teacher(
 class Correlations:
     """Within-path correlations between the alignment and node-level quantities.
 
-    ``per_path``: one row per (teacher, question_id, path_id, variable) with ``n`` (valid nodes
+    ``per_path``: one row per (teacher, question_id, path_id, variable), variables in the order
+    asked for, with ``n`` (valid nodes
     where both values are finite), ``pearson`` and ``spearman`` (NaN when ``n < min_nodes`` or
     either series is constant on the path).
 
@@ -528,36 +529,29 @@ class Correlations:
     summary: pd.DataFrame
 
 
-def _grouped_pearson(df: pd.DataFrame, keys: list[str], x: str, y: str) -> pd.DataFrame:
-    """Pearson r of ``x`` and ``y`` within each group, vectorised; constant series give NaN."""
-    g = df.groupby(keys, sort=False)
-    xm = df[x] - g[x].transform("mean")
-    ym = df[y] - g[y].transform("mean")
-    # scale of each series, to tell "constant up to rounding" from real (tiny) variation
-    absd = pd.DataFrame({k: df[k].to_numpy() for k in keys})
-    absd["ax"], absd["ay"] = np.abs(df[x].to_numpy()), np.abs(df[y].to_numpy())
-    ga = absd.groupby(keys, sort=False)
-    xs, ys = ga["ax"].transform("max"), ga["ay"].transform("max")
-    parts = pd.DataFrame(
-        {
-            **{k: df[k].to_numpy() for k in keys},
-            "sxy": (xm * ym).to_numpy(),
-            "sxx": (xm * xm).to_numpy(),
-            "syy": (ym * ym).to_numpy(),
-            "tx": (xs * xs).to_numpy(),
-            "ty": (ys * ys).to_numpy(),
-        }
-    )
-    s = parts.groupby(keys, sort=False).agg(
-        n=("sxy", "size"), sxy=("sxy", "sum"), sxx=("sxx", "sum"), syy=("syy", "sum"),
-        tx=("tx", "first"), ty=("ty", "first"),
-    )  # fmt: skip
-    tol = 1e-24 * s["n"].to_numpy(dtype=float)
-    sxx, syy = s["sxx"].to_numpy(), s["syy"].to_numpy()
-    ok = (sxx > tol * s["tx"].to_numpy()) & (syy > tol * s["ty"].to_numpy()) & (sxx > 0) & (syy > 0)
+def _grouped_pearson(codes: np.ndarray, x: np.ndarray, y: np.ndarray, n_groups: int) -> np.ndarray:
+    """Pearson r of ``x`` and ``y`` within each group ``codes`` (0..n_groups-1), vectorised.
+
+    Groups with fewer than 2 points, or where either series is constant (up to rounding,
+    relative to its magnitude), give NaN.
+    """
+    n = np.bincount(codes, minlength=n_groups).astype(float)
     with np.errstate(invalid="ignore", divide="ignore"):
-        r = np.where(ok, s["sxy"].to_numpy() / np.sqrt(sxx * syy), np.nan)
-    return pd.DataFrame({"n": s["n"].to_numpy(), "r": np.clip(r, -1.0, 1.0)}, index=s.index)
+        mx = np.bincount(codes, x, n_groups) / n
+        my = np.bincount(codes, y, n_groups) / n
+    xm, ym = x - mx[codes], y - my[codes]
+    sxy = np.bincount(codes, xm * ym, n_groups)
+    sxx = np.bincount(codes, xm * xm, n_groups)
+    syy = np.bincount(codes, ym * ym, n_groups)
+    # squared magnitude of each series, to tell "constant up to rounding" from real variation
+    ax2, ay2 = np.zeros(n_groups), np.zeros(n_groups)
+    np.maximum.at(ax2, codes, x * x)
+    np.maximum.at(ay2, codes, y * y)
+    tol = 1e-24 * n
+    ok = (n >= 2) & (sxx > tol * ax2) & (syy > tol * ay2) & (sxx > 0) & (syy > 0)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        r = np.where(ok, sxy / np.sqrt(sxx * syy), np.nan)
+    return np.clip(r, -1.0, 1.0)
 
 
 def divergence_correlations(
@@ -581,33 +575,44 @@ def divergence_correlations(
         raise OpdlensError("divergence_correlations needs at least one column to correlate with")
     require_columns(nodes, [*PATH_KEYS, "valid", metric, *columns])
     v = valid_nodes(nodes, metric)
+    codes_all = v.groupby(PATH_KEYS, sort=True).ngroup().to_numpy()
+    n_groups = int(codes_all.max()) + 1
+    _, first = np.unique(codes_all, return_index=True)
+    keys = v[PATH_KEYS].iloc[first].reset_index(drop=True)
+    x_all = v[metric].to_numpy(dtype=float)
     per_rows: list[pd.DataFrame] = []
+    any_finite = False
     for col in columns:
         y = pd.to_numeric(v[col], errors="coerce").to_numpy(dtype=float)
         ok = np.isfinite(y)
-        d = pd.DataFrame({**{k: v[k].to_numpy()[ok] for k in PATH_KEYS},
-                          "x": v[metric].to_numpy(dtype=float)[ok], "y": y[ok]})  # fmt: skip
-        if d.empty:
-            continue
-        pear = _grouped_pearson(d, PATH_KEYS, "x", "y")
-        g = d.groupby(PATH_KEYS, sort=False)
-        d["rx"] = g["x"].rank(method="average")
-        d["ry"] = g["y"].rank(method="average")
-        spear = _grouped_pearson(d, PATH_KEYS, "rx", "ry")
-        res = pd.DataFrame({"n": pear["n"], "pearson": pear["r"], "spearman": spear["r"]})
-        res.loc[res["n"] < min_nodes, ["pearson", "spearman"]] = np.nan
-        res = res.reset_index()
-        res.insert(3, "variable", col)
+        any_finite |= bool(ok.any())
+        c, x, y = codes_all[ok], x_all[ok], y[ok]
+        n = np.bincount(c, minlength=n_groups)
+        pear = _grouped_pearson(c, x, y, n_groups)
+        # Spearman = Pearson of within-group average ranks (ties share their mean rank)
+        rx = pd.Series(x).groupby(c).rank(method="average").to_numpy(dtype=float)
+        ry = pd.Series(y).groupby(c).rank(method="average").to_numpy(dtype=float)
+        spear = _grouped_pearson(c, rx, ry, n_groups)
+        short = n < min_nodes
+        res = keys.copy()
+        res["variable"] = col
+        res["n"] = n.astype(int)
+        res["pearson"] = np.where(short, np.nan, pear)
+        res["spearman"] = np.where(short, np.nan, spear)
         per_rows.append(res)
-    if not per_rows:
+    if not any_finite:
         raise OpdlensError(
             f"columns {columns} are NaN on every valid node: the pipeline did not compute the "
             f"divergences"
         )
-    pp = pd.concat(per_rows, ignore_index=True)
-    pp["n"] = pp["n"].astype(int)
-    pp = pp.sort_values([*PATH_KEYS, "variable"], kind="stable").reset_index(drop=True)
     order = {c: i for i, c in enumerate(columns)}
+    pp = pd.concat(per_rows, ignore_index=True)
+    pp["_o"] = pp["variable"].map(order)
+    pp = (
+        pp.sort_values([*PATH_KEYS, "_o"], kind="stable")
+        .drop(columns="_o")
+        .reset_index(drop=True)
+    )
 
     rows = []
     for (teacher, var), sub in pp.groupby(["teacher", "variable"], sort=True):
