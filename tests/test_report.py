@@ -240,7 +240,7 @@ class _TokenParser(HTMLParser):
             self.scripts += 1
         cls = a.get("class") or ""
         if tag == "div" and cls == "teacher-view":
-            self.teacher = a["data-teacher"]
+            self.teacher = a.get("data-teacher") or ""
             self.hidden[self.teacher] = "hidden" in a
         if tag == "div" and cls == "path":
             self.question, self.path = a["data-question"], int(a["data-path"] or -1)

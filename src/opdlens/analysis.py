@@ -516,9 +516,8 @@ class Correlations:
     """Within-path correlations between the alignment and node-level quantities.
 
     ``per_path``: one row per (teacher, question_id, path_id, variable), variables in the order
-    asked for, with ``n`` (valid nodes
-    where both values are finite), ``pearson`` and ``spearman`` (NaN when ``n < min_nodes`` or
-    either series is constant on the path).
+    asked for, with ``n`` (valid nodes where both values are finite), ``pearson`` and
+    ``spearman`` (NaN when ``n < min_nodes`` or either series is constant on the path).
 
     ``summary``: one row per (teacher, variable): ``n_paths`` with a finite correlation,
     ``pearson_mean`` / ``pearson_ci_low`` / ``pearson_ci_high`` and the same for ``spearman``:

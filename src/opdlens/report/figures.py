@@ -57,7 +57,7 @@ def plot_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], pat
     for i, teacher in enumerate(teachers):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         x = valid.loc[valid["teacher"] == teacher, metric].to_numpy(dtype=float)
-        ax.hist(x, bins=bins, color=colors[i], alpha=0.85)
+        ax.hist(x, bins=bins.tolist(), color=colors[i], alpha=0.85)
         if x.size:
             ax.axvline(float(x.mean()), color="black", lw=1.2, ls="--")
         ax.axvline(0.0, color="grey", lw=0.6)
