@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from opd_tiny import arith_questions, one_thread, tiny
+from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.batching import completion_logits
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, list_checkpoints, read_metrics, train
 from opdlens.policy import OpdlensError

@@ -1,4 +1,4 @@
-"""Helpers of the OPD tests: tiny random-weight policies (SmolLM2 tokenizer) and the arith task."""
+"""Helpers of the OPD tests and smoke runs: tiny random-weight policies (SmolLM2 tokenizer), arith."""
 
 from __future__ import annotations
 
