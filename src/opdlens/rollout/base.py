@@ -1,0 +1,86 @@
+"""The rollout-engine protocol and helpers shared by the engines."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Protocol, runtime_checkable
+
+import torch
+
+from opdlens.policy import Completion, OpdlensError, TokenSeq
+
+
+@runtime_checkable
+class Engine(Protocol):
+    """Samples ``n`` continuations of each prefix (token ids in, :class:`Completion` out)."""
+
+    def sample(
+        self,
+        prefixes: Sequence[TokenSeq],
+        n: int,
+        max_new_tokens: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> list[list[Completion]]:
+        """Result ``[len(prefixes)][n]``; deterministic for a seed; stops at EOS or the cap."""
+        ...
+
+
+def validate_request(prefixes: Sequence[TokenSeq], n: int, max_new_tokens: int, temperature: float) -> list[list[int]]:
+    """Check the common arguments of :meth:`Engine.sample`; return prefixes as int lists."""
+    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
+        raise OpdlensError(f"n (samples per prefix) must be an integer >= 1, got {n!r}")
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
+        raise OpdlensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
+    if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
+        raise OpdlensError(f"temperature must be > 0 (use a small value such as 1e-3 for near-greedy), got {temperature!r}")
+    seqs = [[int(t) for t in p] for p in prefixes]
+    for i, s in enumerate(seqs):
+        if not s:
+            raise OpdlensError(f"prefix {i} is empty: a prefix needs at least one token (BOS or a prompt)")
+    return seqs
+
+
+def sample_tokens(
+    logits: torch.Tensor, temperature: float, generator: torch.Generator
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Exact categorical sampling by the Gumbel-max trick.
+
+    Returns ``(tokens [B] int64, logprobs [B] float32)`` where the log-probs are under the
+    temperature-scaled distribution ``log_softmax(logits / T)``.
+    """
+    x = logits.float()
+    if temperature != 1.0:
+        x = x / temperature
+    lp = torch.log_softmax(x, dim=-1)
+    noise = torch.empty_like(lp).exponential_(generator=generator)
+    # argmax(lp + Gumbel) with Gumbel = -log(Exp(1))
+    tok = torch.argmax(lp - noise.log_(), dim=-1)
+    return tok, lp.gather(1, tok[:, None])[:, 0]
+
+
+def make_generator(device: torch.device, seed: int) -> torch.Generator:
+    if isinstance(seed, bool) or not isinstance(seed, int):
+        raise OpdlensError(f"seed must be an integer, got {seed!r}")
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed & 0xFFFF_FFFF_FFFF_FFFF)
+    return gen
+
+
+def completions_from_buffers(
+    tokens: torch.Tensor, logprobs: torch.Tensor, steps: int, eos_ids: Iterable[int]
+) -> list[Completion]:
+    """Cut each row of ``tokens [R, >=steps]`` after its first EOS (or at ``steps``)."""
+    toks = tokens[:, :steps].cpu()
+    lps = logprobs[:, :steps].cpu()
+    eos = torch.tensor(sorted(eos_ids), dtype=toks.dtype)
+    is_eos = torch.isin(toks, eos) if len(eos) else torch.zeros_like(toks, dtype=torch.bool)
+    has = is_eos.any(1)
+    first = torch.where(has, is_eos.int().argmax(1), torch.full_like(has, steps, dtype=torch.long))
+    out: list[Completion] = []
+    tl, ll = toks.tolist(), lps.tolist()
+    for r in range(toks.shape[0]):
+        end = int(first[r]) + 1 if bool(has[r]) else steps
+        out.append(Completion(tokens=tl[r][:end], logprobs=ll[r][:end], finished=bool(has[r])))
+    return out

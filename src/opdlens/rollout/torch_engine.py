@@ -1,0 +1,520 @@
+"""Shared-prefix batched sampling with PyTorch, on CPU and CUDA.
+
+Two backends behind :class:`TorchEngine`:
+
+``"fused"`` (Llama-family models: ``llama``, ``qwen2``, ``qwen3``)
+    Each prefix is prefilled once (Hugging Face forward); its KV cache is stored **once** and
+    shared by all its rows: a decode step attends to the shared prefix cache (one batched
+    attention per prefix, memory-efficient kernel with log-sum-exp on CUDA) and to a per-row
+    suffix cache (pre-allocated, written in place), and merges the two by their log-sum-exps.
+    No n-fold copy of the prefix exists, so an 8K-token prefix with 100 rows costs one 8K cache.
+    Several prefixes are decoded together as a ``[P, R]`` grid of rows (``max_batch_rows``).
+    Finished rows are dropped from the grid (compaction) once the live fraction falls under
+    ``compact_below``. On CUDA each decode step (all layers, static shapes, suffix length in
+    buckets) is captured once in a CUDA graph and replayed.
+
+``"hf"`` (any causal LM)
+    One prefix at a time: Hugging Face prefill, KV cache repeated to the prefix's rows, then
+    decode with ``past_key_values``; finished rows are dropped from the cache.
+
+Both sample with the Gumbel-max trick from a ``torch.Generator`` seeded by ``seed``: same seed
+and same engine settings give the same completions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import inspect
+
+import torch
+
+from opdlens.policy import Completion, OpdlensError, TokenSeq
+from opdlens.rollout.base import completions_from_buffers, make_generator, sample_tokens, validate_request
+
+FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
+_NEG_INF = float("-inf")
+
+
+def fused_supported(model: torch.nn.Module) -> str | None:
+    """None if the fused backend can run ``model``; otherwise the reason why not."""
+    cfg = model.config
+    if getattr(cfg, "model_type", None) not in FUSED_MODEL_TYPES:
+        return f"model_type {getattr(cfg, 'model_type', None)!r} not in {FUSED_MODEL_TYPES}"
+    base = getattr(model, "model", None)
+    if base is None or not hasattr(base, "layers") or not hasattr(base, "rotary_emb"):
+        return "unexpected module layout"
+    rope = getattr(base.rotary_emb, "rope_type", "default")
+    if rope not in ("default", "linear", "llama3", "yarn"):
+        return f"rope type {rope!r} (position-dependent frequencies) is not supported"
+    if getattr(cfg, "use_sliding_window", False):
+        return "sliding-window attention is not supported"
+    layer_types = getattr(cfg, "layer_types", None)
+    if layer_types and any(t != "full_attention" for t in layer_types):
+        return "non-full attention layers are not supported"
+    return None
+
+
+def _cache_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
+    if hasattr(cache, "layers"):
+        return cache.layers[layer].keys, cache.layers[layer].values
+    return cache.key_cache[layer], cache.value_cache[layer]  # older transformers
+
+
+def _rotate_half(x: torch.Tensor) -> torch.Tensor:
+    h = x.shape[-1] // 2
+    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
+
+
+@dataclass
+class _Job:
+    prefix: int  # index into the request's prefixes
+    first: int  # index of this job's first sample among the prefix's n
+    rows: int
+
+
+@dataclass
+class _Prefill:
+    """A prefix's KV cache and last-position logits, computed once per prefix."""
+
+    length: int
+    logits: torch.Tensor  # [V]
+    k: torch.Tensor | None = None  # fused: [L, Hkv, T, D]
+    v: torch.Tensor | None = None
+    cache: Any = None  # hf: the model's cache object
+
+
+class TorchEngine:
+    """Sampling engine over a Hugging Face causal LM (see module docstring).
+
+    Parameters: ``max_batch_rows`` rows decoded together; ``max_kv_bytes`` bound on the suffix
+    KV cache of one batch (default: 40% of free GPU memory, 2 GiB on CPU); ``backend`` one of
+    ``"auto"``, ``"fused"``, ``"hf"``; ``cuda_graphs`` (default: on for CUDA); ``sync_every``
+    steps between host checks of finished rows (default 1 on CPU, 16 on CUDA); ``compact_below``
+    live fraction under which finished rows are dropped; ``suffix_bucket`` granularity of the
+    suffix-length buckets of the CUDA graphs.
+    """
+
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        eos_token_ids: Iterable[int],
+        pad_token_id: int,
+        device: str | torch.device | None = None,
+        *,
+        max_batch_rows: int = 256,
+        max_kv_bytes: int | None = None,
+        backend: str = "auto",
+        cuda_graphs: bool | None = None,
+        sync_every: int | None = None,
+        compact_below: float = 0.5,
+        suffix_bucket: int = 64,
+        fused_attention: bool = True,
+    ) -> None:
+        self.model = model.eval()
+        self.device = torch.device(device) if device is not None else next(model.parameters()).device
+        self.eos_ids = frozenset(int(e) for e in eos_token_ids)
+        self.pad_token_id = int(pad_token_id)
+        if max_batch_rows < 1:
+            raise OpdlensError(f"max_batch_rows must be >= 1, got {max_batch_rows}")
+        self.max_batch_rows = max_batch_rows
+        is_cuda = self.device.type == "cuda"
+        if max_kv_bytes is None:
+            max_kv_bytes = int(0.4 * torch.cuda.mem_get_info(self.device)[0]) if is_cuda else 2 << 30
+        self.max_kv_bytes = max_kv_bytes
+        reason = fused_supported(model)
+        if backend == "auto":
+            backend = "fused" if reason is None else "hf"
+        if backend not in ("fused", "hf"):
+            raise OpdlensError(f"backend must be 'auto', 'fused' or 'hf', got {backend!r}")
+        if backend == "fused" and reason is not None:
+            raise OpdlensError(f"the fused backend cannot run this model ({reason}); use backend='hf'")
+        self.backend = backend
+        self.cuda_graphs = is_cuda if cuda_graphs is None else (bool(cuda_graphs) and is_cuda)
+        self.sync_every = sync_every or (16 if is_cuda else 1)
+        self.compact_below = compact_below
+        self.suffix_bucket = suffix_bucket
+        self.fused_attention = fused_attention and is_cuda
+        vocab = model.get_output_embeddings().weight.shape[0]
+        self._eos_lut = torch.zeros(vocab, dtype=torch.bool, device=self.device)
+        if self.eos_ids:
+            self._eos_lut[torch.tensor(sorted(self.eos_ids), device=self.device)] = True
+        cfg = model.config
+        self.n_layers = int(cfg.num_hidden_layers)
+        self.n_heads = int(cfg.num_attention_heads)
+        self.n_kv = int(getattr(cfg, "num_key_value_heads", None) or self.n_heads)
+        self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
+        self.dtype = next(model.parameters()).dtype
+        self.stats: dict[str, float] = {}
+        params = inspect.signature(model.forward).parameters
+        self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    # ------------------------------------------------------------------ public API
+    @property
+    def kv_bytes_per_token(self) -> int:
+        return 2 * self.n_layers * self.n_kv * self.head_dim * torch.finfo(self.dtype).bits // 8
+
+    @torch.inference_mode()
+    def sample(
+        self,
+        prefixes: Sequence[TokenSeq],
+        n: int,
+        max_new_tokens: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> list[list[Completion]]:
+        seqs = validate_request(prefixes, n, max_new_tokens, temperature)
+        result: list[list[Completion]] = [[Completion([], [], False) for _ in range(n)] for _ in seqs]
+        if max_new_tokens == 0 or not seqs:
+            return result
+        gen = make_generator(self.device, seed)
+        self.stats = {"decode_steps": 0, "row_steps": 0, "prefills": 0, "graphs": 0}
+        row_cap = max(1, min(self.max_batch_rows, self.max_kv_bytes // max(1, max_new_tokens * self.kv_bytes_per_token)))
+        # jobs: (prefix, rows) chunks of at most row_cap rows; prefixes sorted by length
+        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
+        jobs = [_Job(i, s, min(row_cap, n - s)) for i in order for s in range(0, n, row_cap)]
+        remaining = {i: -(-n // row_cap) for i in order}  # jobs left per prefix (to drop its prefill)
+        prefills: dict[int, _Prefill] = {}
+        for batch in self._plan(jobs, row_cap, seqs):
+            for job in batch:
+                if job.prefix not in prefills:
+                    prefills[job.prefix] = self._prefill(seqs[job.prefix])
+            if self.backend == "fused":
+                comps = self._decode_fused(batch, prefills, max_new_tokens, temperature, gen)
+            else:
+                comps = self._decode_hf(batch, seqs, prefills, max_new_tokens, temperature, gen)
+            for job, cs in zip(batch, comps):
+                result[job.prefix][job.first:job.first + job.rows] = cs
+                remaining[job.prefix] -= 1
+                if remaining[job.prefix] == 0:
+                    del prefills[job.prefix]
+        return result
+
+    def _plan(self, jobs: list[_Job], row_cap: int, seqs: list[list[int]]) -> list[list[_Job]]:
+        """Group jobs into batches: a ``[P, R]`` grid of at most ``row_cap`` rows (fused only)."""
+        if self.backend == "hf":
+            return [[j] for j in jobs]
+        batches: list[list[_Job]] = []
+        cur: list[_Job] = []
+        max_prefix_tokens = max(1, self.max_kv_bytes // self.kv_bytes_per_token)
+        for job in jobs:
+            cand = cur + [job]
+            rows = len(cand) * max(j.rows for j in cand)
+            ptoks = len(cand) * max(len(seqs[j.prefix]) for j in cand)
+            if cur and (rows > row_cap or ptoks > max_prefix_tokens or any(j.prefix == job.prefix for j in cur)):
+                batches.append(cur)
+                cand = [job]
+            cur = cand
+        if cur:
+            batches.append(cur)
+        return batches
+
+    # ------------------------------------------------------------------ prefill
+    def _prefill(self, seq: list[int]) -> _Prefill:
+        ids = torch.tensor([seq], dtype=torch.long, device=self.device)
+        out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
+        self.stats["prefills"] += 1
+        cache = getattr(out, "cache", None) or out.past_key_values
+        if self.backend == "hf":
+            return _Prefill(len(seq), out.logits[0, -1], cache=cache)
+        ks, vs = zip(*(_cache_kv(cache, layer) for layer in range(self.n_layers)))
+        k = torch.stack([t[0] for t in ks])  # [L, Hkv, T, D]
+        v = torch.stack([t[0] for t in vs])
+        return _Prefill(len(seq), out.logits[0, -1], k=k, v=v)
+
+    # ------------------------------------------------------------------ HF backend
+    def _decode_hf(
+        self,
+        batch: list[_Job],
+        seqs: list[list[int]],
+        prefills: dict[int, _Prefill],
+        max_new: int,
+        temperature: float,
+        gen: torch.Generator,
+    ) -> list[list[Completion]]:
+        import copy
+
+        (job,) = batch
+        pre = prefills[job.prefix]
+        rows = job.rows
+        cache = copy.deepcopy(pre.cache)  # the cache object is mutated below
+        cache.batch_repeat_interleave(rows)
+        plen = len(seqs[job.prefix])
+        out_tok = torch.zeros(rows + 1, max_new, dtype=torch.long, device=self.device)
+        out_lp = torch.zeros(rows + 1, max_new, dtype=torch.float32, device=self.device)
+        row_ids = torch.arange(rows, device=self.device)
+        alive = torch.ones(rows, dtype=torch.bool, device=self.device)
+        logits = pre.logits[None].expand(rows, -1)
+        steps = 0
+        for step in range(max_new):
+            tok, lp = sample_tokens(logits, temperature, gen)
+            out_tok[:, step].index_copy_(0, row_ids, tok)
+            out_lp[:, step].index_copy_(0, row_ids, lp)
+            alive &= ~self._eos_lut[tok]
+            steps = step + 1
+            self.stats["decode_steps"] += 1
+            self.stats["row_steps"] += int(row_ids.numel())
+            if step == max_new - 1:
+                break
+            if (step + 1) % self.sync_every == 0:
+                n_alive = int(alive.sum())
+                if n_alive == 0:
+                    break
+                if n_alive <= self.compact_below * alive.numel():
+                    keep = alive.nonzero()[:, 0]
+                    cache.batch_select_indices(keep)
+                    row_ids, alive, tok = row_ids[keep], alive[keep], tok[keep]
+            pos = torch.full((tok.numel(), 1), plen + step, dtype=torch.long, device=self.device)
+            out = self.model(input_ids=tok[:, None], position_ids=pos, use_cache=True, **{self._cache_kw: cache})
+            cache = getattr(out, "cache", None) or out.past_key_values
+            logits = out.logits[:, -1]
+        return [completions_from_buffers(out_tok[:rows], out_lp[:rows], steps, self.eos_ids)]
+
+    # ------------------------------------------------------------------ fused backend
+    def _decode_fused(
+        self,
+        batch: list[_Job],
+        prefills: dict[int, _Prefill],
+        max_new: int,
+        temperature: float,
+        gen: torch.Generator,
+    ) -> list[list[Completion]]:
+        dev, L, Hkv, D = self.device, self.n_layers, self.n_kv, self.head_dim
+        P = len(batch)
+        R = max(j.rows for j in batch)
+        lens = [prefills[j.prefix].length for j in batch]
+        align = 16 if self.fused_attention else 1
+        Lp = -(-max(lens) // align) * align
+        pre_k = torch.zeros(L, P, Hkv, Lp, D, dtype=self.dtype, device=dev)
+        pre_v = torch.zeros_like(pre_k)
+        for p, j in enumerate(batch):
+            pf = prefills[j.prefix]
+            pre_k[:, p, :, : pf.length] = pf.k
+            pre_v[:, p, :, : pf.length] = pf.v
+        lens_t = torch.tensor(lens, device=dev)
+        pre_bias = None
+        if min(lens) != Lp:
+            pre_bias = torch.zeros(P, 1, 1, Lp, dtype=self.dtype, device=dev)
+            pre_bias.masked_fill_(torch.arange(Lp, device=dev)[None, None, None] >= lens_t[:, None, None, None], _NEG_INF)
+        # rows: grid [P, R] flattened; row r of job p is sample j.first + r (dead if r >= j.rows)
+        n_out = sum(j.rows for j in batch)
+        offsets = [0]
+        for j in batch:
+            offsets.append(offsets[-1] + j.rows)
+        grid_out = torch.full((P, R), n_out, dtype=torch.long)  # n_out = dummy row
+        for p, j in enumerate(batch):
+            grid_out[p, : j.rows] = torch.arange(offsets[p], offsets[p] + j.rows)
+        row_out = grid_out.flatten().to(dev)
+        alive = row_out < n_out
+        row_plen = lens_t.repeat_interleave(R)
+        s_cap = max(1, max_new - 1)
+        state = _FusedState(self, pre_k, pre_v, pre_bias, row_plen, P, R, s_cap)
+        out_tok = torch.zeros(n_out + 1, max_new, dtype=torch.long, device=dev)
+        out_lp = torch.zeros(n_out + 1, max_new, dtype=torch.float32, device=dev)
+        first_logits = torch.stack([prefills[j.prefix].logits for j in batch])  # [P, V]
+        logits = first_logits.repeat_interleave(R, dim=0)
+        steps = 0
+        for step in range(max_new):
+            tok, lp = sample_tokens(logits, temperature, gen)
+            out_tok[:, step].index_copy_(0, row_out, tok)
+            out_lp[:, step].index_copy_(0, row_out, lp)
+            alive &= ~self._eos_lut[tok]
+            steps = step + 1
+            self.stats["decode_steps"] += 1
+            self.stats["row_steps"] += int(row_out.numel())
+            if step == max_new - 1:
+                break
+            if (step + 1) % self.sync_every == 0:
+                alive_cpu = alive.cpu()
+                n_alive = int(alive_cpu.sum())
+                if n_alive == 0:
+                    break
+                if n_alive <= self.compact_below * alive_cpu.numel():
+                    keep, pad = state.compact(alive_cpu, step)
+                    row_out, alive, tok = row_out[keep], alive[keep], tok[keep]
+                    row_out[pad] = n_out  # grid padding: dead, writes to the dummy row
+                    alive[pad] = False
+            logits = state.step(tok, step)
+        comps = completions_from_buffers(out_tok[:n_out], out_lp[:n_out], steps, self.eos_ids)
+        return [comps[offsets[p]:offsets[p + 1]] for p in range(P)]
+
+
+class _FusedState:
+    """Buffers and (CUDA-graph) decode step of one fused batch."""
+
+    def __init__(
+        self,
+        eng: TorchEngine,
+        pre_k: torch.Tensor,
+        pre_v: torch.Tensor,
+        pre_bias: torch.Tensor | None,
+        row_plen: torch.Tensor,
+        P: int,
+        R: int,
+        s_cap: int,
+    ) -> None:
+        self.eng = eng
+        self.model = eng.model
+        base = eng.model.model
+        self.layers = base.layers
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = eng.model.lm_head
+        self.inv_freq = base.rotary_emb.inv_freq.float().to(eng.device)
+        self.rope_scale = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
+        self.scaling = float(getattr(self.layers[0].self_attn, "scaling", eng.head_dim ** -0.5))
+        self.pre_k, self.pre_v, self.pre_bias = pre_k, pre_v, pre_bias
+        self.P, self.R, self.s_cap = P, R, s_cap
+        B = P * R
+        shape = (eng.n_layers, B, eng.n_kv, s_cap, eng.head_dim)
+        self.suf_k = torch.zeros(shape, dtype=eng.dtype, device=eng.device)
+        self.suf_v = torch.zeros_like(self.suf_k)
+        self.row_plen = row_plen.clone()
+        self.tok_in = torch.zeros(B, dtype=torch.long, device=eng.device)
+        self.t_idx = torch.zeros(1, dtype=torch.long, device=eng.device)
+        self._graphs: dict[int, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self._pool: Any = None
+        self._use_fused_attn = eng.fused_attention
+
+    # ------------------------------------------------------------------ step
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed ``tok`` (one per row) at suffix slot ``t``; return next logits ``[B, V]``."""
+        self.tok_in.copy_(tok)
+        self.t_idx.fill_(t)
+        if self.eng.device.type == "cuda":
+            sb = min(self.s_cap, -(-(t + 1) // self.eng.suffix_bucket) * self.eng.suffix_bucket)
+        else:
+            sb = t + 1
+        if not self.eng.cuda_graphs:
+            return self._forward(sb)
+        if sb not in self._graphs:
+            self._graphs[sb] = self._capture(sb)
+        graph, out = self._graphs[sb]
+        graph.replay()
+        return out
+
+    def _capture(self, sb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        side = torch.cuda.Stream(self.eng.device)
+        side.wait_stream(torch.cuda.current_stream(self.eng.device))
+        with torch.cuda.stream(side):
+            self._forward(sb)  # warm-up (writes the same cache slot the replay will write)
+        torch.cuda.current_stream(self.eng.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self._pool):
+            out = self._forward(sb)
+        self.eng.stats["graphs"] += 1
+        return graph, out
+
+    def _forward(self, sb: int) -> torch.Tensor:
+        eng = self.eng
+        B, H, Hkv, D = self.tok_in.numel(), eng.n_heads, eng.n_kv, eng.head_dim
+        G = H // Hkv
+        x = self.embed(self.tok_in)  # [B, hidden]
+        pos = (self.row_plen + self.t_idx).float()
+        freqs = pos[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]  # [B, 1, D]
+        sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None]
+        slots = torch.arange(sb, device=x.device)
+        suf_bias = torch.zeros(sb, dtype=torch.float32, device=x.device).masked_fill_(slots > self.t_idx, _NEG_INF)
+        for li, layer in enumerate(self.layers):
+            attn = layer.self_attn
+            h = layer.input_layernorm(x)
+            q = attn.q_proj(h).view(B, H, D)
+            k = attn.k_proj(h).view(B, Hkv, D)
+            v = attn.v_proj(h).view(B, Hkv, D)
+            if hasattr(attn, "q_norm"):
+                q = attn.q_norm(q)
+                k = attn.k_norm(k)
+            q = q * cos + _rotate_half(q) * sin
+            k = k * cos + _rotate_half(k) * sin
+            self.suf_k[li].index_copy_(2, self.t_idx, k[:, :, None])
+            self.suf_v[li].index_copy_(2, self.t_idx, v[:, :, None])
+            o = self._attention(q.view(B, Hkv, G, D), li, sb, suf_bias)
+            x = x + attn.o_proj(o.reshape(B, H * D))
+            x = x + layer.mlp(layer.post_attention_layernorm(x))
+        return self.lm_head(self.norm(x))
+
+    def _attention(self, q: torch.Tensor, li: int, sb: int, suf_bias: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q [B, Hkv, G, D]`` over shared prefix + own suffix; returns ``[B, Hkv, G, D]``."""
+        P, R = self.P, self.R
+        B, Hkv, G, D = q.shape
+        # prefix part: queries of a prefix's R rows x G heads share one K/V per kv-head
+        qp = q.view(P, R, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * G, D)
+        out_p, lse_p = self._attend(qp, self.pre_k[li], self.pre_v[li], self.pre_bias)
+        out_p = out_p.view(P, Hkv, R, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, G, D)
+        lse_p = lse_p.view(P, Hkv, R, G).permute(0, 2, 1, 3).reshape(B, Hkv, G)
+        # suffix part: each row's own generated tokens
+        ks = self.suf_k[li][:, :, :sb]
+        vs = self.suf_v[li][:, :, :sb]
+        s = torch.matmul(q, ks.transpose(-1, -2)).float() * self.scaling + suf_bias  # [B, Hkv, G, sb]
+        lse_s = torch.logsumexp(s, dim=-1)
+        out_s = torch.matmul(torch.exp(s - lse_s[..., None]).to(vs.dtype), vs)
+        # merge by log-sum-exp weights
+        m = torch.maximum(lse_p, lse_s)
+        wp = torch.exp(lse_p - m)[..., None]
+        ws = torch.exp(lse_s - m)[..., None]
+        out = (out_p.float() * wp + out_s.float() * ws) / (wp + ws)
+        return out.to(q.dtype)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-causal attention with its log-sum-exp: ``q [N, H, M, D]``, ``k, v [N, H, T, D]``."""
+        if self._use_fused_attn:
+            try:
+                b = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], bias.shape[-1])
+                out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                    q, k, v, b, True, 0.0, False, scale=self.scaling
+                )[:2]
+                return out, lse[..., : q.shape[2]]
+            except (RuntimeError, NotImplementedError):
+                self._use_fused_attn = False  # fall back to the plain version below
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * self.scaling
+        if bias is not None:
+            s = s + bias
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v)
+        return out, lse
+
+    # ------------------------------------------------------------------ compaction
+    def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop finished rows (and prefixes with none left).
+
+        Returns the kept old row indices of the new ``[P', R']`` grid and its padding mask (device).
+        """
+        P, R = self.P, self.R
+        grid = alive.view(P, R)
+        per = grid.sum(1)
+        groups = per.nonzero()[:, 0]
+        R2 = int(per.max())
+        idx = torch.empty(len(groups), R2, dtype=torch.long)
+        for i, p in enumerate(groups.tolist()):
+            live = grid[p].nonzero()[:, 0] + p * R
+            idx[i, : len(live)] = live
+            idx[i, len(live):] = live[0]  # padding duplicates a live row; it is marked dead below
+        pad = torch.arange(R2)[None] >= per[groups][:, None]
+        keep = idx.flatten().to(self.eng.device)
+        self.P, self.R = len(groups), R2
+        used = t + 1  # slots 0..t are written
+        new_k = torch.zeros((self.suf_k.shape[0], keep.numel(), *self.suf_k.shape[2:]), dtype=self.suf_k.dtype, device=keep.device)
+        new_v = torch.zeros_like(new_k)
+        new_k[:, :, :, :used] = self.suf_k[:, keep, :, :used]
+        new_v[:, :, :, :used] = self.suf_v[:, keep, :, :used]
+        self.suf_k, self.suf_v = new_k, new_v
+        if len(groups) < P:
+            g = groups.to(keep.device)
+            self.pre_k, self.pre_v = self.pre_k[:, g], self.pre_v[:, g]
+            if self.pre_bias is not None:
+                self.pre_bias = self.pre_bias[g]
+        self.row_plen = self.row_plen[keep]
+        self.tok_in = torch.zeros(keep.numel(), dtype=torch.long, device=keep.device)
+        self._graphs.clear()
+        self._pool = None
+        self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
+        return keep, pad.flatten().to(keep.device)

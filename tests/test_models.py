@@ -1,0 +1,151 @@
+"""HFPolicy, loading, tokenizer compatibility (tiny random models + the embedded SmolLM2 GGUF)."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+
+from opdlens.models import (
+    MODEL_SHAPES,
+    HFPolicy,
+    build_config,
+    check_tokenizers_compatible,
+    load_policy,
+    random_policy,
+    tiny_random_policy,
+)
+from opdlens.policy import OpdlensError, Policy
+
+
+@pytest.fixture(scope="module")
+def pol() -> HFPolicy:
+    return tiny_random_policy(seed=0, init_std=0.3)  # SmolLM2 tokenizer, random weights
+
+
+def test_protocol_and_basic_properties(pol: HFPolicy) -> None:
+    assert isinstance(pol, Policy)
+    assert pol.vocab_size == 49152 == len(pol.tokenizer)
+    vocab = pol.tokenizer.get_vocab()
+    assert vocab["<|im_end|>"] in pol.eos_token_ids and vocab["<|endoftext|>"] in pol.eos_token_ids
+    assert vocab["<|im_start|>"] not in pol.eos_token_ids
+
+
+def test_next_token_logprobs_batched_equals_single(pol: HFPolicy) -> None:
+    prefixes = [[1, 520, 9531], [5, 6, 7, 8, 9, 10, 11], [42]]
+    batched = pol.next_token_logprobs(prefixes)
+    assert batched.shape == (3, pol.vocab_size) and batched.dtype == torch.float32
+    torch.testing.assert_close(torch.logsumexp(batched, -1), torch.zeros(3), atol=1e-5, rtol=0)
+    for i, p in enumerate(prefixes):
+        torch.testing.assert_close(pol.next_token_logprobs([p])[0], batched[i], atol=1e-4, rtol=0)
+    # the three prefixes give different distributions
+    assert (batched[0] - batched[1]).abs().max() > 1e-3
+
+
+def test_continuation_logprobs_equals_next_token_logprobs(pol: HFPolicy) -> None:
+    ctx, cont = [1, 520, 9531, 198], [30, 31, 2000, 7]
+    rows = pol.continuation_logprobs(ctx, cont)
+    assert rows.shape == (4, pol.vocab_size)
+    ref = pol.next_token_logprobs([ctx + cont[:t] for t in range(len(cont))])
+    torch.testing.assert_close(rows, ref, atol=1e-4, rtol=0)
+    assert pol.continuation_logprobs(ctx, []).shape == (0, pol.vocab_size)
+
+
+def test_bad_inputs_raise_clear_errors(pol: HFPolicy) -> None:
+    with pytest.raises(OpdlensError, match="non-empty context"):
+        pol.continuation_logprobs([], [1, 2])
+    with pytest.raises(OpdlensError, match="outside the vocabulary"):
+        pol.next_token_logprobs([[1, 10**6]])
+    with pytest.raises(OpdlensError, match="non-empty prefixes"):
+        pol.next_token_logprobs([[]])
+    with pytest.raises(OpdlensError, match="role"):
+        pol.encode_chat([{"content": "hi"}])
+    with pytest.raises(OpdlensError, match="unknown model shape"):
+        build_config("qwen9-1t")
+
+
+def test_chat_template_and_text_helpers(pol: HFPolicy) -> None:
+    vocab = pol.tokenizer.get_vocab()
+    ids = pol.encode_chat([{"role": "user", "content": "What is 2+3?"}])
+    assert ids.count(vocab["<|im_start|>"]) >= 2  # (system +) user + assistant headers
+    assert pol.decode(ids).endswith("<|im_start|>assistant\n")
+    assert "What is 2+3?" in pol.decode(ids)
+    no_prompt = pol.encode_chat([{"role": "user", "content": "What is 2+3?"}], add_generation_prompt=False)
+    assert len(no_prompt) < len(ids)
+    text = "Hello world, 12 + 30 = 42."
+    toks = pol.encode(text)
+    assert pol.decode(toks) == text
+    texts = pol.token_texts(toks)
+    assert len(texts) == len(toks) and "".join(texts) == text
+
+
+def test_chat_fallback_without_template(pol: HFPolicy) -> None:
+    tok = copy.deepcopy(pol.tokenizer)
+    tok.chat_template = None
+    plain = HFPolicy(pol.model, tok)
+    ids = plain.encode_chat([{"role": "user", "content": "hi"}])
+    assert plain.decode(ids) == "user: hi\nassistant:"
+
+
+def test_tokenizer_compatibility(pol: HFPolicy) -> None:
+    check_tokenizers_compatible(pol, tiny_random_policy(seed=1))  # same tokenizer: fine
+    tok2 = copy.deepcopy(pol.tokenizer)
+    tok2.add_tokens(["<extra_a>", "<extra_b>"])
+    other = tiny_random_policy(seed=2, vocab_size=len(tok2), tokenizer=None)
+    teacher = HFPolicy(other.model, tok2, name="other-family")
+    with pytest.raises(OpdlensError) as err:
+        check_tokenizers_compatible(pol, teacher)
+    msg = str(err.value)
+    assert "49152 (student) != 49154 (teacher)" in msg
+    assert "2 token->id entries differ" in msg and "'<extra_a>': None vs 49152" in msg
+    assert "same model family" in msg
+    raw = tiny_random_policy(seed=0, vocab_size=16)
+    with pytest.raises(OpdlensError, match="EOS ids"):
+        check_tokenizers_compatible(pol, raw)
+
+
+def test_random_shapes_config() -> None:
+    cfg = build_config("qwen3-0.6b")
+    assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == ("qwen3", 1024, 28, 8)
+    # a shrunken Qwen3-1.7B shape builds and scores
+    small = random_policy(
+        {**MODEL_SHAPES["qwen3-1.7b"], "num_hidden_layers": 1,
+         "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+         "head_dim": 16, "vocab_size": 100},
+        seed=0,
+    )
+    assert small.vocab_size == 100 and small.eos_token_ids == frozenset({})  # eos 151645 outside vocab
+    assert small.next_token_logprobs([[1, 2, 3]]).shape == (1, 100)
+
+
+def test_unknown_model_fails_offline_with_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(OpdlensError, match="could not find model .no-such-org/no-such-model. offline.*Pass 'smollm2'"):
+        load_policy("no-such-org/no-such-model")
+    with pytest.raises(OpdlensError, match="must be a non-empty string"):
+        load_policy("")
+
+
+def test_embedded_smollm2_loads_scores_and_generates() -> None:
+    pol = load_policy("smollm2")
+    assert load_policy("smollm2") is pol  # cached per (spec, device, dtype)
+    assert pol.vocab_size == 49152 and 2 in pol.eos_token_ids
+    prompt = pol.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
+    # a trained model, unlike a random one, is confident about the answer's first word
+    lp = pol.next_token_logprobs([prompt])[0]
+    assert lp.max() > -3.0 > -torch.log(torch.tensor(49152.0))
+    (comps,) = pol.sample([prompt], n=2, max_new_tokens=8, seed=0, temperature=0.5)
+    for c in comps:
+        assert 1 <= len(c.tokens) <= 8
+        text = pol.decode(c.tokens)
+        assert isinstance(text, str) and text.strip()
+        # sampling log-probs are under the T=0.5 distribution: compare with log_softmax(logits/T)
+        rows = pol.continuation_logprobs(prompt, c.tokens) / 0.5
+        ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+        torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-4, rtol=0)
+    ((near_greedy,),) = pol.sample([prompt], n=1, max_new_tokens=10, seed=0, temperature=0.05)
+    assert "Paris" in pol.decode(near_greedy.tokens)
