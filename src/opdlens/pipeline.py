@@ -21,6 +21,7 @@ oracle policy runs through exactly the same code as a Hugging Face model.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -359,3 +360,67 @@ def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
     questions = store.read_table("questions.parquet")
     paths = store.read_all("paths").drop(columns=["tokens"])
     return nodes, questions, paths
+
+
+# ---------------------------------------------------------------------- real models and tasks
+def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[QuestionEnv]:
+    """Question environments for a :class:`opdlens.tasks.Task` and an ``HFPolicy`` student."""
+    eos = student.eos_token_ids
+
+    def text_of(tokens: Sequence[int]) -> str:
+        return student.decode([t for t in tokens if t not in eos])
+
+    envs = []
+    for q in questions:
+        envs.append(
+            QuestionEnv(
+                id=q.id,
+                prompt_ids=student.encode_chat([{"role": "user", "content": q.prompt}]),
+                grade=lambda toks, q=q: task.check(text_of(toks), q),
+                question_text=q.prompt,
+                decode=text_of,
+                token_texts=student.token_texts,
+                external_solution=q.meta.get("solution"),
+            )
+        )
+    return envs
+
+
+def diagnose(config: Any, *, progress: bool = True) -> RunStore:
+    """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir."""
+    from opdlens.models import check_tokenizers_compatible, load_policy
+    from opdlens.tasks import get_task
+
+    store = RunStore(config.out_dir)
+    cfg_file = store.root / "config.yaml"
+    if not cfg_file.exists():
+        import yaml
+
+        cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    task = get_task(config.task, **config.task_args)
+    questions = task.load(split=config.split, n=config.n_questions, seed=config.seed)
+    student = load_policy(config.student, device=config.device, dtype=config.dtype)
+    teachers = []
+    for spec in config.teachers:
+        policy = student if spec.model is None else load_policy(spec.model, device=config.device, dtype=config.dtype)
+        if policy is not student:
+            check_tokenizers_compatible(student, policy)
+        teachers.append(Teacher(spec, policy, policy.encode_chat))
+    summarizer = load_policy(config.summarizer, device=config.device, dtype=config.dtype) if config.summarizer else None
+    opts = PhaseOptions(
+        rollouts_per_question=config.rollouts_per_question,
+        max_new_tokens=config.max_new_tokens or task.max_new_tokens,
+        temperature=config.temperature,
+        n_correct_paths=config.n_correct_paths,
+        n_incorrect_paths=config.n_incorrect_paths,
+        chunk_rollouts=config.chunk_rollouts,
+        seed=config.seed,
+        targeting=config.targeting,
+        signals=config.signals,
+        targeting_teachers=config.targeting_teachers,
+        summarizer=summarizer,
+        summarizer_encode=(summarizer or student).encode_chat,
+        summarizer_decode=(summarizer or student).decode,
+    )
+    Diagnosis(store, student, teachers, opts, progress=progress).run(task_envs(task, questions, student))
+    return store

@@ -1,0 +1,120 @@
+"""The ``opdlens`` command line (typer)."""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+
+from opdlens.policy import OpdlensError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help="Per-token diagnostics and training for on-policy distillation.")
+console = Console(stderr=True)
+
+
+def _fail(exc: BaseException) -> None:
+    console.print(f"[bold red]error:[/] {exc}")
+    raise typer.Exit(2)
+
+
+def _report(run_dir: Path, extra: list[tuple[str, Path]] | None = None) -> Path:
+    from opdlens.pipeline import load_results
+    from opdlens.report import write_report
+    from opdlens.store import RunStore
+
+    nodes, questions, paths = load_results(RunStore(run_dir))
+    return write_report(run_dir / "report", nodes, questions, paths, extra=extra)
+
+
+def _run_diagnose(cfg, ray_address: Optional[str]) -> Path:  # type: ignore[no-untyped-def]
+    from opdlens.pipeline import diagnose
+
+    start = time.perf_counter()
+    try:
+        if ray_address is not None:
+            from opdlens.distributed import diagnose_ray
+
+            store = diagnose_ray(cfg, address=ray_address or None)
+        else:
+            store = diagnose(cfg)
+    except KeyboardInterrupt:
+        console.print(f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume")
+        raise typer.Exit(130) from None
+    index = _report(store.root)
+    console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s")
+    console.print(f"report: {index}")
+    console.print(f"summary: {index.parent / 'summary.md'}")
+    return index
+
+
+@app.command()
+def demo(
+    out: Path = typer.Option(Path("runs/demo"), help="run directory (rerun to resume)"),
+    questions: int = typer.Option(4, min=1, help="number of built-in arithmetic questions"),
+) -> None:
+    """The main job on the embedded default: SmolLM2-135M, built-in arithmetic, three self-distillation teachers."""
+    from opdlens.config import demo_config
+
+    try:
+        cfg = demo_config(str(out), questions)
+        console.print(f"diagnosing {cfg.student} on {questions} '{cfg.task}' questions with teachers "
+                      f"{', '.join(t.name for t in cfg.teachers)} → {out}")
+        _run_diagnose(cfg, None)
+    except OpdlensError as exc:
+        _fail(exc)
+
+
+@app.command(name="diagnose")
+def diagnose_cmd(
+    config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
+    out: Optional[Path] = typer.Option(None, help="override out_dir"),
+    ray: Optional[str] = typer.Option(None, help="run on Ray: 'auto', an address, or '' for a local cluster"),
+) -> None:
+    """Phase 1 (rollouts, targeted enrichment) and phase 2 (teacher scoring), then the report."""
+    from opdlens.config import DiagnoseConfig
+
+    try:
+        cfg = DiagnoseConfig.from_yaml(config)
+        if out is not None:
+            cfg = cfg.model_copy(update={"out_dir": str(out)})
+        _run_diagnose(cfg, ray)
+    except OpdlensError as exc:
+        _fail(exc)
+
+
+@app.command()
+def report(run_dir: Path = typer.Argument(..., help="a run directory written by diagnose/demo")) -> None:
+    """(Re)build the report of a run: summary.md, CSVs, figures, index.html."""
+    try:
+        index = _report(run_dir)
+    except OpdlensError as exc:
+        _fail(exc)
+    console.print(f"report: {index}")
+
+
+@app.command()
+def train(config: Path = typer.Argument(..., help="YAML training config")) -> None:
+    """On-policy distillation training (see opdlens.opd)."""
+    from opdlens.opd.cli import train_cmd
+
+    try:
+        train_cmd(config)
+    except OpdlensError as exc:
+        _fail(exc)
+
+
+@app.command()
+def tasks() -> None:
+    """List the registered tasks."""
+    from opdlens.tasks import list_tasks
+
+    for name in list_tasks():
+        typer.echo(name)
+
+
+def main() -> None:  # pragma: no cover - console entry
+    sys.exit(app())
