@@ -36,6 +36,7 @@ class DiagnoseConfig(BaseModel):
     teachers: list[TeacherSpec] = Field(default_factory=lambda: list(DEFAULT_TEACHERS))
     targeting_teachers: list[str] | None = None
     summarizer: str | None = Field(None, description="model writing Sum-* summaries (default: the student)")
+    solution_model: str | None = Field(None, description="model writing the correct solution of 1c-ext contexts")
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
     out_dir: str = "runs/diagnose"

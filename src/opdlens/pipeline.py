@@ -77,6 +77,7 @@ class PhaseOptions:
     summarizer: Policy | None = None  # default: the student
     summarizer_encode: Callable[[Messages], list[int]] | None = None
     summarizer_decode: Callable[[Sequence[int]], str] | None = None
+    solution_writer: Callable[[QuestionEnv], str | None] | None = None  # for 1c-ext contexts
 
 
 class Diagnosis:
@@ -199,6 +200,8 @@ class Diagnosis:
 
         sol = Solutions(correct=pick(True), wrong=pick(False), external=env.external_solution)
         kinds = {t.spec.context for t in self.teachers}
+        if "1c-ext" in kinds and sol.external is None and self.opt.solution_writer is not None:
+            sol.external = self.opt.solution_writer(env)
         if kinds & {"sum-1c", "sum-1c1w"}:
             sol.correct_summary = self._summarize(env, sol.correct, "correct")
             if "sum-1c1w" in kinds:
@@ -422,5 +425,26 @@ def diagnose(config: Any, *, progress: bool = True) -> RunStore:
         summarizer_encode=(summarizer or student).encode_chat,
         summarizer_decode=(summarizer or student).decode,
     )
+    if config.solution_model:
+        opts.solution_writer = _solution_writer(
+            load_policy(config.solution_model, device=config.device, dtype=config.dtype), task, questions, config.seed
+        )
     Diagnosis(store, student, teachers, opts, progress=progress).run(task_envs(task, questions, student))
     return store
+
+
+def _solution_writer(model: Any, task: Any, questions: Sequence[Any], seed: int, tries: int = 8):  # type: ignore[no-untyped-def]
+    """A function writing one correct solution per question with another (bigger) model."""
+    by_id = {q.id: q for q in questions}
+
+    def write(env: QuestionEnv) -> str | None:
+        q = by_id[env.id]
+        ids = model.encode_chat([{"role": "user", "content": q.prompt}])
+        comps = model.sample([ids], tries, task.max_new_tokens, seed=derive_seed(seed, env.id, "external"), temperature=0.7)
+        for c in comps[0]:
+            text = model.decode([t for t in c.tokens if t not in model.eos_token_ids])
+            if task.check(text, q):
+                return text
+        return None
+
+    return write
