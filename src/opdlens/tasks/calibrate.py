@@ -74,8 +74,10 @@ def measure_level(
     temperature: float,
     seed: int,
     show: int = 0,
+    batch_questions: int = 5,
 ) -> LevelResult:
-    """Sample ``samples`` completions for each of ``questions`` questions and grade them."""
+    """Sample ``samples`` completions for each of ``questions`` questions and grade them
+    (``batch_questions`` prompts, left-padded, per ``generate`` call)."""
     import torch
 
     qs = task.load(n=questions, seed=seed)
@@ -83,30 +85,34 @@ def measure_level(
     t0 = time.perf_counter()
     per_q: list[float] = []
     n_none = 0
-    for q in qs:
-        ids = tok.apply_chat_template(
-            [{"role": "user", "content": q.prompt}], add_generation_prompt=True, return_tensors="pt"
-        )
-        if not isinstance(ids, torch.Tensor):  # newer transformers return a BatchEncoding
-            ids = ids["input_ids"]
+    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
+    for start in range(0, len(qs), batch_questions):
+        chunk = qs[start : start + batch_questions]
+        texts_in = [
+            tok.apply_chat_template([{"role": "user", "content": q.prompt}], add_generation_prompt=True, tokenize=False)
+            for q in chunk
+        ]
+        tok.padding_side = "left"
+        enc = tok(texts_in, return_tensors="pt", padding=True, add_special_tokens=False)
         with torch.no_grad():
             out = model.generate(
-                ids,
-                attention_mask=torch.ones_like(ids),
+                **enc,
                 do_sample=True,
                 temperature=temperature,
                 top_k=0,
                 top_p=1.0,
                 max_new_tokens=max_new_tokens,
                 num_return_sequences=samples,
-                pad_token_id=tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id,
+                pad_token_id=pad_id,
             )
-        texts = tok.batch_decode(out[:, ids.shape[1] :], skip_special_tokens=True)
-        grades = [task.grade(t, q) for t in texts]
-        per_q.append(sum(g.correct for g in grades) / len(grades))
-        n_none += sum(g.reason in (NO_ANSWER, UNFINISHED_THINKING) for g in grades)
-        for t, g in list(zip(texts, grades, strict=True))[:show]:
-            print(f"  [{q.id} gold={q.answer} got={g.extracted} {g.reason}] {t!r}")
+        texts = tok.batch_decode(out[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
+        for i, q in enumerate(chunk):
+            mine = texts[i * samples : (i + 1) * samples]  # generate() keeps each prompt's samples together
+            grades = [task.grade(t, q) for t in mine]
+            per_q.append(sum(g.correct for g in grades) / len(grades))
+            n_none += sum(g.reason in (NO_ANSWER, UNFINISHED_THINKING) for g in grades)
+            for t, g in list(zip(mine, grades, strict=True))[:show]:
+                print(f"  [{q.id} gold={q.answer} got={g.extracted} {g.reason}] {t!r}", flush=True)
     rate = sum(per_q) / len(per_q) if per_q else 0.0
     return LevelResult(task.difficulty, rate, per_q, n_none / max(1, questions * samples), time.perf_counter() - t0)
 
@@ -125,6 +131,7 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
     ap.add_argument("--gguf", default=None)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
     ap.add_argument("--show", type=int, default=0, help="print this many completions per question")
+    ap.add_argument("--batch-questions", type=int, default=5, help="prompts per generate() call")
     args = ap.parse_args(argv)
     for lv in args.levels:
         if lv not in LEVELS:
@@ -146,13 +153,15 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
     for lv in args.levels:
         task = ArithTask(difficulty=lv, style=args.style)
         r = measure_level(
-            tok, model, task, args.questions, args.samples, args.max_new_tokens, args.temperature, args.seed, args.show
+            tok, model, task, args.questions, args.samples, args.max_new_tokens, args.temperature, args.seed, args.show,
+            args.batch_questions,
         )
         results.append(r)
         mark = " (default)" if lv == DEFAULT_DIFFICULTY else ""
         print(
             f"level {lv}{mark} {LEVELS[lv]}: success {r.rate:.3f}  no-answer {r.no_answer_rate:.3f}  "
-            f"per-question {[round(x, 2) for x in r.per_question]}  ({r.seconds:.1f}s)"
+            f"per-question {[round(x, 2) for x in r.per_question]}  ({r.seconds:.1f}s)",
+            flush=True,
         )
     return results
 
