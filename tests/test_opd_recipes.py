@@ -1,0 +1,80 @@
+"""Recipes: degeneracy filter, cold-start SFT on teacher rollouts, template selection by overlap."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from opdlens.opd.recipes import cold_start_sft, is_degenerate, select_template
+from opdlens.opd.testing import arith_questions, one_thread, tiny
+from opdlens.policy import Completion, OpdlensError
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def test_is_degenerate():
+    # the run rule alone (n-gram rule switched off by max_repeat_frac=1)
+    assert is_degenerate([7] * 12, max_repeat_frac=1.0)
+    assert not is_degenerate([7] * 11 + [3], max_repeat_frac=1.0)
+    assert is_degenerate([7] * 11 + [3])  # ... but its 4-grams repeat: 1 - 2/9 = 0.78
+    assert is_degenerate([1, 2, 3, 4, 5] * 4)  # repeated 4-grams: 1 - 5/17 = 0.71
+    assert not is_degenerate(list(range(40)))
+    assert is_degenerate([])
+    assert not is_degenerate([1, 2, 3, 4, 5] * 2 + list(range(10, 30)))  # 1 - 23/27 = 0.15
+
+
+class _Scripted:
+    """Wraps a policy and replaces its sampling by fixed completions (to test the filter)."""
+
+    def __init__(self, base, completions):
+        self.base, self.completions = base, completions
+
+    def __getattr__(self, name):
+        return getattr(self.base, name)
+
+    def sample(self, prefixes, n, max_new_tokens, *, seed, temperature=1.0):
+        assert temperature == 0.7
+        return [[self.completions[i % len(self.completions)] for _ in range(n)] for i in range(len(prefixes))]
+
+
+def test_cold_start_filters_and_lowers_sft_loss():
+    with one_thread():
+        student, base_teacher = tiny(0, init_std=0.2), tiny(1, init_std=0.2)
+        eos = min(student.eos_token_ids)
+        good = Completion([11, 12, 13, 14, 15, eos], [0.0] * 6, finished=True)
+        incomplete = Completion([11, 12, 13], [0.0] * 3, finished=False)
+        looping = Completion([9] * 14 + [eos], [0.0] * 15, finished=True)
+        teacher = _Scripted(base_teacher, [good, incomplete, looping, good])
+        task, qs = arith_questions(8)
+        w0 = student.model.lm_head.weight.detach().clone()
+        res = cold_start_sft(student, teacher, qs, lr=1e-2, epochs=6, batch_size=4, max_new_tokens=16)
+    assert (res.n_rollouts, res.n_incomplete, res.n_degenerate, res.n_kept) == (8, 2, 2, 4)
+    assert all(y == good.tokens for _, y in res.kept)
+    assert len(res.losses) == 6 and res.losses[-1] < 0.5 * res.losses[0]
+    assert not torch.equal(w0, student.model.lm_head.weight)
+
+
+def test_cold_start_all_filtered_is_an_error():
+    with one_thread():
+        student, base = tiny(0), tiny(1)
+        bad = Completion([3, 4], [0.0, 0.0], finished=False)
+        with pytest.raises(OpdlensError, match="all 2 teacher rollouts were filtered"):
+            cold_start_sft(student, _Scripted(base, [bad]), arith_questions(2)[1])
+
+
+def test_select_template_ranks_by_overlap():
+    with one_thread():
+        student = tiny(0, init_std=0.3)
+        teacher = tiny(0, init_std=0.3)  # same weights: only the context differs
+        _, qs = arith_questions(3)
+        cands = {"same": "{prompt}", "prefixed": "Ignore this: zebra quartz {answer} " * 3 + "{prompt}"}
+        scores = select_template(cands, student, teacher, qs, apply_to="teacher", n_rollouts=2, max_new_tokens=6, k=8)
+    assert [s.name for s in scores] == ["same", "prefixed"]
+    assert scores[0].overlap_ratio == pytest.approx(1.0)  # identical model and context
+    assert scores[0].rkl == pytest.approx(0.0, abs=1e-5)
+    assert scores[1].overlap_ratio < 0.95 and scores[1].rkl > 1e-3
+    assert scores[0].n_tokens == scores[1].n_tokens > 0  # the same student rollouts, scored twice
