@@ -106,25 +106,34 @@ class Diagnosis:
 
     # ------------------------------------------------------------------ helpers
     def _sample_graded(
-        self, env: QuestionEnv, prefixes: list[list[int]], n: int, max_new: int, seed: int, forced: int
+        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
     ) -> RolloutSet:
-        """Sample ``n`` completions per generated-token prefix and grade them."""
+        """Sample ``n`` completions of each generated-token prefix, at most ``budgets[i]`` new
+        tokens for prefix ``i``, and grade them. All prefixes go to the engine in one call;
+        completions past their own budget are cut (the same distribution as a smaller cap)."""
         eos = self.student.eos_token_ids
         tokens: list[list[int]] = []
+        forced_out: list[int] = []
         todo = []
-        for p in prefixes:
-            if (p and p[-1] in eos) or max_new <= 0:  # finished (forced EOS / cap): outcome is fixed
+        for p, b, f in zip(prefixes, budgets, forced):
+            if (p and p[-1] in eos) or b <= 0:  # finished (forced EOS / cap): the outcome is fixed
                 tokens.extend([list(p)] * n)
+                forced_out.extend([f] * n)
             else:
-                todo.append(p)
+                todo.append((p, b, f))
         if todo:
             comps = self.student.sample(
-                [env.prompt_ids + p for p in todo], n, max_new, seed=seed, temperature=self.opt.temperature
+                [env.prompt_ids + p for p, _, _ in todo],
+                n,
+                max(b for _, b, _ in todo),
+                seed=seed,
+                temperature=self.opt.temperature,
             )
-            for p, cs in zip(todo, comps):
-                tokens.extend(list(p) + c.tokens for c in cs)
+            for (p, b, f), cs in zip(todo, comps):
+                tokens.extend(list(p) + c.tokens[:b] for c in cs)
+                forced_out.extend([f] * n)
         success = [bool(env.grade(t)) for t in tokens]
-        return RolloutSet.from_lists(tokens, success, [forced] * len(tokens))
+        return RolloutSet.from_lists(tokens, success, forced_out)
 
     def _chunks_of(self, env: QuestionEnv, prefix: str) -> RolloutSet | None:
         sets = []
@@ -155,9 +164,9 @@ class Diagnosis:
                 env,
                 [[]],
                 self.opt.rollouts_per_question,
-                self.opt.max_new_tokens,
+                [self.opt.max_new_tokens],
                 derive_seed(self.opt.seed, env.id, "initial"),
-                0,
+                [0],
             )
             self.store.write_chunk(env.id, "initial", rs)
         return self.store.read_chunk(env.id, "initial")
@@ -252,11 +261,16 @@ class Diagnosis:
                 if self.store.has_chunk(env.id, name):
                     continue
                 parts = []
-                for gi, ((need, node), group) in enumerate(_group(chunk)):
-                    prefixes = [path[:node] + [t.token] for t in group]
-                    seed = derive_seed(self.opt.seed, env.id, name, gi)
+                for gi, (need, group) in enumerate(_group(chunk)):
                     parts.append(
-                        self._sample_graded(env, prefixes, need, self.opt.max_new_tokens - node - 1, seed, node + 1)
+                        self._sample_graded(
+                            env,
+                            [path[: t.node] + [t.token] for t in group],
+                            need,
+                            [self.opt.max_new_tokens - t.node - 1 for t in group],
+                            derive_seed(self.opt.seed, env.id, name, gi),
+                            [t.node + 1 for t in group],
+                        )
                     )
                 rs = parts[0]
                 for p in parts[1:]:
@@ -347,11 +361,11 @@ def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
     return [c for c in chunks if c]
 
 
-def _group(targets: list[Target]) -> list[tuple[tuple[int, int], list[Target]]]:
-    """Group targets sharing (need, node): one batched sampling call each."""
-    groups: dict[tuple[int, int], list[Target]] = {}
+def _group(targets: list[Target]) -> list[tuple[int, list[Target]]]:
+    """Group targets needing the same number of rollouts: one batched sampling call each."""
+    groups: dict[int, list[Target]] = {}
     for t in targets:
-        groups.setdefault((t.need, t.node), []).append(t)
+        groups.setdefault(t.need, []).append(t)
     return list(groups.items())
 
 
