@@ -1,0 +1,124 @@
+"""``opdlens train CONFIG.yaml`` and the link from ``opdlens diagnose`` to training.
+
+A train config is a :class:`~opdlens.opd.trainer.TrainConfig` in YAML. It may instead start from
+a diagnose run and one of its teacher configurations::
+
+    from_diagnose: runs/diagnose      # a run directory of `opdlens diagnose` (its config.yaml)
+    teacher_config: best              # or a teacher name of that run, e.g. Self-1C
+    lr: 1.0e-6                        # any TrainConfig key overrides
+    out_dir: runs/opd-self1c
+
+``best`` picks the teacher with the highest mean per-path alignment (``align_gkd``, see
+:func:`opdlens.analysis.per_teacher`) in that run. Student, task, task arguments, generation
+budget and the teacher (model and context) are taken from the diagnose config, so diagnostics
+and training use the same models, tasks, contexts and per-token signals.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opdlens.opd.trainer import TrainConfig, TrainResult, train
+from opdlens.policy import OpdlensError
+
+TRAINABLE_CONTEXTS = ("plain", "1c", "1c1w", "1c-ext")
+
+
+def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
+    """Name of the teacher configuration with the highest mean path alignment in a diagnose run."""
+    from opdlens.analysis import per_teacher
+    from opdlens.pipeline import load_results
+    from opdlens.store import RunStore
+
+    nodes, _, _ = load_results(RunStore(run_dir))
+    table = per_teacher(nodes, metric).table.sort_values("mean", ascending=False)
+    if table.empty:
+        raise OpdlensError(f"no teacher has valid nodes in {run_dir}; cannot pick the best-aligned one")
+    return str(table["teacher"].iloc[0])
+
+
+def train_config_from_diagnose(diagnose: Any, teacher: str, **overrides: Any) -> TrainConfig:
+    """A :class:`TrainConfig` for one teacher configuration of a :class:`~opdlens.config.DiagnoseConfig`.
+
+    The teacher's model (or the student itself for self-distillation) and its context
+    (``plain`` | ``1c`` | ``1c1w`` | ``1c-ext``) carry over; summary contexts (``sum-*``) need a
+    summariser model during training and are refused with a clear message.
+    """
+    specs = {t.name: t for t in diagnose.teachers}
+    if teacher not in specs:
+        raise OpdlensError(f"teacher {teacher!r} is not in the diagnose config; known: {', '.join(specs)}")
+    spec = specs[teacher]
+    if spec.context not in TRAINABLE_CONTEXTS:
+        raise OpdlensError(
+            f"teacher {teacher!r} uses context {spec.context!r}; training supports {', '.join(TRAINABLE_CONTEXTS)} "
+            "(summaries need a summariser model in the loop): pick another teacher configuration"
+        )
+    base: dict[str, Any] = dict(
+        student=diagnose.student, teacher=spec.model or diagnose.student, task=diagnose.task,
+        task_args=dict(diagnose.task_args), max_new_tokens=diagnose.max_new_tokens, seed=diagnose.seed,
+        teacher_context=spec.context, device=diagnose.device,
+    )
+    base.update(overrides)
+    return _validate(base, f"diagnose teacher {teacher!r}")
+
+
+def _validate(data: dict[str, Any], where: str) -> TrainConfig:
+    try:
+        return TrainConfig.model_validate(data)
+    except OpdlensError:
+        raise
+    except Exception as e:  # pydantic.ValidationError
+        raise OpdlensError(f"invalid train config ({where}):\n{e}") from e
+
+
+def load_train_config(path: str | Path) -> TrainConfig:
+    """Read a train YAML: a plain :class:`TrainConfig`, or ``from_diagnose`` + ``teacher_config``."""
+    p = Path(path)
+    if not p.is_file():
+        raise OpdlensError(f"config file {p} does not exist")
+    try:
+        data = yaml.safe_load(p.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise OpdlensError(f"config file {p} is not valid YAML: {e}") from e
+    if not isinstance(data, dict):
+        raise OpdlensError(f"config file {p} must hold a mapping of options")
+    if "from_diagnose" not in data:
+        return TrainConfig.from_yaml(p)
+    from opdlens.config import DiagnoseConfig
+
+    run_dir = Path(data.pop("from_diagnose"))
+    if not run_dir.is_absolute():
+        run_dir = (p.parent / run_dir) if (p.parent / run_dir).exists() else run_dir
+    choice = str(data.pop("teacher_config", "best"))
+    cfg_file = run_dir / "config.yaml" if run_dir.is_dir() else run_dir
+    diag = DiagnoseConfig.from_yaml(cfg_file)
+    teacher = best_teacher(run_dir) if choice == "best" else choice
+    return train_config_from_diagnose(diag, teacher, **data)
+
+
+def train_cmd(config: Path) -> TrainResult:
+    """``opdlens train CONFIG.yaml``: run or resume OPD training; prints a short summary.
+
+    Typer-compatible (one ``Path`` argument). Errors are :class:`OpdlensError` with a message.
+    """
+    from rich.console import Console
+
+    console = Console(stderr=True)
+    cfg = load_train_config(config)
+    console.print(f"[bold]opdlens train[/]: student={cfg.student} teacher={cfg.teacher} "
+                  f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
+                  f"lr={cfg.lr:g} batch={cfg.batch_size} steps={cfg.steps} -> {cfg.out_dir}")
+    res = train(cfg)
+    if res.resumed_from is not None:
+        console.print(f"resumed from step {res.resumed_from}")
+    rows = [r for r in res.history if r.get("eval_rkl") is not None]
+    if len(rows) >= 2:
+        console.print(f"held-out reverse KL: {rows[0]['eval_rkl']:.4f} (step {rows[0]['step']}) -> "
+                      f"{rows[-1]['eval_rkl']:.4f} (step {rows[-1]['step']}); "
+                      f"reward {rows[0].get('eval_reward')} -> {rows[-1].get('eval_reward')}")
+    console.print(f"logs: {res.out_dir / 'metrics.jsonl'}, TensorBoard: {res.out_dir / 'tb'}; "
+                  f"last checkpoint: {res.last_checkpoint}")
+    return res

@@ -1,0 +1,111 @@
+"""`opdlens train` and the diagnose -> train link (teacher configurations, contexts)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from opdlens.config import DiagnoseConfig
+from opdlens.opd import cli as opd_cli
+from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
+from opdlens.opd.testing import arith_questions, one_thread, tiny
+from opdlens.policy import OpdlensError
+from opdlens.teachers import TeacherSpec
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def _diag() -> DiagnoseConfig:
+    return DiagnoseConfig(student="smollm2", task="arith", max_new_tokens=32, seed=3, teachers=[
+        TeacherSpec(name="Self-1C", context="1c"), TeacherSpec(name="Ext", model="/models/big", context="plain"),
+        TeacherSpec(name="Self-Sum-1C", context="sum-1c")])
+
+
+def test_train_config_from_diagnose():
+    cfg = opd_cli.train_config_from_diagnose(_diag(), "Self-1C", lr=2e-6, steps=5)
+    assert (cfg.student, cfg.teacher, cfg.teacher_context, cfg.task) == ("smollm2", "smollm2", "1c", "arith")
+    assert (cfg.max_new_tokens, cfg.seed, cfg.lr, cfg.steps) == (32, 3, 2e-6, 5)
+    ext = opd_cli.train_config_from_diagnose(_diag(), "Ext")
+    assert ext.teacher == "/models/big" and ext.teacher_context == "plain"
+    with pytest.raises(OpdlensError, match="sum-1c"):
+        opd_cli.train_config_from_diagnose(_diag(), "Self-Sum-1C")
+    with pytest.raises(OpdlensError, match="known: Self-1C, Ext"):
+        opd_cli.train_config_from_diagnose(_diag(), "Nope")
+
+
+def test_load_train_config_from_diagnose_run(tmp_path, monkeypatch):
+    run = tmp_path / "diag"
+    run.mkdir()
+    (run / "config.yaml").write_text(yaml.safe_dump(_diag().model_dump(mode="json")))
+    f = tmp_path / "train.yaml"
+    f.write_text("from_diagnose: diag\nteacher_config: Ext\nbatch_size: 8\n")
+    cfg = opd_cli.load_train_config(f)
+    assert cfg.teacher == "/models/big" and cfg.batch_size == 8
+    monkeypatch.setattr(opd_cli, "best_teacher", lambda run_dir, metric="align_gkd": "Self-1C")
+    f.write_text("from_diagnose: diag\n")  # teacher_config defaults to best
+    assert opd_cli.load_train_config(f).teacher_context == "1c"
+    f.write_text("loss: full\nsteps: 2\n")  # a plain TrainConfig
+    assert opd_cli.load_train_config(f).loss == "full"
+
+
+class _AlwaysRight:
+    name, max_new_tokens = "always", 4
+
+    def check(self, text, q):
+        return True
+
+
+def test_self_distillation_context_shows_a_student_solution(tmp_path):
+    student = tiny(0, init_std=0.2)
+    _, qs = arith_questions(3)
+    cfg = TrainConfig(teacher_context="1c", steps=1, batch_size=2, micro_batch=2, max_new_tokens=4, lr=1e-3,
+                      eval_every=0, save_every=0, out_dir=tmp_path, progress=False, tensorboard=False, k=4,
+                      metrics_k=4, context_rollouts=2)
+    res = train(cfg, student=student, teacher=tiny(0, init_std=0.2), task=_AlwaysRight(), train_questions=qs,
+                eval_questions=[])
+    sols = json.loads((tmp_path / "solutions.json").read_text())
+    assert set(sols) == {q.id for q in qs} and all(s["correct"] for s in sols.values())
+    tr = OPDTrainer(cfg, student, tiny(0, init_std=0.2), _AlwaysRight(), qs, [],
+                    solutions={k: __import__("opdlens.teachers", fromlist=["Solutions"]).Solutions(**v)
+                               for k, v in sols.items()})
+    msg = tr.teacher_messages(qs[0])[0]["content"]
+    assert qs[0].prompt in msg and sols[qs[0].id]["correct"] in msg and "correct solution" in msg
+    assert res.last_step == 1 and res.history[-1]["rkl"] > 0  # same weights, different context
+    # with a real checker, a random model has no correct solution: a clear error
+    with pytest.raises(OpdlensError, match="no training question has the needed solution"):
+        train(cfg.model_copy(update={"out_dir": tmp_path / "b"}), student=student, teacher=tiny(1), task=arith_questions(1)[0],
+              train_questions=qs, eval_questions=[])
+
+
+def test_train_cmd_end_to_end_from_yaml(tmp_path):
+    """`opdlens train` on a saved tiny model: loads by path, trains 2 steps, logs, checkpoints."""
+    pol = tiny(0, init_std=0.2)
+    model_dir = tmp_path / "tiny"
+    pol.model.save_pretrained(model_dir)
+    pol.tokenizer.save_pretrained(model_dir)
+    cfg = dict(student=str(model_dir), teacher=str(model_dir), teacher_template="answer_hint", steps=2,
+               batch_size=2, micro_batch=2, max_new_tokens=4, lr=1e-3, eval_every=2, eval_questions=2,
+               save_every=2, out_dir=str(tmp_path / "run"), device="cpu", k=4, metrics_k=4, progress=False,
+               train_questions=8)
+    f = tmp_path / "train.yaml"
+    f.write_text(yaml.safe_dump(cfg))
+    from typer.testing import CliRunner
+
+    from opdlens.cli import app
+
+    r = CliRunner().invoke(app, ["train", str(f)])
+    assert r.exit_code == 0, r.output
+    rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    assert [x["step"] for x in rows] == [0, 1, 2]
+    assert rows[1]["rkl"] > 0 and 0 <= rows[1]["overlap_ratio"] <= 1
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "state.pt").is_file()
+    f.write_text("steps: 0\nlr: -1\n")
+    r = CliRunner().invoke(app, ["train", str(f)])
+    assert r.exit_code == 2 and "lr must be > 0" in r.output
