@@ -135,17 +135,13 @@ def test_embedded_smollm2_loads_scores_and_generates() -> None:
     assert load_policy("smollm2") is pol  # cached per (spec, device, dtype)
     assert pol.vocab_size == 49152 and 2 in pol.eos_token_ids
     prompt = pol.encode_chat([{"role": "user", "content": "What is the capital of France?"}])
-    # a trained model, unlike a random one, is confident about the answer's first word
-    lp = pol.next_token_logprobs([prompt])[0]
-    assert lp.max() > -3.0 > -torch.log(torch.tensor(49152.0))
-    (comps,) = pol.sample([prompt], n=2, max_new_tokens=8, seed=0, temperature=0.5)
-    for c in comps:
-        assert 1 <= len(c.tokens) <= 8
-        text = pol.decode(c.tokens)
-        assert isinstance(text, str) and text.strip()
-        # sampling log-probs are under the T=0.5 distribution: compare with log_softmax(logits/T)
-        rows = pol.continuation_logprobs(prompt, c.tokens) / 0.5
-        ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
-        torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-4, rtol=0)
-    ((near_greedy,),) = pol.sample([prompt], n=1, max_new_tokens=10, seed=0, temperature=0.05)
-    assert "Paris" in pol.decode(near_greedy.tokens)
+    (comps,) = pol.sample([prompt], n=2, max_new_tokens=7, seed=0, temperature=0.05)
+    c = comps[0]
+    assert "Paris" in pol.decode(c.tokens) and all(isinstance(pol.decode(x.tokens), str) for x in comps)
+    rows = pol.continuation_logprobs(prompt, c.tokens)
+    picked = rows[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+    # a trained model is confident on this answer; a random one would average log(1/49152) = -10.8
+    assert picked.mean() > -1.0
+    # the sampling log-probs are under the T=0.05 distribution: log_softmax(logits / T)
+    ref = torch.log_softmax(rows / 0.05, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+    torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-3, rtol=0)

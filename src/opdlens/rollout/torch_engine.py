@@ -171,7 +171,7 @@ class TorchEngine:
         if max_new_tokens == 0 or not seqs:
             return result
         gen = make_generator(self.device, seed)
-        self.stats = {"decode_steps": 0, "row_steps": 0, "prefills": 0, "graphs": 0}
+        self.stats = {"decode_steps": 0, "row_steps": 0, "prefills": 0, "graphs": 0, "batches": 0}
         row_cap = max(1, min(self.max_batch_rows, self.max_kv_bytes // max(1, max_new_tokens * self.kv_bytes_per_token)))
         # jobs: (prefix, rows) chunks of at most row_cap rows; prefixes sorted by length
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
@@ -179,6 +179,7 @@ class TorchEngine:
         remaining = {i: -(-n // row_cap) for i in order}  # jobs left per prefix (to drop its prefill)
         prefills: dict[int, _Prefill] = {}
         for batch in self._plan(jobs, row_cap, seqs):
+            self.stats["batches"] += 1
             for job in batch:
                 if job.prefix not in prefills:
                     prefills[job.prefix] = self._prefill(seqs[job.prefix])
@@ -266,6 +267,7 @@ class TorchEngine:
                 if n_alive <= self.compact_below * alive.numel():
                     keep = alive.nonzero()[:, 0]
                     cache.batch_select_indices(keep)
+                    self.stats["compactions"] = self.stats.get("compactions", 0) + 1
                     row_ids, alive, tok = row_ids[keep], alive[keep], tok[keep]
             pos = torch.full((tok.numel(), 1), plen + step, dtype=torch.long, device=self.device)
             out = self.model(input_ids=tok[:, None], position_ids=pos, use_cache=True, **{self._cache_kw: cache})

@@ -1,0 +1,216 @@
+"""TorchEngine (fused and HF backends) and VLLMEngine (against a fake vLLM)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pytest
+import torch
+from scipy import stats
+
+from opdlens.models import HFPolicy, tiny_random_policy
+from opdlens.policy import Completion, OpdlensError
+from opdlens.rollout import Engine, TorchEngine, VLLMEngine, fused_supported
+
+PREFIXES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+
+
+@pytest.fixture(scope="module")
+def llama() -> HFPolicy:
+    # raw-token model, 16 tokens, EOS = 0; peaky enough that EOS is sampled often
+    return tiny_random_policy(seed=0, vocab_size=16, init_std=0.5)
+
+
+@pytest.fixture(scope="module")
+def qwen3() -> HFPolicy:
+    return tiny_random_policy(seed=1, vocab_size=24, init_std=0.5, model_type="qwen3")
+
+
+def _engine(pol: HFPolicy, **kw: Any) -> TorchEngine:
+    return TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, "cpu", **kw)
+
+
+def _tokens(res: list[list[Completion]]) -> list[list[list[int]]]:
+    return [[c.tokens for c in cs] for cs in res]
+
+
+def _check_against_teacher_forcing(pol: HFPolicy, res: list[list[Completion]], temperature: float) -> int:
+    """Every recorded log-prob equals log_softmax(logits / T) of one forward over prefix + completion."""
+    checked = 0
+    for prefix, cs in zip(PREFIXES, res):
+        for c in cs:
+            assert len(c.tokens) == len(c.logprobs) >= 1
+            rows = pol.continuation_logprobs(prefix, c.tokens)
+            ref = torch.log_softmax(rows / temperature, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+            torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=1e-4, rtol=0)
+            checked += len(c.tokens)
+    return checked
+
+
+def test_fused_backend_selected_for_llama_family(llama: HFPolicy, qwen3: HFPolicy) -> None:
+    assert fused_supported(llama.model) is None and fused_supported(qwen3.model) is None
+    assert _engine(llama).backend == "fused"
+    assert isinstance(_engine(llama), Engine)
+    assert isinstance(llama.engine, TorchEngine)
+
+
+@pytest.mark.parametrize("backend", ["fused", "hf"])
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_logprobs_match_teacher_forcing(llama: HFPolicy, backend: str, temperature: float) -> None:
+    eng = _engine(llama, backend=backend, max_batch_rows=16, compact_below=0.6)
+    res = eng.sample(PREFIXES, 5, 12, seed=11, temperature=temperature)
+    assert [len(cs) for cs in res] == [5, 5, 5]
+    assert _check_against_teacher_forcing(llama, res, temperature) > 30
+    assert eng.stats["prefills"] == 3  # one prefill per prefix
+    assert eng.stats.get("compactions", 0) >= 1  # finished rows were dropped, rows stayed aligned
+    lengths = {len(c.tokens) for cs in res for c in cs}
+    assert len(lengths) > 2  # a mix of early EOS and capped rows
+
+
+def test_qwen3_fused_logprobs_and_batching(qwen3: HFPolicy) -> None:
+    eng = _engine(qwen3, max_batch_rows=64)  # 3 prefixes x 6 rows: one [3, 6] grid
+    res = eng.sample(PREFIXES, 6, 10, seed=5)
+    _check_against_teacher_forcing(qwen3, res, 1.0)
+    assert eng.stats["batches"] == 1 and eng.stats["prefills"] == 3
+
+
+def test_rows_split_over_batches_prefill_once(llama: HFPolicy) -> None:
+    eng = _engine(llama, max_batch_rows=4)
+    res = eng.sample(PREFIXES[:2], 10, 6, seed=2)
+    assert [len(cs) for cs in res] == [10, 10]
+    assert eng.stats["prefills"] == 2 and eng.stats["batches"] >= 5
+    _check_against_teacher_forcing(llama, res, 1.0)
+
+
+def test_same_seed_same_samples(llama: HFPolicy) -> None:
+    eng = _engine(llama)
+    a = eng.sample(PREFIXES, 8, 10, seed=123)
+    b = _engine(llama).sample(PREFIXES, 8, 10, seed=123)
+    c = eng.sample(PREFIXES, 8, 10, seed=124)
+    assert _tokens(a) == _tokens(b)
+    assert [[cc.logprobs for cc in cs] for cs in a] == [[cc.logprobs for cc in cs] for cs in b]
+    assert _tokens(a) != _tokens(c)
+    assert llama.sample(PREFIXES, 8, 10, seed=123) == llama.sample(PREFIXES, 8, 10, seed=123)
+
+
+def test_eos_stopping_and_length_cap(llama: HFPolicy) -> None:
+    eos = {0, 1, 2, 3, 4}  # many EOS tokens: most rows stop within a few tokens
+    eng = TorchEngine(llama.model, eos, llama.pad_token_id, "cpu")
+    res = eng.sample(PREFIXES, 20, 6, seed=0)
+    n_finished = n_capped = 0
+    for cs in res:
+        for c in cs:
+            body = c.tokens[:-1] if c.finished else c.tokens
+            assert not set(body) & eos  # no EOS before the end
+            if c.finished:
+                assert c.tokens[-1] in eos and 1 <= len(c.tokens) <= 6
+                n_finished += 1
+            else:
+                assert len(c.tokens) == 6
+                n_capped += 1
+    assert n_finished > 20 and n_capped > 0
+    assert eng.stats["row_steps"] < 60 * 6  # finished rows stopped costing decode steps
+    zero = eng.sample(PREFIXES, 2, 0, seed=0)
+    assert all(c.tokens == [] and not c.finished for cs in zero for c in cs)
+
+
+def test_first_token_distribution_chi_square(llama: HFPolicy) -> None:
+    prefix = [3, 1, 4, 1, 5]
+    n = 3000
+    (cs,) = _engine(llama, max_batch_rows=1024).sample([prefix], n, 1, seed=7)
+    counts = np.bincount([c.tokens[0] for c in cs], minlength=llama.vocab_size)
+    probs = llama.next_token_logprobs([prefix])[0].double().exp().numpy()
+    probs /= probs.sum()
+    assert probs.max() > 2.0 / llama.vocab_size  # not uniform: the test has power
+    p_true = stats.chisquare(counts, probs * n).pvalue
+    assert p_true > 1e-3
+    wrong = np.roll(probs, 1)  # same values on the wrong tokens
+    assert stats.chisquare(counts, wrong * n).pvalue < 1e-6
+    # the recorded log-prob of every first token is that token's model log-prob
+    lp = torch.tensor([c.logprobs[0] for c in cs], dtype=torch.float64)
+    toks = torch.tensor([c.tokens[0] for c in cs])
+    torch.testing.assert_close(lp, torch.from_numpy(np.log(probs))[toks], atol=1e-5, rtol=0)
+
+
+def test_bad_requests_raise(llama: HFPolicy) -> None:
+    eng = _engine(llama)
+    with pytest.raises(OpdlensError, match="n .samples per prefix"):
+        eng.sample(PREFIXES, 0, 5, seed=0)
+    with pytest.raises(OpdlensError, match="prefix 1 is empty"):
+        eng.sample([[1], []], 1, 5, seed=0)
+    with pytest.raises(OpdlensError, match="temperature"):
+        eng.sample(PREFIXES, 1, 5, seed=0, temperature=0.0)
+    with pytest.raises(OpdlensError, match="outside the vocabulary"):
+        llama.sample([[99]], 1, 5, seed=0)
+    with pytest.raises(OpdlensError, match="backend"):
+        _engine(llama, backend="jax")
+
+
+# ---------------------------------------------------------------------------- vLLM (fake)
+@dataclass
+class FakeLogprob:
+    logprob: float
+
+
+@dataclass
+class FakeOutput:
+    token_ids: list[int]
+    logprobs: list[dict[int, FakeLogprob]]
+    finish_reason: str
+
+
+@dataclass
+class FakeRequestOutput:
+    outputs: list[FakeOutput]
+
+
+@dataclass
+class FakeSamplingParams:
+    n: int
+    max_tokens: int
+    temperature: float
+    seed: int
+    logprobs: int
+    stop_token_ids: list[int]
+
+
+@dataclass
+class FakeLLM:
+    calls: list[tuple[list[Any], list[FakeSamplingParams]]] = field(default_factory=list)
+
+    def generate(self, prompts: list[Any], params: list[FakeSamplingParams], use_tqdm: bool = True) -> list[FakeRequestOutput]:
+        self.calls.append((prompts, params))
+        res = []
+        for prompt, sp in zip(prompts, params):
+            rng = np.random.default_rng(sp.seed)
+            outs = []
+            for _ in range(sp.n):
+                toks = [int(t) for t in rng.integers(5, 9, size=sp.max_tokens)]
+                stop = bool(rng.random() < 0.5)
+                if stop:
+                    toks[-1] = sp.stop_token_ids[0]
+                lps = [{t: FakeLogprob(-0.1 * (i + 1)), 99: FakeLogprob(-9.0)} for i, t in enumerate(toks)]
+                outs.append(FakeOutput(toks, lps, "stop" if stop else "length"))
+            res.append(FakeRequestOutput(outs))
+        return res
+
+
+def test_vllm_engine_maps_requests_and_outputs() -> None:
+    llm = FakeLLM()
+    eng = VLLMEngine(llm, eos_token_ids=[2, 0], sampling_params_cls=FakeSamplingParams)
+    assert isinstance(eng, Engine)
+    res = eng.sample([[1, 2, 3], [4]], n=3, max_new_tokens=4, seed=10, temperature=0.8)
+    ((prompts, params),) = llm.calls
+    assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
+    assert [(p.n, p.max_tokens, p.temperature, p.seed, p.logprobs, p.stop_token_ids) for p in params] == [
+        (3, 4, 0.8, 10, 0, [0, 2]), (3, 4, 0.8, 11, 0, [0, 2])]
+    assert [len(cs) for cs in res] == [3, 3]
+    for cs in res:
+        for c in cs:
+            assert c.logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4])
+            assert c.finished == (c.tokens[-1] == 0)
+    assert {c.finished for cs in res for c in cs} == {True, False}
+    with pytest.raises(OpdlensError, match="n .samples"):
+        eng.sample([[1]], n=0, max_new_tokens=4, seed=0)
