@@ -112,6 +112,7 @@ class TorchEngine:
         compact_below: float = 0.5,
         suffix_bucket: int = 64,
         fused_attention: bool = True,
+        sampler: str = "auto",
     ) -> None:
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -148,8 +149,38 @@ class TorchEngine:
         self.head_dim = int(getattr(cfg, "head_dim", None) or cfg.hidden_size // self.n_heads)
         self.dtype = next(model.parameters()).dtype
         self.stats: dict[str, float] = {}
+        self._warm_shapes: set[tuple[int, int]] = set()
+        self._sample = self._pick_sampler(sampler)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+
+    def _pick_sampler(self, sampler: str) -> Any:
+        """``"torch"`` (Gumbel-max in PyTorch, the CPU default) or ``"triton"`` (fused, CUDA only).
+
+        ``"auto"`` takes Triton on CUDA when it imports and passes a self-check."""
+        if sampler not in ("auto", "torch", "triton"):
+            raise OpdlensError(f"sampler must be 'auto', 'torch' or 'triton', got {sampler!r}")
+        if sampler == "torch" or self.device.type != "cuda":
+            if sampler == "triton":
+                raise OpdlensError("the triton sampler needs a CUDA device")
+            self.sampler = "torch"
+            return sample_tokens
+        from opdlens.rollout import triton_sampler
+
+        try:
+            gen = make_generator(self.device, 0)
+            x = torch.randn(3, 5000, device=self.device, generator=gen).to(self.dtype) * 3
+            tok, lp = triton_sampler.sample_tokens_triton(x, 0.7, gen)
+            ref = torch.log_softmax(x.float() / 0.7, -1).gather(1, tok[:, None])[:, 0]
+            if not bool(((lp - ref).abs() < 1e-4).all()):
+                raise RuntimeError(f"self-check failed: {lp.tolist()} vs {ref.tolist()}")
+        except Exception as exc:  # triton missing or broken: fall back
+            if sampler == "triton":
+                raise OpdlensError(f"the triton sampler does not work here: {exc}") from exc
+            self.sampler = "torch"
+            return sample_tokens
+        self.sampler = "triton"
+        return triton_sampler.sample_tokens_triton
 
     # ------------------------------------------------------------------ public API
     @property
@@ -251,7 +282,7 @@ class TorchEngine:
         logits = pre.logits[None].expand(rows, -1)
         steps = 0
         for step in range(max_new):
-            tok, lp = sample_tokens(logits, temperature, gen)
+            tok, lp = self._sample(logits, temperature, gen)
             out_tok[:, step].index_copy_(0, row_ids, tok)
             out_lp[:, step].index_copy_(0, row_ids, lp)
             alive &= ~self._eos_lut[tok]
@@ -320,7 +351,7 @@ class TorchEngine:
         logits = first_logits.repeat_interleave(R, dim=0)
         steps = 0
         for step in range(max_new):
-            tok, lp = sample_tokens(logits, temperature, gen)
+            tok, lp = self._sample(logits, temperature, gen)
             out_tok[:, step].index_copy_(0, row_out, tok)
             out_lp[:, step].index_copy_(0, row_out, lp)
             alive &= ~self._eos_lut[tok]
@@ -340,6 +371,7 @@ class TorchEngine:
                     row_out[pad] = n_out  # grid padding: dead, writes to the dummy row
                     alive[pad] = False
             logits = state.step(tok, step)
+        self.stats["fused_attention"] = float(state._use_fused_attn)
         comps = completions_from_buffers(out_tok[:n_out], out_lp[:n_out], steps, self.eos_ids)
         return [comps[offsets[p]:offsets[p + 1]] for p in range(P)]
 
@@ -401,11 +433,14 @@ class _FusedState:
     def _capture(self, sb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        side = torch.cuda.Stream(self.eng.device)
-        side.wait_stream(torch.cuda.current_stream(self.eng.device))
-        with torch.cuda.stream(side):
-            self._forward(sb)  # warm-up (writes the same cache slot the replay will write)
-        torch.cuda.current_stream(self.eng.device).wait_stream(side)
+        shape = (self.tok_in.numel(), sb)
+        if shape not in self.eng._warm_shapes:  # warm-up once per shape (lazy library init)
+            side = torch.cuda.Stream(self.eng.device)
+            side.wait_stream(torch.cuda.current_stream(self.eng.device))
+            with torch.cuda.stream(side):
+                self._forward(sb)  # writes the same cache slot the replay will write
+            torch.cuda.current_stream(self.eng.device).wait_stream(side)
+            self.eng._warm_shapes.add(shape)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph, pool=self._pool):
             out = self._forward(sb)

@@ -1,0 +1,209 @@
+"""Rollout throughput: plain Hugging Face ``generate`` vs :class:`opdlens.rollout.TorchEngine`.
+
+Random-weight Qwen3-0.6B / 1.7B shapes (bf16, CUDA); every row generates exactly ``--max-new``
+tokens (no EOS), so tokens/s = rows * max_new / wall time of the whole call (prefill included).
+
+* batch shapes: B distinct 64-token prompts, one sample each, B in {64, 256, 512};
+* targeted-rollout shapes: one prefix of 2K or 8K tokens with N in {64, 100} samples, and
+  4 targets x 64 samples on 2K prefixes (batching across targets).
+
+Roofline: one decode step must read all weights once: ``weight bytes / HBM bandwidth``
+(bandwidth measured with a device-to-device copy); roofline tokens/s = rows / that time.
+Before timing, the engine's GPU log-probs are checked against one teacher-forced forward.
+
+Usage: ``python bench/rollout.py [--shapes qwen3-0.6b,qwen3-1.7b] [--max-new 128] [--json out.json]``
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+from opdlens.models import random_policy, tiny_random_policy  # noqa: E402
+from opdlens.rollout import TorchEngine  # noqa: E402
+
+
+def hbm_bandwidth(dev: torch.device) -> float:
+    """Bytes/s of a large device-to-device copy (read + write counted)."""
+    a = torch.empty(1 << 30, dtype=torch.uint8, device=dev)
+    b = torch.empty_like(a)
+    for _ in range(3):
+        b.copy_(a)
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        b.copy_(a)
+    e1.record()
+    torch.cuda.synchronize()
+    secs = e0.elapsed_time(e1) / 1e3 / 10
+    del a, b
+    return 2 * (1 << 30) / secs
+
+
+def weight_bytes(model: torch.nn.Module) -> int:
+    seen: set[int] = set()
+    total = 0
+    for p in model.parameters():
+        if p.data_ptr() not in seen:
+            seen.add(p.data_ptr())
+            total += p.numel() * p.element_size()
+    return total
+
+
+SMOKE_SHAPE = dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+
+
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def timed(fn: Any) -> tuple[float, Any]:
+    _sync()
+    t0 = time.perf_counter()
+    out = fn()
+    _sync()
+    return time.perf_counter() - t0, out
+
+
+def check_correctness(dev: torch.device) -> dict[str, Any]:
+    """GPU log-probs vs teacher forcing (fp32 tiny Llama + tiny Qwen3); determinism."""
+    res: dict[str, Any] = {}
+    for mt in ("llama", "qwen3"):
+        pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32)
+        eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2)
+        prefixes = [[1, 2, 3], list(range(5, 40)), [7]]
+        out = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
+        again = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
+        err = 0.0
+        for p, cs in zip(prefixes, out):
+            for c in cs:
+                rows = pol.continuation_logprobs(p, c.tokens) / 0.8
+                ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+                err = max(err, float((ref - torch.tensor(c.logprobs)).abs().max()))
+        res[mt] = dict(max_abs_err=err, deterministic=out == again, sampler=eng.sampler,
+                       stats={k: float(v) for k, v in eng.stats.items()})
+    return res
+
+
+def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_generate: bool,
+                smoke: bool = False) -> list[dict[str, Any]]:
+    dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
+    pol = random_policy(SMOKE_SHAPE if smoke else shape, seed=0, device=dev, dtype=dt)
+    model = pol.model
+    wbytes = weight_bytes(model)
+    step_floor = wbytes / bw
+    eng = TorchEngine(model, [], pol.pad_token_id, dev, max_batch_rows=512)
+    V = pol.vocab_size
+    g = torch.Generator().manual_seed(0)
+    rows_out: list[dict[str, Any]] = []
+
+    # bf16 sanity check of the big model: engine log-probs vs one teacher-forced forward
+    pre = torch.randint(0, V, (30 if smoke else 300,), generator=g).tolist()
+    (cs,) = eng.sample([pre], 4, 16, seed=1)
+    ref = torch.stack([pol.continuation_logprobs(pre, c.tokens)[torch.arange(16), torch.tensor(c.tokens)] for c in cs])
+    bf16_err = float((ref - torch.tensor([c.logprobs for c in cs])).abs().max())
+    print(f"[{shape}] weights {wbytes / 1e9:.2f} GB, step floor {step_floor * 1e3:.3f} ms, "
+          f"bf16 logprob max|diff| vs teacher forcing {bf16_err:.3g}, sampler={eng.sampler}", flush=True)
+
+    def run(name: str, prefixes: list[list[int]], n: int) -> None:
+        rows = len(prefixes) * n
+        tokens = rows * max_new
+        eng.sample(prefixes, n, max_new, seed=0)  # warm-up: graph capture, kernels
+        t_eng, out = timed(lambda: eng.sample(prefixes, n, max_new, seed=1))
+        assert sum(len(c.tokens) for cs in out for c in cs) == tokens
+        stats = dict(eng.stats)
+        gen_tps: float | str = "skipped"
+        if not skip_generate:
+            try:
+                if n == 1:
+                    ids = torch.tensor(prefixes, device=dev)
+                    kw: dict[str, Any] = {}
+                else:
+                    ids = torch.tensor(prefixes, device=dev)
+                    kw = dict(num_return_sequences=n)
+                t_gen, _ = timed(lambda: model.generate(
+                    ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=max_new,
+                    min_new_tokens=max_new, pad_token_id=pol.pad_token_id, **kw))
+                gen_tps = tokens / t_gen
+            except torch.OutOfMemoryError:
+                gen_tps = "OOM"
+            if dev.type == "cuda":
+                torch.cuda.empty_cache()
+        eng_tps = tokens / t_eng
+        roof_tps = rows / step_floor
+        row = dict(shape=shape, case=name, rows=rows, max_new=max_new, engine_tok_s=eng_tps,
+                   engine_s=t_eng, ms_per_step=t_eng / max_new * 1e3, generate_tok_s=gen_tps,
+                   vs_generate=(eng_tps / gen_tps) if isinstance(gen_tps, float) else None,
+                   roofline_tok_s=roof_tps, frac_roofline=eng_tps / roof_tps,
+                   fused_attention=stats.get("fused_attention"), graphs=stats.get("graphs"),
+                   peak_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None)
+        rows_out.append(row)
+        gtxt = f"{gen_tps:,.0f}" if isinstance(gen_tps, float) else gen_tps
+        vs = f"{row['vs_generate']:.1f}x" if row["vs_generate"] else "-"
+        print(f"[{shape}] {name:<22} rows={rows:<4} engine {eng_tps:>10,.0f} tok/s ({row['ms_per_step']:.2f} ms/step)"
+              f" | generate {gtxt:>8} | {vs:>7} | {100 * row['frac_roofline']:.1f}% of roofline", flush=True)
+        if dev.type == "cuda":
+            torch.cuda.reset_peak_memory_stats(dev)
+
+    batches, plens = ((4, 16), (32, 128)) if smoke else ((64, 256, 512), (2048, 8192))
+    for b in batches:
+        prompts = torch.randint(0, V, (b, 64), generator=g).tolist()
+        run(f"batch {b}", prompts, 1)
+    for plen in plens:
+        prefix = torch.randint(0, V, (plen,), generator=g).tolist()
+        for n in (64, 100):
+            run(f"prefix {plen // 1024}K N={n}" if plen >= 1024 else f"prefix {plen} N={n}", [prefix], n)
+    targets = torch.randint(0, V, (4, plens[0]), generator=g).tolist()
+    run(f"4 targets {plens[0] // 1024}K N=64" if plens[0] >= 1024 else "4 targets N=64", targets, 64)
+    del eng, pol, model
+    if dev.type == "cuda":
+        torch.cuda.empty_cache()
+    return rows_out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--shapes", default="qwen3-0.6b,qwen3-1.7b")
+    ap.add_argument("--max-new", type=int, default=128)
+    ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--json", default=None)
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, times nothing real")
+    args = ap.parse_args()
+    if not torch.cuda.is_available() and not args.smoke:
+        raise SystemExit("this benchmark needs a CUDA GPU (or --smoke)")
+    dev = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    torch.backends.cuda.matmul.allow_tf32 = False
+    import transformers
+
+    print(f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+          f"transformers {transformers.__version__}", flush=True)
+    bw = hbm_bandwidth(dev) if dev.type == "cuda" else 50e9
+    print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s", flush=True)
+    corr = check_correctness(dev)
+    print("correctness (fp32 tiny models on GPU):", json.dumps(corr), flush=True)
+    results: list[dict[str, Any]] = []
+    for shape in args.shapes.split(","):
+        results += bench_shape(shape.strip(), dev, bw, args.max_new, args.skip_generate, args.smoke)
+    print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline  ms/step")
+    for r in results:
+        g = f"{r['generate_tok_s']:,.0f}" if isinstance(r["generate_tok_s"], float) else r["generate_tok_s"]
+        vs = f"{r['vs_generate']:.1f}" if r["vs_generate"] else "-"
+        print(f"{r['shape']:<12} {r['case']:<22} {r['engine_tok_s']:>12,.0f} {g:>16} {vs:>12} "
+              f"{100 * r['frac_roofline']:>11.1f} {r['ms_per_step']:>8.2f}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(dict(bandwidth=bw, correctness=corr, results=results), indent=1))
+
+
+if __name__ == "__main__":
+    main()
