@@ -109,3 +109,12 @@ def test_train_cmd_end_to_end_from_yaml(tmp_path):
     f.write_text("steps: 0\nlr: -1\n")
     r = CliRunner().invoke(app, ["train", str(f)])
     assert r.exit_code == 2 and "lr must be > 0" in r.output
+
+
+def test_documented_example_config_is_valid(tmp_path):
+    doc = opd_cli.__doc__ or ""
+    block = doc.split("::\n\n", 1)[1].split("\n\n", 1)[0]
+    f = tmp_path / "example.yaml"
+    f.write_text("\n".join(line[4:] for line in block.splitlines()))
+    cfg = opd_cli.load_train_config(f)
+    assert (cfg.loss, cfg.k, cfg.batch_size, cfg.lr, cfg.teacher_template) == ("topk", 16, 64, 1e-6, "answer_hint")

@@ -1,6 +1,24 @@
 """``opdlens train CONFIG.yaml`` and the link from ``opdlens diagnose`` to training.
 
-A train config is a :class:`~opdlens.opd.trainer.TrainConfig` in YAML. It may instead start from
+A train config is a :class:`~opdlens.opd.trainer.TrainConfig` in YAML, e.g. (defaults of the
+paper where not set: lr 1e-6, batch 64, top-k 16, no KL regularisation)::
+
+    student: smollm2                  # 'smollm2', a local model directory or a HF id
+    teacher: smollm2                  # same tokenizer required (checked)
+    teacher_template: answer_hint     # or a format string with {prompt} / {answer}
+    task: arith
+    loss: topk                        # sampled | topk | full  (forward_kl | jsd for comparison)
+    k: 16
+    batch_size: 64
+    micro_batch: 8
+    max_new_tokens: 256
+    steps: 200
+    eval_every: 10
+    save_every: 50
+    out_dir: runs/opd-smollm2
+    device: auto                      # cuda when available
+
+It may instead start from
 a diagnose run and one of its teacher configurations::
 
     from_diagnose: runs/diagnose      # a run directory of `opdlens diagnose` (its config.yaml)

@@ -40,6 +40,7 @@ import random
 import re
 import shutil
 import time
+import warnings
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -160,6 +161,10 @@ class TrainConfig(BaseModel):
             raise OpdlensError(f"steps must be >= 0, got {self.steps}")
         if self.k < 1 or self.metrics_k < 1:
             raise OpdlensError("k and metrics_k must be >= 1")
+        if self.loss == "sampled" and self.temperature != 1.0:
+            warnings.warn(
+                f"loss 'sampled' with sampling temperature {self.temperature}: the sampled-token estimator is "
+                "unbiased for the reverse KL only for on-policy samples at temperature 1", stacklevel=2)
         if self.teacher_context is not None and self.teacher_template != "same":
             raise OpdlensError("set either teacher_context (a diagnose teacher configuration) or "
                                "teacher_template, not both")
@@ -578,7 +583,7 @@ class _Logger:
 
 
 def _jsonable(row: dict[str, Any]) -> dict[str, Any]:
-    out = {}
+    out: dict[str, Any] = {}
     for k, v in row.items():
         if isinstance(v, float) and not math.isfinite(v):
             out[k] = None
