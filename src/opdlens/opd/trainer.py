@@ -91,6 +91,12 @@ class TrainConfig(BaseModel):
     ``micro_batch`` rollouts go through one forward/backward pass. ``max_new_tokens=None``
     uses the task's own budget. ``eval_every=0`` disables held-out evaluation; ``save_every=0``
     disables checkpoints. ``device="auto"`` picks CUDA when available.
+    ``topk_renormalize`` defaults to True, the paper's top-k OPD (KL between the distributions
+    renormalised over the student's top-k set); :func:`~opdlens.opd.losses.topk_rkl` itself
+    defaults to the unnormalised partial sum. ``teacher_template`` (a :data:`TEMPLATES` name
+    or a format string) and ``teacher_context`` (a diagnose context: ``plain``, ``1c``,
+    ``1c1w``, ``1c-ext``) are alternatives. ``teacher_temperature`` divides the teacher's
+    logits (``< 1``: a sharper teacher, e.g. the same model at a lower temperature).
     """
 
     model_config = ConfigDict(extra="forbid")
