@@ -36,6 +36,7 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     tr = [(r["step"], r["rkl"]) for r in rows if r.get("rkl") is not None]
     ev = [(r["step"], r["eval_rkl"]) for r in rows if r.get("eval_rkl") is not None]
     ov = [(r["step"], r["overlap_ratio"]) for r in rows if r.get("overlap_ratio") is not None]
+    eov = [(r["step"], r["eval_overlap_ratio"]) for r in rows if r.get("eval_overlap_ratio") is not None]
     fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
     if tr:
         ax[0].plot(*zip(*tr), "o-", alpha=0.6, label="training batch (on-policy)")
@@ -46,9 +47,12 @@ def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
     ax[0].legend()
     ax[0].grid(alpha=0.3)
     if ov:
-        ax[1].plot(*zip(*ov), "o-", color="tab:green")
+        ax[1].plot(*zip(*ov), "o-", alpha=0.6, label="training batch")
+    if eov:
+        ax[1].plot(*zip(*eov), "s-", lw=2, label="held-out questions")
     ax[1].set_xlabel("step")
-    ax[1].set_ylabel("top-16 overlap ratio (training batch)")
+    ax[1].set_ylabel("top-16 overlap ratio |S_p ∩ S_q| / 16")
+    ax[1].legend()
     ax[1].grid(alpha=0.3)
     fig.suptitle(title)
     fig.tight_layout()
