@@ -344,8 +344,8 @@ class OPDTrainer:
     def __init__(self, config: TrainConfig, student: Any, teacher: Any, task: Any,
                  train_questions: Sequence[Any], eval_questions: Sequence[Any],
                  solutions: dict[str, Any] | None = None) -> None:
-        if teacher is student:
-            teacher = frozen_copy(student)  # a frozen snapshot: the teacher must not move
+        if teacher is student or getattr(teacher, "model", None) is getattr(student, "model", None):
+            teacher = frozen_copy(teacher)  # a frozen snapshot: the teacher must not move
         check_compatible(student, teacher)
         if not train_questions:
             raise OpdlensError("no training questions: check task / train_split / train_questions")
@@ -607,8 +607,12 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
 
 
 # ---------------------------------------------------------------------------- entry points
-def load_models(config: TrainConfig) -> tuple[Any, Any]:
-    """Load student and teacher with :func:`opdlens.models.load_policy` on the config's device/dtype."""
+def load_models(config: TrainConfig, *, student: bool = True, teacher: bool = True) -> tuple[Any, Any]:
+    """Load student and teacher with :func:`opdlens.models.load_policy` on the config's device/dtype.
+
+    The student is a private deep copy (it is trained in place; ``load_policy`` caches one
+    shared instance per spec); the teacher is the cached instance (never modified).
+    """
     try:
         from opdlens.models import load_policy
     except ImportError as e:  # pragma: no cover
@@ -616,9 +620,9 @@ def load_models(config: TrainConfig) -> tuple[Any, Any]:
     device = resolve_device(config.device)
     kw = {"device": str(device), "dtype": config.dtype}
     # load_policy caches one instance per spec: train a private copy, keep the cached one pristine
-    student = frozen_copy(_load(load_policy, config.student, kw))
-    teacher = _load(load_policy, config.teacher, kw)
-    return student, teacher
+    s = frozen_copy(_load(load_policy, config.student, kw)) if student else None
+    t = _load(load_policy, config.teacher, kw) if teacher else None
+    return s, t
 
 
 def _load(fn: Callable[..., Any], spec: str, kw: dict[str, Any]) -> Any:
@@ -721,9 +725,9 @@ def train(
     np.random.seed(cfg.seed % (2**32))
     random.seed(cfg.seed)
     if student is None or teacher is None:
-        s_loaded, t_loaded = load_models(cfg)
-        student = student or s_loaded
-        teacher = teacher or t_loaded
+        loaded = load_models(cfg, student=student is None, teacher=teacher is None)
+        student = student if student is not None else loaded[0]
+        teacher = teacher if teacher is not None else loaded[1]
     if task is None or train_questions is None or eval_questions is None:
         t_task, t_train, t_eval = load_questions(cfg)
         task = task or t_task
@@ -731,16 +735,22 @@ def train(
         eval_questions = eval_questions if eval_questions is not None else t_eval
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    ckpts = list_checkpoints(out_dir)
+    if ckpts and not resume and cfg.save_every > 0:
+        raise OpdlensError(
+            f"{out_dir} holds checkpoints of an earlier run (latest: step {ckpts[-1][0]}); resume=False would mix "
+            "two runs: pick another out_dir or delete the checkpoints folder"
+        )
+    ckpts = ckpts if resume else []
+    if not ckpts:  # a fresh run in a used directory: drop the previous run's outputs
+        for stale in (METRICS_FILE, "solutions.json"):
+            (out_dir / stale).unlink(missing_ok=True)
+        shutil.rmtree(out_dir / "tb", ignore_errors=True)
     budget = cfg.max_new_tokens or int(getattr(task, "max_new_tokens", 256))
     train_questions, eval_questions, sols, dropped = _prepare_contexts(
         cfg, student, task, list(train_questions), list(eval_questions), out_dir, budget)
     trainer = OPDTrainer(cfg, student, teacher, task, train_questions, eval_questions, solutions=sols)
-    resumed_from = None
-    ckpts = list_checkpoints(out_dir) if resume else []
-    if ckpts:
-        resumed_from = trainer.load_checkpoint(ckpts[-1][1])
-    elif (out_dir / METRICS_FILE).exists():
-        (out_dir / METRICS_FILE).unlink()  # a fresh run in a used directory
+    resumed_from = trainer.load_checkpoint(ckpts[-1][1]) if ckpts else None
     cfg.to_yaml(out_dir / "config.yaml")
     logger = _Logger(out_dir, trainer.step, cfg.tensorboard)
     history: list[dict[str, Any]] = []
