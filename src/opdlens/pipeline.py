@@ -332,7 +332,6 @@ class Diagnosis:
             "n_rollouts": len(initial),
             "success_rate": initial.success_rate,
             "n_targeted": n_targeted,
-            "n_paths": len(paths),
         }
 
     def run(self, envs: Iterable[QuestionEnv]) -> pd.DataFrame:
