@@ -81,7 +81,8 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
     res: dict[str, Any] = {}
     for mt in ("llama", "qwen3"):
         pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32)
-        eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2)
+        eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2,
+                          prefix_chunk=16)  # 3 chunks of 16 keys for the 35-token prefix
         prefixes = [[1, 2, 3], list(range(5, 40)), [7]]
         out = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
         again = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)

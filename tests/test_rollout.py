@@ -56,10 +56,12 @@ def test_fused_backend_selected_for_llama_family(llama: HFPolicy, qwen3: HFPolic
     assert isinstance(llama.engine, TorchEngine)
 
 
-@pytest.mark.parametrize("backend", ["fused", "hf"])
+@pytest.mark.parametrize("backend", ["fused", "fused-chunked", "hf"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_teacher_forcing(llama: HFPolicy, backend: str, temperature: float) -> None:
-    eng = _engine(llama, backend=backend, max_batch_rows=16, compact_below=0.6)
+    # fused-chunked: prefix keys split in chunks of 2 (padded, some fully masked), merged by log-sum-exp
+    chunk = {"prefix_chunk": 2} if backend == "fused-chunked" else {}
+    eng = _engine(llama, backend=backend.split("-")[0], max_batch_rows=16, compact_below=0.6, **chunk)
     res = eng.sample(PREFIXES, 5, 12, seed=11, temperature=temperature)
     assert [len(cs) for cs in res] == [5, 5, 5]
     assert _check_against_teacher_forcing(llama, res, temperature) > 30

@@ -30,6 +30,7 @@ from typing import Any
 import inspect
 
 import torch
+import torch.nn.functional as F
 
 from opdlens.policy import Completion, OpdlensError, TokenSeq
 from opdlens.rollout.base import completions_from_buffers, make_generator, sample_tokens, validate_request
@@ -113,6 +114,7 @@ class TorchEngine:
         suffix_bucket: int = 64,
         fused_attention: bool = True,
         sampler: str = "auto",
+        prefix_chunk: int = 512,
     ) -> None:
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -138,6 +140,8 @@ class TorchEngine:
         self.compact_below = compact_below
         self.suffix_bucket = suffix_bucket
         self.fused_attention = fused_attention and is_cuda
+        self.prefix_chunk = prefix_chunk
+        self._weights: _FusedWeights | None = None
         vocab = model.get_output_embeddings().weight.shape[0]
         self._eos_lut = torch.zeros(vocab, dtype=torch.bool, device=self.device)
         if self.eos_ids:
@@ -211,9 +215,12 @@ class TorchEngine:
         prefills: dict[int, _Prefill] = {}
         for batch in self._plan(jobs, row_cap, seqs):
             self.stats["batches"] += 1
-            for job in batch:
-                if job.prefix not in prefills:
-                    prefills[job.prefix] = self._prefill(seqs[job.prefix])
+            todo = list(dict.fromkeys(j.prefix for j in batch if j.prefix not in prefills))
+            if self.backend == "fused":
+                prefills.update(self._prefill_many([seqs[i] for i in todo], todo))
+            else:
+                for i in todo:
+                    prefills[i] = self._prefill(seqs[i])
             if self.backend == "fused":
                 comps = self._decode_fused(batch, prefills, max_new_tokens, temperature, gen)
             else:
@@ -245,6 +252,37 @@ class TorchEngine:
         return batches
 
     # ------------------------------------------------------------------ prefill
+    def _prefill_many(self, group: list[list[int]], ids: list[int], max_tokens: int = 16384) -> dict[int, _Prefill]:
+        """Prefill several prefixes per forward (right-padded; pads follow the real tokens, so
+        causal attention keeps them out of every real position)."""
+        out: dict[int, _Prefill] = {}
+        start = 0
+        while start < len(group):
+            end = start + 1
+            while end < len(group) and (end - start + 1) * max(len(x) for x in group[start:end + 1]) <= max_tokens:
+                end += 1
+            seqs = group[start:end]
+            T = max(len(x) for x in seqs)
+            inp = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
+            mask = torch.zeros((len(seqs), T), dtype=torch.long)
+            for r, x in enumerate(seqs):
+                inp[r, : len(x)] = torch.tensor(x)
+                mask[r, : len(x)] = 1
+            inp, mask = inp.to(self.device), mask.to(self.device)
+            lens = torch.tensor([len(x) for x in seqs], device=self.device)
+            res = self.model.model(input_ids=inp, attention_mask=mask if len(seqs) > 1 else None, use_cache=True)
+            hidden = res.last_hidden_state[torch.arange(len(seqs), device=self.device), lens - 1]
+            logits = self.model.lm_head(hidden)
+            cache = getattr(res, "cache", None) or res.past_key_values
+            kv = [_cache_kv(cache, layer) for layer in range(self.n_layers)]
+            for r, x in enumerate(seqs):
+                k = torch.stack([kl[r, :, : len(x)] for kl, _ in kv])  # [L, Hkv, T, D]
+                v = torch.stack([vl[r, :, : len(x)] for _, vl in kv])
+                out[ids[start + r]] = _Prefill(len(x), logits[r], k=k, v=v)
+            self.stats["prefills"] += len(seqs)
+            start = end
+        return out
+
     def _prefill(self, seq: list[int]) -> _Prefill:
         ids = torch.tensor([seq], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
@@ -319,19 +357,26 @@ class TorchEngine:
         P = len(batch)
         R = max(j.rows for j in batch)
         lens = [prefills[j.prefix].length for j in batch]
+        # prefix cache in chunks [L, P, C, Hkv, Lc, D]: on CUDA long prefixes are split in
+        # chunks of `prefix_chunk` keys that are attended in parallel, then merged by log-sum-exp
         align = 16 if self.fused_attention else 1
-        Lp = -(-max(lens) // align) * align
-        pre_k = torch.zeros(L, P, Hkv, Lp, D, dtype=self.dtype, device=dev)
+        Lc = -(-max(lens) // align) * align
+        if Lc > self.prefix_chunk:
+            Lc = -(-self.prefix_chunk // align) * align
+        C = -(-max(lens) // Lc)
+        pre_k = torch.zeros(L, P, C, Hkv, Lc, D, dtype=self.dtype, device=dev)
         pre_v = torch.zeros_like(pre_k)
         for p, j in enumerate(batch):
             pf = prefills[j.prefix]
-            pre_k[:, p, :, : pf.length] = pf.k
-            pre_v[:, p, :, : pf.length] = pf.v
+            for src, dst in ((pf.k, pre_k), (pf.v, pre_v)):
+                padded = F.pad(src, (0, 0, 0, C * Lc - pf.length))  # [L, Hkv, C*Lc, D]
+                dst[:, p] = padded.view(L, Hkv, C, Lc, D).transpose(1, 2)
         lens_t = torch.tensor(lens, device=dev)
         pre_bias = None
-        if min(lens) != Lp:
-            pre_bias = torch.zeros(P, 1, 1, Lp, dtype=self.dtype, device=dev)
-            pre_bias.masked_fill_(torch.arange(Lp, device=dev)[None, None, None] >= lens_t[:, None, None, None], _NEG_INF)
+        if min(lens) != C * Lc:
+            pos = torch.arange(C * Lc, device=dev).view(1, C, 1, 1, Lc)
+            pre_bias = torch.zeros(P, C, Hkv, 1, Lc, dtype=self.dtype, device=dev)
+            pre_bias.masked_fill_(pos >= lens_t.view(P, 1, 1, 1, 1), _NEG_INF)
         # rows: grid [P, R] flattened; row r of job p is sample j.first + r (dead if r >= j.rows)
         n_out = sum(j.rows for j in batch)
         offsets = [0]
@@ -376,6 +421,47 @@ class TorchEngine:
         return [comps[offsets[p]:offsets[p + 1]] for p in range(P)]
 
 
+class _FusedWeights:
+    """Per-layer weights concatenated for fewer kernels (q|k|v and gate|up in one GEMM each).
+
+    The copies are refreshed whenever a source weight changed (in-place updates bump the tensor
+    version counter, so an optimizer step on the model is picked up at the next ``sample``)."""
+
+    def __init__(self, model: torch.nn.Module) -> None:
+        self.model = model
+        self._key: tuple[Any, ...] | None = None
+        self.refresh()
+
+    def _sources(self) -> list[torch.Tensor]:
+        out = []
+        for layer in self.model.model.layers:
+            a, m = layer.self_attn, layer.mlp
+            out += [a.q_proj.weight, a.k_proj.weight, a.v_proj.weight, m.gate_proj.weight, m.up_proj.weight]
+            out += [t.bias for t in (a.q_proj, a.k_proj, a.v_proj) if t.bias is not None]
+            if hasattr(a, "q_norm"):
+                out += [a.q_norm.weight, a.k_norm.weight]
+        return out
+
+    def refresh(self) -> None:
+        key = tuple((t.data_ptr(), t._version) for t in self._sources())
+        if key == self._key:
+            return
+        self._key = key
+        self.qkv_w, self.qkv_b, self.gu_w, self.qk_norm_w = [], [], [], []
+        cfg = self.model.config
+        H = cfg.num_attention_heads
+        Hkv = getattr(cfg, "num_key_value_heads", None) or H
+        with torch.no_grad():
+            for layer in self.model.model.layers:
+                a, m = layer.self_attn, layer.mlp
+                self.qkv_w.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+                bias = [t.bias for t in (a.q_proj, a.k_proj, a.v_proj)]
+                self.qkv_b.append(torch.cat(bias) if all(b is not None for b in bias) else None)
+                self.gu_w.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+                if hasattr(a, "q_norm"):
+                    self.qk_norm_w.append(torch.cat([a.q_norm.weight[None].expand(H, -1), a.k_norm.weight[None].expand(Hkv, -1)]))
+
+
 class _FusedState:
     """Buffers and (CUDA-graph) decode step of one fused batch."""
 
@@ -391,18 +477,25 @@ class _FusedState:
         s_cap: int,
     ) -> None:
         self.eng = eng
-        self.model = eng.model
         base = eng.model.model
         self.layers = base.layers
         self.embed = base.embed_tokens
         self.norm = base.norm
         self.lm_head = eng.model.lm_head
+        if eng._weights is None:
+            eng._weights = _FusedWeights(eng.model)
+        eng._weights.refresh()
+        self.w = eng._weights
         self.inv_freq = base.rotary_emb.inv_freq.float().to(eng.device)
         self.rope_scale = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", eng.head_dim ** -0.5))
+        self.eps = float(getattr(eng.model.config, "rms_norm_eps", 1e-6))
+        self.act = self.layers[0].mlp.act_fn
         self.pre_k, self.pre_v, self.pre_bias = pre_k, pre_v, pre_bias
         self.P, self.R, self.s_cap = P, R, s_cap
         B = P * R
+        if eng.device.type == "cuda":
+            s_cap = -(-s_cap // 16) * 16  # aligned key length for the fused attention kernel
         shape = (eng.n_layers, B, eng.n_kv, s_cap, eng.head_dim)
         self.suf_k = torch.zeros(shape, dtype=eng.dtype, device=eng.device)
         self.suf_v = torch.zeros_like(self.suf_k)
@@ -419,7 +512,7 @@ class _FusedState:
         self.tok_in.copy_(tok)
         self.t_idx.fill_(t)
         if self.eng.device.type == "cuda":
-            sb = min(self.s_cap, -(-(t + 1) // self.eng.suffix_bucket) * self.eng.suffix_bucket)
+            sb = min(self.suf_k.shape[3], -(-(t + 1) // self.eng.suffix_bucket) * self.eng.suffix_bucket)
         else:
             sb = t + 1
         if not self.eng.cuda_graphs:
@@ -433,7 +526,7 @@ class _FusedState:
     def _capture(self, sb: int) -> tuple[torch.cuda.CUDAGraph, torch.Tensor]:
         if self._pool is None:
             self._pool = torch.cuda.graph_pool_handle()
-        shape = (self.tok_in.numel(), sb)
+        shape = (self.tok_in.numel(), sb, self.pre_k.shape[2], self.pre_k.shape[4])
         if shape not in self.eng._warm_shapes:  # warm-up once per shape (lazy library init)
             side = torch.cuda.Stream(self.eng.device)
             side.wait_stream(torch.cuda.current_stream(self.eng.device))
@@ -447,8 +540,12 @@ class _FusedState:
         self.eng.stats["graphs"] += 1
         return graph, out
 
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Hugging Face RMSNorm numerics: normalise in float32, cast, scale."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * weight
+
     def _forward(self, sb: int) -> torch.Tensor:
-        eng = self.eng
+        eng, w = self.eng, self.w
         B, H, Hkv, D = self.tok_in.numel(), eng.n_heads, eng.n_kv, eng.head_dim
         G = H // Hkv
         x = self.embed(self.tok_in)  # [B, hidden]
@@ -456,48 +553,61 @@ class _FusedState:
         freqs = pos[:, None] * self.inv_freq[None]
         emb = torch.cat((freqs, freqs), dim=-1)
         cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]  # [B, 1, D]
-        sin = (emb.sin() * self.rope_scale).to(x.dtype)[:, None]
+        half = D // 2
+        sin = emb.sin() * self.rope_scale
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(x.dtype)[:, None]  # sign of rotate_half folded in
         slots = torch.arange(sb, device=x.device)
-        suf_bias = torch.zeros(sb, dtype=torch.float32, device=x.device).masked_fill_(slots > self.t_idx, _NEG_INF)
+        suf_bias = torch.zeros(sb, dtype=x.dtype if self._use_fused_attn else torch.float32, device=x.device)
+        suf_bias.masked_fill_(slots > self.t_idx, _NEG_INF)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
-            q = attn.q_proj(h).view(B, H, D)
-            k = attn.k_proj(h).view(B, Hkv, D)
-            v = attn.v_proj(h).view(B, Hkv, D)
-            if hasattr(attn, "q_norm"):
-                q = attn.q_norm(q)
-                k = attn.k_norm(k)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
+            h = self._rms(x, layer.input_layernorm.weight)
+            qkv = F.linear(h, w.qkv_w[li], w.qkv_b[li]).view(B, H + 2 * Hkv, D)
+            qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv:]
+            if w.qk_norm_w:
+                qk = self._rms(qk, w.qk_norm_w[li])
+            qk = torch.addcmul(qk * cos, qk.roll(half, dims=-1), sin)  # rotary embedding of q and k
+            q, k = qk[:, :H], qk[:, H:]
             self.suf_k[li].index_copy_(2, self.t_idx, k[:, :, None])
             self.suf_v[li].index_copy_(2, self.t_idx, v[:, :, None])
-            o = self._attention(q.view(B, Hkv, G, D), li, sb, suf_bias)
+            o = self._attention(q.reshape(B, Hkv, G, D), li, sb, suf_bias)
             x = x + attn.o_proj(o.reshape(B, H * D))
-            x = x + layer.mlp(layer.post_attention_layernorm(x))
-        return self.lm_head(self.norm(x))
+            gu = F.linear(self._rms(x, layer.post_attention_layernorm.weight), w.gu_w[li])
+            g, u = gu.chunk(2, dim=-1)
+            x = x + layer.mlp.down_proj(self.act(g) * u)
+        return self.lm_head(self._rms(x, self.norm.weight))
 
     def _attention(self, q: torch.Tensor, li: int, sb: int, suf_bias: torch.Tensor) -> torch.Tensor:
         """Attention of ``q [B, Hkv, G, D]`` over shared prefix + own suffix; returns ``[B, Hkv, G, D]``."""
         P, R = self.P, self.R
         B, Hkv, G, D = q.shape
         # prefix part: queries of a prefix's R rows x G heads share one K/V per kv-head
-        qp = q.view(P, R, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(P, Hkv, R * G, D)
-        out_p, lse_p = self._attend(qp, self.pre_k[li], self.pre_v[li], self.pre_bias)
-        out_p = out_p.view(P, Hkv, R, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, G, D)
-        lse_p = lse_p.view(P, Hkv, R, G).permute(0, 2, 1, 3).reshape(B, Hkv, G)
+        C, Lc = self.pre_k.shape[2], self.pre_k.shape[4]
+        qp = q.view(P, R, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(P, 1, Hkv, R * G, D)
+        if C > 1:
+            qp = qp.expand(P, C, Hkv, R * G, D)
+        qp = qp.reshape(P, C * Hkv, R * G, D)
+        kp = self.pre_k[li].view(P, C * Hkv, Lc, D)
+        vp = self.pre_v[li].view(P, C * Hkv, Lc, D)
+        bias = None if self.pre_bias is None else self.pre_bias.view(P, C * Hkv, 1, Lc)
+        out_p, lse_p = self._attend(qp, kp, vp, bias)
+        if C > 1:  # merge the key chunks (flash-decoding)
+            lse_c = lse_p.view(P, C, Hkv, R * G)
+            lse_p = torch.logsumexp(lse_c, dim=1)
+            wgt = torch.exp(lse_c - lse_p[:, None]).nan_to_num_(0.0)
+            out_p = torch.einsum("pchm,pchmd->phmd", wgt, out_p.view(P, C, Hkv, R * G, D).float().nan_to_num_(0.0))
+            out_p = out_p.to(q.dtype)
+        out_p = out_p.reshape(P, Hkv, R, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, G, D)
+        lse_p = lse_p.reshape(P, Hkv, R, G).permute(0, 2, 1, 3).reshape(B, Hkv, G)
         # suffix part: each row's own generated tokens
         ks = self.suf_k[li][:, :, :sb]
         vs = self.suf_v[li][:, :, :sb]
-        s = torch.matmul(q, ks.transpose(-1, -2)).float() * self.scaling + suf_bias  # [B, Hkv, G, sb]
-        lse_s = torch.logsumexp(s, dim=-1)
-        out_s = torch.matmul(torch.exp(s - lse_s[..., None]).to(vs.dtype), vs)
-        # merge by log-sum-exp weights
-        m = torch.maximum(lse_p, lse_s)
-        wp = torch.exp(lse_p - m)[..., None]
-        ws = torch.exp(lse_s - m)[..., None]
-        out = (out_p.float() * wp + out_s.float() * ws) / (wp + ws)
-        return out.to(q.dtype)
+        out_s, lse_s = self._attend(q, ks, vs, suf_bias.view(1, 1, 1, sb))
+        # merge by log-sum-exp weights: out = out_s + sigmoid(lse_p - lse_s) * (out_p - out_s)
+        wp = torch.sigmoid(lse_p - lse_s)[..., None]
+        if q.dtype == torch.float32:
+            return torch.lerp(out_s, out_p, wp)
+        return torch.lerp(out_s.float(), out_p.float(), wp).to(q.dtype)
 
     def _attend(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
@@ -505,7 +615,7 @@ class _FusedState:
         """Non-causal attention with its log-sum-exp: ``q [N, H, M, D]``, ``k, v [N, H, T, D]``."""
         if self._use_fused_attn:
             try:
-                b = None if bias is None else bias.expand(q.shape[0], q.shape[1], q.shape[2], bias.shape[-1])
+                b = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], bias.shape[-1])
                 out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
                     q, k, v, b, True, 0.0, False, scale=self.scaling
                 )[:2]
