@@ -47,7 +47,7 @@ LEVELS: dict[int, ArithLevel] = {
 #: Default difficulty. Measured on SmolLM2-135M-Instruct (Q4_1 GGUF, chat template, T=1, no
 #: top-k/top-p, 48 new tokens, 10 questions x 8 samples, seed 0) with
 #: ``python -m opdlens.tasks.calibrate``: level 1 (word) 0.087, level 2 (word) 0.125, level 2
-#: (``style="expr"``) 0.150; 9 of 10 questions at level 2 had a per-question rate strictly
+#: (``style="expr"``) 0.150; at level 2, 7 of 10 questions had a per-question rate strictly
 #: between 0 and 1. Easier numbers do not help: the 135M model fails mostly by rambling, so
 #: 0.2-0.6 is out of reach at T=1; harder levels can only lower the rate.
 DEFAULT_DIFFICULTY = 2
