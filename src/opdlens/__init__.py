@@ -1,0 +1,10 @@
+"""opdlens: per-token diagnostics and training for on-policy distillation of LLMs.
+
+Start with ``opdlens demo`` (CLI) or :func:`opdlens.pipeline.diagnose` (Python); the map of
+the package is docs/ARCHITECTURE.md.
+"""
+
+from opdlens.policy import Completion, OpdlensError, Policy
+
+__version__ = "0.1.0"
+__all__ = ["Completion", "OpdlensError", "Policy", "__version__"]
