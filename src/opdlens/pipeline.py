@@ -20,7 +20,7 @@ oracle policy runs through exactly the same code as a Hugging Face model.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -78,6 +78,17 @@ class PhaseOptions:
     summarizer_encode: Callable[[Messages], list[int]] | None = None
     summarizer_decode: Callable[[Sequence[int]], str] | None = None
     solution_writer: Callable[[QuestionEnv], str | None] | None = None  # for 1c-ext contexts
+
+
+@dataclass
+class Prepared:
+    """What phase 2 needs of a question whose tree is stored: its initial rollouts, paths,
+    teacher contexts (by teacher name) and the (question, teacher) skips found on the way."""
+
+    initial: RolloutSet
+    paths: pd.DataFrame
+    contexts: dict[str, list[int]]
+    skips: list[dict[str, str]]
 
 
 class Diagnosis:
@@ -280,12 +291,23 @@ class Diagnosis:
         return 0 if targeted is None else len(targeted)
 
     # ------------------------------------------------------------------ phase 2
-    def score(self, env: QuestionEnv, paths: pd.DataFrame, contexts: dict[str, list[int]], success_rate: float) -> None:
+    def score(
+        self,
+        env: QuestionEnv,
+        paths: pd.DataFrame,
+        contexts: dict[str, list[int]],
+        success_rate: float,
+        teachers: Collection[str] | None = None,
+    ) -> None:
+        """Score every path under each teacher (``teachers``: a subset of names; None = all)
+        whose ``nodes/<teacher>/<question>`` table is not stored yet."""
         rollouts = self.store.read_rollouts(env.id)
         cache: dict[int, tuple[list[int], torch.Tensor, object]] = {}
         for t in self.teachers:
             rel = self.store.nodes_file(t.spec.name, env.id)
             if self.store.has(rel) or t.spec.name not in contexts:
+                continue
+            if teachers is not None and t.spec.name not in teachers:
                 continue
             frames = []
             for row in paths.itertuples():
@@ -312,27 +334,46 @@ class Diagnosis:
             self.store.write_table(rel, pd.concat(frames, ignore_index=True))
 
     # ------------------------------------------------------------------ driver
-    def run_question(self, env: QuestionEnv) -> dict[str, object]:
+    def prepare(self, env: QuestionEnv) -> Prepared:
+        """Initial rollouts, representative paths, solutions and teacher contexts of a question
+        (sampled and stored if missing, else read back): everything but the targeted rollouts."""
         initial = self.initial(env)
         paths = self.paths(env, initial)
         sol = self.solutions(env, initial, paths)
         contexts: dict[str, list[int]] = {}
+        skips: list[dict[str, str]] = []
         for t in self.teachers:
             ctx = self._teacher_context(t, env, sol)
             if ctx is None:
-                self.skips.append(
+                skips.append(
                     {"question_id": env.id, "teacher": t.spec.name, "reason": missing_for(t.spec.context, sol) or ""}
                 )
             else:
                 contexts[t.spec.name] = ctx
-        n_targeted = self.targeted(env, paths, contexts)
-        self.score(env, paths, contexts, initial.success_rate)
-        return {
+        return Prepared(initial, paths, contexts, skips)
+
+    def phase1(self, env: QuestionEnv) -> tuple[Prepared, dict[str, object]]:
+        """Phase 1 of a question (tree + targeted enrichment); returns it and its summary row.
+        The question's skips are added to ``self.skips``."""
+        prep = self.prepare(env)
+        self.skips.extend(prep.skips)
+        n_targeted = self.targeted(env, prep.paths, prep.contexts)
+        summary: dict[str, object] = {
             "question_id": env.id,
-            "n_rollouts": len(initial),
-            "success_rate": initial.success_rate,
+            "n_rollouts": len(prep.initial),
+            "success_rate": prep.initial.success_rate,
             "n_targeted": n_targeted,
         }
+        return prep, summary
+
+    def phase2(self, env: QuestionEnv, prep: Prepared, teachers: Collection[str] | None = None) -> None:
+        """Phase 2 of a question whose phase 1 is done: score ``teachers`` (names; None = all)."""
+        self.score(env, prep.paths, prep.contexts, prep.initial.success_rate, teachers)
+
+    def run_question(self, env: QuestionEnv) -> dict[str, object]:
+        prep, summary = self.phase1(env)
+        self.phase2(env, prep)
+        return summary
 
     def run(self, envs: Iterable[QuestionEnv]) -> pd.DataFrame:
         envs = list(envs)
