@@ -20,6 +20,7 @@ oracle policy runs through exactly the same code as a Hugging Face model.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
@@ -29,14 +30,29 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from opdlens.policy import OpdlensError, Policy, check_same_vocab
+from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.signals import SignalConfig, path_signals
 from opdlens.store import RunStore, derive_seed, safe_name
+from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 from opdlens.targeting import Target, TargetingConfig, select_targets
 from opdlens.teachers import SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
 from opdlens.tree import RolloutSet, path_stats
 
 Messages = list[dict[str, str]]
+log = logging.getLogger(__name__)
+
+#: Grade reasons counted as "no answer could be extracted" (``n_no_answer`` in the questions table).
+NO_ANSWER_REASONS = frozenset({NO_ANSWER, UNFINISHED_THINKING})
+
+
+def policy_max_context(policy: Any) -> int | None:
+    """The longest input (prompt + generated tokens) a policy accepts: its ``max_context``
+    attribute, else its Hugging Face config's ``max_position_embeddings``; None if unknown."""
+    limit = getattr(policy, "max_context", None)
+    if limit is None:
+        cfg = getattr(getattr(policy, "model", None), "config", None)
+        limit = getattr(cfg, "max_position_embeddings", None)
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
 
 
 @dataclass
@@ -50,6 +66,9 @@ class QuestionEnv:
     decode: Callable[[Sequence[int]], str] = lambda toks: " ".join(map(str, toks))
     token_texts: Callable[[Sequence[int]], list[str]] = lambda toks: [str(t) for t in toks]
     external_solution: str | None = None
+    #: optional: the grade reason of a completion (``opdlens.tasks`` reasons); completions whose
+    #: reason is in :data:`NO_ANSWER_REASONS` are counted in the question's ``n_no_answer``.
+    grade_reason: Callable[[Sequence[int]], str] | None = None
 
 
 @dataclass
@@ -78,6 +97,7 @@ class PhaseOptions:
     summarizer_encode: Callable[[Messages], list[int]] | None = None
     summarizer_decode: Callable[[Sequence[int]], str] | None = None
     solution_writer: Callable[[QuestionEnv], str | None] | None = None  # for 1c-ext contexts
+    max_context: int | None = None  # student's input limit; None = policy_max_context(student)
 
 
 @dataclass
@@ -114,6 +134,19 @@ class Diagnosis:
         self.opt = options or PhaseOptions()
         self.progress = progress
         self.skips: list[dict[str, str]] = []
+        self.oom_retries = 0  # sampling calls split in halves after running out of GPU memory
+
+    def too_long(self, env: QuestionEnv) -> str | None:
+        """Why a question cannot run on the student (prompt + generation budget over its
+        context), or None when it fits."""
+        limit = self.opt.max_context or policy_max_context(self.student)
+        need = len(env.prompt_ids) + self.opt.max_new_tokens
+        if limit is None or need <= limit:
+            return None
+        return (
+            f"prompt of {len(env.prompt_ids)} tokens + max_new_tokens {self.opt.max_new_tokens} = {need} "
+            f"exceeds the student's context of {limit} tokens"
+        )
 
     # ------------------------------------------------------------------ helpers
     def _sample_graded(
@@ -133,18 +166,39 @@ class Diagnosis:
             else:
                 todo.append((p, b, f))
         if todo:
-            comps = self.student.sample(
-                [env.prompt_ids + p for p, _, _ in todo],
-                n,
-                max(b for _, b, _ in todo),
-                seed=seed,
-                temperature=self.opt.temperature,
-            )
+            comps = self._sample([env.prompt_ids + p for p, _, _ in todo], n, max(b for _, b, _ in todo), seed)
             for (p, b, f), cs in zip(todo, comps):
                 tokens.extend(list(p) + c.tokens[:b] for c in cs)
                 forced_out.extend([f] * n)
         success = [bool(env.grade(t)) for t in tokens]
         return RolloutSet.from_lists(tokens, success, forced_out)
+
+    def _sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int, seed: int) -> list[list[Completion]]:
+        """``student.sample`` that survives running out of GPU memory: the request is split in
+        halves (prefixes first, then the ``n`` rows), each half with its own seed derived from
+        ``seed``, and retried. The same request and the same memory give the same rollouts; the
+        split changes which random numbers each rollout gets, not their distribution."""
+        try:
+            return self.student.sample(prefixes, n, max_new_tokens, seed=seed, temperature=self.opt.temperature)
+        except torch.OutOfMemoryError:
+            pass  # retry outside the except block: the traceback holds the failed call's tensors
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        if len(prefixes) == 1 and n == 1:
+            raise OpdlensError(
+                f"out of GPU memory sampling one rollout of a {len(prefixes[0])}-token prefix with "
+                f"max_new_tokens={max_new_tokens}: lower max_new_tokens, use dtype=bfloat16 or a GPU with more memory"
+            )
+        self.oom_retries += 1
+        log.warning("out of GPU memory sampling %d prefixes x %d rows: retrying in halves", len(prefixes), n)
+        s0, s1 = derive_seed(seed, "oom", 0), derive_seed(seed, "oom", 1)
+        if len(prefixes) > 1:
+            h = len(prefixes) // 2
+            return self._sample(prefixes[:h], n, max_new_tokens, s0) + self._sample(prefixes[h:], n, max_new_tokens, s1)
+        h = n // 2
+        a = self._sample(prefixes, h, max_new_tokens, s0)
+        b = self._sample(prefixes, n - h, max_new_tokens, s1)
+        return [a[0] + b[0]]
 
     def _chunks_of(self, env: QuestionEnv, prefix: str) -> RolloutSet | None:
         sets = []
@@ -348,8 +402,18 @@ class Diagnosis:
                 skips.append(
                     {"question_id": env.id, "teacher": t.spec.name, "reason": missing_for(t.spec.context, sol) or ""}
                 )
-            else:
-                contexts[t.spec.name] = ctx
+                continue
+            limit = policy_max_context(t.policy)
+            longest = int(paths["length"].max())
+            if limit is not None and len(ctx) + longest > limit:
+                skips.append({
+                    "question_id": env.id,
+                    "teacher": t.spec.name,
+                    "reason": f"teacher context of {len(ctx)} tokens + path of {longest} tokens exceeds "
+                    f"the teacher's context of {limit} tokens",
+                })
+                continue
+            contexts[t.spec.name] = ctx
         return Prepared(initial, paths, contexts, skips)
 
     def phase1(self, env: QuestionEnv) -> tuple[Prepared, dict[str, object]]:
@@ -363,8 +427,16 @@ class Diagnosis:
             "n_rollouts": len(prep.initial),
             "success_rate": prep.initial.success_rate,
             "n_targeted": n_targeted,
+            "n_no_answer": self._count_no_answer(env, prep.initial),
         }
         return prep, summary
+
+    @staticmethod
+    def _count_no_answer(env: QuestionEnv, rollouts: RolloutSet) -> int:
+        """Rollouts whose answer could not be extracted (0 when the env gives no grade reasons)."""
+        if env.grade_reason is None:
+            return 0
+        return sum(env.grade_reason([int(x) for x in t]) in NO_ANSWER_REASONS for t in rollouts.tokens)
 
     def phase2(self, env: QuestionEnv, prep: Prepared, teachers: Collection[str] | None = None) -> None:
         """Phase 2 of a question whose phase 1 is done: score ``teachers`` (names; None = all)."""
@@ -381,10 +453,25 @@ class Diagnosis:
             raise OpdlensError("no questions to diagnose: the task returned an empty question set")
         rows = []
         for env in tqdm(envs, desc="questions", unit="q", disable=not self.progress):
+            reason = self.too_long(env)
+            if reason is not None:
+                log.warning("skipping question %s: %s", env.id, reason)
+                self.skips.append({"question_id": env.id, "teacher": "", "reason": reason})
+                continue
             rows.append(self.run_question(env))
+        return self.finish(rows, len(envs))
+
+    def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
+        """Write ``questions.parquet`` (one summary row per finished question) and
+        ``skips.parquet`` (teacher "" = the whole question was skipped)."""
+        self.store.write_table("skips.parquet", pd.DataFrame(self.skips, columns=["question_id", "teacher", "reason"]))
+        if not rows:
+            first = self.skips[0]["reason"] if self.skips else "?"
+            raise OpdlensError(
+                f"all {n_questions} questions were skipped (see {self.store.root / 'skips.parquet'}), e.g.: {first}"
+            )
         questions = pd.DataFrame(rows)
         self.store.write_table("questions.parquet", questions)
-        self.store.write_table("skips.parquet", pd.DataFrame(self.skips, columns=["question_id", "teacher", "reason"]))
         return questions
 
 
@@ -434,6 +521,7 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[Questio
                 id=q.id,
                 prompt_ids=student.encode_chat([{"role": "user", "content": q.prompt}]),
                 grade=lambda toks, q=q: task.check(text_of(toks), q),
+                grade_reason=lambda toks, q=q: task.grade(text_of(toks), q).reason,
                 question_text=q.prompt,
                 decode=text_of,
                 token_texts=student.token_texts,
