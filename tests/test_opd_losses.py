@@ -273,3 +273,14 @@ def test_errors_are_clear(batch):
         L.opd_loss("nope", z, w, tok, mask)  # type: ignore[arg-type]
     with pytest.raises(OpdlensError, match="beta"):
         L.generalized_jsd(z, w, mask, beta=1.5)
+
+
+def test_teacher_temperature_divides_teacher_logits(batch):
+    z, w, tok, mask = batch
+    for name in ("sampled", "topk", "full", "forward_kl", "jsd"):
+        a = L.opd_loss(name, z, w, tok, mask, k=4, teacher_temperature=0.5).value.item()
+        b = L.opd_loss(name, z, w * 2.0, tok, mask, k=4).value.item()
+        c = L.opd_loss(name, z, w, tok, mask, k=4).value.item()
+        assert a == pytest.approx(b, rel=1e-5, abs=1e-6) and a != pytest.approx(c, rel=1e-3), name
+    with pytest.raises(OpdlensError, match="temperature"):
+        L.full_rkl(z, w, mask, teacher_temperature=0.0)
