@@ -79,11 +79,14 @@ def timed(fn: Any) -> tuple[float, Any]:
 def check_correctness(dev: torch.device) -> dict[str, Any]:
     """GPU log-probs vs teacher forcing (fp32 tiny Llama + tiny Qwen3); determinism."""
     res: dict[str, Any] = {}
-    for mt in ("llama", "qwen3"):
+    cases = [("llama", 10**6, [[1, 2, 3], list(range(5, 40)), [7]]),  # unchunked prefix, padded
+             ("qwen3", 10**6, [[1, 2, 3], list(range(5, 40)), [7]]),
+             ("qwen3", 16, [list(range(5, 37)), list(range(9, 41))]),  # 2 chunks of 16, no padding
+             ("qwen3", 16, [[1, 2, 3], list(range(5, 40)), [7]])]  # chunked + padded
+    for mt, chunk, prefixes in cases:
         pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32)
         eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2,
-                          prefix_chunk=16)  # 3 chunks of 16 keys for the 35-token prefix
-        prefixes = [[1, 2, 3], list(range(5, 40)), [7]]
+                          prefix_chunk=chunk)
         out = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
         again = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
         err = 0.0
@@ -92,8 +95,9 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
                 rows = pol.continuation_logprobs(p, c.tokens) / 0.8
                 ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
                 err = max(err, float((ref - torch.tensor(c.logprobs)).abs().max()))
-        res[mt] = dict(max_abs_err=err, deterministic=out == again, sampler=eng.sampler,
-                       stats={k: float(v) for k, v in eng.stats.items()})
+        res[f"{mt} chunk={chunk} lens={[len(p) for p in prefixes]}"] = dict(
+            max_abs_err=err, deterministic=out == again, sampler=eng.sampler,
+            stats={k: float(v) for k, v in eng.stats.items()})
     return res
 
 
@@ -192,7 +196,9 @@ def main() -> None:
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 50e9
     print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s", flush=True)
     corr = check_correctness(dev)
-    print("correctness (fp32 tiny models on GPU):", json.dumps(corr), flush=True)
+    for k, v in corr.items():
+        print(f"correctness (fp32, GPU) {k}: max|logprob - teacher forcing| = {v['max_abs_err']:.2e}, "
+              f"deterministic={v['deterministic']}, sampler={v['sampler']}, stats={v['stats']}", flush=True)
     results: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
         results += bench_shape(shape.strip(), dev, bw, args.max_new, args.skip_generate, args.smoke)

@@ -557,7 +557,7 @@ class _FusedState:
         sin = emb.sin() * self.rope_scale
         sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(x.dtype)[:, None]  # sign of rotate_half folded in
         slots = torch.arange(sb, device=x.device)
-        suf_bias = torch.zeros(sb, dtype=x.dtype if self._use_fused_attn else torch.float32, device=x.device)
+        suf_bias = torch.zeros(sb, dtype=torch.float32, device=x.device)
         suf_bias.masked_fill_(slots > self.t_idx, _NEG_INF)
         for li, layer in enumerate(self.layers):
             attn = layer.self_attn
@@ -590,7 +590,8 @@ class _FusedState:
         kp = self.pre_k[li].view(P, C * Hkv, Lc, D)
         vp = self.pre_v[li].view(P, C * Hkv, Lc, D)
         bias = None if self.pre_bias is None else self.pre_bias.view(P, C * Hkv, 1, Lc)
-        out_p, lse_p = self._attend(qp, kp, vp, bias)
+        # the fused kernel is used where it was validated on GPU: unchunked, or chunked without padding
+        out_p, lse_p = self._attend(qp, kp, vp, bias, fused=C == 1 or bias is None)
         if C > 1:  # merge the key chunks (flash-decoding)
             lse_c = lse_p.view(P, C, Hkv, R * G)
             lse_p = torch.logsumexp(lse_c, dim=1)
@@ -602,7 +603,7 @@ class _FusedState:
         # suffix part: each row's own generated tokens
         ks = self.suf_k[li][:, :, :sb]
         vs = self.suf_v[li][:, :, :sb]
-        out_s, lse_s = self._attend(q, ks, vs, suf_bias.view(1, 1, 1, sb))
+        out_s, lse_s = self._attend(q, ks, vs, suf_bias.view(1, 1, 1, sb), fused=False)
         # merge by log-sum-exp weights: out = out_s + sigmoid(lse_p - lse_s) * (out_p - out_s)
         wp = torch.sigmoid(lse_p - lse_s)[..., None]
         if q.dtype == torch.float32:
@@ -610,10 +611,10 @@ class _FusedState:
         return torch.lerp(out_s.float(), out_p.float(), wp).to(q.dtype)
 
     def _attend(
-        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, fused: bool = True
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """Non-causal attention with its log-sum-exp: ``q [N, H, M, D]``, ``k, v [N, H, T, D]``."""
-        if self._use_fused_attn:
+        if self._use_fused_attn and fused:
             try:
                 b = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], bias.shape[-1])
                 out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
