@@ -464,15 +464,20 @@ class Diagnosis:
     def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
         """Write ``questions.parquet`` (one summary row per finished question) and
         ``skips.parquet`` (teacher "" = the whole question was skipped)."""
-        self.store.write_table("skips.parquet", pd.DataFrame(self.skips, columns=["question_id", "teacher", "reason"]))
-        if not rows:
-            first = self.skips[0]["reason"] if self.skips else "?"
-            raise OpdlensError(
-                f"all {n_questions} questions were skipped (see {self.store.root / 'skips.parquet'}), e.g.: {first}"
-            )
-        questions = pd.DataFrame(rows)
-        self.store.write_table("questions.parquet", questions)
-        return questions
+        return write_run_tables(self.store, rows, self.skips, n_questions)
+
+
+def write_run_tables(
+    store: RunStore, rows: list[dict[str, object]], skips: list[dict[str, str]], n_questions: int
+) -> pd.DataFrame:
+    """Write ``skips.parquet`` and ``questions.parquet`` (raises when every question was skipped)."""
+    store.write_table("skips.parquet", pd.DataFrame(skips, columns=["question_id", "teacher", "reason"]))
+    if not rows:
+        first = skips[0]["reason"] if skips else "?"
+        raise OpdlensError(f"all {n_questions} questions were skipped (see {store.root / 'skips.parquet'}), e.g.: {first}")
+    questions = pd.DataFrame(rows)
+    store.write_table("questions.parquet", questions)
+    return questions
 
 
 def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
@@ -533,15 +538,29 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[Questio
 
 def diagnose(config: Any, *, progress: bool = True) -> RunStore:
     """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir."""
-    from opdlens.models import check_tokenizers_compatible, load_policy
-    from opdlens.tasks import get_task
-
     store = RunStore(config.out_dir)
+    write_config(store, config)
+    diag, envs = build_diagnosis(config, progress=progress)
+    diag.run(envs)
+    return store
+
+
+def write_config(store: RunStore, config: Any) -> None:
+    """Save the run's configuration as ``config.yaml`` (once: a resumed run keeps the first)."""
     cfg_file = store.root / "config.yaml"
     if not cfg_file.exists():
         import yaml
 
         cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, list[QuestionEnv]]:
+    """Load the task, questions and models of a :class:`opdlens.config.DiagnoseConfig`: the
+    :class:`Diagnosis` writing into ``config.out_dir`` and the question environments."""
+    from opdlens.models import check_tokenizers_compatible, load_policy
+    from opdlens.tasks import get_task
+
+    store = RunStore(config.out_dir)
     task = get_task(config.task, **config.task_args)
     questions = task.load(split=config.split, n=config.n_questions, seed=config.seed)
     student = load_policy(config.student, device=config.device, dtype=config.dtype)
@@ -571,8 +590,7 @@ def diagnose(config: Any, *, progress: bool = True) -> RunStore:
         opts.solution_writer = _solution_writer(
             load_policy(config.solution_model, device=config.device, dtype=config.dtype), task, questions, config.seed
         )
-    Diagnosis(store, student, teachers, opts, progress=progress).run(task_envs(task, questions, student))
-    return store
+    return Diagnosis(store, student, teachers, opts, progress=progress), task_envs(task, questions, student)
 
 
 def _solution_writer(model: Any, task: Any, questions: Sequence[Any], seed: int, tries: int = 8):  # type: ignore[no-untyped-def]
