@@ -46,8 +46,8 @@ class DiagnoseConfig(BaseModel):
         return load_yaml(cls, path)
 
 
-def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
-    """Parse and validate a YAML config file into ``cls``."""
+def read_yaml(path: str | Path) -> dict[str, Any]:
+    """The mapping in a YAML file; errors name the file, the line and what is wrong."""
     p = Path(path)
     if not p.is_file():
         raise OpdlensError(f"config file {p} does not exist")
@@ -59,13 +59,23 @@ def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
         raise OpdlensError(f"config {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
     if not isinstance(data, dict):
         raise OpdlensError(f"config {p} must be a mapping of keys to values, got {type(data).__name__}")
+    return data
+
+
+def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str) -> Any:
+    """``cls.model_validate(data)`` with pydantic's errors rewritten as one readable message."""
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
         lines = [
             f"  {'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
         ]
-        raise OpdlensError(f"config {p} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+        raise OpdlensError(f"config {where} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
+    """Parse and validate a YAML config file into ``cls``."""
+    return validate_config(cls, read_yaml(path), str(path))
 
 
 def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseConfig:

@@ -37,8 +37,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from opdlens.config import read_yaml, validate_config
 from opdlens.opd.trainer import TrainConfig, TrainResult, train
 from opdlens.policy import OpdlensError
 
@@ -80,29 +79,13 @@ def train_config_from_diagnose(diagnose: Any, teacher: str, **overrides: Any) ->
         teacher_context=spec.context, device=diagnose.device,
     )
     base.update(overrides)
-    return _validate(base, f"diagnose teacher {teacher!r}")
-
-
-def _validate(data: dict[str, Any], where: str) -> TrainConfig:
-    try:
-        return TrainConfig.model_validate(data)
-    except OpdlensError:
-        raise
-    except Exception as e:  # pydantic.ValidationError
-        raise OpdlensError(f"invalid train config ({where}):\n{e}") from e
+    return validate_config(TrainConfig, base, f"from diagnose teacher {teacher!r}")
 
 
 def load_train_config(path: str | Path) -> TrainConfig:
     """Read a train YAML: a plain :class:`TrainConfig`, or ``from_diagnose`` + ``teacher_config``."""
     p = Path(path)
-    if not p.is_file():
-        raise OpdlensError(f"config file {p} does not exist")
-    try:
-        data = yaml.safe_load(p.read_text()) or {}
-    except yaml.YAMLError as e:
-        raise OpdlensError(f"config file {p} is not valid YAML: {e}") from e
-    if not isinstance(data, dict):
-        raise OpdlensError(f"config file {p} must hold a mapping of options")
+    data = read_yaml(p)
     if "from_diagnose" not in data:
         return TrainConfig.from_yaml(p)
     from opdlens.config import DiagnoseConfig

@@ -180,23 +180,13 @@ class TrainConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Load a config from YAML; unknown keys and bad values raise :class:`OpdlensError`."""
-        p = Path(path)
-        if not p.is_file():
-            raise OpdlensError(f"config file {p} does not exist")
-        try:
-            data = yaml.safe_load(p.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise OpdlensError(f"config file {p} is not valid YAML: {e}") from e
-        if not isinstance(data, dict):
-            raise OpdlensError(f"config file {p} must hold a mapping of options, got {type(data).__name__}")
-        data = data.get("train", data) if isinstance(data.get("train"), dict) else data
-        try:
-            return cls.model_validate(data)
-        except OpdlensError:
-            raise
-        except Exception as e:  # pydantic.ValidationError: re-raise as a user-facing error
-            raise OpdlensError(f"invalid train config {p}:\n{e}") from e
+        """Load a config from YAML (optionally nested under ``train:``); unknown keys and bad
+        values raise :class:`OpdlensError`."""
+        from opdlens.config import read_yaml, validate_config
+
+        data = read_yaml(path)
+        data = data["train"] if isinstance(data.get("train"), dict) else data
+        return validate_config(cls, data, str(path))
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
