@@ -87,10 +87,19 @@ def diagnose_cmd(
 
 
 @app.command()
-def report(run_dir: Path = typer.Argument(..., help="a run directory written by diagnose/demo")) -> None:
-    """(Re)build the report of a run: summary.md, CSVs, figures, index.html."""
+def report(
+    run_dir: Path = typer.Argument(..., help="a run directory written by diagnose/demo"),
+    train_run: list[Path] = typer.Option([], "--train", help="OPD run directory whose curve to include (repeatable)"),
+) -> None:
+    """(Re)build the report of a run: summary.md, CSVs, figures, index.html (+ OPD training curves)."""
     try:
-        index = _report(run_dir)
+        extra = []
+        for d in train_run:
+            png = d / "rkl_curve.png"
+            if not png.is_file():
+                raise OpdlensError(f"{d} has no rkl_curve.png: run `opdlens train` (or python -m opdlens.opd.demo) there first")
+            extra.append((f"OPD training: {d.name}", png))
+        index = _report(run_dir, extra)
     except OpdlensError as exc:
         _fail(exc)
     console.print(f"report: {index}")

@@ -113,6 +113,12 @@ def train_cmd(config: Path) -> TrainResult:
                   f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
                   f"lr={cfg.lr:g} batch={cfg.batch_size} steps={cfg.steps} -> {cfg.out_dir}")
     res = train(cfg)
+    from opdlens.opd.trainer import read_metrics
+    from opdlens.report.figures import plot_training_curve
+
+    curve = plot_training_curve(
+        read_metrics(res.out_dir), res.out_dir / "rkl_curve.png", f"OPD: {cfg.student} ← {cfg.teacher}, loss={cfg.loss}"
+    )
     if res.resumed_from is not None:
         console.print(f"resumed from step {res.resumed_from}")
     rows = [r for r in res.history if r.get("eval_rkl") is not None]
@@ -121,5 +127,5 @@ def train_cmd(config: Path) -> TrainResult:
                       f"{rows[-1]['eval_rkl']:.4f} (step {rows[-1]['step']}); "
                       f"reward {rows[0].get('eval_reward')} -> {rows[-1].get('eval_reward')}")
     console.print(f"logs: {res.out_dir / 'metrics.jsonl'}, TensorBoard: {res.out_dir / 'tb'}; "
-                  f"last checkpoint: {res.last_checkpoint}")
+                  f"last checkpoint: {res.last_checkpoint}; curve: {curve}")
     return res

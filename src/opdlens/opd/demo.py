@@ -24,41 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
-
-
-def plot_curve(rows: list[dict[str, Any]], path: Path, title: str = "") -> Path:
-    """Plot training-batch and held-out reverse KL (and top-k overlap) against the step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    tr = [(r["step"], r["rkl"]) for r in rows if r.get("rkl") is not None]
-    ev = [(r["step"], r["eval_rkl"]) for r in rows if r.get("eval_rkl") is not None]
-    ov = [(r["step"], r["overlap_ratio"]) for r in rows if r.get("overlap_ratio") is not None]
-    eov = [(r["step"], r["eval_overlap_ratio"]) for r in rows if r.get("eval_overlap_ratio") is not None]
-    fig, ax = plt.subplots(1, 2, figsize=(10, 3.8))
-    if tr:
-        ax[0].plot(*zip(*tr), "o-", alpha=0.6, label="training batch (on-policy)")
-    if ev:
-        ax[0].plot(*zip(*ev), "s-", lw=2, label="held-out questions (fixed seed)")
-    ax[0].set_xlabel("step")
-    ax[0].set_ylabel("per-token reverse KL  KL(p‖q)  [nats]")
-    ax[0].legend()
-    ax[0].grid(alpha=0.3)
-    if ov:
-        ax[1].plot(*zip(*ov), "o-", alpha=0.6, label="training batch")
-    if eov:
-        ax[1].plot(*zip(*eov), "s-", lw=2, label="held-out questions")
-    ax[1].set_xlabel("step")
-    ax[1].set_ylabel("top-16 overlap ratio |S_p ∩ S_q| / 16")
-    ax[1].legend()
-    ax[1].grid(alpha=0.3)
-    fig.suptitle(title)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+from opdlens.report.figures import plot_training_curve
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -91,7 +57,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     res = train(cfg, resume=not a.fresh)
     rows = read_metrics(a.out_dir)
-    png = plot_curve(rows, a.out_dir / "rkl_curve.png",
+    png = plot_training_curve(rows, a.out_dir / "rkl_curve.png",
                      f"OPD on SmolLM2-135M: loss={a.loss}, teacher={a.teacher_template}, lr={a.lr:g}")
     ev = [r for r in rows if r.get("eval_rkl") is not None]
     start, end = ev[0]["eval_rkl"], ev[-1]["eval_rkl"]

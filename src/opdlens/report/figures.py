@@ -5,7 +5,8 @@ Each function draws one PNG and returns its path:
 * :func:`plot_distribution` - histogram of node alignment, one panel per teacher;
 * :func:`plot_teacher_means` - per-teacher mean alignment with CI error bars;
 * :func:`plot_correct_incorrect` - grouped bars: correct vs incorrect paths per teacher;
-* :func:`plot_depth` - mean alignment per normalised-depth bin, one line per teacher.
+* :func:`plot_depth` - mean alignment per normalised-depth bin, one line per teacher;
+* :func:`plot_training_curve` - OPD training: reverse KL and top-k overlap against the step.
 """
 
 from __future__ import annotations
@@ -20,7 +21,7 @@ from matplotlib.figure import Figure
 
 from opdlens.analysis import t_interval
 
-__all__ = ["plot_correct_incorrect", "plot_depth", "plot_distribution", "plot_teacher_means"]
+__all__ = ["plot_correct_incorrect", "plot_depth", "plot_distribution", "plot_teacher_means", "plot_training_curve"]
 
 _DPI = 110
 
@@ -147,3 +148,28 @@ def plot_depth(
     ax.set_title("Alignment along the path (± 1 s.e.)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
     return _save(fig, path)
+
+
+def plot_training_curve(rows: list[dict], path: Path, title: str = "") -> Path:  # type: ignore[type-arg]
+    """Training-batch and held-out reverse KL (left) and top-k overlap ratio (right) per step,
+    from the rows of an OPD run's ``metrics.jsonl``."""
+
+    def series(key: str) -> list[tuple[float, float]]:
+        return [(r["step"], r[key]) for r in rows if r.get(key) is not None]
+
+    fig = Figure(figsize=(10, 3.8))
+    ax = fig.subplots(1, 2)
+    panels = (("rkl", "eval_rkl", "per-token reverse KL  KL(p‖q)  [nats]"),
+              ("overlap_ratio", "eval_overlap_ratio", "top-k overlap ratio |S_p ∩ S_q| / k"))  # fmt: skip
+    for a, (train_key, eval_key, label) in zip(ax, panels):
+        if tr := series(train_key):
+            a.plot(*zip(*tr), "o-", alpha=0.6, label="training batch (on-policy)")
+        if ev := series(eval_key):
+            a.plot(*zip(*ev), "s-", lw=2, label="held-out questions (fixed seed)")
+        a.set_xlabel("step")
+        a.set_ylabel(label)
+        a.legend()
+        a.grid(alpha=0.3)
+    fig.suptitle(title)
+    return _save(fig, path)
+
