@@ -66,6 +66,7 @@ class QuestionEnv:
     decode: Callable[[Sequence[int]], str] = lambda toks: " ".join(map(str, toks))
     token_texts: Callable[[Sequence[int]], list[str]] = lambda toks: [str(t) for t in toks]
     external_solution: str | None = None
+    reference_solution: str | None = None  # shown as the "correct solution" when no rollout is correct
     #: optional: the grade reason of a completion (``opdlens.tasks`` reasons); completions whose
     #: reason is in :data:`NO_ANSWER_REASONS` are counted in the question's ``n_no_answer``.
     grade_reason: Callable[[Sequence[int]], str] | None = None
@@ -272,7 +273,7 @@ class Diagnosis:
             chosen = (off or cands)[:1]
             return env.decode(chosen[0]) if chosen else None
 
-        sol = Solutions(correct=pick(True), wrong=pick(False), external=env.external_solution)
+        sol = Solutions(correct=pick(True) or env.reference_solution, wrong=pick(False), external=env.external_solution)
         kinds = {t.spec.context for t in self.teachers}
         if "1c-ext" in kinds and sol.external is None and self.opt.solution_writer is not None:
             sol.external = self.opt.solution_writer(env)
@@ -531,6 +532,7 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[Questio
                 decode=text_of,
                 token_texts=student.token_texts,
                 external_solution=q.meta.get("solution"),
+                reference_solution=q.meta.get("solution") or f"The answer is {q.answer}.",
             )
         )
     return envs

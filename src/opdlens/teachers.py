@@ -17,7 +17,8 @@ Contexts (PAPERS.md, part A), named as in the paper:
 =================  ============================================================================
 
 Solutions come from the question's own initial rollouts (never one of the representative
-paths being scored, when another exists).
+paths being scored, when another exists). When no rollout is correct, the correct solution is
+the one supplied with the data (``meta["solution"]``) or, failing that, "The answer is X."
 """
 
 from __future__ import annotations
