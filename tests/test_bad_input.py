@@ -28,6 +28,7 @@ def _small(out: Path, **kw: object) -> DiagnoseConfig:
     base: dict[str, object] = dict(
         task="arith", n_questions=2, rollouts_per_question=8, max_new_tokens=6,
         teachers=[TeacherSpec(name="plain")], out_dir=str(out),
+        targeting={"first_window": 2, "visit_target": 8, "max_rollouts_per_path": 16},
     )
     base.update(kw)
     return DiagnoseConfig(**base)  # type: ignore[arg-type]

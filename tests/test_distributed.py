@@ -126,3 +126,25 @@ def test_unloadable_model_on_ray_gives_the_loader_message(cluster, tmp_path):
         diagnose_ray(cfg, num_workers=1, progress=False)
     with pytest.raises(OpdlensError, match="unknown task 'nope'; known tasks: .*arith"):
         diagnose_ray(cfg.model_copy(update={"task": "nope"}), num_workers=1, progress=False)
+
+
+def test_config_models_loaded_in_the_actors_equal_diagnose(cluster, tmp_path):
+    """The default ConfigFactory (models and task built inside the actor from the config, as
+    `opdlens diagnose CONFIG --ray` does) gives the single-process `diagnose` results."""
+    from opdlens.models import load_tokenizer, tiny_random_policy
+    from opdlens.pipeline import diagnose
+
+    model_dir = tmp_path / "tiny"
+    tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)
+    load_tokenizer("smollm2").save_pretrained(model_dir)
+    cfg = DiagnoseConfig(
+        student=str(model_dir), task="arith", n_questions=2, rollouts_per_question=8, max_new_tokens=6,
+        teachers=[{"name": "plain"}, {"name": "Self-1C1W", "context": "1c1w"}], out_dir=str(tmp_path / "ray"),
+        targeting={"first_window": 2, "visit_target": 8, "max_rollouts_per_path": 16},
+    )
+    store = diagnose_ray(cfg, num_workers=1, progress=False)
+    assert (store.root / "config.yaml").exists()
+    diagnose(cfg.model_copy(update={"out_dir": str(tmp_path / "single")}), progress=False)
+    assert_same_run(tmp_path / "ray", tmp_path / "single")
+    nodes, questions, _ = load_results(store)
+    assert set(nodes["teacher"]) == {"plain", "Self-1C1W"} and (questions["n_rollouts"] == 8).all()
