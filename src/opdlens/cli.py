@@ -38,14 +38,18 @@ def _run_diagnose(cfg, ray_address: Optional[str]) -> Path:  # type: ignore[no-u
         if ray_address is not None:
             from opdlens.distributed import diagnose_ray
 
-            store = diagnose_ray(cfg, address=ray_address or None)
+            store = diagnose_ray(cfg, address=None if ray_address in ("", "local") else ray_address)
         else:
             store = diagnose(cfg)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume")
         raise typer.Exit(130) from None
-    index = _report(store.root)
-    console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s")
+    console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s; results in {store.root}")
+    try:
+        index = _report(store.root)
+    except OpdlensError as exc:  # e.g. no valid node: the run is fine, the report has nothing to show
+        console.print(f"[yellow]no report[/]: {exc}")
+        return store.root
     console.print(f"report: {index}")
     console.print(f"summary: {index.parent / 'summary.md'}")
     return index
@@ -72,7 +76,9 @@ def demo(
 def diagnose_cmd(
     config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
     out: Optional[Path] = typer.Option(None, help="override out_dir"),
-    ray: Optional[str] = typer.Option(None, help="run on Ray: 'auto', an address, or '' for a local cluster"),
+    ray: Optional[str] = typer.Option(
+        None, help="run on Ray: 'local' (start a local cluster), 'auto' (the running cluster) or an address"
+    ),
 ) -> None:
     """Phase 1 (rollouts, targeted enrichment) and phase 2 (teacher scoring), then the report."""
     from opdlens.config import DiagnoseConfig

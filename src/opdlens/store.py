@@ -7,7 +7,9 @@ Layout::
       rollouts/<question>/<chunk>.parquet one file per sampling chunk (initial, targeted-<i>)
       paths/<question>.parquet            the representative paths of a question
       nodes/<teacher>/<question>.parquet  per-node signals of a (teacher, question)
-      questions.parquet                   per-question summary
+      phase1/<question>.parquet           marks a question's tree as complete (Ray runs)
+      questions.parquet                   per-question summary (rollouts, success rate, answers not found)
+      skips.parquet                       recorded skips: (question, teacher, reason)
 
 A chunk file exists only once its rollouts are complete (write to a temporary name, then
 rename), so a run interrupted at any moment loses at most the chunk in flight; rerunning skips
@@ -20,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import socket
 from pathlib import Path
 
 import numpy as np
@@ -49,7 +52,7 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique across nodes
     pq.write_table(table, tmp)
     os.replace(tmp, path)
 
