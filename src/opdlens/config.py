@@ -84,12 +84,12 @@ def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseCon
         student="smollm2",
         task="arith",
         n_questions=n_questions,
-        rollouts_per_question=32,
-        max_new_tokens=32,
+        rollouts_per_question=24,
+        max_new_tokens=24,
         teachers=list(DEFAULT_TEACHERS),
         targeting=TargetingConfig(
-            first_window=8, per_window_gkd=2, per_window_gap=2, visit_target=12, max_rollouts_per_path=96
+            first_window=6, per_window_gkd=2, per_window_gap=2, visit_target=8, max_rollouts_per_path=48
         ),
-        signals=SignalConfig(min_visits=6),
+        signals=SignalConfig(min_visits=5),
         out_dir=out_dir,
     )
