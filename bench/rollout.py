@@ -79,23 +79,29 @@ def timed(fn: Any) -> tuple[float, Any]:
 def check_correctness(dev: torch.device) -> dict[str, Any]:
     """GPU log-probs vs teacher forcing (fp32 tiny Llama + tiny Qwen3); determinism."""
     res: dict[str, Any] = {}
-    cases = [("llama", 10**6, [[1, 2, 3], list(range(5, 40)), [7]]),  # unchunked prefix, padded
-             ("qwen3", 10**6, [[1, 2, 3], list(range(5, 40)), [7]]),
-             ("qwen3", 16, [list(range(5, 37)), list(range(9, 41))]),  # 2 chunks of 16, no padding
-             ("qwen3", 16, [[1, 2, 3], list(range(5, 40)), [7]])]  # chunked + padded
-    for mt, chunk, prefixes in cases:
-        pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32)
+    long3 = [[1, 2, 3], list(range(5, 40)), [7]]
+    # (model type, prefix chunk, prefixes, samples per prefix, hidden size, decode kernels)
+    cases = [("llama", 10**6, long3, 6, 32, "auto"),  # unchunked prefix, padded
+             ("qwen3", 10**6, long3, 6, 32, "auto"),
+             ("qwen3", 16, [list(range(5, 37)), list(range(9, 41))], 6, 32, "auto"),  # 2 chunks of 16, no padding
+             ("qwen3", 16, long3, 6, 32, "auto"),  # chunked + padded
+             ("qwen3", 16, long3, 1, 64, "auto"),  # one row per prefix (single attention kernel), head_dim 16
+             ("qwen3", 16, long3, 6, 64, "auto"),  # split-key prefix kernel with head_dim 16
+             ("qwen3", 16, long3, 6, 32, "torch")]  # the PyTorch-op decode step
+    for mt, chunk, prefixes, n, hidden, kernels in cases:
+        pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32,
+                                 hidden_size=hidden)
         eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2,
-                          prefix_chunk=chunk)
-        out = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
-        again = eng.sample(prefixes, 6, 24, seed=3, temperature=0.8)
+                          prefix_chunk=chunk, kernels=kernels)
+        out = eng.sample(prefixes, n, 24, seed=3, temperature=0.8)
+        again = eng.sample(prefixes, n, 24, seed=3, temperature=0.8)
         err = 0.0
         for p, cs in zip(prefixes, out):
             for c in cs:
                 rows = pol.continuation_logprobs(p, c.tokens) / 0.8
                 ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
                 err = max(err, float((ref - torch.tensor(c.logprobs)).abs().max()))
-        res[f"{mt} chunk={chunk} lens={[len(p) for p in prefixes]}"] = dict(
+        res[f"{mt} h={hidden} chunk={chunk} lens={[len(p) for p in prefixes]} n={n} kernels={eng.kernels}"] = dict(
             max_abs_err=err, deterministic=out == again, sampler=eng.sampler,
             stats={k: float(v) for k, v in eng.stats.items()})
     return res
@@ -126,8 +132,9 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
         tokens = rows * max_new
         eng.sample(prefixes, n, max_new, seed=0)  # warm-up: graph capture, kernels
         t_eng, out = timed(lambda: eng.sample(prefixes, n, max_new, seed=1))
-        assert sum(len(c.tokens) for cs in out for c in cs) == tokens
         stats = dict(eng.stats)
+        t_pre, _ = timed(lambda: eng.sample(prefixes, n, 1, seed=2))  # prefill + first token only
+        assert sum(len(c.tokens) for cs in out for c in cs) == tokens
         gen_tps: float | str = "skipped"
         if not skip_generate:
             try:
@@ -149,15 +156,18 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
         roof_tps = rows / step_floor
         row = dict(shape=shape, case=name, rows=rows, max_new=max_new, engine_tok_s=eng_tps,
                    engine_s=t_eng, ms_per_step=t_eng / max_new * 1e3, generate_tok_s=gen_tps,
+                   prefill_s=t_pre, decode_ms_per_step=(t_eng - t_pre) / max(1, max_new - 1) * 1e3,
                    vs_generate=(eng_tps / gen_tps) if isinstance(gen_tps, float) else None,
                    roofline_tok_s=roof_tps, frac_roofline=eng_tps / roof_tps,
                    fused_attention=stats.get("fused_attention"), graphs=stats.get("graphs"),
+                   triton_kernels=stats.get("triton_kernels"),
                    peak_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None)
         rows_out.append(row)
         gtxt = f"{gen_tps:,.0f}" if isinstance(gen_tps, float) else gen_tps
         vs = f"{row['vs_generate']:.1f}x" if row["vs_generate"] else "-"
         print(f"[{shape}] {name:<22} rows={rows:<4} engine {eng_tps:>10,.0f} tok/s ({row['ms_per_step']:.2f} ms/step)"
-              f" | generate {gtxt:>8} | {vs:>7} | {100 * row['frac_roofline']:.1f}% of roofline", flush=True)
+              f" | generate {gtxt:>8} | {vs:>7} | {100 * row['frac_roofline']:.1f}% of roofline"
+              f" | prefill {t_pre * 1e3:.1f} ms, decode {row['decode_ms_per_step']:.2f} ms/step", flush=True)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
@@ -202,12 +212,13 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
         results += bench_shape(shape.strip(), dev, bw, args.max_new, args.skip_generate, args.smoke)
-    print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline  ms/step")
+    print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline  ms/step"
+          "  decode ms/step")
     for r in results:
         g = f"{r['generate_tok_s']:,.0f}" if isinstance(r["generate_tok_s"], float) else r["generate_tok_s"]
         vs = f"{r['vs_generate']:.1f}" if r["vs_generate"] else "-"
         print(f"{r['shape']:<12} {r['case']:<22} {r['engine_tok_s']:>12,.0f} {g:>16} {vs:>12} "
-              f"{100 * r['frac_roofline']:>11.1f} {r['ms_per_step']:>8.2f}")
+              f"{100 * r['frac_roofline']:>11.1f} {r['ms_per_step']:>8.2f} {r['decode_ms_per_step']:>15.2f}")
     if args.json:
         Path(args.json).write_text(json.dumps(dict(bandwidth=bw, correctness=corr, results=results), indent=1))
 

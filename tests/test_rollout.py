@@ -216,3 +216,58 @@ def test_vllm_engine_maps_requests_and_outputs() -> None:
     assert {c.finished for cs in res for c in cs} == {True, False}
     with pytest.raises(OpdlensError, match="n .samples"):
         eng.sample([[1]], n=0, max_new_tokens=4, seed=0)
+
+
+# ---------------------------------------------------------------------------- Triton decode kernels
+_TRITON_SCRIPT = r"""
+import sys
+import torch
+import triton.runtime.interpreter as ti
+
+_orig = ti._patch_lang_tensor
+
+
+def _patched(tensor, scope):  # interpreter scalars are 1-element arrays; numpy 2 refuses int() of those
+    _orig(tensor, scope)
+    tensor.__index__ = lambda self: int(self.handle.data.reshape(-1)[0])
+
+
+ti._patch_lang_tensor = _patched
+from opdlens.models import tiny_random_policy
+from opdlens.rollout import TorchEngine
+
+PREFIXES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
+worst = 0.0
+PREFIXES[1] = list(range(3, 40))  # 37 keys: 3 chunks of 16 (the last one padded) in the split-key kernel
+for mt, hidden, n, chunk in (("llama", 32, 4, 512), ("qwen3", 64, 1, 16), ("qwen3", 64, 3, 16)):
+    pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, hidden_size=hidden)
+    eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, "cpu", kernels="triton",
+                      compact_below=0.6, prefix_chunk=chunk, max_batch_rows=64)
+    res = eng.sample(PREFIXES, n, 6, seed=4, temperature=0.8)
+    again = eng.sample(PREFIXES, n, 6, seed=4, temperature=0.8)
+    assert eng.stats["triton_kernels"] == 1.0, eng.stats
+    assert [[c.tokens for c in cs] for cs in res] == [[c.tokens for c in cs] for cs in again]
+    for prefix, cs in zip(PREFIXES, res):
+        for c in cs:
+            rows = pol.continuation_logprobs(prefix, c.tokens) / 0.8
+            ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+            worst = max(worst, float((ref - torch.tensor(c.logprobs)).abs().max()))
+    print(mt, hidden, n, chunk, dict(eng.stats), flush=True)
+print("max_err", worst)
+assert worst < 1e-4, worst
+"""
+
+
+def test_triton_decode_kernels_match_teacher_forcing_interpreted() -> None:
+    """The CUDA decode step's Triton kernels, run by Triton's CPU interpreter (skipped without Triton)."""
+    pytest.importorskip("triton")
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, TRITON_INTERPRET="1")
+    src = str(Path(__file__).resolve().parents[1] / "src")
+    env["PYTHONPATH"] = os.pathsep.join([src, env.get("PYTHONPATH", "")])
+    proc = subprocess.run([sys.executable, "-c", _TRITON_SCRIPT], env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -95,7 +95,10 @@ class TorchEngine:
     ``"auto"``, ``"fused"``, ``"hf"``; ``cuda_graphs`` (default: on for CUDA); ``sync_every``
     steps between host checks of finished rows (default 1 on CPU, 16 on CUDA); ``compact_below``
     live fraction under which finished rows are dropped; ``suffix_bucket`` granularity of the
-    suffix-length buckets of the CUDA graphs.
+    suffix-length buckets of the CUDA graphs (torch kernels); ``kernels`` ``"triton"`` (default on
+    CUDA: the fused Triton decode step of :mod:`opdlens.rollout.triton_decode`, one CUDA graph per
+    decode shape, kept across ``sample`` calls in an LRU of ``graph_cache`` shapes) or ``"torch"``
+    (the PyTorch-op step, the CPU default).
     """
 
     def __init__(
@@ -115,6 +118,8 @@ class TorchEngine:
         fused_attention: bool = True,
         sampler: str = "auto",
         prefix_chunk: int = 512,
+        kernels: str = "auto",
+        graph_cache: int = 2,
     ) -> None:
         self.model = model.eval()
         self.device = torch.device(device) if device is not None else next(model.parameters()).device
@@ -157,6 +162,18 @@ class TorchEngine:
         self._sample = self._pick_sampler(sampler)
         params = inspect.signature(model.forward).parameters
         self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        if kernels not in ("auto", "torch", "triton"):
+            raise OpdlensError(f"kernels must be 'auto', 'torch' or 'triton', got {kernels!r}")
+        from opdlens.rollout import triton_decode
+
+        if kernels == "triton" and not triton_decode.available():
+            raise OpdlensError("kernels='triton' needs Triton")
+        if kernels == "auto":
+            kernels = "triton" if (is_cuda and self.backend == "fused" and triton_decode.available()) else "torch"
+        self.kernels = kernels if self.backend == "fused" else "torch"
+        self._kernels_forced = kernels == "triton"
+        self.graph_cache = max(1, int(graph_cache))
+        self._slots: dict[tuple[int, ...], _Slot] = {}
 
     def _pick_sampler(self, sampler: str) -> Any:
         """``"torch"`` (Gumbel-max in PyTorch, the CPU default) or ``"triton"`` (fused, CUDA only).
@@ -345,14 +362,7 @@ class TorchEngine:
         return [completions_from_buffers(out_tok[:rows], out_lp[:rows], steps, self.eos_ids)]
 
     # ------------------------------------------------------------------ fused backend
-    def _decode_fused(
-        self,
-        batch: list[_Job],
-        prefills: dict[int, _Prefill],
-        max_new: int,
-        temperature: float,
-        gen: torch.Generator,
-    ) -> list[list[Completion]]:
+    def _torch_state(self, batch: list[_Job], prefills: dict[int, _Prefill], max_new: int) -> "_FusedState":
         dev, L, Hkv, D = self.device, self.n_layers, self.n_kv, self.head_dim
         P = len(batch)
         R = max(j.rows for j in batch)
@@ -377,6 +387,67 @@ class TorchEngine:
             pos = torch.arange(C * Lc, device=dev).view(1, C, 1, 1, Lc)
             pre_bias = torch.zeros(P, C, Hkv, 1, Lc, dtype=self.dtype, device=dev)
             pre_bias.masked_fill_(pos >= lens_t.view(P, 1, 1, 1, 1), _NEG_INF)
+        row_plen = lens_t.repeat_interleave(R)
+        s_cap = max(1, max_new - 1)
+        return _FusedState(self, pre_k, pre_v, pre_bias, row_plen, P, R, s_cap)
+
+    def _slot(self, P: int, R: int, T: int, S: int) -> "_Slot":
+        """Static decode buffers (and CUDA graph) for a ``[P, R]`` grid, kept in an LRU."""
+        key = (P, R, T, S)
+        slot = self._slots.pop(key, None)
+        if slot is None:
+            while len(self._slots) >= self.graph_cache:
+                self._slots.pop(next(iter(self._slots)))
+            slot = _Slot(self, P, R, T, S)
+        self._slots[key] = slot
+        return slot
+
+    def _triton_state(self, batch: list[_Job], prefills: dict[int, _Prefill], max_new: int) -> "_TritonState | None":
+        """The Triton decode state of a batch; None (torch kernels from now on) if the kernels
+        fail to build or run here and they were not asked for explicitly."""
+        P, R = len(batch), max(j.rows for j in batch)
+        lens = [prefills[j.prefix].length for j in batch]
+        T = _round_up(max(lens), max(64, _pow2(max(lens)) // 8))
+        S = _round_up(max(1, max_new - 1), 64)
+        try:
+            slot = self._slot(P, R, T, S)
+            for p, j in enumerate(batch):
+                pf = prefills[j.prefix]
+                slot.pre_k[:, p, :, : pf.length] = pf.k
+                slot.pre_v[:, p, :, : pf.length] = pf.v
+            lens_t = torch.tensor(lens, dtype=torch.int32)
+            slot.plen.copy_(lens_t)
+            slot.row_plen.copy_(lens_t.repeat_interleave(R))
+            state = _TritonState(self, slot)
+            state.prepare()
+            return state
+        except Exception as exc:  # noqa: BLE001 - Triton build/launch errors vary by version
+            if self._kernels_forced:
+                raise
+            import warnings
+
+            warnings.warn(f"Triton decode kernels failed ({type(exc).__name__}: {exc}); using torch kernels",
+                          RuntimeWarning, stacklevel=2)
+            self.kernels = "torch"
+            self._slots.clear()
+            return None
+
+    def _decode_fused(
+        self,
+        batch: list[_Job],
+        prefills: dict[int, _Prefill],
+        max_new: int,
+        temperature: float,
+        gen: torch.Generator,
+    ) -> list[list[Completion]]:
+        dev = self.device
+        P = len(batch)
+        R = max(j.rows for j in batch)
+        state: Any = None
+        if self.kernels == "triton":
+            state = self._triton_state(batch, prefills, max_new)
+        if state is None:
+            state = self._torch_state(batch, prefills, max_new)
         # rows: grid [P, R] flattened; row r of job p is sample j.first + r (dead if r >= j.rows)
         n_out = sum(j.rows for j in batch)
         offsets = [0]
@@ -387,9 +458,6 @@ class TorchEngine:
             grid_out[p, : j.rows] = torch.arange(offsets[p], offsets[p] + j.rows)
         row_out = grid_out.flatten().to(dev)
         alive = row_out < n_out
-        row_plen = lens_t.repeat_interleave(R)
-        s_cap = max(1, max_new - 1)
-        state = _FusedState(self, pre_k, pre_v, pre_bias, row_plen, P, R, s_cap)
         out_tok = torch.zeros(n_out + 1, max_new, dtype=torch.long, device=dev)
         out_lp = torch.zeros(n_out + 1, max_new, dtype=torch.float32, device=dev)
         first_logits = torch.stack([prefills[j.prefix].logits for j in batch])  # [P, V]
@@ -410,13 +478,15 @@ class TorchEngine:
                 n_alive = int(alive_cpu.sum())
                 if n_alive == 0:
                     break
-                if n_alive <= self.compact_below * alive_cpu.numel():
-                    keep, pad = state.compact(alive_cpu, step)
+                res = state.compact(alive_cpu, step) if n_alive <= self.compact_below * alive_cpu.numel() else None
+                if res is not None:
+                    keep, pad = res
                     row_out, alive, tok = row_out[keep], alive[keep], tok[keep]
                     row_out[pad] = n_out  # grid padding: dead, writes to the dummy row
                     alive[pad] = False
             logits = state.step(tok, step)
         self.stats["fused_attention"] = float(state._use_fused_attn)
+        self.stats["triton_kernels"] = float(isinstance(state, _TritonState))
         comps = completions_from_buffers(out_tok[:n_out], out_lp[:n_out], steps, self.eos_ids)
         return [comps[offsets[p]:offsets[p + 1]] for p in range(P)]
 
@@ -430,6 +500,7 @@ class _FusedWeights:
     def __init__(self, model: torch.nn.Module) -> None:
         self.model = model
         self._key: tuple[Any, ...] | None = None
+        self.generation = 0
         self.refresh()
 
     def _sources(self) -> list[torch.Tensor]:
@@ -446,20 +517,34 @@ class _FusedWeights:
         key = tuple((t.data_ptr(), t._version) for t in self._sources())
         if key == self._key:
             return
+        first = self._key is None
         self._key = key
-        self.qkv_w, self.qkv_b, self.gu_w, self.qk_norm_w = [], [], [], []
+        qkv_w, qkv_b, gu_w, qk_norm_w = [], [], [], []
         cfg = self.model.config
         H = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or H
         with torch.no_grad():
             for layer in self.model.model.layers:
                 a, m = layer.self_attn, layer.mlp
-                self.qkv_w.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
+                qkv_w.append(torch.cat([a.q_proj.weight, a.k_proj.weight, a.v_proj.weight]))
                 bias = [t.bias for t in (a.q_proj, a.k_proj, a.v_proj)]
-                self.qkv_b.append(torch.cat(bias) if all(b is not None for b in bias) else None)
-                self.gu_w.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+                qkv_b.append(torch.cat(bias) if all(b is not None for b in bias) else None)
+                gu_w.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
                 if hasattr(a, "q_norm"):
-                    self.qk_norm_w.append(torch.cat([a.q_norm.weight[None].expand(H, -1), a.k_norm.weight[None].expand(Hkv, -1)]))
+                    qk_norm_w.append(torch.cat([a.q_norm.weight[None].expand(H, -1), a.k_norm.weight[None].expand(Hkv, -1)]))
+            if not first:  # update in place: captured CUDA graphs keep reading the same memory
+                old = [*self.qkv_w, *self.qkv_b, *self.gu_w, *self.qk_norm_w]
+                new = [*qkv_w, *qkv_b, *gu_w, *qk_norm_w]
+                if len(old) == len(new) and all(
+                    (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype)
+                    for a, b in zip(old, new)
+                ):
+                    for a, b in zip(old, new):
+                        if a is not None:
+                            a.copy_(b)
+                    return
+            self.generation += 1
+            self.qkv_w, self.qkv_b, self.gu_w, self.qk_norm_w = qkv_w, qkv_b, gu_w, qk_norm_w
 
 
 class _FusedState:
@@ -664,5 +749,186 @@ class _FusedState:
         self.tok_in = torch.zeros(keep.numel(), dtype=torch.long, device=keep.device)
         self._graphs.clear()
         self._pool = None
+        self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
+        return keep, pad.flatten().to(keep.device)
+
+
+def _pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _round_up(n: int, m: int) -> int:
+    return -(-int(n) // m) * m
+
+
+class _Slot:
+    """Static buffers of one decode shape ``(P, R, T, S)`` and its CUDA graph, reused across
+    batches and ``sample`` calls (prefix KV ``[L, P, Hkv, T, D]``, suffix KV ``[L, B, Hkv, S, D]``)."""
+
+    def __init__(self, eng: TorchEngine, P: int, R: int, T: int, S: int) -> None:
+        dev, dt = eng.device, eng.dtype
+        L, Hkv, D = eng.n_layers, eng.n_kv, eng.head_dim
+        B = P * R
+        self.P, self.R, self.T, self.S = P, R, T, S
+        self.pre_k = torch.zeros(L, P, Hkv, T, D, dtype=dt, device=dev)
+        self.pre_v = torch.zeros_like(self.pre_k)
+        self.plen = torch.ones(P, dtype=torch.int32, device=dev)
+        self.row_plen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.suf_k = torch.zeros(L, B, Hkv, S, D, dtype=dt, device=dev)
+        self.suf_v = torch.zeros_like(self.suf_k)
+        self.tok_in = torch.zeros(B, dtype=torch.long, device=dev)
+        self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        # one attention kernel per layer when each prefix has few rows and is short
+        self.mode = 1 if (R <= 2 and T <= 1024) else 2
+        self.chunk = max(16, min(eng.prefix_chunk, 256))
+        self.graph: Any = None
+        self.out: torch.Tensor | None = None
+        self.signature: Any = None
+        self.warm = False
+
+
+class _TritonState:
+    """Decode step of one fused batch with the Triton kernels (see :mod:`triton_decode`)."""
+
+    _use_fused_attn = True
+
+    def __init__(self, eng: TorchEngine, slot: _Slot) -> None:
+        from opdlens.rollout import triton_decode
+
+        self.tk = triton_decode
+        self.eng = eng
+        self.slot = slot
+        base = eng.model.model
+        self.layers = base.layers
+        self.embed = base.embed_tokens
+        self.norm = base.norm
+        self.lm_head = eng.model.lm_head
+        if eng._weights is None:
+            eng._weights = _FusedWeights(eng.model)
+        eng._weights.refresh()
+        self.w = eng._weights
+        self.inv_freq = base.rotary_emb.inv_freq.float().to(eng.device)
+        self.rope_scale = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
+        self.scaling = float(getattr(self.layers[0].self_attn, "scaling", eng.head_dim ** -0.5))
+        self.eps = float(getattr(eng.model.config, "rms_norm_eps", 1e-6))
+        self.act = self.layers[0].mlp.act_fn
+        self.silu = str(getattr(eng.model.config, "hidden_act", "")) == "silu"
+        # captured graphs read these addresses: a change (new weights) means a new capture
+        self.signature = (self.w.generation, tuple(t.data_ptr() for t in eng.model.parameters()))
+
+    @property
+    def P(self) -> int:
+        return self.slot.P
+
+    @property
+    def R(self) -> int:
+        return self.slot.R
+
+    def prepare(self) -> None:
+        """Build the kernels (one eager step, also the warm-up before a capture)."""
+        s = self.slot
+        if not s.warm or (s.graph is not None and s.signature != self.signature):
+            s.graph, s.out = None, None
+            self._eager()
+            s.warm = True
+
+    def _eager(self) -> torch.Tensor:
+        if self.eng.device.type != "cuda":
+            return self._forward()
+        dev = self.eng.device
+        side = torch.cuda.Stream(dev)
+        side.wait_stream(torch.cuda.current_stream(dev))
+        with torch.cuda.stream(side):
+            out = self._forward()
+        torch.cuda.current_stream(dev).wait_stream(side)
+        return out
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        """Feed ``tok`` (one per row) at suffix slot ``t``; return next logits ``[B, V]``."""
+        s = self.slot
+        s.tok_in.copy_(tok)
+        s.t_idx.fill_(t)
+        if not self.eng.cuda_graphs:
+            return self._forward()
+        if s.graph is None or s.signature != self.signature:
+            if not s.warm:
+                self._eager()
+                s.warm = True
+            graph = torch.cuda.CUDAGraph()
+            s.graph = None
+            with torch.cuda.graph(graph):
+                out = self._forward()
+            s.graph, s.out, s.signature = graph, out, self.signature
+            self.eng.stats["graphs"] += 1
+        s.graph.replay()
+        assert s.out is not None
+        return s.out
+
+    def _forward(self) -> torch.Tensor:
+        eng, w, s, tk = self.eng, self.w, self.slot, self.tk
+        B, H, D = s.tok_in.numel(), eng.n_heads, eng.head_dim
+        x = self.embed(s.tok_in)  # [B, hidden]
+        pos = (s.row_plen + s.t_idx).float()
+        freqs = pos[:, None] * self.inv_freq[None]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        cos = (emb.cos() * self.rope_scale).to(x.dtype)  # [B, D]
+        half = D // 2
+        sin = emb.sin() * self.rope_scale
+        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(x.dtype)  # sign of rotate_half folded in
+        for li, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            h = tk.rmsnorm(x, layer.input_layernorm.weight, self.eps)
+            qkv = F.linear(h, w.qkv_w[li], w.qkv_b[li])
+            qn = attn.q_norm.weight if hasattr(attn, "q_norm") else None
+            kn = attn.k_norm.weight if hasattr(attn, "k_norm") else None
+            q = tk.qkv_rope(qkv, cos, sin, qn, kn, s.suf_k[li], s.suf_v[li], s.t_idx, H, self.eps)
+            o = tk.decode_attention(q, s.suf_k[li], s.suf_v[li], s.t_idx, s.pre_k[li], s.pre_v[li], s.plen, s.R,
+                                    self.scaling, s.mode, s.chunk).view(B, H * D)
+            if attn.o_proj.bias is None:
+                x = torch.addmm(x, o, attn.o_proj.weight.t())  # residual added by the GEMM
+            else:
+                x = x + attn.o_proj(o)
+            gu = F.linear(tk.rmsnorm(x, layer.post_attention_layernorm.weight, self.eps), w.gu_w[li])
+            if self.silu:
+                a = tk.silu_mul(gu)
+            else:
+                g, u = gu.chunk(2, dim=-1)
+                a = self.act(g) * u
+            if mlp.down_proj.bias is None:
+                x = torch.addmm(x, a, mlp.down_proj.weight.t())
+            else:
+                x = x + mlp.down_proj(a)
+        return self.lm_head(tk.rmsnorm(x, self.norm.weight, self.eps))
+
+    def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Move the live rows to a smaller grid ``[P', R']`` (R' a power of two where that is
+        smaller, so that grids recur and their graphs are reused). None if nothing shrinks."""
+        P, R = self.P, self.R
+        grid = alive.view(P, R)
+        per = grid.sum(1)
+        groups = per.nonzero()[:, 0]
+        most = int(per.max())
+        R2 = _pow2(most) if _pow2(most) < R else most
+        if len(groups) == P and R2 == R:
+            return None
+        idx = torch.empty(len(groups), R2, dtype=torch.long)
+        for i, p in enumerate(groups.tolist()):
+            live = grid[p].nonzero()[:, 0] + p * R
+            idx[i, : len(live)] = live
+            idx[i, len(live):] = live[0]  # padding duplicates a live row; it is marked dead below
+        pad = torch.arange(R2)[None] >= per[groups][:, None]
+        old = self.slot
+        keep = idx.flatten().to(self.eng.device)
+        g = groups.to(self.eng.device)
+        new = self.eng._slot(len(groups), R2, old.T, old.S)
+        assert new is not old
+        new.pre_k.copy_(old.pre_k[:, g])
+        new.pre_v.copy_(old.pre_v[:, g])
+        new.plen.copy_(old.plen[g])
+        new.row_plen.copy_(old.row_plen[keep])
+        used = t + 1  # slots 0..t are written
+        new.suf_k[:, :, :, :used] = old.suf_k[:, keep, :, :used]
+        new.suf_v[:, :, :, :used] = old.suf_v[:, keep, :, :used]
+        self.slot = new
         self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
         return keep, pad.flatten().to(keep.device)
