@@ -187,12 +187,32 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
     return rows_out
 
 
+def profile_step(shape: str, dev: torch.device, rows: int = 256, max_new: int = 16) -> None:
+    """Kernel time by name for ``rows`` 64-token prompts (eager decode: no CUDA graph, so the
+    profiler sees each launch; launch gaps are not in these GPU times)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    pol = random_policy(shape, seed=0, device=dev, dtype=torch.bfloat16)
+    eng = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512, cuda_graphs=False)
+    prompts = torch.randint(0, pol.vocab_size, (rows, 64), generator=torch.Generator().manual_seed(0)).tolist()
+    eng.sample(prompts, 1, max_new, seed=0)
+    _sync()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        eng.sample(prompts, 1, max_new, seed=1)
+        _sync()
+    print(f"[{shape}] profile: {rows} rows x {max_new} tokens (eager decode, prefill included)", flush=True)
+    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
+    del eng, pol
+    torch.cuda.empty_cache()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--shapes", default="qwen3-0.6b,qwen3-1.7b")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--profile", action="store_true", help="print kernel times of an eager decode first (CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, times nothing real")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -205,6 +225,8 @@ def main() -> None:
           f"transformers {transformers.__version__}", flush=True)
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 50e9
     print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s", flush=True)
+    if args.profile and dev.type == "cuda":
+        profile_step(args.shapes.split(",")[0].strip(), dev)
     corr = check_correctness(dev)
     for k, v in corr.items():
         print(f"correctness (fp32, GPU) {k}: max|logprob - teacher forcing| = {v['max_abs_err']:.2e}, "

@@ -287,15 +287,17 @@ class TorchEngine:
                 mask[r, : len(x)] = 1
             inp, mask = inp.to(self.device), mask.to(self.device)
             lens = torch.tensor([len(x) for x in seqs], device=self.device)
-            res = self.model.model(input_ids=inp, attention_mask=mask if len(seqs) > 1 else None, use_cache=True)
+            padded = any(len(x) != T for x in seqs)  # equal lengths need no mask (causal fast path)
+            res = self.model.model(input_ids=inp, attention_mask=mask if padded else None, use_cache=True)
             hidden = res.last_hidden_state[torch.arange(len(seqs), device=self.device), lens - 1]
             logits = self.model.lm_head(hidden)
             cache = getattr(res, "cache", None) or res.past_key_values
             kv = [_cache_kv(cache, layer) for layer in range(self.n_layers)]
-            for r, x in enumerate(seqs):
-                k = torch.stack([kl[r, :, : len(x)] for kl, _ in kv])  # [L, Hkv, T, D]
-                v = torch.stack([vl[r, :, : len(x)] for _, vl in kv])
-                out[ids[start + r]] = _Prefill(len(x), logits[r], k=k, v=v)
+            k_all = torch.stack([kl for kl, _ in kv])  # [L, N, Hkv, T, D]: one copy for the group
+            v_all = torch.stack([vl for _, vl in kv])
+            del kv, cache, res
+            for r, x in enumerate(seqs):  # views: [L, Hkv, len, D]
+                out[ids[start + r]] = _Prefill(len(x), logits[r], k=k_all[:, r, :, : len(x)], v=v_all[:, r, :, : len(x)])
             self.stats["prefills"] += len(seqs)
             start = end
         return out

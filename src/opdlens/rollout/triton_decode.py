@@ -156,23 +156,22 @@ if triton is not None:
     def _row_attn_kernel(  # type: ignore[no-untyped-def]
         q_ptr, sk_ptr, sv_ptr, t_ptr, pk_ptr, pv_ptr, plen_ptr, po_ptr, plse_ptr, out_ptr,
         R, HKV, G, D, S_CAP, T_PRE, C, scale,
-        PREFIX: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREFIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
     ):
-        """One row, one kv-head: G queries over the row's suffix keys 0..t, plus the prefix either
-        read here (PREFIX=1) or merged from the split-key partials (PREFIX=2)."""
-        b = tl.program_id(0)
-        h = tl.program_id(1)
+        """One row, one query head (program ids: head fastest, so the G heads sharing a kv-head
+        run together and read its keys once from DRAM): the row's suffix keys 0..t, plus the
+        prefix either read here (PREFIX=1) or merged from the split-key partials (PREFIX=2)."""
+        hq = tl.program_id(0)
+        b = tl.program_id(1)
+        h = hq // G
+        g = hq % G
         p = b // R
-        g = tl.arange(0, BLOCK_G)
-        gm = g < G
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        qm = gm[:, None] & dm[None, :]
-        q = tl.load(q_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :], mask=qm, other=0.0)
-        q = q.to(tl.float32)
-        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
-        l_i = tl.zeros([BLOCK_G], tl.float32)
-        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
+        q = tl.load(q_ptr + (b.to(tl.int64) * HKV * G + hq) * D + d, mask=dm, other=0.0).to(tl.float32)
+        m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
+        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
+        acc = tl.zeros([BLOCK_D], tl.float32)
         if PREFIX == 1:
             plen = _scalar(tl.load(plen_ptr + p))
             base = ((p * HKV + h).to(tl.int64) * T_PRE) * D
@@ -182,27 +181,26 @@ if triton is not None:
                 offs = base + n[:, None] * D + d[None, :]
                 k = tl.load(pk_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
                 v = tl.load(pv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
-                s = tl.where(nm[None, :], s, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 1))
+                s = tl.where(nm, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 0))
                 alpha = tl.exp(m_i - m_new)
-                pr = tl.exp(s - m_new[:, None])
-                l_i = l_i * alpha + tl.sum(pr, 1)
-                acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], 1)
+                pr = tl.exp(s - m_new)
+                l_i = l_i * alpha + tl.sum(pr, 0)
+                acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
                 m_i = m_new
         if PREFIX == 2:
             M = R * G
             mrow = (b % R) * G + g
             for c in range(0, C):
                 part = ((p * HKV + h) * C + c).to(tl.int64) * M + mrow
-                lse_c = tl.load(plse_ptr + part, mask=gm, other=float("-inf"))
-                o_c = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=qm, other=0.0)
+                lse_c = tl.load(plse_ptr + part)
+                o_c = tl.load(po_ptr + part * D + d, mask=dm, other=0.0)
                 m_new = tl.maximum(m_i, lse_c)
                 m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
                 alpha = tl.exp(m_i - m_safe)
                 beta = tl.exp(lse_c - m_safe)
                 l_i = l_i * alpha + beta
-                acc = acc * alpha[:, None] + o_c * beta[:, None]
+                acc = acc * alpha + o_c * beta
                 m_i = m_new
         n_suf = _scalar(tl.load(t_ptr) + 1)
         sbase = ((b.to(tl.int64) * HKV + h) * S_CAP) * D
@@ -212,18 +210,15 @@ if triton is not None:
             offs = sbase + n[:, None] * D + d[None, :]
             k = tl.load(sk_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
             v = tl.load(sv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            s = tl.sum(q[:, None, :] * k[None, :, :], 2) * scale
-            s = tl.where(nm[None, :], s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+            s = tl.where(nm, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 0))
             m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
             alpha = tl.exp(m_i - m_safe)
-            pr = tl.exp(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(pr, 1)
-            acc = acc * alpha[:, None] + tl.sum(pr[:, :, None] * v[None, :, :], 1)
+            pr = tl.exp(s - m_safe)
+            l_i = l_i * alpha + tl.sum(pr, 0)
+            acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
             m_i = m_new
-        out = acc / l_i[:, None]
-        tl.store(out_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=qm)
+        tl.store(out_ptr + (b.to(tl.int64) * HKV * G + hq) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -288,8 +283,8 @@ def decode_attention(
     else:
         C = 1
         po, plse = q, q  # unused
-    bn = max(16, min(64, 8192 // (_p2(G) * bd)))
-    _row_attn_kernel[(B, Hkv)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
-                               R, Hkv, G, D, S, T, C, scale,
-                               PREFIX=mode, BLOCK_G=_p2(G), BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
+    bn = max(16, min(64, 8192 // bd))
+    _row_attn_kernel[(H, B)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
+                             R, Hkv, G, D, S, T, C, scale,
+                             PREFIX=mode, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
     return out
