@@ -201,18 +201,6 @@ class Diagnosis:
         b = self._sample(prefixes, n - h, max_new_tokens, s1)
         return [a[0] + b[0]]
 
-    def _chunks_of(self, env: QuestionEnv, prefix: str) -> RolloutSet | None:
-        sets = []
-        qdir = self.store.root / "rollouts" / safe_name(env.id)
-        for f in sorted(qdir.glob(f"{prefix}*.parquet")) if qdir.exists() else []:
-            sets.append(self.store.read_chunk(env.id, f.stem))
-        if not sets:
-            return None
-        out = sets[0]
-        for s in sets[1:]:
-            out = out.extend(s)
-        return out
-
     def _teacher_context(self, teacher: Teacher, env: QuestionEnv, sol: Solutions) -> list[int] | None:
         kind: ContextKind = teacher.spec.context
         if missing_for(kind, sol) is not None:
@@ -312,12 +300,11 @@ class Diagnosis:
             pid = int(row.path_id)
             path = [int(x) for x in row.tokens]
             done_prefix = f"targeted-p{pid:02d}"
-            before = self._chunks_of(env, "initial")
+            before = self.store.read_rollouts(env.id, "initial")  # + the enrichment of earlier paths
             for j in range(pid):
-                extra = self._chunks_of(env, f"targeted-p{j:02d}")
-                if extra is not None and before is not None:
+                extra = self.store.read_rollouts(env.id, f"targeted-p{j:02d}", missing_ok=True)
+                if extra is not None:
                     before = before.extend(extra)
-            assert before is not None
             stats = path_stats(path, before)
             lps = self.student.continuation_logprobs(env.prompt_ids, path)
             lpts = [t.policy.continuation_logprobs(contexts[t.spec.name], path) for t in driving]
@@ -342,7 +329,7 @@ class Diagnosis:
                 for p in parts[1:]:
                     rs = rs.extend(p)
                 self.store.write_chunk(env.id, name, rs)
-        targeted = self._chunks_of(env, "targeted")
+        targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
         return 0 if targeted is None else len(targeted)
 
     # ------------------------------------------------------------------ phase 2

@@ -24,6 +24,7 @@ import os
 import re
 import socket
 from pathlib import Path
+from typing import Literal, overload
 
 import numpy as np
 import pandas as pd
@@ -86,11 +87,19 @@ class RunStore:
         tokens = [np.asarray(x, dtype=np.int64) for x in t.column("tokens").to_pylist()]
         return RolloutSet(tokens, t.column("success").to_numpy().astype(bool), t.column("forced").to_numpy().astype(np.int64))
 
-    def read_rollouts(self, question: str) -> RolloutSet:
-        """All finished chunks of a question (initial first, then targeted in order)."""
+    @overload
+    def read_rollouts(self, question: str, prefix: str = "", *, missing_ok: Literal[False] = False) -> RolloutSet: ...
+    @overload
+    def read_rollouts(self, question: str, prefix: str = "", *, missing_ok: bool) -> RolloutSet | None: ...
+    def read_rollouts(self, question: str, prefix: str = "", *, missing_ok: bool = False) -> RolloutSet | None:
+        """The finished chunks of a question whose names start with ``prefix`` (all by default),
+        initial first, then targeted in name order. None if there are none and ``missing_ok``."""
         folder = self.root / "rollouts" / safe_name(question)
-        files = sorted(folder.glob("*.parquet"), key=lambda p: (not p.name.startswith("initial"), p.name))
+        files = sorted(folder.glob(f"{safe_name(prefix) if prefix else ''}*.parquet"),
+                       key=lambda p: (not p.name.startswith("initial"), p.name))  # fmt: skip
         if not files:
+            if missing_ok:
+                return None
             raise OpdlensError(f"no rollouts stored for question {question!r} in {folder}")
         sets = [self.read_chunk(question, f.stem) for f in files]
         out = sets[0]
