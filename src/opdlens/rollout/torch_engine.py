@@ -173,6 +173,7 @@ class TorchEngine:
         self.kernels = kernels if self.backend == "fused" else "torch"
         self._kernels_forced = kernels == "triton"
         self.graph_cache = max(1, int(graph_cache))
+        self.timing = False  # benchmarks: record stats["prefill_s"] (adds device syncs)
         self._slots: dict[tuple[int, ...], _Slot] = {}
 
     def _pick_sampler(self, sampler: str) -> Any:
@@ -233,11 +234,14 @@ class TorchEngine:
         for batch in self._plan(jobs, row_cap, seqs):
             self.stats["batches"] += 1
             todo = list(dict.fromkeys(j.prefix for j in batch if j.prefix not in prefills))
+            t0 = self._clock()
             if self.backend == "fused":
                 prefills.update(self._prefill_many([seqs[i] for i in todo], todo))
             else:
                 for i in todo:
                     prefills[i] = self._prefill(seqs[i])
+            if t0 is not None:
+                self.stats["prefill_s"] = self.stats.get("prefill_s", 0.0) + self._clock() - t0
             if self.backend == "fused":
                 comps = self._decode_fused(batch, prefills, max_new_tokens, temperature, gen)
             else:
@@ -248,6 +252,16 @@ class TorchEngine:
                 if remaining[job.prefix] == 0:
                     del prefills[job.prefix]
         return result
+
+    def _clock(self) -> float | None:
+        """Host time after a device sync, only when ``self.timing`` is set (benchmarks)."""
+        if not self.timing:
+            return None
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        import time
+
+        return time.perf_counter()
 
     def _plan(self, jobs: list[_Job], row_cap: int, seqs: list[list[int]]) -> list[list[_Job]]:
         """Group jobs into batches: a ``[P, R]`` grid of at most ``row_cap`` rows (fused only)."""

@@ -153,25 +153,46 @@ if triton is not None:
         tl.store(plse_ptr + part, lse, mask=mm)
 
     @triton.jit
+    def _attn_block(q, k, v, nm, m_i, l_i, acc, scale, IEEE: tl.constexpr):  # type: ignore[no-untyped-def]
+        """One block of keys for the G (padded) query heads: online-softmax update."""
+        if IEEE:
+            s = tl.dot(q, tl.trans(k), input_precision="ieee")
+        else:
+            s = tl.dot(q, tl.trans(k))
+        s = tl.where(nm[None, :], s * scale, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
+        alpha = tl.exp(m_i - m_safe)
+        pr = tl.exp(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(pr, 1)
+        if IEEE:
+            acc = acc * alpha[:, None] + tl.dot(pr, v, input_precision="ieee")
+        else:
+            acc = acc * alpha[:, None] + tl.dot(pr.to(v.dtype), v)
+        return m_new, l_i, acc
+
+    @triton.jit
     def _row_attn_kernel(  # type: ignore[no-untyped-def]
         q_ptr, sk_ptr, sv_ptr, t_ptr, pk_ptr, pv_ptr, plen_ptr, po_ptr, plse_ptr, out_ptr,
         R, HKV, G, D, S_CAP, T_PRE, C, scale,
-        PREFIX: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        PREFIX: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
-        """One row, one query head (program ids: head fastest, so the G heads sharing a kv-head
-        run together and read its keys once from DRAM): the row's suffix keys 0..t, plus the
-        prefix either read here (PREFIX=1) or merged from the split-key partials (PREFIX=2)."""
-        hq = tl.program_id(0)
+        """One row, one kv-head: its G query heads (padded to a tensor-core tile) over the row's
+        suffix keys 0..t, plus the prefix either read here (PREFIX=1) or merged from the
+        split-key partials (PREFIX=2)."""
+        h = tl.program_id(0)
         b = tl.program_id(1)
-        h = hq // G
-        g = hq % G
         p = b // R
+        g = tl.arange(0, BLOCK_G)
+        gm = g < G
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        q = tl.load(q_ptr + (b.to(tl.int64) * HKV * G + hq) * D + d, mask=dm, other=0.0).to(tl.float32)
-        m_i = tl.max(tl.full([BLOCK_N], float("-inf"), tl.float32), 0)
-        l_i = tl.sum(tl.zeros([BLOCK_N], tl.float32), 0)
-        acc = tl.zeros([BLOCK_D], tl.float32)
+        qm = gm[:, None] & dm[None, :]
+        q = tl.load(q_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :], mask=qm, other=0.0)
+        m_i = tl.full([BLOCK_G], float("-inf"), tl.float32)
+        l_i = tl.zeros([BLOCK_G], tl.float32)
+        acc = tl.zeros([BLOCK_G, BLOCK_D], tl.float32)
         if PREFIX == 1:
             plen = _scalar(tl.load(plen_ptr + p))
             base = ((p * HKV + h).to(tl.int64) * T_PRE) * D
@@ -179,28 +200,22 @@ if triton is not None:
                 n = start + tl.arange(0, BLOCK_N)
                 nm = n < plen
                 offs = base + n[:, None] * D + d[None, :]
-                k = tl.load(pk_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                v = tl.load(pv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-                s = tl.where(nm, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
-                m_new = tl.maximum(m_i, tl.max(s, 0))
-                alpha = tl.exp(m_i - m_new)
-                pr = tl.exp(s - m_new)
-                l_i = l_i * alpha + tl.sum(pr, 0)
-                acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
-                m_i = m_new
+                k = tl.load(pk_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0)
+                v = tl.load(pv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0)
+                m_i, l_i, acc = _attn_block(q, k, v, nm, m_i, l_i, acc, scale, IEEE)
         if PREFIX == 2:
             M = R * G
             mrow = (b % R) * G + g
             for c in range(0, C):
                 part = ((p * HKV + h) * C + c).to(tl.int64) * M + mrow
-                lse_c = tl.load(plse_ptr + part)
-                o_c = tl.load(po_ptr + part * D + d, mask=dm, other=0.0)
+                lse_c = tl.load(plse_ptr + part, mask=gm, other=float("-inf"))
+                o_c = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=qm, other=0.0)
                 m_new = tl.maximum(m_i, lse_c)
                 m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
                 alpha = tl.exp(m_i - m_safe)
                 beta = tl.exp(lse_c - m_safe)
                 l_i = l_i * alpha + beta
-                acc = acc * alpha + o_c * beta
+                acc = acc * alpha[:, None] + o_c * beta[:, None]
                 m_i = m_new
         n_suf = _scalar(tl.load(t_ptr) + 1)
         sbase = ((b.to(tl.int64) * HKV + h) * S_CAP) * D
@@ -208,17 +223,12 @@ if triton is not None:
             n = start + tl.arange(0, BLOCK_N)
             nm = n < n_suf
             offs = sbase + n[:, None] * D + d[None, :]
-            k = tl.load(sk_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            v = tl.load(sv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            s = tl.where(nm, tl.sum(k * q[None, :], 1) * scale, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 0))
-            m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
-            alpha = tl.exp(m_i - m_safe)
-            pr = tl.exp(s - m_safe)
-            l_i = l_i * alpha + tl.sum(pr, 0)
-            acc = acc * alpha + tl.sum(pr[:, None] * v, 0)
-            m_i = m_new
-        tl.store(out_ptr + (b.to(tl.int64) * HKV * G + hq) * D + d, (acc / l_i).to(out_ptr.dtype.element_ty), mask=dm)
+            k = tl.load(sk_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0)
+            v = tl.load(sv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0)
+            m_i, l_i, acc = _attn_block(q, k, v, nm, m_i, l_i, acc, scale, IEEE)
+        out = acc / tl.where(gm, l_i, 1.0)[:, None]
+        tl.store(out_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :],
+                 out.to(out_ptr.dtype.element_ty), mask=qm)
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -283,8 +293,8 @@ def decode_attention(
     else:
         C = 1
         po, plse = q, q  # unused
-    bn = max(16, min(64, 8192 // bd))
-    _row_attn_kernel[(H, B)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
-                             R, Hkv, G, D, S, T, C, scale,
-                             PREFIX=mode, BLOCK_N=bn, BLOCK_D=bd, num_warps=4)
+    _row_attn_kernel[(Hkv, B)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
+                               R, Hkv, G, D, S, T, C, scale,
+                               PREFIX=mode, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, _p2(G)),
+                               BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, bd), num_warps=4)
     return out
