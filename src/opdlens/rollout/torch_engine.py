@@ -563,21 +563,10 @@ class _FusedWeights:
             self.qkv_w, self.qkv_b, self.gu_w, self.qk_norm_w = qkv_w, qkv_b, gu_w, qk_norm_w
 
 
-class _FusedState:
-    """Buffers and (CUDA-graph) decode step of one fused batch."""
+class _ModelBound:
+    """The model parts and constants a fused decode state reads (shared by the torch and Triton states)."""
 
-    def __init__(
-        self,
-        eng: TorchEngine,
-        pre_k: torch.Tensor,
-        pre_v: torch.Tensor,
-        pre_bias: torch.Tensor | None,
-        row_plen: torch.Tensor,
-        P: int,
-        R: int,
-        s_cap: int,
-    ) -> None:
-        self.eng = eng
+    def _bind_model(self, eng: TorchEngine) -> None:
         base = eng.model.model
         self.layers = base.layers
         self.embed = base.embed_tokens
@@ -592,6 +581,24 @@ class _FusedState:
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", eng.head_dim ** -0.5))
         self.eps = float(getattr(eng.model.config, "rms_norm_eps", 1e-6))
         self.act = self.layers[0].mlp.act_fn
+
+
+class _FusedState(_ModelBound):
+    """Buffers and (CUDA-graph) decode step of one fused batch."""
+
+    def __init__(
+        self,
+        eng: TorchEngine,
+        pre_k: torch.Tensor,
+        pre_v: torch.Tensor,
+        pre_bias: torch.Tensor | None,
+        row_plen: torch.Tensor,
+        P: int,
+        R: int,
+        s_cap: int,
+    ) -> None:
+        self.eng = eng
+        self._bind_model(eng)
         self.pre_k, self.pre_v, self.pre_bias = pre_k, pre_v, pre_bias
         self.P, self.R, self.s_cap = P, R, s_cap
         B = P * R
@@ -803,7 +810,7 @@ class _Slot:
         self.warm = False
 
 
-class _TritonState:
+class _TritonState(_ModelBound):
     """Decode step of one fused batch with the Triton kernels (see :mod:`triton_decode`)."""
 
     _use_fused_attn = True
@@ -814,20 +821,7 @@ class _TritonState:
         self.tk = triton_decode
         self.eng = eng
         self.slot = slot
-        base = eng.model.model
-        self.layers = base.layers
-        self.embed = base.embed_tokens
-        self.norm = base.norm
-        self.lm_head = eng.model.lm_head
-        if eng._weights is None:
-            eng._weights = _FusedWeights(eng.model)
-        eng._weights.refresh()
-        self.w = eng._weights
-        self.inv_freq = base.rotary_emb.inv_freq.float().to(eng.device)
-        self.rope_scale = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
-        self.scaling = float(getattr(self.layers[0].self_attn, "scaling", eng.head_dim ** -0.5))
-        self.eps = float(getattr(eng.model.config, "rms_norm_eps", 1e-6))
-        self.act = self.layers[0].mlp.act_fn
+        self._bind_model(eng)
         self.silu = str(getattr(eng.model.config, "hidden_act", "")) == "silu"
         # captured graphs read these addresses: a change (new weights) means a new capture
         self.signature = (self.w.generation, tuple(t.data_ptr() for t in eng.model.parameters()))
