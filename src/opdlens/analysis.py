@@ -218,6 +218,41 @@ def _quiet(fn, *args, **kwargs):  # type: ignore[no-untyped-def]
 # --------------------------------------------------------------------------------------------
 
 
+def _node_stats(v: pd.DataFrame, metric: str, keys: list[str], *, sort: bool) -> pd.DataFrame:
+    """Node-level aggregates of valid nodes per ``keys``: ``n``, ``mean``, ``std``, ``frac_pos``,
+    ``frac_neg`` and ``weighted_mean`` = Σ w·x / Σ w with w = norm_ideal·norm_gkd (non-finite
+    weights count as 0; NaN where the weights sum to 0)."""
+    x = v[metric].to_numpy(dtype=float)
+    w = (
+        pd.to_numeric(v["norm_ideal"], errors="coerce").to_numpy(dtype=float)
+        * pd.to_numeric(v["norm_gkd"], errors="coerce").to_numpy(dtype=float)
+    )
+    w_ok = np.isfinite(w)
+    work = pd.DataFrame(
+        {
+            **{k: v[k].to_numpy() for k in keys},
+            "_x": x,
+            "_w": np.where(w_ok, w, 0.0),
+            "_wx": np.where(w_ok, w * x, 0.0),
+            "_pos": (x > 0).astype(float),
+            "_neg": (x < 0).astype(float),
+        }
+    )
+    stats = work.groupby(keys, sort=sort).agg(
+        n=("_x", "size"),
+        mean=("_x", "mean"),
+        std=("_x", "std"),
+        frac_pos=("_pos", "mean"),
+        frac_neg=("_neg", "mean"),
+        _wsum=("_w", "sum"),
+        _wxsum=("_wx", "sum"),
+    )
+    wsum = stats["_wsum"].to_numpy()
+    with np.errstate(invalid="ignore", divide="ignore"):
+        stats["weighted_mean"] = np.where(wsum > 0, stats["_wxsum"].to_numpy() / wsum, np.nan)
+    return stats.drop(columns=["_wsum", "_wxsum"])
+
+
 def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
     """Alignment statistics of each scored path: one row per (teacher, question_id, path_id).
 
@@ -242,36 +277,7 @@ def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
     """
     v = valid_nodes(nodes, metric)
     require_columns(nodes, ["norm_ideal", "norm_gkd"])
-    x = v[metric].to_numpy(dtype=float)
-    w = (
-        pd.to_numeric(v["norm_ideal"], errors="coerce").to_numpy(dtype=float)
-        * pd.to_numeric(v["norm_gkd"], errors="coerce").to_numpy(dtype=float)
-    )
-    w_ok = np.isfinite(w)
-    work = pd.DataFrame(
-        {
-            **{k: v[k].to_numpy() for k in PATH_KEYS},
-            "_x": x,
-            "_w": np.where(w_ok, w, 0.0),
-            "_wx": np.where(w_ok, w * x, 0.0),
-            "_pos": (x > 0).astype(float),
-            "_neg": (x < 0).astype(float),
-        }
-    )
-    g = work.groupby(PATH_KEYS, sort=False)
-    stats_v = g.agg(
-        n_valid=("_x", "size"),
-        mean=("_x", "mean"),
-        std=("_x", "std"),
-        _wsum=("_w", "sum"),
-        _wxsum=("_wx", "sum"),
-        frac_pos=("_pos", "mean"),
-        frac_neg=("_neg", "mean"),
-    )
-    wsum = stats_v["_wsum"].to_numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        stats_v["weighted_mean"] = np.where(wsum > 0, stats_v["_wxsum"].to_numpy() / wsum, np.nan)
-    stats_v = stats_v.drop(columns=["_wsum", "_wxsum"])
+    stats_v = _node_stats(v, metric, PATH_KEYS, sort=False).rename(columns={"n": "n_valid"})
 
     allp = nodes.groupby(PATH_KEYS, sort=False).agg(
         path_correct=("path_correct", "first"), n_nodes=("path_correct", "size")
@@ -412,36 +418,9 @@ def per_teacher(
     v = valid_nodes(nodes, metric)
     pp = _finite_paths(per_path(nodes, metric))
 
-    x = v[metric].to_numpy(dtype=float)
-    w = pd.to_numeric(v["norm_ideal"], errors="coerce").to_numpy(dtype=float) * pd.to_numeric(
-        v["norm_gkd"], errors="coerce"
-    ).to_numpy(dtype=float)
-    w_ok = np.isfinite(w)
-    node_df = pd.DataFrame(
-        {
-            "teacher": v["teacher"].to_numpy(),
-            "_x": x,
-            "_pos": (x > 0).astype(float),
-            "_neg": (x < 0).astype(float),
-            "_w": np.where(w_ok, w, 0.0),
-            "_wx": np.where(w_ok, w * x, 0.0),
-        }
+    node_stats = _node_stats(v, metric, ["teacher"], sort=True).rename(
+        columns={"n": "n_nodes", "mean": "node_mean", "std": "node_std"}
     )
-    node_stats = node_df.groupby("teacher", sort=True).agg(
-        n_nodes=("_x", "size"),
-        node_mean=("_x", "mean"),
-        node_std=("_x", "std"),
-        frac_pos=("_pos", "mean"),
-        frac_neg=("_neg", "mean"),
-        _wsum=("_w", "sum"),
-        _wxsum=("_wx", "sum"),
-    )
-    wsum = node_stats["_wsum"].to_numpy()
-    with np.errstate(invalid="ignore", divide="ignore"):
-        node_stats["weighted_mean"] = np.where(
-            wsum > 0, node_stats["_wxsum"].to_numpy() / wsum, np.nan
-        )
-    node_stats = node_stats.drop(columns=["_wsum", "_wxsum"])
 
     path_means: dict[str, np.ndarray] = {
         str(t): sub["mean"].to_numpy(dtype=float) for t, sub in pp.groupby("teacher", sort=True)
