@@ -118,6 +118,32 @@ def test_eos_stopping_and_length_cap(llama: HFPolicy) -> None:
     assert all(c.tokens == [] and not c.finished for cs in zero for c in cs)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "qwen3"])
+def test_prefill_equals_hf_forward(model_type: str) -> None:
+    """The engine's own prefill (no HF cache): last-token logits and every layer's keys/values
+    equal the Hugging Face forward's, for right-padded prompts of different lengths."""
+    from opdlens.rollout.torch_engine import _ModelBound
+
+    pol = tiny_random_policy(seed=3, vocab_size=40, init_std=0.3, model_type=model_type, hidden_size=32)
+    eng = _engine(pol)
+    prompts = [list(range(1, 12)), [5, 6, 7], [9] * 7]
+    T = max(map(len, prompts))
+    inp = torch.tensor([p + [pol.pad_token_id] * (T - len(p)) for p in prompts])
+    lens = torch.tensor([len(p) for p in prompts])
+    bound = _ModelBound()
+    bound._bind_model(eng)
+    logits, k_all, v_all = bound.prefill(inp, lens, triton_kernels=False)
+    assert k_all.shape == (eng.n_layers, 3, eng.n_kv, T, eng.head_dim)
+    for r, p in enumerate(prompts):
+        with torch.no_grad():
+            ref = pol.model(input_ids=torch.tensor([p]), use_cache=True)
+        torch.testing.assert_close(logits[r], ref.logits[0, -1], atol=1e-5, rtol=1e-5)
+        cache = ref.past_key_values
+        for layer in range(eng.n_layers):
+            torch.testing.assert_close(k_all[layer, r, :, : len(p)], cache.layers[layer].keys[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(v_all[layer, r, :, : len(p)], cache.layers[layer].values[0], atol=1e-5, rtol=1e-5)
+
+
 def test_first_token_distribution_chi_square(llama: HFPolicy) -> None:
     prefix = [3, 1, 4, 1, 5]
     n = 3000
@@ -255,11 +281,36 @@ for mt, hidden, n, chunk in (("llama", 32, 4, 512), ("qwen3", 64, 1, 16), ("qwen
     print(mt, hidden, n, chunk, dict(eng.stats), flush=True)
 print("max_err", worst)
 assert worst < 1e-4, worst
+
+# the fused Gumbel-max sampler: exact log-probs, tokens distributed as softmax(x / T), one split
+# per row (V=48) and several (V=9000: 3 programs per row merged by the final kernel)
+from scipy import stats
+from opdlens.rollout.base import make_generator
+from opdlens.rollout.triton_sampler import sample_tokens_triton
+
+gen = make_generator(torch.device("cpu"), 7)
+for V, B, T in ((48, 300, 0.7), (9000, 120, 1.3)):
+    x = (torch.randn(V, generator=gen) * 3)[None].expand(B, V).contiguous().to(torch.bfloat16)
+    x[:, : V // 2] -= 8.0  # the mass sits in the second half (and in the last split of V=9000)
+    tok, lp = sample_tokens_triton(x, T, gen)
+    ref = torch.log_softmax(x.float() / T, -1)
+    assert float((lp - ref.gather(1, tok[:, None])[:, 0]).abs().max()) < 1e-5
+    prob = ref[0].exp()
+    top = torch.argsort(prob, descending=True)[:4]
+    obs = torch.stack([(tok == t).sum() for t in top]).double()
+    exp = prob[top].double() * B
+    obs, exp = torch.cat([obs, B - obs.sum()[None]]), torch.cat([exp, B - exp.sum()[None]])
+    pval = stats.chisquare(obs.numpy(), exp.numpy()).pvalue
+    again, _ = sample_tokens_triton(x, T, make_generator(torch.device("cpu"), 99))
+    print("sampler", V, B, "p", pval, "distinct rows", len(set(tok.tolist())), flush=True)
+    assert pval > 1e-3, (V, obs, exp)
+    assert not torch.equal(tok, again)  # another seed, other samples
 """
 
 
 def test_triton_decode_kernels_match_teacher_forcing_interpreted() -> None:
-    """The CUDA decode step's Triton kernels, run by Triton's CPU interpreter (skipped without Triton)."""
+    """The CUDA prefill / decode step's Triton kernels and the Triton sampler, run by Triton's CPU
+    interpreter (Triton is a dev dependency, so CI runs this; skipped only where it is missing)."""
     pytest.importorskip("triton")
     import os
     import subprocess

@@ -58,17 +58,6 @@ def fused_supported(model: torch.nn.Module) -> str | None:
     return None
 
 
-def _cache_kv(cache: Any, layer: int) -> tuple[torch.Tensor, torch.Tensor]:
-    if hasattr(cache, "layers"):
-        return cache.layers[layer].keys, cache.layers[layer].values
-    return cache.key_cache[layer], cache.value_cache[layer]  # older transformers
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    h = x.shape[-1] // 2
-    return torch.cat((-x[..., h:], x[..., :h]), dim=-1)
-
-
 @dataclass
 class _Job:
     prefix: int  # index into the request's prefixes
@@ -84,6 +73,7 @@ class _Prefill:
     logits: torch.Tensor  # [V]
     k: torch.Tensor | None = None  # fused: [L, Hkv, T, D]
     v: torch.Tensor | None = None
+    group: tuple[torch.Tensor, torch.Tensor, int] | None = None  # fused: (k, v) of its prefill group, its index
     cache: Any = None  # hf: the model's cache object
 
 
@@ -284,9 +274,10 @@ class TorchEngine:
 
     # ------------------------------------------------------------------ prefill
     def _prefill_many(self, group: list[list[int]], ids: list[int], max_tokens: int = 16384) -> dict[int, _Prefill]:
-        """Prefill several prefixes per forward (right-padded; pads follow the real tokens, so
-        causal attention keeps them out of every real position)."""
+        """Prefill several prefixes per forward (:meth:`_ModelBound.prefill`, right-padded)."""
         out: dict[int, _Prefill] = {}
+        bound = _ModelBound()
+        bound._bind_model(self)
         start = 0
         while start < len(group):
             end = start + 1
@@ -295,38 +286,25 @@ class TorchEngine:
             seqs = group[start:end]
             T = max(len(x) for x in seqs)
             inp = torch.full((len(seqs), T), self.pad_token_id, dtype=torch.long)
-            mask = torch.zeros((len(seqs), T), dtype=torch.long)
             for r, x in enumerate(seqs):
                 inp[r, : len(x)] = torch.tensor(x)
-                mask[r, : len(x)] = 1
-            inp, mask = inp.to(self.device), mask.to(self.device)
+            inp = inp.to(self.device)
             lens = torch.tensor([len(x) for x in seqs], device=self.device)
-            padded = any(len(x) != T for x in seqs)  # equal lengths need no mask (causal fast path)
-            res = self.model.model(input_ids=inp, attention_mask=mask if padded else None, use_cache=True)
-            hidden = res.last_hidden_state[torch.arange(len(seqs), device=self.device), lens - 1]
-            logits = self.model.lm_head(hidden)
-            cache = getattr(res, "cache", None) or res.past_key_values
-            kv = [_cache_kv(cache, layer) for layer in range(self.n_layers)]
-            k_all = torch.stack([kl for kl, _ in kv])  # [L, N, Hkv, T, D]: one copy for the group
-            v_all = torch.stack([vl for _, vl in kv])
-            del kv, cache, res
+            logits, k_all, v_all = bound.prefill(inp, lens, self.kernels == "triton")  # k, v: [L, N, Hkv, T, D]
             for r, x in enumerate(seqs):  # views: [L, Hkv, len, D]
-                out[ids[start + r]] = _Prefill(len(x), logits[r], k=k_all[:, r, :, : len(x)], v=v_all[:, r, :, : len(x)])
+                out[ids[start + r]] = _Prefill(len(x), logits[r], k=k_all[:, r, :, : len(x)], v=v_all[:, r, :, : len(x)],
+                                               group=(k_all, v_all, r))
             self.stats["prefills"] += len(seqs)
             start = end
         return out
 
     def _prefill(self, seq: list[int]) -> _Prefill:
+        """HF backend: the model's own forward and cache object."""
         ids = torch.tensor([seq], dtype=torch.long, device=self.device)
         out = self.model(input_ids=ids, use_cache=True, logits_to_keep=1)
         self.stats["prefills"] += 1
         cache = getattr(out, "cache", None) or out.past_key_values
-        if self.backend == "hf":
-            return _Prefill(len(seq), out.logits[0, -1], cache=cache)
-        ks, vs = zip(*(_cache_kv(cache, layer) for layer in range(self.n_layers)))
-        k = torch.stack([t[0] for t in ks])  # [L, Hkv, T, D]
-        v = torch.stack([t[0] for t in vs])
-        return _Prefill(len(seq), out.logits[0, -1], k=k, v=v)
+        return _Prefill(len(seq), out.logits[0, -1], cache=cache)
 
     # ------------------------------------------------------------------ HF backend
     def _decode_hf(
@@ -427,10 +405,19 @@ class TorchEngine:
         S = _round_up(max(1, max_new - 1), 64)
         try:
             slot = self._slot(P, R, T, S)
-            for p, j in enumerate(batch):
-                pf = prefills[j.prefix]
-                slot.pre_k[:, p, :, : pf.length] = pf.k
-                slot.pre_v[:, p, :, : pf.length] = pf.v
+            by_group: dict[int, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
+            for p, j in enumerate(batch):  # one gather-scatter per prefill group, not one copy per prefix
+                group = prefills[j.prefix].group
+                assert group is not None
+                gk, gv, r = group
+                _, _, ps, rs = by_group.setdefault(id(gk), (gk, gv, [], []))
+                ps.append(p)
+                rs.append(r)
+            for gk, gv, ps, rs in by_group.values():
+                n = min(gk.shape[3], T)
+                pi, ri = torch.tensor(ps, device=self.device), torch.tensor(rs, device=self.device)
+                slot.pre_k[:, pi, :, :n] = gk[:, ri, :, :n]
+                slot.pre_v[:, pi, :, :n] = gv[:, ri, :, :n]
             lens_t = torch.tensor(lens, dtype=torch.int32)
             slot.plen.copy_(lens_t)
             slot.row_plen.copy_(lens_t.repeat_interleave(R))
@@ -567,6 +554,7 @@ class _ModelBound:
     """The model parts and constants a fused decode state reads (shared by the torch and Triton states)."""
 
     def _bind_model(self, eng: TorchEngine) -> None:
+        self.eng = eng
         base = eng.model.model
         self.layers = base.layers
         self.embed = base.embed_tokens
@@ -581,6 +569,79 @@ class _ModelBound:
         self.scaling = float(getattr(self.layers[0].self_attn, "scaling", eng.head_dim ** -0.5))
         self.eps = float(getattr(eng.model.config, "rms_norm_eps", 1e-6))
         self.act = self.layers[0].mlp.act_fn
+        self.silu = str(getattr(eng.model.config, "hidden_act", "")) == "silu"
+
+    def _rope(self, pos: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin [..., D]`` of positions ``pos`` (Hugging Face numerics), with the sign of
+        ``rotate_half`` folded into ``sin``: ``rope(x) = x * cos + x.roll(D // 2, -1) * sin``."""
+        freqs = pos.float()[..., None] * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        half = emb.shape[-1] // 2
+        cos = (emb.cos() * self.rope_scale).to(dtype)
+        sin = emb.sin() * self.rope_scale
+        return cos, torch.cat((-sin[..., :half], sin[..., half:]), dim=-1).to(dtype)
+
+    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        """Hugging Face RMSNorm numerics: normalise in float32, cast, scale."""
+        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * weight
+
+    @torch.inference_mode()
+    def prefill(self, inp: torch.Tensor, lens: torch.Tensor, triton_kernels: bool) -> tuple[torch.Tensor, ...]:
+        """Forward of right-padded prompts ``inp [N, T]`` (real lengths ``lens``), no Hugging Face
+        cache: returns the logits at each prompt's last token ``[N, V]`` and the keys / values
+        ``[L, N, Hkv, T, D]``, written in place layer by layer (no per-layer cache ``cat``).
+
+        Pads follow the real tokens, so causal attention keeps them out of every real position;
+        their keys are masked by length at decode time. Same math as the decode step
+        (``triton_kernels``: the decode step's Triton RMSNorm, q/k-norm + rotary, SiLU*up)."""
+        eng, w, tk = self.eng, self.w, None
+        if triton_kernels:
+            from opdlens.rollout import triton_decode as tk
+        N, T = inp.shape
+        L, H, Hkv, D = eng.n_layers, eng.n_heads, eng.n_kv, eng.head_dim
+        k_all = torch.empty(L, N, Hkv, T, D, dtype=eng.dtype, device=inp.device)
+        v_all = torch.empty_like(k_all)
+        x = self.embed(inp).view(N * T, -1)
+        pos = torch.arange(T, device=inp.device)
+        cos, sin = self._rope(pos, x.dtype)  # [T, D]
+        norm = (lambda a, wt: tk.rmsnorm(a, wt, self.eps)) if tk is not None else self._rms
+        if tk is not None:
+            cos_r, sin_r = cos.repeat(N, 1), sin.repeat(N, 1)  # [N*T, D] (row b = n * T + t)
+            kv_tmp = torch.empty(2, N * T, Hkv, 1, D, dtype=eng.dtype, device=inp.device)
+            t0 = torch.zeros(1, dtype=torch.long, device=inp.device)
+        for li, layer in enumerate(self.layers):
+            attn, mlp = layer.self_attn, layer.mlp
+            qkv = F.linear(norm(x, layer.input_layernorm.weight), w.qkv_w[li], w.qkv_b[li])
+            qn = attn.q_norm.weight if hasattr(attn, "q_norm") else None
+            kn = attn.k_norm.weight if hasattr(attn, "k_norm") else None
+            if tk is not None:
+                q = tk.qkv_rope(qkv, cos_r, sin_r, qn, kn, kv_tmp[0], kv_tmp[1], t0, H, self.eps).view(N, T, H, D)
+                k = kv_tmp[0].view(N, T, Hkv, D)
+                v = kv_tmp[1].view(N, T, Hkv, D)
+            else:
+                qkv4 = qkv.view(N, T, H + 2 * Hkv, D)
+                q, k, v = qkv4[:, :, :H], qkv4[:, :, H:H + Hkv], qkv4[:, :, H + Hkv:]
+                if qn is not None:
+                    q, k = self._rms(q, qn), self._rms(k, kn)
+                c, sn = cos[:, None], sin[:, None]
+                half = D // 2
+                q = torch.addcmul(q * c, q.roll(half, dims=-1), sn)
+                k = torch.addcmul(k * c, k.roll(half, dims=-1), sn)
+            k_all[li].copy_(k.transpose(1, 2))
+            v_all[li].copy_(v.transpose(1, 2))
+            o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all[li], v_all[li], is_causal=True,
+                                               scale=self.scaling, enable_gqa=Hkv != H)
+            o = o.transpose(1, 2).reshape(N * T, H * D)
+            x = torch.addmm(x, o, attn.o_proj.weight.t()) if attn.o_proj.bias is None else x + attn.o_proj(o)
+            gu = F.linear(norm(x, layer.post_attention_layernorm.weight), w.gu_w[li])
+            if tk is not None and self.silu:
+                a = tk.silu_mul(gu)
+            else:
+                g, u = gu.chunk(2, dim=-1)
+                a = self.act(g) * u
+            x = torch.addmm(x, a, mlp.down_proj.weight.t()) if mlp.down_proj.bias is None else x + mlp.down_proj(a)
+        last = x.view(N, T, -1)[torch.arange(N, device=inp.device), lens - 1]
+        return self.lm_head(norm(last, self.norm.weight)), k_all, v_all
 
 
 class _FusedState(_ModelBound):
@@ -648,22 +709,14 @@ class _FusedState(_ModelBound):
         self.eng.stats["graphs"] += 1
         return graph, out
 
-    def _rms(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-        """Hugging Face RMSNorm numerics: normalise in float32, cast, scale."""
-        return F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).to(x.dtype) * weight
-
     def _forward(self, sb: int) -> torch.Tensor:
         eng, w = self.eng, self.w
         B, H, Hkv, D = self.tok_in.numel(), eng.n_heads, eng.n_kv, eng.head_dim
         G = H // Hkv
         x = self.embed(self.tok_in)  # [B, hidden]
-        pos = (self.row_plen + self.t_idx).float()
-        freqs = pos[:, None] * self.inv_freq[None]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(x.dtype)[:, None]  # [B, 1, D]
+        cos, sin = self._rope(self.row_plen + self.t_idx, x.dtype)
+        cos, sin = cos[:, None], sin[:, None]  # [B, 1, D]
         half = D // 2
-        sin = emb.sin() * self.rope_scale
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(x.dtype)[:, None]  # sign of rotate_half folded in
         slots = torch.arange(sb, device=x.device)
         suf_bias = torch.zeros(sb, dtype=torch.float32, device=x.device)
         suf_bias.masked_fill_(slots > self.t_idx, _NEG_INF)
@@ -822,7 +875,6 @@ class _TritonState(_ModelBound):
         self.eng = eng
         self.slot = slot
         self._bind_model(eng)
-        self.silu = str(getattr(eng.model.config, "hidden_act", "")) == "silu"
         # captured graphs read these addresses: a change (new weights) means a new capture
         self.signature = (self.w.generation, tuple(t.data_ptr() for t in eng.model.parameters()))
 
@@ -878,13 +930,7 @@ class _TritonState(_ModelBound):
         eng, w, s, tk = self.eng, self.w, self.slot, self.tk
         B, H, D = s.tok_in.numel(), eng.n_heads, eng.head_dim
         x = self.embed(s.tok_in)  # [B, hidden]
-        pos = (s.row_plen + s.t_idx).float()
-        freqs = pos[:, None] * self.inv_freq[None]
-        emb = torch.cat((freqs, freqs), dim=-1)
-        cos = (emb.cos() * self.rope_scale).to(x.dtype)  # [B, D]
-        half = D // 2
-        sin = emb.sin() * self.rope_scale
-        sin = torch.cat((-sin[:, :half], sin[:, half:]), dim=-1).to(x.dtype)  # sign of rotate_half folded in
+        cos, sin = self._rope(s.row_plen + s.t_idx, x.dtype)  # [B, D]
         for li, layer in enumerate(self.layers):
             attn, mlp = layer.self_attn, layer.mlp
             h = tk.rmsnorm(x, layer.input_layernorm.weight, self.eps)

@@ -2,8 +2,9 @@
 the sampled token and its log-prob.
 
 Per row, ``NSPLIT`` programs stream slices of the vocabulary in blocks, keeping an online
-log-sum-exp and the running argmax of ``x / T + Gumbel`` (merged by a second small kernel) (Philox noise from ``tl.rand(seed, row * V + col)``, the seed
-read from a device tensor so that no host synchronisation is needed). Equivalent in distribution
+log-sum-exp and the running argmax of ``x / T + Gumbel`` (merged by a second small kernel).
+Philox noise from ``tl.rand4x`` (four uniforms per counter, one counter per four columns), the
+seed read from a device tensor so that no host synchronisation is needed. Equivalent in distribution
 to :func:`opdlens.rollout.base.sample_tokens`; not bit-identical to it (other random stream).
 """
 
@@ -28,38 +29,53 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
+    def _gumbel_block(base, cols, u, lo, SPAN, V, inv_temp, m, s, best, best_idx, best_x):  # type: ignore[no-untyped-def]
+        """Fold columns ``cols`` (uniforms ``u``) into the online log-sum-exp of ``x = logits / T``
+        and the running argmax of ``x + Gumbel``."""
+        neg_inf = float("-inf")
+        valid = (cols < V) & (cols - lo < SPAN)
+        x = tl.load(base + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_temp
+        new_m = tl.maximum(m, x)
+        finite = new_m > neg_inf
+        alpha = tl.where(finite, tl.exp(m - new_m), 0.0)
+        beta = tl.where(finite, tl.exp(x - new_m), 0.0)
+        s = s * alpha + beta
+        y = tl.where(valid, x - tl.log(-tl.log(u)), neg_inf)
+        upd = y > best
+        return new_m, s, tl.where(upd, y, best), tl.where(upd, cols, best_idx), tl.where(upd, x, best_x)
+
+    @triton.jit
     def _gumbel_part_kernel(logits_ptr, stride, V, SPAN, inv_temp, seed_ptr, part_ptr, NSPLIT,  # type: ignore[no-untyped-def]
-                            BLOCK: tl.constexpr):
+                            QBLOCK: tl.constexpr):
         """Columns ``[split * SPAN, (split + 1) * SPAN)`` of one row: online max / sum-exp of
-        ``x = logits / T`` and the running argmax of ``x + Gumbel`` -> 5 partial values."""
+        ``x = logits / T`` and the running argmax of ``x + Gumbel`` -> 5 partial values.
+
+        One Philox call (``rand4x``) gives the uniforms of four sub-blocks of ``QBLOCK`` columns:
+        Philox is the sampler's main cost, so this is 4x fewer of them than ``rand`` per column.
+        Philox key ``seed + row``; counter ``c`` serves columns ``c + j * QBLOCK``, j < 4, so every
+        (row, column) gets its own uniform."""
         row = tl.program_id(0)
         split = tl.program_id(1)
-        seed = tl.load(seed_ptr)
+        key = tl.load(seed_ptr) + row  # Philox key per row, counter per column block
         base = logits_ptr + row.to(tl.int64) * stride
         neg_inf = float("-inf")
-        m = tl.full([BLOCK], neg_inf, tl.float32)
-        s = tl.zeros([BLOCK], tl.float32)
-        best = tl.full([BLOCK], neg_inf, tl.float32)
-        best_idx = tl.zeros([BLOCK], tl.int32)
-        best_x = tl.zeros([BLOCK], tl.float32)
+        m = tl.full([QBLOCK], neg_inf, tl.float32)
+        s = tl.zeros([QBLOCK], tl.float32)
+        best = tl.full([QBLOCK], neg_inf, tl.float32)
+        best_idx = tl.zeros([QBLOCK], tl.int32)
+        best_x = tl.zeros([QBLOCK], tl.float32)
         lo = split * SPAN
-        for start in range(0, SPAN, BLOCK):
-            cols = lo + start + tl.arange(0, BLOCK)
-            valid = (cols < V) & (start + tl.arange(0, BLOCK) < SPAN)
-            x = tl.load(base + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_temp
-            new_m = tl.maximum(m, x)
-            finite = new_m > neg_inf
-            alpha = tl.where(finite, tl.exp(m - new_m), 0.0)
-            beta = tl.where(finite, tl.exp(x - new_m), 0.0)
-            s = s * alpha + beta
-            m = new_m
-            u = tl.rand(seed, row * V + cols)
-            y = x - tl.log(-tl.log(u))
-            y = tl.where(valid, y, neg_inf)
-            upd = y > best
-            best = tl.where(upd, y, best)
-            best_idx = tl.where(upd, cols, best_idx)
-            best_x = tl.where(upd, x, best_x)
+        q = tl.arange(0, QBLOCK)
+        for start in range(0, SPAN, 4 * QBLOCK):
+            c0 = lo + start + q
+            u0, u1, u2, u3 = tl.rand4x(key, c0)
+            m, s, best, best_idx, best_x = _gumbel_block(base, c0, u0, lo, SPAN, V, inv_temp, m, s, best, best_idx, best_x)
+            m, s, best, best_idx, best_x = _gumbel_block(base, c0 + QBLOCK, u1, lo, SPAN, V, inv_temp,
+                                                         m, s, best, best_idx, best_x)
+            m, s, best, best_idx, best_x = _gumbel_block(base, c0 + 2 * QBLOCK, u2, lo, SPAN, V, inv_temp,
+                                                         m, s, best, best_idx, best_x)
+            m, s, best, best_idx, best_x = _gumbel_block(base, c0 + 3 * QBLOCK, u3, lo, SPAN, V, inv_temp,
+                                                         m, s, best, best_idx, best_x)
         big_m = tl.max(m, 0)
         total = tl.sum(tl.where(m > neg_inf, s * tl.exp(m - tl.where(big_m > neg_inf, big_m, 0.0)), 0.0), 0)
         top = tl.max(best, 0)
@@ -116,6 +132,6 @@ def sample_tokens_triton(
     part = torch.empty(B * nsplit * 5, dtype=torch.float32, device=logits.device)
     grid: Any = (B, nsplit)
     _gumbel_part_kernel[grid](logits, logits.stride(0), V, span, 1.0 / float(temperature), seed, part, nsplit,
-                              BLOCK=block, num_warps=4)
+                              QBLOCK=block // 4, num_warps=4)
     _gumbel_final_kernel[(B,)](part, nsplit, V, tok, lp, BLOCK=max(16, 1 << (nsplit - 1).bit_length()), num_warps=1)
     return tok, lp
