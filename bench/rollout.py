@@ -7,9 +7,22 @@ tokens (no EOS), so tokens/s = rows * max_new / wall time of the whole call (pre
 * targeted-rollout shapes: one prefix of 2K or 8K tokens with N in {64, 100} samples, and
   4 targets x 64 samples on 2K prefixes (batching across targets).
 
-Roofline: one decode step must read all weights once: ``weight bytes / HBM bandwidth``
-(bandwidth measured with a device-to-device copy); roofline tokens/s = rows / that time.
-Before timing, the engine's GPU log-probs are checked against one teacher-forced forward.
+Two floors, both from ceilings measured in the same run (HBM bandwidth: a device-to-device
+copy; bf16 matrix rate: a large ``torch.mm``):
+
+* **roofline** (the real one): the least time any engine needs for the whole call. Prefill:
+  max(weights + prefix KV written, its matrix FLOPs). Each decode step: max(bytes / bandwidth,
+  FLOPs / matrix rate) with bytes = all weights + the KV cache it must read (each shared prefix
+  once, plus every row's own suffix so far) and FLOPs = 2 x weights x rows + attention.
+  Logits traffic is left out (a fused lm_head + sampler would not write them), so the floor errs
+  low. ``% roofline`` = floor time / measured time.
+* **weight floor** (issue #4's "0.4 ms per step"): weight bytes / bandwidth per step, ignoring
+  the KV cache; ``% weight floor`` = rows / (that time) over measured tokens/s. At batch 256
+  with 64-token prompts the KV cache alone is ~3x the weights, so 25% of this floor is out of
+  reach of any engine that keeps a 16-bit KV cache (see bench/RESULTS.md).
+
+``generate`` is timed ``--generate-repeats`` times and its fastest run is used (the
+conservative ratio). Before timing, the engine's GPU log-probs are checked against teacher forcing.
 
 Usage: ``python bench/rollout.py [--shapes qwen3-0.6b,qwen3-1.7b] [--max-new 128] [--json out.json]``
 """
@@ -47,6 +60,46 @@ def hbm_bandwidth(dev: torch.device) -> float:
     secs = e0.elapsed_time(e1) / 1e3 / 10
     del a, b
     return 2 * (1 << 30) / secs
+
+
+def matmul_rate(dev: torch.device, n: int = 8192) -> float:
+    """bf16 FLOP/s of a large square ``torch.mm`` (the matrix-unit ceiling)."""
+    a = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    b = torch.randn(n, n, device=dev, dtype=torch.bfloat16)
+    for _ in range(3):
+        a @ b
+    torch.cuda.synchronize()
+    e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    e0.record()
+    for _ in range(10):
+        a @ b
+    e1.record()
+    torch.cuda.synchronize()
+    return 2 * n**3 / (e0.elapsed_time(e1) / 1e3 / 10)
+
+
+def floor_seconds(model: torch.nn.Module, plens: list[int], n: int, max_new: int, bw: float, rate: float) -> float:
+    """Least time of a whole ``sample(prefixes, n, max_new)`` call (see the module docstring)."""
+    cfg = model.config
+    L, H = cfg.num_hidden_layers, cfg.num_attention_heads
+    Hkv = getattr(cfg, "num_key_value_heads", None) or H
+    D = getattr(cfg, "head_dim", None) or cfg.hidden_size // H
+    esize = next(model.parameters()).element_size()
+    kv_tok = 2 * L * Hkv * D * esize  # K and V bytes of one token, all layers
+    wb = weight_bytes(model)
+    n_params = sum(p.numel() for p in {p.data_ptr(): p for p in model.parameters()}.values())
+    emb, head = model.get_input_embeddings().weight, model.get_output_embeddings().weight
+    lm_params = head.numel()
+    layer_params = n_params - emb.numel() - (0 if emb.data_ptr() == head.data_ptr() else lm_params)
+    rows = len(plens) * n
+    toks = sum(plens)
+    attn_pre = sum(4 * L * H * D * t * (t + 1) / 2 for t in plens)
+    total = max((wb + kv_tok * toks) / bw, (2 * layer_params * toks + 2 * lm_params * len(plens) + attn_pre) / rate)
+    for t in range(max_new - 1):  # decode forwards: the first token comes from the prefill logits
+        keys = toks + rows * (t + 1)  # shared prefixes read once, own suffixes per row
+        flops = 2 * (layer_params + lm_params) * rows + 4 * L * H * D * sum(p + t + 1 for p in plens) * n
+        total += max((wb + kv_tok * keys) / bw, flops / rate)
+    return total
 
 
 def weight_bytes(model: torch.nn.Module) -> int:
@@ -107,8 +160,8 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
     return res
 
 
-def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_generate: bool,
-                smoke: bool = False) -> list[dict[str, Any]]:
+def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: int, skip_generate: bool,
+                smoke: bool = False, generate_repeats: int = 2, cases: set[str] | None = None) -> list[dict[str, Any]]:
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     pol = random_policy(SMOKE_SHAPE if smoke else shape, seed=0, device=dev, dtype=dt)
     model = pol.model
@@ -129,6 +182,8 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
           f"bf16 logprob max|diff| vs teacher forcing {bf16_err:.3g}, sampler={eng.sampler}", flush=True)
 
     def run(name: str, prefixes: list[list[int]], n: int) -> None:
+        if cases is not None and name not in cases:
+            return
         rows = len(prefixes) * n
         tokens = rows * max_new
         eng.sample(prefixes, n, max_new, seed=0)  # warm-up: graph capture, kernels
@@ -138,16 +193,12 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
         assert sum(len(c.tokens) for cs in out for c in cs) == tokens
         gen_tps: float | str = "skipped"
         if not skip_generate:
+            ids = torch.tensor(prefixes, device=dev)
+            kw: dict[str, Any] = dict(num_return_sequences=n) if n > 1 else {}
             try:
-                if n == 1:
-                    ids = torch.tensor(prefixes, device=dev)
-                    kw: dict[str, Any] = {}
-                else:
-                    ids = torch.tensor(prefixes, device=dev)
-                    kw = dict(num_return_sequences=n)
-                t_gen, _ = timed(lambda: model.generate(
+                t_gen = min(timed(lambda: model.generate(
                     ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=max_new,
-                    min_new_tokens=max_new, pad_token_id=pol.pad_token_id, **kw))
+                    min_new_tokens=max_new, pad_token_id=pol.pad_token_id, **kw))[0] for _ in range(generate_repeats))
                 gen_tps = tokens / t_gen
             except torch.OutOfMemoryError:
                 gen_tps = "OOM"
@@ -155,11 +206,13 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
                 torch.cuda.empty_cache()
         eng_tps = tokens / t_eng
         roof_tps = rows / step_floor
+        t_floor = floor_seconds(model, [len(x) for x in prefixes], n, max_new, bw, rate)
         row = dict(shape=shape, case=name, rows=rows, max_new=max_new, engine_tok_s=eng_tps,
                    engine_s=t_eng, ms_per_step=t_eng / max_new * 1e3, generate_tok_s=gen_tps,
                    prefill_s=t_pre, decode_ms_per_step=(t_eng - t_pre) / max_new * 1e3,
                    vs_generate=(eng_tps / gen_tps) if isinstance(gen_tps, float) else None,
-                   roofline_tok_s=roof_tps, frac_roofline=eng_tps / roof_tps,
+                   weight_floor_tok_s=roof_tps, frac_weight_floor=eng_tps / roof_tps,
+                   floor_s=t_floor, frac_roofline=t_floor / t_eng,
                    fused_attention=stats.get("fused_attention"), graphs=stats.get("graphs"),
                    triton_kernels=stats.get("triton_kernels"),
                    peak_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None)
@@ -168,6 +221,7 @@ def bench_shape(shape: str, dev: torch.device, bw: float, max_new: int, skip_gen
         vs = f"{row['vs_generate']:.1f}x" if row["vs_generate"] else "-"
         print(f"[{shape}] {name:<22} rows={rows:<4} engine {eng_tps:>10,.0f} tok/s ({row['ms_per_step']:.2f} ms/step)"
               f" | generate {gtxt:>8} | {vs:>7} | {100 * row['frac_roofline']:.1f}% of roofline"
+              f" ({100 * row['frac_weight_floor']:.1f}% of weight floor)"
               f" | prefill {t_pre * 1e3:.1f} ms, decode {row['decode_ms_per_step']:.2f} ms/step", flush=True)
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
@@ -212,6 +266,8 @@ def main() -> None:
     ap.add_argument("--shapes", default="qwen3-0.6b,qwen3-1.7b")
     ap.add_argument("--max-new", type=int, default=128)
     ap.add_argument("--skip-generate", action="store_true")
+    ap.add_argument("--generate-repeats", type=int, default=2, help="timed generate runs per case (fastest used)")
+    ap.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print kernel times of an eager decode first (CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, times nothing real")
@@ -225,7 +281,9 @@ def main() -> None:
     print(f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
           f"transformers {transformers.__version__}", flush=True)
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 50e9
-    print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s", flush=True)
+    rate = matmul_rate(dev) if dev.type == "cuda" else 1e12
+    print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s, bf16 mm {rate / 1e12:.0f} TFLOP/s",
+          flush=True)
     if args.profile and dev.type == "cuda":
         profile_step(args.shapes.split(",")[0].strip(), dev)
     corr = check_correctness(dev)
@@ -234,16 +292,19 @@ def main() -> None:
               f"deterministic={v['deterministic']}, sampler={v['sampler']}, stats={v['stats']}", flush=True)
     results: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
-        results += bench_shape(shape.strip(), dev, bw, args.max_new, args.skip_generate, args.smoke)
-    print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline  ms/step"
-          "  decode ms/step")
+        results += bench_shape(shape.strip(), dev, bw, rate, args.max_new, args.skip_generate, args.smoke,
+                               args.generate_repeats, set(args.cases.split(",")) if args.cases else None)
+    print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline"
+          "   % wt floor  ms/step  decode ms/step")
     for r in results:
         g = f"{r['generate_tok_s']:,.0f}" if isinstance(r["generate_tok_s"], float) else r["generate_tok_s"]
         vs = f"{r['vs_generate']:.1f}" if r["vs_generate"] else "-"
         print(f"{r['shape']:<12} {r['case']:<22} {r['engine_tok_s']:>12,.0f} {g:>16} {vs:>12} "
-              f"{100 * r['frac_roofline']:>11.1f} {r['ms_per_step']:>8.2f} {r['decode_ms_per_step']:>15.2f}")
+              f"{100 * r['frac_roofline']:>11.1f} {100 * r['frac_weight_floor']:>11.1f} {r['ms_per_step']:>8.2f}"
+              f" {r['decode_ms_per_step']:>15.2f}")
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(bandwidth=bw, correctness=corr, results=results), indent=1))
+        Path(args.json).write_text(json.dumps(dict(bandwidth=bw, matmul_flops=rate, correctness=corr, results=results),
+                                              indent=1))
 
 
 if __name__ == "__main__":

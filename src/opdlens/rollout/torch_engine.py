@@ -931,30 +931,27 @@ class _TritonState(_ModelBound):
         B, H, D = s.tok_in.numel(), eng.n_heads, eng.head_dim
         x = self.embed(s.tok_in)  # [B, hidden]
         cos, sin = self._rope(s.row_plen + s.t_idx, x.dtype)  # [B, D]
-        for li, layer in enumerate(self.layers):
+        layers = self.layers
+        h = tk.rmsnorm(x, layers[0].input_layernorm.weight, self.eps)
+        for li, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            h = tk.rmsnorm(x, layer.input_layernorm.weight, self.eps)
             qkv = F.linear(h, w.qkv_w[li], w.qkv_b[li])
             qn = attn.q_norm.weight if hasattr(attn, "q_norm") else None
             kn = attn.k_norm.weight if hasattr(attn, "k_norm") else None
             q = tk.qkv_rope(qkv, cos, sin, qn, kn, s.suf_k[li], s.suf_v[li], s.t_idx, H, self.eps)
             o = tk.decode_attention(q, s.suf_k[li], s.suf_v[li], s.t_idx, s.pre_k[li], s.pre_v[li], s.plen, s.R,
                                     self.scaling, s.mode, s.chunk).view(B, H * D)
-            if attn.o_proj.bias is None:
-                x = torch.addmm(x, o, attn.o_proj.weight.t())  # residual added by the GEMM
-            else:
-                x = x + attn.o_proj(o)
-            gu = F.linear(tk.rmsnorm(x, layer.post_attention_layernorm.weight, self.eps), w.gu_w[li])
+            # residual adds fused with the next RMSNorm (plain GEMMs, Hugging Face rounding of the sum)
+            x, h = tk.add_rmsnorm(x, attn.o_proj(o), layer.post_attention_layernorm.weight, self.eps)
+            gu = F.linear(h, w.gu_w[li])
             if self.silu:
                 a = tk.silu_mul(gu)
             else:
                 g, u = gu.chunk(2, dim=-1)
                 a = self.act(g) * u
-            if mlp.down_proj.bias is None:
-                x = torch.addmm(x, a, mlp.down_proj.weight.t())
-            else:
-                x = x + mlp.down_proj(a)
-        return self.lm_head(tk.rmsnorm(x, self.norm.weight, self.eps))
+            nxt = layers[li + 1].input_layernorm.weight if li + 1 < len(layers) else self.norm.weight
+            x, h = tk.add_rmsnorm(x, mlp.down_proj(a), nxt, self.eps)
+        return self.lm_head(h)
 
     def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Move the live rows to a smaller grid ``[P', R']`` (R' a power of two where that is

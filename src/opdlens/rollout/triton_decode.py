@@ -1,10 +1,10 @@
 """Triton kernels for the fused decode step of :class:`opdlens.rollout.TorchEngine` (CUDA).
 
-Per layer the step launches: RMSNorm, q|k|v GEMM, :func:`qkv_rope` (q/k RMSNorm + rotary +
-suffix-cache write, one kernel), attention (one kernel, or two for shared prefixes: a split-key
-prefix kernel with tensor-core dots and a per-row suffix kernel that merges the prefix partials
-by log-sum-exp), o-projection GEMM with the residual added by the GEMM (``addmm``), RMSNorm,
-gate|up GEMM, :func:`silu_mul`, down GEMM with residual. About 10 launches instead of ~30.
+Per layer the step launches: q|k|v GEMM, :func:`qkv_rope` (q/k RMSNorm + rotary + suffix-cache
+write, one kernel), attention (one kernel, or two for shared prefixes: a split-key prefix kernel
+with tensor-core dots and a per-row suffix kernel that merges the prefix partials by
+log-sum-exp), o-projection GEMM, :func:`add_rmsnorm` (residual add + the next RMSNorm), gate|up
+GEMM, :func:`silu_mul`, down GEMM, :func:`add_rmsnorm`. About 8 launches instead of ~30.
 
 Numerics follow Hugging Face: RMSNorm normalises in float32, casts to the model dtype and then
 scales by the weight in that dtype; attention accumulates in float32 (float32 models use IEEE
@@ -49,6 +49,24 @@ if triton is not None:
         y = (x * tl.rsqrt(var + eps)).to(out_ptr.dtype.element_ty).to(tl.float32)
         w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
         tl.store(out_ptr + row * N + cols, (y * w).to(out_ptr.dtype.element_ty), mask=m)
+
+    @triton.jit
+    def _add_rmsnorm_kernel(x_ptr, d_ptr, w_ptr, xo_ptr, out_ptr, N, eps, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        """Residual add (rounded to the model dtype, as Hugging Face's ``residual + h``) and the
+        RMSNorm of the sum, in one pass: writes both."""
+        row = tl.program_id(0).to(tl.int64)
+        cols = tl.arange(0, BLOCK)
+        m = cols < N
+        dt = out_ptr.dtype.element_ty
+        x = tl.load(x_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        d = tl.load(d_ptr + row * N + cols, mask=m, other=0.0).to(tl.float32)
+        x = (x + d).to(dt)
+        tl.store(xo_ptr + row * N + cols, x, mask=m)
+        xf = x.to(tl.float32)
+        var = tl.sum(xf * xf, 0) / N
+        y = (xf * tl.rsqrt(var + eps)).to(dt).to(tl.float32)
+        w = tl.load(w_ptr + cols, mask=m, other=0.0).to(tl.float32)
+        tl.store(out_ptr + row * N + cols, (y * w).to(dt), mask=m)
 
     @triton.jit
     def _silu_mul_kernel(gu_ptr, out_ptr, N, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
@@ -149,7 +167,7 @@ if triton is not None:
         out = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(ok, m_i + tl.log(tl.where(ok, l_i, 1.0)), float("-inf"))
         part = (pid * C + c).to(tl.int64) * M + mrow
-        tl.store(po_ptr + part[:, None] * D + d[None, :], out, mask=mm[:, None] & dm[None, :])
+        tl.store(po_ptr + part[:, None] * D + d[None, :], out.to(po_ptr.dtype.element_ty), mask=mm[:, None] & dm[None, :])
         tl.store(plse_ptr + part, lse, mask=mm)
 
     @triton.jit
@@ -209,7 +227,7 @@ if triton is not None:
             for c in range(0, C):
                 part = ((p * HKV + h) * C + c).to(tl.int64) * M + mrow
                 lse_c = tl.load(plse_ptr + part, mask=gm, other=float("-inf"))
-                o_c = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=qm, other=0.0)
+                o_c = tl.load(po_ptr + part[:, None] * D + d[None, :], mask=qm, other=0.0).to(tl.float32)
                 m_new = tl.maximum(m_i, lse_c)
                 m_safe = tl.where(m_new > float("-inf"), m_new, 0.0)
                 alpha = tl.exp(m_i - m_safe)
@@ -237,6 +255,15 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     out = torch.empty((B, N), dtype=x.dtype, device=x.device)
     _rmsnorm_kernel[(B,)](x, weight, out, N, x.stride(0), eps, BLOCK=_p2(N), num_warps=4 if N <= 2048 else 8)
     return out
+
+
+def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x + delta`` (the residual stream, ``[B, N]`` contiguous) and its RMSNorm, in one kernel."""
+    B, N = x.shape
+    x_new = torch.empty_like(x)
+    out = torch.empty_like(x)
+    _add_rmsnorm_kernel[(B,)](x, delta, weight, x_new, out, N, eps, BLOCK=_p2(N), num_warps=4 if N <= 2048 else 8)
+    return x_new, out
 
 
 def silu_mul(gu: torch.Tensor) -> torch.Tensor:
@@ -283,13 +310,15 @@ def decode_attention(
     if mode == 2:
         C = max(1, triton.cdiv(T, chunk))
         M = R * G
-        bm = 16 if M <= 16 else (32 if M <= 32 else 64)
-        po = torch.empty((P * Hkv * C * M, D), dtype=torch.float32, device=q.device)
+        # each query block re-reads the chunk's keys: blocks of up to 128 queries (8 warps)
+        bm = max(16, min(128, _p2(M))) if D <= 128 else max(16, min(64, _p2(M)))
+        # normalised partial outputs in the model dtype (fp32 models stay exact); lse in fp32
+        po = torch.empty((P * Hkv * C * M, D), dtype=q.dtype, device=q.device)
         plse = torch.empty((P * Hkv * C * M,), dtype=torch.float32, device=q.device)
         _prefix_attn_kernel[(P * Hkv, C, triton.cdiv(M, bm))](
             q, pre_k, pre_v, plen, po, plse, R, Hkv, G, D, T, C, chunk, scale,
             IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, bd),
-            num_warps=4)
+            num_warps=8 if bm >= 128 else 4)
     else:
         C = 1
         po, plse = q, q  # unused
