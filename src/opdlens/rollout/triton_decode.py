@@ -295,6 +295,7 @@ def qkv_rope(
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t_idx: torch.Tensor,
     pre_k: torch.Tensor, pre_v: torch.Tensor, plen: torch.Tensor, R: int, scale: float, mode: int, chunk: int,
+    block_m: int | None = None, partial_dtype: torch.dtype | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, H, D]`` (rows ``b = p * R + r``) over prefix ``p``'s keys
     ``pre_k [P, Hkv, T, D]`` (first ``plen[p]``) and the row's suffix keys ``0..t_idx``.
@@ -311,9 +312,9 @@ def decode_attention(
         C = max(1, triton.cdiv(T, chunk))
         M = R * G
         # each query block re-reads the chunk's keys: blocks of up to 128 queries (8 warps)
-        bm = max(16, min(128, _p2(M))) if D <= 128 else max(16, min(64, _p2(M)))
+        bm = block_m or (max(16, min(128, _p2(M))) if D <= 128 else max(16, min(64, _p2(M))))
         # normalised partial outputs in the model dtype (fp32 models stay exact); lse in fp32
-        po = torch.empty((P * Hkv * C * M, D), dtype=q.dtype, device=q.device)
+        po = torch.empty((P * Hkv * C * M, D), dtype=partial_dtype or q.dtype, device=q.device)
         plse = torch.empty((P * Hkv * C * M,), dtype=torch.float32, device=q.device)
         _prefix_attn_kernel[(P * Hkv, C, triton.cdiv(M, bm))](
             q, pre_k, pre_v, plen, po, plse, R, Hkv, G, D, T, C, chunk, scale,
