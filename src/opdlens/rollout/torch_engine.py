@@ -856,7 +856,11 @@ class _Slot:
         self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
         # one attention kernel per layer when each prefix has few rows and is short
         self.mode = 1 if (R <= 2 and T <= 1024) else 2
-        self.chunk = max(16, min(eng.prefix_chunk, 256))
+        from opdlens.rollout.triton_decode import prefix_chunk
+
+        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        G = eng.n_heads // Hkv
+        self.chunk = prefix_chunk(P, Hkv, R * G, T, min(eng.prefix_chunk, 512), n_sm)
         self.graph: Any = None
         self.out: torch.Tensor | None = None
         self.signature: Any = None

@@ -1,0 +1,66 @@
+"""Decode attention over shared prefixes (the split-key prefix kernel + per-row merge), alone.
+
+For targeted-rollout shapes (P prefixes of T keys, R rows each, Qwen3-0.6B heads: 8 kv-heads,
+G=2, D=128, bf16, suffix of 65 keys) times :func:`opdlens.rollout.triton_decode.decode_attention`
+(mode 2) for each key chunk and query block, and the chunk the engine picks
+(:func:`~opdlens.rollout.triton_decode.prefix_chunk`). ``floor`` = the K/V bytes that must be read
+(each prefix once, every row's suffix) over 3.0 TB/s. Medians of ``triton.testing.do_bench``;
+``relerr`` is against the first configuration (bf16 output rounding differs with the chunking).
+
+Usage: ``python bench/attention.py`` (CUDA).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+
+CASES = (("4 targets 2K N=64", 4, 64, 2048), ("8K N=64", 1, 64, 8192), ("8K N=100", 1, 100, 8192),
+         ("2K N=100", 1, 100, 2048), ("4 targets 8K N=64", 4, 64, 8192), ("16 targets 2K N=16", 16, 16, 2048),
+         ("8K N=16", 1, 16, 8192))
+
+
+def main() -> None:
+    import triton.testing as tt
+
+    from opdlens.rollout import triton_decode as tk
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    Hkv, G, D, S, t = 8, 2, 128, 128, 64
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
+    print(f"{torch.cuda.get_device_name(dev)}, {n_sm} SMs")
+    for name, P, R, T in CASES:
+        B = P * R
+        q = torch.randn(B, Hkv * G, D, device=dev, dtype=dt)
+        sk = torch.randn(B, Hkv, S, D, device=dev, dtype=dt)
+        sv = torch.randn_like(sk)
+        pk = torch.randn(P, Hkv, T, D, device=dev, dtype=dt)
+        pv = torch.randn_like(pk)
+        plen = torch.full((P,), T, dtype=torch.int32, device=dev)
+        tix = torch.tensor([t], device=dev)
+        floor_us = (pk.numel() + B * Hkv * (t + 1) * D) * 2 * 2 / 3.0e12 * 1e6
+        picked = tk.prefix_chunk(P, Hkv, R * G, T, 512, n_sm)
+        ref = None
+        best = (float("inf"), 0, 0)
+        for chunk in (256, 512, 1024, 2048, 4096):
+            for bm in (32, 64, 128):
+                def f() -> torch.Tensor:
+                    return tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, chunk, block_m=bm)
+                out = f().float()
+                ref = out if ref is None else ref
+                err = float((out - ref).norm() / ref.norm())
+                us = tt.do_bench(f, warmup=20, rep=100, return_mode="median") * 1e3
+                best = min(best, (us, chunk, bm))
+                mark = " <- engine" if (chunk == picked and bm == tk.prefix_block_m(R * G)) else ""
+                print(f"{name:<19} chunk {chunk:>4} block {bm:>3} {us:7.1f} us  floor {floor_us:5.1f} us"
+                      f"  relerr {err:.1e}{mark}", flush=True)
+        print(f"{name:<19} best: chunk {best[1]} block {best[2]} {best[0]:.1f} us; engine picks chunk {picked}"
+              f" block {tk.prefix_block_m(R * G)}\n", flush=True)
+
+
+if __name__ == "__main__":
+    main()
