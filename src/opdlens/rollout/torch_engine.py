@@ -604,14 +604,24 @@ class _ModelBound:
         x = self.embed(inp).view(N * T, -1)
         pos = torch.arange(T, device=inp.device)
         cos, sin = self._rope(pos, x.dtype)  # [T, D]
-        norm = (lambda a, wt: tk.rmsnorm(a, wt, self.eps)) if tk is not None else self._rms
         if tk is not None:
             cos_r, sin_r = cos.repeat(N, 1), sin.repeat(N, 1)  # [N*T, D] (row b = n * T + t)
             kv_tmp = torch.empty(2, N * T, Hkv, 1, D, dtype=eng.dtype, device=inp.device)
             t0 = torch.zeros(1, dtype=torch.long, device=inp.device)
-        for li, layer in enumerate(self.layers):
+
+        def add_norm(x: torch.Tensor, delta: torch.Tensor, wt: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            """Residual add rounded to the model dtype (as Hugging Face), then RMSNorm."""
+            if tk is not None:
+                return tk.add_rmsnorm(x, delta, wt, self.eps)
+            x = x + delta
+            return x, self._rms(x, wt)
+
+        layers = self.layers
+        h = tk.rmsnorm(x, layers[0].input_layernorm.weight, self.eps) if tk is not None else self._rms(
+            x, layers[0].input_layernorm.weight)
+        for li, layer in enumerate(layers):
             attn, mlp = layer.self_attn, layer.mlp
-            qkv = F.linear(norm(x, layer.input_layernorm.weight), w.qkv_w[li], w.qkv_b[li])
+            qkv = F.linear(h, w.qkv_w[li], w.qkv_b[li])
             qn = attn.q_norm.weight if hasattr(attn, "q_norm") else None
             kn = attn.k_norm.weight if hasattr(attn, "k_norm") else None
             if tk is not None:
@@ -631,17 +641,17 @@ class _ModelBound:
             v_all[li].copy_(v.transpose(1, 2))
             o = F.scaled_dot_product_attention(q.transpose(1, 2), k_all[li], v_all[li], is_causal=True,
                                                scale=self.scaling, enable_gqa=Hkv != H)
-            o = o.transpose(1, 2).reshape(N * T, H * D)
-            x = torch.addmm(x, o, attn.o_proj.weight.t()) if attn.o_proj.bias is None else x + attn.o_proj(o)
-            gu = F.linear(norm(x, layer.post_attention_layernorm.weight), w.gu_w[li])
+            x, h = add_norm(x, attn.o_proj(o.transpose(1, 2).reshape(N * T, H * D)), layer.post_attention_layernorm.weight)
+            gu = F.linear(h, w.gu_w[li])
             if tk is not None and self.silu:
                 a = tk.silu_mul(gu)
             else:
                 g, u = gu.chunk(2, dim=-1)
                 a = self.act(g) * u
-            x = torch.addmm(x, a, mlp.down_proj.weight.t()) if mlp.down_proj.bias is None else x + mlp.down_proj(a)
-        last = x.view(N, T, -1)[torch.arange(N, device=inp.device), lens - 1]
-        return self.lm_head(norm(last, self.norm.weight)), k_all, v_all
+            nxt = layers[li + 1].input_layernorm.weight if li + 1 < len(layers) else self.norm.weight
+            x, h = add_norm(x, mlp.down_proj(a), nxt)
+        # only the last real token of each prompt feeds the lm_head
+        return self.lm_head(h.view(N, T, -1)[torch.arange(N, device=inp.device), lens - 1]), k_all, v_all
 
 
 class _FusedState(_ModelBound):
