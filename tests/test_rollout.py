@@ -244,6 +244,41 @@ def test_vllm_engine_maps_requests_and_outputs() -> None:
         eng.sample([[1]], n=0, max_new_tokens=4, seed=0)
 
 
+def test_rollout_engine_vllm_config_builds_the_student_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``rollout_engine: vllm``: the student's samples come from vLLM (model id, dtype, seed, the
+    student's EOS ids and the temperature-scaled log-probs mode passed on); scoring stays on HF."""
+    import types
+
+    from opdlens.config import DiagnoseConfig
+    from opdlens.pipeline import vllm_engine
+    from opdlens.rollout import vllm_engine as ve
+
+    built: list[dict[str, Any]] = []
+
+    class RecordingLLM(FakeLLM):
+        def __init__(self, **kwargs: Any) -> None:
+            super().__init__()
+            built.append(kwargs)
+
+    monkeypatch.setattr(ve, "_import_vllm", lambda: types.SimpleNamespace(LLM=RecordingLLM, SamplingParams=FakeSamplingParams))
+    pol = tiny_random_policy(seed=0, vocab_size=16)
+    cfg = DiagnoseConfig(student="Qwen/Qwen3-0.6B", rollout_engine="vllm", dtype="bfloat16", seed=5,
+                         vllm_options={"gpu_memory_utilization": 0.5})
+    pol.engine = vllm_engine(cfg, pol)
+    assert built == [dict(model="Qwen/Qwen3-0.6B", gpu_memory_utilization=0.5, dtype="bfloat16", seed=5,
+                          logprobs_mode="processed_logprobs", enable_prefix_caching=True)]
+    res = pol.sample([[1, 2, 3]], n=4, max_new_tokens=5, seed=9, temperature=0.7)
+    ((prompts, params),) = pol.engine.llm.calls
+    assert prompts == [{"prompt_token_ids": [1, 2, 3]}]
+    assert (params[0].n, params[0].seed, params[0].temperature, params[0].stop_token_ids) == (4, 9, 0.7, sorted(pol.eos_token_ids))
+    assert [len(c.tokens) for c in res[0]] == [len(c.logprobs) for c in res[0]] and len(res[0]) == 4
+    # the embedded GGUF is no vLLM model; a non-engine is refused
+    with pytest.raises(OpdlensError, match="embedded 'smollm2'"):
+        vllm_engine(DiagnoseConfig(rollout_engine="vllm"), pol)
+    with pytest.raises(OpdlensError, match="not a rollout engine"):
+        pol.engine = object()
+
+
 # ---------------------------------------------------------------------------- Triton decode kernels
 _TRITON_SCRIPT = r"""
 import sys

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -22,6 +22,9 @@ class DiagnoseConfig(BaseModel):
     student: str = Field("smollm2", description="'smollm2' (embedded), a local path or a HF hub id")
     device: str = "cpu"
     dtype: str | None = None
+    rollout_engine: Literal["torch", "vllm"] = Field(
+        "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')")
+    vllm_options: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization")
     task: str = "arith"
     task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
     split: str = "test"

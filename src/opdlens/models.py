@@ -260,12 +260,21 @@ class HFPolicy:
     # ---------------------------------------------------------------- sampling
     @property
     def engine(self) -> Any:
-        """The rollout engine used by :meth:`sample` (a :class:`~opdlens.rollout.TorchEngine`)."""
+        """The rollout engine used by :meth:`sample` (a :class:`~opdlens.rollout.TorchEngine` unless set)."""
         if self._engine is None:
             from opdlens.rollout import TorchEngine
 
             self._engine = TorchEngine(self.model, self._eos, self._pad, self.device, **self.engine_options)
         return self._engine
+
+    @engine.setter
+    def engine(self, engine: Any) -> None:
+        """Sample with another engine (e.g. :class:`~opdlens.rollout.VLLMEngine`); scoring stays here."""
+        from opdlens.rollout import Engine
+
+        if not isinstance(engine, Engine):
+            raise OpdlensError(f"{type(engine).__name__} is not a rollout engine (it needs a sample() method)")
+        self._engine = engine
 
     def sample(
         self,

@@ -543,6 +543,22 @@ def write_config(store: RunStore, config: Any) -> None:
         cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
+def vllm_engine(config: Any, student: Any) -> Any:
+    """The student's vLLM sampler of a ``rollout_engine: vllm`` config (same EOS ids and dtype as
+    the loaded student, which still scores and writes the tree)."""
+    from opdlens.models import SMOLLM2
+    from opdlens.rollout import VLLMEngine
+
+    if config.student == SMOLLM2:
+        raise OpdlensError("rollout_engine: vllm needs the student as a hub id or a local model directory; "
+                           "the embedded 'smollm2' GGUF runs with rollout_engine: torch")
+    opts = dict(config.vllm_options)
+    if config.dtype:
+        opts.setdefault("dtype", config.dtype)
+    opts.setdefault("seed", config.seed)
+    return VLLMEngine.from_model(config.student, eos_token_ids=sorted(student.eos_token_ids), **opts)
+
+
 def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, list[QuestionEnv]]:
     """Load the task, questions and models of a :class:`opdlens.config.DiagnoseConfig`: the
     :class:`Diagnosis` writing into ``config.out_dir`` and the question environments."""
@@ -553,6 +569,8 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     task = get_task(config.task, **config.task_args)
     questions = task.load(split=config.split, n=config.n_questions, seed=config.seed)
     student = load_policy(config.student, device=config.device, dtype=config.dtype)
+    if config.rollout_engine == "vllm":
+        student.engine = vllm_engine(config, student)
     teachers = []
     for spec in config.teachers:
         policy = student if spec.model is None else load_policy(spec.model, device=config.device, dtype=config.dtype)

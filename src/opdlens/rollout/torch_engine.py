@@ -3,7 +3,8 @@
 Two backends behind :class:`TorchEngine`:
 
 ``"fused"`` (Llama-family models: ``llama``, ``qwen2``, ``qwen3``)
-    Each prefix is prefilled once (Hugging Face forward); its KV cache is stored **once** and
+    Each prefix is prefilled once (the engine's own forward over right-padded prompts, same math
+    as the decode step, K/V written straight into one buffer); its KV cache is stored **once** and
     shared by all its rows: a decode step attends to the shared prefix cache (one batched
     attention per prefix, memory-efficient kernel with log-sum-exp on CUDA) and to a per-row
     suffix cache (pre-allocated, written in place), and merges the two by their log-sum-exps.
@@ -88,7 +89,8 @@ class TorchEngine:
     suffix-length buckets of the CUDA graphs (torch kernels); ``kernels`` ``"triton"`` (default on
     CUDA: the fused Triton decode step of :mod:`opdlens.rollout.triton_decode`, one CUDA graph per
     decode shape, kept across ``sample`` calls in an LRU of ``graph_cache`` shapes) or ``"torch"``
-    (the PyTorch-op step, the CPU default).
+    (the PyTorch-op step, the CPU default); ``prefix_chunk`` keys per chunk of the split-key prefix
+    attention (the smallest: on CUDA chunks grow until the grid has at most 2 programs per SM).
     """
 
     def __init__(
