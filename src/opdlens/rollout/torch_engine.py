@@ -417,9 +417,12 @@ class TorchEngine:
                 rs.append(r)
             for gk, gv, ps, rs in by_group.values():
                 n = min(gk.shape[3], T)
-                pi, ri = torch.tensor(ps, device=self.device), torch.tensor(rs, device=self.device)
-                slot.pre_k[:, pi, :, :n] = gk[:, ri, :, :n]
-                slot.pre_v[:, pi, :, :n] = gv[:, ri, :, :n]
+                for dst, src in ((slot.pre_k, gk), (slot.pre_v, gv)):
+                    if _is_range(ps) and _is_range(rs):  # the usual case: a strided copy, not an index kernel
+                        dst[:, ps[0]:ps[-1] + 1, :, :n].copy_(src[:, rs[0]:rs[-1] + 1, :, :n])
+                    else:
+                        pi, ri = torch.tensor(ps, device=self.device), torch.tensor(rs, device=self.device)
+                        dst[:, pi, :, :n] = src[:, ri, :, :n]
             lens_t = torch.tensor(lens, dtype=torch.int32)
             slot.plen.copy_(lens_t)
             slot.row_plen.copy_(lens_t.repeat_interleave(R))
@@ -839,6 +842,11 @@ class _FusedState(_ModelBound):
         self._pool = None
         self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
         return keep, pad.flatten().to(keep.device)
+
+
+def _is_range(xs: list[int]) -> bool:
+    """True if ``xs`` is ``[a, a + 1, ..., b]``."""
+    return all(b == a + 1 for a, b in zip(xs, xs[1:]))
 
 
 def _pow2(n: int) -> int:
