@@ -230,39 +230,63 @@ def test_per_teacher_bootstrap_ci() -> None:
         A.per_teacher(_teacher_table(), ci="normal")  # type: ignore[arg-type]
 
 
-def test_per_teacher_pairwise_with_holm() -> None:
+def _paths_by_key(teacher: str) -> dict[tuple[str, int], float]:
+    """Path means of the fixture keyed as in :func:`_teacher_table` (question q{k//2}, path k%2)."""
+    return {(f"q{k // 2}", k % 2): m for k, m in enumerate(PATH_MEANS[teacher])}
+
+
+def test_per_teacher_pairwise_is_paired_with_holm() -> None:
     s = A.per_teacher(_teacher_table(), alpha=0.05)
     pw = s.pairwise
     assert [(a, b) for a, b in zip(pw.teacher_a, pw.teacher_b)] == [
         ("A", "B"), ("A", "C"), ("B", "C"),
     ]  # fmt: skip
-    welch, mw = [], []
+    tp, wp = [], []
     for _, r in pw.iterrows():
-        xa, xb = np.array(PATH_MEANS[r.teacher_a]), np.array(PATH_MEANS[r.teacher_b])
-        w = stats.ttest_ind(xa, xb, equal_var=False)
-        u = stats.mannwhitneyu(xa, xb, alternative="two-sided")
-        assert r.welch_t == pytest.approx(w.statistic) and r.welch_p == pytest.approx(w.pvalue)
-        assert r.mw_u == pytest.approx(u.statistic) and r.mw_p == pytest.approx(u.pvalue)
-        assert r["diff"] == pytest.approx(xa.mean() - xb.mean())
-        assert (r.n_a, r.n_b) == (xa.size, xb.size)
-        welch.append(w.pvalue)
-        mw.append(u.pvalue)
+        pa, pb = _paths_by_key(r.teacher_a), _paths_by_key(r.teacher_b)
+        common = sorted(set(pa) & set(pb))  # paths both teachers scored
+        xa, xb = np.array([pa[k] for k in common]), np.array([pb[k] for k in common])
+        t = stats.ttest_rel(xa, xb)
+        w = stats.wilcoxon(xa, xb)
+        assert r.n_pairs == len(common) == min(len(PATH_MEANS[r.teacher_a]), len(PATH_MEANS[r.teacher_b]))
+        assert r.t == pytest.approx(t.statistic) and r.t_p == pytest.approx(t.pvalue)
+        assert r.wilcoxon_stat == pytest.approx(w.statistic) and r.wilcoxon_p == pytest.approx(w.pvalue)
+        assert r["diff"] == pytest.approx((xa - xb).mean())
+        assert (r.mean_a, r.mean_b) == pytest.approx((xa.mean(), xb.mean()))
+        tp.append(t.pvalue)
+        wp.append(w.pvalue)
     # Holm by hand for 3 tests
-    order = np.argsort(welch)
+    order = np.argsort(tp)
     adj = np.empty(3)
     running = 0.0
     for rank, j in enumerate(order):
-        running = max(running, min(1.0, (3 - rank) * welch[j]))
+        running = max(running, min(1.0, (3 - rank) * tp[j]))
         adj[j] = running
-    np.testing.assert_allclose(pw.welch_p_holm, adj)
-    np.testing.assert_allclose(pw.mw_p_holm, A.holm(mw))
+    np.testing.assert_allclose(pw.t_p_holm, adj)
+    np.testing.assert_allclose(pw.wilcoxon_p_holm, A.holm(wp))
     np.testing.assert_array_equal(pw.significant, adj <= 0.05)
-    assert bool(pw.significant.iloc[0])  # A vs B differ clearly
+
+
+def test_paired_test_sees_a_consistent_shift_that_path_noise_hides() -> None:
+    """Teacher B = teacher A - 0.05 on every path, paths spread widely: the paired test finds
+    the shift (the unpaired Welch test on the same path means would not)."""
+    rng = np.random.default_rng(0)
+    base = rng.normal(0.0, 0.5, size=12)
+    groups = []
+    for name, shift in (("A", 0.0), ("B", -0.05)):
+        for k, m in enumerate(base + shift + rng.normal(0, 0.005, size=12)):
+            groups.append(path_rows(name, f"q{k}", 0, True, [m - 0.1, m + 0.1]))
+    r = A.per_teacher(table(*groups)).pairwise.iloc[0]
+    xa = np.array([g[0]["align_gkd"] + 0.1 for g in groups[:12]])
+    xb = np.array([g[0]["align_gkd"] + 0.1 for g in groups[12:]])
+    assert r.n_pairs == 12 and r["diff"] == pytest.approx(0.05, abs=0.01)
+    assert r.t_p < 1e-6 and bool(r.significant)
+    assert stats.ttest_ind(xa, xb, equal_var=False).pvalue > 0.5
 
 
 def test_per_teacher_single_teacher_has_empty_pairwise() -> None:
     s = A.per_teacher(table(path_rows("A", "q", 0, True, [0.2, 0.4])))
-    assert len(s.pairwise) == 0 and "welch_p_holm" in s.pairwise.columns
+    assert len(s.pairwise) == 0 and "t_p_holm" in s.pairwise.columns
     r = s.table.iloc[0]
     assert r.n_paths == 1 and math.isnan(r.ci_low) and math.isnan(r["std"])
 
@@ -302,11 +326,13 @@ def test_divergence_correlations_match_scipy() -> None:
     summ = res.summary.set_index("variable")
     assert list(summ.index) == ["kl", "js", "depth_norm"]
     assert summ.loc["kl", "n_paths"] == 2
-    assert summ.loc["kl", "pearson_mean"] == pytest.approx((r1 + r2) / 2)
-    assert summ.loc["kl", "spearman_mean"] == pytest.approx((s1 + s2) / 2)
-    lo, hi = stats.t.interval(0.95, 1, loc=(r1 + r2) / 2, scale=stats.sem([r1, r2]))
-    assert summ.loc["kl", "pearson_ci_low"] == pytest.approx(lo)
-    assert summ.loc["kl", "pearson_ci_high"] == pytest.approx(hi)
+    # averaged through Fisher's z: tanh(mean(artanh r)), t-interval in z mapped back
+    z = np.arctanh([r1, r2])
+    assert summ.loc["kl", "pearson_mean"] == pytest.approx(np.tanh(z.mean()))
+    assert summ.loc["kl", "spearman_mean"] == pytest.approx(np.tanh(np.arctanh([s1, s2]).mean()))
+    lo, hi = stats.t.interval(0.95, 1, loc=z.mean(), scale=stats.sem(z))
+    assert summ.loc["kl", "pearson_ci_low"] == pytest.approx(np.tanh(lo))
+    assert summ.loc["kl", "pearson_ci_high"] == pytest.approx(np.tanh(hi))
     assert summ.loc["js", "n_paths"] == 0 and math.isnan(summ.loc["js", "pearson_mean"])
 
 
@@ -354,3 +380,16 @@ def test_errors_are_explicit() -> None:
         A.divergence_correlations(good, columns=["entropy"])
     with pytest.raises(OpdlensError, match="DataFrame"):
         A.per_path([1, 2])  # type: ignore[arg-type]
+
+
+def test_fisher_interval_stays_inside_minus_one_one() -> None:
+    """Few, strong correlations: a plain t-interval of the r values leaves [-1, 1]; Fisher's does not."""
+    r = np.array([0.97, 0.80, 0.99])
+    lo_t, hi_t = A.t_interval(r)
+    assert hi_t > 1.0  # the old summary's interval
+    mean, lo, hi = A.fisher_mean_interval(r)
+    assert -1.0 < lo < mean < hi < 1.0
+    z = np.arctanh(r)
+    assert mean == pytest.approx(np.tanh(z.mean()))
+    assert (lo, hi) == pytest.approx(tuple(np.tanh(stats.t.interval(0.95, 2, loc=z.mean(), scale=stats.sem(z)))))
+    assert A.fisher_mean_interval([1.0, 1.0])[1] <= 1.0 and math.isnan(A.fisher_mean_interval([])[0])

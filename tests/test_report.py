@@ -197,7 +197,7 @@ def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-unty
     assert len(pw) == 1
     r = an.teachers.pairwise.iloc[0]
     assert (pw[0]["teacher A"], pw[0]["teacher B"]) == (r.teacher_a, r.teacher_b)
-    assert pw[0]["p (Welch, Holm)"] == fmt_p(r.welch_p_holm)
+    assert pw[0]["p (paired t, Holm)"] == fmt_p(r.t_p_holm) and pw[0]["paths"] == str(r.n_pairs)
     assert pw[0]["significant"] == ("yes" if r.significant else "no")
 
     corr = _md_table(md, "Alignment vs divergences and depth")

@@ -52,6 +52,7 @@ __all__ = [
     "bootstrap_interval",
     "divergence_correlations",
     "holm",
+    "fisher_mean_interval",
     "per_path",
     "per_question",
     "per_teacher",
@@ -156,6 +157,20 @@ def t_interval(x: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tup
         return (mean, mean)
     h = float(stats.t.ppf(0.5 + confidence / 2.0, n - 1)) * sem
     return (mean - h, mean + h)
+
+
+def fisher_mean_interval(r: Sequence[float] | np.ndarray, confidence: float = 0.95) -> tuple[float, float, float]:
+    """Mean and CI of correlations ``r`` (NaNs dropped) through Fisher's z = artanh(r): the
+    :func:`t_interval` of the z values, mapped back by tanh, so the interval stays inside
+    (-1, 1) however few the values. ``r = +-1`` is clipped to ``+-(1 - 1e-12)``. Returns
+    ``(tanh(mean z), low, high)``; ``(nan, nan, nan)`` with no value."""
+    a = np.asarray(r, dtype=float)
+    a = a[np.isfinite(a)]
+    if a.size == 0:
+        return (float("nan"), float("nan"), float("nan"))
+    z = np.arctanh(np.clip(a, -1 + 1e-12, 1 - 1e-12))
+    lo, hi = t_interval(z, confidence)
+    return (float(np.tanh(z.mean())), float(np.tanh(lo)), float(np.tanh(hi)))
 
 
 def bootstrap_interval(
@@ -383,11 +398,13 @@ class TeacherSummary:
     nodes, ``w = norm_ideal * norm_gkd``).
 
     ``pairwise``: one row per unordered teacher pair (``teacher_a < teacher_b`` in the table's
-    order): ``n_a``, ``n_b``, ``mean_a``, ``mean_b``, ``diff = mean_a - mean_b``, Welch's
-    t-test (``welch_t``, ``welch_p``) and Mann-Whitney U (``mw_u``, ``mw_p``) on the path means,
-    both two-sided, with Holm-corrected p-values over all pairs (``welch_p_holm``,
-    ``mw_p_holm``) and ``significant`` = ``welch_p_holm <= alpha``. The same paths are scored by
-    every teacher, so these unpaired tests are conservative.
+    order). The tree is teacher-independent, so both teachers score the same paths: the tests
+    are **paired** over the ``n_pairs`` paths both have a finite mean on (a teacher skipped on a
+    question drops that question's paths from its pairs). ``mean_a``, ``mean_b`` over those paths,
+    ``diff`` = mean of ``a - b``; paired t-test (``t``, ``t_p``: ``scipy.stats.ttest_rel``, needs
+    2 pairs) and Wilcoxon signed-rank (``wilcoxon_stat``, ``wilcoxon_p``), both two-sided, with
+    Holm-corrected p-values over all pairs (``t_p_holm``, ``wilcoxon_p_holm``) and
+    ``significant`` = ``t_p_holm <= alpha``.
     """
 
     table: pd.DataFrame
@@ -448,38 +465,38 @@ def per_teacher(
     table["ci_method"] = ci
     table["n_nodes"] = table["n_nodes"].astype(int)
 
+    by_path = {str(t): sub.set_index(["question_id", "path_id"])["mean"] for t, sub in pp.groupby("teacher", sort=True)}
     pair_rows = []
-    teachers = list(table["teacher"])
-    for a, b in itertools.combinations(teachers, 2):
-        xa, xb = path_means[str(a)], path_means[str(b)]
-        welch_t, welch_p = (
-            _quiet(stats.ttest_ind, xa, xb, equal_var=False)
-            if xa.size >= 2 and xb.size >= 2
-            else (float("nan"), float("nan"))
+    for a, b in itertools.combinations(list(table["teacher"]), 2):
+        sa, sb = by_path[str(a)], by_path[str(b)]
+        common = sa.index.intersection(sb.index, sort=False).sort_values()
+        xa, xb = sa.loc[common].to_numpy(dtype=float), sb.loc[common].to_numpy(dtype=float)
+        n = int(common.size)
+        t_stat, t_p = _quiet(stats.ttest_rel, xa, xb) if n >= 2 else (float("nan"), float("nan"))
+        w_stat, w_p = (
+            _quiet(stats.wilcoxon, xa, xb) if n >= 1 and bool(np.any(xa != xb)) else (float("nan"), float("nan"))
         )
-        mw_u, mw_p = _quiet(stats.mannwhitneyu, xa, xb, alternative="two-sided")
         pair_rows.append(
             {
                 "teacher_a": a,
                 "teacher_b": b,
-                "n_a": int(xa.size),
-                "n_b": int(xb.size),
-                "mean_a": float(xa.mean()),
-                "mean_b": float(xb.mean()),
-                "diff": float(xa.mean() - xb.mean()),
-                "welch_t": welch_t,
-                "welch_p": welch_p,
-                "mw_u": mw_u,
-                "mw_p": mw_p,
+                "n_pairs": n,
+                "mean_a": float(xa.mean()) if n else float("nan"),
+                "mean_b": float(xb.mean()) if n else float("nan"),
+                "diff": float((xa - xb).mean()) if n else float("nan"),
+                "t": t_stat,
+                "t_p": t_p,
+                "wilcoxon_stat": w_stat,
+                "wilcoxon_p": w_p,
             }
         )
-    pair_cols = ["teacher_a", "teacher_b", "n_a", "n_b", "mean_a", "mean_b", "diff", "welch_t",
-                 "welch_p", "welch_p_holm", "mw_u", "mw_p", "mw_p_holm", "significant"]  # fmt: skip
+    pair_cols = ["teacher_a", "teacher_b", "n_pairs", "mean_a", "mean_b", "diff", "t", "t_p", "t_p_holm",
+                 "wilcoxon_stat", "wilcoxon_p", "wilcoxon_p_holm", "significant"]  # fmt: skip
     pairwise = pd.DataFrame(pair_rows, columns=[c for c in pair_cols if c not in
-                                                ("welch_p_holm", "mw_p_holm", "significant")])  # fmt: skip
-    pairwise["welch_p_holm"] = holm(pairwise["welch_p"].to_numpy(dtype=float))
-    pairwise["mw_p_holm"] = holm(pairwise["mw_p"].to_numpy(dtype=float))
-    pairwise["significant"] = pairwise["welch_p_holm"].to_numpy(dtype=float) <= alpha
+                                                ("t_p_holm", "wilcoxon_p_holm", "significant")])  # fmt: skip
+    pairwise["t_p_holm"] = holm(pairwise["t_p"].to_numpy(dtype=float))
+    pairwise["wilcoxon_p_holm"] = holm(pairwise["wilcoxon_p"].to_numpy(dtype=float))
+    pairwise["significant"] = pairwise["t_p_holm"].to_numpy(dtype=float) <= alpha
     return TeacherSummary(
         table=table, pairwise=pairwise[pair_cols], confidence=confidence, alpha=alpha
     )
@@ -500,7 +517,8 @@ class Correlations:
 
     ``summary``: one row per (teacher, variable): ``n_paths`` with a finite correlation,
     ``pearson_mean`` / ``pearson_ci_low`` / ``pearson_ci_high`` and the same for ``spearman``:
-    the plain mean of the per-path coefficients with a t-interval over paths.
+    the per-path coefficients averaged through Fisher's z with a t-interval over paths in z
+    (:func:`fisher_mean_interval`; the interval stays inside (-1, 1)).
     """
 
     per_path: pd.DataFrame
@@ -598,10 +616,8 @@ def divergence_correlations(
         pr = sub["pearson"].to_numpy(dtype=float)
         row["n_paths"] = int(np.isfinite(pr).sum())
         for name in ("pearson", "spearman"):
-            r = sub[name].to_numpy(dtype=float)
-            r = r[np.isfinite(r)]
-            row[f"{name}_mean"] = float(r.mean()) if r.size else float("nan")
-            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = t_interval(r, confidence)
+            row[f"{name}_mean"], row[f"{name}_ci_low"], row[f"{name}_ci_high"] = fisher_mean_interval(
+                sub[name].to_numpy(dtype=float), confidence)
         rows.append(row)
     summary = pd.DataFrame(rows)
     summary["_o"] = summary["variable"].map(order)

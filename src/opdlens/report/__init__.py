@@ -6,7 +6,7 @@ per-node table and writes into ``out_dir``::
     summary.md                 tables with one-line explanations of every number
     index.html                 self-contained page: tables, figures, coloured tokens per teacher
     per_teacher.csv            per-teacher means, CIs, node fractions
-    pairwise.csv               pairwise teacher tests (Welch, Mann-Whitney, Holm)
+    pairwise.csv               pairwise teacher tests (paired t, Wilcoxon signed-rank, Holm)
     correct_vs_incorrect.csv   paired tests per teacher
     per_question.csv           per (teacher, question) correct / incorrect means
     per_path.csv               per (teacher, question, path) statistics

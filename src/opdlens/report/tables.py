@@ -251,19 +251,19 @@ def build_tables(
         "pairwise",
         "Teacher comparisons",
         [
-            "diff: mean of teacher A minus mean of teacher B (path means).",
-            "Welch: unequal-variance t-test; Mann-Whitney: rank test; both two-sided on path "
-            "means. Holm: p-values corrected for the number of pairs.",
-            f"significant: Holm-corrected Welch p <= {alpha:g}. Every teacher scores the same "
-            "paths, so these unpaired tests are conservative.",
+            "diff: mean over paths of teacher A's path mean minus teacher B's. Both teachers score "
+            "the same paths (the tree is teacher-independent), so the tests are paired over the "
+            "paths both scored: paired t-test and Wilcoxon signed-rank, two-sided. Holm: p-values "
+            "corrected for the number of pairs.",
+            f"significant: Holm-corrected paired-t p <= {alpha:g}.",
         ],
-        ["teacher A", "teacher B", "diff", "p (Welch)", "p (Welch, Holm)", "p (MW)",
-         "p (MW, Holm)", "significant"],  # fmt: skip
+        ["teacher A", "teacher B", "paths", "diff", "p (paired t)", "p (paired t, Holm)", "p (Wilcoxon)",
+         "p (Wilcoxon, Holm)", "significant"],  # fmt: skip
     )
     for r in an.teachers.pairwise.itertuples(index=False):
         t.rows.append([
-            str(r.teacher_a), str(r.teacher_b), fmt(r.diff, signed=True), fmt_p(r.welch_p),
-            fmt_p(r.welch_p_holm), fmt_p(r.mw_p), fmt_p(r.mw_p_holm),
+            str(r.teacher_a), str(r.teacher_b), str(r.n_pairs), fmt(r.diff, signed=True), fmt_p(r.t_p),
+            fmt_p(r.t_p_holm), fmt_p(r.wilcoxon_p), fmt_p(r.wilcoxon_p_holm),
             "yes" if r.significant else "no",
         ])  # fmt: skip
     tables.append(t)
@@ -274,10 +274,11 @@ def build_tables(
             "Alignment vs divergences and depth",
             [
                 "Correlation between the node alignment and each quantity, computed within each "
-                "path over its valid nodes, then averaged over paths.",
+                "path over its valid nodes, then averaged over paths through Fisher's z.",
                 "kl / js / l2: student-teacher divergence at the node; cos_prob: cosine of the "
                 "two probability vectors; depth_norm: position in the path (0 = start, 1 = end).",
-                f"paths: paths with a defined correlation; CI: {conf}% t-interval over paths.",
+                f"paths: paths with a defined correlation; CI: {conf}% t-interval over paths in Fisher's z, "
+                "mapped back (always inside [-1, 1]).",
             ],
             ["teacher", "variable", "paths", "Pearson", f"Pearson {conf}% CI", "Spearman",
              f"Spearman {conf}% CI"],  # fmt: skip
