@@ -17,7 +17,7 @@ Functions
 * :func:`per_question` - per (teacher, question) mean over correct vs incorrect paths, plus a
   paired test (Wilcoxon signed-rank and paired t) across questions, per teacher;
 * :func:`per_teacher` - per teacher mean with a 95% CI (t-interval or seeded bootstrap over
-  path means), node fractions, and pairwise Welch / Mann-Whitney tests with Holm correction;
+  path means), node fractions, and pairwise paired-t / Wilcoxon tests with Holm correction;
 * :func:`divergence_correlations` - within-path Pearson and Spearman correlation between the
   alignment and kl / js / l2 / cos_prob / depth_norm, averaged over paths per teacher with a CI;
 * :func:`analyze` - all of the above in one :class:`Analysis`.
