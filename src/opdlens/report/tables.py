@@ -274,11 +274,11 @@ def build_tables(
             "Alignment vs divergences and depth",
             [
                 "Correlation between the node alignment and each quantity, computed within each "
-                "path over its valid nodes, then averaged over paths through Fisher's z.",
+                "path over its valid nodes, then averaged over paths.",
                 "kl / js / l2: student-teacher divergence at the node; cos_prob: cosine of the "
                 "two probability vectors; depth_norm: position in the path (0 = start, 1 = end).",
-                f"paths: paths with a defined correlation; CI: {conf}% t-interval over paths in Fisher's z, "
-                "mapped back (always inside [-1, 1]).",
+                f"paths: paths with a defined correlation; CI: {conf}% percentile bootstrap over paths "
+                "(inside [-1, 1]).",
             ],
             ["teacher", "variable", "paths", "Pearson", f"Pearson {conf}% CI", "Spearman",
              f"Spearman {conf}% CI"],  # fmt: skip
