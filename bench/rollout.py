@@ -144,11 +144,13 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
              ("qwen3", 16, long3, 6, 32, "auto"),  # chunked + padded
              ("qwen3", 16, long3, 1, 64, "auto"),  # one row per prefix (single attention kernel), head_dim 16
              ("qwen3", 16, long3, 6, 64, "auto"),  # split-key prefix kernel with head_dim 16
-             ("qwen3", 16, long3, 6, 32, "torch")]  # the PyTorch-op decode step
+             ("qwen3", 16, long3, 6, 32, "torch"),  # the PyTorch-op decode step
+             ("qwen3", 10**6, [[1 + i, 2 + i, 3] for i in range(20)], 1, 32, "auto")]  # padded compaction
     for mt, chunk, prefixes, n, hidden, kernels in cases:
+        eos = list(range(8)) if len(prefixes) == 20 else None
         pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32,
                                  hidden_size=hidden)
-        eng = TorchEngine(pol.model, pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2,
+        eng = TorchEngine(pol.model, eos or pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2,
                           prefix_chunk=chunk, kernels=kernels)
         out = eng.sample(prefixes, n, 24, seed=3, temperature=0.8)
         again = eng.sample(prefixes, n, 24, seed=3, temperature=0.8)

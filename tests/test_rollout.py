@@ -314,6 +314,21 @@ for mt, hidden, n, chunk in (("llama", 32, 4, 512), ("qwen3", 64, 1, 16), ("qwen
             ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
             worst = max(worst, float((ref - torch.tensor(c.logprobs)).abs().max()))
     print(mt, hidden, n, chunk, dict(eng.stats), flush=True)
+
+# 20 one-row prompts, 8 EOS ids: compaction moves the live rows to a grid whose group count is
+# padded (groups of dead rows repeating a live prefix) so that compacted shapes recur
+pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type="qwen3", hidden_size=32)
+many = [[1 + i, 2 + i, 3] for i in range(20)]
+eng = TorchEngine(pol.model, list(range(8)), pol.pad_token_id, "cpu", kernels="triton", compact_below=0.9,
+                  sync_every=2, max_batch_rows=64)
+res = eng.sample(many, 1, 6, seed=4, temperature=0.8)
+assert eng.stats["compactions"] >= 1 and eng.stats["padded_groups"] >= 1, eng.stats
+for prefix, (c,) in zip(many, res):
+    assert c.finished == (c.tokens[-1] < 8) and all(t >= 8 for t in c.tokens[:-1])
+    rows = pol.continuation_logprobs(prefix, c.tokens) / 0.8
+    ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
+    worst = max(worst, float((ref - torch.tensor(c.logprobs)).abs().max()))
+print("padded compaction", dict(eng.stats), flush=True)
 print("max_err", worst)
 assert worst < 1e-4, worst
 

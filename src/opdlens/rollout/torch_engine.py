@@ -979,25 +979,33 @@ class _TritonState(_ModelBound):
 
     def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Move the live rows to a smaller grid ``[P', R']`` (R' a power of two where that is
-        smaller, so that grids recur and their graphs are reused). None if nothing shrinks."""
+        smaller, P' rounded up to 1/8 of its power of two, so that grids recur and their graphs
+        are reused). None if nothing shrinks."""
         P, R = self.P, self.R
         grid = alive.view(P, R)
         per = grid.sum(1)
         groups = per.nonzero()[:, 0]
         most = int(per.max())
         R2 = _pow2(most) if _pow2(most) < R else most
-        if len(groups) == P and R2 == R:
+        # groups padded to a recurring count (<= 1/8 more), so the next call's compaction finds
+        # its graph; padding groups repeat a live group's prefix and hold only dead rows
+        P2 = min(P, _round_up(len(groups), max(1, _pow2(len(groups)) // 8)))
+        if P2 == P and R2 == R:
             return None
-        idx = torch.empty(len(groups), R2, dtype=torch.long)
+        n_live = per[groups]
+        self.eng.stats["padded_groups"] = self.eng.stats.get("padded_groups", 0) + P2 - len(groups)
+        groups = torch.cat([groups, groups[:1].repeat(P2 - len(groups))])
+        n_live = torch.cat([n_live, torch.zeros(P2 - len(n_live), dtype=n_live.dtype)])
+        idx = torch.empty(P2, R2, dtype=torch.long)
         for i, p in enumerate(groups.tolist()):
             live = grid[p].nonzero()[:, 0] + p * R
             idx[i, : len(live)] = live
             idx[i, len(live):] = live[0]  # padding duplicates a live row; it is marked dead below
-        pad = torch.arange(R2)[None] >= per[groups][:, None]
+        pad = torch.arange(R2)[None] >= n_live[:, None]
         old = self.slot
         keep = idx.flatten().to(self.eng.device)
         g = groups.to(self.eng.device)
-        new = self.eng._slot(len(groups), R2, old.T, old.S)
+        new = self.eng._slot(P2, R2, old.T, old.S)
         assert new is not old
         new.pre_k.copy_(old.pre_k[:, g])
         new.pre_v.copy_(old.pre_v[:, g])
