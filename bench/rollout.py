@@ -167,7 +167,8 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
 
 
 def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: int, skip_generate: bool,
-                smoke: bool = False, generate_repeats: int = 2, cases: set[str] | None = None) -> list[dict[str, Any]]:
+                smoke: bool = False, generate_repeats: int = 2, cases: set[str] | None = None,
+                compact_below: float = 0.5) -> list[dict[str, Any]]:
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     pol = random_policy(SMOKE_SHAPE if smoke else shape, seed=0, device=dev, dtype=dt)
     model = pol.model
@@ -188,7 +189,7 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
           f"bf16 logprob max|diff| vs teacher forcing {bf16_err:.3g}, sampler={eng.sampler}", flush=True)
 
     eos_ids = list(range(7, V, 100))  # ~1% of the vocabulary: rows finish at different steps
-    eos_eng = TorchEngine(model, eos_ids, pol.pad_token_id, dev, max_batch_rows=512)
+    eos_eng = TorchEngine(model, eos_ids, pol.pad_token_id, dev, max_batch_rows=512, compact_below=compact_below)
     eos_eng.timing = True
 
     def gen_tokens(out: torch.Tensor, plen: int) -> int:
@@ -296,6 +297,7 @@ def main() -> None:
     ap.add_argument("--skip-generate", action="store_true")
     ap.add_argument("--generate-repeats", type=int, default=2, help="timed generate runs per case (fastest used)")
     ap.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
+    ap.add_argument("--compact-below", type=float, default=0.5, help="TorchEngine compact_below of the EOS cases")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="print kernel times of an eager decode first (CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, times nothing real")
@@ -321,7 +323,8 @@ def main() -> None:
     results: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
         results += bench_shape(shape.strip(), dev, bw, rate, args.max_new, args.skip_generate, args.smoke,
-                               args.generate_repeats, set(args.cases.split(",")) if args.cases else None)
+                               args.generate_repeats, set(args.cases.split(",")) if args.cases else None,
+                               args.compact_below)
     print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline"
           "   % wt floor  ms/step  decode ms/step")
     for r in results:
