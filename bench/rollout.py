@@ -271,22 +271,46 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
     return rows_out
 
 
-def profile_step(shape: str, dev: torch.device, rows: int = 256, max_new: int = 16) -> None:
-    """Kernel time by name for ``rows`` 64-token prompts (eager decode: no CUDA graph, so the
-    profiler sees each launch; launch gaps are not in these GPU times)."""
+def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
+    """Where a decode step's time goes, for 256 and 64 one-row prompts of 64 tokens and one 2K
+    prefix with 64 rows: the captured step's replay time at suffix position 64, and kernel time
+    per step by kernel name from an eager run (no CUDA graph, so the profiler sees each launch;
+    prefill kernels included, divided over the steps)."""
     from torch.profiler import ProfilerActivity, profile
 
     pol = random_policy(shape, seed=0, device=dev, dtype=torch.bfloat16)
-    eng = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512, cuda_graphs=False)
-    prompts = torch.randint(0, pol.vocab_size, (rows, 64), generator=torch.Generator().manual_seed(0)).tolist()
-    eng.sample(prompts, 1, max_new, seed=0)
-    _sync()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        eng.sample(prompts, 1, max_new, seed=1)
+    g = torch.Generator().manual_seed(0)
+    V = pol.vocab_size
+    cases = {"batch 256": (torch.randint(0, V, (256, 64), generator=g).tolist(), 1),
+             "prefix 2K N=64": (torch.randint(0, V, (1, 2048), generator=g).tolist(), 64),
+             "batch 64": (torch.randint(0, V, (64, 64), generator=g).tolist(), 1)}
+    for name, (prefixes, n) in cases.items():
+        eng = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512)
+        eng.sample(prefixes, n, max_new, seed=0)
+        slot = next(iter(eng._slots.values()))
+        slot.t_idx.fill_(64)
         _sync()
-    print(f"[{shape}] profile: {rows} rows x {max_new} tokens (eager decode, prefill included)", flush=True)
-    print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=25, max_name_column_width=70), flush=True)
-    del eng, pol
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(50):
+            slot.graph.replay()
+        e1.record()
+        _sync()
+        eager = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512, cuda_graphs=False)
+        eager.sample(prefixes, n, 8, seed=0)
+        _sync()
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            eager.sample(prefixes, n, max_new, seed=1)
+            _sync()
+        print(f"[{shape}] profile {name}: captured step replays in {e0.elapsed_time(e1) / 50:.3f} ms at t=64; "
+              f"kernel time per step (eager, {max_new} tokens):", flush=True)
+        evs = sorted(prof.key_averages(), key=lambda ev: -ev.device_time_total)[:14]
+        for ev in evs:
+            print(f"    {ev.key[:60]:<60} {ev.device_time_total / 1e3 / (max_new - 1):7.3f} ms/step"
+                  f" {ev.count:6d} calls {ev.device_time_total / max(1, ev.count):7.1f} us/call", flush=True)
+        del eng, eager
+        torch.cuda.empty_cache()
+    del pol
     torch.cuda.empty_cache()
 
 
@@ -299,7 +323,7 @@ def main() -> None:
     ap.add_argument("--cases", default=None, help="comma-separated case names to run (default: all)")
     ap.add_argument("--compact-below", type=float, default=0.5, help="TorchEngine compact_below of the EOS cases")
     ap.add_argument("--json", default=None)
-    ap.add_argument("--profile", action="store_true", help="print kernel times of an eager decode first (CUDA)")
+    ap.add_argument("--profile", action="store_true", help="first: where a decode step's time goes (CUDA)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, times nothing real")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
