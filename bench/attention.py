@@ -7,7 +7,11 @@ G=2, D=128, bf16, suffix of 65 keys) times :func:`opdlens.rollout.triton_decode.
 (each prefix once, every row's suffix) over 3.0 TB/s. Medians of ``triton.testing.do_bench``;
 ``relerr`` is against the first configuration (bf16 output rounding differs with the chunking).
 
-Usage: ``python bench/attention.py`` (CUDA).
+``--row``: instead, the one-kernel path (mode 1: one-row prompts of 64 tokens, suffix at 65 or
+127 keys) for batch 64/256/512 under each row-kernel launch setting (keys per block, warps,
+pipeline stages), against the current one (64, 4, 3).
+
+Usage: ``python bench/attention.py [--row]`` (CUDA).
 """
 
 from __future__ import annotations
@@ -24,11 +28,44 @@ CASES = (("4 targets 2K N=64", 4, 64, 2048), ("8K N=64", 1, 64, 8192), ("8K N=10
          ("8K N=16", 1, 16, 8192))
 
 
+def row_configs() -> None:
+    import triton.testing as tt
+
+    from opdlens.rollout import triton_decode as tk
+
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    Hkv, G, D, S, T = 8, 2, 128, 128, 64
+    for B, t in ((256, 64), (256, 126), (64, 64), (512, 64)):
+        q = torch.randn(B, Hkv * G, D, device=dev, dtype=dt)
+        sk = torch.randn(B, Hkv, S, D, device=dev, dtype=dt)
+        sv = torch.randn_like(sk)
+        pk = torch.randn(B, Hkv, T, D, device=dev, dtype=dt)
+        pv = torch.randn_like(pk)
+        plen = torch.full((B,), T, dtype=torch.int32, device=dev)
+        tix = torch.tensor([t], device=dev)
+        floor_us = B * Hkv * (T + t + 1) * D * 2 * 2 / 3.0e12 * 1e6
+        res = []
+        for bn in (32, 64, 128):
+            for nw in (2, 4, 8):
+                for ns in (1, 2, 3):
+                    cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+                    us = tt.do_bench(lambda: tk.decode_attention(q, sk, sv, tix, pk, pv, plen, 1, D ** -0.5, 1, 256,
+                                                                 row_config=cfg),
+                                     warmup=20, rep=100, return_mode="median") * 1e3
+                    res.append((us, bn, nw, ns))
+        cur = next(r[0] for r in res if r[1:] == (64, 4, 3))
+        best = min(res)
+        print(f"rows {B:>3}, suffix {t + 1:>3}: current (64 keys, 4 warps, 3 stages) {cur:6.1f} us, best "
+              f"({best[1]} keys, {best[2]} warps, {best[3]} stages) {best[0]:6.1f} us, floor {floor_us:5.1f} us", flush=True)
+
+
 def main() -> None:
     import triton.testing as tt
 
     from opdlens.rollout import triton_decode as tk
 
+    if "--row" in sys.argv[1:]:
+        return row_configs()
     dev, dt = torch.device("cuda"), torch.bfloat16
     Hkv, G, D, S, t = 8, 2, 128, 128, 64
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count

@@ -313,13 +313,15 @@ def prefix_chunk(P: int, Hkv: int, M: int, T: int, smallest: int, n_sm: int) -> 
 def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t_idx: torch.Tensor,
     pre_k: torch.Tensor, pre_v: torch.Tensor, plen: torch.Tensor, R: int, scale: float, mode: int, chunk: int,
-    block_m: int | None = None, partial_dtype: torch.dtype | None = None,
+    block_m: int | None = None, partial_dtype: torch.dtype | None = None, row_config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, H, D]`` (rows ``b = p * R + r``) over prefix ``p``'s keys
     ``pre_k [P, Hkv, T, D]`` (first ``plen[p]``) and the row's suffix keys ``0..t_idx``.
 
     ``mode`` 1: each row reads its prefix itself (few rows per prefix, short prefixes);
-    2: split-key prefix kernel over the prefix group's ``R * G`` queries, then per-row merge."""
+    2: split-key prefix kernel over the prefix group's ``R * G`` queries, then per-row merge.
+    ``block_m``, ``partial_dtype``, ``row_config`` (BLOCK_N / num_warps / num_stages of the row
+    kernel) override the launch settings: for ``bench/attention.py``."""
     B, H, D = q.shape
     P, Hkv, T, _ = pre_k.shape
     G = H // Hkv
@@ -342,5 +344,5 @@ def decode_attention(
     _row_attn_kernel[(Hkv, B)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
                                R, Hkv, G, D, S, T, C, scale,
                                PREFIX=mode, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, _p2(G)),
-                               BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, bd), num_warps=4)
+                               BLOCK_D=max(16, bd), **(row_config or dict(BLOCK_N=64 if D <= 128 else 32, num_warps=4)))
     return out
