@@ -271,6 +271,7 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
     return rows_out
 
 
+@torch.inference_mode()
 def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
     """Where a decode step's time goes, for 256 and 64 one-row prompts of 64 tokens and one 2K
     prefix with 64 rows: the captured step's replay time at suffix position 64, and kernel time
