@@ -271,7 +271,6 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
     return rows_out
 
 
-@torch.inference_mode()
 def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
     """Where a decode step's time goes, for 256 and 64 one-row prompts of 64 tokens and one 2K
     prefix with 64 rows: the captured step's replay time at suffix position 64, and kernel time
@@ -289,7 +288,8 @@ def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
         eng = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512)
         eng.sample(prefixes, n, max_new, seed=0)
         slot = next(iter(eng._slots.values()))
-        slot.t_idx.fill_(64)
+        with torch.inference_mode():  # the slot's buffers are inference tensors
+            slot.t_idx.fill_(64)
         _sync()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()

@@ -144,6 +144,16 @@ def test_prefill_equals_hf_forward(model_type: str) -> None:
             torch.testing.assert_close(v_all[layer, r, :, : len(p)], cache.layers[layer].values[0], atol=1e-5, rtol=1e-5)
 
 
+def test_model_built_under_inference_mode() -> None:
+    """Weights that are inference tensors (model built under ``torch.inference_mode``) sample
+    like any other (their version counter cannot be read: they cannot change in place)."""
+    with torch.inference_mode():
+        pol = tiny_random_policy(seed=0, vocab_size=16, init_std=0.5)
+        res = _engine(pol, max_batch_rows=16).sample(PREFIXES, 3, 6, seed=2)
+    assert [len(cs) for cs in res] == [3, 3, 3]
+    _check_against_teacher_forcing(pol, res, 1.0)
+
+
 def test_first_token_distribution_chi_square(llama: HFPolicy) -> None:
     prefix = [3, 1, 4, 1, 5]
     n = 3000

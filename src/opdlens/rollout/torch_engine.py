@@ -522,7 +522,8 @@ class _FusedWeights:
         return out
 
     def refresh(self) -> None:
-        key = tuple((t.data_ptr(), t._version) for t in self._sources())
+        # inference tensors (a model built under torch.inference_mode) cannot change in place: version 0
+        key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._sources())
         if key == self._key:
             return
         first = self._key is None
