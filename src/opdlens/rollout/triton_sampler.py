@@ -1,11 +1,14 @@
-"""Fused Gumbel-max sampling on CUDA with Triton: one read of the logits, nothing written but
-the sampled token and its log-prob.
+"""Sampling from logits on CUDA with Triton: inverse-CDF, one full read of the logits plus one
+slice per row, nothing written but the sampled token and its log-prob.
 
-Per row, ``NSPLIT`` programs stream slices of the vocabulary in blocks, keeping an online
-log-sum-exp and the running argmax of ``x / T + Gumbel`` (merged by a second small kernel).
-Philox noise from ``tl.rand4x`` (four uniforms per counter, one counter per four columns), the
-seed read from a device tensor so that no host synchronisation is needed. Equivalent in distribution
-to :func:`opdlens.rollout.base.sample_tokens`; not bit-identical to it (other random stream).
+Per row, ``NSPLIT`` programs stream slices of the vocabulary computing each slice's max and sum
+of ``exp(x / T - max)``; a small kernel draws one uniform ``u`` per row (Philox, seed read from a
+device tensor, so no host synchronisation) and finds the slice where the cumulative mass first
+exceeds ``u * Z``; a third scans that slice for the token. One exp per column and one random
+number per row (a Gumbel-max sampler needs a random number and two logs per column: 3x slower
+here). The distribution is ``softmax(x / T)`` up to float32 rounding of the cumulative sums, as
+in ``torch.multinomial``; not bit-identical to :func:`opdlens.rollout.base.sample_tokens` (other
+random stream).
 """
 
 from __future__ import annotations
@@ -29,83 +32,83 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _gumbel_block(base, cols, u, lo, SPAN, V, inv_temp, m, s, best, best_idx, best_x):  # type: ignore[no-untyped-def]
-        """Fold columns ``cols`` (uniforms ``u``) into the online log-sum-exp of ``x = logits / T``
-        and the running argmax of ``x + Gumbel``."""
-        neg_inf = float("-inf")
-        valid = (cols < V) & (cols - lo < SPAN)
-        x = tl.load(base + cols, mask=valid, other=neg_inf).to(tl.float32) * inv_temp
-        new_m = tl.maximum(m, x)
-        finite = new_m > neg_inf
-        alpha = tl.where(finite, tl.exp(m - new_m), 0.0)
-        beta = tl.where(finite, tl.exp(x - new_m), 0.0)
-        s = s * alpha + beta
-        y = tl.where(valid, x - tl.log(-tl.log(u)), neg_inf)
-        upd = y > best
-        return new_m, s, tl.where(upd, y, best), tl.where(upd, cols, best_idx), tl.where(upd, x, best_x)
-
-    @triton.jit
-    def _gumbel_part_kernel(logits_ptr, stride, V, SPAN, inv_temp, seed_ptr, part_ptr, NSPLIT,  # type: ignore[no-untyped-def]
-                            QBLOCK: tl.constexpr):
-        """Columns ``[split * SPAN, (split + 1) * SPAN)`` of one row: online max / sum-exp of
-        ``x = logits / T`` and the running argmax of ``x + Gumbel`` -> 5 partial values.
-
-        One Philox call (``rand4x``) gives the uniforms of four sub-blocks of ``QBLOCK`` columns:
-        Philox is the sampler's main cost, so this is 4x fewer of them than ``rand`` per column.
-        Philox key ``seed + row``; counter ``c`` serves columns ``c + j * QBLOCK``, j < 4, so every
-        (row, column) gets its own uniform."""
+    def _cdf_part_kernel(logits_ptr, stride, V, SPAN, inv_temp, part_ptr, NSPLIT,  # type: ignore[no-untyped-def]
+                         BLOCK: tl.constexpr):
+        """Columns ``[split * SPAN, (split + 1) * SPAN)`` of one row: max ``m`` and
+        ``sum exp(x - m)`` of ``x = logits / T`` (one exp per column)."""
         row = tl.program_id(0)
         split = tl.program_id(1)
-        key = tl.load(seed_ptr) + row  # Philox key per row, counter per column block
         base = logits_ptr + row.to(tl.int64) * stride
         neg_inf = float("-inf")
-        m = tl.full([QBLOCK], neg_inf, tl.float32)
-        s = tl.zeros([QBLOCK], tl.float32)
-        best = tl.full([QBLOCK], neg_inf, tl.float32)
-        best_idx = tl.zeros([QBLOCK], tl.int32)
-        best_x = tl.zeros([QBLOCK], tl.float32)
         lo = split * SPAN
-        q = tl.arange(0, QBLOCK)
-        for start in range(0, SPAN, 4 * QBLOCK):
-            c0 = lo + start + q
-            u0, u1, u2, u3 = tl.rand4x(key, c0)
-            m, s, best, best_idx, best_x = _gumbel_block(base, c0, u0, lo, SPAN, V, inv_temp, m, s, best, best_idx, best_x)
-            m, s, best, best_idx, best_x = _gumbel_block(base, c0 + QBLOCK, u1, lo, SPAN, V, inv_temp,
-                                                         m, s, best, best_idx, best_x)
-            m, s, best, best_idx, best_x = _gumbel_block(base, c0 + 2 * QBLOCK, u2, lo, SPAN, V, inv_temp,
-                                                         m, s, best, best_idx, best_x)
-            m, s, best, best_idx, best_x = _gumbel_block(base, c0 + 3 * QBLOCK, u3, lo, SPAN, V, inv_temp,
-                                                         m, s, best, best_idx, best_x)
-        big_m = tl.max(m, 0)
-        total = tl.sum(tl.where(m > neg_inf, s * tl.exp(m - tl.where(big_m > neg_inf, big_m, 0.0)), 0.0), 0)
-        top = tl.max(best, 0)
-        tok = tl.min(tl.where(best == top, best_idx, V), 0)
-        x_tok = tl.max(tl.where(best_idx == tok, best_x, neg_inf), 0)
-        out = part_ptr + (row.to(tl.int64) * NSPLIT + split) * 5
-        tl.store(out, big_m)
-        tl.store(out + 1, total)
-        tl.store(out + 2, top)
-        tl.store(out + 3, tok.to(tl.float32))
-        tl.store(out + 4, x_tok)
+        k = tl.arange(0, BLOCK)
+        m = tl.max(tl.full([BLOCK], neg_inf, tl.float32), 0)
+        s = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        for start in range(0, SPAN, BLOCK):
+            cols = lo + start + k
+            x = tl.load(base + cols, mask=(cols < V) & (start + k < SPAN), other=neg_inf).to(tl.float32) * inv_temp
+            new_m = tl.maximum(m, tl.max(x, 0))
+            safe = tl.where(new_m > neg_inf, new_m, 0.0)
+            s = s * tl.exp(m - safe) + tl.sum(tl.exp(x - safe), 0)
+            m = new_m
+        out = part_ptr + (row.to(tl.int64) * NSPLIT + split) * 2
+        tl.store(out, m)
+        tl.store(out + 1, s)
 
     @triton.jit
-    def _gumbel_final_kernel(part_ptr, NSPLIT, V, tok_ptr, lp_ptr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+    def _cdf_split_kernel(part_ptr, NSPLIT, seed_ptr, pick_ptr, BLOCK: tl.constexpr):  # type: ignore[no-untyped-def]
+        """One row: the total ``Z`` (relative to the row max ``M``), one uniform ``u``, the split
+        where the cumulative mass first exceeds ``u * Z`` and the mass left to cover inside it."""
         row = tl.program_id(0)
         i = tl.arange(0, BLOCK)
         ok = i < NSPLIT
-        base = part_ptr + (row.to(tl.int64) * NSPLIT + i) * 5
         neg_inf = float("-inf")
+        base = part_ptr + (row.to(tl.int64) * NSPLIT + i) * 2
         m = tl.load(base, mask=ok, other=neg_inf)
         s = tl.load(base + 1, mask=ok, other=0.0)
-        best = tl.load(base + 2, mask=ok, other=neg_inf)
-        idx = tl.load(base + 3, mask=ok, other=0.0).to(tl.int32)
-        bx = tl.load(base + 4, mask=ok, other=neg_inf)
         big_m = tl.max(m, 0)
-        total = tl.sum(tl.where(m > neg_inf, s * tl.exp(m - big_m), 0.0), 0)
-        lse = big_m + tl.log(total)
-        top = tl.max(best, 0)
-        tok = tl.min(tl.where((best == top) & ok, idx, V), 0)  # first maximum, as one pass would pick
-        x_tok = tl.max(tl.where((idx == tok) & (best == top) & ok, bx, neg_inf), 0)
+        c = tl.where(ok & (m > neg_inf), s * tl.exp(m - big_m), 0.0)
+        z = tl.sum(c, 0)
+        target = tl.rand(tl.load(seed_ptr), row) * z
+        cum = tl.cumsum(c, 0)
+        first = tl.min(tl.where((cum > target) & (c > 0), i, BLOCK), 0)
+        last = tl.max(tl.where(c > 0, i, -1), 0)  # if rounding puts the target past the end
+        sel = tl.where(first < BLOCK, first, last)
+        rest = target - tl.sum(tl.where(i < sel, c, 0.0), 0)
+        out = pick_ptr + row.to(tl.int64) * 4
+        tl.store(out, sel.to(tl.float32))
+        tl.store(out + 1, rest)
+        tl.store(out + 2, big_m)
+        tl.store(out + 3, big_m + tl.log(z))
+
+    @triton.jit
+    def _cdf_pick_kernel(logits_ptr, stride, V, SPAN, inv_temp, pick_ptr, tok_ptr, lp_ptr,  # type: ignore[no-untyped-def]
+                         BLOCK: tl.constexpr):
+        """One row: inside the chosen split, the first column whose cumulative ``exp(x - M)``
+        exceeds the mass left; its log-prob ``x - logsumexp``."""
+        row = tl.program_id(0)
+        base = logits_ptr + row.to(tl.int64) * stride
+        pick = pick_ptr + row.to(tl.int64) * 4
+        lo = tl.load(pick).to(tl.int32) * SPAN
+        rest = tl.load(pick + 1)
+        big_m = tl.load(pick + 2)
+        lse = tl.load(pick + 3)
+        k = tl.arange(0, BLOCK)
+        acc = tl.sum(tl.zeros([BLOCK], tl.float32), 0)
+        tok = tl.min(tl.full([BLOCK], V, tl.int32), 0)
+        last = tl.max(tl.full([BLOCK], -1, tl.int32), 0)
+        for start in range(0, SPAN, BLOCK):
+            cols = lo + start + k
+            valid = (cols < V) & (start + k < SPAN)
+            x = tl.load(base + cols, mask=valid, other=float("-inf")).to(tl.float32) * inv_temp
+            e = tl.where(valid, tl.exp(x - big_m), 0.0)
+            cum = acc + tl.cumsum(e, 0)
+            hit = tl.min(tl.where((cum > rest) & (e > 0), cols, V), 0)
+            tok = tl.where(tok < V, tok, hit)  # keep the first hit
+            last = tl.maximum(last, tl.max(tl.where(e > 0, cols, -1), 0))
+            acc = acc + tl.sum(e, 0)
+        tok = tl.where(tok < V, tok, last)
+        x_tok = tl.load(base + tok).to(tl.float32) * inv_temp
         tl.store(tok_ptr + row, tok.to(tl.int64))
         tl.store(lp_ptr + row, x_tok - lse)
 
@@ -113,10 +116,11 @@ if triton is not None:
 def sample_tokens_triton(
     logits: torch.Tensor, temperature: float, generator: torch.Generator
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(tokens [B] int64, logprobs [B] float32)`` by fused Gumbel-max (CUDA only).
+    """``(tokens [B] int64, logprobs [B] float32)`` by inverse-CDF sampling (CUDA only).
 
-    Each row's vocabulary is split over ``NSPLIT`` programs (enough parallel work for small
-    batches); a second kernel merges their partial log-sum-exps and arg-maxes."""
+    Three kernels: each row's vocabulary split over ``NSPLIT`` programs computing the split's
+    max and sum of exponentials; per row, one uniform and the split holding its quantile; per
+    row, the token inside that split. One exp per column and one random number per row."""
     if triton is None:
         raise RuntimeError("triton is not available")
     if logits.stride(-1) != 1:
@@ -129,9 +133,11 @@ def sample_tokens_triton(
     nsplit = max(1, min(32, triton.cdiv(V, 4 * block)))
     span = triton.cdiv(triton.cdiv(V, nsplit), block) * block
     nsplit = triton.cdiv(V, span)
-    part = torch.empty(B * nsplit * 5, dtype=torch.float32, device=logits.device)
+    part = torch.empty(B * nsplit * 2, dtype=torch.float32, device=logits.device)
+    pick = torch.empty(B * 4, dtype=torch.float32, device=logits.device)
+    inv_t = 1.0 / float(temperature)
     grid: Any = (B, nsplit)
-    _gumbel_part_kernel[grid](logits, logits.stride(0), V, span, 1.0 / float(temperature), seed, part, nsplit,
-                              QBLOCK=block // 4, num_warps=4)
-    _gumbel_final_kernel[(B,)](part, nsplit, V, tok, lp, BLOCK=max(16, 1 << (nsplit - 1).bit_length()), num_warps=1)
+    _cdf_part_kernel[grid](logits, logits.stride(0), V, span, inv_t, part, nsplit, BLOCK=block, num_warps=4)
+    _cdf_split_kernel[(B,)](part, nsplit, seed, pick, BLOCK=max(16, 1 << (nsplit - 1).bit_length()), num_warps=1)
+    _cdf_pick_kernel[(B,)](logits, logits.stride(0), V, span, inv_t, pick, tok, lp, BLOCK=block, num_warps=4)
     return tok, lp
