@@ -2,8 +2,10 @@
 
 Times :func:`opdlens.rollout.triton_sampler.sample_tokens_triton` and
 :func:`opdlens.rollout.base.sample_tokens` on bf16 logits of the Qwen3 vocabulary (151,936) for
-B in {64, 256, 512} (medians of ``triton.testing.do_bench``, four rotating input sets), next to
-the read floor (B x V x 2 bytes / 3.0 TB/s). ``--against FILE`` also times the
+B in {64, 256, 512}, next to the read floor (B x V x 2 bytes / 3.0 TB/s), two ways: ``gpu`` =
+kernel time per call (``torch.profiler``, 20 calls), which is what a decode step pays while the
+host runs ahead of the device; ``wall`` = median of ``triton.testing.do_bench`` (four rotating
+input sets), which also counts the host's launch time when the kernels are shorter than it. ``--against FILE`` also times the
 ``sample_tokens_triton`` of another copy of the module, e.g. an earlier commit's:
 
     git show d796ddb:src/opdlens/rollout/triton_sampler.py > /tmp/old_sampler.py
@@ -24,6 +26,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 def main() -> None:
     import triton.testing as tt
+    from torch.profiler import ProfilerActivity, profile
 
     from opdlens.rollout.base import make_generator, sample_tokens
     from opdlens.rollout.triton_sampler import sample_tokens_triton
@@ -52,10 +55,17 @@ def main() -> None:
                 i[0] = (i[0] + 1) % len(xs)
                 return fn(xs[i[0]], 0.8, gen)
 
-            times[name] = tt.do_bench(call, warmup=50, rep=300, return_mode="median") * 1e3
+            wall = tt.do_bench(call, warmup=50, rep=300, return_mode="median") * 1e3
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(20):
+                    call()
+                torch.cuda.synchronize()
+            gpu = sum(ev.self_device_time_total for ev in prof.key_averages()) / 20
+            times[name] = (gpu, wall)
         floor = B * args.vocab * 2 / 3.0e12 * 1e6
-        print(f"B={B:>4}: " + "  ".join(f"{k} {v:7.1f} us" for k, v in times.items()) + f"  read floor {floor:5.1f} us",
-              flush=True)
+        print(f"B={B:>4}: " + "  ".join(f"{k} gpu {g:6.1f} us (wall {w:6.1f})" for k, (g, w) in times.items())
+              + f"  read floor {floor:5.1f} us", flush=True)
 
 
 if __name__ == "__main__":
