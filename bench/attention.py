@@ -28,22 +28,28 @@ CASES = (("4 targets 2K N=64", 4, 64, 2048), ("8K N=64", 1, 64, 8192), ("8K N=10
          ("8K N=16", 1, 16, 8192))
 
 
+HKV, G, D, S = 8, 2, 128, 128  # Qwen3-0.6B heads; suffix capacity
+
+
+def _inputs(B: int, P: int, T: int, t: int) -> tuple[torch.Tensor, ...]:
+    """Random bf16 decode-attention inputs: B rows over P prefixes of T keys, suffix slot t."""
+    dev, dt = torch.device("cuda"), torch.bfloat16
+    q = torch.randn(B, HKV * G, D, device=dev, dtype=dt)
+    sk = torch.randn(B, HKV, S, D, device=dev, dtype=dt)
+    pk = torch.randn(P, HKV, T, D, device=dev, dtype=dt)
+    plen = torch.full((P,), T, dtype=torch.int32, device=dev)
+    return q, sk, torch.randn_like(sk), pk, torch.randn_like(pk), plen, torch.tensor([t], device=dev)
+
+
 def row_configs() -> None:
     import triton.testing as tt
 
     from opdlens.rollout import triton_decode as tk
 
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    Hkv, G, D, S, T = 8, 2, 128, 128, 64
+    T = 64
     for B, t in ((256, 64), (256, 126), (64, 64), (512, 64)):
-        q = torch.randn(B, Hkv * G, D, device=dev, dtype=dt)
-        sk = torch.randn(B, Hkv, S, D, device=dev, dtype=dt)
-        sv = torch.randn_like(sk)
-        pk = torch.randn(B, Hkv, T, D, device=dev, dtype=dt)
-        pv = torch.randn_like(pk)
-        plen = torch.full((B,), T, dtype=torch.int32, device=dev)
-        tix = torch.tensor([t], device=dev)
-        floor_us = B * Hkv * (T + t + 1) * D * 2 * 2 / 3.0e12 * 1e6
+        q, sk, sv, pk, pv, plen, tix = _inputs(B, B, T, t)
+        floor_us = B * HKV * (T + t + 1) * D * 2 * 2 / 3.0e12 * 1e6
         res = []
         for bn in (32, 64, 128):
             for nw in (2, 4, 8):
@@ -66,21 +72,14 @@ def main() -> None:
 
     if "--row" in sys.argv[1:]:
         return row_configs()
-    dev, dt = torch.device("cuda"), torch.bfloat16
-    Hkv, G, D, S, t = 8, 2, 128, 128, 64
+    dev, t = torch.device("cuda"), 64
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name(dev)}, {n_sm} SMs")
     for name, P, R, T in CASES:
         B = P * R
-        q = torch.randn(B, Hkv * G, D, device=dev, dtype=dt)
-        sk = torch.randn(B, Hkv, S, D, device=dev, dtype=dt)
-        sv = torch.randn_like(sk)
-        pk = torch.randn(P, Hkv, T, D, device=dev, dtype=dt)
-        pv = torch.randn_like(pk)
-        plen = torch.full((P,), T, dtype=torch.int32, device=dev)
-        tix = torch.tensor([t], device=dev)
-        floor_us = (pk.numel() + B * Hkv * (t + 1) * D) * 2 * 2 / 3.0e12 * 1e6
-        picked = tk.prefix_chunk(P, Hkv, R * G, T, 512, n_sm)
+        q, sk, sv, pk, pv, plen, tix = _inputs(B, P, T, t)
+        floor_us = (pk.numel() + B * HKV * (t + 1) * D) * 2 * 2 / 3.0e12 * 1e6
+        picked = tk.prefix_chunk(P, HKV, R * G, T, 512, n_sm)
         ref = None
         best = (float("inf"), 0, 0)
         for chunk in (256, 512, 1024, 2048, 4096):

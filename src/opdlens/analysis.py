@@ -290,6 +290,17 @@ def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
     return out[cols].sort_values(PATH_KEYS, kind="stable").reset_index(drop=True)
 
 
+def _paired_tests(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, float]:
+    """Paired t-test and Wilcoxon signed-rank of ``a`` vs ``b`` (two-sided): ``(t, p, W, p)``;
+    NaN with fewer than two pairs, and for Wilcoxon when every difference is zero."""
+    nan = float("nan")
+    if a.size < 2:
+        return nan, nan, nan, nan
+    t_stat, t_p = _quiet(stats.ttest_rel, a, b)
+    w_stat, w_p = _quiet(stats.wilcoxon, a, b) if bool(np.any(a != b)) else (nan, nan)
+    return t_stat, t_p, w_stat, w_p
+
+
 def _finite_paths(pp: pd.DataFrame) -> pd.DataFrame:
     return pp[np.isfinite(pp["mean"].to_numpy(dtype=float))]
 
@@ -346,10 +357,7 @@ def per_question(nodes: pd.DataFrame, metric: str = "align_gkd") -> QuestionComp
         n = len(both)
         c = both["mean_correct"].to_numpy(dtype=float)
         i = both["mean_incorrect"].to_numpy(dtype=float)
-        t_stat = t_p = w_stat = w_p = float("nan")
-        if n >= 2:
-            t_stat, t_p = _quiet(stats.ttest_rel, c, i)
-            w_stat, w_p = _quiet(stats.wilcoxon, c, i)
+        t_stat, t_p, w_stat, w_p = _paired_tests(c, i)
         rows.append(
             {
                 "teacher": teacher,
@@ -386,8 +394,9 @@ class TeacherSummary:
     order). The tree is teacher-independent, so both teachers score the same paths: the tests
     are **paired** over the ``n_pairs`` paths both have a finite mean on (a teacher skipped on a
     question drops that question's paths from its pairs). ``mean_a``, ``mean_b`` over those paths,
-    ``diff`` = mean of ``a - b``; paired t-test (``t``, ``t_p``: ``scipy.stats.ttest_rel``, needs
-    2 pairs) and Wilcoxon signed-rank (``wilcoxon_stat``, ``wilcoxon_p``), both two-sided, with
+    ``diff`` = mean of ``a - b``; paired t-test (``t``, ``t_p``: ``scipy.stats.ttest_rel``) and
+    Wilcoxon signed-rank (``wilcoxon_stat``, ``wilcoxon_p``), both two-sided and NaN with fewer
+    than 2 pairs, with
     Holm-corrected p-values over all pairs (``t_p_holm``, ``wilcoxon_p_holm``) and
     ``significant`` = ``t_p_holm <= alpha``.
     """
@@ -457,10 +466,7 @@ def per_teacher(
         common = sa.index.intersection(sb.index, sort=False).sort_values()
         xa, xb = sa.loc[common].to_numpy(dtype=float), sb.loc[common].to_numpy(dtype=float)
         n = int(common.size)
-        t_stat, t_p = _quiet(stats.ttest_rel, xa, xb) if n >= 2 else (float("nan"), float("nan"))
-        w_stat, w_p = (
-            _quiet(stats.wilcoxon, xa, xb) if n >= 1 and bool(np.any(xa != xb)) else (float("nan"), float("nan"))
-        )
+        t_stat, t_p, w_stat, w_p = _paired_tests(xa, xb)
         pair_rows.append(
             {
                 "teacher_a": a,
