@@ -18,7 +18,8 @@ Two backends behind :class:`TorchEngine`:
     One prefix at a time: Hugging Face prefill, KV cache repeated to the prefix's rows, then
     decode with ``past_key_values``; finished rows are dropped from the cache.
 
-Both sample with the Gumbel-max trick from a ``torch.Generator`` seeded by ``seed``: same seed
+Both sample from a ``torch.Generator`` seeded by ``seed`` (Gumbel-max in PyTorch on CPU, an
+inverse-CDF Triton sampler on CUDA): same seed
 and same engine settings give the same completions.
 """
 
@@ -169,7 +170,7 @@ class TorchEngine:
         self._slots: dict[tuple[int, ...], _Slot] = {}
 
     def _pick_sampler(self, sampler: str) -> Any:
-        """``"torch"`` (Gumbel-max in PyTorch, the CPU default) or ``"triton"`` (fused, CUDA only).
+        """``"torch"`` (Gumbel-max in PyTorch, the CPU default) or ``"triton"`` (inverse-CDF, CUDA only).
 
         ``"auto"`` takes Triton on CUDA when it imports and passes a self-check."""
         if sampler not in ("auto", "torch", "triton"):
