@@ -19,8 +19,8 @@ Two backends behind :class:`TorchEngine`:
     decode with ``past_key_values``; finished rows are dropped from the cache.
 
 Both sample from a ``torch.Generator`` seeded by ``seed`` (Gumbel-max in PyTorch on CPU, an
-inverse-CDF Triton sampler on CUDA): same seed
-and same engine settings give the same completions.
+inverse-CDF Triton sampler on CUDA): same seed and same engine settings give the same
+completions.
 """
 
 from __future__ import annotations
