@@ -819,12 +819,7 @@ class _FusedState(_ModelBound):
         per = grid.sum(1)
         groups = per.nonzero()[:, 0]
         R2 = int(per.max())
-        idx = torch.empty(len(groups), R2, dtype=torch.long)
-        for i, p in enumerate(groups.tolist()):
-            live = grid[p].nonzero()[:, 0] + p * R
-            idx[i, : len(live)] = live
-            idx[i, len(live):] = live[0]  # padding duplicates a live row; it is marked dead below
-        pad = torch.arange(R2)[None] >= per[groups][:, None]
+        idx, pad = _live_rows(grid, groups, per[groups], R2)
         keep = idx.flatten().to(self.eng.device)
         self.P, self.R = len(groups), R2
         used = t + 1  # slots 0..t are written
@@ -844,6 +839,19 @@ class _FusedState(_ModelBound):
         self._pool = None
         self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
         return keep, pad.flatten().to(keep.device)
+
+
+def _live_rows(grid: torch.Tensor, groups: torch.Tensor, n_live: torch.Tensor, R2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old row indices of a compacted ``[len(groups), R2]`` grid and its padding mask.
+
+    ``grid [P, R]`` marks live rows; group ``i`` of the new grid takes old group ``groups[i]``'s
+    live rows in order, its first ``n_live[i]`` slots are real and the rest (padding, marked
+    True) repeat its first live row, so they read valid memory and are then ignored."""
+    R = grid.shape[1]
+    order = torch.argsort((~grid[groups]).to(torch.int8), dim=1, stable=True)[:, :R2]  # live rows first
+    idx = order + groups[:, None] * R
+    pad = torch.arange(R2)[None] >= n_live[:, None]
+    return torch.where(pad, idx[:, :1], idx), pad
 
 
 def _is_range(xs: list[int]) -> bool:
@@ -998,12 +1006,7 @@ class _TritonState(_ModelBound):
         self.eng.stats["padded_groups"] = self.eng.stats.get("padded_groups", 0) + P2 - len(groups)
         groups = torch.cat([groups, groups[:1].repeat(P2 - len(groups))])
         n_live = torch.cat([n_live, torch.zeros(P2 - len(n_live), dtype=n_live.dtype)])
-        idx = torch.empty(P2, R2, dtype=torch.long)
-        for i, p in enumerate(groups.tolist()):
-            live = grid[p].nonzero()[:, 0] + p * R
-            idx[i, : len(live)] = live
-            idx[i, len(live):] = live[0]  # padding duplicates a live row; it is marked dead below
-        pad = torch.arange(R2)[None] >= n_live[:, None]
+        idx, pad = _live_rows(grid, groups, n_live, R2)
         old = self.slot
         keep = idx.flatten().to(self.eng.device)
         g = groups.to(self.eng.device)
