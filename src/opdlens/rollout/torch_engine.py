@@ -73,10 +73,14 @@ class _Prefill:
 
     length: int
     logits: torch.Tensor  # [V]
-    k: torch.Tensor | None = None  # fused: [L, Hkv, T, D]
-    v: torch.Tensor | None = None
     group: tuple[torch.Tensor, torch.Tensor, int] | None = None  # fused: (k, v) of its prefill group, its index
     cache: Any = None  # hf: the model's cache object
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused: this prefix's keys and values ``[L, Hkv, length, D]`` (views into its group's)."""
+        assert self.group is not None
+        k, v, r = self.group
+        return k[:, r, :, : self.length], v[:, r, :, : self.length]
 
 
 class TorchEngine:
@@ -295,8 +299,7 @@ class TorchEngine:
             lens = torch.tensor([len(x) for x in seqs], device=self.device)
             logits, k_all, v_all = bound.prefill(inp, lens, self.kernels == "triton")  # k, v: [L, N, Hkv, T, D]
             for r, x in enumerate(seqs):  # views: [L, Hkv, len, D]
-                out[ids[start + r]] = _Prefill(len(x), logits[r], k=k_all[:, r, :, : len(x)], v=v_all[:, r, :, : len(x)],
-                                               group=(k_all, v_all, r))
+                out[ids[start + r]] = _Prefill(len(x), logits[r], group=(k_all, v_all, r))
             self.stats["prefills"] += len(seqs)
             start = end
         return out
@@ -375,7 +378,7 @@ class TorchEngine:
         pre_v = torch.zeros_like(pre_k)
         for p, j in enumerate(batch):
             pf = prefills[j.prefix]
-            for src, dst in ((pf.k, pre_k), (pf.v, pre_v)):
+            for src, dst in zip(pf.kv(), (pre_k, pre_v)):
                 padded = F.pad(src, (0, 0, 0, C * Lc - pf.length))  # [L, Hkv, C*Lc, D]
                 dst[:, p] = padded.view(L, Hkv, C, Lc, D).transpose(1, 2)
         lens_t = torch.tensor(lens, device=dev)
@@ -409,7 +412,7 @@ class TorchEngine:
         try:
             slot = self._slot(P, R, T, S)
             by_group: dict[int, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
-            for p, j in enumerate(batch):  # one gather-scatter per prefill group, not one copy per prefix
+            for p, j in enumerate(batch):  # one copy per prefill group, not one per prefix
                 group = prefills[j.prefix].group
                 assert group is not None
                 gk, gv, r = group

@@ -300,9 +300,9 @@ def prefix_block_m(M: int) -> int:
 def prefix_chunk(P: int, Hkv: int, M: int, T: int, smallest: int, n_sm: int) -> int:
     """Keys per program of the split-key prefix kernel: the smallest power-of-two multiple of
     ``smallest`` whose grid has at most ``2 * n_sm`` programs. Fewer, longer chunks mean fewer
-    partial outputs to write and merge; too few programs leave SMs idle. Measured on an H100
-    (``bench/attention.py``): 2K-8K prefixes with 16-100 rows and 1-16 targets are within ~10% of
-    the best (chunk, block) there, 1.4-2.2x faster than fixed 256-key chunks."""
+    partial outputs to write and merge; too few programs leave SMs idle. ``bench/attention.py``
+    sweeps (chunk, block) per shape: on an H100 the rule's pick was 1.0-2.3x faster than fixed
+    256-key chunks in one sweep, and the best setting moves between runs (bench/RESULTS.md)."""
     chunk = max(16, smallest)
     blocks = P * Hkv * -(-M // prefix_block_m(M))
     while chunk < T and blocks * -(-T // chunk) > 2 * n_sm:
