@@ -270,3 +270,86 @@ def test_path_signals_rejects_bad_logprobs():
         path_signals(st, lp, torch.log_softmax(torch.zeros(lp.shape[0], lp.shape[1] + 3), -1))
     with pytest.raises(OpdlensError, match="expected"):
         path_signals(st, lp[:-1], lp[:-1])
+
+
+# ----------------------------------------------------------------------------- the two readings of "restricted to S_u"
+def _exact_literal_alignment(student: SyntheticPolicy, teacher: SyntheticPolicy, prefix, children) -> float:
+    """The literal reading from exact quantities: full-vocabulary P_θ, P̄ = V(u) (DP), ℓ̄ = full KL,
+    components kept on ``children``."""
+    lp = student.next_token_logprobs([prefix]).double()
+    lq = teacher.next_token_logprobs([prefix]).double()
+    p = lp.exp()
+    mask = torch.zeros_like(lp, dtype=torch.bool)
+    mask[0, torch.as_tensor(children)] = True
+    ps = torch.from_numpy(student.child_success_probs(prefix))[None]
+    v = torch.tensor([student.success_prob(prefix)], dtype=torch.float64)
+    kl = (p * (lp - lq)).sum(-1)
+    g_i = ideal_gradient(p, ps, mask, pbar=v)
+    g_k = gkd_gradient(p, lp - lq, mask, lbar=kl)
+    return float(masked_cosine(g_i, g_k)[0])
+
+
+def test_literal_alignment_converges_to_exact_literal_value():
+    student = SyntheticPolicy.random(seed=7)
+    teacher = student.tilted(beta=3.0, noise=0.5, seed=1)
+    rs = _rollouts(student, 40000, seed=2)
+    compared = 0
+    for success in (True, False):
+        path = _most_common_path(rs, success=success)
+        st = path_stats(path, rs)
+        lps, lpt = student.continuation_logprobs([], path), teacher.continuation_logprobs([], path)
+        lit = path_signals(st, lps, lpt, SignalConfig(min_visits=300, restriction="literal"))
+        ren = path_signals(st, lps, lpt, SignalConfig(min_visits=300))
+        assert np.array_equal(lit["valid"], ren["valid"])  # S_u and validity do not depend on the reading
+        for u in np.flatnonzero(lit["valid"]):
+            toks, n, _ = st.children(int(u))
+            exact = _exact_literal_alignment(student, teacher, path[:u], toks[n >= 300])
+            assert lit["align_gkd"][u] == pytest.approx(exact, abs=0.05)
+            compared += 1
+    assert compared >= 4
+
+
+def test_two_child_nodes_are_pm1_only_under_renormalisation():
+    student = SyntheticPolicy.random(seed=11)
+    teacher = student.tilted(beta=2.0, noise=1.0, seed=2)
+    rs = _rollouts(student, 4000, seed=3)
+    path = _most_common_path(rs, success=True)
+    st = path_stats(path, rs)
+    lps, lpt = student.continuation_logprobs([], path), teacher.continuation_logprobs([], path)
+    cfg = dict(min_visits=5, min_children=2, min_psucc_range=0.0)
+    ren = path_signals(st, lps, lpt, SignalConfig(**cfg))
+    lit = path_signals(st, lps, lpt, SignalConfig(**cfg, restriction="literal"))
+    two = ren["valid"] & (ren["n_children"] == 2)
+    assert two.sum() >= 2
+    assert np.allclose(np.abs(ren["align_gkd"][two]), 1.0)
+    assert (np.abs(np.abs(lit["align_gkd"][two]) - 1.0) > 1e-3).any()
+
+
+def test_literal_drgrpo_monte_carlo_matches_literal_ideal():
+    student = SyntheticPolicy.random(seed=4)
+    teacher = student.tilted(beta=1.0, noise=1.0, seed=3)
+    rs = _rollouts(student, 60000, seed=8)
+    st = path_stats([1], rs)
+    sig = path_signals(
+        st, student.continuation_logprobs([], [1]), teacher.continuation_logprobs([], [1]),
+        SignalConfig(min_visits=1, restriction="literal"), baseline=rs.success_rate,
+    )
+    assert sig["valid"][0] and sig["align_drgrpo"][0] > 0.97
+
+
+def test_alignment_is_scale_free_for_tiny_exact_gradients():
+    # a confident student (P_θ ≈ 1e-7 on the teacher-preferred, successful child)
+    lp = torch.log(torch.tensor([[1 - 2e-7, 1e-7, 1e-7]], dtype=torch.float64))
+    lq = torch.log(torch.tensor([[0.2, 0.7, 0.1]], dtype=torch.float64))
+    mask = torch.ones_like(lp, dtype=torch.bool)
+    ps = torch.tensor([[0.1, 0.9, 0.0]], dtype=torch.float64)
+    g_i = ideal_gradient(lp.exp(), ps, mask)
+    g_k = gkd_gradient(lp.exp(), lp - lq, mask)
+    assert float(g_i.norm() * g_k.norm()) < 1e-12  # the old absolute threshold made this NaN
+    got = float(masked_cosine(g_i, g_k)[0])
+    a, b = g_i[0] / g_i.abs().max(), g_k[0] / g_k.abs().max()
+    assert got == pytest.approx(float(a @ b / (a.norm() * b.norm())), rel=1e-9)
+    assert np.isfinite(got)
+    # tiny by a common factor: the cosine is unchanged
+    assert float(masked_cosine(g_i * 1e-200, g_k)[0]) == pytest.approx(got, rel=1e-9)
+    assert np.isnan(float(masked_cosine(torch.zeros_like(g_i), g_k)[0]))

@@ -15,8 +15,22 @@ MiniLLM         GKD (exact single-step term) ``+ R_{u+1} (e_{y_u} − P_θ)`` wi
 Dr. GRPO        ``(1/N) Σ_i (r_i − r̄)(e_{y_i} − P_θ)``; equals the ideal in expectation
 ==============  ===========================================================================
 
-All vectors live on ``S_u`` with the distributions renormalised over ``S_u``
-(``renormalize=True``, as in the paper). The alignment ``Align(u) = cos(g_ideal, g_D)``.
+The vectors are compared on ``S_u`` (the well-visited children). Two readings of "restricted
+to ``S_u``" are offered (``SignalConfig.restriction``; PAPERS.md part A):
+
+* ``"renormalize"`` (opdlens default): ``P_θ`` and ``P_te`` are renormalised over ``S_u`` and
+  every baseline (``P̄``, ``ℓ̄``) is taken over ``S_u``: the node is a small closed problem.
+  Each vector then sums to zero over ``S_u``, so at a node with exactly two children the cosine
+  is exactly ±1 (the report shows the share of such nodes).
+* ``"literal"`` (``protocol: paper``): the full-vocabulary gradient components, kept for
+  ``k ∈ S_u``: full-vocabulary ``P_θ``, ``P̄`` = the student's on-policy success rate at the
+  node (all its sampled children), ``ℓ̄`` = the full-vocabulary ``KL(P_θ‖P_te)``; the
+  Monte-Carlo estimators average over all sampled children. Two-child nodes take any value.
+
+The teacher advantage renormalises over ``S_u`` in both readings (as the paper does). The
+alignment ``Align(u) = cos(g_ideal, g_D)`` is computed scale-free (each vector divided by its
+largest entry first), so nodes whose gradients are tiny but exact (a confident student,
+``P_θ ≈ 1e-7`` on a teacher-preferred child) get a cosine, not NaN.
 
 Everything is vectorised over the nodes of a path: inputs are padded ``[..., K]`` arrays with a
 boolean mask, as produced by :meth:`opdlens.tree.PathStats.padded`.
@@ -25,6 +39,7 @@ boolean mask, as produced by :meth:`opdlens.tree.PathStats.padded`.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal
 
 import numpy as np
 import torch
@@ -44,7 +59,7 @@ class SignalConfig:
     min_visits: int = 20  # per child in S_u (paper: 20 short tasks, 10 on long AIME traces)
     min_children: int = 2  # |S_u| needed for a node to count
     min_psucc_range: float = 0.0  # node needs max P_succ − min P_succ > this over S_u
-    renormalize: bool = True  # renormalise P_θ, P_te over S_u
+    restriction: Literal["renormalize", "literal"] = "renormalize"  # see the module docstring
     minillm_gamma: float = 1.0  # discount of the reward-to-go
     minillm_length_norm: bool = True  # divide the reward-to-go by its number of terms
 
@@ -64,17 +79,20 @@ def restrict(logp: Tensor, mask: Tensor, renormalize: bool = True) -> tuple[Tens
     return p, _masked(lp, mask)
 
 
-def ideal_gradient(p: Tensor, psucc: Tensor, mask: Tensor) -> Tensor:
-    """``P_θ(k)(P_succ(k) − P̄)``: gradient of ``Σ P_θ P_succ`` w.r.t. the logits."""
+def ideal_gradient(p: Tensor, psucc: Tensor, mask: Tensor, pbar: Tensor | None = None) -> Tensor:
+    """``P_θ(k)(P_succ(k) − P̄)``: gradient of ``Σ P_θ P_succ`` w.r.t. the logits. ``P̄``
+    defaults to ``Σ_{k∈mask} P_θ(k) P_succ(k)``; the literal reading passes the node's own
+    success rate (``[...]``)."""
     psucc = _masked(psucc, mask)
-    pbar = (p * psucc).sum(-1, keepdim=True)
+    pbar = (p * psucc).sum(-1, keepdim=True) if pbar is None else pbar.unsqueeze(-1)
     return _masked(p * (psucc - pbar), mask)
 
 
-def gkd_gradient(p: Tensor, ell: Tensor, mask: Tensor) -> Tensor:
-    """``−P_θ(k)(ℓ_k − ℓ̄)``: descent direction of KL(P_θ‖P_te) w.r.t. the logits."""
+def gkd_gradient(p: Tensor, ell: Tensor, mask: Tensor, lbar: Tensor | None = None) -> Tensor:
+    """``−P_θ(k)(ℓ_k − ℓ̄)``: descent direction of KL(P_θ‖P_te) w.r.t. the logits. ``ℓ̄``
+    defaults to ``Σ_{k∈mask} P_θ(k) ℓ_k``; the literal reading passes the full-vocabulary KL."""
     ell = _masked(ell, mask)
-    lbar = (p * ell).sum(-1, keepdim=True)
+    lbar = (p * ell).sum(-1, keepdim=True) if lbar is None else lbar.unsqueeze(-1)
     return _masked(-p * (ell - lbar), mask)
 
 
@@ -99,17 +117,28 @@ def drgrpo_gradient(p: Tensor, counts: Tensor, successes: Tensor, baseline: Tens
     return _score_function(p, (s - n * baseline.unsqueeze(-1)) / total, mask)
 
 
-def minillm_gradient(p: Tensor, ell: Tensor, onehot: Tensor, reward_to_go: Tensor, mask: Tensor) -> Tensor:
+def minillm_gradient(
+    p: Tensor, ell: Tensor, onehot: Tensor, reward_to_go: Tensor, mask: Tensor, lbar: Tensor | None = None
+) -> Tensor:
     """MiniLLM: exact single-step term (GKD) plus ``R_{u+1}(e_{y_u} − P_θ)``."""
     long_term = _score_function(p, onehot.to(p.dtype) * reward_to_go.unsqueeze(-1), mask)
-    return gkd_gradient(p, ell, mask) + long_term
+    return gkd_gradient(p, ell, mask, lbar) + long_term
 
 
-def masked_cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
-    """Cosine over the last axis; NaN where either vector is (numerically) zero."""
+def _unit_scale(x: Tensor) -> Tensor:
+    """``x`` divided by its largest absolute entry (rows that are exactly zero stay zero)."""
+    top = x.abs().amax(-1, keepdim=True)
+    return x / torch.where(top > 0, top, torch.ones_like(top))
+
+
+def masked_cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine over the last axis, scale-free: exact for vectors of any magnitude (each is first
+    divided by its largest entry, so 1e-300-sized gradients do not underflow); NaN only where a
+    vector is exactly zero (no direction)."""
+    a, b = _unit_scale(a), _unit_scale(b)
     num = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
+    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan")))
 
 
 def teacher_advantage(p_student: Tensor, p_teacher: Tensor, psucc: Tensor, mask: Tensor) -> Tensor:
@@ -170,37 +199,53 @@ def path_signals(
         )
     lps, lpt = logp_student.double(), logp_teacher.double()
 
-    pad = stats.padded(cfg.min_visits)
-    mask = torch.from_numpy(pad["mask"])
+    pad = stats.padded(0)  # every observed child; S_u is the well-visited subset
+    seen = torch.from_numpy(pad["mask"])
     tok = torch.from_numpy(pad["child_token"])
     n = torch.from_numpy(pad["visits"]).double()
     s = torch.from_numpy(pad["successes"]).double()
     m = torch.from_numpy(pad["sampled"]).double()
     ms = torch.from_numpy(pad["sampled_successes"]).double()
-    psucc = torch.where(mask, s / n.clamp_min(1.0), torch.zeros_like(n))
+    mask = seen & (n >= max(cfg.min_visits, 1))  # S_u
+    psucc = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(n))
 
     ls_k = lps.gather(1, tok)
     lt_k = lpt.gather(1, tok)
-    p_st, lp_st = restrict(ls_k, mask, cfg.renormalize)
-    p_te, lp_te = restrict(lt_k, mask, cfg.renormalize)
-    ell = _masked(lp_st - lp_te, mask)
+    p_st, lp_st = restrict(ls_k, mask, True)  # renormalised over S_u
+    p_te, lp_te = restrict(lt_k, mask, True)
 
     path = torch.from_numpy(stats.path)
-    onehot = mask & (tok == path.unsqueeze(1))
+    onehot = seen & (tok == path.unsqueeze(1))
     token_ell = (lps - lpt).gather(1, path.unsqueeze(1)).squeeze(1)
     rtg = reward_to_go(token_ell, cfg.minillm_gamma, cfg.minillm_length_norm)
-    if baseline is None:
-        base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
-    else:
-        base = torch.full((big_l,), float(baseline), dtype=torch.float64)
 
-    g_ideal = ideal_gradient(p_st, psucc, mask)
-    grads = {
-        "gkd": gkd_gradient(p_st, ell, mask),
-        "single": single_sample_gradient(p_st, ell, m, mask),
-        "minillm": minillm_gradient(p_st, ell, onehot, rtg, mask),
-        "drgrpo": drgrpo_gradient(p_st, m, ms, base, mask),
-    }
+    if cfg.restriction == "renormalize":
+        ell = _masked(lp_st - lp_te, mask)
+        if baseline is None:
+            base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
+        else:
+            base = torch.full((big_l,), float(baseline), dtype=torch.float64)
+        g_ideal = ideal_gradient(p_st, psucc, mask)
+        grads = {
+            "gkd": gkd_gradient(p_st, ell, mask),
+            "single": single_sample_gradient(p_st, ell, m, mask),
+            "minillm": minillm_gradient(p_st, ell, onehot & mask, rtg, mask),
+            "drgrpo": drgrpo_gradient(p_st, m, ms, base, mask),
+        }
+    else:  # literal: full-vocabulary components and baselines, kept on S_u
+        p_full = _masked(ls_k.exp(), seen)
+        ell_full = _masked(ls_k - lt_k, seen)
+        kl_full = (lps.exp() * (lps - lpt)).sum(-1)
+        m_node, ms_node = (m * seen).sum(-1), (ms * seen).sum(-1)
+        v_node = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), (s * seen).sum(-1) / (n * seen).sum(-1).clamp_min(1.0))
+        base = v_node if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
+        g_ideal = ideal_gradient(p_full, psucc, mask, pbar=v_node)
+        grads = {
+            "gkd": gkd_gradient(p_full, ell_full, mask, lbar=kl_full),
+            "single": _masked(single_sample_gradient(p_full, ell_full, m, seen), mask),
+            "minillm": _masked(minillm_gradient(p_full, ell_full, onehot, rtg, seen, lbar=kl_full), mask),
+            "drgrpo": _masked(drgrpo_gradient(p_full, m, ms, base, seen), mask),
+        }
 
     n_children = mask.sum(-1)
     big = torch.finfo(torch.float64).max
@@ -216,7 +261,7 @@ def path_signals(
         "depth_norm": torch.arange(big_l, dtype=torch.float64) / big_l,
         "p_student": lps.gather(1, path.unsqueeze(1)).squeeze(1).exp(),
         "p_teacher": lpt.gather(1, path.unsqueeze(1)).squeeze(1).exp(),
-        "psucc_token": torch.where(onehot.any(-1), (psucc * onehot).sum(-1), nan),
+        "psucc_token": torch.where((onehot & mask).any(-1), (psucc * (onehot & mask)).sum(-1), nan),
         "teacher_adv": torch.where(n_children > 0, teacher_advantage(p_st, p_te, psucc, mask), nan),
         "norm_ideal": g_ideal.norm(dim=-1),
         "norm_gkd": grads["gkd"].norm(dim=-1),
