@@ -398,3 +398,51 @@ def test_correlation_summary_interval_stays_inside_minus_one_one() -> None:
     assert summ.pearson_mean == pytest.approx(np.mean(r_paths))
     eps = 1e-12  # quantiles of equal means round in the last bit
     assert min(r_paths) - eps <= summ.pearson_ci_low <= summ.pearson_ci_high <= max(r_paths) + eps <= 1.0 + eps
+
+
+def test_per_teacher_question_unit_weighted_and_advantage() -> None:
+    # teacher A: q1 paths 0.2/0.6 (adv .1/.3), q2 path -0.4 (adv -.2), q3 paths 1.0/0.0 with weights
+    rows = table(
+        path_rows("A", "q1", 0, True, [0.2], teacher_adv=0.1),
+        path_rows("A", "q1", 1, False, [0.6], teacher_adv=0.3),
+        path_rows("A", "q2", 0, True, [-0.4], teacher_adv=-0.2),
+        path_rows("A", "q3", 0, True, [1.0, 0.0], norm_ideal=1.0, norm_gkd=3.0, teacher_adv=0.4),
+        path_rows("B", "q1", 0, True, [0.1], teacher_adv=0.0),
+        path_rows("B", "q2", 0, True, [0.3], teacher_adv=0.0),
+        path_rows("B", "q3", 0, True, [0.2], teacher_adv=0.0),
+    )
+    rows.loc[(rows.teacher == "A") & (rows.question_id == "q3") & (rows.node == 1), "norm_gkd"] = 1.0
+    s = A.per_teacher(rows, unit="question")
+    a = s.table.set_index("teacher").loc["A"]
+    q_means = np.array([0.4, -0.4, 0.5])  # q1: mean(0.2, 0.6); q2; q3: mean over nodes (1.0, 0.0)
+    assert a.unit == "question" and a.n_units == 3 and a.n_paths == 4
+    assert a["mean"] == pytest.approx(q_means.mean())
+    assert (a.ci_low, a.ci_high) == pytest.approx(A.t_interval(q_means))
+    # weighted: q3's path weights 3 and 1 -> (3*1 + 1*0) / 4 = 0.75; other paths: their mean
+    wq = np.array([0.4, -0.4, 0.75])
+    assert a.weighted_unit_mean == pytest.approx(wq.mean())
+    assert (a.weighted_ci_low, a.weighted_ci_high) == pytest.approx(A.t_interval(wq))
+    adv_q = np.array([0.2, -0.2, 0.4])
+    assert a.adv_mean == pytest.approx(adv_q.mean())
+    assert a.adv_p == pytest.approx(stats.ttest_1samp(adv_q, 0.0).pvalue)
+    pw = s.pairwise.iloc[0]
+    b_means = np.array([0.1, 0.3, 0.2])
+    assert pw.n_pairs == 3
+    assert pw.t_p == pytest.approx(stats.ttest_rel(q_means, b_means).pvalue)
+    # the path unit keeps 4 units for A
+    assert A.per_teacher(rows).table.set_index("teacher").loc["A"].n_units == 4
+
+
+def test_per_question_on_the_weighted_cosine() -> None:
+    rows = table(
+        path_rows("A", "q1", 0, True, [1.0, 0.0], norm_gkd=3.0),
+        path_rows("A", "q1", 1, False, [0.2]),
+        path_rows("A", "q2", 0, True, [0.5]),
+        path_rows("A", "q2", 1, False, [0.1]),
+    )
+    rows.loc[(rows.question_id == "q1") & (rows.path_id == 0) & (rows.node == 1), "norm_gkd"] = 1.0
+    plain = A.per_question(rows).table.set_index("question_id")
+    weighted = A.per_question(rows, value="weighted_mean").table.set_index("question_id")
+    assert plain.loc["q1", "mean_correct"] == pytest.approx(0.5)
+    assert weighted.loc["q1", "mean_correct"] == pytest.approx(0.75)
+    assert weighted.loc["q2", "diff"] == pytest.approx(0.4)

@@ -6,8 +6,9 @@ with ``valid == True`` (the node passed the ``S_u`` filter) and a finite value o
 alignment metric enter any statistic.
 
 Statistical unit. Nodes of one path are strongly dependent (they share a prefix and a tree), so
-every confidence interval and test here is computed over *path means* (or over per-question
-means of path means for the correct-vs-incorrect comparison), never over raw nodes. Node-level
+every confidence interval and test here is computed over *path means* (``unit="path"``, the
+opdlens default) or over *question means* of path means (``unit="question"``, the paper's
+choice; always for the correct-vs-incorrect comparison), never over raw nodes. Node-level
 figures (``node_std``, ``frac_pos``, ...) are descriptive only.
 
 Functions
@@ -301,6 +302,16 @@ def _paired_tests(a: np.ndarray, b: np.ndarray) -> tuple[float, float, float, fl
     return t_stat, t_p, w_stat, w_p
 
 
+def _path_means(v: pd.DataFrame, column: str) -> pd.DataFrame:
+    """Per path mean of ``column`` over the valid nodes ``v`` (finite values only)."""
+    x = pd.to_numeric(v[column], errors="coerce")
+    return (
+        v.assign(**{column: x})[np.isfinite(x.to_numpy(dtype=float))]
+        .groupby(PATH_KEYS, sort=False, as_index=False)[column]
+        .mean()
+    )
+
+
 def _finite_paths(pp: pd.DataFrame) -> pd.DataFrame:
     return pp[np.isfinite(pp["mean"].to_numpy(dtype=float))]
 
@@ -329,15 +340,21 @@ class QuestionComparison:
     tests: pd.DataFrame
 
 
-def per_question(nodes: pd.DataFrame, metric: str = "align_gkd") -> QuestionComparison:
+def per_question(
+    nodes: pd.DataFrame, metric: str = "align_gkd", *, value: Literal["mean", "weighted_mean"] = "mean"
+) -> QuestionComparison:
     """Per (teacher, question) mean alignment over correct vs incorrect paths, and paired tests.
 
-    Each path counts once (its mean over valid nodes), whatever its length. The paired tests
-    compare, across questions, the correct-path mean with the incorrect-path mean of the same
-    question; questions with only correct or only incorrect paths are left out of the tests.
+    Each path counts once (its ``value``: the mean over valid nodes, or the magnitude-weighted
+    cosine), whatever its length. The paired tests compare, across questions, the correct-path
+    mean with the incorrect-path mean of the same question; questions with only correct or only
+    incorrect paths are left out of the tests.
     """
-    pp = _finite_paths(per_path(nodes, metric))
-    grp = pp.groupby(["teacher", "question_id", "path_correct"], sort=True)["mean"].agg(
+    if value not in ("mean", "weighted_mean"):
+        raise OpdlensError(f"value must be 'mean' or 'weighted_mean', got {value!r}")
+    pp = per_path(nodes, metric)
+    pp = pp[np.isfinite(pp[value].to_numpy(dtype=float))]
+    grp = pp.groupby(["teacher", "question_id", "path_correct"], sort=True)[value].agg(
         ["mean", "size"]
     )
     wide = grp.unstack("path_correct")
@@ -384,16 +401,17 @@ class TeacherSummary:
     """Per-teacher aggregates and pairwise comparisons.
 
     ``table``: one row per teacher with ``n_questions``, ``n_paths`` (paths with >= 1 valid
-    node), ``mean`` / ``std`` of the path means, ``ci_low`` / ``ci_high`` (CI of ``mean``,
-    method in ``ci_method``), ``n_nodes`` / ``node_mean`` / ``node_std`` over all valid nodes
+    node), ``unit`` / ``n_units`` (the statistical unit: paths or questions), ``mean`` / ``std``
+    of the unit means, ``ci_low`` / ``ci_high`` (CI of ``mean``, method in ``ci_method``), the
+    weighted cosine and teacher advantage over units (see :func:`per_teacher`), ``n_nodes`` / ``node_mean`` / ``node_std`` over all valid nodes
     (descriptive: the per-token spread), ``frac_pos`` / ``frac_neg`` (fraction of valid nodes
     with alignment > 0 / < 0) and ``weighted_mean`` (pooled ``sum w cos / sum w`` over all valid
     nodes, ``w = norm_ideal * norm_gkd``).
 
     ``pairwise``: one row per unordered teacher pair (``teacher_a < teacher_b`` in the table's
     order). The tree is teacher-independent, so both teachers score the same paths: the tests
-    are **paired** over the ``n_pairs`` paths both have a finite mean on (a teacher skipped on a
-    question drops that question's paths from its pairs). ``mean_a``, ``mean_b`` over those paths,
+    are **paired** over the ``n_pairs`` units both have a finite mean on (a teacher skipped on a
+    question drops that question's units from its pairs). ``mean_a``, ``mean_b`` over those units,
     ``diff`` = mean of ``a - b``; paired t-test (``t``, ``t_p``: ``scipy.stats.ttest_rel``) and
     Wilcoxon signed-rank (``wilcoxon_stat``, ``wilcoxon_p``), both two-sided and NaN with fewer
     than 2 pairs, with
@@ -416,18 +434,42 @@ def per_teacher(
     n_boot: int = 10_000,
     seed: int = 0,
     alpha: float = 0.05,
+    unit: Literal["path", "question"] = "path",
 ) -> TeacherSummary:
-    """Per-teacher mean alignment with a CI over path means, and pairwise significance tests.
+    """Per-teacher mean alignment with a CI over units, and pairwise significance tests.
 
+    ``unit="path"`` (opdlens default): the unit of CIs and tests is a path mean; more units,
+    but paths of one question share a tree. ``unit="question"`` (the paper): a question's value
+    is the mean of its path means, and CIs / paired tests run over questions.
     ``ci="t"`` gives a Student-t interval (:func:`t_interval`), ``ci="bootstrap"`` a seeded
-    percentile bootstrap (:func:`bootstrap_interval`, ``n_boot`` resamples of the path means).
+    percentile bootstrap (:func:`bootstrap_interval`, ``n_boot`` resamples of the unit means).
+    Besides the mean the table carries the weighted cosine (``weighted_mean``: pooled over
+    nodes; ``weighted_unit_mean`` with ``weighted_ci_low`` / ``weighted_ci_high`` over units)
+    and the teacher advantage (``adv_mean``, ``adv_ci_low`` / ``adv_ci_high``, ``adv_p``: t-test
+    of the unit means against 0).
     """
     if ci not in ("t", "bootstrap"):
         raise OpdlensError(f"ci must be 't' or 'bootstrap', got {ci!r}")
+    if unit not in ("path", "question"):
+        raise OpdlensError(f"unit must be 'path' or 'question', got {unit!r}")
     if not 0.0 < confidence < 1.0:
         raise OpdlensError(f"confidence must be in (0, 1), got {confidence}")
     v = valid_nodes(nodes, metric)
     pp = _finite_paths(per_path(nodes, metric))
+    adv = _path_means(v, "teacher_adv") if "teacher_adv" in v.columns else None
+    if adv is not None:
+        pp = pp.merge(adv, on=PATH_KEYS, how="left")
+    else:
+        pp = pp.assign(teacher_adv=np.nan)
+    unit_keys = ["question_id", "path_id"] if unit == "path" else ["question_id"]
+    n_paths = pp.groupby("teacher", sort=True).size()
+    if unit == "question":
+        pp = pp.groupby(["teacher", "question_id"], sort=True, as_index=False)[
+            ["mean", "weighted_mean", "teacher_adv"]
+        ].mean()
+
+    def interval(x: np.ndarray) -> tuple[float, float]:
+        return t_interval(x, confidence) if ci == "t" else bootstrap_interval(x, confidence, n_boot=n_boot, seed=seed)
 
     node_stats = _node_stats(v, metric, ["teacher"], sort=True).rename(
         columns={"n": "n_nodes", "mean": "node_mean", "std": "node_std"}
@@ -439,27 +481,38 @@ def per_teacher(
     rows = []
     for teacher, sub in pp.groupby("teacher", sort=True):
         m = path_means[str(teacher)]
-        lo, hi = (
-            t_interval(m, confidence)
-            if ci == "t"
-            else bootstrap_interval(m, confidence, n_boot=n_boot, seed=seed)
-        )
+        lo, hi = interval(m)
+        wm = sub["weighted_mean"].to_numpy(dtype=float)
+        wm = wm[np.isfinite(wm)]
+        a = sub["teacher_adv"].to_numpy(dtype=float)
+        a = a[np.isfinite(a)]
+        w_lo, w_hi = interval(wm)
+        a_lo, a_hi = interval(a)
         rows.append(
             {
                 "teacher": teacher,
+                "unit": unit,
                 "n_questions": int(sub["question_id"].nunique()),
-                "n_paths": int(m.size),
+                "n_paths": int(n_paths[teacher]),
+                "n_units": int(m.size),
                 "mean": float(m.mean()),
                 "std": float(m.std(ddof=1)) if m.size > 1 else float("nan"),
                 "ci_low": lo,
                 "ci_high": hi,
+                "weighted_unit_mean": float(wm.mean()) if wm.size else float("nan"),
+                "weighted_ci_low": w_lo,
+                "weighted_ci_high": w_hi,
+                "adv_mean": float(a.mean()) if a.size else float("nan"),
+                "adv_ci_low": a_lo,
+                "adv_ci_high": a_hi,
+                "adv_p": _quiet(stats.ttest_1samp, a, 0.0)[1] if a.size > 1 else float("nan"),
             }
         )
     table = pd.DataFrame(rows).set_index("teacher").join(node_stats, how="left").reset_index()
     table["ci_method"] = ci
     table["n_nodes"] = table["n_nodes"].astype(int)
 
-    by_path = {str(t): sub.set_index(["question_id", "path_id"])["mean"] for t, sub in pp.groupby("teacher", sort=True)}
+    by_path = {str(t): sub.set_index(unit_keys)["mean"] for t, sub in pp.groupby("teacher", sort=True)}
     pair_rows = []
     for a, b in itertools.combinations(list(table["teacher"]), 2):
         sa, sb = by_path[str(a)], by_path[str(b)]
@@ -640,6 +693,9 @@ class Analysis:
     questions: QuestionComparison
     teachers: TeacherSummary
     correlations: Correlations | None
+    #: correct vs incorrect on the magnitude-weighted cosine (the paper's strongest MMLU evidence)
+    questions_weighted: QuestionComparison | None = None
+    unit: str = "path"
 
 
 def analyze(
@@ -652,6 +708,7 @@ def analyze(
     seed: int = 0,
     alpha: float = 0.05,
     correlation_columns: Sequence[str] | None = None,
+    unit: Literal["path", "question"] = "path",
 ) -> Analysis:
     """Run :func:`per_path`, :func:`per_question`, :func:`per_teacher` and
     :func:`divergence_correlations` (on the columns of :data:`DIVERGENCE_COLUMNS` present in
@@ -666,9 +723,11 @@ def analyze(
         paths=per_path(nodes, metric),
         questions=per_question(nodes, metric),
         teachers=per_teacher(
-            nodes, metric, confidence=confidence, ci=ci, n_boot=n_boot, seed=seed, alpha=alpha
+            nodes, metric, confidence=confidence, ci=ci, n_boot=n_boot, seed=seed, alpha=alpha, unit=unit
         ),
         correlations=(
             divergence_correlations(nodes, metric, cols, confidence=confidence) if cols else None
         ),
+        questions_weighted=per_question(nodes, metric, value="weighted_mean"),
+        unit=unit,
     )
