@@ -84,6 +84,7 @@ def test_smollm2_pipeline_end_to_end_with_report(tmp_path):
         teachers=[TeacherSpec(name="Self-1C", context="1c"), TeacherSpec(name="Self-Sum-1C", context="sum-1c")],
         targeting=TargetingConfig(first_window=6, per_window_gkd=1, per_window_gap=1, visit_target=6, max_rollouts_per_path=24),
         signals=SignalConfig(min_visits=3),
+        fallback_reference_solution=True,
         out_dir=str(tmp_path / "run"),
     )
     store = diagnose(cfg, progress=False)

@@ -27,7 +27,14 @@ def _report(run_dir: Path, extra: list[tuple[str, Path]] | None = None) -> Path:
     from opdlens.store import RunStore
 
     nodes, questions, paths = load_results(RunStore(run_dir))
-    return write_report(run_dir / "report", nodes, questions, paths, extra=extra)
+    unit, choices = "path", None
+    cfg_file = run_dir / "config.yaml"
+    if cfg_file.is_file():  # the run's own choices (statistical unit, readings of the paper)
+        from opdlens.config import DiagnoseConfig
+
+        cfg = DiagnoseConfig.from_yaml(cfg_file)
+        unit, choices = cfg.stat_unit, cfg.choices()
+    return write_report(run_dir / "report", nodes, questions, paths, extra=extra, unit=unit, choices=choices)
 
 
 def _run_diagnose(cfg, ray_address: Optional[str]) -> Path:  # type: ignore[no-untyped-def]

@@ -6,7 +6,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opdlens.policy import OpdlensError
 from opdlens.signals import SignalConfig
@@ -14,12 +14,44 @@ from opdlens.targeting import TargetingConfig
 from opdlens.teachers import DEFAULT_TEACHERS, TeacherSpec
 
 
+#: ``protocol: paper``: the choices of paper A (PAPERS.md) where opdlens' defaults differ, applied
+#: to every key the config does not set itself. docs/PROTOCOL.md says why each default differs.
+PAPER_PRESET: dict[str, Any] = {
+    "signals": {"restriction": "literal", "min_visits": 20, "min_children": 2},
+    "tree_accounting": "all-ancestors",
+    "stat_unit": "question",
+    "n_correct_paths": 2,
+    "n_incorrect_paths": 2,
+    "targeting": {"first_window": 50, "growth": 2.0, "per_window_gkd": 4, "per_window_gap": 4, "visit_target": 100},
+    "fallback_reference_solution": False,
+}
+
+
+def _apply_preset(data: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
+    """``data`` with every key of ``preset`` that it does not set (nested one level)."""
+    out = dict(data)
+    for key, value in preset.items():
+        if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
+            out[key] = {**value, **out.get(key, {})}
+        elif key not in out:
+            out[key] = value
+    return out
+
+
 class DiagnoseConfig(BaseModel):
     """Everything a ``opdlens diagnose`` run needs. Unknown keys are errors (typos)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    protocol: Literal["opdlens", "paper"] = Field(
+        "opdlens",
+        description="'paper' fills every key you do not set with paper A's choice (PAPER_PRESET); "
+        "'opdlens' keeps our defaults (docs/PROTOCOL.md lists the differences and why)",
+    )
     student: str = Field("smollm2", description="'smollm2' (embedded), a local path or a HF hub id")
+    thinking: bool | None = Field(
+        None, description="enable_thinking of the student's chat template (Qwen3); null = the template's default"
+    )
     device: str = "cpu"
     dtype: str | None = None
     rollout_engine: Literal["torch", "vllm"] = Field(
@@ -39,10 +71,57 @@ class DiagnoseConfig(BaseModel):
     teachers: list[TeacherSpec] = Field(default_factory=lambda: list(DEFAULT_TEACHERS))
     targeting_teachers: list[str] | None = None
     summarizer: str | None = Field(None, description="model writing Sum-* summaries (default: the student)")
+    summarizer_thinking: bool | None = Field(
+        None, description="enable_thinking of the summariser (its thinking part is stripped from the summary either way)"
+    )
+    summary_max_new_tokens: int = Field(256, ge=1, description="generation budget of a summary (thinking included)")
     solution_model: str | None = Field(None, description="model writing the correct solution of 1c-ext contexts")
+    solution_thinking: bool | None = Field(None, description="enable_thinking of the solution model")
+    fallback_reference_solution: bool = Field(
+        False,
+        description="when no correct rollout can be shown (none, or only scored paths), show the data's reference "
+        "solution ('The answer is X.' if none) instead of skipping the context; recorded in skips.parquet",
+    )
+    tree_accounting: Literal["from-forced-node", "all-ancestors"] = Field(
+        "from-forced-node",
+        description="where a targeted rollout counts: from its forced node down (unbiased), or at every "
+        "ancestor too (the paper)",
+    )
+    stat_unit: Literal["path", "question"] = Field(
+        "path", description="unit of the report's CIs and teacher tests: path means, or question means (the paper)"
+    )
+    schedule: Literal["sequential", "resident"] = Field(
+        "sequential",
+        description="'sequential': each model loaded once, used for every question and freed after its step "
+        "(fits large teachers on one GPU); 'resident': every model loaded for the whole run",
+    )
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
     out_dir: str = "runs/diagnose"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _preset(cls, data: Any) -> Any:
+        if isinstance(data, dict) and data.get("protocol") == "paper":
+            return _apply_preset(data, PAPER_PRESET)
+        return data
+
+    def choices(self) -> dict[str, Any]:
+        """The choices that make a run paper-faithful or not, for the report."""
+        return {
+            "protocol": self.protocol,
+            "restriction to S_u": self.signals.restriction,
+            "tree accounting": self.tree_accounting,
+            "statistical unit": self.stat_unit,
+            "min visits per child": self.signals.min_visits,
+            "visit target": self.targeting.visit_target,
+            "reference-solution fallback": self.fallback_reference_solution,
+            "thinking (student)": self.thinking,
+            "thinking (summariser)": self.summarizer_thinking,
+            "thinking (solution model)": self.solution_thinking,
+            "thinking (teachers)": {t.name: t.thinking for t in self.teachers if t.thinking is not None} or None,
+            "schedule": self.schedule,
+        }
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DiagnoseConfig:
@@ -94,5 +173,8 @@ def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseCon
             first_window=6, per_window_gkd=2, per_window_gap=2, visit_target=8, max_rollouts_per_path=48
         ),
         signals=SignalConfig(min_visits=5),
+        # SmolLM2 solves few arith questions: show the reference answer when it has no usable
+        # correct rollout (each such question is listed in skips.parquet as a fallback)
+        fallback_reference_solution=True,
         out_dir=out_dir,
     )

@@ -42,7 +42,34 @@ MODEL_SHAPES: dict[str, dict[str, Any]] = {
         max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
         tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
     ),
+    "qwen3-4b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "qwen3-8b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
+        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "qwen3-14b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=17408,
+        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+    ),
+    "qwen3-32b": dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
+        num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
+    ),
 }
+
+#: ``load_policy("random:qwen3-8b")``: a random-weight model of that shape (see :func:`load_policy`).
+RANDOM_PREFIX = "random:"
 
 _POLICY_CACHE: dict[tuple[str, str, str], HFPolicy] = {}
 _TOKENIZER_CACHE: dict[str, Any] = {}
@@ -298,20 +325,15 @@ class HFPolicy:
         """Token ids of plain text (no special tokens added)."""
         return list(self._tok()(text, add_special_tokens=False)["input_ids"])
 
-    def encode_chat(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> list[int]:
-        """Token ids of a chat via the tokenizer's chat template (plain ``role: text`` lines if none)."""
-        tok = self._tok()
-        for i, m in enumerate(messages):
-            if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
-                raise OpdlensError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
-        msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
-        if getattr(tok, "chat_template", None):
-            text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False)
-        else:
-            text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs)
-            if add_generation_prompt:
-                text += "assistant:"
-        return self.encode(text)
+    def encode_chat(
+        self,
+        messages: Sequence[Mapping[str, str]],
+        add_generation_prompt: bool = True,
+        *,
+        thinking: bool | None = None,
+    ) -> list[int]:
+        """Token ids of a chat (see :func:`encode_chat`)."""
+        return encode_chat(self._tok(), messages, add_generation_prompt, thinking=thinking, name=self.name)
 
     def decode(self, tokens: TokenSeq) -> str:
         return str(self._tok().decode([int(t) for t in tokens], skip_special_tokens=False))
@@ -325,6 +347,84 @@ class HFPolicy:
         return f"HFPolicy({self.name!r}, vocab={self._vocab_size}, device={self.device})"
 
 
+def encode_chat(
+    tok: Any,
+    messages: Sequence[Mapping[str, str]],
+    add_generation_prompt: bool = True,
+    *,
+    thinking: bool | None = None,
+    name: str = "",
+) -> list[int]:
+    """Token ids of a chat via the tokenizer's chat template (plain ``role: text`` lines if none).
+
+    ``thinking`` is passed to the template as ``enable_thinking`` (Qwen3's switch); None keeps
+    the template's default. Asking for it from a template without the switch is an error.
+    """
+    for i, m in enumerate(messages):
+        if not isinstance(m, Mapping) or "role" not in m or "content" not in m:
+            raise OpdlensError(f"message {i} must be a dict with 'role' and 'content', got {m!r}")
+    msgs = [{"role": str(m["role"]), "content": str(m["content"])} for m in messages]
+    template = getattr(tok, "chat_template", None)
+    if thinking is not None and not (isinstance(template, str) and "enable_thinking" in template):
+        raise OpdlensError(
+            f"thinking: {str(thinking).lower()} was set for {name or 'a model'}, but its chat template has no "
+            "enable_thinking switch: leave `thinking` unset (null) for this model"
+        )
+    if template:
+        extra = {} if thinking is None else {"enable_thinking": thinking}
+        text = tok.apply_chat_template(msgs, add_generation_prompt=add_generation_prompt, tokenize=False, **extra)
+    else:
+        text = "".join(f"{m['role']}: {m['content']}\n" for m in msgs)
+        if add_generation_prompt:
+            text += "assistant:"
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def chat_encoder(spec: str, thinking: bool | None = None) -> Any:
+    """``messages -> ids`` with the tokenizer of model ``spec`` (no model weights are loaded):
+    teacher contexts are built before the schedule loads the teacher."""
+    tok = load_tokenizer(SMOLLM2 if spec.startswith(RANDOM_PREFIX) else spec)
+
+    def encode(messages: Sequence[Mapping[str, str]]) -> list[int]:
+        return encode_chat(tok, messages, thinking=thinking, name=spec)
+
+    return encode
+
+
+def spec_max_context(spec: str) -> int | None:
+    """The input limit of model ``spec`` read from its config alone (no weights); None if unknown."""
+    if spec.startswith(RANDOM_PREFIX):
+        shape = MODEL_SHAPES.get(spec[len(RANDOM_PREFIX):].split(":")[0].lower(), {})
+        return shape.get("max_position_embeddings")
+    if spec == SMOLLM2:
+        return 8192
+    try:
+        from transformers import AutoConfig
+
+        limit = getattr(AutoConfig.from_pretrained(spec), "max_position_embeddings", None)
+    except Exception:  # unknown here: checked again once the model is loaded
+        return None
+    return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def check_tokenizer_vocab(student: HFPolicy, teacher_spec: str) -> None:
+    """Refuse, before any teacher weights are loaded, a teacher whose tokenizer maps tokens to
+    other ids than the student's (the full check, :func:`check_tokenizers_compatible`, runs
+    when the teacher is loaded)."""
+    if student.tokenizer is None:
+        return
+    tok = load_tokenizer(SMOLLM2 if teacher_spec.startswith(RANDOM_PREFIX) else teacher_spec)
+    sv, tv = student.tokenizer.get_vocab(), tok.get_vocab()
+    diff = sorted(t for t in set(sv) | set(tv) if sv.get(t) != tv.get(t))
+    if diff:
+        ex = ", ".join(f"{t!r}: {sv.get(t)} vs {tv.get(t)}" for t in diff[:5])
+        raise OpdlensError(
+            f"student {student.name!r} and teacher {teacher_spec!r} do not share a tokenizer: {len(diff)} "
+            f"token->id entries differ (student vs teacher), e.g. {ex}. Distillation compares distributions "
+            "over the same token ids: use a teacher of the same model family with the same tokenizer."
+        )
+
+
 # --------------------------------------------------------------------------- loading
 def load_policy(
     spec: str,
@@ -336,7 +436,9 @@ def load_policy(
     """Load (once per process) the policy named by ``spec``.
 
     ``spec``: ``"smollm2"`` (embedded SmolLM2-135M-Instruct GGUF, dequantised), a local model
-    directory, or a Hugging Face hub id (needs the hub or its local cache). ``dtype`` defaults to
+    directory, a Hugging Face hub id (needs the hub or its local cache), or
+    ``"random:<shape>[:<seed>]"`` (random weights of a :data:`MODEL_SHAPES` shape with the
+    SmolLM2 tokenizer: memory and time runs of real sizes). ``dtype`` defaults to
     float32 on CPU and bfloat16 on CUDA.
     """
     from transformers import AutoModelForCausalLM
@@ -349,6 +451,10 @@ def load_policy(
     with _LOCK:
         if key in _POLICY_CACHE:
             return _POLICY_CACHE[key]
+        if spec.startswith(RANDOM_PREFIX):
+            policy = _random_spec_policy(spec, dev, dt, **policy_options)
+            _POLICY_CACHE[key] = policy
+            return policy
         tok = load_tokenizer(spec)
         if spec == SMOLLM2:
             model = _load_smollm2_model(dt)
@@ -359,6 +465,22 @@ def load_policy(
         policy = HFPolicy(model.to(dev), tok, name=name, **policy_options)
         _POLICY_CACHE[key] = policy
         return policy
+
+
+def release_policy(policy: HFPolicy) -> None:
+    """Forget a policy loaded by :func:`load_policy` and give its memory back (the model's
+    weights, its engine's caches and CUDA graphs): the model schedule frees each model after its
+    phase. The caller must drop its own references too."""
+    with _LOCK:
+        for key in [k for k, v in _POLICY_CACHE.items() if v is policy]:
+            del _POLICY_CACHE[key]
+    policy._engine = None
+    policy.model = None  # type: ignore[assignment]
+    import gc
+
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
 
 
 def _load_smollm2_model(dtype: torch.dtype) -> Any:
@@ -398,6 +520,20 @@ def _load_smollm2_model(dtype: torch.dtype) -> Any:
     except OSError:
         pass  # read-only cache: just slower next time
     return model.to(dtype)
+
+
+def _random_spec_policy(spec: str, device: torch.device, dtype: torch.dtype, **policy_options: Any) -> HFPolicy:
+    """``random:<shape>[:<seed>]``: a random-weight model of a :data:`MODEL_SHAPES` shape with the
+    embedded SmolLM2 tokenizer (its vocabulary replaces the shape's), for memory/time runs of
+    real model sizes without any download."""
+    parts = spec[len(RANDOM_PREFIX):].split(":")
+    shape, seed = parts[0].lower(), parts[1] if len(parts) > 1 else "0"
+    if shape not in MODEL_SHAPES or not seed.isdigit() or len(parts) > 2:
+        raise OpdlensError(f"bad random model spec {spec!r}: use 'random:<shape>[:<seed>]' with a shape in {sorted(MODEL_SHAPES)}")
+    tok = load_tokenizer(SMOLLM2)
+    fields = dict(MODEL_SHAPES[shape], vocab_size=len(tok), eos_token_id=tok.eos_token_id,
+                  bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    return random_policy(fields, seed=int(seed), device=device, dtype=dtype, tokenizer=tok, **policy_options)
 
 
 def build_config(shape: str | Mapping[str, Any], **overrides: Any) -> Any:

@@ -5,12 +5,20 @@ Per question:
 1. *initial rollouts*: ``rollouts_per_question`` student samples of the prompt, graded;
 2. *representative paths*: ``n_correct_paths`` correct and ``n_incorrect_paths`` incorrect
    rollouts (as available), drawn with the run seed;
-3. *solutions* for self-distillation contexts (a correct and a wrong rollout that are not
-   representative paths when possible; their summaries written by the summariser model);
-4. *targeted rollouts* per path (:mod:`opdlens.targeting`), prioritised with every targeting
-   teacher's log-probs, stored chunk by chunk;
-5. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
+3. *solutions* for self-distillation contexts: a correct and a wrong rollout that are never
+   representative paths, their summaries (summariser model, thinking stripped), a correct
+   solution by another model; what cannot be built is a recorded skip (``skips.parquet``);
+4. *candidate priorities*: every targeting teacher scores the student's and its own top tokens
+   along each path (``priorities/<teacher>/<question>``);
+5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities;
+6. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
    per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
+
+The model schedule (``schedule``): ``"sequential"`` runs each step for all questions before the
+next, so every model other than the student is loaded once, used for all questions and freed
+(the tree is teacher-independent): a student and eight teachers up to 32B fit one 80 GB GPU.
+``"resident"`` keeps every model loaded and runs question by question (what the Ray workers do).
+Both give identical results.
 
 Everything is written through :class:`opdlens.store.RunStore` as it finishes; rerunning a run
 directory resumes where it stopped and gives the same results as an uninterrupted run.
@@ -20,6 +28,7 @@ oracle policy runs through exactly the same code as a Hugging Face model.
 
 from __future__ import annotations
 
+import json
 import logging
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
@@ -33,9 +42,10 @@ from tqdm.auto import tqdm
 from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.signals import SignalConfig, path_signals
 from opdlens.store import RunStore, derive_seed, safe_name
+from opdlens.tasks.answers import strip_thinking
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
-from opdlens.targeting import Target, TargetingConfig, select_targets
-from opdlens.teachers import SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
+from opdlens.targeting import Candidates, Target, TargetingConfig, candidate_priorities, select_from_candidates
+from opdlens.teachers import NEEDS, SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
 from opdlens.tree import RolloutSet, path_stats
 
 Messages = list[dict[str, str]]
@@ -72,14 +82,64 @@ class QuestionEnv:
     grade_reason: Callable[[Sequence[int]], str] | None = None
 
 
-@dataclass
-class Teacher:
-    """A teacher configuration bound to a model; ``encode`` turns context messages into ids
-    (None: the teacher sees the student's prompt ids, e.g. the synthetic oracle)."""
+class ModelSlot:
+    """A model that the schedule loads on first use and frees after its phase.
 
-    spec: TeacherSpec
-    policy: Policy
-    encode: Callable[[Messages], list[int]] | None = None
+    ``ModelSlot(load)`` calls ``load()`` on the first :meth:`get` and ``release(policy)`` on
+    :meth:`release` (a later :meth:`get` loads it again); :meth:`fixed` wraps a policy that
+    stays loaded (the student, test policies), whose :meth:`release` does nothing.
+    """
+
+    def __init__(
+        self,
+        load: Callable[[], Policy],
+        release: Callable[[Policy], None] | None = None,
+        name: str = "",
+        max_context: int | None = None,
+    ) -> None:
+        self._load, self._release, self.name = load, release, name
+        self.max_context = max_context  # the model's input limit, known without loading it
+        self._policy: Policy | None = None
+        self.loads = 0  # how often the model was loaded (the schedule's tests count it)
+
+    @classmethod
+    def fixed(cls, policy: Policy) -> ModelSlot:
+        slot = cls(lambda: policy, None, getattr(policy, "name", ""), policy_max_context(policy))
+        slot._policy = policy
+        return slot
+
+    @property
+    def loaded(self) -> bool:
+        return self._policy is not None
+
+    def get(self) -> Policy:
+        if self._policy is None:
+            log.info("loading %s", self.name)
+            self._policy = self._load()
+            self.loads += 1
+        return self._policy
+
+    def release(self) -> None:
+        if self._release is not None and self._policy is not None:
+            log.info("freeing %s", self.name)
+            policy, self._policy = self._policy, None
+            self._release(policy)
+
+
+class Teacher:
+    """A teacher configuration bound to a model (a :class:`Policy`, or a :class:`ModelSlot` the
+    schedule loads when needed); ``encode`` turns context messages into ids with the teacher's
+    tokenizer, no model needed (None: the teacher sees the student's prompt ids, e.g. the
+    synthetic oracle)."""
+
+    def __init__(self, spec: TeacherSpec, policy: Policy | ModelSlot, encode: Callable[[Messages], list[int]] | None = None) -> None:
+        self.spec = spec
+        self.slot = policy if isinstance(policy, ModelSlot) else ModelSlot.fixed(policy)
+        self.encode = encode
+
+    @property
+    def policy(self) -> Policy:
+        return self.slot.get()
 
 
 @dataclass
@@ -94,11 +154,26 @@ class PhaseOptions:
     targeting: TargetingConfig = field(default_factory=TargetingConfig)
     signals: SignalConfig = field(default_factory=SignalConfig)
     targeting_teachers: list[str] | None = None  # names; None = all teachers
-    summarizer: Policy | None = None  # default: the student
+    summarizer: Policy | ModelSlot | None = None  # default: the student
     summarizer_encode: Callable[[Messages], list[int]] | None = None
     summarizer_decode: Callable[[Sequence[int]], str] | None = None
-    solution_writer: Callable[[QuestionEnv], str | None] | None = None  # for 1c-ext contexts
+    summary_max_new_tokens: int = 256
+    #: for 1c-ext contexts: (question) -> (solution or None, reason when None)
+    solution_writer: Callable[[QuestionEnv], tuple[str | None, str]] | None = None
+    solution_slot: ModelSlot | None = None  # the solution writer's model, freed after its phase
     max_context: int | None = None  # student's input limit; None = policy_max_context(student)
+    count_forced_at_ancestors: bool = False  # the paper's tree accounting (tree.path_stats)
+    fallback_reference_solution: bool = False  # show the data's reference when no correct rollout
+    schedule: str = "sequential"  # or "resident" (see the module docstring)
+
+
+#: Columns of ``skips.parquet``: ``teacher`` "" = the whole question; ``action`` "skipped" (the
+#: question or the (question, teacher) pair was left out) or "fallback" (it ran on a substitute).
+SKIP_COLUMNS = ["question_id", "teacher", "action", "reason"]
+
+
+def skip_row(question: str, teacher: str, reason: str, action: str = "skipped") -> dict[str, str]:
+    return {"question_id": question, "teacher": teacher, "action": action, "reason": reason}
 
 
 @dataclass
@@ -130,9 +205,12 @@ class Diagnosis:
         if len(set(names)) != len(names):
             raise OpdlensError(f"teacher names must be unique, got {names}")
         for t in teachers:
-            check_same_vocab(student, t.policy)
+            if t.slot.loaded:  # scheduled models are checked when build_diagnosis loads them
+                check_same_vocab(student, t.policy)
         self.store, self.student, self.teachers = store, student, list(teachers)
         self.opt = options or PhaseOptions()
+        if self.opt.schedule not in ("sequential", "resident"):
+            raise OpdlensError(f"schedule must be 'sequential' or 'resident', got {self.opt.schedule!r}")
         self.progress = progress
         self.skips: list[dict[str, str]] = []
         self.oom_retries = 0  # sampling calls split in halves after running out of GPU memory
@@ -148,6 +226,15 @@ class Diagnosis:
             f"prompt of {len(env.prompt_ids)} tokens + max_new_tokens {self.opt.max_new_tokens} = {need} "
             f"exceeds the student's context of {limit} tokens"
         )
+
+    @property
+    def driving(self) -> list[Teacher]:
+        """The teachers whose priorities choose the targeted rollouts."""
+        names = self.opt.targeting_teachers
+        return [t for t in self.teachers if names is None or t.spec.name in names]
+
+    def _path_stats(self, path: Sequence[int], rollouts: RolloutSet):  # type: ignore[no-untyped-def]
+        return path_stats(path, rollouts, count_forced_at_ancestors=self.opt.count_forced_at_ancestors)
 
     # ------------------------------------------------------------------ helpers
     def _sample_graded(
@@ -248,55 +335,110 @@ class Diagnosis:
         self.store.write_table(rel, df)
         return df
 
+    def external(self, env: QuestionEnv) -> tuple[str | None, str]:
+        """The question's correct solution by another model (or supplied with the data) for
+        1c-ext contexts, and why there is none; stored (``external/<question>``)."""
+        if env.external_solution is not None:
+            return env.external_solution, ""
+        if self.opt.solution_writer is None:
+            return None, "no external solution (set solution_model or supply meta['solution'])"
+        rel = self.store.question_file("external", env.id)
+        if not self.store.has(rel):
+            text, reason = self.opt.solution_writer(env)
+            self.store.write_table(rel, pd.DataFrame([{"text": text, "reason": reason}]))
+        row = self.store.read_table(rel).iloc[0]
+        return (None if pd.isna(row["text"]) else str(row["text"])), str(row["reason"])
+
     def solutions(self, env: QuestionEnv, initial: RolloutSet, paths: pd.DataFrame) -> Solutions:
-        rel = f"solutions/{self.store.paths_file(env.id).split('/', 1)[1]}"
+        """The texts shown to self-distillation teachers (stored ``solutions/<question>``): a
+        correct and a wrong initial rollout that are not representative paths, their summaries
+        and the external solution; each missing text carries its reason."""
+        rel = self.store.question_file("solutions", env.id)
         if self.store.has(rel):
             row = self.store.read_table(rel).iloc[0].to_dict()
-            return Solutions(**{k: (None if pd.isna(v) else v) for k, v in row.items()})
-        on_path = {tuple(p) for p in paths["tokens"]}
-
-        def pick(want: bool) -> str | None:
+            reasons = json.loads(row.pop("reasons"))
+            return Solutions(**{k: (None if pd.isna(v) else v) for k, v in row.items()}, reasons=reasons)
+        on_path = {tuple(int(x) for x in p) for p in paths["tokens"]}
+        sol = Solutions()
+        for want, name in ((True, "correct"), (False, "wrong")):
             cands = [t for t, s in zip(initial.tokens, initial.success) if bool(s) == want and t.size]
             off = [t for t in cands if tuple(int(x) for x in t) not in on_path]
-            chosen = (off or cands)[:1]
-            return env.decode(chosen[0]) if chosen else None
-
-        sol = Solutions(correct=pick(True) or env.reference_solution, wrong=pick(False), external=env.external_solution)
+            if off:
+                setattr(sol, name, env.decode(off[0]))
+            else:
+                what = "correct" if want else "incorrect"
+                sol.reasons[name] = (
+                    f"every {what} rollout is a scored representative path (showing it would leak the answer)"
+                    if cands else f"no {what} rollout to show the teacher"
+                )
+        if sol.correct is None and self.opt.fallback_reference_solution and env.reference_solution:
+            sol.correct = env.reference_solution
+            sol.reasons["fallback"] = f"{sol.reasons.pop('correct')}: showing the reference solution instead"
         kinds = {t.spec.context for t in self.teachers}
-        if "1c-ext" in kinds and sol.external is None and self.opt.solution_writer is not None:
-            sol.external = self.opt.solution_writer(env)
-        if kinds & {"sum-1c", "sum-1c1w"}:
-            sol.correct_summary = self._summarize(env, sol.correct, "correct")
-            if "sum-1c1w" in kinds:
-                sol.wrong_summary = self._summarize(env, sol.wrong, "wrong")
-        self.store.write_table(rel, pd.DataFrame([sol.__dict__]))
+        if "1c-ext" in kinds:
+            sol.external, why = self.external(env)
+            if sol.external is None:
+                sol.reasons["external"] = why
+        wanted = {"correct": bool(kinds & {"sum-1c", "sum-1c1w"}), "wrong": "sum-1c1w" in kinds}
+        for which in ("correct", "wrong"):
+            if wanted[which]:
+                summary, why = self._summarize(env, getattr(sol, which), which)
+                setattr(sol, f"{which}_summary", summary)
+                if summary is None:
+                    sol.reasons[f"{which}_summary"] = why
+        row = {k: v for k, v in sol.__dict__.items() if k != "reasons"}
+        self.store.write_table(rel, pd.DataFrame([{**row, "reasons": json.dumps(sol.reasons)}]))
         return sol
 
-    def _summarize(self, env: QuestionEnv, text: str | None, which: str) -> str | None:
+    def _summarize(self, env: QuestionEnv, text: str | None, which: str) -> tuple[str | None, str]:
+        """A short summary of ``text`` by the summariser (its thinking part stripped), or None
+        and why."""
         if text is None:
-            return None
-        model = self.opt.summarizer or self.student
+            return None, f"no {which} solution to summarise"
+        slot = self.opt.summarizer
+        model = self.student if slot is None else slot.get() if isinstance(slot, ModelSlot) else slot
         encode = self.opt.summarizer_encode
         decode = self.opt.summarizer_decode or env.decode
         if encode is None:
-            return text  # no tokenizer (synthetic): the "summary" is the solution itself
+            return None, "the summariser has no tokenizer (no text to summarise)"
+        budget = self.opt.summary_max_new_tokens
         ids = encode([{"role": "user", "content": SUMMARY_PROMPT.format(solution=text)}])
-        comp = model.sample([ids], 1, 96, seed=derive_seed(self.opt.seed, env.id, "summary", which), temperature=0.3)
+        comp = model.sample([ids], 1, budget, seed=derive_seed(self.opt.seed, env.id, "summary", which), temperature=0.3)
         eos = model.eos_token_ids
         toks = [t for t in comp[0][0].tokens if t not in eos]
-        return decode(toks).strip() or text
+        answer = strip_thinking(decode(toks))
+        if answer is None:
+            return None, f"the summariser was still thinking after summary_max_new_tokens={budget}"
+        if not answer.strip():
+            return None, "the summariser wrote an empty summary"
+        return answer.strip(), ""
 
-    def targeted(self, env: QuestionEnv, paths: pd.DataFrame, contexts: dict[str, list[int]]) -> int:
-        """Enrich every path; returns the number of targeted rollouts stored for the question."""
-        driving = [
-            t
-            for t in self.teachers
-            if t.spec.name in contexts
-            and (self.opt.targeting_teachers is None or t.spec.name in self.opt.targeting_teachers)
-        ]
-        if not driving:
+    def priorities(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> pd.DataFrame | None:
+        """The candidate (node, token) priorities ``teacher`` gives along every path (stored
+        ``priorities/<teacher>/<question>``); None when it has no context for the question."""
+        if teacher.spec.name not in prep.contexts:
+            return None
+        rel = self.store.priorities_file(teacher.spec.name, env.id)
+        if not self.store.has(rel):
+            frames = []
+            for row in prep.paths.itertuples():
+                path = [int(x) for x in row.tokens]
+                lps = self.student.continuation_logprobs(env.prompt_ids, path)
+                lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
+                c = candidate_priorities(lps, lpt, self.opt.targeting.candidates_per_node)
+                frames.append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node, "token": c.token,
+                                            "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
+            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+        return self.store.read_table(rel)
+
+    def targeted(self, env: QuestionEnv, prep: Prepared) -> int:
+        """Enrich every path from the stored priorities of the driving teachers; returns the
+        number of targeted rollouts stored for the question."""
+        tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
+        if not tables:
             return 0
-        for row in paths.itertuples():
+        pri = pd.concat(tables, ignore_index=True)
+        for row in prep.paths.itertuples():
             pid = int(row.path_id)
             path = [int(x) for x in row.tokens]
             done_prefix = f"targeted-p{pid:02d}"
@@ -305,10 +447,10 @@ class Diagnosis:
                 extra = self.store.read_rollouts(env.id, f"targeted-p{j:02d}", missing_ok=True)
                 if extra is not None:
                     before = before.extend(extra)
-            stats = path_stats(path, before)
-            lps = self.student.continuation_logprobs(env.prompt_ids, path)
-            lpts = [t.policy.continuation_logprobs(contexts[t.spec.name], path) for t in driving]
-            targets = select_targets(path, stats, lps, lpts, self.opt.targeting)
+            stats = self._path_stats(path, before)
+            mine = pri[pri["path_id"] == pid]
+            cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
+            targets = select_from_candidates(path, stats, cands, self.opt.targeting)
             for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
                 name = f"{done_prefix}-{ci:04d}"
                 if self.store.has_chunk(env.id, name):
@@ -333,47 +475,29 @@ class Diagnosis:
         return 0 if targeted is None else len(targeted)
 
     # ------------------------------------------------------------------ phase 2
-    def score(
-        self,
-        env: QuestionEnv,
-        paths: pd.DataFrame,
-        contexts: dict[str, list[int]],
-        success_rate: float,
-        teachers: Collection[str] | None = None,
-    ) -> None:
-        """Score every path under each teacher (``teachers``: a subset of names; None = all)
-        whose ``nodes/<teacher>/<question>`` table is not stored yet."""
+    def score(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> None:
+        """Score every path of the question under ``teacher`` unless its
+        ``nodes/<teacher>/<question>`` table is stored (or it has no context there)."""
+        rel = self.store.nodes_file(teacher.spec.name, env.id)
+        if self.store.has(rel) or teacher.spec.name not in prep.contexts:
+            return
         rollouts = self.store.read_rollouts(env.id)
-        cache: dict[int, tuple[list[int], torch.Tensor, object]] = {}
-        for t in self.teachers:
-            rel = self.store.nodes_file(t.spec.name, env.id)
-            if self.store.has(rel) or t.spec.name not in contexts:
-                continue
-            if teachers is not None and t.spec.name not in teachers:
-                continue
-            frames = []
-            for row in paths.itertuples():
-                pid = int(row.path_id)
-                if pid not in cache:
-                    path = [int(x) for x in row.tokens]
-                    cache[pid] = (
-                        path,
-                        self.student.continuation_logprobs(env.prompt_ids, path),
-                        path_stats(path, rollouts),
-                    )
-                path, lps, stats = cache[pid]
-                lpt = t.policy.continuation_logprobs(contexts[t.spec.name], path)
-                sig = path_signals(stats, lps, lpt, self.opt.signals, baseline=success_rate)
-                df = pd.DataFrame(sig)
-                df.insert(0, "node", np.arange(len(path)))
-                df.insert(0, "teacher", t.spec.name)
-                df.insert(0, "path_correct", bool(row.correct))
-                df.insert(0, "path_id", pid)
-                df.insert(0, "question_id", env.id)
-                df["token_id"] = path
-                df["token_text"] = env.token_texts(path)
-                frames.append(df)
-            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+        frames = []
+        for row in prep.paths.itertuples():
+            path = [int(x) for x in row.tokens]
+            lps = self.student.continuation_logprobs(env.prompt_ids, path)
+            lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
+            sig = path_signals(self._path_stats(path, rollouts), lps, lpt, self.opt.signals, baseline=prep.initial.success_rate)
+            df = pd.DataFrame(sig)
+            df.insert(0, "node", np.arange(len(path)))
+            df.insert(0, "teacher", teacher.spec.name)
+            df.insert(0, "path_correct", bool(row.correct))
+            df.insert(0, "path_id", int(row.path_id))
+            df.insert(0, "question_id", env.id)
+            df["token_id"] = path
+            df["token_text"] = env.token_texts(path)
+            frames.append(df)
+        self.store.write_table(rel, pd.concat(frames, ignore_index=True))
 
     # ------------------------------------------------------------------ driver
     def prepare(self, env: QuestionEnv) -> Prepared:
@@ -384,40 +508,43 @@ class Diagnosis:
         sol = self.solutions(env, initial, paths)
         contexts: dict[str, list[int]] = {}
         skips: list[dict[str, str]] = []
+        longest = int(paths["length"].max())
         for t in self.teachers:
+            if "fallback" in sol.reasons and "correct" in NEEDS[t.spec.context]:
+                skips.append(skip_row(env.id, t.spec.name, sol.reasons["fallback"], "fallback"))
             ctx = self._teacher_context(t, env, sol)
             if ctx is None:
-                skips.append(
-                    {"question_id": env.id, "teacher": t.spec.name, "reason": missing_for(t.spec.context, sol) or ""}
-                )
+                skips.append(skip_row(env.id, t.spec.name, missing_for(t.spec.context, sol) or ""))
                 continue
-            limit = policy_max_context(t.policy)
-            longest = int(paths["length"].max())
+            limit = t.slot.max_context
             if limit is not None and len(ctx) + longest > limit:
-                skips.append({
-                    "question_id": env.id,
-                    "teacher": t.spec.name,
-                    "reason": f"teacher context of {len(ctx)} tokens + path of {longest} tokens exceeds "
+                skips.append(skip_row(
+                    env.id, t.spec.name,
+                    f"teacher context of {len(ctx)} tokens + path of {longest} tokens exceeds "
                     f"the teacher's context of {limit} tokens",
-                })
+                ))  # fmt: skip
                 continue
             contexts[t.spec.name] = ctx
         return Prepared(initial, paths, contexts, skips)
 
-    def phase1(self, env: QuestionEnv) -> tuple[Prepared, dict[str, object]]:
-        """Phase 1 of a question (tree + targeted enrichment); returns it and its summary row.
-        The question's skips are added to ``self.skips``."""
-        prep = self.prepare(env)
-        self.skips.extend(prep.skips)
-        n_targeted = self.targeted(env, prep.paths, prep.contexts)
-        summary: dict[str, object] = {
+    def summary(self, env: QuestionEnv, prep: Prepared) -> dict[str, object]:
+        """The question's row of ``questions.parquet``."""
+        targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
+        return {
             "question_id": env.id,
             "n_rollouts": len(prep.initial),
             "success_rate": prep.initial.success_rate,
-            "n_targeted": n_targeted,
+            "n_targeted": 0 if targeted is None else len(targeted),
             "n_no_answer": self._count_no_answer(env, prep.initial),
         }
-        return prep, summary
+
+    def phase1(self, env: QuestionEnv) -> tuple[Prepared, dict[str, object]]:
+        """Phase 1 of a question with every model resident (tree + targeted enrichment); returns
+        it and its summary row. The question's skips are added to ``self.skips``."""
+        prep = self.prepare(env)
+        self.skips.extend(prep.skips)
+        self.targeted(env, prep)
+        return prep, self.summary(env, prep)
 
     @staticmethod
     def _count_no_answer(env: QuestionEnv, rollouts: RolloutSet) -> int:
@@ -428,7 +555,9 @@ class Diagnosis:
 
     def phase2(self, env: QuestionEnv, prep: Prepared, teachers: Collection[str] | None = None) -> None:
         """Phase 2 of a question whose phase 1 is done: score ``teachers`` (names; None = all)."""
-        self.score(env, prep.paths, prep.contexts, prep.initial.success_rate, teachers)
+        for t in self.teachers:
+            if teachers is None or t.spec.name in teachers:
+                self.score(env, prep, t)
 
     def run_question(self, env: QuestionEnv) -> dict[str, object]:
         prep, summary = self.phase1(env)
@@ -439,15 +568,52 @@ class Diagnosis:
         envs = list(envs)
         if not envs:
             raise OpdlensError("no questions to diagnose: the task returned an empty question set")
-        rows = []
-        for env in tqdm(envs, desc="questions", unit="q", disable=not self.progress):
+        todo = []
+        for env in envs:
             reason = self.too_long(env)
             if reason is not None:
                 log.warning("skipping question %s: %s", env.id, reason)
-                self.skips.append({"question_id": env.id, "teacher": "", "reason": reason})
-                continue
-            rows.append(self.run_question(env))
+                self.skips.append(skip_row(env.id, "", reason))
+            else:
+                todo.append(env)
+        if self.opt.schedule == "resident":
+            rows = [self.run_question(env) for env in self._bar(todo, "questions")]
+        else:
+            rows = self._run_sequential(todo)
         return self.finish(rows, len(envs))
+
+    def _bar(self, items: Sequence[Any], desc: str) -> Iterable[Any]:
+        return tqdm(items, desc=desc, unit="q", disable=not self.progress)
+
+    def _run_sequential(self, envs: list[QuestionEnv]) -> list[dict[str, object]]:
+        """Each step for every question before the next, each model loaded once and freed after
+        its step (see the module docstring)."""
+        for env in self._bar(envs, "student rollouts"):
+            self.paths(env, self.initial(env))
+        writer, summ = self.opt.solution_slot, self.opt.summarizer
+        if any(t.spec.context == "1c-ext" for t in self.teachers):
+            for env in self._bar(envs, "external solutions"):
+                self.external(env)
+            if writer is not None and writer is not summ:
+                writer.release()
+        preps = {env.id: self.prepare(env) for env in self._bar(envs, "solutions and contexts")}
+        for slot in (writer, summ):
+            if isinstance(slot, ModelSlot):
+                slot.release()
+        for prep in preps.values():
+            self.skips.extend(prep.skips)
+        for t in self.driving:
+            for env in self._bar(envs, f"priorities ({t.spec.name})"):
+                self.priorities(env, preps[env.id], t)
+            if not any(o.slot is t.slot for o in self.teachers if o not in self.driving):
+                t.slot.release()
+        for env in self._bar(envs, "targeted rollouts"):
+            self.targeted(env, preps[env.id])
+        for t in self.teachers:
+            for env in self._bar(envs, f"scoring ({t.spec.name})"):
+                self.score(env, preps[env.id], t)
+            t.slot.release()
+        return [self.summary(env, preps[env.id]) for env in envs]
 
     def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
         """Write ``questions.parquet`` (one summary row per finished question) and
@@ -459,7 +625,7 @@ def write_run_tables(
     store: RunStore, rows: list[dict[str, object]], skips: list[dict[str, str]], n_questions: int
 ) -> pd.DataFrame:
     """Write ``skips.parquet`` and ``questions.parquet`` (raises when every question was skipped)."""
-    store.write_table("skips.parquet", pd.DataFrame(skips, columns=["question_id", "teacher", "reason"]))
+    store.write_table("skips.parquet", pd.DataFrame(skips, columns=SKIP_COLUMNS))
     if not rows:
         first = skips[0]["reason"] if skips else "?"
         raise OpdlensError(f"all {n_questions} questions were skipped (see {store.root / 'skips.parquet'}), e.g.: {first}")
@@ -500,8 +666,9 @@ def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFr
 
 
 # ---------------------------------------------------------------------- real models and tasks
-def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[QuestionEnv]:
-    """Question environments for a :class:`opdlens.tasks.Task` and an ``HFPolicy`` student."""
+def task_envs(task: Any, questions: Sequence[Any], student: Any, thinking: bool | None = None) -> list[QuestionEnv]:
+    """Question environments for a :class:`opdlens.tasks.Task` and an ``HFPolicy`` student
+    (``thinking``: the student's ``enable_thinking``)."""
     eos = student.eos_token_ids
 
     def text_of(tokens: Sequence[int]) -> str:
@@ -512,7 +679,7 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[Questio
         envs.append(
             QuestionEnv(
                 id=q.id,
-                prompt_ids=student.encode_chat([{"role": "user", "content": q.prompt}]),
+                prompt_ids=student.encode_chat([{"role": "user", "content": q.prompt}], thinking=thinking),
                 grade=lambda toks, q=q: task.check(text_of(toks), q),
                 grade_reason=lambda toks, q=q: task.grade(text_of(toks), q).reason,
                 question_text=q.prompt,
@@ -560,9 +727,11 @@ def vllm_engine(config: Any, student: Any) -> Any:
 
 
 def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, list[QuestionEnv]]:
-    """Load the task, questions and models of a :class:`opdlens.config.DiagnoseConfig`: the
-    :class:`Diagnosis` writing into ``config.out_dir`` and the question environments."""
-    from opdlens.models import check_tokenizers_compatible, load_policy
+    """Load the task, questions and student of a :class:`opdlens.config.DiagnoseConfig`: the
+    :class:`Diagnosis` writing into ``config.out_dir`` and the question environments. Teachers,
+    the summariser and the solution model are :class:`ModelSlot` objects the schedule loads when
+    needed (their tokenizers are checked against the student's now)."""
+    from opdlens.models import chat_encoder, check_tokenizer_vocab, load_policy
     from opdlens.tasks import get_task
 
     store = RunStore(config.out_dir)
@@ -571,16 +740,28 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     student = load_policy(config.student, device=config.device, dtype=config.dtype)
     if config.rollout_engine == "vllm":
         student.engine = vllm_engine(config, student)
+    slots: dict[str, ModelSlot] = {}
+
+    def slot(spec: str) -> ModelSlot:
+        if spec not in slots:
+            check_tokenizer_vocab(student, spec)
+            slots[spec] = _model_slot(spec, student, config)
+        return slots[spec]
+
     teachers = []
-    for spec in config.teachers:
-        policy = student if spec.model is None else load_policy(spec.model, device=config.device, dtype=config.dtype)
-        if policy is not student:
-            check_tokenizers_compatible(student, policy)
-        teachers.append(Teacher(spec, policy, policy.encode_chat))
-    summarizer = load_policy(config.summarizer, device=config.device, dtype=config.dtype) if config.summarizer else None
+    for t in config.teachers:
+        thinking = config.thinking if t.thinking is None else t.thinking
+        if t.model is None:
+            teachers.append(Teacher(t, student, lambda m, th=thinking: student.encode_chat(m, thinking=th)))
+        else:
+            teachers.append(Teacher(t, slot(t.model), chat_encoder(t.model, thinking)))
+    summ = slot(config.summarizer) if config.summarizer else None
+    summ_encode = chat_encoder(config.summarizer, config.summarizer_thinking) if config.summarizer else (
+        lambda m: student.encode_chat(m, thinking=config.summarizer_thinking))
+    max_new = config.max_new_tokens or task.max_new_tokens
     opts = PhaseOptions(
         rollouts_per_question=config.rollouts_per_question,
-        max_new_tokens=config.max_new_tokens or task.max_new_tokens,
+        max_new_tokens=max_new,
         temperature=config.temperature,
         n_correct_paths=config.n_correct_paths,
         n_incorrect_paths=config.n_incorrect_paths,
@@ -589,29 +770,54 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
         targeting=config.targeting,
         signals=config.signals,
         targeting_teachers=config.targeting_teachers,
-        summarizer=summarizer,
-        summarizer_encode=(summarizer or student).encode_chat,
-        summarizer_decode=(summarizer or student).decode,
+        summarizer=summ,
+        summarizer_encode=summ_encode,
+        summarizer_decode=(lambda toks: summ.get().decode(toks)) if summ is not None else student.decode,
+        summary_max_new_tokens=config.summary_max_new_tokens,
+        count_forced_at_ancestors=config.tree_accounting == "all-ancestors",
+        fallback_reference_solution=config.fallback_reference_solution,
+        schedule=config.schedule,
     )
     if config.solution_model:
+        opts.solution_slot = slot(config.solution_model)
         opts.solution_writer = _solution_writer(
-            load_policy(config.solution_model, device=config.device, dtype=config.dtype), task, questions, config.seed
+            opts.solution_slot, chat_encoder(config.solution_model, config.solution_thinking), task, questions,
+            config.seed, max_new,
         )
-    return Diagnosis(store, student, teachers, opts, progress=progress), task_envs(task, questions, student)
+    diag = Diagnosis(store, student, teachers, opts, progress=progress)
+    return diag, task_envs(task, questions, student, config.thinking)
 
 
-def _solution_writer(model: Any, task: Any, questions: Sequence[Any], seed: int, tries: int = 8):  # type: ignore[no-untyped-def]
-    """A function writing one correct solution per question with another (bigger) model."""
+def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
+    """A scheduled model: loaded with the run's device and dtype, checked against the student's
+    vocabulary once loaded, and freed with :func:`opdlens.models.release_policy`."""
+    from opdlens.models import check_tokenizers_compatible, load_policy, release_policy, spec_max_context
+
+    def load() -> Policy:
+        policy = load_policy(spec, device=config.device, dtype=config.dtype)
+        check_tokenizers_compatible(student, policy)
+        return policy
+
+    return ModelSlot(load, release_policy, spec, spec_max_context(spec))
+
+
+def _solution_writer(  # type: ignore[no-untyped-def]
+    slot: ModelSlot, encode: Callable[[Messages], list[int]], task: Any, questions: Sequence[Any], seed: int,
+    max_new_tokens: int, tries: int = 8,
+):
+    """A function writing one correct solution per question with another (bigger) model, with
+    the run's generation budget; (None, reason) when none of ``tries`` samples is correct."""
     by_id = {q.id: q for q in questions}
 
-    def write(env: QuestionEnv) -> str | None:
+    def write(env: QuestionEnv) -> tuple[str | None, str]:
         q = by_id[env.id]
-        ids = model.encode_chat([{"role": "user", "content": q.prompt}])
-        comps = model.sample([ids], tries, task.max_new_tokens, seed=derive_seed(seed, env.id, "external"), temperature=0.7)
+        model = slot.get()
+        ids = encode([{"role": "user", "content": q.prompt}])
+        comps = model.sample([ids], tries, max_new_tokens, seed=derive_seed(seed, env.id, "external"), temperature=0.7)
         for c in comps[0]:
             text = model.decode([t for t in c.tokens if t not in model.eos_token_ids])
             if task.check(text, q):
-                return text
-        return None
+                return text, ""
+        return None, f"the solution model wrote no correct solution in {tries} tries of <= {max_new_tokens} tokens"
 
     return write

@@ -125,6 +125,12 @@ class RunStore:
     def nodes_file(self, teacher: str, question: str) -> str:
         return f"nodes/{safe_name(teacher)}/{safe_name(question)}.parquet"
 
+    def priorities_file(self, teacher: str, question: str) -> str:
+        return f"priorities/{safe_name(teacher)}/{safe_name(question)}.parquet"
+
+    def question_file(self, folder: str, question: str) -> str:
+        return f"{folder}/{safe_name(question)}.parquet"
+
     def read_all(self, folder: str) -> pd.DataFrame:
         """Concatenate every Parquet file below ``folder`` (empty frame if none)."""
         files = sorted((self.root / folder).rglob("*.parquet"))

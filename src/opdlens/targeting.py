@@ -10,8 +10,10 @@ student completions of ``prompt + path[:u] + [k]``. The cost is windows × budge
 independent of sequence length. With several teachers the priority of a target is its maximum
 over the teachers, so one enriched tree serves all of them.
 
-Candidate tokens at a node are the union of the student's and the teacher's top
-``candidates_per_node`` tokens. The path's own token at a chosen node is enriched too
+Candidate tokens at a node are the union, over teachers, of the student's and that teacher's top
+``candidates_per_node`` tokens, each scored by the teachers that propose it (the maximum):
+a teacher's candidates depend on it alone, so each teacher can be loaded, scored and freed in
+turn (the model schedule) and give the same targets as with every model resident. The path's own token at a chosen node is enriched too
 (``include_path_token``), so the node gets the ≥ 2 well-visited children the alignment needs.
 """
 
@@ -20,6 +22,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from opdlens.tree import PathStats
@@ -65,42 +68,66 @@ def priorities(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> tuple[
     return (p * (ell - lbar)).abs(), (p - lpt.exp()).abs()
 
 
-def select_targets(
-    path: Sequence[int],
-    stats: PathStats,
-    logp_student: torch.Tensor,
-    logp_teachers: Sequence[torch.Tensor],
-    config: TargetingConfig | None = None,
-) -> list[Target]:
-    """The (node, token) targets of one path, in window order, with the rollouts each needs."""
-    cfg = config or TargetingConfig()
-    if not logp_teachers:
-        raise ValueError("select_targets needs at least one teacher's log-probs")
-    big_l = len(path)
-    pr = [priorities(logp_student, lt) for lt in logp_teachers]
-    gkd = torch.stack([g for g, _ in pr]).amax(0)
-    gap = torch.stack([d for _, d in pr]).amax(0)
-    c = min(cfg.candidates_per_node, logp_student.shape[1])
-    cand = torch.cat(
-        [logp_student.topk(c, dim=-1).indices] + [lt.topk(c, dim=-1).indices for lt in logp_teachers], dim=-1
-    )  # [L, C'] (duplicates are harmless: selection dedupes)
-    cand_gkd = gkd.gather(1, cand)
-    cand_gap = gap.gather(1, cand)
+@dataclass(frozen=True)
+class Candidates:
+    """Scored (node, token) candidates of one path: flat arrays of equal length."""
 
+    node: np.ndarray  # int64
+    token: np.ndarray  # int64
+    gkd: np.ndarray  # float64, |g_KD|
+    gap: np.ndarray  # float64, |P_θ − P_te|
+
+    @classmethod
+    def merge(cls, parts: Sequence[Candidates]) -> Candidates:
+        """One candidate set over several teachers: the union, each score its maximum."""
+        if not parts:
+            raise ValueError("merge needs at least one candidate set")
+        node = np.concatenate([c.node for c in parts])
+        token = np.concatenate([c.token for c in parts])
+        keys, inv = np.unique(np.stack([node, token], 1), axis=0, return_inverse=True)
+        inv = inv.reshape(-1)
+        out = {}
+        for name in ("gkd", "gap"):
+            v = np.full(len(keys), -np.inf)
+            np.maximum.at(v, inv, np.concatenate([getattr(c, name) for c in parts]))
+            out[name] = v
+        return cls(keys[:, 0].astype(np.int64), keys[:, 1].astype(np.int64), out["gkd"], out["gap"])
+
+
+def candidate_priorities(logp_student: torch.Tensor, logp_teacher: torch.Tensor, n_candidates: int) -> Candidates:
+    """The candidates one teacher proposes along a path (``[L, V]`` log-probs): at each node the
+    union of the student's and this teacher's top ``n_candidates`` tokens, with their ``|g_KD|``
+    and ``|P_θ − P_te|`` under this teacher. Several teachers are combined with
+    :meth:`Candidates.merge`, so each teacher can be scored while it is loaded and then freed."""
+    gkd, gap = priorities(logp_student, logp_teacher)
+    c = min(n_candidates, logp_student.shape[1])
+    cand = torch.cat([logp_student.topk(c, dim=-1).indices, logp_teacher.topk(c, dim=-1).indices], dim=-1)
+    nodes = torch.arange(cand.shape[0]).unsqueeze(1).expand_as(cand)
+    keys = np.unique(np.stack([nodes.reshape(-1).numpy(), cand.reshape(-1).numpy()], 1), axis=0)
+    n_t, k_t = torch.from_numpy(keys[:, 0]), torch.from_numpy(keys[:, 1])
+    return Candidates(keys[:, 0].astype(np.int64), keys[:, 1].astype(np.int64),
+                      gkd[n_t, k_t].numpy(), gap[n_t, k_t].numpy())  # fmt: skip
+
+
+def select_from_candidates(
+    path: Sequence[int], stats: PathStats, cands: Candidates, config: TargetingConfig | None = None
+) -> list[Target]:
+    """The (node, token) targets of one path, in window order, with the rollouts each needs.
+    In each depth window the ``per_window_gkd`` largest ``|g_KD|`` above ``tau_gkd`` are taken,
+    then the ``per_window_gap`` largest gaps above ``tau_gap`` (ties: lower node, then token)."""
+    cfg = config or TargetingConfig()
     chosen: dict[tuple[int, int], None] = {}
-    for start, end in depth_windows(big_l, cfg.first_window, cfg.growth):
-        toks = cand[start:end].reshape(-1)
-        nodes = torch.arange(start, end).repeat_interleave(cand.shape[1])
+    for start, end in depth_windows(len(path), cfg.first_window, cfg.growth):
+        inw = np.flatnonzero((cands.node >= start) & (cands.node < end))
         for score, budget, tau in (
-            (cand_gkd[start:end].reshape(-1), cfg.per_window_gkd, cfg.tau_gkd),
-            (cand_gap[start:end].reshape(-1), cfg.per_window_gap, cfg.tau_gap),
+            (cands.gkd[inw], cfg.per_window_gkd, cfg.tau_gkd),
+            (cands.gap[inw], cfg.per_window_gap, cfg.tau_gap),
         ):
-            order = torch.argsort(score, descending=True, stable=True)
             taken = 0
-            for i in order.tolist():
-                if taken >= budget or score[i] <= tau:
+            for j in np.lexsort((cands.token[inw], cands.node[inw], -score)):
+                if taken >= budget or score[j] <= tau:
                     break
-                key = (int(nodes[i]), int(toks[i]))
+                key = (int(cands.node[inw[j]]), int(cands.token[inw[j]]))
                 if key in chosen:
                     continue
                 chosen[key] = None
@@ -124,3 +151,18 @@ def select_targets(
             total += take
         targets = capped
     return targets
+
+
+def select_targets(
+    path: Sequence[int],
+    stats: PathStats,
+    logp_student: torch.Tensor,
+    logp_teachers: Sequence[torch.Tensor],
+    config: TargetingConfig | None = None,
+) -> list[Target]:
+    """:func:`select_from_candidates` over the merged candidates of every teacher's log-probs."""
+    cfg = config or TargetingConfig()
+    if not logp_teachers:
+        raise ValueError("select_targets needs at least one teacher's log-probs")
+    parts = [candidate_priorities(logp_student, lt, cfg.candidates_per_node) for lt in logp_teachers]
+    return select_from_candidates(path, stats, Candidates.merge(parts), cfg)

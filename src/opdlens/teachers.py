@@ -16,22 +16,23 @@ Contexts (PAPERS.md, part A), named as in the paper:
                    with the data (``question.meta["solution"]``)
 =================  ============================================================================
 
-Solutions come from the question's own initial rollouts (never one of the representative
-paths being scored, when another exists). When no rollout is correct, the correct solution is
-the one supplied with the data (``meta["solution"]``) or, failing that, "The answer is X."
+Solutions come from the question's own initial rollouts and are never one of the
+representative paths being scored (that would show the teacher the very answer it scores).
+A context that cannot be built (no such rollout, an unfinished summary, no correct solution by
+the solution model) is a recorded skip of that (question, teacher) in ``skips.parquet``, never a
+silent substitute. The one substitute, the data's reference solution (or "The answer is X.")
+when the student has no usable correct rollout, is used only with
+``fallback_reference_solution: true`` and is recorded there too (``action = "fallback"``).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Literal
 
 from pydantic import BaseModel, Field
 
 ContextKind = Literal["plain", "1c", "sum-1c", "1c1w", "sum-1c1w", "1c-ext"]
-NEEDS_CORRECT = {"1c", "sum-1c", "1c1w", "sum-1c1w"}
-NEEDS_WRONG = {"1c1w", "sum-1c1w"}
-NEEDS_SUMMARY = {"sum-1c", "sum-1c1w"}
 
 
 class TeacherSpec(BaseModel):
@@ -40,6 +41,9 @@ class TeacherSpec(BaseModel):
     name: str = Field(description="label used in tables and plots, e.g. 'Self-1C'")
     model: str | None = Field(None, description="model spec; None = the student (self-distillation)")
     context: ContextKind = "plain"
+    thinking: bool | None = Field(
+        None, description="enable_thinking for this teacher's chat template; None = the run's `thinking`"
+    )
 
     @property
     def is_self(self) -> bool:
@@ -60,23 +64,40 @@ SUMMARY_PROMPT = (
 
 @dataclass
 class Solutions:
-    """Reference texts available to build self-distillation contexts for one question."""
+    """Reference texts available to build self-distillation contexts for one question, and why
+    each missing one is missing (``reasons``, by field name)."""
 
     correct: str | None = None
     wrong: str | None = None
     correct_summary: str | None = None
     wrong_summary: str | None = None
     external: str | None = None
+    reasons: dict[str, str] = field(default_factory=dict)
+
+
+#: The solution texts each context needs, in the order they are checked.
+NEEDS: dict[str, tuple[str, ...]] = {
+    "plain": (),
+    "1c": ("correct",),
+    "sum-1c": ("correct", "correct_summary"),
+    "1c1w": ("correct", "wrong"),
+    "sum-1c1w": ("correct", "wrong", "correct_summary", "wrong_summary"),
+    "1c-ext": ("external",),
+}
+_DEFAULT_REASON = {
+    "correct": "no correct rollout to show the teacher",
+    "wrong": "no incorrect rollout to show the teacher",
+    "correct_summary": "no summary of the correct solution",
+    "wrong_summary": "no summary of the wrong solution",
+    "external": "no external solution (set solution_model or supply meta['solution'])",
+}
 
 
 def missing_for(kind: ContextKind, sol: Solutions) -> str | None:
     """Why a context cannot be built for this question (None if it can)."""
-    if kind in NEEDS_CORRECT and sol.correct is None:
-        return "no correct rollout to show the teacher"
-    if kind in NEEDS_WRONG and sol.wrong is None:
-        return "no incorrect rollout to show the teacher"
-    if kind == "1c-ext" and sol.external is None:
-        return "no external solution (set solution_model or supply meta['solution'])"
+    for name in NEEDS[kind]:
+        if getattr(sol, name) is None:
+            return sol.reasons.get(name, _DEFAULT_REASON[name])
     return None
 
 
@@ -87,14 +108,14 @@ def context_messages(kind: ContextKind, question_prompt: str, sol: Solutions) ->
     if kind == "plain":
         body = question_prompt
     elif kind in ("1c", "sum-1c", "1c-ext"):
-        ref = {"1c": sol.correct, "sum-1c": sol.correct_summary or sol.correct, "1c-ext": sol.external}[kind]
+        ref = {"1c": sol.correct, "sum-1c": sol.correct_summary, "1c-ext": sol.external}[kind]
         body = (
             f"{question_prompt}\n\nHere is a correct solution for reference:\n{ref}\n\n"
             "Now write your own solution."
         )
     else:
-        good = sol.correct_summary or sol.correct if kind == "sum-1c1w" else sol.correct
-        bad = sol.wrong_summary or sol.wrong if kind == "sum-1c1w" else sol.wrong
+        good = sol.correct_summary if kind == "sum-1c1w" else sol.correct
+        bad = sol.wrong_summary if kind == "sum-1c1w" else sol.wrong
         body = (
             f"{question_prompt}\n\nHere is a correct solution:\n{good}\n\n"
             f"Here is an incorrect solution:\n{bad}\n\nNow write your own solution."

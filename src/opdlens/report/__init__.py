@@ -76,6 +76,8 @@ def write_report(
     max_questions: int = 20,
     max_tokens: int = 2000,
     title: str = "opdlens report",
+    unit: Literal["path", "question"] = "path",
+    choices: dict[str, object] | None = None,
 ) -> Path:
     """Write the full report of one run into ``out_dir`` and return the path of ``index.html``.
 
@@ -83,7 +85,10 @@ def write_report(
     per-path tables. ``extra`` is an optional list of ``(title, png path)`` (e.g. training
     curves) copied to ``figures/`` and embedded in the HTML and listed in ``summary.md``.
     ``metric`` picks the alignment column; ``confidence``, ``ci``, ``n_boot``, ``seed`` and
-    ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`. The token view of the HTML
+    ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`, ``unit`` (path or question)
+    is the statistical unit of its CIs and tests; ``choices`` (the run config's
+    :meth:`~opdlens.config.DiagnoseConfig.choices`) is listed so a reader knows which reading of
+    the paper the run used. The token view of the HTML
     shows at most ``max_questions`` questions and ``max_tokens`` tokens per path; each
     shown token costs about 300 bytes of HTML per teacher, so the page size is roughly
     ``300 B x teachers x shown tokens``.
@@ -97,7 +102,7 @@ def write_report(
             raise OpdlensError(f"extra figure {t!r}: file {p} does not exist")
 
     an: Analysis = analyze(
-        nodes, metric, confidence=confidence, ci=ci, n_boot=n_boot, seed=seed, alpha=alpha
+        nodes, metric, confidence=confidence, ci=ci, n_boot=n_boot, seed=seed, alpha=alpha, unit=unit
     )
     out = Path(out_dir)
     fig_dir = out / "figures"
@@ -147,6 +152,11 @@ def write_report(
     md = [f"# {title}", ""]
     md += [f"- {line}" for line in overview]
     md.append("")
+    if choices:
+        md += ["## Choices of this run", "", "Where opdlens and the paper differ (docs/PROTOCOL.md says why):", ""]
+        md += [f"- {k}: `{v}`" for k, v in choices.items()]
+        md.append("")
+        overview = [*overview, "choices: " + "; ".join(f"{k} = {v}" for k, v in choices.items())]
     md += [render_markdown_table(t) for t in tables]
     md += ["## Figures", ""]
     for t, caption, p in figs:
