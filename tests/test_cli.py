@@ -35,7 +35,12 @@ def test_report_command_embeds_training_curve(tmp_path):
 def test_report_command_errors_are_readable(tmp_path):
     res = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert res.exit_code == 2
+    assert "does not exist" in res.output and "opdlens diagnose" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert res.exit_code == 2
     assert "no per-node results" in res.output and "opdlens diagnose" in res.output
+    assert not (tmp_path / "nothing").exists()  # a report never creates a run directory
     diag, envs = _setup(tmp_path / "run")
     diag.run(envs)
     res = runner.invoke(app, ["report", str(tmp_path / "run"), "--train", str(tmp_path)])

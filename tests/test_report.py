@@ -136,7 +136,7 @@ def test_all_files_written(report: Path) -> None:
 
 def test_csvs_match_analysis(report: Path, data) -> None:  # type: ignore[no-untyped-def]
     nodes = data[0]
-    an = A.analyze(nodes)
+    an = A.analyze(nodes, ci="bootstrap")  # the report's default: bounded CIs
     pairs = {
         "per_teacher.csv": an.teachers.table,
         "pairwise.csv": an.teachers.pairwise,
@@ -173,7 +173,7 @@ def _md_table(md: str, title: str) -> list[dict[str, str]]:
 
 def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-untyped-def]
     md = (report / "summary.md").read_text(encoding="utf-8")
-    an = A.analyze(data[0])
+    an = A.analyze(data[0], ci="bootstrap")
     rows = {r["teacher"]: r for r in _md_table(md, "Alignment per teacher")}
     assert set(rows) == set(TEACHERS)
     for r in an.teachers.table.itertuples():

@@ -32,7 +32,7 @@ from tqdm.auto import tqdm
 
 from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.signals import SignalConfig, path_signals
-from opdlens.store import RunStore, derive_seed, safe_name
+from opdlens.store import RunStore, derive_seed, safe_name, start_fresh
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 from opdlens.targeting import Target, TargetingConfig, select_targets
 from opdlens.teachers import SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
@@ -67,6 +67,7 @@ class QuestionEnv:
     token_texts: Callable[[Sequence[int]], list[str]] = lambda toks: [str(t) for t in toks]
     external_solution: str | None = None
     reference_solution: str | None = None  # shown as the "correct solution" when no rollout is correct
+    gold: str | None = None  # the reference answer, shown in the report
     #: optional: the grade reason of a completion (``opdlens.tasks`` reasons); completions whose
     #: reason is in :data:`NO_ANSWER_REASONS` are counted in the question's ``n_no_answer``.
     grade_reason: Callable[[Sequence[int]], str] | None = None
@@ -520,27 +521,60 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any) -> list[Questio
                 token_texts=student.token_texts,
                 external_solution=q.meta.get("solution"),
                 reference_solution=q.meta.get("solution") or f"The answer is {q.answer}.",
+                gold=str(q.answer),
             )
         )
     return envs
 
 
-def diagnose(config: Any, *, progress: bool = True) -> RunStore:
-    """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir."""
+def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunStore:
+    """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir.
+
+    The run directory is locked while the run writes into it (a second run on it fails at once)
+    and is checked writable before any model loads. It resumes only a run of the same
+    fingerprint (:func:`write_config`); ``fresh`` first moves an existing directory aside
+    (``<out_dir>.old-<time>``) and starts a new run.
+    """
+    if fresh:
+        start_fresh(config.out_dir)
     store = RunStore(config.out_dir)
-    write_config(store, config)
-    diag, envs = build_diagnosis(config, progress=progress)
-    diag.run(envs)
+    store.check_writable()
+    with store.lock():
+        write_config(store, config)
+        diag, envs = build_diagnosis(config, progress=progress)
+        store.write_table("inputs.parquet", pd.DataFrame(
+            {"question_id": [e.id for e in envs], "question_text": [e.question_text for e in envs],
+             "gold": [e.gold for e in envs]}))  # fmt: skip
+        diag.run(envs)
     return store
 
 
 def write_config(store: RunStore, config: Any) -> None:
-    """Save the run's configuration as ``config.yaml`` (once: a resumed run keeps the first)."""
-    cfg_file = store.root / "config.yaml"
-    if not cfg_file.exists():
-        import yaml
+    """Save the run's configuration as ``config.yaml`` and its fingerprint (the keys that
+    determine results, :func:`opdlens.config.result_keys`) as ``fingerprint.json``.
 
-        cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    A directory that already holds rollouts or scores must have the same fingerprint: otherwise
+    one error names the differing keys (stored and new values) and how to start afresh. A
+    directory with nothing stored (e.g. a first attempt that failed to load a model) takes the
+    new configuration. Both files are rewritten on every run, so they always describe it.
+    """
+    import json
+
+    import yaml
+
+    from opdlens.config import describe_mismatch, fingerprint, result_keys, stored_result_keys
+
+    keys = result_keys(config)
+    if store.has_results():
+        stored = stored_result_keys(store.root, type(config))
+        if stored is not None and (why := describe_mismatch(stored, keys)):
+            raise OpdlensError(
+                f"run directory {store.root} holds results of another configuration ({why}). "
+                "Rerun with the stored settings to resume, choose another out_dir, or pass --fresh "
+                "to move the old run aside and start afresh"
+            )
+    store.write_text("fingerprint.json", json.dumps({"fingerprint": fingerprint(keys), "keys": keys}, indent=1))
+    store.write_text("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def vllm_engine(config: Any, student: Any) -> Any:
