@@ -151,7 +151,7 @@ def _sorted_nodes(root: Path) -> pd.DataFrame:
 
 @FUZZ
 @given(raw=st.one_of(run_configs, run_configs, run_configs, config_dicts), data=st.one_of(run_data, run_data, jsonl),
-       on_bad_row=st.sampled_from(["error", "skip"]), fail_after=st.one_of(st.none(), st.integers(0, 30)))
+       on_bad_row=st.sampled_from(["error", "skip"]), fail_after=st.one_of(st.integers(0, 10), st.integers(0, 10), st.none()))
 def test_runs_finish_or_fail_cleanly_and_resume_exactly(tmp_path_factory, raw, data, on_bad_row, fail_after) -> None:  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("fuzz")
     (tmp / "data.jsonl").write_bytes(data)
