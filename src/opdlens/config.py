@@ -102,7 +102,7 @@ def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str) -> A
 
 
 def _problem(err: Any) -> str:
-    """One line of a pydantic error: where, what, and for unknown keys the known ones."""
+    """One line of a pydantic error: where and what (an unknown key is called a likely typo)."""
     loc = ".".join(str(x) for x in err["loc"]) or "(root)"
     if err["type"] == "extra_forbidden":
         return f"  {loc}: unknown key (a typo?)"
