@@ -10,6 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+import yaml
 from typer.testing import CliRunner
 
 from opdlens.cli import app
@@ -214,3 +215,223 @@ def test_out_of_memory_retries_with_smaller_batches(tmp_path):
     diag.student = _OOMOnBigBatches(diag.student, 0)  # type: ignore[assignment]
     with pytest.raises(OpdlensError, match="out of GPU memory sampling one rollout"):
         diag.run(envs)
+
+
+# ------------------------------------------------------------------ strict configs
+def _yaml(tmp_path: Path, text: str | bytes) -> Path:
+    p = tmp_path / "cfg.yaml"
+    p.write_bytes(text if isinstance(text, bytes) else text.encode())
+    return p
+
+
+def test_typo_in_a_teacher_entry_is_an_error(tmp_path):
+    cfg = _yaml(tmp_path, "teachers:\n  - {name: T, modle: x, contxt: 1c}\n")
+    res = CliRunner().invoke(app, ["diagnose", str(cfg)])
+    assert res.exit_code == 2
+    msg = " ".join(res.output.split())
+    assert "teachers.0.modle: unknown key (a typo?)" in msg and "teachers.0.contxt: unknown key" in msg
+    assert "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    ("text", "where"),
+    [
+        ("targeting: {candidates_per_node: -1}\n", "targeting.candidates_per_node: Input should be greater than or equal to 1"),
+        ("targeting: {visit_target: 0}\n", "targeting.visit_target"),
+        ("signals: {min_visits: 0, typo: 1}\n", "signals.typo: unknown key"),
+        ("rollouts_per_question: 0\n", "rollouts_per_question"),
+        ("n_correct_paths: 0\nn_incorrect_paths: 0\n", "no path would be scored"),
+        ("teachers: []\n", "teachers: List should have at least 1 item"),
+        ("teachers: [{name: a}, {name: a}]\n", "teacher names must be unique"),
+        ("teachers: [{name: a}]\ntargeting_teachers: [b]\n", "targeting_teachers ['b'] are not teacher names"),
+    ],
+)
+def test_budgets_and_names_are_range_checked(tmp_path, text, where):
+    with pytest.raises(OpdlensError) as err:
+        DiagnoseConfig.from_yaml(_yaml(tmp_path, text))
+    assert where in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", "# only a comment\n", "{}\n"])
+def test_empty_yaml_says_what_to_add(tmp_path, text):
+    with pytest.raises(OpdlensError, match=r"is empty: add at least 'student', 'task' and 'teachers'"):
+        DiagnoseConfig.from_yaml(_yaml(tmp_path, text))
+
+
+def test_yaml_with_a_byte_order_mark_is_accepted_and_non_utf8_is_named(tmp_path):
+    cfg = DiagnoseConfig.from_yaml(_yaml(tmp_path, "\ufeffseed: 3\n".encode()))
+    assert cfg.seed == 3
+    with pytest.raises(OpdlensError, match=r"is not UTF-8 text \(line 2\)"):
+        DiagnoseConfig.from_yaml(_yaml(tmp_path, b"seed: 3\ntask: ar\xefith\n"))
+
+
+# ------------------------------------------------------------------ data files
+def test_jsonl_bom_accepted_non_utf8_and_binary_named(tmp_path):
+    good = tmp_path / "bom.jsonl"
+    good.write_bytes(b'\xef\xbb\xbf{"id": "a", "question": "1+1?", "answer": 2}\n')
+    assert [q.id for q in get_task("jsonl", path=str(good), answer_type="int").load()] == ["a"]
+    bad = tmp_path / "latin1.jsonl"
+    bad.write_bytes(b'{"id": "a", "question": "1+1?", "answer": 2}\n{"id": "b", "question": "caf\xe9?", "answer": 1}\n')
+    with pytest.raises(OpdlensError, match=r"latin1.jsonl: row 2: not UTF-8 text \(byte 0xe9 at column 29\)"):
+        get_task("jsonl", path=str(bad), answer_type="int").load()
+    task = get_task("jsonl", path=str(bad), answer_type="int", on_bad_row="skip")
+    assert [q.id for q in task.load()] == ["a"] and task.n_skipped == 1
+    binary = tmp_path / "blob.jsonl"
+    binary.write_bytes(bytes(range(256)) * 4)
+    with pytest.raises(OpdlensError, match=r"blob.jsonl is binary \(it holds NUL bytes\)"):
+        get_task("jsonl", path=str(binary)).load()
+
+
+# ------------------------------------------------------------------ names from data
+@pytest.mark.parametrize("name", [".", "..", "", ".hidden", "a/b", "../../etc", "x" * 200, "con:1", "\\.."])
+def test_safe_name_stays_inside_its_folder(tmp_path, name):
+    from opdlens.store import safe_name
+
+    s = safe_name(name)
+    assert s and not s.startswith(".") and "/" not in s and "\\" not in s and len(s) <= 89
+    assert (tmp_path / s).resolve().parent == tmp_path.resolve()
+    assert s == safe_name(name)  # stable
+    assert s != safe_name(name + "_")  # distinct names stay distinct
+
+
+def test_dot_names_round_trip_through_the_run_and_the_report(tmp_path):
+    from tests.test_pipeline import _setup
+
+    diag, envs = _setup(tmp_path / "run")
+    envs[0].id, envs[1].id = ".", ".."
+    diag.teachers[1].spec = TeacherSpec(name="..", model="synthetic")
+    diag.run(envs)
+    run = tmp_path / "run"
+    assert sorted(p.name for p in run.glob("*.parquet")) == ["questions.parquet", "skips.parquet"]
+    assert {p.parent.name for p in run.glob("*/*.parquet")} <= {"paths", "solutions"}
+    assert len(list((run / "nodes").iterdir())) == 2 and len(list((run / "rollouts").iterdir())) == 2
+    nodes, _, _ = load_results(RunStore(run))
+    assert set(nodes["teacher"]) == {"helpful", ".."} and set(nodes["question_id"]) == {".", ".."}
+    # resume reads every stored file back (no KeyError), and nothing landed outside its folder
+    diag2, envs2 = _setup(tmp_path / "run")
+    envs2[0].id, envs2[1].id = ".", ".."
+    diag2.teachers[1].spec = TeacherSpec(name="..", model="synthetic")
+    diag2.run(envs2)
+    assert not (tmp_path / "rollouts").exists() and not (tmp_path / "nodes").exists()
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 0, res.output
+    html = (tmp_path / "run" / "report" / "index.html").read_text()
+    assert "data-teacher=\"..\"" in html and "Question .." in html
+
+
+# ------------------------------------------------------------------ run identity and lock
+def test_rerun_with_another_config_is_refused_naming_the_keys(tmp_path, tiny_dirs):
+    student, _ = tiny_dirs
+    run = tmp_path / "run"
+    diagnose(_small(run, student=str(student)), progress=False)
+    before = sorted(p.relative_to(run) for p in run.rglob("*.parquet"))
+    changed = _small(run, student=str(student), seed=1, rollouts_per_question=12,
+                     teachers=[TeacherSpec(name="renamed")])  # fmt: skip
+    with pytest.raises(OpdlensError) as err:
+        diagnose(changed, progress=False)
+    msg = str(err.value)
+    assert "holds results of another configuration" in msg and "--fresh" in msg
+    assert "seed: 0 -> 1" in msg and "rollouts_per_question: 8 -> 12" in msg
+    assert "teachers[0].name: 'plain' -> 'renamed'" in msg
+    assert sorted(p.relative_to(run) for p in run.rglob("*.parquet")) == before  # nothing touched
+    # keys that do not change results may differ on resume; config.yaml describes the last run
+    diagnose(_small(run, student=str(student), dtype="float32"), progress=False)
+    assert "dtype: float32" in (run / "config.yaml").read_text()
+    # --fresh moves the old run aside and starts a new one with the new config
+    cfg_file = tmp_path / "changed.yaml"
+    cfg_file.write_text(yaml.safe_dump(changed.model_dump(mode="json")))
+    res = CliRunner().invoke(app, ["diagnose", str(cfg_file), "--fresh"])
+    assert res.exit_code in (0, 4), res.output  # 4: finished, but too few valid nodes for a report
+    aside = list(tmp_path.glob("run.old-*"))
+    assert len(aside) == 1 and sorted(p.relative_to(aside[0]) for p in aside[0].rglob("*.parquet")) == before
+    stored = json.loads((run / "fingerprint.json").read_text())["keys"]
+    assert stored["seed"] == 1 and stored["teachers"][0]["name"] == "renamed"
+    assert "seed: 1" in (run / "config.yaml").read_text()
+
+
+def test_failed_first_attempt_does_not_pin_its_config(tmp_path, tiny_dirs, monkeypatch):
+    import huggingface_hub.constants
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    student, _ = tiny_dirs
+    run = tmp_path / "run"
+    with pytest.raises(OpdlensError, match="could not find model"):
+        diagnose(_small(run, student="no-such-org/typo"), progress=False)
+    diagnose(_small(run, student=str(student)), progress=False)  # nothing stored: the new config wins
+    assert yaml.safe_load((run / "config.yaml").read_text())["student"] == str(student)
+
+
+def test_a_second_run_on_a_locked_directory_fails_at_once(tmp_path, monkeypatch):
+    import opdlens.pipeline
+
+    def never(*a, **k):  # models must not load
+        raise AssertionError("build_diagnosis called")
+
+    monkeypatch.setattr(opdlens.pipeline, "build_diagnosis", never)
+    run = tmp_path / "run"
+    with RunStore(run).lock():
+        with pytest.raises(OpdlensError, match=rf"run directory {run} is in use by pid \d+ on .*: wait for it"):
+            diagnose(_small(run), progress=False)
+        with pytest.raises(OpdlensError, match="in use by"):
+            from opdlens.store import start_fresh
+
+            start_fresh(run)
+    assert run.is_dir()
+
+
+def test_unwritable_run_directory_is_found_before_models_load(tmp_path, monkeypatch):
+    import opdlens.pipeline
+
+    monkeypatch.setattr(opdlens.pipeline, "build_diagnosis", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(OpdlensError, match=r"cannot create run directory .*file/run: Not a directory"):
+        diagnose(_small(blocker / "run"), progress=False)
+    run = tmp_path / "ro"
+    run.mkdir()
+    real = Path.write_bytes
+
+    def read_only(self, data):  # root ignores chmod: refuse writes in this directory directly
+        if self.parent == run:
+            raise PermissionError(13, "Permission denied")
+        return real(self, data)
+
+    monkeypatch.setattr(Path, "write_bytes", read_only)
+    res = CliRunner().invoke(app, ["diagnose", str(_yaml(tmp_path, f"out_dir: {run}\n"))])
+    assert res.exit_code == 2
+    assert f"run directory {run} is not writable (Permission denied)" in " ".join(res.output.split())
+
+
+# ------------------------------------------------------------------ corrupt files
+@pytest.mark.parametrize("damage", ["zero", "truncated"])
+def test_corrupt_chunk_is_set_aside_and_recomputed(tmp_path, damage):
+    from tests.test_pipeline import _setup
+
+    diag, envs = _setup(tmp_path / "a")
+    diag.run(envs)
+    ref, _, _ = load_results(RunStore(tmp_path / "a"))
+    chunk = tmp_path / "a" / "rollouts" / "q0" / "initial.parquet"
+    good = chunk.read_bytes()
+    chunk.write_bytes(b"" if damage == "zero" else good[: len(good) // 2])
+    for f in (tmp_path / "a" / "nodes").rglob("q0.parquet"):
+        f.unlink()  # force q0 to be rescored from its rollouts
+    diag2, _ = _setup(tmp_path / "a")
+    diag2.run(envs)
+    assert chunk.read_bytes() == good  # seeds are derived: the same rollouts again
+    assert len(list((tmp_path / "a" / "corrupt" / "rollouts" / "q0").iterdir())) == 1
+    again, _, _ = load_results(RunStore(tmp_path / "a"))
+    key = ["teacher", "question_id", "path_id", "node"]
+    pd.testing.assert_frame_equal(again.sort_values(key).reset_index(drop=True), ref.sort_values(key).reset_index(drop=True))
+
+
+def test_corrupt_result_table_in_report_is_one_error_line(tmp_path):
+    from tests.test_pipeline import _setup
+
+    diag, envs = _setup(tmp_path / "a")
+    diag.run(envs)
+    (tmp_path / "a" / "questions.parquet").write_bytes(b"PAR1 not really")
+    res = CliRunner().invoke(app, ["report", str(tmp_path / "a")])
+    assert res.exit_code == 3  # the set-aside summary makes the run partial until rerun
+    assert "PARTIAL RUN" in res.output.replace("\n", " ") or "partial" in res.output
+    assert (tmp_path / "a" / "corrupt" / "questions.parquet").exists() is False
+    assert len(list((tmp_path / "a" / "corrupt").iterdir())) == 1

@@ -35,8 +35,80 @@ def test_report_command_embeds_training_curve(tmp_path):
 def test_report_command_errors_are_readable(tmp_path):
     res = runner.invoke(app, ["report", str(tmp_path / "nothing")])
     assert res.exit_code == 2
+    assert "does not exist" in res.output and "opdlens diagnose" in res.output
+    (tmp_path / "empty").mkdir()
+    res = runner.invoke(app, ["report", str(tmp_path / "empty")])
+    assert res.exit_code == 2
     assert "no per-node results" in res.output and "opdlens diagnose" in res.output
+    assert not (tmp_path / "nothing").exists()  # a report never creates a run directory
     diag, envs = _setup(tmp_path / "run")
     diag.run(envs)
     res = runner.invoke(app, ["report", str(tmp_path / "run"), "--train", str(tmp_path)])
     assert res.exit_code == 2 and "rkl_curve.png" in res.output
+
+
+def test_version_and_report_out(tmp_path):
+    from opdlens import __version__
+
+    res = runner.invoke(app, ["--version"])
+    assert res.exit_code == 0 and res.output.strip() == f"opdlens {__version__}"
+    diag, envs = _setup(tmp_path / "run")
+    diag.run(envs)
+    res = runner.invoke(app, ["report", str(tmp_path / "run"), "--out", str(tmp_path / "elsewhere")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "elsewhere" / "index.html").is_file() and not (tmp_path / "run" / "report").exists()
+
+
+def test_report_on_an_interrupted_run_is_partial(tmp_path):
+    import pytest
+
+    diag, envs = _setup(tmp_path / "run", fail_after=40)  # q0 (33 sampling calls) finishes, q1 does not
+    with pytest.raises(KeyboardInterrupt):
+        diag.run(envs)
+    assert not (tmp_path / "run" / "questions.parquet").exists()
+    res = runner.invoke(app, ["report", str(tmp_path / "run")])
+    assert res.exit_code == 3, res.output
+    out = " ".join(res.output.split())
+    assert "partial: PARTIAL RUN: 1 question(s) scored so far" in out and "Traceback" not in out
+    summary = (tmp_path / "run" / "report" / "summary.md").read_text()
+    assert "PARTIAL RUN" in summary.splitlines()[2]
+    q = __import__("pandas").read_csv(tmp_path / "run" / "report" / "questions.csv")
+    init = diag.store.read_chunk("q0", "initial")
+    assert q["question_id"].tolist() == ["q0"] and q["n_rollouts"].tolist() == [len(init)]
+    assert q["success_rate"].iloc[0] == init.success_rate
+
+
+def test_diagnose_without_a_report_exits_non_zero(tmp_path, monkeypatch):
+    import opdlens.pipeline
+
+    def no_valid_nodes(cfg, fresh=False):
+        diag, envs = _setup(tmp_path / "run")
+        diag.opt.signals = diag.opt.signals.model_copy(update={"min_visits": 10_000})
+        diag.run(envs)
+        return diag.store
+
+    monkeypatch.setattr(opdlens.pipeline, "diagnose", no_valid_nodes)
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"out_dir: {tmp_path / 'run'}\n")
+    res = runner.invoke(app, ["diagnose", str(cfg)])
+    assert res.exit_code == 4, res.output
+    assert "no report:" in res.output
+
+
+def test_unknown_hub_id_fails_fast_with_the_whole_message(tmp_path, monkeypatch):
+    import time
+
+    import huggingface_hub.constants as hc
+
+    from opdlens import models
+
+    monkeypatch.setattr(hc, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub is unreachable
+    monkeypatch.setattr(models, "_HUB_REACHABLE", {})
+    cfg = tmp_path / "c.yaml"
+    cfg.write_text(f"student: no-such-org/no-such-model\nout_dir: {tmp_path / 'run'}\n")
+    start = time.perf_counter()
+    res = runner.invoke(app, ["diagnose", str(cfg)])
+    assert time.perf_counter() - start < 10
+    msg = " ".join(res.output.split())
+    assert res.exit_code == 2 and msg.startswith("error: could not find model 'no-such-org/no-such-model'")
+    assert "hub is unreachable or offline" in msg and msg.endswith("a downloaded snapshot).")

@@ -136,7 +136,7 @@ def test_all_files_written(report: Path) -> None:
 
 def test_csvs_match_analysis(report: Path, data) -> None:  # type: ignore[no-untyped-def]
     nodes = data[0]
-    an = A.analyze(nodes)
+    an = A.analyze(nodes, ci="bootstrap")  # the report's default: bounded CIs
     pairs = {
         "per_teacher.csv": an.teachers.table,
         "pairwise.csv": an.teachers.pairwise,
@@ -173,7 +173,7 @@ def _md_table(md: str, title: str) -> list[dict[str, str]]:
 
 def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-untyped-def]
     md = (report / "summary.md").read_text(encoding="utf-8")
-    an = A.analyze(data[0])
+    an = A.analyze(data[0], ci="bootstrap")
     rows = {r["teacher"]: r for r in _md_table(md, "Alignment per teacher")}
     assert set(rows) == set(TEACHERS)
     for r in an.teachers.table.itertuples():
@@ -360,3 +360,122 @@ def test_report_errors(tmp_path: Path, data) -> None:  # type: ignore[no-untyped
         write_report(tmp_path, nodes, questions, paths, extra=[("x", tmp_path / "nope.png")])
     with pytest.raises(OpdlensError, match="min_visits"):
         write_report(tmp_path, nodes.assign(valid=False), questions, paths)
+
+
+# --------------------------------------------------------------------------------------------
+# what a reader needs not to misread the report
+# --------------------------------------------------------------------------------------------
+
+
+def _node(teacher: str, q: str, p: int, u: int, a: float, n_children: int, w: float, **kw: object) -> dict:
+    return {
+        "question_id": q, "path_id": p, "path_correct": p == 0, "teacher": teacher, "node": u,
+        "depth_norm": u / 2, "token_id": 7 + u, "token_text": f"t{u}", "valid": True,
+        "n_children": n_children, "visits": 30, "p_student": 0.25, "p_teacher": 0.5,
+        "psucc_token": 0.5, "teacher_adv": 0.1, "align_gkd": a, "align_single": a,
+        "align_minillm": a, "align_drgrpo": a, "norm_ideal": w, "norm_gkd": 0.5, "kl": 0.1 * (u + 1),
+        "js": 0.01 * (p + 1), "l2": 0.2 + 0.1 * u, "cos_prob": 0.9 - 0.1 * p, **kw,
+    }  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def misreadable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.DataFrame]:
+    """Teacher T: path means > 0 from +1 two-child nodes, weighted mean < 0 from heavy 3-child
+    nodes; teacher U: path means +1, +1, +1, -1 (a t-interval would reach past +1)."""
+    keys = [("q1", 0), ("q1", 1), ("q2", 0), ("q2", 1)]
+    deep = [-0.5, -0.9, -0.2, -0.99]
+    rows = []
+    for (q, p), d in zip(keys, deep):
+        rows.append(_node("T", q, p, 0, 1.0, 2, 0.1))
+        rows.append(_node("T", q, p, 1, d, 3, 10.0))
+    for (q, p), a in zip(keys, [1.0, 1.0, 1.0, -1.0]):
+        rows.append(_node("U", q, p, 0, a, 2, 1.0))
+        rows.append(_node("U", q, p, 1, NAN, 1, 1.0, valid=False))
+    nodes = pd.DataFrame(rows)
+    children = [{"token": 7, "text": "t0", "p_student": 0.25, "p_teacher": 0.5, "psucc": 0.75, "visits": 30},
+                {"token": 9, "text": "<alt>", "p_student": 0.125, "p_teacher": 0.0625, "psucc": 0.25, "visits": 21}]
+    nodes["children"] = __import__("json").dumps(children)
+    questions = pd.DataFrame({"question_id": ["q1", "q2"], "n_rollouts": [8, 8], "success_rate": [0.5, 0.25],
+                              "n_targeted": [4, 4]})  # fmt: skip
+    paths = pd.DataFrame([{"question_id": q, "path_id": p, "correct": p == 0, "length": 2, "text": "t0t1"}
+                          for q, p in keys])  # fmt: skip
+    skips = pd.DataFrame({"question_id": ["q3", "q1"], "teacher": ["", "U"],
+                          "reason": ["prompt too long", "no correct rollout to show the teacher"]})  # fmt: skip
+    inputs = pd.DataFrame({"question_id": ["q1", "q2"], "question_text": ["What is <b>2+2</b>?", "Is 7 prime?"],
+                           "gold": ["4", "True"]})  # fmt: skip
+    out = tmp_path_factory.mktemp("misreadable")
+    write_report(out, nodes, questions, paths, skips=skips, inputs=inputs, notes=["PARTIAL RUN: test"], n_boot=2000)
+    return out, nodes
+
+
+def test_intervals_stay_inside_the_metric_bounds(misreadable) -> None:  # type: ignore[no-untyped-def]
+    out, nodes = misreadable
+    pt = pd.read_csv(out / "per_teacher.csv").set_index("teacher")
+    assert A.t_interval([1.0, 1.0, 1.0, -1.0])[1] > 1.0  # what the report no longer shows
+    assert (pt["ci_method"] == "bootstrap").all()
+    assert (pt["ci_low"] >= -1.0).all() and (pt["ci_high"] <= 1.0).all()
+    assert pt.loc["U", "ci_high"] == 1.0 and pt.loc["U", "ci_low"] < 0.5
+
+
+def test_two_child_share_and_sign_disagreement_are_stated(misreadable) -> None:  # type: ignore[no-untyped-def]
+    out, _ = misreadable
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    rows = {r["teacher"]: r for r in _md_table(md, "Alignment per teacher")}
+    assert rows["T"]["2-child"] == "50.0%" and rows["U"]["2-child"] == "100.0%"
+    assert rows["T"]["mean (3+)"] == fmt(np.mean([-0.5, -0.9, -0.2, -0.99]), signed=True)
+    assert rows["T"]["nodes (3+)"] == "4" and rows["U"]["mean (3+)"] == "–" and rows["U"]["nodes (3+)"] == "0"
+    assert float(rows["T"]["mean"]) > 0 > float(rows["T"]["weighted"])
+    assert "- T: the mean (+0.176) and the weighted mean (-0.631) disagree in sign" in md
+    assert "- note: T: the mean (+0.176)" in md  # also in the overview
+    assert "U: the mean" not in md
+    assert "8 of 12 valid node(s) (66.7%) have exactly two well-visited children" in md
+    assert md.splitlines()[2] == "- PARTIAL RUN: test"
+
+
+def test_skips_question_text_gold_and_children_are_shown(misreadable) -> None:  # type: ignore[no-untyped-def]
+    out, _ = misreadable
+    md = (out / "summary.md").read_text(encoding="utf-8")
+    skipped = _md_table(md, "Skipped")
+    assert [(r["question"], r["teacher"], r["reason"]) for r in skipped] == [
+        ("q3", "(all)", "prompt too long"), ("q1", "U", "no correct rollout to show the teacher")]
+    assert "2 skip(s) (1 whole question(s))" in md
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "<pre class='qtext'>What is &lt;b&gt;2+2&lt;/b&gt;?</pre><b>gold answer:</b> <code>4</code>" in page
+    p = _TokenParser()
+    p.feed(page)
+    tip = p.tokens[("T", "q1", 0)][0]["tip"]
+    assert "(2 children: a cosine of ±1 is forced, only its sign informs)" in tip
+    lines = tip.splitlines()
+    i = lines.index("children in S_u:  P_θ      P_te     P_succ  visits")
+    assert lines[i + 1].split() == ["'t0'", "0.250", "0.500", "0.75", "30"]
+    assert lines[i + 2].split() == ["'<alt>'", "0.125", "0.062", "0.25", "21"]
+
+
+def test_children_column_matches_the_path_statistics() -> None:
+    import json
+
+    import torch
+
+    from opdlens.report.children import children_column
+    from opdlens.tree import RolloutSet, path_stats
+
+    rng = np.random.default_rng(0)
+    rollouts = RolloutSet.from_lists([rng.integers(0, 5, size=rng.integers(1, 6)) for _ in range(400)],
+                                     rng.random(400) < 0.5)  # fmt: skip
+    path = [1, 2, 3, 4]
+    st = path_stats(path, rollouts)
+    lps = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1)
+    lpt = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1)
+    col = children_column(st, lps, lpt, lambda toks: [f"<{t}>" for t in toks], min_visits=3, limit=3)
+    assert len(col) == 4
+    for u, cell in enumerate(col):
+        toks, n, s = st.children(u)
+        want = sorted(((int(-v), int(k)) for k, v in zip(toks, n) if v >= 3))[:3]
+        got = json.loads(cell)
+        assert [(c["visits"], c["token"]) for c in got] == [(-v, k) for v, k in want]
+        for c in got:
+            i = list(toks).index(c["token"])
+            assert c["psucc"] == pytest.approx(s[i] / n[i], abs=1e-6) and c["text"] == f"<{c['token']}>"
+            assert c["p_student"] == pytest.approx(math.exp(lps[u, c["token"]]), abs=1e-6)
+            assert c["p_teacher"] == pytest.approx(math.exp(lpt[u, c["token"]]), abs=1e-6)
+    assert any(json.loads(c) for c in col)

@@ -16,17 +16,40 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help="Per-token di
 console = Console(stderr=True)
 
 
+#: Exit status of ``opdlens report`` when the run is unfinished (the report shows what is done).
+EXIT_PARTIAL = 3
+#: Exit status of a diagnose run that finished but whose report could not be built.
+EXIT_NO_REPORT = 4
+
+
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}")
+    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
     raise typer.Exit(2)
 
 
-def _report(run_dir: Path, extra: list[tuple[str, Path]] | None = None) -> Path:
-    from opdlens.pipeline import load_results
+def _version(value: bool) -> None:
+    if value:
+        from opdlens import __version__
+
+        typer.echo(f"opdlens {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+) -> None:
+    """Per-token diagnostics and training for on-policy distillation."""
+
+
+def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]] | None = None) -> tuple[Path, bool]:
+    """Write the report of ``run_dir`` into ``out`` (default ``run_dir/report``); returns its
+    ``index.html`` and whether the run is partial (unfinished)."""
     from opdlens.report import write_report
+    from opdlens.report.run import load_run
     from opdlens.store import RunStore
 
-    nodes, questions, paths = load_results(RunStore(run_dir))
+    res = load_run(RunStore(run_dir, create=False))
     unit, choices = "path", None
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():  # the run's own choices (statistical unit, readings of the paper)
@@ -34,10 +57,16 @@ def _report(run_dir: Path, extra: list[tuple[str, Path]] | None = None) -> Path:
 
         cfg = DiagnoseConfig.from_yaml(cfg_file)
         unit, choices = cfg.stat_unit, cfg.choices()
-    return write_report(run_dir / "report", nodes, questions, paths, extra=extra, unit=unit, choices=choices)
+    index = write_report(
+        out or run_dir / "report", res.nodes, res.questions, res.paths, extra=extra,
+        skips=res.skips, inputs=res.inputs, notes=res.notes, unit=unit, choices=choices,
+    )  # fmt: skip
+    if res.partial:
+        console.print(f"[yellow]partial:[/] {res.notes[0]}", soft_wrap=True)
+    return index, res.partial
 
 
-def _run_diagnose(cfg, ray_address: Optional[str]) -> Path:  # type: ignore[no-untyped-def]
+def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:  # type: ignore[no-untyped-def]
     from opdlens.pipeline import diagnose
 
     start = time.perf_counter()
@@ -45,18 +74,22 @@ def _run_diagnose(cfg, ray_address: Optional[str]) -> Path:  # type: ignore[no-u
         if ray_address is not None:
             from opdlens.distributed import diagnose_ray
 
+            if fresh:
+                from opdlens.store import start_fresh
+
+                start_fresh(cfg.out_dir)
             store = diagnose_ray(cfg, address=None if ray_address in ("", "local") else ray_address)
         else:
-            store = diagnose(cfg)
+            store = diagnose(cfg, fresh=fresh)
     except KeyboardInterrupt:
         console.print(f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume")
         raise typer.Exit(130) from None
     console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s; results in {store.root}")
     try:
-        index = _report(store.root)
-    except OpdlensError as exc:  # e.g. no valid node: the run is fine, the report has nothing to show
-        console.print(f"[yellow]no report[/]: {exc}")
-        return store.root
+        index, _ = _report(store.root)
+    except OpdlensError as exc:  # e.g. no valid node: the results are kept, the report has nothing to show
+        console.print(f"[bold red]no report:[/] {exc}", soft_wrap=True)
+        raise typer.Exit(EXIT_NO_REPORT) from None
     console.print(f"report: {index}")
     console.print(f"summary: {index.parent / 'summary.md'}")
     return index
@@ -66,6 +99,7 @@ def _run_diagnose(cfg, ray_address: Optional[str]) -> Path:  # type: ignore[no-u
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (rerun to resume)"),
     questions: int = typer.Option(4, min=1, help="number of built-in arithmetic questions"),
+    fresh: bool = typer.Option(False, "--fresh", help="move an existing run directory aside (<out>.old-<time>) and start afresh"),
 ) -> None:
     """The main job on the embedded default: SmolLM2-135M, built-in arithmetic, three self-distillation teachers."""
     from opdlens.config import demo_config
@@ -74,7 +108,7 @@ def demo(
         cfg = demo_config(str(out), questions)
         console.print(f"diagnosing {cfg.student} on {questions} '{cfg.task}' questions with teachers "
                       f"{', '.join(t.name for t in cfg.teachers)} → {out}")
-        _run_diagnose(cfg, None)
+        _run_diagnose(cfg, None, fresh)
     except OpdlensError as exc:
         _fail(exc)
 
@@ -86,6 +120,9 @@ def diagnose_cmd(
     ray: Optional[str] = typer.Option(
         None, help="run on Ray: 'local' (start a local cluster), 'auto' (the running cluster) or an address"
     ),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh; "
+        "needed when the directory holds results of another configuration"),
 ) -> None:
     """Phase 1 (rollouts, targeted enrichment) and phase 2 (teacher scoring), then the report."""
     from opdlens.config import DiagnoseConfig
@@ -94,7 +131,7 @@ def diagnose_cmd(
         cfg = DiagnoseConfig.from_yaml(config)
         if out is not None:
             cfg = cfg.model_copy(update={"out_dir": str(out)})
-        _run_diagnose(cfg, ray)
+        _run_diagnose(cfg, ray, fresh)
     except OpdlensError as exc:
         _fail(exc)
 
@@ -103,8 +140,12 @@ def diagnose_cmd(
 def report(
     run_dir: Path = typer.Argument(..., help="a run directory written by diagnose/demo"),
     train_run: list[Path] = typer.Option([], "--train", help="OPD run directory whose curve to include (repeatable)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="report directory (default: RUN_DIR/report)"),
 ) -> None:
-    """(Re)build the report of a run: summary.md, CSVs, figures, index.html (+ OPD training curves)."""
+    """(Re)build the report of a run: summary.md, CSVs, figures, index.html (+ OPD training curves).
+
+    On an unfinished run the report shows the questions scored so far, says so, and the exit
+    status is 3."""
     try:
         extra = []
         for d in train_run:
@@ -112,10 +153,12 @@ def report(
             if not png.is_file():
                 raise OpdlensError(f"{d} has no rkl_curve.png: run `opdlens train` (or python -m opdlens.opd.demo) there first")
             extra.append((f"OPD training: {d.name}", png))
-        index = _report(run_dir, extra)
+        index, partial = _report(run_dir, out, extra)
     except OpdlensError as exc:
         _fail(exc)
     console.print(f"report: {index}")
+    if partial:
+        raise typer.Exit(EXIT_PARTIAL)
 
 
 @app.command()

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
+import re
 from pathlib import Path
 from typing import Any, Literal
 
@@ -48,28 +51,30 @@ class DiagnoseConfig(BaseModel):
         description="'paper' fills every key you do not set with paper A's choice (PAPER_PRESET); "
         "'opdlens' keeps our defaults (docs/PROTOCOL.md lists the differences and why)",
     )
-    student: str = Field("smollm2", description="'smollm2' (embedded), a local path or a HF hub id")
+    student: str = Field("smollm2", min_length=1, description="'smollm2' (embedded), a local path or a HF hub id")
     thinking: bool | None = Field(
         None, description="enable_thinking of the student's chat template (Qwen3); null = the template's default"
     )
-    device: str = "cpu"
-    dtype: str | None = None
+    device: str = Field("cpu", description="torch device of the models: cpu, cuda, cuda:1, ...")
+    dtype: str | None = Field(None, description="model dtype (float32, bfloat16, ...); default float32 on CPU, bfloat16 on CUDA")
     rollout_engine: Literal["torch", "vllm"] = Field(
         "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')")
     vllm_options: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization")
-    task: str = "arith"
+    task: str = Field("arith", min_length=1, description="registered task name (`opdlens tasks` lists them)")
     task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
-    split: str = "test"
-    n_questions: int | None = Field(4, ge=1)
-    rollouts_per_question: int = Field(64, ge=2)
+    split: str = Field("test", description="dataset split the questions come from")
+    n_questions: int | None = Field(4, ge=1, description="questions drawn (seeded) from the split; None = all")
+    rollouts_per_question: int = Field(64, ge=2, description="initial student rollouts per question")
     max_new_tokens: int | None = Field(None, ge=1, description="default: the task's own budget")
-    temperature: float = Field(1.0, gt=0)
-    n_correct_paths: int = Field(2, ge=0)
-    n_incorrect_paths: int = Field(2, ge=0)
-    chunk_rollouts: int = Field(256, ge=1)
-    seed: int = 0
-    teachers: list[TeacherSpec] = Field(default_factory=lambda: list(DEFAULT_TEACHERS))
-    targeting_teachers: list[str] | None = None
+    temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    n_correct_paths: int = Field(2, ge=0, description="correct representative paths per question")
+    n_incorrect_paths: int = Field(2, ge=0, description="incorrect representative paths per question")
+    chunk_rollouts: int = Field(256, ge=1, description="rollouts per stored chunk (the unit of resumption)")
+    seed: int = Field(0, ge=0, description="run seed; every sampling seed derives from it and the names sampled")
+    teachers: list[TeacherSpec] = Field(
+        default_factory=lambda: list(DEFAULT_TEACHERS), min_length=1, description="teacher configurations scored")
+    targeting_teachers: list[str] | None = Field(
+        None, description="names of the teachers whose log-probs choose the targeted rollouts; None = all")
     summarizer: str | None = Field(None, description="model writing Sum-* summaries (default: the student)")
     summarizer_thinking: bool | None = Field(
         None, description="enable_thinking of the summariser (its thinking part is stripped from the summary either way)"
@@ -97,7 +102,20 @@ class DiagnoseConfig(BaseModel):
     )
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
-    out_dir: str = "runs/diagnose"
+    out_dir: str = Field("runs/diagnose", min_length=1, description="run directory (rerun to resume)")
+
+    @model_validator(mode="after")
+    def _check(self) -> DiagnoseConfig:
+        names = [t.name for t in self.teachers]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"teacher names must be unique, repeated: {dup}")
+        unknown = sorted(set(self.targeting_teachers or []) - set(names))
+        if unknown:
+            raise ValueError(f"targeting_teachers {unknown} are not teacher names; the teachers are {names}")
+        if self.n_correct_paths + self.n_incorrect_paths == 0:
+            raise ValueError("n_correct_paths + n_incorrect_paths is 0: no path would be scored; set one to >= 1")
+        return self
 
     @model_validator(mode="before")
     @classmethod
@@ -134,11 +152,20 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not p.is_file():
         raise OpdlensError(f"config file {p} does not exist")
     try:
-        data = yaml.safe_load(p.read_text()) or {}
+        text = p.read_bytes().decode("utf-8-sig")
+        data = yaml.safe_load(text)
+    except UnicodeDecodeError as exc:
+        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        raise OpdlensError(f"config {p} is not UTF-8 text (line {line}): save it as UTF-8") from None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise OpdlensError(f"config {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    if data is None or data == {}:
+        raise OpdlensError(
+            f"config {p} is empty: add at least 'student', 'task' and 'teachers' "
+            "(see configs/diagnose-smollm2.yaml for a complete example)"
+        )
     if not isinstance(data, dict):
         raise OpdlensError(f"config {p} must be a mapping of keys to values, got {type(data).__name__}")
     return data
@@ -149,10 +176,16 @@ def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str) -> A
     try:
         return cls.model_validate(data)
     except ValidationError as exc:
-        lines = [
-            f"  {'.'.join(str(x) for x in err['loc']) or '(root)'}: {err['msg']}" for err in exc.errors()
-        ]
+        lines = [_problem(err) for err in exc.errors()]
         raise OpdlensError(f"config {where} has {len(lines)} problem(s):\n" + "\n".join(lines)) from None
+
+
+def _problem(err: Any) -> str:
+    """One line of a pydantic error: where and what (an unknown key is called a likely typo)."""
+    loc = ".".join(str(x) for x in err["loc"]) or "(root)"
+    if err["type"] == "extra_forbidden":
+        return f"  {loc}: unknown key (a typo?)"
+    return f"  {loc}: {err['msg']}"
 
 
 def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
@@ -178,3 +211,88 @@ def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseCon
         fallback_reference_solution=True,
         out_dir=out_dir,
     )
+
+
+# ---------------------------------------------------------------------- run identity
+#: Keys of a :class:`DiagnoseConfig` that do not change what a run estimates: where it runs and
+#: how fast (device, dtype, sampler engine and its options) and where it writes. Every other key
+#: (model ids, task and its arguments, budgets, seed, teachers, targeting, signal thresholds,
+#: chunk size, which fixes the chunk seeds) is part of the run's fingerprint: a run directory
+#: resumes only under the same values. Changing an excluded key on resume is allowed; the
+#: rollouts then come from a different random stream or precision than the stored ones.
+#: ``schedule`` (memory only) and ``stat_unit`` (the report only) change no stored result either.
+NON_RESULT_KEYS = frozenset({"device", "dtype", "rollout_engine", "vllm_options", "out_dir", "schedule", "stat_unit"})
+
+
+def result_keys(config: BaseModel) -> dict[str, Any]:
+    """The configuration values that determine a run's results (JSON-able, see :data:`NON_RESULT_KEYS`)."""
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in NON_RESULT_KEYS}
+
+
+def fingerprint(keys: dict[str, Any]) -> str:
+    """SHA-256 of the canonical JSON of ``keys``."""
+    return hashlib.sha256(json.dumps(keys, sort_keys=True, separators=(",", ":")).encode()).hexdigest()
+
+
+def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
+    """Dotted names of the values that differ between two JSON-like trees (``teachers[1].model``)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out: list[str] = []
+        for k in sorted(set(old) | set(new), key=str):
+            name = f"{prefix}.{k}" if prefix else str(k)
+            if k not in old or k not in new:
+                out.append(name)
+            else:
+                out += differing_keys(old[k], new[k], name)
+        return out
+    if isinstance(old, list) and isinstance(new, list) and len(old) == len(new):
+        return [x for i, (a, b) in enumerate(zip(old, new)) for x in differing_keys(a, b, f"{prefix}[{i}]")]
+    return [] if old == new else [prefix or "(root)"]
+
+
+def _value_at(tree: Any, dotted: str) -> Any:
+    """The value at a :func:`differing_keys` name (``teachers[1].model``), or ``<missing>``."""
+    cur = tree
+    for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
+        try:
+            cur = cur[int(part[1:-1])] if part.startswith("[") else cur[part]
+        except (KeyError, IndexError, TypeError):
+            return "<missing>"
+    return cur
+
+
+def describe_mismatch(stored: dict[str, Any], keys: dict[str, Any], limit: int = 8) -> str | None:
+    """``"key: old -> new; ..."`` for the result keys that differ, or None when the fingerprints match."""
+    if fingerprint(stored) == fingerprint(keys):
+        return None
+    diff = differing_keys(stored, keys)
+    shown = "; ".join(f"{k}: {_value_at(stored, k)!r} -> {_value_at(keys, k)!r}" for k in diff[:limit])
+    return shown + (f" (and {len(diff) - limit} more)" if len(diff) > limit else "")
+
+
+def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any] | None:
+    """The result keys a run directory was written with (``fingerprint.json``, else an older
+    run's ``config.yaml``), keys added to ``cls`` since then filled with their defaults; None if
+    neither file exists."""
+    fp_file, cfg_file = Path(root) / "fingerprint.json", Path(root) / "config.yaml"
+    try:
+        if fp_file.exists():
+            stored = json.loads(fp_file.read_text(encoding="utf-8"))["keys"]
+        elif cfg_file.exists():
+            stored = {k: v for k, v in (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).items()
+                      if k not in NON_RESULT_KEYS}  # fmt: skip
+        else:
+            return None
+        if not isinstance(stored, dict):
+            raise TypeError("not a mapping")
+    except (OSError, ValueError, KeyError, TypeError, yaml.YAMLError) as exc:
+        raise OpdlensError(
+            f"cannot read the stored configuration of {root} ({type(exc).__name__}: {exc}): "
+            "pass --fresh to move the old run aside and start afresh"
+        ) from None
+    defaults = result_keys(cls())
+    merged = {k: stored.get(k, defaults.get(k)) for k in set(defaults) | set(stored)}
+    for k, d in defaults.items():
+        if isinstance(d, dict) and isinstance(merged[k], dict):
+            merged[k] = {**d, **merged[k]}
+    return merged

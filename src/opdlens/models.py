@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import socket
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -135,9 +136,39 @@ def load_tokenizer(spec: str) -> Any:
         return tok
 
 
+_HUB_REACHABLE: dict[str, bool] = {}
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """Whether the Hugging Face hub can be reached: False when ``HF_HUB_OFFLINE`` (or
+    ``TRANSFORMERS_OFFLINE``) is set, else the result of one TCP connection to the hub endpoint
+    (``HF_ENDPOINT``) within ``timeout`` seconds, remembered for the process. Loading then uses
+    the local cache only, instead of failing after rounds of network retries."""
+    import huggingface_hub.constants as hc
+
+    if hc.HF_HUB_OFFLINE or os.environ.get("TRANSFORMERS_OFFLINE", "").upper() in {"1", "ON", "YES", "TRUE"}:
+        return False
+    endpoint = str(hc.ENDPOINT)
+    if endpoint not in _HUB_REACHABLE:
+        from urllib.parse import urlparse
+
+        url = urlparse(endpoint)
+        port = url.port or (443 if url.scheme == "https" else 80)
+        try:
+            socket.create_connection((url.hostname or "", port), timeout=timeout).close()
+            _HUB_REACHABLE[endpoint] = True
+        except OSError:
+            _HUB_REACHABLE[endpoint] = False
+    return _HUB_REACHABLE[endpoint]
+
+
 def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
-    """``cls.from_pretrained(spec)`` with a clear error when the model is not available."""
+    """``cls.from_pretrained(spec)`` with a clear, complete error when the model is not available;
+    with the hub unreachable, only the local cache is tried (no network retries)."""
     is_dir = Path(spec).expanduser().is_dir()
+    online = is_dir or hub_reachable()
+    if not online:
+        kwargs["local_files_only"] = True
     try:
         return cls.from_pretrained(str(Path(spec).expanduser()) if is_dir else spec, **kwargs)
     except Exception as exc:  # network errors, missing repos, missing files all land here
@@ -146,10 +177,12 @@ def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
                 f"could not load model/tokenizer from directory {spec!r}: {exc}. The directory needs "
                 "config.json, the weights (*.safetensors or *.bin) and the tokenizer files."
             ) from exc
-        detail = " ".join(str(exc).split())[:200]
+        detail = " ".join(str(exc).split())
+        where = ("the Hugging Face hub is unreachable or offline (HF_HUB_OFFLINE) and the local cache has no copy"
+                 if not online else "the Hugging Face hub has no such id or refused it")  # fmt: skip
         raise OpdlensError(
-            f"could not find model {spec!r} offline: it is not a local directory, and the Hugging Face "
-            f"hub is unreachable or has no such id ({type(exc).__name__}: {detail}). "
+            f"could not find model {spec!r} offline: it is not a local directory, and {where} "
+            f"({type(exc).__name__}: {detail}). "
             "Pass 'smollm2' for the embedded SmolLM2-135M-Instruct, or the path of a local model "
             "directory (e.g. one written by save_pretrained or a downloaded snapshot)."
         ) from exc

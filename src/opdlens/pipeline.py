@@ -40,8 +40,9 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
+from opdlens.report.children import children_column
 from opdlens.signals import SignalConfig, path_signals
-from opdlens.store import RunStore, derive_seed, safe_name
+from opdlens.store import RunStore, derive_seed, safe_name, start_fresh
 from opdlens.tasks.answers import strip_thinking
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 from opdlens.targeting import Candidates, Target, TargetingConfig, candidate_priorities, select_from_candidates
@@ -77,6 +78,7 @@ class QuestionEnv:
     token_texts: Callable[[Sequence[int]], list[str]] = lambda toks: [str(t) for t in toks]
     external_solution: str | None = None
     reference_solution: str | None = None  # shown as the "correct solution" when no rollout is correct
+    gold: str | None = None  # the reference answer, shown in the report
     #: optional: the grade reason of a completion (``opdlens.tasks`` reasons); completions whose
     #: reason is in :data:`NO_ANSWER_REASONS` are counted in the question's ``n_no_answer``.
     grade_reason: Callable[[Sequence[int]], str] | None = None
@@ -487,7 +489,8 @@ class Diagnosis:
             path = [int(x) for x in row.tokens]
             lps = self.student.continuation_logprobs(env.prompt_ids, path)
             lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
-            sig = path_signals(self._path_stats(path, rollouts), lps, lpt, self.opt.signals, baseline=prep.initial.success_rate)
+            stats = self._path_stats(path, rollouts)
+            sig = path_signals(stats, lps, lpt, self.opt.signals, baseline=prep.initial.success_rate)
             df = pd.DataFrame(sig)
             df.insert(0, "node", np.arange(len(path)))
             df.insert(0, "teacher", teacher.spec.name)
@@ -496,6 +499,7 @@ class Diagnosis:
             df.insert(0, "question_id", env.id)
             df["token_id"] = path
             df["token_text"] = env.token_texts(path)
+            df["children"] = children_column(stats, lps, lpt, env.token_texts, self.opt.signals.min_visits)
             frames.append(df)
         self.store.write_table(rel, pd.concat(frames, ignore_index=True))
 
@@ -687,27 +691,60 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any, thinking: bool 
                 token_texts=student.token_texts,
                 external_solution=q.meta.get("solution"),
                 reference_solution=q.meta.get("solution") or f"The answer is {q.answer}.",
+                gold=str(q.answer),
             )
         )
     return envs
 
 
-def diagnose(config: Any, *, progress: bool = True) -> RunStore:
-    """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir."""
+def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunStore:
+    """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir.
+
+    The run directory is locked while the run writes into it (a second run on it fails at once)
+    and is checked writable before any model loads. It resumes only a run of the same
+    fingerprint (:func:`write_config`); ``fresh`` first moves an existing directory aside
+    (``<out_dir>.old-<time>``) and starts a new run.
+    """
+    if fresh:
+        start_fresh(config.out_dir)
     store = RunStore(config.out_dir)
-    write_config(store, config)
-    diag, envs = build_diagnosis(config, progress=progress)
-    diag.run(envs)
+    store.check_writable()
+    with store.lock():
+        write_config(store, config)
+        diag, envs = build_diagnosis(config, progress=progress)
+        store.write_table("inputs.parquet", pd.DataFrame(
+            {"question_id": [e.id for e in envs], "question_text": [e.question_text for e in envs],
+             "gold": [e.gold for e in envs]}))  # fmt: skip
+        diag.run(envs)
     return store
 
 
 def write_config(store: RunStore, config: Any) -> None:
-    """Save the run's configuration as ``config.yaml`` (once: a resumed run keeps the first)."""
-    cfg_file = store.root / "config.yaml"
-    if not cfg_file.exists():
-        import yaml
+    """Save the run's configuration as ``config.yaml`` and its fingerprint (the keys that
+    determine results, :func:`opdlens.config.result_keys`) as ``fingerprint.json``.
 
-        cfg_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    A directory that already holds rollouts or scores must have the same fingerprint: otherwise
+    one error names the differing keys (stored and new values) and how to start afresh. A
+    directory with nothing stored (e.g. a first attempt that failed to load a model) takes the
+    new configuration. Both files are rewritten on every run, so they always describe it.
+    """
+    import json
+
+    import yaml
+
+    from opdlens.config import describe_mismatch, fingerprint, result_keys, stored_result_keys
+
+    keys = result_keys(config)
+    if store.has_results():
+        stored = stored_result_keys(store.root, type(config))
+        if stored is not None and (why := describe_mismatch(stored, keys)):
+            raise OpdlensError(
+                f"run directory {store.root} holds results of another configuration ({why}). "
+                "Rerun with the stored settings to resume, choose another out_dir, or pass --fresh "
+                "to move the old run aside and start afresh"
+            )
+    store.write_text("fingerprint.json", json.dumps({"fingerprint": fingerprint(keys), "keys": keys}, indent=1))
+    store.write_text("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
 
 
 def vllm_engine(config: Any, student: Any) -> Any:

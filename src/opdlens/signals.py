@@ -38,11 +38,11 @@ boolean mask, as produced by :meth:`opdlens.tree.PathStats.padded`.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import lfilter
 
 from opdlens.policy import OpdlensError, check_logprobs
@@ -52,16 +52,19 @@ Tensor = torch.Tensor
 ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
 
 
-@dataclass(frozen=True)
-class SignalConfig:
-    """Thresholds and options; defaults follow the paper (short tasks)."""
+class SignalConfig(BaseModel):
+    """Thresholds and options; defaults follow the paper (short tasks). Unknown keys are errors."""
 
-    min_visits: int = 20  # per child in S_u (paper: 20 short tasks, 10 on long AIME traces)
-    min_children: int = 2  # |S_u| needed for a node to count
-    min_psucc_range: float = 0.0  # node needs max P_succ − min P_succ > this over S_u
-    restriction: Literal["renormalize", "literal"] = "renormalize"  # see the module docstring
-    minillm_gamma: float = 1.0  # discount of the reward-to-go
-    minillm_length_norm: bool = True  # divide the reward-to-go by its number of terms
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    min_visits: int = Field(20, ge=1, description="visits a child needs to be in S_u (paper: 20 short tasks, 10 on long AIME traces)")
+    min_children: int = Field(2, ge=2, description="|S_u| needed for a node to count")
+    min_psucc_range: float = Field(0.0, ge=0.0, le=1.0, description="node needs max P_succ − min P_succ > this over S_u")
+    restriction: Literal["renormalize", "literal"] = Field(
+        "renormalize", description="reading of 'restricted to S_u': renormalised (opdlens) or literal (the paper); see the module docstring"
+    )
+    minillm_gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount of MiniLLM's reward-to-go")
+    minillm_length_norm: bool = Field(True, description="divide the reward-to-go by its number of terms")
 
 
 # --------------------------------------------------------------------------- vector formulas

@@ -24,22 +24,26 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from opdlens.tree import PathStats
 
 
-@dataclass(frozen=True)
-class TargetingConfig:
-    first_window: int = 50
-    growth: float = 2.0
-    per_window_gkd: int = 4
-    per_window_gap: int = 4
-    tau_gkd: float = 1e-3
-    tau_gap: float = 1e-2
-    visit_target: int = 100
-    candidates_per_node: int = 8
-    include_path_token: bool = True
-    max_rollouts_per_path: int | None = None
+class TargetingConfig(BaseModel):
+    """Budgets of the targeted rollouts (see the module docstring). Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    first_window: int = Field(50, ge=1, description="size of the first depth window (nodes)")
+    growth: float = Field(2.0, ge=1.0, description="each depth window is this many times the previous")
+    per_window_gkd: int = Field(4, ge=0, description="targets per window chosen by |g_KD|")
+    per_window_gap: int = Field(4, ge=0, description="targets per window chosen by |P_θ − P_te|")
+    tau_gkd: float = Field(1e-3, ge=0, description="minimum |g_KD| of a target")
+    tau_gap: float = Field(1e-2, ge=0, description="minimum |P_θ − P_te| of a target")
+    visit_target: int = Field(100, ge=1, description="visits every target child is enriched to")
+    candidates_per_node: int = Field(8, ge=1, description="top tokens of student and teacher considered per node")
+    include_path_token: bool = Field(True, description="also enrich the path's own token at a chosen node")
+    max_rollouts_per_path: int | None = Field(None, ge=1, description="cap on targeted rollouts per path (None: no cap)")
 
 
 @dataclass(frozen=True)

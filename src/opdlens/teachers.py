@@ -30,7 +30,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 ContextKind = Literal["plain", "1c", "sum-1c", "1c1w", "sum-1c1w", "1c-ext"]
 
@@ -38,7 +38,9 @@ ContextKind = Literal["plain", "1c", "sum-1c", "1c1w", "sum-1c1w", "1c-ext"]
 class TeacherSpec(BaseModel):
     """One teacher configuration of a diagnose run."""
 
-    name: str = Field(description="label used in tables and plots, e.g. 'Self-1C'")
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(min_length=1, description="label used in tables and plots, e.g. 'Self-1C'")
     model: str | None = Field(None, description="model spec; None = the student (self-distillation)")
     context: ContextKind = "plain"
     thinking: bool | None = Field(

@@ -41,6 +41,7 @@ from opdlens.report.tables import (
     overview_lines,
     questions_frame,
     render_markdown_table,
+    two_child_share,
     write_csvs,
 )
 
@@ -67,9 +68,12 @@ def write_report(
     paths: pd.DataFrame,
     *,
     extra: Sequence[tuple[str, str | Path]] | None = None,
+    skips: pd.DataFrame | None = None,
+    inputs: pd.DataFrame | None = None,
+    notes: Sequence[str] = (),
     metric: str = "align_gkd",
     confidence: float = 0.95,
-    ci: Literal["t", "bootstrap"] = "t",
+    ci: Literal["t", "bootstrap"] = "bootstrap",
     n_boot: int = 10_000,
     seed: int = 0,
     alpha: float = 0.05,
@@ -85,10 +89,14 @@ def write_report(
     per-path tables. ``extra`` is an optional list of ``(title, png path)`` (e.g. training
     curves) copied to ``figures/`` and embedded in the HTML and listed in ``summary.md``.
     ``metric`` picks the alignment column; ``confidence``, ``ci``, ``n_boot``, ``seed`` and
-    ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`, ``unit`` (path or question)
-    is the statistical unit of its CIs and tests; ``choices`` (the run config's
-    :meth:`~opdlens.config.DiagnoseConfig.choices`) is listed so a reader knows which reading of
-    the paper the run used. The token view of the HTML
+    ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`; the default percentile bootstrap
+    stays inside the range of the path means, hence inside [-1, 1] (a t-interval over a few
+    paths can reach past ±1). ``unit`` (path or question) is the statistical unit of its CIs and
+    tests; ``choices`` (the run config's :meth:`~opdlens.config.DiagnoseConfig.choices`) is listed
+    so a reader knows which reading of the paper the run used. ``skips`` (question_id, teacher,
+    reason) are listed in a table, ``inputs`` (question_id, question_text, gold) are shown above
+    each question's tokens, and ``notes`` (e.g. that the run is partial) head the overview. The
+    token view of the HTML
     shows at most ``max_questions`` questions and ``max_tokens`` tokens per path; each
     shown token costs about 300 bytes of HTML per teacher, so the page size is roughly
     ``300 B x teachers x shown tokens``.
@@ -110,11 +118,12 @@ def write_report(
 
     qtable = questions_frame(an, questions, paths)
     write_csvs(out, an, qtable)
-    tables = build_tables(an, qtable)
-    overview = overview_lines(an, nodes, questions, paths)
-
     teachers = [str(t) for t in an.teachers.table["teacher"]]
     valid = valid_nodes(nodes, metric)
+    two_child = two_child_share(valid, metric) if "n_children" in valid.columns else None
+    tables = build_tables(an, qtable, two_child=two_child, skips=skips)
+    overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips)]
+
     conf = round(100 * confidence)
     figs: list[tuple[str, str, Path]] = [
         (
@@ -131,10 +140,10 @@ def write_report(
         ),
         (
             "Correct vs incorrect paths",
-            f"Mean of path means of correct and of incorrect paths, {conf}% t-CI over paths.",
+            f"Mean of path means of correct and of incorrect paths, {conf}% percentile bootstrap CI over paths.",
             plot_correct_incorrect(
                 an.paths, teachers, metric, confidence,
-                fig_dir / FIGURE_FILES["correct_vs_incorrect"],
+                fig_dir / FIGURE_FILES["correct_vs_incorrect"], n_boot=n_boot, seed=seed,
             ),  # fmt: skip
         ),
         (
@@ -171,7 +180,7 @@ def write_report(
         token_nodes = nodes.assign(**{c: float("nan") for c in missing})
     token_view = render_token_view(
         token_nodes, questions, paths, an.paths, teachers, metric,
-        max_questions=max_questions, max_tokens=max_tokens,
+        max_questions=max_questions, max_tokens=max_tokens, inputs=inputs,
     )  # fmt: skip
     page = render_page(
         title=title, overview=overview, tables=tables, figures=figs, token_view=token_view,

@@ -19,7 +19,7 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from opdlens.analysis import t_interval
+from opdlens.analysis import bootstrap_interval
 
 __all__ = ["plot_correct_incorrect", "plot_depth", "plot_distribution", "plot_teacher_means", "plot_training_curve"]
 
@@ -90,9 +90,11 @@ def plot_teacher_means(table: pd.DataFrame, metric: str, confidence: float, path
 
 
 def plot_correct_incorrect(
-    paths: pd.DataFrame, teachers: list[str], metric: str, confidence: float, path: Path
+    paths: pd.DataFrame, teachers: list[str], metric: str, confidence: float, path: Path,
+    *, n_boot: int = 10_000, seed: int = 0,
 ) -> Path:
-    """Grouped bars per teacher: mean of correct vs incorrect path means, t-CI over paths."""
+    """Grouped bars per teacher: mean of correct vs incorrect path means, with a percentile
+    bootstrap CI over paths (inside [-1, 1], like the metric)."""
     fig = Figure(figsize=(max(4.5, 1.1 * len(teachers) + 2.0), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(teachers))
@@ -106,7 +108,7 @@ def plot_correct_incorrect(
             v = pm.loc[(pm["teacher"] == teacher) & (pm["path_correct"] == flag), "mean"]
             a = v.to_numpy(dtype=float)
             means.append(float(a.mean()) if a.size else float("nan"))
-            ci = t_interval(a, confidence)
+            ci = bootstrap_interval(a, confidence, n_boot=n_boot, seed=seed)
             lo.append(ci[0])
             hi.append(ci[1])
         mm = np.array(means)

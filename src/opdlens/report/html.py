@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
+from opdlens.report.children import parse_children
 from opdlens.report.tables import Table, fmt, inline_code, render_html_table
 
 __all__ = [
@@ -92,19 +93,36 @@ def _num(x: object, digits: int = 3, signed: bool = False) -> str:
     return fmt(x, digits, signed=signed).replace("–", "n/a")
 
 
+def _token_repr(text: object) -> str:
+    """A token text on one tooltip line: quoted, with newlines and tabs as escapes."""
+    return repr(str(text))[:40]
+
+
 def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[type-arg]
-    """Tooltip text of one node: alignment, probabilities, P_succ, advantage, visits, KL."""
+    """Tooltip text of one node: alignment, probabilities, P_succ, advantage, visits, KL and,
+    when the node table has a ``children`` column, the competing children the alignment is
+    computed from (text, P_θ, P_te, P_succ, visits)."""
     r = row
     valid = bool(r.get("valid", False))
     visits_s = _int(r.get("visits"))
+    n_children = _int(r.get("n_children"))
     lines = [
         f"node {r.get('node')}  token id {r.get('token_id')}"
         + ("" if valid else "  (invalid node: not enough visited children)"),
-        f"{metric} = {_num(r.get(metric), signed=True)}",
+        f"{metric} = {_num(r.get(metric), signed=True)}"
+        + ("   (2 children: a cosine of ±1 is forced, only its sign informs)" if valid and n_children == "2" else ""),
         f"P_student = {_num(r.get('p_student'))}   P_teacher = {_num(r.get('p_teacher'))}",
         f"P_succ = {_num(r.get('psucc_token'))}   teacher adv = {_num(r.get('teacher_adv'), signed=True)}",
-        f"visits = {visits_s}   children = {_int(r.get('n_children'))}   KL = {_num(r.get('kl'), 4)}",
+        f"visits = {visits_s}   children = {n_children}   KL = {_num(r.get('kl'), 4)}",
     ]
+    kids = parse_children(r.get("children"))
+    if kids:
+        lines.append("children in S_u:  P_θ      P_te     P_succ  visits")
+        lines += [
+            f"  {_token_repr(c.get('text')):<14} {_num(c.get('p_student'))}    {_num(c.get('p_teacher'))}    "
+            f"{_num(c.get('psucc'), 2)}    {_int(c.get('visits'))}"
+            for c in kids
+        ]
     return "\n".join(lines)
 
 
@@ -138,8 +156,12 @@ def render_token_view(
     *,
     max_questions: int = 20,
     max_tokens: int = 2000,
+    inputs: pd.DataFrame | None = None,
 ) -> str:
     """The per-teacher token views: for each question and representative path, coloured tokens.
+
+    ``inputs`` (``question_id``, ``question_text``, ``gold``) adds each question's text and gold
+    answer above its paths.
 
     One ``<div class="teacher-view" data-teacher=...>`` per teacher; all but the first start
     hidden and the teacher selector switches between them. At most ``max_questions`` questions
@@ -162,6 +184,9 @@ def render_token_view(
     sub["question_id"] = sub["question_id"].astype(str)
     sub = sub.sort_values(["teacher", "question_id", "path_id", "node"], kind="stable")
     groups = {k: g for k, g in sub.groupby(["teacher", "question_id", "path_id"], sort=False)}
+    texts: dict[str, tuple[object, object]] = {}
+    if inputs is not None and not inputs.empty:
+        texts = {str(r.question_id): (r.question_text, r.gold) for r in inputs.itertuples(index=False)}
 
     out = []
     if len(qids) > len(shown_q):
@@ -182,6 +207,12 @@ def render_token_view(
                     "targeted rollouts</span>"
                 )
             out.append(f"<section class='question'><h3>Question {e(q)}{qmeta}</h3>")
+            if q in texts:
+                qtext, gold = texts[q]
+                out.append(
+                    f"<div class='qinfo'><pre class='qtext'>{e(str(qtext))}</pre>"
+                    f"<b>gold answer:</b> <code>{e(str(gold))}</code></div>"
+                )
             path_ids = sorted({int(k[2]) for k in groups if k[0] == teacher and k[1] == q})
             for pid in path_ids:
                 g = groups[(teacher, q, pid)]
@@ -264,6 +295,8 @@ figure img{max-width:100%;border:1px solid #eee} figcaption{font-size:.8em;color
 .sp{color:#999}
 .note{font-size:.85em;color:#777}
 details pre{white-space:pre-wrap;font-size:12px;background:#f6f6f6;padding:6px}
+.qinfo{font-size:.85em;margin:.2em 0 .6em}
+.qtext{white-space:pre-wrap;font-size:12px;background:#f6f6f6;padding:6px;max-height:9em;overflow:auto;margin:.2em 0}
 """
 
 _JS = """

@@ -194,14 +194,50 @@ def write_csvs(
     return written
 
 
+def two_child_share(valid: pd.DataFrame, metric: str) -> pd.DataFrame:
+    """Per teacher, over its valid nodes: ``frac_two_child`` (share with exactly two children in
+    ``S_u``, where the renormalised gradients are collinear and the cosine is exactly ±1),
+    ``n_multi`` and ``mean_multi`` (count and mean alignment of the nodes with >= 3 children)."""
+    two = pd.to_numeric(valid["n_children"], errors="coerce").to_numpy() == 2
+    x = valid[metric].to_numpy(dtype=float)
+    work = pd.DataFrame({"teacher": valid["teacher"].astype(str).to_numpy(), "two": two.astype(float),
+                         "multi": (~two).astype(float), "xm": np.where(two, 0.0, x)})  # fmt: skip
+    g = work.groupby("teacher", sort=True).agg(frac_two_child=("two", "mean"), n_multi=("multi", "sum"),
+                                               _sum=("xm", "sum"))  # fmt: skip
+    g["n_multi"] = g["n_multi"].astype(int)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        g["mean_multi"] = np.where(g["n_multi"] > 0, g["_sum"] / g["n_multi"].clip(lower=1), np.nan)
+    return g.drop(columns="_sum")
+
+
+def sign_disagreements(table: pd.DataFrame) -> list[str]:
+    """Notes for the teachers whose mean of path means and weighted mean have opposite signs."""
+    out = []
+    for r in table.itertuples(index=False):
+        m, w = float(r.mean), float(r.weighted_mean)
+        if np.isfinite(m) and np.isfinite(w) and m * w < 0:
+            out.append(
+                f"{r.teacher}: the mean ({fmt(m, signed=True)}) and the weighted mean ({fmt(w, signed=True)}) "
+                "disagree in sign: the nodes with large gradients lean the other way than the typical node."
+            )
+    return out
+
+
 def build_tables(
-    an: Analysis, questions_table: pd.DataFrame, *, max_question_rows: int = 50
+    an: Analysis,
+    questions_table: pd.DataFrame,
+    *,
+    max_question_rows: int = 50,
+    two_child: pd.DataFrame | None = None,
+    skips: pd.DataFrame | None = None,
 ) -> list[Table]:
-    """The report's tables, formatted, in display order."""
+    """The report's tables, formatted, in display order. ``two_child``: :func:`two_child_share`;
+    ``skips``: the run's skipped (question, teacher, reason) rows, listed in their own table."""
     conf = round(100 * an.teachers.confidence)
     tt = an.teachers.table
-    method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap"
+    method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap (stays inside [-1, 1])"
     tables: list[Table] = []
+    tc = two_child if two_child is not None else pd.DataFrame(columns=["frac_two_child", "n_multi", "mean_multi"])
 
     t = Table(
         "per_teacher",
@@ -214,15 +250,24 @@ def build_tables(
             "of valid nodes with positive / negative alignment.",
             "weighted: sum(w cos) / sum(w) over all valid nodes with w = |g_ideal| |g_GKD| "
             "(nodes with large gradients count more).",
+            "2-child: share of valid nodes with exactly two well-visited children; there both "
+            "gradients lie on one line (renormalised over S_u they sum to zero), so the cosine is "
+            "exactly +1 or -1 and only its sign carries information. mean (3+): mean over the "
+            "nodes with three or more children (nodes: how many).",
+            *sign_disagreements(tt),
         ],
         ["teacher", "mean", f"{conf}% CI", "std", "paths", "questions", "nodes", "node std",
-         "% > 0", "% < 0", "weighted"],  # fmt: skip
+         "% > 0", "% < 0", "weighted", "2-child", "mean (3+)", "nodes (3+)"],  # fmt: skip
     )
     for r in tt.itertuples(index=False):
+        c = tc.loc[str(r.teacher)] if str(r.teacher) in tc.index else None
         t.rows.append([
             str(r.teacher), fmt(r.mean), fmt_ci(r.ci_low, r.ci_high), fmt(r.std),
             str(r.n_paths), str(r.n_questions), str(r.n_nodes), fmt(r.node_std),
             fmt_pct(r.frac_pos), fmt_pct(r.frac_neg), fmt(r.weighted_mean),
+            DASH if c is None else fmt_pct(c["frac_two_child"]),
+            DASH if c is None else fmt(c["mean_multi"], signed=True),
+            DASH if c is None else str(int(c["n_multi"])),
         ])  # fmt: skip
     tables.append(t)
 
@@ -312,16 +357,46 @@ def build_tables(
             *[fmt(r[c], signed=True) for c in align_cols],
         ])  # fmt: skip
     tables.append(t)
+
+    if skips is not None and not skips.empty:
+        t = Table(
+            "skips",
+            "Skipped",
+            ["Questions and teachers left out of the results, with the reason; teacher \"(all)\": "
+             "the whole question was skipped."],
+            ["question", "teacher", "reason"],
+        )  # fmt: skip
+        for r in skips.itertuples(index=False):
+            t.rows.append([str(r.question_id), str(r.teacher) or "(all)", str(r.reason)])
+        tables.append(t)
     return tables
 
 
 def overview_lines(
-    an: Analysis, nodes: pd.DataFrame, questions: pd.DataFrame, paths: pd.DataFrame
+    an: Analysis,
+    nodes: pd.DataFrame,
+    questions: pd.DataFrame,
+    paths: pd.DataFrame,
+    *,
+    two_child: pd.DataFrame | None = None,
+    skips: pd.DataFrame | None = None,
 ) -> list[str]:
     """One-line facts about the run shown at the top of the report."""
     valid = nodes["valid"].fillna(False).astype(bool)
     teachers: Sequence[str] = [str(t) for t in an.teachers.table["teacher"]]
     sr = pd.to_numeric(questions["success_rate"], errors="coerce")
+    extra = []
+    if two_child is not None and not two_child.empty:
+        n_valid = valid.sum()
+        n_two = int(((pd.to_numeric(nodes["n_children"], errors="coerce") == 2) & valid).sum())
+        extra.append(
+            f"{n_two} of {int(n_valid)} valid node(s) ({fmt_pct(n_two / max(int(n_valid), 1))}) have exactly two "
+            "well-visited children: their alignment is exactly ±1 by construction (see the 2-child column)."
+        )
+    if skips is not None and not skips.empty:
+        whole = int((skips["teacher"].astype(str) == "").sum())
+        extra.append(f"{len(skips)} skip(s) ({whole} whole question(s)): see the Skipped table.")
+    extra += [f"note: {line}" for line in sign_disagreements(an.teachers.table)]
     return [
         f"alignment metric: `{an.metric}`: cosine between the ideal (success-seeking) gradient "
         "and the distillation gradient at a node, in [-1, 1]: > 0 helpful, about 0 orthogonal "
@@ -331,4 +406,5 @@ def overview_lines(
         f"{len(nodes)} scored node(s), {int(valid.sum())} valid ({fmt_pct(valid.mean())}): a node "
         "is valid when >= 2 next tokens have enough visits to estimate their success rate.",
         f"mean student success rate over questions: {fmt(sr.mean())}.",
+        *extra,
     ]

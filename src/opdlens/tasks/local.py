@@ -34,7 +34,8 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     """Rows of a ``.jsonl``/``.json`` (one object a line) or ``.parquet`` file.
 
     Yields ``(row_number, row)`` where ``row`` is a dict, or an error string for a JSONL line that
-    is not a JSON object (so the caller can report or skip it). Blank JSONL lines are ignored;
+    is not a JSON object or not UTF-8 (so the caller can report or skip it). A UTF-8 byte-order
+    mark is accepted; a file holding NUL bytes is refused as binary. Blank JSONL lines are ignored;
     JSONL row numbers are line numbers. Raises :class:`OpdlensError` for a missing file, an
     unknown extension, an unreadable Parquet file or a file with no rows.
     """
@@ -44,8 +45,17 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     suffix = p.suffix.lower()
     n = 0
     if suffix in (".jsonl", ".json", ".ndjson"):
-        with p.open(encoding="utf-8") as f:
-            for lineno, line in enumerate(f, start=1):
+        with p.open("rb") as f:
+            if b"\x00" in f.read(8192):
+                raise OpdlensError(f"data file {p} is binary (it holds NUL bytes), not JSONL text: one JSON object a line, UTF-8")
+            f.seek(0)
+            for lineno, raw in enumerate(f, start=1):
+                try:
+                    line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is accepted
+                except UnicodeDecodeError as e:
+                    n += 1
+                    yield lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                    continue
                 if not line.strip():
                     continue
                 n += 1

@@ -1,0 +1,196 @@
+"""Property-based tests over configs and data rows: a run either finishes or stops with one
+:class:`OpdlensError`, never another exception, and an interrupted run resumes to exactly the
+results of an uninterrupted one.
+
+The models are the synthetic oracle (:mod:`opdlens.synthetic`) standing in for
+``build_diagnosis``, so ``diagnose()`` (fingerprint, lock, config files), the task loader (the
+fuzzed JSONL rows, whose ids become file names) and the run store all run for real, in well
+under a second per example. Examples are derandomised so CI sees the same cases every time.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+from unittest import mock
+
+import pandas as pd
+import yaml
+from hypothesis import HealthCheck, event, given, settings
+from hypothesis import strategies as st
+
+from opdlens import pipeline
+from opdlens.config import DiagnoseConfig, validate_config
+from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.policy import OpdlensError
+from opdlens.report.run import load_run
+from opdlens.store import RunStore
+from opdlens.synthetic import SyntheticPolicy
+from opdlens.tasks import get_task
+
+FUZZ = settings(max_examples=16, deadline=None, derandomize=True, database=None,
+                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+
+names = st.one_of(st.sampled_from([".", "..", "", "a/b", "T", "Self-1C", "é", "x" * 100, ".hidden"]), st.text(max_size=6))
+teacher = st.fixed_dictionaries(
+    {"name": names},
+    optional={"model": st.just("synthetic"), "context": st.sampled_from(["plain", "1c", "bogus"]), "modle": st.just("x")},
+)
+config_dicts = st.fixed_dictionaries(
+    {},
+    optional={
+        "n_questions": st.one_of(st.integers(-1, 4), st.none(), st.just("x")),
+        "rollouts_per_question": st.integers(-1, 24),
+        "max_new_tokens": st.one_of(st.none(), st.integers(-1, 6)),
+        "temperature": st.one_of(st.floats(-1, 3), st.just(0.0)),
+        "n_correct_paths": st.integers(-1, 2),
+        "n_incorrect_paths": st.integers(-1, 2),
+        "chunk_rollouts": st.integers(-1, 20),
+        "seed": st.integers(-1, 3),
+        "teachers": st.lists(teacher, max_size=3),
+        "targeting_teachers": st.one_of(st.none(), st.lists(names, max_size=2)),
+        "targeting": st.fixed_dictionaries({}, optional={
+            "first_window": st.integers(-1, 4), "visit_target": st.integers(0, 12),
+            "per_window_gkd": st.integers(-1, 2), "per_window_gap": st.integers(-1, 2),
+            "candidates_per_node": st.integers(-1, 4), "growth": st.floats(0, 3),
+            "max_rollouts_per_path": st.one_of(st.none(), st.integers(0, 30)), "visits": st.just(1)}),
+        "signals": st.fixed_dictionaries({}, optional={
+            "min_visits": st.integers(-1, 6), "min_children": st.integers(1, 3),
+            "min_psucc_range": st.floats(-0.5, 1.5)}),
+        "typo_key": st.integers(),
+    },
+)  # fmt: skip
+json_row = st.fixed_dictionaries(
+    {"question": st.one_of(st.text(max_size=8), st.none(), st.integers()),
+     "answer": st.one_of(st.text(max_size=4), st.integers(), st.none(), st.booleans())},
+    optional={"id": st.one_of(names, st.integers(), st.none())},
+).map(lambda r: json.dumps(r).encode())  # fmt: skip
+line = st.one_of(json_row, json_row, json_row, st.binary(max_size=12), st.text(max_size=8).map(str.encode),
+                 st.just(b'{"question": "q", "answer": "a", "id": "\xff"}'))  # fmt: skip
+jsonl = st.tuples(st.booleans(), st.lists(line, max_size=5)).map(
+    lambda t: (b"\xef\xbb\xbf" if t[0] else b"") + b"\n".join(t[1]) + b"\n")
+
+
+run_configs = st.fixed_dictionaries(
+    {
+        "n_questions": st.one_of(st.none(), st.integers(1, 3)),
+        "rollouts_per_question": st.integers(2, 16),
+        "chunk_rollouts": st.integers(1, 20),
+        "seed": st.integers(0, 3),
+        "n_correct_paths": st.integers(0, 2),
+        "n_incorrect_paths": st.integers(1, 2),
+        "teachers": st.lists(names.filter(bool), min_size=1, max_size=2, unique=True).map(
+            lambda ns: [{"name": n} for n in ns]),
+        "targeting": st.fixed_dictionaries({
+            "first_window": st.integers(1, 4), "visit_target": st.integers(1, 8),
+            "per_window_gkd": st.integers(0, 2), "per_window_gap": st.integers(0, 2),
+            "candidates_per_node": st.integers(1, 4),
+            "max_rollouts_per_path": st.one_of(st.none(), st.integers(1, 20))}),
+        "signals": st.fixed_dictionaries({"min_visits": st.integers(1, 4)}),
+    },
+)  # fmt: skip
+good_row = st.fixed_dictionaries(
+    {"question": st.text(min_size=1, max_size=8).filter(str.strip), "answer": st.text(min_size=1, max_size=4)},
+    optional={"id": names},
+).map(lambda r: json.dumps(r).encode())  # fmt: skip
+run_data = st.tuples(st.lists(good_row, min_size=1, max_size=4), st.lists(line, max_size=1)).map(
+    lambda t: b"\n".join(t[0] + t[1]) + b"\n")
+
+
+def _synthetic_builder(fail_after: int | None):  # type: ignore[no-untyped-def]
+    """A ``build_diagnosis`` stand-in: the config's task and budgets, synthetic models (every
+    teacher a tilted copy of the student, shown the plain prompt); the student's sampling raises
+    KeyboardInterrupt after ``fail_after`` calls (a kill at that moment)."""
+
+    def build(config: Any, *, progress: bool = True) -> tuple[Diagnosis, list[QuestionEnv]]:
+        questions = get_task(config.task, **config.task_args).load(split=config.split, n=config.n_questions, seed=config.seed)
+        student = SyntheticPolicy.random(seed=config.seed, horizon=6)
+        if fail_after is not None:
+            real, calls = student.sample, [0]
+
+            def sample(*a: Any, **kw: Any) -> Any:
+                calls[0] += 1
+                if calls[0] > fail_after:
+                    raise KeyboardInterrupt("simulated kill")
+                return real(*a, **kw)
+
+            student.sample = sample  # type: ignore[method-assign]
+        teachers = [Teacher(spec.model_copy(update={"context": "plain"}), student.tilted(2.0 - i, seed=i + 1))
+                    for i, spec in enumerate(config.teachers)]  # fmt: skip
+        opts = PhaseOptions(
+            rollouts_per_question=config.rollouts_per_question, max_new_tokens=min(config.max_new_tokens or 6, 6),
+            temperature=config.temperature, n_correct_paths=config.n_correct_paths,
+            n_incorrect_paths=config.n_incorrect_paths, chunk_rollouts=config.chunk_rollouts, seed=config.seed,
+            targeting=config.targeting, signals=config.signals, targeting_teachers=config.targeting_teachers,
+        )  # fmt: skip
+        envs = [QuestionEnv(id=q.id, prompt_ids=[], grade=student.is_success, question_text=q.prompt, gold=str(q.answer))
+                for q in questions]  # fmt: skip
+        return Diagnosis(RunStore(config.out_dir), student, teachers, opts, progress=False), envs
+
+    return build
+
+
+def _run(cfg: DiagnoseConfig, fail_after: int | None = None) -> str:
+    """``diagnose(cfg)``: "done", "error" (an OpdlensError) or "killed"; anything else propagates."""
+    with mock.patch.object(pipeline, "build_diagnosis", _synthetic_builder(fail_after)):
+        try:
+            pipeline.diagnose(cfg, progress=False)
+        except OpdlensError:
+            return "error"
+        except KeyboardInterrupt:
+            return "killed"
+    return "done"
+
+
+def _sorted_nodes(root: Path) -> pd.DataFrame:
+    nodes, _, _ = load_results(RunStore(root))
+    key = ["teacher", "question_id", "path_id", "node"]
+    return nodes.sort_values(key).reset_index(drop=True)
+
+
+@FUZZ
+@given(raw=st.one_of(run_configs, run_configs, run_configs, config_dicts), data=st.one_of(run_data, run_data, jsonl),
+       on_bad_row=st.sampled_from(["error", "skip"]), fail_after=st.one_of(st.integers(0, 10), st.integers(0, 10), st.none()))
+def test_runs_finish_or_fail_cleanly_and_resume_exactly(tmp_path_factory, raw, data, on_bad_row, fail_after) -> None:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("fuzz")
+    (tmp / "data.jsonl").write_bytes(data)
+    raw = {**raw, "task": "jsonl", "task_args": {"path": str(tmp / "data.jsonl"), "on_bad_row": on_bad_row}}
+    try:
+        cfg = validate_config(DiagnoseConfig, raw | {"out_dir": str(tmp / "a")}, "fuzz")
+    except OpdlensError:
+        return
+    first = _run(cfg, fail_after)
+    resumed = _run(cfg)  # after a kill, an error or a finished run: never a traceback
+    event(f"first {first}, resumed {resumed}")
+    if first == "done":
+        assert resumed == "done"
+    if resumed != "done":
+        return
+    assert _run(cfg.model_copy(update={"out_dir": str(tmp / "b")})) == "done"
+    pd.testing.assert_frame_equal(_sorted_nodes(tmp / "a"), _sorted_nodes(tmp / "b"))
+    assert not load_run(RunStore(tmp / "a", create=False)).partial
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(text=st.one_of(st.binary(max_size=60), config_dicts.map(lambda d: yaml.safe_dump(d).encode())))
+def test_config_files_load_or_fail_with_one_message(tmp_path_factory, text: bytes) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("cfg") / "c.yaml"
+    path.write_bytes(text)
+    try:
+        DiagnoseConfig.from_yaml(path)
+    except OpdlensError as exc:
+        assert str(exc) and "Traceback" not in str(exc)
+
+
+@settings(max_examples=60, deadline=None, derandomize=True, database=None)
+@given(data=st.one_of(jsonl, st.binary(max_size=80)), on_bad_row=st.sampled_from(["error", "skip"]))
+def test_data_files_load_or_fail_naming_the_file(tmp_path_factory, data: bytes, on_bad_row: str) -> None:  # type: ignore[no-untyped-def]
+    path = tmp_path_factory.mktemp("data") / "rows.jsonl"
+    path.write_bytes(data)
+    try:
+        questions = get_task("jsonl", path=str(path), on_bad_row=on_bad_row).load()
+    except OpdlensError as exc:
+        assert "rows.jsonl" in str(exc)
+        return
+    assert questions and len({q.id for q in questions}) == len(questions)
