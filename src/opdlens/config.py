@@ -6,9 +6,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opdlens.policy import OpdlensError
+from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
 from opdlens.signals import SignalConfig
 from opdlens.targeting import TargetingConfig
 from opdlens.teachers import DEFAULT_TEACHERS, TeacherSpec
@@ -43,6 +44,14 @@ class DiagnoseConfig(BaseModel):
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
     out_dir: str = "runs/diagnose"
+
+    @model_validator(mode="after")
+    def _vllm_temperature(self) -> DiagnoseConfig:
+        lo, hi = TEMPERATURE_RANGE
+        if self.rollout_engine == "vllm" and not lo <= self.temperature <= hi:
+            raise ValueError(f"temperature must be in [{lo}, {hi}] with rollout_engine: vllm "
+                             f"(vLLM rejects higher ones and raises lower ones to {lo}), got {self.temperature}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DiagnoseConfig:
