@@ -397,6 +397,8 @@ def test_vllm_memory_errors_say_what_to_change(cuda_device: FakeDevice) -> None:
         vllm_engine(huge, pol)
     with pytest.raises(OpdlensError, match=r"gpu_memory_utilization=0.9 reserves 72.0 GiB but only 34.0 GiB.*at most 0.42"):
         vllm_engine(_memory_config("org/student-8b", vllm_options={"gpu_memory_utilization": 0.9}), pol)
+    with pytest.raises(OpdlensError, match=r"gpu_memory_utilization=0.2 gives vLLM 16.0 GiB.*at least 0.21"):
+        vllm_engine(_memory_config("org/student-8b", vllm_options={"gpu_memory_utilization": 0.2}), pol)
     assert FakeLLM.built == []
     vllm_engine(_memory_config("org/student-8b", vllm_options={"gpu_memory_utilization": 0.4}), pol)
     assert FakeLLM.built[-1]["gpu_memory_utilization"] == 0.4  # an explicit share that fits is kept

@@ -167,6 +167,12 @@ def memory_share(
     else:
         share = (after_load - SCORING_RESERVE * total) / total
     need = student_bytes + MIN_VLLM_EXTRA_BYTES
+    if requested is not None and share * total < need:
+        raise OpdlensError(
+            f"vllm_options.gpu_memory_utilization={requested} gives vLLM {share * total / _GIB:.1f} GiB; it needs the "
+            f"student's weights ({student_bytes / _GIB:.1f} GiB) plus at least {MIN_VLLM_EXTRA_BYTES / _GIB:.0f} GiB: "
+            f"set it to at least {need / total:.2f}, or leave it out to have it computed"
+        )
     if share * total < need:
         raise OpdlensError(
             f"vLLM does not fit on this device: of its {total / _GIB:.1f} GiB, {free / _GIB:.1f} GiB are free, "
