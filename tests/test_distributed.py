@@ -60,6 +60,34 @@ def assert_same_run(a: Path, b: Path) -> None:
     assert _chunks(a) == _chunks(b)
 
 
+class _InitCalled(Exception):
+    pass
+
+
+@pytest.mark.parametrize(("given", "passed"), [(None, "local"), ("", "local"), ("local", "local"), ("auto", "auto"),
+                                               ("ray://head:10001", "ray://head:10001")])
+def test_local_address_always_starts_a_fresh_cluster(monkeypatch, tmp_path, given, passed):
+    """``--ray local`` (and no address) must reach ray.init as "local": Ray's default None attaches to
+    RAY_ADDRESS or to the last cluster recorded on the machine, which may be stale."""
+    seen = []
+
+    def fake_init(address=None, **kwargs):
+        seen.append(address)
+        raise _InitCalled
+
+    monkeypatch.setattr(ray, "is_initialized", lambda: False)
+    monkeypatch.setattr(ray, "init", fake_init)
+    with pytest.raises(_InitCalled):
+        diagnose_ray(_cfg(tmp_path), address=given, policy_factory=FACTORY, progress=False)
+    assert seen == [passed]
+    if given == "local":  # the CLI's --ray local
+        from opdlens.cli import _run_diagnose
+
+        with pytest.raises(_InitCalled):
+            _run_diagnose(_cfg(tmp_path / "cli"), given)
+        assert seen == [passed, "local"]
+
+
 def test_ray_run_equals_single_process_run(cluster, reference, tmp_path):
     store = diagnose_ray(_cfg(tmp_path), num_workers=2, policy_factory=FACTORY, progress=False)
     assert_same_run(store.root, reference)

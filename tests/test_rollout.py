@@ -1,8 +1,7 @@
-"""TorchEngine (fused and HF backends) and VLLMEngine (against a fake vLLM)."""
+"""TorchEngine (fused and HF backends); the vLLM engine is tested in test_vllm.py."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -12,7 +11,7 @@ from scipy import stats
 
 from opdlens.models import HFPolicy, tiny_random_policy
 from opdlens.policy import Completion, OpdlensError
-from opdlens.rollout import Engine, TorchEngine, VLLMEngine, fused_supported
+from opdlens.rollout import Engine, TorchEngine, fused_supported
 
 PREFIXES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]
 
@@ -184,109 +183,6 @@ def test_bad_requests_raise(llama: HFPolicy) -> None:
         llama.sample([[99]], 1, 5, seed=0)
     with pytest.raises(OpdlensError, match="backend"):
         _engine(llama, backend="jax")
-
-
-# ---------------------------------------------------------------------------- vLLM (fake)
-@dataclass
-class FakeLogprob:
-    logprob: float
-
-
-@dataclass
-class FakeOutput:
-    token_ids: list[int]
-    logprobs: list[dict[int, FakeLogprob]]
-    finish_reason: str
-
-
-@dataclass
-class FakeRequestOutput:
-    outputs: list[FakeOutput]
-
-
-@dataclass
-class FakeSamplingParams:
-    n: int
-    max_tokens: int
-    temperature: float
-    seed: int
-    logprobs: int
-    stop_token_ids: list[int]
-
-
-@dataclass
-class FakeLLM:
-    calls: list[tuple[list[Any], list[FakeSamplingParams]]] = field(default_factory=list)
-
-    def generate(self, prompts: list[Any], params: list[FakeSamplingParams], use_tqdm: bool = True) -> list[FakeRequestOutput]:
-        self.calls.append((prompts, params))
-        res = []
-        for prompt, sp in zip(prompts, params):
-            rng = np.random.default_rng(sp.seed)
-            outs = []
-            for _ in range(sp.n):
-                toks = [int(t) for t in rng.integers(5, 9, size=sp.max_tokens)]
-                stop = bool(rng.random() < 0.5)
-                if stop:
-                    toks[-1] = sp.stop_token_ids[0]
-                lps = [{t: FakeLogprob(-0.1 * (i + 1)), 99: FakeLogprob(-9.0)} for i, t in enumerate(toks)]
-                outs.append(FakeOutput(toks, lps, "stop" if stop else "length"))
-            res.append(FakeRequestOutput(outs))
-        return res
-
-
-def test_vllm_engine_maps_requests_and_outputs() -> None:
-    llm = FakeLLM()
-    eng = VLLMEngine(llm, eos_token_ids=[2, 0], sampling_params_cls=FakeSamplingParams)
-    assert isinstance(eng, Engine)
-    res = eng.sample([[1, 2, 3], [4]], n=3, max_new_tokens=4, seed=10, temperature=0.8)
-    ((prompts, params),) = llm.calls
-    assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
-    assert [(p.n, p.max_tokens, p.temperature, p.seed, p.logprobs, p.stop_token_ids) for p in params] == [
-        (3, 4, 0.8, 10, 0, [0, 2]), (3, 4, 0.8, 11, 0, [0, 2])]
-    assert [len(cs) for cs in res] == [3, 3]
-    for cs in res:
-        for c in cs:
-            assert c.logprobs == pytest.approx([-0.1, -0.2, -0.3, -0.4])
-            assert c.finished == (c.tokens[-1] == 0)
-    assert {c.finished for cs in res for c in cs} == {True, False}
-    with pytest.raises(OpdlensError, match="n .samples"):
-        eng.sample([[1]], n=0, max_new_tokens=4, seed=0)
-
-
-def test_rollout_engine_vllm_config_builds_the_student_sampler(monkeypatch: pytest.MonkeyPatch) -> None:
-    """``rollout_engine: vllm``: the student's samples come from vLLM (model id, dtype, seed, the
-    student's EOS ids and the temperature-scaled log-probs mode passed on); scoring stays on HF."""
-    import types
-
-    from opdlens.config import DiagnoseConfig
-    from opdlens.pipeline import vllm_engine
-    from opdlens.rollout import vllm_engine as ve
-
-    built: list[dict[str, Any]] = []
-
-    class RecordingLLM(FakeLLM):
-        def __init__(self, **kwargs: Any) -> None:
-            super().__init__()
-            built.append(kwargs)
-
-    monkeypatch.setattr(ve, "_import_vllm", lambda: types.SimpleNamespace(LLM=RecordingLLM, SamplingParams=FakeSamplingParams))
-    pol = tiny_random_policy(seed=0, vocab_size=16)
-    cfg = DiagnoseConfig(student="Qwen/Qwen3-0.6B", rollout_engine="vllm", dtype="bfloat16", seed=5,
-                         vllm_options={"gpu_memory_utilization": 0.5})
-    pol.engine = vllm_engine(cfg, pol)
-    assert built == [dict(model="Qwen/Qwen3-0.6B", gpu_memory_utilization=0.5, dtype="bfloat16", seed=5,
-                          logprobs_mode="processed_logprobs", enable_prefix_caching=True)]
-    res = pol.sample([[1, 2, 3]], n=4, max_new_tokens=5, seed=9, temperature=0.7)
-    ((prompts, params),) = pol.engine.llm.calls
-    assert prompts == [{"prompt_token_ids": [1, 2, 3]}]
-    assert (params[0].n, params[0].seed, params[0].temperature, params[0].stop_token_ids) == (4, 9, 0.7, sorted(pol.eos_token_ids))
-    assert [len(c.tokens) for c in res[0]] == [len(c.logprobs) for c in res[0]] and len(res[0]) == 4
-    # the embedded GGUF is no vLLM model; a non-engine is refused
-    with pytest.raises(OpdlensError, match="embedded 'smollm2'"):
-        vllm_engine(DiagnoseConfig(rollout_engine="vllm"), pol)
-    with pytest.raises(OpdlensError, match="not a rollout engine"):
-        pol.engine = object()
 
 
 # ---------------------------------------------------------------------------- Triton decode kernels

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opdlens.policy import OpdlensError
+from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
 from opdlens.signals import SignalConfig
 from opdlens.targeting import TargetingConfig
 from opdlens.teachers import DEFAULT_TEACHERS, TeacherSpec
@@ -140,6 +141,14 @@ class DiagnoseConfig(BaseModel):
             "thinking (teachers)": {t.name: t.thinking for t in self.teachers if t.thinking is not None} or None,
             "schedule": self.schedule,
         }
+
+    @model_validator(mode="after")
+    def _vllm_temperature(self) -> DiagnoseConfig:
+        lo, hi = TEMPERATURE_RANGE
+        if self.rollout_engine == "vllm" and not lo <= self.temperature <= hi:
+            raise ValueError(f"temperature must be in [{lo}, {hi}] with rollout_engine: vllm "
+                             f"(vLLM rejects higher ones and raises lower ones to {lo}), got {self.temperature}")
+        return self
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> DiagnoseConfig:

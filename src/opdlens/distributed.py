@@ -221,8 +221,10 @@ def diagnose_ray(
     Args:
         config: a :class:`opdlens.config.DiagnoseConfig` (its ``out_dir`` must be on a shared
             filesystem when the cluster has several nodes; see the module docstring).
-        address: the cluster (``"auto"``, ``"ray://host:10001"``...); None or ``""`` starts a
-            local cluster. When Ray is already initialised in this process it is used as is.
+        address: the cluster (``"auto"``: the running one, ``"ray://host:10001"``...); ``"local"``,
+            None or ``""`` always start a fresh local cluster (Ray's own default, None, would
+            attach to ``RAY_ADDRESS`` or to the last cluster started on this machine). When Ray
+            is already initialised in this process it is used as is.
         num_workers: number of actors; default: one per GPU when ``config.device`` is CUDA and
             the cluster has GPUs, else one per CPU of the cluster.
         policy_factory: builds each actor's models and questions (default:
@@ -254,7 +256,7 @@ def diagnose_ray(
 
     started = False
     if not ray.is_initialized():
-        ray.init(address=address or None, include_dashboard=False, logging_level="WARNING")
+        ray.init(address=address or "local", include_dashboard=False, logging_level="WARNING")
         started = True
     actors: list[Any] = []
     try:

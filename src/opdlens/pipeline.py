@@ -749,9 +749,15 @@ def write_config(store: RunStore, config: Any) -> None:
 
 def vllm_engine(config: Any, student: Any) -> Any:
     """The student's vLLM sampler of a ``rollout_engine: vllm`` config (same EOS ids and dtype as
-    the loaded student, which still scores and writes the tree)."""
+    the loaded student, which still scores and writes the tree).
+
+    Called after the student is loaded and before the config's other models: on CUDA, vLLM's
+    ``gpu_memory_utilization`` (unless given in ``vllm_options``) is sized so that the teachers,
+    summariser and solution model still to load fit beside it (see
+    :func:`opdlens.rollout.vllm_engine.memory_share`)."""
     from opdlens.models import SMOLLM2
     from opdlens.rollout import VLLMEngine
+    from opdlens.rollout import vllm_engine as ve
 
     if config.student == SMOLLM2:
         raise OpdlensError("rollout_engine: vllm needs the student as a hub id or a local model directory; "
@@ -760,6 +766,15 @@ def vllm_engine(config: Any, student: Any) -> Any:
     if config.dtype:
         opts.setdefault("dtype", config.dtype)
     opts.setdefault("seed", config.seed)
+    mem = ve.device_memory(config.device)
+    if mem is not None:
+        dtype = next(student.model.parameters()).dtype
+        later = {spec.model for spec in config.teachers} | {config.summarizer, config.solution_model}
+        later -= {None, config.student}  # the student's own spec is the already loaded student
+        opts["gpu_memory_utilization"] = ve.memory_share(
+            free=mem[0], total=mem[1], student_bytes=ve.weight_bytes(config.student, dtype),
+            later_bytes=sum(ve.weight_bytes(m, dtype) for m in sorted(later)),
+            requested=opts.get("gpu_memory_utilization"))
     return VLLMEngine.from_model(config.student, eos_token_ids=sorted(student.eos_token_ids), **opts)
 
 

@@ -1,32 +1,67 @@
 """Optional vLLM engine behind the :class:`~opdlens.rollout.base.Engine` protocol.
 
-Usage (on a machine with vLLM installed: ``pip install opdlens[vllm]``)::
+Usage (on a CUDA machine with vLLM >= 0.10.2: ``pip install 'opdlens[vllm]'``)::
 
-    engine = VLLMEngine.from_model("Qwen/Qwen3-0.6B", logprobs_mode="processed_logprobs")
-    completions = engine.sample([prompt_ids], n=100, max_new_tokens=512, seed=0)
+    if __name__ == "__main__":  # vLLM may start worker processes that re-import this file
+        engine = VLLMEngine.from_model("Qwen/Qwen3-0.6B", gpu_memory_utilization=0.5)
+        completions = engine.sample([prompt_ids], n=100, max_new_tokens=512, seed=0)
 
 How requests are mapped onto vLLM:
 
-* each prefix becomes one prompt ``{"prompt_token_ids": prefix}`` with
-  ``SamplingParams(n=n, max_tokens=max_new_tokens, temperature=T, seed=seed + i, logprobs=0,
-  stop_token_ids=eos_token_ids)``; vLLM's prefix caching shares the prompt's KV among the n samples;
+* each prefix ``i`` becomes one prompt ``{"prompt_token_ids": prefix}`` with
+  ``SamplingParams(n=n, max_tokens=max_new_tokens, temperature=T, seed=seed_i, logprobs=0,
+  stop_token_ids=eos_token_ids, detokenize=False)``; vLLM's prefix caching shares the prompt's KV
+  among the n samples;
+* **seeds**: vLLM seeds sample ``j`` of a request with ``seed_i + j`` and draws its noise from that
+  seed and the token position, so two (prefix, sample) pairs with the same ``seed_i + j`` get the
+  same noise. :func:`request_seeds` gives prefix ``i`` the seed ``base + i * n`` with ``base`` a
+  62-bit hash of the call's ``seed``: the ``len(prefixes) * n`` seeds of a call are
+  ``base, base + 1, ..., base + len(prefixes) * n - 1`` (no two pairs share noise), they stay in
+  vLLM's int64 range, and calls with different seeds use ranges at independent uniformly random
+  places in ``[0, 2**62)`` (overlap probability ``<= 2 * len(prefixes) * n / 2**62`` per pair of calls);
 * ``logprobs=0`` asks only for the sampled token's log-prob. vLLM reports log-probs of the **raw**
-  (un-tempered) distribution by default: construct the ``LLM`` with
-  ``logprobs_mode="processed_logprobs"`` (as :meth:`from_model` does) so they are under the
-  temperature-scaled sampling distribution like :class:`~opdlens.rollout.TorchEngine`'s;
+  (un-tempered) distribution by default: :meth:`VLLMEngine.from_model` builds the ``LLM`` with
+  ``logprobs_mode="processed_logprobs"`` so they are under the temperature-scaled sampling
+  distribution like :class:`~opdlens.rollout.TorchEngine`'s (temperature-scaled since vLLM 0.10.2);
+* temperatures outside ``[0.01, 2]`` are refused (vLLM rejects > 2 and silently raises < 0.01);
 * ``Completion.finished`` is ``finish_reason == "stop"`` (EOS/stop token; the token is kept when vLLM
-  returns it), a ``"length"`` finish is the cap;
-* determinism rests on vLLM's per-request seeds (same seed, same engine configuration and
-  batch → same samples); it is not bit-identical to :class:`~opdlens.rollout.TorchEngine`.
+  returns it), a ``"length"`` finish is the cap.
+
+Reproducibility (vLLM's own guarantee holds only on the same GPU model, vLLM version and engine
+options): :meth:`VLLMEngine.from_model` runs vLLM's engine in this process
+(``VLLM_ENABLE_V1_MULTIPROCESSING=0`` unless the variable is set), which makes its scheduling
+deterministic, so the same sequence of :meth:`~VLLMEngine.sample` calls on a fresh engine gives
+the same samples. One call's samples can still depend on what ran before it (prefix-cache hits
+and batch composition change the kernels' reduction order), so a resumed run's new chunks can be
+expected to equal an uninterrupted run's only with ``VLLM_BATCH_INVARIANT=1`` (vLLM's batch-invariant
+mode, which makes a request's output independent of the batch it runs in; recent NVIDIA GPUs only);
+without it they are fresh draws from the same distribution (finished chunks are read back from
+disk, never redrawn). It is
+never bit-identical to :class:`~opdlens.rollout.TorchEngine`. In single-process mode vLLM seeds the
+process's global ``random``/``numpy``/``torch`` generators; opdlens' diagnosis uses its own
+generators only.
 """
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from opdlens.policy import Completion, OpdlensError, TokenSeq
 from opdlens.rollout.base import validate_request
+
+#: Temperatures vLLM samples at as asked (it rejects > 2 and raises < 0.01 to 0.01).
+TEMPERATURE_RANGE = (0.01, 2.0)
+#: dtype names vLLM's ``LLM(dtype=)`` accepts.
+VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
+#: Share of the device's memory left out of vLLM's reservation for opdlens' own forward passes
+#: (teacher and student scoring, summaries) and the CUDA contexts, when the share is computed.
+SCORING_RESERVE = 0.10
+#: Least memory vLLM needs beyond the student's weights (activations and some KV cache).
+MIN_VLLM_EXTRA_BYTES = 1 << 30
+_GIB = float(1 << 30)
 
 
 def _import_vllm() -> Any:
@@ -45,11 +80,116 @@ def _logprob_value(entry: Any) -> float:
     return float(getattr(entry, "logprob", entry))
 
 
+def request_seeds(seed: int, n_prompts: int, n: int) -> list[int]:
+    """The ``SamplingParams.seed`` of each of ``n_prompts`` prompts sampled ``n`` times (see the
+    module docstring): ``base + i * n``, so that vLLM's per-sample seeds ``seed_i + j`` (``j < n``)
+    are pairwise distinct and below ``2**63``."""
+    digest = hashlib.blake2b(f"opdlens-vllm-seed:{int(seed)}".encode(), digest_size=8).digest()
+    base = int.from_bytes(digest, "little") >> 2  # [0, 2**62): base + n_prompts * n < 2**63
+    return [base + i * n for i in range(n_prompts)]
+
+
+def check_temperature(temperature: float) -> float:
+    """``temperature`` if vLLM samples at it as asked, else an :class:`OpdlensError`."""
+    lo, hi = TEMPERATURE_RANGE
+    if not lo <= temperature <= hi:
+        raise OpdlensError(
+            f"temperature {temperature!r} is outside [{lo}, {hi}], the range vLLM samples at as asked "
+            "(it rejects higher ones and raises lower ones to 0.01); use rollout_engine: torch for other temperatures"
+        )
+    return float(temperature)
+
+
+def vllm_dtype(dtype: Any) -> Any:
+    """The ``LLM(dtype=)`` value for an opdlens dtype (``bf16``/``fp16``/``fp32`` or the full names);
+    vLLM's own names and ``torch.dtype`` objects pass through."""
+    import torch
+
+    if isinstance(dtype, torch.dtype) or dtype in VLLM_DTYPES:
+        return dtype
+    from opdlens.models import _parse_dtype
+
+    return str(_parse_dtype(dtype)).removeprefix("torch.")
+
+
+def device_memory(device: str) -> tuple[int, int] | None:
+    """``(free, total)`` bytes of a CUDA ``device`` (as ``torch.cuda.mem_get_info``), None otherwise."""
+    import torch
+
+    if not str(device).startswith("cuda") or not torch.cuda.is_available():
+        return None
+    free, total = torch.cuda.mem_get_info(torch.device(device))
+    return int(free), int(total)
+
+
+def weight_bytes(spec: str, dtype: Any) -> int:
+    """Bytes of the weights of model ``spec`` (a :func:`opdlens.models.load_policy` spec) held in
+    ``dtype``: its parameter count from its config (the model is built on the meta device, no
+    weights are read) times the element size."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from opdlens.models import SMOLLM2, _from_pretrained, _parse_dtype, smollm2_gguf_path
+
+    if spec == SMOLLM2:
+        gguf = smollm2_gguf_path()
+        cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        cfg = _from_pretrained(AutoConfig, spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    element = torch.empty((), dtype=_parse_dtype(dtype) or torch.float32).element_size()
+    return sum(p.numel() for p in model.parameters()) * element
+
+
+def memory_share(
+    *, free: int, total: int, student_bytes: int, later_bytes: int, requested: float | None = None
+) -> float:
+    """``gpu_memory_utilization`` for a vLLM engine built while models of ``later_bytes`` are still
+    to be loaded on the same device.
+
+    vLLM reserves ``gpu_memory_utilization * total`` at start-up (weights, activations and KV cache)
+    and refuses to start when that is more than the free memory. Unless ``requested``, the share is
+    what stays free once the later models are in, less :data:`SCORING_RESERVE` of the device for
+    their forward passes. Raises :class:`OpdlensError` when it cannot hold the student's weights
+    plus :data:`MIN_VLLM_EXTRA_BYTES`, or when ``requested`` leaves no room for the later models.
+    """
+    after_load = free - later_bytes
+    if requested is not None:
+        if requested * total > after_load:
+            raise OpdlensError(
+                f"vllm_options.gpu_memory_utilization={requested} reserves {requested * total / _GIB:.1f} GiB "
+                f"but only {max(after_load, 0) / _GIB:.1f} GiB of the device's {total / _GIB:.1f} GiB stay free "
+                f"once the teachers/summariser/solution model still to load ({later_bytes / _GIB:.1f} GiB) are in: "
+                f"set it to at most {max(after_load, 0) / total:.2f}, or leave it out to have it computed"
+            )
+        share = float(requested)
+    else:
+        share = (after_load - SCORING_RESERVE * total) / total
+    need = student_bytes + MIN_VLLM_EXTRA_BYTES
+    if requested is not None and share * total < need:
+        raise OpdlensError(
+            f"vllm_options.gpu_memory_utilization={requested} gives vLLM {share * total / _GIB:.1f} GiB; it needs the "
+            f"student's weights ({student_bytes / _GIB:.1f} GiB) plus at least {MIN_VLLM_EXTRA_BYTES / _GIB:.0f} GiB: "
+            f"set it to at least {need / total:.2f}, or leave it out to have it computed"
+        )
+    if share * total < need:
+        raise OpdlensError(
+            f"vLLM does not fit on this device: of its {total / _GIB:.1f} GiB, {free / _GIB:.1f} GiB are free, "
+            f"the teachers/summariser/solution model still to load take {later_bytes / _GIB:.1f} GiB and "
+            f"{SCORING_RESERVE:.0%} is kept for their forward passes, which leaves {max(share, 0) * total / _GIB:.1f} GiB "
+            f"for vLLM; it needs the student's weights ({student_bytes / _GIB:.1f} GiB) plus at least "
+            f"{MIN_VLLM_EXTRA_BYTES / _GIB:.0f} GiB. Use rollout_engine: torch, fewer or smaller teachers, "
+            "or a GPU with more memory"
+        )
+    return int(share * 1000) / 1000  # rounded down: never above what was checked
+
+
 class VLLMEngine:
     """Sampling through a ``vllm.LLM`` (see module docstring).
 
-    ``llm`` is a ``vllm.LLM`` (or any object with the same ``generate(prompts, sampling_params)``);
-    ``sampling_params_cls`` defaults to ``vllm.SamplingParams``.
+    ``llm`` is a ``vllm.LLM`` (or any object with the same ``generate(prompts, sampling_params,
+    use_tqdm=)``); ``sampling_params_cls`` defaults to ``vllm.SamplingParams``.
     """
 
     def __init__(
@@ -67,10 +207,18 @@ class VLLMEngine:
 
     @classmethod
     def from_model(cls, model: str, eos_token_ids: Iterable[int] | None = None, **llm_kwargs: Any) -> VLLMEngine:
-        """Build a ``vllm.LLM`` for ``model`` (hub id or path); EOS ids default to the tokenizer's."""
+        """Build a ``vllm.LLM`` for ``model`` (hub id or path); EOS ids default to the tokenizer's.
+
+        ``llm_kwargs`` go to ``vllm.LLM`` (``dtype`` may use opdlens' names: ``bf16`` becomes
+        ``bfloat16``...); defaults: ``logprobs_mode="processed_logprobs"``,
+        ``enable_prefix_caching=True``, and vLLM's single-process mode (see the module docstring).
+        """
         vllm = _import_vllm()
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         llm_kwargs.setdefault("logprobs_mode", "processed_logprobs")
         llm_kwargs.setdefault("enable_prefix_caching", True)
+        if llm_kwargs.get("dtype") is not None:
+            llm_kwargs["dtype"] = vllm_dtype(llm_kwargs["dtype"])
         llm = vllm.LLM(model=model, **llm_kwargs)
         if eos_token_ids is None:
             tok = llm.get_tokenizer()
@@ -87,6 +235,7 @@ class VLLMEngine:
         temperature: float = 1.0,
     ) -> list[list[Completion]]:
         seqs = validate_request(prefixes, n, max_new_tokens, temperature)
+        temperature = check_temperature(temperature)
         if max_new_tokens == 0:
             return [[Completion([], [], False) for _ in range(n)] for _ in seqs]
         prompts = [{"prompt_token_ids": s} for s in seqs]
@@ -94,12 +243,13 @@ class VLLMEngine:
             self._params_cls(
                 n=n,
                 max_tokens=max_new_tokens,
-                temperature=float(temperature),
-                seed=int(seed) + i,
+                temperature=temperature,
+                seed=s,
                 logprobs=0,
                 stop_token_ids=sorted(self.eos_token_ids),
+                detokenize=False,
             )
-            for i in range(len(seqs))
+            for s in request_seeds(seed, len(seqs), n)
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=self.use_tqdm)
         if len(outputs) != len(seqs):
