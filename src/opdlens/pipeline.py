@@ -773,7 +773,9 @@ def vllm_engine(config: Any, student: Any) -> Any:
         later -= {None, config.student}  # the student's own spec is the already loaded student
         opts["gpu_memory_utilization"] = ve.memory_share(
             free=mem[0], total=mem[1], student_bytes=ve.weight_bytes(config.student, dtype),
-            later_bytes=sum(ve.weight_bytes(m, dtype) for m in sorted(later)),
+            # the sequential schedule holds one of them at a time, the resident one all together
+            later_bytes=(max if config.schedule == "sequential" else sum)(
+                [ve.weight_bytes(m, dtype) for m in sorted(later)] or [0]),
             requested=opts.get("gpu_memory_utilization"))
     return VLLMEngine.from_model(config.student, eos_token_ids=sorted(student.eos_token_ids), **opts)
 
