@@ -161,7 +161,8 @@ def question_values(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFr
     x = v[metric].to_numpy(dtype=float)
     w = (pd.to_numeric(v["norm_ideal"], errors="coerce") * pd.to_numeric(v["norm_gkd"], errors="coerce")).to_numpy()
     w = np.where(np.isfinite(w), w, 0.0)
-    work = pd.DataFrame({"teacher": v["teacher"].astype(str).to_numpy(), "question_id": v["question_id"].astype(str).to_numpy(),
+    work = pd.DataFrame({"teacher": v["teacher"].astype(str).to_numpy(),
+                         "question_id": v["question_id"].astype(str).to_numpy(),
                          "group": np.where(v["path_correct"].astype(bool), "correct", "incorrect"),
                          "n": 1, "sx": x, "sw": w, "swx": w * x})  # fmt: skip
     sums = work.groupby(["teacher", "question_id", "group"], sort=True)[["n", "sx", "sw", "swx"]].sum()
@@ -387,7 +388,8 @@ def _order(df: pd.DataFrame, runs: list[Run], bins: list[str] | None = None) -> 
         keys["bin"] = {b: i for i, b in enumerate(bins)}
     cols = [c for c in ("setting", "teacher", "statistic", "group", "bin") if c in df.columns]
     sort = df.assign(**{f"_{c}": df[c].map(keys[c]) if c in keys else df[c] for c in cols})
-    return sort.sort_values([f"_{c}" for c in cols], kind="stable").drop(columns=[f"_{c}" for c in cols]).reset_index(drop=True)
+    tmp = [f"_{c}" for c in cols]
+    return sort.sort_values(tmp, kind="stable").drop(columns=tmp).reset_index(drop=True)
 
 
 def _incontext(runs: list[Run], edges: tuple[float, ...], confidence: float) -> pd.DataFrame | None:
@@ -434,7 +436,8 @@ def _grid_table(study: Study, statistic: str) -> Table:
     what = "mean cosine" if statistic == "mean" else "weighted cosine (w = norm_ideal·norm_gkd)"
     return Table(f"table1_{statistic}", f"Table 1: {what} of {study.metric}, by setting and path group",
                  [f"Each question counts once: its {what} over the valid nodes of its paths of the group; "
-                  f"mean over questions with a {study.confidence:.0%} t-interval, n = questions."], headers, rows)  # fmt: skip
+                  f"mean over questions with a {study.confidence:.0%} t-interval, n = questions."],
+                 headers, rows)  # fmt: skip
 
 
 def _tests_table(study: Study) -> Table:

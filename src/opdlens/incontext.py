@@ -32,6 +32,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pandas as pd
@@ -40,6 +41,9 @@ from scipy import stats
 from opdlens.analysis import t_interval
 from opdlens.policy import OpdlensError
 from opdlens.store import RunStore, derive_seed, safe_name
+
+if TYPE_CHECKING:
+    from opdlens.pipeline import Diagnosis, QuestionEnv
 
 __all__ = [
     "INCONTEXT_COLUMNS",
@@ -68,7 +72,9 @@ def incontext_file(context: str, question: str) -> str:
     return f"{INCONTEXT_DIR}/{safe_name(context)}/{safe_name(question)}.parquet"
 
 
-def sample_incontext(diag, envs: Sequence, n_samples: int, *, progress: bool = False) -> pd.DataFrame:  # type: ignore[no-untyped-def]
+def sample_incontext(
+    diag: Diagnosis, envs: Sequence[QuestionEnv], n_samples: int, *, progress: bool = False
+) -> pd.DataFrame:
     """Sample and grade the student under each self-teacher context and its plain prompt.
 
     ``diag``: a :class:`opdlens.pipeline.Diagnosis` on the run's store whose trees, paths and
@@ -91,6 +97,8 @@ def sample_incontext(diag, envs: Sequence, n_samples: int, *, progress: bool = F
             "no self-distillation teacher (model: the student) in this run: in-context accuracy samples the "
             "student under those teachers' contexts; add one (e.g. {name: Self-1C, context: 1c}) to the config"
         )
+    if not envs:
+        raise OpdlensError("no question to sample: in-context accuracy needs the finished questions of a run")
     if any(t.spec.name == PLAIN for t in selves):
         raise OpdlensError(f"a teacher is named {PLAIN!r}, the label of the student's own prompt: rename it")
     opt = diag.opt
@@ -126,7 +134,7 @@ def sample_incontext(diag, envs: Sequence, n_samples: int, *, progress: bool = F
                            context_tokens=len(ctx))  # fmt: skip
             store.write_table(rel, pd.DataFrame([row], columns=list(INCONTEXT_COLUMNS)))
     out = read_incontext(store.root)
-    assert out is not None  # at least the plain prompt of one question was written
+    assert out is not None  # the plain prompt of every question was written
     return out
 
 
@@ -150,7 +158,9 @@ def read_incontext(run_dir: str | Path) -> pd.DataFrame | None:
     return df.sort_values(["question_id", "context"], kind="stable").reset_index(drop=True)
 
 
-def run_incontext(run_dir: str | Path, n_samples: int, *, device: str | None = None, progress: bool = True) -> pd.DataFrame:
+def run_incontext(
+    run_dir: str | Path, n_samples: int, *, device: str | None = None, progress: bool = True
+) -> pd.DataFrame:
     """In-context accuracy of a finished run directory (written by ``opdlens diagnose``).
 
     The run's ``config.yaml`` gives the student, task and generation settings; only the student
