@@ -151,7 +151,7 @@ def test_compare_incontext_on_a_tiny_hf_model_matches_exact_rates(tmp_path):
     tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)
     load_tokenizer("smollm2").save_pretrained(model_dir)
     cfg = DiagnoseConfig(
-        student=str(model_dir), task="test-first-char", n_questions=2, rollouts_per_question=24,
+        student=str(model_dir), task="test-first-char", n_questions=2, rollouts_per_question=12,
         teachers=[TeacherSpec(name="Self-1C", context="1c")],
         targeting=TargetingConfig(first_window=1, per_window_gkd=1, per_window_gap=1, visit_target=4),
         signals=SignalConfig(min_visits=2), out_dir=str(tmp_path / "run"),

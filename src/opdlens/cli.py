@@ -123,17 +123,20 @@ def compare(
     samples: int = typer.Option(32, "--incontext-samples", min=1, help="completions per question and context"),
     device: Optional[str] = typer.Option(None, help="device of the --incontext sampling (default: each run's)"),
 ) -> None:
-    """The study across runs: Table 1 (teachers x settings, correct/incorrect), p-values, difficulty bins, best teacher, in-context accuracy."""
+    """The study across runs: Table 1 (teachers x settings, correct/incorrect paths), p-values, difficulty
+    bins, best teacher per bin, and with --incontext the student's accuracy under each self-teacher context."""
     from opdlens.compare import compare_runs, parse_edges, write_study
     from opdlens.incontext import run_incontext
 
     try:
         edges = parse_edges(bins)
+        study = compare_runs(runs, metric, edges)  # checks the runs before any sampling
         if incontext:
             for run_dir in runs:
                 console.print(f"in-context accuracy: {run_dir}")
                 run_incontext(run_dir, samples, device=device)
-        summary = write_study(compare_runs(runs, metric, edges), out)
+            study = compare_runs(runs, metric, edges)
+        summary = write_study(study, out)
     except OpdlensError as exc:
         _fail(exc)
     console.print(f"study: {summary}")

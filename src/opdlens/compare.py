@@ -45,7 +45,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
-from opdlens.analysis import valid_nodes
+from opdlens.analysis import require_columns, valid_nodes
 from opdlens.incontext import PLAIN, accuracy_table, read_incontext
 from opdlens.policy import OpdlensError
 from opdlens.report.figures import _palette, _save, _yerr
@@ -157,6 +157,7 @@ def question_values(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFr
     the group's paths) and ``value`` (their mean cosine, or ``Σ w·cos / Σ w`` with
     ``w = norm_ideal · norm_gkd``; NaN when the group has no valid node or zero total weight).
     Groups: :data:`GROUPS`; statistics: :data:`STATISTICS`."""
+    require_columns(nodes, ["norm_ideal", "norm_gkd"])
     v = valid_nodes(nodes, metric)
     x = v[metric].to_numpy(dtype=float)
     w = (pd.to_numeric(v["norm_ideal"], errors="coerce") * pd.to_numeric(v["norm_gkd"], errors="coerce")).to_numpy()
@@ -513,9 +514,10 @@ def write_study(study: Study, out: str | Path) -> Path:
         figs.append(plot_incontext(study, out / "fig_incontext.png"))
         tables.append(_incontext_table(study))
     runs = Table("runs", "Runs", [f"metric: {study.metric}; difficulty edges: {', '.join(map(fmt_edge, study.edges))}"],
-                 ["setting", "run", "student", "task", "questions", "teachers", "in-context"],
-                 [[r.label, str(r.root), str(r.config.get("student", "?")), r.task, str(len(r.questions)),
-                   ", ".join(r.teachers), "yes" if r.incontext is not None else "no"] for r in study.runs])  # fmt: skip
+                 ["setting", "run", "student", "task", "protocol", "questions", "teachers", "in-context"],
+                 [[r.label, str(r.root), str(r.config.get("student", "?")), r.task, str(r.config.get("protocol", "–")),
+                   str(len(r.questions)), ", ".join(r.teachers), "yes" if r.incontext is not None else "no"]
+                  for r in study.runs])  # fmt: skip
     lines = ["# opdlens study", "", render_markdown_table(runs)]
     lines += [render_markdown_table(t) for t in tables]
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
