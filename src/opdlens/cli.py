@@ -162,6 +162,37 @@ def report(
 
 
 @app.command()
+def compare(
+    runs: list[Path] = typer.Argument(..., help="run directories written by diagnose/demo (one setting each)"),
+    out: Path = typer.Option(Path("runs/compare"), help="folder for the study's CSVs, figures and summary.md"),
+    metric: str = typer.Option("align_gkd", help="alignment column: align_gkd, align_single, align_minillm, align_drgrpo"),
+    bins: str = typer.Option("0.2,0.5,0.8", help="inner edges of the difficulty bins (student success rate)"),
+    incontext: bool = typer.Option(
+        False, "--incontext", help="first sample the student under each self-teacher context of each run "
+        "(stored in the run directory, resumable) and add the in-context accuracy table"),
+    samples: int = typer.Option(32, "--incontext-samples", min=1, help="completions per question and context"),
+    device: Optional[str] = typer.Option(None, help="device of the --incontext sampling (default: each run's)"),
+) -> None:
+    """The study across runs: Table 1 (teachers x settings, correct/incorrect paths), p-values, difficulty
+    bins, best teacher per bin, and with --incontext the student's accuracy under each self-teacher context."""
+    from opdlens.compare import compare_runs, parse_edges, write_study
+    from opdlens.incontext import run_incontext
+
+    try:
+        edges = parse_edges(bins)
+        study = compare_runs(runs, metric, edges)  # checks the runs before any sampling
+        if incontext:
+            for run_dir in runs:
+                console.print(f"in-context accuracy: {run_dir}")
+                run_incontext(run_dir, samples, device=device)
+            study = compare_runs(runs, metric, edges)
+        summary = write_study(study, out)
+    except OpdlensError as exc:
+        _fail(exc)
+    console.print(f"study: {summary}")
+
+
+@app.command()
 def train(config: Path = typer.Argument(..., help="YAML training config")) -> None:
     """On-policy distillation training (see opdlens.opd)."""
     from opdlens.opd.cli import train_cmd
