@@ -30,7 +30,9 @@ from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Collection, Iterable, Sequence
+import time
+from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from contextlib import contextmanager
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -216,6 +218,22 @@ class Diagnosis:
         self.progress = progress
         self.skips: list[dict[str, str]] = []
         self.oom_retries = 0  # sampling calls split in halves after running out of GPU memory
+        #: per step of the sequential schedule: wall seconds and peak GPU memory (GiB, 0 on CPU)
+        self.phase_log: list[dict[str, object]] = []
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
+        cuda = torch.cuda.is_available()
+        if cuda:
+            torch.cuda.synchronize()
+            torch.cuda.reset_peak_memory_stats()
+        start = time.perf_counter()
+        yield
+        if cuda:
+            torch.cuda.synchronize()
+        peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+        self.phase_log.append({"phase": name, "seconds": time.perf_counter() - start, "peak_gpu_gib": peak})
+        log.info("%s: %.1fs, peak GPU memory %.1f GiB", name, time.perf_counter() - start, peak)
 
     def too_long(self, env: QuestionEnv) -> str | None:
         """Why a question cannot run on the student (prompt + generation budget over its
@@ -591,32 +609,37 @@ class Diagnosis:
 
     def _run_sequential(self, envs: list[QuestionEnv]) -> list[dict[str, object]]:
         """Each step for every question before the next, each model loaded once and freed after
-        its step (see the module docstring)."""
-        for env in self._bar(envs, "student rollouts"):
-            self.paths(env, self.initial(env))
+        its step (see the module docstring); :attr:`phase_log` times each step."""
+        with self._phase("student rollouts"):
+            for env in self._bar(envs, "student rollouts"):
+                self.paths(env, self.initial(env))
         writer, summ = self.opt.solution_slot, self.opt.summarizer
         if any(t.spec.context == "1c-ext" for t in self.teachers):
-            for env in self._bar(envs, "external solutions"):
-                self.external(env)
-            if writer is not None and writer is not summ:
-                writer.release()
-        preps = {env.id: self.prepare(env) for env in self._bar(envs, "solutions and contexts")}
-        for slot in (writer, summ):
-            if isinstance(slot, ModelSlot):
-                slot.release()
+            with self._phase("external solutions"):
+                for env in self._bar(envs, "external solutions"):
+                    self.external(env)
+                if writer is not None and writer is not summ:
+                    writer.release()
+        with self._phase("solutions, summaries, contexts"):
+            preps = {env.id: self.prepare(env) for env in self._bar(envs, "solutions and contexts")}
+            for slot in (writer, summ):
+                if isinstance(slot, ModelSlot):
+                    slot.release()
         for prep in preps.values():
             self.skips.extend(prep.skips)
         for t in self.driving:
-            for env in self._bar(envs, f"priorities ({t.spec.name})"):
-                self.priorities(env, preps[env.id], t)
-            if not any(o.slot is t.slot for o in self.teachers if o not in self.driving):
+            with self._phase(f"priorities ({t.spec.name})"):
+                for env in self._bar(envs, f"priorities ({t.spec.name})"):
+                    self.priorities(env, preps[env.id], t)
                 t.slot.release()
-        for env in self._bar(envs, "targeted rollouts"):
-            self.targeted(env, preps[env.id])
+        with self._phase("targeted rollouts"):
+            for env in self._bar(envs, "targeted rollouts"):
+                self.targeted(env, preps[env.id])
         for t in self.teachers:
-            for env in self._bar(envs, f"scoring ({t.spec.name})"):
-                self.score(env, preps[env.id], t)
-            t.slot.release()
+            with self._phase(f"scoring ({t.spec.name})"):
+                for env in self._bar(envs, f"scoring ({t.spec.name})"):
+                    self.score(env, preps[env.id], t)
+                t.slot.release()
         return [self.summary(env, preps[env.id]) for env in envs]
 
     def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
