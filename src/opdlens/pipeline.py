@@ -872,6 +872,7 @@ def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
 
     def load() -> Policy:
         policy = load_policy(spec, device=config.device, dtype=config.dtype)
+        policy.model.requires_grad_(False)  # inference only (lets the engine fuse weights without a copy)
         check_tokenizers_compatible(student, policy)
         return policy
 

@@ -558,6 +558,27 @@ class _FusedWeights:
                     return
             self.generation += 1
             self.qkv_w, self.qkv_b, self.gu_w, self.qk_norm_w = qkv_w, qkv_b, gu_w, qk_norm_w
+            if not any(t.requires_grad for t in self._sources()):
+                self._alias()
+
+    def _alias(self) -> None:
+        """Make a frozen model's own q/k/v and gate/up weights views of the fused tensors, so
+        fusing costs no memory (a second copy would be half of a 32B model's weights). Models
+        being trained keep their own parameters (their optimizer may replace them)."""
+        for layer, qkv, qkv_b, gu in zip(self.model.model.layers, self.qkv_w, self.qkv_b, self.gu_w):
+            a, m = layer.self_attn, layer.mlp
+            for mods, fused in (((a.q_proj, a.k_proj, a.v_proj), qkv), ((m.gate_proj, m.up_proj), gu)):
+                start = 0
+                for mod in mods:
+                    rows = mod.weight.shape[0]
+                    mod.weight.data = fused[start : start + rows]
+                    start += rows
+            if qkv_b is not None:
+                start = 0
+                for mod in (a.q_proj, a.k_proj, a.v_proj):
+                    mod.bias.data = qkv_b[start : start + mod.bias.shape[0]]
+                    start += mod.bias.shape[0]
+        self._key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._sources())
 
 
 class _ModelBound:
