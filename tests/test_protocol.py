@@ -145,7 +145,9 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
     # choices in the report
     from opdlens.cli import _report
 
-    summary = (_report(store.root).parent / "summary.md").read_text()
+    index, partial = _report(store.root)
+    assert not partial
+    summary = (index.parent / "summary.md").read_text()
     assert "## Choices of this run" in summary
     assert ("`literal`" in summary) == (protocol == "paper")
     assert ("`question`" in summary) == (protocol == "paper")
@@ -182,3 +184,18 @@ def test_schedules_give_identical_results(qwen3_dirs, tmp_path):
     a, b = load_results(RunStore(seq.out_dir))[0], load_results(RunStore(res.out_dir))[0]
     key = ["teacher", "question_id", "path_id", "node"]
     pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
+
+
+def test_shipped_configs_validate():
+    from pathlib import Path
+
+    files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
+    paper = [f for f in files if f.name.startswith("paper-")]
+    assert len(paper) == 6  # {boolq, mmlu, aime} x {Qwen3-0.6B, 1.7B}
+    for f in files:
+        if f.name.startswith("train"):
+            continue
+        cfg = DiagnoseConfig.from_yaml(f)
+        if f in paper:
+            assert cfg.protocol == "paper" and cfg.signals.restriction == "literal" and len(cfg.teachers) == 8
+            assert cfg.signals.min_visits == (10 if "aime" in f.name else 20)

@@ -536,6 +536,7 @@ class _FusedWeights:
         cfg = self.model.config
         H = cfg.num_attention_heads
         Hkv = getattr(cfg, "num_key_value_heads", None) or H
+        frozen = not any(t.requires_grad for t in self._sources())
         with torch.no_grad():
             for layer in self.model.model.layers:
                 a, m = layer.self_attn, layer.mlp
@@ -543,6 +544,8 @@ class _FusedWeights:
                 bias = [t.bias for t in (a.q_proj, a.k_proj, a.v_proj)]
                 qkv_b.append(torch.cat(bias) if all(b is not None for b in bias) else None)
                 gu_w.append(torch.cat([m.gate_proj.weight, m.up_proj.weight]))
+                if frozen:  # layer by layer, so the peak is one layer's copy
+                    _alias_layer(layer, qkv_w[-1], qkv_b[-1], gu_w[-1])
                 if hasattr(a, "q_norm"):
                     qk_norm_w.append(torch.cat([a.q_norm.weight[None].expand(H, -1), a.k_norm.weight[None].expand(Hkv, -1)]))
             if not first:  # update in place: captured CUDA graphs keep reading the same memory
@@ -558,27 +561,24 @@ class _FusedWeights:
                     return
             self.generation += 1
             self.qkv_w, self.qkv_b, self.gu_w, self.qk_norm_w = qkv_w, qkv_b, gu_w, qk_norm_w
-            if not any(t.requires_grad for t in self._sources()):
-                self._alias()
+            if frozen:
+                self._key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._sources())
 
-    def _alias(self) -> None:
-        """Make a frozen model's own q/k/v and gate/up weights views of the fused tensors, so
-        fusing costs no memory (a second copy would be half of a 32B model's weights). Models
-        being trained keep their own parameters (their optimizer may replace them)."""
-        for layer, qkv, qkv_b, gu in zip(self.model.model.layers, self.qkv_w, self.qkv_b, self.gu_w):
-            a, m = layer.self_attn, layer.mlp
-            for mods, fused in (((a.q_proj, a.k_proj, a.v_proj), qkv), ((m.gate_proj, m.up_proj), gu)):
-                start = 0
-                for mod in mods:
-                    rows = mod.weight.shape[0]
-                    mod.weight.data = fused[start : start + rows]
-                    start += rows
-            if qkv_b is not None:
-                start = 0
-                for mod in (a.q_proj, a.k_proj, a.v_proj):
-                    mod.bias.data = qkv_b[start : start + mod.bias.shape[0]]
-                    start += mod.bias.shape[0]
-        self._key = tuple((t.data_ptr(), 0 if t.is_inference() else t._version) for t in self._sources())
+
+def _alias_layer(layer: torch.nn.Module, qkv: torch.Tensor, qkv_b: torch.Tensor | None, gu: torch.Tensor) -> None:
+    """Make a frozen layer's own q/k/v and gate/up weights views of its fused tensors, so fusing
+    costs no memory (a second copy would be half of a 32B model's weights). Models being
+    trained keep their own parameters (an optimizer may replace them)."""
+    a, m = layer.self_attn, layer.mlp
+    for mods, fused, name in (((a.q_proj, a.k_proj, a.v_proj), qkv, "weight"), ((m.gate_proj, m.up_proj), gu, "weight"),
+                              ((a.q_proj, a.k_proj, a.v_proj), qkv_b, "bias")):  # fmt: skip
+        if fused is None:
+            continue
+        start = 0
+        for mod in mods:
+            t = getattr(mod, name)
+            t.data = fused[start : start + t.shape[0]]
+            start += t.shape[0]
 
 
 class _ModelBound:
