@@ -23,6 +23,7 @@ import math
 from pathlib import Path
 from typing import Any
 
+from opdlens.opd.losses import LOSSES
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from opdlens.report.figures import plot_training_curve
 
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--loss", default="topk", choices=["sampled", "topk", "full"])
+    ap.add_argument("--loss", default="opd", choices=sorted(LOSSES))
     ap.add_argument("--max-new-tokens", type=int, default=40)
     ap.add_argument("--eval-questions", type=int, default=6)
     ap.add_argument("--eval-every", type=int, default=3)

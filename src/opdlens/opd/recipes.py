@@ -21,7 +21,8 @@ import torch
 
 from opdlens.opd.batching import completion_logits, pad_tokens
 from opdlens.opd.metrics import token_metrics
-from opdlens.opd.trainer import _pad_id, _step_seed, check_compatible, encode_user, resolve_template
+from opdlens.opd.config import resolve_template
+from opdlens.opd.scoring import check_compatible, encode_user, pad_id, step_seed
 from opdlens.policy import OpdlensError
 
 
@@ -102,7 +103,7 @@ def cold_start_sft(
     s_tpl, t_tpl = resolve_template(student_template), resolve_template(teacher_template)
     t_ctx = [encode_user(teacher, t_tpl.format(prompt=q.prompt, answer=q.answer)) for q in questions]
     with torch.no_grad():
-        outs = teacher.sample(t_ctx, n_per_question, max_new_tokens, seed=_step_seed(seed, 0, salt=3),
+        outs = teacher.sample(t_ctx, n_per_question, max_new_tokens, seed=step_seed(seed, 0, salt=3),
                               temperature=temperature)
     n_inc = n_deg = 0
     kept: list[tuple[Any, list[int]]] = []
@@ -126,7 +127,7 @@ def cold_start_sft(
     model.eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    pad = _pad_id(student)
+    pad = pad_id(student)
     for _ in range(epochs):
         order = rng.permutation(len(kept))
         for i in range(0, len(order), batch_size):
@@ -197,7 +198,7 @@ def select_template(
     plain = [encode_user(student, q.prompt) for q in questions]
     shared_rollouts = None
     if apply_to == "teacher":
-        shared_rollouts = student.sample(plain, n_rollouts, max_new_tokens, seed=_step_seed(seed, 0, salt=4))
+        shared_rollouts = student.sample(plain, n_rollouts, max_new_tokens, seed=step_seed(seed, 0, salt=4))
     elif apply_to != "both":
         raise OpdlensError(f"apply_to must be 'both' or 'teacher', got {apply_to!r}")
     scores = []
@@ -206,7 +207,7 @@ def select_template(
         t_ctx = [encode_user(teacher, tpl.format(prompt=q.prompt, answer=q.answer)) for q in questions]
         if apply_to == "both":
             s_ctx = [encode_user(student, tpl.format(prompt=q.prompt, answer=q.answer)) for q in questions]
-            outs = student.sample(s_ctx, n_rollouts, max_new_tokens, seed=_step_seed(seed, 0, salt=4))
+            outs = student.sample(s_ctx, n_rollouts, max_new_tokens, seed=step_seed(seed, 0, salt=4))
         else:
             s_ctx, outs = plain, shared_rollouts
         rows = [(s, t, list(c.tokens)) for s, t, comps in zip(s_ctx, t_ctx, outs) for c in comps if c.tokens]
@@ -215,8 +216,8 @@ def select_template(
         for i in range(0, len(rows), micro_batch):
             mb = rows[i : i + micro_batch]
             ys = [r[2] for r in mb]
-            s_log, mask = completion_logits(student.model, [r[0] for r in mb], ys, pad_id=_pad_id(student))
-            t_log, _ = completion_logits(teacher.model, [r[1] for r in mb], ys, pad_id=_pad_id(teacher))
+            s_log, mask = completion_logits(student.model, [r[0] for r in mb], ys, pad_id=pad_id(student))
+            t_log, _ = completion_logits(teacher.model, [r[1] for r in mb], ys, pad_id=pad_id(teacher))
             m = token_metrics(s_log, t_log.to(s_log.device), k=kk)
             sel = mask.bool()
             for key in sums:
