@@ -92,7 +92,10 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
         state.setdefault(int(pid), {})[name] = v
     for pid, vals in meta["plain"].items():
         state.setdefault(int(pid), {}).update(vals)
-    return {"state": state, "param_groups": meta["param_groups"]}
+    # JSON has no tuples: hyper-parameters such as AdamW's betas come back as tuples
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
 
 
 def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
