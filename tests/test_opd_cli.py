@@ -118,3 +118,12 @@ def test_documented_example_config_is_valid(tmp_path):
     f.write_text("\n".join(line[4:] for line in block.splitlines()))
     cfg = opd_cli.load_train_config(f)
     assert (cfg.loss, cfg.k, cfg.batch_size, cfg.lr, cfg.teacher_template) == ("opd", 16, 64, 1e-6, "answer_hint")
+
+
+def test_every_example_train_config_is_valid():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("train-*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = opd_cli.load_train_config(f)
+        assert cfg.loss == "opd", f
