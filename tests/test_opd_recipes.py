@@ -149,3 +149,17 @@ def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
         res2 = train(cfg, student=tiny(0, init_std=0.3), teacher=tiny(0, init_std=0.3), task=task, train_questions=qs,
                      eval_questions=[])
     assert res.last_step == 1 and res2.resumed_from == 1 and res2.last_step == 2
+
+
+def test_thinking_switch_reaches_the_chat_template():
+    import copy
+
+    from opdlens.opd.scoring import encode_user
+
+    pol = copy.copy(tiny(0))
+    pol.tokenizer = copy.deepcopy(pol.tokenizer)
+    pol.tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                                   "{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}")
+    plain, off, on = encode_user(pol, "hi"), encode_user(pol, "hi", False), encode_user(pol, "hi", True)
+    assert plain == on and off != plain
+    assert pol.decode(off).endswith(" /no_think")
