@@ -119,10 +119,13 @@ class OPDTrainer:
         w = self.config.warmup_steps
         return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
-    def _rollouts(self, questions: list[Any], n: int, seed: int, temperature: float, *, first: int) -> list[Rollout]:
+    def _rollouts(self, questions: list[Any], n: int, seed: int, temperature: float, *, first: int,
+                  strict: bool = True) -> list[Rollout]:
         chunk = self.config.rollout_chunk
         if chunk is not None and (len(questions) % chunk or first % chunk):
-            raise OpdlensError(f"rollout_chunk {chunk} must divide each process's {len(questions)} questions")
+            if strict:
+                raise OpdlensError(f"rollout_chunk {chunk} must divide each process's {len(questions)} questions")
+            chunk = None  # held-out blocks of uneven size: one call per process
         first_chunk = first // chunk if chunk else self.dist.rank
         return self.scorer.rollouts(questions, n, seed, temperature, chunk=chunk, first_chunk=first_chunk,
                                     max_new_tokens=self.max_new_tokens)
@@ -175,7 +178,7 @@ class OPDTrainer:
         cfg, dist = self.config, self.dist
         mine, first = dist.block(self.eval_questions)
         rows = self._rollouts(mine, cfg.eval_samples, step_seed(cfg.seed, 0, salt=1), cfg.eval_temperature,
-                              first=first) if mine else []
+                              first=first, strict=False) if mine else []
         sums = score_signals(self.scorer, rows, cfg)
         sums.add("reward", float(sum(self.scorer.correct(self.task, rows))), float(len(rows)))
         sums.add("mean_len", float(sum(len(r.tokens) for r in rows)), float(len(rows)))
