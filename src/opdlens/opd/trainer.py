@@ -212,6 +212,9 @@ def load_models(config: TrainConfig, *, student: bool = True, teacher: bool = Tr
         device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
     # load_policy caches one instance per spec: train a private copy, keep the cached one pristine
     s = frozen_copy(load_policy(config.student, device=device, dtype="float32")) if student else None
+    if s is not None:  # the cached instance may have served as a (frozen) teacher earlier in this process
+        for p in s.model.parameters():
+            p.requires_grad_(True)
     t = load_policy(config.teacher, device=device, dtype=config.teacher_dtype or config.dtype) if teacher else None
     return s, t
 
