@@ -173,3 +173,18 @@ def test_config_yaml_roundtrip_and_errors(tmp_path):
         TrainConfig.from_yaml(p)
     with pytest.raises(OpdlensError, match="does not exist"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_second_run_in_one_process_gets_a_trainable_student(tmp_path):
+    """load_policy caches one instance per spec; a first run freezes it as the teacher."""
+    from opdlens.opd.trainer import load_models
+
+    pol = tiny(0)
+    pol.model.save_pretrained(tmp_path / "m")
+    pol.tokenizer.save_pretrained(tmp_path / "m")
+    cfg = _cfg(tmp_path, student=str(tmp_path / "m"), teacher=str(tmp_path / "m"))
+    s, t = load_models(cfg)
+    OPDTrainer(cfg, s, t, ToyTask(), toy_questions(2), [])
+    assert not any(p.requires_grad for p in t.model.parameters())
+    s2, _ = load_models(cfg, teacher=False)
+    assert all(p.requires_grad for p in s2.model.parameters())
