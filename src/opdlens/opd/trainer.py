@@ -39,7 +39,7 @@ import torch
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
 from opdlens.opd.parallel import Dist
-from opdlens.opd.runlog import METRICS_FILE, MetricSums, RunLogger, read_metrics
+from opdlens.opd.runlog import METRICS_FILE, RunLogger, read_metrics
 from opdlens.opd.scoring import (
     Rollout,
     Scorer,
