@@ -105,7 +105,7 @@ def test_train_cmd_end_to_end_from_yaml(tmp_path):
     rows = [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [x["step"] for x in rows] == [0, 1, 2]
     assert rows[1]["rkl"] > 0 and 0 <= rows[1]["overlap_ratio"] <= 1
-    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "state.pt").is_file()
+    assert (tmp_path / "run" / "checkpoints" / "step_0000002" / "state.json").is_file()
     f.write_text("steps: 0\nlr: -1\n")
     r = CliRunner().invoke(app, ["train", str(f)])
     assert r.exit_code == 2 and "lr must be > 0" in r.output
@@ -117,4 +117,13 @@ def test_documented_example_config_is_valid(tmp_path):
     f = tmp_path / "example.yaml"
     f.write_text("\n".join(line[4:] for line in block.splitlines()))
     cfg = opd_cli.load_train_config(f)
-    assert (cfg.loss, cfg.k, cfg.batch_size, cfg.lr, cfg.teacher_template) == ("topk", 16, 64, 1e-6, "answer_hint")
+    assert (cfg.loss, cfg.k, cfg.batch_size, cfg.lr, cfg.teacher_template) == ("opd", 16, 64, 1e-6, "answer_hint")
+
+
+def test_every_example_train_config_is_valid():
+    root = Path(__file__).resolve().parents[1] / "configs"
+    files = sorted(root.glob("train-*.yaml"))
+    assert len(files) >= 4
+    for f in files:
+        cfg = opd_cli.load_train_config(f)
+        assert cfg.loss == "opd", f

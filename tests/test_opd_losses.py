@@ -238,7 +238,7 @@ def test_generalized_jsd_gradient_matches_autograd_reference(batch):
 
 def test_denominator_makes_micro_batches_add_up(batch):
     z, w, tok, mask = batch
-    for name in ("sampled", "topk", "full", "jsd"):
+    for name in ("opd", "sampled", "topk_renorm", "topk_tail", "full", "jsd"):
         full = L.opd_loss(name, z, w, tok, mask, k=4, reduction="token_mean").loss
         n = mask.sum().item()
         parts = sum(
@@ -258,8 +258,8 @@ def test_denominator_makes_micro_batches_add_up(batch):
 
 def test_identical_distributions_give_zero(batch):
     z, w, tok, mask = batch
-    for name in ("sampled", "topk", "full", "forward_kl", "jsd"):
-        out = L.opd_loss(name, z, z.clone(), tok, mask, k=4, renormalize=True)
+    for name in L.LOSSES:
+        out = L.opd_loss(name, z, z.clone(), tok, mask, k=4)
         assert abs(out.value.item()) < 1e-6, name
 
 
@@ -269,15 +269,17 @@ def test_errors_are_clear(batch):
         L.full_rkl(z, w[:, :2], mask)
     with pytest.raises(OpdlensError, match="k=99"):
         L.topk_rkl(z, w, mask, k=99)
-    with pytest.raises(OpdlensError, match="unknown OPD loss"):
-        L.opd_loss("nope", z, w, tok, mask)  # type: ignore[arg-type]
+    with pytest.raises(OpdlensError, match="unknown OPD loss 'nope'.*choose one of opd, sampled"):
+        L.opd_loss("nope", z, w, tok, mask)
+    with pytest.raises(OpdlensError, match="topk_renorm"):
+        L.get_loss("topk")
     with pytest.raises(OpdlensError, match="beta"):
         L.generalized_jsd(z, w, mask, beta=1.5)
 
 
 def test_teacher_temperature_divides_teacher_logits(batch):
     z, w, tok, mask = batch
-    for name in ("sampled", "topk", "full", "forward_kl", "jsd"):
+    for name in L.LOSSES:
         a = L.opd_loss(name, z, w, tok, mask, k=4, teacher_temperature=0.5).value.item()
         b = L.opd_loss(name, z, w * 2.0, tok, mask, k=4).value.item()
         c = L.opd_loss(name, z, w, tok, mask, k=4).value.item()

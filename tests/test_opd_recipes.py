@@ -78,3 +78,88 @@ def test_select_template_ranks_by_overlap():
     assert scores[0].rkl == pytest.approx(0.0, abs=1e-5)
     assert scores[1].overlap_ratio < 0.95 and scores[1].rkl > 1e-3
     assert scores[0].n_tokens == scores[1].n_tokens > 0  # the same student rollouts, scored twice
+
+
+# ---------------------------------------------------------------------------- prompt selection + stages
+from opdlens.opd.recipes import dedup_prompts, normalise_prompt  # noqa: E402
+
+BASE = "A farmer has 17 sheep and buys 5 more at the market on a sunny Tuesday morning. How many sheep does he have now?"
+
+
+def test_dedup_exact_then_near_then_distinct():
+    prompts = [
+        "a FARMER has 17 sheep, and buys 5 more at the market on a sunny tuesday morning; how many sheep does he have now",
+        BASE.replace("sunny", "rainy"),  # one word changed: Jaccard of 3-gram shingles 16/22 words...
+        "What is the capital of France?",
+        BASE.replace("Tuesday", "Friday").replace("17", "18").replace("market", "fair"),
+    ]
+    res = dedup_prompts(prompts, [BASE], threshold=0.5)
+    assert normalise_prompt(prompts[0]) == normalise_prompt(BASE)
+    assert (res.exact, res.near) == (1, 1) and res.kept == [2, 3]
+    # the near test is the MinHash estimate of the shingle Jaccard: 1-word edit of 21 words keeps 16/24 3-grams
+    strict = dedup_prompts(prompts, [BASE], threshold=0.9)
+    assert (strict.exact, strict.near, strict.kept) == (1, 0, [1, 2, 3])
+
+
+def test_dedup_with_an_embedding_model(tmp_path):
+    from opdlens.opd.recipes import _embed
+
+    pol = tiny(0)
+    pol.model.save_pretrained(tmp_path / "emb")
+    pol.tokenizer.save_pretrained(tmp_path / "emb")
+    name = str(tmp_path / "emb")
+    prompts = [BASE + " Be brief.", "What is the capital of France?"]
+    ref = [BASE]
+    e = _embed(prompts + ref, name)
+    assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
+    c = (e[:2] @ e[2]).tolist()
+    assert c[0] > c[1]  # the paraphrase is closer than the unrelated prompt
+    res = dedup_prompts(prompts, ref, threshold=(c[0] + c[1]) / 2, embedding_model=name)
+    assert (res.exact, res.near, res.kept) == (0, 1, [1])
+    res = dedup_prompts(prompts, ref, threshold=min(1.0, c[0] + 1e-4), embedding_model=name)
+    assert (res.near, res.kept) == (0, [0, 1])
+
+
+def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
+    from opdlens.opd.trainer import TrainConfig, train
+
+    task, qs = arith_questions(6)
+    ref = tmp_path / "ref.jsonl"
+    ref.write_text(__import__("json").dumps({"prompt": qs[0].prompt}) + "\n")
+    cfg = TrainConfig(
+        batch_size=2, micro_batch=2, max_new_tokens=4, steps=2, lr=1e-3, eval_every=0, save_every=1,
+        out_dir=tmp_path / "run", progress=False, tensorboard=False, k=4, metrics_k=4, device="cpu",
+        prompt_selection={"against": str(ref)},
+        template_selection={"candidates": {"plain": "{prompt}", "noisy": "zebra quartz " * 4 + "{prompt}"},
+                            "apply_to": "teacher", "questions": 2, "n_rollouts": 1, "max_new_tokens": 4},
+        cold_start={"temperature": 0.7, "max_new_tokens": 4, "lr": 1e-3, "batch_size": 2, "questions": 2},
+    )
+    with one_thread():
+        student = tiny(0, init_std=0.3)
+        teacher = _Scripted(tiny(0, init_std=0.3), [Completion([11, 12, 13, min(student.eos_token_ids)], [0.0] * 4, True)])
+        teacher.model = teacher.base.model
+        res = train(cfg, student=student, teacher=teacher, task=task, train_questions=qs, eval_questions=[],
+                    stop_after=1)
+    stages = __import__("json").loads((tmp_path / "run" / "stages.json").read_text())
+    assert stages["log"]["prompt_exact_duplicates"] == 1 and stages["log"]["prompts_kept"] == 5
+    assert stages["log"]["template_selected"] == "plain" and stages["templates"] == {"teacher_template": "{prompt}"}
+    assert stages["log"]["cold_start_n_kept"] == 2
+    assert qs[0].id not in stages["kept_question_ids"]
+    with one_thread():
+        res2 = train(cfg, student=tiny(0, init_std=0.3), teacher=tiny(0, init_std=0.3), task=task, train_questions=qs,
+                     eval_questions=[])
+    assert res.last_step == 1 and res2.resumed_from == 1 and res2.last_step == 2
+
+
+def test_thinking_switch_reaches_the_chat_template():
+    import copy
+
+    from opdlens.opd.scoring import encode_user
+
+    pol = copy.copy(tiny(0))
+    pol.tokenizer = copy.deepcopy(pol.tokenizer)
+    pol.tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
+                                   "{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}")
+    plain, off, on = encode_user(pol, "hi"), encode_user(pol, "hi", False), encode_user(pol, "hi", True)
+    assert plain == on and off != plain
+    assert pol.decode(off).endswith(" /no_think")

@@ -98,7 +98,7 @@ def test_few_steps_lower_reverse_kl(tmp_path):
 def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
     _, teacher = pair
     qs = toy_questions(10)
-    kw = dict(steps=4, save_every=2, eval_every=2, eval_questions=2, tensorboard=True, loss="topk")
+    kw = dict(steps=4, save_every=2, eval_every=2, eval_questions=2, tensorboard=True, loss="opd")
     full = train(_cfg(tmp_path / "a", **kw), student=tiny(0), teacher=teacher, task=ToyTask(),
                  train_questions=qs, eval_questions=toy_questions(2, "e"))
     # interrupted after 3 steps: the step-3 update is lost, the step-2 checkpoint survives
@@ -111,8 +111,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
                  eval_questions=toy_questions(2, "e"))
     assert rest.resumed_from == 2 and rest.last_step == 4
     fa = dict(tiny(0).model.named_parameters())  # sanity: training moved the weights
-    for (name, pa), (_, pc) in zip(full_model_params(full, tmp_path / "a"), s_c.model.named_parameters()):
-        assert torch.equal(pa, pc), name
+    params_c = dict(s_c.model.named_parameters())
+    saved = full_model_params(full, tmp_path / "a")
+    assert len(saved) == len(params_c)
+    for name, pa in saved:
+        assert torch.equal(pa, params_c[name]), name
     assert not torch.equal(fa["lm_head.weight"], s_c.model.lm_head.weight)
     ra, rb = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
     assert [r["step"] for r in rb] == [0, 1, 2, 3, 4]
@@ -126,9 +129,11 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
 
 
 def full_model_params(result, out_dir: Path):
-    state = torch.load(list_checkpoints(out_dir)[-1][1] / "state.pt", weights_only=False)
-    assert state["step"] == result.last_step
-    return list(state["model"].items())
+    from safetensors.torch import load_file
+
+    d = list_checkpoints(out_dir)[-1][1]
+    assert json.loads((d / "state.json").read_text())["step"] == result.last_step
+    return sorted(load_file(str(d / "model.safetensors")).items())
 
 
 def test_mismatched_vocab_is_refused(tmp_path):
@@ -168,3 +173,18 @@ def test_config_yaml_roundtrip_and_errors(tmp_path):
         TrainConfig.from_yaml(p)
     with pytest.raises(OpdlensError, match="does not exist"):
         TrainConfig.from_yaml(tmp_path / "missing.yaml")
+
+
+def test_second_run_in_one_process_gets_a_trainable_student(tmp_path):
+    """load_policy caches one instance per spec; a first run freezes it as the teacher."""
+    from opdlens.opd.trainer import load_models
+
+    pol = tiny(0)
+    pol.model.save_pretrained(tmp_path / "m")
+    pol.tokenizer.save_pretrained(tmp_path / "m")
+    cfg = _cfg(tmp_path, student=str(tmp_path / "m"), teacher=str(tmp_path / "m"))
+    s, t = load_models(cfg)
+    OPDTrainer(cfg, s, t, ToyTask(), toy_questions(2), [])
+    assert not any(p.requires_grad for p in t.model.parameters())
+    s2, _ = load_models(cfg, teacher=False)
+    assert all(p.requires_grad for p in s2.model.parameters())

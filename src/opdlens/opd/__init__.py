@@ -1,15 +1,23 @@
 """On-policy distillation (PAPERS.md, part B): losses, monitoring metrics, trainer and recipes.
 
-* :mod:`opdlens.opd.losses`  sampled-token / top-k / full reverse KL, forward KL, generalised JSD
-* :mod:`opdlens.opd.metrics` top-k overlap ratio, overlap-token advantage, entropy gap, shared mass
-* :mod:`opdlens.opd.trainer` :class:`TrainConfig`, :func:`train` (``opdlens train CONFIG.yaml``)
-* :mod:`opdlens.opd.recipes` off-policy cold start, teacher-aligned template selection
+* :mod:`opdlens.opd.losses`     the loss registry: the authors' top-k OPD, ours (top-k variants, full RKL), FKL, JSD
+* :mod:`opdlens.opd.metrics`    our token signals and the authors' top-k metrics (overlap, masses, advantages, splits)
+* :mod:`opdlens.opd.config`     :class:`TrainConfig` (every field described) and the prompt templates
+* :mod:`opdlens.opd.scoring`    contexts, student rollouts, student/teacher logits under mixed precision
+* :mod:`opdlens.opd.step`       the loss step (micro-batches, global normalisation, GRPO outcome term)
+* :mod:`opdlens.opd.checkpoint` safetensors + JSON checkpoints (no pickle)
+* :mod:`opdlens.opd.runlog`     metric sums, metrics.jsonl, TensorBoard
+* :mod:`opdlens.opd.parallel`   data parallelism through accelerate (DDP)
+* :mod:`opdlens.opd.trainer`    :class:`OPDTrainer`, :func:`train` (``opdlens train CONFIG.yaml``)
+* :mod:`opdlens.opd.recipes`    cold start, template selection, prompt de-duplication (config stages)
 * :mod:`opdlens.opd.cli`     ``train_cmd`` and the diagnose -> train link
 * :mod:`opdlens.opd.demo`    ``python -m opdlens.opd.demo``: a short SmolLM2 run lowering reverse KL
 """
 
 from opdlens.opd.losses import (
+    LOSSES,
     LossOutput,
+    opd_topk,
     forward_kl,
     full_rkl,
     generalized_jsd,
@@ -22,7 +30,7 @@ from opdlens.opd.metrics import TokenMetrics, token_metrics
 from opdlens.opd.trainer import TEMPLATES, OPDTrainer, TrainConfig, TrainResult, read_metrics, train
 
 __all__ = [
-    "LossOutput", "forward_kl", "full_rkl", "generalized_jsd", "opd_loss", "reduce_tokens", "sampled_token_rkl",
+    "LOSSES", "LossOutput", "opd_topk", "forward_kl", "full_rkl", "generalized_jsd", "opd_loss", "reduce_tokens", "sampled_token_rkl",
     "topk_rkl", "TokenMetrics", "token_metrics", "TEMPLATES", "OPDTrainer", "TrainConfig", "TrainResult",
     "read_metrics", "train",
 ]

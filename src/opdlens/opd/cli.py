@@ -7,8 +7,10 @@ paper where not set: lr 1e-6, batch 64, top-k 16, no KL regularisation)::
     teacher: smollm2                  # same tokenizer required (checked)
     teacher_template: answer_hint     # or a format string with {prompt} / {answer}
     task: arith
-    loss: topk                        # sampled | topk | full  (forward_kl | jsd for comparison)
-    k: 16
+    loss: opd                         # the authors' top-k OPD (docs/OPD.md lists all losses)
+    k: 16                             # 0: sampled-token
+    topk_set: student                 # teacher | intersection | union | symmetric_difference
+    topk_weight: student              # teacher | uniform
     batch_size: 64
     micro_batch: 8
     max_new_tokens: 256
@@ -34,6 +36,7 @@ and training use the same models, tasks, contexts and per-token signals.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -113,6 +116,8 @@ def train_cmd(config: Path) -> TrainResult:
                   f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
                   f"lr={cfg.lr:g} batch={cfg.batch_size} steps={cfg.steps} -> {cfg.out_dir}")
     res = train(cfg)
+    if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
+        return res
     from opdlens.opd.trainer import read_metrics
     from opdlens.report.figures import plot_training_curve
 

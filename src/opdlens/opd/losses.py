@@ -12,10 +12,18 @@ OPD minimises the sequence-level reverse KL ``KL(p(y|x) ‖ q(y|x))`` over stude
 which factorises exactly into the sum over positions of the per-token reverse KL at the
 student-visited prefixes. The estimators below differ in how much of the vocabulary they use:
 
+* :func:`opd_topk`: **the authors' top-k OPD** (paper B's code): a policy-gradient step on the
+  per-token rewards ``r_v = −w_v ℓ(v)`` over a chosen token set (student / teacher top-k, their
+  intersection, union or symmetric difference), ``k = 0`` = sampled-token OPD;
 * :func:`sampled_token_rkl`: one token (the sampled one), REINFORCE form;
-* :func:`topk_rkl`: the student's top-k support ``S_t`` (k = 16 by default);
+* :func:`topk_rkl`: ours, divergences over the student's top-k support ``S_t``: the partial sum,
+  the KL of the renormalised distributions, or the KL with the tail as one extra bucket;
 * :func:`full_rkl`: the whole vocabulary (exact per-position reverse KL);
 * :func:`forward_kl` and :func:`generalized_jsd`: for comparison (GKD family).
+
+Every name a config may use is registered once in :data:`LOSSES` (``@register_loss``); the
+trainer, the config validator and the docs read that table. docs/OPD.md says which loss is
+the authors' and which is ours, and why.
 
 Every function takes logits *or* log-probabilities of shape ``[B, T, V]`` (they are
 normalised with ``log_softmax``, which is idempotent on log-probs), a mask ``[B, T]``
@@ -37,7 +45,8 @@ in the *global* batch) so that micro-batch losses add up to the full-batch loss.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Literal
 
 import torch
@@ -169,22 +178,25 @@ def topk_rkl(
     *,
     k: int = 16,
     renormalize: bool = False,
+    tail: bool = False,
     reduction: Reduction = "token_mean",
     denominator: float | None = None,
     teacher_temperature: float = 1.0,
 ) -> LossOutput:
-    r"""Reverse KL restricted to the student's top-k support ``S_t`` (k = 16 by default).
+    r"""Ours: a divergence restricted to the student's top-k support ``S_t`` (k = 16 by default).
 
     ``S_t`` = the ``k`` tokens of largest student probability at ``t`` (chosen without
-    gradient). Without renormalisation (``renormalize=False``)::
+    gradient). Three variants (none of them is the authors' top-k OPD, :func:`opd_topk`):
 
-        L_t = Σ_{v∈S_t} p(v) (log p(v) − log q(v))
-
-    (a partial sum of the full KL: it can be negative and equals ``full_rkl`` when k = V).
-    With ``renormalize=True`` (the paper's top-k OPD) both distributions are renormalised
-    over ``S_t``, ``p̃ = p / P(S_t)``, ``q̃ = q / Q(S_t)``, and::
-
-        L_t = Σ_{v∈S_t} p̃(v) (log p̃(v) − log q̃(v)) = KL(p̃ ‖ q̃) ≥ 0.
+    * partial sum (default): ``L_t = Σ_{v∈S_t} p(v) (log p(v) − log q(v))``; can be negative,
+      equals ``full_rkl`` at k = V;
+    * ``renormalize=True``: the KL between the distributions renormalised over ``S_t``,
+      ``p̃ = p / P(S_t)``, ``q̃ = q / Q(S_t)``: ``L_t = KL(p̃ ‖ q̃) ≥ 0``. It ignores how much mass
+      each model puts outside ``S_t``: at k = 1 it is identically 0;
+    * ``tail=True``: the KL between the coarse-grained distributions ``(p(v))_{v∈S_t} ∪ {1 − P(S_t)}``
+      and ``(q(v))_{v∈S_t} ∪ {1 − Q(S_t)}`` (the rest of the vocabulary as one bucket). By the
+      data-processing inequality ``0 ≤ L_t ≤ KL(p‖q)``: a true lower bound of the full KL that
+      is tight at k = V and still trains at k = 1.
 
     Gradients flow through ``p`` (and ``P(S_t)``) on the selected set.
     """
@@ -192,6 +204,8 @@ def topk_rkl(
     vocab = student_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise OpdlensError(f"top-k needs 1 <= k <= vocabulary size {vocab}, got k={k}")
+    if renormalize and tail:
+        raise OpdlensError("topk_rkl: choose renormalize or tail, not both")
     logp = log_probs(student_logits)
     logq = log_probs(teacher_logits.detach(), teacher_temperature)
     idx = logp.detach().topk(k, dim=-1).indices
@@ -201,7 +215,16 @@ def topk_rkl(
         lp = lp - torch.logsumexp(lp, dim=-1, keepdim=True)
         lq = lq - torch.logsumexp(lq, dim=-1, keepdim=True)
     per_token = (lp.exp() * (lp - lq)).sum(-1)
+    if tail:
+        lp_rest, lq_rest = _log_rest(lp), _log_rest(lq)
+        per_token = per_token + lp_rest.exp() * (lp_rest - lq_rest)
     return _output(per_token, mask, reduction, denominator)
+
+
+def _log_rest(lp_set: torch.Tensor) -> torch.Tensor:
+    """``log(1 − Σ exp(lp_set))`` over the last axis, stably (floored at float32's tiny)."""
+    mass = torch.logsumexp(lp_set, dim=-1)
+    return torch.log(torch.clamp(-torch.expm1(mass), min=torch.finfo(torch.float32).tiny))
 
 
 def full_rkl(
@@ -283,34 +306,252 @@ def generalized_jsd(
     return _output(per_token, mask, reduction, denominator)
 
 
-LossName = Literal["sampled", "topk", "full", "forward_kl", "jsd"]
-LOSSES: tuple[str, ...] = ("sampled", "topk", "full", "forward_kl", "jsd")
+# ---------------------------------------------------------------------------- the authors' top-k OPD
+TopkSet = Literal["student", "teacher", "intersection", "union", "symmetric_difference"]
+TOPK_SETS: tuple[str, ...] = ("student", "teacher", "intersection", "union", "symmetric_difference")
+WeightMode = Literal["student", "teacher", "uniform"]
+WEIGHT_MODES: tuple[str, ...] = ("student", "teacher", "uniform")
 
 
-def opd_loss(
-    name: LossName,
+@dataclass
+class TopkEntries:
+    """The ``2k`` candidate tokens of every position: the student's top-k then the teacher's.
+
+    All tensors are ``[B, T, 2k]`` and detached. ``in_set``: the entry belongs to the chosen set
+    (a token both models rank is counted once, on the student side); ``shared`` / ``only_student``
+    / ``only_teacher``: the entry is a token of ``S∩T`` (student side) / ``S∖T`` / ``T∖S``;
+    ``weight``: ``w_v`` (see :func:`topk_entries`), defined on every entry (normalised over the
+    chosen set, so equal to the training weight where ``in_set``); ``advantage = −w_v ℓ(v)``.
+    """
+
+    ids: torch.Tensor
+    logp: torch.Tensor
+    logq: torch.Tensor
+    in_set: torch.Tensor
+    shared: torch.Tensor
+    only_student: torch.Tensor
+    only_teacher: torch.Tensor
+    weight: torch.Tensor
+    k: int
+
+    @property
+    def log_ratio(self) -> torch.Tensor:
+        return self.logp - self.logq
+
+    @property
+    def advantage(self) -> torch.Tensor:
+        return -self.weight * self.log_ratio
+
+
+@torch.no_grad()
+def topk_entries(logp: torch.Tensor, logq: torch.Tensor, *, k: int, topk_set: TopkSet = "student",
+                 weight: WeightMode = "student") -> TopkEntries:
+    r"""Token sets and weights of the authors' top-k OPD from full-vocabulary log-probs ``[B, T, V]``.
+
+    ``S`` = student top-k, ``T`` = teacher top-k; the set is ``S``, ``T``, ``S∩T``, ``S∪T`` or
+    ``S△T``. Weights ``w_v = b(v) / Σ_{u∈set} b(u)`` with ``b = p`` (``student``), ``q``
+    (``teacher``) or 1 (``uniform``); for the symmetric difference the authors' code uses the
+    raw ``b(v)`` (no normalisation), and so do we. An empty set gives zero weights.
+    """
+    vocab = logp.shape[-1]
+    if not 1 <= k <= vocab:
+        raise OpdlensError(f"top-k OPD needs 1 <= k <= vocabulary size {vocab} (or k=0 for sampled-token), got k={k}")
+    if topk_set not in TOPK_SETS:
+        raise OpdlensError(f"unknown topk_set {topk_set!r}; choose one of {', '.join(TOPK_SETS)}")
+    if weight not in WEIGHT_MODES:
+        raise OpdlensError(f"unknown topk_weight {weight!r}; choose one of {', '.join(WEIGHT_MODES)}")
+    s_ids = logp.topk(k, dim=-1).indices
+    t_ids = logq.topk(k, dim=-1).indices
+    s_in_t = (s_ids.unsqueeze(-1) == t_ids.unsqueeze(-2)).any(-1)  # [B, T, k]
+    t_in_s = (t_ids.unsqueeze(-1) == s_ids.unsqueeze(-2)).any(-1)
+    ids = torch.cat([s_ids, t_ids], dim=-1)
+    lp, lq = logp.gather(-1, ids), logq.gather(-1, ids)
+    ones, zeros = torch.ones_like(s_in_t), torch.zeros_like(s_in_t)
+    in_set = {
+        "student": (ones, zeros),
+        "teacher": (zeros, ones),
+        "intersection": (s_in_t, zeros),
+        "union": (ones, ~t_in_s),
+        "symmetric_difference": (~s_in_t, ~t_in_s),
+    }[topk_set]
+    valid = torch.cat(in_set, dim=-1)
+    base = {"student": lp, "teacher": lq, "uniform": torch.zeros_like(lp)}[weight]
+    if topk_set == "symmetric_difference":
+        w = base.exp()
+    else:
+        log_z = torch.logsumexp(base.masked_fill(~valid, -math.inf), dim=-1, keepdim=True)
+        w = torch.nan_to_num((base - log_z).exp(), nan=0.0, posinf=0.0)
+        w = torch.where(torch.isfinite(log_z), w, torch.zeros_like(w))
+    return TopkEntries(
+        ids=ids, logp=lp, logq=lq, in_set=valid,
+        shared=torch.cat([s_in_t, zeros], dim=-1),
+        only_student=torch.cat([~s_in_t, zeros], dim=-1),
+        only_teacher=torch.cat([zeros, ~t_in_s], dim=-1),
+        weight=w, k=k,
+    )
+
+
+def opd_topk(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
     tokens: torch.Tensor,
     mask: torch.Tensor,
     *,
     k: int = 16,
-    renormalize: bool = False,
-    beta: float = 0.5,
+    topk_set: TopkSet = "student",
+    weight: WeightMode = "student",
     reduction: Reduction = "token_mean",
     denominator: float | None = None,
+    student_temperature: float = 1.0,
     teacher_temperature: float = 1.0,
+    entry_mask: Callable[[TopkEntries], torch.Tensor] | None = None,
 ) -> LossOutput:
-    """Dispatch by name: ``sampled`` | ``topk`` | ``full`` | ``forward_kl`` | ``jsd``."""
-    common = dict(reduction=reduction, denominator=denominator, teacher_temperature=teacher_temperature)
-    if name == "sampled":
-        return sampled_token_rkl(student_logits, teacher_logits, tokens, mask, **common)  # type: ignore[arg-type]
-    if name == "topk":
-        return topk_rkl(student_logits, teacher_logits, mask, k=k, renormalize=renormalize, **common)  # type: ignore[arg-type]
-    if name == "full":
-        return full_rkl(student_logits, teacher_logits, mask, **common)  # type: ignore[arg-type]
-    if name == "forward_kl":
-        return forward_kl(student_logits, teacher_logits, mask, **common)  # type: ignore[arg-type]
-    if name == "jsd":
-        return generalized_jsd(student_logits, teacher_logits, mask, beta=beta, **common)  # type: ignore[arg-type]
-    raise OpdlensError(f"unknown OPD loss {name!r}; choose one of {LOSSES}")
+    r"""The authors' top-k OPD (paper B's code): policy gradient on per-token set rewards.
+
+    ``p = softmax(z / τ_rollout)`` (the student at its sampling temperature), ``q =
+    softmax(z_te / τ_teacher)``, ``ℓ(v) = log p(v) − log q(v)`` from the *full-vocabulary*
+    log-probs (not renormalised). For each token ``v`` of the chosen set (:func:`topk_entries`)
+    the reward is ``r_v = −w_v ℓ(v)``; the advantage is the reward (no baseline) and the update
+    is the on-policy PPO step with ratio 1, summed over the set and token-averaged::
+
+        L_t = −Σ_{v∈set} sg[r_v] · log p(v),     ∇_z L_t = (1/τ) Σ_v w_v ℓ(v) (e_v − p).
+
+    With the student set, student weights and k = V, ``w = p`` and this is exactly the
+    gradient of ``KL(p‖q)``; at k = 1 it is ``ℓ(v₁) ∇ log p(v₁)`` (it still trains, where the
+    renormalised KL is 0). ``k = 0`` is sampled-token OPD (``r = −ℓ(ŷ)`` on the sampled token).
+    ``per_token`` / ``value``: ``Σ_v w_v ℓ(v) = −Σ_v r_v`` (a weighted log-ratio, not a KL).
+    ``entry_mask`` (tests and ablations) keeps only the entries it marks, e.g. the shared ones.
+    """
+    _check(student_logits, teacher_logits, mask)
+    logp = log_probs(student_logits, student_temperature)
+    logq = log_probs(teacher_logits.detach(), teacher_temperature)
+    if k == 0:
+        if tokens.shape != mask.shape:
+            raise OpdlensError(f"tokens shape {tuple(tokens.shape)} != mask shape {tuple(mask.shape)}")
+        idx = tokens.long().clamp(0, logp.shape[-1] - 1).unsqueeze(-1)
+        lp_y = logp.gather(-1, idx).squeeze(-1)
+        ratio = (lp_y - logq.gather(-1, idx).squeeze(-1)).detach()
+        loss = reduce_tokens(ratio * lp_y, mask, reduction, denominator)
+        return LossOutput(loss=loss, per_token=ratio * mask.to(ratio.dtype),
+                          value=reduce_tokens(ratio, mask, reduction, denominator))
+    e = topk_entries(logp.detach(), logq, k=k, topk_set=topk_set, weight=weight)
+    keep = e.in_set if entry_mask is None else e.in_set & entry_mask(e)
+    c = torch.where(keep, e.weight * e.log_ratio, torch.zeros_like(e.weight))  # = −r_v, constant
+    surrogate = (c * logp.gather(-1, e.ids)).sum(-1)
+    per_token = c.sum(-1)
+    loss = reduce_tokens(surrogate, mask, reduction, denominator)
+    return LossOutput(loss=loss, per_token=per_token * mask.to(per_token.dtype),
+                      value=reduce_tokens(per_token, mask, reduction, denominator))
+
+
+# ---------------------------------------------------------------------------- registry
+@dataclass(frozen=True)
+class LossOptions:
+    """Knobs every registered loss receives (each uses the ones it needs)."""
+
+    k: int = 16
+    topk_set: TopkSet = "student"
+    topk_weight: WeightMode = "student"
+    beta: float = 0.5
+    reduction: Reduction = "token_mean"
+    denominator: float | None = None
+    student_temperature: float = 1.0
+    teacher_temperature: float = 1.0
+
+
+LossFn = Callable[[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, LossOptions], LossOutput]
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """A registered loss: its function, whose definition it is (``authors`` | ``ours`` |
+    ``comparison``) and one line of documentation."""
+
+    name: str
+    fn: LossFn
+    origin: str
+    doc: str
+    uses: tuple[str, ...] = field(default_factory=tuple)
+
+
+#: The one table of loss names (config validation, dispatch and docs read it).
+LOSSES: dict[str, LossSpec] = {}
+
+
+def register_loss(name: str, *, origin: str, doc: str, uses: tuple[str, ...] = ()) -> Callable[[LossFn], LossFn]:
+    def deco(fn: LossFn) -> LossFn:
+        if name in LOSSES:
+            raise OpdlensError(f"loss {name!r} is registered twice")
+        LOSSES[name] = LossSpec(name, fn, origin, doc, uses)
+        return fn
+
+    return deco
+
+
+def _common(o: LossOptions) -> dict:
+    return dict(reduction=o.reduction, denominator=o.denominator, teacher_temperature=o.teacher_temperature)
+
+
+@register_loss("opd", origin="authors", uses=("k", "topk_set", "topk_weight", "temperature", "teacher_temperature"),
+               doc="policy gradient on r_v = -w_v (log p(v) - log q(v)) over the chosen top-k set; k=0: sampled token")
+def _opd(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return opd_topk(z, w, tok, m, k=o.k, topk_set=o.topk_set, weight=o.topk_weight,
+                    student_temperature=o.student_temperature, **_common(o))
+
+
+@register_loss("sampled", origin="authors", uses=("teacher_temperature",),
+               doc="sampled-token REINFORCE estimator of the reverse KL (the authors' k=0, student at T=1)")
+def _sampled(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return sampled_token_rkl(z, w, tok, m, **_common(o))
+
+
+@register_loss("topk_renorm", origin="ours", uses=("k", "teacher_temperature"),
+               doc="KL between student and teacher renormalised over the student's top-k (0 at k=1)")
+def _topk_renorm(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return topk_rkl(z, w, m, k=o.k, renormalize=True, **_common(o))
+
+
+@register_loss("topk_partial", origin="ours", uses=("k", "teacher_temperature"),
+               doc="partial reverse-KL sum over the student's top-k (unnormalised; can be negative)")
+def _topk_partial(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return topk_rkl(z, w, m, k=o.k, **_common(o))
+
+
+@register_loss("topk_tail", origin="ours", uses=("k", "teacher_temperature"),
+               doc="KL over the student's top-k plus the remaining mass as one bucket (a lower bound of the full KL)")
+def _topk_tail(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return topk_rkl(z, w, m, k=o.k, tail=True, **_common(o))
+
+
+@register_loss("full", origin="ours", uses=("teacher_temperature",), doc="exact full-vocabulary reverse KL per position")
+def _full(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return full_rkl(z, w, m, **_common(o))
+
+
+@register_loss("forward_kl", origin="comparison", uses=("teacher_temperature",), doc="forward KL(q||p) (supervised KD)")
+def _fkl(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return forward_kl(z, w, m, **_common(o))
+
+
+@register_loss("jsd", origin="comparison", uses=("jsd_beta", "teacher_temperature"), doc="GKD generalised JSD")
+def _jsd(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
+    return generalized_jsd(z, w, m, beta=o.beta, **_common(o))
+
+
+def get_loss(name: str) -> LossSpec:
+    """The registered loss ``name``; a wrong name lists the valid ones."""
+    if name not in LOSSES:
+        hint = " ('topk' is now 'topk_renorm' (ours) or 'opd' (the authors'))" if name == "topk" else ""
+        raise OpdlensError(f"unknown OPD loss {name!r}{hint}; choose one of {', '.join(LOSSES)}")
+    return LOSSES[name]
+
+
+def opd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
+             mask: torch.Tensor, options: LossOptions | None = None, **kw: object) -> LossOutput:
+    """Dispatch by registered name (``options`` or keyword overrides of :class:`LossOptions`)."""
+    opts = options if options is not None else LossOptions()
+    if kw:
+        from dataclasses import replace
+
+        opts = replace(opts, **kw)  # type: ignore[arg-type]
+    return get_loss(name).fn(student_logits, teacher_logits, tokens, mask, opts)

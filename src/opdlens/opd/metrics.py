@@ -21,17 +21,23 @@ teacher's top-k token sets (k = 16 by default) and ``I_t = S^p_t ∩ S^q_t`` the
 * ``top1_agree``         1 if ``argmax p_t = argmax q_t``;
 * ``sampled_log_ratio``  ``log p(ŷ_t) − log q(ŷ_t)`` (when the sampled tokens are given).
 
+These are our definitions (e.g. the shared masses count a token with an empty intersection as 0).
+:func:`mechanism_metrics` gives the authors' definitions under their names (``overlap_ratio``,
+``student_p_sum_intersection``, ``adv_intersection``, ...), plus the split of gradient and
+advantage between shared and non-shared tokens.
+
 Everything is computed without gradient, vectorised over ``[B, T]`` (the set intersection is a
 ``[B, T, k, k]`` comparison, never a ``[B, T, V]`` mask).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, fields
 
 import torch
 
-from opdlens.opd.losses import log_probs
+from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries
 from opdlens.policy import OpdlensError
 
 
@@ -119,3 +125,116 @@ def token_metrics(
         top1_agree=top1,
         sampled_log_ratio=ratio,
     )
+
+
+# ---------------------------------------------------------------------------- the authors' metrics
+@dataclass
+class RatioMetrics:
+    """Per-position numerators and denominators ``[B, T]``: a batch value is ``Σ num / Σ den``
+    over the counted positions (``sqrt(Σ num) / Σ den`` for the names in ``root``), so means
+    over tokens, over tokens with a non-empty set and over (token, id) entries all aggregate
+    exactly across micro-batches and processes."""
+
+    num: dict[str, torch.Tensor]
+    den: dict[str, torch.Tensor]
+    root: frozenset[str] = frozenset()
+
+    def summary(self, mask: torch.Tensor) -> dict[str, float]:
+        m = mask.to(torch.float64)
+        out = {}
+        for name, n in self.num.items():
+            a, b = float((n.double() * m).sum()), float((self.den[name].double() * m).sum())
+            out[name] = (math.sqrt(a) if name in self.root else a) / b if b > 0 else float("nan")
+        return out
+
+
+#: The mechanism metrics kept per position chunk when ``chunk > 0`` (the authors' chunked curves).
+CHUNKED = ("overlap_ratio", "adv_intersection", "student_p_sum_intersection", "teacher_p_sum_intersection")
+
+
+@torch.no_grad()
+def mechanism_metrics(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    *,
+    k: int = 16,
+    topk_set: TopkSet = "student",
+    weight: WeightMode = "student",
+    student_temperature: float = 1.0,
+    teacher_temperature: float = 1.0,
+) -> RatioMetrics:
+    r"""The authors' logged top-k signals (their names) and our gradient/advantage split.
+
+    With ``S``/``T`` the student/teacher top-k sets and the training advantage
+    ``a_v = −w_v ℓ(v)`` of :func:`~opdlens.opd.losses.topk_entries` (weights of the chosen set
+    and weight mode; entries outside the set get the same formula):
+
+    * ``overlap_ratio``: ``|S∩T| / k``, mean over tokens;
+    * ``student_p_sum_intersection`` / ``teacher_p_sum_intersection``: ``P(S∩T)`` / ``Q(S∩T)``,
+      mean over the tokens whose intersection is non-empty (the authors skip the others);
+    * ``adv_intersection`` / ``adv_only_stu`` / ``adv_only_tch``: mean of ``a_v`` over the
+      (token, id) entries of ``S∩T`` / ``S∖T`` / ``T∖S``;
+    * ``student_p_sum_only_stu`` / ``teacher_p_sum_only_tch``: ``P(S∖T)`` / ``Q(T∖S)`` over the
+      tokens where that set is non-empty (ours, same averaging rule);
+    * ``adv_abs_share_intersection``: ``Σ|a_v|`` on trained shared entries over ``Σ|a_v|`` on all
+      trained entries;
+    * ``grad_norm_intersection`` / ``grad_norm_non_intersection``: the norm of the gradient of the
+      token-mean top-k OPD loss w.r.t. the student logits (``[B, T, V]``) from the trained shared
+      / non-shared entries. Per token ``g = (1/τ)(c − C p)`` with ``c_v = w_v ℓ(v)`` on the part
+      and ``C = Σ c_v``, so ``‖g‖² = (Σc² − 2C Σ c_v p(v) + C² Σ_u p(u)²)/τ²`` (no ``[B,T,V]`` tensor).
+    """
+    if student_logits.shape != teacher_logits.shape or student_logits.dim() != 3:
+        raise OpdlensError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
+                           "logits must both be [B, T, V] with the same shape")
+    logp = log_probs(student_logits, student_temperature)
+    logq = log_probs(teacher_logits, teacher_temperature)
+    e = topk_entries(logp, logq, k=k, topk_set=topk_set, weight=weight)
+    p, q, adv = e.logp.exp(), e.logq.exp(), e.advantage
+    ones = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device)
+    num: dict[str, torch.Tensor] = {}
+    den: dict[str, torch.Tensor] = {}
+
+    def entry_mean(name: str, sel: torch.Tensor) -> None:
+        num[name], den[name] = (adv * sel).sum(-1), sel.to(p.dtype).sum(-1)
+
+    def mass_where_nonempty(name: str, prob: torch.Tensor, sel: torch.Tensor) -> None:
+        any_ = sel.any(-1).to(p.dtype)
+        num[name], den[name] = (prob * sel).sum(-1) * any_, any_
+
+    num["overlap_ratio"], den["overlap_ratio"] = e.shared.to(p.dtype).sum(-1) / k, ones
+    mass_where_nonempty("student_p_sum_intersection", p, e.shared)
+    mass_where_nonempty("teacher_p_sum_intersection", q, e.shared)
+    entry_mean("adv_intersection", e.shared)
+    entry_mean("adv_only_stu", e.only_student)
+    entry_mean("adv_only_tch", e.only_teacher)
+    mass_where_nonempty("student_p_sum_only_stu", p, e.only_student)
+    mass_where_nonempty("teacher_p_sum_only_tch", q, e.only_teacher)
+    trained = e.in_set.to(p.dtype)
+    num["adv_abs_share_intersection"] = (adv.abs() * trained * e.shared).sum(-1)
+    den["adv_abs_share_intersection"] = (adv.abs() * trained).sum(-1)
+    sum_p2 = (2 * logp).exp().sum(-1)
+    c = e.weight * e.log_ratio * trained
+    for name, part in (("grad_norm_intersection", e.shared), ("grad_norm_non_intersection", ~e.shared)):
+        cp = c * part
+        big_c = cp.sum(-1)
+        sq = (cp**2).sum(-1) - 2 * big_c * (cp * p).sum(-1) + big_c**2 * sum_p2
+        num[name], den[name] = sq.clamp_min(0.0) / student_temperature**2, ones
+    return RatioMetrics(num, den, frozenset({"grad_norm_intersection", "grad_norm_non_intersection"}))
+
+
+def chunk_sums(metrics: RatioMetrics, mask: torch.Tensor, chunk: int,
+               names: tuple[str, ...] = CHUNKED) -> dict[str, tuple[float, float]]:
+    """``{f"{name}_chunk_{start}_{end}": (Σ num, Σ den)}`` over completion positions
+    ``[start, end)`` (chunks of ``chunk`` tokens, as the authors' chunked curves)."""
+    out: dict[str, tuple[float, float]] = {}
+    m = mask.to(torch.float64)
+    width = mask.shape[1]
+    for s in range(0, width, chunk):
+        e = s + chunk
+        mc = m[:, s:e]
+        if not bool(mc.any()):
+            continue
+        for name in names:
+            out[f"{name}_chunk_{s}_{e}"] = (float((metrics.num[name][:, s:e].double() * mc).sum()),
+                                            float((metrics.den[name][:, s:e].double() * mc).sum()))
+    return out

@@ -1,4 +1,4 @@
-r"""Recipes for when OPD fails (PAPERS.md, part B): off-policy cold start, teacher-aligned templates.
+r"""Recipes for when OPD fails (PAPERS.md, part B), and the config stages that run them.
 
 * :func:`cold_start_sft`: the teacher answers the training prompts at temperature 0.7; rollouts
   that are *incomplete* (no EOS within the budget) or *degenerate* (repetition, see
@@ -7,13 +7,23 @@ r"""Recipes for when OPD fails (PAPERS.md, part B): off-policy cold start, teach
   thinking-pattern gap before OPD (the paper raises the initial top-k overlap this way).
 * :func:`select_template`: score candidate prompt templates by the *initial* top-k overlap
   ratio between student and teacher on a few student rollouts; the best-aligned template is
-  the one to train with (``TrainConfig.student_template`` / ``teacher_template``).
+  the one to train with (``TrainConfig.student_template`` / ``teacher_template``);
+* :func:`dedup_prompts`: teacher-aligned prompt selection: drop training prompts that duplicate
+  a reference set, by exact match (after normalisation), then near-duplicates (MinHash Jaccard
+  with LSH, the ``datasketch`` package; or cosine of mean-pooled embeddings of a given model);
+* :func:`run_stages`: the configured stages before OPD (``prompt_selection``,
+  ``template_selection``, ``cold_start`` of :class:`~opdlens.opd.config.TrainConfig`), recorded
+  in ``stages.json`` so that a resumed run (:func:`replay_stages`) trains on the same prompts
+  and templates without re-running them.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+import json
+import re
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Literal
 
 import numpy as np
@@ -21,7 +31,8 @@ import torch
 
 from opdlens.opd.batching import completion_logits, pad_tokens
 from opdlens.opd.metrics import token_metrics
-from opdlens.opd.trainer import _pad_id, _step_seed, check_compatible, encode_user, resolve_template
+from opdlens.opd.config import resolve_template
+from opdlens.opd.scoring import check_compatible, encode_user, pad_id, step_seed
 from opdlens.policy import OpdlensError
 
 
@@ -83,6 +94,8 @@ def cold_start_sft(
     max_grad_norm: float | None = 1.0,
     seed: int = 0,
     degenerate: Mapping[str, Any] | None = None,
+    student_thinking: bool | None = None,
+    teacher_thinking: bool | None = None,
 ) -> ColdStartResult:
     r"""Off-policy cold start: SFT of the student on filtered teacher rollouts (in place).
 
@@ -100,9 +113,9 @@ def cold_start_sft(
     if not questions:
         raise OpdlensError("cold_start_sft needs at least one question")
     s_tpl, t_tpl = resolve_template(student_template), resolve_template(teacher_template)
-    t_ctx = [encode_user(teacher, t_tpl.format(prompt=q.prompt, answer=q.answer)) for q in questions]
+    t_ctx = [encode_user(teacher, t_tpl.format(prompt=q.prompt, answer=q.answer), teacher_thinking) for q in questions]
     with torch.no_grad():
-        outs = teacher.sample(t_ctx, n_per_question, max_new_tokens, seed=_step_seed(seed, 0, salt=3),
+        outs = teacher.sample(t_ctx, n_per_question, max_new_tokens, seed=step_seed(seed, 0, salt=3),
                               temperature=temperature)
     n_inc = n_deg = 0
     kept: list[tuple[Any, list[int]]] = []
@@ -126,12 +139,13 @@ def cold_start_sft(
     model.eval()
     opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, weight_decay=0.0)
     rng = np.random.default_rng(seed)
-    pad = _pad_id(student)
+    pad = pad_id(student)
     for _ in range(epochs):
         order = rng.permutation(len(kept))
         for i in range(0, len(order), batch_size):
             batch = [kept[j] for j in order[i : i + batch_size]]
-            ctx = [encode_user(student, s_tpl.format(prompt=q.prompt, answer=q.answer)) for q, _ in batch]
+            ctx = [encode_user(student, s_tpl.format(prompt=q.prompt, answer=q.answer), student_thinking)
+                   for q, _ in batch]
             ys = [y for _, y in batch]
             logits, mask = completion_logits(model, ctx, ys, pad_id=pad)
             tok = pad_tokens(ys, logits.device)
@@ -173,6 +187,8 @@ def select_template(
     k: int = 16,
     micro_batch: int = 8,
     seed: int = 0,
+    student_thinking: bool | None = None,
+    teacher_thinking: bool | None = None,
 ) -> list[TemplateScore]:
     r"""Rank prompt templates by the initial top-k overlap ratio ``|S^p ∩ S^q| / k``.
 
@@ -194,19 +210,20 @@ def select_template(
     if not questions:
         raise OpdlensError("select_template needs at least one question")
     kk = min(k, student.vocab_size)
-    plain = [encode_user(student, q.prompt) for q in questions]
+    plain = [encode_user(student, q.prompt, student_thinking) for q in questions]
     shared_rollouts = None
     if apply_to == "teacher":
-        shared_rollouts = student.sample(plain, n_rollouts, max_new_tokens, seed=_step_seed(seed, 0, salt=4))
+        shared_rollouts = student.sample(plain, n_rollouts, max_new_tokens, seed=step_seed(seed, 0, salt=4))
     elif apply_to != "both":
         raise OpdlensError(f"apply_to must be 'both' or 'teacher', got {apply_to!r}")
     scores = []
     for name, raw in items:
         tpl = resolve_template(raw)
-        t_ctx = [encode_user(teacher, tpl.format(prompt=q.prompt, answer=q.answer)) for q in questions]
+        t_ctx = [encode_user(teacher, tpl.format(prompt=q.prompt, answer=q.answer), teacher_thinking) for q in questions]
         if apply_to == "both":
-            s_ctx = [encode_user(student, tpl.format(prompt=q.prompt, answer=q.answer)) for q in questions]
-            outs = student.sample(s_ctx, n_rollouts, max_new_tokens, seed=_step_seed(seed, 0, salt=4))
+            s_ctx = [encode_user(student, tpl.format(prompt=q.prompt, answer=q.answer), student_thinking)
+                     for q in questions]
+            outs = student.sample(s_ctx, n_rollouts, max_new_tokens, seed=step_seed(seed, 0, salt=4))
         else:
             s_ctx, outs = plain, shared_rollouts
         rows = [(s, t, list(c.tokens)) for s, t, comps in zip(s_ctx, t_ctx, outs) for c in comps if c.tokens]
@@ -215,8 +232,8 @@ def select_template(
         for i in range(0, len(rows), micro_batch):
             mb = rows[i : i + micro_batch]
             ys = [r[2] for r in mb]
-            s_log, mask = completion_logits(student.model, [r[0] for r in mb], ys, pad_id=_pad_id(student))
-            t_log, _ = completion_logits(teacher.model, [r[1] for r in mb], ys, pad_id=_pad_id(teacher))
+            s_log, mask = completion_logits(student.model, [r[0] for r in mb], ys, pad_id=pad_id(student))
+            t_log, _ = completion_logits(teacher.model, [r[1] for r in mb], ys, pad_id=pad_id(teacher))
             m = token_metrics(s_log, t_log.to(s_log.device), k=kk)
             sel = mask.bool()
             for key in sums:
@@ -227,3 +244,164 @@ def select_template(
         scores.append(TemplateScore(name, tpl, sums["overlap_ratio"] / n, sums["rkl"] / n,
                                     sums["student_shared_mass"] / n, n))
     return sorted(scores, key=lambda s: -s.overlap_ratio)
+
+
+# ---------------------------------------------------------------------------- prompt selection
+def normalise_prompt(text: str) -> str:
+    """Lower case, words only, single spaces: the key of exact-duplicate matching."""
+    return " ".join(re.findall(r"\w+", text.lower()))
+
+
+@dataclass
+class DedupResult:
+    """Indices of the kept prompts and how many were dropped as exact / near duplicates."""
+
+    kept: list[int]
+    exact: int
+    near: int
+
+
+def _shingles(text: str, n: int) -> set[bytes]:
+    words = normalise_prompt(text).split()
+    if len(words) < n:
+        return {" ".join(words).encode()}
+    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
+
+
+def _embed(texts: Sequence[str], model_name: str, batch: int = 32) -> torch.Tensor:
+    """Unit-norm mean-pooled last hidden states of a Hugging Face encoder (or decoder)."""
+    from transformers import AutoModel, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_name)
+    if tok.pad_token is None:
+        tok.pad_token = tok.eos_token
+    model = AutoModel.from_pretrained(model_name).eval()
+    out = []
+    with torch.no_grad():
+        for i in range(0, len(texts), batch):
+            enc = tok(list(texts[i : i + batch]), padding=True, truncation=True, max_length=512, return_tensors="pt")
+            h = model(**enc).last_hidden_state.float()
+            m = enc["attention_mask"].unsqueeze(-1).float()
+            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
+    return torch.cat(out)
+
+
+def dedup_prompts(prompts: Sequence[str], against: Sequence[str], *, threshold: float = 0.8, num_perm: int = 128,
+                  shingle: int = 3, embedding_model: str | None = None) -> DedupResult:
+    """Drop ``prompts`` that duplicate one of ``against`` (exact after :func:`normalise_prompt`,
+    then near: MinHash Jaccard of word ``shingle``-grams >= ``threshold`` via LSH, or embedding
+    cosine >= ``threshold`` when ``embedding_model`` is given)."""
+    ref = {normalise_prompt(a) for a in against}
+    rest = [i for i, p in enumerate(prompts) if normalise_prompt(p) not in ref]
+    exact = len(prompts) - len(rest)
+    if not against or not rest:
+        return DedupResult(rest, exact, 0)
+    if embedding_model is not None:
+        e_ref = _embed(list(against), embedding_model)
+        e_new = _embed([prompts[i] for i in rest], embedding_model)
+        near_mask = (e_new @ e_ref.T).max(dim=1).values >= threshold
+        kept = [i for i, near in zip(rest, near_mask.tolist()) if not near]
+        return DedupResult(kept, exact, len(rest) - len(kept))
+    from datasketch import MinHash, MinHashLSH
+
+    def sig(text: str) -> MinHash:
+        m = MinHash(num_perm=num_perm, seed=1)
+        m.update_batch(list(_shingles(text, shingle)))
+        return m
+
+    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
+    ref_sigs = []
+    for j, a in enumerate(against):
+        ref_sigs.append(sig(a))
+        lsh.insert(str(j), ref_sigs[-1])
+    kept = []
+    for i in rest:
+        m = sig(prompts[i])
+        # LSH proposes candidates; keep the estimated Jaccard as the decision
+        if not any(m.jaccard(ref_sigs[int(c)]) >= threshold for c in lsh.query(m)):
+            kept.append(i)
+    return DedupResult(kept, exact, len(rest) - len(kept))
+
+
+def read_prompts(path: str | Path) -> list[str]:
+    """Reference prompts: JSONL rows with a ``prompt`` (or ``question``) field, or one per line."""
+    p = Path(path)
+    if not p.is_file():
+        raise OpdlensError(f"prompt_selection.against: {p} does not exist")
+    out = []
+    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
+        if not line.strip():
+            continue
+        if p.suffix == ".jsonl":
+            try:
+                row = json.loads(line)
+                out.append(str(row.get("prompt", row.get("question"))) if isinstance(row, dict) else str(row))
+            except json.JSONDecodeError as e:
+                raise OpdlensError(f"{p}:{n}: not JSON ({e.msg})") from e
+        else:
+            out.append(line)
+    return out
+
+
+# ---------------------------------------------------------------------------- config stages
+STAGES_FILE = "stages.json"
+
+
+def run_stages(cfg: Any, student: Any, teacher: Any, task: Any, questions: list[Any],
+               out_dir: Path) -> tuple[Any, list[Any], dict[str, Any]]:
+    """Run the configured stages in order: prompt selection, template selection, cold start.
+
+    Returns the config with the chosen templates, the kept training questions and a flat dict
+    of what each stage did (logged with step 0). Writes ``out_dir/stages.json``.
+    """
+    record: dict[str, Any] = {}
+    log: dict[str, Any] = {}
+    if cfg.prompt_selection is not None:
+        ps = cfg.prompt_selection
+        res = dedup_prompts([q.prompt for q in questions], read_prompts(ps.against), threshold=ps.threshold,
+                            num_perm=ps.num_perm, shingle=ps.shingle, embedding_model=ps.embedding_model)
+        if not res.kept:
+            raise OpdlensError(f"prompt_selection removed all {len(questions)} training questions as duplicates of "
+                               f"{ps.against}: raise the threshold or check the file")
+        questions = [questions[i] for i in res.kept]
+        record["kept_question_ids"] = [q.id for q in questions]
+        log.update(prompt_exact_duplicates=res.exact, prompt_near_duplicates=res.near, prompts_kept=len(res.kept))
+    if cfg.template_selection is not None:
+        ts = cfg.template_selection
+        scores = select_template(ts.candidates, student, teacher, questions[: ts.questions], apply_to=ts.apply_to,
+                                 n_rollouts=ts.n_rollouts, max_new_tokens=ts.max_new_tokens, k=cfg.metrics_k,
+                                 micro_batch=cfg.micro_batch, seed=cfg.seed, student_thinking=cfg.student_thinking,
+                                 teacher_thinking=cfg.teacher_thinking)
+        best = scores[0]
+        update = {"teacher_template": best.template}
+        if ts.apply_to == "both":
+            update["student_template"] = best.template
+        record["templates"] = update
+        cfg = cfg.model_copy(update=update)
+        log["template_selected"] = best.name
+        log.update({f"template_overlap_{s.name}": s.overlap_ratio for s in scores})
+    if cfg.cold_start is not None:
+        cs = cfg.cold_start
+        qs = questions[: cs.questions] if cs.questions else questions
+        res_cs = cold_start_sft(
+            student, teacher, qs, n_per_question=cs.n_per_question, temperature=cs.temperature,
+            max_new_tokens=cs.max_new_tokens or cfg.max_new_tokens or int(getattr(task, "max_new_tokens", 256)),
+            student_template=cfg.student_template, teacher_template=cs.teacher_template or cfg.teacher_template,
+            lr=cs.lr, epochs=cs.epochs, batch_size=cs.batch_size, seed=cfg.seed,
+            student_thinking=cfg.student_thinking, teacher_thinking=cfg.teacher_thinking)
+        log.update({f"cold_start_{k}": v for k, v in res_cs.as_dict().items()})
+    record["log"] = log
+    (out_dir / STAGES_FILE).write_text(json.dumps(record, indent=1))
+    return cfg, questions, log
+
+
+def replay_stages(cfg: Any, questions: list[Any], out_dir: Path) -> tuple[Any, list[Any]]:
+    """A resumed run: the recorded templates and kept questions (the cold-started weights are in
+    the checkpoint)."""
+    record = json.loads((out_dir / STAGES_FILE).read_text())
+    if "templates" in record:
+        cfg = cfg.model_copy(update=record["templates"])
+    if "kept_question_ids" in record:
+        keep = set(record["kept_question_ids"])
+        questions = [q for q in questions if q.id in keep]
+    return cfg, questions

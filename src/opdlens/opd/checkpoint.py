@@ -1,0 +1,146 @@
+"""Checkpoints that never execute code: tensors in safetensors, everything else in JSON.
+
+``out_dir/checkpoints/step_XXXXXXX/`` holds
+
+* ``model.safetensors``: the student's weights (:func:`safetensors.torch.save_model`, which
+  handles tied weights);
+* ``optimizer.safetensors``: every tensor of the optimizer state, keyed ``"{param}.{name}"``;
+* ``rng.safetensors``: the torch (and CUDA) generator states;
+* ``state.json``: step, optimizer hyper-parameters and non-tensor state, NumPy/Python RNG
+  states, the run config. Written last (atomically): a directory without it is incomplete
+  and ignored.
+
+Nothing here unpickles: a ``state.pt`` (our old pickle format, or a planted file) is refused
+with an error, since loading a pickle can run arbitrary code.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file, load_model, save_file, save_model
+
+from opdlens.policy import OpdlensError
+
+CKPT_DIR = "checkpoints"
+STATE = "state.json"
+MODEL = "model.safetensors"
+OPTIM = "optimizer.safetensors"
+RNG = "rng.safetensors"
+PICKLE = "state.pt"
+
+
+def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
+    """``(step, path)`` of the complete checkpoints in ``out_dir``, oldest first."""
+    root = Path(out_dir) / CKPT_DIR
+    found = []
+    if root.is_dir():
+        for d in root.iterdir():
+            m = re.fullmatch(r"step_(\d+)", d.name)
+            if m and ((d / STATE).is_file() or (d / PICKLE).is_file()):
+                found.append((int(m.group(1)), d))
+    return sorted(found)
+
+
+def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        for i, s in enumerate(torch.cuda.get_rng_state_all()):
+            tensors[f"cuda.{i}"] = s
+    name, keys, pos, has_gauss, gauss = np.random.get_state()
+    py = random.getstate()
+    meta = {"numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+            "python": [py[0], list(py[1]), py[2]]}
+    return tensors, meta
+
+
+def _set_rng_state(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> None:
+    torch.set_rng_state(tensors["torch"])
+    cuda = [tensors[f"cuda.{i}"] for i in range(len(tensors) - 1) if f"cuda.{i}" in tensors]
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all(cuda)
+    name, keys, pos, has_gauss, gauss = meta["numpy"]
+    np.random.set_state((name, np.asarray(keys, dtype=np.uint32), pos, has_gauss, gauss))
+    version, internal, gauss_next = meta["python"]
+    random.setstate((version, tuple(internal), gauss_next))
+
+
+def _split_optimizer(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    tensors: dict[str, torch.Tensor] = {}
+    plain: dict[str, dict[str, Any]] = {}
+    for pid, st in state["state"].items():
+        for name, v in st.items():
+            if isinstance(v, torch.Tensor):
+                tensors[f"{pid}.{name}"] = v.detach().contiguous().cpu()
+            else:
+                plain.setdefault(str(pid), {})[name] = v
+    return tensors, {"param_groups": state["param_groups"], "plain": plain}
+
+
+def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> dict[str, Any]:
+    state: dict[int, dict[str, Any]] = {}
+    for key, v in tensors.items():
+        pid, name = key.split(".", 1)
+        state.setdefault(int(pid), {})[name] = v
+    for pid, vals in meta["plain"].items():
+        state.setdefault(int(pid), {}).update(vals)
+    # JSON has no tuples: hyper-parameters such as AdamW's betas come back as tuples
+    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+              for g in meta["param_groups"]]
+    return {"state": state, "param_groups": groups}
+
+
+def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                    config: dict[str, Any], keep: int = 2) -> Path:
+    """Write the checkpoint of ``step``; keep the newest ``keep`` (0: all)."""
+    d = Path(out_dir) / CKPT_DIR / f"step_{step:07d}"
+    d.mkdir(parents=True, exist_ok=True)
+    (d / STATE).unlink(missing_ok=True)  # incomplete until state.json is back
+    save_model(model, str(d / MODEL))
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    save_file(opt_tensors, str(d / OPTIM))
+    rng_tensors, rng_meta = _rng_state()
+    save_file(rng_tensors, str(d / RNG))
+    tmp = d / (STATE + ".tmp")
+    tmp.write_text(json.dumps({"step": step, "optimizer": opt_meta, "rng": rng_meta, "config": config}))
+    tmp.replace(d / STATE)
+    if keep > 0:
+        for _, old in list_checkpoints(out_dir)[:-keep]:
+            shutil.rmtree(old, ignore_errors=True)
+    return d
+
+
+def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
+    """Restore model, optimizer and RNG states from a checkpoint directory; returns its step."""
+    d = Path(path)
+    if d.name in (STATE, PICKLE, MODEL):
+        d = d.parent
+    if (d / PICKLE).exists() and not (d / STATE).exists():
+        raise OpdlensError(
+            f"{d / PICKLE} is a pickle checkpoint: opdlens does not load pickles (they can run arbitrary code). "
+            "If it is yours, from an older opdlens, delete the checkpoints folder and start the run again"
+        )
+    if not (d / STATE).is_file():
+        raise OpdlensError(f"checkpoint {d} not found or incomplete (no {STATE})")
+    try:
+        meta = json.loads((d / STATE).read_text())
+        step = int(meta["step"])
+        missing, unexpected = load_model(model, str(d / MODEL), strict=False)
+        if missing or unexpected:
+            raise OpdlensError(f"checkpoint {d} does not match the student model (missing {missing[:3]}, "
+                               f"unexpected {unexpected[:3]}): was it written for another model?")
+        if optimizer is not None:
+            optimizer.load_state_dict(_join_optimizer(load_file(str(d / OPTIM)), meta["optimizer"]))
+        _set_rng_state(load_file(str(d / RNG)), meta["rng"])
+    except (SafetensorError, OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
+        raise OpdlensError(f"checkpoint {d} is corrupt or not an opdlens checkpoint ({type(e).__name__}: {e}); "
+                           "delete it to resume from an earlier one") from e
+    return step

@@ -1,0 +1,215 @@
+"""The OPD run configuration (:class:`TrainConfig`) and the named prompt templates.
+
+Every field carries its description; ``opdlens train CONFIG.yaml`` reads this model (unknown
+keys are errors). The knobs of the authors' top-k OPD carry their meaning (``k``, ``topk_set``,
+``topk_weight``, ``teacher_temperature``, rollout ``temperature``); docs/OPD.md maps them.
+"""
+
+from __future__ import annotations
+
+import warnings
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from opdlens.opd.losses import LOSSES, LossOptions, get_loss
+from opdlens.policy import OpdlensError
+
+#: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
+TEMPLATES: dict[str, str] = {
+    "same": "{prompt}",
+    "answer_hint": "{prompt}\n\n(Hint for you: the correct final answer is {answer}. "
+    "Write a short solution that arrives at it.)",
+    "step_by_step": "{prompt}\nThink step by step, then give the final answer.",
+}
+
+
+def resolve_template(template: str) -> str:
+    """A template name of :data:`TEMPLATES` or a literal template containing ``{prompt}``."""
+    tpl = TEMPLATES.get(template, template)
+    if "{prompt}" not in tpl:
+        raise OpdlensError(
+            f"template {template!r} is neither a known name ({', '.join(TEMPLATES)}) nor a format "
+            "string containing {prompt}"
+        )
+    try:
+        tpl.format(prompt="x", answer="y")
+    except (KeyError, IndexError, ValueError) as e:
+        raise OpdlensError(f"template {template!r} has an unknown field or bad braces ({e}); "
+                           "allowed fields: {prompt}, {answer}") from e
+    return tpl
+
+
+class ColdStartStage(BaseModel):
+    """Off-policy cold start before OPD: SFT of the student on filtered teacher rollouts."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    questions: int | None = Field(None, ge=1, description="training questions used (default: all of train_questions)")
+    n_per_question: int = Field(1, ge=1, description="teacher rollouts per question")
+    temperature: float = Field(0.7, gt=0, description="teacher sampling temperature (paper: 0.7)")
+    max_new_tokens: int | None = Field(None, ge=1, description="rollout budget (default: the run's max_new_tokens)")
+    lr: float = Field(1e-5, gt=0, description="SFT learning rate")
+    epochs: int = Field(1, ge=1, description="passes over the kept rollouts")
+    batch_size: int = Field(8, ge=1, description="SFT batch size (rollouts)")
+    teacher_template: str | None = Field(None, description="the teacher's prompt (default: the run's teacher_template)")
+
+
+class TemplateStage(BaseModel):
+    """Teacher-aligned template selection: the candidate with the highest initial top-k overlap
+    becomes the run's template (``apply_to``: both prompts, or the teacher's only)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    candidates: dict[str, str] = Field(description="name -> template (a TEMPLATES name or a format string)")
+    apply_to: Literal["both", "teacher"] = Field("both", description="whose prompt the template changes")
+    questions: int = Field(8, ge=1, description="training questions scored per candidate")
+    n_rollouts: int = Field(2, ge=1, description="student rollouts per question")
+    max_new_tokens: int = Field(64, ge=1, description="rollout budget of the scoring")
+
+
+class PromptStage(BaseModel):
+    """Teacher-aligned prompt selection: drop training prompts that duplicate a reference set
+    (exact match after normalisation, then near-duplicates by MinHash Jaccard or embeddings)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    against: str = Field(description="file of reference prompts (JSONL with a 'prompt' field, or one per line)")
+    threshold: float = Field(0.8, gt=0, le=1, description="near-duplicate when similarity >= threshold")
+    num_perm: int = Field(128, ge=16, description="MinHash permutations")
+    shingle: int = Field(3, ge=1, description="word n-gram size of the shingles")
+    embedding_model: str | None = Field(None, description="sentence-embedding model (cosine) instead of MinHash")
+
+
+class TrainConfig(BaseModel):
+    """OPD run configuration (YAML-loadable with :meth:`from_yaml`)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    student: str = Field("smollm2", description="'smollm2' (embedded), a local model directory or a HF hub id")
+    teacher: str = Field("smollm2", description="same tokenizer as the student (checked)")
+    task: str = Field("arith", description="registered task name (opdlens tasks)")
+    task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
+    train_split: str = Field("train", description="split of the training questions")
+    train_questions: int | None = Field(512, description="number of training questions (None: all)")
+    eval_split: str = Field("test", description="split of the held-out questions")
+    eval_questions: int = Field(32, ge=0, description="held-out questions (0: no held-out evaluation)")
+
+    student_template: str = Field("same", description="student prompt: a TEMPLATES name or a format string with {prompt}")
+    teacher_template: str = Field("same", description="teacher prompt: a TEMPLATES name or a format string ({prompt}, {answer})")
+    teacher_temperature: float = Field(1.0, description="teacher logits are divided by it (authors' TEACHER_TEMPERATURE)")
+    teacher_context: Literal["plain", "1c", "1c1w", "1c-ext"] | None = Field(
+        None, description="a diagnose teacher context instead of teacher_template")
+    context_rollouts: int = Field(4, ge=1, description="student rollouts per question to find 1c/1c1w solutions")
+    student_thinking: bool | None = Field(None, description="enable_thinking of the student's chat template (None: template default)")
+    teacher_thinking: bool | None = Field(
+        None, description="enable_thinking of the teacher's chat template; false for a non-thinking teacher")
+
+    loss: str = Field("opd", description=f"one of: {', '.join(LOSSES)} (docs/OPD.md)")
+    k: int = Field(16, ge=0, description="top-k size (authors' LOG_PROB_TOP_K); loss opd: 0 = sampled-token")
+    topk_set: Literal["student", "teacher", "intersection", "union", "symmetric_difference"] = Field(
+        "student", description="loss opd: the token set (authors' TOP_K_STRATEGY; intersection = overlap-only loss)")
+    topk_weight: Literal["student", "teacher", "uniform"] = Field(
+        "student", description="loss opd: w_v = p/P(set), q/Q(set) or uniform (authors' REWARD_WEIGHT_MODE)")
+    jsd_beta: float = Field(0.5, description="loss jsd: teacher weight of the mixture")
+    reduction: Literal["token_mean", "seq_sum", "seq_mean"] = Field("token_mean", description="loss aggregation")
+    outcome_weight: float = Field(
+        0.0, ge=0, description="weight of the GRPO outcome advantage added to the distillation reward (needs samples_per_prompt >= 2)")
+    metrics_k: int = Field(16, ge=1, description="top-k size of the logged overlap metrics")
+    metrics_chunk: int = Field(1024, ge=0, description="per-position chunk of the overlap curves (0: off; authors: 1024)")
+
+    lr: float = Field(1e-6, description="AdamW learning rate (paper: 1e-6)")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
+    betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
+    warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
+    max_grad_norm: float | None = Field(1.0, description="gradient clipping (None: off)")
+    batch_size: int = Field(64, description="rollouts per optimizer step, over all processes (paper: 64)")
+    samples_per_prompt: int = Field(1, description="rollouts per question")
+    micro_batch: int = Field(8, description="rollouts per forward/backward pass")
+    rollout_chunk: int | None = Field(
+        None, ge=1, description="questions per sampling call, each seeded by (seed, step, chunk); set it so that runs "
+        "with different process counts draw identical rollouts (None: one call per process)")
+    max_new_tokens: int | None = Field(None, ge=1, description="generation budget (None: the task's)")
+    temperature: float = Field(1.0, description="student rollout temperature (the loss opd scores the student at it)")
+    steps: int = Field(100, description="optimizer steps")
+    seed: int = Field(0, description="every step's randomness derives from (seed, step)")
+
+    eval_every: int = Field(10, ge=0, description="held-out evaluation period in steps (0: off)")
+    eval_temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out rollouts")
+    eval_samples: int = Field(1, ge=1, description="held-out rollouts per question")
+    save_every: int = Field(50, ge=0, description="checkpoint period in steps (0: off)")
+    keep_checkpoints: int = Field(2, ge=0, description="checkpoints kept (0: all)")
+    out_dir: Path = Field(Path("runs/opd"), description="run directory (metrics.jsonl, checkpoints/, tb/)")
+    device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    dtype: Literal["float32", "bfloat16", "float16"] = Field(
+        "float32", description="compute dtype of the forward passes; the student's weights and optimizer state stay "
+        "float32 (mixed precision), the losses are computed in float32")
+    teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
+        None, description="dtype of the teacher's weights (default: dtype)")
+    tensorboard: bool = Field(True, description="write TensorBoard events under out_dir/tb")
+    progress: bool = Field(True, description="progress bar")
+
+    cold_start: ColdStartStage | None = Field(None, description="stage before OPD: SFT on filtered teacher rollouts")
+    template_selection: TemplateStage | None = Field(None, description="stage before OPD: pick the best-aligned template")
+    prompt_selection: PromptStage | None = Field(None, description="stage before OPD: de-duplicate the training prompts")
+
+    @field_validator("student_template", "teacher_template")
+    @classmethod
+    def _template(cls, v: str) -> str:
+        resolve_template(v)
+        return v
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        get_loss(v)
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> TrainConfig:
+        if self.batch_size < 1 or self.micro_batch < 1 or self.samples_per_prompt < 1:
+            raise OpdlensError("batch_size, micro_batch and samples_per_prompt must be >= 1")
+        if self.batch_size % self.samples_per_prompt:
+            raise OpdlensError(
+                f"batch_size {self.batch_size} must be a multiple of samples_per_prompt {self.samples_per_prompt}"
+            )
+        if self.lr <= 0:
+            raise OpdlensError(f"lr must be > 0, got {self.lr}")
+        if self.steps < 0:
+            raise OpdlensError(f"steps must be >= 0, got {self.steps}")
+        if self.k < (0 if self.loss == "opd" else 1):
+            raise OpdlensError(f"k must be >= 1 for loss {self.loss!r} (k = 0 means sampled-token only for loss opd)")
+        if self.teacher_context is not None and self.teacher_template != "same":
+            raise OpdlensError("set either teacher_context (a diagnose teacher configuration) or "
+                               "teacher_template, not both")
+        if self.teacher_temperature <= 0 or self.temperature <= 0:
+            raise OpdlensError("temperature and teacher_temperature must be > 0")
+        if self.outcome_weight > 0 and self.samples_per_prompt < 2:
+            raise OpdlensError("outcome_weight > 0 needs samples_per_prompt >= 2 (GRPO compares rollouts of one question)")
+        if self.loss == "sampled" and self.temperature != 1.0:
+            warnings.warn(
+                f"loss 'sampled' with sampling temperature {self.temperature}: the sampled-token estimator is "
+                "unbiased for the reverse KL only for on-policy samples at temperature 1", stacklevel=2)
+        return self
+
+    def loss_options(self, denominator: float | None = None) -> LossOptions:
+        """The :class:`~opdlens.opd.losses.LossOptions` of this run (one place, read by the step)."""
+        return LossOptions(k=self.k, topk_set=self.topk_set, topk_weight=self.topk_weight, beta=self.jsd_beta,
+                           reduction=self.reduction, denominator=denominator, student_temperature=self.temperature,
+                           teacher_temperature=self.teacher_temperature)
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> TrainConfig:
+        """Load a config from YAML (optionally nested under ``train:``); unknown keys and bad
+        values raise :class:`OpdlensError`."""
+        from opdlens.config import read_yaml, validate_config
+
+        data = read_yaml(path)
+        data = data["train"] if isinstance(data.get("train"), dict) else data
+        return validate_config(cls, data, str(path))
+
+    def to_yaml(self, path: str | Path) -> None:
+        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+

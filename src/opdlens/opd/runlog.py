@@ -1,0 +1,106 @@
+"""Logging of an OPD run: metric sums across micro-batches/processes, metrics.jsonl, TensorBoard."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from opdlens.opd.metrics import RatioMetrics, TokenMetrics, chunk_sums
+from opdlens.policy import OpdlensError
+
+METRICS_FILE = "metrics.jsonl"
+
+
+class MetricSums:
+    """``name -> [Σ num, Σ den]`` (plus the names reported as ``sqrt(Σ num) / Σ den``).
+
+    Everything a step logs is a ratio of sums, so micro-batches and processes combine by adding
+    (:meth:`merge`) and the result equals the full-batch value.
+    """
+
+    def __init__(self) -> None:
+        self.sums: dict[str, list[float]] = {}
+        self.root: set[str] = set()
+
+    def add(self, name: str, num: float, den: float) -> None:
+        s = self.sums.setdefault(name, [0.0, 0.0])
+        s[0] += num
+        s[1] += den
+
+    def add_tokens(self, metrics: TokenMetrics, mask: torch.Tensor, skip: tuple[str, ...] = ()) -> None:
+        """Token means of :class:`TokenMetrics` (NaN positions are not counted)."""
+        m = mask.bool()
+        for name, x in vars(metrics).items():
+            if x is None or name in skip:
+                continue
+            sel = m & ~torch.isnan(x)
+            self.add(name, float(x[sel].double().sum()), float(sel.sum()))
+
+    def add_ratios(self, metrics: RatioMetrics, mask: torch.Tensor, chunk: int = 0) -> None:
+        m = mask.to(torch.float64)
+        for name, num in metrics.num.items():
+            self.add(name, float((num.double() * m).sum()), float((metrics.den[name].double() * m).sum()))
+        self.root |= set(metrics.root)
+        if chunk > 0:
+            for name, (a, b) in chunk_sums(metrics, mask, chunk).items():
+                self.add(name, a, b)
+
+    def merge(self, other: MetricSums) -> None:
+        for name, (a, b) in other.sums.items():
+            self.add(name, a, b)
+        self.root |= other.root
+
+    def means(self, prefix: str = "") -> dict[str, float]:
+        out = {}
+        for name, (a, b) in self.sums.items():
+            val = (math.sqrt(max(a, 0.0)) if name in self.root else a) / b if b > 0 else float("nan")
+            out[prefix + name] = val
+        return out
+
+
+class RunLogger:
+    """Appends one JSON row per step to ``metrics.jsonl`` (and TensorBoard scalars)."""
+
+    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool) -> None:
+        self.path = out_dir / METRICS_FILE
+        if self.path.exists():  # resume: drop rows written after the checkpoint
+            keep = [ln for ln in self.path.read_text().splitlines()
+                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            self.path.write_text("".join(ln + "\n" for ln in keep))
+        self.writer = None
+        if tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+
+    def log(self, row: dict[str, Any]) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(jsonable(row)) + "\n")
+        if self.writer is not None:
+            step = int(row["step"])
+            for k, v in row.items():
+                if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v)):
+                    group = "eval" if k.startswith("eval_") else "train"
+                    self.writer.add_scalar(f"{group}/{k}", float(v), step)
+            self.writer.flush()
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def jsonable(row: dict[str, Any]) -> dict[str, Any]:
+    """Non-finite floats become null (JSON has no NaN)."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in row.items()}
+
+
+def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
+    """Rows of ``out_dir/metrics.jsonl``."""
+    p = Path(out_dir) / METRICS_FILE
+    if not p.is_file():
+        raise OpdlensError(f"no {METRICS_FILE} in {out_dir}")
+    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
