@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import inspect
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -60,27 +59,12 @@ def step_seed(seed: int, step: int, salt: int = 0) -> int:
 
 # ---------------------------------------------------------------------------- chat encoding
 def encode_messages(policy: Any, messages: Sequence[Mapping[str, str]], thinking: bool | None = None) -> list[int]:
-    """Chat-template token ids of ``messages`` with the assistant generation prompt.
-
-    ``thinking`` (when not None) is passed as ``enable_thinking`` to the chat template (Qwen3
-    style): through the policy's ``encode_chat`` when it takes the switch, else by rendering the
-    template here.
-    """
+    """Chat-template token ids of ``messages`` with the assistant generation prompt; ``thinking``
+    (when not None) is the template's ``enable_thinking`` (see :func:`opdlens.models.encode_chat`)."""
     enc = getattr(policy, "encode_chat", None)
     if enc is None:
         raise OpdlensError(f"{type(policy).__name__} has no encode_chat(); OPD training needs an HFPolicy")
-    if thinking is None:
-        return list(enc(list(messages)))
-    params = inspect.signature(enc).parameters
-    for name in ("thinking", "enable_thinking"):
-        if name in params:
-            return list(enc(list(messages), **{name: thinking}))
-    tok = getattr(policy, "tokenizer", None)
-    if tok is None or not getattr(tok, "chat_template", None):
-        raise OpdlensError(f"{getattr(policy, 'name', policy)} has no chat template: unset student_thinking / teacher_thinking")
-    text = tok.apply_chat_template([dict(m) for m in messages], add_generation_prompt=True, tokenize=False,
-                                   enable_thinking=thinking)
-    return list(policy.encode(text))
+    return list(enc(list(messages), thinking=thinking))
 
 
 def encode_user(policy: Any, text: str, thinking: bool | None = None) -> list[int]:
