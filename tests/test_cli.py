@@ -63,6 +63,7 @@ def test_report_on_an_interrupted_run_is_partial(tmp_path):
     import pytest
 
     diag, envs = _setup(tmp_path / "run", fail_after=40)  # q0 (33 sampling calls) finishes, q1 does not
+    diag.opt.schedule = "resident"  # question by question: q0 is scored before the interruption
     with pytest.raises(KeyboardInterrupt):
         diag.run(envs)
     assert not (tmp_path / "run" / "questions.parquet").exists()

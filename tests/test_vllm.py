@@ -68,6 +68,9 @@ class FakeDevice:
         self.used += nbytes
         self.held[what] = nbytes
 
+    def release(self, what: str) -> None:
+        self.used -= self.held.pop(what)
+
 
 @dataclass
 class FakeLogprob:
@@ -358,6 +361,7 @@ SIZES = {"org/student-8b": 16 * GIB, "org/student-0.5b": 1 * GIB, "org/teacher-1
 def _memory_config(student: str, **kw: Any) -> DiagnoseConfig:
     teachers = [TeacherSpec(name="self", model=None), TeacherSpec(name="big", model="org/teacher-14b"),
                 TeacherSpec(name="big-1c", model="org/teacher-14b", context="1c")]
+    kw.setdefault("schedule", "resident")  # every model stays loaded after vLLM starts
     return DiagnoseConfig(student=student, rollout_engine="vllm", device="cuda", teachers=teachers,
                           summarizer="org/summ-1b", **kw)
 
@@ -386,6 +390,20 @@ def test_vllm_leaves_room_for_the_models_loaded_after_it(cuda_device: FakeDevice
     share = FakeLLM.built[-1]["gpu_memory_utilization"]
     assert share == pytest.approx((80 - SIZES[student] / GIB - 30 - 8) / 80, abs=1e-3)
     assert share * cuda_device.total >= SIZES[student] + ve.MIN_VLLM_EXTRA_BYTES
+
+
+def test_vllm_share_under_the_sequential_schedule_counts_the_largest_later_model(cuda_device: FakeDevice) -> None:
+    """The sequential schedule loads one later model at a time and frees it: vLLM may keep
+    everything but the largest of them."""
+    pol = tiny_random_policy(seed=0, vocab_size=VOCAB)
+    cuda_device.allocate("student (HF)", SIZES["org/student-0.5b"])
+    vllm_engine(_memory_config("org/student-0.5b", schedule="sequential"), pol)
+    share = FakeLLM.built[-1]["gpu_memory_utilization"]
+    assert share == pytest.approx((80 - SIZES["org/student-0.5b"] / GIB - SIZES["org/teacher-14b"] / GIB - 8) / 80, abs=1e-3)
+    for spec in ("org/summ-1b", "org/teacher-14b"):  # the schedule's order: summariser, then teachers
+        cuda_device.allocate(spec, SIZES[spec])
+        assert cuda_device.free >= ve.SCORING_RESERVE * cuda_device.total - 0.001 * cuda_device.total
+        cuda_device.release(spec)
 
 
 def test_vllm_memory_errors_say_what_to_change(cuda_device: FakeDevice) -> None:

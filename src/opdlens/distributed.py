@@ -38,7 +38,7 @@ from typing import Any, Protocol
 import pandas as pd
 from tqdm.auto import tqdm
 
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, write_config, write_run_tables
+from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, skip_row, write_config, write_run_tables
 from opdlens.policy import OpdlensError
 from opdlens.signals import SignalConfig
 from opdlens.store import RunStore, safe_name
@@ -159,7 +159,7 @@ class DiagnosisWorker:
         reason = self.diag.too_long(env)
         record: dict[str, Any]
         if reason is not None:
-            record = {"summary": None, "skips": [{"question_id": qid, "teacher": "", "reason": reason}], "teachers": []}
+            record = {"summary": None, "skips": [skip_row(qid, "", reason)], "teachers": []}
         else:
             prep, summary = self.diag.phase1(env)
             record = {

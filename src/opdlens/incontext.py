@@ -105,7 +105,7 @@ def sample_incontext(
     limit = opt.max_context or policy_max_context(student)
     for env in tqdm(envs, desc="in-context", unit="q", disable=not progress):
         prep = diag.prepare(env)
-        skipped = {s["teacher"]: s["reason"] for s in prep.skips}
+        skipped = {s["teacher"]: s["reason"] for s in prep.skips if s.get("action", "skipped") == "skipped"}
         contexts: dict[str, list[int] | str] = {PLAIN: list(env.prompt_ids)}
         for t in selves:
             name = t.spec.name

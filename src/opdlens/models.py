@@ -434,10 +434,25 @@ def spec_max_context(spec: str) -> int | None:
     try:
         from transformers import AutoConfig
 
-        limit = getattr(AutoConfig.from_pretrained(spec), "max_position_embeddings", None)
+        limit = getattr(_from_pretrained(AutoConfig, spec), "max_position_embeddings", None)
     except Exception:  # unknown here: checked again once the model is loaded
         return None
     return int(limit) if isinstance(limit, int) and limit > 0 else None
+
+
+def spec_vocab_size(spec: str) -> int | None:
+    """The output vocabulary size of model ``spec`` from its config alone; None if unknown."""
+    if spec.startswith(RANDOM_PREFIX):
+        return len(load_tokenizer(SMOLLM2))
+    if spec == SMOLLM2:
+        return None
+    try:
+        from transformers import AutoConfig
+
+        vocab = getattr(_from_pretrained(AutoConfig, spec), "vocab_size", None)
+    except Exception:  # unknown here: checked again once the model is loaded
+        return None
+    return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
 
 
 def check_tokenizer_vocab(student: HFPolicy, teacher_spec: str) -> None:
@@ -446,6 +461,13 @@ def check_tokenizer_vocab(student: HFPolicy, teacher_spec: str) -> None:
     when the teacher is loaded)."""
     if student.tokenizer is None:
         return
+    vocab = spec_vocab_size(teacher_spec)
+    if vocab is not None and vocab != student.vocab_size:
+        raise OpdlensError(
+            f"student {student.name!r} and teacher {teacher_spec!r} do not share a tokenizer: output vocabulary "
+            f"size {student.vocab_size} (student) != {vocab} (teacher). Distillation compares distributions over "
+            "the same token ids: use a teacher of the same model family with the same tokenizer."
+        )
     tok = load_tokenizer(SMOLLM2 if teacher_spec.startswith(RANDOM_PREFIX) else teacher_spec)
     sv, tv = student.tokenizer.get_vocab(), tok.get_vocab()
     diff = sorted(t for t in set(sv) | set(tv) if sv.get(t) != tv.get(t))

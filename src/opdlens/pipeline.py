@@ -102,9 +102,14 @@ class ModelSlot:
         max_context: int | None = None,
     ) -> None:
         self._load, self._release, self.name = load, release, name
-        self.max_context = max_context  # the model's input limit, known without loading it
+        self._max_context = max_context
         self._policy: Policy | None = None
         self.loads = 0  # how often the model was loaded (the schedule's tests count it)
+
+    @property
+    def max_context(self) -> int | None:
+        """The model's input limit: from the loaded model, else as known without loading it."""
+        return policy_max_context(self._policy) if self._policy is not None else self._max_context
 
     @classmethod
     def fixed(cls, policy: Policy) -> ModelSlot:
@@ -602,6 +607,8 @@ class Diagnosis:
             rows = [self.run_question(env) for env in self._bar(todo, "questions")]
         else:
             rows = self._run_sequential(todo)
+        order = {env.id: i for i, env in enumerate(envs)}  # skips in question order, whatever the schedule
+        self.skips.sort(key=lambda r: order.get(r["question_id"], len(order)))
         return self.finish(rows, len(envs))
 
     def _bar(self, items: Sequence[Any], desc: str) -> Iterable[Any]:
