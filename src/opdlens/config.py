@@ -9,6 +9,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opdlens.policy import OpdlensError
+from opdlens.rollout.base import EngineConfig
 from opdlens.signals import SignalConfig
 from opdlens.targeting import TargetingConfig
 from opdlens.teachers import DEFAULT_TEACHERS, TeacherSpec
@@ -25,6 +26,8 @@ class DiagnoseConfig(BaseModel):
     rollout_engine: Literal["torch", "vllm"] = Field(
         "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')")
     vllm_options: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="settings of the torch rollout engine "
+                                 "(batch rows, kernels, sampler, CUDA graphs, compaction)")
     task: str = "arith"
     task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
     split: str = "test"

@@ -569,6 +569,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     task = get_task(config.task, **config.task_args)
     questions = task.load(split=config.split, n=config.n_questions, seed=config.seed)
     student = load_policy(config.student, device=config.device, dtype=config.dtype)
+    student.use_engine_config(config.engine)
     if config.rollout_engine == "vllm":
         student.engine = vllm_engine(config, student)
     teachers = []
