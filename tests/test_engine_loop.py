@@ -12,7 +12,7 @@ import torch
 from opdlens.models import tiny_random_policy
 from opdlens.policy import OpdlensError
 from opdlens.rollout import EngineConfig, TorchEngine
-from opdlens.rollout.torch_engine import _Job, _Prefill
+from opdlens.rollout.decode import Job, Prefill
 
 V, EOS = 16, 0
 
@@ -34,7 +34,7 @@ class ScriptedState:
     """A decode state whose logits follow :func:`script`; it checks that the loop feeds back the
     tokens of the rows it holds, in their order, after every compaction."""
 
-    def __init__(self, batch: list[_Job], stop: dict[tuple[int, int], int], log: dict[str, Any]) -> None:
+    def __init__(self, batch: list[Job], stop: dict[tuple[int, int], int], log: dict[str, Any]) -> None:
         R = max(j.rows for j in batch)
         # (prefix, sample) of each grid row; padding rows (r >= rows) are (-1, -1)
         self.rows = [(j.prefix, j.first + r) if r < j.rows else (-1, -1) for j in batch for r in range(R)]
@@ -63,12 +63,13 @@ def scripted_engine(stop: dict[tuple[int, int], int], **kw: Any) -> tuple[TorchE
     eng = TorchEngine(pol.model, [EOS], pol.pad_token_id, "cpu", **kw)
     log: dict[str, Any] = {"rows_per_step": [], "compactions": []}
 
-    def prefill(seqs: list[list[int]], ids: list[int]) -> dict[int, _Prefill]:
+    def prefill(seqs: list[list[int]], ids: list[int]) -> dict[int, Prefill]:
         eng.stats["prefills"] += len(ids)  # the first token is the same for all rows of a prefix
-        return {i: _Prefill(len(s), one_hot([script(i, 0, 0, {})])[0]) for i, s in zip(ids, seqs)}
+        return {i: Prefill(len(s), one_hot([script(i, 0, 0, {})])[0]) for i, s in zip(ids, seqs)}
 
     eng._prefill = prefill  # type: ignore[method-assign]
-    eng._state = lambda batch, prefills, max_new: ScriptedState(batch, stop, log)  # type: ignore[method-assign]
+    eng._state = lambda batch, prefills, max_new: (  # type: ignore[method-assign]
+        ScriptedState(batch, stop, log), batch, max(j.rows for j in batch))
     return eng, log
 
 
@@ -128,3 +129,17 @@ def test_engine_config_fields_and_overrides() -> None:
         TorchEngine(pol.model, [EOS], pol.pad_token_id, "cpu", kernel="triton")
     with pytest.raises(OpdlensError, match="CUDA"):
         TorchEngine(pol.model, [EOS], pol.pad_token_id, "cpu", sampler="triton")
+
+
+def test_triton_grid_rounds_shapes_up_so_they_recur() -> None:
+    from opdlens.rollout.decode import TorchState, TritonState
+
+    batch = [Job(0, 0, 99), Job(1, 0, 97), Job(2, 0, 3)]
+    grid, R = TritonState.grid(batch)
+    assert R == 112 and grid == batch  # 99 rows -> a multiple of 128 / 8; 3 prefixes stay 3
+    grid, R = TritonState.grid([Job(i, 0, 5) for i in range(19)])
+    assert (len(grid), R) == (20, 5) and all(j.rows == 0 and j.prefix == 0 for j in grid[19:])
+    assert TorchState.grid(batch) == (batch, 99)  # the torch kernels keep exact shapes (CPU samples unchanged)
+    for rows in range(1, 300):
+        r = TritonState.grid([Job(0, 0, rows)])[1]
+        assert rows <= r < 1.25 * rows

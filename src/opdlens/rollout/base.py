@@ -63,8 +63,8 @@ class EngineConfig(BaseModel):
                                   "kernel for the shared-prefix part (else matmul + softmax)")
     prefix_chunk: int = Field(512, ge=1, description="keys per chunk of the split-key prefix attention (the "
                               "smallest; on CUDA the Triton kernels grow it until the grid has <= 2 programs per SM)")
-    graph_cache: int = Field(2, ge=1, description="triton kernels: decode shapes whose buffers and CUDA graph "
-                             "are kept across sample() calls (LRU)")
+    graph_cache: int = Field(16, ge=1, description="triton kernels: decode shapes whose buffers and CUDA graph "
+                             "are kept across sample() calls (LRU; their KV buffers together stay under max_kv_bytes)")
 
 
 def validate_request(prefixes: Sequence[TokenSeq], n: int, max_new_tokens: int, temperature: float) -> list[list[int]]:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import copy
 from collections.abc import Callable, Hashable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
@@ -23,9 +24,34 @@ import torch.nn.functional as F
 from opdlens.rollout.model import BoundModel, KVSlot
 
 if TYPE_CHECKING:
-    from opdlens.rollout.torch_engine import TorchEngine, _Job, _Prefill
+    from opdlens.rollout.torch_engine import TorchEngine
 
 _NEG_INF = float("-inf")
+
+
+@dataclass
+class Job:
+    """Rows of one prefix decoded in a batch: samples ``first .. first + rows - 1`` of it."""
+
+    prefix: int  # index into the request's prefixes
+    first: int  # index of this job's first sample among the prefix's n
+    rows: int
+
+
+@dataclass
+class Prefill:
+    """A prefix's KV cache and last-position logits, computed once per prefix."""
+
+    length: int
+    logits: torch.Tensor  # [V]
+    group: tuple[torch.Tensor, torch.Tensor, int] | None = None  # fused: (k, v) of its prefill group, its index
+    cache: Any = None  # hf: the model's cache object
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused: this prefix's keys and values ``[L, Hkv, length, D]`` (views into its group's)."""
+        assert self.group is not None
+        k, v, r = self.group
+        return k[:, r, :, : self.length], v[:, r, :, : self.length]
 
 
 class DecodeState(Protocol):
@@ -101,7 +127,12 @@ def _is_range(xs: list[int]) -> bool:
 class HFState:
     """One prefix's rows decoded by the Hugging Face forward with the model's cache object."""
 
-    def __init__(self, eng: TorchEngine, pre: _Prefill, rows: int) -> None:
+    @staticmethod
+    def grid(batch: list[Job]) -> tuple[list[Job], int]:
+        (job,) = batch
+        return batch, job.rows
+
+    def __init__(self, eng: TorchEngine, pre: Prefill, rows: int) -> None:
         self.eng = eng
         self.cache = copy.deepcopy(pre.cache)  # the cache object is mutated below
         self.cache.batch_repeat_interleave(rows)
@@ -127,12 +158,16 @@ class TorchState:
     ``Lc`` keys attended in parallel and merged by log-sum-exp; each row's own keys go to a suffix
     cache ``[L, B, Hkv, S, D]``. On CUDA a step is captured per suffix-length bucket."""
 
-    def __init__(self, eng: TorchEngine, batch: list[_Job], prefills: dict[int, _Prefill], max_new: int) -> None:
+    @staticmethod
+    def grid(batch: list[Job]) -> tuple[list[Job], int]:
+        """The grid's jobs and rows per prefix: exactly the batch."""
+        return batch, max(j.rows for j in batch)
+
+    def __init__(self, eng: TorchEngine, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
         m = eng.bound
         dev, L, Hkv, D, dt = eng.device, m.n_layers, m.n_kv, m.head_dim, m.dtype
         self.eng, self.m = eng, m
         P = len(batch)
-        R = max(j.rows for j in batch)
         lens = [prefills[j.prefix].length for j in batch]
         align = 16 if eng.fused_attention else 1
         Lc = -(-max(lens) // align) * align
@@ -299,20 +334,24 @@ class Slot:
         self.chunk = prefix_chunk(P, Hkv, R * G, T, min(eng.config.prefix_chunk, 512), n_sm)
         self.graphs = StepGraphs(eng.stats)
         self.warm = False
+        self.nbytes = eng.kv_bytes_per_token * P * (T + R * S)
 
 
 class SlotCache:
-    """The Triton state's slots by shape ``(P, R, T, S)``, least recently used dropped first."""
+    """The Triton state's slots by shape ``(P, R, T, S)``: at most ``size`` of them and, with the
+    one being made, at most ``max_bytes`` of KV buffers; least recently used dropped first."""
 
-    def __init__(self, size: int) -> None:
-        self.size = size
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self.size, self.max_bytes = size, max_bytes
         self.slots: dict[tuple[int, ...], Slot] = {}
 
     def get(self, eng: TorchEngine, P: int, R: int, T: int, S: int) -> Slot:
         key = (P, R, T, S)
         slot = self.slots.pop(key, None)
         if slot is None:
-            while len(self.slots) >= self.size:
+            need = eng.kv_bytes_per_token * P * (T + R * S)
+            while self.slots and (len(self.slots) >= self.size or
+                                  need + sum(s.nbytes for s in self.slots.values()) > self.max_bytes):
                 self.slots.pop(next(iter(self.slots)))
             slot = Slot(eng, P, R, T, S)
         self.slots[key] = slot
@@ -323,9 +362,20 @@ class TritonState:
     """A ``[P, R]`` grid decoded by the block forward with the Triton kernels (see
     :mod:`opdlens.rollout.triton_decode`): one CUDA graph per slot shape, kept across calls."""
 
-    def __init__(self, eng: TorchEngine, batch: list[_Job], prefills: dict[int, _Prefill], max_new: int) -> None:
+    @staticmethod
+    def grid(batch: list[Job]) -> tuple[list[Job], int]:
+        """The grid's jobs and rows per prefix, rounded up so that decode shapes recur across
+        calls and their slots and CUDA graphs are reused: rows and prefixes to a multiple of an
+        eighth of their power of two (< 25% padding; padding groups repeat the first prefix,
+        with no live rows)."""
+        R = max(j.rows for j in batch)
+        R = round_up(R, max(1, pow2(R) // 8))
+        P = round_up(len(batch), max(1, pow2(len(batch)) // 8))
+        return batch + [Job(batch[0].prefix, 0, 0)] * (P - len(batch)), R
+
+    def __init__(self, eng: TorchEngine, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
         self.eng, self.m = eng, eng.bound
-        P, R = len(batch), max(j.rows for j in batch)
+        P = len(batch)
         lens = [prefills[j.prefix].length for j in batch]
         T = round_up(max(lens), max(64, pow2(max(lens)) // 8))
         S = round_up(max(1, max_new - 1), 64)

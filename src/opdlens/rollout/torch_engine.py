@@ -30,7 +30,6 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -38,35 +37,12 @@ from pydantic import ValidationError
 
 from opdlens.policy import Completion, OpdlensError, TokenSeq
 from opdlens.rollout.base import EngineConfig, completions_from_buffers, make_generator, sample_tokens, validate_request
-from opdlens.rollout.decode import DecodeState, HFState, SlotCache, TorchState, TritonState
+from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, SlotCache, TorchState, TritonState
 from opdlens.rollout.model import FUSED_MODEL_TYPES, BoundModel, fused_supported
 
 __all__ = ["FUSED_MODEL_TYPES", "EngineConfig", "TorchEngine", "fused_supported"]
 
 Sampler = Callable[[torch.Tensor, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
-
-
-@dataclass
-class _Job:
-    prefix: int  # index into the request's prefixes
-    first: int  # index of this job's first sample among the prefix's n
-    rows: int
-
-
-@dataclass
-class _Prefill:
-    """A prefix's KV cache and last-position logits, computed once per prefix."""
-
-    length: int
-    logits: torch.Tensor  # [V]
-    group: tuple[torch.Tensor, torch.Tensor, int] | None = None  # fused: (k, v) of its prefill group, its index
-    cache: Any = None  # hf: the model's cache object
-
-    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """Fused: this prefix's keys and values ``[L, Hkv, length, D]`` (views into its group's)."""
-        assert self.group is not None
-        k, v, r = self.group
-        return k[:, r, :, : self.length], v[:, r, :, : self.length]
 
 
 class TorchEngine:
@@ -117,7 +93,7 @@ class TorchEngine:
         self.n_kv = int(getattr(cfg_m, "num_key_value_heads", None) or n_heads)
         self.head_dim = int(getattr(cfg_m, "head_dim", None) or cfg_m.hidden_size // n_heads)
         self.bound = BoundModel(model, self.device, self.kernels == "triton") if self.backend == "fused" else None
-        self.slots = SlotCache(cfg.graph_cache)  # triton kernels: decode buffers + graphs by shape
+        self.slots = SlotCache(cfg.graph_cache, self.max_kv_bytes)  # triton kernels: decode buffers + graphs by shape
         self.warm_shapes: set[tuple[int, ...]] = set()  # torch kernels: shapes already run once eagerly
         self.stats: dict[str, float] = {}
         self.timing = False  # benchmarks: record stats["prefill_s"] (adds device syncs)
@@ -186,9 +162,9 @@ class TorchEngine:
                              self.max_kv_bytes // max(1, max_new_tokens * self.kv_bytes_per_token)))
         # jobs: (prefix, rows) chunks of at most row_cap rows; prefixes sorted by length
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        jobs = [_Job(i, s, min(row_cap, n - s)) for i in order for s in range(0, n, row_cap)]
+        jobs = [Job(i, s, min(row_cap, n - s)) for i in order for s in range(0, n, row_cap)]
         remaining = {i: -(-n // row_cap) for i in order}  # jobs left per prefix (to drop its prefill)
-        prefills: dict[int, _Prefill] = {}
+        prefills: dict[int, Prefill] = {}
         for batch in self._plan(jobs, row_cap, seqs):
             self.stats["batches"] += 1
             todo = list(dict.fromkeys(j.prefix for j in batch if j.prefix not in prefills))
@@ -213,12 +189,12 @@ class TorchEngine:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ planning
-    def _plan(self, jobs: list[_Job], row_cap: int, seqs: list[list[int]]) -> list[list[_Job]]:
+    def _plan(self, jobs: list[Job], row_cap: int, seqs: list[list[int]]) -> list[list[Job]]:
         """Group jobs into batches: a ``[P, R]`` grid of at most ``row_cap`` rows (fused only)."""
         if self.backend == "hf":
             return [[j] for j in jobs]
-        batches: list[list[_Job]] = []
-        cur: list[_Job] = []
+        batches: list[list[Job]] = []
+        cur: list[Job] = []
         max_prefix_tokens = max(1, self.max_kv_bytes // self.kv_bytes_per_token)
         for job in jobs:
             cand = cur + [job]
@@ -233,15 +209,15 @@ class TorchEngine:
         return batches
 
     # ------------------------------------------------------------------ prefill
-    def _prefill(self, seqs: list[list[int]], ids: list[int], max_tokens: int = 16384) -> dict[int, _Prefill]:
+    def _prefill(self, seqs: list[list[int]], ids: list[int], max_tokens: int = 16384) -> dict[int, Prefill]:
         """Prefill prefixes ``seqs`` (request indices ``ids``). Fused: several right-padded
         prompts per forward (:meth:`BoundModel.prefill`); hf: the model's forward, one each."""
-        out: dict[int, _Prefill] = {}
+        out: dict[int, Prefill] = {}
         if self.bound is None:
             for i, seq in zip(ids, seqs):
                 res = self.model(input_ids=torch.tensor([seq], dtype=torch.long, device=self.device),
                                  use_cache=True, logits_to_keep=1)
-                out[i] = _Prefill(len(seq), res.logits[0, -1], cache=getattr(res, "cache", None) or res.past_key_values)
+                out[i] = Prefill(len(seq), res.logits[0, -1], cache=getattr(res, "cache", None) or res.past_key_values)
             self.stats["prefills"] += len(seqs)
             return out
         start = 0
@@ -257,40 +233,41 @@ class TorchEngine:
             lens = torch.tensor([len(x) for x in group], device=self.device)
             logits, k_all, v_all = self.bound.prefill(inp.to(self.device), lens)  # k, v: [L, N, Hkv, T, D]
             for r, x in enumerate(group):  # views: [L, Hkv, len, D]
-                out[ids[start + r]] = _Prefill(len(x), logits[r], group=(k_all, v_all, r))
+                out[ids[start + r]] = Prefill(len(x), logits[r], group=(k_all, v_all, r))
             self.stats["prefills"] += len(group)
             start = end
         return out
 
     # ------------------------------------------------------------------ the decode loop
-    def _state(self, batch: list[_Job], prefills: dict[int, _Prefill], max_new: int) -> DecodeState:
+    def _state(self, batch: list[Job], prefills: dict[int, Prefill], max_new: int) -> tuple[DecodeState, list[Job], int]:
+        """The batch's decode state, the jobs of its grid (the batch, maybe padded with empty
+        jobs) and its rows per prefix."""
         if self.backend == "hf":
             (job,) = batch
-            return HFState(self, prefills[job.prefix], job.rows)
-        if self.kernels == "triton":
-            return TritonState(self, batch, prefills, max_new)
-        return TorchState(self, batch, prefills, max_new)
+            return HFState(self, prefills[job.prefix], job.rows), batch, job.rows
+        cls = TritonState if self.kernels == "triton" else TorchState
+        grid, R = cls.grid(batch)
+        return cls(self, grid, R, prefills, max_new), grid, R
 
     def _decode(
-        self, batch: list[_Job], prefills: dict[int, _Prefill], max_new: int, temperature: float, gen: torch.Generator
+        self, batch: list[Job], prefills: dict[int, Prefill], max_new: int, temperature: float, gen: torch.Generator
     ) -> list[list[Completion]]:
         """Sample ``max_new`` tokens for every row of ``batch`` (a ``[P, R]`` grid; row ``r`` of job
         ``p`` is sample ``j.first + r``, dead if ``r >= j.rows``); completions per job."""
         dev = self.device
-        P, R = len(batch), max(j.rows for j in batch)
-        state = self._state(batch, prefills, max_new)
+        state, grid, R = self._state(batch, prefills, max_new)
         offsets = [0]
-        for j in batch:
+        for j in grid:
             offsets.append(offsets[-1] + j.rows)
         n_out = offsets[-1]
-        grid_out = torch.full((P, R), n_out, dtype=torch.long)  # n_out = dummy row
-        for p, j in enumerate(batch):
+        grid_out = torch.full((len(grid), R), n_out, dtype=torch.long)  # n_out = dummy row
+        for p, j in enumerate(grid):
             grid_out[p, : j.rows] = torch.arange(offsets[p], offsets[p] + j.rows)
         row_out = grid_out.flatten().to(dev)
         alive = row_out < n_out
         out_tok = torch.zeros(n_out + 1, max_new, dtype=torch.long, device=dev)
         out_lp = torch.zeros(n_out + 1, max_new, dtype=torch.float32, device=dev)
-        first = torch.stack([prefills[j.prefix].logits for j in batch])  # [P, V]
+        first = torch.stack([prefills[j.prefix].logits for j in grid])  # [P, V]
         logits = first.repeat_interleave(R, dim=0)
         steps = 0
         for step in range(max_new):
@@ -319,4 +296,4 @@ class TorchEngine:
             self.stats["fused_attention"] = float(self.fused_attention and self.kernels == "torch")
             self.stats["triton_kernels"] = float(self.kernels == "triton")
         comps = completions_from_buffers(out_tok[:n_out], out_lp[:n_out], steps, self.eos_ids)
-        return [comps[offsets[p]:offsets[p + 1]] for p in range(P)]
+        return [comps[offsets[p]:offsets[p + 1]] for p in range(len(batch))]
