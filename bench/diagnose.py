@@ -4,9 +4,11 @@ Runs :func:`opdlens.pipeline.diagnose` on a config and reports, in one run:
 
 * time per phase (inclusive): model loading, initial rollouts, representative paths, solutions
   (+ summaries), targeted rollouts, teacher scoring, the final tables;
-* time per kind of work (exclusive, nested calls subtracted): the rollout engine's ``sample``,
-  teacher / student scoring (``continuation_logprobs``), grading, tree statistics and targeting,
-  run-store I/O, and the rest (Python between them);
+* time per kind of work (exclusive, nested calls of the same thread subtracted): the rollout
+  engine's ``sample``, teacher / student scoring (``continuation_logprobs``), grading, tree
+  statistics and targeting, run-store I/O, and the rest (Python between them); work done on a
+  worker thread (grading and writing of targeted chunks) overlaps the engine, so the kinds can
+  add up to more than the wall time;
 * the GPU busy fraction (NVML: share of time a kernel was running, sampled every 20 ms);
 * generated tokens/s of the whole run (all tokens the engine generated / wall time after model
   loading) beside the engine's own tokens/s inside the run (same tokens / time inside
@@ -17,9 +19,12 @@ Models (``--models``, comma-separated):
 * ``smollm2``: the embedded SmolLM2-135M-Instruct GGUF; the issue's run: 8 arith questions, 512
   initial rollouts, <= 48 tokens, 4 self-distillation teachers, default targeting;
 * ``qwen3-0.6b`` / ``qwen3-1.7b``: random weights of those shapes (bf16; vocabulary cut to
-  SmolLM2's tokenizer so prompts and grading work), the paper's protocol scaled to a benchmark:
-  256 initial rollouts of up to ``--long-tokens`` tokens (random weights rarely emit EOS, so the
-  traces are long), 4 teachers, default targeting with ``visit_target`` 100;
+  SmolLM2's tokenizer so prompts work), the paper's protocol scaled to a benchmark: 256 initial
+  rollouts of up to ``--long-tokens`` tokens (random weights rarely emit EOS, so the traces are
+  long), 4 teachers, targeting with ``visit_target`` 100 and at most ``--per-path`` rollouts
+  per path. Random weights never answer right and their distributions are near uniform, so a
+  rollout's grade is a coin (the parity of a hash of its tokens) and the targeting thresholds
+  are 0 (each window takes its top-priority targets); otherwise targeting finds nothing to do;
 * ``tiny``: a 2-layer random model with SmolLM2's tokenizer (CPU: the pipeline's own overheads).
 
 ``--engine '{"max_batch_rows": 512}'`` sets the config's ``engine:`` block.
@@ -48,10 +53,11 @@ from opdlens.rollout import TorchEngine
 from opdlens.store import RunStore
 
 # ---------------------------------------------------------------------------- timing
-_stack: list[list[float]] = []  # per open timed call: [start, time of nested timed calls]
+_local = threading.local()  # per thread: the open timed calls, [start, time of nested timed calls]
 EXCL: dict[str, float] = defaultdict(float)  # exclusive seconds per kind of work
 INCL: dict[str, float] = defaultdict(float)  # inclusive seconds per phase
 CALLS: list[dict[str, Any]] = []  # engine calls: shapes and times
+COIN_GRADES = False  # random-weight students: grades are coin flips, so targeting has work to do
 
 
 def timed(kind: str, phase: bool = False):  # type: ignore[no-untyped-def]
@@ -60,6 +66,7 @@ def timed(kind: str, phase: bool = False):  # type: ignore[no-untyped-def]
     def wrap(fn):  # type: ignore[no-untyped-def]
         @functools.wraps(fn)
         def inner(*a, **k):  # type: ignore[no-untyped-def]
+            _stack = _local.__dict__.setdefault("stack", [])
             _stack.append([time.perf_counter(), 0.0])
             try:
                 return fn(*a, **k)
@@ -100,7 +107,7 @@ def instrument() -> None:
         out = orig_sample(self, prefixes, n, max_new_tokens, **kw)
         dt = time.perf_counter() - t0
         CALLS.append(dict(prefixes=[list(p) for p in prefixes], n=n, max_new=max_new_tokens, kw=kw, seconds=dt,
-                          tokens=sum(len(c.tokens) for cs in out for c in cs)))
+                          tokens=sum(len(c.tokens) for cs in out for c in cs), graphs=self.stats.get("graphs", 0)))
         return out
 
     TorchEngine.sample = timed("engine sample")(sample)  # type: ignore[method-assign]
@@ -117,6 +124,8 @@ def instrument() -> None:
     def task_envs(*a, **k):  # type: ignore[no-untyped-def]
         envs = orig_envs(*a, **k)
         for e in envs:
+            if COIN_GRADES:  # random weights never answer right: a coin per rollout (hash of its tokens)
+                e.grade = lambda toks: hash(tuple(int(t) for t in toks)) % 2 == 0
             e.grade = timed("grading")(e.grade)
             if e.grade_reason is not None:
                 e.grade_reason = timed("grading")(e.grade_reason)
@@ -202,7 +211,8 @@ def config_for(model: str, dev: str, out: str, args: argparse.Namespace) -> dict
         return dict(base, student="random:tiny", n_questions=2, rollouts_per_question=64, max_new_tokens=24,
                     targeting=dict(visit_target=16, first_window=8))
     return dict(base, student=f"random:{model}", dtype="bfloat16", n_questions=1, rollouts_per_question=256,
-                max_new_tokens=args.long_tokens, targeting=dict(visit_target=100, max_rollouts_per_path=args.per_path))
+                max_new_tokens=args.long_tokens,
+                targeting=dict(visit_target=100, max_rollouts_per_path=args.per_path, tau_gkd=0.0, tau_gap=0.0))
 
 
 def reset() -> None:
@@ -212,7 +222,9 @@ def reset() -> None:
 
 
 def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
+    global COIN_GRADES
     reset()
+    COIN_GRADES = model.startswith("qwen3")
     with tempfile.TemporaryDirectory() as tmp:
         cfg = DiagnoseConfig.model_validate(config_for(model, dev, str(Path(tmp) / "run"), args))
         if dev == "cuda":
@@ -232,6 +244,9 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
                                phases=dict(INCL), work=dict(EXCL))
     res["work"]["other (Python between calls)"] = wall - sum(EXCL.values())
     rows = sorted(c["n"] * len(c["prefixes"]) for c in CALLS)
+    res["graphs_captured"] = sum(c["graphs"] for c in CALLS)
+    res["calls"] = [dict(prefixes=len(c["prefixes"]), n=c["n"], max_new=c["max_new"], tokens=c["tokens"],
+                         seconds=c["seconds"], graphs=c["graphs"]) for c in CALLS]
     res["rows_per_call"] = dict(median=rows[len(rows) // 2] if rows else 0, max=rows[-1] if rows else 0,
                                 mean=sum(rows) / max(1, len(rows)))
     # the engine alone on the run's largest calls (by tokens), warm, same arguments
@@ -261,7 +276,7 @@ def report(r: dict[str, Any]) -> None:
     busy = "n/a" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
     print(f"\n== {r['model']}: wall {r['wall_s']:.1f} s (model load {r['load_s']:.1f} s), GPU busy {busy}, "
           f"{r['tokens']:,} tokens in {r['engine_calls']} engine calls (rows/call median {r['rows_per_call']['median']},"
-          f" mean {r['rows_per_call']['mean']:.0f}, max {r['rows_per_call']['max']})")
+          f" mean {r['rows_per_call']['mean']:.0f}, max {r['rows_per_call']['max']}; {r['graphs_captured']} CUDA graphs captured)")
     print(f"   whole run {r['run_tok_s']:,.0f} tok/s | engine inside the run {r['engine_in_run_tok_s']:,.0f} tok/s"
           f" | engine alone on the {len(r['engine_alone_calls'])} largest calls {r['engine_alone_tok_s']:,.0f} tok/s"
           f" | run / engine-in-run {100 * r['run_tok_s'] / max(1e-9, r['engine_in_run_tok_s']):.0f}%")
@@ -278,7 +293,7 @@ def main() -> None:
     ap.add_argument("--models", default="smollm2,qwen3-0.6b")
     ap.add_argument("--questions", type=int, default=8, help="smollm2: arith questions")
     ap.add_argument("--long-tokens", type=int, default=512, help="random Qwen3 shapes: max_new_tokens")
-    ap.add_argument("--per-path", type=int, default=None, help="random Qwen3 shapes: max_rollouts_per_path")
+    ap.add_argument("--per-path", type=int, default=800, help="random Qwen3 shapes: max_rollouts_per_path")
     ap.add_argument("--replay", type=int, default=3, help="largest engine calls re-run alone")
     ap.add_argument("--engine", default=None, help="JSON of the config's engine: block")
     ap.add_argument("--json", default=None)

@@ -21,6 +21,7 @@ oracle policy runs through exactly the same code as a Hugging Face model.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import Future, ThreadPoolExecutor
 from collections.abc import Callable, Collection, Iterable, Sequence
 from typing import Any
 from dataclasses import dataclass, field
@@ -156,6 +157,12 @@ class Diagnosis:
         """Sample ``n`` completions of each generated-token prefix, at most ``budgets[i]`` new
         tokens for prefix ``i``, and grade them. All prefixes go to the engine in one call;
         completions past their own budget are cut (the same distribution as a smaller cap)."""
+        return _graded(env, *self._sample_cut(env, prefixes, n, budgets, seed, forced))
+
+    def _sample_cut(
+        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
+    ) -> tuple[list[list[int]], list[int]]:
+        """The sampling half of :meth:`_sample_graded`: rollout tokens and forced lengths, ungraded."""
         eos = self.student.eos_token_ids
         tokens: list[list[int]] = []
         forced_out: list[int] = []
@@ -171,8 +178,7 @@ class Diagnosis:
             for (p, b, f), cs in zip(todo, comps):
                 tokens.extend(list(p) + c.tokens[:b] for c in cs)
                 forced_out.extend([f] * n)
-        success = [bool(env.grade(t)) for t in tokens]
-        return RolloutSet.from_lists(tokens, success, forced_out)
+        return tokens, forced_out
 
     def _sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int, seed: int) -> list[list[Completion]]:
         """``student.sample`` that survives running out of GPU memory: the request is split in
@@ -287,7 +293,12 @@ class Diagnosis:
         return decode(toks).strip() or text
 
     def targeted(self, env: QuestionEnv, paths: pd.DataFrame, contexts: dict[str, list[int]]) -> int:
-        """Enrich every path; returns the number of targeted rollouts stored for the question."""
+        """Enrich every path; returns the number of targeted rollouts stored for the question.
+
+        Paths run in order (a path's targets depend on the rollouts of the paths before it),
+        each chunk's groups are sampled on the calling thread, and grading and writing a chunk
+        run on a worker thread while the next chunk samples; the rollouts of earlier paths are
+        kept in memory, not read back."""
         driving = [
             t
             for t in self.teachers
@@ -296,27 +307,28 @@ class Diagnosis:
         ]
         if not driving:
             return 0
-        for row in paths.itertuples():
-            pid = int(row.path_id)
-            path = [int(x) for x in row.tokens]
-            done_prefix = f"targeted-p{pid:02d}"
-            before = self.store.read_rollouts(env.id, "initial")  # + the enrichment of earlier paths
-            for j in range(pid):
-                extra = self.store.read_rollouts(env.id, f"targeted-p{j:02d}", missing_ok=True)
-                if extra is not None:
-                    before = before.extend(extra)
-            stats = path_stats(path, before)
-            lps = self.student.continuation_logprobs(env.prompt_ids, path)
-            lpts = [t.policy.continuation_logprobs(contexts[t.spec.name], path) for t in driving]
-            targets = select_targets(path, stats, lps, lpts, self.opt.targeting)
-            for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
-                name = f"{done_prefix}-{ci:04d}"
-                if self.store.has_chunk(env.id, name):
-                    continue
-                parts = []
-                for gi, (need, group) in enumerate(_group(chunk)):
-                    parts.append(
-                        self._sample_graded(
+        before = self.store.read_rollouts(env.id, "initial")
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
+            pending: list[Future[RolloutSet]] = []
+            for row in paths.itertuples():
+                pid = int(row.path_id)
+                path = [int(x) for x in row.tokens]
+                # log-probs need no rollouts: computed while the last path's chunks are graded
+                lps = self.student.continuation_logprobs(env.prompt_ids, path)
+                lpts = [t.policy.continuation_logprobs(contexts[t.spec.name], path) for t in driving]
+                for done in pending:  # + the enrichment of earlier paths, in chunk order
+                    before = before.extend(done.result())
+                pending = []
+                targets = select_targets(path, path_stats(path, before), lps, lpts, self.opt.targeting)
+                for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
+                    name = f"targeted-p{pid:02d}-{ci:04d}"
+                    if self.store.has_chunk(env.id, name):
+                        pending.append(worker.submit(self.store.read_chunk, env.id, name))
+                        continue
+                    tokens: list[list[int]] = []
+                    forced: list[int] = []
+                    for gi, (need, group) in enumerate(_group(chunk)):
+                        tk, fo = self._sample_cut(
                             env,
                             [path[: t.node] + [t.token] for t in group],
                             need,
@@ -324,11 +336,11 @@ class Diagnosis:
                             derive_seed(self.opt.seed, env.id, name, gi),
                             [t.node + 1 for t in group],
                         )
-                    )
-                rs = parts[0]
-                for p in parts[1:]:
-                    rs = rs.extend(p)
-                self.store.write_chunk(env.id, name, rs)
+                        tokens += tk
+                        forced += fo
+                    pending.append(worker.submit(_graded_and_stored, self.store, env, name, tokens, forced))
+            for done in pending:
+                done.result()  # raise the worker's errors here
         targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
         return 0 if targeted is None else len(targeted)
 
@@ -466,6 +478,18 @@ def write_run_tables(
     questions = pd.DataFrame(rows)
     store.write_table("questions.parquet", questions)
     return questions
+
+
+def _graded(env: QuestionEnv, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
+    """Rollouts with their grades."""
+    return RolloutSet.from_lists(tokens, [bool(env.grade(t)) for t in tokens], forced)
+
+
+def _graded_and_stored(store: RunStore, env: QuestionEnv, name: str, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
+    """Grade a chunk of rollouts and write it to the store (on the grading worker)."""
+    rs = _graded(env, tokens, forced)
+    store.write_chunk(env.id, name, rs)
+    return rs
 
 
 def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
