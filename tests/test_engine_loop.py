@@ -143,3 +143,16 @@ def test_triton_grid_rounds_shapes_up_so_they_recur() -> None:
     for rows in range(1, 300):
         r = TritonState.grid([Job(0, 0, rows)])[1]
         assert rows <= r < 1.25 * rows
+
+
+def test_diagnose_config_engine_block_reaches_the_student_engine() -> None:
+    from opdlens.config import DiagnoseConfig
+
+    cfg = DiagnoseConfig(engine={"max_batch_rows": 7, "compact_below": 0.3})
+    pol = tiny_random_policy(seed=0, vocab_size=V)
+    pol.use_engine_config(cfg.engine)
+    assert (pol.engine.config.max_batch_rows, pol.engine.config.compact_below) == (7, 0.3)
+    with pytest.raises(OpdlensError, match="max_batch_row"):
+        from opdlens.config import validate_config
+
+        validate_config(DiagnoseConfig, {"engine": {"max_batch_row": 7}}, "test")
