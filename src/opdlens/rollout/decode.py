@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import torch
 import torch.nn.functional as F
 
-from opdlens.rollout.model import BoundModel, KVSlot
+from opdlens.rollout.model import KVSlot
 
 if TYPE_CHECKING:
     from opdlens.rollout.torch_engine import TorchEngine
