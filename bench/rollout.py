@@ -287,14 +287,15 @@ def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
     for name, (prefixes, n) in cases.items():
         eng = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512)
         eng.sample(prefixes, n, max_new, seed=0)
-        slot = next(iter(eng._slots.values()))
+        slot = next(iter(eng.slots.slots.values()))
+        graph = slot.graphs.entries[None][0]
         with torch.inference_mode():  # the slot's buffers are inference tensors
             slot.t_idx.fill_(64)
         _sync()
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
         for _ in range(50):
-            slot.graph.replay()
+            graph.replay()
         e1.record()
         _sync()
         eager = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512, cuda_graphs=False)

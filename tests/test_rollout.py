@@ -121,17 +121,14 @@ def test_eos_stopping_and_length_cap(llama: HFPolicy) -> None:
 def test_prefill_equals_hf_forward(model_type: str) -> None:
     """The engine's own prefill (no HF cache): last-token logits and every layer's keys/values
     equal the Hugging Face forward's, for right-padded prompts of different lengths."""
-    from opdlens.rollout.torch_engine import _ModelBound
-
     pol = tiny_random_policy(seed=3, vocab_size=40, init_std=0.3, model_type=model_type, hidden_size=32)
     eng = _engine(pol)
     prompts = [list(range(1, 12)), [5, 6, 7], [9] * 7]
     T = max(map(len, prompts))
     inp = torch.tensor([p + [pol.pad_token_id] * (T - len(p)) for p in prompts])
     lens = torch.tensor([len(p) for p in prompts])
-    bound = _ModelBound()
-    bound._bind_model(eng)
-    logits, k_all, v_all = bound.prefill(inp, lens, triton_kernels=False)
+    assert eng.bound is not None and not eng.bound.triton
+    logits, k_all, v_all = eng.bound.prefill(inp, lens)
     assert k_all.shape == (eng.n_layers, 3, eng.n_kv, T, eng.head_dim)
     for r, p in enumerate(prompts):
         with torch.no_grad():

@@ -12,6 +12,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from opdlens.policy import OpdlensError
+from opdlens.rollout.base import EngineConfig
 from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
 from opdlens.signals import SignalConfig
 from opdlens.targeting import TargetingConfig
@@ -61,6 +62,8 @@ class DiagnoseConfig(BaseModel):
     rollout_engine: Literal["torch", "vllm"] = Field(
         "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')")
     vllm_options: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization")
+    engine: EngineConfig = Field(default_factory=EngineConfig, description="settings of the torch rollout engine "
+                                 "(batch rows, kernels, sampler, CUDA graphs, compaction)")
     task: str = Field("arith", min_length=1, description="registered task name (`opdlens tasks` lists them)")
     task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
     split: str = Field("test", description="dataset split the questions come from")

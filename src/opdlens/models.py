@@ -307,6 +307,12 @@ class HFPolicy:
             self._engine = TorchEngine(self.model, self._eos, self._pad, self.device, **self.engine_options)
         return self._engine
 
+    def use_engine_config(self, config: Any) -> None:
+        """Sample with a :class:`~opdlens.rollout.TorchEngine` built from ``config`` (an
+        :class:`~opdlens.rollout.EngineConfig`), replacing the current engine."""
+        self.engine_options = config.model_dump()
+        self._engine = None
+
     @engine.setter
     def engine(self, engine: Any) -> None:
         """Sample with another engine (e.g. :class:`~opdlens.rollout.VLLMEngine`); scoring stays here."""

@@ -32,6 +32,7 @@ import json
 import logging
 import time
 from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
 from dataclasses import dataclass, field
@@ -268,6 +269,12 @@ class Diagnosis:
         """Sample ``n`` completions of each generated-token prefix, at most ``budgets[i]`` new
         tokens for prefix ``i``, and grade them. All prefixes go to the engine in one call;
         completions past their own budget are cut (the same distribution as a smaller cap)."""
+        return _graded(env, *self._sample_cut(env, prefixes, n, budgets, seed, forced))
+
+    def _sample_cut(
+        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
+    ) -> tuple[list[list[int]], list[int]]:
+        """The sampling half of :meth:`_sample_graded`: rollout tokens and forced lengths, ungraded."""
         eos = self.student.eos_token_ids
         tokens: list[list[int]] = []
         forced_out: list[int] = []
@@ -283,8 +290,7 @@ class Diagnosis:
             for (p, b, f), cs in zip(todo, comps):
                 tokens.extend(list(p) + c.tokens[:b] for c in cs)
                 forced_out.extend([f] * n)
-        success = [bool(env.grade(t)) for t in tokens]
-        return RolloutSet.from_lists(tokens, success, forced_out)
+        return tokens, forced_out
 
     def _sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int, seed: int) -> list[list[Completion]]:
         """``student.sample`` that survives running out of GPU memory: the request is split in
@@ -458,32 +464,37 @@ class Diagnosis:
 
     def targeted(self, env: QuestionEnv, prep: Prepared) -> int:
         """Enrich every path from the stored priorities of the driving teachers; returns the
-        number of targeted rollouts stored for the question."""
+        number of targeted rollouts stored for the question.
+
+        Paths run in order (a path's targets depend on the rollouts of the paths before it),
+        each chunk's groups are sampled on the calling thread, and grading and writing a chunk
+        run on a worker thread while the next chunk samples; the rollouts of earlier paths are
+        kept in memory, not read back."""
         tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
         if not tables:
             return 0
         pri = pd.concat(tables, ignore_index=True)
-        for row in prep.paths.itertuples():
-            pid = int(row.path_id)
-            path = [int(x) for x in row.tokens]
-            done_prefix = f"targeted-p{pid:02d}"
-            before = self.store.read_rollouts(env.id, "initial")  # + the enrichment of earlier paths
-            for j in range(pid):
-                extra = self.store.read_rollouts(env.id, f"targeted-p{j:02d}", missing_ok=True)
-                if extra is not None:
-                    before = before.extend(extra)
-            stats = self._path_stats(path, before)
-            mine = pri[pri["path_id"] == pid]
-            cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
-            targets = select_from_candidates(path, stats, cands, self.opt.targeting)
-            for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
-                name = f"{done_prefix}-{ci:04d}"
-                if self.store.has_chunk(env.id, name):
-                    continue
-                parts = []
-                for gi, (need, group) in enumerate(_group(chunk)):
-                    parts.append(
-                        self._sample_graded(
+        before = prep.initial
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
+            pending: list[Future[RolloutSet]] = []
+            for row in prep.paths.itertuples():
+                pid = int(row.path_id)
+                path = [int(x) for x in row.tokens]
+                for done in pending:  # + the enrichment of earlier paths, in chunk order
+                    before = before.extend(done.result())
+                pending = []
+                mine = pri[pri["path_id"] == pid]
+                cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
+                targets = select_from_candidates(path, self._path_stats(path, before), cands, self.opt.targeting)
+                for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
+                    name = f"targeted-p{pid:02d}-{ci:04d}"
+                    if self.store.has_chunk(env.id, name):
+                        pending.append(worker.submit(self.store.read_chunk, env.id, name))
+                        continue
+                    tokens: list[list[int]] = []
+                    forced: list[int] = []
+                    for gi, (need, group) in enumerate(_group(chunk)):
+                        tk, fo = self._sample_cut(
                             env,
                             [path[: t.node] + [t.token] for t in group],
                             need,
@@ -491,11 +502,11 @@ class Diagnosis:
                             derive_seed(self.opt.seed, env.id, name, gi),
                             [t.node + 1 for t in group],
                         )
-                    )
-                rs = parts[0]
-                for p in parts[1:]:
-                    rs = rs.extend(p)
-                self.store.write_chunk(env.id, name, rs)
+                        tokens += tk
+                        forced += fo
+                    pending.append(worker.submit(_graded_and_stored, self.store, env, name, tokens, forced))
+            for done in pending:
+                done.result()  # raise the worker's errors here
         targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
         return 0 if targeted is None else len(targeted)
 
@@ -668,6 +679,18 @@ def write_run_tables(
     return questions
 
 
+def _graded(env: QuestionEnv, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
+    """Rollouts with their grades."""
+    return RolloutSet.from_lists(tokens, [bool(env.grade(t)) for t in tokens], forced)
+
+
+def _graded_and_stored(store: RunStore, env: QuestionEnv, name: str, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
+    """Grade a chunk of rollouts and write it to the store (on the grading worker)."""
+    rs = _graded(env, tokens, forced)
+    store.write_chunk(env.id, name, rs)
+    return rs
+
+
 def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
     """Split targets into chunks of about ``size`` rollouts (a target is never split)."""
     chunks: list[list[Target]] = [[]]
@@ -822,6 +845,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     task = get_task(config.task, **config.task_args)
     questions = task.load(split=config.split, n=config.n_questions, seed=config.seed)
     student = load_policy(config.student, device=config.device, dtype=config.dtype)
+    student.use_engine_config(config.engine)
     if config.rollout_engine == "vllm":
         student.engine = vllm_engine(config, student)
     slots: dict[str, ModelSlot] = {}

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from collections.abc import Iterable, Sequence
-from typing import Protocol, runtime_checkable
+from typing import Literal, Protocol, runtime_checkable
 
 import torch
+from pydantic import BaseModel, ConfigDict, Field
 
 from opdlens.policy import Completion, OpdlensError, TokenSeq
 
@@ -25,6 +26,45 @@ class Engine(Protocol):
     ) -> list[list[Completion]]:
         """Result ``[len(prefixes)][n]``; deterministic for a seed; stops at EOS or the cap."""
         ...
+
+
+class EngineConfig(BaseModel):
+    """Settings of :class:`opdlens.rollout.TorchEngine` (the ``engine:`` block of a diagnose config).
+
+    None of them changes which distribution is sampled; ``max_batch_rows``, ``sync_every``,
+    ``compact_below`` and the kernel choices change which random numbers a row draws, so the same
+    seed gives the same completions only under the same settings."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_batch_rows: int = Field(256, ge=1, description="rows (samples) decoded together in one batch")
+    max_kv_bytes: int | None = Field(
+        None, ge=1, description="bound on the generated-token KV cache of one batch, in bytes "
+        "(default: 40% of the GPU memory free when the engine is built; 2 GiB on CPU)")
+    backend: Literal["auto", "fused", "hf"] = Field(
+        "auto", description="'fused': the engine's own forward with each prefix's KV cache stored once "
+        "(llama / qwen2 / qwen3 models); 'hf': Hugging Face forward with the model's cache (any causal LM); "
+        "'auto': fused where the model supports it")
+    kernels: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="decode-step kernels of the fused backend: 'triton' (fused Triton kernels), "
+        "'torch' (PyTorch ops); 'auto': triton on CUDA, torch on CPU")
+    sampler: Literal["auto", "torch", "triton"] = Field(
+        "auto", description="'torch' (Gumbel-max in PyTorch) or 'triton' (inverse-CDF kernel, CUDA only); "
+        "'auto': triton on CUDA, torch on CPU")
+    cuda_graphs: bool | None = Field(None, description="replay captured CUDA graphs of the decode step "
+                                     "(default: on for CUDA; ignored on CPU)")
+    sync_every: int | None = Field(None, ge=1, description="decode steps between host checks of finished "
+                                   "rows (default: 1 on CPU, 16 on CUDA)")
+    compact_below: float = Field(0.5, ge=0.0, le=1.0, description="live-row fraction under which finished "
+                                 "rows are dropped from the batch")
+    suffix_bucket: int = Field(64, ge=1, description="torch kernels on CUDA: granularity of the generated-length "
+                               "buckets that each get a CUDA graph")
+    fused_attention: bool = Field(True, description="torch kernels on CUDA: PyTorch's memory-efficient attention "
+                                  "kernel for the shared-prefix part (else matmul + softmax)")
+    prefix_chunk: int = Field(512, ge=1, description="keys per chunk of the split-key prefix attention (the "
+                              "smallest; on CUDA the Triton kernels grow it until the grid has <= 2 programs per SM)")
+    graph_cache: int = Field(16, ge=1, description="triton kernels: decode shapes whose buffers and CUDA graph "
+                             "are kept across sample() calls (LRU; their KV buffers together stay under max_kv_bytes)")
 
 
 def validate_request(prefixes: Sequence[TokenSeq], n: int, max_new_tokens: int, temperature: float) -> list[list[int]]:

@@ -1,0 +1,477 @@
+"""Per-backend decode states of :class:`opdlens.rollout.TorchEngine`: each owns a batch's
+buffers and offers the two calls the engine's one decode loop makes.
+
+* ``step(tok [B], t) -> logits [B, V]``: feed one token per row at generated position ``t``;
+* ``compact(alive [B] bool, t) -> (keep, pad) | None``: drop finished rows; ``keep`` are the
+  old row indices of the new rows, ``pad`` marks padding rows of the new grid (dead).
+
+States: :class:`HFState` (Hugging Face forward and cache), :class:`TorchState` (the fused block
+forward with PyTorch ops, prefix keys in chunks merged by log-sum-exp), :class:`TritonState`
+(the fused block forward with Triton kernels, buffers of a :class:`Slot` kept across calls).
+CUDA graphs are captured and replayed in one place, :class:`StepGraphs`.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable, Hashable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol
+
+import torch
+import torch.nn.functional as F
+
+from opdlens.rollout.model import KVSlot
+
+if TYPE_CHECKING:
+    from opdlens.rollout.torch_engine import TorchEngine
+
+_NEG_INF = float("-inf")
+
+
+@dataclass
+class Job:
+    """Rows of one prefix decoded in a batch: samples ``first .. first + rows - 1`` of it."""
+
+    prefix: int  # index into the request's prefixes
+    first: int  # index of this job's first sample among the prefix's n
+    rows: int
+
+
+@dataclass
+class Prefill:
+    """A prefix's KV cache and last-position logits, computed once per prefix."""
+
+    length: int
+    logits: torch.Tensor  # [V]
+    group: tuple[torch.Tensor, torch.Tensor, int] | None = None  # fused: (k, v) of its prefill group, its index
+    cache: Any = None  # hf: the model's cache object
+
+    def kv(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Fused: this prefix's keys and values ``[L, Hkv, length, D]`` (views into its group's)."""
+        assert self.group is not None
+        k, v, r = self.group
+        return k[:, r, :, : self.length], v[:, r, :, : self.length]
+
+
+class DecodeState(Protocol):
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor: ...
+
+    def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+
+
+# ---------------------------------------------------------------------------- CUDA graphs
+def run_on_side_stream(device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
+    """``fn()`` eagerly (on CUDA on a side stream, as a warm-up before a capture must be)."""
+    if device.type != "cuda":
+        return fn()
+    side = torch.cuda.Stream(device)
+    side.wait_stream(torch.cuda.current_stream(device))
+    with torch.cuda.stream(side):
+        out = fn()
+    torch.cuda.current_stream(device).wait_stream(side)
+    return out
+
+
+class StepGraphs:
+    """CUDA graphs of a decode step, one per key, captured on first use and replayed after;
+    recaptured when the ``signature`` (e.g. weight addresses) changes. The step reads and writes
+    only static buffers, so a replay is the step."""
+
+    def __init__(self, stats: dict[str, float], pool: Any = None) -> None:
+        self.stats = stats
+        self.pool = pool
+        self.entries: dict[Hashable, tuple[Any, torch.Tensor, Any]] = {}
+
+    def __call__(self, key: Hashable, forward: Callable[[], torch.Tensor], signature: Any = None) -> torch.Tensor:
+        entry = self.entries.get(key)
+        if entry is None or entry[2] != signature:
+            self.entries.pop(key, None)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, pool=self.pool):
+                out = forward()
+            entry = self.entries[key] = (graph, out, signature)
+            self.stats["graphs"] += 1
+        entry[0].replay()
+        return entry[1]
+
+
+# ---------------------------------------------------------------------------- compaction helpers
+def live_rows(grid: torch.Tensor, groups: torch.Tensor, n_live: torch.Tensor, R2: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Old row indices of a compacted ``[len(groups), R2]`` grid and its padding mask.
+
+    ``grid [P, R]`` marks live rows; group ``i`` of the new grid takes old group ``groups[i]``'s
+    live rows in order, its first ``n_live[i]`` slots are real and the rest (padding, marked
+    True) repeat its first live row, so they read valid memory and are then ignored."""
+    R = grid.shape[1]
+    order = torch.argsort((~grid[groups]).to(torch.int8), dim=1, stable=True)[:, :R2]  # live rows first
+    idx = order + groups[:, None] * R
+    pad = torch.arange(R2)[None] >= n_live[:, None]
+    return torch.where(pad, idx[:, :1], idx), pad
+
+
+def pow2(n: int) -> int:
+    return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def round_up(n: int, m: int) -> int:
+    return -(-int(n) // m) * m
+
+
+def _is_range(xs: list[int]) -> bool:
+    """True if ``xs`` is ``[a, a + 1, ..., b]``."""
+    return all(b == a + 1 for a, b in zip(xs, xs[1:]))
+
+
+# ---------------------------------------------------------------------------- HF backend
+class HFState:
+    """One prefix's rows decoded by the Hugging Face forward with the model's cache object."""
+
+    @staticmethod
+    def grid(batch: list[Job]) -> tuple[list[Job], int]:
+        (job,) = batch
+        return batch, job.rows
+
+    def __init__(self, eng: TorchEngine, pre: Prefill, rows: int) -> None:
+        self.eng = eng
+        self.cache = copy.deepcopy(pre.cache)  # the cache object is mutated below
+        self.cache.batch_repeat_interleave(rows)
+        self.plen = pre.length
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        pos = torch.full((tok.numel(), 1), self.plen + t, dtype=torch.long, device=tok.device)
+        out = self.eng.model(input_ids=tok[:, None], position_ids=pos, use_cache=True, **{self.eng.cache_kw: self.cache})
+        self.cache = getattr(out, "cache", None) or out.past_key_values
+        return out.logits[:, -1]
+
+    def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        keep = alive.nonzero()[:, 0].to(self.eng.device)
+        self.cache.batch_select_indices(keep)
+        self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
+        return keep, torch.zeros(keep.numel(), dtype=torch.bool, device=keep.device)
+
+
+# ---------------------------------------------------------------------------- fused, PyTorch ops
+class TorchState:
+    """A ``[P, R]`` grid of rows (``R`` rows of each of ``P`` prefixes) decoded by the block
+    forward with PyTorch ops. Prefix keys ``[L, P, C, Hkv, Lc, D]`` are split in ``C`` chunks of
+    ``Lc`` keys attended in parallel and merged by log-sum-exp; each row's own keys go to a suffix
+    cache ``[L, B, Hkv, S, D]``. On CUDA a step is captured per suffix-length bucket."""
+
+    @staticmethod
+    def grid(batch: list[Job]) -> tuple[list[Job], int]:
+        """The grid's jobs and rows per prefix: exactly the batch."""
+        return batch, max(j.rows for j in batch)
+
+    def __init__(self, eng: TorchEngine, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
+        m = eng.bound
+        dev, L, Hkv, D, dt = eng.device, m.n_layers, m.n_kv, m.head_dim, m.dtype
+        self.eng, self.m = eng, m
+        P = len(batch)
+        lens = [prefills[j.prefix].length for j in batch]
+        align = 16 if eng.fused_attention else 1
+        Lc = -(-max(lens) // align) * align
+        if Lc > eng.config.prefix_chunk:
+            Lc = -(-eng.config.prefix_chunk // align) * align
+        C = -(-max(lens) // Lc)
+        self.pre_k = torch.zeros(L, P, C, Hkv, Lc, D, dtype=dt, device=dev)
+        self.pre_v = torch.zeros_like(self.pre_k)
+        for p, j in enumerate(batch):
+            pf = prefills[j.prefix]
+            for src, dst in zip(pf.kv(), (self.pre_k, self.pre_v)):
+                padded = F.pad(src, (0, 0, 0, C * Lc - pf.length))  # [L, Hkv, C*Lc, D]
+                dst[:, p] = padded.view(L, Hkv, C, Lc, D).transpose(1, 2)
+        lens_t = torch.tensor(lens, device=dev)
+        self.pre_bias: torch.Tensor | None = None
+        if min(lens) != C * Lc:
+            pos = torch.arange(C * Lc, device=dev).view(1, C, 1, 1, Lc)
+            self.pre_bias = torch.zeros(P, C, Hkv, 1, Lc, dtype=dt, device=dev)
+            self.pre_bias.masked_fill_(pos >= lens_t.view(P, 1, 1, 1, 1), _NEG_INF)
+        self.P, self.R = P, R
+        s_cap = max(1, max_new - 1)
+        if dev.type == "cuda":
+            s_cap = -(-s_cap // 16) * 16  # aligned key length for the fused attention kernel
+        self.suf_k = torch.zeros(L, P * R, Hkv, s_cap, D, dtype=dt, device=dev)
+        self.suf_v = torch.zeros_like(self.suf_k)
+        self.row_plen = lens_t.repeat_interleave(R)
+        self.tok_in = torch.zeros(P * R, dtype=torch.long, device=dev)
+        self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        self.graphs = StepGraphs(eng.stats, torch.cuda.graph_pool_handle() if eng.cuda_graphs else None)
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        self.tok_in.copy_(tok)
+        self.t_idx.fill_(t)
+        eng = self.eng
+        if eng.device.type == "cuda":
+            sb = min(self.suf_k.shape[3], round_up(t + 1, eng.config.suffix_bucket))
+        else:
+            sb = t + 1
+        if not eng.cuda_graphs:
+            return self._forward(sb)
+        shape = (self.tok_in.numel(), sb, self.pre_k.shape[2], self.pre_k.shape[4])
+        if shape not in eng.warm_shapes and sb not in self.graphs.entries:  # warm-up once per shape (lazy library init)
+            run_on_side_stream(eng.device, lambda: self._forward(sb))  # writes the slot the replay will write
+            eng.warm_shapes.add(shape)
+        return self.graphs(sb, lambda: self._forward(sb))
+
+    def _forward(self, sb: int) -> torch.Tensor:
+        m = self.m
+        x = m.embed(self.tok_in)  # [B, hidden]
+        cos, sin = m.rope(self.row_plen + self.t_idx, x.dtype)
+        suf_bias = torch.zeros(sb, dtype=torch.float32, device=x.device)
+        suf_bias.masked_fill_(torch.arange(sb, device=x.device) > self.t_idx, _NEG_INF)
+        B, H, Hkv, D = self.tok_in.numel(), m.n_heads, m.n_kv, m.head_dim
+
+        def attend(li: int, q: torch.Tensor) -> torch.Tensor:
+            return self._attention(q.reshape(B, Hkv, H // Hkv, D), li, sb, suf_bias).reshape(B, H * D)
+
+        h = m.forward(x, cos, sin, lambda li: (self.suf_k[li], self.suf_v[li], self.t_idx), attend)
+        return m.lm_head(h)
+
+    def _attention(self, q: torch.Tensor, li: int, sb: int, suf_bias: torch.Tensor) -> torch.Tensor:
+        """Attention of ``q [B, Hkv, G, D]`` over shared prefix + own suffix; returns ``[B, Hkv, G, D]``."""
+        P, R = self.P, self.R
+        B, Hkv, G, D = q.shape
+        # prefix part: queries of a prefix's R rows x G heads share one K/V per kv-head
+        C, Lc = self.pre_k.shape[2], self.pre_k.shape[4]
+        qp = q.view(P, R, Hkv, G, D).permute(0, 2, 1, 3, 4).reshape(P, 1, Hkv, R * G, D)
+        if C > 1:
+            qp = qp.expand(P, C, Hkv, R * G, D)
+        qp = qp.reshape(P, C * Hkv, R * G, D)
+        kp = self.pre_k[li].view(P, C * Hkv, Lc, D)
+        vp = self.pre_v[li].view(P, C * Hkv, Lc, D)
+        bias = None if self.pre_bias is None else self.pre_bias.view(P, C * Hkv, 1, Lc)
+        # the fused kernel is used where it was validated on GPU: unchunked, or chunked without padding
+        out_p, lse_p = self._attend(qp, kp, vp, bias, fused=C == 1 or bias is None)
+        if C > 1:  # merge the key chunks (flash-decoding)
+            lse_c = lse_p.view(P, C, Hkv, R * G)
+            lse_p = torch.logsumexp(lse_c, dim=1)
+            wgt = torch.exp(lse_c - lse_p[:, None]).nan_to_num_(0.0)
+            out_p = torch.einsum("pchm,pchmd->phmd", wgt, out_p.view(P, C, Hkv, R * G, D).float().nan_to_num_(0.0))
+            out_p = out_p.to(q.dtype)
+        out_p = out_p.reshape(P, Hkv, R, G, D).permute(0, 2, 1, 3, 4).reshape(B, Hkv, G, D)
+        lse_p = lse_p.reshape(P, Hkv, R, G).permute(0, 2, 1, 3).reshape(B, Hkv, G)
+        # suffix part: each row's own generated tokens
+        ks = self.suf_k[li][:, :, :sb]
+        vs = self.suf_v[li][:, :, :sb]
+        out_s, lse_s = self._attend(q, ks, vs, suf_bias.view(1, 1, 1, sb), fused=False)
+        # merge by log-sum-exp weights: out = out_s + sigmoid(lse_p - lse_s) * (out_p - out_s)
+        wp = torch.sigmoid(lse_p - lse_s)[..., None]
+        if q.dtype == torch.float32:
+            return torch.lerp(out_s, out_p, wp)
+        return torch.lerp(out_s.float(), out_p.float(), wp).to(q.dtype)
+
+    def _attend(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: torch.Tensor | None, fused: bool
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Non-causal attention with its log-sum-exp: ``q [N, H, M, D]``, ``k, v [N, H, T, D]``."""
+        if self.eng.fused_attention and fused:
+            b = None if bias is None else bias.to(q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], bias.shape[-1])
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(
+                q, k, v, b, True, 0.0, False, scale=self.m.scaling
+            )[:2]
+            return out, lse[..., : q.shape[2]]
+        s = torch.matmul(q, k.transpose(-1, -2)).float() * self.m.scaling
+        if bias is not None:
+            s = s + bias
+        lse = torch.logsumexp(s, dim=-1)
+        out = torch.matmul(torch.exp(s - lse[..., None]).to(v.dtype), v)
+        return out, lse
+
+    def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Drop finished rows (and prefixes with none left) into an exact-size ``[P', R']`` grid."""
+        P, R = self.P, self.R
+        grid = alive.view(P, R)
+        per = grid.sum(1)
+        groups = per.nonzero()[:, 0]
+        R2 = int(per.max())
+        idx, pad = live_rows(grid, groups, per[groups], R2)
+        keep = idx.flatten().to(self.eng.device)
+        self.P, self.R = len(groups), R2
+        used = t + 1  # slots 0..t are written
+        new_k = torch.zeros((self.suf_k.shape[0], keep.numel(), *self.suf_k.shape[2:]), dtype=self.suf_k.dtype, device=keep.device)
+        new_v = torch.zeros_like(new_k)
+        new_k[:, :, :, :used] = self.suf_k[:, keep, :, :used]
+        new_v[:, :, :, :used] = self.suf_v[:, keep, :, :used]
+        self.suf_k, self.suf_v = new_k, new_v
+        if len(groups) < P:
+            g = groups.to(keep.device)
+            self.pre_k, self.pre_v = self.pre_k[:, g], self.pre_v[:, g]
+            if self.pre_bias is not None:
+                self.pre_bias = self.pre_bias[g]
+        self.row_plen = self.row_plen[keep]
+        self.tok_in = torch.zeros(keep.numel(), dtype=torch.long, device=keep.device)
+        self.graphs = StepGraphs(self.eng.stats, torch.cuda.graph_pool_handle() if self.eng.cuda_graphs else None)
+        self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
+        return keep, pad.flatten().to(keep.device)
+
+
+# ---------------------------------------------------------------------------- fused, Triton kernels
+class Slot:
+    """Static buffers of one decode shape ``(P, R, T, S)`` and its CUDA graph, reused across
+    batches and ``sample`` calls (prefix KV ``[L, P, Hkv, T, D]``, suffix KV ``[L, B, Hkv, S, D]``)."""
+
+    def __init__(self, eng: TorchEngine, P: int, R: int, T: int, S: int) -> None:
+        m = eng.bound
+        dev, dt = eng.device, m.dtype
+        L, Hkv, D = m.n_layers, m.n_kv, m.head_dim
+        B = P * R
+        self.P, self.R, self.T, self.S = P, R, T, S
+        self.pre_k = torch.zeros(L, P, Hkv, T, D, dtype=dt, device=dev)
+        self.pre_v = torch.zeros_like(self.pre_k)
+        self.plen = torch.ones(P, dtype=torch.int32, device=dev)
+        self.row_plen = torch.zeros(B, dtype=torch.long, device=dev)
+        self.suf_k = torch.zeros(L, B, Hkv, S, D, dtype=dt, device=dev)
+        self.suf_v = torch.zeros_like(self.suf_k)
+        self.tok_in = torch.zeros(B, dtype=torch.long, device=dev)
+        self.t_idx = torch.zeros(1, dtype=torch.long, device=dev)
+        # one attention kernel per layer when each prefix has few rows and is short
+        self.mode = 1 if (R <= 2 and T <= 1024) else 2
+        from opdlens.rollout.triton_decode import prefix_chunk
+
+        n_sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 132
+        G = m.n_heads // Hkv
+        self.chunk = prefix_chunk(P, Hkv, R * G, T, min(eng.config.prefix_chunk, 512), n_sm)
+        self.graphs = StepGraphs(eng.stats)
+        self.warm = False
+        self.nbytes = eng.kv_bytes_per_token * P * (T + R * S)
+
+
+class SlotCache:
+    """The Triton state's slots by shape ``(P, R, T, S)``: at most ``size`` of them and, with the
+    one being made, at most ``max_bytes`` of KV buffers; least recently used dropped first."""
+
+    def __init__(self, size: int, max_bytes: int) -> None:
+        self.size, self.max_bytes = size, max_bytes
+        self.slots: dict[tuple[int, ...], Slot] = {}
+
+    def get(self, eng: TorchEngine, P: int, R: int, T: int, S: int) -> Slot:
+        key = (P, R, T, S)
+        slot = self.slots.pop(key, None)
+        if slot is None:
+            need = eng.kv_bytes_per_token * P * (T + R * S)
+            while self.slots and (len(self.slots) >= self.size or
+                                  need + sum(s.nbytes for s in self.slots.values()) > self.max_bytes):
+                self.slots.pop(next(iter(self.slots)))
+            slot = Slot(eng, P, R, T, S)
+        self.slots[key] = slot
+        return slot
+
+
+class TritonState:
+    """A ``[P, R]`` grid decoded by the block forward with the Triton kernels (see
+    :mod:`opdlens.rollout.triton_decode`): one CUDA graph per slot shape, kept across calls."""
+
+    @staticmethod
+    def grid(batch: list[Job]) -> tuple[list[Job], int]:
+        """The grid's jobs and rows per prefix, rounded up so that decode shapes recur across
+        calls and their slots and CUDA graphs are reused: rows and prefixes to a multiple of an
+        eighth of their power of two (< 25% padding; padding groups repeat the first prefix,
+        with no live rows)."""
+        R = max(j.rows for j in batch)
+        R = round_up(R, max(1, pow2(R) // 8))
+        P = round_up(len(batch), max(1, pow2(len(batch)) // 8))
+        return batch + [Job(batch[0].prefix, 0, 0)] * (P - len(batch)), R
+
+    def __init__(self, eng: TorchEngine, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
+        self.eng, self.m = eng, eng.bound
+        P = len(batch)
+        lens = [prefills[j.prefix].length for j in batch]
+        T = round_up(max(lens), max(64, pow2(max(lens)) // 8))
+        S = round_up(max(1, max_new - 1), 64)
+        slot = eng.slots.get(eng, P, R, T, S)
+        by_group: dict[int, tuple[torch.Tensor, torch.Tensor, list[int], list[int]]] = {}
+        for p, j in enumerate(batch):  # one copy per prefill group, not one per prefix
+            group = prefills[j.prefix].group
+            assert group is not None
+            gk, gv, r = group
+            _, _, ps, rs = by_group.setdefault(id(gk), (gk, gv, [], []))
+            ps.append(p)
+            rs.append(r)
+        for gk, gv, ps, rs in by_group.values():
+            n = min(gk.shape[3], T)
+            for dst, src in ((slot.pre_k, gk), (slot.pre_v, gv)):
+                if _is_range(ps) and _is_range(rs):  # the usual case: a strided copy, not an index kernel
+                    dst[:, ps[0]:ps[-1] + 1, :, :n].copy_(src[:, rs[0]:rs[-1] + 1, :, :n])
+                else:
+                    pi, ri = torch.tensor(ps, device=eng.device), torch.tensor(rs, device=eng.device)
+                    dst[:, pi, :, :n] = src[:, ri, :, :n]
+        lens_t = torch.tensor(lens, dtype=torch.int32)
+        slot.plen.copy_(lens_t)
+        slot.row_plen.copy_(lens_t.repeat_interleave(R))
+        self.slot = slot
+        self.signature = self.m.signature()  # captured graphs read these weight addresses
+        self._warm()
+
+    @property
+    def P(self) -> int:
+        return self.slot.P
+
+    @property
+    def R(self) -> int:
+        return self.slot.R
+
+    def _warm(self) -> None:
+        """Build the kernels of a new slot (one eager step, also the warm-up before a capture)."""
+        if not self.slot.warm:
+            run_on_side_stream(self.eng.device, self._forward)
+            self.slot.warm = True
+
+    def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
+        s = self.slot
+        s.tok_in.copy_(tok)
+        s.t_idx.fill_(t)
+        if not self.eng.cuda_graphs:
+            return self._forward()
+        return s.graphs(None, self._forward, self.signature)
+
+    def _forward(self) -> torch.Tensor:
+        m, s, tk = self.m, self.slot, self.m.ops.tk  # type: ignore[attr-defined]
+        B, H, D = s.tok_in.numel(), m.n_heads, m.head_dim
+        x = m.embed(s.tok_in)  # [B, hidden]
+        cos, sin = m.rope(s.row_plen + s.t_idx, x.dtype)  # [B, D]
+
+        def kv(li: int) -> KVSlot:
+            return s.suf_k[li], s.suf_v[li], s.t_idx
+
+        def attend(li: int, q: torch.Tensor) -> torch.Tensor:
+            return tk.decode_attention(q, s.suf_k[li], s.suf_v[li], s.t_idx, s.pre_k[li], s.pre_v[li], s.plen, s.R,
+                                       m.scaling, s.mode, s.chunk).view(B, H * D)
+
+        return m.lm_head(m.forward(x, cos, sin, kv, attend))
+
+    def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """Move the live rows to a smaller grid ``[P', R']`` (R' a power of two where that is
+        smaller, P' rounded up to 1/8 of its power of two, so that grids recur and their graphs
+        are reused). None if nothing shrinks."""
+        P, R = self.P, self.R
+        grid = alive.view(P, R)
+        per = grid.sum(1)
+        groups = per.nonzero()[:, 0]
+        most = int(per.max())
+        R2 = pow2(most) if pow2(most) < R else most
+        # groups padded to a recurring count (<= 1/8 more), so the next call's compaction finds
+        # its graph; padding groups repeat a live group's prefix and hold only dead rows
+        P2 = min(P, round_up(len(groups), max(1, pow2(len(groups)) // 8)))
+        if P2 == P and R2 == R:
+            return None
+        n_live = per[groups]
+        self.eng.stats["padded_groups"] = self.eng.stats.get("padded_groups", 0) + P2 - len(groups)
+        groups = torch.cat([groups, groups[:1].repeat(P2 - len(groups))])
+        n_live = torch.cat([n_live, torch.zeros(P2 - len(n_live), dtype=n_live.dtype)])
+        idx, pad = live_rows(grid, groups, n_live, R2)
+        old = self.slot
+        keep = idx.flatten().to(self.eng.device)
+        g = groups.to(self.eng.device)
+        new = self.eng.slots.get(self.eng, P2, R2, old.T, old.S)
+        assert new is not old
+        new.pre_k.copy_(old.pre_k[:, g])
+        new.pre_v.copy_(old.pre_v[:, g])
+        new.plen.copy_(old.plen[g])
+        new.row_plen.copy_(old.row_plen[keep])
+        used = t + 1  # slots 0..t are written
+        new.suf_k[:, :, :, :used] = old.suf_k[:, keep, :, :used]
+        new.suf_v[:, :, :, :used] = old.suf_v[:, keep, :, :used]
+        self.slot = new
+        self.eng.stats["compactions"] = self.eng.stats.get("compactions", 0) + 1
+        return keep, pad.flatten().to(keep.device)
