@@ -169,6 +169,7 @@ def test_config_models_loaded_in_the_actors_equal_diagnose(cluster, tmp_path):
         student=str(model_dir), task="arith", n_questions=2, rollouts_per_question=8, max_new_tokens=6,
         teachers=[{"name": "plain"}, {"name": "Self-1C1W", "context": "1c1w"}], out_dir=str(tmp_path / "ray"),
         targeting={"first_window": 2, "visit_target": 8, "max_rollouts_per_path": 16},
+        fallback_reference_solution=True,  # a random model never answers: show the reference answer (recorded)
     )
     store = diagnose_ray(cfg, num_workers=1, progress=False)
     assert (store.root / "config.yaml").exists()
