@@ -19,24 +19,44 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
+import numpy as np
 import torch
+from pydantic import Field
 
+from opdlens.policy import OpdlensError
+from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
 from opdlens.tree import PathStats
+from opdlens.uncertainty import alignment_draws, child_variance_weights, interval, settled
 
 
 @dataclass(frozen=True)
 class TargetingConfig:
-    first_window: int = 50
-    growth: float = 2.0
-    per_window_gkd: int = 4
-    per_window_gap: int = 4
-    tau_gkd: float = 1e-3
-    tau_gap: float = 1e-2
-    visit_target: int = 100
-    candidates_per_node: int = 8
-    include_path_token: bool = True
-    max_rollouts_per_path: int | None = None
+    """Which (node, token) pairs of a path get targeted rollouts, and how many."""
+
+    mode: Annotated[Literal["fixed", "adaptive"], Field(description=(
+        "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
+        "at most the same total, spent in rounds where the alignments are most uncertain"))] = "fixed"
+    first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
+    growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
+    per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
+    per_window_gap: Annotated[int, Field(ge=0, description="pairs per window with the largest |P_student - P_teacher|")] = 4
+    tau_gkd: Annotated[float, Field(ge=0.0, description="|g_KD| a pair must exceed")] = 1e-3
+    tau_gap: Annotated[float, Field(ge=0.0, description="|P_student - P_teacher| a pair must exceed")] = 1e-2
+    visit_target: Annotated[int, Field(ge=1, description=(
+        "fixed mode: visits per chosen pair; both modes: sets the path's budget (what the fixed mode would spend)"))] = 100
+    candidates_per_node: Annotated[int, Field(ge=1, description="candidate tokens: top-k of the student and of each teacher")] = 8
+    include_path_token: Annotated[bool, Field(description="also enrich the path's own token at every chosen node")] = True
+    max_rollouts_per_path: Annotated[int | None, Field(ge=1, description=(
+        "cap on the targeted rollouts of one path (both modes; None: no cap)"))] = None
+    rounds: Annotated[int, Field(ge=1, description="adaptive: allocation rounds after the first (floor) round")] = 4
+    stop_halfwidth: Annotated[float, Field(ge=0.0, description=(
+        "adaptive: a node gets no more rollouts once every teacher's alignment interval is this narrow (half-width)"))] = 0.05
+    stop_on_sign: Annotated[bool, Field(description=(
+        "adaptive: also stop a node once every teacher's alignment sign is settled (interval excludes 0)"))] = False
+    level: Annotated[float, Field(gt=0.0, lt=1.0, description="adaptive: level of the intervals the stopping rules read")] = 0.95
+    n_draws: Annotated[int, Field(ge=16, description="adaptive: posterior draws per node and round")] = 200
 
 
 @dataclass(frozen=True)
@@ -65,18 +85,17 @@ def priorities(logp_student: torch.Tensor, logp_teacher: torch.Tensor) -> tuple[
     return (p * (ell - lbar)).abs(), (p - lpt.exp()).abs()
 
 
-def select_targets(
+def choose_pairs(
     path: Sequence[int],
-    stats: PathStats,
     logp_student: torch.Tensor,
     logp_teachers: Sequence[torch.Tensor],
     config: TargetingConfig | None = None,
-) -> list[Target]:
-    """The (node, token) targets of one path, in window order, with the rollouts each needs."""
+) -> list[tuple[int, int]]:
+    """The (node, token) pairs to enrich on one path, sorted (window order). They depend on the
+    models only, not on the visits, so every round of the adaptive mode works on the same set."""
     cfg = config or TargetingConfig()
     if not logp_teachers:
-        raise ValueError("select_targets needs at least one teacher's log-probs")
-    big_l = len(path)
+        raise OpdlensError("targeting needs at least one teacher's log-probs")
     pr = [priorities(logp_student, lt) for lt in logp_teachers]
     gkd = torch.stack([g for g, _ in pr]).amax(0)
     gap = torch.stack([d for _, d in pr]).amax(0)
@@ -88,7 +107,7 @@ def select_targets(
     cand_gap = gap.gather(1, cand)
 
     chosen: dict[tuple[int, int], None] = {}
-    for start, end in depth_windows(big_l, cfg.first_window, cfg.growth):
+    for start, end in depth_windows(len(path), cfg.first_window, cfg.growth):
         toks = cand[start:end].reshape(-1)
         nodes = torch.arange(start, end).repeat_interleave(cand.shape[1])
         for score, budget, tau in (
@@ -108,19 +127,160 @@ def select_targets(
     if cfg.include_path_token:
         for u in sorted({u for u, _ in chosen}):
             chosen.setdefault((u, int(path[u])), None)
+    return sorted(chosen)
 
+
+def _cap(targets: list[Target], budget: int | None) -> list[Target]:
+    """Keep targets in order until ``budget`` rollouts (the last one trimmed)."""
+    if budget is None:
+        return targets
+    capped, total = [], 0
+    for t in targets:
+        take = min(t.need, budget - total)
+        if take <= 0:
+            break
+        capped.append(Target(t.node, t.token, take))
+        total += take
+    return capped
+
+
+def select_targets(
+    path: Sequence[int],
+    stats: PathStats,
+    logp_student: torch.Tensor,
+    logp_teachers: Sequence[torch.Tensor],
+    config: TargetingConfig | None = None,
+) -> list[Target]:
+    """Fixed mode: every chosen pair up to ``visit_target`` visits, in window order, at most
+    ``max_rollouts_per_path`` rollouts in all (shallow windows first)."""
+    cfg = config or TargetingConfig()
     targets = []
-    for u, k in sorted(chosen):
+    for u, k in choose_pairs(path, logp_student, logp_teachers, cfg):
         need = cfg.visit_target - stats.visits_of(u, k)
         if need > 0:
             targets.append(Target(u, k, need))
-    if cfg.max_rollouts_per_path is not None:
-        capped, total = [], 0
-        for t in targets:  # window order: shallow windows first
-            take = min(t.need, cfg.max_rollouts_per_path - total)
-            if take <= 0:
-                break
-            capped.append(Target(t.node, t.token, take))
-            total += take
-        targets = capped
-    return targets
+    return _cap(targets, cfg.max_rollouts_per_path)
+
+
+def water_fill(visits: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
+    """Integer extra visits ``Δ ≥ 0`` with ``Σ Δ = budget`` that minimise ``Σ w / (n + Δ)``:
+    ``n + Δ = max(n, λ √w)`` (Neyman allocation with the visits already made), λ by bisection,
+    then rounded down with the remainder given to the largest fractional parts. Pairs with zero
+    weight get nothing; with no positive weight nothing is allocated."""
+    n = visits.astype(np.float64)
+    r = np.sqrt(np.clip(weights, 0.0, None))
+    if budget <= 0 or not (r > 0).any():
+        return np.zeros(n.shape, dtype=np.int64)
+    lo, hi = 0.0, float(((n + budget) / np.where(r > 0, r, np.inf)).max())
+    for _ in range(100):
+        lam = 0.5 * (lo + hi)
+        if np.clip(lam * r - n, 0.0, None).sum() > budget:
+            hi = lam
+        else:
+            lo = lam
+    want = np.clip(hi * r - n, 0.0, None)
+    want *= budget / want.sum()
+    out = np.floor(want).astype(np.int64)
+    rest = budget - int(out.sum())
+    if rest > 0:
+        out[np.argsort(-(want - out), kind="stable")[:rest]] += 1
+    return out
+
+
+class TargetPlan:
+    """The targeted rollouts of one path, round by round (see the module docstring).
+
+    Build it with the path's statistics *before* its targeted rollouts; then call
+    :meth:`next_round` with the statistics that include everything sampled so far, until it
+    returns ``[]``. The fixed mode has one round. The plan only depends on what was sampled, so a
+    resumed run that replays the stored rounds gets the same targets."""
+
+    def __init__(
+        self,
+        path: Sequence[int],
+        stats: PathStats,
+        logp_student: torch.Tensor,
+        logp_teachers: Sequence[torch.Tensor],
+        config: TargetingConfig | None = None,
+        signals: SignalConfig | None = None,
+    ) -> None:
+        self.cfg = config or TargetingConfig()
+        self.signals = signals or SignalConfig()
+        self.path = [int(x) for x in path]
+        self.logp_student = logp_student.double()
+        self.logp_teachers = [lt.double() for lt in logp_teachers]
+        self.pairs = choose_pairs(path, logp_student, logp_teachers, self.cfg)
+        fixed = select_targets(path, stats, logp_student, logp_teachers, self.cfg)
+        self._fixed = fixed
+        #: total rollouts this path may spend: the fixed mode's (visit_target and the cap)
+        self.budget = sum(t.need for t in fixed)
+        self.round = 0
+        self.spent = 0
+        self.finished = False
+
+    def next_round(self, stats: PathStats) -> list[Target]:
+        """Targets of the next round given ``stats`` (all rollouts so far); ``[]`` when done."""
+        cfg, r = self.cfg, self.round
+        self.round += 1
+        if self.finished:
+            return []
+        if cfg.mode == "fixed":
+            out, self.finished = self._fixed, True
+        elif r == 0:  # floor: every pair gets the visits it needs to enter S_u
+            floor = [Target(u, k, self.signals.min_visits - stats.visits_of(u, k)) for u, k in self.pairs]
+            out = _cap([t for t in floor if t.need > 0], self.budget)
+        else:
+            left = cfg.rounds - r + 1
+            out = self._allocate(stats, -(-(self.budget - self.spent) // left))
+            self.finished = not out or r >= cfg.rounds
+        self.spent += sum(t.need for t in out)
+        self.finished |= self.spent >= self.budget
+        return out
+
+    def node_state(self, stats: PathStats) -> dict[str, np.ndarray]:
+        """Per node of the path, for the current statistics: the variance of each teacher's
+        alignment draws (``var`` ``[T, L]``), their intervals (``lo``, ``hi``), whether the node is
+        retired by a stopping rule, and the per-(node, child) variance weights (max over
+        teachers) with the padded child tokens and visits they refer to."""
+        sig = self.signals
+        pad = stats.padded(sig.min_visits)
+        mask = torch.from_numpy(pad["mask"])
+        tok = torch.from_numpy(pad["child_token"])
+        n = torch.from_numpy(pad["visits"]).double()
+        s = torch.from_numpy(pad["successes"]).double()
+        p_st, lp_st = restrict(self.logp_student.gather(1, tok), mask, sig.renormalize)
+        dirs = {}
+        for i, lt in enumerate(self.logp_teachers):
+            _, lp_te = restrict(lt.gather(1, tok), mask, sig.renormalize)
+            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask)
+        ideal = lambda ps: ideal_gradient(p_st, ps, mask)  # noqa: E731
+        draws = alignment_draws(ideal, n, s, mask, dirs, self.cfg.n_draws, seed=self.round)
+        lo, hi, var, w = [], [], [], []
+        for name, d in draws.items():
+            a, b, se = interval(d, self.cfg.level)
+            lo.append(a)
+            hi.append(b)
+            var.append(se**2)
+            w.append(child_variance_weights(ideal, n, s, mask, dirs[name], se**2))
+        lo_t, hi_t = torch.stack(lo).numpy(), torch.stack(hi).numpy()
+        defined = np.isfinite(lo_t)
+        done = (hi_t - lo_t) / 2 <= self.cfg.stop_halfwidth
+        if self.cfg.stop_on_sign:
+            done |= settled(lo_t, hi_t)
+        retired = (done | ~defined).all(0) & (mask.sum(-1).numpy() >= sig.min_children)
+        weights = torch.stack(w).amax(0).numpy()
+        weights[retired] = 0.0
+        return {"var": torch.stack(var).numpy(), "lo": lo_t, "hi": hi_t, "retired": retired,
+                "weights": weights, "child_token": pad["child_token"], "visits": pad["visits"], "mask": pad["mask"]}
+
+    def _allocate(self, stats: PathStats, budget: int) -> list[Target]:
+        st = self.node_state(stats)
+        nodes = np.array([u for u, _ in self.pairs], dtype=np.int64)
+        toks = np.array([k for _, k in self.pairs], dtype=np.int64)
+        hit = (st["child_token"][nodes] == toks[:, None]) & st["mask"][nodes]
+        slot = hit.argmax(1)
+        found = hit.any(1)
+        w = np.where(found, st["weights"][nodes, slot], 0.0)
+        n = np.where(found, st["visits"][nodes, slot], 0)
+        extra = water_fill(n, w, budget)
+        return [Target(int(u), int(k), int(d)) for u, k, d in zip(nodes, toks, extra) if d > 0]
