@@ -112,7 +112,7 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
         lpts = {name: t.continuation_logprobs([], path) for name, t in teachers.items()}
         for mode_name, cfg in modes:
             rs, spent = enrich(policy, path, initial, lps, list(lpts.values()), cfg, sig,
-                               np.random.default_rng([q, pid, cfg.visit_target, hash(mode_name) % 1000]))
+                               np.random.default_rng([q, pid, cfg.visit_target, mode_name == "adaptive"]))
             stats = path_stats(path, rs)
             for tname, lpt in lpts.items():
                 out = pd.DataFrame(path_signals(stats, lps, lpt, sig))
@@ -169,8 +169,9 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--stop-halfwidth", type=float, default=0.05)
     ap.add_argument("--stop-on-sign", action="store_true")
+    ap.add_argument("--no-renormalize", action="store_true", help="signals.renormalize=False (the literal reading)")
     args = ap.parse_args()
-    sig = SignalConfig(min_visits=20)
+    sig = SignalConfig(min_visits=20, renormalize=not args.no_renormalize)
     base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
                            rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign)
     modes = [(m, replace(base, mode=m, visit_target=v)) for v in args.visit_targets for m in ("fixed", "adaptive")]

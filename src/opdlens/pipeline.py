@@ -34,7 +34,7 @@ from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.signals import SignalConfig, path_signals
 from opdlens.store import RunStore, derive_seed, safe_name
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
-from opdlens.targeting import Target, TargetingConfig, select_targets
+from opdlens.targeting import Target, TargetingConfig, TargetPlan
 from opdlens.teachers import SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
 from opdlens.tree import RolloutSet, path_stats
 
@@ -308,29 +308,38 @@ class Diagnosis:
             stats = path_stats(path, before)
             lps = self.student.continuation_logprobs(env.prompt_ids, path)
             lpts = [t.policy.continuation_logprobs(contexts[t.spec.name], path) for t in driving]
-            targets = select_targets(path, stats, lps, lpts, self.opt.targeting)
-            for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
-                name = f"{done_prefix}-{ci:04d}"
-                if self.store.has_chunk(env.id, name):
-                    continue
-                parts = []
-                for gi, (need, group) in enumerate(_group(chunk)):
-                    parts.append(
-                        self._sample_graded(
-                            env,
-                            [path[: t.node] + [t.token] for t in group],
-                            need,
-                            [self.opt.max_new_tokens - t.node - 1 for t in group],
-                            derive_seed(self.opt.seed, env.id, name, gi),
-                            [t.node + 1 for t in group],
-                        )
-                    )
-                rs = parts[0]
-                for p in parts[1:]:
-                    rs = rs.extend(p)
-                self.store.write_chunk(env.id, name, rs)
+            plan = TargetPlan(path, stats, lps, lpts, self.opt.targeting, self.opt.signals)
+            rnd = 0
+            while targets := plan.next_round(stats):  # one round in the fixed mode
+                self._enrich(env, path, targets, f"{done_prefix}-" + (f"r{rnd:02d}-" if rnd else ""))
+                rnd += 1
+                if not plan.finished:
+                    stats = path_stats(path, before.extend(self.store.read_rollouts(env.id, done_prefix)))
         targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
         return 0 if targeted is None else len(targeted)
+
+    def _enrich(self, env: QuestionEnv, path: list[int], targets: list[Target], prefix: str) -> None:
+        """Sample and store one round of targeted rollouts (chunks already stored are kept)."""
+        for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
+            name = f"{prefix}{ci:04d}"
+            if self.store.has_chunk(env.id, name):
+                continue
+            parts = []
+            for gi, (need, group) in enumerate(_group(chunk)):
+                parts.append(
+                    self._sample_graded(
+                        env,
+                        [path[: t.node] + [t.token] for t in group],
+                        need,
+                        [self.opt.max_new_tokens - t.node - 1 for t in group],
+                        derive_seed(self.opt.seed, env.id, name, gi),
+                        [t.node + 1 for t in group],
+                    )
+                )
+            rs = parts[0]
+            for p in parts[1:]:
+                rs = rs.extend(p)
+            self.store.write_chunk(env.id, name, rs)
 
     # ------------------------------------------------------------------ phase 2
     def score(

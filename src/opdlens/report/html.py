@@ -100,7 +100,9 @@ def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[ty
     lines = [
         f"node {r.get('node')}  token id {r.get('token_id')}"
         + ("" if valid else "  (invalid node: not enough visited children)"),
-        f"{metric} = {_num(r.get(metric), signed=True)}",
+        f"{metric} = {_num(r.get(metric), signed=True)}"
+        + (f"   95% [{_num(r.get(metric + '_lo'), signed=True)}, {_num(r.get(metric + '_hi'), signed=True)}]"
+           if metric + "_lo" in r else ""),
         f"P_student = {_num(r.get('p_student'))}   P_teacher = {_num(r.get('p_teacher'))}",
         f"P_succ = {_num(r.get('psucc_token'))}   teacher adv = {_num(r.get('teacher_adv'), signed=True)}",
         f"visits = {visits_s}   children = {_int(r.get('n_children'))}   KL = {_num(r.get('kl'), 4)}",
