@@ -124,9 +124,16 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
 
 
 def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
+    """Per mode and visit target, on the nodes that are valid (with a finite estimate and exact
+    value) in *both* modes at that visit target, so both modes are scored on the same nodes."""
+    key = ["visit_target", "teacher", "question_id", "path_id", "node"]
+    ok = nodes[nodes["valid"] & np.isfinite(nodes["align_gkd"]) & np.isfinite(nodes["exact"])]
+    both = ok.groupby(key)["mode"].nunique()
+    common = both[both == nodes["mode"].nunique()].index
     rows = []
     for (mode, vt), g in nodes.groupby(["mode", "visit_target"], sort=True):
-        v = g[g["valid"] & np.isfinite(g["align_gkd"]) & np.isfinite(g["exact"])]
+        v = ok[(ok["mode"] == mode) & (ok["visit_target"] == vt)]
+        v = v[v.set_index(key).index.isin(common)]
         err = v["align_gkd"] - v["exact"]
         cover = (v["exact"] >= v["align_gkd_lo"] - 1e-9) & (v["exact"] <= v["align_gkd_hi"] + 1e-9)
         sett = v["sign_settled"].astype(bool)
@@ -135,7 +142,7 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
         spent = g.groupby(["question_id", "path_id"])["spent"].first()
         rows.append({
             "mode": mode, "visit_target": vt, "rollouts_per_path": spent.mean(),
-            "valid_nodes": len(v), "rmse": float(np.sqrt((err**2).mean())),
+            "nodes": len(v), "rmse": float(np.sqrt((err**2).mean())),
             "right_sign": float((np.sign(v["align_gkd"]) == np.sign(v["exact"])).mean()),
             "node_coverage": float(cover.mean()), "node_width": float((v["align_gkd_hi"] - v["align_gkd_lo"]).mean()),
             "settled": float(sett.mean()),
@@ -144,6 +151,8 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
             "pm_width": float((pm["hi"] - pm["lo"]).mean()),
             "pm_coverage": float(((exact_pm >= pm["lo"]) & (exact_pm <= pm["hi"])).mean()),
             "paths": len(pm),
+            "pm_z_mean": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).mean()),
+            "pm_z_sd": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).std()),
         })
     return pd.DataFrame(rows)
 

@@ -13,6 +13,21 @@ over the teachers, so one enriched tree serves all of them.
 Candidate tokens at a node are the union of the student's and the teacher's top
 ``candidates_per_node`` tokens. The path's own token at a chosen node is enriched too
 (``include_path_token``), so the node gets the ≥ 2 well-visited children the alignment needs.
+
+Adaptive mode (``mode: adaptive``). The same (node, token) pairs and at most the same rollouts
+(the fixed mode's total for the path, capped by ``max_rollouts_per_path``) are spent in rounds.
+Round 0 brings every pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
+node set measured is the fixed mode's. Each later round spends an equal share of what is left:
+for every node the posterior draws of :mod:`opdlens.uncertainty` give the variance of its
+alignment with each teacher, split among its children in proportion to their delta-method
+contributions (:func:`opdlens.uncertainty.child_variance_weights`), and the round's rollouts go
+to the pairs by Neyman allocation (:func:`water_fill`: visits ∝ √weight, visits already made
+kept), which minimises the sum of the node variances, hence also the variance of each path's
+mean alignment. A pair's weight is its maximum over the teachers, so one allocation serves them
+all and the tree stays teacher-independent. Stopping rules: a node gets nothing more once every
+teacher's interval is narrower than ``stop_halfwidth`` (or, with ``stop_on_sign``, once every
+teacher's sign is settled); the path stops when no node is left, after ``rounds`` rounds, or when
+the budget is spent. :class:`TargetPlan` runs both modes round by round.
 """
 
 from __future__ import annotations
@@ -26,7 +41,7 @@ import torch
 from pydantic import Field
 
 from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
+from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, restrict
 from opdlens.tree import PathStats
 from opdlens.uncertainty import alignment_draws, child_variance_weights, interval, settled
 
@@ -254,10 +269,11 @@ class TargetPlan:
             _, lp_te = restrict(lt.gather(1, tok), mask, sig.renormalize)
             dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask)
         ideal = lambda ps: ideal_gradient(p_st, ps, mask)  # noqa: E731
-        draws = alignment_draws(ideal, n, s, mask, dirs, self.cfg.n_draws, seed=self.round)
+        draws = alignment_draws(ideal, n, s, mask, dirs, self.cfg.n_draws)
+        g_point = ideal(torch.where(mask, s / n.clamp_min(1.0), torch.zeros_like(n)))
         lo, hi, var, w = [], [], [], []
         for name, d in draws.items():
-            a, b, se = interval(d, self.cfg.level)
+            a, b, se = interval(d, masked_cosine(g_point, dirs[name]), self.cfg.level)
             lo.append(a)
             hi.append(b)
             var.append(se**2)

@@ -13,10 +13,10 @@ over ``[-1, 1]`` and its derivative blows up, whereas draws stay in range, need 
 keep a spread for children with ``s = 0`` or ``s = n``, and follow any restriction or
 renormalisation option of :mod:`opdlens.signals` because they reuse its estimator.
 
-Per node and metric ``align_X`` (X in :data:`UNCERTAIN_METRICS`) the node table gets
-``align_X_se`` (standard deviation of the draws) and the equal-tailed interval
-``align_X_lo`` / ``align_X_hi`` (quantiles of the draws); ``sign_settled`` says whether the
-interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
+Per node and metric ``align_X`` (X in :data:`UNCERTAIN_METRICS`) the node table gets the
+equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and the error
+scale ``align_X_se`` (root mean square distance of the draws from the point estimate);
+``sign_settled`` says whether the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
 standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
 
@@ -61,7 +61,7 @@ def psucc_draws(n: Tensor, s: Tensor, mask: Tensor, n_draws: int, rng: np.random
     """``[n_draws, L, K]`` joint draws of every child's success probability from its Beta
     posterior (masked-out cells are 0)."""
     a = (s.double() + PRIOR).numpy()
-    b = (n.double() - s.double()).clamp_min(0.0).numpy() + PRIOR
+    b = ((n.double() - s.double()).clamp_min(0.0) + PRIOR).numpy()
     draws = torch.from_numpy(rng.beta(a, b, size=(n_draws, *a.shape)))
     return torch.where(mask, draws, torch.zeros_like(draws))
 
@@ -98,16 +98,19 @@ def alignment_draws(
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
-    """(lo, hi, se) per column of ``draws`` ``[B, L]``: equal-tailed quantiles and the standard
-    deviation, NaN where the draws are NaN (node without a defined alignment)."""
+def interval(draws: Tensor, estimate: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
+    """(lo, hi, se) per column of ``draws`` ``[B, L]``: equal-tailed quantiles, and the root mean
+    square distance of the draws from the point ``estimate`` ``[L]`` (the spread of the draws
+    plus the gap between the estimate and their mean: for a cosine that can only be ±1, e.g.
+    two renormalised children, a plain standard deviation would understate how far the
+    estimate can be from the truth). NaN where the draws or the estimate are NaN."""
     if not 0.0 < level < 1.0:
         raise OpdlensError(f"interval level must be in (0, 1), got {level}")
     probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=draws.dtype)
     q = torch.nanquantile(draws, probs, dim=0)
-    finite = torch.isfinite(draws).all(0)
+    finite = torch.isfinite(draws).all(0) & torch.isfinite(estimate)
     nan = torch.full_like(q[0], float("nan"))
-    se = draws.std(dim=0)
+    se = ((draws - estimate) ** 2).mean(0).sqrt()
     return torch.where(finite, q[0], nan), torch.where(finite, q[1], nan), torch.where(finite, se, nan)
 
 
@@ -137,9 +140,11 @@ def node_uncertainty(
     the coefficients of the teacher advantage.
     """
     nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
+    point = torch.where(mask, s.double() / n.double().clamp_min(1.0), torch.zeros_like(n, dtype=torch.float64))
+    g_point = ideal(point)
     out: dict[str, Tensor] = {}
     for name, draws in alignment_draws(ideal, n, s, mask, directions, n_draws, seed).items():
-        lo, hi, se = interval(draws, level)
+        lo, hi, se = interval(draws, _cosine(g_point, directions[name]), level)
         for suffix, x in (("lo", lo), ("hi", hi), ("se", se)):
             out[f"align_{name}_{suffix}"] = torch.where(valid, x, nan)
     if "gkd" in directions:
@@ -153,22 +158,27 @@ def node_uncertainty(
 
 def child_variance_weights(ideal: IdealFn, n: Tensor, s: Tensor, mask: Tensor, direction: Tensor,
                            node_var: Tensor) -> Tensor:
-    """``c[u, k]`` such that ``Var(align_u) ≈ Σ_k c[u, k] / n[u, k]``: the delta-method terms
-    ``(∂ align_u / ∂P_k)² P_k(1 − P_k)`` (derivative by autograd at the posterior mean), rescaled
-    per node so that their total matches ``node_var`` (the variance of the draws), which stays
-    right where the derivative is unreliable (unresolved nodes). Adding ``Δ`` visits to child
-    ``k`` then lowers the node's variance by ``c (1/n − 1/(n + Δ))``. Zero off the mask and on
-    nodes without a defined alignment."""
+    """``c[u, k]`` such that ``Var(align_u) ≈ Σ_k c[u, k] / n[u, k]``, so that adding ``Δ`` visits
+    to child ``k`` lowers the node's variance by ``c (1/n − 1/(n + Δ))``.
+
+    The node's total is ``node_var`` (the variance of its draws, right even where a derivative is
+    not); it is split among the children by the delta-method terms ``(∂ align_u / ∂P_k)²
+    P_k(1 − P_k) / n_k`` (derivative by autograd at the posterior mean). Where that derivative is
+    0 (a node whose cosine is locally constant, e.g. ±1 with two renormalised children: only its
+    sign can flip), the split follows the children's binomial variances ``P_k(1 − P_k) / n_k``.
+    Zero off the mask and on nodes without a defined alignment (NaN ``node_var``)."""
     pm = posterior_mean(n, s).clone().requires_grad_(True)
     cos = _cosine(ideal(pm), direction)
     torch.nan_to_num(cos, nan=0.0).sum().backward()
     grad = pm.grad.nan_to_num(0.0)
     pm = pm.detach()
-    c = torch.where(mask, grad**2 * pm * (1 - pm), torch.zeros_like(pm))
-    delta_var = (c / n.double().clamp_min(1.0)).sum(-1, keepdim=True)
-    ok = torch.isfinite(node_var) & (delta_var.squeeze(-1) > 0)
-    scale = torch.where(ok, node_var.nan_to_num(0.0) / delta_var.squeeze(-1).clamp_min(1e-300), torch.zeros_like(node_var))
-    return c * scale.unsqueeze(-1)
+    nn = n.double().clamp_min(1.0)
+    binom = torch.where(mask, pm * (1 - pm) / nn, torch.zeros_like(pm))
+    delta = grad**2 * binom
+    share = torch.where(delta.sum(-1, keepdim=True) > 0, delta, binom)
+    share = share / share.sum(-1, keepdim=True).clamp_min(1e-300)
+    total = torch.where(torch.isfinite(node_var), node_var, torch.zeros_like(node_var))
+    return share * total.unsqueeze(-1) * nn
 
 
 # --------------------------------------------------------------------------- analysis helpers
@@ -198,7 +208,7 @@ def path_mean_interval(
     keys: list[str] | None = None,
 ) -> pd.DataFrame:
     """Per path, the mean of ``metric`` over its valid nodes and a normal interval for it from
-    the nodes' standard errors (``metric_se``), treating the nodes' errors as independent:
+    the nodes' error scales ``metric_se``, nodes taken as independent:
     ``mean ± z · sqrt(Σ se²) / n``. This is the measurement uncertainty of the path mean (what
     more rollouts would remove), not the spread between paths."""
     keys = keys or ["teacher", "question_id", "path_id"]
