@@ -41,7 +41,7 @@ import torch
 from pydantic import Field
 
 from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, restrict
+from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
 from opdlens.tree import PathStats
 from opdlens.uncertainty import alignment_draws, child_variance_weights, interval, settled
 
@@ -270,10 +270,9 @@ class TargetPlan:
             dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask)
         ideal = lambda ps: ideal_gradient(p_st, ps, mask)  # noqa: E731
         draws = alignment_draws(ideal, n, s, mask, dirs, self.cfg.n_draws)
-        g_point = ideal(torch.where(mask, s / n.clamp_min(1.0), torch.zeros_like(n)))
         lo, hi, var, w = [], [], [], []
         for name, d in draws.items():
-            a, b, se = interval(d, masked_cosine(g_point, dirs[name]), self.cfg.level)
+            a, b, se = interval(d, self.cfg.level)
             lo.append(a)
             hi.append(b)
             var.append(se**2)

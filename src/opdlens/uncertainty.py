@@ -14,9 +14,8 @@ keep a spread for children with ``s = 0`` or ``s = n``, and follow any restricti
 renormalisation option of :mod:`opdlens.signals` because they reuse its estimator.
 
 Per node and metric ``align_X`` (X in :data:`UNCERTAIN_METRICS`) the node table gets the
-equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and the error
-scale ``align_X_se`` (root mean square distance of the draws from the point estimate);
-``sign_settled`` says whether the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
+equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and
+``align_X_se`` (their standard deviation); ``sign_settled`` says whether the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
 standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
 
@@ -98,20 +97,16 @@ def alignment_draws(
     return {name: torch.cat(v) for name, v in parts.items()}
 
 
-def interval(draws: Tensor, estimate: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
-    """(lo, hi, se) per column of ``draws`` ``[B, L]``: equal-tailed quantiles, and the root mean
-    square distance of the draws from the point ``estimate`` ``[L]`` (the spread of the draws
-    plus the gap between the estimate and their mean: for a cosine that can only be ±1, e.g.
-    two renormalised children, a plain standard deviation would understate how far the
-    estimate can be from the truth). NaN where the draws or the estimate are NaN."""
+def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
+    """(lo, hi, se) per column of ``draws`` ``[B, L]``: equal-tailed quantiles and the standard
+    deviation, NaN where the draws are NaN (node without a defined alignment)."""
     if not 0.0 < level < 1.0:
         raise OpdlensError(f"interval level must be in (0, 1), got {level}")
     probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=draws.dtype)
     q = torch.nanquantile(draws, probs, dim=0)
-    finite = torch.isfinite(draws).all(0) & torch.isfinite(estimate)
+    finite = torch.isfinite(draws).all(0)
     nan = torch.full_like(q[0], float("nan"))
-    se = ((draws - estimate) ** 2).mean(0).sqrt()
-    return torch.where(finite, q[0], nan), torch.where(finite, q[1], nan), torch.where(finite, se, nan)
+    return torch.where(finite, q[0], nan), torch.where(finite, q[1], nan), torch.where(finite, draws.std(dim=0), nan)
 
 
 def settled(lo: np.ndarray | Tensor, hi: np.ndarray | Tensor) -> np.ndarray:
@@ -140,11 +135,9 @@ def node_uncertainty(
     the coefficients of the teacher advantage.
     """
     nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
-    point = torch.where(mask, s.double() / n.double().clamp_min(1.0), torch.zeros_like(n, dtype=torch.float64))
-    g_point = ideal(point)
     out: dict[str, Tensor] = {}
     for name, draws in alignment_draws(ideal, n, s, mask, directions, n_draws, seed).items():
-        lo, hi, se = interval(draws, _cosine(g_point, directions[name]), level)
+        lo, hi, se = interval(draws, level)
         for suffix, x in (("lo", lo), ("hi", hi), ("se", se)):
             out[f"align_{name}_{suffix}"] = torch.where(valid, x, nan)
     if "gkd" in directions:
