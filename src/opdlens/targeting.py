@@ -169,12 +169,12 @@ def select_targets(
     """Fixed mode: every chosen pair up to ``visit_target`` visits, in window order, at most
     ``max_rollouts_per_path`` rollouts in all (shallow windows first)."""
     cfg = config or TargetingConfig()
-    targets = []
-    for u, k in choose_pairs(path, logp_student, logp_teachers, cfg):
-        need = cfg.visit_target - stats.visits_of(u, k)
-        if need > 0:
-            targets.append(Target(u, k, need))
-    return _cap(targets, cfg.max_rollouts_per_path)
+    return _fixed_targets(choose_pairs(path, logp_student, logp_teachers, cfg), stats, cfg)
+
+
+def _fixed_targets(pairs: list[tuple[int, int]], stats: PathStats, cfg: TargetingConfig) -> list[Target]:
+    targets = [Target(u, k, cfg.visit_target - stats.visits_of(u, k)) for u, k in pairs]
+    return _cap([t for t in targets if t.need > 0], cfg.max_rollouts_per_path)
 
 
 def water_fill(visits: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
@@ -221,14 +221,12 @@ class TargetPlan:
     ) -> None:
         self.cfg = config or TargetingConfig()
         self.signals = signals or SignalConfig()
-        self.path = [int(x) for x in path]
         self.logp_student = logp_student.double()
         self.logp_teachers = [lt.double() for lt in logp_teachers]
         self.pairs = choose_pairs(path, logp_student, logp_teachers, self.cfg)
-        fixed = select_targets(path, stats, logp_student, logp_teachers, self.cfg)
-        self._fixed = fixed
+        self._fixed = _fixed_targets(self.pairs, stats, self.cfg)
         #: total rollouts this path may spend: the fixed mode's (visit_target and the cap)
-        self.budget = sum(t.need for t in fixed)
+        self.budget = sum(t.need for t in self._fixed)
         self.round = 0
         self.spent = 0
         self.finished = False
