@@ -11,8 +11,9 @@ is 100) and in the adaptive mode with the same budget knob, then scored by
 :func:`opdlens.signals.path_signals`. Against the exact alignment over the same ``S_u`` it
 reports, per mode and budget: rollouts per path, per-node alignment RMSE, share of nodes with
 the right sign, per-node interval coverage, share of settled signs (and how many of those are
-wrong), and the width and coverage of the path-mean interval
-(:func:`opdlens.uncertainty.path_mean_interval`). Last, the budget each mode needs to reach the
+wrong), and the RMSE, width and coverage of the path-mean interval
+(:func:`opdlens.uncertainty.path_mean_interval`) with the mean and standard deviation of its
+z-scores (0 and 1 when calibrated). Last, the budget each mode needs to reach the
 fixed mode's RMSE at visit_target 100 (log-linear interpolation between measured budgets).
 """
 
