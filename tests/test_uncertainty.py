@@ -36,6 +36,10 @@ def _oracle_nodes(n_policies: int = 12, k: int = 3):
     return p, gkd_gradient(p, lps - lqs, mask), ps, mask
 
 
+def _rows(p, mask):
+    return lambda x, rows: ideal_gradient(p[rows], x, mask[rows])
+
+
 def test_interval_covers_the_exact_alignment_on_resolved_nodes():
     p, g_d, ps, mask = _oracle_nodes()
     ideal = lambda x: ideal_gradient(p, x, mask)  # noqa: E731
@@ -52,7 +56,7 @@ def test_interval_covers_the_exact_alignment_on_resolved_nodes():
         n = torch.full_like(ps, float(visits))
         s = torch.from_numpy(rng.binomial(visits, ps.numpy())).double()
         valid = torch.ones(len(p), dtype=torch.bool)
-        out = node_uncertainty(ideal, n, s, mask, valid, {"gkd": g_d}, w, n_draws=300, seed=rep)
+        out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, w, n_draws=300, seed=rep)
         hits.append((exact >= out["align_gkd_lo"]) & (exact <= out["align_gkd_hi"]))
         est_adv = (w * s / n).sum(-1)
         adv_hits.append(((est_adv - (w * ps).sum(-1)).abs() <= 1.96 * out["teacher_adv_se"]))
@@ -69,7 +73,7 @@ def test_interval_shrinks_on_the_exact_value_and_settles_the_sign():
     n = torch.full_like(ps, 1e7)
     s = (ps * n).round()
     valid = torch.ones(len(p), dtype=torch.bool)
-    out = node_uncertainty(ideal, n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=100)
+    out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=100)
     ok = torch.isfinite(exact) & (ideal(ps).norm(dim=-1) > 1e-3)
     assert ok.sum() > 10
     torch.testing.assert_close(out["align_gkd_lo"][ok], exact[ok], atol=0.02, rtol=0)
@@ -161,7 +165,7 @@ def test_error_scale_matches_the_plug_in_error_on_the_oracle():
         n = torch.full_like(ps, 100.0)
         s = torch.from_numpy(rng.binomial(100, ps.numpy())).double()
         valid = torch.ones(len(p), dtype=torch.bool)
-        out = node_uncertainty(ideal, n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=200, seed=rep)
+        out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=200, seed=rep)
         ok = torch.isfinite(exact) & torch.isfinite(out["align_gkd_se"])
         err2.append(float(((masked_cosine(ideal(s / n), g_d) - exact)[ok] ** 2).sum()))
         se2.append(float((out["align_gkd_se"][ok] ** 2).sum()))

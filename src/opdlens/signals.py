@@ -225,6 +225,6 @@ def path_signals(
     for name, g in grads.items():
         out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
     out.update(divergences(lps, lpt))
-    out.update(node_uncertainty(lambda ps: ideal_gradient(p_st, ps, mask), n, s, mask, valid,
+    out.update(node_uncertainty(lambda ps, rows: ideal_gradient(p_st[rows], ps, mask[rows]), n, s, mask, valid,
                                 {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st))
     return {k: v.numpy() for k, v in out.items()}

@@ -266,24 +266,26 @@ class TargetPlan:
         for i, lt in enumerate(self.logp_teachers):
             _, lp_te = restrict(lt.gather(1, tok), mask, sig.renormalize)
             dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask)
-        ideal = lambda ps: ideal_gradient(p_st, ps, mask)  # noqa: E731
-        draws = alignment_draws(ideal, n, s, mask, dirs, self.cfg.n_draws)
-        lo, hi, var, w = [], [], [], []
-        for name, d in draws.items():
+        rows = torch.nonzero(mask.sum(-1) >= sig.min_children).flatten()  # nodes with an alignment
+        p_r, mask_r, n_r, s_r = p_st[rows], mask[rows], n[rows], s[rows]
+        ideal = lambda ps: ideal_gradient(p_r, ps, mask_r)  # noqa: E731
+        big_l = mask.shape[0]
+        lo_t = np.full((len(dirs), big_l), np.nan)
+        hi_t, var_t = lo_t.copy(), lo_t.copy()
+        weights = np.zeros(mask.shape)
+        for i, (name, d) in enumerate(alignment_draws(ideal, n_r, s_r, mask_r, {k: g[rows] for k, g in dirs.items()},
+                                                      self.cfg.n_draws).items()):
             a, b, se = interval(d, self.cfg.level)
-            lo.append(a)
-            hi.append(b)
-            var.append(se**2)
-            w.append(child_variance_weights(ideal, n, s, mask, dirs[name], se**2))
-        lo_t, hi_t = torch.stack(lo).numpy(), torch.stack(hi).numpy()
+            lo_t[i, rows], hi_t[i, rows], var_t[i, rows] = a.numpy(), b.numpy(), (se**2).numpy()
+            w = child_variance_weights(ideal, n_r, s_r, mask_r, dirs[name][rows], se**2).numpy()
+            weights[rows.numpy()] = np.maximum(weights[rows.numpy()], w)  # max over teachers
         defined = np.isfinite(lo_t)
         done = (hi_t - lo_t) / 2 <= self.cfg.stop_halfwidth
         if self.cfg.stop_on_sign:
             done |= settled(lo_t, hi_t)
         retired = (done | ~defined).all(0) & (mask.sum(-1).numpy() >= sig.min_children)
-        weights = torch.stack(w).amax(0).numpy()
         weights[retired] = 0.0
-        return {"var": torch.stack(var).numpy(), "lo": lo_t, "hi": hi_t, "retired": retired,
+        return {"var": var_t, "lo": lo_t, "hi": hi_t, "retired": retired,
                 "weights": weights, "child_token": pad["child_token"], "visits": pad["visits"], "mask": pad["mask"]}
 
     def _allocate(self, stats: PathStats, budget: int) -> list[Target]:

@@ -47,6 +47,8 @@ Tensor = torch.Tensor
 #: the ideal gradient as a function of the children's success probabilities
 #: (``[..., L, K] -> [..., L, K]``, leading axes are draws)
 IdealFn = Callable[[Tensor], Tensor]
+#: the same for a subset of nodes: ``(P_succ [..., R, K], rows [R]) -> [..., R, K]``
+RowsIdealFn = Callable[[Tensor, Tensor], Tensor]
 
 #: prior pseudo-count added to the successes and to the failures of a child (Jeffreys)
 PRIOR = 0.5
@@ -151,7 +153,7 @@ def settled(lo: np.ndarray | Tensor, hi: np.ndarray | Tensor) -> np.ndarray:
 
 
 def node_uncertainty(
-    ideal: IdealFn,
+    ideal_rows: RowsIdealFn,
     n: Tensor,
     s: Tensor,
     mask: Tensor,
@@ -163,22 +165,29 @@ def node_uncertainty(
     level: float = LEVEL,
     seed: int = 0,
 ) -> dict[str, Tensor]:
-    """The uncertainty columns of a path's node table (see the module docstring).
+    """The uncertainty columns of a path's node table (see the module docstring), computed on
+    the valid nodes only (NaN elsewhere).
 
-    ``directions`` maps a metric name X to its distillation gradient ``[L, K]`` (restricted to
-    ``S_u`` like the point estimate); ``adv_weights`` is ``P̃_te − P̃_θ`` on ``S_u`` (``[L, K]``),
-    the coefficients of the teacher advantage.
+    ``ideal_rows(psucc, rows)`` is the ideal gradient of the nodes ``rows`` (``psucc`` is
+    ``[..., len(rows), K]``); ``directions`` maps a metric name X to its distillation gradient
+    ``[L, K]`` (restricted to ``S_u`` like the point estimate); ``adv_weights`` is
+    ``P̃_te − P̃_θ`` on ``S_u`` (``[L, K]``), the coefficients of the teacher advantage.
     """
+    rows = torch.nonzero(valid).flatten()
+    ideal = lambda ps: ideal_rows(ps, rows)  # noqa: E731
+    n_v, s_v, mask_v = n[rows], s[rows], mask[rows]
+    dirs = {name: g[rows] for name, g in directions.items()}
+    g_hat = ideal(torch.where(mask_v, s_v.double() / n_v.double().clamp_min(1.0), torch.zeros_like(n_v, dtype=torch.float64)))
+    around = alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed + 1, center=denoised_rates(n_v, s_v, mask_v))
     nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
-    g_hat = ideal(torch.where(mask, s.double() / n.double().clamp_min(1.0), torch.zeros_like(n, dtype=torch.float64)))
-    around = alignment_draws(ideal, n, s, mask, directions, n_draws, seed + 1, center=denoised_rates(n, s, mask))
     out: dict[str, Tensor] = {}
-    for name, draws in alignment_draws(ideal, n, s, mask, directions, n_draws, seed).items():
+    for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed).items():
         lo, hi, _ = interval(draws, level)
-        est = _cosine(g_hat, directions[name])
-        se = ((around[name] - est) ** 2).mean(0).sqrt()
+        se = ((around[name] - _cosine(g_hat, dirs[name])) ** 2).mean(0).sqrt()
         for suffix, x in (("lo", lo), ("hi", hi), ("se", se)):
-            out[f"align_{name}_{suffix}"] = torch.where(valid & torch.isfinite(lo), x, nan)
+            col = nan.clone()
+            col[rows] = torch.where(torch.isfinite(lo), x, nan[rows])
+            out[f"align_{name}_{suffix}"] = col
     if "gkd" in directions:
         out["sign_settled"] = torch.from_numpy(settled(out["align_gkd_lo"], out["align_gkd_hi"]))
     pm = posterior_mean(n, s)
