@@ -111,6 +111,10 @@ def test_path_signals_carry_the_uncertainty_columns():
         assert (se[valid] >= 0).all()
     assert sig["sign_settled"].dtype == bool and not sig["sign_settled"][~valid].any()
     assert np.isfinite(sig["teacher_adv_se"][sig["n_children"] > 0]).all()
+    # a path without a valid node gets NaN intervals, not an error
+    none = path_signals(path_stats(path, rs), student.continuation_logprobs([], path),
+                        teacher.continuation_logprobs([], path), SignalConfig(min_visits=10**6))
+    assert not none["valid"].any() and np.isnan(none["align_gkd_lo"]).all() and not none["sign_settled"].any()
 
 
 def _table() -> pd.DataFrame:

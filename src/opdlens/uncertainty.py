@@ -139,6 +139,8 @@ def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tenso
     deviation, NaN where the draws are NaN (node without a defined alignment)."""
     if not 0.0 < level < 1.0:
         raise OpdlensError(f"interval level must be in (0, 1), got {level}")
+    if draws.shape[1] == 0:  # no node with an alignment
+        return draws[0], draws[0], draws[0]
     probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=draws.dtype)
     q = torch.nanquantile(draws, probs, dim=0)
     finite = torch.isfinite(draws).all(0)
