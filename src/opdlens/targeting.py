@@ -276,9 +276,10 @@ class TargetPlan:
         for i, (name, d) in enumerate(alignment_draws(ideal, n_r, s_r, mask_r, {k: g[rows] for k, g in dirs.items()},
                                                       self.cfg.n_draws).items()):
             a, b, se = interval(d, self.cfg.level)
-            lo_t[i, rows], hi_t[i, rows], var_t[i, rows] = a.numpy(), b.numpy(), (se**2).numpy()
+            idx = rows.numpy()
+            lo_t[i, idx], hi_t[i, idx], var_t[i, idx] = a.numpy(), b.numpy(), (se**2).numpy()
             w = child_variance_weights(ideal, n_r, s_r, mask_r, dirs[name][rows], se**2).numpy()
-            weights[rows.numpy()] = np.maximum(weights[rows.numpy()], w)  # max over teachers
+            weights[idx] = np.maximum(weights[idx], w)  # max over teachers
         defined = np.isfinite(lo_t)
         done = (hi_t - lo_t) / 2 <= self.cfg.stop_halfwidth
         if self.cfg.stop_on_sign:
