@@ -48,7 +48,7 @@ from opdlens.signals import SignalConfig, path_signals
 from opdlens.store import RunStore, derive_seed, safe_name, start_fresh
 from opdlens.tasks.answers import strip_thinking
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
-from opdlens.targeting import Candidates, Target, TargetingConfig, candidate_priorities, select_from_candidates
+from opdlens.targeting import Candidates, Target, TargetingConfig, TargetPlan, candidate_priorities
 from opdlens.teachers import NEEDS, SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
 from opdlens.tree import RolloutSet, path_stats
 
@@ -473,6 +473,42 @@ class Diagnosis:
         tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
         if not tables:
             return 0
+    def priorities(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> pd.DataFrame | None:
+        """The candidate (node, token) priorities ``teacher`` gives along every path (stored
+        ``priorities/<teacher>/<question>``); None when it has no context for the question."""
+        if teacher.spec.name not in prep.contexts:
+            return None
+        rel = self.store.priorities_file(teacher.spec.name, env.id)
+        if not self.store.has(rel):
+            frames = []
+            for row in prep.paths.itertuples():
+                path = [int(x) for x in row.tokens]
+                lps = self.student.continuation_logprobs(env.prompt_ids, path)
+                lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
+                c = candidate_priorities(lps, lpt, self.opt.targeting.candidates_per_node)
+                frames.append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node, "token": c.token,
+                                            "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
+            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+        return self.store.read_table(rel)
+
+    def _path_logprobs(self, env: QuestionEnv, prep: Prepared, path: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """The student's and the driving teachers' log-probs along a path (adaptive targeting)."""
+        lpts = [t.policy.continuation_logprobs(prep.contexts[t.spec.name], path)
+                for t in self.driving if t.spec.name in prep.contexts]  # fmt: skip
+        return self.student.continuation_logprobs(env.prompt_ids, path), lpts
+
+    def targeted(self, env: QuestionEnv, prep: Prepared) -> int:
+        """Enrich every path from the stored priorities of the driving teachers; returns the
+        number of targeted rollouts stored for the question.
+
+        Paths run in order (a path's targets depend on the rollouts of the paths before it);
+        within a path a :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed
+        mode). Each chunk's groups are sampled on the calling thread, and grading and writing a
+        chunk run on a worker thread while the next chunk samples; the rollouts of earlier paths
+        and rounds are kept in memory, not read back."""
+        tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
+        if not tables:
+            return 0
         pri = pd.concat(tables, ignore_index=True)
         before = prep.initial
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
@@ -480,35 +516,56 @@ class Diagnosis:
             for row in prep.paths.itertuples():
                 pid = int(row.path_id)
                 path = [int(x) for x in row.tokens]
-                for done in pending:  # + the enrichment of earlier paths, in chunk order
-                    before = before.extend(done.result())
-                pending = []
                 mine = pri[pri["path_id"] == pid]
                 cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
-                targets = select_from_candidates(path, self._path_stats(path, before), cands, self.opt.targeting)
-                for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
-                    name = f"targeted-p{pid:02d}-{ci:04d}"
-                    if self.store.has_chunk(env.id, name):
-                        pending.append(worker.submit(self.store.read_chunk, env.id, name))
-                        continue
-                    tokens: list[list[int]] = []
-                    forced: list[int] = []
-                    for gi, (need, group) in enumerate(_group(chunk)):
-                        tk, fo = self._sample_cut(
-                            env,
-                            [path[: t.node] + [t.token] for t in group],
-                            need,
-                            [self.opt.max_new_tokens - t.node - 1 for t in group],
-                            derive_seed(self.opt.seed, env.id, name, gi),
-                            [t.node + 1 for t in group],
-                        )
-                        tokens += tk
-                        forced += fo
-                    pending.append(worker.submit(_graded_and_stored, self.store, env, name, tokens, forced))
+                rnd = 0
+                while True:
+                    for done in pending:  # + the enrichment of earlier paths and rounds, in chunk order
+                        before = before.extend(done.result())
+                    pending = []
+                    stats = self._path_stats(path, before)
+                    if rnd == 0:
+                        plan = TargetPlan(path, stats, cands, self.opt.targeting, self.opt.signals,
+                                          logprobs=lambda path=path: self._path_logprobs(env, prep, path))  # fmt: skip
+                    targets = plan.next_round(stats)
+                    if not targets:
+                        break
+                    prefix = f"targeted-p{pid:02d}-" + (f"r{rnd:02d}-" if rnd else "")
+                    pending = self._enrich(env, path, targets, prefix, worker)
+                    rnd += 1
+                    if plan.finished:
+                        break
             for done in pending:
                 done.result()  # raise the worker's errors here
         targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
         return 0 if targeted is None else len(targeted)
+
+    def _enrich(
+        self, env: QuestionEnv, path: list[int], targets: list[Target], prefix: str, worker: ThreadPoolExecutor
+    ) -> list[Future[RolloutSet]]:
+        """Sample one round of targeted rollouts; grading and storing each chunk go to ``worker``
+        (chunks already stored are read back instead)."""
+        pending: list[Future[RolloutSet]] = []
+        for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
+            name = f"{prefix}{ci:04d}"
+            if self.store.has_chunk(env.id, name):
+                pending.append(worker.submit(self.store.read_chunk, env.id, name))
+                continue
+            tokens: list[list[int]] = []
+            forced: list[int] = []
+            for gi, (need, group) in enumerate(_group(chunk)):
+                tk, fo = self._sample_cut(
+                    env,
+                    [path[: t.node] + [t.token] for t in group],
+                    need,
+                    [self.opt.max_new_tokens - t.node - 1 for t in group],
+                    derive_seed(self.opt.seed, env.id, name, gi),
+                    [t.node + 1 for t in group],
+                )
+                tokens += tk
+                forced += fo
+            pending.append(worker.submit(_graded_and_stored, self.store, env, name, tokens, forced))
+        return pending
 
     # ------------------------------------------------------------------ phase 2
     def score(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> None:

@@ -47,6 +47,7 @@ from scipy.signal import lfilter
 
 from opdlens.policy import OpdlensError, check_logprobs
 from opdlens.tree import PathStats
+from opdlens.uncertainty import UNCERTAIN_METRICS, node_uncertainty
 
 Tensor = torch.Tensor
 ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
@@ -229,6 +230,10 @@ def path_signals(
         else:
             base = torch.full((big_l,), float(baseline), dtype=torch.float64)
         g_ideal = ideal_gradient(p_st, psucc, mask)
+
+        def ideal_of(ps: Tensor, rows: Tensor) -> Tensor:  # the ideal at P_succ draws (uncertainty)
+            return ideal_gradient(p_st[rows], ps, mask[rows])
+
         grads = {
             "gkd": gkd_gradient(p_st, ell, mask),
             "single": single_sample_gradient(p_st, ell, m, mask),
@@ -243,6 +248,10 @@ def path_signals(
         v_node = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), (s * seen).sum(-1) / (n * seen).sum(-1).clamp_min(1.0))
         base = v_node if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
         g_ideal = ideal_gradient(p_full, psucc, mask, pbar=v_node)
+
+        def ideal_of(ps: Tensor, rows: Tensor) -> Tensor:
+            return ideal_gradient(p_full[rows], ps, mask[rows], pbar=v_node[rows])
+
         grads = {
             "gkd": gkd_gradient(p_full, ell_full, mask, lbar=kl_full),
             "single": _masked(single_sample_gradient(p_full, ell_full, m, seen), mask),
@@ -272,4 +281,5 @@ def path_signals(
     for name, g in grads.items():
         out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
     out.update(divergences(lps, lpt))
+    out.update(node_uncertainty(ideal_of, n, s, mask, valid, {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st))
     return {k: v.numpy() for k, v in out.items()}

@@ -13,37 +13,68 @@ over the teachers, so one enriched tree serves all of them.
 Candidate tokens at a node are the union, over teachers, of the student's and that teacher's top
 ``candidates_per_node`` tokens, each scored by the teachers that propose it (the maximum):
 a teacher's candidates depend on it alone, so each teacher can be loaded, scored and freed in
-turn (the model schedule) and give the same targets as with every model resident. The path's own token at a chosen node is enriched too
-(``include_path_token``), so the node gets the ≥ 2 well-visited children the alignment needs.
+turn (the model schedule) and give the same targets as with every model resident. The path's
+own token at a chosen node is enriched too (``include_path_token``), so the node gets the ≥ 2
+well-visited children the alignment needs.
+
+Adaptive mode (``mode: adaptive``). The same (node, token) pairs and at most the same rollouts
+(the fixed mode's total for the path, capped by ``max_rollouts_per_path``) are spent in rounds.
+Round 0 brings every pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
+node set measured is the fixed mode's. Each later round spends an equal share of what is left:
+for every node the posterior draws of :mod:`opdlens.uncertainty` give the variance of its
+alignment with each teacher, split among its children in proportion to their delta-method
+contributions (:func:`opdlens.uncertainty.child_variance_weights`), and the round's rollouts go
+to the pairs by Neyman allocation (:func:`water_fill`: visits ∝ √weight, visits already made
+kept), which minimises the sum of the node variances, hence also the variance of each path's
+mean alignment. A pair's weight is its maximum over the teachers, so one allocation serves them
+all and the tree stays teacher-independent. Stopping rules: a node gets nothing more once every
+teacher's interval is narrower than ``stop_halfwidth`` (or, with ``stop_on_sign``, once every
+teacher's sign is settled); the path stops when no node is left, after ``rounds`` rounds, or when
+the budget is spent. :class:`TargetPlan` runs both modes round by round.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
+from opdlens.policy import OpdlensError
+from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
 from opdlens.tree import PathStats
+from opdlens.uncertainty import alignment_draws, child_variance_weights, interval, settled
 
 
-class TargetingConfig(BaseModel):
-    """Budgets of the targeted rollouts (see the module docstring). Unknown keys are errors."""
+@dataclass(frozen=True)
+class TargetingConfig:
+    """Which (node, token) pairs of a path get targeted rollouts, and how many."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    first_window: int = Field(50, ge=1, description="size of the first depth window (nodes)")
-    growth: float = Field(2.0, ge=1.0, description="each depth window is this many times the previous")
-    per_window_gkd: int = Field(4, ge=0, description="targets per window chosen by |g_KD|")
-    per_window_gap: int = Field(4, ge=0, description="targets per window chosen by |P_θ − P_te|")
-    tau_gkd: float = Field(1e-3, ge=0, description="minimum |g_KD| of a target")
-    tau_gap: float = Field(1e-2, ge=0, description="minimum |P_θ − P_te| of a target")
-    visit_target: int = Field(100, ge=1, description="visits every target child is enriched to")
-    candidates_per_node: int = Field(8, ge=1, description="top tokens of student and teacher considered per node")
-    include_path_token: bool = Field(True, description="also enrich the path's own token at a chosen node")
-    max_rollouts_per_path: int | None = Field(None, ge=1, description="cap on targeted rollouts per path (None: no cap)")
+    mode: Annotated[Literal["fixed", "adaptive"], Field(description=(
+        "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
+        "at most the same total, spent in rounds where the alignments are most uncertain"))] = "fixed"
+    first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
+    growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
+    per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
+    per_window_gap: Annotated[int, Field(ge=0, description="pairs per window with the largest |P_student - P_teacher|")] = 4
+    tau_gkd: Annotated[float, Field(ge=0.0, description="|g_KD| a pair must exceed")] = 1e-3
+    tau_gap: Annotated[float, Field(ge=0.0, description="|P_student - P_teacher| a pair must exceed")] = 1e-2
+    visit_target: Annotated[int, Field(ge=1, description=(
+        "fixed mode: visits per chosen pair; both modes: sets the path's budget (what the fixed mode would spend)"))] = 100
+    candidates_per_node: Annotated[int, Field(ge=1, description="candidate tokens: top-k of the student and of each teacher")] = 8
+    include_path_token: Annotated[bool, Field(description="also enrich the path's own token at every chosen node")] = True
+    max_rollouts_per_path: Annotated[int | None, Field(ge=1, description=(
+        "cap on the targeted rollouts of one path (both modes; None: no cap)"))] = None
+    rounds: Annotated[int, Field(ge=1, description="adaptive: allocation rounds after the first (floor) round")] = 4
+    stop_halfwidth: Annotated[float, Field(ge=0.0, description=(
+        "adaptive: a node gets no more rollouts once every teacher's alignment interval is this narrow (half-width)"))] = 0.05
+    stop_on_sign: Annotated[bool, Field(description=(
+        "adaptive: also stop a node once every teacher's alignment sign is settled (interval excludes 0)"))] = False
+    level: Annotated[float, Field(gt=0.0, lt=1.0, description="adaptive: level of the intervals the stopping rules read")] = 0.95
+    n_draws: Annotated[int, Field(ge=16, description="adaptive: posterior draws per node and round")] = 200
 
 
 @dataclass(frozen=True)
@@ -85,9 +116,9 @@ class Candidates:
     def merge(cls, parts: Sequence[Candidates]) -> Candidates:
         """One candidate set over several teachers: the union, each score its maximum."""
         if not parts:
-            raise ValueError("merge needs at least one candidate set")
-        node = np.concatenate([c.node for c in parts])
-        token = np.concatenate([c.token for c in parts])
+            raise OpdlensError("targeting needs at least one teacher's candidates")
+        node = np.concatenate([c.node for c in parts]).astype(np.int64)
+        token = np.concatenate([c.token for c in parts]).astype(np.int64)
         keys, inv = np.unique(np.stack([node, token], 1), axis=0, return_inverse=True)
         inv = inv.reshape(-1)
         out = {}
@@ -113,12 +144,11 @@ def candidate_priorities(logp_student: torch.Tensor, logp_teacher: torch.Tensor,
                       gkd[n_t, k_t].numpy(), gap[n_t, k_t].numpy())  # fmt: skip
 
 
-def select_from_candidates(
-    path: Sequence[int], stats: PathStats, cands: Candidates, config: TargetingConfig | None = None
-) -> list[Target]:
-    """The (node, token) targets of one path, in window order, with the rollouts each needs.
-    In each depth window the ``per_window_gkd`` largest ``|g_KD|`` above ``tau_gkd`` are taken,
-    then the ``per_window_gap`` largest gaps above ``tau_gap`` (ties: lower node, then token)."""
+def choose_pairs(path: Sequence[int], cands: Candidates, config: TargetingConfig | None = None) -> list[tuple[int, int]]:
+    """The (node, token) pairs to enrich on one path, sorted (window order): in each depth
+    window the ``per_window_gkd`` largest ``|g_KD|`` above ``tau_gkd``, then the
+    ``per_window_gap`` largest gaps above ``tau_gap`` (ties: lower node, then token). They depend
+    on the models only, not on the visits, so every round of the adaptive mode works on the same set."""
     cfg = config or TargetingConfig()
     chosen: dict[tuple[int, int], None] = {}
     for start, end in depth_windows(len(path), cfg.first_window, cfg.growth):
@@ -139,22 +169,28 @@ def select_from_candidates(
     if cfg.include_path_token:
         for u in sorted({u for u, _ in chosen}):
             chosen.setdefault((u, int(path[u])), None)
+    return sorted(chosen)
 
-    targets = []
-    for u, k in sorted(chosen):
-        need = cfg.visit_target - stats.visits_of(u, k)
-        if need > 0:
-            targets.append(Target(u, k, need))
-    if cfg.max_rollouts_per_path is not None:
-        capped, total = [], 0
-        for t in targets:  # window order: shallow windows first
-            take = min(t.need, cfg.max_rollouts_per_path - total)
-            if take <= 0:
-                break
-            capped.append(Target(t.node, t.token, take))
-            total += take
-        targets = capped
-    return targets
+
+def teacher_candidates(logp_student: torch.Tensor, logp_teachers: Sequence[torch.Tensor], n_candidates: int) -> Candidates:
+    """:func:`candidate_priorities` of every teacher, merged."""
+    if not logp_teachers:
+        raise OpdlensError("targeting needs at least one teacher's log-probs")
+    return Candidates.merge([candidate_priorities(logp_student, lt, n_candidates) for lt in logp_teachers])
+
+
+def _cap(targets: list[Target], budget: int | None) -> list[Target]:
+    """Keep targets in order until ``budget`` rollouts (the last one trimmed)."""
+    if budget is None:
+        return targets
+    capped, total = [], 0
+    for t in targets:
+        take = min(t.need, budget - total)
+        if take <= 0:
+            break
+        capped.append(Target(t.node, t.token, take))
+        total += take
+    return capped
 
 
 def select_targets(
@@ -164,9 +200,168 @@ def select_targets(
     logp_teachers: Sequence[torch.Tensor],
     config: TargetingConfig | None = None,
 ) -> list[Target]:
-    """:func:`select_from_candidates` over the merged candidates of every teacher's log-probs."""
+    """Fixed mode: every chosen pair up to ``visit_target`` visits, in window order, at most
+    ``max_rollouts_per_path`` rollouts in all (shallow windows first)."""
     cfg = config or TargetingConfig()
-    if not logp_teachers:
-        raise ValueError("select_targets needs at least one teacher's log-probs")
-    parts = [candidate_priorities(logp_student, lt, cfg.candidates_per_node) for lt in logp_teachers]
-    return select_from_candidates(path, stats, Candidates.merge(parts), cfg)
+    return select_from_candidates(path, stats, teacher_candidates(logp_student, logp_teachers, cfg.candidates_per_node), cfg)
+
+
+def select_from_candidates(path: Sequence[int], stats: PathStats, cands: Candidates, config: TargetingConfig | None = None) -> list[Target]:
+    """:func:`select_targets` from stored candidates (the pipeline's priorities)."""
+    cfg = config or TargetingConfig()
+    return _fixed_targets(choose_pairs(path, cands, cfg), stats, cfg)
+
+
+def _fixed_targets(pairs: list[tuple[int, int]], stats: PathStats, cfg: TargetingConfig) -> list[Target]:
+    targets = [Target(u, k, cfg.visit_target - stats.visits_of(u, k)) for u, k in pairs]
+    return _cap([t for t in targets if t.need > 0], cfg.max_rollouts_per_path)
+
+
+def water_fill(visits: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
+    """Integer extra visits ``Δ ≥ 0`` with ``Σ Δ = budget`` that minimise ``Σ w / (n + Δ)``:
+    ``n + Δ = max(n, λ √w)`` (Neyman allocation with the visits already made), λ by bisection,
+    then rounded down with the remainder given to the largest fractional parts. Pairs with zero
+    weight get nothing; with no positive weight nothing is allocated."""
+    n = visits.astype(np.float64)
+    r = np.sqrt(np.clip(weights, 0.0, None))
+    if budget <= 0 or not (r > 0).any():
+        return np.zeros(n.shape, dtype=np.int64)
+    lo, hi = 0.0, float(((n + budget) / np.where(r > 0, r, np.inf)).max())
+    for _ in range(100):
+        lam = 0.5 * (lo + hi)
+        if np.clip(lam * r - n, 0.0, None).sum() > budget:
+            hi = lam
+        else:
+            lo = lam
+    want = np.clip(hi * r - n, 0.0, None)
+    want *= budget / want.sum()
+    out = np.floor(want).astype(np.int64)
+    rest = budget - int(out.sum())
+    if rest > 0:
+        out[np.argsort(-(want - out), kind="stable")[:rest]] += 1
+    return out
+
+
+class TargetPlan:
+    """The targeted rollouts of one path, round by round (see the module docstring).
+
+    Build it with the path's statistics *before* its targeted rollouts; then call
+    :meth:`next_round` with the statistics that include everything sampled so far, until it
+    returns ``[]``. The fixed mode has one round. The plan only depends on what was sampled, so a
+    resumed run that replays the stored rounds gets the same targets."""
+
+    def __init__(
+        self,
+        path: Sequence[int],
+        stats: PathStats,
+        cands: Candidates,
+        config: TargetingConfig | None = None,
+        signals: SignalConfig | None = None,
+        logprobs: Callable[[], tuple[torch.Tensor, Sequence[torch.Tensor]]] | None = None,
+    ) -> None:
+        """``cands``: the merged candidates of the driving teachers; ``logprobs()``: the student's
+        and those teachers' ``[L, V]`` log-probs along the path, asked for only by the adaptive
+        mode (its allocation needs each teacher's alignment variance)."""
+        self.cfg = config or TargetingConfig()
+        self.signals = signals or SignalConfig()
+        if self.cfg.mode == "adaptive" and logprobs is None:
+            raise OpdlensError("adaptive targeting needs the teachers' log-probs along the path")
+        self._logprobs = logprobs
+        self.logp_student: torch.Tensor | None = None
+        self.logp_teachers: list[torch.Tensor] = []
+        self.pairs = choose_pairs(path, cands, self.cfg)
+        self._fixed = _fixed_targets(self.pairs, stats, self.cfg)
+        #: total rollouts this path may spend: the fixed mode's (visit_target and the cap)
+        self.budget = sum(t.need for t in self._fixed)
+        self.round = 0
+        self.spent = 0
+        self.finished = False
+
+    @classmethod
+    def from_logprobs(
+        cls,
+        path: Sequence[int],
+        stats: PathStats,
+        logp_student: torch.Tensor,
+        logp_teachers: Sequence[torch.Tensor],
+        config: TargetingConfig | None = None,
+        signals: SignalConfig | None = None,
+    ) -> TargetPlan:
+        """A plan from the student's and the teachers' ``[L, V]`` log-probs along the path."""
+        cfg = config or TargetingConfig()
+        cands = teacher_candidates(logp_student, logp_teachers, cfg.candidates_per_node)
+        return cls(path, stats, cands, cfg, signals, logprobs=lambda: (logp_student, list(logp_teachers)))
+
+    def next_round(self, stats: PathStats) -> list[Target]:
+        """Targets of the next round given ``stats`` (all rollouts so far); ``[]`` when done."""
+        cfg, r = self.cfg, self.round
+        self.round += 1
+        if self.finished:
+            return []
+        if cfg.mode == "fixed":
+            out, self.finished = self._fixed, True
+        elif r == 0:  # floor: every pair gets the visits it needs to enter S_u
+            floor = [Target(u, k, self.signals.min_visits - stats.visits_of(u, k)) for u, k in self.pairs]
+            out = _cap([t for t in floor if t.need > 0], self.budget)
+        else:
+            left = cfg.rounds - r + 1
+            out = self._allocate(stats, -(-(self.budget - self.spent) // left))
+            self.finished = not out or r >= cfg.rounds
+        self.spent += sum(t.need for t in out)
+        self.finished |= self.spent >= self.budget
+        return out
+
+    def node_state(self, stats: PathStats) -> dict[str, np.ndarray]:
+        """Per node of the path, for the current statistics: the variance of each teacher's
+        alignment draws (``var`` ``[T, L]``), their intervals (``lo``, ``hi``), whether the node is
+        retired by a stopping rule, and the per-(node, child) variance weights (max over
+        teachers) with the padded child tokens and visits they refer to."""
+        sig = self.signals
+        if self.logp_student is None:
+            assert self._logprobs is not None
+            lps, lpts = self._logprobs()
+            self.logp_student, self.logp_teachers = lps.double(), [lt.double() for lt in lpts]
+        pad = stats.padded(sig.min_visits)
+        mask = torch.from_numpy(pad["mask"])
+        tok = torch.from_numpy(pad["child_token"])
+        n = torch.from_numpy(pad["visits"]).double()
+        s = torch.from_numpy(pad["successes"]).double()
+        p_st, lp_st = restrict(self.logp_student.gather(1, tok), mask)
+        dirs = {}
+        for i, lt in enumerate(self.logp_teachers):
+            _, lp_te = restrict(lt.gather(1, tok), mask)
+            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask)
+        rows = torch.nonzero(mask.sum(-1) >= sig.min_children).flatten()  # nodes with an alignment
+        p_r, mask_r, n_r, s_r = p_st[rows], mask[rows], n[rows], s[rows]
+        ideal = lambda ps: ideal_gradient(p_r, ps, mask_r)  # noqa: E731
+        big_l = mask.shape[0]
+        lo_t = np.full((len(dirs), big_l), np.nan)
+        hi_t, var_t = lo_t.copy(), lo_t.copy()
+        weights = np.zeros(mask.shape)
+        for i, (name, d) in enumerate(alignment_draws(ideal, n_r, s_r, mask_r, {k: g[rows] for k, g in dirs.items()},
+                                                      self.cfg.n_draws).items()):
+            a, b, se = interval(d, self.cfg.level)
+            idx = rows.numpy()
+            lo_t[i, idx], hi_t[i, idx], var_t[i, idx] = a.numpy(), b.numpy(), (se**2).numpy()
+            w = child_variance_weights(ideal, n_r, s_r, mask_r, dirs[name][rows], se**2).numpy()
+            weights[idx] = np.maximum(weights[idx], w)  # max over teachers
+        defined = np.isfinite(lo_t)
+        done = (hi_t - lo_t) / 2 <= self.cfg.stop_halfwidth
+        if self.cfg.stop_on_sign:
+            done |= settled(lo_t, hi_t)
+        retired = (done | ~defined).all(0) & (mask.sum(-1).numpy() >= sig.min_children)
+        weights[retired] = 0.0
+        return {"var": var_t, "lo": lo_t, "hi": hi_t, "retired": retired,
+                "weights": weights, "child_token": pad["child_token"], "visits": pad["visits"], "mask": pad["mask"]}
+
+    def _allocate(self, stats: PathStats, budget: int) -> list[Target]:
+        st = self.node_state(stats)
+        nodes = np.array([u for u, _ in self.pairs], dtype=np.int64)
+        toks = np.array([k for _, k in self.pairs], dtype=np.int64)
+        hit = (st["child_token"][nodes] == toks[:, None]) & st["mask"][nodes]
+        slot = hit.argmax(1)
+        found = hit.any(1)
+        w = np.where(found, st["weights"][nodes, slot], 0.0)
+        n = np.where(found, st["visits"][nodes, slot], 0)
+        extra = water_fill(n, w, budget)
+        return [Target(int(u), int(k), int(d)) for u, k, d in zip(nodes, toks, extra) if d > 0]

@@ -98,6 +98,15 @@ def _token_repr(text: object) -> str:
     return repr(str(text))[:40]
 
 
+def _forced_pm1(value: object) -> bool:
+    """A two-child cosine of exactly ±1: forced by the renormalised reading of S_u (the literal
+    reading gives two-child nodes any value)."""
+    try:
+        return abs(abs(float(value)) - 1.0) < 1e-9  # type: ignore[arg-type]
+    except (TypeError, ValueError):
+        return False
+
+
 def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[type-arg]
     """Tooltip text of one node: alignment, probabilities, P_succ, advantage, visits, KL and,
     when the node table has a ``children`` column, the competing children the alignment is
@@ -110,7 +119,10 @@ def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[ty
         f"node {r.get('node')}  token id {r.get('token_id')}"
         + ("" if valid else "  (invalid node: not enough visited children)"),
         f"{metric} = {_num(r.get(metric), signed=True)}"
-        + ("   (2 children: a cosine of ±1 is forced, only its sign informs)" if valid and n_children == "2" else ""),
+        + (f"   95% [{_num(r.get(metric + '_lo'), signed=True)}, {_num(r.get(metric + '_hi'), signed=True)}]"
+           if metric + "_lo" in r else "")
+        + ("   (2 children: a cosine of ±1 is forced, only its sign informs)" if valid and n_children == "2"
+           and _forced_pm1(r.get(metric)) else ""),
         f"P_student = {_num(r.get('p_student'))}   P_teacher = {_num(r.get('p_teacher'))}",
         f"P_succ = {_num(r.get('psucc_token'))}   teacher adv = {_num(r.get('teacher_adv'), signed=True)}",
         f"visits = {visits_s}   children = {n_children}   KL = {_num(r.get('kl'), 4)}",

@@ -1,0 +1,206 @@
+"""Fixed vs adaptive targeting at equal budgets, against exact success probabilities.
+
+    python bench/budget.py [--questions 60] [--visit-targets 25 50 100 200]
+
+Oracle: random synthetic Markov policies (:mod:`opdlens.synthetic`), whose child success
+probabilities are exact by dynamic programming. Per question: 64 initial rollouts, 2 correct and
+2 incorrect representative paths, two teachers (one tilted towards success, one away, both noisy)
+that share one allocation. Each path is enriched by :class:`opdlens.targeting.TargetPlan` in
+the fixed mode (every chosen (node, token) pair to ``visit_target`` visits: the paper's setting
+is 100) and in the adaptive mode with the same budget knob, then scored by
+:func:`opdlens.signals.path_signals`. Against the exact alignment over the same ``S_u`` it
+reports, per mode and budget: rollouts per path, per-node alignment RMSE, share of nodes with
+the right sign, per-node interval coverage, share of settled signs (and how many of those are
+wrong), and the RMSE, width and coverage of the path-mean interval
+(:func:`opdlens.uncertainty.path_mean_interval`) with the mean and standard deviation of its
+z-scores (0 and 1 when calibrated). Last, the budget each mode needs to reach the
+fixed mode's RMSE at visit_target 100 (log-linear interpolation between measured budgets).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import torch
+
+from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
+from opdlens.synthetic import EOS, SyntheticPolicy
+from opdlens.targeting import TargetingConfig, TargetPlan
+from opdlens.tree import RolloutSet, path_stats
+from opdlens.uncertainty import path_mean_interval
+
+
+def sample(policy: SyntheticPolicy, prefixes: list[list[int]], n: int, rng: np.random.Generator) -> list[np.ndarray]:
+    """``n`` student completions of every prefix (prefix included), vectorised over all rows."""
+    rows = len(prefixes) * n
+    h = policy.horizon
+    toks = np.full((rows, h), -1, dtype=np.int64)
+    t = np.zeros(rows, dtype=np.int64)
+    a = np.full(rows, policy.vocab_size, dtype=np.int64)
+    s = np.zeros(rows, dtype=np.int64)
+    for i, p in enumerate(prefixes):
+        sl = slice(i * n, (i + 1) * n)
+        toks[sl, : len(p)] = p
+        t[sl], a[sl], s[sl] = len(p), (p[-1] if p else policy.vocab_size), sum(p) % policy.modulus
+    alive = np.array([not (p and p[-1] == EOS) for p in prefixes]).repeat(n)
+    probs = np.exp(policy._logp)
+    while True:
+        idx = np.flatnonzero(alive & (t < h))
+        if idx.size == 0:
+            break
+        cdf = np.cumsum(probs[t[idx], a[idx], s[idx]], axis=-1)
+        k = (cdf < rng.random(idx.size)[:, None] * cdf[:, -1:]).sum(-1)
+        toks[idx, t[idx]] = k
+        alive[idx] = k != EOS
+        t[idx] += 1
+        a[idx] = k
+        s[idx] = (s[idx] + k) % policy.modulus
+    return [r[r >= 0] for r in toks]
+
+
+def graded(policy: SyntheticPolicy, tokens: list[np.ndarray], forced: int | list[int]) -> RolloutSet:
+    return RolloutSet.from_lists(tokens, [policy.is_success(t.tolist()) for t in tokens],
+                                 np.broadcast_to(np.asarray(forced), (len(tokens),)))
+
+
+def exact_alignment(policy: SyntheticPolicy, path: list[int], stats, lps, lpt, sig: SignalConfig) -> np.ndarray:
+    """Exact ``align_gkd`` per node over the same ``S_u`` as the estimate."""
+    pad = stats.padded(sig.min_visits)
+    mask = torch.from_numpy(pad["mask"])
+    tok = torch.from_numpy(pad["child_token"])
+    exact = torch.from_numpy(np.stack([policy.child_success_probs(path[:u]) for u in range(len(path))]))
+    ps = exact.gather(1, tok)
+    p, lp = restrict(lps.double().gather(1, tok), mask)
+    _, lq = restrict(lpt.double().gather(1, tok), mask)
+    return masked_cosine(ideal_gradient(p, ps, mask), gkd_gradient(p, lp - lq, mask)).numpy()
+
+
+def enrich(policy, path, initial, lps, lpts, cfg, sig, rng) -> tuple[RolloutSet, int]:
+    """Rounds of targeted rollouts of one path, as the pipeline runs them."""
+    rs = initial
+    stats = path_stats(path, rs)
+    plan = TargetPlan.from_logprobs(path, stats, lps, lpts, cfg, sig)
+    spent = 0
+    while targets := plan.next_round(stats):
+        by_need: dict[int, list] = {}
+        for t in targets:
+            by_need.setdefault(t.need, []).append(t)
+        for need, group in by_need.items():
+            prefixes = [path[: t.node] + [t.token] for t in group]
+            rs = rs.extend(graded(policy, sample(policy, prefixes, need, rng), np.repeat([t.node + 1 for t in group], need)))
+            spent += need * len(group)
+        stats = path_stats(path, rs)
+    return rs, spent
+
+
+def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalConfig, args) -> list[pd.DataFrame]:
+    policy = SyntheticPolicy.random(vocab_size=args.vocab, horizon=args.horizon, modulus=3, seed=q)
+    teachers = {"helpful": policy.tilted(2.0, noise=1.0, seed=1000 + q),
+                "harmful": policy.tilted(-1.0, noise=1.0, seed=2000 + q)}
+    rng = np.random.default_rng(q)
+    initial = graded(policy, sample(policy, [[]], args.initial, rng), 0)
+    paths = []
+    for want in (True, False):
+        uniq = list(dict.fromkeys(tuple(t.tolist()) for t, s in zip(initial.tokens, initial.success) if s == want))
+        paths += [list(uniq[i]) for i in rng.permutation(len(uniq))[:2]]
+    frames = []
+    for pid, path in enumerate(paths):
+        lps = policy.continuation_logprobs([], path)
+        lpts = {name: t.continuation_logprobs([], path) for name, t in teachers.items()}
+        for mode_name, cfg in modes:
+            rs, spent = enrich(policy, path, initial, lps, list(lpts.values()), cfg, sig,
+                               np.random.default_rng([q, pid, cfg.visit_target, mode_name == "adaptive"]))
+            stats = path_stats(path, rs)
+            for tname, lpt in lpts.items():
+                out = pd.DataFrame(path_signals(stats, lps, lpt, sig))
+                out["exact"] = exact_alignment(policy, path, stats, lps, lpt, sig)
+                out["node"] = np.arange(len(path))
+                frames.append(out.assign(question_id=q, path_id=pid, teacher=tname, mode=mode_name,
+                                         visit_target=cfg.visit_target, spent=spent))
+    return frames
+
+
+def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
+    """Per mode and visit target, on the nodes that are valid (with a finite estimate and exact
+    value) in *both* modes at that visit target, so both modes are scored on the same nodes."""
+    key = ["visit_target", "teacher", "question_id", "path_id", "node"]
+    ok = nodes[nodes["valid"] & np.isfinite(nodes["align_gkd"]) & np.isfinite(nodes["exact"])]
+    both = ok.groupby(key)["mode"].nunique()
+    common = both[both == nodes["mode"].nunique()].index
+    rows = []
+    for (mode, vt), g in nodes.groupby(["mode", "visit_target"], sort=True):
+        v = ok[(ok["mode"] == mode) & (ok["visit_target"] == vt)]
+        v = v[v.set_index(key).index.isin(common)]
+        err = v["align_gkd"] - v["exact"]
+        cover = (v["exact"] >= v["align_gkd_lo"] - 1e-9) & (v["exact"] <= v["align_gkd_hi"] + 1e-9)
+        sett = v["sign_settled"].astype(bool)
+        pm = path_mean_interval(v.assign(valid=True))
+        exact_pm = v.groupby(["teacher", "question_id", "path_id"], sort=True)["exact"].mean().to_numpy()
+        spent = g.groupby(["question_id", "path_id"])["spent"].first()
+        rows.append({
+            "mode": mode, "visit_target": vt, "rollouts_per_path": spent.mean(),
+            "nodes": len(v), "rmse": float(np.sqrt((err**2).mean())),
+            "right_sign": float((np.sign(v["align_gkd"]) == np.sign(v["exact"])).mean()),
+            "node_coverage": float(cover.mean()), "node_width": float((v["align_gkd_hi"] - v["align_gkd_lo"]).mean()),
+            "settled": float(sett.mean()),
+            "settled_wrong": float((np.sign(v["align_gkd_lo"][sett]) != np.sign(v["exact"][sett])).mean()) if sett.any() else np.nan,
+            "pm_rmse": float(np.sqrt(((pm["mean"].to_numpy() - exact_pm) ** 2).mean())),
+            "pm_width": float((pm["hi"] - pm["lo"]).mean()),
+            "pm_coverage": float(((exact_pm >= pm["lo"]) & (exact_pm <= pm["hi"])).mean()),
+            "paths": len(pm),
+            "pm_z_mean": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).mean()),
+            "pm_z_sd": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).std()),
+        })
+    return pd.DataFrame(rows)
+
+
+def budget_to_reach(summary: pd.DataFrame, mode: str, rmse: float) -> float:
+    """Rollouts per path at which ``mode`` reaches ``rmse`` (log-linear interpolation; NaN if never)."""
+    s = summary[summary["mode"] == mode].sort_values("rollouts_per_path")
+    x, y = np.log(s["rollouts_per_path"].to_numpy()), s["rmse"].to_numpy()
+    for i in range(1, len(s)):
+        if y[i] <= rmse <= y[i - 1]:
+            f = (y[i - 1] - rmse) / (y[i - 1] - y[i])
+            return float(np.exp(x[i - 1] + f * (x[i] - x[i - 1])))
+    return float(s["rollouts_per_path"].iloc[0]) if y[0] <= rmse else float("nan")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--questions", type=int, default=60)
+    ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--vocab", type=int, default=6)
+    ap.add_argument("--horizon", type=int, default=16)
+    ap.add_argument("--initial", type=int, default=64)
+    ap.add_argument("--rounds", type=int, default=4)
+    ap.add_argument("--stop-halfwidth", type=float, default=0.05)
+    ap.add_argument("--stop-on-sign", action="store_true")
+    args = ap.parse_args()
+    sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
+    base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
+                           rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign)
+    modes = [(m, replace(base, mode=m, visit_target=v)) for v in args.visit_targets for m in ("fixed", "adaptive")]
+    t0 = time.perf_counter()
+    frames = []
+    for q in range(args.questions):
+        frames += run_question(q, modes, sig, args)
+    nodes = pd.concat(frames, ignore_index=True)
+    summary = summarize(nodes)
+    pd.set_option("display.width", 200)
+    print(summary.round(3).to_string(index=False))
+    ref = summary[(summary["mode"] == "fixed") & (summary["visit_target"] == 100)]
+    if len(ref):
+        target, spent = float(ref["rmse"].iloc[0]), float(ref["rollouts_per_path"].iloc[0])
+        for mode in ("fixed", "adaptive"):
+            b = budget_to_reach(summary, mode, target)
+            print(f"{mode}: {b:.0f} rollouts/path to reach the fixed mode's RMSE {target:.3f} at visit_target 100 "
+                  f"({spent:.0f} rollouts/path): {b / spent:.2f}x")
+    print(f"{time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+    main()

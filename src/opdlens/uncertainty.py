@@ -1,0 +1,270 @@
+"""How uncertain each node's signals are, given the finite rollouts behind its ``P_succ``.
+
+The only random input of a node's alignment is the vector of child success rates
+``P̂_succ(k) = s_k / n_k`` over ``S_u`` (the student's and the teacher's probabilities are exact).
+It is propagated by a *posterior bootstrap*: ``n_draws`` joint draws of every child's success
+probability from its Beta posterior ``Beta(s_k + ½, n_k − s_k + ½)`` (Jeffreys prior), vectorised
+over draws × nodes × children and pushed through the very function that gives the point estimate
+(the ideal gradient, then its cosine with each distillation direction).
+
+Why draws and not a delta-method interval: the cosine is bounded and strongly non-linear where
+the ideal gradient is small (an unresolved node); there the delta method's normal interval spills
+over ``[-1, 1]`` and its derivative blows up, whereas draws stay in range, need no derivative,
+keep a spread for children with ``s = 0`` or ``s = n``, and follow any restriction or
+renormalisation option of :mod:`opdlens.signals` because they reuse its estimator.
+
+Per node and metric ``align_X`` (X in :data:`UNCERTAIN_METRICS`) the node table gets the
+equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and
+``align_X_se``, the error scale of the point estimate used to aggregate nodes (path means): the
+root mean square distance between the estimate and draws centred on *de-noised* rates
+(:func:`denoised_rates`: the children's rates shrunk towards the node's rate by the amount the
+binomial noise inflates their spread). Why not the posterior's standard deviation: the noise
+lengthens the estimated ideal gradient, so a node that the visits do not resolve looks better
+resolved, and its cosine more certain, than it is, and with two renormalised children the
+cosine is ±1, whose error (0 or 2) a spread around the posterior mean understates; path-mean
+intervals built from the posterior standard deviation covered 79–86 % for a nominal 95 % on the
+synthetic oracle, from this error scale about nominal (docs/RESULTS.md). ``sign_settled`` says whether the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
+standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
+mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
+
+:func:`child_variance_weights` says, per (node, child), how much more visits of that child lower
+the variance of the node's alignment: the adaptive targeting of :mod:`opdlens.targeting` spends
+its rollouts where that is largest.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+
+import numpy as np
+import pandas as pd
+import torch
+from scipy import stats
+
+from opdlens.policy import OpdlensError
+
+Tensor = torch.Tensor
+#: the ideal gradient as a function of the children's success probabilities
+#: (``[..., L, K] -> [..., L, K]``, leading axes are draws)
+IdealFn = Callable[[Tensor], Tensor]
+#: the same for a subset of nodes: ``(P_succ [..., R, K], rows [R]) -> [..., R, K]``
+RowsIdealFn = Callable[[Tensor, Tensor], Tensor]
+
+#: prior pseudo-count added to the successes and to the failures of a child (Jeffreys)
+PRIOR = 0.5
+#: alignment metrics whose distillation direction does not depend on P_succ, so the draws of the
+#: ideal gradient are their only randomness. Dr. GRPO's direction is built from the same
+#: successes as P_succ and gets no interval.
+UNCERTAIN_METRICS: tuple[str, ...] = ("gkd", "single", "minillm")
+#: draws per node (the Monte-Carlo error of a 95 % quantile at 400 draws is ≈ 0.01 in cosine)
+N_DRAWS = 400
+LEVEL = 0.95
+
+
+def posterior_mean(n: Tensor, s: Tensor) -> Tensor:
+    """Mean of the Beta posterior of each child's success probability."""
+    return (s.double() + PRIOR) / (n.double() + 2 * PRIOR)
+
+
+def denoised_rates(n: Tensor, s: Tensor, mask: Tensor) -> Tensor:
+    """Children's success rates (posterior means) shrunk towards their node's pooled rate
+    ``P̄_u``: ``P̄_u + c_u (P̂_k − P̄_u)``, ``c_u = sqrt(max(0, 1 − noise_u / spread_u))`` with
+    ``spread_u = Σ_k (P̂_k − P̄_u)²`` and ``noise_u`` its expectation when all children share one
+    rate (binomial variances). The observed spread overstates the true one by that noise on
+    average; the rescaled deviations have the method-of-moments estimate of the true spread."""
+    zero = torch.zeros_like(n, dtype=torch.float64)
+    nd, sd = torch.where(mask, n.double(), zero), torch.where(mask, s.double(), zero)
+    rate = (sd + PRIOR) / (nd + 2 * PRIOR)
+    pbar = (sd.sum(-1, keepdim=True) + PRIOR) / (nd.sum(-1, keepdim=True) + 2 * PRIOR)
+    spread = torch.where(mask, (rate - pbar) ** 2, zero).sum(-1, keepdim=True)
+    share = nd / nd.sum(-1, keepdim=True).clamp_min(1.0)
+    noise = torch.where(mask, pbar * (1 - pbar) / nd.clamp_min(1.0) * (1 - share), zero).sum(-1, keepdim=True)
+    c = (1 - noise / spread.clamp_min(1e-300)).clamp(0.0, 1.0).sqrt()
+    return torch.where(mask, pbar + c * (rate - pbar), zero)
+
+
+def psucc_draws(
+    n: Tensor, s: Tensor, mask: Tensor, n_draws: int, rng: np.random.Generator, center: Tensor | None = None
+) -> Tensor:
+    """``[n_draws, L, K]`` joint draws of every child's success probability (masked-out cells are
+    0): its Beta posterior, or with ``center`` a Beta of the same concentration ``n + 1`` with
+    that mean."""
+    if center is None:
+        a = (s.double() + PRIOR).numpy()
+        b = ((n.double() - s.double()).clamp_min(0.0) + PRIOR).numpy()
+    else:
+        conc = n.double() + 2 * PRIOR
+        mu = center.clamp(1e-9, 1 - 1e-9)
+        a, b = (mu * conc).numpy(), ((1 - mu) * conc).numpy()
+    draws = torch.from_numpy(rng.beta(a, b, size=(n_draws, *a.shape)))
+    return torch.where(mask, draws, torch.zeros_like(draws))
+
+
+def _cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
+    """:func:`opdlens.signals.masked_cosine` (not imported: that module imports this one)."""
+    num = (a * b).sum(-1)
+    den = a.norm(dim=-1) * b.norm(dim=-1)
+    return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
+
+
+def alignment_draws(
+    ideal: IdealFn,
+    n: Tensor,
+    s: Tensor,
+    mask: Tensor,
+    directions: Mapping[str, Tensor],
+    n_draws: int = N_DRAWS,
+    seed: int = 0,
+    max_cells: int = 1 << 22,
+    center: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """Per direction, ``[n_draws, L]`` cosines of the ideal gradient at joint draws of ``P_succ``
+    (:func:`psucc_draws`) with that direction. Draws are made in blocks of at most ``max_cells`` (draw,
+    node, child) cells, so memory stays bounded on long paths; the same seed gives the same draws."""
+    if n_draws < 2:
+        raise OpdlensError(f"n_draws must be >= 2 to estimate a spread, got {n_draws}")
+    rng = np.random.default_rng(seed)
+    block = max(1, max_cells // max(1, mask.numel()))
+    parts: dict[str, list[Tensor]] = {name: [] for name in directions}
+    for start in range(0, n_draws, block):
+        ps = psucc_draws(n, s, mask, min(block, n_draws - start), rng, center)
+        g = ideal(ps)
+        for name, d in directions.items():
+            parts[name].append(_cosine(g, d.unsqueeze(0).expand_as(g)))
+    return {name: torch.cat(v) for name, v in parts.items()}
+
+
+def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
+    """(lo, hi, se) per column of ``draws`` ``[B, L]``: equal-tailed quantiles and the standard
+    deviation, NaN where the draws are NaN (node without a defined alignment)."""
+    if not 0.0 < level < 1.0:
+        raise OpdlensError(f"interval level must be in (0, 1), got {level}")
+    if draws.shape[1] == 0:  # no node with an alignment
+        return draws[0], draws[0], draws[0]
+    probs = torch.tensor([(1 - level) / 2, (1 + level) / 2], dtype=draws.dtype)
+    q = torch.nanquantile(draws, probs, dim=0)
+    finite = torch.isfinite(draws).all(0)
+    nan = torch.full_like(q[0], float("nan"))
+    return torch.where(finite, q[0], nan), torch.where(finite, q[1], nan), torch.where(finite, draws.std(dim=0), nan)
+
+
+def settled(lo: np.ndarray | Tensor, hi: np.ndarray | Tensor) -> np.ndarray:
+    """Whether an interval excludes 0 (the sign of the node's alignment is settled)."""
+    lo_a, hi_a = np.asarray(lo, dtype=float), np.asarray(hi, dtype=float)
+    return (lo_a > 0) | (hi_a < 0)
+
+
+def node_uncertainty(
+    ideal_rows: RowsIdealFn,
+    n: Tensor,
+    s: Tensor,
+    mask: Tensor,
+    valid: Tensor,
+    directions: Mapping[str, Tensor],
+    adv_weights: Tensor,
+    *,
+    n_draws: int = N_DRAWS,
+    level: float = LEVEL,
+    seed: int = 0,
+) -> dict[str, Tensor]:
+    """The uncertainty columns of a path's node table (see the module docstring), computed on
+    the valid nodes only (NaN elsewhere).
+
+    ``ideal_rows(psucc, rows)`` is the ideal gradient of the nodes ``rows`` (``psucc`` is
+    ``[..., len(rows), K]``); ``directions`` maps a metric name X to its distillation gradient
+    ``[L, K]`` (restricted to ``S_u`` like the point estimate); ``adv_weights`` is
+    ``P̃_te − P̃_θ`` on ``S_u`` (``[L, K]``), the coefficients of the teacher advantage.
+    """
+    rows = torch.nonzero(valid).flatten()
+    ideal = lambda ps: ideal_rows(ps, rows)  # noqa: E731
+    n_v, s_v, mask_v = n[rows], s[rows], mask[rows]
+    dirs = {name: g[rows] for name, g in directions.items()}
+    g_hat = ideal(torch.where(mask_v, s_v.double() / n_v.double().clamp_min(1.0), torch.zeros_like(n_v, dtype=torch.float64)))
+    around = alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed + 1, center=denoised_rates(n_v, s_v, mask_v))
+    nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
+    out: dict[str, Tensor] = {}
+    for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed).items():
+        lo, hi, _ = interval(draws, level)
+        se = ((around[name] - _cosine(g_hat, dirs[name])) ** 2).mean(0).sqrt()
+        for suffix, x in (("lo", lo), ("hi", hi), ("se", se)):
+            col = nan.clone()
+            col[rows] = torch.where(torch.isfinite(lo), x, nan[rows])
+            out[f"align_{name}_{suffix}"] = col
+    if "gkd" in directions:
+        out["sign_settled"] = torch.from_numpy(settled(out["align_gkd_lo"], out["align_gkd_hi"]))
+    pm = posterior_mean(n, s)
+    var = torch.where(mask, pm * (1 - pm) / n.double().clamp_min(1.0), torch.zeros_like(pm))
+    adv_se = (adv_weights.double() ** 2 * var).sum(-1).sqrt()
+    out["teacher_adv_se"] = torch.where(mask.any(-1), adv_se, nan)
+    return out
+
+
+def child_variance_weights(ideal: IdealFn, n: Tensor, s: Tensor, mask: Tensor, direction: Tensor,
+                           node_var: Tensor) -> Tensor:
+    """``c[u, k]`` such that ``Var(align_u) ≈ Σ_k c[u, k] / n[u, k]``, so that adding ``Δ`` visits
+    to child ``k`` lowers the node's variance by ``c (1/n − 1/(n + Δ))``.
+
+    The node's total is ``node_var`` (the variance of its draws, right even where a derivative is
+    not); it is split among the children by the delta-method terms ``(∂ align_u / ∂P_k)²
+    P_k(1 − P_k) / n_k`` (derivative by autograd at the posterior mean). Where that derivative is
+    0 (a node whose cosine is locally constant, e.g. ±1 with two renormalised children: only its
+    sign can flip), the split follows the children's binomial variances ``P_k(1 − P_k) / n_k``.
+    Zero off the mask and on nodes without a defined alignment (NaN ``node_var``)."""
+    pm = posterior_mean(n, s).clone().requires_grad_(True)
+    cos = _cosine(ideal(pm), direction)
+    torch.nan_to_num(cos, nan=0.0).sum().backward()
+    grad = pm.grad.nan_to_num(0.0)
+    pm = pm.detach()
+    nn = n.double().clamp_min(1.0)
+    binom = torch.where(mask, pm * (1 - pm) / nn, torch.zeros_like(pm))
+    delta = grad**2 * binom
+    share = torch.where(delta.sum(-1, keepdim=True) > 0, delta, binom)
+    share = share / share.sum(-1, keepdim=True).clamp_min(1e-300)
+    total = torch.where(torch.isfinite(node_var), node_var, torch.zeros_like(node_var))
+    return share * total.unsqueeze(-1) * nn
+
+
+# --------------------------------------------------------------------------- analysis helpers
+def count_settled(nodes: pd.DataFrame, metric: str = "align_gkd", by: list[str] | None = None) -> pd.DataFrame:
+    """Per group (default: per teacher) the number of valid nodes, how many have a settled sign
+    (the interval ``metric_lo``..``metric_hi`` excludes 0) and how many of those are positive."""
+    by = by or ["teacher"]
+    lo_c, hi_c = f"{metric}_lo", f"{metric}_hi"
+    missing = [c for c in [*by, "valid", metric, lo_c, hi_c] if c not in nodes.columns]
+    if missing:
+        raise OpdlensError(
+            f"node table lacks {missing}: the uncertainty columns come from a run made with this "
+            f"version of opdlens (signals.path_signals); rerun phase 2 (delete nodes/) to add them"
+        )
+    v = nodes[nodes["valid"].astype(bool) & np.isfinite(nodes[metric].to_numpy(dtype=float))]
+    ok = settled(v[lo_c].to_numpy(dtype=float), v[hi_c].to_numpy(dtype=float))
+    frame = v[by].assign(n_valid=1, n_settled=ok.astype(int), n_settled_pos=(ok & (v[lo_c].to_numpy(dtype=float) > 0)).astype(int))
+    out = frame.groupby(by, sort=True)[["n_valid", "n_settled", "n_settled_pos"]].sum().reset_index()
+    out["frac_settled"] = out["n_settled"] / out["n_valid"]
+    return out
+
+
+def path_mean_interval(
+    nodes: pd.DataFrame,
+    metric: str = "align_gkd",
+    level: float = LEVEL,
+    keys: list[str] | None = None,
+) -> pd.DataFrame:
+    """Per path, the mean of ``metric`` over its valid nodes and a normal interval for it from
+    the nodes' error scales ``metric_se``, nodes taken as independent:
+    ``mean ± z · sqrt(Σ se²) / n``. This is the measurement uncertainty of the path mean (what
+    more rollouts would remove), not the spread between paths."""
+    keys = keys or ["teacher", "question_id", "path_id"]
+    se_c = f"{metric}_se"
+    missing = [c for c in [*keys, "valid", metric, se_c] if c not in nodes.columns]
+    if missing:
+        raise OpdlensError(f"node table lacks {missing}: rerun phase 2 with this version of opdlens")
+    x = nodes[metric].to_numpy(dtype=float)
+    se = nodes[se_c].to_numpy(dtype=float)
+    keep = nodes["valid"].astype(bool).to_numpy() & np.isfinite(x) & np.isfinite(se)
+    v = nodes.loc[keep, keys].assign(x=x[keep], var=se[keep] ** 2, n=1)
+    g = v.groupby(keys, sort=True)[["x", "var", "n"]].sum().reset_index()
+    z = float(stats.norm.ppf((1 + level) / 2))
+    mean = g["x"] / g["n"]
+    half = z * np.sqrt(g["var"]) / g["n"]
+    return g[keys].assign(n_valid=g["n"], mean=mean, se=np.sqrt(g["var"]) / g["n"], lo=mean - half, hi=mean + half)
