@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import time
-from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -183,7 +182,7 @@ def main() -> None:
     sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
     base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
                            rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign)
-    modes = [(m, replace(base, mode=m, visit_target=v)) for v in args.visit_targets for m in ("fixed", "adaptive")]
+    modes = [(m, base.model_copy(update={"mode": m, "visit_target": v})) for v in args.visit_targets for m in ("fixed", "adaptive")]
     t0 = time.perf_counter()
     frames = []
     for q in range(args.questions):

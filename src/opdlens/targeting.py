@@ -41,7 +41,7 @@ from typing import Annotated, Literal
 
 import numpy as np
 import torch
-from pydantic import Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from opdlens.policy import OpdlensError
 from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
@@ -49,9 +49,10 @@ from opdlens.tree import PathStats
 from opdlens.uncertainty import alignment_draws, child_variance_weights, interval, settled
 
 
-@dataclass(frozen=True)
-class TargetingConfig:
-    """Which (node, token) pairs of a path get targeted rollouts, and how many."""
+class TargetingConfig(BaseModel):
+    """Which (node, token) pairs of a path get targeted rollouts, and how many. Unknown keys are errors."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
 
     mode: Annotated[Literal["fixed", "adaptive"], Field(description=(
         "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
