@@ -199,3 +199,25 @@ def test_shipped_configs_validate():
         if f in paper:
             assert cfg.protocol == "paper" and cfg.signals.restriction == "literal" and len(cfg.teachers) == 8
             assert cfg.signals.min_visits == (10 if "aime" in f.name else 20)
+
+
+def test_report_mentions_forced_pm1_only_under_renormalisation(tmp_path):
+    from opdlens.report import write_report
+
+    rows = []
+    for teacher in ("A",):  # noqa: B007
+        for pid, correct in ((0, True), (1, False)):
+            for u, (a, k) in enumerate(((1.0, 2), (-0.3, 3), (0.4, 2))):
+                rows.append({"question_id": "q", "path_id": pid, "path_correct": correct, "teacher": teacher, "node": u,
+                             "depth_norm": u / 3, "token_id": u, "token_text": f"t{u}", "valid": True, "n_children": k,
+                             "visits": 30, "p_student": 0.5, "p_teacher": 0.4, "psucc_token": 0.5, "teacher_adv": 0.1,
+                             "align_gkd": a, "align_single": a, "align_minillm": a, "align_drgrpo": a, "norm_ideal": 1.0,
+                             "norm_gkd": 1.0, "kl": 0.1, "js": 0.1, "l2": 0.1, "cos_prob": 0.9})  # fmt: skip
+    nodes = pd.DataFrame(rows)
+    questions = pd.DataFrame({"question_id": ["q"], "n_rollouts": [8], "success_rate": [0.5], "n_targeted": [0]})
+    paths = pd.DataFrame({"question_id": ["q", "q"], "path_id": [0, 1], "correct": [True, False], "length": [3, 3],
+                          "text": ["a", "b"]})
+    ren = write_report(tmp_path / "ren", nodes, questions, paths, choices={"restriction to S_u": "renormalize"})
+    lit = write_report(tmp_path / "lit", nodes, questions, paths, choices={"restriction to S_u": "literal"})
+    assert "by construction" in (ren.parent / "summary.md").read_text()
+    assert "by construction" not in (lit.parent / "summary.md").read_text()

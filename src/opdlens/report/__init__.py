@@ -120,7 +120,9 @@ def write_report(
     write_csvs(out, an, qtable)
     teachers = [str(t) for t in an.teachers.table["teacher"]]
     valid = valid_nodes(nodes, metric)
-    two_child = two_child_share(valid, metric) if "n_children" in valid.columns else None
+    # two-child nodes are forced to ±1 only under the renormalised reading of S_u (docs/PROTOCOL.md)
+    renormalised = (choices or {}).get("restriction to S_u", "renormalize") == "renormalize"
+    two_child = two_child_share(valid, metric) if "n_children" in valid.columns and renormalised else None
     tables = build_tables(an, qtable, two_child=two_child, skips=skips)
     overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips)]
 
