@@ -45,7 +45,7 @@ from tqdm.auto import tqdm
 from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.report.children import children_column
 from opdlens.signals import SignalConfig, path_signals
-from opdlens.store import RunStore, derive_seed, safe_name, start_fresh
+from opdlens.store import RunStore, derive_seed, start_fresh
 from opdlens.tasks.answers import strip_thinking
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 from opdlens.targeting import Candidates, Target, TargetingConfig, TargetPlan, candidate_priorities
@@ -444,35 +444,6 @@ class Diagnosis:
             return None, "the summariser wrote an empty summary"
         return answer.strip(), ""
 
-    def priorities(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> pd.DataFrame | None:
-        """The candidate (node, token) priorities ``teacher`` gives along every path (stored
-        ``priorities/<teacher>/<question>``); None when it has no context for the question."""
-        if teacher.spec.name not in prep.contexts:
-            return None
-        rel = self.store.priorities_file(teacher.spec.name, env.id)
-        if not self.store.has(rel):
-            frames = []
-            for row in prep.paths.itertuples():
-                path = [int(x) for x in row.tokens]
-                lps = self.student.continuation_logprobs(env.prompt_ids, path)
-                lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
-                c = candidate_priorities(lps, lpt, self.opt.targeting.candidates_per_node)
-                frames.append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node, "token": c.token,
-                                            "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
-            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
-        return self.store.read_table(rel)
-
-    def targeted(self, env: QuestionEnv, prep: Prepared) -> int:
-        """Enrich every path from the stored priorities of the driving teachers; returns the
-        number of targeted rollouts stored for the question.
-
-        Paths run in order (a path's targets depend on the rollouts of the paths before it),
-        each chunk's groups are sampled on the calling thread, and grading and writing a chunk
-        run on a worker thread while the next chunk samples; the rollouts of earlier paths are
-        kept in memory, not read back."""
-        tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
-        if not tables:
-            return 0
     def priorities(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> pd.DataFrame | None:
         """The candidate (node, token) priorities ``teacher`` gives along every path (stored
         ``priorities/<teacher>/<question>``); None when it has no context for the question."""
