@@ -9,6 +9,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+
+from opdlens.analysis import bootstrap_interval
 from scipy import stats
 from typer.testing import CliRunner
 
@@ -72,13 +74,14 @@ def test_table1_cells_and_tests_recomputed_by_hand(runs):
     v = _valid(b)
     v = v[v.teacher == "seeker"]
     # one cell: "big", seeker, incorrect paths, mean cosine: per question the mean over the valid
-    # nodes of its incorrect paths (pooled), then the mean over questions with a t-interval
+    # nodes of its incorrect paths (pooled), then the mean over questions with a bootstrap interval
     per_q = v[~v.path_correct].groupby("question_id")["align_gkd"].mean()
     cell = t1.loc[("big · synthetic", "seeker", "mean", "incorrect")]
     assert cell["n_questions"] == len(per_q) >= 5
     assert cell["value"] == pytest.approx(per_q.mean(), abs=1e-12)
-    lo, hi = stats.t.interval(0.95, len(per_q) - 1, loc=per_q.mean(), scale=stats.sem(per_q))
+    lo, hi = bootstrap_interval(per_q.to_numpy(), 0.95, n_boot=2000, seed=0)
     assert (cell["ci_low"], cell["ci_high"]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
+    assert per_q.min() <= lo <= hi <= per_q.max()  # inside the range of the values, hence [-1, 1]
     # weighted cosine, all paths: sum(w cos) / sum(w) per question, w = norm_ideal * norm_gkd
     w = v["norm_ideal"] * v["norm_gkd"]
     wq = (w * v["align_gkd"]).groupby(v["question_id"]).sum() / w.groupby(v["question_id"]).sum()

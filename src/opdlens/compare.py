@@ -22,8 +22,8 @@ Statistical unit: the question (PAPERS.md: "the paper's unit for CIs and tests i
 A question's value for a group of its paths (all, correct or incorrect) is, over the valid nodes of
 those paths pooled: the *mean* cosine, or the *weighted* cosine ``Σ w·cos / Σ w`` with the
 gradient-magnitude weight ``w = norm_ideal · norm_gkd`` of :mod:`opdlens.analysis` (so
-``w·cos = <g_ideal, g_KD>``). Each statistic is then averaged over questions with a Student-t 95%
-interval. Correct vs incorrect: the paired t-test and Wilcoxon signed-rank on
+``w·cos = <g_ideal, g_KD>``). Each statistic is then averaged over questions with a 95% percentile
+bootstrap interval (inside [-1, 1]). Correct vs incorrect: the paired t-test and Wilcoxon signed-rank on
 ``correct − incorrect`` over the questions having both (the primary test), and Welch's t-test and
 Mann-Whitney U over all questions' correct and incorrect values (the fallback when fewer than two
 questions have both, e.g. on very easy or very hard tasks).
@@ -45,7 +45,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from scipy import stats
 
-from opdlens.analysis import require_columns, valid_nodes
+from opdlens.analysis import bootstrap_interval, require_columns, valid_nodes
 from opdlens.incontext import PLAIN, accuracy_table, read_incontext
 from opdlens.policy import OpdlensError
 from opdlens.report.figures import _palette, _save, _yerr
@@ -218,16 +218,18 @@ def fmt_edge(x: float) -> str:
 
 
 def _mean_ci(df: pd.DataFrame, keys: list[str], confidence: float) -> pd.DataFrame:
-    """Per ``keys``: ``n_questions`` (finite values), ``value`` (mean) and the Student-t CI of the
-    mean (as :func:`opdlens.analysis.t_interval`: NaN with < 2 values, collapsed with no spread)."""
+    """Per ``keys``: ``n_questions`` (finite values), ``value`` (mean) and a seeded percentile
+    bootstrap CI of the mean (:func:`opdlens.analysis.bootstrap_interval`: it stays inside the
+    range of the question values, so inside [-1, 1] for cosines, where a t-interval over a few
+    questions reaches past ±1; NaN with < 2 values)."""
     d = df[np.isfinite(df["value"].to_numpy(dtype=float))]
-    g = d.groupby(keys, sort=False, observed=True)["value"].agg(["size", "mean", "std"]).reset_index()
-    n = g["size"].to_numpy(dtype=float)
-    with np.errstate(invalid="ignore", divide="ignore"):
-        half = stats.t.ppf(0.5 + confidence / 2.0, n - 1) * g["std"].to_numpy(dtype=float) / np.sqrt(n)
-    half = np.where(n >= 2, np.nan_to_num(half, nan=0.0), np.nan)
-    return g.assign(n_questions=g["size"].astype(int), value=g["mean"], ci_low=g["mean"] - half,
-                    ci_high=g["mean"] + half)[[*keys, "n_questions", "value", "ci_low", "ci_high"]]  # fmt: skip
+    rows = []
+    for key, g in d.groupby(keys, sort=False, observed=True):
+        x = g["value"].to_numpy(dtype=float)
+        lo, hi = bootstrap_interval(x, confidence, n_boot=2000, seed=0)
+        rows.append({**dict(zip(keys, key if isinstance(key, tuple) else (key,))), "n_questions": int(x.size),
+                     "value": float(x.mean()), "ci_low": lo, "ci_high": hi})  # fmt: skip
+    return pd.DataFrame(rows, columns=[*keys, "n_questions", "value", "ci_low", "ci_high"])
 
 
 def _quiet_test(fn, *args, **kwargs) -> float:  # type: ignore[no-untyped-def]
@@ -437,7 +439,7 @@ def _grid_table(study: Study, statistic: str) -> Table:
     what = "mean cosine" if statistic == "mean" else "weighted cosine (w = norm_ideal·norm_gkd)"
     return Table(f"table1_{statistic}", f"Table 1: {what} of {study.metric}, by setting and path group",
                  [f"Each question counts once: its {what} over the valid nodes of its paths of the group; "
-                  f"mean over questions with a {study.confidence:.0%} t-interval, n = questions."],
+                  f"mean over questions with a {study.confidence:.0%} percentile bootstrap interval (inside [-1, 1]), n = questions."],
                  headers, rows)  # fmt: skip
 
 
@@ -490,7 +492,7 @@ def _incontext_table(study: Study) -> Table:
             for r in study.incontext.itertuples()]  # fmt: skip
     return Table("incontext", "In-context accuracy: the student shown each self-teacher context",
                  ["Accuracy of the student's samples from each teacher's exact context vs its plain prompt "
-                  "(sampled afresh, independent of the bins); mean over questions with a t-interval.",
+                  "(sampled afresh, independent of the bins); mean over questions with a percentile bootstrap interval.",
                   "gain: mean accuracy difference to the plain prompt on the same questions (paired t-test p); "
                   "skipped: questions where the context could not be built or did not fit."],
                  ["setting", "context", "bin", "accuracy [CI] (n)", "gain", "p", "skipped"], rows)  # fmt: skip
