@@ -149,6 +149,10 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
     assert not partial
     summary = (index.parent / "summary.md").read_text()
     assert "## Choices of this run" in summary
+    from opdlens.uncertainty import count_settled
+
+    for r in count_settled(nodes).itertuples():  # the per-node intervals reach the report
+        assert f"{r.teacher} {r.n_settled} of {r.n_valid} valid nodes ({r.n_settled_pos} positive)" in summary
     assert ("`literal`" in summary) == (protocol == "paper")
     assert ("`question`" in summary) == (protocol == "paper")
 

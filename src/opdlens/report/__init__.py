@@ -28,6 +28,7 @@ import pandas as pd
 
 from opdlens.analysis import Analysis, analyze, require_columns, valid_nodes
 from opdlens.policy import OpdlensError
+from opdlens.uncertainty import count_settled
 from opdlens.report.figures import (
     plot_correct_incorrect,
     plot_depth,
@@ -125,6 +126,11 @@ def write_report(
     two_child = two_child_share(valid, metric) if "n_children" in valid.columns and renormalised else None
     tables = build_tables(an, qtable, two_child=two_child, skips=skips)
     overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips)]
+    if f"{metric}_lo" in nodes.columns:  # per-node intervals (opdlens.uncertainty): how many signs are settled
+        settled = count_settled(nodes, metric)
+        overview.append("settled sign (the node's 95% interval excludes 0): " + "; ".join(
+            f"{r.teacher} {int(r.n_settled)} of {int(r.n_valid)} valid nodes ({int(r.n_settled_pos)} positive)"
+            for r in settled.itertuples()))  # fmt: skip
 
     conf = round(100 * confidence)
     figs: list[tuple[str, str, Path]] = [
