@@ -28,6 +28,7 @@ from opdlens.report.run import load_run
 from opdlens.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
 from opdlens.tasks import get_task
+from tests.helpers import kill_sampling_after
 
 FUZZ = settings(max_examples=16, deadline=None, derandomize=True, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
@@ -107,15 +108,7 @@ def _synthetic_builder(fail_after: int | None):  # type: ignore[no-untyped-def]
         questions = get_task(config.task, **config.task_args).load(split=config.split, n=config.n_questions, seed=config.seed)
         student = SyntheticPolicy.random(seed=config.seed, horizon=6)
         if fail_after is not None:
-            real, calls = student.sample, [0]
-
-            def sample(*a: Any, **kw: Any) -> Any:
-                calls[0] += 1
-                if calls[0] > fail_after:
-                    raise KeyboardInterrupt("simulated kill")
-                return real(*a, **kw)
-
-            student.sample = sample  # type: ignore[method-assign]
+            kill_sampling_after(student, fail_after)
         teachers = [Teacher(spec.model_copy(update={"context": "plain"}), student.tilted(2.0 - i, seed=i + 1))
                     for i, spec in enumerate(config.teachers)]  # fmt: skip
         opts = PhaseOptions(

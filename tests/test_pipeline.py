@@ -14,21 +14,13 @@ from opdlens.synthetic import SyntheticPolicy
 from opdlens.targeting import TargetingConfig, depth_windows, select_targets
 from opdlens.teachers import TeacherSpec
 from opdlens.tree import RolloutSet, path_stats
+from tests.helpers import kill_sampling_after
 
 
 def _setup(tmp_path, seed=0, fail_after=None):
     student = SyntheticPolicy.random(seed=seed, horizon=10)
-    calls = {"n": 0}
     if fail_after is not None:
-        real = student.sample
-
-        def flaky(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] > fail_after:
-                raise KeyboardInterrupt("simulated kill")
-            return real(*a, **kw)
-
-        student.sample = flaky  # type: ignore[method-assign]
+        kill_sampling_after(student, fail_after)
     teachers = [
         Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
         Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2)),

@@ -15,6 +15,7 @@ from opdlens.targeting import TargetingConfig, TargetPlan, select_targets, water
 from opdlens.teachers import TeacherSpec
 from opdlens.tree import RolloutSet, path_stats
 from opdlens.uncertainty import child_variance_weights
+from tests.helpers import kill_sampling_after
 
 
 def test_water_fill_is_the_neyman_allocation():
@@ -126,15 +127,7 @@ def test_adaptive_plan_stops_when_every_interval_is_tight_enough():
 def _diagnosis(root, mode: str, fail_after: int | None = None):
     student = SyntheticPolicy.random(seed=0, horizon=10)
     if fail_after is not None:
-        real, calls = student.sample, {"n": 0}
-
-        def flaky(*a, **kw):
-            calls["n"] += 1
-            if calls["n"] > fail_after:
-                raise KeyboardInterrupt("simulated kill")
-            return real(*a, **kw)
-
-        student.sample = flaky  # type: ignore[method-assign]
+        kill_sampling_after(student, fail_after)
     teachers = [Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
                 Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2))]
     opts = PhaseOptions(rollouts_per_question=100, max_new_tokens=10, chunk_rollouts=50, n_correct_paths=1,

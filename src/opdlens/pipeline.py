@@ -50,7 +50,7 @@ from opdlens.tasks.answers import strip_thinking
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 from opdlens.targeting import Candidates, Target, TargetingConfig, TargetPlan, candidate_priorities
 from opdlens.teachers import NEEDS, SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
-from opdlens.tree import RolloutSet, path_stats
+from opdlens.tree import PathStats, RolloutSet, path_stats
 
 Messages = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -259,7 +259,7 @@ class Diagnosis:
         names = self.opt.targeting_teachers
         return [t for t in self.teachers if names is None or t.spec.name in names]
 
-    def _path_stats(self, path: Sequence[int], rollouts: RolloutSet):  # type: ignore[no-untyped-def]
+    def _path_stats(self, path: Sequence[int], rollouts: RolloutSet) -> PathStats:
         return path_stats(path, rollouts, count_forced_at_ancestors=self.opt.count_forced_at_ancestors)
 
     # ------------------------------------------------------------------ helpers
@@ -468,9 +468,9 @@ class Diagnosis:
                 for t in self.driving if t.spec.name in prep.contexts]  # fmt: skip
         return self.student.continuation_logprobs(env.prompt_ids, path), lpts
 
-    def targeted(self, env: QuestionEnv, prep: Prepared) -> int:
-        """Enrich every path from the stored priorities of the driving teachers; returns the
-        number of targeted rollouts stored for the question.
+    def targeted(self, env: QuestionEnv, prep: Prepared) -> None:
+        """Enrich every path from the stored priorities of the driving teachers (the question's
+        summary row counts what was stored).
 
         Paths run in order (a path's targets depend on the rollouts of the paths before it);
         within a path a :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed
@@ -479,7 +479,7 @@ class Diagnosis:
         and rounds are kept in memory, not read back."""
         tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
         if not tables:
-            return 0
+            return
         pri = pd.concat(tables, ignore_index=True)
         before = prep.initial
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
@@ -508,8 +508,6 @@ class Diagnosis:
                         break
             for done in pending:
                 done.result()  # raise the worker's errors here
-        targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
-        return 0 if targeted is None else len(targeted)
 
     def _enrich(
         self, env: QuestionEnv, path: list[int], targets: list[Target], prefix: str, worker: ThreadPoolExecutor
