@@ -11,7 +11,11 @@ G=2, D=128, bf16, suffix of 65 keys) times :func:`opdlens.rollout.triton_decode.
 127 keys) for batch 64/256/512 under each row-kernel launch setting (keys per block, warps,
 pipeline stages), against the current one (64, 4, 3).
 
-Usage: ``python bench/attention.py [--row]`` (CUDA).
+``--prefix-sweep``: the prefix kernel's launch settings (query block up to 256, keys per block,
+warps, stages, chunk) on the targeted-rollout shapes, and library flash / cuDNN attention on the
+prefix part for reference.
+
+Usage: ``python bench/attention.py [--row | --prefix-sweep]`` (CUDA).
 """
 
 from __future__ import annotations
@@ -65,6 +69,70 @@ def row_configs() -> None:
               f"({best[1]} keys, {best[2]} warps, {best[3]} stages) {best[0]:6.1f} us, floor {floor_us:5.1f} us", flush=True)
 
 
+def prefix_sweep() -> None:
+    """The split-key prefix kernel (+ row merge) under every launch setting (query block, keys
+    per block, warps, stages, key chunk), against the engine's pick; and PyTorch's flash /
+    cuDNN attention on the same prefix part (chunks as the batch; out + log-sum-exp) for
+    reference (prefix part only, no merge)."""
+    import triton.testing as tt
+
+    from opdlens.rollout import triton_decode as tk
+
+    dev, t = torch.device("cuda"), 64
+    n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
+    for name, P, R, T in (("8K N=100", 1, 100, 8192), ("8K N=64", 1, 64, 8192), ("2K N=100", 1, 100, 2048),
+                          ("4 targets 2K N=64", 4, 64, 2048)):
+        B, M = P * R, R * G
+        q, sk, sv, pk, pv, plen, tix = _inputs(B, P, T, t)
+        floor_us = (pk.numel() + B * HKV * (t + 1) * D) * 2 * 2 / 3.0e12 * 1e6
+        picked = tk.prefix_chunk(P, HKV, M, T, 512, n_sm)
+        ref = tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, picked).float()
+        cur = tt.do_bench(lambda: tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, picked),
+                          warmup=20, rep=100, return_mode="median") * 1e3
+        res = []
+        for bm in (64, 128, 256):
+            for bn in (64, 128):
+                for nw in (4, 8):
+                    for ns in (2, 3):
+                        for chunk in sorted({picked // 2, picked, picked * 2} - {0}):
+                            cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
+
+                            def f() -> torch.Tensor:
+                                return tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, chunk,
+                                                           block_m=bm, prefix_config=cfg)
+                            try:
+                                err = float((f().float() - ref).norm() / ref.norm())
+                                us = tt.do_bench(f, warmup=10, rep=50, return_mode="median") * 1e3
+                            except Exception as exc:  # noqa: BLE001 - out of shared memory / registers
+                                print(f"  {name} bm {bm} bn {bn} w {nw} s {ns} chunk {chunk}: {type(exc).__name__}")
+                                continue
+                            res.append((us, bm, bn, nw, ns, chunk, err))
+        res.sort()
+        print(f"{name:<19} engine (chunk {picked}, block {tk.prefix_block_m(M)}) {cur:6.1f} us, floor {floor_us:5.1f} us;"
+              " best 6:", flush=True)
+        for us, bm, bn, nw, ns, chunk, err in res[:6]:
+            print(f"    {us:6.1f} us  block_m {bm:>3} block_n {bn:>3} warps {nw} stages {ns} chunk {chunk:>4}"
+                  f"  relerr {err:.1e}", flush=True)
+        if P == 1:  # library flash / cuDNN attention over the prefix part alone
+            qq = q.view(R, HKV, G, D).permute(1, 0, 2, 3).reshape(1, HKV, M, D)
+            for C in (8, 16, 32):
+                Lc = T // C
+                qc = qq.expand(C, HKV, M, D).contiguous()
+                kc = pk.view(HKV, C, Lc, D).transpose(0, 1)
+                vc = pv.view(HKV, C, Lc, D).transpose(0, 1)
+                for lib, op in (("flash", lambda: torch.ops.aten._scaled_dot_product_flash_attention(
+                                    qc, kc, vc, 0.0, False, False, scale=D ** -0.5)),
+                                ("cudnn", lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                                    qc, kc, vc, None, True, 0.0, False, False, scale=D ** -0.5)),
+                                ("efficient", lambda: torch.ops.aten._scaled_dot_product_efficient_attention(
+                                    qc, kc, vc, None, True, 0.0, False, scale=D ** -0.5))):
+                    try:
+                        us = tt.do_bench(op, warmup=10, rep=50, return_mode="median") * 1e3
+                        print(f"    library {lib:<9} C={C:>2} chunks of {Lc}: {us:6.1f} us (prefix part only)", flush=True)
+                    except Exception as exc:  # noqa: BLE001
+                        print(f"    library {lib:<9} C={C:>2}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
+
+
 def main() -> None:
     import triton.testing as tt
 
@@ -72,6 +140,8 @@ def main() -> None:
 
     if "--row" in sys.argv[1:]:
         return row_configs()
+    if "--prefix-sweep" in sys.argv[1:]:
+        return prefix_sweep()
     dev, t = torch.device("cuda"), 64
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
     print(f"{torch.cuda.get_device_name(dev)}, {n_sm} SMs")

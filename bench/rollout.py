@@ -271,7 +271,7 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
     return rows_out
 
 
-def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
+def profile_step(shape: str, dev: torch.device, max_new: int = 128, only: set[str] | None = None) -> None:
     """Where a decode step's time goes, for 256 and 64 one-row prompts of 64 tokens and one 2K
     prefix with 64 rows: the captured step's replay time at suffix position 64, and kernel time
     per step by kernel name from an eager run (no CUDA graph, so the profiler sees each launch;
@@ -283,8 +283,11 @@ def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
     V = pol.vocab_size
     cases = {"batch 256": (torch.randint(0, V, (256, 64), generator=g).tolist(), 1),
              "prefix 2K N=64": (torch.randint(0, V, (1, 2048), generator=g).tolist(), 64),
-             "batch 64": (torch.randint(0, V, (64, 64), generator=g).tolist(), 1)}
+             "batch 64": (torch.randint(0, V, (64, 64), generator=g).tolist(), 1),
+             "prefix 8K N=100": (torch.randint(0, V, (1, 8192), generator=g).tolist(), 100)}
     for name, (prefixes, n) in cases.items():
+        if only and name not in only:
+            continue
         eng = TorchEngine(pol.model, [], pol.pad_token_id, dev, max_batch_rows=512)
         eng.sample(prefixes, n, max_new, seed=0)
         slot = next(iter(eng.slots.slots.values()))
@@ -304,9 +307,30 @@ def profile_step(shape: str, dev: torch.device, max_new: int = 128) -> None:
         with profile(activities=[ProfilerActivity.CUDA]) as prof:
             eager.sample(prefixes, n, max_new, seed=1)
             _sync()
-        print(f"[{shape}] profile {name}: captured step replays in {e0.elapsed_time(e1) / 50:.3f} ms at t=64; "
+        # the whole call with graphs: wall, prefill, host-side completion building
+        import opdlens.rollout.torch_engine as te
+
+        post = [0.0]
+        orig = te.completions_from_buffers
+
+        def timed_post(*a: Any, **k: Any) -> Any:
+            t0 = time.perf_counter()
+            out = orig(*a, **k)
+            post[0] += time.perf_counter() - t0
+            return out
+
+        te.completions_from_buffers = timed_post
+        eng.timing = True
+        t_call, _ = timed(lambda: eng.sample(prefixes, n, max_new, seed=2))
+        te.completions_from_buffers = orig
+        replay = e0.elapsed_time(e1) / 50
+        pre_ms = eng.stats.get("prefill_s", 0.0) * 1e3
+        print(f"[{shape}] profile {name}: whole call {t_call * 1e3:.1f} ms = prefill {pre_ms:.1f} + completions "
+              f"{post[0] * 1e3:.1f} + decode {t_call * 1e3 - pre_ms - post[0] * 1e3:.1f} ms "
+              f"({(t_call * 1e3 - pre_ms - post[0] * 1e3) / (max_new - 1):.3f} ms/step vs replay {replay:.3f})", flush=True)
+        print(f"[{shape}] profile {name}: captured step replays in {replay:.3f} ms at t=64; "
               f"kernel time per step (eager, {max_new} tokens):", flush=True)
-        evs = sorted(prof.key_averages(), key=lambda ev: -ev.device_time_total)[:14]
+        evs = sorted(prof.key_averages(), key=lambda ev: -ev.device_time_total)[:18]
         for ev in evs:
             print(f"    {ev.key[:60]:<60} {ev.device_time_total / 1e3 / (max_new - 1):7.3f} ms/step"
                   f" {ev.count:6d} calls {ev.device_time_total / max(1, ev.count):7.1f} us/call", flush=True)
@@ -326,6 +350,7 @@ def main() -> None:
     ap.add_argument("--compact-below", type=float, default=0.5, help="TorchEngine compact_below of the EOS cases")
     ap.add_argument("--json", default=None)
     ap.add_argument("--profile", action="store_true", help="first: where a decode step's time goes (CUDA)")
+    ap.add_argument("--profile-cases", default=None, help="comma-separated cases of --profile (default: all)")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU: checks the script, times nothing real")
     args = ap.parse_args()
     if not torch.cuda.is_available() and not args.smoke:
@@ -341,7 +366,8 @@ def main() -> None:
     print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s, bf16 mm {rate / 1e12:.0f} TFLOP/s",
           flush=True)
     if args.profile and dev.type == "cuda":
-        profile_step(args.shapes.split(",")[0].strip(), dev)
+        profile_step(args.shapes.split(",")[0].strip(), dev,
+                     only=set(args.profile_cases.split(",")) if args.profile_cases else None)
     corr = check_correctness(dev)
     for k, v in corr.items():
         print(f"correctness (fp32, GPU) {k}: max|logprob - teacher forcing| = {v['max_abs_err']:.2e}, "

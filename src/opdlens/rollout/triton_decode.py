@@ -314,14 +314,15 @@ def decode_attention(
     q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t_idx: torch.Tensor,
     pre_k: torch.Tensor, pre_v: torch.Tensor, plen: torch.Tensor, R: int, scale: float, mode: int, chunk: int,
     block_m: int | None = None, partial_dtype: torch.dtype | None = None, row_config: dict[str, int] | None = None,
+    prefix_config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, H, D]`` (rows ``b = p * R + r``) over prefix ``p``'s keys
     ``pre_k [P, Hkv, T, D]`` (first ``plen[p]``) and the row's suffix keys ``0..t_idx``.
 
     ``mode`` 1: each row reads its prefix itself (few rows per prefix, short prefixes);
     2: split-key prefix kernel over the prefix group's ``R * G`` queries, then per-row merge.
-    ``block_m``, ``partial_dtype``, ``row_config`` (BLOCK_N / num_warps / num_stages of the row
-    kernel) override the launch settings: for ``bench/attention.py``."""
+    ``block_m``, ``partial_dtype``, ``row_config`` / ``prefix_config`` (BLOCK_N / num_warps /
+    num_stages of the row / prefix kernel) override the launch settings: for ``bench/attention.py``."""
     B, H, D = q.shape
     P, Hkv, T, _ = pre_k.shape
     G = H // Hkv
@@ -336,8 +337,8 @@ def decode_attention(
         plse = torch.empty((P * Hkv * C * M,), dtype=torch.float32, device=q.device)
         _prefix_attn_kernel[(P * Hkv, C, triton.cdiv(M, bm))](
             q, pre_k, pre_v, plen, po, plse, R, Hkv, G, D, T, C, chunk, scale,
-            IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_N=64 if D <= 128 else 32, BLOCK_D=max(16, bd),
-            num_warps=8 if bm >= 128 else 4)
+            IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_D=max(16, bd),
+            **(prefix_config or dict(BLOCK_N=64 if D <= 128 else 32, num_warps=8 if bm >= 128 else 4)))
     else:
         C = 1
         po, plse = q, q  # unused
