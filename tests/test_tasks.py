@@ -528,3 +528,26 @@ def test_hub_task_from_local_export(tmp_path: Path) -> None:
     p.write_text(json.dumps({"question": "is water wet", "answer": True, "passage": "Water is wet."}) + "\n")
     qs = get_task("boolq").load(path=p)
     assert len(qs) == 1 and qs[0].answer == "True" and qs[0].meta["source"] == str(p)
+
+
+def test_calibrate_grades_what_the_engine_samples() -> None:
+    """calibrate uses the diagnose run's prompts, engine and grader: its per-question rates are
+    those of an independent sample call with the same seed, graded by the task itself."""
+    from opdlens.models import SMOLLM2, tiny_random_policy
+    from opdlens.tasks import ArithTask
+    from opdlens.tasks.calibrate import measure_level
+
+    pol = tiny_random_policy(seed=0, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)
+    task = ArithTask(difficulty=1)
+    res = measure_level(pol, task, questions=3, samples=4, max_new_tokens=5, temperature=1.0, seed=7)
+    qs = task.load(n=3, seed=7)
+    prompts = [pol.encode_chat([{"role": "user", "content": q.prompt}]) for q in qs]
+    comps = pol.sample(prompts, 4, 5, seed=7, temperature=1.0)
+    eos = pol.eos_token_ids
+    expect = [sum(task.check(pol.decode([t for t in c.tokens if t not in eos]), q) for c in cs) / 4
+              for q, cs in zip(qs, comps)]
+    assert res.per_question == expect
+    assert res.rate == pytest.approx(sum(expect) / 3)
+    assert res.level == 1 and 0.0 <= res.no_answer_rate <= 1.0
+    # a random model rarely states the answer: most completions have none
+    assert res.no_answer_rate > 0.5
