@@ -31,7 +31,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -197,6 +197,31 @@ class Prepared:
     skips: list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Continue:
+    """A sampling request: ``count`` rollouts of ``prompt + prefix`` (``prefix``: generated
+    tokens forced so far), each at most ``budget`` more tokens."""
+
+    prompt: Sequence[int]
+    prefix: Sequence[int]
+    count: int
+    budget: int
+
+
+@dataclass
+class Round:
+    """One round of targeted rollouts of one path of a question: its targets cut into the
+    chunks stored as ``<name><chunk index>``."""
+
+    env: QuestionEnv
+    path: list[int]
+    name: str
+    chunks: list[list[Target]]
+
+    def chunk_name(self, index: int) -> str:
+        return f"{self.name}{index:04d}"
+
+
 class Diagnosis:
     """Runs phases 1 and 2 for a list of questions into a run store."""
 
@@ -263,60 +288,49 @@ class Diagnosis:
         return path_stats(path, rollouts, count_forced_at_ancestors=self.opt.count_forced_at_ancestors)
 
     # ------------------------------------------------------------------ helpers
-    def _sample_graded(
-        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
-    ) -> RolloutSet:
-        """Sample ``n`` completions of each generated-token prefix, at most ``budgets[i]`` new
-        tokens for prefix ``i``, and grade them. All prefixes go to the engine in one call;
-        completions past their own budget are cut (the same distribution as a smaller cap)."""
-        return _graded(env, *self._sample_cut(env, prefixes, n, budgets, seed, forced))
-
-    def _sample_cut(
-        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
-    ) -> tuple[list[list[int]], list[int]]:
-        """The sampling half of :meth:`_sample_graded`: rollout tokens and forced lengths, ungraded."""
+    def _sample_rollouts(self, requests: Sequence[Continue], seed: int) -> list[list[list[int]]]:
+        """Rollout tokens of every request (its generated-token prefix, then at most ``budget``
+        sampled tokens, ``count`` times), all requests in one engine call; a request whose prefix
+        ends in EOS or whose budget is spent keeps its prefix (the outcome is fixed). Completions
+        are sampled to the longest budget and cut to their own (the same distribution as a
+        smaller cap)."""
         eos = self.student.eos_token_ids
-        tokens: list[list[int]] = []
-        forced_out: list[int] = []
-        todo = []
-        for p, b, f in zip(prefixes, budgets, forced):
-            if (p and p[-1] in eos) or b <= 0:  # finished (forced EOS / cap): the outcome is fixed
-                tokens.extend([list(p)] * n)
-                forced_out.extend([f] * n)
-            else:
-                todo.append((p, b, f))
+        out: list[list[list[int]]] = [[list(r.prefix)] * r.count for r in requests]
+        todo = [i for i, r in enumerate(requests) if r.budget > 0 and not (r.prefix and r.prefix[-1] in eos)]
         if todo:
-            comps = self._sample([env.prompt_ids + p for p, _, _ in todo], n, max(b for _, b, _ in todo), seed)
-            for (p, b, f), cs in zip(todo, comps):
-                tokens.extend(list(p) + c.tokens[:b] for c in cs)
-                forced_out.extend([f] * n)
-        return tokens, forced_out
+            comps = self._sample([list(requests[i].prompt) + list(requests[i].prefix) for i in todo],
+                                 [requests[i].count for i in todo], max(requests[i].budget for i in todo), seed)
+            for i, cs in zip(todo, comps):
+                r = requests[i]
+                out[i] = [list(r.prefix) + c.tokens[:r.budget] for c in cs]
+        return out
 
-    def _sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int, seed: int) -> list[list[Completion]]:
-        """``student.sample`` that survives running out of GPU memory: the request is split in
-        halves (prefixes first, then the ``n`` rows), each half with its own seed derived from
-        ``seed``, and retried. The same request and the same memory give the same rollouts; the
-        split changes which random numbers each rollout gets, not their distribution."""
+    def _sample(self, prefixes: list[list[int]], n: list[int], max_new_tokens: int, seed: int) -> list[list[Completion]]:
+        """``student.sample`` (``n[i]`` samples of prefix ``i``) that survives running out of GPU
+        memory: the request is split in halves (prefixes first, then a single prefix's rows),
+        each half with its own seed derived from ``seed``, and retried. The same request and the
+        same memory give the same rollouts; the split changes which random numbers each rollout
+        gets, not their distribution."""
         try:
             return self.student.sample(prefixes, n, max_new_tokens, seed=seed, temperature=self.opt.temperature)
         except torch.OutOfMemoryError:
             pass  # retry outside the except block: the traceback holds the failed call's tensors
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if len(prefixes) == 1 and n == 1:
+        if len(prefixes) == 1 and n[0] == 1:
             raise OpdlensError(
                 f"out of GPU memory sampling one rollout of a {len(prefixes[0])}-token prefix with "
                 f"max_new_tokens={max_new_tokens}: lower max_new_tokens, use dtype=bfloat16 or a GPU with more memory"
             )
         self.oom_retries += 1
-        log.warning("out of GPU memory sampling %d prefixes x %d rows: retrying in halves", len(prefixes), n)
+        log.warning("out of GPU memory sampling %d prefixes x %d rows: retrying in halves", len(prefixes), sum(n))
         s0, s1 = derive_seed(seed, "oom", 0), derive_seed(seed, "oom", 1)
         if len(prefixes) > 1:
             h = len(prefixes) // 2
-            return self._sample(prefixes[:h], n, max_new_tokens, s0) + self._sample(prefixes[h:], n, max_new_tokens, s1)
-        h = n // 2
-        a = self._sample(prefixes, h, max_new_tokens, s0)
-        b = self._sample(prefixes, n - h, max_new_tokens, s1)
+            return self._sample(prefixes[:h], n[:h], max_new_tokens, s0) + self._sample(prefixes[h:], n[h:], max_new_tokens, s1)
+        h = n[0] // 2
+        a = self._sample(prefixes, [h], max_new_tokens, s0)
+        b = self._sample(prefixes, [n[0] - h], max_new_tokens, s1)
         return [a[0] + b[0]]
 
     def _teacher_context(self, teacher: Teacher, env: QuestionEnv, sol: Solutions) -> list[int] | None:
@@ -332,15 +346,10 @@ class Diagnosis:
     # ------------------------------------------------------------------ phase 1
     def initial(self, env: QuestionEnv) -> RolloutSet:
         if not self.store.has_chunk(env.id, "initial"):
-            rs = self._sample_graded(
-                env,
-                [[]],
-                self.opt.rollouts_per_question,
-                [self.opt.max_new_tokens],
-                derive_seed(self.opt.seed, env.id, "initial"),
-                [0],
-            )
-            self.store.write_chunk(env.id, "initial", rs)
+            (tokens,) = self._sample_rollouts([Continue(env.prompt_ids, [], self.opt.rollouts_per_question,
+                                                        self.opt.max_new_tokens)],
+                                              derive_seed(self.opt.seed, env.id, "initial"))  # fmt: skip
+            self.store.write_chunk(env.id, "initial", _graded(env, tokens, [0] * len(tokens)))
         return self.store.read_chunk(env.id, "initial")
 
     def paths(self, env: QuestionEnv, initial: RolloutSet) -> pd.DataFrame:
@@ -469,72 +478,104 @@ class Diagnosis:
         return self.student.continuation_logprobs(env.prompt_ids, path), lpts
 
     def targeted(self, env: QuestionEnv, prep: Prepared) -> None:
-        """Enrich every path from the stored priorities of the driving teachers (the question's
-        summary row counts what was stored).
+        """Enrich every path of one question (:meth:`enrich` of that question alone)."""
+        self.enrich([(env, prep)])
 
-        Paths run in order (a path's targets depend on the rollouts of the paths before it);
-        within a path a :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed
-        mode). Each chunk's groups are sampled on the calling thread, and grading and writing a
-        chunk run on a worker thread while the next chunk samples; the rollouts of earlier paths
-        and rounds are kept in memory, not read back."""
+    def enrich(self, questions: Sequence[tuple[QuestionEnv, Prepared]]) -> None:
+        """Targeted rollouts of every path of ``questions``, from the stored priorities of the
+        driving teachers (each question's summary row counts what was stored).
+
+        Each question runs its paths in order (a path's targets depend on the rollouts of the
+        paths before it; :meth:`_rounds`), and the questions advance together: the current round
+        of every question is sampled in **one** engine call (:meth:`_sample_round`), so a call
+        holds path ``i`` of every question, not one group of targets. Grading and writing a
+        call's chunks run on a worker thread while the questions compute their next targets;
+        the rollouts of earlier paths and rounds are kept in memory, not read back."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
+            live: list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round]] = []
+            for env, prep in questions:
+                gen = self._rounds(env, prep)
+                first = next(gen, None)
+                if first is not None:
+                    live.append((gen, first))
+            pending: list[Future[RolloutSet]] = []
+            while live:
+                done = self._sample_round([r for _, r in live], worker)
+                pending += [f for fs in done for f in fs]
+                nxt = []
+                for (gen, _), futures in zip(live, done):
+                    try:
+                        nxt.append((gen, gen.send(futures)))
+                    except StopIteration:
+                        pass
+                live = nxt
+            for f in pending:
+                f.result()  # raise the worker's errors here
+
+    def _rounds(self, env: QuestionEnv, prep: Prepared) -> Generator[Round, list[Future[RolloutSet]], None]:
+        """The rounds of targeted rollouts of one question, path by path: yields each round's
+        targets and is sent back the futures of its stored chunks. Within a path a
+        :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed mode)."""
         tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
         if not tables:
             return
         pri = pd.concat(tables, ignore_index=True)
         before = prep.initial
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
-            pending: list[Future[RolloutSet]] = []
-            for row in prep.paths.itertuples():
-                pid = int(row.path_id)
-                path = [int(x) for x in row.tokens]
-                mine = pri[pri["path_id"] == pid]
-                cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
-                rnd = 0
-                while True:
-                    for done in pending:  # + the enrichment of earlier paths and rounds, in chunk order
-                        before = before.extend(done.result())
-                    pending = []
-                    stats = self._path_stats(path, before)
-                    if rnd == 0:
-                        plan = TargetPlan(path, stats, cands, self.opt.targeting, self.opt.signals,
-                                          logprobs=lambda path=path: self._path_logprobs(env, prep, path))  # fmt: skip
-                    targets = plan.next_round(stats)
-                    if not targets:
-                        break
-                    prefix = f"targeted-p{pid:02d}-" + (f"r{rnd:02d}-" if rnd else "")
-                    pending = self._enrich(env, path, targets, prefix, worker)
-                    rnd += 1
-                    if plan.finished:
-                        break
-            for done in pending:
-                done.result()  # raise the worker's errors here
-
-    def _enrich(
-        self, env: QuestionEnv, path: list[int], targets: list[Target], prefix: str, worker: ThreadPoolExecutor
-    ) -> list[Future[RolloutSet]]:
-        """Sample one round of targeted rollouts; grading and storing each chunk go to ``worker``
-        (chunks already stored are read back instead)."""
         pending: list[Future[RolloutSet]] = []
-        for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
-            name = f"{prefix}{ci:04d}"
-            if self.store.has_chunk(env.id, name):
-                pending.append(worker.submit(self.store.read_chunk, env.id, name))
-                continue
-            tokens: list[list[int]] = []
-            forced: list[int] = []
-            for gi, (need, group) in enumerate(_group(chunk)):
-                tk, fo = self._sample_cut(
-                    env,
-                    [path[: t.node] + [t.token] for t in group],
-                    need,
-                    [self.opt.max_new_tokens - t.node - 1 for t in group],
-                    derive_seed(self.opt.seed, env.id, name, gi),
-                    [t.node + 1 for t in group],
-                )
-                tokens += tk
-                forced += fo
-            pending.append(worker.submit(_graded_and_stored, self.store, env, name, tokens, forced))
-        return pending
+        for row in prep.paths.itertuples():
+            pid = int(row.path_id)
+            path = [int(x) for x in row.tokens]
+            mine = pri[pri["path_id"] == pid]
+            cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
+            rnd = 0
+            while True:
+                for done in pending:  # + the enrichment of earlier paths and rounds, in chunk order
+                    before = before.extend(done.result())
+                pending = []
+                stats = self._path_stats(path, before)
+                if rnd == 0:
+                    plan = TargetPlan(path, stats, cands, self.opt.targeting, self.opt.signals,
+                                      logprobs=lambda path=path: self._path_logprobs(env, prep, path))  # fmt: skip
+                targets = plan.next_round(stats)
+                if not targets:
+                    break
+                name = f"targeted-p{pid:02d}-" + (f"r{rnd:02d}-" if rnd else "")
+                pending = yield Round(env, path, name, _chunk_targets(targets, self.opt.chunk_rollouts))
+                rnd += 1
+                if plan.finished:
+                    break
+
+    def _sample_round(self, rounds: list[Round], worker: ThreadPoolExecutor) -> list[list[Future[RolloutSet]]]:
+        """Sample the targets of ``rounds`` (one round of several questions) in one engine call
+        and hand each stored chunk (``<round name><chunk index>``, per question) to ``worker`` to
+        be graded and written; returns the futures of each round's chunks.
+
+        The call's seed is derived from the names of its rounds, so it is re-sampled identically
+        when some of its chunks are missing (a resumed run); chunks already stored are read back
+        and only the missing ones are written."""
+        stored = [[self.store.has_chunk(r.env.id, r.chunk_name(ci)) for ci in range(len(r.chunks))] for r in rounds]
+        samples: list[list[list[int]]] = []
+        if not all(all(s) for s in stored):
+            requests = [Continue(r.env.prompt_ids, r.path[: t.node] + [t.token], t.need,
+                                 self.opt.max_new_tokens - t.node - 1)
+                        for r in rounds for chunk in r.chunks for t in chunk]  # fmt: skip
+            seed = derive_seed(self.opt.seed, "targeted", *[(r.env.id, r.name) for r in rounds])
+            samples = self._sample_rollouts(requests, seed)
+        out: list[list[Future[RolloutSet]]] = []
+        i = 0
+        for r, have in zip(rounds, stored):
+            futures = []
+            for ci, chunk in enumerate(r.chunks):
+                name = r.chunk_name(ci)
+                if have[ci]:
+                    futures.append(worker.submit(self.store.read_chunk, r.env.id, name))
+                else:
+                    tokens = [tk for k in range(i, i + len(chunk)) for tk in samples[k]]
+                    forced = [t.node + 1 for t in chunk for _ in range(t.need)]
+                    futures.append(worker.submit(_graded_and_stored, self.store, r.env, name, tokens, forced))
+                i += len(chunk)
+            out.append(futures)
+        return out
 
     # ------------------------------------------------------------------ phase 2
     def score(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> None:
@@ -677,8 +718,7 @@ class Diagnosis:
                     self.priorities(env, preps[env.id], t)
                 t.slot.release()
         with self._phase("targeted rollouts"):
-            for env in self._bar(envs, "targeted rollouts"):
-                self.targeted(env, preps[env.id])
+            self.enrich([(env, preps[env.id]) for env in envs])
         for t in self.teachers:
             with self._phase(f"scoring ({t.spec.name})"):
                 for env in self._bar(envs, f"scoring ({t.spec.name})"):
@@ -728,14 +768,6 @@ def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
         chunks[-1].append(t)
         total += t.need
     return [c for c in chunks if c]
-
-
-def _group(targets: list[Target]) -> list[tuple[int, list[Target]]]:
-    """Group targets needing the same number of rollouts: one batched sampling call each."""
-    groups: dict[int, list[Target]] = {}
-    for t in targets:
-        groups.setdefault(t.need, []).append(t)
-    return list(groups.items())
 
 
 def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
