@@ -49,6 +49,7 @@ import torch
 
 from opdlens import models, pipeline
 from opdlens.config import DiagnoseConfig
+from opdlens.policy import sample_counts
 from opdlens.rollout import TorchEngine
 from opdlens.store import RunStore
 
@@ -94,7 +95,7 @@ def patch(obj: Any, name: str, kind: str, phase: bool = False) -> None:
 def instrument() -> None:
     D = pipeline.Diagnosis
     for name, kind in (("initial", "phase: initial rollouts"), ("paths", "phase: paths"),
-                       ("solutions", "phase: solutions + summaries"), ("targeted", "phase: targeted rollouts"),
+                       ("solutions", "phase: solutions + summaries"), ("enrich", "phase: targeted rollouts"),
                        ("score", "phase: teacher scoring"), ("finish", "phase: final tables")):
         if hasattr(D, name):
             patch(D, name, kind, phase=True)
@@ -243,9 +244,9 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
                                run_tok_s=tokens / max(1e-9, wall - load), engine_in_run_tok_s=tokens / max(1e-9, t_engine),
                                phases=dict(INCL), work=dict(EXCL))
     res["work"]["other (Python between calls)"] = wall - sum(EXCL.values())
-    rows = sorted(c["n"] * len(c["prefixes"]) for c in CALLS)
+    rows = sorted(sum(sample_counts(c["n"], len(c["prefixes"]))) for c in CALLS)
     res["graphs_captured"] = sum(c["graphs"] for c in CALLS)
-    res["calls"] = [dict(prefixes=len(c["prefixes"]), n=c["n"], max_new=c["max_new"], tokens=c["tokens"],
+    res["calls"] = [dict(prefixes=len(c["prefixes"]), rows=sum(sample_counts(c["n"], len(c["prefixes"]))), max_new=c["max_new"], tokens=c["tokens"],
                          seconds=c["seconds"], graphs=c["graphs"]) for c in CALLS]
     res["rows_per_call"] = dict(median=rows[len(rows) // 2] if rows else 0, max=rows[-1] if rows else 0,
                                 mean=sum(rows) / max(1, len(rows)))
@@ -267,9 +268,57 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
         alone_s += time.perf_counter() - t1
         alone_tok += sum(len(x.tokens) for cs in out for x in cs)
     res["engine_alone_tok_s"] = alone_tok / max(1e-9, alone_s)
-    res["engine_alone_calls"] = [dict(prefixes=len(c["prefixes"]), n=c["n"], max_new=c["max_new"],
+    res["engine_alone_calls"] = [dict(prefixes=len(c["prefixes"]), rows=sum(sample_counts(c["n"], len(c["prefixes"]))), max_new=c["max_new"],
                                       tokens=c["tokens"], in_run_s=c["seconds"]) for c in top]
     return res
+
+
+def check_device_signals(dev: str, length: int = 48, vocab: int = 49152) -> float:
+    """Largest difference between the signals (and candidate priorities) computed from log-probs
+    on ``dev`` and from the same log-probs on the CPU (the run keeps scoring on the GPU)."""
+    import numpy as np
+
+    from opdlens.report.children import children_column
+    from opdlens.signals import SignalConfig, path_signals
+    from opdlens.targeting import candidate_priorities
+    from opdlens.tree import RolloutSet, path_stats
+
+    rng = np.random.default_rng(0)
+    path = [int(t) for t in rng.integers(0, 40, length)]
+    toks, forced = [], []
+    for i in range(3000):
+        u = int(rng.integers(0, length))
+        toks.append(path[:u] + [int(t) for t in rng.integers(0, 40, length - u)])
+        forced.append(u + 1 if i >= 500 else 0)
+    stats = path_stats(path, RolloutSet.from_lists(toks, [bool(x) for x in rng.integers(0, 2, len(toks))], forced))
+    gen = torch.Generator().manual_seed(0)
+    lps = torch.log_softmax(3 * torch.randn(length, vocab, generator=gen), -1)
+    lpt = torch.log_softmax(3 * torch.randn(length, vocab, generator=gen), -1)
+    worst = 0.0
+    for restriction in ("renormalize", "literal"):
+        cfg = SignalConfig(min_visits=5, restriction=restriction)
+        a = path_signals(stats, lps, lpt, cfg, baseline=0.5)
+        b = path_signals(stats, lps.to(dev), lpt.to(dev), cfg, baseline=0.5)
+        for k in a:
+            x, y = np.asarray(a[k], dtype=np.float64), np.asarray(b[k], dtype=np.float64)
+            both = np.isfinite(x) & np.isfinite(y)
+            assert (np.isfinite(x) == np.isfinite(y)).all(), k
+            worst = max(worst, float(np.abs(x[both] - y[both]).max(initial=0.0)))
+    ca, cb = candidate_priorities(lps, lpt, 8), candidate_priorities(lps.to(dev), lpt.to(dev), 8)
+    assert (ca.node == cb.node).all() and (ca.token == cb.token).all()
+    worst = max(worst, float(np.abs(ca.gkd - cb.gkd).max()), float(np.abs(ca.gap - cb.gap).max()))
+    texts = lambda toks: [str(t) for t in toks]  # noqa: E731
+    for ra, rb in zip(children_column(stats, lps, lpt, texts, 5), children_column(stats, lps.to(dev), lpt.to(dev), texts, 5)):
+        ra, rb = json.loads(ra), json.loads(rb)
+        assert len(ra) == len(rb)
+        for da, db in zip(ra, rb):
+            assert da.keys() == db.keys()
+            for k in da:
+                if isinstance(da[k], float):
+                    worst = max(worst, abs(da[k] - db[k]))
+                else:
+                    assert da[k] == db[k], k
+    return worst
 
 
 def report(r: dict[str, Any]) -> None:
@@ -300,6 +349,8 @@ def main() -> None:
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
+    if dev == "cuda":
+        print(f"signals from GPU vs CPU log-probs: max |diff| {check_device_signals(dev):.2e}")
     instrument()
     random_spec_loader(dev)
     results = []

@@ -10,7 +10,9 @@ Per question:
    solution by another model; what cannot be built is a recorded skip (``skips.parquet``);
 4. *candidate priorities*: every targeting teacher scores the student's and its own top tokens
    along each path (``priorities/<teacher>/<question>``);
-5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities;
+5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities; the paths
+   of a question run in order, and the current round of every question goes to the engine in
+   one call (per-target sample counts), so calls are large;
 6. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
    per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
 
@@ -18,7 +20,10 @@ The model schedule (``schedule``): ``"sequential"`` runs each step for all quest
 next, so every model other than the student is loaded once, used for all questions and freed
 (the tree is teacher-independent): a student and eight teachers up to 32B fit one 80 GB GPU.
 ``"resident"`` keeps every model loaded and runs question by question (what the Ray workers do).
-Both give identical results.
+Both sample the same distributions and are reproducible from the seed; they give identical
+results for one question. With several, the sequential schedule samples the targeted rollouts of
+all questions together (:meth:`Diagnosis.enrich`), so they draw other random numbers than the
+resident schedule's, which samples each question alone.
 
 Everything is written through :class:`opdlens.store.RunStore` as it finishes; rerunning a run
 directory resumes where it stopped and gives the same results as an uninterrupted run.
@@ -121,6 +126,11 @@ class ModelSlot:
     @property
     def loaded(self) -> bool:
         return self._policy is not None
+
+    @property
+    def resident(self) -> bool:
+        """Stays loaded for the whole run (:meth:`fixed`): never released."""
+        return self._release is None
 
     def get(self) -> Policy:
         if self._policy is None:
@@ -460,16 +470,46 @@ class Diagnosis:
             return None
         rel = self.store.priorities_file(teacher.spec.name, env.id)
         if not self.store.has(rel):
-            frames = []
-            for row in prep.paths.itertuples():
-                path = [int(x) for x in row.tokens]
-                lps = self.student.continuation_logprobs(env.prompt_ids, path)
-                lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
-                c = candidate_priorities(lps, lpt, self.opt.targeting.candidates_per_node)
-                frames.append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node, "token": c.token,
-                                            "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
-            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+            self.write_priorities(env, prep, [teacher])
         return self.store.read_table(rel)
+
+    def write_priorities(self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]) -> None:
+        """Compute and store the priorities of ``teachers`` (loaded together) that are missing
+        for the question; the student's log-probs are computed once for all of them."""
+        todo = [t for t in teachers if t.spec.name in prep.contexts
+                and not self.store.has(self.store.priorities_file(t.spec.name, env.id))]  # fmt: skip
+        if not todo:
+            return
+        frames: dict[str, list[pd.DataFrame]] = {t.spec.name: [] for t in todo}
+        for rows, lps, lpts in self._scored_paths(env, prep, todo):
+            for t, lpt in zip(todo, lpts):
+                for row, ls, lt in zip(rows, lps, lpt):
+                    c = candidate_priorities(ls, lt, self.opt.targeting.candidates_per_node)
+                    frames[t.spec.name].append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node,
+                                                             "token": c.token, "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
+        for t in todo:
+            self.store.write_table(self.store.priorities_file(t.spec.name, env.id),
+                                   pd.concat(frames[t.spec.name], ignore_index=True))  # fmt: skip
+
+    def _scored_paths(
+        self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]
+    ) -> Iterator[tuple[list[Any], list[torch.Tensor], list[list[torch.Tensor]]]]:
+        """The question's paths (rows of ``prep.paths``) in groups, with the student's ``[L, V]``
+        log-probs along them and each teacher's (in the order of ``teachers``): each model
+        scores a group in batched forwards and the results stay on its device; a group's
+        log-probs, all models together, stay under :data:`SCORE_GROUP_BYTES`."""
+        rows = list(prep.paths.itertuples())
+        per_token = 4 * self.student.vocab_size * (1 + len(teachers))
+        group: list[Any] = []
+        for i, row in enumerate(rows):
+            group.append(row)
+            nxt = int(rows[i + 1].length) if i + 1 < len(rows) else None
+            if nxt is None or per_token * (sum(int(r.length) for r in group) + nxt) > SCORE_GROUP_BYTES:
+                paths = [[int(x) for x in r.tokens] for r in group]
+                lps = _logprobs_along(self.student, [(env.prompt_ids, p) for p in paths])
+                lpts = [_logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths]) for t in teachers]
+                yield group, lps, lpts
+                group = []
 
     def _path_logprobs(self, env: QuestionEnv, prep: Prepared, path: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's and the driving teachers' log-probs along a path (adaptive targeting)."""
@@ -486,30 +526,32 @@ class Diagnosis:
         driving teachers (each question's summary row counts what was stored).
 
         Each question runs its paths in order (a path's targets depend on the rollouts of the
-        paths before it; :meth:`_rounds`), and the questions advance together: the current round
-        of every question is sampled in **one** engine call (:meth:`_sample_round`), so a call
-        holds path ``i`` of every question, not one group of targets. Grading and writing a
-        call's chunks run on a worker thread while the questions compute their next targets;
-        the rollouts of earlier paths and rounds are kept in memory, not read back."""
+        paths before it; :meth:`_rounds`). The questions are dealt into :data:`LANES` lanes (by
+        position) that take turns: the current round of every question of a lane is sampled in
+        **one** engine call (:meth:`_sample_round`), and while the next lane's call runs, the
+        worker thread grades and writes this lane's chunks. The rollouts of earlier paths and
+        rounds are kept in memory, not read back."""
+        Live = list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round]]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
-            live: list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round]] = []
-            for env, prep in questions:
-                gen = self._rounds(env, prep)
-                first = next(gen, None)
-                if first is not None:
-                    live.append((gen, first))
-            pending: list[Future[RolloutSet]] = []
-            while live:
-                done = self._sample_round([r for _, r in live], worker)
-                pending += [f for fs in done for f in fs]
-                nxt = []
-                for (gen, _), futures in zip(live, done):
-                    try:
-                        nxt.append((gen, gen.send(futures)))
-                    except StopIteration:
-                        pass
-                live = nxt
-            for f in pending:
+            lanes: list[tuple[Live, list[list[Future[RolloutSet]]] | None]] = []
+            for k in range(min(LANES, len(questions))):
+                live: Live = []
+                for env, prep in questions[k::LANES]:
+                    gen = self._rounds(env, prep)
+                    first = next(gen, None)
+                    if first is not None:
+                        live.append((gen, first))
+                lanes.append((live, None))
+            every: list[Future[RolloutSet]] = []
+            while any(live for live, _ in lanes):
+                for k, (live, sampled) in enumerate(lanes):
+                    if sampled is not None:  # the lane's last call: its questions' next rounds
+                        live = [(gen, nxt) for (gen, _), futures in zip(live, sampled)
+                                if (nxt := _advance(gen, futures)) is not None]  # fmt: skip
+                    sampled = self._sample_round([r for _, r in live], worker) if live else None
+                    every += [f for fs in sampled or [] for f in fs]
+                    lanes[k] = (live, sampled)
+            for f in every:
                 f.result()  # raise the worker's errors here
 
     def _rounds(self, env: QuestionEnv, prep: Prepared) -> Generator[Round, list[Future[RolloutSet]], None]:
@@ -581,28 +623,35 @@ class Diagnosis:
     def score(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> None:
         """Score every path of the question under ``teacher`` unless its
         ``nodes/<teacher>/<question>`` table is stored (or it has no context there)."""
-        rel = self.store.nodes_file(teacher.spec.name, env.id)
-        if self.store.has(rel) or teacher.spec.name not in prep.contexts:
+        self.score_group(env, prep, [teacher])
+
+    def score_group(self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]) -> None:
+        """:meth:`score` for several teachers loaded together: the question's rollouts are read,
+        each path's statistics built and the student's log-probs computed once for all of them."""
+        todo = [t for t in teachers if t.spec.name in prep.contexts
+                and not self.store.has(self.store.nodes_file(t.spec.name, env.id))]  # fmt: skip
+        if not todo:
             return
         rollouts = self.store.read_rollouts(env.id)
-        frames = []
-        for row in prep.paths.itertuples():
-            path = [int(x) for x in row.tokens]
-            lps = self.student.continuation_logprobs(env.prompt_ids, path)
-            lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
-            stats = self._path_stats(path, rollouts)
-            sig = path_signals(stats, lps, lpt, self.opt.signals, baseline=prep.initial.success_rate)
-            df = pd.DataFrame(sig)
-            df.insert(0, "node", np.arange(len(path)))
-            df.insert(0, "teacher", teacher.spec.name)
-            df.insert(0, "path_correct", bool(row.correct))
-            df.insert(0, "path_id", int(row.path_id))
-            df.insert(0, "question_id", env.id)
-            df["token_id"] = path
-            df["token_text"] = env.token_texts(path)
-            df["children"] = children_column(stats, lps, lpt, env.token_texts, self.opt.signals.min_visits)
-            frames.append(df)
-        self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+        frames: dict[str, list[pd.DataFrame]] = {t.spec.name: [] for t in todo}
+        for rows, lps, lpts in self._scored_paths(env, prep, todo):
+            for i, row in enumerate(rows):
+                path = [int(x) for x in row.tokens]
+                stats = self._path_stats(path, rollouts)
+                for t, lpt in zip(todo, lpts):
+                    sig = path_signals(stats, lps[i], lpt[i], self.opt.signals, baseline=prep.initial.success_rate)
+                    df = pd.DataFrame(sig)
+                    df.insert(0, "node", np.arange(len(path)))
+                    df.insert(0, "teacher", t.spec.name)
+                    df.insert(0, "path_correct", bool(row.correct))
+                    df.insert(0, "path_id", int(row.path_id))
+                    df.insert(0, "question_id", env.id)
+                    df["token_id"] = path
+                    df["token_text"] = env.token_texts(path)
+                    df["children"] = children_column(stats, lps[i], lpt[i], env.token_texts, self.opt.signals.min_visits)
+                    frames[t.spec.name].append(df)
+        for t in todo:
+            self.store.write_table(self.store.nodes_file(t.spec.name, env.id), pd.concat(frames[t.spec.name], ignore_index=True))
 
     # ------------------------------------------------------------------ driver
     def prepare(self, env: QuestionEnv) -> Prepared:
@@ -660,9 +709,7 @@ class Diagnosis:
 
     def phase2(self, env: QuestionEnv, prep: Prepared, teachers: Collection[str] | None = None) -> None:
         """Phase 2 of a question whose phase 1 is done: score ``teachers`` (names; None = all)."""
-        for t in self.teachers:
-            if teachers is None or t.spec.name in teachers:
-                self.score(env, prep, t)
+        self.score_group(env, prep, [t for t in self.teachers if teachers is None or t.spec.name in teachers])
 
     def run_question(self, env: QuestionEnv) -> dict[str, object]:
         prep, summary = self.phase1(env)
@@ -712,18 +759,22 @@ class Diagnosis:
                     slot.release()
         for prep in preps.values():
             self.skips.extend(prep.skips)
-        for t in self.driving:
-            with self._phase(f"priorities ({t.spec.name})"):
-                for env in self._bar(envs, f"priorities ({t.spec.name})"):
-                    self.priorities(env, preps[env.id], t)
-                t.slot.release()
+        for group in _by_model(self.driving):
+            names = ", ".join(t.spec.name for t in group)
+            with self._phase(f"priorities ({names})"):
+                for env in self._bar(envs, f"priorities ({names})"):
+                    self.write_priorities(env, preps[env.id], group)
+                for t in group:
+                    t.slot.release()
         with self._phase("targeted rollouts"):
             self.enrich([(env, preps[env.id]) for env in envs])
-        for t in self.teachers:
-            with self._phase(f"scoring ({t.spec.name})"):
-                for env in self._bar(envs, f"scoring ({t.spec.name})"):
-                    self.score(env, preps[env.id], t)
-                t.slot.release()
+        for group in _by_model(self.teachers):
+            names = ", ".join(t.spec.name for t in group)
+            with self._phase(f"scoring ({names})"):
+                for env in self._bar(envs, f"scoring ({names})"):
+                    self.score_group(env, preps[env.id], group)
+                for t in group:
+                    t.slot.release()
         return [self.summary(env, preps[env.id]) for env in envs]
 
     def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
@@ -755,6 +806,41 @@ def _graded_and_stored(store: RunStore, env: QuestionEnv, name: str, tokens: lis
     rs = _graded(env, tokens, forced)
     store.write_chunk(env.id, name, rs)
     return rs
+
+
+#: Bound on the log-probs (student's and teachers') of the paths scored together, in bytes.
+SCORE_GROUP_BYTES = 1 << 30
+
+
+def _by_model(teachers: Sequence[Teacher]) -> list[list[Teacher]]:
+    """Teachers grouped by the model they run on, in order of first appearance: the ones on
+    resident models (the student, test policies) together, each scheduled model's together
+    (the sequential schedule loads it once for its group)."""
+    groups: dict[int, list[Teacher]] = {}
+    for t in teachers:
+        groups.setdefault(0 if t.slot.resident else id(t.slot), []).append(t)
+    return list(groups.values())
+
+
+def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]]) -> list[torch.Tensor]:
+    """The ``[L, V]`` log-probs of each ``(context, path)``: batched and left on the model's
+    device where the policy can (``continuation_logprobs_many``), else one call each."""
+    many = getattr(policy, "continuation_logprobs_many", None)
+    if many is not None:
+        return list(many(pairs, on_device=True))
+    return [policy.continuation_logprobs(c, p) for c, p in pairs]
+
+
+#: Lanes of questions whose targeted rollouts take turns on the engine (:meth:`Diagnosis.enrich`).
+LANES = 2
+
+
+def _advance(gen: Generator[Round, list[Future[RolloutSet]], None], futures: list[Future[RolloutSet]]) -> Round | None:
+    """Send a question's round generator the futures of its last round: its next round, or None."""
+    try:
+        return gen.send(futures)
+    except StopIteration:
+        return None
 
 
 def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
