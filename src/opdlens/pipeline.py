@@ -300,16 +300,24 @@ class Diagnosis:
     # ------------------------------------------------------------------ helpers
     def _sample_rollouts(self, requests: Sequence[Continue], seed: int) -> list[list[list[int]]]:
         """Rollout tokens of every request (its generated-token prefix, then at most ``budget``
-        sampled tokens, ``count`` times), all requests in one engine call; a request whose prefix
-        ends in EOS or whose budget is spent keeps its prefix (the outcome is fixed). Completions
-        are sampled to the longest budget and cut to their own (the same distribution as a
-        smaller cap)."""
+        sampled tokens, ``count`` times); a request whose prefix ends in EOS or whose budget is
+        spent keeps its prefix (the outcome is fixed). The requests go to the engine in one call
+        per budget tier (:data:`BUDGET_TIERS` equal parts of the range of budgets; the longest
+        first, with ``seed``, the others with seeds derived from it): a call samples to its
+        longest budget and cuts each completion to its own (the same distribution as a smaller
+        cap), so short-budget rows do not run to the longest budget of all."""
         eos = self.student.eos_token_ids
         out: list[list[list[int]]] = [[list(r.prefix)] * r.count for r in requests]
-        todo = [i for i, r in enumerate(requests) if r.budget > 0 and not (r.prefix and r.prefix[-1] in eos)]
-        if todo:
+        live = [i for i, r in enumerate(requests) if r.budget > 0 and not (r.prefix and r.prefix[-1] in eos)]
+        width = -(-max((requests[i].budget for i in live), default=1) // BUDGET_TIERS)
+        tiers: dict[int, list[int]] = {}
+        for i in live:
+            tiers.setdefault((requests[i].budget - 1) // width, []).append(i)
+        for k, tier in enumerate(sorted(tiers, reverse=True)):
+            todo = tiers[tier]
             comps = self._sample([list(requests[i].prompt) + list(requests[i].prefix) for i in todo],
-                                 [requests[i].count for i in todo], max(requests[i].budget for i in todo), seed)
+                                 [requests[i].count for i in todo], max(requests[i].budget for i in todo),
+                                 seed if k == 0 else derive_seed(seed, "budget tier", tier))  # fmt: skip
             for i, cs in zip(todo, comps):
                 r = requests[i]
                 out[i] = [list(r.prefix) + c.tokens[:r.budget] for c in cs]
@@ -833,6 +841,10 @@ def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]]
 
 #: Lanes of questions whose targeted rollouts take turns on the engine (:meth:`Diagnosis.enrich`).
 LANES = 2
+
+#: Budget tiers of :meth:`Diagnosis._sample_rollouts`: one engine call per tier, so short-budget
+#: rollouts do not run to the longest budget of a round.
+BUDGET_TIERS = 3
 
 
 def _advance(gen: Generator[Round, list[Future[RolloutSet]], None], futures: list[Future[RolloutSet]]) -> Round | None:
