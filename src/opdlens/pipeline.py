@@ -504,8 +504,9 @@ class Diagnosis:
     ) -> Iterator[tuple[list[Any], list[torch.Tensor], list[list[torch.Tensor]]]]:
         """The question's paths (rows of ``prep.paths``) in groups, with the student's ``[L, V]``
         log-probs along them and each teacher's (in the order of ``teachers``): each model
-        scores a group in batched forwards and the results stay on its device; a group's
-        log-probs, all models together, stay under :data:`SCORE_GROUP_BYTES`."""
+        scores a group in batched forwards; a group's log-probs, all models together, stay
+        under :data:`SCORE_GROUP_BYTES` and on the models' devices (a single path over that
+        bound is scored alone and its log-probs go to the CPU, as without a GPU)."""
         rows = list(prep.paths.itertuples())
         per_token = 4 * self.student.vocab_size * (1 + len(teachers))
         group: list[Any] = []
@@ -514,8 +515,10 @@ class Diagnosis:
             nxt = int(rows[i + 1].length) if i + 1 < len(rows) else None
             if nxt is None or per_token * (sum(int(r.length) for r in group) + nxt) > SCORE_GROUP_BYTES:
                 paths = [[int(x) for x in r.tokens] for r in group]
-                lps = _logprobs_along(self.student, [(env.prompt_ids, p) for p in paths])
-                lpts = [_logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths]) for t in teachers]
+                keep = per_token * sum(len(p) for p in paths) <= SCORE_GROUP_BYTES
+                lps = _logprobs_along(self.student, [(env.prompt_ids, p) for p in paths], keep)
+                lpts = [_logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths], keep)
+                        for t in teachers]  # fmt: skip
                 yield group, lps, lpts
                 group = []
 
@@ -830,12 +833,13 @@ def _by_model(teachers: Sequence[Teacher]) -> list[list[Teacher]]:
     return list(groups.values())
 
 
-def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]]) -> list[torch.Tensor]:
-    """The ``[L, V]`` log-probs of each ``(context, path)``: batched and left on the model's
-    device where the policy can (``continuation_logprobs_many``), else one call each."""
+def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]], on_device: bool) -> list[torch.Tensor]:
+    """The ``[L, V]`` log-probs of each ``(context, path)``: batched (and left on the model's
+    device with ``on_device``) where the policy can (``continuation_logprobs_many``), else one
+    call each."""
     many = getattr(policy, "continuation_logprobs_many", None)
     if many is not None:
-        return list(many(pairs, on_device=True))
+        return list(many(pairs, on_device=on_device))
     return [policy.continuation_logprobs(c, p) for c, p in pairs]
 
 
