@@ -11,8 +11,8 @@ Per question:
 4. *candidate priorities*: every targeting teacher scores the student's and its own top tokens
    along each path (``priorities/<teacher>/<question>``);
 5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities; the paths
-   of a question run in order, and the current round of every question goes to the engine in
-   one call (per-target sample counts), so calls are large;
+   of a question run in order, and the current round of every question goes to the engine
+   together (one call per budget tier, per-target sample counts), so calls are large;
 6. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
    per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
 
@@ -538,9 +538,9 @@ class Diagnosis:
 
         Each question runs its paths in order (a path's targets depend on the rollouts of the
         paths before it; :meth:`_rounds`). The questions are dealt into :data:`LANES` lanes (by
-        position) that take turns: the current round of every question of a lane is sampled in
-        **one** engine call (:meth:`_sample_round`), and while the next lane's call runs, the
-        worker thread grades and writes this lane's chunks. The rollouts of earlier paths and
+        position) that take turns: the current round of every question of a lane is sampled
+        together (:meth:`_sample_round`: one engine call per budget tier), and while the next
+        lane's calls run, the worker thread grades and writes this lane's chunks. The rollouts of earlier paths and
         rounds are kept in memory, not read back."""
         Live = list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round]]
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
@@ -599,13 +599,14 @@ class Diagnosis:
                     break
 
     def _sample_round(self, rounds: list[Round], worker: ThreadPoolExecutor) -> list[list[Future[RolloutSet]]]:
-        """Sample the targets of ``rounds`` (one round of several questions) in one engine call
-        and hand each stored chunk (``<round name><chunk index>``, per question) to ``worker`` to
-        be graded and written; returns the futures of each round's chunks.
+        """Sample the targets of ``rounds`` (one round of several questions) together
+        (:meth:`_sample_rollouts`) and hand each stored chunk (``<round name><chunk index>``,
+        per question) to ``worker`` to be graded and written; returns the futures of each
+        round's chunks.
 
-        The call's seed is derived from the names of its rounds, so it is re-sampled identically
-        when some of its chunks are missing (a resumed run); chunks already stored are read back
-        and only the missing ones are written."""
+        The seed is derived from the names of the rounds, so the whole set is re-sampled
+        identically when some of its chunks are missing (a resumed run); chunks already stored
+        are read back and only the missing ones are written."""
         stored = [[self.store.has_chunk(r.env.id, r.chunk_name(ci)) for ci in range(len(r.chunks))] for r in rounds]
         samples: list[list[list[int]]] = []
         if not all(all(s) for s in stored):
