@@ -18,7 +18,7 @@ from opdlens.config import DiagnoseConfig
 from opdlens.distributed import SyntheticFactory
 from opdlens.models import check_tokenizers_compatible, load_tokenizer, random_policy, tiny_random_policy
 from opdlens.pipeline import QuestionEnv, diagnose, load_results, policy_max_context
-from opdlens.policy import OpdlensError
+from opdlens.policy import OpdlensError, sample_counts
 from opdlens.store import RunStore
 from opdlens.synthetic import EOS
 from opdlens.tasks import NO_ANSWER, get_task
@@ -174,8 +174,9 @@ class _OOMOnBigBatches:
         return getattr(self.inner, name)
 
     def sample(self, prefixes, n, max_new_tokens, *, seed, temperature=1.0):
-        self.calls.append(len(prefixes) * n)
-        if len(prefixes) * n > self.limit:
+        rows = sum(sample_counts(n, len(prefixes)))
+        self.calls.append(rows)
+        if rows > self.limit:
             raise torch.OutOfMemoryError("CUDA out of memory (simulated)")
         return self.inner.sample(prefixes, n, max_new_tokens, seed=seed, temperature=temperature)
 

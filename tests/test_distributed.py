@@ -29,9 +29,12 @@ def cluster():
 
 @pytest.fixture(scope="module")
 def reference(tmp_path_factory) -> Path:
-    """The uninterrupted single-process run of FACTORY."""
+    """The uninterrupted single-process run of FACTORY, question by question as the Ray workers
+    run them (the resident schedule: the sequential one samples the targeted rollouts of all
+    questions together, so with several questions its rollouts draw other random numbers)."""
     out = tmp_path_factory.mktemp("reference")
     diag, envs = FACTORY(str(out))
+    diag.opt.schedule = "resident"
     diag.run(envs)
     return out
 
@@ -173,7 +176,7 @@ def test_config_models_loaded_in_the_actors_equal_diagnose(cluster, tmp_path):
     )
     store = diagnose_ray(cfg, num_workers=1, progress=False)
     assert (store.root / "config.yaml").exists()
-    diagnose(cfg.model_copy(update={"out_dir": str(tmp_path / "single")}), progress=False)
+    diagnose(cfg.model_copy(update={"out_dir": str(tmp_path / "single"), "schedule": "resident"}), progress=False)
     assert_same_run(tmp_path / "ray", tmp_path / "single")
     nodes, questions, _ = load_results(store)
     assert set(nodes["teacher"]) == {"plain", "Self-1C1W"} and (questions["n_rollouts"] == 8).all()

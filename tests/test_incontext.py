@@ -19,7 +19,7 @@ from opdlens.config import DiagnoseConfig
 from opdlens.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.models import load_tokenizer, tiny_random_policy
 from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose
-from opdlens.policy import OpdlensError
+from opdlens.policy import OpdlensError, sample_counts
 from opdlens.signals import SignalConfig
 from opdlens.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
@@ -52,11 +52,11 @@ class Switch:
     def continuation_logprobs(self, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
         return self._pick(context).continuation_logprobs(context, continuation)
 
-    def sample(self, prefixes: Sequence[Sequence[int]], n: int, max_new_tokens: int, *, seed: int,
+    def sample(self, prefixes: Sequence[Sequence[int]], n: int | Sequence[int], max_new_tokens: int, *, seed: int,
                temperature: float = 1.0) -> Any:  # fmt: skip
         self.calls += 1
-        return [self._pick(p).sample([p], n, max_new_tokens, seed=seed + j, temperature=temperature)[0]
-                for j, p in enumerate(prefixes)]  # fmt: skip
+        return [self._pick(p).sample([p], k, max_new_tokens, seed=seed + j, temperature=temperature)[0]
+                for j, (p, k) in enumerate(zip(prefixes, sample_counts(n, len(prefixes))))]  # fmt: skip
 
 
 def _synthetic_diagnosis(root, student: Switch) -> tuple[Diagnosis, list[QuestionEnv]]:

@@ -52,6 +52,19 @@ def test_continuation_logprobs_equals_next_token_logprobs(pol: HFPolicy) -> None
     assert pol.continuation_logprobs(ctx, []).shape == (0, pol.vocab_size)
 
 
+def test_continuation_logprobs_many_equals_one_call_each(pol: HFPolicy) -> None:
+    pairs = [([1, 520, 9531, 198], [30, 31, 2000, 7]), ([42], [5, 6]), ([8, 9, 10], []), ([3, 4], [11, 12, 13, 14, 15, 16])]
+    many = pol.continuation_logprobs_many(pairs)
+    assert [tuple(m.shape) for m in many] == [(4, pol.vocab_size), (2, pol.vocab_size), (0, pol.vocab_size),
+                                              (6, pol.vocab_size)]  # fmt: skip
+    for (ctx, cont), m in zip(pairs, many):
+        torch.testing.assert_close(m, pol.continuation_logprobs(ctx, cont), atol=1e-4, rtol=0)
+    small = copy.copy(pol)
+    small.max_batch_tokens = 12  # several forwards: same rows
+    for a, b in zip(small.continuation_logprobs_many(pairs), many):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=0)
+
+
 def test_bad_inputs_raise_clear_errors(pol: HFPolicy) -> None:
     with pytest.raises(OpdlensError, match="non-empty context"):
         pol.continuation_logprobs([], [1, 2])

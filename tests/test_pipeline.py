@@ -17,7 +17,7 @@ from opdlens.tree import RolloutSet, path_stats
 from tests.helpers import kill_sampling_after
 
 
-def _setup(tmp_path, seed=0, fail_after=None):
+def _setup(tmp_path, seed=0, fail_after=None, n_questions=2):
     student = SyntheticPolicy.random(seed=seed, horizon=10)
     if fail_after is not None:
         kill_sampling_after(student, fail_after)
@@ -32,7 +32,7 @@ def _setup(tmp_path, seed=0, fail_after=None):
         targeting=TargetingConfig(first_window=2, per_window_gkd=2, per_window_gap=2, visit_target=60),
         signals=SignalConfig(min_visits=10),
     )
-    envs = [QuestionEnv(id=f"q{i}", prompt_ids=[], grade=student.is_success) for i in range(2)]
+    envs = [QuestionEnv(id=f"q{i}", prompt_ids=[], grade=student.is_success) for i in range(n_questions)]
     return Diagnosis(RunStore(tmp_path), student, teachers, opts, progress=False), envs
 
 
@@ -68,6 +68,40 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
     ra = RunStore(tmp_path / "a").read_rollouts("q0")
     rb = RunStore(tmp_path / "b").read_rollouts("q0")
     assert len(ra) == len(rb) and all(np.array_equal(x, y) for x, y in zip(ra.tokens, rb.tokens))
+
+
+def test_targeted_rollouts_of_all_questions_share_engine_calls(tmp_path):
+    """The sequential schedule samples the current round of every question of a lane in one
+    call per budget tier: at most paths x lanes x tiers targeted calls for 5 questions (one call
+    per (question, path, chunk, count) before), each with many prefixes and per-prefix counts;
+    a kill at any of those calls resumes to the uninterrupted results."""
+    from opdlens.pipeline import BUDGET_TIERS, LANES
+
+    diag, envs = _setup(tmp_path / "ref", n_questions=5)
+    calls: list[tuple[int, int]] = []
+    real = diag.student.sample
+
+    def sample(prefixes, n, max_new_tokens, **kw):  # type: ignore[no-untyped-def]
+        calls.append((len(prefixes), sum(n) if isinstance(n, list) else n * len(prefixes)))
+        return real(prefixes, n, max_new_tokens, **kw)
+
+    diag.student.sample = sample  # type: ignore[method-assign]
+    questions = diag.run(envs)
+    targeted = calls[len(envs):]  # after one initial call per question
+    n_paths = int(diag.store.read_all("paths").groupby("question_id").size().max())
+    assert 0 < len(targeted) <= n_paths * LANES * BUDGET_TIERS
+    assert max(p for p, _ in targeted) > 10  # targets of several questions in one call
+    assert sum(r for _, r in targeted) <= questions["n_targeted"].sum()
+    key = ["teacher", "question_id", "path_id", "node"]
+    ref = load_results(diag.store)[0].sort_values(key).reset_index(drop=True)
+    for kill in (len(envs) + 1, len(envs) + len(targeted) // 2, len(envs) + len(targeted) - 1):
+        out = tmp_path / f"kill{kill}"
+        first, _ = _setup(out, fail_after=kill, n_questions=5)
+        with pytest.raises(KeyboardInterrupt):
+            first.run(envs)
+        again, _ = _setup(out, n_questions=5)
+        again.run(envs)
+        pd.testing.assert_frame_equal(load_results(again.store)[0].sort_values(key).reset_index(drop=True), ref)
 
 
 def test_targets_follow_windows_and_budgets():

@@ -96,6 +96,20 @@ def test_same_seed_same_samples(llama: HFPolicy) -> None:
     assert llama.sample(PREFIXES, 8, 10, seed=123) == llama.sample(PREFIXES, 8, 10, seed=123)
 
 
+def test_per_prefix_counts(llama: HFPolicy) -> None:
+    """``n`` as one count per prefix: each prefix gets its own number of samples, exact under
+    teacher forcing, packed into few batches (dead grid rows where counts differ); one count
+    for all given as a list is the int call, sample for sample."""
+    eng = _engine(llama, max_batch_rows=8)
+    res = eng.sample(PREFIXES, [3, 11, 1], 6, seed=5)
+    assert [len(cs) for cs in res] == [3, 11, 1]
+    assert eng.stats["prefills"] == 3
+    _check_against_teacher_forcing(llama, res, 1.0)
+    assert _tokens(res) == _tokens(_engine(llama, max_batch_rows=8).sample(PREFIXES, [3, 11, 1], 6, seed=5))
+    assert _tokens(eng.sample(PREFIXES, [4, 4, 4], 6, seed=9)) == _tokens(eng.sample(PREFIXES, 4, 6, seed=9))
+    assert [len(cs) for cs in llama.sample(PREFIXES, [2, 1, 5], 3, seed=0)] == [2, 1, 5]
+
+
 def test_eos_stopping_and_length_cap(llama: HFPolicy) -> None:
     eos = {0, 1, 2, 3, 4}  # many EOS tokens: most rows stop within a few tokens
     eng = TorchEngine(llama.model, eos, llama.pad_token_id, "cpu")
@@ -172,6 +186,10 @@ def test_bad_requests_raise(llama: HFPolicy) -> None:
     eng = _engine(llama)
     with pytest.raises(OpdlensError, match="n .samples per prefix"):
         eng.sample(PREFIXES, 0, 5, seed=0)
+    with pytest.raises(OpdlensError, match="n .samples per prefix"):
+        eng.sample(PREFIXES, [1, 0, 2], 5, seed=0)
+    with pytest.raises(OpdlensError, match="n has 2 counts for 3 prefixes"):
+        eng.sample(PREFIXES, [1, 2], 5, seed=0)
     with pytest.raises(OpdlensError, match="prefix 1 is empty"):
         eng.sample([[1], []], 1, 5, seed=0)
     with pytest.raises(OpdlensError, match="temperature"):

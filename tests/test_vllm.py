@@ -266,6 +266,24 @@ def test_request_seeds_give_every_prompt_sample_pair_its_own_seed(seed: int, n_p
     assert seeds == ve.request_seeds(seed, n_prompts, n)  # a function of the call's arguments only
 
 
+@pytest.mark.parametrize("counts", [[1], [3, 1, 7], [64] * 5, [2, 9, 1, 1, 30]])
+def test_request_seeds_with_per_prompt_counts(counts: list[int]) -> None:
+    """One count per prompt: the seeds are base + the samples of the prompts before, so the
+    seed_i + j (j < n_i) are base .. base + sum(n_i) - 1, each once; one count is the int call."""
+    seeds = ve.request_seeds(4, len(counts), counts)
+    child = sorted(s + j for s, n in zip(seeds, counts) for j in range(n))
+    assert child == list(range(seeds[0], seeds[0] + sum(counts)))
+    assert ve.request_seeds(4, 5, [7] * 5) == ve.request_seeds(4, 5, 7)
+
+
+def test_per_prompt_counts_map_onto_vllm(fake_vllm: type[FakeLLM]) -> None:
+    eng = _engine()
+    res = eng.sample([[1, 2, 3], [4], [5]], n=[2, 5, 1], max_new_tokens=4, seed=1)
+    ((_, params),) = eng.llm.calls
+    assert [p.n for p in params] == [2, 5, 1] and [p.seed for p in params] == ve.request_seeds(1, 3, [2, 5, 1])
+    assert [len(cs) for cs in res] == [2, 5, 1]
+
+
 def test_sibling_prefixes_do_not_share_noise(fake_vllm: type[FakeLLM]) -> None:
     """Identical sibling prefixes in one call: with seed + i per prompt, sample j of prompt 1 would be
     sample j + 1 of prompt 0 (same seed, same positions, same noise) and P_succ would be biased."""

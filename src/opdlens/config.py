@@ -102,7 +102,8 @@ class DiagnoseConfig(BaseModel):
     schedule: Literal["sequential", "resident"] = Field(
         "sequential",
         description="'sequential': each model loaded once, used for every question and freed after its step "
-        "(fits large teachers on one GPU); 'resident': every model loaded for the whole run",
+        "(fits large teachers on one GPU), targeted rollouts of all questions sampled together; 'resident': every "
+        "model loaded for the whole run, questions one at a time (as the Ray workers run them)",
     )
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
@@ -232,7 +233,9 @@ def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseCon
 #: chunk size, which fixes the chunk seeds) is part of the run's fingerprint: a run directory
 #: resumes only under the same values. Changing an excluded key on resume is allowed; the
 #: rollouts then come from a different random stream or precision than the stored ones.
-#: ``schedule`` (memory only) and ``stat_unit`` (the report only) change no stored result either.
+#: ``schedule`` is one of the former (with several questions the sequential schedule samples the
+#: targeted rollouts of all questions together, the resident one each question alone: other random
+#: streams, the same distributions); ``stat_unit`` (the report only) changes no stored result.
 NON_RESULT_KEYS = frozenset({"device", "dtype", "rollout_engine", "vllm_options", "out_dir", "schedule", "stat_unit"})
 
 

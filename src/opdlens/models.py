@@ -185,6 +185,7 @@ class HFPolicy:
         name: str = "",
         output_device: str | torch.device = "cpu",
         max_batch_tokens: int = 16384,
+        max_logits_bytes: int = 1 << 30,
         engine_options: Mapping[str, Any] | None = None,
     ) -> None:
         self.model = model.eval()
@@ -192,6 +193,7 @@ class HFPolicy:
         self.name = name or getattr(model.config, "_name_or_path", "") or type(model).__name__
         self.output_device = torch.device(output_device)
         self.max_batch_tokens = max_batch_tokens
+        self.max_logits_bytes = max_logits_bytes
         self.engine_options = dict(engine_options or {})
         self._engine: Any = None
         emb = model.get_output_embeddings()
@@ -283,19 +285,60 @@ class HFPolicy:
                             use_cache=False).logits[:, -1]
         return torch.log_softmax(logits.float(), dim=-1).to(self.output_device)
 
-    @torch.inference_mode()
     def continuation_logprobs(self, context: TokenSeq, continuation: TokenSeq) -> torch.Tensor:
         """Float32 ``[len(continuation), V]`` from one forward pass over ``context + continuation``."""
-        ctx = self._check_tokens(context, "context")
-        cont = self._check_tokens(continuation, "continuation")
-        if not ctx:
+        return self.continuation_logprobs_many([(context, continuation)])[0]
+
+    @torch.inference_mode()
+    def continuation_logprobs_many(
+        self, pairs: Sequence[tuple[TokenSeq, TokenSeq]], *, on_device: bool = False
+    ) -> list[torch.Tensor]:
+        """:meth:`continuation_logprobs` of many ``(context, continuation)`` pairs, batched:
+        left-padded forwards of at most ``max_batch_tokens`` input tokens and
+        ``max_logits_bytes`` of kept logits, the log-softmax and its checks on the model's
+        device, then one copy of each batch's rows to ``output_device`` (none with
+        ``on_device``: the results stay on the model's device, for callers that reduce them there)."""
+        seqs = [(self._check_tokens(c, f"context {i}"), self._check_tokens(x, f"continuation {i}"))
+                for i, (c, x) in enumerate(pairs)]  # fmt: skip
+        if any(not c for c, _ in seqs):
             raise OpdlensError("continuation_logprobs needs a non-empty context (the prompt tokens)")
-        if not cont:
-            return torch.empty(0, self._vocab_size, dtype=torch.float32, device=self.output_device)
-        ids = torch.tensor([ctx + cont], dtype=torch.long, device=self.device)
-        logits = self.model(input_ids=ids, logits_to_keep=len(cont) + 1, use_cache=False).logits[0, :-1]
-        out = torch.log_softmax(logits.float(), dim=-1).to(self.output_device)
-        return check_logprobs(out, self.name)
+        dest = self.device if on_device else self.output_device
+        out = [torch.empty(0, self._vocab_size, dtype=torch.float32, device=dest) for _ in seqs]
+        order = sorted((i for i, (_, x) in enumerate(seqs) if x), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
+        row_bytes = 4 * self._vocab_size
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order):
+                width = len(seqs[order[end]][0]) + len(seqs[order[end]][1])
+                keep = 1 + max(len(seqs[i][1]) for i in order[start:end + 1])
+                rows = end - start + 1
+                if rows * width > self.max_batch_tokens or rows * keep * row_bytes > self.max_logits_bytes:
+                    break
+                end += 1
+            idx = order[start:end]
+            for i, lp in zip(idx, self._continuations([seqs[i] for i in idx], dest)):
+                out[i] = lp
+            start = end
+        return out
+
+    def _continuations(self, seqs: list[tuple[list[int], list[int]]], dest: torch.device) -> list[torch.Tensor]:
+        """One left-padded forward over ``context + continuation`` rows: each row's continuation
+        log-probs, checked on the model's device and copied to ``dest`` together."""
+        dev = self.device
+        width = max(len(c) + len(x) for c, x in seqs)
+        keep = 1 + max(len(x) for _, x in seqs)
+        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
+        mask = torch.zeros((len(seqs), width), dtype=torch.long)
+        for r, (c, x) in enumerate(seqs):
+            ids[r, width - len(c) - len(x):] = torch.tensor(c + x)
+            mask[r, width - len(c) - len(x):] = 1
+        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        kw = {} if len(seqs) == 1 else {"attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
+        logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits  # [B, keep, V]
+        rows = torch.cat([logits[r, keep - 1 - len(x): keep - 1] for r, (_, x) in enumerate(seqs)])
+        lp = check_logprobs(torch.log_softmax(rows.float(), dim=-1), self.name).to(dest)
+        return list(lp.split([len(x) for _, x in seqs]))
 
     # ---------------------------------------------------------------- sampling
     @property
@@ -325,7 +368,7 @@ class HFPolicy:
     def sample(
         self,
         prefixes: Sequence[TokenSeq],
-        n: int,
+        n: int | Sequence[int],
         max_new_tokens: int,
         *,
         seed: int,

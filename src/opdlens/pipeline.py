@@ -10,7 +10,9 @@ Per question:
    solution by another model; what cannot be built is a recorded skip (``skips.parquet``);
 4. *candidate priorities*: every targeting teacher scores the student's and its own top tokens
    along each path (``priorities/<teacher>/<question>``);
-5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities;
+5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities; the paths
+   of a question run in order, and the current round of every question goes to the engine
+   together (one call per budget tier, per-target sample counts), so calls are large;
 6. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
    per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
 
@@ -18,7 +20,10 @@ The model schedule (``schedule``): ``"sequential"`` runs each step for all quest
 next, so every model other than the student is loaded once, used for all questions and freed
 (the tree is teacher-independent): a student and eight teachers up to 32B fit one 80 GB GPU.
 ``"resident"`` keeps every model loaded and runs question by question (what the Ray workers do).
-Both give identical results.
+Both sample the same distributions and are reproducible from the seed; they give identical
+results for one question. With several, the sequential schedule samples the targeted rollouts of
+all questions together (:meth:`Diagnosis.enrich`), so they draw other random numbers than the
+resident schedule's, which samples each question alone.
 
 Everything is written through :class:`opdlens.store.RunStore` as it finishes; rerunning a run
 directory resumes where it stopped and gives the same results as an uninterrupted run.
@@ -31,7 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable, Collection, Iterable, Iterator, Sequence
+from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import Any
@@ -122,6 +127,11 @@ class ModelSlot:
     def loaded(self) -> bool:
         return self._policy is not None
 
+    @property
+    def resident(self) -> bool:
+        """Stays loaded for the whole run (:meth:`fixed`): never released."""
+        return self._release is None
+
     def get(self) -> Policy:
         if self._policy is None:
             log.info("loading %s", self.name)
@@ -197,6 +207,31 @@ class Prepared:
     skips: list[dict[str, str]]
 
 
+@dataclass(frozen=True)
+class Continue:
+    """A sampling request: ``count`` rollouts of ``prompt + prefix`` (``prefix``: generated
+    tokens forced so far), each at most ``budget`` more tokens."""
+
+    prompt: Sequence[int]
+    prefix: Sequence[int]
+    count: int
+    budget: int
+
+
+@dataclass
+class Round:
+    """One round of targeted rollouts of one path of a question: its targets cut into the
+    chunks stored as ``<name><chunk index>``."""
+
+    env: QuestionEnv
+    path: list[int]
+    name: str
+    chunks: list[list[Target]]
+
+    def chunk_name(self, index: int) -> str:
+        return f"{self.name}{index:04d}"
+
+
 class Diagnosis:
     """Runs phases 1 and 2 for a list of questions into a run store."""
 
@@ -263,60 +298,57 @@ class Diagnosis:
         return path_stats(path, rollouts, count_forced_at_ancestors=self.opt.count_forced_at_ancestors)
 
     # ------------------------------------------------------------------ helpers
-    def _sample_graded(
-        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
-    ) -> RolloutSet:
-        """Sample ``n`` completions of each generated-token prefix, at most ``budgets[i]`` new
-        tokens for prefix ``i``, and grade them. All prefixes go to the engine in one call;
-        completions past their own budget are cut (the same distribution as a smaller cap)."""
-        return _graded(env, *self._sample_cut(env, prefixes, n, budgets, seed, forced))
-
-    def _sample_cut(
-        self, env: QuestionEnv, prefixes: list[list[int]], n: int, budgets: list[int], seed: int, forced: list[int]
-    ) -> tuple[list[list[int]], list[int]]:
-        """The sampling half of :meth:`_sample_graded`: rollout tokens and forced lengths, ungraded."""
+    def _sample_rollouts(self, requests: Sequence[Continue], seed: int) -> list[list[list[int]]]:
+        """Rollout tokens of every request (its generated-token prefix, then at most ``budget``
+        sampled tokens, ``count`` times); a request whose prefix ends in EOS or whose budget is
+        spent keeps its prefix (the outcome is fixed). The requests go to the engine in one call
+        per budget tier (:data:`BUDGET_TIERS` equal parts of the range of budgets; the longest
+        first, with ``seed``, the others with seeds derived from it): a call samples to its
+        longest budget and cuts each completion to its own (the same distribution as a smaller
+        cap), so short-budget rows do not run to the longest budget of all."""
         eos = self.student.eos_token_ids
-        tokens: list[list[int]] = []
-        forced_out: list[int] = []
-        todo = []
-        for p, b, f in zip(prefixes, budgets, forced):
-            if (p and p[-1] in eos) or b <= 0:  # finished (forced EOS / cap): the outcome is fixed
-                tokens.extend([list(p)] * n)
-                forced_out.extend([f] * n)
-            else:
-                todo.append((p, b, f))
-        if todo:
-            comps = self._sample([env.prompt_ids + p for p, _, _ in todo], n, max(b for _, b, _ in todo), seed)
-            for (p, b, f), cs in zip(todo, comps):
-                tokens.extend(list(p) + c.tokens[:b] for c in cs)
-                forced_out.extend([f] * n)
-        return tokens, forced_out
+        out: list[list[list[int]]] = [[list(r.prefix)] * r.count for r in requests]
+        live = [i for i, r in enumerate(requests) if r.budget > 0 and not (r.prefix and r.prefix[-1] in eos)]
+        width = -(-max((requests[i].budget for i in live), default=1) // BUDGET_TIERS)
+        tiers: dict[int, list[int]] = {}
+        for i in live:
+            tiers.setdefault((requests[i].budget - 1) // width, []).append(i)
+        for k, tier in enumerate(sorted(tiers, reverse=True)):
+            todo = tiers[tier]
+            comps = self._sample([list(requests[i].prompt) + list(requests[i].prefix) for i in todo],
+                                 [requests[i].count for i in todo], max(requests[i].budget for i in todo),
+                                 seed if k == 0 else derive_seed(seed, "budget tier", tier))  # fmt: skip
+            for i, cs in zip(todo, comps):
+                r = requests[i]
+                out[i] = [list(r.prefix) + c.tokens[:r.budget] for c in cs]
+        return out
 
-    def _sample(self, prefixes: list[list[int]], n: int, max_new_tokens: int, seed: int) -> list[list[Completion]]:
-        """``student.sample`` that survives running out of GPU memory: the request is split in
-        halves (prefixes first, then the ``n`` rows), each half with its own seed derived from
-        ``seed``, and retried. The same request and the same memory give the same rollouts; the
-        split changes which random numbers each rollout gets, not their distribution."""
+    def _sample(self, prefixes: list[list[int]], n: list[int], max_new_tokens: int, seed: int) -> list[list[Completion]]:
+        """``student.sample`` (``n[i]`` samples of prefix ``i``) that survives running out of GPU
+        memory: the request is split in halves (prefixes first, then a single prefix's rows),
+        each half with its own seed derived from ``seed``, and retried. The same request and the
+        same memory give the same rollouts; the split changes which random numbers each rollout
+        gets, not their distribution."""
         try:
             return self.student.sample(prefixes, n, max_new_tokens, seed=seed, temperature=self.opt.temperature)
         except torch.OutOfMemoryError:
             pass  # retry outside the except block: the traceback holds the failed call's tensors
         if torch.cuda.is_available():
             torch.cuda.empty_cache()
-        if len(prefixes) == 1 and n == 1:
+        if len(prefixes) == 1 and n[0] == 1:
             raise OpdlensError(
                 f"out of GPU memory sampling one rollout of a {len(prefixes[0])}-token prefix with "
                 f"max_new_tokens={max_new_tokens}: lower max_new_tokens, use dtype=bfloat16 or a GPU with more memory"
             )
         self.oom_retries += 1
-        log.warning("out of GPU memory sampling %d prefixes x %d rows: retrying in halves", len(prefixes), n)
+        log.warning("out of GPU memory sampling %d prefixes x %d rows: retrying in halves", len(prefixes), sum(n))
         s0, s1 = derive_seed(seed, "oom", 0), derive_seed(seed, "oom", 1)
         if len(prefixes) > 1:
             h = len(prefixes) // 2
-            return self._sample(prefixes[:h], n, max_new_tokens, s0) + self._sample(prefixes[h:], n, max_new_tokens, s1)
-        h = n // 2
-        a = self._sample(prefixes, h, max_new_tokens, s0)
-        b = self._sample(prefixes, n - h, max_new_tokens, s1)
+            return self._sample(prefixes[:h], n[:h], max_new_tokens, s0) + self._sample(prefixes[h:], n[h:], max_new_tokens, s1)
+        h = n[0] // 2
+        a = self._sample(prefixes, [h], max_new_tokens, s0)
+        b = self._sample(prefixes, [n[0] - h], max_new_tokens, s1)
         return [a[0] + b[0]]
 
     def _teacher_context(self, teacher: Teacher, env: QuestionEnv, sol: Solutions) -> list[int] | None:
@@ -332,15 +364,10 @@ class Diagnosis:
     # ------------------------------------------------------------------ phase 1
     def initial(self, env: QuestionEnv) -> RolloutSet:
         if not self.store.has_chunk(env.id, "initial"):
-            rs = self._sample_graded(
-                env,
-                [[]],
-                self.opt.rollouts_per_question,
-                [self.opt.max_new_tokens],
-                derive_seed(self.opt.seed, env.id, "initial"),
-                [0],
-            )
-            self.store.write_chunk(env.id, "initial", rs)
+            (tokens,) = self._sample_rollouts([Continue(env.prompt_ids, [], self.opt.rollouts_per_question,
+                                                        self.opt.max_new_tokens)],
+                                              derive_seed(self.opt.seed, env.id, "initial"))  # fmt: skip
+            self.store.write_chunk(env.id, "initial", _graded(env, tokens, [0] * len(tokens)))
         return self.store.read_chunk(env.id, "initial")
 
     def paths(self, env: QuestionEnv, initial: RolloutSet) -> pd.DataFrame:
@@ -451,16 +478,49 @@ class Diagnosis:
             return None
         rel = self.store.priorities_file(teacher.spec.name, env.id)
         if not self.store.has(rel):
-            frames = []
-            for row in prep.paths.itertuples():
-                path = [int(x) for x in row.tokens]
-                lps = self.student.continuation_logprobs(env.prompt_ids, path)
-                lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
-                c = candidate_priorities(lps, lpt, self.opt.targeting.candidates_per_node)
-                frames.append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node, "token": c.token,
-                                            "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
-            self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+            self.write_priorities(env, prep, [teacher])
         return self.store.read_table(rel)
+
+    def write_priorities(self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]) -> None:
+        """Compute and store the priorities of ``teachers`` (loaded together) that are missing
+        for the question; the student's log-probs are computed once for all of them."""
+        todo = [t for t in teachers if t.spec.name in prep.contexts
+                and not self.store.has(self.store.priorities_file(t.spec.name, env.id))]  # fmt: skip
+        if not todo:
+            return
+        frames: dict[str, list[pd.DataFrame]] = {t.spec.name: [] for t in todo}
+        for rows, lps, lpts in self._scored_paths(env, prep, todo):
+            for t, lpt in zip(todo, lpts):
+                for row, ls, lt in zip(rows, lps, lpt):
+                    c = candidate_priorities(ls, lt, self.opt.targeting.candidates_per_node)
+                    frames[t.spec.name].append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node,
+                                                             "token": c.token, "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
+        for t in todo:
+            self.store.write_table(self.store.priorities_file(t.spec.name, env.id),
+                                   pd.concat(frames[t.spec.name], ignore_index=True))  # fmt: skip
+
+    def _scored_paths(
+        self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]
+    ) -> Iterator[tuple[list[Any], list[torch.Tensor], list[list[torch.Tensor]]]]:
+        """The question's paths (rows of ``prep.paths``) in groups, with the student's ``[L, V]``
+        log-probs along them and each teacher's (in the order of ``teachers``): each model
+        scores a group in batched forwards; a group's log-probs, all models together, stay
+        under :data:`SCORE_GROUP_BYTES` and on the models' devices (a single path over that
+        bound is scored alone and its log-probs go to the CPU, as without a GPU)."""
+        rows = list(prep.paths.itertuples())
+        per_token = 4 * self.student.vocab_size * (1 + len(teachers))
+        group: list[Any] = []
+        for i, row in enumerate(rows):
+            group.append(row)
+            nxt = int(rows[i + 1].length) if i + 1 < len(rows) else None
+            if nxt is None or per_token * (sum(int(r.length) for r in group) + nxt) > SCORE_GROUP_BYTES:
+                paths = [[int(x) for x in r.tokens] for r in group]
+                keep = per_token * sum(len(p) for p in paths) <= SCORE_GROUP_BYTES
+                lps = _logprobs_along(self.student, [(env.prompt_ids, p) for p in paths], keep)
+                lpts = [_logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths], keep)
+                        for t in teachers]  # fmt: skip
+                yield group, lps, lpts
+                group = []
 
     def _path_logprobs(self, env: QuestionEnv, prep: Prepared, path: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's and the driving teachers' log-probs along a path (adaptive targeting)."""
@@ -469,99 +529,141 @@ class Diagnosis:
         return self.student.continuation_logprobs(env.prompt_ids, path), lpts
 
     def targeted(self, env: QuestionEnv, prep: Prepared) -> None:
-        """Enrich every path from the stored priorities of the driving teachers (the question's
-        summary row counts what was stored).
+        """Enrich every path of one question (:meth:`enrich` of that question alone)."""
+        self.enrich([(env, prep)])
 
-        Paths run in order (a path's targets depend on the rollouts of the paths before it);
-        within a path a :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed
-        mode). Each chunk's groups are sampled on the calling thread, and grading and writing a
-        chunk run on a worker thread while the next chunk samples; the rollouts of earlier paths
-        and rounds are kept in memory, not read back."""
+    def enrich(self, questions: Sequence[tuple[QuestionEnv, Prepared]]) -> None:
+        """Targeted rollouts of every path of ``questions``, from the stored priorities of the
+        driving teachers (each question's summary row counts what was stored).
+
+        Each question runs its paths in order (a path's targets depend on the rollouts of the
+        paths before it; :meth:`_rounds`). The questions are dealt into :data:`LANES` lanes (by
+        position) that take turns: the current round of every question of a lane is sampled
+        together (:meth:`_sample_round`: one engine call per budget tier), and while the next
+        lane's calls run, the worker thread grades and writes this lane's chunks. The rollouts of earlier paths and
+        rounds are kept in memory, not read back."""
+        Live = list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round]]
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
+            lanes: list[tuple[Live, list[list[Future[RolloutSet]]] | None]] = []
+            for k in range(min(LANES, len(questions))):
+                live: Live = []
+                for env, prep in questions[k::LANES]:
+                    gen = self._rounds(env, prep)
+                    first = next(gen, None)
+                    if first is not None:
+                        live.append((gen, first))
+                lanes.append((live, None))
+            every: list[Future[RolloutSet]] = []
+            while any(live for live, _ in lanes):
+                for k, (live, sampled) in enumerate(lanes):
+                    if sampled is not None:  # the lane's last call: its questions' next rounds
+                        live = [(gen, nxt) for (gen, _), futures in zip(live, sampled)
+                                if (nxt := _advance(gen, futures)) is not None]  # fmt: skip
+                    sampled = self._sample_round([r for _, r in live], worker) if live else None
+                    every += [f for fs in sampled or [] for f in fs]
+                    lanes[k] = (live, sampled)
+            for f in every:
+                f.result()  # raise the worker's errors here
+
+    def _rounds(self, env: QuestionEnv, prep: Prepared) -> Generator[Round, list[Future[RolloutSet]], None]:
+        """The rounds of targeted rollouts of one question, path by path: yields each round's
+        targets and is sent back the futures of its stored chunks. Within a path a
+        :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed mode)."""
         tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
         if not tables:
             return
         pri = pd.concat(tables, ignore_index=True)
         before = prep.initial
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
-            pending: list[Future[RolloutSet]] = []
-            for row in prep.paths.itertuples():
-                pid = int(row.path_id)
-                path = [int(x) for x in row.tokens]
-                mine = pri[pri["path_id"] == pid]
-                cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
-                rnd = 0
-                while True:
-                    for done in pending:  # + the enrichment of earlier paths and rounds, in chunk order
-                        before = before.extend(done.result())
-                    pending = []
-                    stats = self._path_stats(path, before)
-                    if rnd == 0:
-                        plan = TargetPlan(path, stats, cands, self.opt.targeting, self.opt.signals,
-                                          logprobs=lambda path=path: self._path_logprobs(env, prep, path))  # fmt: skip
-                    targets = plan.next_round(stats)
-                    if not targets:
-                        break
-                    prefix = f"targeted-p{pid:02d}-" + (f"r{rnd:02d}-" if rnd else "")
-                    pending = self._enrich(env, path, targets, prefix, worker)
-                    rnd += 1
-                    if plan.finished:
-                        break
-            for done in pending:
-                done.result()  # raise the worker's errors here
-
-    def _enrich(
-        self, env: QuestionEnv, path: list[int], targets: list[Target], prefix: str, worker: ThreadPoolExecutor
-    ) -> list[Future[RolloutSet]]:
-        """Sample one round of targeted rollouts; grading and storing each chunk go to ``worker``
-        (chunks already stored are read back instead)."""
         pending: list[Future[RolloutSet]] = []
-        for ci, chunk in enumerate(_chunk_targets(targets, self.opt.chunk_rollouts)):
-            name = f"{prefix}{ci:04d}"
-            if self.store.has_chunk(env.id, name):
-                pending.append(worker.submit(self.store.read_chunk, env.id, name))
-                continue
-            tokens: list[list[int]] = []
-            forced: list[int] = []
-            for gi, (need, group) in enumerate(_group(chunk)):
-                tk, fo = self._sample_cut(
-                    env,
-                    [path[: t.node] + [t.token] for t in group],
-                    need,
-                    [self.opt.max_new_tokens - t.node - 1 for t in group],
-                    derive_seed(self.opt.seed, env.id, name, gi),
-                    [t.node + 1 for t in group],
-                )
-                tokens += tk
-                forced += fo
-            pending.append(worker.submit(_graded_and_stored, self.store, env, name, tokens, forced))
-        return pending
+        for row in prep.paths.itertuples():
+            pid = int(row.path_id)
+            path = [int(x) for x in row.tokens]
+            mine = pri[pri["path_id"] == pid]
+            cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
+            rnd = 0
+            while True:
+                for done in pending:  # + the enrichment of earlier paths and rounds, in chunk order
+                    before = before.extend(done.result())
+                pending = []
+                stats = self._path_stats(path, before)
+                if rnd == 0:
+                    plan = TargetPlan(path, stats, cands, self.opt.targeting, self.opt.signals,
+                                      logprobs=lambda path=path: self._path_logprobs(env, prep, path))  # fmt: skip
+                targets = plan.next_round(stats)
+                if not targets:
+                    break
+                name = f"targeted-p{pid:02d}-" + (f"r{rnd:02d}-" if rnd else "")
+                pending = yield Round(env, path, name, _chunk_targets(targets, self.opt.chunk_rollouts))
+                rnd += 1
+                if plan.finished:
+                    break
+
+    def _sample_round(self, rounds: list[Round], worker: ThreadPoolExecutor) -> list[list[Future[RolloutSet]]]:
+        """Sample the targets of ``rounds`` (one round of several questions) together
+        (:meth:`_sample_rollouts`) and hand each stored chunk (``<round name><chunk index>``,
+        per question) to ``worker`` to be graded and written; returns the futures of each
+        round's chunks.
+
+        The seed is derived from the names of the rounds, so the whole set is re-sampled
+        identically when some of its chunks are missing (a resumed run); chunks already stored
+        are read back and only the missing ones are written."""
+        stored = [[self.store.has_chunk(r.env.id, r.chunk_name(ci)) for ci in range(len(r.chunks))] for r in rounds]
+        samples: list[list[list[int]]] = []
+        if not all(all(s) for s in stored):
+            requests = [Continue(r.env.prompt_ids, r.path[: t.node] + [t.token], t.need,
+                                 self.opt.max_new_tokens - t.node - 1)
+                        for r in rounds for chunk in r.chunks for t in chunk]  # fmt: skip
+            seed = derive_seed(self.opt.seed, "targeted", *[(r.env.id, r.name) for r in rounds])
+            samples = self._sample_rollouts(requests, seed)
+        out: list[list[Future[RolloutSet]]] = []
+        i = 0
+        for r, have in zip(rounds, stored):
+            futures = []
+            for ci, chunk in enumerate(r.chunks):
+                name = r.chunk_name(ci)
+                if have[ci]:
+                    futures.append(worker.submit(self.store.read_chunk, r.env.id, name))
+                else:
+                    tokens = [tk for k in range(i, i + len(chunk)) for tk in samples[k]]
+                    forced = [t.node + 1 for t in chunk for _ in range(t.need)]
+                    futures.append(worker.submit(_graded_and_stored, self.store, r.env, name, tokens, forced))
+                i += len(chunk)
+            out.append(futures)
+        return out
 
     # ------------------------------------------------------------------ phase 2
     def score(self, env: QuestionEnv, prep: Prepared, teacher: Teacher) -> None:
         """Score every path of the question under ``teacher`` unless its
         ``nodes/<teacher>/<question>`` table is stored (or it has no context there)."""
-        rel = self.store.nodes_file(teacher.spec.name, env.id)
-        if self.store.has(rel) or teacher.spec.name not in prep.contexts:
+        self.score_group(env, prep, [teacher])
+
+    def score_group(self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]) -> None:
+        """:meth:`score` for several teachers loaded together: the question's rollouts are read,
+        each path's statistics built and the student's log-probs computed once for all of them."""
+        todo = [t for t in teachers if t.spec.name in prep.contexts
+                and not self.store.has(self.store.nodes_file(t.spec.name, env.id))]  # fmt: skip
+        if not todo:
             return
         rollouts = self.store.read_rollouts(env.id)
-        frames = []
-        for row in prep.paths.itertuples():
-            path = [int(x) for x in row.tokens]
-            lps = self.student.continuation_logprobs(env.prompt_ids, path)
-            lpt = teacher.policy.continuation_logprobs(prep.contexts[teacher.spec.name], path)
-            stats = self._path_stats(path, rollouts)
-            sig = path_signals(stats, lps, lpt, self.opt.signals, baseline=prep.initial.success_rate)
-            df = pd.DataFrame(sig)
-            df.insert(0, "node", np.arange(len(path)))
-            df.insert(0, "teacher", teacher.spec.name)
-            df.insert(0, "path_correct", bool(row.correct))
-            df.insert(0, "path_id", int(row.path_id))
-            df.insert(0, "question_id", env.id)
-            df["token_id"] = path
-            df["token_text"] = env.token_texts(path)
-            df["children"] = children_column(stats, lps, lpt, env.token_texts, self.opt.signals.min_visits)
-            frames.append(df)
-        self.store.write_table(rel, pd.concat(frames, ignore_index=True))
+        frames: dict[str, list[pd.DataFrame]] = {t.spec.name: [] for t in todo}
+        for rows, lps, lpts in self._scored_paths(env, prep, todo):
+            for i, row in enumerate(rows):
+                path = [int(x) for x in row.tokens]
+                stats = self._path_stats(path, rollouts)
+                for t, lpt in zip(todo, lpts):
+                    sig = path_signals(stats, lps[i], lpt[i], self.opt.signals, baseline=prep.initial.success_rate)
+                    df = pd.DataFrame(sig)
+                    df.insert(0, "node", np.arange(len(path)))
+                    df.insert(0, "teacher", t.spec.name)
+                    df.insert(0, "path_correct", bool(row.correct))
+                    df.insert(0, "path_id", int(row.path_id))
+                    df.insert(0, "question_id", env.id)
+                    df["token_id"] = path
+                    df["token_text"] = env.token_texts(path)
+                    df["children"] = children_column(stats, lps[i], lpt[i], env.token_texts, self.opt.signals.min_visits)
+                    frames[t.spec.name].append(df)
+        for t in todo:
+            self.store.write_table(self.store.nodes_file(t.spec.name, env.id), pd.concat(frames[t.spec.name], ignore_index=True))
 
     # ------------------------------------------------------------------ driver
     def prepare(self, env: QuestionEnv) -> Prepared:
@@ -619,9 +721,7 @@ class Diagnosis:
 
     def phase2(self, env: QuestionEnv, prep: Prepared, teachers: Collection[str] | None = None) -> None:
         """Phase 2 of a question whose phase 1 is done: score ``teachers`` (names; None = all)."""
-        for t in self.teachers:
-            if teachers is None or t.spec.name in teachers:
-                self.score(env, prep, t)
+        self.score_group(env, prep, [t for t in self.teachers if teachers is None or t.spec.name in teachers])
 
     def run_question(self, env: QuestionEnv) -> dict[str, object]:
         prep, summary = self.phase1(env)
@@ -671,19 +771,22 @@ class Diagnosis:
                     slot.release()
         for prep in preps.values():
             self.skips.extend(prep.skips)
-        for t in self.driving:
-            with self._phase(f"priorities ({t.spec.name})"):
-                for env in self._bar(envs, f"priorities ({t.spec.name})"):
-                    self.priorities(env, preps[env.id], t)
-                t.slot.release()
+        for group in _by_model(self.driving):
+            names = ", ".join(t.spec.name for t in group)
+            with self._phase(f"priorities ({names})"):
+                for env in self._bar(envs, f"priorities ({names})"):
+                    self.write_priorities(env, preps[env.id], group)
+                for t in group:
+                    t.slot.release()
         with self._phase("targeted rollouts"):
-            for env in self._bar(envs, "targeted rollouts"):
-                self.targeted(env, preps[env.id])
-        for t in self.teachers:
-            with self._phase(f"scoring ({t.spec.name})"):
-                for env in self._bar(envs, f"scoring ({t.spec.name})"):
-                    self.score(env, preps[env.id], t)
-                t.slot.release()
+            self.enrich([(env, preps[env.id]) for env in envs])
+        for group in _by_model(self.teachers):
+            names = ", ".join(t.spec.name for t in group)
+            with self._phase(f"scoring ({names})"):
+                for env in self._bar(envs, f"scoring ({names})"):
+                    self.score_group(env, preps[env.id], group)
+                for t in group:
+                    t.slot.release()
         return [self.summary(env, preps[env.id]) for env in envs]
 
     def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
@@ -717,6 +820,46 @@ def _graded_and_stored(store: RunStore, env: QuestionEnv, name: str, tokens: lis
     return rs
 
 
+#: Bound on the log-probs (student's and teachers') of the paths scored together, in bytes.
+SCORE_GROUP_BYTES = 1 << 30
+
+
+def _by_model(teachers: Sequence[Teacher]) -> list[list[Teacher]]:
+    """Teachers grouped by the model they run on, in order of first appearance: the ones on
+    resident models (the student, test policies) together, each scheduled model's together
+    (the sequential schedule loads it once for its group)."""
+    groups: dict[int, list[Teacher]] = {}
+    for t in teachers:
+        groups.setdefault(0 if t.slot.resident else id(t.slot), []).append(t)
+    return list(groups.values())
+
+
+def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]], on_device: bool) -> list[torch.Tensor]:
+    """The ``[L, V]`` log-probs of each ``(context, path)``: batched (and left on the model's
+    device with ``on_device``) where the policy can (``continuation_logprobs_many``), else one
+    call each."""
+    many = getattr(policy, "continuation_logprobs_many", None)
+    if many is not None:
+        return list(many(pairs, on_device=on_device))
+    return [policy.continuation_logprobs(c, p) for c, p in pairs]
+
+
+#: Lanes of questions whose targeted rollouts take turns on the engine (:meth:`Diagnosis.enrich`).
+LANES = 2
+
+#: Budget tiers of :meth:`Diagnosis._sample_rollouts`: one engine call per tier, so short-budget
+#: rollouts do not run to the longest budget of a round.
+BUDGET_TIERS = 3
+
+
+def _advance(gen: Generator[Round, list[Future[RolloutSet]], None], futures: list[Future[RolloutSet]]) -> Round | None:
+    """Send a question's round generator the futures of its last round: its next round, or None."""
+    try:
+        return gen.send(futures)
+    except StopIteration:
+        return None
+
+
 def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
     """Split targets into chunks of about ``size`` rollouts (a target is never split)."""
     chunks: list[list[Target]] = [[]]
@@ -728,14 +871,6 @@ def _chunk_targets(targets: list[Target], size: int) -> list[list[Target]]:
         chunks[-1].append(t)
         total += t.need
     return [c for c in chunks if c]
-
-
-def _group(targets: list[Target]) -> list[tuple[int, list[Target]]]:
-    """Group targets needing the same number of rollouts: one batched sampling call each."""
-    groups: dict[int, list[Target]] = {}
-    for t in targets:
-        groups.setdefault(t.need, []).append(t)
-    return list(groups.items())
 
 
 def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

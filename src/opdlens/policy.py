@@ -76,18 +76,33 @@ class Policy(Protocol):
     def sample(
         self,
         prefixes: Sequence[TokenSeq],
-        n: int,
+        n: int | Sequence[int],
         max_new_tokens: int,
         *,
         seed: int,
         temperature: float = 1.0,
     ) -> list[list[Completion]]:
-        """``n`` independent continuations of every prefix (result ``[len(prefixes)][n]``).
+        """``n`` independent continuations of every prefix (result ``[len(prefixes)][n]``), or
+        ``n[i]`` of prefix ``i`` when ``n`` is a sequence (one count per prefix, each >= 1).
 
         Deterministic for a given seed. Generation stops at an EOS token or after
         ``max_new_tokens`` tokens.
         """
         ...
+
+
+def sample_counts(n: int | Sequence[int], n_prefixes: int) -> list[int]:
+    """The samples of each of ``n_prefixes`` prefixes asked for by ``n`` (one count for all, or
+    one per prefix), checked: every count an integer >= 1."""
+    counts = [n] * n_prefixes if isinstance(n, int) and not isinstance(n, bool) else n
+    if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
+        raise OpdlensError(f"n (samples per prefix) must be an integer >= 1 or one such integer per prefix, got {n!r}")
+    if len(counts) != n_prefixes:
+        raise OpdlensError(f"n has {len(counts)} counts for {n_prefixes} prefixes: give one count per prefix (or one int)")
+    for c in counts:
+        if isinstance(c, bool) or not isinstance(c, int) or c < 1:
+            raise OpdlensError(f"n (samples per prefix) must be an integer >= 1, got {c!r}")
+    return [int(c) for c in counts]
 
 
 def check_logprobs(logprobs: torch.Tensor, who: str) -> torch.Tensor:

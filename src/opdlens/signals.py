@@ -151,14 +151,15 @@ def teacher_advantage(p_student: Tensor, p_teacher: Tensor, psucc: Tensor, mask:
 
 
 def divergences(logp_student: Tensor, logp_teacher: Tensor) -> dict[str, Tensor]:
-    """Full-vocabulary KL(P_θ‖P_te), Jensen–Shannon, L2 and cosine of the probability vectors."""
+    """Full-vocabulary KL(P_θ‖P_te), Jensen–Shannon, L2 and cosine of the probability vectors
+    (``[L]`` each, on the CPU whatever the log-probs' device)."""
     p, q = logp_student.exp(), logp_teacher.exp()
     kl = (p * (logp_student - logp_teacher)).sum(-1)
     log_m = torch.logaddexp(logp_student, logp_teacher) - np.log(2.0)
     js = 0.5 * (p * (logp_student - log_m)).sum(-1) + 0.5 * (q * (logp_teacher - log_m)).sum(-1)
     l2 = (p - q).norm(dim=-1)
     cos = (p * q).sum(-1) / (p.norm(dim=-1) * q.norm(dim=-1))
-    return {"kl": kl, "js": js, "l2": l2, "cos_prob": cos}
+    return {"kl": kl.cpu(), "js": js.cpu(), "l2": l2.cpu(), "cos_prob": cos.cpu()}
 
 
 def reward_to_go(token_ell: Tensor, gamma: float = 1.0, length_norm: bool = True) -> Tensor:
@@ -186,7 +187,8 @@ def path_signals(
     """All per-node signals along one path.
 
     ``logp_student`` / ``logp_teacher`` are the full next-token log-distributions at every node
-    of the path (``[L, V]``, e.g. from ``Policy.continuation_logprobs``). ``baseline`` is the
+    of the path (``[L, V]``, e.g. from ``Policy.continuation_logprobs``), on any device: the
+    full-vocabulary work runs there and only ``[L]`` / per-child values come to the CPU. ``baseline`` is the
     Dr. GRPO group mean reward (the question's success rate); by default each node's own mean.
     Returns a dict of ``[L]`` numpy arrays (see ``opdlens.analysis`` for the column meanings).
     """
@@ -213,14 +215,15 @@ def path_signals(
     mask = seen & (n >= max(cfg.min_visits, 1))  # S_u
     psucc = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(n))
 
-    ls_k = lps.gather(1, tok)
-    lt_k = lpt.gather(1, tok)
+    ls_k = lps.gather(1, tok.to(lps.device)).cpu()  # full-vocabulary work stays on the log-probs' device
+    lt_k = lpt.gather(1, tok.to(lps.device)).cpu()
     p_st, lp_st = restrict(ls_k, mask, True)  # renormalised over S_u
     p_te, lp_te = restrict(lt_k, mask, True)
 
     path = torch.from_numpy(stats.path)
     onehot = seen & (tok == path.unsqueeze(1))
-    token_ell = (lps - lpt).gather(1, path.unsqueeze(1)).squeeze(1)
+    on_path = path.unsqueeze(1).to(lps.device)
+    token_ell = (lps.gather(1, on_path) - lpt.gather(1, on_path)).squeeze(1).cpu()
     rtg = reward_to_go(token_ell, cfg.minillm_gamma, cfg.minillm_length_norm)
 
     if cfg.restriction == "renormalize":
@@ -243,7 +246,7 @@ def path_signals(
     else:  # literal: full-vocabulary components and baselines, kept on S_u
         p_full = _masked(ls_k.exp(), seen)
         ell_full = _masked(ls_k - lt_k, seen)
-        kl_full = (lps.exp() * (lps - lpt)).sum(-1)
+        kl_full = (lps.exp() * (lps - lpt)).sum(-1).cpu()
         m_node, ms_node = (m * seen).sum(-1), (ms * seen).sum(-1)
         v_node = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), (s * seen).sum(-1) / (n * seen).sum(-1).clamp_min(1.0))
         base = v_node if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
@@ -271,8 +274,8 @@ def path_signals(
         "n_children": n_children,
         "visits": torch.from_numpy(stats.node_visits()),
         "depth_norm": torch.arange(big_l, dtype=torch.float64) / big_l,
-        "p_student": lps.gather(1, path.unsqueeze(1)).squeeze(1).exp(),
-        "p_teacher": lpt.gather(1, path.unsqueeze(1)).squeeze(1).exp(),
+        "p_student": lps.gather(1, on_path).squeeze(1).exp().cpu(),
+        "p_teacher": lpt.gather(1, on_path).squeeze(1).exp().cpu(),
         "psucc_token": torch.where((onehot & mask).any(-1), (psucc * (onehot & mask)).sum(-1), nan),
         "teacher_adv": torch.where(n_children > 0, teacher_advantage(p_st, p_te, psucc, mask), nan),
         "norm_ideal": g_ideal.norm(dim=-1),

@@ -21,7 +21,7 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq
+from opdlens.policy import Completion, OpdlensError, TokenSeq, sample_counts
 
 EOS = 0
 
@@ -162,7 +162,7 @@ class SyntheticPolicy:
     def sample(
         self,
         prefixes: Sequence[TokenSeq],
-        n: int,
+        n: int | Sequence[int],
         max_new_tokens: int,
         *,
         seed: int,
@@ -170,14 +170,14 @@ class SyntheticPolicy:
     ) -> list[list[Completion]]:
         rng = np.random.default_rng(seed)
         out: list[list[Completion]] = []
-        for prefix in prefixes:
+        for prefix, rows in zip(prefixes, sample_counts(n, len(prefixes))):
             t0, a0, s0 = self._state(prefix)
-            t = np.full(n, t0)
-            a = np.full(n, a0)
-            s = np.full(n, s0)
-            alive = np.ones(n, dtype=bool)
-            toks: list[list[int]] = [[] for _ in range(n)]
-            lps: list[list[float]] = [[] for _ in range(n)]
+            t = np.full(rows, t0)
+            a = np.full(rows, a0)
+            s = np.full(rows, s0)
+            alive = np.ones(rows, dtype=bool)
+            toks: list[list[int]] = [[] for _ in range(rows)]
+            lps: list[list[float]] = [[] for _ in range(rows)]
             for _ in range(max_new_tokens):
                 idx = np.flatnonzero(alive & (t < self.horizon))
                 if idx.size == 0:
@@ -194,7 +194,7 @@ class SyntheticPolicy:
                 a[idx] = k
                 s[idx] = (s[idx] + k) % self.modulus
             out.append(
-                [Completion(toks[i], lps[i], finished=bool(toks[i]) and toks[i][-1] == EOS) for i in range(n)]
+                [Completion(toks[i], lps[i], finished=bool(toks[i]) and toks[i][-1] == EOS) for i in range(rows)]
             )
         return out
 

@@ -139,10 +139,10 @@ def candidate_priorities(logp_student: torch.Tensor, logp_teacher: torch.Tensor,
     c = min(n_candidates, logp_student.shape[1])
     cand = torch.cat([logp_student.topk(c, dim=-1).indices, logp_teacher.topk(c, dim=-1).indices], dim=-1)
     nodes = torch.arange(cand.shape[0]).unsqueeze(1).expand_as(cand)
-    keys = np.unique(np.stack([nodes.reshape(-1).numpy(), cand.reshape(-1).numpy()], 1), axis=0)
+    keys = np.unique(np.stack([nodes.reshape(-1).numpy(), cand.reshape(-1).cpu().numpy()], 1), axis=0)
     n_t, k_t = torch.from_numpy(keys[:, 0]), torch.from_numpy(keys[:, 1])
     return Candidates(keys[:, 0].astype(np.int64), keys[:, 1].astype(np.int64),
-                      gkd[n_t, k_t].numpy(), gap[n_t, k_t].numpy())  # fmt: skip
+                      gkd[n_t, k_t].cpu().numpy(), gap[n_t, k_t].cpu().numpy())  # fmt: skip
 
 
 def choose_pairs(path: Sequence[int], cands: Candidates, config: TargetingConfig | None = None) -> list[tuple[int, int]]:

@@ -48,8 +48,8 @@ def children_column(
     shown = rank < limit
     node, tok, visits, succ = node[shown], tok[shown], visits[shown], succ[shown]
     idx_n, idx_t = torch.from_numpy(node), torch.from_numpy(tok)
-    p_st = logp_student[idx_n, idx_t].double().exp().numpy()
-    p_te = logp_teacher[idx_n, idx_t].double().exp().numpy()
+    p_st = logp_student[idx_n, idx_t].double().exp().cpu().numpy()
+    p_te = logp_teacher[idx_n, idx_t].double().exp().cpu().numpy()
     texts = token_texts([int(t) for t in tok]) if tok.size else []
     out: list[list[dict[str, object]]] = [[] for _ in range(big_l)]
     for i in range(node.size):

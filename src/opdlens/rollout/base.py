@@ -8,23 +8,25 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq
+from opdlens.policy import Completion, OpdlensError, TokenSeq, sample_counts
 
 
 @runtime_checkable
 class Engine(Protocol):
-    """Samples ``n`` continuations of each prefix (token ids in, :class:`Completion` out)."""
+    """Samples continuations of each prefix (token ids in, :class:`Completion` out): ``n`` of
+    each, or ``n[i]`` of prefix ``i`` when ``n`` is a sequence (one call for prefixes that need
+    different counts keeps the batches full)."""
 
     def sample(
         self,
         prefixes: Sequence[TokenSeq],
-        n: int,
+        n: int | Sequence[int],
         max_new_tokens: int,
         *,
         seed: int,
         temperature: float = 1.0,
     ) -> list[list[Completion]]:
-        """Result ``[len(prefixes)][n]``; deterministic for a seed; stops at EOS or the cap."""
+        """Result ``[len(prefixes)][n or n[i]]``; deterministic for a seed; stops at EOS or the cap."""
         ...
 
 
@@ -67,10 +69,12 @@ class EngineConfig(BaseModel):
                              "are kept across sample() calls (LRU; their KV buffers together stay under max_kv_bytes)")
 
 
-def validate_request(prefixes: Sequence[TokenSeq], n: int, max_new_tokens: int, temperature: float) -> list[list[int]]:
-    """Check the common arguments of :meth:`Engine.sample`; return prefixes as int lists."""
-    if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-        raise OpdlensError(f"n (samples per prefix) must be an integer >= 1, got {n!r}")
+def validate_request(
+    prefixes: Sequence[TokenSeq], n: int | Sequence[int], max_new_tokens: int, temperature: float
+) -> tuple[list[list[int]], list[int]]:
+    """Check the common arguments of :meth:`Engine.sample`; return the prefixes as int lists and
+    the samples per prefix (:func:`sample_counts`)."""
+    counts = sample_counts(n, len(prefixes))
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise OpdlensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
@@ -79,7 +83,7 @@ def validate_request(prefixes: Sequence[TokenSeq], n: int, max_new_tokens: int, 
     for i, s in enumerate(seqs):
         if not s:
             raise OpdlensError(f"prefix {i} is empty: a prefix needs at least one token (BOS or a prompt)")
-    return seqs
+    return seqs, counts
 
 
 def sample_tokens(

@@ -1,7 +1,8 @@
 """Shared-prefix batched sampling with PyTorch, on CPU and CUDA: :class:`TorchEngine`.
 
-A ``sample(prefixes, n, max_new_tokens)`` call is planned into batches (``[P, R]`` grids: ``R``
-rows of each of ``P`` prefixes, at most ``max_batch_rows`` rows and a KV-memory bound), each
+A ``sample(prefixes, n, max_new_tokens)`` call (``n`` samples of each prefix, or ``n[i]`` of
+prefix ``i``) is planned into batches (``[P, R]`` grids: up to ``R`` rows of each of ``P``
+prefixes, the rest dead, at most ``max_batch_rows`` rows and a KV-memory bound), each
 prefix is prefilled once, and every batch runs through **one** decode loop: sample a token per
 row, record it, mark rows that hit EOS, every ``sync_every`` steps drop finished rows once the
 live fraction falls under ``compact_below`` (compaction), feed the tokens to the batch's decode
@@ -144,14 +145,16 @@ class TorchEngine:
     def sample(
         self,
         prefixes: Sequence[TokenSeq],
-        n: int,
+        n: int | Sequence[int],
         max_new_tokens: int,
         *,
         seed: int,
         temperature: float = 1.0,
     ) -> list[list[Completion]]:
-        seqs = validate_request(prefixes, n, max_new_tokens, temperature)
-        result: list[list[Completion]] = [[Completion([], [], False) for _ in range(n)] for _ in seqs]
+        """``n`` continuations of each prefix (``n[i]`` of prefix ``i`` when a sequence), planned
+        into batches together (see :meth:`_jobs` and :meth:`_plan`)."""
+        seqs, counts = validate_request(prefixes, n, max_new_tokens, temperature)
+        result: list[list[Completion]] = [[Completion([], [], False) for _ in range(c)] for c in counts]
         if max_new_tokens == 0 or not seqs:
             return result
         gen = make_generator(self.device, seed)
@@ -160,10 +163,10 @@ class TorchEngine:
             self.bound.w.refresh()  # weights changed in place since the last call (training)
         row_cap = max(1, min(self.config.max_batch_rows,
                              self.max_kv_bytes // max(1, max_new_tokens * self.kv_bytes_per_token)))
-        # jobs: (prefix, rows) chunks of at most row_cap rows; prefixes sorted by length
-        order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        jobs = [Job(i, s, min(row_cap, n - s)) for i in order for s in range(0, n, row_cap)]
-        remaining = {i: -(-n // row_cap) for i in order}  # jobs left per prefix (to drop its prefill)
+        jobs = self._jobs(seqs, counts, row_cap)
+        remaining: dict[int, int] = {}  # jobs left per prefix (to drop its prefill)
+        for j in jobs:
+            remaining[j.prefix] = remaining.get(j.prefix, 0) + 1
         prefills: dict[int, Prefill] = {}
         for batch in self._plan(jobs, row_cap, seqs):
             self.stats["batches"] += 1
@@ -189,6 +192,15 @@ class TorchEngine:
         return time.perf_counter()
 
     # ------------------------------------------------------------------ planning
+    @staticmethod
+    def _jobs(seqs: list[list[int]], counts: list[int], row_cap: int) -> list[Job]:
+        """Each prefix's samples as jobs of at most ``row_cap`` rows, prefixes in decreasing
+        order of their count (so that a batch's ``[P, R]`` grid, ``R`` its largest job, has few
+        dead rows), then increasing length. With one count for all prefixes the order is by
+        length alone."""
+        order = sorted(range(len(seqs)), key=lambda i: (-min(counts[i], row_cap), len(seqs[i])))
+        return [Job(i, s, min(row_cap, counts[i] - s)) for i in order for s in range(0, counts[i], row_cap)]
+
     def _plan(self, jobs: list[Job], row_cap: int, seqs: list[list[int]]) -> list[list[Job]]:
         """Group jobs into batches: a ``[P, R]`` grid of at most ``row_cap`` rows (fused only)."""
         if self.backend == "hf":

@@ -9,16 +9,17 @@ Usage (on a CUDA machine with vLLM >= 0.10.2: ``pip install 'opdlens[vllm]'``)::
 How requests are mapped onto vLLM:
 
 * each prefix ``i`` becomes one prompt ``{"prompt_token_ids": prefix}`` with
-  ``SamplingParams(n=n, max_tokens=max_new_tokens, temperature=T, seed=seed_i, logprobs=0,
+  ``SamplingParams(n=n_i, max_tokens=max_new_tokens, temperature=T, seed=seed_i, logprobs=0,
   stop_token_ids=eos_token_ids, detokenize=False)``; vLLM's prefix caching shares the prompt's KV
-  among the n samples;
+  among its ``n_i`` samples (``n_i = n``, or ``n[i]`` when ``n`` is a sequence);
 * **seeds**: vLLM seeds sample ``j`` of a request with ``seed_i + j`` and draws its noise from that
   seed and the token position, so two (prefix, sample) pairs with the same ``seed_i + j`` get the
-  same noise. :func:`request_seeds` gives prefix ``i`` the seed ``base + i * n`` with ``base`` a
-  62-bit hash of the call's ``seed``: the ``len(prefixes) * n`` seeds of a call are
-  ``base, base + 1, ..., base + len(prefixes) * n - 1`` (no two pairs share noise), they stay in
-  vLLM's int64 range, and calls with different seeds use ranges at independent uniformly random
-  places in ``[0, 2**62)`` (overlap probability ``<= 2 * len(prefixes) * n / 2**62`` per pair of calls);
+  same noise. :func:`request_seeds` gives prefix ``i`` the seed ``base + n_0 + ... + n_{i-1}``
+  (``base + i * n`` for one count) with ``base`` a 62-bit hash of the call's ``seed``: the
+  ``N = sum(n_i)`` seeds of a call are ``base, base + 1, ..., base + N - 1`` (no two pairs share
+  noise), they stay in vLLM's int64 range, and calls with different seeds use ranges at
+  independent uniformly random places in ``[0, 2**62)`` (overlap probability ``<= 2 * N / 2**62``
+  per pair of calls);
 * ``logprobs=0`` asks only for the sampled token's log-prob. vLLM reports log-probs of the **raw**
   (un-tempered) distribution by default: :meth:`VLLMEngine.from_model` builds the ``LLM`` with
   ``logprobs_mode="processed_logprobs"`` so they are under the temperature-scaled sampling
@@ -45,6 +46,7 @@ generators only.
 from __future__ import annotations
 
 import hashlib
+import itertools
 import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
@@ -80,13 +82,15 @@ def _logprob_value(entry: Any) -> float:
     return float(getattr(entry, "logprob", entry))
 
 
-def request_seeds(seed: int, n_prompts: int, n: int) -> list[int]:
-    """The ``SamplingParams.seed`` of each of ``n_prompts`` prompts sampled ``n`` times (see the
-    module docstring): ``base + i * n``, so that vLLM's per-sample seeds ``seed_i + j`` (``j < n``)
-    are pairwise distinct and below ``2**63``."""
+def request_seeds(seed: int, n_prompts: int, n: int | Sequence[int]) -> list[int]:
+    """The ``SamplingParams.seed`` of each of ``n_prompts`` prompts sampled ``n`` times (or
+    ``n[i]`` times for prompt ``i``; see the module docstring): ``base`` plus the samples of the
+    prompts before it, so that vLLM's per-sample seeds ``seed_i + j`` (``j < n_i``) are pairwise
+    distinct and below ``2**63``."""
+    counts = [n] * n_prompts if isinstance(n, int) else list(n)
     digest = hashlib.blake2b(f"opdlens-vllm-seed:{int(seed)}".encode(), digest_size=8).digest()
-    base = int.from_bytes(digest, "little") >> 2  # [0, 2**62): base + n_prompts * n < 2**63
-    return [base + i * n for i in range(n_prompts)]
+    base = int.from_bytes(digest, "little") >> 2  # [0, 2**62): base + sum(counts) < 2**63
+    return [base + before for before in itertools.accumulate(counts[:-1], initial=0)][:n_prompts]
 
 
 def check_temperature(temperature: float) -> float:
@@ -228,20 +232,20 @@ class VLLMEngine:
     def sample(
         self,
         prefixes: Sequence[TokenSeq],
-        n: int,
+        n: int | Sequence[int],
         max_new_tokens: int,
         *,
         seed: int,
         temperature: float = 1.0,
     ) -> list[list[Completion]]:
-        seqs = validate_request(prefixes, n, max_new_tokens, temperature)
+        seqs, counts = validate_request(prefixes, n, max_new_tokens, temperature)
         temperature = check_temperature(temperature)
         if max_new_tokens == 0:
-            return [[Completion([], [], False) for _ in range(n)] for _ in seqs]
+            return [[Completion([], [], False) for _ in range(c)] for c in counts]
         prompts = [{"prompt_token_ids": s} for s in seqs]
         params = [
             self._params_cls(
-                n=n,
+                n=c,
                 max_tokens=max_new_tokens,
                 temperature=temperature,
                 seed=s,
@@ -249,15 +253,15 @@ class VLLMEngine:
                 stop_token_ids=sorted(self.eos_token_ids),
                 detokenize=False,
             )
-            for s in request_seeds(seed, len(seqs), n)
+            for s, c in zip(request_seeds(seed, len(seqs), counts), counts)
         ]
         outputs = self.llm.generate(prompts, params, use_tqdm=self.use_tqdm)
         if len(outputs) != len(seqs):
             raise OpdlensError(f"vLLM returned {len(outputs)} results for {len(seqs)} prompts")
         result: list[list[Completion]] = []
         for i, req in enumerate(outputs):
-            if len(req.outputs) != n:
-                raise OpdlensError(f"vLLM returned {len(req.outputs)} samples for prompt {i}, expected {n}")
+            if len(req.outputs) != counts[i]:
+                raise OpdlensError(f"vLLM returned {len(req.outputs)} samples for prompt {i}, expected {counts[i]}")
             comps = []
             for out in req.outputs:
                 tokens = [int(t) for t in out.token_ids]
