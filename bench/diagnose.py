@@ -257,7 +257,16 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
             torch.cuda.synchronize()
         with GpuBusy() as busy:
             t0 = time.perf_counter()
-            pipeline.diagnose(cfg, progress=False)
+            if args.cprofile:  # where the host's time goes (functions that wait for the GPU included)
+                import cProfile
+                import pstats
+
+                prof = cProfile.Profile()
+                prof.runcall(pipeline.diagnose, cfg, progress=False)
+                prof.dump_stats(f"{args.cprofile}.{model}")
+                pstats.Stats(prof).sort_stats("tottime").print_stats(30)
+            else:
+                pipeline.diagnose(cfg, progress=False)
             if dev == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
@@ -417,6 +426,7 @@ def main() -> None:
     ap.add_argument("--engine", default=None, help="JSON of the config's engine: block")
     ap.add_argument("--probe", action="store_true", help="time one scoring call (batched, per path, bare forward)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--cprofile", default=None, help="write cProfile stats of each run to PATH.<model>")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
