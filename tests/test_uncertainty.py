@@ -236,3 +236,14 @@ def test_path_signals_estimator_option_changes_only_the_uncertain_alignments():
         np.testing.assert_array_equal(post[f"align_{name}_lo"], plug[f"align_{name}_lo"])  # same draws
     for col in ("align_drgrpo", "teacher_adv", "norm_ideal"):  # no posterior for these
         np.testing.assert_array_equal(post[col], plug[col])
+
+
+def test_per_path_table_carries_the_path_mean_interval():
+    from opdlens.analysis import per_path
+
+    nodes = _table().assign(path_correct=True, norm_ideal=1.0, norm_gkd=1.0)
+    pp = per_path(nodes).set_index("teacher")
+    se_a = np.sqrt(0.2**2 + 0.25**2) / 2
+    assert pp.loc["a", "mean"] == pytest.approx(0.15) and pp.loc["a", "mean_se"] == pytest.approx(se_a)
+    assert pp.loc["a", "mean_hi"] - pp.loc["a", "mean"] == pytest.approx(1.959964 * se_a, rel=1e-5)
+    assert "mean_lo" not in per_path(nodes.drop(columns=["align_gkd_se"])).columns  # older node tables
