@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
-from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, restrict
+from opdlens.signals import SignalConfig, ideal_gradient
 from opdlens.store import RunStore
 from opdlens.synthetic import EOS, SyntheticPolicy
 from opdlens.targeting import TargetingConfig, TargetPlan, greedy_allocation, select_targets

@@ -61,7 +61,8 @@ class TargetingConfig(BaseModel):
 
     mode: Annotated[Literal["fixed", "adaptive"], Field(description=(
         "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
-        "at most the same total, spent in rounds where the alignments are most uncertain"))] = "fixed"
+        "at most the same total, spent in rounds where more visits are expected to lower the alignments' posterior "
+        "variance most (see the module docstring)"))] = "fixed"
     first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
     growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
     per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
@@ -368,10 +369,14 @@ class TargetPlan:
         round's equal share, then :func:`greedy_allocation`."""
         st = self.node_state(stats)
         row_of = {int(u): i for i, u in enumerate(st.rows)}
-        live = [(u, k, row_of[u], int(np.flatnonzero(st.child_token[row_of[u]] == k)[0]))
-                for u, k in self.pairs
-                if u in row_of and not st.retired[row_of[u]] and (st.child_token[row_of[u]] == k).any()]
-        live = [x for x in live if bool(st.mask[x[2], x[3]])]
+        mask = st.mask.numpy()
+        live = []  # (node, token, row, child slot) of the pairs whose node is still open
+        for u, k in self.pairs:
+            r = row_of.get(u)
+            if r is not None and not st.retired[r]:
+                slot = np.flatnonzero((st.child_token[r] == k) & mask[r])
+                if slot.size:
+                    live.append((u, k, r, int(slot[0])))
         if not live or budget <= 0:
             return []
         step = -(-budget // len(live))

@@ -22,10 +22,18 @@ binomial noise inflates their spread). Why not the posterior's standard deviatio
 lengthens the estimated ideal gradient, so a node that the visits do not resolve looks better
 resolved, and its cosine more certain, than it is, and with two renormalised children the
 cosine is ±1, whose error (0 or 2) a spread around the posterior mean understates; path-mean
-intervals built from the posterior standard deviation covered 79–86 % for a nominal 95 % on the
-synthetic oracle, from this error scale about nominal (docs/RESULTS.md). ``sign_settled`` says whether the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
+intervals built from the posterior standard deviation undercovered on the synthetic oracle, from
+this error scale they cover about nominally (docs/RESULTS.md). ``sign_settled`` says whether the
+interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
 standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
+
+Point estimate (``SignalConfig.alignment_estimator``, :data:`Estimator`): ``"plugin"`` keeps the
+cosine at the observed rates (the paper's); ``"posterior_mean"`` replaces ``align_X`` by the mean
+of the same draws, the estimate of least expected squared error under the posterior. It differs
+most where the visits do not settle the sign: a renormalised two-child node is ±1 under the
+plug-in (a coin flip on a near-tie) and ``2 P(sign +) − 1`` under the posterior mean. Its
+``align_X_se`` is measured around it the same way.
 
 :func:`variance_reduction` says, per (node, child), by how much more visits of that child are
 expected to lower the posterior variance of the node's alignment: the adaptive targeting of
