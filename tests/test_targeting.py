@@ -174,3 +174,15 @@ def test_pipeline_adaptive_mode_keeps_the_budget_and_resumes(tmp_path):
     key = ["teacher", "question_id", "path_id", "node"]
     pd.testing.assert_frame_equal(a.sort_values(key).reset_index(drop=True), b.sort_values(key).reset_index(drop=True))
     assert {"align_gkd_lo", "align_gkd_hi", "align_gkd_se", "sign_settled", "teacher_adv_se"} <= set(b.columns)
+
+
+def test_variance_reduction_does_not_depend_on_the_memory_block_size():
+    pol, teachers, rs, path = _tree()
+    cfg = TargetingConfig(mode="adaptive", first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=60, n_draws=64)
+    plan, _, stats = _run_plan(pol, teachers, rs, path, cfg.model_copy(update={"rounds": 1}), SignalConfig(min_visits=10))
+    st = plan.node_state(stats)
+    cells = torch.nonzero(st.mask)
+    whole = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, [5, 40], n_draws=64)
+    blocks = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, [5, 40], n_draws=64, max_cells=500)
+    torch.testing.assert_close(whole, blocks)
+    assert (whole > 0).any()

@@ -35,6 +35,8 @@ is pinned at 0 or 1, or the node is a near-tie that more visits would not resolv
 stopping rules on top: a node gets nothing more once every teacher's interval is narrower than
 ``stop_halfwidth`` (or, with ``stop_on_sign``, once every teacher's sign is settled); the path
 stops when nothing is expected to gain, after ``rounds`` rounds, or when the budget is spent.
+The allocation reads the GKD alignment in the renormalised reading of ``S_u`` whatever
+``signals.restriction`` is (it only decides where to sample; the node table follows the config).
 :class:`TargetPlan` runs both modes round by round.
 """
 

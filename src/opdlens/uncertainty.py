@@ -226,6 +226,7 @@ def variance_reduction(
     extra: Sequence[int],
     n_draws: int = N_DRAWS,
     seed: int = 0,
+    max_cells: int = 1 << 22,
 ) -> Tensor:
     """``[len(extra), C]``: by how much ``extra[j]`` more visits of the child in cell ``c``
     (``cells[c] = (node row, child slot)``) are expected to lower the posterior variance of that
@@ -238,7 +239,8 @@ def variance_reduction(
     ``Var_y(m(y)) = Σ_y P(y) (m(y) − ā)²`` with ``P(y) = mean_d w_d(y)``, all from the same draws.
     The reweighted means' own Monte-Carlo variance is subtracted (it would otherwise read as a
     gain where nothing can change). A node whose alignment is settled gains ≈ 0, and so does a
-    near-tie whose sign the extra visits cannot be expected to resolve."""
+    near-tie whose sign the extra visits cannot be expected to resolve. Cells are taken in blocks
+    of at most ``max_cells`` (cell, draw, outcome) weights, so memory stays bounded."""
     if min(extra, default=1) < 1:
         raise OpdlensError(f"extra visits must be >= 1, got {list(extra)}")
     rng = np.random.default_rng(seed)
@@ -248,19 +250,22 @@ def variance_reduction(
     cos = torch.stack([torch.nan_to_num(_cosine(g, d.unsqueeze(0).expand_as(g)), nan=0.0) for d in directions.values()])
     a = cos[:, :, row].permute(2, 0, 1)  # [C, T, D]
     p = ps[:, row, slot].clamp(1e-12, 1 - 1e-12).T.unsqueeze(-1)  # [C, D, 1]
-    out = []
-    for e in extra:
+    out = torch.zeros(len(extra), len(cells), dtype=torch.float64)
+    for j, e in enumerate(extra):
         y = torch.arange(e + 1, dtype=torch.float64)
-        log_w = (torch.lgamma(torch.tensor(e + 1.0, dtype=torch.float64)) - torch.lgamma(y + 1) - torch.lgamma(e - y + 1)
-                 + y * p.log() + (e - y) * (1 - p).log())  # [C, D, Y]
-        w = log_w.softmax(1)  # normalised over draws
-        p_y = log_w.exp().mean(1).unsqueeze(1)  # [C, 1, Y]
-        m = a @ w  # [C, T, Y]
-        w2 = w**2
-        mc = (a**2) @ w2 - 2 * m * (a @ w2) + m**2 * w2.sum(1, keepdim=True)  # Monte-Carlo variance of m(y)
-        gain = (p_y * ((m - a.mean(-1, keepdim=True)) ** 2 - mc)).sum(-1).sum(-1)
-        out.append(gain.clamp_min(0.0))
-    return torch.stack(out)
+        log_binom = torch.lgamma(torch.tensor(e + 1.0, dtype=torch.float64)) - torch.lgamma(y + 1) - torch.lgamma(e - y + 1)
+        block = max(1, max_cells // (n_draws * (e + 1)))  # cells per block: bounded memory for large ``extra``
+        for c0 in range(0, len(cells), block):
+            pc, ac = p[c0 : c0 + block], a[c0 : c0 + block]
+            log_w = log_binom + y * pc.log() + (e - y) * (1 - pc).log()  # [C, D, Y]
+            w = log_w.softmax(1)  # normalised over draws
+            p_y = log_w.exp().mean(1).unsqueeze(1)  # [C, 1, Y]
+            m = ac @ w  # [C, T, Y]
+            w2 = w**2
+            mc = (ac**2) @ w2 - 2 * m * (ac @ w2) + m**2 * w2.sum(1, keepdim=True)  # Monte-Carlo variance of m(y)
+            gain = (p_y * ((m - ac.mean(-1, keepdim=True)) ** 2 - mc)).sum(-1).sum(-1)
+            out[j, c0 : c0 + block] = gain.clamp_min(0.0)
+    return out
 
 
 # --------------------------------------------------------------------------- analysis helpers
