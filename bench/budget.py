@@ -179,7 +179,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=60)
     ap.add_argument("--first-question", type=int, default=0, help="seed of the first synthetic policy (a replication: 60)")
-    ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 33, 50, 100, 200])
     ap.add_argument("--vocab", type=int, default=6)
     ap.add_argument("--horizon", type=int, default=16)
     ap.add_argument("--initial", type=int, default=64)
