@@ -1,20 +1,24 @@
-"""Fixed vs adaptive targeting at equal budgets, against exact success probabilities.
+"""Fixed vs adaptive targeting at equal budgets, with each alignment estimator, against exact
+success probabilities.
 
-    python bench/budget.py [--questions 60] [--visit-targets 25 50 100 200]
+    python bench/budget.py [--questions 60] [--first-question 0] [--visit-targets 25 33 50 100 200]
 
 Oracle: random synthetic Markov policies (:mod:`opdlens.synthetic`), whose child success
 probabilities are exact by dynamic programming. Per question: 64 initial rollouts, 2 correct and
 2 incorrect representative paths, two teachers (one tilted towards success, one away, both noisy)
 that share one allocation. Each path is enriched by :class:`opdlens.targeting.TargetPlan` in
 the fixed mode (every chosen (node, token) pair to ``visit_target`` visits: the paper's setting
-is 100) and in the adaptive mode with the same budget knob, then scored by
-:func:`opdlens.signals.path_signals`. Against the exact alignment over the same ``S_u`` it
-reports, per mode and budget: rollouts per path, per-node alignment RMSE, share of nodes with
-the right sign, per-node interval coverage, share of settled signs (and how many of those are
+is 100) and in the adaptive mode with the same budget knob (its other settings the defaults),
+then scored by :func:`opdlens.signals.path_signals` with each ``alignment_estimator`` (plug-in:
+the paper's; posterior mean). Against the exact alignment over the same ``S_u`` it reports, per
+mode, estimator and budget: rollouts per path, per-node alignment RMSE, share of nodes with the
+right sign, per-node interval coverage, share of settled signs (and how many of those are
 wrong), and the RMSE, width and coverage of the path-mean interval
 (:func:`opdlens.uncertainty.path_mean_interval`) with the mean and standard deviation of its
-z-scores (0 and 1 when calibrated). Last, the budget each mode needs to reach the
-fixed mode's RMSE at visit_target 100 (log-linear interpolation between measured budgets).
+z-scores (0 and 1 when calibrated). Last, the budget each (mode, estimator) needs to reach the
+RMSE of the paper's setting (fixed, plug-in, visit_target 100), by log-linear interpolation
+between measured budgets. Rows of one budget are scored on the same nodes (valid in both modes);
+more nodes become valid as the budget grows, so rows of different budgets are on different nodes.
 """
 
 from __future__ import annotations
@@ -115,11 +119,13 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
                                np.random.default_rng([q, pid, cfg.visit_target, mode_name == "adaptive"]))
             stats = path_stats(path, rs)
             for tname, lpt in lpts.items():
-                out = pd.DataFrame(path_signals(stats, lps, lpt, sig))
-                out["exact"] = exact_alignment(policy, path, stats, lps, lpt, sig)
-                out["node"] = np.arange(len(path))
-                frames.append(out.assign(question_id=q, path_id=pid, teacher=tname, mode=mode_name,
-                                         visit_target=cfg.visit_target, spent=spent))
+                exact = exact_alignment(policy, path, stats, lps, lpt, sig)
+                for est in args.estimators:
+                    out = pd.DataFrame(path_signals(stats, lps, lpt, sig.model_copy(update={"alignment_estimator": est})))
+                    out["exact"] = exact
+                    out["node"] = np.arange(len(path))
+                    frames.append(out.assign(question_id=q, path_id=pid, teacher=tname, mode=mode_name, estimator=est,
+                                             visit_target=cfg.visit_target, spent=spent))
     return frames
 
 
@@ -131,8 +137,8 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
     both = ok.groupby(key)["mode"].nunique()
     common = both[both == nodes["mode"].nunique()].index
     rows = []
-    for (mode, vt), g in nodes.groupby(["mode", "visit_target"], sort=True):
-        v = ok[(ok["mode"] == mode) & (ok["visit_target"] == vt)]
+    for (mode, est, vt), g in nodes.groupby(["mode", "estimator", "visit_target"], sort=True):
+        v = ok[(ok["mode"] == mode) & (ok["estimator"] == est) & (ok["visit_target"] == vt)]
         v = v[v.set_index(key).index.isin(common)]
         err = v["align_gkd"] - v["exact"]
         cover = (v["exact"] >= v["align_gkd_lo"] - 1e-9) & (v["exact"] <= v["align_gkd_hi"] + 1e-9)
@@ -141,7 +147,7 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
         exact_pm = v.groupby(["teacher", "question_id", "path_id"], sort=True)["exact"].mean().to_numpy()
         spent = g.groupby(["question_id", "path_id"])["spent"].first()
         rows.append({
-            "mode": mode, "visit_target": vt, "rollouts_per_path": spent.mean(),
+            "mode": mode, "estimator": est, "visit_target": vt, "rollouts_per_path": spent.mean(),
             "nodes": len(v), "rmse": float(np.sqrt((err**2).mean())),
             "right_sign": float((np.sign(v["align_gkd"]) == np.sign(v["exact"])).mean()),
             "node_coverage": float(cover.mean()), "node_width": float((v["align_gkd_hi"] - v["align_gkd_lo"]).mean()),
@@ -157,9 +163,10 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
-def budget_to_reach(summary: pd.DataFrame, mode: str, rmse: float) -> float:
-    """Rollouts per path at which ``mode`` reaches ``rmse`` (log-linear interpolation; NaN if never)."""
-    s = summary[summary["mode"] == mode].sort_values("rollouts_per_path")
+def budget_to_reach(summary: pd.DataFrame, mode: str, estimator: str, rmse: float) -> float:
+    """Rollouts per path at which ``mode`` with ``estimator`` reaches ``rmse`` (log-linear
+    interpolation between the measured budgets; NaN if never, the lowest budget if already there)."""
+    s = summary[(summary["mode"] == mode) & (summary["estimator"] == estimator)].sort_values("rollouts_per_path")
     x, y = np.log(s["rollouts_per_path"].to_numpy()), s["rmse"].to_numpy()
     for i in range(1, len(s)):
         if y[i] <= rmse <= y[i - 1]:
@@ -171,13 +178,16 @@ def budget_to_reach(summary: pd.DataFrame, mode: str, rmse: float) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=60)
-    ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 50, 100, 200])
+    ap.add_argument("--first-question", type=int, default=0, help="seed of the first synthetic policy (a replication: 60)")
+    ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 33, 50, 100, 200])
     ap.add_argument("--vocab", type=int, default=6)
     ap.add_argument("--horizon", type=int, default=16)
     ap.add_argument("--initial", type=int, default=64)
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--stop-halfwidth", type=float, default=0.05)
     ap.add_argument("--stop-on-sign", action="store_true")
+    ap.add_argument("--estimators", nargs="+", default=["plugin", "posterior_mean"])
+    ap.add_argument("--save", help="write the scored node table here (parquet) for further analysis")
     args = ap.parse_args()
     sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
     base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
@@ -185,19 +195,22 @@ def main() -> None:
     modes = [(m, base.model_copy(update={"mode": m, "visit_target": v})) for v in args.visit_targets for m in ("fixed", "adaptive")]
     t0 = time.perf_counter()
     frames = []
-    for q in range(args.questions):
+    for q in range(args.first_question, args.first_question + args.questions):
         frames += run_question(q, modes, sig, args)
     nodes = pd.concat(frames, ignore_index=True)
+    if args.save:
+        nodes.to_parquet(args.save)
     summary = summarize(nodes)
     pd.set_option("display.width", 200)
     print(summary.round(3).to_string(index=False))
-    ref = summary[(summary["mode"] == "fixed") & (summary["visit_target"] == 100)]
+    ref = summary[(summary["mode"] == "fixed") & (summary["estimator"] == "plugin") & (summary["visit_target"] == 100)]
     if len(ref):
         target, spent = float(ref["rmse"].iloc[0]), float(ref["rollouts_per_path"].iloc[0])
+        print(f"reference: the paper's setting (fixed, plug-in, visit_target 100): RMSE {target:.3f} at {spent:.0f} rollouts/path")
         for mode in ("fixed", "adaptive"):
-            b = budget_to_reach(summary, mode, target)
-            print(f"{mode}: {b:.0f} rollouts/path to reach the fixed mode's RMSE {target:.3f} at visit_target 100 "
-                  f"({spent:.0f} rollouts/path): {b / spent:.2f}x")
+            for est in args.estimators:
+                b = budget_to_reach(summary, mode, est, target)
+                print(f"{mode:>8} + {est:<14}: {b:6.0f} rollouts/path to reach it ({b / spent:.2f}x)")
     print(f"{time.perf_counter() - t0:.0f} s")
 
 

@@ -174,3 +174,76 @@ def test_error_scale_matches_the_plug_in_error_on_the_oracle():
         err2.append(float(((masked_cosine(ideal(s / n), g_d) - exact)[ok] ** 2).sum()))
         se2.append(float((out["align_gkd_se"][ok] ** 2).sum()))
     assert 1.0 <= sum(se2) / sum(err2) <= 2.0
+
+
+def test_posterior_mean_estimator_has_lower_error_than_the_plug_in_on_the_oracle():
+    """Same counts (30 visits per child), two estimators, against the exact alignment: the mean
+    of the posterior draws errs less than the cosine at the observed rates, on two-child nodes
+    (alignment ±1, a coin flip where the rates are close) and on three-child nodes."""
+    for k in (2, 3):
+        p, g_d, ps, mask = _oracle_nodes(n_policies=8, k=k)
+        ideal = lambda x: ideal_gradient(p, x, mask)  # noqa: E731
+        exact = masked_cosine(ideal(ps), g_d)
+        rng = np.random.default_rng(1)
+        err_plug, err_post = [], []
+        for rep in range(10):
+            n = torch.full_like(ps, 30.0)
+            s = torch.from_numpy(rng.binomial(30, ps.numpy())).double()
+            out = node_uncertainty(_rows(p, mask), n, s, mask, torch.ones(len(p), dtype=torch.bool), {"gkd": g_d},
+                                   torch.zeros_like(p), n_draws=200, seed=rep, estimator="posterior_mean")
+            plug = masked_cosine(ideal(s / n), g_d)
+            ok = torch.isfinite(exact) & torch.isfinite(plug) & torch.isfinite(out["align_gkd"])
+            err_plug.append((plug - exact)[ok])
+            err_post.append((out["align_gkd"] - exact)[ok])
+        rmse = lambda e: float(torch.cat(e).pow(2).mean().sqrt())  # noqa: E731
+        assert rmse(err_post) <= 0.92 * rmse(err_plug), k
+
+
+def test_posterior_mean_of_a_two_child_node_is_its_sign_probability():
+    """Two renormalised children: the alignment is ±1, so its posterior mean is
+    2 P(p1 > p2 | counts) − 1 (Beta posteriors; quadrature)."""
+    from scipy import integrate
+    from scipy import stats as st
+
+    p = torch.tensor([[0.7, 0.3]] * 3, dtype=torch.float64)
+    mask = torch.ones(3, 2, dtype=torch.bool)
+    g_d = torch.tensor([[1.0, -1.0]] * 3, dtype=torch.float64)
+    n = torch.tensor([[20.0, 20.0], [30.0, 50.0], [40.0, 40.0]])
+    s = torch.tensor([[10.0, 8.0], [12.0, 27.0], [35.0, 5.0]])
+    out = node_uncertainty(_rows(p, mask), n, s, mask, torch.ones(3, dtype=torch.bool), {"gkd": g_d},
+                           torch.zeros_like(p), n_draws=4000, estimator="posterior_mean")
+    for r in range(3):
+        a, b = s[r] + 0.5, n[r] - s[r] + 0.5
+        p_gt = integrate.quad(lambda x: st.beta.pdf(x, a[0], b[0]) * st.beta.cdf(x, a[1], b[1]), 0, 1)[0]
+        assert float(out["align_gkd"][r]) == pytest.approx(2 * p_gt - 1, abs=0.03)
+
+
+def test_path_signals_estimator_option_changes_only_the_uncertain_alignments():
+    student = SyntheticPolicy.random(seed=7)
+    teacher = student.tilted(beta=3.0, noise=0.5, seed=1)
+    comps = student.sample([[]], 1500, student.horizon, seed=2)[0]
+    rs = RolloutSet.from_lists([c.tokens for c in comps], [student.is_success(c.tokens) for c in comps])
+    path = max(rs.tokens, key=len).tolist()
+    args = (path_stats(path, rs), student.continuation_logprobs([], path), teacher.continuation_logprobs([], path))
+    plug = path_signals(*args, SignalConfig(min_visits=30))
+    post = path_signals(*args, SignalConfig(min_visits=30, alignment_estimator="posterior_mean"))
+    valid = plug["valid"]
+    assert valid.sum() >= 2
+    for name in ("gkd", "single", "minillm"):
+        x = post[f"align_{name}"]
+        assert np.isnan(x[~valid]).all() and (np.abs(x[valid]) <= 1).all()
+        assert not np.allclose(x[valid], plug[f"align_{name}"][valid])
+        np.testing.assert_array_equal(post[f"align_{name}_lo"], plug[f"align_{name}_lo"])  # same draws
+    for col in ("align_drgrpo", "teacher_adv", "norm_ideal"):  # no posterior for these
+        np.testing.assert_array_equal(post[col], plug[col])
+
+
+def test_per_path_table_carries_the_path_mean_interval():
+    from opdlens.analysis import per_path
+
+    nodes = _table().assign(path_correct=True, norm_ideal=1.0, norm_gkd=1.0)
+    pp = per_path(nodes).set_index("teacher")
+    se_a = np.sqrt(0.2**2 + 0.25**2) / 2
+    assert pp.loc["a", "mean"] == pytest.approx(0.15) and pp.loc["a", "mean_se"] == pytest.approx(se_a)
+    assert pp.loc["a", "mean_hi"] - pp.loc["a", "mean"] == pytest.approx(1.959964 * se_a, rel=1e-5)
+    assert "mean_lo" not in per_path(nodes.drop(columns=["align_gkd_se"])).columns  # older node tables

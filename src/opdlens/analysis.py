@@ -39,6 +39,7 @@ import pandas as pd
 from scipy import stats
 
 from opdlens.policy import OpdlensError
+from opdlens.uncertainty import path_mean_interval
 
 __all__ = [
     "ALIGN_METRICS",
@@ -271,7 +272,11 @@ def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
       barely count. The weight always uses the GKD norm (the only distillation norm in the
       table), whatever ``metric`` is. Nodes with a non-finite weight are left out; NaN when the
       weights sum to 0;
-    * ``frac_pos``, ``frac_neg`` - fraction of valid nodes with ``metric`` > 0, resp. < 0.
+    * ``frac_pos``, ``frac_neg`` - fraction of valid nodes with ``metric`` > 0, resp. < 0;
+    * ``mean_lo``, ``mean_hi``, ``mean_se`` - when the node table has ``<metric>_se`` (the
+      per-node error scales of :mod:`opdlens.uncertainty`): the 95% interval of ``mean`` that the
+      finite rollouts leave (:func:`opdlens.uncertainty.path_mean_interval`; the measurement
+      uncertainty of this path's mean, not the spread between paths).
 
     Paths whose nodes are all invalid are kept (``n_valid = 0``, NaN statistics), so that the
     coverage is visible; aggregates drop them.
@@ -288,6 +293,10 @@ def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
     out["path_correct"] = out["path_correct"].astype(bool)
     cols = [*PATH_KEYS, "path_correct", "n_nodes", "n_valid", "mean", "std", "weighted_mean",
             "frac_pos", "frac_neg"]  # fmt: skip
+    if f"{metric}_se" in nodes.columns:
+        pmi = path_mean_interval(v, metric, keys=PATH_KEYS)[[*PATH_KEYS, "lo", "hi", "se"]]
+        out = out.merge(pmi.rename(columns={"lo": "mean_lo", "hi": "mean_hi", "se": "mean_se"}), how="left", on=PATH_KEYS)
+        cols += ["mean_lo", "mean_hi", "mean_se"]
     return out[cols].sort_values(PATH_KEYS, kind="stable").reset_index(drop=True)
 
 

@@ -22,7 +22,7 @@ from opdlens.teachers import DEFAULT_TEACHERS, TeacherSpec
 #: ``protocol: paper``: the choices of paper A (PAPERS.md) where opdlens' defaults differ, applied
 #: to every key the config does not set itself. docs/PROTOCOL.md says why each default differs.
 PAPER_PRESET: dict[str, Any] = {
-    "signals": {"restriction": "literal", "min_visits": 20, "min_children": 2},
+    "signals": {"restriction": "literal", "min_visits": 20, "min_children": 2, "alignment_estimator": "plugin"},
     "tree_accounting": "all-ancestors",
     "stat_unit": "question",
     "n_correct_paths": 2,
@@ -138,6 +138,8 @@ class DiagnoseConfig(BaseModel):
             "statistical unit": self.stat_unit,
             "min visits per child": self.signals.min_visits,
             "visit target": self.targeting.visit_target,
+            "targeting mode": self.targeting.mode,
+            "alignment estimator": self.signals.alignment_estimator,
             "reference-solution fallback": self.fallback_reference_solution,
             "thinking (student)": self.thinking,
             "thinking (summariser)": self.summarizer_thinking,

@@ -47,7 +47,7 @@ from scipy.signal import lfilter
 
 from opdlens.policy import OpdlensError, check_logprobs
 from opdlens.tree import PathStats
-from opdlens.uncertainty import UNCERTAIN_METRICS, node_uncertainty
+from opdlens.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
 
 Tensor = torch.Tensor
 ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
@@ -66,6 +66,10 @@ class SignalConfig(BaseModel):
     )
     minillm_gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount of MiniLLM's reward-to-go")
     minillm_length_norm: bool = Field(True, description="divide the reward-to-go by its number of terms")
+    alignment_estimator: Estimator = Field(
+        "plugin", description="point estimate of align_gkd/single/minillm: 'plugin' (the cosine at the observed success "
+        "rates; the paper) or 'posterior_mean' (its mean under the Beta posterior of each child's P_succ: lower "
+        "error where the visits do not settle the sign; see opdlens.uncertainty)")
 
 
 # --------------------------------------------------------------------------- vector formulas
@@ -284,5 +288,6 @@ def path_signals(
     for name, g in grads.items():
         out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
     out.update(divergences(lps, lpt))
-    out.update(node_uncertainty(ideal_of, n, s, mask, valid, {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st))
+    out.update(node_uncertainty(ideal_of, n, s, mask, valid, {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st,
+                               estimator=cfg.alignment_estimator))
     return {k: v.numpy() for k, v in out.items()}

@@ -20,17 +20,24 @@ well-visited children the alignment needs.
 Adaptive mode (``mode: adaptive``). The same (node, token) pairs and at most the same rollouts
 (the fixed mode's total for the path, capped by ``max_rollouts_per_path``) are spent in rounds.
 Round 0 brings every pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
-node set measured is the fixed mode's. Each later round spends an equal share of what is left:
-for every node the posterior draws of :mod:`opdlens.uncertainty` give the variance of its
-alignment with each teacher, split among its children in proportion to their delta-method
-contributions (:func:`opdlens.uncertainty.child_variance_weights`), and the round's rollouts go
-to the pairs by Neyman allocation (:func:`water_fill`: visits ∝ √weight, visits already made
-kept), which minimises the sum of the node variances, hence also the variance of each path's
-mean alignment. A pair's weight is its maximum over the teachers, so one allocation serves them
-all and the tree stays teacher-independent. Stopping rules: a node gets nothing more once every
-teacher's interval is narrower than ``stop_halfwidth`` (or, with ``stop_on_sign``, once every
-teacher's sign is settled); the path stops when no node is left, after ``rounds`` rounds, or when
-the budget is spent. :class:`TargetPlan` runs both modes round by round.
+node set measured is the fixed mode's. Each later round may spend an equal share of what is
+left, and spends it where it is expected to lower the report's error most: for every pair, the
+expected drop of the posterior variance of its node's alignment (summed over the teachers) if the
+pair got 1, 2, 4 or 8 times the round's equal share of visits
+(:func:`opdlens.uncertainty.variance_reduction`, from the posterior draws of the node's
+``P_succ``); the increments are then taken greedily by gain per rollout
+(:func:`greedy_allocation`). The sum of the node variances is what the report's two error
+scales are made of (a node's squared error under the posterior-mean estimator, and ``n²`` times
+the variance of a path's mean alignment), so one allocation serves both, and one allocation
+serves all teachers (the tree stays teacher-independent). A pair stops receiving rollouts once
+more visits cannot be expected to move its node: the sign and size are settled, the child's rate
+is pinned at 0 or 1, or the node is a near-tie that more visits would not resolve. Explicit
+stopping rules on top: a node gets nothing more once every teacher's interval is narrower than
+``stop_halfwidth`` (or, with ``stop_on_sign``, once every teacher's sign is settled); the path
+stops when nothing is expected to gain, after ``rounds`` rounds, or when the budget is spent.
+The allocation reads the GKD alignment in the renormalised reading of ``S_u`` whatever
+``signals.restriction`` is (it only decides where to sample; the node table follows the config).
+:class:`TargetPlan` runs both modes round by round.
 """
 
 from __future__ import annotations
@@ -46,7 +53,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opdlens.policy import OpdlensError
 from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
 from opdlens.tree import PathStats
-from opdlens.uncertainty import alignment_draws, child_variance_weights, interval, settled
+from opdlens.uncertainty import alignment_draws, interval, settled, variance_reduction
 
 
 class TargetingConfig(BaseModel):
@@ -56,7 +63,8 @@ class TargetingConfig(BaseModel):
 
     mode: Annotated[Literal["fixed", "adaptive"], Field(description=(
         "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
-        "at most the same total, spent in rounds where the alignments are most uncertain"))] = "fixed"
+        "at most the same total, spent in rounds where more visits are expected to lower the alignments' posterior "
+        "variance most (see the module docstring)"))] = "fixed"
     first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
     growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
     per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
@@ -218,29 +226,44 @@ def _fixed_targets(pairs: list[tuple[int, int]], stats: PathStats, cfg: Targetin
     return _cap([t for t in targets if t.need > 0], cfg.max_rollouts_per_path)
 
 
-def water_fill(visits: np.ndarray, weights: np.ndarray, budget: int) -> np.ndarray:
-    """Integer extra visits ``Δ ≥ 0`` with ``Σ Δ = budget`` that minimise ``Σ w / (n + Δ)``:
-    ``n + Δ = max(n, λ √w)`` (Neyman allocation with the visits already made), λ by bisection,
-    then rounded down with the remainder given to the largest fractional parts. Pairs with zero
-    weight get nothing; with no positive weight nothing is allocated."""
-    n = visits.astype(np.float64)
-    r = np.sqrt(np.clip(weights, 0.0, None))
-    if budget <= 0 or not (r > 0).any():
-        return np.zeros(n.shape, dtype=np.int64)
-    lo, hi = 0.0, float(((n + budget) / np.where(r > 0, r, np.inf)).max())
-    for _ in range(100):
-        lam = 0.5 * (lo + hi)
-        if np.clip(lam * r - n, 0.0, None).sum() > budget:
-            hi = lam
-        else:
-            lo = lam
-    want = np.clip(hi * r - n, 0.0, None)
-    want *= budget / want.sum()
-    out = np.floor(want).astype(np.int64)
-    rest = budget - int(out.sum())
-    if rest > 0:
-        out[np.argsort(-(want - out), kind="stable")[:rest]] += 1
-    return out
+@dataclass(frozen=True)
+class NodeState:
+    """The nodes of a path with an alignment (``rows``, depths) under the current statistics."""
+
+    rows: np.ndarray  # [R] node depths
+    child_token: np.ndarray  # [R, K] padded child tokens
+    mask: torch.Tensor  # [R, K] S_u
+    n: torch.Tensor  # [R, K] visits
+    s: torch.Tensor  # [R, K] successes
+    ideal: Callable[[torch.Tensor], torch.Tensor]  # ideal gradient of these nodes at P_succ draws
+    directions: dict[str, torch.Tensor]  # per teacher, the GKD direction [R, K]
+    lo: np.ndarray  # [T, R] alignment interval per teacher
+    hi: np.ndarray
+    retired: np.ndarray  # [R] a stopping rule holds for every teacher
+
+
+#: the extra visits a round weighs for each pair, in units of the round's equal share
+GRID = (1, 2, 4, 8)
+
+
+def greedy_allocation(gains: np.ndarray, grid: Sequence[int], budget: int) -> np.ndarray:
+    """Extra visits per cell from the expected gains ``gains[j, c]`` of ``grid[j]`` more visits
+    (``grid`` increasing): the increments ``grid[j] − grid[j−1]`` are taken in decreasing order
+    of gain per rollout (made non-increasing along ``j``, diminishing returns) until ``budget``
+    rollouts are spent, the last one trimmed. Increments that gain nothing are not taken, so a
+    round may spend less than its budget (nothing left to learn)."""
+    g = np.asarray(gains, dtype=np.float64)
+    edges = np.concatenate([[0], np.asarray(grid)])
+    size = np.diff(edges)  # [J]
+    rate = np.diff(np.concatenate([np.zeros((1, g.shape[1])), g]), axis=0) / size[:, None]
+    rate = np.minimum.accumulate(rate, axis=0).T.reshape(-1)  # [C * J], j ascending within a cell
+    sizes = np.tile(size, g.shape[1])
+    order = np.argsort(-rate, kind="stable")
+    order = order[rate[order] > 0]
+    take = np.minimum(sizes[order], np.clip(budget - np.concatenate([[0], np.cumsum(sizes[order])[:-1]]), 0, None))
+    out = np.zeros(g.shape[1] * len(size), dtype=np.int64)
+    out[order] = take
+    return out.reshape(g.shape[1], len(size)).sum(1)
 
 
 class TargetPlan:
@@ -312,11 +335,10 @@ class TargetPlan:
         self.finished |= self.spent >= self.budget
         return out
 
-    def node_state(self, stats: PathStats) -> dict[str, np.ndarray]:
-        """Per node of the path, for the current statistics: the variance of each teacher's
-        alignment draws (``var`` ``[T, L]``), their intervals (``lo``, ``hi``), whether the node is
-        retired by a stopping rule, and the per-(node, child) variance weights (max over
-        teachers) with the padded child tokens and visits they refer to."""
+    def node_state(self, stats: PathStats) -> NodeState:
+        """The nodes of the path that have an alignment (``|S_u| ≥ min_children``) under the
+        current statistics, with each teacher's alignment interval, whether a stopping rule
+        retires the node, and what :func:`opdlens.uncertainty.variance_reduction` needs."""
         sig = self.signals
         if self.logp_student is None:
             assert self._logprobs is not None
@@ -325,44 +347,44 @@ class TargetPlan:
         pad = stats.padded(sig.min_visits)
         mask = torch.from_numpy(pad["mask"])
         tok = torch.from_numpy(pad["child_token"])
-        n = torch.from_numpy(pad["visits"]).double()
-        s = torch.from_numpy(pad["successes"]).double()
-        p_st, lp_st = restrict(self.logp_student.gather(1, tok), mask)
+        rows = torch.nonzero(mask.sum(-1) >= sig.min_children).flatten()
+        mask_r, tok_r = mask[rows], tok[rows]
+        p_st, lp_st = restrict(self.logp_student[rows].gather(1, tok_r), mask_r)
         dirs = {}
         for i, lt in enumerate(self.logp_teachers):
-            _, lp_te = restrict(lt.gather(1, tok), mask)
-            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask)
-        rows = torch.nonzero(mask.sum(-1) >= sig.min_children).flatten()  # nodes with an alignment
-        p_r, mask_r, n_r, s_r = p_st[rows], mask[rows], n[rows], s[rows]
-        ideal = lambda ps: ideal_gradient(p_r, ps, mask_r)  # noqa: E731
-        big_l = mask.shape[0]
-        lo_t = np.full((len(dirs), big_l), np.nan)
-        hi_t, var_t = lo_t.copy(), lo_t.copy()
-        weights = np.zeros(mask.shape)
-        for i, (name, d) in enumerate(alignment_draws(ideal, n_r, s_r, mask_r, {k: g[rows] for k, g in dirs.items()},
-                                                      self.cfg.n_draws).items()):
-            a, b, se = interval(d, self.cfg.level)
-            idx = rows.numpy()
-            lo_t[i, idx], hi_t[i, idx], var_t[i, idx] = a.numpy(), b.numpy(), (se**2).numpy()
-            w = child_variance_weights(ideal, n_r, s_r, mask_r, dirs[name][rows], se**2).numpy()
-            weights[idx] = np.maximum(weights[idx], w)  # max over teachers
-        defined = np.isfinite(lo_t)
-        done = (hi_t - lo_t) / 2 <= self.cfg.stop_halfwidth
+            _, lp_te = restrict(lt[rows].gather(1, tok_r), mask_r)
+            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask_r)
+        n = torch.from_numpy(pad["visits"][rows.numpy()]).double()
+        s = torch.from_numpy(pad["successes"][rows.numpy()]).double()
+        ideal = lambda ps: ideal_gradient(p_st, ps, mask_r)  # noqa: E731
+        bounds = [interval(d, self.cfg.level) for d in alignment_draws(ideal, n, s, mask_r, dirs, self.cfg.n_draws).values()]
+        lo = np.stack([b[0].numpy() for b in bounds]) if bounds else np.zeros((0, len(rows)))
+        hi = np.stack([b[1].numpy() for b in bounds]) if bounds else np.zeros((0, len(rows)))
+        done = (hi - lo) / 2 <= self.cfg.stop_halfwidth
         if self.cfg.stop_on_sign:
-            done |= settled(lo_t, hi_t)
-        retired = (done | ~defined).all(0) & (mask.sum(-1).numpy() >= sig.min_children)
-        weights[retired] = 0.0
-        return {"var": var_t, "lo": lo_t, "hi": hi_t, "retired": retired,
-                "weights": weights, "child_token": pad["child_token"], "visits": pad["visits"], "mask": pad["mask"]}
+            done |= settled(lo, hi)
+        return NodeState(rows.numpy(), pad["child_token"][rows.numpy()], mask_r, n, s, ideal, dirs, lo, hi,
+                         (done | ~np.isfinite(lo)).all(0))
 
     def _allocate(self, stats: PathStats, budget: int) -> list[Target]:
+        """One round: the pairs' expected variance reductions at :data:`GRID` multiples of the
+        round's equal share, then :func:`greedy_allocation`."""
         st = self.node_state(stats)
-        nodes = np.array([u for u, _ in self.pairs], dtype=np.int64)
-        toks = np.array([k for _, k in self.pairs], dtype=np.int64)
-        hit = (st["child_token"][nodes] == toks[:, None]) & st["mask"][nodes]
-        slot = hit.argmax(1)
-        found = hit.any(1)
-        w = np.where(found, st["weights"][nodes, slot], 0.0)
-        n = np.where(found, st["visits"][nodes, slot], 0)
-        extra = water_fill(n, w, budget)
-        return [Target(int(u), int(k), int(d)) for u, k, d in zip(nodes, toks, extra) if d > 0]
+        row_of = {int(u): i for i, u in enumerate(st.rows)}
+        mask = st.mask.numpy()
+        live = []  # (node, token, row, child slot) of the pairs whose node is still open
+        for u, k in self.pairs:
+            r = row_of.get(u)
+            if r is not None and not st.retired[r]:
+                slot = np.flatnonzero((st.child_token[r] == k) & mask[r])
+                if slot.size:
+                    live.append((u, k, r, int(slot[0])))
+        if not live or budget <= 0:
+            return []
+        step = -(-budget // len(live))
+        grid = [step * j for j in GRID]
+        cells = torch.tensor([[r, j] for _, _, r, j in live], dtype=torch.int64)
+        gains = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, grid, self.cfg.n_draws,
+                                   seed=self.round).numpy()
+        extra = greedy_allocation(gains, grid, budget)
+        return [Target(u, k, int(d)) for (u, k, _, _), d in zip(live, extra) if d > 0]

@@ -22,19 +22,28 @@ binomial noise inflates their spread). Why not the posterior's standard deviatio
 lengthens the estimated ideal gradient, so a node that the visits do not resolve looks better
 resolved, and its cosine more certain, than it is, and with two renormalised children the
 cosine is ±1, whose error (0 or 2) a spread around the posterior mean understates; path-mean
-intervals built from the posterior standard deviation covered 79–86 % for a nominal 95 % on the
-synthetic oracle, from this error scale about nominal (docs/RESULTS.md). ``sign_settled`` says whether the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
+intervals built from the posterior standard deviation undercovered on the synthetic oracle, from
+this error scale they cover about nominally (docs/RESULTS.md). ``sign_settled`` says whether the
+interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
 standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
 
-:func:`child_variance_weights` says, per (node, child), how much more visits of that child lower
-the variance of the node's alignment: the adaptive targeting of :mod:`opdlens.targeting` spends
-its rollouts where that is largest.
+Point estimate (``SignalConfig.alignment_estimator``, :data:`Estimator`): ``"plugin"`` keeps the
+cosine at the observed rates (the paper's); ``"posterior_mean"`` replaces ``align_X`` by the mean
+of the same draws, the estimate of least expected squared error under the posterior. It differs
+most where the visits do not settle the sign: a renormalised two-child node is ±1 under the
+plug-in (a coin flip on a near-tie) and ``2 P(sign +) − 1`` under the posterior mean. Its
+``align_X_se`` is measured around it the same way.
+
+:func:`variance_reduction` says, per (node, child), by how much more visits of that child are
+expected to lower the posterior variance of the node's alignment: the adaptive targeting of
+:mod:`opdlens.targeting` spends its rollouts where that is largest.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
+from typing import Literal
 
 import numpy as np
 import pandas as pd
@@ -56,6 +65,9 @@ PRIOR = 0.5
 #: ideal gradient are their only randomness. Dr. GRPO's direction is built from the same
 #: successes as P_succ and gets no interval.
 UNCERTAIN_METRICS: tuple[str, ...] = ("gkd", "single", "minillm")
+#: point estimates of a node's alignment from its counts: the cosine at the observed success
+#: rates (the paper's), or its mean under the Beta posterior (see the module docstring)
+Estimator = Literal["plugin", "posterior_mean"]
 #: draws per node (the Monte-Carlo error of a 95 % quantile at 400 draws is ≈ 0.01 in cosine)
 N_DRAWS = 400
 LEVEL = 0.95
@@ -166,9 +178,12 @@ def node_uncertainty(
     n_draws: int = N_DRAWS,
     level: float = LEVEL,
     seed: int = 0,
+    estimator: Estimator = "plugin",
 ) -> dict[str, Tensor]:
     """The uncertainty columns of a path's node table (see the module docstring), computed on
-    the valid nodes only (NaN elsewhere).
+    the valid nodes only (NaN elsewhere). With ``estimator="posterior_mean"`` it also returns
+    ``align_X`` itself, the mean of the posterior draws, and ``align_X_se`` is that estimate's
+    error scale.
 
     ``ideal_rows(psucc, rows)`` is the ideal gradient of the nodes ``rows`` (``psucc`` is
     ``[..., len(rows), K]``); ``directions`` maps a metric name X to its distillation gradient
@@ -185,11 +200,13 @@ def node_uncertainty(
     out: dict[str, Tensor] = {}
     for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed).items():
         lo, hi, _ = interval(draws, level)
-        se = ((around[name] - _cosine(g_hat, dirs[name])) ** 2).mean(0).sqrt()
-        for suffix, x in (("lo", lo), ("hi", hi), ("se", se)):
+        est = draws.mean(0) if estimator == "posterior_mean" else _cosine(g_hat, dirs[name])
+        se = ((around[name] - est) ** 2).mean(0).sqrt()
+        cols = {"_lo": lo, "_hi": hi, "_se": se} | ({"": est} if estimator != "plugin" else {})
+        for suffix, x in cols.items():
             col = nan.clone()
             col[rows] = torch.where(torch.isfinite(lo), x, nan[rows])
-            out[f"align_{name}_{suffix}"] = col
+            out[f"align_{name}{suffix}"] = col
     if "gkd" in directions:
         out["sign_settled"] = torch.from_numpy(settled(out["align_gkd_lo"], out["align_gkd_hi"]))
     pm = posterior_mean(n, s)
@@ -199,29 +216,56 @@ def node_uncertainty(
     return out
 
 
-def child_variance_weights(ideal: IdealFn, n: Tensor, s: Tensor, mask: Tensor, direction: Tensor,
-                           node_var: Tensor) -> Tensor:
-    """``c[u, k]`` such that ``Var(align_u) ≈ Σ_k c[u, k] / n[u, k]``, so that adding ``Δ`` visits
-    to child ``k`` lowers the node's variance by ``c (1/n − 1/(n + Δ))``.
+def variance_reduction(
+    ideal: IdealFn,
+    n: Tensor,
+    s: Tensor,
+    mask: Tensor,
+    directions: Mapping[str, Tensor],
+    cells: Tensor,
+    extra: Sequence[int],
+    n_draws: int = N_DRAWS,
+    seed: int = 0,
+    max_cells: int = 1 << 22,
+) -> Tensor:
+    """``[len(extra), C]``: by how much ``extra[j]`` more visits of the child in cell ``c``
+    (``cells[c] = (node row, child slot)``) are expected to lower the posterior variance of that
+    node's alignment, summed over the directions: the preposterior gain, i.e. the expected drop
+    of the posterior-mean estimate's squared error.
 
-    The node's total is ``node_var`` (the variance of its draws, right even where a derivative is
-    not); it is split among the children by the delta-method terms ``(∂ align_u / ∂P_k)²
-    P_k(1 − P_k) / n_k`` (derivative by autograd at the posterior mean). Where that derivative is
-    0 (a node whose cosine is locally constant, e.g. ±1 with two renormalised children: only its
-    sign can flip), the split follows the children's binomial variances ``P_k(1 − P_k) / n_k``.
-    Zero off the mask and on nodes without a defined alignment (NaN ``node_var``)."""
-    pm = posterior_mean(n, s).clone().requires_grad_(True)
-    cos = _cosine(ideal(pm), direction)
-    torch.nan_to_num(cos, nan=0.0).sum().backward()
-    grad = pm.grad.nan_to_num(0.0)
-    pm = pm.detach()
-    nn = n.double().clamp_min(1.0)
-    binom = torch.where(mask, pm * (1 - pm) / nn, torch.zeros_like(pm))
-    delta = grad**2 * binom
-    share = torch.where(delta.sum(-1, keepdim=True) > 0, delta, binom)
-    share = share / share.sum(-1, keepdim=True).clamp_min(1e-300)
-    total = torch.where(torch.isfinite(node_var), node_var, torch.zeros_like(node_var))
-    return share * total.unsqueeze(-1) * nn
+    With posterior draws ``P^(d)`` and their cosines ``a_d``, the ``y`` successes of ``Δ`` new
+    visits have the likelihood ``w_d(y) = Bin(y; Δ, P_k^(d))``; the updated posterior mean is the
+    reweighted mean ``m(y) = Σ_d w_d(y) a_d / Σ_d w_d(y)`` and the gain is
+    ``Var_y(m(y)) = Σ_y P(y) (m(y) − ā)²`` with ``P(y) = mean_d w_d(y)``, all from the same draws.
+    The reweighted means' own Monte-Carlo variance is subtracted (it would otherwise read as a
+    gain where nothing can change). A node whose alignment is settled gains ≈ 0, and so does a
+    near-tie whose sign the extra visits cannot be expected to resolve. Cells are taken in blocks
+    of at most ``max_cells`` (cell, draw, outcome) weights, so memory stays bounded."""
+    if min(extra, default=1) < 1:
+        raise OpdlensError(f"extra visits must be >= 1, got {list(extra)}")
+    rng = np.random.default_rng(seed)
+    ps = psucc_draws(n, s, mask, n_draws, rng)  # [D, L, K]
+    g = ideal(ps)
+    row, slot = cells[:, 0], cells[:, 1]
+    cos = torch.stack([torch.nan_to_num(_cosine(g, d.unsqueeze(0).expand_as(g)), nan=0.0) for d in directions.values()])
+    a = cos[:, :, row].permute(2, 0, 1)  # [C, T, D]
+    p = ps[:, row, slot].clamp(1e-12, 1 - 1e-12).T.unsqueeze(-1)  # [C, D, 1]
+    out = torch.zeros(len(extra), len(cells), dtype=torch.float64)
+    for j, e in enumerate(extra):
+        y = torch.arange(e + 1, dtype=torch.float64)
+        log_binom = torch.lgamma(torch.tensor(e + 1.0, dtype=torch.float64)) - torch.lgamma(y + 1) - torch.lgamma(e - y + 1)
+        block = max(1, max_cells // (n_draws * (e + 1)))  # cells per block: bounded memory for large ``extra``
+        for c0 in range(0, len(cells), block):
+            pc, ac = p[c0 : c0 + block], a[c0 : c0 + block]
+            log_w = log_binom + y * pc.log() + (e - y) * (1 - pc).log()  # [C, D, Y]
+            w = log_w.softmax(1)  # normalised over draws
+            p_y = log_w.exp().mean(1).unsqueeze(1)  # [C, 1, Y]
+            m = ac @ w  # [C, T, Y]
+            w2 = w**2
+            mc = (ac**2) @ w2 - 2 * m * (ac @ w2) + m**2 * w2.sum(1, keepdim=True)  # Monte-Carlo variance of m(y)
+            gain = (p_y * ((m - ac.mean(-1, keepdim=True)) ** 2 - mc)).sum(-1).sum(-1)
+            out[j, c0 : c0 + block] = gain.clamp_min(0.0)
+    return out
 
 
 # --------------------------------------------------------------------------- analysis helpers

@@ -231,6 +231,8 @@ def render_token_view(
                 correct = bool(g["path_correct"].iloc[0])
                 s = st.loc[(teacher, q, pid)] if (teacher, q, pid) in st.index else None
                 mean_s = fmt(s["mean"], signed=True) if s is not None else "–"
+                if s is not None and math.isfinite(float(s.get("mean_lo", math.nan))):  # rollout-noise interval of the mean
+                    mean_s += f" (95% [{fmt(s['mean_lo'], signed=True)}, {fmt(s['mean_hi'], signed=True)}])"
                 nval = int(s["n_valid"]) if s is not None else 0
                 length = ""
                 if (q, pid) in pinfo.index:

@@ -250,6 +250,9 @@ def build_tables(
             "of valid nodes with positive / negative alignment.",
             "weighted: sum(w cos) / sum(w) over all valid nodes with w = |g_ideal| |g_GKD| "
             "(nodes with large gradients count more).",
+            "rollout noise: median over paths of the half-width of a path mean's 95% interval "
+            "from its nodes' finite rollouts (per_path.csv: mean_lo, mean_hi); small against the "
+            "CI above means more rollouts would not change the answer.",
             "2-child: share of valid nodes with exactly two well-visited children; there both "
             "gradients lie on one line (renormalised over S_u they sum to zero), so the cosine is "
             "exactly +1 or -1 and only its sign carries information. mean (3+): mean over the "
@@ -257,14 +260,17 @@ def build_tables(
             *sign_disagreements(tt),
         ],
         ["teacher", "mean", f"{conf}% CI", "std", "paths", "questions", "nodes", "node std",
-         "% > 0", "% < 0", "weighted", "2-child", "mean (3+)", "nodes (3+)"],  # fmt: skip
+         "% > 0", "% < 0", "weighted", "rollout noise", "2-child", "mean (3+)", "nodes (3+)"],  # fmt: skip
     )
+    half = (an.paths["mean_hi"] - an.paths["mean_lo"]) / 2 if "mean_hi" in an.paths.columns else None
+    noise = half.groupby(an.paths["teacher"].astype(str)).median() if half is not None else pd.Series(dtype=float)
     for r in tt.itertuples(index=False):
         c = tc.loc[str(r.teacher)] if str(r.teacher) in tc.index else None
         t.rows.append([
             str(r.teacher), fmt(r.mean), fmt_ci(r.ci_low, r.ci_high), fmt(r.std),
             str(r.n_paths), str(r.n_questions), str(r.n_nodes), fmt(r.node_std),
             fmt_pct(r.frac_pos), fmt_pct(r.frac_neg), fmt(r.weighted_mean),
+            fmt(noise.get(str(r.teacher), float("nan"))),
             DASH if c is None else fmt_pct(c["frac_two_child"]),
             DASH if c is None else fmt(c["mean_multi"], signed=True),
             DASH if c is None else str(int(c["n_multi"])),
