@@ -117,6 +117,27 @@ def test_path_signals_carry_the_uncertainty_columns():
     assert not none["valid"].any() and np.isnan(none["align_gkd_lo"]).all() and not none["sign_settled"].any()
 
 
+
+@pytest.mark.parametrize("restriction", ["renormalize", "literal"])
+def test_teachers_of_a_path_share_its_posterior_draws(restriction):
+    """A path's draws cache makes the second teacher's intervals the same, bit for bit, as
+    computing them alone (the draws depend on the student and the counts only)."""
+    student = SyntheticPolicy.random(seed=3)
+    comps = student.sample([[]], 2000, student.horizon, seed=4)[0]
+    rs = RolloutSet.from_lists([c.tokens for c in comps], [student.is_success(c.tokens) for c in comps])
+    path = max(rs.tokens, key=len).tolist()
+    stats, lps = path_stats(path, rs), student.continuation_logprobs([], path)
+    cfg = SignalConfig(min_visits=20, restriction=restriction, alignment_estimator="posterior_mean")
+    cache: dict = {}
+    for seed, beta in ((1, 3.0), (2, -2.0)):
+        lpt = student.tilted(beta=beta, noise=0.5, seed=seed).continuation_logprobs([], path)
+        shared = path_signals(stats, lps, lpt, cfg, draws_cache=cache)
+        alone = path_signals(stats, lps, lpt, cfg)
+        assert shared.keys() == alone.keys() and shared["valid"].sum() >= 2
+        for k in shared:
+            np.testing.assert_array_equal(shared[k], alone[k], err_msg=k)
+    assert len(cache) == 2  # the draws around the posterior and around the de-noised rates
+
 def _table() -> pd.DataFrame:
     return pd.DataFrame({
         "teacher": ["a", "a", "a", "b", "b"],

@@ -58,6 +58,18 @@ _LOCK = threading.RLock()
 
 
 # --------------------------------------------------------------------------- helpers
+def attention_backends() -> Any:
+    """Context in which ``scaled_dot_product_attention`` never picks cuDNN: every forward whose
+    shapes change from call to call (scoring batches, prefills, training steps) runs under it.
+
+    On Hopper, PyTorch tries cuDNN's attention first, and cuDNN builds an execution plan for each
+    new (batch, length) shape, about a second each time; flash / memory-efficient attention need
+    no plan. Same results up to float rounding."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+
+
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
@@ -281,8 +293,9 @@ class HFPolicy:
             mask[r, width - len(s):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
-        logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                            use_cache=False).logits[:, -1]
+        with attention_backends():
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
+                                use_cache=False).logits[:, -1]
         return torch.log_softmax(logits.float(), dim=-1).to(self.output_device)
 
     def continuation_logprobs(self, context: TokenSeq, continuation: TokenSeq) -> torch.Tensor:
@@ -335,7 +348,8 @@ class HFPolicy:
             mask[r, width - len(c) - len(x):] = 1
         pos = (mask.cumsum(1) - 1).clamp(min=0)
         kw = {} if len(seqs) == 1 else {"attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
-        logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits  # [B, keep, V]
+        with attention_backends():
+            logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits  # [B, keep, V]
         rows = torch.cat([logits[r, keep - 1 - len(x): keep - 1] for r, (_, x) in enumerate(seqs)])
         lp = check_logprobs(torch.log_softmax(rows.float(), dim=-1), self.name).to(dest)
         return list(lp.split([len(x) for _, x in seqs]))

@@ -650,8 +650,10 @@ class Diagnosis:
             for i, row in enumerate(rows):
                 path = [int(x) for x in row.tokens]
                 stats = self._path_stats(path, rollouts)
+                draws: dict[str, Any] = {}  # the path's posterior draws, shared by its teachers
                 for t, lpt in zip(todo, lpts):
-                    sig = path_signals(stats, lps[i], lpt[i], self.opt.signals, baseline=prep.initial.success_rate)
+                    sig = path_signals(stats, lps[i], lpt[i], self.opt.signals, baseline=prep.initial.success_rate,
+                                       draws_cache=draws)
                     df = pd.DataFrame(sig)
                     df.insert(0, "node", np.arange(len(path)))
                     df.insert(0, "teacher", t.spec.name)

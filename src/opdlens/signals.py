@@ -38,7 +38,7 @@ boolean mask, as produced by :meth:`opdlens.tree.PathStats.padded`.
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -187,6 +187,7 @@ def path_signals(
     config: SignalConfig | None = None,
     *,
     baseline: float | None = None,
+    draws_cache: dict[str, Any] | None = None,
 ) -> dict[str, np.ndarray]:
     """All per-node signals along one path.
 
@@ -194,6 +195,9 @@ def path_signals(
     of the path (``[L, V]``, e.g. from ``Policy.continuation_logprobs``), on any device: the
     full-vocabulary work runs there and only ``[L]`` / per-child values come to the CPU. ``baseline`` is the
     Dr. GRPO group mean reward (the question's success rate); by default each node's own mean.
+    ``draws_cache``: a dict kept for one path and its student log-probs while its teachers are
+    scored (the posterior draws of the node intervals depend on neither the teacher nor its
+    log-probs, see :func:`opdlens.uncertainty.alignment_draws`).
     Returns a dict of ``[L]`` numpy arrays (see ``opdlens.analysis`` for the column meanings).
     """
     cfg = config or SignalConfig()
@@ -289,5 +293,5 @@ def path_signals(
         out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
     out.update(divergences(lps, lpt))
     out.update(node_uncertainty(ideal_of, n, s, mask, valid, {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st,
-                               estimator=cfg.alignment_estimator))
+                               estimator=cfg.alignment_estimator, cache=draws_cache))
     return {k: v.numpy() for k, v in out.items()}

@@ -129,21 +129,38 @@ def alignment_draws(
     seed: int = 0,
     max_cells: int = 1 << 22,
     center: Tensor | None = None,
+    cache: dict[str, list[tuple[Tensor, Tensor]]] | None = None,
 ) -> dict[str, Tensor]:
     """Per direction, ``[n_draws, L]`` cosines of the ideal gradient at joint draws of ``P_succ``
     (:func:`psucc_draws`) with that direction. Draws are made in blocks of at most ``max_cells`` (draw,
-    node, child) cells, so memory stays bounded on long paths; the same seed gives the same draws."""
+    node, child) cells, so memory stays bounded on long paths; the same seed gives the same draws.
+
+    The draws and their ideal gradients do not depend on the directions: ``cache`` (a dict the
+    caller keeps for one path, e.g. across its teachers) holds them, so a second call with the
+    same counts, ideal and seed only computes the cosines."""
     if n_draws < 2:
         raise OpdlensError(f"n_draws must be >= 2 to estimate a spread, got {n_draws}")
-    rng = np.random.default_rng(seed)
-    block = max(1, max_cells // max(1, mask.numel()))
-    parts: dict[str, list[Tensor]] = {name: [] for name in directions}
-    for start in range(0, n_draws, block):
-        ps = psucc_draws(n, s, mask, min(block, n_draws - start), rng, center)
-        g = ideal(ps)
-        for name, d in directions.items():
-            parts[name].append(_cosine(g, d.unsqueeze(0).expand_as(g)))
-    return {name: torch.cat(v) for name, v in parts.items()}
+    key = f"{seed}:{n_draws}:{max_cells}:{center is None}:{tuple(mask.shape)}"
+    blocks = None if cache is None else cache.get(key)
+    if blocks is None:
+        rng = np.random.default_rng(seed)
+        block = max(1, max_cells // max(1, mask.numel()))
+        blocks = []
+        for start in range(0, n_draws, block):
+            g = ideal(psucc_draws(n, s, mask, min(block, n_draws - start), rng, center))
+            blocks.append((g, g.norm(dim=-1)))
+        if cache is not None:
+            cache[key] = blocks
+    out: dict[str, Tensor] = {}
+    for name, d in directions.items():
+        d_norm = d.norm(dim=-1)
+        parts = []
+        for g, g_norm in blocks:  # _cosine(g, d), with the draws' norms computed once
+            num = (g * d).sum(-1)
+            den = g_norm * d_norm
+            parts.append(torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.full_like(num, float("nan"))))
+        out[name] = torch.cat(parts)
+    return out
 
 
 def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
@@ -179,6 +196,7 @@ def node_uncertainty(
     level: float = LEVEL,
     seed: int = 0,
     estimator: Estimator = "plugin",
+    cache: dict[str, list[tuple[Tensor, Tensor]]] | None = None,
 ) -> dict[str, Tensor]:
     """The uncertainty columns of a path's node table (see the module docstring), computed on
     the valid nodes only (NaN elsewhere). With ``estimator="posterior_mean"`` it also returns
@@ -189,16 +207,18 @@ def node_uncertainty(
     ``[..., len(rows), K]``); ``directions`` maps a metric name X to its distillation gradient
     ``[L, K]`` (restricted to ``S_u`` like the point estimate); ``adv_weights`` is
     ``P̃_te − P̃_θ`` on ``S_u`` (``[L, K]``), the coefficients of the teacher advantage.
+    ``cache``: see :func:`alignment_draws` (the posterior draws of a path serve all its teachers).
     """
     rows = torch.nonzero(valid).flatten()
     ideal = lambda ps: ideal_rows(ps, rows)  # noqa: E731
     n_v, s_v, mask_v = n[rows], s[rows], mask[rows]
     dirs = {name: g[rows] for name, g in directions.items()}
     g_hat = ideal(torch.where(mask_v, s_v.double() / n_v.double().clamp_min(1.0), torch.zeros_like(n_v, dtype=torch.float64)))
-    around = alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed + 1, center=denoised_rates(n_v, s_v, mask_v))
+    around = alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed + 1, center=denoised_rates(n_v, s_v, mask_v),
+                             cache=cache)
     nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
     out: dict[str, Tensor] = {}
-    for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed).items():
+    for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed, cache=cache).items():
         lo, hi, _ = interval(draws, level)
         est = draws.mean(0) if estimator == "posterior_mean" else _cosine(g_hat, dirs[name])
         se = ((around[name] - est) ** 2).mean(0).sqrt()

@@ -14,6 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
+from opdlens.models import attention_backends
 from opdlens.policy import OpdlensError
 
 
@@ -63,8 +64,9 @@ def completion_logits(
             attn[b, n_ctx : n_ctx + len(inp)] = 1
         mask[b, : len(y)] = 1.0
     pos = (attn.cumsum(1) - 1).clamp(min=0)
-    out = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                logits_to_keep=t_max, use_cache=False)
+    with attention_backends():
+        out = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
+                    logits_to_keep=t_max, use_cache=False)
     logits = out.logits[:, -t_max:]
     mask = mask.to(device)
     return torch.where(mask.bool().unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=device)), mask

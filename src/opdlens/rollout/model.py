@@ -16,6 +16,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from opdlens.models import attention_backends
+
 FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 
 # the cache a layer's K/V are written to: (k_cache [B, Hkv, S, D], v_cache, slot index [1])
@@ -273,6 +275,7 @@ class BoundModel:
                                                is_causal=True, scale=self.scaling, enable_gqa=Hkv != H)
             return o.transpose(1, 2).reshape(N * T, H * D)
 
-        h = self.forward(x, cos, sin, lambda li: slot, attend)
+        with attention_backends():  # prefill lengths change from call to call
+            h = self.forward(x, cos, sin, lambda li: slot, attend)
         # only the last real token of each prompt feeds the lm_head
         return self.lm_head(h.view(N, T, -1)[torch.arange(N, device=inp.device), lens - 1]), k_all, v_all
