@@ -551,3 +551,23 @@ def test_calibrate_grades_what_the_engine_samples() -> None:
     assert res.level == 1 and 0.0 <= res.no_answer_rate <= 1.0
     # a random model rarely states the answer: most completions have none
     assert res.no_answer_rate > 0.5
+
+
+def test_batched_grading_agrees_with_one_by_one() -> None:
+    """task_envs' grade_many (one batched detokenisation) gives each completion the grade that
+    grade gives it, EOS tokens and empty completions included; decode_many equals decode."""
+    from opdlens.models import SMOLLM2, tiny_random_policy
+    from opdlens.pipeline import task_envs
+    from opdlens.tasks import ArithTask
+
+    pol = tiny_random_policy(seed=1, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)
+    task = ArithTask(difficulty=1)
+    (env,) = task_envs(task, task.load(n=1, seed=3), pol)
+    eos = next(iter(pol.eos_token_ids))
+    nums = pol.encode(f" so the answer is {env.gold}")
+    many = [c.tokens for c in pol.sample([env.prompt_ids], 12, 6, seed=0)[0]]
+    many += [[], nums, nums + [eos], pol.encode(" the answer is 12345") + [eos]]
+    assert env.grade_many is not None
+    assert env.grade_many(many) == [env.grade(t) for t in many]
+    assert sum(env.grade_many(many)) >= 2  # the two stated gold answers are correct
+    assert pol.decode_many(many) == [pol.decode(t) for t in many]

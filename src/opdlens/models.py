@@ -414,6 +414,10 @@ class HFPolicy:
     def decode(self, tokens: TokenSeq) -> str:
         return str(self._tok().decode([int(t) for t in tokens], skip_special_tokens=False))
 
+    def decode_many(self, many: Sequence[TokenSeq]) -> list[str]:
+        """:meth:`decode` of many token sequences in one batched call of the tokenizer."""
+        return [str(x) for x in self._tok().batch_decode([[int(t) for t in toks] for toks in many], skip_special_tokens=False)]
+
     def token_texts(self, tokens: TokenSeq) -> list[str]:
         """One display string per token (partial UTF-8 bytes show as U+FFFD)."""
         tok = self._tok()

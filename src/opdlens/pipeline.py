@@ -90,6 +90,9 @@ class QuestionEnv:
     #: optional: the grade reason of a completion (``opdlens.tasks`` reasons); completions whose
     #: reason is in :data:`NO_ANSWER_REASONS` are counted in the question's ``n_no_answer``.
     grade_reason: Callable[[Sequence[int]], str] | None = None
+    #: optional: ``grade`` of many completions at once (e.g. one batched detokenisation);
+    #: must agree with ``grade`` on every completion
+    grade_many: Callable[[Sequence[Sequence[int]]], list[bool]] | None = None
 
 
 class ModelSlot:
@@ -812,7 +815,8 @@ def write_run_tables(
 
 def _graded(env: QuestionEnv, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
     """Rollouts with their grades."""
-    return RolloutSet.from_lists(tokens, [bool(env.grade(t)) for t in tokens], forced)
+    grades = env.grade_many(tokens) if env.grade_many is not None else [env.grade(t) for t in tokens]
+    return RolloutSet.from_lists(tokens, [bool(g) for g in grades], forced)
 
 
 def _graded_and_stored(store: RunStore, env: QuestionEnv, name: str, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
@@ -894,6 +898,9 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any, thinking: bool 
     def text_of(tokens: Sequence[int]) -> str:
         return student.decode([t for t in tokens if t not in eos])
 
+    def texts_of(many: Sequence[Sequence[int]]) -> list[str]:
+        return student.decode_many([[t for t in toks if t not in eos] for toks in many])
+
     envs = []
     for q in questions:
         envs.append(
@@ -902,6 +909,7 @@ def task_envs(task: Any, questions: Sequence[Any], student: Any, thinking: bool 
                 prompt_ids=student.encode_chat([{"role": "user", "content": q.prompt}], thinking=thinking),
                 grade=lambda toks, q=q: task.check(text_of(toks), q),
                 grade_reason=lambda toks, q=q: task.grade(text_of(toks), q).reason,
+                grade_many=lambda many, q=q: [task.check(x, q) for x in texts_of(many)],
                 question_text=q.prompt,
                 decode=text_of,
                 token_texts=student.token_texts,

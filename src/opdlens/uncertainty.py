@@ -151,16 +151,17 @@ def alignment_draws(
             blocks.append((g, g.norm(dim=-1)))
         if cache is not None:
             cache[key] = blocks
-    out: dict[str, Tensor] = {}
-    for name, d in directions.items():
-        d_norm = d.norm(dim=-1)
-        parts = []
-        for g, g_norm in blocks:  # _cosine(g, d), with the draws' norms computed once
-            num = (g * d).sum(-1)
-            den = g_norm * d_norm
-            parts.append(torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.full_like(num, float("nan"))))
-        out[name] = torch.cat(parts)
-    return out
+    if not directions:
+        return {}
+    dirs = torch.stack(list(directions.values()))  # [M, L, K]
+    d_norm = dirs.norm(dim=-1)  # [M, L]
+    parts = []
+    for g, g_norm in blocks:  # _cosine(g, d) for every direction in one pass over the draws
+        num = torch.einsum("dlk,mlk->mdl", g, dirs)
+        den = g_norm.unsqueeze(0) * d_norm.unsqueeze(1)
+        parts.append(torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.full_like(num, float("nan"))))
+    cos = torch.cat(parts, dim=1)  # [M, n_draws, L]
+    return {name: cos[i] for i, name in enumerate(directions)}
 
 
 def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
