@@ -62,8 +62,20 @@ def test_version_and_report_out(tmp_path):
 def test_report_on_an_interrupted_run_is_partial(tmp_path):
     import pytest
 
-    diag, envs = _setup(tmp_path / "run", fail_after=40)  # q0 (33 sampling calls) finishes, q1 does not
-    diag.opt.schedule = "resident"  # question by question: q0 is scored before the interruption
+    # question by question (resident): kill after q0's sampling calls and two of q1's, so q0 is
+    # scored and q1 is not
+    probe, probe_envs = _setup(tmp_path / "probe")
+    probe.opt.schedule = "resident"
+    real, calls = probe.student.sample, [0]
+
+    def counting(*a, **kw):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        return real(*a, **kw)
+
+    probe.student.sample = counting
+    probe.run(probe_envs[:1])
+    diag, envs = _setup(tmp_path / "run", fail_after=calls[0] + 2)
+    diag.opt.schedule = "resident"
     with pytest.raises(KeyboardInterrupt):
         diag.run(envs)
     assert not (tmp_path / "run" / "questions.parquet").exists()
