@@ -84,10 +84,6 @@ class TargetingConfig(BaseModel):
         "adaptive: also stop a node once every teacher's alignment sign is settled (interval excludes 0)"))] = False
     level: Annotated[float, Field(gt=0.0, lt=1.0, description="adaptive: level of the intervals the stopping rules read")] = 0.95
     n_draws: Annotated[int, Field(ge=16, description="adaptive: posterior draws per node and round")] = 200
-    floor: Annotated[int | None, Field(ge=1, description=(
-        "adaptive: visits every pair gets in the first round (None: signals.min_visits, so every pair enters S_u). "
-        "Below min_visits, the allocation treats the pairs as members of S_u, takes for a pair short of "
-        "min_visits only increments that bring it there, and a pair it leaves short stays out of S_u"))] = None
 
 
 @dataclass(frozen=True)
@@ -246,41 +242,28 @@ class NodeState:
     retired: np.ndarray  # [R] a stopping rule holds for every teacher
 
 
-def _is_pair(child_token: np.ndarray, pairs: Sequence[tuple[int, int]]) -> np.ndarray:
-    """``[L, K]``: whether (row, ``child_token[row, slot]``) is one of ``pairs``."""
-    if not pairs:
-        return np.zeros(child_token.shape, dtype=bool)
-    big = int(max(child_token.max(initial=0), max(k for _, k in pairs))) + 1
-    keys = np.arange(child_token.shape[0])[:, None] * big + child_token
-    return np.isin(keys, [u * big + k for u, k in pairs])
-
-
 #: the extra visits a round weighs for each pair, in units of the round's equal share
 GRID = (1, 2, 4, 8)
 
 
-def greedy_allocation(gains: np.ndarray, grid: Sequence[int] | np.ndarray, budget: int) -> np.ndarray:
+def greedy_allocation(gains: np.ndarray, grid: Sequence[int], budget: int) -> np.ndarray:
     """Extra visits per cell from the expected gains ``gains[j, c]`` of ``grid[j]`` more visits
-    (``grid`` increasing; ``[J]`` shared by the cells or ``[J, C]`` per cell): the increments
-    ``grid[j] − grid[j−1]`` are taken in decreasing order of gain per rollout (made
-    non-increasing along ``j``, diminishing returns) until ``budget`` rollouts are spent, the last
-    one trimmed. Increments that gain nothing are not taken, so a round may spend less than its
-    budget (nothing left to learn)."""
+    (``grid`` increasing): the increments ``grid[j] − grid[j−1]`` are taken in decreasing order
+    of gain per rollout (made non-increasing along ``j``, diminishing returns) until ``budget``
+    rollouts are spent, the last one trimmed. Increments that gain nothing are not taken, so a
+    round may spend less than its budget (nothing left to learn)."""
     g = np.asarray(gains, dtype=np.float64)
-    edges = np.asarray(grid, dtype=np.int64)
-    edges = np.broadcast_to(edges[:, None] if edges.ndim == 1 else edges, g.shape)
-    size = np.diff(np.concatenate([np.zeros((1, g.shape[1]), dtype=np.int64), edges]), axis=0)  # [J, C]
-    if (size <= 0).any():
-        raise OpdlensError(f"the visit grid must increase from a positive first step, got {edges.tolist()}")
-    rate = np.diff(np.concatenate([np.zeros((1, g.shape[1])), g]), axis=0) / size
+    edges = np.concatenate([[0], np.asarray(grid)])
+    size = np.diff(edges)  # [J]
+    rate = np.diff(np.concatenate([np.zeros((1, g.shape[1])), g]), axis=0) / size[:, None]
     rate = np.minimum.accumulate(rate, axis=0).T.reshape(-1)  # [C * J], j ascending within a cell
-    sizes = size.T.reshape(-1)
+    sizes = np.tile(size, g.shape[1])
     order = np.argsort(-rate, kind="stable")
     order = order[rate[order] > 0]
     take = np.minimum(sizes[order], np.clip(budget - np.concatenate([[0], np.cumsum(sizes[order])[:-1]]), 0, None))
-    out = np.zeros(g.shape[1] * g.shape[0], dtype=np.int64)
+    out = np.zeros(g.shape[1] * len(size), dtype=np.int64)
     out[order] = take
-    return out.reshape(g.shape[1], g.shape[0]).sum(1)
+    return out.reshape(g.shape[1], len(size)).sum(1)
 
 
 class TargetPlan:
@@ -314,8 +297,6 @@ class TargetPlan:
         self._fixed = _fixed_targets(self.pairs, stats, self.cfg)
         #: total rollouts this path may spend: the fixed mode's (visit_target and the cap)
         self.budget = sum(t.need for t in self._fixed)
-        #: visits of the adaptive mode's first round
-        self.floor = self.signals.min_visits if self.cfg.floor is None else self.cfg.floor
         self.round = 0
         self.spent = 0
         self.finished = False
@@ -343,8 +324,8 @@ class TargetPlan:
             return []
         if cfg.mode == "fixed":
             out, self.finished = self._fixed, True
-        elif r == 0:  # floor: every pair gets the visits it needs to enter S_u (or cfg.floor)
-            floor = [Target(u, k, self.floor - stats.visits_of(u, k)) for u, k in self.pairs]
+        elif r == 0:  # floor: every pair gets the visits it needs to enter S_u
+            floor = [Target(u, k, self.signals.min_visits - stats.visits_of(u, k)) for u, k in self.pairs]
             out = _cap([t for t in floor if t.need > 0], self.budget)
         else:
             left = cfg.rounds - r + 1
@@ -363,10 +344,8 @@ class TargetPlan:
             assert self._logprobs is not None
             lps, lpts = self._logprobs()
             self.logp_student, self.logp_teachers = lps.double(), [lt.double() for lt in lpts]
-        pad = stats.padded(min(self.floor, sig.min_visits))
-        # S_u, plus the chosen pairs past the floor (the allocation may still bring them in)
-        chosen = _is_pair(pad["child_token"], self.pairs)
-        mask = torch.from_numpy(pad["mask"] & ((pad["visits"] >= sig.min_visits) | chosen))
+        pad = stats.padded(sig.min_visits)
+        mask = torch.from_numpy(pad["mask"])
         tok = torch.from_numpy(pad["child_token"])
         rows = torch.nonzero(mask.sum(-1) >= sig.min_children).flatten()
         mask_r, tok_r = mask[rows], tok[rows]
@@ -403,15 +382,9 @@ class TargetPlan:
         if not live or budget <= 0:
             return []
         step = -(-budget // len(live))
+        grid = [step * j for j in GRID]
         cells = torch.tensor([[r, j] for _, _, r, j in live], dtype=torch.int64)
-        # a pair short of S_u (below min_visits, past a lower floor): its first increment brings it there
-        short = np.maximum(self.signals.min_visits - st.n[cells[:, 0], cells[:, 1]].numpy().astype(np.int64), 0)
-        mult = np.asarray(GRID, dtype=np.int64)[:, None]
-        grid = np.where(short > 0, short + step * (mult - 1), step * mult)  # [J, C]
-        gains = np.zeros(grid.shape)
-        for d in np.unique(short):
-            sel = np.flatnonzero(short == d)
-            gains[:, sel] = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells[sel],
-                                               grid[:, sel[0]].tolist(), self.cfg.n_draws, seed=self.round).numpy()
+        gains = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, grid, self.cfg.n_draws,
+                                   seed=self.round).numpy()
         extra = greedy_allocation(gains, grid, budget)
         return [Target(u, k, int(d)) for (u, k, _, _), d in zip(live, extra) if d > 0]
