@@ -78,52 +78,20 @@ def posterior_mean(n: Tensor, s: Tensor) -> Tensor:
     return (s.double() + PRIOR) / (n.double() + 2 * PRIOR)
 
 
-#: grid of the noise share ``u = noise / (true spread + noise)`` of a node's observed spread
-#: (``1``: all noise, a tie) on which :func:`denoised_rates` fits the nodes' common prior
-SHARE_GRID = torch.logspace(-4, 0, 49, dtype=torch.float64)
-
-
-def denoised_rates(n: Tensor, s: Tensor, mask: Tensor, em_steps: int = 200) -> Tensor:
+def denoised_rates(n: Tensor, s: Tensor, mask: Tensor) -> Tensor:
     """Children's success rates (posterior means) shrunk towards their node's pooled rate
-    ``P̄_u``: ``P̄_u + c_u (P̂_k − P̄_u)``, with ``c_u² = 1 − E[u_u]`` the expected signal share of
-    the node's observed spread ``spread_u = Σ_k (P̂_k − P̄_u)²``.
-
-    Model: the spread is the true one plus binomial noise of expectation ``noise_u`` (all
-    children at one rate), ``spread_u ≈ noise_u / u_u · χ²_m / m`` with ``m = |S_u| − 1`` and
-    ``u_u = noise_u / (true spread + noise_u)``, the noise share. One node's spread says little
-    about its ``u_u`` (one degree of freedom for two children); the per-node maximum likelihood
-    ``u = min(1, noise/spread)`` (the method of moments) calls every node whose spread is below
-    the noise an exact tie, which is right when the visits are few for the gaps at hand and
-    conservative when they are many. So the distribution of ``u`` is estimated from all the
-    nodes given (one path's): an empirical-Bayes prior on :data:`SHARE_GRID`, fitted by maximum
-    marginal likelihood (EM; the nonparametric estimate of Kiefer and Wolfowitz), and each node's
-    ``E[u_u]`` is its posterior mean under that prior. Rows without two children are returned
-    unshrunk."""
+    ``P̄_u``: ``P̄_u + c_u (P̂_k − P̄_u)``, ``c_u = sqrt(max(0, 1 − noise_u / spread_u))`` with
+    ``spread_u = Σ_k (P̂_k − P̄_u)²`` and ``noise_u`` its expectation when all children share one
+    rate (binomial variances). The observed spread overstates the true one by that noise on
+    average; the rescaled deviations have the method-of-moments estimate of the true spread."""
     zero = torch.zeros_like(n, dtype=torch.float64)
     nd, sd = torch.where(mask, n.double(), zero), torch.where(mask, s.double(), zero)
     rate = (sd + PRIOR) / (nd + 2 * PRIOR)
     pbar = (sd.sum(-1, keepdim=True) + PRIOR) / (nd.sum(-1, keepdim=True) + 2 * PRIOR)
-    spread = torch.where(mask, (rate - pbar) ** 2, zero).sum(-1)
+    spread = torch.where(mask, (rate - pbar) ** 2, zero).sum(-1, keepdim=True)
     share = nd / nd.sum(-1, keepdim=True).clamp_min(1.0)
-    noise = torch.where(mask, pbar * (1 - pbar) / nd.clamp_min(1.0) * (1 - share), zero).sum(-1)
-    m = (mask.sum(-1) - 1).double()
-    fit = (m >= 1) & (noise > 0)
-    u_mean = torch.zeros_like(noise)
-    if fit.any():
-        grid = SHARE_GRID
-        mf, a = m[fit, None], (m[fit] * spread[fit] / (2 * noise[fit]))[:, None]
-        loglik = mf / 2 * grid.log() - a * grid  # [F, J], the scaled-χ² likelihood of u, up to a constant
-        loglik = loglik - loglik.max(-1, keepdim=True).values
-        lik = loglik.exp()
-        prior = torch.full_like(grid, 1.0 / len(grid))
-        for _ in range(em_steps):
-            post = lik * prior
-            post = post / post.sum(-1, keepdim=True)
-            prior = post.mean(0)
-        post = lik * prior
-        post = post / post.sum(-1, keepdim=True)
-        u_mean[fit] = (post * grid).sum(-1)
-    c = (1 - u_mean).clamp(0.0, 1.0).sqrt().unsqueeze(-1)
+    noise = torch.where(mask, pbar * (1 - pbar) / nd.clamp_min(1.0) * (1 - share), zero).sum(-1, keepdim=True)
+    c = (1 - noise / spread.clamp_min(1e-300)).clamp(0.0, 1.0).sqrt()
     return torch.where(mask, pbar + c * (rate - pbar), zero)
 
 
