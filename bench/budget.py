@@ -11,7 +11,8 @@ the fixed mode (every chosen (node, token) pair to ``visit_target`` visits: the 
 is 100) and in the adaptive mode with the same budget knob (its other settings the defaults),
 then scored by :func:`opdlens.signals.path_signals` with each ``alignment_estimator`` (plug-in:
 the paper's; posterior mean). Against the exact alignment over the same ``S_u`` it reports, per
-mode, estimator and budget: rollouts per path, per-node alignment RMSE, share of nodes with the
+mode, estimator and budget: rollouts per path, the nodes scored (valid in both modes) and the
+mode's own valid nodes, per-node alignment RMSE, share of nodes with the
 right sign, per-node interval coverage, share of settled signs (and how many of those are
 wrong), and the RMSE, width and coverage of the path-mean interval
 (:func:`opdlens.uncertainty.path_mean_interval`) with the mean and standard deviation of its
@@ -148,7 +149,8 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
         spent = g.groupby(["question_id", "path_id"])["spent"].first()
         rows.append({
             "mode": mode, "estimator": est, "visit_target": vt, "rollouts_per_path": spent.mean(),
-            "nodes": len(v), "rmse": float(np.sqrt((err**2).mean())),
+            "nodes": len(v), "valid": int(((ok["mode"] == mode) & (ok["estimator"] == est) & (ok["visit_target"] == vt)).sum()),
+            "rmse": float(np.sqrt((err**2).mean())),
             "right_sign": float((np.sign(v["align_gkd"]) == np.sign(v["exact"])).mean()),
             "node_coverage": float(cover.mean()), "node_width": float((v["align_gkd_hi"] - v["align_gkd_lo"]).mean()),
             "settled": float(sett.mean()),

@@ -11,7 +11,7 @@ from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load
 from opdlens.signals import SignalConfig, ideal_gradient
 from opdlens.store import RunStore
 from opdlens.synthetic import EOS, SyntheticPolicy
-from opdlens.targeting import TargetingConfig, TargetPlan, greedy_allocation, select_targets
+from opdlens.targeting import Target, TargetingConfig, TargetPlan, greedy_allocation, select_targets
 from opdlens.teachers import TeacherSpec
 from opdlens.tree import RolloutSet, path_stats
 from opdlens.uncertainty import variance_reduction
@@ -120,6 +120,9 @@ def test_adaptive_plan_floors_then_spends_at_most_the_budget_where_it_is_uncerta
     plan, rounds, stats = _run_plan(pol, teachers, rs, path, cfg, sig)
     assert 2 <= len(rounds) <= 1 + cfg.rounds
     assert all(stats.visits_of(u, k) >= sig.min_visits for u, k in plan.pairs)  # floor: every pair in S_u
+    before = path_stats(path, rs)  # the floor round tops every pair up to exactly min_visits, no more
+    floor = [Target(u, k, sig.min_visits - before.visits_of(u, k)) for u, k in plan.pairs]
+    assert rounds[0] == [t for t in floor if t.need > 0]
     assert 0.5 * plan.budget < plan.spent <= plan.budget
     assert all(t.need > 0 and (t.node, t.token) in plan.pairs for r in rounds for t in r)
     # allocation is uneven: it follows the expected gains, not a fixed visit count

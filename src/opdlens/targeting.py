@@ -20,7 +20,9 @@ well-visited children the alignment needs.
 Adaptive mode (``mode: adaptive``). The same (node, token) pairs and at most the same rollouts
 (the fixed mode's total for the path, capped by ``max_rollouts_per_path``) are spent in rounds.
 Round 0 brings every pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
-node set measured is the fixed mode's. Each later round may spend an equal share of what is
+node set measured is the fixed mode's. The floor is not a setting: a pair left below
+``min_visits`` drops out of ``S_u``, and lower floors (with the allocation free to leave pairs
+short) lost valid nodes and accuracy at every budget measured (docs/RESULTS.md). Each later round may spend an equal share of what is
 left, and spends it where it is expected to lower the report's error most: for every pair, the
 expected drop of the posterior variance of its node's alignment (summed over the teachers) if the
 pair got 1, 2, 4 or 8 times the round's equal share of visits
