@@ -776,23 +776,24 @@ class Diagnosis:
                     slot.release()
         for prep in preps.values():
             self.skips.extend(prep.skips)
-        for group in _by_model(self.driving):
-            names = ", ".join(t.spec.name for t in group)
-            with self._phase(f"priorities ({names})"):
-                for env in self._bar(envs, f"priorities ({names})"):
-                    self.write_priorities(env, preps[env.id], group)
-                for t in group:
-                    t.slot.release()
+        self._per_model("priorities", self.driving, envs, lambda env, group: self.write_priorities(env, preps[env.id], group))
         with self._phase("targeted rollouts"):
             self.enrich([(env, preps[env.id]) for env in envs])
-        for group in _by_model(self.teachers):
+        self._per_model("scoring", self.teachers, envs, lambda env, group: self.score_group(env, preps[env.id], group))
+        return [self.summary(env, preps[env.id]) for env in envs]
+
+    def _per_model(
+        self, step: str, teachers: Sequence[Teacher], envs: list[QuestionEnv], run: Callable[[QuestionEnv, list[Teacher]], None]
+    ) -> None:
+        """One step of the sequential schedule: for each model (the teachers on it together), run
+        the step on every question, then free the model."""
+        for group in _by_model(teachers):
             names = ", ".join(t.spec.name for t in group)
-            with self._phase(f"scoring ({names})"):
-                for env in self._bar(envs, f"scoring ({names})"):
-                    self.score_group(env, preps[env.id], group)
+            with self._phase(f"{step} ({names})"):
+                for env in self._bar(envs, f"{step} ({names})"):
+                    run(env, group)
                 for t in group:
                     t.slot.release()
-        return [self.summary(env, preps[env.id]) for env in envs]
 
     def finish(self, rows: list[dict[str, object]], n_questions: int) -> pd.DataFrame:
         """Write ``questions.parquet`` (one summary row per finished question) and
