@@ -154,14 +154,16 @@ def alignment_draws(
     if not directions:
         return {}
     dirs = torch.stack(list(directions.values()))  # [M, L, K]
-    d_norm = dirs.norm(dim=-1)  # [M, L]
-    parts = []
-    for g, g_norm in blocks:  # _cosine(g, d) for every direction in one pass over the draws
-        num = torch.einsum("dlk,mlk->mdl", g, dirs)
-        den = g_norm.unsqueeze(0) * d_norm.unsqueeze(1)
-        parts.append(torch.where(den > 1e-12, num / den.clamp_min(1e-12), torch.full_like(num, float("nan"))))
-    cos = torch.cat(parts, dim=1)  # [M, n_draws, L]
+    cos = torch.cat([_draw_cosines(g, g_norm, dirs) for g, g_norm in blocks], dim=1)  # [M, n_draws, L]
     return {name: cos[i] for i, name in enumerate(directions)}
+
+
+def _draw_cosines(g: Tensor, g_norm: Tensor, dirs: Tensor, eps: float = 1e-12) -> Tensor:
+    """:func:`_cosine` of every draw ``g [D, L, K]`` (norms ``g_norm [D, L]``) with every
+    direction ``dirs [M, L, K]``, in one pass over the draws: ``[M, D, L]``."""
+    num = torch.einsum("dlk,mlk->mdl", g, dirs)
+    den = g_norm.unsqueeze(0) * dirs.norm(dim=-1).unsqueeze(1)
+    return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
 
 
 def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
@@ -268,7 +270,7 @@ def variance_reduction(
     ps = psucc_draws(n, s, mask, n_draws, rng)  # [D, L, K]
     g = ideal(ps)
     row, slot = cells[:, 0], cells[:, 1]
-    cos = torch.stack([torch.nan_to_num(_cosine(g, d.unsqueeze(0).expand_as(g)), nan=0.0) for d in directions.values()])
+    cos = torch.nan_to_num(_draw_cosines(g, g.norm(dim=-1), torch.stack(list(directions.values()))), nan=0.0)
     a = cos[:, :, row].permute(2, 0, 1)  # [C, T, D]
     p = ps[:, row, slot].clamp(1e-12, 1 - 1e-12).T.unsqueeze(-1)  # [C, D, 1]
     out = torch.zeros(len(extra), len(cells), dtype=torch.float64)
