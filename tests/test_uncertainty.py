@@ -40,6 +40,14 @@ def _rows(p, mask):
     return lambda x, rows: ideal_gradient(p[rows], x, mask[rows])
 
 
+def _replicas(ps, visits, reps, rng):
+    """``reps`` replications of ``visits`` rollouts of every child: ``(rep, n, s)`` with ``s``
+    binomial under the exact success probabilities ``ps``."""
+    n = torch.full_like(ps, float(visits))
+    for rep in range(reps):
+        yield rep, n, torch.from_numpy(rng.binomial(visits, ps.numpy())).double()
+
+
 def test_interval_covers_the_exact_alignment_on_resolved_nodes():
     p, g_d, ps, mask = _oracle_nodes()
     ideal = lambda x: ideal_gradient(p, x, mask)  # noqa: E731
@@ -52,9 +60,7 @@ def test_interval_covers_the_exact_alignment_on_resolved_nodes():
     rng = np.random.default_rng(0)
     hits, adv_hits = [], []
     w = torch.from_numpy(rng.normal(size=tuple(p.shape)))  # any linear functional of P_succ
-    for rep in range(25):
-        n = torch.full_like(ps, float(visits))
-        s = torch.from_numpy(rng.binomial(visits, ps.numpy())).double()
+    for rep, n, s in _replicas(ps, visits, 25, rng):
         valid = torch.ones(len(p), dtype=torch.bool)
         out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, w, n_draws=300, seed=rep)
         hits.append((exact >= out["align_gkd_lo"]) & (exact <= out["align_gkd_hi"]))
@@ -184,11 +190,8 @@ def test_error_scale_matches_the_plug_in_error_on_the_oracle():
     p, g_d, ps, mask = _oracle_nodes(n_policies=8)
     ideal = lambda x: ideal_gradient(p, x, mask)  # noqa: E731
     exact = masked_cosine(ideal(ps), g_d)
-    rng = np.random.default_rng(1)
     err2, se2 = [], []
-    for rep in range(10):
-        n = torch.full_like(ps, 100.0)
-        s = torch.from_numpy(rng.binomial(100, ps.numpy())).double()
+    for rep, n, s in _replicas(ps, 100, 10, np.random.default_rng(1)):
         valid = torch.ones(len(p), dtype=torch.bool)
         out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=200, seed=rep)
         ok = torch.isfinite(exact) & torch.isfinite(out["align_gkd_se"])
@@ -205,11 +208,8 @@ def test_posterior_mean_estimator_has_lower_error_than_the_plug_in_on_the_oracle
         p, g_d, ps, mask = _oracle_nodes(n_policies=8, k=k)
         ideal = lambda x: ideal_gradient(p, x, mask)  # noqa: E731
         exact = masked_cosine(ideal(ps), g_d)
-        rng = np.random.default_rng(1)
         err_plug, err_post = [], []
-        for rep in range(10):
-            n = torch.full_like(ps, 30.0)
-            s = torch.from_numpy(rng.binomial(30, ps.numpy())).double()
+        for rep, n, s in _replicas(ps, 30, 10, np.random.default_rng(1)):
             out = node_uncertainty(_rows(p, mask), n, s, mask, torch.ones(len(p), dtype=torch.bool), {"gkd": g_d},
                                    torch.zeros_like(p), n_draws=200, seed=rep, estimator="posterior_mean")
             plug = masked_cosine(ideal(s / n), g_d)
