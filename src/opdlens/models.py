@@ -283,16 +283,19 @@ class HFPolicy:
             start = end
         return check_logprobs(out, self.name)
 
-    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
-        dev = self.device
+    def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(ids, attention mask, position ids)`` ``[B, width]`` of left-padded rows (on the CPU)."""
         width = max(len(s) for s in seqs)
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
             ids[r, width - len(s):] = torch.tensor(s)
             mask[r, width - len(s):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
-        ids, mask, pos = ids.to(dev), mask.to(dev), pos.to(dev)
+        return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
+
+    def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
+        dev = self.device
+        ids, mask, pos = (t.to(dev) for t in self._left_padded(seqs))
         with attention_backends():
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
                                 use_cache=False).logits[:, -1]
@@ -339,14 +342,8 @@ class HFPolicy:
         """One left-padded forward over ``context + continuation`` rows: each row's continuation
         log-probs, checked on the model's device and copied to ``dest`` together."""
         dev = self.device
-        width = max(len(c) + len(x) for c, x in seqs)
         keep = 1 + max(len(x) for _, x in seqs)
-        ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
-        mask = torch.zeros((len(seqs), width), dtype=torch.long)
-        for r, (c, x) in enumerate(seqs):
-            ids[r, width - len(c) - len(x):] = torch.tensor(c + x)
-            mask[r, width - len(c) - len(x):] = 1
-        pos = (mask.cumsum(1) - 1).clamp(min=0)
+        ids, mask, pos = self._left_padded([c + x for c, x in seqs])
         kw = {} if len(seqs) == 1 else {"attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
         with attention_backends():
             logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits  # [B, keep, V]
