@@ -270,6 +270,10 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
             if dev == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0
+        if args.keep:  # the run directory, e.g. to replay its phase 2 elsewhere
+            import shutil
+
+            shutil.copytree(Path(tmp) / "run", Path(args.keep) / model, dirs_exist_ok=True)
     load = INCL.get("phase: load models + task", 0.0)
     tokens = sum(c["tokens"] for c in CALLS)
     t_engine = sum(c["seconds"] for c in CALLS)
@@ -426,6 +430,7 @@ def main() -> None:
     ap.add_argument("--engine", default=None, help="JSON of the config's engine: block")
     ap.add_argument("--probe", action="store_true", help="time one scoring call (batched, per path, bare forward)")
     ap.add_argument("--json", default=None)
+    ap.add_argument("--keep", default=None, help="copy each run directory to DIR/<model>")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of each run to PATH.<model>")
     args = ap.parse_args()
     dev = "cuda" if torch.cuda.is_available() else "cpu"

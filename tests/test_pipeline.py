@@ -137,3 +137,37 @@ def test_pipeline_bad_input(tmp_path):
     diag = Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), student)], progress=False)
     with pytest.raises(OpdlensError, match="no questions"):
         diag.run([])
+
+
+def test_finished_questions_are_handed_on_while_others_sample(tmp_path):
+    """``enrich(then=...)`` hands each question on once all of its chunks are stored, while the
+    other questions are still sampling (the sequential schedule scores it there)."""
+    import time
+
+    diag, envs = _setup(tmp_path, n_questions=5)
+    preps = [(env, diag.prepare(env)) for env in envs]
+    for i, (env, prep) in enumerate(preps):
+        if i % 2 == 0:  # one path: done after its first round, while the others go on
+            prep.paths = prep.paths.iloc[:1]
+        diag.write_priorities(env, prep, diag.teachers)
+    calls = [0]
+    real = diag.student.sample
+
+    def sample(*args, **kw):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        time.sleep(0.05)  # an engine call: the worker threads run meanwhile
+        return real(*args, **kw)
+
+    diag.student.sample = sample  # type: ignore[method-assign]
+    seen: dict[str, tuple[int, set[str]]] = {}
+
+    def then(env, prep):  # type: ignore[no-untyped-def]
+        files = {f.name for f in (tmp_path / "rollouts" / env.id).glob("targeted*.parquet")}
+        seen[env.id] = (calls[0], files)
+
+    diag.enrich(preps, then=then)
+    assert set(seen) == {env.id for env in envs}
+    for env in envs:  # every chunk of the question was stored before it was handed on
+        assert seen[env.id][1] == {f.name for f in (tmp_path / "rollouts" / env.id).glob("targeted*.parquet")}
+        assert seen[env.id][1]
+    assert min(c for c, _ in seen.values()) < calls[0]  # some question was done before the last call

@@ -23,7 +23,9 @@ next, so every model other than the student is loaded once, used for all questio
 Both sample the same distributions and are reproducible from the seed; they give identical
 results for one question. With several, the sequential schedule samples the targeted rollouts of
 all questions together (:meth:`Diagnosis.enrich`), so they draw other random numbers than the
-resident schedule's, which samples each question alone.
+resident schedule's, which samples each question alone; and it scores a question on the models
+that stay loaded (the student's self-distillation teachers) on a worker thread as soon as the
+question's targeted rollouts are stored, while the other questions go on sampling.
 
 Everything is written through :class:`opdlens.store.RunStore` as it finishes; rerunning a run
 directory resumes where it stopped and gives the same results as an uninterrupted run.
@@ -49,6 +51,7 @@ from tqdm.auto import tqdm
 
 from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.report.children import children_column
+from opdlens.rollout.decode import CAPTURE_LOCK
 from opdlens.signals import SignalConfig, path_signals
 from opdlens.store import RunStore, derive_seed, start_fresh
 from opdlens.tasks.answers import strip_thinking
@@ -366,12 +369,23 @@ class Diagnosis:
 
     # ------------------------------------------------------------------ phase 1
     def initial(self, env: QuestionEnv) -> RolloutSet:
-        if not self.store.has_chunk(env.id, "initial"):
-            (tokens,) = self._sample_rollouts([Continue(env.prompt_ids, [], self.opt.rollouts_per_question,
-                                                        self.opt.max_new_tokens)],
-                                              derive_seed(self.opt.seed, env.id, "initial"))  # fmt: skip
-            self.store.write_chunk(env.id, "initial", _graded(env, tokens, [0] * len(tokens)))
-        return self.store.read_chunk(env.id, "initial")
+        return self.initial_many([env])[0]
+
+    def initial_many(self, envs: Iterable[QuestionEnv]) -> list[RolloutSet]:
+        """The initial rollouts of each question (sampled, graded and stored if missing, else
+        read back); a question's are graded and written on a worker thread while the next
+        question samples."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
+            futures: list[Future[RolloutSet]] = []
+            for env in envs:
+                if self.store.has_chunk(env.id, "initial"):
+                    futures.append(worker.submit(self.store.read_chunk, env.id, "initial"))
+                    continue
+                (tokens,) = self._sample_rollouts([Continue(env.prompt_ids, [], self.opt.rollouts_per_question,
+                                                            self.opt.max_new_tokens)],
+                                                  derive_seed(self.opt.seed, env.id, "initial"))  # fmt: skip
+                futures.append(worker.submit(_graded_and_stored, self.store, env, "initial", tokens, [0] * len(tokens)))
+            return [f.result() for f in futures]
 
     def paths(self, env: QuestionEnv, initial: RolloutSet) -> pd.DataFrame:
         rel = self.store.paths_file(env.id)
@@ -535,7 +549,9 @@ class Diagnosis:
         """Enrich every path of one question (:meth:`enrich` of that question alone)."""
         self.enrich([(env, prep)])
 
-    def enrich(self, questions: Sequence[tuple[QuestionEnv, Prepared]]) -> None:
+    def enrich(
+        self, questions: Sequence[tuple[QuestionEnv, Prepared]], then: Callable[[QuestionEnv, Prepared], None] | None = None
+    ) -> None:
         """Targeted rollouts of every path of ``questions``, from the stored priorities of the
         driving teachers (each question's summary row counts what was stored).
 
@@ -543,30 +559,66 @@ class Diagnosis:
         paths before it; :meth:`_rounds`). The questions are dealt into :data:`LANES` lanes (by
         position) that take turns: the current round of every question of a lane is sampled
         together (:meth:`_sample_round`: one engine call per budget tier), and while the next
-        lane's calls run, the worker thread grades and writes this lane's chunks. The rollouts of earlier paths and
-        rounds are kept in memory, not read back."""
-        Live = list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round]]
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker:
-            lanes: list[tuple[Live, list[list[Future[RolloutSet]]] | None]] = []
-            for k in range(min(LANES, len(questions))):
-                live: Live = []
-                for env, prep in questions[k::LANES]:
-                    gen = self._rounds(env, prep)
-                    first = next(gen, None)
-                    if first is not None:
-                        live.append((gen, first))
-                lanes.append((live, None))
-            every: list[Future[RolloutSet]] = []
-            while any(live for live, _ in lanes):
-                for k, (live, sampled) in enumerate(lanes):
-                    if sampled is not None:  # the lane's last call: its questions' next rounds
-                        live = [(gen, nxt) for (gen, _), futures in zip(live, sampled)
-                                if (nxt := _advance(gen, futures)) is not None]  # fmt: skip
-                    sampled = self._sample_round([r for _, r in live], worker) if live else None
-                    every += [f for fs in sampled or [] for f in fs]
-                    lanes[k] = (live, sampled)
-            for f in every:
-                f.result()  # raise the worker's errors here
+        lane's calls run, the worker thread grades and writes this lane's chunks. The rollouts
+        of earlier paths and rounds are kept in memory, not read back.
+
+        ``then(env, prep)`` runs on a second worker thread for each question as soon as all of
+        its chunks are stored, while the other questions go on sampling (the sequential
+        schedule scores the questions that are done there); all of it has run when this returns."""
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker, \
+                ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:  # fmt: skip
+            chunks: dict[str, list[Future[RolloutSet]]] = {env.id: [] for env, _ in questions}
+            done: list[Future[None]] = []
+
+            def finished(env: QuestionEnv, prep: Prepared) -> None:
+                if then is not None:
+                    done.append(finisher.submit(_after, chunks[env.id], then, env, prep))
+
+            try:
+                self._take_turns(questions, worker, chunks, finished)
+            except BaseException:
+                finisher.shutdown(wait=True, cancel_futures=True)  # interrupted: no more scoring
+                raise
+            for f in [f for fs in chunks.values() for f in fs] + done:
+                f.result()  # raise the workers' errors here
+
+    def _take_turns(
+        self,
+        questions: Sequence[tuple[QuestionEnv, Prepared]],
+        worker: ThreadPoolExecutor,
+        chunks: dict[str, list[Future[RolloutSet]]],
+        finished: Callable[[QuestionEnv, Prepared], None],
+    ) -> None:
+        """The lanes of :meth:`enrich` take turns on the engine until every question is done;
+        each round's chunk futures are added to ``chunks`` (by question) and ``finished`` is
+        called once per question after its last round was sampled."""
+        Live = list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round, Prepared]]
+        lanes: list[tuple[Live, list[list[Future[RolloutSet]]] | None]] = []
+        for k in range(min(LANES, len(questions))):
+            live: Live = []
+            for env, prep in questions[k::LANES]:
+                gen = self._rounds(env, prep)
+                first = next(gen, None)
+                if first is None:
+                    finished(env, prep)
+                else:
+                    live.append((gen, first, prep))
+            lanes.append((live, None))
+        while any(live for live, _ in lanes):
+            for k, (live, sampled) in enumerate(lanes):
+                if sampled is not None:  # the lane's last call: its questions' next rounds
+                    going: Live = []
+                    for (gen, rnd, prep), futures in zip(live, sampled):
+                        nxt = _advance(gen, futures)
+                        if nxt is None:
+                            finished(rnd.env, prep)
+                        else:
+                            going.append((gen, nxt, prep))
+                    live = going
+                sampled = self._sample_round([r for _, r, _ in live], worker) if live else None
+                for (_, rnd, _), fs in zip(live, sampled or []):
+                    chunks[rnd.env.id] += fs
+                lanes[k] = (live, sampled)
 
     def _rounds(self, env: QuestionEnv, prep: Prepared) -> Generator[Round, list[Future[RolloutSet]], None]:
         """The rounds of targeted rollouts of one question, path by path: yields each round's
@@ -760,8 +812,8 @@ class Diagnosis:
         """Each step for every question before the next, each model loaded once and freed after
         its step (see the module docstring); :attr:`phase_log` times each step."""
         with self._phase("student rollouts"):
-            for env in self._bar(envs, "student rollouts"):
-                self.paths(env, self.initial(env))
+            for env, initial in zip(envs, self.initial_many(self._bar(envs, "student rollouts"))):
+                self.paths(env, initial)
         writer, summ = self.opt.solution_slot, self.opt.summarizer
         if any(t.spec.context == "1c-ext" for t in self.teachers):
             with self._phase("external solutions"):
@@ -777,10 +829,18 @@ class Diagnosis:
         for prep in preps.values():
             self.skips.extend(prep.skips)
         self._per_model("priorities", self.driving, envs, lambda env, group: self.write_priorities(env, preps[env.id], group))
-        with self._phase("targeted rollouts"):
-            self.enrich([(env, preps[env.id]) for env in envs])
+        resident = [t for t in self.teachers if t.slot.resident]
+        rows: dict[str, dict[str, object]] = {}
+
+        def finish(env: QuestionEnv, prep: Prepared) -> None:  # while the other questions sample
+            with CAPTURE_LOCK:
+                self.score_group(env, prep, resident)
+            rows[env.id] = self.summary(env, prep)
+
+        with self._phase("targeted rollouts (+ scoring on resident models)"):
+            self.enrich([(env, preps[env.id]) for env in envs], then=finish)
         self._per_model("scoring", self.teachers, envs, lambda env, group: self.score_group(env, preps[env.id], group))
-        return [self.summary(env, preps[env.id]) for env in envs]
+        return [rows[env.id] for env in envs]
 
     def _per_model(
         self, step: str, teachers: Sequence[Teacher], envs: list[QuestionEnv], run: Callable[[QuestionEnv, list[Teacher]], None]
@@ -857,6 +917,15 @@ LANES = 2
 #: Budget tiers of :meth:`Diagnosis._sample_rollouts`: one engine call per tier, so short-budget
 #: rollouts do not run to the longest budget of a round.
 BUDGET_TIERS = 3
+
+
+def _after(
+    futures: list[Future[RolloutSet]], then: Callable[[QuestionEnv, Prepared], None], env: QuestionEnv, prep: Prepared
+) -> None:
+    """``then(env, prep)`` once the question's chunks are stored (on the finishing worker)."""
+    for f in futures:
+        f.result()
+    then(env, prep)
 
 
 def _advance(gen: Generator[Round, list[Future[RolloutSet]], None], futures: list[Future[RolloutSet]]) -> Round | None:

@@ -196,9 +196,12 @@ class RunStore:
         return self._ok(self._chunk_path(question, chunk))
 
     def write_chunk(self, question: str, chunk: str, rollouts: RolloutSet) -> None:
+        lengths = np.fromiter((t.size for t in rollouts.tokens), dtype=np.int32, count=len(rollouts.tokens))
+        flat = np.concatenate(rollouts.tokens).astype(np.int32) if len(rollouts.tokens) else np.zeros(0, np.int32)
+        offsets = np.concatenate([[0], np.cumsum(lengths)]).astype(np.int32)
         table = pa.table(
             {
-                "tokens": pa.array([t.tolist() for t in rollouts.tokens], type=pa.list_(pa.int32())),
+                "tokens": pa.ListArray.from_arrays(pa.array(offsets), pa.array(flat)),
                 "success": pa.array(rollouts.success, type=pa.bool_()),
                 "forced": pa.array(rollouts.forced, type=pa.int32()),
             }
@@ -207,7 +210,10 @@ class RunStore:
 
     def read_chunk(self, question: str, chunk: str) -> RolloutSet:
         t = self._read(self._chunk_path(question, chunk))
-        tokens = [np.asarray(x, dtype=np.int64) for x in t.column("tokens").to_pylist()]
+        col = t.column("tokens").combine_chunks()
+        offsets = col.offsets.to_numpy().astype(np.int64)
+        flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
+        tokens = np.split(flat, offsets[1:-1] - offsets[0]) if len(col) else []
         return RolloutSet(tokens, t.column("success").to_numpy().astype(bool), t.column("forced").to_numpy().astype(np.int64))
 
     @overload
@@ -225,10 +231,8 @@ class RunStore:
                 return None
             raise OpdlensError(f"no rollouts stored for question {question!r} in {folder}")
         sets = [self.read_chunk(question, f.stem) for f in files]
-        out = sets[0]
-        for s in sets[1:]:
-            out = out.extend(s)
-        return out
+        return RolloutSet([t for s in sets for t in s.tokens], np.concatenate([s.success for s in sets]),
+                          np.concatenate([s.forced for s in sets]))  # fmt: skip
 
     # ---------------------------------------------------------------- tables
     def write_text(self, rel: str, text: str) -> Path:

@@ -14,6 +14,7 @@ CUDA graphs are captured and replayed in one place, :class:`StepGraphs`.
 from __future__ import annotations
 
 import copy
+import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Protocol
@@ -61,6 +62,13 @@ class DecodeState(Protocol):
 
 
 # ---------------------------------------------------------------------------- CUDA graphs
+#: Held while a CUDA graph is captured. A capture fails when another thread makes a CUDA call
+#: that is not allowed during one (a synchronisation, a new allocation), so other threads that
+#: use the GPU while an engine may capture (the diagnose run's scoring of finished questions)
+#: hold it around their GPU work.
+CAPTURE_LOCK = threading.Lock()
+
+
 def run_on_side_stream(device: torch.device, fn: Callable[[], torch.Tensor]) -> torch.Tensor:
     """``fn()`` eagerly (on CUDA on a side stream, as a warm-up before a capture must be)."""
     if device.type != "cuda":
@@ -88,7 +96,7 @@ class StepGraphs:
         if entry is None or entry[2] != signature:
             self.entries.pop(key, None)
             graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph, pool=self.pool):
+            with CAPTURE_LOCK, torch.cuda.graph(graph, pool=self.pool):
                 out = forward()
             entry = self.entries[key] = (graph, out, signature)
             self.stats["graphs"] += 1
