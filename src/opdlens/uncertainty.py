@@ -102,14 +102,16 @@ def psucc_draws(
     0): its Beta posterior, or with ``center`` a Beta of the same concentration ``n + 1`` with
     that mean."""
     if center is None:
-        a = (s.double() + PRIOR).numpy()
-        b = ((n.double() - s.double()).clamp_min(0.0) + PRIOR).numpy()
+        a = s.double() + PRIOR
+        b = (n.double() - s.double()).clamp_min(0.0) + PRIOR
     else:
         conc = n.double() + 2 * PRIOR
         mu = center.clamp(1e-9, 1 - 1e-9)
-        a, b = (mu * conc).numpy(), ((1 - mu) * conc).numpy()
-    draws = torch.from_numpy(rng.beta(a, b, size=(n_draws, *a.shape)))
-    return torch.where(mask, draws, torch.zeros_like(draws))
+        a, b = mu * conc, (1 - mu) * conc
+    draws = torch.zeros((n_draws, *mask.shape), dtype=torch.float64)
+    cells = mask.nonzero(as_tuple=True)  # only the children in S_u are drawn (most padded cells are not)
+    draws[(slice(None), *cells)] = torch.from_numpy(rng.beta(a[cells].numpy(), b[cells].numpy(), size=(n_draws, len(cells[0]))))
+    return draws
 
 
 def _cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
