@@ -98,7 +98,7 @@ def patch(obj: Any, name: str, kind: str, phase: bool = False) -> None:
 
 def instrument() -> None:
     D = pipeline.Diagnosis
-    for name, kind in (("initial", "phase: initial rollouts"), ("paths", "phase: paths"),
+    for name, kind in (("initial_many", "phase: initial rollouts"), ("paths", "phase: paths"),
                        ("solutions", "phase: solutions + summaries"), ("write_priorities", "phase: priorities"),
                        ("enrich", "phase: targeted rollouts"), ("score_group", "phase: teacher scoring"),
                        ("finish", "phase: final tables")):

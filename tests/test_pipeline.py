@@ -72,8 +72,9 @@ def test_interrupted_run_resumes_to_identical_results(tmp_path):
 
 def test_targeted_rollouts_of_all_questions_share_engine_calls(tmp_path):
     """The sequential schedule samples the current round of every question of a lane in one
-    call per budget tier: at most paths x lanes x tiers targeted calls for 5 questions (one call
-    per (question, path, chunk, count) before), each with many prefixes and per-prefix counts;
+    call per budget tier: at most (paths + questions per lane - 1) x lanes x tiers targeted calls
+    for 5 questions (one call per (question, path, chunk, count) before), each with many
+    prefixes and per-prefix counts;
     a kill at any of those calls resumes to the uninterrupted results."""
     from opdlens.pipeline import BUDGET_TIERS, LANES
 
@@ -89,7 +90,8 @@ def test_targeted_rollouts_of_all_questions_share_engine_calls(tmp_path):
     questions = diag.run(envs)
     targeted = calls[len(envs):]  # after one initial call per question
     n_paths = int(diag.store.read_all("paths").groupby("question_id").size().max())
-    assert 0 < len(targeted) <= n_paths * LANES * BUDGET_TIERS
+    turns = n_paths + -(-len(envs) // LANES) - 1  # a lane admits one question per turn
+    assert 0 < len(targeted) <= turns * LANES * BUDGET_TIERS
     assert max(p for p, _ in targeted) > 10  # targets of several questions in one call
     assert sum(r for _, r in targeted) <= questions["n_targeted"].sum()
     key = ["teacher", "question_id", "path_id", "node"]

@@ -11,7 +11,7 @@ Per question:
 4. *candidate priorities*: every targeting teacher scores the student's and its own top tokens
    along each path (``priorities/<teacher>/<question>``);
 5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities; the paths
-   of a question run in order, and the current round of every question goes to the engine
+   of a question run in order, and the current rounds of the questions go to the engine
    together (one call per budget tier, per-target sample counts), so calls are large;
 6. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
    per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
@@ -557,10 +557,11 @@ class Diagnosis:
 
         Each question runs its paths in order (a path's targets depend on the rollouts of the
         paths before it; :meth:`_rounds`). The questions are dealt into :data:`LANES` lanes (by
-        position) that take turns: the current round of every question of a lane is sampled
-        together (:meth:`_sample_round`: one engine call per budget tier), and while the next
-        lane's calls run, the worker thread grades and writes this lane's chunks. The rollouts
-        of earlier paths and rounds are kept in memory, not read back.
+        position) that take turns (:meth:`_take_turns`; a lane admits one more question per
+        turn): the current round of every admitted question of a lane is sampled together
+        (:meth:`_sample_round`: one engine call per budget tier), and while the next lane's
+        calls run, the worker thread grades and writes this lane's chunks. The rollouts of
+        earlier paths and rounds are kept in memory, not read back.
 
         ``then(env, prep)`` runs on a second worker thread for each question as soon as all of
         its chunks are stored, while the other questions go on sampling (the sequential
@@ -591,34 +592,35 @@ class Diagnosis:
     ) -> None:
         """The lanes of :meth:`enrich` take turns on the engine until every question is done;
         each round's chunk futures are added to ``chunks`` (by question) and ``finished`` is
-        called once per question after its last round was sampled."""
+        called once per question after its last round was sampled.
+
+        A lane admits one more of its questions at each of its turns (staggered starts), so its
+        questions finish one turn apart and each can be handed on while the others sample; a
+        call still holds the current rounds of up to all of the lane's questions."""
         Live = list[tuple[Generator[Round, list[Future[RolloutSet]], None], Round, Prepared]]
-        lanes: list[tuple[Live, list[list[Future[RolloutSet]]] | None]] = []
-        for k in range(min(LANES, len(questions))):
-            live: Live = []
-            for env, prep in questions[k::LANES]:
-                gen = self._rounds(env, prep)
-                first = next(gen, None)
-                if first is None:
-                    finished(env, prep)
-                else:
-                    live.append((gen, first, prep))
-            lanes.append((live, None))
-        while any(live for live, _ in lanes):
+        waiting = [list(questions[k::LANES]) for k in range(min(LANES, len(questions)))]
+        lanes: list[tuple[Live, list[list[Future[RolloutSet]]] | None]] = [([], None) for _ in waiting]
+        while any(live for live, _ in lanes) or any(waiting):
             for k, (live, sampled) in enumerate(lanes):
-                if sampled is not None:  # the lane's last call: its questions' next rounds
-                    going: Live = []
-                    for (gen, rnd, prep), futures in zip(live, sampled):
-                        nxt = _advance(gen, futures)
-                        if nxt is None:
-                            finished(rnd.env, prep)
-                        else:
-                            going.append((gen, nxt, prep))
-                    live = going
-                sampled = self._sample_round([r for _, r, _ in live], worker) if live else None
-                for (_, rnd, _), fs in zip(live, sampled or []):
+                going: Live = []
+                for (gen, rnd, prep), futures in zip(live, sampled or []):  # the lane's last call: next rounds
+                    nxt = _advance(gen, futures)
+                    if nxt is None:
+                        finished(rnd.env, prep)
+                    else:
+                        going.append((gen, nxt, prep))
+                while waiting[k]:  # admit the lane's next question that has targets
+                    env, prep = waiting[k].pop(0)
+                    gen = self._rounds(env, prep)
+                    first = next(gen, None)
+                    if first is not None:
+                        going.append((gen, first, prep))
+                        break
+                    finished(env, prep)
+                sampled = self._sample_round([r for _, r, _ in going], worker) if going else None
+                for (_, rnd, _), fs in zip(going, sampled or []):
                     chunks[rnd.env.id] += fs
-                lanes[k] = (live, sampled)
+                lanes[k] = (going, sampled)
 
     def _rounds(self, env: QuestionEnv, prep: Prepared) -> Generator[Round, list[Future[RolloutSet]], None]:
         """The rounds of targeted rollouts of one question, path by path: yields each round's
