@@ -431,11 +431,8 @@ def main() -> None:
     ap.add_argument("--probe", action="store_true", help="time one scoring call (batched, per path, bare forward)")
     ap.add_argument("--json", default=None)
     ap.add_argument("--keep", default=None, help="copy each run directory to DIR/<model>")
-    ap.add_argument("--switch-interval", type=float, default=None, help="sets pipeline.SWITCH_INTERVAL (seconds)")
     ap.add_argument("--cprofile", default=None, help="write cProfile stats of each run to PATH.<model>")
     args = ap.parse_args()
-    if args.switch_interval is not None:
-        pipeline.SWITCH_INTERVAL = args.switch_interval
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     torch.backends.cuda.matmul.allow_tf32 = False
     if dev == "cuda":

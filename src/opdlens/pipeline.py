@@ -37,7 +37,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -576,16 +575,11 @@ class Diagnosis:
                 if then is not None:
                     done.append(finisher.submit(_after, chunks[env.id], then, env, prep))
 
-            switch = sys.getswitchinterval()
-            if then is not None:
-                sys.setswitchinterval(min(switch, SWITCH_INTERVAL))
             try:
                 self._take_turns(questions, worker, chunks, finished)
             except BaseException:
                 finisher.shutdown(wait=True, cancel_futures=True)  # interrupted: no more scoring
                 raise
-            finally:
-                sys.setswitchinterval(switch)
             for f in [f for fs in chunks.values() for f in fs] + done:
                 f.result()  # raise the workers' errors here
 
@@ -918,12 +912,6 @@ def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]]
         return list(many(pairs, on_device=on_device))
     return [policy.continuation_logprobs(c, p) for c, p in pairs]
 
-
-#: Seconds between the interpreter's thread switches while :meth:`Diagnosis.enrich` scores
-#: finished questions on a worker thread: the engine's decode loop on the main thread waits for
-#: the GPU, and after each wait it gets the interpreter back only at the next switch (every 5 ms
-#: by default, longer than a decode step of a small model).
-SWITCH_INTERVAL = 5e-4
 
 #: Lanes of questions whose targeted rollouts take turns on the engine (:meth:`Diagnosis.enrich`).
 LANES = 2
