@@ -158,3 +158,38 @@ def test_embedded_smollm2_loads_scores_and_generates() -> None:
     # the sampling log-probs are under the T=0.05 distribution: log_softmax(logits / T)
     ref = torch.log_softmax(rows / 0.05, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
     torch.testing.assert_close(torch.tensor(c.logprobs), ref, atol=2e-3, rtol=0)
+
+
+def test_attention_backends_regions_are_counted_across_threads():
+    """cuDNN attention stays off from the first open region to the last one's end, whichever
+    thread closes first (PyTorch's backend flags are process-wide), and is restored after."""
+    import threading
+
+    import torch
+
+    from opdlens.models import attention_backends
+
+    before = torch.backends.cuda.cudnn_sdp_enabled()
+    a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
+    seen: list[bool] = []
+
+    def a() -> None:
+        with attention_backends():
+            a_in.set()
+            b_in.wait(5)
+        a_out.set()
+
+    def b() -> None:
+        a_in.wait(5)
+        with attention_backends():
+            b_in.set()
+            a_out.wait(5)
+            seen.append(torch.backends.cuda.cudnn_sdp_enabled())  # a has left, b is still inside
+
+    threads = [threading.Thread(target=f) for f in (a, b)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert seen == [False]
+    assert torch.backends.cuda.cudnn_sdp_enabled() == before

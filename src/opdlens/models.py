@@ -17,7 +17,8 @@ import importlib.util
 import os
 import socket
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -58,16 +59,32 @@ _LOCK = threading.RLock()
 
 
 # --------------------------------------------------------------------------- helpers
-def attention_backends() -> Any:
+_NO_CUDNN_LOCK = threading.Lock()
+_no_cudnn = [0, True]  # [depth of the open attention_backends() regions, cuDNN's setting before the first]
+
+
+@contextmanager
+def attention_backends() -> Iterator[None]:
     """Context in which ``scaled_dot_product_attention`` never picks cuDNN: every forward whose
     shapes change from call to call (scoring batches, prefills, training steps) runs under it.
 
     On Hopper, PyTorch tries cuDNN's attention first, and cuDNN builds an execution plan for each
     new (batch, length) shape, about a second each time; flash / memory-efficient attention need
-    no plan. Same results up to float rounding."""
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
-    return sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH])
+    no plan. Same results up to float rounding. The switch is process-wide (PyTorch's backend
+    flags are global), so the regions are counted across threads: cuDNN is off from the first
+    region's start to the last one's end, whatever the threads' interleaving."""
+    with _NO_CUDNN_LOCK:
+        if _no_cudnn[0] == 0:
+            _no_cudnn[1] = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _no_cudnn[0] += 1
+    try:
+        yield
+    finally:
+        with _NO_CUDNN_LOCK:
+            _no_cudnn[0] -= 1
+            if _no_cudnn[0] == 0:
+                torch.backends.cuda.enable_cudnn_sdp(_no_cudnn[1])
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:

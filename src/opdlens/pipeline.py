@@ -40,7 +40,7 @@ import logging
 import time
 from collections.abc import Callable, Collection, Generator, Iterable, Iterator, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any
 from dataclasses import dataclass, field
 
@@ -49,6 +49,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
+from opdlens.models import attention_backends
 from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
 from opdlens.report.children import children_column
 from opdlens.rollout.decode import CAPTURE_LOCK
@@ -576,7 +577,8 @@ class Diagnosis:
                     done.append(finisher.submit(_after, chunks[env.id], then, env, prep))
 
             try:
-                self._take_turns(questions, worker, chunks, finished)
+                with attention_backends() if then is not None else nullcontext():  # one setting for both threads
+                    self._take_turns(questions, worker, chunks, finished)
             except BaseException:
                 finisher.shutdown(wait=True, cancel_futures=True)  # interrupted: no more scoring
                 raise
