@@ -116,8 +116,8 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
         lps = policy.continuation_logprobs([], path)
         lpts = {name: t.continuation_logprobs([], path) for name, t in teachers.items()}
         for mode_name, cfg in modes:
-            rs, spent = enrich(policy, path, initial, lps, list(lpts.values()), cfg, sig,
-                               np.random.default_rng([q, pid, cfg.visit_target, mode_name == "adaptive"]))
+            seeds = [q, pid, cfg.visit_target, mode_name == "adaptive"] + ([args.seed] if args.seed else [])
+            rs, spent = enrich(policy, path, initial, lps, list(lpts.values()), cfg, sig, np.random.default_rng(seeds))
             stats = path_stats(path, rs)
             for tname, lpt in lpts.items():
                 exact = exact_alignment(policy, path, stats, lps, lpt, sig)
@@ -188,12 +188,17 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--stop-halfwidth", type=float, default=0.05)
     ap.add_argument("--stop-on-sign", action="store_true")
+    ap.add_argument("--scope", default="nodes", choices=["nodes", "pairs"], help="adaptive: where rounds after the floor may spend")
+    ap.add_argument("--n-draws", type=int, default=200, help="adaptive: posterior draws per node and round")
     ap.add_argument("--estimators", nargs="+", default=["plugin", "posterior_mean"])
+    ap.add_argument("--seed", type=int, default=0, help="seed of the targeted rollouts (the policies, initial rollouts "
+                    "and paths stay); 0 is the recorded runs' stream")
     ap.add_argument("--save", help="write the scored node table here (parquet) for further analysis")
     args = ap.parse_args()
     sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
     base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
-                           rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign)
+                           rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign,
+                           scope=args.scope, n_draws=args.n_draws)
     modes = [(m, base.model_copy(update={"mode": m, "visit_target": v})) for v in args.visit_targets for m in ("fixed", "adaptive")]
     t0 = time.perf_counter()
     frames = []

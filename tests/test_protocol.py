@@ -110,6 +110,10 @@ def test_paper_preset_fills_only_unset_keys():
     # every preset key is a real config key (a typo in the preset would be an error)
     assert set(PAPER_PRESET) <= set(DiagnoseConfig.model_fields)
     assert cfg.choices()["protocol"] == "paper" and ours.choices()["restriction to S_u"] == "renormalize"
+    # the alignment estimator: ours is the posterior mean, the paper's the plug-in (also under other signal keys)
+    assert ours.signals.alignment_estimator == "posterior_mean" and cfg.signals.alignment_estimator == "plugin"
+    assert mine.signals.alignment_estimator == "plugin"
+    assert ours.choices()["alignment estimator"] == "posterior_mean" and cfg.choices()["alignment estimator"] == "plugin"
 
 
 @pytest.mark.parametrize("protocol", ["opdlens", "paper"])
@@ -155,6 +159,8 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
         assert f"{r.teacher} {r.n_settled} of {r.n_valid} valid nodes ({r.n_settled_pos} positive)" in summary
     assert ("`literal`" in summary) == (protocol == "paper")
     assert ("`question`" in summary) == (protocol == "paper")
+    estimator = "plugin" if protocol == "paper" else "posterior_mean"
+    assert f"- alignment estimator: `{estimator}`" in summary
 
 
 def test_fallback_is_opt_in_and_recorded(qwen3_dirs, tmp_path):
@@ -221,7 +227,18 @@ def test_report_mentions_forced_pm1_only_under_renormalisation(tmp_path):
     questions = pd.DataFrame({"question_id": ["q"], "n_rollouts": [8], "success_rate": [0.5], "n_targeted": [0]})
     paths = pd.DataFrame({"question_id": ["q", "q"], "path_id": [0, 1], "correct": [True, False], "length": [3, 3],
                           "text": ["a", "b"]})
-    ren = write_report(tmp_path / "ren", nodes, questions, paths, choices={"restriction to S_u": "renormalize"})
-    lit = write_report(tmp_path / "lit", nodes, questions, paths, choices={"restriction to S_u": "literal"})
-    assert "by construction" in (ren.parent / "summary.md").read_text()
-    assert "by construction" not in (lit.parent / "summary.md").read_text()
+    ren = write_report(tmp_path / "ren", nodes, questions, paths,
+                       choices={"restriction to S_u": "renormalize", "alignment estimator": "posterior_mean"})
+    plug = write_report(tmp_path / "plug", nodes, questions, paths,
+                        choices={"restriction to S_u": "renormalize", "alignment estimator": "plugin"})
+    lit = write_report(tmp_path / "lit", nodes, questions, paths,
+                       choices={"restriction to S_u": "literal", "alignment estimator": "posterior_mean"})
+    md_ren, md_plug, md_lit = ((r.parent / "summary.md").read_text() for r in (ren, plug, lit))
+    assert "by construction" in md_ren and "by construction" in md_plug and "by construction" not in md_lit
+    # the note says what the run's estimator reports for a two-child node, and the choices list the estimator
+    assert "the posterior-mean estimate is 2P - 1" in md_ren and "the plug-in estimate is that ±1" not in md_ren
+    assert "the plug-in estimate is that ±1" in md_plug and "2P - 1" not in md_plug
+    assert "- alignment estimator: `posterior_mean`" in md_ren and "- alignment estimator: `plugin`" in md_plug
+    tips = {name: r.read_text() for name, r in (("ren", ren), ("plug", plug), ("lit", lit))}
+    assert "shown: 2P - 1, P = probability the sign is + (posterior mean)" in tips["ren"]
+    assert "shown: that sign (plug-in)" in tips["plug"] and "(2 children:" not in tips["lit"]

@@ -444,7 +444,7 @@ def test_skips_question_text_gold_and_children_are_shown(misreadable) -> None:  
     p = _TokenParser()
     p.feed(page)
     tip = p.tokens[("T", "q1", 0)][0]["tip"]
-    assert "(2 children: a cosine of ±1 is forced, only its sign informs)" in tip
+    assert "(2 children: the cosine is ±1 at any P_succ, only its sign informs; shown: the sign (plug-in) or " in tip
     lines = tip.splitlines()
     i = lines.index("children in S_u:  P_θ      P_te     P_succ  visits")
     assert lines[i + 1].split() == ["'t0'", "0.250", "0.500", "0.75", "30"]

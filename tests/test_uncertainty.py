@@ -246,8 +246,9 @@ def test_path_signals_estimator_option_changes_only_the_uncertain_alignments():
     rs = RolloutSet.from_lists([c.tokens for c in comps], [student.is_success(c.tokens) for c in comps])
     path = max(rs.tokens, key=len).tolist()
     args = (path_stats(path, rs), student.continuation_logprobs([], path), teacher.continuation_logprobs([], path))
-    plug = path_signals(*args, SignalConfig(min_visits=30))
-    post = path_signals(*args, SignalConfig(min_visits=30, alignment_estimator="posterior_mean"))
+    plug = path_signals(*args, SignalConfig(min_visits=30, alignment_estimator="plugin"))
+    post = path_signals(*args, SignalConfig(min_visits=30))  # the default
+    assert SignalConfig().alignment_estimator == "posterior_mean"
     valid = plug["valid"]
     assert valid.sum() >= 2
     for name in ("gkd", "single", "minillm"):

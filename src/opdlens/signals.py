@@ -21,7 +21,9 @@ to ``S_u``" are offered (``SignalConfig.restriction``; PAPERS.md part A):
 * ``"renormalize"`` (opdlens default): ``P_θ`` and ``P_te`` are renormalised over ``S_u`` and
   every baseline (``P̄``, ``ℓ̄``) is taken over ``S_u``: the node is a small closed problem.
   Each vector then sums to zero over ``S_u``, so at a node with exactly two children the cosine
-  is exactly ±1 (the report shows the share of such nodes).
+  is exactly ±1 at any success rates (the report shows the share of such nodes): the plug-in
+  estimate is that ±1, the posterior mean (``alignment_estimator``) its sign probability
+  ``2 P(+) − 1``.
 * ``"literal"`` (``protocol: paper``): the full-vocabulary gradient components, kept for
   ``k ∈ S_u``: full-vocabulary ``P_θ``, ``P̄`` = the student's on-policy success rate at the
   node (all its sampled children), ``ℓ̄`` = the full-vocabulary ``KL(P_θ‖P_te)``; the
@@ -67,9 +69,10 @@ class SignalConfig(BaseModel):
     minillm_gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount of MiniLLM's reward-to-go")
     minillm_length_norm: bool = Field(True, description="divide the reward-to-go by its number of terms")
     alignment_estimator: Estimator = Field(
-        "plugin", description="point estimate of align_gkd/single/minillm: 'plugin' (the cosine at the observed success "
-        "rates; the paper) or 'posterior_mean' (its mean under the Beta posterior of each child's P_succ: lower "
-        "error where the visits do not settle the sign; see opdlens.uncertainty)")
+        "posterior_mean", description="point estimate of align_gkd/single/minillm: 'posterior_mean' (opdlens: its mean "
+        "under the Beta posterior of each child's P_succ; lower error where the visits do not settle the sign, e.g. a "
+        "two-child node is 2P(sign +) - 1 instead of ±1; see opdlens.uncertainty) or 'plugin' (the cosine at the "
+        "observed success rates; the paper)")
 
 
 # --------------------------------------------------------------------------- vector formulas

@@ -17,21 +17,24 @@ turn (the model schedule) and give the same targets as with every model resident
 own token at a chosen node is enriched too (``include_path_token``), so the node gets the ≥ 2
 well-visited children the alignment needs.
 
-Adaptive mode (``mode: adaptive``). The same (node, token) pairs and at most the same rollouts
-(the fixed mode's total for the path, capped by ``max_rollouts_per_path``) are spent in rounds.
-Round 0 brings every pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
+Adaptive mode (``mode: adaptive``). At most the same rollouts (the fixed mode's total for the
+path, capped by ``max_rollouts_per_path``) are spent in rounds. Round 0 brings every chosen pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
 node set measured is the fixed mode's. The floor is not a setting: a pair left below
 ``min_visits`` drops out of ``S_u``, and lower floors (with the allocation free to leave pairs
 short) lost valid nodes and accuracy at every budget measured (docs/RESULTS.md). Each later round may spend an equal share of what is
-left, and spends it where it is expected to lower the report's error most: for every pair, the
+left, and spends it where it is expected to lower the report's error most. Its candidates
+(``scope``) are every well-visited child (in ``S_u``) of every node of the path that has an
+alignment, chosen pair or not (``nodes``, the default: the report scores all valid nodes, and
+the ones no pair was chosen at only get the rollouts that pass through them), or the chosen
+pairs only (``pairs``). For every candidate, the
 expected drop of the posterior variance of its node's alignment (summed over the teachers) if the
-pair got 1, 2, 4 or 8 times the round's equal share of visits
+child got 1, 2, 4 or 8 times the round's equal share of visits
 (:func:`opdlens.uncertainty.variance_reduction`, from the posterior draws of the node's
 ``P_succ``); the increments are then taken greedily by gain per rollout
 (:func:`greedy_allocation`). The sum of the node variances is what the report's two error
 scales are made of (a node's squared error under the posterior-mean estimator, and ``n²`` times
 the variance of a path's mean alignment), so one allocation serves both, and one allocation
-serves all teachers (the tree stays teacher-independent). A pair stops receiving rollouts once
+serves all teachers (the tree stays teacher-independent). A child stops receiving rollouts once
 more visits cannot be expected to move its node: the sign and size are settled, the child's rate
 is pinned at 0 or 1, or the node is a near-tie that more visits would not resolve. Explicit
 stopping rules on top: a node gets nothing more once every teacher's interval is narrower than
@@ -86,6 +89,9 @@ class TargetingConfig(BaseModel):
         "adaptive: also stop a node once every teacher's alignment sign is settled (interval excludes 0)"))] = False
     level: Annotated[float, Field(gt=0.0, lt=1.0, description="adaptive: level of the intervals the stopping rules read")] = 0.95
     n_draws: Annotated[int, Field(ge=16, description="adaptive: posterior draws per node and round")] = 200
+    scope: Annotated[Literal["nodes", "pairs"], Field(description=(
+        "adaptive: after the floor round, rollouts may go to any well-visited child of any node of the path that has "
+        "an alignment ('nodes'), or to the chosen pairs only ('pairs')"))] = "nodes"
 
 
 @dataclass(frozen=True)
@@ -374,8 +380,12 @@ class TargetPlan:
         st = self.node_state(stats)
         row_of = {int(u): i for i, u in enumerate(st.rows)}
         mask = st.mask.numpy()
-        live = []  # (node, token, row, child slot) of the pairs whose node is still open
-        for u, k in self.pairs:
+        live = []  # (node, token, row, child slot) of the candidates whose node is still open
+        if self.cfg.scope == "nodes":
+            for r, u in enumerate(st.rows):
+                if not st.retired[r]:
+                    live += [(int(u), int(st.child_token[r, j]), r, int(j)) for j in np.flatnonzero(mask[r])]
+        for u, k in self.pairs if self.cfg.scope == "pairs" else ():
             r = row_of.get(u)
             if r is not None and not st.retired[r]:
                 slot = np.flatnonzero((st.child_token[r] == k) & mask[r])

@@ -29,7 +29,7 @@ standard error ``teacher_adv_se`` is computed in closed form (binomial variance 
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
 
 Point estimate (``SignalConfig.alignment_estimator``, :data:`Estimator`): ``"plugin"`` keeps the
-cosine at the observed rates (the paper's); ``"posterior_mean"`` replaces ``align_X`` by the mean
+cosine at the observed rates (the paper's); ``"posterior_mean"`` (opdlens' default) replaces ``align_X`` by the mean
 of the same draws, the estimate of least expected squared error under the posterior. It differs
 most where the visits do not settle the sign: a renormalised two-child node is ±1 under the
 plug-in (a coin flip on a near-tie) and ``2 P(sign +) − 1`` under the posterior mean. Its

@@ -35,7 +35,7 @@ from opdlens.report.figures import (
     plot_distribution,
     plot_teacher_means,
 )
-from opdlens.report.html import alignment_color, render_page, render_token_view
+from opdlens.report.html import alignment_color, render_page, render_token_view, two_child_tip
 from opdlens.report.tables import (
     CSV_FILES,
     build_tables,
@@ -121,11 +121,14 @@ def write_report(
     write_csvs(out, an, qtable)
     teachers = [str(t) for t in an.teachers.table["teacher"]]
     valid = valid_nodes(nodes, metric)
-    # two-child nodes are forced to ±1 only under the renormalised reading of S_u (docs/PROTOCOL.md)
+    # a two-child node's cosine is ±1 at any success rates only under the renormalised reading of
+    # S_u (docs/PROTOCOL.md); what its reported value is then depends on the alignment estimator
     renormalised = (choices or {}).get("restriction to S_u", "renormalize") == "renormalize"
+    estimator = (choices or {}).get("alignment estimator")
     two_child = two_child_share(valid, metric) if "n_children" in valid.columns and renormalised else None
-    tables = build_tables(an, qtable, two_child=two_child, skips=skips)
-    overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips)]
+    tables = build_tables(an, qtable, two_child=two_child, skips=skips, estimator=estimator)
+    overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips,
+                                        estimator=estimator)]
     if f"{metric}_lo" in nodes.columns:  # per-node intervals (opdlens.uncertainty): how many signs are settled
         settled = count_settled(nodes, metric)
         overview.append("settled sign (the node's 95% interval excludes 0): " + "; ".join(
@@ -189,6 +192,7 @@ def write_report(
     token_view = render_token_view(
         token_nodes, questions, paths, an.paths, teachers, metric,
         max_questions=max_questions, max_tokens=max_tokens, inputs=inputs,
+        two_child=two_child_tip(estimator) if renormalised else None,
     )  # fmt: skip
     page = render_page(
         title=title, overview=overview, tables=tables, figures=figs, token_view=token_view,

@@ -30,6 +30,7 @@ __all__ = [
     "render_page",
     "render_token_view",
     "token_tooltip",
+    "two_child_tip",
 ]
 
 RED: tuple[int, int, int] = (215, 48, 39)
@@ -98,19 +99,22 @@ def _token_repr(text: object) -> str:
     return repr(str(text))[:40]
 
 
-def _forced_pm1(value: object) -> bool:
-    """A two-child cosine of exactly ±1: forced by the renormalised reading of S_u (the literal
-    reading gives two-child nodes any value)."""
-    try:
-        return abs(abs(float(value)) - 1.0) < 1e-9  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return False
+def two_child_tip(estimator: object = None) -> str:
+    """The tooltip note of a valid two-child node under the renormalised reading of S_u (the
+    literal reading gives two-child nodes any value, and no note): the cosine is ±1 at any
+    success rates; what the shown value is depends on ``signals.alignment_estimator`` (None:
+    unknown, both are said)."""
+    shown = {"plugin": "shown: that sign (plug-in)",
+             "posterior_mean": "shown: 2P - 1, P = probability the sign is + (posterior mean)"}.get(
+        str(estimator), "shown: the sign (plug-in) or 2P - 1 (posterior mean)")  # fmt: skip
+    return f"(2 children: the cosine is ±1 at any P_succ, only its sign informs; {shown})"
 
 
-def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[type-arg]
+def token_tooltip(row: pd.Series | dict, metric: str, two_child: str | None = None) -> str:  # type: ignore[type-arg]
     """Tooltip text of one node: alignment, probabilities, P_succ, advantage, visits, KL and,
     when the node table has a ``children`` column, the competing children the alignment is
-    computed from (text, P_θ, P_te, P_succ, visits)."""
+    computed from (text, P_θ, P_te, P_succ, visits). ``two_child`` (:func:`two_child_tip`) is
+    appended to the alignment line of a valid node with two children."""
     r = row
     valid = bool(r.get("valid", False))
     visits_s = _int(r.get("visits"))
@@ -121,8 +125,7 @@ def token_tooltip(row: pd.Series | dict, metric: str) -> str:  # type: ignore[ty
         f"{metric} = {_num(r.get(metric), signed=True)}"
         + (f"   95% [{_num(r.get(metric + '_lo'), signed=True)}, {_num(r.get(metric + '_hi'), signed=True)}]"
            if metric + "_lo" in r else "")
-        + ("   (2 children: a cosine of ±1 is forced, only its sign informs)" if valid and n_children == "2"
-           and _forced_pm1(r.get(metric)) else ""),
+        + (f"   {two_child}" if two_child and valid and n_children == "2" else ""),
         f"P_student = {_num(r.get('p_student'))}   P_teacher = {_num(r.get('p_teacher'))}",
         f"P_succ = {_num(r.get('psucc_token'))}   teacher adv = {_num(r.get('teacher_adv'), signed=True)}",
         f"visits = {visits_s}   children = {n_children}   KL = {_num(r.get('kl'), 4)}",
@@ -169,11 +172,13 @@ def render_token_view(
     max_questions: int = 20,
     max_tokens: int = 2000,
     inputs: pd.DataFrame | None = None,
+    two_child: str | None = None,
 ) -> str:
     """The per-teacher token views: for each question and representative path, coloured tokens.
 
     ``inputs`` (``question_id``, ``question_text``, ``gold``) adds each question's text and gold
-    answer above its paths.
+    answer above its paths; ``two_child`` is the tooltip note of two-child nodes
+    (:func:`two_child_tip`, None for none).
 
     One ``<div class="teacher-view" data-teacher=...>`` per teacher; all but the first start
     hidden and the teacher selector switches between them. At most ``max_questions`` questions
@@ -255,7 +260,7 @@ def render_token_view(
                     a = float("nan") if a is None else float(a)
                     color = alignment_color(a)
                     cls = "tok" if valid and not math.isnan(a) else "tok inv"
-                    tip = e(token_tooltip(r, metric), quote=True).replace("\n", "&#10;")
+                    tip = e(token_tooltip(r, metric, two_child), quote=True).replace("\n", "&#10;")
                     spans.append(
                         f'<span class="{cls}" style="background:{color}" data-tip="{tip}">'
                         f"{display_token(r.get('token_text'))}</span>"

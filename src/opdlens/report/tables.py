@@ -194,9 +194,22 @@ def write_csvs(
     return written
 
 
+def two_child_meaning(estimator: object = None) -> str:
+    """What the alignment of a node with exactly two children in ``S_u`` means under the
+    renormalised reading, for the run's ``signals.alignment_estimator`` (None: unknown, both are
+    stated): at any success rates both gradients lie on one line, so the cosine is ±1 and only
+    its sign informs; the plug-in reports that ±1, the posterior mean ``2P − 1``."""
+    plugin = "the plug-in estimate is that ±1"
+    post = "the posterior-mean estimate is 2P - 1, P = the posterior probability that the sign is +"
+    shown = {"plugin": plugin, "posterior_mean": post}.get(str(estimator), f"{plugin}; {post}")
+    return ("both gradients lie on one line (renormalised over S_u they sum to zero), so at any success rates "
+            f"the cosine is +1 or -1 by construction and only its sign carries information: {shown}")
+
+
 def two_child_share(valid: pd.DataFrame, metric: str) -> pd.DataFrame:
     """Per teacher, over its valid nodes: ``frac_two_child`` (share with exactly two children in
-    ``S_u``, where the renormalised gradients are collinear and the cosine is exactly ±1),
+    ``S_u``, where the renormalised gradients are collinear and the cosine is ±1 at any success
+    rates: :func:`two_child_meaning`),
     ``n_multi`` and ``mean_multi`` (count and mean alignment of the nodes with >= 3 children)."""
     two = pd.to_numeric(valid["n_children"], errors="coerce").to_numpy() == 2
     x = valid[metric].to_numpy(dtype=float)
@@ -230,9 +243,11 @@ def build_tables(
     max_question_rows: int = 50,
     two_child: pd.DataFrame | None = None,
     skips: pd.DataFrame | None = None,
+    estimator: object = None,
 ) -> list[Table]:
     """The report's tables, formatted, in display order. ``two_child``: :func:`two_child_share`;
-    ``skips``: the run's skipped (question, teacher, reason) rows, listed in their own table."""
+    ``skips``: the run's skipped (question, teacher, reason) rows, listed in their own table;
+    ``estimator``: the run's ``signals.alignment_estimator`` (:func:`two_child_meaning`)."""
     conf = round(100 * an.teachers.confidence)
     tt = an.teachers.table
     method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap (stays inside [-1, 1])"
@@ -253,10 +268,10 @@ def build_tables(
             "rollout noise: median over paths of the half-width of a path mean's 95% interval "
             "from its nodes' finite rollouts (per_path.csv: mean_lo, mean_hi); small against the "
             "CI above means more rollouts would not change the answer.",
-            "2-child: share of valid nodes with exactly two well-visited children; there both "
-            "gradients lie on one line (renormalised over S_u they sum to zero), so the cosine is "
-            "exactly +1 or -1 and only its sign carries information. mean (3+): mean over the "
-            "nodes with three or more children (nodes: how many).",
+            (f"2-child: share of valid nodes with exactly two well-visited children; there {two_child_meaning(estimator)}. "
+             "mean (3+): mean over the nodes with three or more children (nodes: how many)." if two_child is not None
+             else "2-child, mean (3+): not computed (they need the renormalised reading of S_u, under which a two-child "
+             "node's cosine is ±1, and the n_children column)."),
             *sign_disagreements(tt),
         ],
         ["teacher", "mean", f"{conf}% CI", "std", "paths", "questions", "nodes", "node std",
@@ -386,8 +401,10 @@ def overview_lines(
     *,
     two_child: pd.DataFrame | None = None,
     skips: pd.DataFrame | None = None,
+    estimator: object = None,
 ) -> list[str]:
-    """One-line facts about the run shown at the top of the report."""
+    """One-line facts about the run shown at the top of the report (``estimator``: as in
+    :func:`build_tables`)."""
     valid = nodes["valid"].fillna(False).astype(bool)
     teachers: Sequence[str] = [str(t) for t in an.teachers.table["teacher"]]
     sr = pd.to_numeric(questions["success_rate"], errors="coerce")
@@ -397,7 +414,7 @@ def overview_lines(
         n_two = int(((pd.to_numeric(nodes["n_children"], errors="coerce") == 2) & valid).sum())
         extra.append(
             f"{n_two} of {int(n_valid)} valid node(s) ({fmt_pct(n_two / max(int(n_valid), 1))}) have exactly two "
-            "well-visited children: their alignment is exactly ±1 by construction (see the 2-child column)."
+            f"well-visited children: {two_child_meaning(estimator)} (see the 2-child column)."
         )
     if skips is not None and not skips.empty:
         whole = int((skips["teacher"].astype(str) == "").sum())
