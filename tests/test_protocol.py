@@ -242,3 +242,23 @@ def test_report_mentions_forced_pm1_only_under_renormalisation(tmp_path):
     tips = {name: r.read_text() for name, r in (("ren", ren), ("plug", plug), ("lit", lit))}
     assert "shown: 2P - 1, P = probability the sign is + (posterior mean)" in tips["ren"]
     assert "shown: that sign (plug-in)" in tips["plug"] and "(2 children:" not in tips["lit"]
+
+
+def test_runs_written_before_a_key_existed_keep_the_value_they_ran_with(tmp_path):
+    """A stored configuration without ``signals.alignment_estimator`` / ``targeting.scope`` ran with
+    the plug-in and the chosen pairs: the report says so and a resume under today's defaults
+    (posterior mean, every node) is refused instead of mixing two estimators in one run."""
+    import yaml
+
+    from opdlens.config import DiagnoseConfig, demo_config, read_run_config, stored_result_keys, describe_mismatch, result_keys
+
+    cfg = demo_config(str(tmp_path / "run")).model_dump(mode="json")
+    del cfg["signals"]["alignment_estimator"], cfg["targeting"]["scope"]
+    (tmp_path / "config.yaml").write_text(yaml.safe_dump(cfg))
+    old = read_run_config(tmp_path / "config.yaml")
+    assert old.signals.alignment_estimator == "plugin" and old.targeting.scope == "pairs"
+    now = demo_config(str(tmp_path / "run"))
+    assert now.signals.alignment_estimator == "posterior_mean" and now.targeting.scope == "nodes"
+    stored = stored_result_keys(tmp_path, DiagnoseConfig)
+    assert stored is not None and stored["signals"]["alignment_estimator"] == "plugin"
+    assert "signals.alignment_estimator: 'plugin' -> 'posterior_mean'" in (describe_mismatch(stored, result_keys(now)) or "")

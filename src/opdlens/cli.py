@@ -53,9 +53,9 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
     unit, choices = "path", None
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():  # the run's own choices (statistical unit, readings of the paper)
-        from opdlens.config import DiagnoseConfig
+        from opdlens.config import read_run_config
 
-        cfg = DiagnoseConfig.from_yaml(cfg_file)
+        cfg = read_run_config(cfg_file)
         unit, choices = cfg.stat_unit, cfg.choices()
     index = write_report(
         out or run_dir / "report", res.nodes, res.questions, res.paths, extra=extra,

@@ -287,6 +287,29 @@ def describe_mismatch(stored: dict[str, Any], keys: dict[str, Any], limit: int =
     return shown + (f" (and {len(diff) - limit} more)" if len(diff) > limit else "")
 
 
+#: Values that keys added (or whose defaults changed) after a run was written had in that run:
+#: a stored configuration without the key ran with this value, not with today's default.
+LEGACY_VALUES: dict[tuple[str, str], Any] = {
+    ("signals", "alignment_estimator"): "plugin",  # the default until posterior_mean became ours
+    ("targeting", "scope"): "pairs",  # adaptive rounds spent on the chosen pairs only
+}
+
+
+def with_legacy_values(stored: dict[str, Any]) -> dict[str, Any]:
+    """A stored run configuration (``config.yaml`` or the fingerprint's keys) with the keys it
+    lacks of :data:`LEGACY_VALUES` set to the values its run used."""
+    out = dict(stored)
+    for (section, key), value in LEGACY_VALUES.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section] = {**out[section], key: value}
+    return out
+
+
+def read_run_config(path: str | Path) -> DiagnoseConfig:
+    """The configuration a run directory's ``config.yaml`` was written with (see :func:`with_legacy_values`)."""
+    return validate_config(DiagnoseConfig, with_legacy_values(read_yaml(path)), str(path))
+
+
 def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any] | None:
     """The result keys a run directory was written with (``fingerprint.json``, else an older
     run's ``config.yaml``), keys added to ``cls`` since then filled with their defaults; None if
@@ -307,6 +330,7 @@ def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any]
             f"cannot read the stored configuration of {root} ({type(exc).__name__}: {exc}): "
             "pass --fresh to move the old run aside and start afresh"
         ) from None
+    stored = with_legacy_values(stored)
     defaults = result_keys(cls())
     merged = {k: stored.get(k, defaults.get(k)) for k in set(defaults) | set(stored)}
     for k, d in defaults.items():

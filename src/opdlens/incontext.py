@@ -168,7 +168,7 @@ def run_incontext(
     unnecessary, and external teachers have no in-context accuracy). ``device`` overrides the
     run's device (e.g. ``cpu`` to read a GPU run on a laptop).
     """
-    from opdlens.config import DiagnoseConfig, read_yaml, validate_config
+    from opdlens.config import read_run_config
     from opdlens.pipeline import build_diagnosis
 
     root = Path(run_dir)
@@ -176,7 +176,7 @@ def run_incontext(
     if not (root / "questions.parquet").is_file() or not cfg_file.is_file():
         raise OpdlensError(f"{root} is not a finished run (no config.yaml or questions.parquet): run or resume "
                            f"`opdlens diagnose` there first")  # fmt: skip
-    cfg = validate_config(DiagnoseConfig, read_yaml(cfg_file), str(cfg_file))
+    cfg = read_run_config(cfg_file)
     selves = [t for t in cfg.teachers if t.model is None]
     if not selves:
         raise OpdlensError(f"run {root} has no self-distillation teacher (model: the student): in-context accuracy "
