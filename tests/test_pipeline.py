@@ -173,32 +173,3 @@ def test_finished_questions_are_handed_on_while_others_sample(tmp_path):
         assert seen[env.id][1] == {f.name for f in (tmp_path / "rollouts" / env.id).glob("targeted*.parquet")}
         assert seen[env.id][1]
     assert min(c for c, _ in seen.values()) < calls[0]  # some question was done before the last call
-
-
-def test_teachers_on_the_student_share_its_scoring_forwards():
-    """Scoring a path set under the student and its self-distillation teachers (same model, other
-    contexts) takes one batched call on that model, with the same log-probs as one call each."""
-    import torch
-
-    from opdlens.pipeline import _logprobs_by_model
-
-    student = SyntheticPolicy.random(seed=0, horizon=8)
-    other = student.tilted(2.0, seed=1)
-    calls: list[tuple[object, int]] = []
-
-    class Batched:  # a policy with batched scoring that counts its calls
-        def __init__(self, pol):  # type: ignore[no-untyped-def]
-            self.pol = pol
-
-        def continuation_logprobs_many(self, pairs, on_device=False):  # type: ignore[no-untyped-def]
-            calls.append((self, len(pairs)))
-            return [self.pol.continuation_logprobs(c, p) for c, p in pairs]
-
-    s, o = Batched(student), Batched(other)
-    paths = [[1, 2, 3], [2, 2], [4]]
-    contexts = [[], [1], [2, 3], []]
-    out = _logprobs_by_model([s, s, s, o], contexts, paths, on_device=False)
-    assert calls == [(s, 9), (o, 3)]
-    for j, (pol, ctx) in enumerate(zip([student, student, student, other], contexts)):
-        for i, p in enumerate(paths):
-            torch.testing.assert_close(out[j][i], pol.continuation_logprobs(ctx, p))

@@ -534,9 +534,9 @@ class Diagnosis:
             if nxt is None or per_token * (sum(int(r.length) for r in group) + nxt) > SCORE_GROUP_BYTES:
                 paths = [[int(x) for x in r.tokens] for r in group]
                 keep = per_token * sum(len(p) for p in paths) <= SCORE_GROUP_BYTES
-                lps, *lpts = _logprobs_by_model([self.student] + [t.policy for t in teachers],
-                                                [env.prompt_ids] + [prep.contexts[t.spec.name] for t in teachers],
-                                                paths, keep)  # fmt: skip
+                lps = _logprobs_along(self.student, [(env.prompt_ids, p) for p in paths], keep)
+                lpts = [_logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths], keep)
+                        for t in teachers]  # fmt: skip
                 yield group, lps, lpts
                 group = []
 
@@ -913,23 +913,6 @@ def _logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]]
     if many is not None:
         return list(many(pairs, on_device=on_device))
     return [policy.continuation_logprobs(c, p) for c, p in pairs]
-
-
-def _logprobs_by_model(
-    policies: Sequence[Policy], contexts: Sequence[Sequence[int]], paths: list[list[int]], on_device: bool
-) -> list[list[torch.Tensor]]:
-    """For each ``(policy, context)``, the log-probs along every path (:func:`_logprobs_along`);
-    the entries on one model (a student and its self-distillation teachers) share its batched
-    forwards instead of one set of forwards each."""
-    out: list[list[torch.Tensor]] = [[] for _ in policies]
-    by_model: dict[int, list[int]] = {}
-    for j, policy in enumerate(policies):
-        by_model.setdefault(id(policy), []).append(j)
-    for js in by_model.values():
-        res = _logprobs_along(policies[js[0]], [(contexts[j], p) for j in js for p in paths], on_device)
-        for a, j in enumerate(js):
-            out[j] = res[a * len(paths):(a + 1) * len(paths)]
-    return out
 
 
 #: Lanes of questions whose targeted rollouts take turns on the engine (:meth:`Diagnosis.enrich`).
