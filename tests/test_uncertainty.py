@@ -100,14 +100,20 @@ def test_draws_do_not_depend_on_the_memory_block_size():
         alignment_draws(ideal, n, s, mask, {"a": g_d}, 1)
 
 
-def test_path_signals_carry_the_uncertainty_columns():
+def _path_inputs(n_rollouts: int) -> tuple:
+    """``(stats, student log-probs, teacher log-probs)`` of the longest of ``n_rollouts`` synthetic
+    rollouts (path_signals' first three arguments)."""
     student = SyntheticPolicy.random(seed=7)
     teacher = student.tilted(beta=3.0, noise=0.5, seed=1)
-    comps = student.sample([[]], 3000, student.horizon, seed=2)[0]
+    comps = student.sample([[]], n_rollouts, student.horizon, seed=2)[0]
     rs = RolloutSet.from_lists([c.tokens for c in comps], [student.is_success(c.tokens) for c in comps])
     path = max(rs.tokens, key=len).tolist()
-    sig = path_signals(path_stats(path, rs), student.continuation_logprobs([], path),
-                       teacher.continuation_logprobs([], path), SignalConfig(min_visits=30))
+    return path_stats(path, rs), student.continuation_logprobs([], path), teacher.continuation_logprobs([], path)
+
+
+def test_path_signals_carry_the_uncertainty_columns():
+    args = _path_inputs(3000)
+    sig = path_signals(*args, SignalConfig(min_visits=30))
     valid = sig["valid"]
     assert valid.sum() >= 2
     for name in ("gkd", "single", "minillm"):
@@ -118,8 +124,7 @@ def test_path_signals_carry_the_uncertainty_columns():
     assert sig["sign_settled"].dtype == bool and not sig["sign_settled"][~valid].any()
     assert np.isfinite(sig["teacher_adv_se"][sig["n_children"] > 0]).all()
     # a path without a valid node gets NaN intervals, not an error
-    none = path_signals(path_stats(path, rs), student.continuation_logprobs([], path),
-                        teacher.continuation_logprobs([], path), SignalConfig(min_visits=10**6))
+    none = path_signals(*args, SignalConfig(min_visits=10**6))
     assert not none["valid"].any() and np.isnan(none["align_gkd_lo"]).all() and not none["sign_settled"].any()
 
 
@@ -240,12 +245,7 @@ def test_posterior_mean_of_a_two_child_node_is_its_sign_probability():
 
 
 def test_path_signals_estimator_option_changes_only_the_uncertain_alignments():
-    student = SyntheticPolicy.random(seed=7)
-    teacher = student.tilted(beta=3.0, noise=0.5, seed=1)
-    comps = student.sample([[]], 1500, student.horizon, seed=2)[0]
-    rs = RolloutSet.from_lists([c.tokens for c in comps], [student.is_success(c.tokens) for c in comps])
-    path = max(rs.tokens, key=len).tolist()
-    args = (path_stats(path, rs), student.continuation_logprobs([], path), teacher.continuation_logprobs([], path))
+    args = _path_inputs(1500)
     plug = path_signals(*args, SignalConfig(min_visits=30, alignment_estimator="plugin"))
     post = path_signals(*args, SignalConfig(min_visits=30))  # the default
     assert SignalConfig().alignment_estimator == "posterior_mean"
