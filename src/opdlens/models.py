@@ -17,7 +17,7 @@ import importlib.util
 import os
 import socket
 import threading
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -85,6 +85,18 @@ def attention_backends() -> Iterator[None]:
             _no_cudnn[0] -= 1
             if _no_cudnn[0] == 0:
                 torch.backends.cuda.enable_cudnn_sdp(_no_cudnn[1])
+
+
+def _greedy_batches(order: list[int], fits: Callable[[list[int]], bool]) -> Iterator[list[int]]:
+    """Consecutive runs of ``order``, each as long as ``fits`` allows (a run always holds at least
+    one item, whether it fits or not)."""
+    start = 0
+    while start < len(order):
+        end = start + 1
+        while end < len(order) and fits(order[start:end + 1]):
+            end += 1
+        yield order[start:end]
+        start = end
 
 
 def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
@@ -290,14 +302,9 @@ class HFPolicy:
             raise OpdlensError("next_token_logprobs needs non-empty prefixes (at least a BOS/prompt token)")
         out = torch.empty(len(seqs), self._vocab_size, dtype=torch.float32, device=self.output_device)
         order = sorted(range(len(seqs)), key=lambda i: len(seqs[i]))
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order) and (end - start + 1) * len(seqs[order[end]]) <= self.max_batch_tokens:
-                end += 1
-            idx = order[start:end]
+        fits = lambda idx: len(idx) * len(seqs[idx[-1]]) <= self.max_batch_tokens  # noqa: E731 (longest last)
+        for idx in _greedy_batches(order, fits):
             out[torch.tensor(idx, device=self.output_device)] = self._last_logprobs([seqs[i] for i in idx])
-            start = end
         return check_logprobs(out, self.name)
 
     def _left_padded(self, seqs: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -339,20 +346,15 @@ class HFPolicy:
         out = [torch.empty(0, self._vocab_size, dtype=torch.float32, device=dest) for _ in seqs]
         order = sorted((i for i, (_, x) in enumerate(seqs) if x), key=lambda i: len(seqs[i][0]) + len(seqs[i][1]))
         row_bytes = 4 * self._vocab_size
-        start = 0
-        while start < len(order):
-            end = start + 1
-            while end < len(order):
-                width = len(seqs[order[end]][0]) + len(seqs[order[end]][1])
-                keep = 1 + max(len(seqs[i][1]) for i in order[start:end + 1])
-                rows = end - start + 1
-                if rows * width > self.max_batch_tokens or rows * keep * row_bytes > self.max_logits_bytes:
-                    break
-                end += 1
-            idx = order[start:end]
+
+        def fits(idx: list[int]) -> bool:  # input tokens (longest last) and kept logits of one forward
+            width = len(seqs[idx[-1]][0]) + len(seqs[idx[-1]][1])
+            keep = 1 + max(len(seqs[i][1]) for i in idx)
+            return len(idx) * width <= self.max_batch_tokens and len(idx) * keep * row_bytes <= self.max_logits_bytes
+
+        for idx in _greedy_batches(order, fits):
             for i, lp in zip(idx, self._continuations([seqs[i] for i in idx], dest)):
                 out[i] = lp
-            start = end
         return out
 
     def _continuations(self, seqs: list[tuple[list[int], list[int]]], dest: torch.device) -> list[torch.Tensor]:
