@@ -40,6 +40,10 @@ def test_pipeline_runs_and_separates_helpful_from_harmful_teachers(tmp_path):
     diag, envs = _setup(tmp_path)
     questions = diag.run(envs)
     assert questions["n_targeted"].gt(0).all()
+    for q in ("q0", "q1"):  # counted from the files' footers: what reading them back gives
+        assert diag.store.count_rollouts(q, "targeted") == len(diag.store.read_rollouts(q, "targeted"))
+        assert diag.store.count_rollouts(q) == len(diag.store.read_rollouts(q))
+    assert diag.store.count_rollouts("q9", "targeted") == 0
     nodes, q2, paths = load_results(diag.store)
     assert set(nodes["teacher"]) == {"helpful", "harmful"}
     assert set(paths.columns) >= {"question_id", "path_id", "correct", "length", "text"}

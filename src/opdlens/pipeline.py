@@ -756,12 +756,11 @@ class Diagnosis:
 
     def summary(self, env: QuestionEnv, prep: Prepared) -> dict[str, object]:
         """The question's row of ``questions.parquet``."""
-        targeted = self.store.read_rollouts(env.id, "targeted", missing_ok=True)
         return {
             "question_id": env.id,
             "n_rollouts": len(prep.initial),
             "success_rate": prep.initial.success_rate,
-            "n_targeted": 0 if targeted is None else len(targeted),
+            "n_targeted": self.store.count_rollouts(env.id, "targeted"),
             "n_no_answer": self._count_no_answer(env, prep.initial),
         }
 

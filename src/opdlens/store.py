@@ -216,6 +216,18 @@ class RunStore:
         tokens = np.split(flat, offsets[1:-1] - offsets[0]) if len(col) else []
         return RolloutSet(tokens, t.column("success").to_numpy().astype(bool), t.column("forced").to_numpy().astype(np.int64))
 
+    def _chunk_files(self, question: str, prefix: str = "") -> list[Path]:
+        """The question's finished chunk files whose names start with ``prefix``: initial first,
+        then in name order."""
+        folder = self.root / "rollouts" / safe_name(question)
+        return sorted((f for f in folder.glob(f"{safe_name(prefix) if prefix else ''}*.parquet") if self._ok(f)),
+                      key=lambda p: (not p.name.startswith("initial"), p.name))  # fmt: skip
+
+    def count_rollouts(self, question: str, prefix: str = "") -> int:
+        """How many rollouts :meth:`read_rollouts` would return (0 for none), from the files'
+        footers alone."""
+        return sum(pq.read_metadata(f).num_rows for f in self._chunk_files(question, prefix))
+
     @overload
     def read_rollouts(self, question: str, prefix: str = "", *, missing_ok: Literal[False] = False) -> RolloutSet: ...
     @overload
@@ -223,13 +235,11 @@ class RunStore:
     def read_rollouts(self, question: str, prefix: str = "", *, missing_ok: bool = False) -> RolloutSet | None:
         """The finished chunks of a question whose names start with ``prefix`` (all by default),
         initial first, then targeted in name order. None if there are none and ``missing_ok``."""
-        folder = self.root / "rollouts" / safe_name(question)
-        files = sorted((f for f in folder.glob(f"{safe_name(prefix) if prefix else ''}*.parquet") if self._ok(f)),
-                       key=lambda p: (not p.name.startswith("initial"), p.name))  # fmt: skip
+        files = self._chunk_files(question, prefix)
         if not files:
             if missing_ok:
                 return None
-            raise OpdlensError(f"no rollouts stored for question {question!r} in {folder}")
+            raise OpdlensError(f"no rollouts stored for question {question!r} in {self.root / 'rollouts' / safe_name(question)}")
         sets = [self.read_chunk(question, f.stem) for f in files]
         return RolloutSet([t for s in sets for t in s.tokens], np.concatenate([s.success for s in sets]),
                           np.concatenate([s.forced for s in sets]))  # fmt: skip

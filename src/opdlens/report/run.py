@@ -35,12 +35,11 @@ class RunResults:
 
 def _question_row(store: RunStore, qid: str) -> dict[str, object]:
     initial = store.read_chunk(qid, "initial")
-    targeted = store.read_rollouts(qid, "targeted", missing_ok=True)
     return {
         "question_id": qid,
         "n_rollouts": len(initial),
         "success_rate": initial.success_rate,
-        "n_targeted": 0 if targeted is None else len(targeted),
+        "n_targeted": store.count_rollouts(qid, "targeted"),
     }
 
 
