@@ -14,6 +14,8 @@ dots, no TF32). Every kernel is deterministic (no atomics). The kernels also run
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 try:  # Triton ships with CUDA builds of PyTorch only
@@ -248,6 +250,111 @@ if triton is not None:
         tl.store(out_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :],
                  out.to(out_ptr.dtype.element_ty), mask=qm)
 
+    @triton.jit
+    def _gemm_kernel(  # type: ignore[no-untyped-def]
+        x_ptr, ss_ptr, nw_ptr, w_ptr, b_ptr, res_ptr, out_ptr, ssout_ptr,
+        cos_ptr, sin_ptr, qn_ptr, kn_ptr, kc_ptr, vc_ptr, t_ptr,
+        M, N, K, NT_IN, NT_OUT, H, HKV, D, S_CAP, eps,
+        NORM: tl.constexpr, EPI: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_QKN: tl.constexpr,
+        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        BLOCK_T: tl.constexpr,
+    ):
+        """``out = epilogue(prologue(x) @ W.T)`` for the decode step's layer GEMMs (``W [N', K]``
+        as ``nn.Linear`` stores it), one ``[BLOCK_M, BLOCK_N]`` tile per program.
+
+        Prologue (``NORM``): the RMSNorm of the residual stream ``x`` with weight ``nw``, its
+        per-row sum of squares read from the ``NT_IN`` partial sums ``ss`` that the producing
+        GEMM wrote. Epilogues (``EPI``): 0 residual add (``out = res + y``) and the partial sums
+        of squares of ``out`` for the next prologue; 1 ``silu(gate) * up`` (gate and up are rows
+        ``n`` and ``N + n`` of ``W``); 2 one head of q|k|v (``BLOCK_N`` covers half a head: two
+        accumulators, the halves that rotate into each other): q/k RMSNorm, rotary, q stored
+        and k / v written to slot ``t`` of the caches. Every rounding is where the unfused ops
+        (and Hugging Face) round: to the model dtype after the GEMM, the norm and the add."""
+        pid_m = tl.program_id(0)
+        pid_n = tl.program_id(1)
+        dt = x_ptr.dtype.element_ty
+        rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+        mm = rm < M
+        rm64 = rm.to(tl.int64)
+        j = tl.arange(0, BLOCK_N)
+        half = D // 2
+        if EPI == 2:
+            cm = j < half
+            ca = pid_n * D + j
+            cb = ca + half
+        else:
+            ca = pid_n * BLOCK_N + j
+            cm = ca < N
+            cb = ca + N
+        if NORM:
+            tt = tl.arange(0, BLOCK_T)
+            ssv = tl.load(ss_ptr + rm64[:, None] * NT_IN + tt[None, :], mask=mm[:, None] & (tt < NT_IN)[None, :], other=0.0)
+            r = tl.rsqrt(tl.sum(ssv, 1) / K + eps)
+        acc_a = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        acc_b = tl.zeros([BLOCK_M, BLOCK_N], tl.float32)
+        for k0 in range(0, K, BLOCK_K):
+            kk = k0 + tl.arange(0, BLOCK_K)
+            km = kk < K
+            x = tl.load(x_ptr + rm64[:, None] * K + kk[None, :], mask=mm[:, None] & km[None, :], other=0.0)
+            if NORM:
+                xn = (x.to(tl.float32) * r[:, None]).to(dt).to(tl.float32)
+                x = (xn * tl.load(nw_ptr + kk, mask=km, other=0.0).to(tl.float32)[None, :]).to(dt)
+            wa = tl.load(w_ptr + ca[:, None].to(tl.int64) * K + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+            if IEEE:
+                acc_a += tl.dot(x, tl.trans(wa), input_precision="ieee")
+            else:
+                acc_a += tl.dot(x, tl.trans(wa))
+            if EPI != 0:
+                wb = tl.load(w_ptr + cb[:, None].to(tl.int64) * K + kk[None, :], mask=cm[:, None] & km[None, :], other=0.0)
+                if IEEE:
+                    acc_b += tl.dot(x, tl.trans(wb), input_precision="ieee")
+                else:
+                    acc_b += tl.dot(x, tl.trans(wb))
+        if HAS_BIAS:
+            acc_a += tl.load(b_ptr + ca, mask=cm, other=0.0).to(tl.float32)[None, :]
+            if EPI != 0:
+                acc_b += tl.load(b_ptr + cb, mask=cm, other=0.0).to(tl.float32)[None, :]
+        a = acc_a.to(dt).to(tl.float32)
+        om = mm[:, None] & cm[None, :]
+        if EPI == 0:
+            xo = (tl.load(res_ptr + rm64[:, None] * N + ca[None, :], mask=om, other=0.0).to(tl.float32) + a).to(dt)
+            tl.store(out_ptr + rm64[:, None] * N + ca[None, :], xo, mask=om)
+            xf = tl.where(om, xo.to(tl.float32), 0.0)
+            tl.store(ssout_ptr + rm64 * NT_OUT + pid_n, tl.sum(xf * xf, 1), mask=mm)
+        elif EPI == 1:
+            b = acc_b.to(dt).to(tl.float32)
+            g = (a / (1.0 + tl.exp(-a))).to(dt).to(tl.float32)
+            tl.store(out_ptr + rm64[:, None] * N + ca[None, :], (g * b).to(dt), mask=om)
+        else:
+            b = acc_b.to(dt).to(tl.float32)
+            head = pid_n
+            if head < H + HKV:
+                if HAS_QKN:
+                    rq = tl.rsqrt((tl.sum(a * a, 1) + tl.sum(b * b, 1)) / D + eps)[:, None]
+                    is_q = head < H
+                    wlo = tl.where(is_q, tl.load(qn_ptr + j, mask=cm, other=0.0), tl.load(kn_ptr + j, mask=cm, other=0.0))
+                    whi = tl.where(is_q, tl.load(qn_ptr + half + j, mask=cm, other=0.0),
+                                   tl.load(kn_ptr + half + j, mask=cm, other=0.0))
+                    wlo = wlo.to(tl.float32)[None, :]
+                    whi = whi.to(tl.float32)[None, :]
+                    a = ((a * rq).to(dt).to(tl.float32) * wlo).to(dt).to(tl.float32)
+                    b = ((b * rq).to(dt).to(tl.float32) * whi).to(dt).to(tl.float32)
+                ro = rm64[:, None] * D + j[None, :]
+                cos_lo = tl.load(cos_ptr + ro, mask=om, other=0.0).to(tl.float32)
+                cos_hi = tl.load(cos_ptr + ro + half, mask=om, other=0.0).to(tl.float32)
+                sin_lo = tl.load(sin_ptr + ro, mask=om, other=0.0).to(tl.float32)
+                sin_hi = tl.load(sin_ptr + ro + half, mask=om, other=0.0).to(tl.float32)
+                a, b = a * cos_lo + b * sin_lo, b * cos_hi + a * sin_hi
+            t = tl.load(t_ptr)
+            if head < H:
+                dst = out_ptr + (rm64[:, None] * H + head) * D + j[None, :]
+            elif head < H + HKV:
+                dst = kc_ptr + ((rm64[:, None] * HKV + (head - H)) * S_CAP + t) * D + j[None, :]
+            else:
+                dst = vc_ptr + ((rm64[:, None] * HKV + (head - H - HKV)) * S_CAP + t) * D + j[None, :]
+            tl.store(dst, a.to(dt), mask=om)
+            tl.store(dst + half, b.to(dt), mask=om)
+
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     """``x [B, N]`` (unit stride in N) -> RMSNorm with Hugging Face numerics."""
@@ -347,3 +454,82 @@ def decode_attention(
                                PREFIX=mode, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, _p2(G)),
                                BLOCK_D=max(16, bd), **(row_config or dict(BLOCK_N=64 if D <= 128 else 32, num_warps=4)))
     return out
+
+
+# ---------------------------------------------------------------------------- layer GEMMs with fused prologue / epilogue
+def gemm_config(M: int, N: int, K: int, epi: int) -> dict[str, int]:
+    """Launch settings of :func:`_gemm_kernel` (``epi`` as its ``EPI``) for ``M`` rows: the best
+    of ``bench/fused_gemm.py``'s sweep on an H100 at M = 112 and 256 (Qwen3-0.6B shapes), with
+    the row block capped by ``M``. Decode GEMMs are small and weight-bound: enough programs to
+    cover the SMs matters more than tile efficiency."""
+    cap = max(16, _p2(M))
+    if epi == 2:  # q|k|v: half a head per tile
+        bm = min(cap, 32 if M <= 128 else 64)
+        return dict(BLOCK_M=bm, BLOCK_N=0, BLOCK_K=64, num_warps=8 if bm >= 64 else 4, num_stages=4)
+    if epi == 1:  # gate|up: two accumulators
+        return dict(BLOCK_M=min(cap, 32), BLOCK_N=128 if M <= 128 else 64, BLOCK_K=64, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=min(cap, 64), BLOCK_N=32, BLOCK_K=128, num_warps=4, num_stages=5)
+
+
+def row_sumsq(x: torch.Tensor) -> torch.Tensor:
+    """``[M, 1]`` float32 sums of squares of ``x``'s rows: the RMSNorm statistics that
+    :func:`norm_qkv_rope` / :func:`norm_gate_up_silu` read (the residual GEMMs write them as
+    ``[M, tiles]`` partial sums)."""
+    return x.float().square().sum(-1, keepdim=True)
+
+
+def _launch(x: torch.Tensor, w: torch.Tensor, N: int, grid_n: int, epi: int, cfg: dict[str, int], **ptrs: Any) -> None:
+    M, K = x.shape
+    ss = ptrs.get("ss")
+    nt_in = ss.shape[1] if ss is not None else 1
+    args = dict(ss=x, nw=x, b=x, res=x, out=x, ssout=x, cos=x, sin=x, qn=x, kn=x, kc=x, vc=x, t=x)
+    args.update({k: v for k, v in ptrs.items() if v is not None})
+    dims = ptrs.get("dims", (1, 1, 1, 1))
+    _gemm_kernel[(triton.cdiv(M, cfg["BLOCK_M"]), grid_n)](
+        x, args["ss"], args["nw"], w, args["b"], args["res"], args["out"], args["ssout"],
+        args["cos"], args["sin"], args["qn"], args["kn"], args["kc"], args["vc"], args["t"],
+        M, N, K, nt_in, ptrs.get("nt_out", 1), *dims, ptrs.get("eps", 0.0),
+        NORM=ss is not None, EPI=epi, HAS_BIAS=ptrs.get("b") is not None,
+        HAS_QKN=ptrs.get("qn") is not None, IEEE=x.dtype == torch.float32, BLOCK_T=max(2, _p2(nt_in)), **cfg)
+
+
+def norm_qkv_rope(
+    x: torch.Tensor, ss: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor, bias: torch.Tensor | None,
+    cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
+    k_cache: torch.Tensor, v_cache: torch.Tensor, t_idx: torch.Tensor, H: int, config: dict[str, int] | None = None,
+) -> torch.Tensor:
+    """RMSNorm of the residual stream ``x [B, hidden]`` (sums of squares ``ss``), the q|k|v GEMM
+    ``w [(H + 2 Hkv) D, hidden]``, q/k RMSNorm and rotary (``cos, sin [B, D]``, sin
+    sign-folded): returns ``q [B, H, D]`` and writes k, v to slot ``t_idx`` of ``k_cache,
+    v_cache [B, Hkv, S, D]``. One kernel; the same values as ``rmsnorm`` -> ``F.linear`` ->
+    :func:`qkv_rope` up to the GEMM's summation order."""
+    B, Hkv, S, D = k_cache.shape
+    q = torch.empty((B, H, D), dtype=x.dtype, device=x.device)
+    cfg = dict(config or gemm_config(B, w.shape[0], x.shape[1], 2), BLOCK_N=max(16, _p2(D // 2)))
+    _launch(x, w, w.shape[0], H + 2 * Hkv, 2, cfg, ss=ss, nw=norm_w, eps=eps, b=bias, out=q, cos=cos, sin=sin,
+            qn=q_norm, kn=k_norm if q_norm is not None else None, kc=k_cache, vc=v_cache, t=t_idx, dims=(H, Hkv, D, S))
+    return q
+
+
+def norm_gate_up_silu(x: torch.Tensor, ss: torch.Tensor, norm_w: torch.Tensor, eps: float, w: torch.Tensor,
+                      config: dict[str, int] | None = None) -> torch.Tensor:
+    """``silu(gate) * up`` of the gate|up GEMM ``w [2I, hidden]`` over the RMSNorm of ``x``:
+    ``[B, I]``, one kernel."""
+    N = w.shape[0] // 2
+    cfg = config or gemm_config(x.shape[0], N, x.shape[1], 1)
+    out = torch.empty((x.shape[0], N), dtype=x.dtype, device=x.device)
+    _launch(x, w, N, triton.cdiv(N, cfg["BLOCK_N"]), 1, cfg, ss=ss, nw=norm_w, eps=eps, out=out)
+    return out
+
+
+def gemm_residual(a: torch.Tensor, w: torch.Tensor, bias: torch.Tensor | None, res: torch.Tensor,
+                  config: dict[str, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """``res + a @ w.T (+ bias)`` (rounded as Hugging Face's ``residual + h``) and its rows'
+    partial sums of squares ``[M, tiles]`` (the next RMSNorm's statistics), one kernel."""
+    M, N = res.shape
+    cfg = config or gemm_config(M, N, a.shape[1], 0)
+    nt = triton.cdiv(N, cfg["BLOCK_N"])
+    out = torch.empty_like(res)
+    ss = torch.empty((M, nt), dtype=torch.float32, device=res.device)
+    _launch(a, w, N, nt, 0, cfg, b=bias, res=res, out=out, ssout=ss, nt_out=nt)
+    return out, ss
