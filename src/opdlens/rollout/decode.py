@@ -446,7 +446,7 @@ class TritonState:
             return tk.decode_attention(q, s.suf_k[li], s.suf_v[li], s.t_idx, s.pre_k[li], s.pre_v[li], s.plen, s.R,
                                        m.scaling, s.mode, s.chunk).view(B, H * D)
 
-        return m.lm_head(m.forward(x, cos, sin, kv, attend, m.step_ops))
+        return m.lm_head(m.forward(x, cos, sin, kv, attend))
 
     def compact(self, alive: torch.Tensor, t: int) -> tuple[torch.Tensor, torch.Tensor] | None:
         """Move the live rows to a smaller grid ``[P', R']`` (R' a power of two where that is

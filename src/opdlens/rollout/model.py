@@ -123,40 +123,11 @@ def _alias_layer(layer: torch.nn.Module, qkv: torch.Tensor, qkv_b: torch.Tensor 
             start += t.shape[0]
 
 
-#: what a block forward carries from op to op: the residual stream and the RMSNorm of it
-#: (:class:`TorchOps`) or its rows' sums of squares (:class:`FusedTritonOps`)
-State = tuple[torch.Tensor, torch.Tensor]
-
-
 class TorchOps:
-    """The block's ops in PyTorch (Hugging Face numerics; CPU and CUDA): the four steps of a
-    layer that :meth:`BoundModel.forward` calls, built from the elementwise ops below and
-    ``F.linear``."""
+    """The block's elementwise ops in PyTorch (Hugging Face numerics; CPU and CUDA)."""
 
     def __init__(self, m: BoundModel) -> None:
         self.m = m
-
-    def begin(self, x: torch.Tensor) -> State:
-        return x, self.rmsnorm(x, self.m.layers[0].input_layernorm.weight)
-
-    def attn_in(self, st: State, li: int, cos: torch.Tensor, sin: torch.Tensor, kv: KVSlot) -> torch.Tensor:
-        """Normed input -> q|k|v -> rotated ``q [B, H, D]`` (k, v written to ``kv``)."""
-        return self.qkv_rope(F.linear(st[1], self.m.w.qkv_w[li], self.m.w.qkv_b[li]), cos, sin, li, kv)
-
-    def attn_out(self, st: State, o: torch.Tensor, li: int) -> State:
-        """o-projection of the attention output ``o [B, H * D]``, residual add, next norm."""
-        layer = self.m.layers[li]
-        return self.add_rmsnorm(st[0], layer.self_attn.o_proj(o), layer.post_attention_layernorm.weight)
-
-    def mlp(self, st: State, li: int) -> State:
-        m = self.m
-        a = self.act_mul(F.linear(st[1], m.w.gu_w[li]))
-        nxt = m.layers[li + 1].input_layernorm.weight if li + 1 < len(m.layers) else m.norm.weight
-        return self.add_rmsnorm(st[0], m.layers[li].mlp.down_proj(a), nxt)
-
-    def end(self, st: State) -> torch.Tensor:
-        """The final normed hidden states (the lm_head input)."""
-        return st[1]
 
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         """Normalise in float32, cast, scale (as Hugging Face's RMSNorm)."""
@@ -214,39 +185,6 @@ class TritonOps(TorchOps):
         return self.tk.qkv_rope(qkv, cos, sin, qn, kn, kv[0], kv[1], kv[2], self.m.n_heads, self.m.eps)
 
 
-class FusedTritonOps(TritonOps):
-    """The decode step's ops with the layer GEMMs in Triton and the elementwise work fused into
-    them (:func:`~opdlens.rollout.triton_decode.norm_qkv_rope`, ``norm_gate_up_silu``,
-    ``gemm_residual``): four launches per layer besides attention instead of eight. The state
-    is the residual stream and its rows' partial sums of squares, so each RMSNorm happens in the
-    prologue of the GEMM that reads it. SiLU models only (:attr:`BoundModel.step_ops`)."""
-
-    def begin(self, x: torch.Tensor) -> State:
-        return x, self.tk.row_sumsq(x)
-
-    def attn_in(self, st: State, li: int, cos: torch.Tensor, sin: torch.Tensor, kv: KVSlot) -> torch.Tensor:
-        m = self.m
-        layer = m.layers[li]
-        attn = layer.self_attn
-        qn = attn.q_norm.weight if hasattr(attn, "q_norm") else None
-        kn = attn.k_norm.weight if hasattr(attn, "k_norm") else None
-        return self.tk.norm_qkv_rope(st[0], st[1], layer.input_layernorm.weight, m.eps, m.w.qkv_w[li], m.w.qkv_b[li],
-                                     cos, sin, qn, kn, kv[0], kv[1], kv[2], m.n_heads)
-
-    def attn_out(self, st: State, o: torch.Tensor, li: int) -> State:
-        proj = self.m.layers[li].self_attn.o_proj
-        return self.tk.gemm_residual(o, proj.weight, proj.bias, st[0])
-
-    def mlp(self, st: State, li: int) -> State:
-        m = self.m
-        layer = m.layers[li]
-        a = self.tk.norm_gate_up_silu(st[0], st[1], layer.post_attention_layernorm.weight, m.eps, m.w.gu_w[li])
-        return self.tk.gemm_residual(a, layer.mlp.down_proj.weight, layer.mlp.down_proj.bias, st[0])
-
-    def end(self, st: State) -> torch.Tensor:
-        return self.rmsnorm(st[0], self.m.norm.weight)
-
-
 class BoundModel:
     """The model parts, shapes and constants the fused engine reads, and its one block forward."""
 
@@ -271,9 +209,6 @@ class BoundModel:
         self.silu = str(getattr(cfg, "hidden_act", "")) == "silu"
         self.triton = triton_kernels
         self.ops: TorchOps = TritonOps(self) if triton_kernels else TorchOps(self)
-        #: the decode step's ops: the GEMMs fused with their neighbours where the kernels exist;
-        #: the prefill (many rows: compute-bound GEMMs) keeps cuBLAS
-        self.step_ops: TorchOps = FusedTritonOps(self) if triton_kernels and self.silu else self.ops
         self.params = list(model.parameters())
 
     def signature(self) -> tuple[Any, ...]:
@@ -297,19 +232,21 @@ class BoundModel:
         sin: torch.Tensor,
         kv: Callable[[int], KVSlot],
         attend: Callable[[int, torch.Tensor], torch.Tensor],
-        ops: TorchOps | None = None,
     ) -> torch.Tensor:
         """All blocks over hidden states ``x [B, hidden]`` at rotary ``cos, sin [B, D]``:
         ``kv(layer)`` says where the layer's new K/V go, ``attend(layer, q [B, H, D])`` returns
         its attention output ``[B, H * D]``. Returns the final normed hidden states (the lm_head
-        input). ``ops``: :attr:`ops` unless given (the decode step passes :attr:`step_ops`)."""
-        ops = ops or self.ops
-        st = ops.begin(x)
-        for li in range(self.n_layers):
-            q = ops.attn_in(st, li, cos, sin, kv(li))
-            st = ops.attn_out(st, attend(li, q), li)
-            st = ops.mlp(st, li)
-        return ops.end(st)
+        input)."""
+        ops, w, layers = self.ops, self.w, self.layers
+        h = ops.rmsnorm(x, layers[0].input_layernorm.weight)
+        for li, layer in enumerate(layers):
+            qkv = F.linear(h, w.qkv_w[li], w.qkv_b[li])
+            q = ops.qkv_rope(qkv, cos, sin, li, kv(li))
+            x, h = ops.add_rmsnorm(x, layer.self_attn.o_proj(attend(li, q)), layer.post_attention_layernorm.weight)
+            a = ops.act_mul(F.linear(h, w.gu_w[li]))
+            nxt = layers[li + 1].input_layernorm.weight if li + 1 < len(layers) else self.norm.weight
+            x, h = ops.add_rmsnorm(x, layer.mlp.down_proj(a), nxt)
+        return h
 
     @torch.inference_mode()
     def prefill(self, inp: torch.Tensor, lens: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
