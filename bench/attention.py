@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: a base checkout can be timed
 
 CASES = (("4 targets 2K N=64", 4, 64, 2048), ("8K N=64", 1, 64, 8192), ("8K N=100", 1, 100, 8192),
          ("2K N=100", 1, 100, 2048), ("4 targets 8K N=64", 4, 64, 8192), ("16 targets 2K N=16", 16, 16, 2048),

@@ -42,7 +42,7 @@ from typing import Any
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
+sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: a base checkout can be timed
 
 from opdlens.models import random_policy, tiny_random_policy  # noqa: E402
 from opdlens.rollout import TorchEngine  # noqa: E402
