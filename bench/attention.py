@@ -9,7 +9,7 @@ G=2, D=128, bf16, suffix of 65 keys) times :func:`opdlens.rollout.triton_decode.
 
 ``--row``: instead, the one-kernel path (mode 1: one-row prompts of 64 tokens, suffix at 65 or
 127 keys) for batch 64/256/512 under each row-kernel launch setting (keys per block, warps,
-pipeline stages), against the current one (64, 4, 3).
+pipeline stages), against the current one (32, 4, 3).
 
 ``--prefix-sweep``: the prefix kernel's launch settings (query block up to 256, keys per block,
 warps, stages, chunk) on the targeted-rollout shapes, and library flash / cuDNN attention on the
@@ -63,9 +63,9 @@ def row_configs() -> None:
                                                                  row_config=cfg),
                                      warmup=20, rep=100, return_mode="median") * 1e3
                     res.append((us, bn, nw, ns))
-        cur = next(r[0] for r in res if r[1:] == (64, 4, 3))
+        cur = next(r[0] for r in res if r[1:] == (32, 4, 3))
         best = min(res)
-        print(f"rows {B:>3}, suffix {t + 1:>3}: current (64 keys, 4 warps, 3 stages) {cur:6.1f} us, best "
+        print(f"rows {B:>3}, suffix {t + 1:>3}: current (32 keys, 4 warps, 3 stages) {cur:6.1f} us, best "
               f"({best[1]} keys, {best[2]} warps, {best[3]} stages) {best[0]:6.1f} us, floor {floor_us:5.1f} us", flush=True)
 
 

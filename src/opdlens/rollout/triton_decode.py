@@ -345,5 +345,5 @@ def decode_attention(
     _row_attn_kernel[(Hkv, B)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
                                R, Hkv, G, D, S, T, C, scale,
                                PREFIX=mode, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, _p2(G)),
-                               BLOCK_D=max(16, bd), **(row_config or dict(BLOCK_N=64 if D <= 128 else 32, num_warps=4)))
+                               BLOCK_D=max(16, bd), **(row_config or dict(BLOCK_N=32, num_warps=4)))
     return out
