@@ -127,3 +127,44 @@ def test_every_example_train_config_is_valid():
     for f in files:
         cfg = opd_cli.load_train_config(f)
         assert cfg.loss == "opd", f
+
+
+def test_opd_demo_and_module_entry_point(tmp_path):
+    """`python -m opdlens.opd.demo` (plain and --compare-templates) and `python -m opdlens.opd
+    CONFIG.yaml` on a saved tiny model: they run, write what their docs promise, and the module
+    entry point turns bad input into exit code 2."""
+    import math
+
+    from opdlens.opd import demo
+    from opdlens.opd.__main__ import main as module_main
+
+    pol = tiny(0, init_std=0.2)
+    model_dir = tmp_path / "tiny"
+    pol.model.save_pretrained(model_dir)
+    pol.tokenizer.save_pretrained(model_dir)
+    common = ["--model", str(model_dir), "--batch-size", "2", "--max-new-tokens", "4", "--eval-questions", "2",
+              "--eval-every", "1", "--threads", "1"]
+    s = demo.main(common + ["--steps", "2", "--out-dir", str(tmp_path / "demo")])
+    assert s["steps"] == 2
+    assert math.isfinite(s["eval_rkl_start"]) and s["eval_rkl_start"] > 0  # a context-bearing teacher differs
+    assert s["eval_rkl_change_pct"] == pytest.approx(100 * (s["eval_rkl_end"] - s["eval_rkl_start"]) / s["eval_rkl_start"])
+    assert (tmp_path / "demo" / "rkl_curve.png").stat().st_size > 0
+    assert json.loads((tmp_path / "demo" / "summary.json").read_text()) == s
+    c = demo.main(common + ["--steps", "1", "--compare-templates", "--out-dir", str(tmp_path / "cmp")])
+    assert set(c) == {"aligned", "misaligned"}
+    for r in c.values():
+        assert 0 <= r["initial_overlap_ratio"] <= 1
+        assert r["eval_rkl_gain"] == pytest.approx(r["eval_rkl_start"] - r["eval_rkl_end"])
+    assert c["aligned"]["eval_rkl_start"] != c["misaligned"]["eval_rkl_start"]  # the template reached the teacher
+
+    assert module_main([]) == 2
+    f = tmp_path / "train.yaml"
+    f.write_text(yaml.safe_dump(dict(student=str(model_dir), teacher=str(model_dir), steps=1, batch_size=2,
+                                     micro_batch=2, max_new_tokens=4, eval_every=0, save_every=0, device="cpu",
+                                     k=4, metrics_k=4, progress=False, train_questions=4,
+                                     out_dir=str(tmp_path / "mod"))))
+    assert module_main([str(f)]) == 0
+    rows = [json.loads(x) for x in (tmp_path / "mod" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows if "rkl" in r][-1] == 1
+    f.write_text("steps: 0\nlr: -1\n")
+    assert module_main([str(f)]) == 2

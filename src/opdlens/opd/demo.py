@@ -1,6 +1,6 @@
 r"""A short OPD run on the embedded SmolLM2-135M-Instruct (CPU) that lowers reverse KL to a teacher.
 
-``python -m opdlens.opd.demo [--steps 12] [--out-dir runs/opd-demo]``
+``python -m opdlens.opd.demo [--steps 12] [--out-dir runs/opd-demo] [--model smollm2]``
 
 ``python -m opdlens.opd.demo --compare-templates`` runs the same short OPD twice, with the
 teacher's prompt aligned with the student's (``answer_hint``: the question, then the answer)
@@ -58,7 +58,7 @@ def compare_templates(a: argparse.Namespace) -> dict[str, Any]:
 
 def _config(a: argparse.Namespace, teacher_template: str, out_dir: Path) -> TrainConfig:
     return TrainConfig(
-        student="smollm2", teacher="smollm2", task="arith", train_questions=64, eval_questions=a.eval_questions,
+        student=a.model, teacher=a.model, task="arith", train_questions=64, eval_questions=a.eval_questions,
         teacher_template=teacher_template, teacher_temperature=a.teacher_temperature, loss=a.loss,
         lr=a.lr, batch_size=a.batch_size, micro_batch=a.batch_size, max_new_tokens=a.max_new_tokens,
         steps=a.steps, seed=a.seed, eval_every=a.eval_every, save_every=0, out_dir=out_dir, device=a.device,
@@ -68,6 +68,7 @@ def _config(a: argparse.Namespace, teacher_template: str, out_dir: Path) -> Trai
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out-dir", type=Path, default=Path("runs/opd-demo"))
+    ap.add_argument("--model", default="smollm2", help="student and (frozen) teacher: a model id or directory")
     ap.add_argument("--steps", type=int, default=12)
     ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--lr", type=float, default=2e-5)
@@ -94,7 +95,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     res = train(cfg, resume=not a.fresh)
     rows = read_metrics(a.out_dir)
     png = plot_training_curve(rows, a.out_dir / "rkl_curve.png",
-                     f"OPD on SmolLM2-135M: loss={a.loss}, teacher={a.teacher_template}, lr={a.lr:g}")
+                     f"OPD on {'SmolLM2-135M' if a.model == 'smollm2' else a.model}: loss={a.loss}, teacher={a.teacher_template}, lr={a.lr:g}")
     ev = [r for r in rows if r.get("eval_rkl") is not None]
     start, end = ev[0]["eval_rkl"], ev[-1]["eval_rkl"]
     tr = [r["rkl"] for r in rows if r.get("rkl") is not None]
