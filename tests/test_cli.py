@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from typer.testing import CliRunner
 
 from opdlens.cli import app
@@ -125,3 +127,39 @@ def test_unknown_hub_id_fails_fast_with_the_whole_message(tmp_path, monkeypatch)
     msg = " ".join(res.output.split())
     assert res.exit_code == 2 and msg.startswith("error: could not find model 'no-such-org/no-such-model'")
     assert "hub is unreachable or offline" in msg and msg.endswith("a downloaded snapshot).")
+
+
+def test_interrupted_diagnose_says_how_to_resume(tmp_path, monkeypatch):
+    """Ctrl-C during a run: exit code 130 and the message that the finished rollouts are kept."""
+    import opdlens.pipeline
+
+    seen = {}
+
+    def interrupted(cfg, fresh=False):
+        seen["fresh"] = fresh
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(opdlens.pipeline, "diagnose", interrupted)
+    res = runner.invoke(app, ["demo", "--out", str(tmp_path / "run"), "--fresh"])
+    assert res.exit_code == 130, res.output
+    assert "interrupted" in res.output and "rerun the same command to resume" in res.output
+    assert str(tmp_path / "run") in res.output
+    assert seen == {"fresh": True}
+
+
+@pytest.mark.slow
+def test_demo_command_runs_the_main_job(tmp_path):
+    """`opdlens demo` (the README's main job) on one question: it diagnoses the embedded SmolLM2,
+    writes the report and says where it is; run again, it resumes and rewrites the same report."""
+    out = tmp_path / "demo"
+    res = runner.invoke(app, ["demo", "--out", str(out), "--questions", "1"])
+    assert res.exit_code == 0, res.output
+    assert "diagnosing smollm2 on 1 'arith' questions" in res.output
+    assert f"report: {out / 'report' / 'index.html'}\n" in res.output  # a path is never wrapped: it can be copied
+    summary = (out / "report" / "summary.md").read_text()
+    assert all(t in summary for t in ("Self-1C", "Self-Sum-1C", "Self-1C1W"))
+    chunks = sorted(p.name for p in out.rglob("*.parquet"))
+    res = runner.invoke(app, ["demo", "--out", str(out), "--questions", "1"])
+    assert res.exit_code == 0, res.output
+    assert sorted(p.name for p in out.rglob("*.parquet")) == chunks
+    assert (out / "report" / "summary.md").read_text() == summary
