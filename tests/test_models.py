@@ -132,6 +132,33 @@ def test_random_shapes_config() -> None:
     assert small.next_token_logprobs([[1, 2, 3]]).shape == (1, 100)
 
 
+def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``load_policy("random:<shape>[:<seed>]")``: the shape's layers with SmolLM2's tokenizer and
+    vocabulary, weights fixed by the seed (another seed, other weights); its context limit is read
+    without building it; a malformed spec names the valid form and shapes."""
+    from opdlens import models
+
+    tiny = {**MODEL_SHAPES["qwen3-0.6b"], "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
+            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    monkeypatch.setitem(MODEL_SHAPES, "qwen3-test", tiny)
+    monkeypatch.setattr(models, "_POLICY_CACHE", {})
+    a = models.load_policy("random:qwen3-test:3")
+    assert a.vocab_size == len(models.load_tokenizer(models.SMOLLM2)) == 49152
+    assert a.model.config.num_hidden_layers == 1 and a.model.config.hidden_size == 32
+    assert a.tokenizer.eos_token_id in a.eos_token_ids
+    again = models.load_policy("RANDOM:qwen3-test:3".lower())
+    assert again is a  # loaded once per process
+    b = models.load_policy("random:qwen3-test:4")
+    x = [[1, 2, 3, 4]]
+    assert not torch.equal(a.next_token_logprobs(x), b.next_token_logprobs(x))
+    monkeypatch.setattr(models, "_POLICY_CACHE", {})
+    assert torch.equal(models.load_policy("random:qwen3-test:3").next_token_logprobs(x), a.next_token_logprobs(x))
+    assert models.spec_max_context("random:qwen3-test") == 40960
+    for bad in ("random:qwen3-9b", "random:qwen3-test:x", "random:qwen3-test:1:2"):
+        with pytest.raises(OpdlensError, match=r"use 'random:<shape>\[:<seed>\]' with a shape in"):
+            models.load_policy(bad)
+
+
 def test_unknown_model_fails_offline_with_clear_message(monkeypatch: pytest.MonkeyPatch) -> None:
     import huggingface_hub.constants
 
