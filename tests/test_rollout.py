@@ -55,6 +55,35 @@ def test_fused_backend_selected_for_llama_family(llama: HFPolicy, qwen3: HFPolic
     assert isinstance(llama.engine, TorchEngine)
 
 
+def test_models_the_fused_backend_cannot_run(llama: HFPolicy) -> None:
+    """Each unsupported feature is named; ``auto`` then samples with the Hugging Face backend
+    (still exact), and asking for ``fused`` is an error that says what to use instead."""
+    import copy
+
+    cases = [("model_type", "mistral", "model_type 'mistral' not in", True),
+             ("use_sliding_window", True, "sliding-window attention", True),  # Llama's own forward ignores it
+             ("layer_types", ["sliding_attention"] * llama.model.config.num_hidden_layers, "non-full attention layers",
+              False),
+             ("rope", "dynamic", "rope type 'dynamic'", False)]
+    for key, value, reason, runs in cases:
+        model = copy.deepcopy(llama.model)
+        if key == "rope":
+            model.model.rotary_emb.rope_type = value
+        else:
+            setattr(model.config, key, value)
+        assert reason in (fused_supported(model) or ""), key
+        pol = HFPolicy(model, llama.tokenizer, name=f"llama-{key}")
+        eng = _engine(pol)
+        assert eng.backend == "hf"
+        if runs:  # (the others are configs this Llama's own forward cannot run either)
+            assert _check_against_teacher_forcing(pol, eng.sample(PREFIXES, 2, 4, seed=1), 1.0) > 0
+        with pytest.raises(OpdlensError, match=rf"fused backend cannot run this model \({reason}.*use backend='hf'"):
+            _engine(pol, backend="fused")
+    bare = copy.deepcopy(llama.model)
+    del bare.model.rotary_emb
+    assert fused_supported(bare) == "unexpected module layout"
+
+
 @pytest.mark.parametrize("backend", ["fused", "fused-chunked", "hf"])
 @pytest.mark.parametrize("temperature", [1.0, 0.7])
 def test_logprobs_match_teacher_forcing(llama: HFPolicy, backend: str, temperature: float) -> None:
