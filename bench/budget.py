@@ -194,7 +194,7 @@ def main() -> None:
     ap.add_argument("--n-draws", type=int, default=200, help="adaptive: posterior draws per node and round")
     ap.add_argument("--estimators", nargs="+", default=["plugin", "posterior_mean"],
                     help="alignment estimators scored; 'NAME:PRIOR' scores NAME with that psucc_prior instead of --prior's")
-    ap.add_argument("--prior", default=SignalConfig().psucc_prior, choices=["jeffreys", "hierarchical"],
+    ap.add_argument("--prior", default=SignalConfig().psucc_prior, choices=["jeffreys", "hierarchical", "mixture"],
                     help="signals.psucc_prior: the allocation's and (unless an estimator names another) the scoring's")
     ap.add_argument("--seed", type=int, default=0, help="seed of the targeted rollouts (the policies, initial rollouts "
                     "and paths stay); 0 is the recorded runs' stream")

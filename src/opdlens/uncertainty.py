@@ -71,7 +71,7 @@ UNCERTAIN_METRICS: tuple[str, ...] = ("gkd", "single", "minillm")
 Estimator = Literal["plugin", "posterior_mean"]
 #: prior of each child's success probability: independent Jeffreys, or hierarchical (centred on
 #: the node's on-policy rate, concentration fitted by empirical Bayes; see :func:`child_prior`)
-PriorKind = Literal["jeffreys", "hierarchical"]
+PriorKind = Literal["jeffreys", "hierarchical", "mixture"]
 #: concentrations the empirical-Bayes fit chooses from (log-spaced; Jeffreys is 1 around 1/2)
 CONCENTRATIONS = np.geomspace(0.25, 1024.0, 97)
 #: draws per node (the Monte-Carlo error of a 95 % quantile at 400 draws is ≈ 0.01 in cosine)
@@ -81,12 +81,14 @@ LEVEL = 0.95
 
 @dataclass(frozen=True)
 class ChildPrior:
-    """Beta prior of the success probability of every child of a node: pseudo-counts ``a`` of
-    successes and ``b`` of failures per node (``[L]``, shared by the node's children)."""
+    """Prior of the success probability of every child of a node: with probability ``weight`` a
+    ``Beta(a_u, b_u)`` (``a``, ``b``: ``[L]`` pseudo-counts of successes and failures, shared by
+    the node's children), else Jeffreys' ``Beta(½, ½)``."""
 
     a: Tensor
     b: Tensor
     concentration: float  # a + b (NaN where it differs between nodes)
+    weight: float = 1.0
 
     @classmethod
     def jeffreys(cls, length: int) -> ChildPrior:
@@ -94,7 +96,19 @@ class ChildPrior:
         return cls(half, half.clone(), 2 * PRIOR)
 
     def rows(self, rows: Tensor) -> ChildPrior:
-        return ChildPrior(self.a[rows], self.b[rows], self.concentration)
+        return ChildPrior(self.a[rows], self.b[rows], self.concentration, self.weight)
+
+    def responsibility(self, n: Tensor, s: Tensor) -> Tensor:
+        """``[L, K]`` posterior probability that a child with ``n`` visits and ``s`` successes
+        comes from the ``Beta(a, b)`` component (1 where ``weight`` is 1)."""
+        if self.weight >= 1.0:
+            return torch.ones_like(n, dtype=torch.float64)
+        nd, sd = n.double(), s.double()
+        a, b = self.a.unsqueeze(-1), self.b.unsqueeze(-1)
+        log_h = _betaln(sd + a, nd - sd + b) - _betaln(a, b) + np.log(max(self.weight, 1e-300))
+        half = torch.tensor(PRIOR, dtype=torch.float64)
+        log_j = _betaln(sd + PRIOR, nd - sd + PRIOR) - _betaln(half, half) + np.log(max(1 - self.weight, 1e-300))
+        return torch.sigmoid(log_h - log_j)
 
 
 def _betaln(a: Tensor, b: Tensor) -> Tensor:
@@ -113,6 +127,29 @@ def fit_concentration(n: Tensor, s: Tensor, center: Tensor, grid: np.ndarray = C
     nd, sd = n.double().unsqueeze(0), s.double().unsqueeze(0)
     loglik = (_betaln(sd + c * m, nd - sd + c * (1 - m)) - _betaln(c * m, c * (1 - m))).sum(1)
     return float(grid[int(torch.argmax(loglik))])
+
+
+#: weights of the node-centred component the mixture fit chooses from
+WEIGHTS = np.linspace(0.0, 1.0, 21)
+
+
+def fit_mixture(n: Tensor, s: Tensor, center: Tensor, grid: np.ndarray = CONCENTRATIONS,
+                weights: np.ndarray = WEIGHTS) -> tuple[float, float]:
+    """Empirical-Bayes ``(weight, c)`` of the mixture prior ``weight · Beta(c m_k, c (1 − m_k)) +
+    (1 − weight) · Beta(½, ½)`` (maximum marginal likelihood over the grids; see
+    :func:`fit_concentration`)."""
+    if n.numel() == 0:
+        return float("nan"), float("nan")
+    c = torch.from_numpy(np.asarray(grid, dtype=np.float64)).unsqueeze(1)  # [G, 1]
+    m = center.double().clamp(1e-6, 1 - 1e-6).unsqueeze(0)
+    nd, sd = n.double().unsqueeze(0), s.double().unsqueeze(0)
+    log_h = _betaln(sd + c * m, nd - sd + c * (1 - m)) - _betaln(c * m, c * (1 - m))  # [G, C]
+    half = torch.tensor(PRIOR, dtype=torch.float64)
+    log_j = (_betaln(sd + PRIOR, nd - sd + PRIOR) - _betaln(half, half))[0]  # [C]
+    w = torch.from_numpy(np.asarray(weights, dtype=np.float64)).view(-1, 1, 1)  # [W, 1, 1]
+    ll = torch.logaddexp(w.clamp_min(1e-300).log() + log_h, (1 - w).clamp_min(1e-300).log() + log_j).sum(-1)  # [W, G]
+    i, j = divmod(int(torch.argmax(ll)), ll.shape[1])
+    return float(weights[i]), float(grid[j])
 
 
 def node_rates(seen: Tensor, n: Tensor, s: Tensor, sampled: Tensor, sampled_s: Tensor) -> Tensor:
@@ -141,21 +178,25 @@ def child_prior(
     big_l = seen.shape[0]
     if kind == "jeffreys":
         return ChildPrior.jeffreys(big_l)
-    if kind != "hierarchical":
-        raise OpdlensError(f"unknown P_succ prior {kind!r}: use 'jeffreys' or 'hierarchical'")
+    if kind not in ("hierarchical", "mixture"):
+        raise OpdlensError(f"unknown P_succ prior {kind!r}: use 'jeffreys', 'hierarchical' or 'mixture'")
     m = node_rates(seen, n, s, sampled, sampled_s)
     cells = seen & (seen.sum(-1, keepdim=True) >= 2)
-    c = fit_concentration(n[cells], s[cells], m.unsqueeze(1).expand_as(n)[cells])
-    if not np.isfinite(c):
+    center = m.unsqueeze(1).expand_as(n)[cells]
+    w, c = (1.0, fit_concentration(n[cells], s[cells], center)) if kind == "hierarchical" else fit_mixture(n[cells], s[cells], center)
+    if not np.isfinite(c) or w <= 0:
         return ChildPrior.jeffreys(big_l)
-    return ChildPrior(c * m, c * (1 - m), c)
+    return ChildPrior(c * m, c * (1 - m), c, w)
 
 
 def posterior_mean(n: Tensor, s: Tensor, prior: ChildPrior | None = None) -> Tensor:
     """Mean of the Beta posterior of each child's success probability (Jeffreys prior by default)."""
+    jeff = (s.double() + PRIOR) / (n.double() + 2 * PRIOR)
     if prior is None:
-        return (s.double() + PRIOR) / (n.double() + 2 * PRIOR)
-    return (s.double() + prior.a.unsqueeze(-1)) / (n.double() + (prior.a + prior.b).unsqueeze(-1))
+        return jeff
+    own = (s.double() + prior.a.unsqueeze(-1)) / (n.double() + (prior.a + prior.b).unsqueeze(-1))
+    r = prior.responsibility(n, s)
+    return r * own + (1 - r) * jeff
 
 
 def denoised_rates(n: Tensor, s: Tensor, mask: Tensor) -> Tensor:
@@ -197,7 +238,13 @@ def psucc_draws(
         a, b = mu * conc, (1 - mu) * conc
     draws = torch.zeros((n_draws, *mask.shape), dtype=torch.float64)
     cells = mask.nonzero(as_tuple=True)  # only the children in S_u are drawn (most padded cells are not)
-    draws[(slice(None), *cells)] = torch.from_numpy(rng.beta(a[cells].numpy(), b[cells].numpy(), size=(n_draws, len(cells[0]))))
+    size = (n_draws, len(cells[0]))
+    x = rng.beta(a[cells].numpy(), b[cells].numpy(), size=size)
+    if center is None and prior is not None and prior.weight < 1.0:  # mixture: each draw picks its component
+        r = prior.responsibility(n, s)[cells].numpy()
+        jeff = rng.beta(s[cells].double().numpy() + PRIOR, (n - s)[cells].double().clamp_min(0.0).numpy() + PRIOR, size=size)
+        x = np.where(rng.random(size) < r, x, jeff)
+    draws[(slice(None), *cells)] = torch.from_numpy(x)
     return draws
 
 
