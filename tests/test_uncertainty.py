@@ -269,3 +269,50 @@ def test_per_path_table_carries_the_path_mean_interval():
     assert pp.loc["a", "mean"] == pytest.approx(0.15) and pp.loc["a", "mean_se"] == pytest.approx(se_a)
     assert pp.loc["a", "mean_hi"] - pp.loc["a", "mean"] == pytest.approx(1.959964 * se_a, rel=1e-5)
     assert "mean_lo" not in per_path(nodes.drop(columns=["align_gkd_se"])).columns  # older node tables
+
+
+def _beta_binomial_cells(c: float, weight: float, cells: int, seed: int):
+    """Flat children: node rates ``m`` uniform in [0.1, 0.9], ``P`` from ``Beta(c m, c (1 − m))``
+    (with probability ``weight``, else from ``Beta(½, ½)``), 5–60 visits, binomial successes."""
+    rng = np.random.default_rng(seed)
+    m = rng.uniform(0.1, 0.9, cells)
+    p = np.where(rng.random(cells) < weight, rng.beta(c * m, c * (1 - m)), rng.beta(0.5, 0.5, cells))
+    n = rng.integers(5, 61, cells)
+    return torch.from_numpy(n).double(), torch.from_numpy(rng.binomial(n, p)).double(), torch.from_numpy(m)
+
+
+@pytest.mark.parametrize("c", [3.0, 12.0, 50.0])
+def test_empirical_bayes_fit_recovers_the_concentration(c):
+    from opdlens.uncertainty import fit_concentration, fit_mixture
+
+    n, s, m = _beta_binomial_cells(c, 1.0, 3000, seed=int(c))
+    assert fit_concentration(n, s, m) == pytest.approx(c, rel=0.25)
+    n, s, m = _beta_binomial_cells(c, 0.7, 3000, seed=int(c) + 1)
+    w, c_hat = fit_mixture(n, s, m)
+    assert w == pytest.approx(0.7, abs=0.1) and c_hat == pytest.approx(c, rel=0.4)
+
+
+@pytest.mark.parametrize("kind", ["hierarchical", "mixture"])
+def test_hierarchical_prior_estimates_the_children_better_on_the_oracle(kind):
+    """A path of a synthetic policy with every child at every node visited 15 times: the posterior
+    means under the node-centred prior (concentration fitted on the path's own counts) are closer
+    to the exact child success probabilities (dynamic programming) than Jeffreys' are."""
+    from opdlens.synthetic import EOS
+    from opdlens.uncertainty import child_prior, posterior_mean
+
+    err = {"jeffreys": 0.0, kind: 0.0}
+    for seed in range(6):
+        pol = SyntheticPolicy.random(vocab_size=6, horizon=12, modulus=3, seed=seed)
+        comps = pol.sample([[]], 64, pol.horizon, seed=seed)[0]
+        path = max((c.tokens for c in comps), key=len)
+        pre = [path[:u] + [k] for u in range(min(len(path), pol.horizon - 1)) for k in range(1, 6)]  # EOS children: 0 or 1, not sampled
+        forced = pol.sample(pre, 15, pol.horizon, seed=seed + 50)
+        toks = [c.tokens for c in comps] + [c.tokens for rows in forced for c in rows]
+        rs = RolloutSet.from_lists(toks, [pol.is_success(t) for t in toks], [0] * len(comps) + [len(p) for p in pre for _ in range(15)])
+        pad = {k: torch.from_numpy(v) for k, v in path_stats(path, rs).padded(0).items()}
+        exact = torch.from_numpy(np.stack([pol.child_success_probs(path[:u]) for u in range(len(path))])).gather(1, pad["child_token"])
+        cells = pad["mask"] & (pad["child_token"] != EOS)  # EOS children are exactly 0 or 1
+        for name in err:
+            prior = child_prior(name, pad["mask"], pad["visits"], pad["successes"], pad["sampled"], pad["sampled_successes"])
+            err[name] += float(((posterior_mean(pad["visits"], pad["successes"], prior) - exact)[cells] ** 2).sum())
+    assert err[kind] < 0.8 * err["jeffreys"]
