@@ -122,9 +122,7 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
             for tname, lpt in lpts.items():
                 exact = exact_alignment(policy, path, stats, lps, lpt, sig)
                 for est in args.estimators:
-                    name, _, prior = est.partition(":")
-                    update = {"alignment_estimator": name} | ({"psucc_prior": prior} if prior else {})
-                    out = pd.DataFrame(path_signals(stats, lps, lpt, sig.model_copy(update=update)))
+                    out = pd.DataFrame(path_signals(stats, lps, lpt, sig.model_copy(update={"alignment_estimator": est})))
                     out["exact"] = exact
                     out["node"] = np.arange(len(path))
                     frames.append(out.assign(question_id=q, path_id=pid, teacher=tname, mode=mode_name, estimator=est,
@@ -192,15 +190,12 @@ def main() -> None:
     ap.add_argument("--stop-on-sign", action="store_true")
     ap.add_argument("--scope", default="nodes", choices=["nodes", "pairs"], help="adaptive: where rounds after the floor may spend")
     ap.add_argument("--n-draws", type=int, default=200, help="adaptive: posterior draws per node and round")
-    ap.add_argument("--estimators", nargs="+", default=["plugin", "posterior_mean"],
-                    help="alignment estimators scored; 'NAME:PRIOR' scores NAME with that psucc_prior instead of --prior's")
-    ap.add_argument("--prior", default=SignalConfig().psucc_prior, choices=["jeffreys", "hierarchical", "mixture"],
-                    help="signals.psucc_prior: the allocation's and (unless an estimator names another) the scoring's")
+    ap.add_argument("--estimators", nargs="+", default=["plugin", "posterior_mean"])
     ap.add_argument("--seed", type=int, default=0, help="seed of the targeted rollouts (the policies, initial rollouts "
                     "and paths stay); 0 is the recorded runs' stream")
     ap.add_argument("--save", help="write the scored node table here (parquet) for further analysis")
     args = ap.parse_args()
-    sig = SignalConfig(min_visits=20, psucc_prior=args.prior)  # the renormalised reading (exact_alignment computes that one)
+    sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
     base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
                            rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign,
                            scope=args.scope, n_draws=args.n_draws)

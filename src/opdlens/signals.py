@@ -49,7 +49,7 @@ from scipy.signal import lfilter
 
 from opdlens.policy import OpdlensError, check_logprobs
 from opdlens.tree import PathStats
-from opdlens.uncertainty import UNCERTAIN_METRICS, Estimator, PriorKind, child_prior, node_uncertainty
+from opdlens.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
 
 Tensor = torch.Tensor
 ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
@@ -73,11 +73,6 @@ class SignalConfig(BaseModel):
         "under the Beta posterior of each child's P_succ; lower error where the visits do not settle the sign, e.g. a "
         "two-child node is 2P(sign +) - 1 instead of ±1; see opdlens.uncertainty) or 'plugin' (the cosine at the "
         "observed success rates; the paper)")
-    psucc_prior: PriorKind = Field(
-        "jeffreys", description="prior of each child's P_succ in the posterior draws (intervals, error scales, the "
-        "posterior_mean estimate, the adaptive allocation): 'hierarchical' (Beta centred on the node's own success rate, "
-        "its concentration fitted per path by empirical Bayes; see opdlens.uncertainty.child_prior) or 'jeffreys' "
-        "(independent Beta(1/2, 1/2)). The plug-in estimate does not depend on it")
 
 
 # --------------------------------------------------------------------------- vector formulas
@@ -300,7 +295,6 @@ def path_signals(
     for name, g in grads.items():
         out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
     out.update(divergences(lps, lpt))
-    prior = child_prior(cfg.psucc_prior, seen, n, s, m, ms)
     out.update(node_uncertainty(ideal_of, n, s, mask, valid, {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st,
-                               estimator=cfg.alignment_estimator, cache=draws_cache, prior=prior))
+                               estimator=cfg.alignment_estimator, cache=draws_cache))
     return {k: v.numpy() for k, v in out.items()}

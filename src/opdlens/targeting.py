@@ -58,7 +58,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from opdlens.policy import OpdlensError
 from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
 from opdlens.tree import PathStats
-from opdlens.uncertainty import ChildPrior, alignment_draws, child_prior, interval, settled, variance_reduction
+from opdlens.uncertainty import alignment_draws, interval, settled, variance_reduction
 
 
 class TargetingConfig(BaseModel):
@@ -248,7 +248,6 @@ class NodeState:
     lo: np.ndarray  # [T, R] alignment interval per teacher
     hi: np.ndarray
     retired: np.ndarray  # [R] a stopping rule holds for every teacher
-    prior: ChildPrior  # [R] prior of the children's P_succ (signals.psucc_prior)
 
 
 #: the extra visits a round weighs for each pair, in units of the round's equal share
@@ -353,9 +352,6 @@ class TargetPlan:
             assert self._logprobs is not None
             lps, lpts = self._logprobs()
             self.logp_student, self.logp_teachers = lps.double(), [lt.double() for lt in lpts]
-        full = {k: torch.from_numpy(v) for k, v in stats.padded(0).items()}
-        prior_all = child_prior(sig.psucc_prior, full["mask"], full["visits"], full["successes"], full["sampled"],
-                                full["sampled_successes"])
         pad = stats.padded(sig.min_visits)
         mask = torch.from_numpy(pad["mask"])
         tok = torch.from_numpy(pad["child_token"])
@@ -369,16 +365,14 @@ class TargetPlan:
         n = torch.from_numpy(pad["visits"][rows.numpy()]).double()
         s = torch.from_numpy(pad["successes"][rows.numpy()]).double()
         ideal = lambda ps: ideal_gradient(p_st, ps, mask_r)  # noqa: E731
-        prior = prior_all.rows(rows)
-        draws = alignment_draws(ideal, n, s, mask_r, dirs, self.cfg.n_draws, prior=prior)
-        bounds = [interval(d, self.cfg.level) for d in draws.values()]
+        bounds = [interval(d, self.cfg.level) for d in alignment_draws(ideal, n, s, mask_r, dirs, self.cfg.n_draws).values()]
         lo = np.stack([b[0].numpy() for b in bounds]) if bounds else np.zeros((0, len(rows)))
         hi = np.stack([b[1].numpy() for b in bounds]) if bounds else np.zeros((0, len(rows)))
         done = (hi - lo) / 2 <= self.cfg.stop_halfwidth
         if self.cfg.stop_on_sign:
             done |= settled(lo, hi)
         return NodeState(rows.numpy(), pad["child_token"][rows.numpy()], mask_r, n, s, ideal, dirs, lo, hi,
-                         (done | ~np.isfinite(lo)).all(0), prior)
+                         (done | ~np.isfinite(lo)).all(0))
 
     def _allocate(self, stats: PathStats, budget: int) -> list[Target]:
         """One round: the pairs' expected variance reductions at :data:`GRID` multiples of the
@@ -403,6 +397,6 @@ class TargetPlan:
         grid = [step * j for j in GRID]
         cells = torch.tensor([[r, j] for _, _, r, j in live], dtype=torch.int64)
         gains = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, grid, self.cfg.n_draws,
-                                   seed=self.round, prior=st.prior).numpy()
+                                   seed=self.round).numpy()
         extra = greedy_allocation(gains, grid, budget)
         return [Target(u, k, int(d)) for (u, k, _, _), d in zip(live, extra) if d > 0]

@@ -43,7 +43,6 @@ expected to lower the posterior variance of the node's alignment: the adaptive t
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
 from typing import Literal
 
 import numpy as np
@@ -69,134 +68,14 @@ UNCERTAIN_METRICS: tuple[str, ...] = ("gkd", "single", "minillm")
 #: point estimates of a node's alignment from its counts: the cosine at the observed success
 #: rates (the paper's), or its mean under the Beta posterior (see the module docstring)
 Estimator = Literal["plugin", "posterior_mean"]
-#: prior of each child's success probability: independent Jeffreys, or hierarchical (centred on
-#: the node's on-policy rate, concentration fitted by empirical Bayes; see :func:`child_prior`)
-PriorKind = Literal["jeffreys", "hierarchical", "mixture"]
-#: concentrations the empirical-Bayes fit chooses from (log-spaced; Jeffreys is 1 around 1/2)
-CONCENTRATIONS = np.geomspace(0.25, 1024.0, 97)
 #: draws per node (the Monte-Carlo error of a 95 % quantile at 400 draws is ≈ 0.01 in cosine)
 N_DRAWS = 400
 LEVEL = 0.95
 
 
-@dataclass(frozen=True)
-class ChildPrior:
-    """Prior of the success probability of every child of a node: with probability ``weight`` a
-    ``Beta(a_u, b_u)`` (``a``, ``b``: ``[L]`` pseudo-counts of successes and failures, shared by
-    the node's children), else Jeffreys' ``Beta(½, ½)``."""
-
-    a: Tensor
-    b: Tensor
-    concentration: float  # a + b (NaN where it differs between nodes)
-    weight: float = 1.0
-
-    @classmethod
-    def jeffreys(cls, length: int) -> ChildPrior:
-        half = torch.full((length,), PRIOR, dtype=torch.float64)
-        return cls(half, half.clone(), 2 * PRIOR)
-
-    def rows(self, rows: Tensor) -> ChildPrior:
-        return ChildPrior(self.a[rows], self.b[rows], self.concentration, self.weight)
-
-    def responsibility(self, n: Tensor, s: Tensor) -> Tensor:
-        """``[L, K]`` posterior probability that a child with ``n`` visits and ``s`` successes
-        comes from the ``Beta(a, b)`` component (1 where ``weight`` is 1)."""
-        if self.weight >= 1.0:
-            return torch.ones_like(n, dtype=torch.float64)
-        nd, sd = n.double(), s.double()
-        a, b = self.a.unsqueeze(-1), self.b.unsqueeze(-1)
-        log_h = _betaln(sd + a, nd - sd + b) - _betaln(a, b) + np.log(max(self.weight, 1e-300))
-        half = torch.tensor(PRIOR, dtype=torch.float64)
-        log_j = _betaln(sd + PRIOR, nd - sd + PRIOR) - _betaln(half, half) + np.log(max(1 - self.weight, 1e-300))
-        return torch.sigmoid(log_h - log_j)
-
-
-def _betaln(a: Tensor, b: Tensor) -> Tensor:
-    return torch.lgamma(a) + torch.lgamma(b) - torch.lgamma(a + b)
-
-
-def fit_concentration(n: Tensor, s: Tensor, center: Tensor, grid: np.ndarray = CONCENTRATIONS) -> float:
-    """Empirical-Bayes concentration ``c`` of the children's success probabilities around their
-    node's rate: the ``c`` of ``grid`` that maximises the marginal (beta-binomial) likelihood
-    ``Π_k B(s_k + c m_k, n_k − s_k + c (1 − m_k)) / B(c m_k, c (1 − m_k))`` of the flat cells
-    (``n``, ``s``: visits and successes; ``center``: ``m_k``, the rate of the cell's node)."""
-    if n.numel() == 0:
-        return float("nan")
-    c = torch.from_numpy(np.asarray(grid, dtype=np.float64)).unsqueeze(1)  # [G, 1]
-    m = center.double().clamp(1e-6, 1 - 1e-6).unsqueeze(0)
-    nd, sd = n.double().unsqueeze(0), s.double().unsqueeze(0)
-    loglik = (_betaln(sd + c * m, nd - sd + c * (1 - m)) - _betaln(c * m, c * (1 - m))).sum(1)
-    return float(grid[int(torch.argmax(loglik))])
-
-
-#: weights of the node-centred component the mixture fit chooses from
-WEIGHTS = np.linspace(0.0, 1.0, 21)
-
-
-def fit_mixture(n: Tensor, s: Tensor, center: Tensor, grid: np.ndarray = CONCENTRATIONS,
-                weights: np.ndarray = WEIGHTS) -> tuple[float, float]:
-    """Empirical-Bayes ``(weight, c)`` of the mixture prior ``weight · Beta(c m_k, c (1 − m_k)) +
-    (1 − weight) · Beta(½, ½)`` (maximum marginal likelihood over the grids; see
-    :func:`fit_concentration`)."""
-    if n.numel() == 0:
-        return float("nan"), float("nan")
-    c = torch.from_numpy(np.asarray(grid, dtype=np.float64)).unsqueeze(1)  # [G, 1]
-    m = center.double().clamp(1e-6, 1 - 1e-6).unsqueeze(0)
-    nd, sd = n.double().unsqueeze(0), s.double().unsqueeze(0)
-    log_h = _betaln(sd + c * m, nd - sd + c * (1 - m)) - _betaln(c * m, c * (1 - m))  # [G, C]
-    half = torch.tensor(PRIOR, dtype=torch.float64)
-    log_j = (_betaln(sd + PRIOR, nd - sd + PRIOR) - _betaln(half, half))[0]  # [C]
-    w = torch.from_numpy(np.asarray(weights, dtype=np.float64)).view(-1, 1, 1)  # [W, 1, 1]
-    ll = torch.logaddexp(w.clamp_min(1e-300).log() + log_h, (1 - w).clamp_min(1e-300).log() + log_j).sum(-1)  # [W, G]
-    i, j = divmod(int(torch.argmax(ll)), ll.shape[1])
-    return float(weights[i]), float(grid[j])
-
-
-def node_rates(seen: Tensor, n: Tensor, s: Tensor, sampled: Tensor, sampled_s: Tensor) -> Tensor:
-    """``[L]`` each node's own success rate: its on-policy children (student-sampled tokens at the
-    node, an unbiased estimate of ``Σ_k P_θ(k) P_succ(k)``), or all its visits where none was
-    sampled there; Jeffreys-smoothed, so never exactly 0 or 1."""
-    zero = torch.zeros_like(n, dtype=torch.float64)
-    m = torch.where(seen, sampled.double(), zero).sum(-1)
-    ms = torch.where(seen, sampled_s.double(), zero).sum(-1)
-    v = torch.where(seen, n.double(), zero).sum(-1)
-    vs = torch.where(seen, s.double(), zero).sum(-1)
-    return torch.where(m > 0, (ms + PRIOR) / (m + 2 * PRIOR), (vs + PRIOR) / (v + 2 * PRIOR))
-
-
-def child_prior(
-    kind: PriorKind, seen: Tensor, n: Tensor, s: Tensor, sampled: Tensor, sampled_s: Tensor
-) -> ChildPrior:
-    """The prior of the children's success probabilities along a path (``[L, K]`` padded counts
-    of every observed child, ``seen`` its mask). ``"jeffreys"``: ``Beta(½, ½)`` for every child.
-    ``"hierarchical"``: ``Beta(c m_u, c (1 − m_u))`` with ``m_u`` the node's own rate
-    (:func:`node_rates`; the ``P_θ``-weighted mean of its children's ``P_succ`` is exactly the
-    node's success probability, measured on all its visits) and one concentration ``c`` per path
-    fitted by empirical Bayes (:func:`fit_concentration`) on every observed child of the nodes with
-    at least two. A large ``c`` says the children differ little from their node, so a child's
-    observed rate is shrunk towards the node's rate by ``n / (n + c)``."""
-    big_l = seen.shape[0]
-    if kind == "jeffreys":
-        return ChildPrior.jeffreys(big_l)
-    if kind not in ("hierarchical", "mixture"):
-        raise OpdlensError(f"unknown P_succ prior {kind!r}: use 'jeffreys', 'hierarchical' or 'mixture'")
-    m = node_rates(seen, n, s, sampled, sampled_s)
-    cells = seen & (seen.sum(-1, keepdim=True) >= 2)
-    center = m.unsqueeze(1).expand_as(n)[cells]
-    w, c = (1.0, fit_concentration(n[cells], s[cells], center)) if kind == "hierarchical" else fit_mixture(n[cells], s[cells], center)
-    if not np.isfinite(c) or w <= 0:
-        return ChildPrior.jeffreys(big_l)
-    return ChildPrior(c * m, c * (1 - m), c, w)
-
-
-def posterior_mean(n: Tensor, s: Tensor, prior: ChildPrior | None = None) -> Tensor:
-    """Mean of the Beta posterior of each child's success probability (Jeffreys prior by default)."""
-    jeff = (s.double() + PRIOR) / (n.double() + 2 * PRIOR)
-    if prior is None:
-        return jeff
-    own = (s.double() + prior.a.unsqueeze(-1)) / (n.double() + (prior.a + prior.b).unsqueeze(-1))
-    r = prior.responsibility(n, s)
-    return r * own + (1 - r) * jeff
+def posterior_mean(n: Tensor, s: Tensor) -> Tensor:
+    """Mean of the Beta posterior of each child's success probability."""
+    return (s.double() + PRIOR) / (n.double() + 2 * PRIOR)
 
 
 def denoised_rates(n: Tensor, s: Tensor, mask: Tensor) -> Tensor:
@@ -217,34 +96,21 @@ def denoised_rates(n: Tensor, s: Tensor, mask: Tensor) -> Tensor:
 
 
 def psucc_draws(
-    n: Tensor,
-    s: Tensor,
-    mask: Tensor,
-    n_draws: int,
-    rng: np.random.Generator,
-    center: Tensor | None = None,
-    prior: ChildPrior | None = None,
+    n: Tensor, s: Tensor, mask: Tensor, n_draws: int, rng: np.random.Generator, center: Tensor | None = None
 ) -> Tensor:
     """``[n_draws, L, K]`` joint draws of every child's success probability (masked-out cells are
-    0): its Beta posterior under ``prior`` (default Jeffreys), or with ``center`` a Beta of the
-    same concentration ``n + 1`` with that mean."""
+    0): its Beta posterior, or with ``center`` a Beta of the same concentration ``n + 1`` with
+    that mean."""
     if center is None:
-        pr = prior or ChildPrior.jeffreys(mask.shape[0])
-        a = s.double() + pr.a.unsqueeze(-1)
-        b = (n.double() - s.double()).clamp_min(0.0) + pr.b.unsqueeze(-1)
+        a = s.double() + PRIOR
+        b = (n.double() - s.double()).clamp_min(0.0) + PRIOR
     else:
         conc = n.double() + 2 * PRIOR
         mu = center.clamp(1e-9, 1 - 1e-9)
         a, b = mu * conc, (1 - mu) * conc
     draws = torch.zeros((n_draws, *mask.shape), dtype=torch.float64)
     cells = mask.nonzero(as_tuple=True)  # only the children in S_u are drawn (most padded cells are not)
-    size = (n_draws, len(cells[0]))
-    x = rng.beta(a[cells].numpy(), b[cells].numpy(), size=size)
-    if center is None and prior is not None and prior.weight < 1.0:  # mixture: each draw picks its component
-        r = prior.responsibility(n, s)[cells].numpy()
-        jeff = rng.beta(s[cells].double().numpy() + PRIOR, (n - s)[cells].double().clamp_min(0.0).numpy() + PRIOR, size=size)
-        x = np.where(rng.random(size) < r, x, jeff)
-    draws[(slice(None), *cells)] = torch.from_numpy(x)
+    draws[(slice(None), *cells)] = torch.from_numpy(rng.beta(a[cells].numpy(), b[cells].numpy(), size=(n_draws, len(cells[0]))))
     return draws
 
 
@@ -266,7 +132,6 @@ def alignment_draws(
     max_cells: int = 1 << 22,
     center: Tensor | None = None,
     cache: dict[str, list[tuple[Tensor, Tensor]]] | None = None,
-    prior: ChildPrior | None = None,
 ) -> dict[str, Tensor]:
     """Per direction, ``[n_draws, L]`` cosines of the ideal gradient at joint draws of ``P_succ``
     (:func:`psucc_draws`) with that direction. Draws are made in blocks of at most ``max_cells`` (draw,
@@ -277,15 +142,14 @@ def alignment_draws(
     same counts, ideal and seed only computes the cosines."""
     if n_draws < 2:
         raise OpdlensError(f"n_draws must be >= 2 to estimate a spread, got {n_draws}")
-    conc = None if prior is None or center is not None else prior.concentration
-    key = f"{seed}:{n_draws}:{max_cells}:{center is None}:{conc}:{tuple(mask.shape)}"
+    key = f"{seed}:{n_draws}:{max_cells}:{center is None}:{tuple(mask.shape)}"
     blocks = None if cache is None else cache.get(key)
     if blocks is None:
         rng = np.random.default_rng(seed)
         block = max(1, max_cells // max(1, mask.numel()))
         blocks = []
         for start in range(0, n_draws, block):
-            g = ideal(psucc_draws(n, s, mask, min(block, n_draws - start), rng, center, prior))
+            g = ideal(psucc_draws(n, s, mask, min(block, n_draws - start), rng, center))
             blocks.append((g, g.norm(dim=-1)))
         if cache is not None:
             cache[key] = blocks
@@ -338,7 +202,6 @@ def node_uncertainty(
     seed: int = 0,
     estimator: Estimator = "plugin",
     cache: dict[str, list[tuple[Tensor, Tensor]]] | None = None,
-    prior: ChildPrior | None = None,
 ) -> dict[str, Tensor]:
     """The uncertainty columns of a path's node table (see the module docstring), computed on
     the valid nodes only (NaN elsewhere). With ``estimator="posterior_mean"`` it also returns
@@ -360,8 +223,7 @@ def node_uncertainty(
                              cache=cache)
     nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
     out: dict[str, Tensor] = {}
-    prior_v = None if prior is None else prior.rows(rows)
-    for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed, cache=cache, prior=prior_v).items():
+    for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed, cache=cache).items():
         lo, hi, _ = interval(draws, level)
         est = draws.mean(0) if estimator == "posterior_mean" else _cosine(g_hat, dirs[name])
         se = ((around[name] - est) ** 2).mean(0).sqrt()
@@ -372,7 +234,7 @@ def node_uncertainty(
             out[f"align_{name}{suffix}"] = col
     if "gkd" in directions:
         out["sign_settled"] = torch.from_numpy(settled(out["align_gkd_lo"], out["align_gkd_hi"]))
-    pm = posterior_mean(n, s, prior)
+    pm = posterior_mean(n, s)
     var = torch.where(mask, pm * (1 - pm) / n.double().clamp_min(1.0), torch.zeros_like(pm))
     adv_se = (adv_weights.double() ** 2 * var).sum(-1).sqrt()
     out["teacher_adv_se"] = torch.where(mask.any(-1), adv_se, nan)
@@ -390,7 +252,6 @@ def variance_reduction(
     n_draws: int = N_DRAWS,
     seed: int = 0,
     max_cells: int = 1 << 22,
-    prior: ChildPrior | None = None,
 ) -> Tensor:
     """``[len(extra), C]``: by how much ``extra[j]`` more visits of the child in cell ``c``
     (``cells[c] = (node row, child slot)``) are expected to lower the posterior variance of that
@@ -408,7 +269,7 @@ def variance_reduction(
     if min(extra, default=1) < 1:
         raise OpdlensError(f"extra visits must be >= 1, got {list(extra)}")
     rng = np.random.default_rng(seed)
-    ps = psucc_draws(n, s, mask, n_draws, rng, prior=prior)  # [D, L, K]
+    ps = psucc_draws(n, s, mask, n_draws, rng)  # [D, L, K]
     g = ideal(ps)
     row, slot = cells[:, 0], cells[:, 1]
     cos = torch.nan_to_num(_draw_cosines(g, g.norm(dim=-1), torch.stack(list(directions.values()))), nan=0.0)
