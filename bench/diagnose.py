@@ -142,7 +142,10 @@ def instrument() -> None:
         for e in envs:
             if COIN_GRADES:  # random weights never answer right: a coin per rollout (hash of its tokens)
                 e.grade = lambda toks: hash(tuple(int(t) for t in toks)) % 2 == 0
+                e.grade_many = None  # the pipeline grades through grade_many when a task has one
             e.grade = timed("grading")(e.grade)
+            if e.grade_many is not None:
+                e.grade_many = timed("grading")(e.grade_many)
             if e.grade_reason is not None:
                 e.grade_reason = timed("grading")(e.grade_reason)
         return envs
