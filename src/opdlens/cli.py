@@ -13,7 +13,7 @@ from rich.console import Console
 from opdlens.policy import OpdlensError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Per-token diagnostics and training for on-policy distillation.")
-console = Console(stderr=True)  # lines that hold a path print with soft_wrap: no break inside it
+console = Console(stderr=True, soft_wrap=True)  # no line breaks inserted: printed paths stay whole (copyable)
 
 
 #: Exit status of ``opdlens report`` when the run is unfinished (the report shows what is done).
@@ -23,7 +23,7 @@ EXIT_NO_REPORT = 4
 
 
 def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {exc}", soft_wrap=True)
+    console.print(f"[bold red]error:[/] {exc}")
     raise typer.Exit(2)
 
 
@@ -62,7 +62,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
         skips=res.skips, inputs=res.inputs, notes=res.notes, unit=unit, choices=choices,
     )  # fmt: skip
     if res.partial:
-        console.print(f"[yellow]partial:[/] {res.notes[0]}", soft_wrap=True)
+        console.print(f"[yellow]partial:[/] {res.notes[0]}")
     return index, res.partial
 
 
@@ -82,16 +82,16 @@ def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:
         else:
             store = diagnose(cfg, fresh=fresh)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume", soft_wrap=True)
+        console.print(f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume")
         raise typer.Exit(130) from None
-    console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s; results in {store.root}", soft_wrap=True)
+    console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s; results in {store.root}")
     try:
         index, _ = _report(store.root)
     except OpdlensError as exc:  # e.g. no valid node: the results are kept, the report has nothing to show
-        console.print(f"[bold red]no report:[/] {exc}", soft_wrap=True)
+        console.print(f"[bold red]no report:[/] {exc}")
         raise typer.Exit(EXIT_NO_REPORT) from None
-    console.print(f"report: {index}", soft_wrap=True)
-    console.print(f"summary: {index.parent / 'summary.md'}", soft_wrap=True)
+    console.print(f"report: {index}")
+    console.print(f"summary: {index.parent / 'summary.md'}")
     return index
 
 
@@ -107,7 +107,7 @@ def demo(
     try:
         cfg = demo_config(str(out), questions)
         console.print(f"diagnosing {cfg.student} on {questions} '{cfg.task}' questions with teachers "
-                      f"{', '.join(t.name for t in cfg.teachers)} → {out}", soft_wrap=True)
+                      f"{', '.join(t.name for t in cfg.teachers)} → {out}")
         _run_diagnose(cfg, None, fresh)
     except OpdlensError as exc:
         _fail(exc)
@@ -156,7 +156,7 @@ def report(
         index, partial = _report(run_dir, out, extra)
     except OpdlensError as exc:
         _fail(exc)
-    console.print(f"report: {index}", soft_wrap=True)
+    console.print(f"report: {index}")
     if partial:
         raise typer.Exit(EXIT_PARTIAL)
 
@@ -183,13 +183,13 @@ def compare(
         study = compare_runs(runs, metric, edges)  # checks the runs before any sampling
         if incontext:
             for run_dir in runs:
-                console.print(f"in-context accuracy: {run_dir}", soft_wrap=True)
+                console.print(f"in-context accuracy: {run_dir}")
                 run_incontext(run_dir, samples, device=device)
             study = compare_runs(runs, metric, edges)
         summary = write_study(study, out)
     except OpdlensError as exc:
         _fail(exc)
-    console.print(f"study: {summary}", soft_wrap=True)
+    console.print(f"study: {summary}")
 
 
 @app.command()
