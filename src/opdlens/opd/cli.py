@@ -110,7 +110,7 @@ def train_cmd(config: Path) -> TrainResult:
     """
     from rich.console import Console
 
-    console = Console(stderr=True)
+    console = Console(stderr=True, soft_wrap=True)  # as opdlens.cli: printed paths stay whole
     cfg = load_train_config(config)
     console.print(f"[bold]opdlens train[/]: student={cfg.student} teacher={cfg.teacher} "
                   f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
