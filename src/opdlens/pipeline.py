@@ -842,7 +842,8 @@ class Diagnosis:
 
         with self._phase("targeted rollouts (+ scoring on resident models)"):
             self.enrich([(env, preps[env.id]) for env in envs], then=finish)
-        self._per_model("scoring", self.teachers, envs, lambda env, group: self.score_group(env, preps[env.id], group))
+        others = [t for t in self.teachers if not t.slot.resident]  # the resident ones were scored in finish
+        self._per_model("scoring", others, envs, lambda env, group: self.score_group(env, preps[env.id], group))
         return [rows[env.id] for env in envs]
 
     def _per_model(
