@@ -641,8 +641,8 @@ class Diagnosis:
             cands = Candidates.merge([Candidates(*(mine[c].to_numpy() for c in ("node", "token", "gkd", "gap")))])
             rnd = 0
             while True:
-                for done in pending:  # + the enrichment of earlier paths and rounds, in chunk order
-                    before = before.extend(done.result())
+                if pending:  # + the enrichment of earlier paths and rounds, in chunk order
+                    before = RolloutSet.concat([before, *(done.result() for done in pending)])
                 pending = []
                 stats = self._path_stats(path, before)
                 if rnd == 0:

@@ -240,9 +240,7 @@ class RunStore:
             if missing_ok:
                 return None
             raise OpdlensError(f"no rollouts stored for question {question!r} in {self.root / 'rollouts' / safe_name(question)}")
-        sets = [self.read_chunk(question, f.stem) for f in files]
-        return RolloutSet([t for s in sets for t in s.tokens], np.concatenate([s.success for s in sets]),
-                          np.concatenate([s.forced for s in sets]))  # fmt: skip
+        return RolloutSet.concat([self.read_chunk(question, f.stem) for f in files])
 
     # ---------------------------------------------------------------- tables
     def write_text(self, rel: str, text: str) -> Path:

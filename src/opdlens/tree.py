@@ -69,11 +69,13 @@ class RolloutSet:
         return len(self.tokens)
 
     def extend(self, other: RolloutSet) -> RolloutSet:
-        return RolloutSet(
-            self.tokens + other.tokens,
-            np.concatenate([self.success, other.success]),
-            np.concatenate([self.forced, other.forced]),
-        )
+        return RolloutSet.concat([self, other])
+
+    @staticmethod
+    def concat(sets: Sequence[RolloutSet]) -> RolloutSet:
+        """The rollouts of ``sets`` in order, in one copy (not one per set)."""
+        return RolloutSet([t for s in sets for t in s.tokens], np.concatenate([s.success for s in sets]),
+                          np.concatenate([s.forced for s in sets]))
 
     @property
     def success_rate(self) -> float:
