@@ -1,7 +1,8 @@
 """Fixed vs adaptive targeting at equal budgets, with each alignment estimator, against exact
 success probabilities.
 
-    python bench/budget.py [--questions 60] [--first-question 0] [--visit-targets 25 33 50 100 200]
+    python bench/budget.py [--questions 60] [--first-question 0] [--visit-targets 25 33 50 100 200] [--save T.parquet]
+    python bench/budget.py --load T1.parquet T2.parquet ...   # pool saved runs, one summary
 
 Oracle: random synthetic Markov policies (:mod:`opdlens.synthetic`), whose child success
 probabilities are exact by dynamic programming. Per question: 64 initial rollouts, 2 correct and
@@ -133,7 +134,8 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
 def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
     """Per mode and visit target, on the nodes that are valid (with a finite estimate and exact
     value) in *both* modes at that visit target, so both modes are scored on the same nodes."""
-    key = ["visit_target", "teacher", "question_id", "path_id", "node"]
+    nodes = nodes if "run" in nodes.columns else nodes.assign(run=0)
+    key = ["visit_target", "run", "teacher", "question_id", "path_id", "node"]
     ok = nodes[nodes["valid"] & np.isfinite(nodes["align_gkd"]) & np.isfinite(nodes["exact"])]
     both = ok.groupby(key)["mode"].nunique()
     common = both[both == nodes["mode"].nunique()].index
@@ -144,9 +146,9 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
         err = v["align_gkd"] - v["exact"]
         cover = (v["exact"] >= v["align_gkd_lo"] - 1e-9) & (v["exact"] <= v["align_gkd_hi"] + 1e-9)
         sett = v["sign_settled"].astype(bool)
-        pm = path_mean_interval(v.assign(valid=True))
-        exact_pm = v.groupby(["teacher", "question_id", "path_id"], sort=True)["exact"].mean().to_numpy()
-        spent = g.groupby(["question_id", "path_id"])["spent"].first()
+        pm = path_mean_interval(v.assign(valid=True), keys=["run", "teacher", "question_id", "path_id"])
+        exact_pm = v.groupby(["run", "teacher", "question_id", "path_id"], sort=True)["exact"].mean().to_numpy()
+        spent = g.groupby(["run", "question_id", "path_id"])["spent"].first()
         rows.append({
             "mode": mode, "estimator": est, "visit_target": vt, "rollouts_per_path": spent.mean(),
             "nodes": len(v), "valid": int(((ok["mode"] == mode) & (ok["estimator"] == est) & (ok["visit_target"] == vt)).sum()),
@@ -194,6 +196,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help="seed of the targeted rollouts (the policies, initial rollouts "
                     "and paths stay); 0 is the recorded runs' stream")
     ap.add_argument("--save", help="write the scored node table here (parquet) for further analysis")
+    ap.add_argument("--load", nargs="+", metavar="PARQUET", help="run nothing: pool node tables written by --save "
+                    "(e.g. other policies or rollout streams, each file its own run) and summarise them together")
     args = ap.parse_args()
     sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
     base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
@@ -201,10 +205,14 @@ def main() -> None:
                            scope=args.scope, n_draws=args.n_draws)
     modes = [(m, base.model_copy(update={"mode": m, "visit_target": v})) for v in args.visit_targets for m in ("fixed", "adaptive")]
     t0 = time.perf_counter()
-    frames = []
-    for q in range(args.first_question, args.first_question + args.questions):
-        frames += run_question(q, modes, sig, args)
-    nodes = pd.concat(frames, ignore_index=True)
+    if args.load:
+        nodes = pd.concat([pd.read_parquet(f).assign(run=i) for i, f in enumerate(args.load)], ignore_index=True)
+        args.estimators = sorted(nodes["estimator"].unique())
+    else:
+        frames = []
+        for q in range(args.first_question, args.first_question + args.questions):
+            frames += run_question(q, modes, sig, args)
+        nodes = pd.concat(frames, ignore_index=True)
     if args.save:
         nodes.to_parquet(args.save)
     summary = summarize(nodes)
