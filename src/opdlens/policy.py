@@ -9,11 +9,17 @@ Two implementations live in the package:
 * :class:`opdlens.models.HFPolicy` wraps any Hugging Face causal LM (CPU or CUDA);
 * :class:`opdlens.synthetic.SyntheticPolicy` is a small Markov model whose success
   probabilities are exact (dynamic programming); it is the oracle of the test-suite.
+
+Beside the protocol, the helpers every implementation and engine shares: checks of log-probs and
+sample counts, dtype names, and :func:`attention_backends`, the guard around forwards of changing
+shapes.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import threading
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Protocol, runtime_checkable
 
@@ -125,3 +131,43 @@ def check_same_vocab(student: Policy, teacher: Policy) -> None:
             f"{teacher.vocab_size}: distillation signals need a shared tokenizer. Pick a teacher "
             "from the same model family (same tokenizer), e.g. Qwen3-0.6B with Qwen3-8B."
         )
+
+
+def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
+    """A config's dtype name (``bf16``, ``bfloat16``, ``fp16``, ``float16``, ``fp32``, ``float32``) or a
+    ``torch.dtype`` as a ``torch.dtype``; None stays None (the caller's default)."""
+    if dtype is None or isinstance(dtype, torch.dtype):
+        return dtype
+    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
+             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    if dtype not in names:
+        raise OpdlensError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype")
+    return names[dtype]
+
+
+_NO_CUDNN_LOCK = threading.Lock()
+_no_cudnn = [0, True]  # [depth of the open attention_backends() regions, cuDNN's setting before the first]
+
+
+@contextmanager
+def attention_backends() -> Iterator[None]:
+    """Context in which ``scaled_dot_product_attention`` never picks cuDNN: every forward whose
+    shapes change from call to call (scoring batches, prefills, training steps) runs under it.
+
+    On Hopper, PyTorch tries cuDNN's attention first, and cuDNN builds an execution plan for each
+    new (batch, length) shape, about a second each time; flash / memory-efficient attention need
+    no plan. Same results up to float rounding. The switch is process-wide (PyTorch's backend
+    flags are global), so the regions are counted across threads: cuDNN is off from the first
+    region's start to the last one's end, whatever the threads' interleaving."""
+    with _NO_CUDNN_LOCK:
+        if _no_cudnn[0] == 0:
+            _no_cudnn[1] = torch.backends.cuda.cudnn_sdp_enabled()
+            torch.backends.cuda.enable_cudnn_sdp(False)
+        _no_cudnn[0] += 1
+    try:
+        yield
+    finally:
+        with _NO_CUDNN_LOCK:
+            _no_cudnn[0] -= 1
+            if _no_cudnn[0] == 0:
+                torch.backends.cuda.enable_cudnn_sdp(_no_cudnn[1])

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from opdlens.models import attention_backends
+from opdlens.policy import attention_backends
 from opdlens.policy import OpdlensError
 
 

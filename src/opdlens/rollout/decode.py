@@ -17,17 +17,34 @@ import copy
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
-from opdlens.rollout.model import KVSlot
-
-if TYPE_CHECKING:
-    from opdlens.rollout.torch_engine import TorchEngine
+from opdlens.rollout.base import EngineConfig
+from opdlens.rollout.model import BoundModel, KVSlot
 
 _NEG_INF = float("-inf")
+
+
+class EngineView(Protocol):
+    """What the decode states read from their :class:`opdlens.rollout.TorchEngine` (settings,
+    the bound model, the slot cache and the stats they add to)."""
+
+    config: EngineConfig
+    model: Any
+    device: torch.device
+    cuda_graphs: bool
+    fused_attention: bool
+    cache_kw: str
+    bound: BoundModel | None
+    slots: SlotCache
+    warm_shapes: set[tuple[int, ...]]
+    stats: dict[str, float]
+
+    @property
+    def kv_bytes_per_token(self) -> int: ...
 
 
 @dataclass
@@ -140,7 +157,7 @@ class HFState:
         (job,) = batch
         return batch, job.rows
 
-    def __init__(self, eng: TorchEngine, pre: Prefill, rows: int) -> None:
+    def __init__(self, eng: EngineView, pre: Prefill, rows: int) -> None:
         self.eng = eng
         self.cache = copy.deepcopy(pre.cache)  # the cache object is mutated below
         self.cache.batch_repeat_interleave(rows)
@@ -171,7 +188,7 @@ class TorchState:
         """The grid's jobs and rows per prefix: exactly the batch."""
         return batch, max(j.rows for j in batch)
 
-    def __init__(self, eng: TorchEngine, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
+    def __init__(self, eng: EngineView, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
         m = eng.bound
         dev, L, Hkv, D, dt = eng.device, m.n_layers, m.n_kv, m.head_dim, m.dtype
         self.eng, self.m = eng, m
@@ -319,7 +336,7 @@ class Slot:
     """Static buffers of one decode shape ``(P, R, T, S)`` and its CUDA graph, reused across
     batches and ``sample`` calls (prefix KV ``[L, P, Hkv, T, D]``, suffix KV ``[L, B, Hkv, S, D]``)."""
 
-    def __init__(self, eng: TorchEngine, P: int, R: int, T: int, S: int) -> None:
+    def __init__(self, eng: EngineView, P: int, R: int, T: int, S: int) -> None:
         m = eng.bound
         dev, dt = eng.device, m.dtype
         L, Hkv, D = m.n_layers, m.n_kv, m.head_dim
@@ -353,7 +370,7 @@ class SlotCache:
         self.size, self.max_bytes = size, max_bytes
         self.slots: dict[tuple[int, ...], Slot] = {}
 
-    def get(self, eng: TorchEngine, P: int, R: int, T: int, S: int) -> Slot:
+    def get(self, eng: EngineView, P: int, R: int, T: int, S: int) -> Slot:
         key = (P, R, T, S)
         slot = self.slots.pop(key, None)
         if slot is None:
@@ -381,7 +398,7 @@ class TritonState:
         P = round_up(len(batch), max(1, pow2(len(batch)) // 8))
         return batch + [Job(batch[0].prefix, 0, 0)] * (P - len(batch)), R
 
-    def __init__(self, eng: TorchEngine, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
+    def __init__(self, eng: EngineView, batch: list[Job], R: int, prefills: dict[int, Prefill], max_new: int) -> None:
         self.eng, self.m = eng, eng.bound
         P = len(batch)
         lens = [prefills[j.prefix].length for j in batch]

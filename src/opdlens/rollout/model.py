@@ -16,7 +16,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from opdlens.models import attention_backends
+from opdlens.policy import attention_backends
 
 FUSED_MODEL_TYPES = ("llama", "qwen2", "qwen3")
 

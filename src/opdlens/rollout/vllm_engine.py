@@ -51,7 +51,7 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq
+from opdlens.policy import Completion, OpdlensError, TokenSeq, parse_dtype
 from opdlens.rollout.base import validate_request
 
 #: Temperatures vLLM samples at as asked (it rejects > 2 and raises < 0.01 to 0.01).
@@ -111,9 +111,7 @@ def vllm_dtype(dtype: Any) -> Any:
 
     if isinstance(dtype, torch.dtype) or dtype in VLLM_DTYPES:
         return dtype
-    from opdlens.models import _parse_dtype
-
-    return str(_parse_dtype(dtype)).removeprefix("torch.")
+    return str(parse_dtype(dtype)).removeprefix("torch.")
 
 
 def device_memory(device: str) -> tuple[int, int] | None:
@@ -124,26 +122,6 @@ def device_memory(device: str) -> tuple[int, int] | None:
         return None
     free, total = torch.cuda.mem_get_info(torch.device(device))
     return int(free), int(total)
-
-
-def weight_bytes(spec: str, dtype: Any) -> int:
-    """Bytes of the weights of model ``spec`` (a :func:`opdlens.models.load_policy` spec) held in
-    ``dtype``: its parameter count from its config (the model is built on the meta device, no
-    weights are read) times the element size."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
-    from opdlens.models import SMOLLM2, _from_pretrained, _parse_dtype, smollm2_gguf_path
-
-    if spec == SMOLLM2:
-        gguf = smollm2_gguf_path()
-        cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    else:
-        cfg = _from_pretrained(AutoConfig, spec)
-    with torch.device("meta"):
-        model = AutoModelForCausalLM.from_config(cfg)
-    element = torch.empty((), dtype=_parse_dtype(dtype) or torch.float32).element_size()
-    return sum(p.numel() for p in model.parameters()) * element
 
 
 def memory_share(
