@@ -7,6 +7,7 @@ keys are errors). The knobs of the authors' top-k OPD carry their meaning (``k``
 
 from __future__ import annotations
 
+import re
 import warnings
 from pathlib import Path
 from typing import Any, Literal
@@ -143,6 +144,10 @@ class TrainConfig(BaseModel):
     keep_checkpoints: int = Field(2, ge=0, description="checkpoints kept (0: all)")
     out_dir: Path = Field(Path("runs/opd"), description="run directory (metrics.jsonl, checkpoints/, tb/)")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
+    teacher_device: str | None = Field(
+        None, description="the teacher's device (None: the student's): a teacher too big to share the student's GPU "
+        "goes on another one ('cuda:1') or the CPU ('cpu'); with several processes, '+N' puts each process's teacher "
+        "on GPU local rank + N (4 students on GPUs 0-3, their teachers on 4-7: '+4')")
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
         "float32", description="compute dtype of the forward passes; the student's weights and optimizer state stay "
         "float32 (mixed precision), the losses are computed in float32")
@@ -159,6 +164,14 @@ class TrainConfig(BaseModel):
     @classmethod
     def _template(cls, v: str) -> str:
         resolve_template(v)
+        return v
+
+    @field_validator("teacher_device")
+    @classmethod
+    def _teacher_device(cls, v: str | None) -> str | None:
+        if v is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|\+\d+", v):
+            raise ValueError(f"{v!r} is not a device: use 'cpu', 'cuda', 'cuda:<index>' or '+<offset>' "
+                             "(each process's GPU index plus the offset)")
         return v
 
     @field_validator("loss")

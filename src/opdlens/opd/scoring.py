@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -22,7 +23,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from opdlens.opd.batching import completion_logits, pad_tokens
+from opdlens.opd.batching import completion_logits, model_device, pad_tokens
 from opdlens.opd.config import TrainConfig, resolve_template
 from opdlens.policy import OpdlensError, check_same_vocab
 
@@ -35,6 +36,37 @@ def resolve_device(device: str) -> torch.device:
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise OpdlensError(f"device {device!r} requested but CUDA is not available; use device: cpu")
     return torch.device(device)
+
+
+def process_devices(device: str, teacher_device: str | None = None) -> tuple[str, str]:
+    """The student's and the teacher's device in this process. Under accelerate / torchrun
+    (``LOCAL_RANK`` set) a ``cuda`` student takes its process's GPU. The teacher's is the
+    student's unless ``teacher_device`` says otherwise: an explicit device, or ``+N`` for GPU
+    local rank + N (one teacher GPU per student GPU); a fixed GPU shared by several processes,
+    or a GPU the machine does not have, is refused."""
+    student = str(resolve_device(device))
+    rank = os.environ.get("LOCAL_RANK")
+    if student == "cuda" and rank is not None:  # one GPU per process under accelerate / torchrun
+        student = f"cuda:{int(rank)}"
+    if teacher_device is None:
+        return student, student
+    if teacher_device.startswith("+"):
+        if not torch.cuda.is_available():
+            raise OpdlensError(f"teacher_device {teacher_device!r} offsets a GPU index but CUDA is not available")
+        teacher = f"cuda:{int(rank or 0) + int(teacher_device[1:])}"
+    else:
+        teacher = str(resolve_device(teacher_device))
+        if teacher == "cuda":
+            teacher = student if student.startswith("cuda") else "cuda:0"
+        elif teacher.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise OpdlensError(
+                f"teacher_device {teacher_device!r} would put every process's teacher on one GPU; with several "
+                "processes give an offset from each process's GPU instead, e.g. '+4' (students on 0-3, teachers on 4-7)")
+    if teacher.startswith("cuda:") and int(teacher.split(":")[1]) >= torch.cuda.device_count():
+        raise OpdlensError(
+            f"teacher_device {teacher_device!r} is GPU {teacher.split(':')[1]} of this process, but "
+            f"{torch.cuda.device_count()} GPU(s) are visible: lower the index or offset, or use teacher_device: cpu")
+    return student, teacher
 
 
 @contextlib.contextmanager
@@ -189,7 +221,7 @@ class Scorer:
         comps = [r.tokens for r in rows]
         with torch.set_grad_enabled(grad), forward_precision(self.device, self.config.dtype):
             s_logits, mask = completion_logits(self.model, [r.context for r in rows], comps, pad_id=self._pad_s)
-        with torch.no_grad(), forward_precision(self.device, self.config.dtype):
+        with torch.no_grad(), forward_precision(model_device(self.teacher.model), self.config.dtype):
             t_ctx = [self.teacher_context(r.question) for r in rows]
             t_logits, _ = completion_logits(self.teacher.model, t_ctx, comps, pad_id=self._pad_t)
         return Scored(s_logits.float(), t_logits.float().to(s_logits.device), pad_tokens(comps, s_logits.device), mask)

@@ -24,7 +24,6 @@ once, in :mod:`opdlens.opd.recipes`.
 from __future__ import annotations
 
 import json
-import os
 import random
 import shutil
 import time
@@ -48,7 +47,7 @@ from opdlens.opd.scoring import (
     encode_messages,
     encode_user,
     frozen_copy,
-    resolve_device,
+    process_devices,
     step_seed,
 )
 from opdlens.opd.step import accumulate_gradients, grpo_advantages, score_signals
@@ -204,18 +203,16 @@ class OPDTrainer:
 # ---------------------------------------------------------------------------- entry points
 def load_models(config: TrainConfig, *, student: bool = True, teacher: bool = True) -> tuple[Any, Any]:
     """Student (float32 master weights, a private copy) and teacher (``teacher_dtype``, default
-    ``dtype``) via :func:`opdlens.models.load_policy` on the config's device."""
+    ``dtype``) via :func:`opdlens.models.load_policy`, each on its device (:func:`process_devices`)."""
     from opdlens.models import load_policy
 
-    device = str(resolve_device(config.device))
-    if device == "cuda" and "LOCAL_RANK" in os.environ:  # one GPU per process under accelerate / torchrun
-        device = f"cuda:{int(os.environ['LOCAL_RANK'])}"
+    device, t_device = process_devices(config.device, config.teacher_device)
     # load_policy caches one instance per spec: train a private copy, keep the cached one pristine
     s = frozen_copy(load_policy(config.student, device=device, dtype="float32")) if student else None
     if s is not None:  # the cached instance may have served as a (frozen) teacher earlier in this process
         for p in s.model.parameters():
             p.requires_grad_(True)
-    t = load_policy(config.teacher, device=device, dtype=config.teacher_dtype or config.dtype) if teacher else None
+    t = load_policy(config.teacher, device=t_device, dtype=config.teacher_dtype or config.dtype) if teacher else None
     return s, t
 
 
