@@ -1,5 +1,6 @@
 """Data-parallel OPD: 2 CPU processes (gloo, launched by torchrun) reach the parameters of the
-single-process run with the same global batch, also when killed and resumed from a checkpoint."""
+single-process run with the same global batch, also when killed and resumed from a checkpoint; on a
+machine with two GPUs, 2 GPU processes (NCCL) reach those of the one-GPU run."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 import yaml
 from safetensors.torch import load_file
@@ -22,7 +24,7 @@ SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 4
 
 
-def _config(tmp_path: Path, out: str) -> Path:
+def _config(tmp_path: Path, out: str, device: str = "cpu") -> Path:
     student, teacher = tmp_path / "student", tmp_path / "teacher"
     if not student.exists():
         for seed, d in ((0, student), (1, teacher)):
@@ -31,7 +33,7 @@ def _config(tmp_path: Path, out: str) -> Path:
             pol.tokenizer.save_pretrained(d)
     cfg = dict(student=str(student), teacher=str(teacher), task="arith", train_questions=8, eval_questions=0,
                loss="opd", k=4, metrics_k=4, batch_size=4, micro_batch=1, rollout_chunk=1, max_new_tokens=4,
-               lr=1e-2, steps=STEPS, save_every=2, eval_every=0, device="cpu", progress=False, tensorboard=False,
+               lr=1e-2, steps=STEPS, save_every=2, eval_every=0, device=device, progress=False, tensorboard=False,
                out_dir=str(tmp_path / out), metrics_chunk=0)
     f = tmp_path / f"{out}.yaml"
     f.write_text(yaml.safe_dump(cfg))
@@ -45,7 +47,8 @@ def _free_port() -> int:
 
 
 def _launch(cfg: Path, log: Path) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
+    path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
+    env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
            "--master_port", str(_free_port()), "-m", "opdlens.opd", str(cfg)]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
@@ -91,3 +94,24 @@ def test_two_processes_killed_and_resumed_equal_one_process(tmp_path):
         assert torch.allclose(ref[name], got[name], rtol=1e-4, atol=1e-5), name
     rows = [yaml.safe_load(x) for x in (tmp_path / "two" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == list(range(1, STEPS + 1))
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (run on a GPU machine)")
+def test_two_gpu_processes_over_nccl_equal_one_gpu(tmp_path):
+    """What `accelerate launch` / `torchrun` users run: one process per GPU, DDP over NCCL."""
+    one = _config(tmp_path, "one", device="cuda")
+    two = _config(tmp_path, "two", device="cuda")
+    log = tmp_path / "two.log"
+    proc = _launch(two, log)
+    try:
+        train(TrainConfig.from_yaml(one))
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 0, log.read_text()[-3000:]
+    ref, got = _weights(tmp_path / "one"), _weights(tmp_path / "two")
+    start = tiny(0, init_std=0.2).model.state_dict()
+    assert any(not torch.allclose(ref[n].cpu(), start[n]) for n in ref)  # training moved the weights
+    for name in ref:
+        assert torch.allclose(ref[name], got[name], rtol=1e-4, atol=1e-5), name
