@@ -1,7 +1,8 @@
 """OPD training throughput: optimizer steps/s and tokens/s, split into rollout, scoring and update.
 
 Student: a random-weight Qwen3-0.6B-shaped model (float32 master weights, AdamW); teacher: a
-random Qwen3-1.7B-shaped model (``--teacher-dtype``, bf16 by default); one process, one GPU;
+random Qwen3-1.7B-shaped model (``--teacher-dtype``, bf16 by default); one process, the teacher on the
+student's GPU or on its own (``--teacher-device cuda:1``);
 ``--batch`` rollouts per optimizer step from 64-token random prompts, ``--max-new`` generated
 tokens each (random weights never emit EOS, so every rollout has exactly that length).
 
@@ -69,15 +70,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--teacher-dtype", default="bfloat16", choices=["float32", "bfloat16"])
     ap.add_argument("--loss", default="opd")
     ap.add_argument("--k", type=int, default=16)
+    ap.add_argument("--teacher-device", default=None, help="the teacher's device (e.g. cuda:1; default: the student's)")
     a = ap.parse_args(argv)
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = "cuda:0" if torch.cuda.is_available() else "cpu"
     student = _policy(a.student, 0, device, "float32")
-    teacher = _policy(a.teacher, 1, device, a.teacher_dtype)
+    teacher = _policy(a.teacher, 1, a.teacher_device or device, a.teacher_dtype)
     vocab = student.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {f"q{i}": torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for i in range(a.batch)}
     cfg = TrainConfig(loss=a.loss, k=a.k, batch_size=a.batch, micro_batch=a.micro_batch, max_new_tokens=a.max_new,
                       lr=1e-6, steps=a.steps + 1, eval_every=0, save_every=0, device=device, dtype=a.dtype,
+                      teacher_device=a.teacher_device,
                       progress=False, tensorboard=False, metrics_chunk=0, out_dir=tempfile.mkdtemp())
     questions = [_Q(i) for i in range(a.batch)]
     tr = OPDTrainer(cfg, student, teacher, _NoCheck(), questions, [])
@@ -109,13 +112,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                          "update_s": wall - row["sample_s"] - score_time[0], "tokens": row["n_tokens"]})
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     out = {
-        "device": torch.cuda.get_device_name() if device == "cuda" else "cpu",
+        "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "teacher_device": a.teacher_device or device,
         "student": a.student, "teacher": a.teacher, "batch": a.batch, "micro_batch": a.micro_batch,
         "prompt_len": a.prompt_len, "max_new": a.max_new, "dtype": a.dtype, "teacher_dtype": a.teacher_dtype,
         "loss": a.loss, "k": a.k, "steps_timed": len(rows),
         "steps_per_s": 1.0 / med["step_s"], "tokens_per_s": med["tokens"] / med["step_s"],
         **{f"median_{k}": v for k, v in med.items()},
-        "peak_mem_gib": torch.cuda.max_memory_allocated() / 2**30 if device == "cuda" else None,
+        "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device != "cpu" else None,
     }
     print(json.dumps(out, indent=1))
     return out

@@ -224,7 +224,8 @@ class Scorer:
         with torch.no_grad(), forward_precision(model_device(self.teacher.model), self.config.dtype):
             t_ctx = [self.teacher_context(r.question) for r in rows]
             t_logits, _ = completion_logits(self.teacher.model, t_ctx, comps, pad_id=self._pad_t)
-        return Scored(s_logits.float(), t_logits.float().to(s_logits.device), pad_tokens(comps, s_logits.device), mask)
+        # to the student's device in the forward's own dtype (half the bytes under bf16 autocast), then float32
+        return Scored(s_logits.float(), t_logits.to(s_logits.device).float(), pad_tokens(comps, s_logits.device), mask)
 
     def correct(self, task: Any, rows: Sequence[Rollout]) -> list[bool]:
         """Task-checker verdict per rollout."""
