@@ -102,16 +102,23 @@ def enrich(policy, path, initial, lps, lpts, cfg, sig, rng) -> tuple[RolloutSet,
     return rs, spent
 
 
-def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalConfig, args) -> list[pd.DataFrame]:
-    policy = SyntheticPolicy.random(vocab_size=args.vocab, horizon=args.horizon, modulus=3, seed=q)
+def setup_question(q: int, vocab: int = 6, horizon: int = 16, n_initial: int = 64):
+    """Question ``q``: its synthetic policy, the two teachers, the graded initial rollouts and the
+    2 correct + 2 incorrect paths (as available)."""
+    policy = SyntheticPolicy.random(vocab_size=vocab, horizon=horizon, modulus=3, seed=q)
     teachers = {"helpful": policy.tilted(2.0, noise=1.0, seed=1000 + q),
                 "harmful": policy.tilted(-1.0, noise=1.0, seed=2000 + q)}
     rng = np.random.default_rng(q)
-    initial = graded(policy, sample(policy, [[]], args.initial, rng), 0)
+    initial = graded(policy, sample(policy, [[]], n_initial, rng), 0)
     paths = []
     for want in (True, False):
         uniq = list(dict.fromkeys(tuple(t.tolist()) for t, s in zip(initial.tokens, initial.success) if s == want))
         paths += [list(uniq[i]) for i in rng.permutation(len(uniq))[:2]]
+    return policy, teachers, initial, paths
+
+
+def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalConfig, args) -> list[pd.DataFrame]:
+    policy, teachers, initial, paths = setup_question(q, args.vocab, args.horizon, args.initial)
     frames = []
     for pid, path in enumerate(paths):
         lps = policy.continuation_logprobs([], path)

@@ -54,17 +54,13 @@ BASE = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_
 KEY = ["q", "pid", "t", "vt", "u"]
 
 
-def question(q: int):
-    """The policy, teachers and 4 paths of ``bench/budget.py``'s question ``q``."""
-    policy = SyntheticPolicy.random(vocab_size=6, horizon=16, modulus=3, seed=q)
-    teachers = {"helpful": policy.tilted(2.0, noise=1.0, seed=1000 + q), "harmful": policy.tilted(-1.0, noise=1.0, seed=2000 + q)}
-    rng = np.random.default_rng(q)
-    initial = B.graded(policy, B.sample(policy, [[]], 64, rng), 0)
-    paths = []
-    for want in (True, False):
-        uniq = list(dict.fromkeys(tuple(t.tolist()) for t, s in zip(initial.tokens, initial.success) if s == want))
-        paths += [list(uniq[i]) for i in rng.permutation(len(uniq))[:2]]
-    return policy, teachers, initial, paths
+def paths_of(args):
+    """Every (question, path) of the run, with the student's and the teachers' log-probs along it."""
+    for q in range(args.first, args.first + args.questions):
+        policy, teachers, initial, paths = B.setup_question(q)
+        for pid, path in enumerate(paths):
+            lpts = {n: t.continuation_logprobs([], path) for n, t in teachers.items()}
+            yield q, pid, policy, initial, path, policy.continuation_logprobs([], path), lpts
 
 
 def exactify(stats: PathStats, policy: SyntheticPolicy, which: str) -> PathStats:
@@ -142,46 +138,38 @@ def report(rows: list, base_var: str) -> None:
 
 def estimators_run(args, variants) -> None:
     rows: list = []
-    for q in range(args.first, args.first + args.questions):
-        policy, teachers, initial, paths = question(q)
-        for pid, path in enumerate(paths):
-            lps = policy.continuation_logprobs([], path)
-            lpts = {n: t.continuation_logprobs([], path) for n, t in teachers.items()}
-            for vt in args.visit_targets:
-                for mode in ("fixed", "adaptive"):
-                    cfg = BASE.model_copy(update={"mode": mode, "visit_target": vt})
-                    rng = np.random.default_rng([q, pid, vt, mode == "adaptive"])
-                    stats = path_stats(path, B.enrich(policy, path, initial, lps, list(lpts.values()), cfg, SIG, rng)[0])
-                    for tn, lpt in lpts.items():
-                        exact = B.exact_alignment(policy, path, stats, lps, lpt, SIG)
-                        for var, f in variants.items():
-                            st = f(stats, policy, lps)
-                            for est in ("plugin", "posterior_mean"):
-                                out = path_signals(st, lps, lpt, SIG.model_copy(update={"alignment_estimator": est}))
-                                scored(rows, q, pid, tn, vt, mode, var, est, out, exact)
+    for q, pid, policy, initial, path, lps, lpts in paths_of(args):
+        for vt in args.visit_targets:
+            for mode in ("fixed", "adaptive"):
+                cfg = BASE.model_copy(update={"mode": mode, "visit_target": vt})
+                rng = np.random.default_rng([q, pid, vt, mode == "adaptive"])
+                stats = path_stats(path, B.enrich(policy, path, initial, lps, list(lpts.values()), cfg, SIG, rng)[0])
+                for tn, lpt in lpts.items():
+                    exact = B.exact_alignment(policy, path, stats, lps, lpt, SIG)
+                    for var, f in variants.items():
+                        st = f(stats, policy, lps)
+                        for est in ("plugin", "posterior_mean"):
+                            out = path_signals(st, lps, lpt, SIG.model_copy(update={"alignment_estimator": est}))
+                            scored(rows, q, pid, tn, vt, mode, var, est, out, exact)
     report(rows, "none")
 
 
 def depth_floor_run(args) -> None:
     rows: list = []
-    for q in range(args.first, args.first + args.questions):
-        policy, teachers, initial, paths = question(q)
-        for pid, path in enumerate(paths):
-            lps = policy.continuation_logprobs([], path)
-            lpts = {n: t.continuation_logprobs([], path) for n, t in teachers.items()}
-            for vt in args.visit_targets:
-                cfg = BASE.model_copy(update={"mode": "adaptive", "visit_target": vt})
-                for var in ("rounds", "depth"):
-                    rng = np.random.default_rng([q, pid, vt, 7])
-                    if var == "depth":
-                        rs, _ = enrich_depth_floor(policy, path, initial, lps, list(lpts.values()), cfg, rng)
-                    else:
-                        rs, _ = B.enrich(policy, path, initial, lps, list(lpts.values()), cfg, SIG, rng)
-                    stats = path_stats(path, rs)
-                    for tn, lpt in lpts.items():
-                        out = path_signals(stats, lps, lpt, SIG)
-                        scored(rows, q, pid, tn, vt, "adaptive", var, "posterior_mean", out,
-                               B.exact_alignment(policy, path, stats, lps, lpt, SIG))
+    for q, pid, policy, initial, path, lps, lpts in paths_of(args):
+        for vt in args.visit_targets:
+            cfg = BASE.model_copy(update={"mode": "adaptive", "visit_target": vt})
+            for var in ("rounds", "depth"):
+                rng = np.random.default_rng([q, pid, vt, 7])
+                if var == "depth":
+                    rs, _ = enrich_depth_floor(policy, path, initial, lps, list(lpts.values()), cfg, rng)
+                else:
+                    rs, _ = B.enrich(policy, path, initial, lps, list(lpts.values()), cfg, SIG, rng)
+                stats = path_stats(path, rs)
+                for tn, lpt in lpts.items():
+                    out = path_signals(stats, lps, lpt, SIG)
+                    scored(rows, q, pid, tn, vt, "adaptive", var, "posterior_mean", out,
+                           B.exact_alignment(policy, path, stats, lps, lpt, SIG))
     # scored on the nodes valid in both variants
     df = pd.DataFrame(rows, columns=[*KEY[:4], "mode", "var", "est", "u", "a", "x"])
     for vt, g in df.groupby("vt"):
