@@ -155,6 +155,8 @@ def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(models, "_POLICY_CACHE", {})
     assert torch.equal(models.load_policy("random:qwen3-test:3").next_token_logprobs(x), a.next_token_logprobs(x))
     assert models.spec_max_context("random:qwen3-test") == 40960
+    # and its weight bytes, from the config alone, are those of the model it builds
+    assert models.spec_weight_bytes("random:qwen3-test:3", "fp32") == 4 * sum(p.numel() for p in a.model.parameters())
     for bad in ("random:qwen3-9b", "random:qwen3-test:x", "random:qwen3-test:1:2"):
         with pytest.raises(OpdlensError, match=r"use 'random:<shape>\[:<seed>\]' with a shape in"):
             models.load_policy(bad)
@@ -232,7 +234,8 @@ def test_spec_weight_bytes_counts_parameters_without_loading(tmp_path) -> None: 
     assert spec_weight_bytes(str(tmp_path), "bf16") == 2 * numel
     assert spec_weight_bytes(str(tmp_path), torch.float32) == 4 * numel
     assert spec_weight_bytes(str(tmp_path), None) == 4 * numel
-    # embeddings 151936 x 1024 (tied) + 28 layers of 15,730,944 + the final norm
-    assert spec_weight_bytes("random:qwen3-0.6b:7", "bf16") == 2 * 596_049_920
+    # what load_policy builds: Qwen3-0.6B's 28 layers of 15,730,944 parameters and final norm, with
+    # tied embeddings of the SmolLM2 vocabulary (49,152 x 1024) in place of Qwen3's (596,049,920 in all)
+    assert spec_weight_bytes("random:qwen3-0.6b:7", "bf16") == 2 * (28 * 15_730_944 + 1024 + 49_152 * 1024)
     with pytest.raises(OpdlensError, match="could not load model"):
         spec_weight_bytes(str(tmp_path.parent), "bf16")  # a directory without a model

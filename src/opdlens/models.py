@@ -486,7 +486,7 @@ def spec_weight_bytes(spec: str, dtype: torch.dtype | str | None) -> int:
     from transformers import AutoConfig, AutoModelForCausalLM
 
     if spec.startswith(RANDOM_PREFIX):
-        cfg = build_config(spec[len(RANDOM_PREFIX):].split(":")[0].lower())
+        cfg = build_config(_random_spec(spec)[0])
     elif spec == SMOLLM2:
         gguf = smollm2_gguf_path()
         cfg = AutoConfig.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
@@ -620,10 +620,9 @@ def _load_smollm2_model(dtype: torch.dtype) -> Any:
     return model.to(dtype)
 
 
-def _random_spec_policy(spec: str, device: torch.device, dtype: torch.dtype, **policy_options: Any) -> HFPolicy:
-    """``random:<shape>[:<seed>]``: a random-weight model of a :data:`MODEL_SHAPES` shape with the
-    embedded SmolLM2 tokenizer (its vocabulary replaces the shape's), for memory/time runs of
-    real model sizes without any download."""
+def _random_spec(spec: str) -> tuple[dict[str, Any], int]:
+    """``random:<shape>[:<seed>]``: the config fields of a :data:`MODEL_SHAPES` shape with the
+    embedded SmolLM2 tokenizer's vocabulary and special ids in place of the shape's, and the seed."""
     parts = spec[len(RANDOM_PREFIX):].split(":")
     shape, seed = parts[0].lower(), parts[1] if len(parts) > 1 else "0"
     if shape not in MODEL_SHAPES or not seed.isdigit() or len(parts) > 2:
@@ -631,7 +630,14 @@ def _random_spec_policy(spec: str, device: torch.device, dtype: torch.dtype, **p
     tok = load_tokenizer(SMOLLM2)
     fields = dict(MODEL_SHAPES[shape], vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                   bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
-    return random_policy(fields, seed=int(seed), device=device, dtype=dtype, tokenizer=tok, **policy_options)
+    return fields, int(seed)
+
+
+def _random_spec_policy(spec: str, device: torch.device, dtype: torch.dtype, **policy_options: Any) -> HFPolicy:
+    """``random:<shape>[:<seed>]``: a random-weight model of that shape with the embedded SmolLM2
+    tokenizer, for memory/time runs of real model sizes without any download."""
+    fields, seed = _random_spec(spec)
+    return random_policy(fields, seed=seed, device=device, dtype=dtype, tokenizer=load_tokenizer(SMOLLM2), **policy_options)
 
 
 def build_config(shape: str | Mapping[str, Any], **overrides: Any) -> Any:

@@ -14,8 +14,7 @@ from collections.abc import Sequence
 
 import torch
 
-from opdlens.policy import attention_backends
-from opdlens.policy import OpdlensError
+from opdlens.policy import OpdlensError, attention_backends
 
 
 def model_device(model: torch.nn.Module) -> torch.device:
