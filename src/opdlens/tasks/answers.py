@@ -197,14 +197,14 @@ def extract_letter(text: str, letters: str = "ABCD") -> str | None:
         if m:
             return m.group(1)
     marked = re.findall(
-        _MARKER + rf"(?:\s*(?:option|choice))?" + _DECOR + rf"({cls})(?![\w])", body, re.IGNORECASE
+        _MARKER + r"(?:\s*(?:option|choice))?" + _DECOR + rf"({cls})(?![\w])", body, re.IGNORECASE
     )
     # the marker is case-insensitive but the letter must be upper case: filter afterwards
     marked = [x for x in marked if x in letters]
     if marked:
         return marked[-1]
     m = re.match(rf"[\s*_(\[`'\"]*({cls})(?:[\s*_)\].:,`'\"]|$)", body)
-    if m and not re.match(rf"\s*A\s+[a-z]", body):  # "A good question ..." is an article
+    if m and not re.match(r"\s*A\s+[a-z]", body):  # "A good question ..." is an article
         return m.group(1)
     hits = re.findall(rf"\b(?:option|choice)\s+\(?({cls})\b", body, re.IGNORECASE)
     if hits:
