@@ -7,16 +7,16 @@ success probabilities.
 Oracle: random synthetic Markov policies (:mod:`opdlens.synthetic`), whose child success
 probabilities are exact by dynamic programming. Per question: 64 initial rollouts, 2 correct and
 2 incorrect representative paths, two teachers (one tilted towards success, one away, both noisy)
-that share one allocation. Each path is enriched by :class:`opdlens.targeting.TargetPlan` in
+that share one allocation. Each path is enriched by :class:`opdlens.diagnose.targeting.TargetPlan` in
 the fixed mode (every chosen (node, token) pair to ``visit_target`` visits: the paper's setting
 is 100) and in the adaptive mode with the same budget knob (its other settings the defaults),
-then scored by :func:`opdlens.signals.path_signals` with each ``alignment_estimator`` (plug-in:
+then scored by :func:`opdlens.diagnose.signals.path_signals` with each ``alignment_estimator`` (plug-in:
 the paper's; posterior mean). Against the exact alignment over the same ``S_u`` it reports, per
 mode, estimator and budget: rollouts per path, the nodes scored (valid in both modes) and the
 mode's own valid nodes, per-node alignment RMSE, share of nodes with the
 right sign, per-node interval coverage, share of settled signs (and how many of those are
 wrong), and the RMSE, width and coverage of the path-mean interval
-(:func:`opdlens.uncertainty.path_mean_interval`) with the mean and standard deviation of its
+(:func:`opdlens.diagnose.uncertainty.path_mean_interval`) with the mean and standard deviation of its
 z-scores (0 and 1 when calibrated). Last, the budget each (mode, estimator) needs to reach the
 RMSE of the paper's setting (fixed, plug-in, visit_target 100), by log-linear interpolation
 between measured budgets. Rows of one budget are scored on the same nodes (valid in both modes);
@@ -32,11 +32,11 @@ import numpy as np
 import pandas as pd
 import torch
 
-from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
+from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
 from opdlens.synthetic import EOS, SyntheticPolicy
-from opdlens.targeting import TargetingConfig, TargetPlan
-from opdlens.tree import RolloutSet, path_stats
-from opdlens.uncertainty import path_mean_interval
+from opdlens.diagnose.targeting import TargetingConfig, TargetPlan
+from opdlens.diagnose.tree import RolloutSet, path_stats
+from opdlens.diagnose.uncertainty import path_mean_interval
 
 
 def sample(policy: SyntheticPolicy, prefixes: list[list[int]], n: int, rng: np.random.Generator) -> list[np.ndarray]:

@@ -44,10 +44,10 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
 
 import budget as B  # noqa: E402
 
-from opdlens.signals import SignalConfig, path_signals  # noqa: E402
+from opdlens.diagnose.signals import SignalConfig, path_signals  # noqa: E402
 from opdlens.synthetic import EOS, SyntheticPolicy  # noqa: E402
-from opdlens.targeting import TargetingConfig, TargetPlan  # noqa: E402
-from opdlens.tree import PathStats, path_stats  # noqa: E402
+from opdlens.diagnose.targeting import TargetingConfig, TargetPlan  # noqa: E402
+from opdlens.diagnose.tree import PathStats, path_stats  # noqa: E402
 
 SIG = SignalConfig(min_visits=20)
 BASE = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4, rounds=4)

@@ -4,7 +4,7 @@
         [--rollouts 256] [--visit-targets 33 100] [--reference 400] [--json out.json]
 
 The real-model counterpart of ``bench/budget.py`` (no exact success probabilities here). One
-:func:`opdlens.pipeline.build_diagnosis` of ``opdlens diagnose`` (task arith, two
+:func:`opdlens.diagnose.pipeline.build_diagnosis` of ``opdlens diagnose`` (task arith, two
 self-distillation teachers, default targeting and signals otherwise) samples the initial
 rollouts, representative paths and teacher contexts once; every variant starts from a copy of
 that run store, so all of them enrich the same paths. Variants: the fixed mode at
@@ -31,8 +31,8 @@ import numpy as np
 import pandas as pd
 
 from opdlens.config import DiagnoseConfig
-from opdlens.pipeline import Diagnosis, build_diagnosis, load_results
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import Diagnosis, build_diagnosis, load_results
+from opdlens.diagnose.store import RunStore
 
 TEACHERS = [dict(name="Self-1C", context="1c"), dict(name="Self-1C1W", context="1c1w")]
 ESTIMATORS = ("plugin", "posterior_mean")

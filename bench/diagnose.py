@@ -1,6 +1,6 @@
 """End-to-end ``opdlens diagnose`` on one device: where the time of a whole run goes.
 
-Runs :func:`opdlens.pipeline.diagnose` on a config and reports, in one run:
+Runs :func:`opdlens.diagnose.pipeline.diagnose` on a config and reports, in one run:
 
 * time per phase (inclusive): model loading, initial rollouts, representative paths, solutions
   (+ summaries), targeted rollouts, teacher scoring, the final tables;
@@ -50,11 +50,12 @@ from typing import Any
 
 import torch
 
-from opdlens import models, pipeline
+from opdlens import models
+from opdlens.diagnose import pipeline
 from opdlens.config import DiagnoseConfig
 from opdlens.policy import sample_counts
 from opdlens.rollout import TorchEngine
-from opdlens.store import RunStore
+from opdlens.diagnose.store import RunStore
 
 # ---------------------------------------------------------------------------- timing
 _local = threading.local()  # per thread: the open timed calls, [start, time of nested timed calls]
@@ -323,10 +324,10 @@ def check_device_signals(dev: str, length: int = 48, vocab: int = 49152) -> floa
     on ``dev`` and from the same log-probs on the CPU (the run keeps scoring on the GPU)."""
     import numpy as np
 
-    from opdlens.report.children import children_column
-    from opdlens.signals import SignalConfig, path_signals
-    from opdlens.targeting import candidate_priorities
-    from opdlens.tree import RolloutSet, path_stats
+    from opdlens.diagnose.children import children_column
+    from opdlens.diagnose.signals import SignalConfig, path_signals
+    from opdlens.diagnose.targeting import candidate_priorities
+    from opdlens.diagnose.tree import RolloutSet, path_stats
 
     rng = np.random.default_rng(0)
     path = [int(t) for t in rng.integers(0, 40, length)]

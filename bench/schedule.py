@@ -26,8 +26,8 @@ import torch
 
 from opdlens import models
 from opdlens.config import DiagnoseConfig
-from opdlens.pipeline import build_diagnosis, write_config
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import build_diagnosis, write_config
+from opdlens.diagnose.store import RunStore
 
 TEACHERS = [
     {"name": "Self-1C", "context": "1c"},

@@ -16,8 +16,8 @@ import time
 import numpy as np
 import torch
 
-from opdlens.signals import SignalConfig, path_signals
-from opdlens.tree import RolloutSet, path_stats
+from opdlens.diagnose.signals import SignalConfig, path_signals
+from opdlens.diagnose.tree import RolloutSet, path_stats
 
 
 def main() -> None:

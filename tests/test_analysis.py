@@ -10,7 +10,7 @@ import pytest
 from scipy import stats
 
 from opdlens import analysis as A
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 NAN = float("nan")
 

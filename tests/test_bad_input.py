@@ -15,14 +15,15 @@ from typer.testing import CliRunner
 
 from opdlens.cli import app
 from opdlens.config import DiagnoseConfig
-from opdlens.distributed import SyntheticFactory
+from opdlens.diagnose.distributed import SyntheticFactory
 from opdlens.models import check_tokenizers_compatible, load_tokenizer, random_policy, tiny_random_policy
-from opdlens.pipeline import QuestionEnv, diagnose, load_results, policy_max_context
-from opdlens.policy import OpdlensError, sample_counts
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import QuestionEnv, diagnose, load_results, policy_max_context
+from opdlens.errors import OpdlensError
+from opdlens.policy import sample_counts
+from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS
 from opdlens.tasks import NO_ANSWER, get_task
-from opdlens.teachers import TeacherSpec
+from opdlens.diagnose.teachers import TeacherSpec
 
 
 def _small(out: Path, **kw: object) -> DiagnoseConfig:
@@ -286,7 +287,7 @@ def test_jsonl_bom_accepted_non_utf8_and_binary_named(tmp_path):
 # ------------------------------------------------------------------ names from data
 @pytest.mark.parametrize("name", [".", "..", "", ".hidden", "a/b", "../../etc", "x" * 200, "con:1", "\\.."])
 def test_safe_name_stays_inside_its_folder(tmp_path, name):
-    from opdlens.store import safe_name
+    from opdlens.diagnose.store import safe_name
 
     s = safe_name(name)
     assert s and not s.startswith(".") and "/" not in s and "\\" not in s and len(s) <= 89
@@ -363,27 +364,27 @@ def test_failed_first_attempt_does_not_pin_its_config(tmp_path, tiny_dirs, monke
 
 
 def test_a_second_run_on_a_locked_directory_fails_at_once(tmp_path, monkeypatch):
-    import opdlens.pipeline
+    import opdlens.diagnose.pipeline
 
     def never(*a, **k):  # models must not load
         raise AssertionError("build_diagnosis called")
 
-    monkeypatch.setattr(opdlens.pipeline, "build_diagnosis", never)
+    monkeypatch.setattr(opdlens.diagnose.pipeline, "build_diagnosis", never)
     run = tmp_path / "run"
     with RunStore(run).lock():
         with pytest.raises(OpdlensError, match=rf"run directory {run} is in use by pid \d+ on .*: wait for it"):
             diagnose(_small(run), progress=False)
         with pytest.raises(OpdlensError, match="in use by"):
-            from opdlens.store import start_fresh
+            from opdlens.diagnose.store import start_fresh
 
             start_fresh(run)
     assert run.is_dir()
 
 
 def test_unwritable_run_directory_is_found_before_models_load(tmp_path, monkeypatch):
-    import opdlens.pipeline
+    import opdlens.diagnose.pipeline
 
-    monkeypatch.setattr(opdlens.pipeline, "build_diagnosis", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(opdlens.diagnose.pipeline, "build_diagnosis", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OpdlensError, match=r"cannot create run directory .*file/run: Not a directory"):

@@ -94,7 +94,7 @@ def test_report_on_an_interrupted_run_is_partial(tmp_path):
 
 
 def test_diagnose_without_a_report_exits_non_zero(tmp_path, monkeypatch):
-    import opdlens.pipeline
+    import opdlens.diagnose.pipeline
 
     def no_valid_nodes(cfg, fresh=False):
         diag, envs = _setup(tmp_path / "run")
@@ -102,7 +102,7 @@ def test_diagnose_without_a_report_exits_non_zero(tmp_path, monkeypatch):
         diag.run(envs)
         return diag.store
 
-    monkeypatch.setattr(opdlens.pipeline, "diagnose", no_valid_nodes)
+    monkeypatch.setattr(opdlens.diagnose.pipeline, "diagnose", no_valid_nodes)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"out_dir: {tmp_path / 'run'}\n")
     res = runner.invoke(app, ["diagnose", str(cfg)])
@@ -131,7 +131,7 @@ def test_unknown_hub_id_fails_fast_with_the_whole_message(tmp_path, monkeypatch)
 
 def test_interrupted_diagnose_says_how_to_resume(tmp_path, monkeypatch):
     """Ctrl-C during a run: exit code 130 and the message that the finished rollouts are kept."""
-    import opdlens.pipeline
+    import opdlens.diagnose.pipeline
 
     seen = {}
 
@@ -139,7 +139,7 @@ def test_interrupted_diagnose_says_how_to_resume(tmp_path, monkeypatch):
         seen["fresh"] = fresh
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(opdlens.pipeline, "diagnose", interrupted)
+    monkeypatch.setattr(opdlens.diagnose.pipeline, "diagnose", interrupted)
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "run"), "--fresh"])
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.output and "rerun the same command to resume" in res.output

@@ -17,13 +17,13 @@ from typer.testing import CliRunner
 from opdlens.cli import app
 from opdlens.compare import compare_runs, difficulty_bins, parse_edges, question_values, write_study
 from opdlens.config import DiagnoseConfig
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, write_config
-from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, write_config
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
-from opdlens.targeting import TargetingConfig
-from opdlens.teachers import TeacherSpec
+from opdlens.diagnose.targeting import TargetingConfig
+from opdlens.diagnose.teachers import TeacherSpec
 
 runner = CliRunner()
 HARD = {"q0", "q1", "q2"}  # graded by the synthetic success rule (success rate ~0.2)

@@ -11,10 +11,10 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from opdlens.config import DiagnoseConfig  # noqa: E402
-from opdlens.distributed import SyntheticFactory, diagnose_ray, read_phase1_record  # noqa: E402
-from opdlens.pipeline import load_results  # noqa: E402
-from opdlens.policy import OpdlensError  # noqa: E402
-from opdlens.store import RunStore  # noqa: E402
+from opdlens.diagnose.distributed import SyntheticFactory, diagnose_ray, read_phase1_record  # noqa: E402
+from opdlens.diagnose.pipeline import load_results  # noqa: E402
+from opdlens.errors import OpdlensError  # noqa: E402
+from opdlens.diagnose.store import RunStore  # noqa: E402
 
 KEY = ["teacher", "question_id", "path_id", "node"]
 FACTORY = SyntheticFactory(seed=0, n_questions=3)
@@ -163,7 +163,7 @@ def test_config_models_loaded_in_the_actors_equal_diagnose(cluster, tmp_path):
     """The default ConfigFactory (models and task built inside the actor from the config, as
     `opdlens diagnose CONFIG --ray` does) gives the single-process `diagnose` results."""
     from opdlens.models import load_tokenizer, tiny_random_policy
-    from opdlens.pipeline import diagnose
+    from opdlens.diagnose.pipeline import diagnose
 
     model_dir = tmp_path / "tiny"
     tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)

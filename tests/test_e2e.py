@@ -9,13 +9,13 @@ import pytest
 
 from opdlens.config import DiagnoseConfig, load_yaml
 from opdlens.models import tiny_random_policy
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose, load_results
-from opdlens.policy import OpdlensError
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose, load_results
+from opdlens.errors import OpdlensError
 from opdlens.report import write_report
-from opdlens.signals import SignalConfig
-from opdlens.store import RunStore
-from opdlens.targeting import TargetingConfig
-from opdlens.teachers import TeacherSpec
+from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.store import RunStore
+from opdlens.diagnose.targeting import TargetingConfig
+from opdlens.diagnose.teachers import TeacherSpec
 
 
 def test_self_distillation_contexts_on_a_tiny_hf_model(tmp_path):

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from opdlens.models import tiny_random_policy
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.rollout import EngineConfig, TorchEngine
 from opdlens.rollout.decode import Job, Prefill
 

@@ -20,12 +20,12 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from opdlens import pipeline
+from opdlens.diagnose import pipeline
 from opdlens.config import DiagnoseConfig, validate_config
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
-from opdlens.policy import OpdlensError
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.errors import OpdlensError
 from opdlens.report.run import load_run
-from opdlens.store import RunStore
+from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
 from opdlens.tasks import get_task
 from tests.helpers import kill_sampling_after

@@ -16,16 +16,17 @@ from typer.testing import CliRunner
 from opdlens.cli import app
 from opdlens.compare import compare_runs, difficulty_bins
 from opdlens.config import DiagnoseConfig
-from opdlens.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
+from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.models import load_tokenizer, tiny_random_policy
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose
-from opdlens.policy import OpdlensError, sample_counts
-from opdlens.signals import SignalConfig
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose
+from opdlens.errors import OpdlensError
+from opdlens.policy import sample_counts
+from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
-from opdlens.targeting import TargetingConfig
+from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.tasks import CORRECT, INCORRECT, Grade, Question, Task, register_task
-from opdlens.teachers import Solutions, TeacherSpec, context_messages
+from opdlens.diagnose.teachers import Solutions, TeacherSpec, context_messages
 
 INFORMED, PROMPT, OTHER = 1, 2, 3  # first token of a prefix: which oracle answers
 

@@ -17,7 +17,8 @@ from opdlens.models import (
     spec_weight_bytes,
     tiny_random_policy,
 )
-from opdlens.policy import OpdlensError, Policy
+from opdlens.errors import OpdlensError
+from opdlens.policy import Policy
 
 
 @pytest.fixture(scope="module")

@@ -11,7 +11,7 @@ import torch
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 TASK, QS = arith_questions(8)
 

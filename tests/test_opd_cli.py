@@ -12,8 +12,8 @@ from opdlens.config import DiagnoseConfig
 from opdlens.opd import cli as opd_cli
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
 from opdlens.opd.testing import arith_questions, one_thread, tiny
-from opdlens.policy import OpdlensError
-from opdlens.teachers import TeacherSpec
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.teachers import TeacherSpec
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -73,7 +73,7 @@ def test_self_distillation_context_shows_a_student_solution(tmp_path):
     sols = json.loads((tmp_path / "solutions.json").read_text())
     assert set(sols) == {q.id for q in qs} and all(s["correct"] for s in sols.values())
     tr = OPDTrainer(cfg, student, tiny(0, init_std=0.2), _AlwaysRight(), qs, [],
-                    solutions={k: __import__("opdlens.teachers", fromlist=["Solutions"]).Solutions(**v)
+                    solutions={k: __import__("opdlens.diagnose.teachers", fromlist=["Solutions"]).Solutions(**v)
                                for k, v in sols.items()})
     msg = tr.teacher_messages(qs[0])[0]["content"]
     assert qs[0].prompt in msg and sols[qs[0].id]["correct"] in msg and "correct solution" in msg

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from opdlens.opd import losses as L
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 B, T, V = 3, 5, 11
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from opdlens.opd.metrics import token_metrics
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 
 def _direct(p: np.ndarray, q: np.ndarray, k: int) -> dict[str, float]:

@@ -7,7 +7,8 @@ import torch
 
 from opdlens.opd.recipes import cold_start_sft, is_degenerate, select_template
 from opdlens.opd.testing import arith_questions, one_thread, tiny
-from opdlens.policy import Completion, OpdlensError
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -11,7 +11,7 @@ import torch
 from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.batching import completion_logits
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, list_checkpoints, read_metrics, train
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 
 @pytest.fixture(autouse=True, scope="module")

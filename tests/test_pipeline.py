@@ -6,14 +6,14 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
-from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
-from opdlens.targeting import TargetingConfig, depth_windows, select_targets
-from opdlens.teachers import TeacherSpec
-from opdlens.tree import RolloutSet, path_stats
+from opdlens.diagnose.targeting import TargetingConfig, depth_windows, select_targets
+from opdlens.diagnose.teachers import TeacherSpec
+from opdlens.diagnose.tree import RolloutSet, path_stats
 from tests.helpers import kill_sampling_after
 
 
@@ -80,7 +80,7 @@ def test_targeted_rollouts_of_all_questions_share_engine_calls(tmp_path):
     for 5 questions (one call per (question, path, chunk, count) before), each with many
     prefixes and per-prefix counts;
     a kill at any of those calls resumes to the uninterrupted results."""
-    from opdlens.pipeline import BUDGET_TIERS, LANES
+    from opdlens.diagnose.pipeline import BUDGET_TIERS, LANES
 
     diag, envs = _setup(tmp_path / "ref", n_questions=5)
     calls: list[tuple[int, int]] = []

@@ -11,9 +11,9 @@ import pytest
 
 from opdlens.config import PAPER_PRESET, DiagnoseConfig
 from opdlens.models import SMOLLM2, load_tokenizer, tiny_random_policy
-from opdlens.pipeline import build_diagnosis, diagnose, load_results, write_config
-from opdlens.policy import OpdlensError
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import build_diagnosis, diagnose, load_results, write_config
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.store import RunStore
 from opdlens.tasks import Grade, Question, Task, register_task, strip_thinking
 
 #: A Qwen3-like chat template with the enable_thinking switch (test-only).
@@ -153,7 +153,7 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
     assert not partial
     summary = (index.parent / "summary.md").read_text()
     assert "## Choices of this run" in summary
-    from opdlens.uncertainty import count_settled
+    from opdlens.diagnose.uncertainty import count_settled
 
     for r in count_settled(nodes).itertuples():  # the per-node intervals reach the report
         assert f"{r.teacher} {r.n_settled} of {r.n_valid} valid nodes ({r.n_settled_pos} positive)" in summary

@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 
 from opdlens import analysis as A
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.report import CSV_FILES, FIGURE_FILES, write_report
 from opdlens.report.html import GREY, alignment_color, display_token
 from opdlens.report.tables import fmt, fmt_ci, fmt_p
@@ -456,8 +456,8 @@ def test_children_column_matches_the_path_statistics() -> None:
 
     import torch
 
-    from opdlens.report.children import children_column
-    from opdlens.tree import RolloutSet, path_stats
+    from opdlens.diagnose.children import children_column
+    from opdlens.diagnose.tree import RolloutSet, path_stats
 
     rng = np.random.default_rng(0)
     rollouts = RolloutSet.from_lists([rng.integers(0, 5, size=rng.integers(1, 6)) for _ in range(400)],

@@ -10,7 +10,8 @@ import torch
 from scipy import stats
 
 from opdlens.models import HFPolicy, tiny_random_policy
-from opdlens.policy import Completion, OpdlensError
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion
 from opdlens.rollout import Engine, TorchEngine, fused_supported
 
 PREFIXES = [[1, 2, 3], [4, 5, 6, 7, 8, 9, 10], [11]]

@@ -7,14 +7,14 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
-from opdlens.signals import SignalConfig, ideal_gradient
-from opdlens.store import RunStore
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.diagnose.signals import SignalConfig, ideal_gradient
+from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS, SyntheticPolicy
-from opdlens.targeting import Target, TargetingConfig, TargetPlan, greedy_allocation, select_targets
-from opdlens.teachers import TeacherSpec
-from opdlens.tree import RolloutSet, path_stats
-from opdlens.uncertainty import variance_reduction
+from opdlens.diagnose.targeting import Target, TargetingConfig, TargetPlan, greedy_allocation, select_targets
+from opdlens.diagnose.teachers import TeacherSpec
+from opdlens.diagnose.tree import RolloutSet, path_stats
+from opdlens.diagnose.uncertainty import variance_reduction
 from tests.helpers import kill_sampling_after
 
 

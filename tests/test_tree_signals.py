@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 import torch
 
-from opdlens.policy import OpdlensError
-from opdlens.signals import (
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.signals import (
     SignalConfig,
     drgrpo_gradient,
     gkd_gradient,
@@ -20,7 +20,7 @@ from opdlens.signals import (
     single_sample_gradient,
 )
 from opdlens.synthetic import EOS, SyntheticPolicy
-from opdlens.tree import RolloutSet, path_stats
+from opdlens.diagnose.tree import RolloutSet, path_stats
 
 
 def _rollouts(policy: SyntheticPolicy, n: int, seed: int, prefix=()) -> RolloutSet:

@@ -7,11 +7,11 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
 from opdlens.synthetic import SyntheticPolicy
-from opdlens.tree import RolloutSet, path_stats
-from opdlens.uncertainty import alignment_draws, count_settled, denoised_rates, node_uncertainty, path_mean_interval
+from opdlens.diagnose.tree import RolloutSet, path_stats
+from opdlens.diagnose.uncertainty import alignment_draws, count_settled, denoised_rates, node_uncertainty, path_mean_interval
 
 
 def _oracle_nodes(n_policies: int = 12, k: int = 3):

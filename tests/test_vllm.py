@@ -26,11 +26,11 @@ import torch
 from opdlens import models
 from opdlens.config import DiagnoseConfig, validate_config
 from opdlens.models import tiny_random_policy
-from opdlens.pipeline import vllm_engine
-from opdlens.policy import OpdlensError
+from opdlens.diagnose.pipeline import vllm_engine
+from opdlens.errors import OpdlensError
 from opdlens.rollout import Engine, VLLMEngine
 from opdlens.rollout import vllm_engine as ve
-from opdlens.teachers import TeacherSpec
+from opdlens.diagnose.teachers import TeacherSpec
 
 GIB = 1 << 30
 VOCAB = 16

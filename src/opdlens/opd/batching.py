@@ -14,7 +14,8 @@ from collections.abc import Sequence
 
 import torch
 
-from opdlens.policy import OpdlensError, attention_backends
+from opdlens.errors import OpdlensError
+from opdlens.policy import attention_backends
 
 
 def model_device(model: torch.nn.Module) -> torch.device:

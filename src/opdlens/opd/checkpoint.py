@@ -28,7 +28,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 CKPT_DIR = "checkpoints"
 STATE = "state.json"

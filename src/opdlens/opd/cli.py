@@ -42,7 +42,7 @@ from typing import Any
 
 from opdlens.config import read_yaml, validate_config
 from opdlens.opd.trainer import TrainConfig, TrainResult, train
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 TRAINABLE_CONTEXTS = ("plain", "1c", "1c1w", "1c-ext")
 
@@ -50,8 +50,8 @@ TRAINABLE_CONTEXTS = ("plain", "1c", "1c1w", "1c-ext")
 def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
     """Name of the teacher configuration with the highest mean path alignment in a diagnose run."""
     from opdlens.analysis import per_teacher
-    from opdlens.pipeline import load_results
-    from opdlens.store import RunStore
+    from opdlens.diagnose.pipeline import load_results
+    from opdlens.diagnose.store import RunStore
 
     nodes, _, _ = load_results(RunStore(run_dir))
     table = per_teacher(nodes, metric).table.sort_values("mean", ascending=False)

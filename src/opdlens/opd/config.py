@@ -16,7 +16,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from opdlens.opd.losses import LOSSES, LossOptions, get_loss
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
 TEMPLATES: dict[str, str] = {

@@ -52,7 +52,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 Reduction = Literal["token_mean", "seq_sum", "seq_mean"]
 REDUCTIONS: tuple[str, ...] = ("token_mean", "seq_sum", "seq_mean")

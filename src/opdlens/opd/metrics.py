@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 
 @dataclass

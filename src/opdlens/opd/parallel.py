@@ -19,7 +19,7 @@ from typing import Any, TypeVar
 import torch
 
 from opdlens.opd.runlog import MetricSums
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 T = TypeVar("T")
 

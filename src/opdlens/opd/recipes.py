@@ -33,7 +33,7 @@ from opdlens.opd.batching import completion_logits, pad_tokens
 from opdlens.opd.metrics import token_metrics
 from opdlens.opd.config import resolve_template
 from opdlens.opd.scoring import check_compatible, encode_user, pad_id, step_seed
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 
 # ---------------------------------------------------------------------------- filtering

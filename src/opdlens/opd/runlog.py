@@ -10,7 +10,7 @@ from typing import Any
 import torch
 
 from opdlens.opd.metrics import RatioMetrics, TokenMetrics, chunk_sums
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 METRICS_FILE = "metrics.jsonl"
 

@@ -25,7 +25,8 @@ import torch
 
 from opdlens.opd.batching import completion_logits, model_device, pad_tokens
 from opdlens.opd.config import TrainConfig, resolve_template
-from opdlens.policy import OpdlensError, check_same_vocab
+from opdlens.errors import OpdlensError
+from opdlens.policy import check_same_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -188,7 +189,7 @@ class Scorer:
         kind = self.config.teacher_context
         if kind is None:
             return [{"role": "user", "content": self.teacher_tpl.format(prompt=q.prompt, answer=q.answer)}]
-        from opdlens.teachers import Solutions, context_messages
+        from opdlens.diagnose.teachers import Solutions, context_messages
 
         sol = self.solutions.get(q.id) or Solutions(external=(getattr(q, "meta", None) or {}).get("solution"))
         try:

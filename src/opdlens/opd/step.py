@@ -20,7 +20,7 @@ from opdlens.opd.losses import get_loss, log_probs, reduce_tokens
 from opdlens.opd.metrics import mechanism_metrics, token_metrics
 from opdlens.opd.runlog import MetricSums
 from opdlens.opd.scoring import Rollout, Scored, Scorer
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 #: TokenMetrics names also logged by the authors' metrics (same definition): logged once.
 _DUPLICATES = ("overlap_ratio",)

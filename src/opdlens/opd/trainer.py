@@ -51,7 +51,7 @@ from opdlens.opd.scoring import (
     step_seed,
 )
 from opdlens.opd.step import accumulate_gradients, grpo_advantages, score_signals
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 __all__ = ["TEMPLATES", "TrainConfig", "TrainResult", "OPDTrainer", "train", "read_metrics", "resolve_template",
            "list_checkpoints", "encode_user", "encode_messages"]
@@ -224,7 +224,7 @@ def collect_solutions(student: Any, task: Any, questions: Sequence[Any], *, n: i
     them with the task checker and keeps the first correct and the first wrong text, as the
     diagnostics do for the Self-1C / Self-1C1W teachers. Returns ``{question id: Solutions}``.
     """
-    from opdlens.teachers import Solutions
+    from opdlens.diagnose.teachers import Solutions
 
     ctxs = [encode_user(student, q.prompt) for q in questions]
     with torch.no_grad():
@@ -247,7 +247,7 @@ def collect_solutions(student: Any, task: Any, questions: Sequence[Any], *, n: i
 def _prepare_contexts(cfg: TrainConfig, student: Any, task: Any, train_q: list[Any], eval_q: list[Any],
                       out_dir: Path, max_new_tokens: int, dist: Dist) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, int]]:
     """Solutions for diagnose-style teacher contexts; drops questions whose context cannot be built."""
-    from opdlens.teachers import Solutions, missing_for
+    from opdlens.diagnose.teachers import Solutions, missing_for
 
     kind = cfg.teacher_context
     if kind is None or kind == "plain":

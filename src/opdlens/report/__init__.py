@@ -27,8 +27,8 @@ from typing import Literal
 import pandas as pd
 
 from opdlens.analysis import Analysis, analyze, require_columns, valid_nodes
-from opdlens.policy import OpdlensError
-from opdlens.uncertainty import count_settled
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.uncertainty import count_settled
 from opdlens.report.figures import (
     plot_correct_incorrect,
     plot_depth,
@@ -129,7 +129,7 @@ def write_report(
     tables = build_tables(an, qtable, two_child=two_child, skips=skips, estimator=estimator)
     overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips,
                                         estimator=estimator)]
-    if f"{metric}_lo" in nodes.columns:  # per-node intervals (opdlens.uncertainty): how many signs are settled
+    if f"{metric}_lo" in nodes.columns:  # per-node intervals (opdlens.diagnose.uncertainty): how many signs are settled
         settled = count_settled(nodes, metric)
         overview.append("settled sign (the node's 95% interval excludes 0): " + "; ".join(
             f"{r.teacher} {int(r.n_settled)} of {int(r.n_valid)} valid nodes ({int(r.n_settled_pos)} positive)"

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from opdlens.report.children import parse_children
+from opdlens.diagnose.children import parse_children
 from opdlens.report.tables import Table, fmt, inline_code, render_html_table
 
 __all__ = [

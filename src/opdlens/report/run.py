@@ -13,8 +13,8 @@ from dataclasses import dataclass, field
 
 import pandas as pd
 
-from opdlens.policy import OpdlensError
-from opdlens.store import RunStore
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.store import RunStore
 
 __all__ = ["RunResults", "load_run"]
 

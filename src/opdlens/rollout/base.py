@@ -8,7 +8,8 @@ from typing import Literal, Protocol, runtime_checkable
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq, sample_counts
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, TokenSeq, sample_counts
 
 
 @runtime_checkable

@@ -36,7 +36,8 @@ from typing import Any
 import torch
 from pydantic import ValidationError
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, TokenSeq
 from opdlens.rollout.base import EngineConfig, completions_from_buffers, make_generator, sample_tokens, validate_request
 from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, SlotCache, TorchState, TritonState
 from opdlens.rollout.model import FUSED_MODEL_TYPES, BoundModel, fused_supported

@@ -51,7 +51,8 @@ import os
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
-from opdlens.policy import Completion, OpdlensError, TokenSeq, parse_dtype
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, TokenSeq, parse_dtype
 from opdlens.rollout.base import validate_request
 
 #: Temperatures vLLM samples at as asked (it rejects > 2 and raises < 0.01 to 0.01).

@@ -20,7 +20,7 @@ import random
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.tasks.base import Question, Task, register_task
 
 

@@ -7,7 +7,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar, TypeVar
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.tasks.answers import ANSWER_TYPES, answers_match, extract_answer, strip_thinking
 
 #: Grade reasons (``Grade.reason``).

@@ -11,7 +11,7 @@ import os
 from pathlib import Path
 from typing import Any, ClassVar
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.tasks.answers import normalize_gold
 from opdlens.tasks.base import LETTERS, Question, Task, format_choices, register_task, subsample
 from opdlens.tasks.local import read_rows

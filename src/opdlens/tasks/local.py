@@ -14,7 +14,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 from opdlens.tasks.answers import normalize_gold
 from opdlens.tasks.base import LETTERS, Question, Task, check_answer_type, format_choices, register_task, subsample
 

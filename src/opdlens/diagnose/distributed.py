@@ -1,6 +1,6 @@
 """Ray: shard a diagnosis over the GPUs (or CPUs) of a cluster.
 
-:func:`diagnose_ray` runs the same computation as :func:`opdlens.pipeline.diagnose`, split in
+:func:`diagnose_ray` runs the same computation as :func:`opdlens.diagnose.pipeline.diagnose`, split in
 jobs that a pool of Ray actors takes from a queue (dynamic load balancing):
 
 * a *phase-1 job* per question: initial rollouts, representative paths, solutions, targeted
@@ -15,7 +15,7 @@ Each actor loads the models once (one model replica per GPU actor, ``num_gpus=1`
 into the run directory itself, so **the run directory must be on a filesystem that every node
 sees at the same path** (NFS, Lustre, a mounted bucket...); on one machine any directory works.
 
-Every write goes through :class:`opdlens.store.RunStore`: chunks and tables appear atomically
+Every write goes through :class:`opdlens.diagnose.store.RunStore`: chunks and tables appear atomically
 and their seeds derive from names only, so a job that runs twice (an actor killed and its job
 retried, or a whole run interrupted and started again) writes the same files with the same
 contents and nothing is counted twice. The final tables equal those of an uninterrupted
@@ -38,12 +38,12 @@ from typing import Any, Protocol
 import pandas as pd
 from tqdm.auto import tqdm
 
-from opdlens.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, skip_row, write_config, write_run_tables
-from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig
-from opdlens.store import RunStore, safe_name
-from opdlens.targeting import TargetingConfig
-from opdlens.teachers import TeacherSpec
+from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, skip_row, write_config, write_run_tables
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.store import RunStore, safe_name
+from opdlens.diagnose.targeting import TargetingConfig
+from opdlens.diagnose.teachers import TeacherSpec
 
 #: Folder of the per-question phase-1 records (summary row and skips, as JSON).
 PHASE1_DIR = "phase1"
@@ -65,7 +65,7 @@ class WorkerFactory(Protocol):
 @dataclass
 class ConfigFactory:
     """The :class:`WorkerFactory` of a :class:`opdlens.config.DiagnoseConfig`: the models are
-    loaded as :func:`opdlens.pipeline.diagnose` does, on the actor's own GPU when the config asks
+    loaded as :func:`opdlens.diagnose.pipeline.diagnose` does, on the actor's own GPU when the config asks
     for CUDA (Ray makes exactly that GPU visible, so any ``cuda:<i>`` becomes ``cuda``)."""
 
     config: Any
@@ -78,7 +78,7 @@ class ConfigFactory:
         return [q.id for q in task.load(split=cfg.split, n=cfg.n_questions, seed=cfg.seed)]
 
     def __call__(self, out_dir: str) -> tuple[Diagnosis, Sequence[QuestionEnv]]:
-        from opdlens.pipeline import build_diagnosis
+        from opdlens.diagnose.pipeline import build_diagnosis
 
         update: dict[str, Any] = {"out_dir": out_dir}
         if str(self.config.device).startswith("cuda"):
@@ -216,7 +216,7 @@ def diagnose_ray(
     max_job_attempts: int = 3,
     on_result: Callable[[int, list[Any]], None] | None = None,
 ) -> RunStore:
-    """Run a diagnosis on a Ray cluster; same results as :func:`opdlens.pipeline.diagnose`.
+    """Run a diagnosis on a Ray cluster; same results as :func:`opdlens.diagnose.pipeline.diagnose`.
 
     Args:
         config: a :class:`opdlens.config.DiagnoseConfig` (its ``out_dir`` must be on a shared
@@ -236,7 +236,7 @@ def diagnose_ray(
             jobs and the actor handles (monitoring; the tests kill actors from it).
 
     Returns:
-        The :class:`~opdlens.store.RunStore` of ``config.out_dir``.
+        The :class:`~opdlens.diagnose.store.RunStore` of ``config.out_dir``.
     """
     try:
         import ray

@@ -10,11 +10,11 @@ Per question:
    solution by another model; what cannot be built is a recorded skip (``skips.parquet``);
 4. *candidate priorities*: every targeting teacher scores the student's and its own top tokens
    along each path (``priorities/<teacher>/<question>``);
-5. *targeted rollouts* per path (:mod:`opdlens.targeting`) from the merged priorities; the paths
+5. *targeted rollouts* per path (:mod:`opdlens.diagnose.targeting`) from the merged priorities; the paths
    of a question run in order, and the current rounds of the questions go to the engine
    together (one call per budget tier, per-target sample counts), so calls are large;
 6. *phase 2*: for each teacher configuration and path, one teacher forward pass and the
-   per-node signals of :mod:`opdlens.signals`, written to ``nodes/<teacher>/<question>``.
+   per-node signals of :mod:`opdlens.diagnose.signals`, written to ``nodes/<teacher>/<question>``.
 
 The model schedule (``schedule``): ``"sequential"`` runs each step for all questions before the
 next, so every model other than the student is loaded once, used for all questions and freed
@@ -27,7 +27,7 @@ resident schedule's, which samples each question alone; and it scores a question
 that stay loaded (the student's self-distillation teachers) on a worker thread as soon as the
 question's targeted rollouts are stored, while the other questions go on sampling.
 
-Everything is written through :class:`opdlens.store.RunStore` as it finishes; rerunning a run
+Everything is written through :class:`opdlens.diagnose.store.RunStore` as it finishes; rerunning a run
 directory resumes where it stopped and gives the same results as an uninterrupted run.
 The pipeline only talks to models through :class:`opdlens.policy.Policy`, so the synthetic
 oracle policy runs through exactly the same code as a Hugging Face model.
@@ -49,16 +49,17 @@ import pandas as pd
 import torch
 from tqdm.auto import tqdm
 
-from opdlens.policy import Completion, OpdlensError, Policy, attention_backends, check_same_vocab
-from opdlens.report.children import children_column
+from opdlens.errors import OpdlensError
+from opdlens.policy import Completion, Policy, attention_backends, check_same_vocab
+from opdlens.diagnose.children import children_column
 from opdlens.rollout.decode import CAPTURE_LOCK
-from opdlens.signals import SignalConfig, path_signals
-from opdlens.store import RunStore, derive_seed, start_fresh
+from opdlens.diagnose.signals import SignalConfig, path_signals
+from opdlens.diagnose.store import RunStore, derive_seed, start_fresh
 from opdlens.tasks.answers import strip_thinking
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
-from opdlens.targeting import Candidates, Target, TargetingConfig, TargetPlan, candidate_priorities
-from opdlens.teachers import NEEDS, SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
-from opdlens.tree import PathStats, RolloutSet, path_stats
+from opdlens.diagnose.targeting import Candidates, Target, TargetingConfig, TargetPlan, candidate_priorities
+from opdlens.diagnose.teachers import NEEDS, SUMMARY_PROMPT, ContextKind, Solutions, TeacherSpec, context_messages, missing_for
+from opdlens.diagnose.tree import PathStats, RolloutSet, path_stats
 
 Messages = list[dict[str, str]]
 log = logging.getLogger(__name__)
@@ -626,7 +627,7 @@ class Diagnosis:
     def _rounds(self, env: QuestionEnv, prep: Prepared) -> Generator[Round, list[Future[RolloutSet]], None]:
         """The rounds of targeted rollouts of one question, path by path: yields each round's
         targets and is sent back the futures of its stored chunks. Within a path a
-        :class:`~opdlens.targeting.TargetPlan` gives the rounds (one in the fixed mode)."""
+        :class:`~opdlens.diagnose.targeting.TargetPlan` gives the rounds (one in the fixed mode)."""
         tables = [df for t in self.driving if (df := self.priorities(env, prep, t)) is not None]
         if not tables:
             return

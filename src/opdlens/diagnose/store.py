@@ -45,8 +45,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opdlens.policy import OpdlensError
-from opdlens.tree import RolloutSet
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.tree import RolloutSet
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 

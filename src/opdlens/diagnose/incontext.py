@@ -8,7 +8,7 @@ accuracy; adding a wrong one should lower it.
 
 For every finished question of a run and every self-distillation teacher (teacher model = the
 student), the student samples ``n_samples`` completions from the context **exactly as that
-teacher sees it** (the token ids :meth:`opdlens.pipeline.Diagnosis.prepare` gives phase 2 in
+teacher sees it** (the token ids :meth:`opdlens.diagnose.pipeline.Diagnosis.prepare` gives phase 2 in
 ``Prepared.contexts``) and from its own plain prompt (context :data:`PLAIN`), with the run's
 generation budget and temperature; each completion is graded by the task.
 
@@ -39,11 +39,11 @@ import pandas as pd
 from scipy import stats
 
 from opdlens.analysis import t_interval
-from opdlens.policy import OpdlensError
-from opdlens.store import RunStore, derive_seed, safe_name
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.store import RunStore, derive_seed, safe_name
 
 if TYPE_CHECKING:
-    from opdlens.pipeline import Diagnosis, QuestionEnv
+    from opdlens.diagnose.pipeline import Diagnosis, QuestionEnv
 
 __all__ = [
     "INCONTEXT_COLUMNS",
@@ -77,15 +77,15 @@ def sample_incontext(
 ) -> pd.DataFrame:
     """Sample and grade the student under each self-teacher context and its plain prompt.
 
-    ``diag``: a :class:`opdlens.pipeline.Diagnosis` on the run's store whose trees, paths and
+    ``diag``: a :class:`opdlens.diagnose.pipeline.Diagnosis` on the run's store whose trees, paths and
     solutions are stored (``prepare`` reads them back; it samples only what is missing);
-    ``envs``: the questions (:class:`opdlens.pipeline.QuestionEnv`). Teachers whose policy is the
+    ``envs``: the questions (:class:`opdlens.diagnose.pipeline.QuestionEnv`). Teachers whose policy is the
     student are the self-teachers; others are ignored. Stored rows are kept (their sample count
     must equal ``n_samples``). Returns every stored row of the run (:func:`read_incontext`).
     """
     from tqdm.auto import tqdm
 
-    from opdlens.pipeline import policy_max_context
+    from opdlens.diagnose.pipeline import policy_max_context
 
     if n_samples < 1:
         raise OpdlensError(f"n_samples must be >= 1 (completions per question and context), got {n_samples}")
@@ -169,7 +169,7 @@ def run_incontext(
     run's device (e.g. ``cpu`` to read a GPU run on a laptop).
     """
     from opdlens.config import read_run_config
-    from opdlens.pipeline import build_diagnosis
+    from opdlens.diagnose.pipeline import build_diagnosis
 
     root = Path(run_dir)
     cfg_file = root / "config.yaml"

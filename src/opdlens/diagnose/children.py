@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from opdlens.tree import PathStats
+from opdlens.diagnose.tree import PathStats
 
 __all__ = ["children_column", "parse_children"]
 
@@ -34,7 +34,7 @@ def children_column(
     most visited first), each ``{"token", "text", "p_student", "p_teacher", "psucc", "visits"}``.
 
     ``logp_student`` / ``logp_teacher`` are the ``[L, V]`` next-token log-probabilities of the
-    path (as given to :func:`opdlens.signals.path_signals`); ``token_texts`` maps token ids to
+    path (as given to :func:`opdlens.diagnose.signals.path_signals`); ``token_texts`` maps token ids to
     their display texts (one call for all children).
     """
     big_l = stats.length

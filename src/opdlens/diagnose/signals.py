@@ -35,7 +35,7 @@ largest entry first), so nodes whose gradients are tiny but exact (a confident s
 ``P_θ ≈ 1e-7`` on a teacher-preferred child) get a cosine, not NaN.
 
 Everything is vectorised over the nodes of a path: inputs are padded ``[..., K]`` arrays with a
-boolean mask, as produced by :meth:`opdlens.tree.PathStats.padded`.
+boolean mask, as produced by :meth:`opdlens.diagnose.tree.PathStats.padded`.
 """
 
 from __future__ import annotations
@@ -47,9 +47,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import lfilter
 
-from opdlens.policy import OpdlensError, check_logprobs
-from opdlens.tree import PathStats
-from opdlens.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
+from opdlens.errors import OpdlensError
+from opdlens.policy import check_logprobs
+from opdlens.diagnose.tree import PathStats
+from opdlens.diagnose.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
 
 Tensor = torch.Tensor
 ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
@@ -71,7 +72,7 @@ class SignalConfig(BaseModel):
     alignment_estimator: Estimator = Field(
         "posterior_mean", description="point estimate of align_gkd/single/minillm: 'posterior_mean' (opdlens: its mean "
         "under the Beta posterior of each child's P_succ; lower error where the visits do not settle the sign, e.g. a "
-        "two-child node is 2P(sign +) - 1 instead of ±1; see opdlens.uncertainty) or 'plugin' (the cosine at the "
+        "two-child node is 2P(sign +) - 1 instead of ±1; see opdlens.diagnose.uncertainty) or 'plugin' (the cosine at the "
         "observed success rates; the paper)")
 
 
@@ -200,7 +201,7 @@ def path_signals(
     Dr. GRPO group mean reward (the question's success rate); by default each node's own mean.
     ``draws_cache``: a dict kept for one path and its student log-probs while its teachers are
     scored (the posterior draws of the node intervals depend on neither the teacher nor its
-    log-probs, see :func:`opdlens.uncertainty.alignment_draws`).
+    log-probs, see :func:`opdlens.diagnose.uncertainty.alignment_draws`).
     Returns a dict of ``[L]`` numpy arrays (see ``opdlens.analysis`` for the column meanings).
     """
     cfg = config or SignalConfig()

@@ -29,7 +29,7 @@ the ones no pair was chosen at only get the rollouts that pass through them), or
 pairs only (``pairs``). For every candidate, the
 expected drop of the posterior variance of its node's alignment (summed over the teachers) if the
 child got 1, 2, 4 or 8 times the round's equal share of visits
-(:func:`opdlens.uncertainty.variance_reduction`, from the posterior draws of the node's
+(:func:`opdlens.diagnose.uncertainty.variance_reduction`, from the posterior draws of the node's
 ``P_succ``); the increments are then taken greedily by gain per rollout
 (:func:`greedy_allocation`). The sum of the node variances is what the report's two error
 scales are made of (a node's squared error under the posterior-mean estimator, and ``n²`` times
@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opdlens.policy import OpdlensError
-from opdlens.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
-from opdlens.tree import PathStats
-from opdlens.uncertainty import alignment_draws, interval, settled, variance_reduction
+from opdlens.errors import OpdlensError
+from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
+from opdlens.diagnose.tree import PathStats
+from opdlens.diagnose.uncertainty import alignment_draws, interval, settled, variance_reduction
 
 
 class TargetingConfig(BaseModel):
@@ -346,7 +346,7 @@ class TargetPlan:
     def node_state(self, stats: PathStats) -> NodeState:
         """The nodes of the path that have an alignment (``|S_u| ≥ min_children``) under the
         current statistics, with each teacher's alignment interval, whether a stopping rule
-        retires the node, and what :func:`opdlens.uncertainty.variance_reduction` needs."""
+        retires the node, and what :func:`opdlens.diagnose.uncertainty.variance_reduction` needs."""
         sig = self.signals
         if self.logp_student is None:
             assert self._logprobs is not None

@@ -27,7 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from opdlens.policy import OpdlensError, TokenSeq
+from opdlens.errors import OpdlensError
+from opdlens.policy import TokenSeq
 
 
 @dataclass

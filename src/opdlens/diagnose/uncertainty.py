@@ -11,7 +11,7 @@ Why draws and not a delta-method interval: the cosine is bounded and strongly no
 the ideal gradient is small (an unresolved node); there the delta method's normal interval spills
 over ``[-1, 1]`` and its derivative blows up, whereas draws stay in range, need no derivative,
 keep a spread for children with ``s = 0`` or ``s = n``, and follow any restriction or
-renormalisation option of :mod:`opdlens.signals` because they reuse its estimator.
+renormalisation option of :mod:`opdlens.diagnose.signals` because they reuse its estimator.
 
 Per node and metric ``align_X`` (X in :data:`UNCERTAIN_METRICS`) the node table gets the
 equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and
@@ -37,7 +37,7 @@ plug-in (a coin flip on a near-tie) and ``2 P(sign +) − 1`` under the posterio
 
 :func:`variance_reduction` says, per (node, child), by how much more visits of that child are
 expected to lower the posterior variance of the node's alignment: the adaptive targeting of
-:mod:`opdlens.targeting` spends its rollouts where that is largest.
+:mod:`opdlens.diagnose.targeting` spends its rollouts where that is largest.
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ import pandas as pd
 import torch
 from scipy import stats
 
-from opdlens.policy import OpdlensError
+from opdlens.errors import OpdlensError
 
 Tensor = torch.Tensor
 #: the ideal gradient as a function of the children's success probabilities
@@ -115,7 +115,7 @@ def psucc_draws(
 
 
 def _cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
-    """:func:`opdlens.signals.masked_cosine` (not imported: that module imports this one)."""
+    """:func:`opdlens.diagnose.signals.masked_cosine` (not imported: that module imports this one)."""
     num = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
     return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
