@@ -20,7 +20,6 @@ mode's at 100 visits) is part of every RMSE.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import json
 import shutil
 import tempfile
@@ -30,8 +29,9 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from opdlens.config import DiagnoseConfig
-from opdlens.diagnose.pipeline import Diagnosis, build_diagnosis, load_results
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.run import build_diagnosis, load_results
 from opdlens.diagnose.store import RunStore
 
 TEACHERS = [dict(name="Self-1C", context="1c"), dict(name="Self-1C1W", context="1c1w")]
@@ -47,11 +47,12 @@ def variant(dx: Diagnosis, envs, base: Path, root: Path, targeting: dict) -> dic
     t0 = time.perf_counter()
     for est in ESTIMATORS:
         shutil.rmtree(root / "nodes", ignore_errors=True)  # re-score only; the targeted rollouts are kept
-        opts = dataclasses.replace(dx.opt, targeting=dx.opt.targeting.model_copy(update=targeting),
-                                   signals=dx.opt.signals.model_copy(update={"alignment_estimator": est}),
-                                   schedule="resident")
+        opts = dx.config.model_copy(update={
+            "targeting": dx.config.targeting.model_copy(update=targeting),
+            "signals": dx.config.signals.model_copy(update={"alignment_estimator": est}),
+            "schedule": "resident"})
         store = RunStore(root)
-        Diagnosis(store, dx.student, dx.teachers, opts, progress=False).run(envs)
+        Diagnosis(store, dx.student, dx.teachers, opts, dx.runtime, progress=False).run(envs)
         nodes, questions, _ = load_results(store)
         out[est] = nodes
         out["rollouts"] = float(questions["n_targeted"].sum())

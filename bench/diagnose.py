@@ -52,7 +52,7 @@ import torch
 
 from opdlens import models
 from opdlens.diagnose import pipeline
-from opdlens.config import DiagnoseConfig
+from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.policy import sample_counts
 from opdlens.rollout import TorchEngine
 from opdlens.diagnose.store import RunStore

@@ -25,8 +25,8 @@ from pathlib import Path
 import torch
 
 from opdlens import models
-from opdlens.config import DiagnoseConfig
-from opdlens.diagnose.pipeline import build_diagnosis, write_config
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.run import build_diagnosis, write_config
 from opdlens.diagnose.store import RunStore
 
 TEACHERS = [

@@ -14,10 +14,12 @@ import yaml
 from typer.testing import CliRunner
 
 from opdlens.cli import app
-from opdlens.config import DiagnoseConfig
+from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.distributed import SyntheticFactory
 from opdlens.models import check_tokenizers_compatible, load_tokenizer, random_policy, tiny_random_policy
-from opdlens.diagnose.pipeline import QuestionEnv, diagnose, load_results, policy_max_context
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import diagnose, load_results
+from opdlens.diagnose.schedule import policy_max_context
 from opdlens.errors import OpdlensError
 from opdlens.policy import sample_counts
 from opdlens.diagnose.store import RunStore
@@ -131,7 +133,7 @@ def test_unextractable_answers_are_counted_per_question(tmp_path, tiny_dirs):
 
 def test_too_long_prompt_is_skipped_and_the_other_questions_finish(tmp_path):
     factory = SyntheticFactory(seed=0, n_questions=3, prompt_lengths={"q1": 31})
-    factory.options.max_context = 40  # 31 + 10 new tokens > 40
+    factory.max_context = 40  # 31 + 10 new tokens > 40
     diag, envs = factory(str(tmp_path))
     # a teacher with a shorter context than its context + path is skipped for that question only
     diag.teachers[1].policy.max_context = 4  # type: ignore[attr-defined]
@@ -146,7 +148,7 @@ def test_too_long_prompt_is_skipped_and_the_other_questions_finish(tmp_path):
     assert set(nodes["teacher"]) == {"helpful"} and sorted(set(nodes["question_id"])) == ["q0", "q2"]
     assert not (tmp_path / "rollouts" / "q1").exists()
     # every question too long: a clear error, and the skips are still written
-    factory.options.max_context = 5
+    factory.max_context = 5
     diag2, envs2 = factory(str(tmp_path / "none"))
     with pytest.raises(OpdlensError, match="all 3 questions were skipped"):
         diag2.run(envs2)
@@ -158,7 +160,7 @@ def test_hf_policy_context_comes_from_the_model_config(tmp_path):
     assert policy_max_context(pol) == 4096
     diag, _ = SyntheticFactory()(str(tmp_path))
     diag.student = pol
-    diag.opt = type(diag.opt)(max_new_tokens=16)
+    diag.config = type(diag.config)(max_new_tokens=16)
     assert diag.too_long(QuestionEnv(id="x", prompt_ids=[1] * 4080, grade=bool)) is None
     assert "4097 exceeds the student's context of 4096" in (diag.too_long(QuestionEnv(id="y", prompt_ids=[1] * 4081, grade=bool)) or "")
 

@@ -67,7 +67,7 @@ def test_report_on_an_interrupted_run_is_partial(tmp_path):
     # question by question (resident): kill after q0's sampling calls and two of q1's, so q0 is
     # scored and q1 is not
     probe, probe_envs = _setup(tmp_path / "probe")
-    probe.opt.schedule = "resident"
+    probe.config.schedule = "resident"
     real, calls = probe.student.sample, [0]
 
     def counting(*a, **kw):  # type: ignore[no-untyped-def]
@@ -77,7 +77,7 @@ def test_report_on_an_interrupted_run_is_partial(tmp_path):
     probe.student.sample = counting
     probe.run(probe_envs[:1])
     diag, envs = _setup(tmp_path / "run", fail_after=calls[0] + 2)
-    diag.opt.schedule = "resident"
+    diag.config.schedule = "resident"
     with pytest.raises(KeyboardInterrupt):
         diag.run(envs)
     assert not (tmp_path / "run" / "questions.parquet").exists()
@@ -94,15 +94,15 @@ def test_report_on_an_interrupted_run_is_partial(tmp_path):
 
 
 def test_diagnose_without_a_report_exits_non_zero(tmp_path, monkeypatch):
-    import opdlens.diagnose.pipeline
+    import opdlens.diagnose.run
 
     def no_valid_nodes(cfg, fresh=False):
         diag, envs = _setup(tmp_path / "run")
-        diag.opt.signals = diag.opt.signals.model_copy(update={"min_visits": 10_000})
+        diag.config.signals = diag.config.signals.model_copy(update={"min_visits": 10_000})
         diag.run(envs)
         return diag.store
 
-    monkeypatch.setattr(opdlens.diagnose.pipeline, "diagnose", no_valid_nodes)
+    monkeypatch.setattr(opdlens.diagnose.run, "diagnose", no_valid_nodes)
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"out_dir: {tmp_path / 'run'}\n")
     res = runner.invoke(app, ["diagnose", str(cfg)])
@@ -131,7 +131,7 @@ def test_unknown_hub_id_fails_fast_with_the_whole_message(tmp_path, monkeypatch)
 
 def test_interrupted_diagnose_says_how_to_resume(tmp_path, monkeypatch):
     """Ctrl-C during a run: exit code 130 and the message that the finished rollouts are kept."""
-    import opdlens.diagnose.pipeline
+    import opdlens.diagnose.run
 
     seen = {}
 
@@ -139,7 +139,7 @@ def test_interrupted_diagnose_says_how_to_resume(tmp_path, monkeypatch):
         seen["fresh"] = fresh
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(opdlens.diagnose.pipeline, "diagnose", interrupted)
+    monkeypatch.setattr(opdlens.diagnose.run, "diagnose", interrupted)
     res = runner.invoke(app, ["demo", "--out", str(tmp_path / "run"), "--fresh"])
     assert res.exit_code == 130, res.output
     assert "interrupted" in res.output and "rerun the same command to resume" in res.output

@@ -16,8 +16,13 @@ from typer.testing import CliRunner
 
 from opdlens.cli import app
 from opdlens.compare import compare_runs, difficulty_bins, parse_edges, question_values, write_study
-from opdlens.config import DiagnoseConfig
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, write_config
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import write_config
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
@@ -38,7 +43,7 @@ def _synthetic_run(root: Path, seed: int, student_name: str) -> Path:
         Teacher(TeacherSpec(name="seeker", model="synthetic"), student.tilted(4.0, seed=1)),
         Teacher(TeacherSpec(name="avoider", model="synthetic"), student.tilted(-4.0, seed=2)),
     ]
-    opts = PhaseOptions(
+    opts = DiagnoseConfig(
         rollouts_per_question=120, max_new_tokens=8, chunk_rollouts=200, seed=seed,
         targeting=TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=30),
         signals=SignalConfig(min_visits=8),

@@ -10,9 +10,9 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from opdlens.config import DiagnoseConfig  # noqa: E402
+from opdlens.diagnose.config import DiagnoseConfig  # noqa: E402
 from opdlens.diagnose.distributed import SyntheticFactory, diagnose_ray, read_phase1_record  # noqa: E402
-from opdlens.diagnose.pipeline import load_results  # noqa: E402
+from opdlens.diagnose.run import load_results  # noqa: E402
 from opdlens.errors import OpdlensError  # noqa: E402
 from opdlens.diagnose.store import RunStore  # noqa: E402
 
@@ -34,7 +34,7 @@ def reference(tmp_path_factory) -> Path:
     questions together, so with several questions its rollouts draw other random numbers)."""
     out = tmp_path_factory.mktemp("reference")
     diag, envs = FACTORY(str(out))
-    diag.opt.schedule = "resident"
+    diag.config.schedule = "resident"
     diag.run(envs)
     return out
 
@@ -139,7 +139,7 @@ def test_killed_workers_and_interrupted_driver_resume_to_identical_results(clust
 
 def test_too_long_prompt_is_a_recorded_skip_on_ray(cluster, tmp_path):
     factory = SyntheticFactory(seed=0, n_questions=3, prompt_lengths={"q1": 50})
-    factory.options.max_context = 40
+    factory.max_context = 40
     store = diagnose_ray(_cfg(tmp_path), num_workers=2, policy_factory=factory, progress=False)
     nodes, questions, _ = load_results(store)
     assert questions["question_id"].tolist() == ["q0", "q2"]
@@ -163,7 +163,7 @@ def test_config_models_loaded_in_the_actors_equal_diagnose(cluster, tmp_path):
     """The default ConfigFactory (models and task built inside the actor from the config, as
     `opdlens diagnose CONFIG --ray` does) gives the single-process `diagnose` results."""
     from opdlens.models import load_tokenizer, tiny_random_policy
-    from opdlens.diagnose.pipeline import diagnose
+    from opdlens.diagnose.run import diagnose
 
     model_dir = tmp_path / "tiny"
     tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)

@@ -7,9 +7,15 @@ import re
 import pandas as pd
 import pytest
 
-from opdlens.config import DiagnoseConfig, load_yaml
+from opdlens.config import load_yaml
+from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.models import tiny_random_policy
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose, load_results
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import diagnose, load_results
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.report import write_report
 from opdlens.diagnose.signals import SignalConfig
@@ -35,14 +41,14 @@ def test_self_distillation_contexts_on_a_tiny_hf_model(tmp_path):
         Teacher(TeacherSpec(name="Self-1C1W", context="1c1w"), student, student.encode_chat),
         Teacher(TeacherSpec(name="Self-Ext", context="1c-ext"), student, student.encode_chat),
     ]
-    opts = PhaseOptions(
+    opts = DiagnoseConfig(
         rollouts_per_question=24,
         max_new_tokens=6,
         targeting=TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=8),
         signals=SignalConfig(min_visits=2),
-        summarizer_encode=student.encode_chat,
     )
-    diag = Diagnosis(RunStore(tmp_path), student, teachers, opts, progress=False)
+    runtime = Runtime(summarizer_encode=student.encode_chat)
+    diag = Diagnosis(RunStore(tmp_path), student, teachers, opts, runtime, progress=False)
     q = diag.run([env])
     assert q.loc[0, "n_rollouts"] == 24 and 0 < q.loc[0, "success_rate"] < 1
     nodes, _, paths = load_results(diag.store)

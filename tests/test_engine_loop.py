@@ -146,7 +146,7 @@ def test_triton_grid_rounds_shapes_up_so_they_recur() -> None:
 
 
 def test_diagnose_config_engine_block_reaches_the_student_engine() -> None:
-    from opdlens.config import DiagnoseConfig
+    from opdlens.diagnose.config import DiagnoseConfig
 
     cfg = DiagnoseConfig(engine={"max_batch_rows": 7, "compact_below": 0.3})
     pol = tiny_random_policy(seed=0, vocab_size=V)

@@ -21,8 +21,14 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from opdlens.diagnose import pipeline
-from opdlens.config import DiagnoseConfig, validate_config
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.config import validate_config
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import load_results
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.report.run import load_run
 from opdlens.diagnose.store import RunStore
@@ -111,12 +117,7 @@ def _synthetic_builder(fail_after: int | None):  # type: ignore[no-untyped-def]
             kill_sampling_after(student, fail_after)
         teachers = [Teacher(spec.model_copy(update={"context": "plain"}), student.tilted(2.0 - i, seed=i + 1))
                     for i, spec in enumerate(config.teachers)]  # fmt: skip
-        opts = PhaseOptions(
-            rollouts_per_question=config.rollouts_per_question, max_new_tokens=min(config.max_new_tokens or 6, 6),
-            temperature=config.temperature, n_correct_paths=config.n_correct_paths,
-            n_incorrect_paths=config.n_incorrect_paths, chunk_rollouts=config.chunk_rollouts, seed=config.seed,
-            targeting=config.targeting, signals=config.signals, targeting_teachers=config.targeting_teachers,
-        )  # fmt: skip
+        opts = config.model_copy(update={"max_new_tokens": min(config.max_new_tokens or 6, 6)})
         envs = [QuestionEnv(id=q.id, prompt_ids=[], grade=student.is_success, question_text=q.prompt, gold=str(q.answer))
                 for q in questions]  # fmt: skip
         return Diagnosis(RunStore(config.out_dir), student, teachers, opts, progress=False), envs

@@ -15,10 +15,15 @@ from typer.testing import CliRunner
 
 from opdlens.cli import app
 from opdlens.compare import compare_runs, difficulty_bins
-from opdlens.config import DiagnoseConfig
+from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.models import load_tokenizer, tiny_random_policy
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, diagnose
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import diagnose
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.policy import sample_counts
 from opdlens.diagnose.signals import SignalConfig
@@ -66,7 +71,7 @@ def _synthetic_diagnosis(root, student: Switch) -> tuple[Diagnosis, list[Questio
         Teacher(TeacherSpec(name="Self-1C1W", context="1c1w"), student, lambda msgs: [OTHER]),
         Teacher(TeacherSpec(name="external", model="synthetic"), student.base.tilted(1.0, seed=3)),
     ]
-    opts = PhaseOptions(rollouts_per_question=40, max_new_tokens=6, seed=5,
+    opts = DiagnoseConfig(rollouts_per_question=40, max_new_tokens=6, seed=5,
                         targeting=TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=10),
                         signals=SignalConfig(min_visits=4))  # fmt: skip
     envs = [QuestionEnv(id=f"q{i}", prompt_ids=[PROMPT], grade=student.base.is_success) for i in range(3)]
@@ -121,7 +126,7 @@ def test_incontext_accuracy_matches_exact_rates_and_resumes(tmp_path):
 def test_incontext_needs_a_self_teacher(tmp_path):
     pol = SyntheticPolicy.random(seed=0, horizon=4)
     diag = Diagnosis(RunStore(tmp_path), pol, [Teacher(TeacherSpec(name="ext", model="x"), pol.tilted(1.0))],
-                     progress=False)  # fmt: skip
+                     DiagnoseConfig(max_new_tokens=48), progress=False)
     with pytest.raises(OpdlensError, match="no self-distillation teacher"):
         sample_incontext(diag, [], 4)
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from opdlens.config import DiagnoseConfig
+from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.opd import cli as opd_cli
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
 from opdlens.opd.testing import arith_questions, one_thread, tiny

@@ -6,7 +6,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import load_results
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
@@ -25,7 +30,7 @@ def _setup(tmp_path, seed=0, fail_after=None, n_questions=2):
         Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
         Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2)),
     ]
-    opts = PhaseOptions(
+    opts = DiagnoseConfig(
         rollouts_per_question=200,
         max_new_tokens=10,
         chunk_rollouts=100,
@@ -80,7 +85,8 @@ def test_targeted_rollouts_of_all_questions_share_engine_calls(tmp_path):
     for 5 questions (one call per (question, path, chunk, count) before), each with many
     prefixes and per-prefix counts;
     a kill at any of those calls resumes to the uninterrupted results."""
-    from opdlens.diagnose.pipeline import BUDGET_TIERS, LANES
+    from opdlens.diagnose.enrichment import LANES
+    from opdlens.diagnose.sampling import BUDGET_TIERS
 
     diag, envs = _setup(tmp_path / "ref", n_questions=5)
     calls: list[tuple[int, int]] = []
@@ -136,11 +142,13 @@ def test_targets_follow_windows_and_budgets():
 def test_pipeline_bad_input(tmp_path):
     student = SyntheticPolicy.random(seed=0)
     other = SyntheticPolicy.random(seed=0, vocab_size=7)
+    cfg = DiagnoseConfig(max_new_tokens=48)
     with pytest.raises(OpdlensError, match="shared tokenizer"):
-        Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), other)])
+        Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), other)], cfg)
     with pytest.raises(OpdlensError, match="no teacher"):
-        Diagnosis(RunStore(tmp_path), student, [])
-    diag = Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), student)], progress=False)
+        Diagnosis(RunStore(tmp_path), student, [], cfg)
+    diag = Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), student)], cfg,
+                     progress=False)
     with pytest.raises(OpdlensError, match="no questions"):
         diag.run([])
 

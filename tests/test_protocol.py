@@ -9,9 +9,9 @@ import json
 import pandas as pd
 import pytest
 
-from opdlens.config import PAPER_PRESET, DiagnoseConfig
+from opdlens.diagnose.config import PAPER_PRESET, DiagnoseConfig
 from opdlens.models import SMOLLM2, load_tokenizer, tiny_random_policy
-from opdlens.diagnose.pipeline import build_diagnosis, diagnose, load_results, write_config
+from opdlens.diagnose.run import build_diagnosis, diagnose, load_results, write_config
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.store import RunStore
 from opdlens.tasks import Grade, Question, Task, register_task, strip_thinking
@@ -126,7 +126,7 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
     diag.run(envs)
     # each scheduled model is freed after its steps; the teacher is loaded for priorities and scoring
     assert not ext.slot.loaded and ext.slot.loads == 3  # one model: solutions+summaries, priorities, scoring
-    assert not diag.opt.summarizer.loaded and not diag.opt.solution_slot.loaded
+    assert not diag.config.summarizer.loaded and not diag.config.solution_slot.loaded
     store = RunStore(cfg.out_dir)
     nodes, questions, paths = load_results(store)
     assert "Ext" in set(nodes["teacher"]) and len(questions) == 2
@@ -250,7 +250,8 @@ def test_runs_written_before_a_key_existed_keep_the_value_they_ran_with(tmp_path
     (posterior mean, every node) is refused instead of mixing two estimators in one run."""
     import yaml
 
-    from opdlens.config import DiagnoseConfig, demo_config, read_run_config, stored_result_keys, describe_mismatch, result_keys
+    from opdlens.config import stored_result_keys, describe_mismatch, result_keys
+    from opdlens.diagnose.config import DiagnoseConfig, demo_config, read_run_config
 
     cfg = demo_config(str(tmp_path / "run")).model_dump(mode="json")
     del cfg["signals"]["alignment_estimator"], cfg["targeting"]["scope"]

@@ -7,7 +7,12 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, load_results
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import QuestionEnv
+from opdlens.diagnose.run import load_results
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.signals import SignalConfig, ideal_gradient
 from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS, SyntheticPolicy
@@ -157,7 +162,7 @@ def _diagnosis(root, mode: str, fail_after: int | None = None):
         kill_sampling_after(student, fail_after)
     teachers = [Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
                 Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2))]
-    opts = PhaseOptions(rollouts_per_question=100, max_new_tokens=10, chunk_rollouts=50, n_correct_paths=1,
+    opts = DiagnoseConfig(rollouts_per_question=100, max_new_tokens=10, chunk_rollouts=50, n_correct_paths=1,
                         n_incorrect_paths=1, signals=SignalConfig(min_visits=10),
                         targeting=TargetingConfig(mode=mode, first_window=2, per_window_gkd=1, per_window_gap=1,
                                                   visit_target=40, rounds=2, n_draws=32,

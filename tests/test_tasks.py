@@ -577,7 +577,7 @@ def test_batched_grading_agrees_with_one_by_one() -> None:
     """task_envs' grade_many (one batched detokenisation) gives each completion the grade that
     grade gives it, EOS tokens and empty completions included; decode_many equals decode."""
     from opdlens.models import SMOLLM2, tiny_random_policy
-    from opdlens.diagnose.pipeline import task_envs
+    from opdlens.diagnose.questions import task_envs
     from opdlens.tasks import ArithTask
 
     pol = tiny_random_policy(seed=1, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)

@@ -24,9 +24,10 @@ import pytest
 import torch
 
 from opdlens import models
-from opdlens.config import DiagnoseConfig, validate_config
+from opdlens.config import validate_config
+from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.models import tiny_random_policy
-from opdlens.diagnose.pipeline import vllm_engine
+from opdlens.diagnose.run import vllm_engine
 from opdlens.errors import OpdlensError
 from opdlens.rollout import Engine, VLLMEngine
 from opdlens.rollout import vllm_engine as ve

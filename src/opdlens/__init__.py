@@ -1,6 +1,6 @@
 """opdlens: per-token diagnostics and training for on-policy distillation of LLMs.
 
-Start with ``opdlens demo`` (CLI) or :func:`opdlens.diagnose.pipeline.diagnose` (Python); the map of
+Start with ``opdlens demo`` (CLI) or :func:`opdlens.diagnose.run.diagnose` (Python); the map of
 the package is docs/ARCHITECTURE.md.
 """
 

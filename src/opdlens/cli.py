@@ -53,7 +53,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
     unit, choices = "path", None
     cfg_file = run_dir / "config.yaml"
     if cfg_file.is_file():  # the run's own choices (statistical unit, readings of the paper)
-        from opdlens.config import read_run_config
+        from opdlens.diagnose.config import read_run_config
 
         cfg = read_run_config(cfg_file)
         unit, choices = cfg.stat_unit, cfg.choices()
@@ -67,7 +67,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
 
 
 def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:  # type: ignore[no-untyped-def]
-    from opdlens.diagnose.pipeline import diagnose
+    from opdlens.diagnose.run import diagnose
 
     start = time.perf_counter()
     try:
@@ -102,7 +102,7 @@ def demo(
     fresh: bool = typer.Option(False, "--fresh", help="move an existing run directory aside (<out>.old-<time>) and start afresh"),
 ) -> None:
     """The main job on the embedded default: SmolLM2-135M, built-in arithmetic, three self-distillation teachers."""
-    from opdlens.config import demo_config
+    from opdlens.diagnose.config import demo_config
 
     try:
         cfg = demo_config(str(out), questions)
@@ -125,7 +125,7 @@ def diagnose_cmd(
         "needed when the directory holds results of another configuration"),
 ) -> None:
     """Phase 1 (rollouts, targeted enrichment) and phase 2 (teacher scoring), then the report."""
-    from opdlens.config import DiagnoseConfig
+    from opdlens.diagnose.config import DiagnoseConfig
 
     try:
         cfg = DiagnoseConfig.from_yaml(config)

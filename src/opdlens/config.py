@@ -1,4 +1,10 @@
-"""Run configurations (pydantic), loadable from YAML with errors that say what to fix."""
+"""Configuration machinery shared by every command: YAML reading with errors that say what to
+fix, the settings diagnose and train have in common (:class:`RunSettings`), and run identity
+(the fingerprint of the keys that determine a run's results).
+
+The commands' own configs live beside their code: :class:`opdlens.diagnose.config.DiagnoseConfig`
+and :class:`opdlens.opd.config.TrainConfig`.
+"""
 
 from __future__ import annotations
 
@@ -6,159 +12,34 @@ import hashlib
 import json
 import re
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opdlens.errors import OpdlensError
-from opdlens.rollout.base import EngineConfig
-from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
-from opdlens.diagnose.signals import SignalConfig
-from opdlens.diagnose.targeting import TargetingConfig
-from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
 
 
-#: ``protocol: paper``: the choices of paper A (PAPERS.md) where opdlens' defaults differ, applied
-#: to every key the config does not set itself. docs/PROTOCOL.md says why each default differs.
-PAPER_PRESET: dict[str, Any] = {
-    "signals": {"restriction": "literal", "min_visits": 20, "min_children": 2, "alignment_estimator": "plugin"},
-    "tree_accounting": "all-ancestors",
-    "stat_unit": "question",
-    "n_correct_paths": 2,
-    "n_incorrect_paths": 2,
-    "targeting": {"first_window": 50, "growth": 2.0, "per_window_gkd": 4, "per_window_gap": 4, "visit_target": 100},
-    "fallback_reference_solution": False,
-}
+class HasBudget(Protocol):
+    max_new_tokens: int
 
 
-def _apply_preset(data: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
-    """``data`` with every key of ``preset`` that it does not set (nested one level)."""
-    out = dict(data)
-    for key, value in preset.items():
-        if isinstance(value, dict) and isinstance(out.get(key, {}), dict):
-            out[key] = {**value, **out.get(key, {})}
-        elif key not in out:
-            out[key] = value
-    return out
-
-
-class DiagnoseConfig(BaseModel):
-    """Everything a ``opdlens diagnose`` run needs. Unknown keys are errors (typos)."""
+class RunSettings(BaseModel):
+    """The settings ``opdlens diagnose`` and ``opdlens train`` share, under the same names and
+    defaults: which student, on which task, and how it samples."""
 
     model_config = ConfigDict(extra="forbid")
 
-    protocol: Literal["opdlens", "paper"] = Field(
-        "opdlens",
-        description="'paper' fills every key you do not set with paper A's choice (PAPER_PRESET); "
-        "'opdlens' keeps our defaults (docs/PROTOCOL.md lists the differences and why)",
-    )
-    student: str = Field("smollm2", min_length=1, description="'smollm2' (embedded), a local path or a HF hub id")
-    thinking: bool | None = Field(
-        None, description="enable_thinking of the student's chat template (Qwen3); null = the template's default"
-    )
-    device: str = Field("cpu", description="torch device of the models: cpu, cuda, cuda:1, ...")
-    dtype: str | None = Field(None, description="model dtype (float32, bfloat16, ...); default float32 on CPU, bfloat16 on CUDA")
-    rollout_engine: Literal["torch", "vllm"] = Field(
-        "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')")
-    vllm_options: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="settings of the torch rollout engine "
-                                 "(batch rows, kernels, sampler, CUDA graphs, compaction)")
+    student: str = Field("smollm2", min_length=1, description="'smollm2' (embedded), a local model directory or a HF hub id")
     task: str = Field("arith", min_length=1, description="registered task name (`opdlens tasks` lists them)")
     task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
-    split: str = Field("test", description="dataset split the questions come from")
-    n_questions: int | None = Field(4, ge=1, description="questions drawn (seeded) from the split; None = all")
-    rollouts_per_question: int = Field(64, ge=2, description="initial student rollouts per question")
-    max_new_tokens: int | None = Field(None, ge=1, description="default: the task's own budget")
+    max_new_tokens: int | None = Field(None, ge=1, description="generation budget of a rollout (default: the task's own)")
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
-    n_correct_paths: int = Field(2, ge=0, description="correct representative paths per question")
-    n_incorrect_paths: int = Field(2, ge=0, description="incorrect representative paths per question")
-    chunk_rollouts: int = Field(256, ge=1, description="rollouts per stored chunk (the unit of resumption)")
-    seed: int = Field(0, ge=0, description="run seed; every sampling seed derives from it and the names sampled")
-    teachers: list[TeacherSpec] = Field(
-        default_factory=lambda: list(DEFAULT_TEACHERS), min_length=1, description="teacher configurations scored")
-    targeting_teachers: list[str] | None = Field(
-        None, description="names of the teachers whose log-probs choose the targeted rollouts; None = all")
-    summarizer: str | None = Field(None, description="model writing Sum-* summaries (default: the student)")
-    summarizer_thinking: bool | None = Field(
-        None, description="enable_thinking of the summariser (its thinking part is stripped from the summary either way)"
-    )
-    summary_max_new_tokens: int = Field(256, ge=1, description="generation budget of a summary (thinking included)")
-    solution_model: str | None = Field(None, description="model writing the correct solution of 1c-ext contexts")
-    solution_thinking: bool | None = Field(None, description="enable_thinking of the solution model")
-    fallback_reference_solution: bool = Field(
-        False,
-        description="when no correct rollout can be shown (none, or only scored paths), show the data's reference "
-        "solution ('The answer is X.' if none) instead of skipping the context; recorded in skips.parquet",
-    )
-    tree_accounting: Literal["from-forced-node", "all-ancestors"] = Field(
-        "from-forced-node",
-        description="where a targeted rollout counts: from its forced node down (unbiased), or at every "
-        "ancestor too (the paper)",
-    )
-    stat_unit: Literal["path", "question"] = Field(
-        "path", description="unit of the report's CIs and teacher tests: path means, or question means (the paper)"
-    )
-    schedule: Literal["sequential", "resident"] = Field(
-        "sequential",
-        description="'sequential': each model loaded once, used for every question and freed after its step "
-        "(fits large teachers on one GPU), targeted rollouts of all questions sampled together; 'resident': every "
-        "model loaded for the whole run, questions one at a time (as the Ray workers run them)",
-    )
-    targeting: TargetingConfig = Field(default_factory=TargetingConfig)
-    signals: SignalConfig = Field(default_factory=SignalConfig)
-    out_dir: str = Field("runs/diagnose", min_length=1, description="run directory (rerun to resume)")
+    seed: int = Field(0, ge=0, description="run seed; every sampling seed derives from it")
 
-    @model_validator(mode="after")
-    def _check(self) -> DiagnoseConfig:
-        names = [t.name for t in self.teachers]
-        dup = sorted({n for n in names if names.count(n) > 1})
-        if dup:
-            raise ValueError(f"teacher names must be unique, repeated: {dup}")
-        unknown = sorted(set(self.targeting_teachers or []) - set(names))
-        if unknown:
-            raise ValueError(f"targeting_teachers {unknown} are not teacher names; the teachers are {names}")
-        if self.n_correct_paths + self.n_incorrect_paths == 0:
-            raise ValueError("n_correct_paths + n_incorrect_paths is 0: no path would be scored; set one to >= 1")
-        return self
-
-    @model_validator(mode="before")
-    @classmethod
-    def _preset(cls, data: Any) -> Any:
-        if isinstance(data, dict) and data.get("protocol") == "paper":
-            return _apply_preset(data, PAPER_PRESET)
-        return data
-
-    def choices(self) -> dict[str, Any]:
-        """The choices that make a run paper-faithful or not, for the report."""
-        return {
-            "protocol": self.protocol,
-            "restriction to S_u": self.signals.restriction,
-            "tree accounting": self.tree_accounting,
-            "statistical unit": self.stat_unit,
-            "min visits per child": self.signals.min_visits,
-            "visit target": self.targeting.visit_target,
-            "targeting mode": self.targeting.mode,
-            "alignment estimator": self.signals.alignment_estimator,
-            "reference-solution fallback": self.fallback_reference_solution,
-            "thinking (student)": self.thinking,
-            "thinking (summariser)": self.summarizer_thinking,
-            "thinking (solution model)": self.solution_thinking,
-            "thinking (teachers)": {t.name: t.thinking for t in self.teachers if t.thinking is not None} or None,
-            "schedule": self.schedule,
-        }
-
-    @model_validator(mode="after")
-    def _vllm_temperature(self) -> DiagnoseConfig:
-        lo, hi = TEMPERATURE_RANGE
-        if self.rollout_engine == "vllm" and not lo <= self.temperature <= hi:
-            raise ValueError(f"temperature must be in [{lo}, {hi}] with rollout_engine: vllm "
-                             f"(vLLM rejects higher ones and raises lower ones to {lo}), got {self.temperature}")
-        return self
-
-    @classmethod
-    def from_yaml(cls, path: str | Path) -> DiagnoseConfig:
-        return load_yaml(cls, path)
+    def token_budget(self, task: HasBudget) -> int:
+        """The generation budget of a rollout: ``max_new_tokens``, else the task's own (the one rule)."""
+        return int(self.max_new_tokens or task.max_new_tokens)
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -208,42 +89,23 @@ def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
     return validate_config(cls, read_yaml(path), str(path))
 
 
-def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseConfig:
-    """The laptop-CPU demo: embedded SmolLM2, built-in arithmetic, three self-distillation contexts."""
-    return DiagnoseConfig(
-        student="smollm2",
-        task="arith",
-        n_questions=n_questions,
-        rollouts_per_question=24,
-        max_new_tokens=24,
-        teachers=list(DEFAULT_TEACHERS),
-        targeting=TargetingConfig(
-            first_window=6, per_window_gkd=2, per_window_gap=2, visit_target=8, max_rollouts_per_path=48
-        ),
-        signals=SignalConfig(min_visits=5),
-        # SmolLM2 solves few arith questions: show the reference answer when it has no usable
-        # correct rollout (each such question is listed in skips.parquet as a fallback)
-        fallback_reference_solution=True,
-        out_dir=out_dir,
-    )
-
-
 # ---------------------------------------------------------------------- run identity
-#: Keys of a :class:`DiagnoseConfig` that do not change what a run estimates: where it runs and
-#: how fast (device, dtype, sampler engine and its options) and where it writes. Every other key
-#: (model ids, task and its arguments, budgets, seed, teachers, targeting, signal thresholds,
-#: chunk size, which fixes the chunk seeds) is part of the run's fingerprint: a run directory
-#: resumes only under the same values. Changing an excluded key on resume is allowed; the
-#: rollouts then come from a different random stream or precision than the stored ones.
-#: ``schedule`` is one of the former (with several questions the sequential schedule samples the
-#: targeted rollouts of all questions together, the resident one each question alone: other random
-#: streams, the same distributions); ``stat_unit`` (the report only) changes no stored result.
-NON_RESULT_KEYS = frozenset({"device", "dtype", "rollout_engine", "vllm_options", "out_dir", "schedule", "stat_unit"})
+def with_legacy_values(stored: dict[str, Any], legacy: dict[tuple[str, str], Any]) -> dict[str, Any]:
+    """A stored run configuration (``config.yaml`` or the fingerprint's keys) with the keys it
+    lacks of ``legacy`` (a config class's ``LEGACY_VALUES``: keys added, or whose default changed,
+    after a run was written, with the value that run used) set to those values."""
+    out = dict(stored)
+    for (section, key), value in legacy.items():
+        if isinstance(out.get(section), dict) and key not in out[section]:
+            out[section] = {**out[section], key: value}
+    return out
 
 
 def result_keys(config: BaseModel) -> dict[str, Any]:
-    """The configuration values that determine a run's results (JSON-able, see :data:`NON_RESULT_KEYS`)."""
-    return {k: v for k, v in config.model_dump(mode="json").items() if k not in NON_RESULT_KEYS}
+    """The configuration values that determine a run's results (JSON-able): every key but the
+    config class's ``NON_RESULT_KEYS`` (where it runs and how fast, where it writes)."""
+    skip = getattr(type(config), "NON_RESULT_KEYS", frozenset())
+    return {k: v for k, v in config.model_dump(mode="json").items() if k not in skip}
 
 
 def fingerprint(keys: dict[str, Any]) -> str:
@@ -287,29 +149,6 @@ def describe_mismatch(stored: dict[str, Any], keys: dict[str, Any], limit: int =
     return shown + (f" (and {len(diff) - limit} more)" if len(diff) > limit else "")
 
 
-#: Values that keys added (or whose defaults changed) after a run was written had in that run:
-#: a stored configuration without the key ran with this value, not with today's default.
-LEGACY_VALUES: dict[tuple[str, str], Any] = {
-    ("signals", "alignment_estimator"): "plugin",  # the default until posterior_mean became ours
-    ("targeting", "scope"): "pairs",  # adaptive rounds spent on the chosen pairs only
-}
-
-
-def with_legacy_values(stored: dict[str, Any]) -> dict[str, Any]:
-    """A stored run configuration (``config.yaml`` or the fingerprint's keys) with the keys it
-    lacks of :data:`LEGACY_VALUES` set to the values its run used."""
-    out = dict(stored)
-    for (section, key), value in LEGACY_VALUES.items():
-        if isinstance(out.get(section), dict) and key not in out[section]:
-            out[section] = {**out[section], key: value}
-    return out
-
-
-def read_run_config(path: str | Path) -> DiagnoseConfig:
-    """The configuration a run directory's ``config.yaml`` was written with (see :func:`with_legacy_values`)."""
-    return validate_config(DiagnoseConfig, with_legacy_values(read_yaml(path)), str(path))
-
-
 def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any] | None:
     """The result keys a run directory was written with (``fingerprint.json``, else an older
     run's ``config.yaml``), keys added to ``cls`` since then filled with their defaults; None if
@@ -320,7 +159,7 @@ def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any]
             stored = json.loads(fp_file.read_text(encoding="utf-8"))["keys"]
         elif cfg_file.exists():
             stored = {k: v for k, v in (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).items()
-                      if k not in NON_RESULT_KEYS}  # fmt: skip
+                      if k not in getattr(cls, "NON_RESULT_KEYS", frozenset())}
         else:
             return None
         if not isinstance(stored, dict):
@@ -330,7 +169,7 @@ def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any]
             f"cannot read the stored configuration of {root} ({type(exc).__name__}: {exc}): "
             "pass --fresh to move the old run aside and start afresh"
         ) from None
-    stored = with_legacy_values(stored)
+    stored = with_legacy_values(stored, getattr(cls, "LEGACY_VALUES", {}))
     defaults = result_keys(cls())
     merged = {k: stored.get(k, defaults.get(k)) for k in set(defaults) | set(stored)}
     for k, d in defaults.items():

@@ -16,7 +16,7 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import torch
 
-from opdlens.diagnose.tree import PathStats
+from opdlens.diagnose.tree import PathStats, well_visited
 
 __all__ = ["children_column", "parse_children"]
 
@@ -39,7 +39,7 @@ def children_column(
     """
     big_l = stats.length
     node = np.repeat(np.arange(big_l), np.diff(stats.ptr))
-    keep = stats.visits >= max(int(min_visits), 1)
+    keep = well_visited(stats.visits, min_visits)
     node, tok = node[keep], stats.child_token[keep]
     visits, succ = stats.visits[keep], stats.successes[keep]
     order = np.lexsort((tok, -visits, node))  # by node, then most visited, then token id

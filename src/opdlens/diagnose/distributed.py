@@ -1,6 +1,6 @@
 """Ray: shard a diagnosis over the GPUs (or CPUs) of a cluster.
 
-:func:`diagnose_ray` runs the same computation as :func:`opdlens.diagnose.pipeline.diagnose`, split in
+:func:`diagnose_ray` runs the same computation as :func:`opdlens.diagnose.run.diagnose`, split in
 jobs that a pool of Ray actors takes from a queue (dynamic load balancing):
 
 * a *phase-1 job* per question: initial rollouts, representative paths, solutions, targeted
@@ -38,7 +38,12 @@ from typing import Any, Protocol
 import pandas as pd
 from tqdm.auto import tqdm
 
-from opdlens.diagnose.pipeline import Diagnosis, PhaseOptions, QuestionEnv, Teacher, skip_row, write_config, write_run_tables
+from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.diagnosis import Diagnosis, write_run_tables
+from opdlens.diagnose.questions import QuestionEnv, skip_row
+from opdlens.diagnose.run import write_config
+from opdlens.diagnose.schedule import Teacher
+from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore, safe_name
@@ -64,8 +69,8 @@ class WorkerFactory(Protocol):
 
 @dataclass
 class ConfigFactory:
-    """The :class:`WorkerFactory` of a :class:`opdlens.config.DiagnoseConfig`: the models are
-    loaded as :func:`opdlens.diagnose.pipeline.diagnose` does, on the actor's own GPU when the config asks
+    """The :class:`WorkerFactory` of a :class:`opdlens.diagnose.config.DiagnoseConfig`: the models are
+    loaded as :func:`opdlens.diagnose.run.diagnose` does, on the actor's own GPU when the config asks
     for CUDA (Ray makes exactly that GPU visible, so any ``cuda:<i>`` becomes ``cuda``)."""
 
     config: Any
@@ -78,7 +83,7 @@ class ConfigFactory:
         return [q.id for q in task.load(split=cfg.split, n=cfg.n_questions, seed=cfg.seed)]
 
     def __call__(self, out_dir: str) -> tuple[Diagnosis, Sequence[QuestionEnv]]:
-        from opdlens.diagnose.pipeline import build_diagnosis
+        from opdlens.diagnose.run import build_diagnosis
 
         update: dict[str, Any] = {"out_dir": out_dir}
         if str(self.config.device).startswith("cuda"):
@@ -92,13 +97,13 @@ class SyntheticFactory:
     Markov student, a helpful and a harmful tilted teacher, ``n_questions`` questions. Every
     actor rebuilds the same policies from ``seed``; for tests and for trying a cluster without
     models. ``prompt_lengths`` gives some questions prompt tokens (the synthetic model ignores
-    them; with ``options.max_context`` they exercise the context-length skip)."""
+    them; with ``max_context`` they exercise the context-length skip)."""
 
     seed: int = 0
     horizon: int = 10
     n_questions: int = 2
-    options: PhaseOptions = field(
-        default_factory=lambda: PhaseOptions(
+    options: DiagnoseConfig = field(
+        default_factory=lambda: DiagnoseConfig(
             rollouts_per_question=200,
             max_new_tokens=10,
             chunk_rollouts=100,
@@ -107,6 +112,7 @@ class SyntheticFactory:
         )
     )
     prompt_lengths: dict[str, int] = field(default_factory=dict)
+    max_context: int | None = None  # the student's input limit (None: the synthetic policy's)
 
     def question_ids(self) -> list[str]:
         return [f"q{i}" for i in range(self.n_questions)]
@@ -123,7 +129,8 @@ class SyntheticFactory:
             QuestionEnv(id=q, prompt_ids=[1] * self.prompt_lengths.get(q, 0), grade=student.is_success)
             for q in self.question_ids()
         ]
-        return Diagnosis(RunStore(out_dir), student, teachers, self.options, progress=False), envs
+        runtime = Runtime(max_context=self.max_context)
+        return Diagnosis(RunStore(out_dir), student, teachers, self.options, runtime, progress=False), envs
 
 
 class DiagnosisWorker:
@@ -216,10 +223,10 @@ def diagnose_ray(
     max_job_attempts: int = 3,
     on_result: Callable[[int, list[Any]], None] | None = None,
 ) -> RunStore:
-    """Run a diagnosis on a Ray cluster; same results as :func:`opdlens.diagnose.pipeline.diagnose`.
+    """Run a diagnosis on a Ray cluster; same results as :func:`opdlens.diagnose.run.diagnose`.
 
     Args:
-        config: a :class:`opdlens.config.DiagnoseConfig` (its ``out_dir`` must be on a shared
+        config: a :class:`opdlens.diagnose.config.DiagnoseConfig` (its ``out_dir`` must be on a shared
             filesystem when the cluster has several nodes; see the module docstring).
         address: the cluster (``"auto"``: the running one, ``"ray://host:10001"``...); ``"local"``,
             None or ``""`` always start a fresh local cluster (Ray's own default, None, would

@@ -8,7 +8,7 @@ accuracy; adding a wrong one should lower it.
 
 For every finished question of a run and every self-distillation teacher (teacher model = the
 student), the student samples ``n_samples`` completions from the context **exactly as that
-teacher sees it** (the token ids :meth:`opdlens.diagnose.pipeline.Diagnosis.prepare` gives phase 2 in
+teacher sees it** (the token ids :meth:`opdlens.diagnose.diagnosis.Diagnosis.prepare` gives phase 2 in
 ``Prepared.contexts``) and from its own plain prompt (context :data:`PLAIN`), with the run's
 generation budget and temperature; each completion is graded by the task.
 
@@ -43,7 +43,8 @@ from opdlens.errors import OpdlensError
 from opdlens.diagnose.store import RunStore, derive_seed, safe_name
 
 if TYPE_CHECKING:
-    from opdlens.diagnose.pipeline import Diagnosis, QuestionEnv
+    from opdlens.diagnose.diagnosis import Diagnosis
+    from opdlens.diagnose.questions import QuestionEnv
 
 __all__ = [
     "INCONTEXT_COLUMNS",
@@ -77,15 +78,15 @@ def sample_incontext(
 ) -> pd.DataFrame:
     """Sample and grade the student under each self-teacher context and its plain prompt.
 
-    ``diag``: a :class:`opdlens.diagnose.pipeline.Diagnosis` on the run's store whose trees, paths and
+    ``diag``: a :class:`opdlens.diagnose.diagnosis.Diagnosis` on the run's store whose trees, paths and
     solutions are stored (``prepare`` reads them back; it samples only what is missing);
-    ``envs``: the questions (:class:`opdlens.diagnose.pipeline.QuestionEnv`). Teachers whose policy is the
+    ``envs``: the questions (:class:`opdlens.diagnose.questions.QuestionEnv`). Teachers whose policy is the
     student are the self-teachers; others are ignored. Stored rows are kept (their sample count
     must equal ``n_samples``). Returns every stored row of the run (:func:`read_incontext`).
     """
     from tqdm.auto import tqdm
 
-    from opdlens.diagnose.pipeline import policy_max_context
+    from opdlens.diagnose.schedule import policy_max_context
 
     if n_samples < 1:
         raise OpdlensError(f"n_samples must be >= 1 (completions per question and context), got {n_samples}")
@@ -101,8 +102,8 @@ def sample_incontext(
         raise OpdlensError("no question to sample: in-context accuracy needs the finished questions of a run")
     if any(t.spec.name == PLAIN for t in selves):
         raise OpdlensError(f"a teacher is named {PLAIN!r}, the label of the student's own prompt: rename it")
-    opt = diag.opt
-    limit = opt.max_context or policy_max_context(student)
+    opt = diag.config
+    limit = diag.runtime.max_context or policy_max_context(student)
     for env in tqdm(envs, desc="in-context", unit="q", disable=not progress):
         prep = diag.prepare(env)
         skipped = {s["teacher"]: s["reason"] for s in prep.skips if s.get("action", "skipped") == "skipped"}
@@ -168,8 +169,8 @@ def run_incontext(
     unnecessary, and external teachers have no in-context accuracy). ``device`` overrides the
     run's device (e.g. ``cpu`` to read a GPU run on a laptop).
     """
-    from opdlens.config import read_run_config
-    from opdlens.diagnose.pipeline import build_diagnosis
+    from opdlens.diagnose.config import read_run_config
+    from opdlens.diagnose.run import build_diagnosis
 
     root = Path(run_dir)
     cfg_file = root / "config.yaml"

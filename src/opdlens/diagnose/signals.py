@@ -49,7 +49,7 @@ from scipy.signal import lfilter
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import check_logprobs
-from opdlens.diagnose.tree import PathStats
+from opdlens.diagnose.tree import PathStats, well_visited
 from opdlens.diagnose.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
 
 Tensor = torch.Tensor
@@ -224,7 +224,7 @@ def path_signals(
     s = torch.from_numpy(pad["successes"]).double()
     m = torch.from_numpy(pad["sampled"]).double()
     ms = torch.from_numpy(pad["sampled_successes"]).double()
-    mask = seen & (n >= max(cfg.min_visits, 1))  # S_u
+    mask = seen & well_visited(n, cfg.min_visits)  # S_u
     psucc = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(n))
 
     ls_k = lps.gather(1, tok.to(lps.device)).cpu()  # full-vocabulary work stays on the log-probs' device

@@ -25,11 +25,20 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 
+from typing import Any
+
 import numpy as np
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import TokenSeq
 
+
+
+def well_visited(visits: Any, min_visits: int) -> Any:
+    """The rule of S_u, in one place: a child is well visited with at least ``min_visits`` visits,
+    and never with none (an unvisited child has no ``P_succ`` estimate). Works on numpy arrays
+    and torch tensors of visit counts alike."""
+    return visits >= max(int(min_visits), 1)
 
 @dataclass
 class RolloutSet:
@@ -124,7 +133,7 @@ class PathStats:
 
     def padded(self, min_visits: int = 0) -> dict[str, np.ndarray]:
         """Children with ``visits >= min_visits`` as padded ``[L, K]`` arrays plus a mask."""
-        keep = self.visits >= max(min_visits, 1)
+        keep = well_visited(self.visits, min_visits)
         node = np.repeat(np.arange(self.length), np.diff(self.ptr))[keep]
         counts = np.bincount(node, minlength=self.length)
         kmax = max(int(counts.max()) if counts.size else 0, 1)

@@ -42,15 +42,13 @@ from typing import Any
 
 from opdlens.config import read_yaml, validate_config
 from opdlens.opd.trainer import TrainConfig, TrainResult, train
+from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
-
-TRAINABLE_CONTEXTS = ("plain", "1c", "1c1w", "1c-ext")
-
 
 def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
     """Name of the teacher configuration with the highest mean path alignment in a diagnose run."""
     from opdlens.analysis import per_teacher
-    from opdlens.diagnose.pipeline import load_results
+    from opdlens.diagnose.run import load_results
     from opdlens.diagnose.store import RunStore
 
     nodes, _, _ = load_results(RunStore(run_dir))
@@ -61,19 +59,19 @@ def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
 
 
 def train_config_from_diagnose(diagnose: Any, teacher: str, **overrides: Any) -> TrainConfig:
-    """A :class:`TrainConfig` for one teacher configuration of a :class:`~opdlens.config.DiagnoseConfig`.
+    """A :class:`TrainConfig` for one teacher configuration of a :class:`~opdlens.diagnose.config.DiagnoseConfig`.
 
     The teacher's model (or the student itself for self-distillation) and its context
-    (``plain`` | ``1c`` | ``1c1w`` | ``1c-ext``) carry over; summary contexts (``sum-*``) need a
+    (any registered context that needs no summary) carry over; summary contexts (``sum-*``) need a
     summariser model during training and are refused with a clear message.
     """
     specs = {t.name: t for t in diagnose.teachers}
     if teacher not in specs:
         raise OpdlensError(f"teacher {teacher!r} is not in the diagnose config; known: {', '.join(specs)}")
     spec = specs[teacher]
-    if spec.context not in TRAINABLE_CONTEXTS:
+    if not get_context(spec.context).trainable:
         raise OpdlensError(
-            f"teacher {teacher!r} uses context {spec.context!r}; training supports {', '.join(TRAINABLE_CONTEXTS)} "
+            f"teacher {teacher!r} uses context {spec.context!r}; training supports {', '.join(trainable_contexts())} "
             "(summaries need a summariser model in the loop): pick another teacher configuration"
         )
     base: dict[str, Any] = dict(
@@ -91,7 +89,7 @@ def load_train_config(path: str | Path) -> TrainConfig:
     data = read_yaml(p)
     if "from_diagnose" not in data:
         return TrainConfig.from_yaml(p)
-    from opdlens.config import DiagnoseConfig
+    from opdlens.diagnose.config import DiagnoseConfig
 
     run_dir = Path(data.pop("from_diagnose"))
     if not run_dir.is_absolute():

@@ -16,6 +16,8 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from opdlens.opd.losses import LOSSES, LossOptions, get_loss
+from opdlens.config import RunSettings
+from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
@@ -84,15 +86,12 @@ class PromptStage(BaseModel):
     embedding_model: str | None = Field(None, description="sentence-embedding model (cosine) instead of MinHash")
 
 
-class TrainConfig(BaseModel):
+class TrainConfig(RunSettings):
     """OPD run configuration (YAML-loadable with :meth:`from_yaml`)."""
 
     model_config = ConfigDict(extra="forbid")
 
-    student: str = Field("smollm2", description="'smollm2' (embedded), a local model directory or a HF hub id")
     teacher: str = Field("smollm2", description="same tokenizer as the student (checked)")
-    task: str = Field("arith", description="registered task name (opdlens tasks)")
-    task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
     train_split: str = Field("train", description="split of the training questions")
     train_questions: int | None = Field(512, description="number of training questions (None: all)")
     eval_split: str = Field("test", description="split of the held-out questions")
@@ -101,8 +100,8 @@ class TrainConfig(BaseModel):
     student_template: str = Field("same", description="student prompt: a TEMPLATES name or a format string with {prompt}")
     teacher_template: str = Field("same", description="teacher prompt: a TEMPLATES name or a format string ({prompt}, {answer})")
     teacher_temperature: float = Field(1.0, description="teacher logits are divided by it (authors' TEACHER_TEMPERATURE)")
-    teacher_context: Literal["plain", "1c", "1c1w", "1c-ext"] | None = Field(
-        None, description="a diagnose teacher context instead of teacher_template")
+    teacher_context: str | None = Field(
+        None, description="a diagnose teacher context (a registered one that needs no summary) instead of teacher_template")
     context_rollouts: int = Field(4, ge=1, description="student rollouts per question to find 1c/1c1w solutions")
     student_thinking: bool | None = Field(None, description="enable_thinking of the student's chat template (None: template default)")
     teacher_thinking: bool | None = Field(
@@ -132,10 +131,7 @@ class TrainConfig(BaseModel):
     rollout_chunk: int | None = Field(
         None, ge=1, description="questions per sampling call, each seeded by (seed, step, chunk); set it so that runs "
         "with different process counts draw identical rollouts (None: one call per process)")
-    max_new_tokens: int | None = Field(None, ge=1, description="generation budget (None: the task's)")
-    temperature: float = Field(1.0, description="student rollout temperature (the loss opd scores the student at it)")
     steps: int = Field(100, description="optimizer steps")
-    seed: int = Field(0, description="every step's randomness derives from (seed, step)")
 
     eval_every: int = Field(10, ge=0, description="held-out evaluation period in steps (0: off)")
     eval_temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out rollouts")
@@ -172,6 +168,14 @@ class TrainConfig(BaseModel):
         if v is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|\+\d+", v):
             raise ValueError(f"{v!r} is not a device: use 'cpu', 'cuda', 'cuda:<index>' or '+<offset>' "
                              "(each process's GPU index plus the offset)")
+        return v
+
+    @field_validator("teacher_context")
+    @classmethod
+    def _context(cls, v: str | None) -> str | None:
+        if v is not None and not get_context(v).trainable:
+            raise ValueError(f"context {v!r} needs a summary (a summariser model in the loop); "
+                             f"training supports {', '.join(trainable_contexts())}")
         return v
 
     @field_validator("loss")

@@ -385,7 +385,7 @@ def run_stages(cfg: Any, student: Any, teacher: Any, task: Any, questions: list[
         qs = questions[: cs.questions] if cs.questions else questions
         res_cs = cold_start_sft(
             student, teacher, qs, n_per_question=cs.n_per_question, temperature=cs.temperature,
-            max_new_tokens=cs.max_new_tokens or cfg.max_new_tokens or int(getattr(task, "max_new_tokens", 256)),
+            max_new_tokens=cs.max_new_tokens or cfg.token_budget(task),
             student_template=cfg.student_template, teacher_template=cs.teacher_template or cfg.teacher_template,
             lr=cs.lr, epochs=cs.epochs, batch_size=cs.batch_size, seed=cfg.seed,
             student_thinking=cfg.student_thinking, teacher_thinking=cfg.teacher_thinking)

@@ -92,7 +92,7 @@ class OPDTrainer:
         self.student, self.teacher, self.task = student, teacher, task
         self.train_questions = list(train_questions)
         self.eval_questions = list(eval_questions)
-        self.max_new_tokens = config.max_new_tokens or int(getattr(task, "max_new_tokens", 256))
+        self.max_new_tokens = config.token_budget(task)
         self.dist = dist or Dist(next(student.model.parameters()).device)
         self.model: torch.nn.Module = student.model
         if any(p.dtype != torch.float32 for p in self.model.parameters()):
@@ -247,13 +247,14 @@ def collect_solutions(student: Any, task: Any, questions: Sequence[Any], *, n: i
 def _prepare_contexts(cfg: TrainConfig, student: Any, task: Any, train_q: list[Any], eval_q: list[Any],
                       out_dir: Path, max_new_tokens: int, dist: Dist) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, int]]:
     """Solutions for diagnose-style teacher contexts; drops questions whose context cannot be built."""
-    from opdlens.diagnose.teachers import Solutions, missing_for
+    from opdlens.diagnose.teachers import Solutions, get_context, missing_for
 
     kind = cfg.teacher_context
-    if kind is None or kind == "plain":
+    needs = set(get_context(kind).needs) if kind is not None else set()
+    if not needs:
         return train_q, eval_q, {}, {}
     path = out_dir / "solutions.json"
-    if kind in ("1c", "1c1w"):
+    if needs & {"correct", "wrong"}:  # from the student's own rollouts
         if not path.is_file() and dist.is_main:
             sols = collect_solutions(student, task, train_q + eval_q, n=cfg.context_rollouts,
                                      max_new_tokens=max_new_tokens, seed=step_seed(cfg.seed, 0, salt=2))
@@ -341,7 +342,7 @@ def train(
         from opdlens.opd.recipes import replay_stages
 
         cfg, train_questions = replay_stages(cfg, list(train_questions), out_dir)
-    budget = cfg.max_new_tokens or int(getattr(task, "max_new_tokens", 256))
+    budget = cfg.token_budget(task)
     train_questions, eval_questions, sols, dropped = _prepare_contexts(
         cfg, student, task, list(train_questions), list(eval_questions), out_dir, budget, dist)
     trainer = OPDTrainer(cfg, student, teacher, task, train_questions, eval_questions, solutions=sols, dist=dist)

@@ -93,7 +93,7 @@ def write_report(
     ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`; the default percentile bootstrap
     stays inside the range of the path means, hence inside [-1, 1] (a t-interval over a few
     paths can reach past ±1). ``unit`` (path or question) is the statistical unit of its CIs and
-    tests; ``choices`` (the run config's :meth:`~opdlens.config.DiagnoseConfig.choices`) is listed
+    tests; ``choices`` (the run config's :meth:`~opdlens.diagnose.config.DiagnoseConfig.choices`) is listed
     so a reader knows which reading of the paper the run used. ``skips`` (question_id, teacher,
     reason) are listed in a table, ``inputs`` (question_id, question_text, gold) are shown above
     each question's tokens, and ``notes`` (e.g. that the run is partial) head the overview. The

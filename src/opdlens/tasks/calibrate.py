@@ -6,7 +6,7 @@ Run ``python -m opdlens.tasks.calibrate`` (options: ``--levels 1 2 3``, ``--ques
 
 For each level it samples ``samples`` completions at ``temperature`` for ``questions`` questions
 of the chat-templated prompt, with the same loading, prompt encoding, rollout engine and grading
-as ``opdlens diagnose`` (:func:`opdlens.models.load_policy`, :func:`opdlens.diagnose.pipeline.task_envs`),
+as ``opdlens diagnose`` (:func:`opdlens.models.load_policy`, :func:`opdlens.diagnose.questions.task_envs`),
 and prints the success rate, the per-question rates and the share of completions in which no
 answer was found. The default difficulty of :class:`~opdlens.tasks.arith.ArithTask` is the
 level whose rate is in about 0.2-0.6.
@@ -49,7 +49,7 @@ def measure_level(
 ) -> LevelResult:
     """Sample ``samples`` completions for each of ``questions`` questions (one engine call) and
     grade them as a diagnose run does."""
-    from opdlens.diagnose.pipeline import task_envs
+    from opdlens.diagnose.questions import task_envs
 
     t0 = time.perf_counter()
     envs = task_envs(task, task.load(n=questions, seed=seed), policy)

@@ -1,0 +1,202 @@
+"""A diagnose run from its configuration: the task's questions, the student and the scheduled
+models loaded, the :class:`~opdlens.diagnose.diagnosis.Diagnosis` built and run into its run
+directory (locked, fingerprinted, resumable)."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Any
+
+import pandas as pd
+
+from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.questions import Messages, QuestionEnv, task_envs
+from opdlens.diagnose.schedule import ModelSlot, Teacher
+from opdlens.diagnose.state import Runtime
+from opdlens.diagnose.store import RunStore, derive_seed, start_fresh
+from opdlens.errors import OpdlensError
+from opdlens.policy import Policy
+
+if TYPE_CHECKING:
+    from opdlens.diagnose.config import DiagnoseConfig
+
+def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """(nodes, questions, paths) tables of a finished run."""
+    nodes = store.read_all("nodes")
+    if nodes.empty:
+        raise OpdlensError(f"no per-node results in {store.root}: run `opdlens diagnose` first")
+    questions = store.read_table("questions.parquet")
+    paths = store.read_all("paths").drop(columns=["tokens"])
+    return nodes, questions, paths
+
+
+def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunStore:
+    """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir.
+
+    The run directory is locked while the run writes into it (a second run on it fails at once)
+    and is checked writable before any model loads. It resumes only a run of the same
+    fingerprint (:func:`write_config`); ``fresh`` first moves an existing directory aside
+    (``<out_dir>.old-<time>``) and starts a new run.
+    """
+    if fresh:
+        start_fresh(config.out_dir)
+    store = RunStore(config.out_dir)
+    store.check_writable()
+    with store.lock():
+        write_config(store, config)
+        diag, envs = build_diagnosis(config, progress=progress)
+        store.write_table("inputs.parquet", pd.DataFrame(
+            {"question_id": [e.id for e in envs], "question_text": [e.question_text for e in envs],
+             "gold": [e.gold for e in envs]}))  # fmt: skip
+        diag.run(envs)
+    return store
+
+
+def write_config(store: RunStore, config: Any) -> None:
+    """Save the run's configuration as ``config.yaml`` and its fingerprint (the keys that
+    determine results, :func:`opdlens.config.result_keys`) as ``fingerprint.json``.
+
+    A directory that already holds rollouts or scores must have the same fingerprint: otherwise
+    one error names the differing keys (stored and new values) and how to start afresh. A
+    directory with nothing stored (e.g. a first attempt that failed to load a model) takes the
+    new configuration. Both files are rewritten on every run, so they always describe it.
+    """
+    import json
+
+    import yaml
+
+    from opdlens.config import describe_mismatch, fingerprint, result_keys, stored_result_keys
+
+    keys = result_keys(config)
+    if store.has_results():
+        stored = stored_result_keys(store.root, type(config))
+        if stored is not None and (why := describe_mismatch(stored, keys)):
+            raise OpdlensError(
+                f"run directory {store.root} holds results of another configuration ({why}). "
+                "Rerun with the stored settings to resume, choose another out_dir, or pass --fresh "
+                "to move the old run aside and start afresh"
+            )
+    store.write_text("fingerprint.json", json.dumps({"fingerprint": fingerprint(keys), "keys": keys}, indent=1))
+    store.write_text("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def vllm_engine(config: Any, student: Any) -> Any:
+    """The student's vLLM sampler of a ``rollout_engine: vllm`` config (same EOS ids and dtype as
+    the loaded student, which still scores and writes the tree).
+
+    Called after the student is loaded and before the config's other models: on CUDA, vLLM's
+    ``gpu_memory_utilization`` (unless given in ``vllm_options``) is sized so that the teachers,
+    summariser and solution model still to load fit beside it (see
+    :func:`opdlens.rollout.vllm_engine.memory_share`)."""
+    from opdlens import models
+    from opdlens.rollout import VLLMEngine
+    from opdlens.rollout import vllm_engine as ve
+
+    if config.student == models.SMOLLM2:
+        raise OpdlensError("rollout_engine: vllm needs the student as a hub id or a local model directory; "
+                           "the embedded 'smollm2' GGUF runs with rollout_engine: torch")
+    opts = dict(config.vllm_options)
+    if config.dtype:
+        opts.setdefault("dtype", config.dtype)
+    opts.setdefault("seed", config.seed)
+    mem = ve.device_memory(config.device)
+    if mem is not None:
+        dtype = next(student.model.parameters()).dtype
+        later = {spec.model for spec in config.teachers} | {config.summarizer, config.solution_model}
+        later -= {None, config.student}  # the student's own spec is the already loaded student
+        opts["gpu_memory_utilization"] = ve.memory_share(
+            free=mem[0], total=mem[1], student_bytes=models.spec_weight_bytes(config.student, dtype),
+            # the sequential schedule holds one of them at a time, the resident one all together
+            later_bytes=(max if config.schedule == "sequential" else sum)(
+                [models.spec_weight_bytes(m, dtype) for m in sorted(later)] or [0]),
+            requested=opts.get("gpu_memory_utilization"))
+    return VLLMEngine.from_model(config.student, eos_token_ids=sorted(student.eos_token_ids), **opts)
+
+
+def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, list[QuestionEnv]]:
+    """Load the task, questions and student of a :class:`opdlens.config.DiagnoseConfig`: the
+    :class:`Diagnosis` writing into ``config.out_dir`` and the question environments. Teachers,
+    the summariser and the solution model are :class:`ModelSlot` objects the schedule loads when
+    needed (their tokenizers are checked against the student's now)."""
+    from opdlens.models import chat_encoder, check_tokenizer_vocab, load_policy
+    from opdlens.tasks import get_task
+
+    store = RunStore(config.out_dir)
+    task = get_task(config.task, **config.task_args)
+    questions = task.load(split=config.split, n=config.n_questions, seed=config.seed)
+    student = load_policy(config.student, device=config.device, dtype=config.dtype)
+    student.use_engine_config(config.engine)
+    if config.rollout_engine == "vllm":
+        student.engine = vllm_engine(config, student)
+    slots: dict[str, ModelSlot] = {}
+
+    def slot(spec: str) -> ModelSlot:
+        if spec not in slots:
+            check_tokenizer_vocab(student, spec)
+            slots[spec] = _model_slot(spec, student, config)
+        return slots[spec]
+
+    teachers = []
+    for t in config.teachers:
+        thinking = config.thinking if t.thinking is None else t.thinking
+        if t.model is None:
+            teachers.append(Teacher(t, student, lambda m, th=thinking: student.encode_chat(m, thinking=th)))
+        else:
+            teachers.append(Teacher(t, slot(t.model), chat_encoder(t.model, thinking)))
+    summ = slot(config.summarizer) if config.summarizer else None
+    summ_encode = chat_encoder(config.summarizer, config.summarizer_thinking) if config.summarizer else (
+        lambda m: student.encode_chat(m, thinking=config.summarizer_thinking))
+    # the one resolved copy of the configuration the diagnosis reads (the stored config.yaml keeps null)
+    config = config.model_copy(update={"max_new_tokens": config.token_budget(task)})
+    runtime = Runtime(
+        summarizer=summ,
+        summarizer_encode=summ_encode,
+        summarizer_decode=(lambda toks: summ.get().decode(toks)) if summ is not None else student.decode,
+    )
+    if config.solution_model:
+        runtime.solution_slot = slot(config.solution_model)
+        runtime.solution_writer = _solution_writer(
+            runtime.solution_slot, chat_encoder(config.solution_model, config.solution_thinking), task, questions,
+            config,
+        )
+    diag = Diagnosis(store, student, teachers, config, runtime, progress=progress)
+    return diag, task_envs(task, questions, student, config.thinking)
+
+
+def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
+    """A scheduled model: loaded with the run's device and dtype, checked against the student's
+    vocabulary once loaded, and freed with :func:`opdlens.models.release_policy`."""
+    from opdlens.models import check_tokenizers_compatible, load_policy, release_policy, spec_max_context
+
+    def load() -> Policy:
+        policy = load_policy(spec, device=config.device, dtype=config.dtype)
+        policy.model.requires_grad_(False)  # inference only (lets the engine fuse weights without a copy)
+        check_tokenizers_compatible(student, policy)
+        return policy
+
+    return ModelSlot(load, release_policy, spec, spec_max_context(spec))
+
+
+def _solution_writer(
+    slot: ModelSlot, encode: Callable[[Messages], list[int]], task: Any, questions: Sequence[Any],
+    config: DiagnoseConfig,
+) -> Callable[[QuestionEnv], tuple[str | None, str]]:
+    """A function writing one correct solution per question with another (bigger) model, with
+    the run's generation budget (``config.max_new_tokens``, resolved); (None, reason) when none of
+    ``config.solution_tries`` samples at ``config.solution_temperature`` is correct."""
+    by_id = {q.id: q for q in questions}
+    seed, tries, max_new_tokens = config.seed, config.solution_tries, int(config.max_new_tokens or 0)
+
+    def write(env: QuestionEnv) -> tuple[str | None, str]:
+        q = by_id[env.id]
+        model = slot.get()
+        ids = encode([{"role": "user", "content": q.prompt}])
+        comps = model.sample([ids], tries, max_new_tokens, seed=derive_seed(seed, env.id, "external"),
+                             temperature=config.solution_temperature)
+        for c in comps[0]:
+            text = model.decode([t for t in c.tokens if t not in model.eos_token_ids])
+            if task.check(text, q):
+                return text, ""
+        return None, f"the solution model wrote no correct solution in {tries} tries of <= {max_new_tokens} tokens"
+
+    return write
