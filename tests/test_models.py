@@ -143,7 +143,7 @@ def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = {**MODEL_SHAPES["qwen3-0.6b"], "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
     monkeypatch.setitem(MODEL_SHAPES, "qwen3-test", tiny)
-    monkeypatch.setattr(models, "_POLICY_CACHE", {})
+    monkeypatch.setattr(models.loading, "_POLICY_CACHE", {})
     a = models.load_policy("random:qwen3-test:3")
     assert a.vocab_size == len(models.load_tokenizer(models.SMOLLM2)) == 49152
     assert a.model.config.num_hidden_layers == 1 and a.model.config.hidden_size == 32
@@ -153,7 +153,7 @@ def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     b = models.load_policy("random:qwen3-test:4")
     x = [[1, 2, 3, 4]]
     assert not torch.equal(a.next_token_logprobs(x), b.next_token_logprobs(x))
-    monkeypatch.setattr(models, "_POLICY_CACHE", {})
+    monkeypatch.setattr(models.loading, "_POLICY_CACHE", {})
     assert torch.equal(models.load_policy("random:qwen3-test:3").next_token_logprobs(x), a.next_token_logprobs(x))
     assert models.spec_max_context("random:qwen3-test") == 40960
     # and its weight bytes, from the config alone, are those of the model it builds
