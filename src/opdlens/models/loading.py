@@ -204,7 +204,9 @@ def _random_spec(spec: str) -> tuple[dict[str, Any], int]:
     parts = spec[len(RANDOM_PREFIX):].split(":")
     shape, seed = parts[0].lower(), parts[1] if len(parts) > 1 else "0"
     if shape not in MODEL_SHAPES or not seed.isdigit() or len(parts) > 2:
-        raise OpdlensError(f"bad random model spec {spec!r}: use 'random:<shape>[:<seed>]' with a shape in {sorted(MODEL_SHAPES)}")
+        raise OpdlensError(
+            f"bad random model spec {spec!r}: use 'random:<shape>[:<seed>]' with a shape in {sorted(MODEL_SHAPES)}"
+        )
     tok = load_tokenizer(SMOLLM2)
     fields = dict(MODEL_SHAPES[shape], vocab_size=len(tok), eos_token_id=tok.eos_token_id,
                   bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
@@ -215,7 +217,8 @@ def _random_spec_policy(spec: str, device: torch.device, dtype: torch.dtype, **p
     """``random:<shape>[:<seed>]``: a random-weight model of that shape with the embedded SmolLM2
     tokenizer, for memory/time runs of real model sizes without any download."""
     fields, seed = _random_spec(spec)
-    return random_policy(fields, seed=seed, device=device, dtype=dtype, tokenizer=load_tokenizer(SMOLLM2), **policy_options)
+    tok = load_tokenizer(SMOLLM2)
+    return random_policy(fields, seed=seed, device=device, dtype=dtype, tokenizer=tok, **policy_options)
 
 
 def build_config(shape: str | Mapping[str, Any], **overrides: Any) -> Any:

@@ -189,7 +189,8 @@ class HFPolicy:
         ids, mask, pos = self._left_padded([c + x for c, x in seqs])
         kw = {} if len(seqs) == 1 else {"attention_mask": mask.to(dev), "position_ids": pos.to(dev)}
         with attention_backends():
-            logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits  # [B, keep, V]
+            # [B, keep, V]
+            logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits
         rows = torch.cat([logits[r, keep - 1 - len(x): keep - 1] for r, (_, x) in enumerate(seqs)])
         lp = check_logprobs(torch.log_softmax(rows.float(), dim=-1), self.name).to(dest)
         return list(lp.split([len(x) for _, x in seqs]))
@@ -256,7 +257,8 @@ class HFPolicy:
 
     def decode_many(self, many: Sequence[TokenSeq]) -> list[str]:
         """:meth:`decode` of many token sequences in one batched call of the tokenizer."""
-        return [str(x) for x in self._tok().batch_decode([[int(t) for t in toks] for toks in many], skip_special_tokens=False)]
+        ids = [[int(t) for t in toks] for toks in many]
+        return [str(x) for x in self._tok().batch_decode(ids, skip_special_tokens=False)]
 
     def token_texts(self, tokens: TokenSeq) -> list[str]:
         """One display string per token (partial UTF-8 bytes show as U+FFFD)."""
