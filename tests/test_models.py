@@ -11,14 +11,13 @@ from opdlens.models import (
     MODEL_SHAPES,
     HFPolicy,
     build_config,
-    check_tokenizers_compatible,
     load_policy,
     random_policy,
     spec_weight_bytes,
     tiny_random_policy,
 )
 from opdlens.errors import OpdlensError
-from opdlens.policy import Policy
+from opdlens.policy import Policy, check_same_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +103,20 @@ def test_chat_fallback_without_template(pol: HFPolicy) -> None:
 
 
 def test_tokenizer_compatibility(pol: HFPolicy) -> None:
-    check_tokenizers_compatible(pol, tiny_random_policy(seed=1))  # same tokenizer: fine
+    check_same_tokenizer(pol, tiny_random_policy(seed=1))  # same tokenizer: fine
     tok2 = copy.deepcopy(pol.tokenizer)
     tok2.add_tokens(["<extra_a>", "<extra_b>"])
     other = tiny_random_policy(seed=2, vocab_size=len(tok2), tokenizer=None)
     teacher = HFPolicy(other.model, tok2, name="other-family")
     with pytest.raises(OpdlensError) as err:
-        check_tokenizers_compatible(pol, teacher)
+        check_same_tokenizer(pol, teacher)
     msg = str(err.value)
     assert "49152 (student) != 49154 (teacher)" in msg
     assert "2 token->id entries differ" in msg and "'<extra_a>': None vs 49152" in msg
     assert "same model family" in msg
     raw = tiny_random_policy(seed=0, vocab_size=16)
     with pytest.raises(OpdlensError, match="EOS ids"):
-        check_tokenizers_compatible(pol, raw)
+        check_same_tokenizer(pol, raw)
 
 
 def test_random_shapes_config() -> None:

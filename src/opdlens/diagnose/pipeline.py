@@ -50,7 +50,7 @@ import torch
 from tqdm.auto import tqdm
 
 from opdlens.errors import OpdlensError
-from opdlens.policy import Completion, Policy, attention_backends, check_same_vocab
+from opdlens.policy import Completion, Policy, attention_backends, check_same_tokenizer
 from opdlens.diagnose.children import children_column
 from opdlens.rollout.decode import CAPTURE_LOCK
 from opdlens.diagnose.signals import SignalConfig, path_signals
@@ -258,7 +258,7 @@ class Diagnosis:
             raise OpdlensError(f"teacher names must be unique, got {names}")
         for t in teachers:
             if t.slot.loaded:  # scheduled models are checked when build_diagnosis loads them
-                check_same_vocab(student, t.policy)
+                check_same_tokenizer(student, t.policy)
         self.store, self.student, self.teachers = store, student, list(teachers)
         self.opt = options or PhaseOptions()
         if self.opt.schedule not in ("sequential", "resident"):
@@ -1083,7 +1083,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     :class:`Diagnosis` writing into ``config.out_dir`` and the question environments. Teachers,
     the summariser and the solution model are :class:`ModelSlot` objects the schedule loads when
     needed (their tokenizers are checked against the student's now)."""
-    from opdlens.models import chat_encoder, check_tokenizer_vocab, load_policy
+    from opdlens.models import chat_encoder, check_spec_tokenizer, load_policy
     from opdlens.tasks import get_task
 
     store = RunStore(config.out_dir)
@@ -1097,7 +1097,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
 
     def slot(spec: str) -> ModelSlot:
         if spec not in slots:
-            check_tokenizer_vocab(student, spec)
+            check_spec_tokenizer(student, spec)
             slots[spec] = _model_slot(spec, student, config)
         return slots[spec]
 
@@ -1144,12 +1144,12 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
 def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
     """A scheduled model: loaded with the run's device and dtype, checked against the student's
     vocabulary once loaded, and freed with :func:`opdlens.models.release_policy`."""
-    from opdlens.models import check_tokenizers_compatible, load_policy, release_policy, spec_max_context
+    from opdlens.models import load_policy, release_policy, spec_max_context
 
     def load() -> Policy:
         policy = load_policy(spec, device=config.device, dtype=config.dtype)
         policy.model.requires_grad_(False)  # inference only (lets the engine fuse weights without a copy)
-        check_tokenizers_compatible(student, policy)
+        check_same_tokenizer(student, policy)
         return policy
 
     return ModelSlot(load, release_policy, spec, spec_max_context(spec))

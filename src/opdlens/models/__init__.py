@@ -7,7 +7,7 @@
   :func:`encode_chat`;
 * :mod:`~opdlens.models.loading`: :func:`load_policy` / :func:`release_policy`, the random-weight
   shapes, and a spec's context, vocabulary and weight bytes read from its config alone;
-* :mod:`~opdlens.models.tokenizers`: a spec's chat encoder and the tokenizer checks.
+* :mod:`~opdlens.models.tokenizers`: a spec's chat encoder and the check of its tokenizer before loading.
 
 The names are re-exported here, so ``from opdlens.models import load_policy`` works. Module state
 (the caches) lives in the submodules: patch it there (e.g. ``opdlens.models.loading._POLICY_CACHE``).
@@ -27,7 +27,7 @@ from opdlens.models.loading import (
 )
 from opdlens.models.scoring import HFPolicy, encode_chat
 from opdlens.models.sources import SMOLLM2, hub_reachable, load_tokenizer, smollm2_gguf_path
-from opdlens.models.tokenizers import chat_encoder, check_tokenizer_vocab, check_tokenizers_compatible
+from opdlens.models.tokenizers import chat_encoder, check_spec_tokenizer
 
 __all__ = [
     "HFPolicy",
@@ -36,8 +36,7 @@ __all__ = [
     "SMOLLM2",
     "build_config",
     "chat_encoder",
-    "check_tokenizer_vocab",
-    "check_tokenizers_compatible",
+    "check_spec_tokenizer",
     "encode_chat",
     "hub_reachable",
     "load_policy",
