@@ -12,16 +12,21 @@
 
 from __future__ import annotations
 
-import os
 from collections.abc import Mapping
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.models.scoring import HFPolicy
-from opdlens.models.sources import SMOLLM2, _LOCK, _cache_dir, _from_pretrained, load_tokenizer, smollm2_gguf_path
+from opdlens.models.sources import (
+    SMOLLM2,
+    _LOCK,
+    _from_pretrained,
+    _load_smollm2_model,
+    load_tokenizer,
+    smollm2_gguf_path,
+)
 from opdlens.policy import parse_dtype
 
 
@@ -157,45 +162,6 @@ def release_policy(policy: HFPolicy) -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
-
-
-def _load_smollm2_model(dtype: torch.dtype) -> Any:
-    """The embedded GGUF, dequantised once and cached as float32 safetensors under ``$OPDLENS_CACHE``."""
-    import copy
-    import shutil
-    import tempfile
-
-    from safetensors.torch import load_file, save_model
-    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
-
-    gguf = smollm2_gguf_path()
-    saved = _cache_dir() / f"model-{gguf.stem}"
-    if (saved / "model.safetensors").exists():
-        try:
-            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(saved)), dtype=torch.float32)
-            model.load_state_dict(load_file(str(saved / "model.safetensors")), strict=False)
-            model.tie_weights()
-            model.generation_config = GenerationConfig.from_pretrained(str(saved))
-            return model.to(dtype)
-        except Exception:
-            shutil.rmtree(saved, ignore_errors=True)  # stale or partial: rebuild below
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32)
-    try:  # write to a temporary folder, then rename: safe against concurrent loaders
-        saved.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".tmp-model-"))
-        cfg = copy.deepcopy(model.config)
-        if hasattr(cfg, "quantization_config"):
-            del cfg.quantization_config  # the weights are dequantised
-        cfg.save_pretrained(str(tmp))
-        model.generation_config.save_pretrained(str(tmp))
-        save_model(model, str(tmp / "model.safetensors"))
-        try:
-            os.replace(tmp, saved)
-        except OSError:
-            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
-    except OSError:
-        pass  # read-only cache: just slower next time
-    return model.to(dtype)
 
 
 def _random_spec(spec: str) -> tuple[dict[str, Any], int]:

