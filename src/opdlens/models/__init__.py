@@ -1,7 +1,8 @@
 """Students and teachers backed by Hugging Face causal LMs.
 
-* :mod:`~opdlens.models.sources`: where models and tokenizers come from (the embedded SmolLM2 GGUF,
-  local directories, the hub with its reachability checked once) and :func:`load_tokenizer`;
+* :mod:`~opdlens.models.sources`: where models and tokenizers come from (the embedded SmolLM2 GGUF and
+  its dequantised cache, local directories, the hub with its reachability checked once) and
+  :func:`load_tokenizer`;
 * :mod:`~opdlens.models.scoring`: :class:`HFPolicy`, the :class:`opdlens.policy.Policy` of any causal
   LM (batched scoring, sampling through :class:`opdlens.rollout.TorchEngine`, text helpers) and
   :func:`encode_chat`;
