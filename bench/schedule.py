@@ -53,7 +53,7 @@ def main() -> None:
     if args.tokenizer_dir is not None:
         from transformers import AutoTokenizer
 
-        models._TOKENIZER_CACHE[models.SMOLLM2] = AutoTokenizer.from_pretrained(str(args.tokenizer_dir))
+        models.sources._TOKENIZER_CACHE[models.SMOLLM2] = AutoTokenizer.from_pretrained(str(args.tokenizer_dir))
     shutil.rmtree(args.out, ignore_errors=True)
     cfg = DiagnoseConfig.model_validate({
         "protocol": "paper", "student": "random:qwen3-0.6b", "device": args.device, "dtype": "bfloat16" if args.device == "cuda" else "float32",

@@ -16,12 +16,12 @@ from typer.testing import CliRunner
 from opdlens.cli import app
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.distributed import SyntheticFactory
-from opdlens.models import check_tokenizers_compatible, load_tokenizer, random_policy, tiny_random_policy
+from opdlens.models import load_tokenizer, random_policy, tiny_random_policy
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import diagnose, load_results
 from opdlens.diagnose.schedule import policy_max_context
 from opdlens.errors import OpdlensError
-from opdlens.policy import sample_counts
+from opdlens.policy import check_same_tokenizer, sample_counts
 from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS
 from opdlens.tasks import NO_ANSWER, get_task
@@ -85,7 +85,7 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_dirs):
     a = tiny_random_policy(seed=0, vocab_size=64)
     b = tiny_random_policy(seed=0, vocab_size=100)
     with pytest.raises(OpdlensError, match=r"output vocabulary size 64 \(student\) != 100 \(teacher\)"):
-        check_tokenizers_compatible(a, b)
+        check_same_tokenizer(a, b)
     student, other = tiny_dirs
     cfg = _small(tmp_path, student=str(student), teachers=[TeacherSpec(name="big", model=str(other))])
     with pytest.raises(OpdlensError, match=r"do not share a tokenizer: output vocabulary size 49152 \(student\) != 49216"):

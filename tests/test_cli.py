@@ -118,7 +118,7 @@ def test_unknown_hub_id_fails_fast_with_the_whole_message(tmp_path, monkeypatch)
     from opdlens import models
 
     monkeypatch.setattr(hc, "ENDPOINT", "http://127.0.0.1:9")  # nothing listens: the hub is unreachable
-    monkeypatch.setattr(models, "_HUB_REACHABLE", {})
+    monkeypatch.setattr(models.sources, "_HUB_REACHABLE", {})
     cfg = tmp_path / "c.yaml"
     cfg.write_text(f"student: no-such-org/no-such-model\nout_dir: {tmp_path / 'run'}\n")
     start = time.perf_counter()

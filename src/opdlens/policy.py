@@ -11,7 +11,8 @@ Two implementations live in the package:
   probabilities are exact (dynamic programming); it is the oracle of the test-suite.
 
 Beside the protocol, the helpers every implementation and engine shares: checks of log-probs and
-sample counts, dtype names, and :func:`attention_backends`, the guard around forwards of changing
+sample counts, :func:`check_same_tokenizer` (the student/teacher vocabulary rule), dtype names, and
+:func:`attention_backends`, the guard around forwards of changing
 shapes.
 """
 
@@ -122,13 +123,57 @@ def check_logprobs(logprobs: torch.Tensor, who: str) -> torch.Tensor:
     return logprobs
 
 
-def check_same_vocab(student: Policy, teacher: Policy) -> None:
-    """Student and teacher must score the same token ids."""
-    if student.vocab_size != teacher.vocab_size:
+class Vocabulary(Protocol):
+    """What :func:`check_same_tokenizer` reads of a student or a teacher. Every :class:`Policy` is
+    one; so is a teacher spec read before its weights are loaded, whose EOS ids (and, for some
+    specs, vocabulary size) are None: not known yet. Optional attributes: ``tokenizer`` (absent:
+    no token map to compare, as for the synthetic oracle; None: a raw-token model) and ``name``."""
+
+    @property
+    def vocab_size(self) -> int | None: ...
+
+    @property
+    def eos_token_ids(self) -> frozenset[int] | None: ...
+
+
+_ABSENT = object()
+
+
+def check_same_tokenizer(student: Vocabulary, teacher: Vocabulary, max_examples: int = 5) -> None:
+    """Refuse a student/teacher pair that does not score the same token ids: the one vocabulary rule.
+
+    Distillation and the diagnosis compare two distributions id by id, so both sides need the same
+    output vocabulary size, the same token->id map and the same end-of-sequence ids. What a side
+    cannot tell (see :class:`Vocabulary`) is not compared, so one rule serves loaded Hugging Face
+    policies, the synthetic oracle, and a teacher spec checked before loading
+    (:func:`opdlens.models.check_spec_tokenizer`). The error lists every difference found.
+    """
+    problems: list[str] = []
+    sv, tv = student.vocab_size, teacher.vocab_size
+    if sv is not None and tv is not None and sv != tv:
+        problems.append(f"output vocabulary size {sv} (student) != {tv} (teacher)")
+    s_tok, t_tok = getattr(student, "tokenizer", _ABSENT), getattr(teacher, "tokenizer", _ABSENT)
+    if s_tok is _ABSENT or t_tok is _ABSENT or s_tok is t_tok:
+        pass  # no token map on one side, or one tokenizer for both
+    elif s_tok is not None and t_tok is not None:
+        s_map, t_map = s_tok.get_vocab(), t_tok.get_vocab()
+        diff = sorted(t for t in set(s_map) | set(t_map) if s_map.get(t) != t_map.get(t))
+        if diff:
+            ex = ", ".join(f"{t!r}: {s_map.get(t)} vs {t_map.get(t)}" for t in diff[:max_examples])
+            problems.append(f"{len(diff)} token->id entries differ (student vs teacher), e.g. {ex}")
+    else:
+        problems.append("one policy has a tokenizer and the other has none")
+    se, te = student.eos_token_ids, teacher.eos_token_ids
+    if se is not None and te is not None and se != te:
+        problems.append(f"EOS ids {sorted(se)} (student) != {sorted(te)} (teacher)")
+    if problems:
+        names = [getattr(p, "name", "") or type(p).__name__ for p in (student, teacher)]
         raise OpdlensError(
-            f"student vocabulary size {student.vocab_size} != teacher vocabulary size "
-            f"{teacher.vocab_size}: distillation signals need a shared tokenizer. Pick a teacher "
-            "from the same model family (same tokenizer), e.g. Qwen3-0.6B with Qwen3-8B."
+            f"student {names[0]!r} and teacher {names[1]!r} do not share a tokenizer: "
+            + "; ".join(problems)
+            + ". Distillation compares distributions over the same token ids, so it needs a shared tokenizer: use a "
+            "teacher of the same model family with the same tokenizer (e.g. Qwen3-0.6B with Qwen3-8B, SmolLM2-135M "
+            "with SmolLM2-1.7B)."
         )
 
 

@@ -52,7 +52,7 @@ from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.store import RunStore
 from opdlens.diagnose.teachers import needed_texts
 from opdlens.errors import OpdlensError
-from opdlens.policy import Policy, check_same_vocab
+from opdlens.policy import Policy, check_same_tokenizer
 from opdlens.rollout.decode import CAPTURE_LOCK
 
 if TYPE_CHECKING:
@@ -81,7 +81,7 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
             raise OpdlensError(f"teacher names must be unique, got {names}")
         for t in teachers:
             if t.slot.loaded:  # scheduled models are checked when build_diagnosis loads them
-                check_same_vocab(student, t.policy)
+                check_same_tokenizer(student, t.policy)
         self.store, self.student, self.teachers = store, student, list(teachers)
         if config.max_new_tokens is None:
             raise OpdlensError("the diagnosis needs a resolved generation budget: set max_new_tokens "

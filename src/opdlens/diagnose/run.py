@@ -15,7 +15,7 @@ from opdlens.diagnose.schedule import ModelSlot, Teacher
 from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.store import RunStore, derive_seed, start_fresh
 from opdlens.errors import OpdlensError
-from opdlens.policy import Policy
+from opdlens.policy import Policy, check_same_tokenizer
 
 if TYPE_CHECKING:
     from opdlens.diagnose.config import DiagnoseConfig
@@ -118,7 +118,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     :class:`Diagnosis` writing into ``config.out_dir`` and the question environments. Teachers,
     the summariser and the solution model are :class:`ModelSlot` objects the schedule loads when
     needed (their tokenizers are checked against the student's now)."""
-    from opdlens.models import chat_encoder, check_tokenizer_vocab, load_policy
+    from opdlens.models import chat_encoder, check_spec_tokenizer, load_policy
     from opdlens.tasks import get_task
 
     store = RunStore(config.out_dir)
@@ -132,7 +132,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
 
     def slot(spec: str) -> ModelSlot:
         if spec not in slots:
-            check_tokenizer_vocab(student, spec)
+            check_spec_tokenizer(student, spec)
             slots[spec] = _model_slot(spec, student, config)
         return slots[spec]
 
@@ -166,12 +166,12 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
 def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
     """A scheduled model: loaded with the run's device and dtype, checked against the student's
     vocabulary once loaded, and freed with :func:`opdlens.models.release_policy`."""
-    from opdlens.models import check_tokenizers_compatible, load_policy, release_policy, spec_max_context
+    from opdlens.models import load_policy, release_policy, spec_max_context
 
     def load() -> Policy:
         policy = load_policy(spec, device=config.device, dtype=config.dtype)
         policy.model.requires_grad_(False)  # inference only (lets the engine fuse weights without a copy)
-        check_tokenizers_compatible(student, policy)
+        check_same_tokenizer(student, policy)
         return policy
 
     return ModelSlot(load, release_policy, spec, spec_max_context(spec))

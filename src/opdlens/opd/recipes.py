@@ -32,8 +32,9 @@ import torch
 from opdlens.opd.batching import completion_logits, pad_tokens
 from opdlens.opd.metrics import token_metrics
 from opdlens.opd.config import resolve_template
-from opdlens.opd.scoring import check_compatible, encode_user, pad_id, step_seed
+from opdlens.opd.scoring import encode_user, pad_id, step_seed
 from opdlens.errors import OpdlensError
+from opdlens.policy import check_same_tokenizer
 
 
 # ---------------------------------------------------------------------------- filtering
@@ -109,7 +110,7 @@ def cold_start_sft(
 
     Raises :class:`OpdlensError` when every rollout is filtered out.
     """
-    check_compatible(student, teacher)
+    check_same_tokenizer(student, teacher)
     if not questions:
         raise OpdlensError("cold_start_sft needs at least one question")
     s_tpl, t_tpl = resolve_template(student_template), resolve_template(teacher_template)
@@ -200,7 +201,7 @@ def select_template(
     prompt* setting); ``"teacher"``: only the teacher's context changes, the student rollouts are
     sampled once from the plain prompt. Returns the scores sorted best first (highest overlap).
     """
-    check_compatible(student, teacher)
+    check_same_tokenizer(student, teacher)
     if isinstance(candidates, Mapping):
         items = list(candidates.items())
     else:

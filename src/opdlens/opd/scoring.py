@@ -26,7 +26,6 @@ import torch
 from opdlens.opd.batching import completion_logits, model_device, pad_tokens
 from opdlens.opd.config import TrainConfig, resolve_template
 from opdlens.errors import OpdlensError
-from opdlens.policy import check_same_vocab
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -117,16 +116,6 @@ def pad_id(policy: Any) -> int:
     if isinstance(pid, int):
         return pid
     return int(min(policy.eos_token_ids)) if policy.eos_token_ids else 0
-
-
-def check_compatible(student: Any, teacher: Any) -> None:
-    """Refuse a student/teacher pair that does not share a tokenizer (OPD compares token ids)."""
-    from opdlens.models import check_tokenizers_compatible
-
-    if hasattr(student, "tokenizer") and hasattr(teacher, "tokenizer"):
-        check_tokenizers_compatible(student, teacher)
-    else:
-        check_same_vocab(student, teacher)
 
 
 def frozen_copy(policy: Any) -> Any:

@@ -42,7 +42,6 @@ from opdlens.opd.runlog import METRICS_FILE, RunLogger, read_metrics
 from opdlens.opd.scoring import (
     Rollout,
     Scorer,
-    check_compatible,
     decode,
     encode_messages,
     encode_user,
@@ -52,6 +51,7 @@ from opdlens.opd.scoring import (
 )
 from opdlens.opd.step import accumulate_gradients, grpo_advantages, score_signals
 from opdlens.errors import OpdlensError
+from opdlens.policy import check_same_tokenizer
 
 __all__ = ["TEMPLATES", "TrainConfig", "TrainResult", "OPDTrainer", "train", "read_metrics", "resolve_template",
            "list_checkpoints", "encode_user", "encode_messages"]
@@ -85,7 +85,7 @@ class OPDTrainer:
                  solutions: dict[str, Any] | None = None, dist: Dist | None = None) -> None:
         if teacher is student or getattr(teacher, "model", None) is getattr(student, "model", None):
             teacher = frozen_copy(teacher)  # a frozen snapshot: the teacher must not move
-        check_compatible(student, teacher)
+        check_same_tokenizer(student, teacher)
         if not train_questions:
             raise OpdlensError("no training questions: check task / train_split / train_questions")
         self.config = config
