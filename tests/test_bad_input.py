@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from opdlens.cli import app
 from opdlens.config import DiagnoseConfig
-from opdlens.diagnose.distributed import SyntheticFactory
 from opdlens.models import check_tokenizers_compatible, load_tokenizer, random_policy, tiny_random_policy
 from opdlens.diagnose.pipeline import QuestionEnv, diagnose, load_results, policy_max_context
 from opdlens.errors import OpdlensError
@@ -24,6 +23,7 @@ from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS
 from opdlens.tasks import NO_ANSWER, get_task
 from opdlens.diagnose.teachers import TeacherSpec
+from tests.helpers import SyntheticFactory
 
 
 def _small(out: Path, **kw: object) -> DiagnoseConfig:

@@ -11,9 +11,9 @@ import yaml
 from opdlens.config import DiagnoseConfig
 from opdlens.opd import cli as opd_cli
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.teachers import TeacherSpec
+from tests.helpers import arith_questions, one_thread, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
