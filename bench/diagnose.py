@@ -133,7 +133,7 @@ def instrument() -> None:
     for name in ("write_chunk", "write_table", "read_chunk", "read_rollouts", "read_table", "read_all"):
         if hasattr(RunStore, name):
             patch(RunStore, name, "run-store I/O")
-    for name in ("path_stats", "select_targets", "path_signals", "candidate_priorities", "children_column"):
+    for name in ("path_stats", "path_signals", "candidate_priorities", "children_column"):
         if hasattr(pipeline, name):
             patch(pipeline, name, "tree stats + targeting + signals")
     orig_envs = pipeline.task_envs
