@@ -13,7 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from opdlens.errors import OpdlensError
 from opdlens.rollout.base import EngineConfig
-from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
+from opdlens.rollout.base import TEMPERATURE_RANGE
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
