@@ -4,7 +4,7 @@
         [--rollouts 256] [--visit-targets 33 100] [--reference 400] [--json out.json]
 
 The real-model counterpart of ``bench/budget.py`` (no exact success probabilities here). One
-:func:`opdlens.diagnose.pipeline.build_diagnosis` of ``opdlens diagnose`` (task arith, two
+:func:`opdlens.diagnose.run.build_diagnosis` of ``opdlens diagnose`` (task arith, two
 self-distillation teachers, default targeting and signals otherwise) samples the initial
 rollouts, representative paths and teacher contexts once; every variant starts from a copy of
 that run store, so all of them enrich the same paths. Variants: the fixed mode at

@@ -1,6 +1,6 @@
 """End-to-end ``opdlens diagnose`` on one device: where the time of a whole run goes.
 
-Runs :func:`opdlens.diagnose.pipeline.diagnose` on a config and reports, in one run:
+Runs :func:`opdlens.diagnose.run.diagnose` on a config and reports, in one run:
 
 * time per phase (inclusive): model loading, initial rollouts, representative paths, solutions
   (+ summaries), targeted rollouts, teacher scoring, the final tables;
@@ -133,7 +133,7 @@ def instrument() -> None:
     for name in ("write_chunk", "write_table", "read_chunk", "read_rollouts", "read_table", "read_all"):
         if hasattr(RunStore, name):
             patch(RunStore, name, "run-store I/O")
-    for name in ("path_stats", "select_targets", "path_signals", "candidate_priorities", "children_column"):
+    for name in ("path_stats", "path_signals", "candidate_priorities", "children_column"):
         if hasattr(pipeline, name):
             patch(pipeline, name, "tree stats + targeting + signals")
     orig_envs = pipeline.task_envs

@@ -15,7 +15,6 @@ from typer.testing import CliRunner
 
 from opdlens.cli import app
 from opdlens.diagnose.config import DiagnoseConfig
-from opdlens.diagnose.distributed import SyntheticFactory
 from opdlens.models import load_tokenizer, random_policy, tiny_random_policy
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import diagnose, load_results
@@ -26,6 +25,7 @@ from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS
 from opdlens.tasks import NO_ANSWER, get_task
 from opdlens.diagnose.teachers import TeacherSpec
+from tests.helpers import SyntheticFactory
 
 
 def _small(out: Path, **kw: object) -> DiagnoseConfig:
@@ -366,12 +366,12 @@ def test_failed_first_attempt_does_not_pin_its_config(tmp_path, tiny_dirs, monke
 
 
 def test_a_second_run_on_a_locked_directory_fails_at_once(tmp_path, monkeypatch):
-    import opdlens.diagnose.pipeline
+    import opdlens.diagnose.run
 
     def never(*a, **k):  # models must not load
         raise AssertionError("build_diagnosis called")
 
-    monkeypatch.setattr(opdlens.diagnose.pipeline, "build_diagnosis", never)
+    monkeypatch.setattr(opdlens.diagnose.run, "build_diagnosis", never)
     run = tmp_path / "run"
     with RunStore(run).lock():
         with pytest.raises(OpdlensError, match=rf"run directory {run} is in use by pid \d+ on .*: wait for it"):
@@ -384,9 +384,9 @@ def test_a_second_run_on_a_locked_directory_fails_at_once(tmp_path, monkeypatch)
 
 
 def test_unwritable_run_directory_is_found_before_models_load(tmp_path, monkeypatch):
-    import opdlens.diagnose.pipeline
+    import opdlens.diagnose.run
 
-    monkeypatch.setattr(opdlens.diagnose.pipeline, "build_diagnosis", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
+    monkeypatch.setattr(opdlens.diagnose.run, "build_diagnosis", lambda *a, **k: (_ for _ in ()).throw(AssertionError))
     blocker = tmp_path / "file"
     blocker.write_text("")
     with pytest.raises(OpdlensError, match=r"cannot create run directory .*file/run: Not a directory"):

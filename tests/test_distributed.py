@@ -11,10 +11,12 @@ import pytest
 ray = pytest.importorskip("ray")
 
 from opdlens.diagnose.config import DiagnoseConfig  # noqa: E402
-from opdlens.diagnose.distributed import SyntheticFactory, diagnose_ray, read_phase1_record  # noqa: E402
+from opdlens.diagnose.distributed import diagnose_ray, read_phase1_record  # noqa: E402
 from opdlens.diagnose.run import load_results  # noqa: E402
 from opdlens.errors import OpdlensError  # noqa: E402
 from opdlens.diagnose.store import RunStore  # noqa: E402
+from tests import helpers  # noqa: E402
+from tests.helpers import SyntheticFactory  # noqa: E402
 
 KEY = ["teacher", "question_id", "path_id", "node"]
 FACTORY = SyntheticFactory(seed=0, n_questions=3)
@@ -22,9 +24,13 @@ FACTORY = SyntheticFactory(seed=0, n_questions=3)
 
 @pytest.fixture(scope="module")
 def cluster():
+    # the workers unpickle SyntheticFactory without importing tests.helpers (the tests folder
+    # need not be on their path): its classes and functions travel by value
+    ray.cloudpickle.register_pickle_by_value(helpers)
     ray.init(num_cpus=2, include_dashboard=False, logging_level="ERROR", log_to_driver=False)
     yield
     ray.shutdown()
+    ray.cloudpickle.unregister_pickle_by_value(helpers)
 
 
 @pytest.fixture(scope="module")

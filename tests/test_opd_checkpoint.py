@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from opdlens.opd import checkpoint as ckpt
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
 from opdlens.errors import OpdlensError
+from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(8)
 

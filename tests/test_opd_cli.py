@@ -11,9 +11,9 @@ import yaml
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.opd import cli as opd_cli
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.teachers import TeacherSpec
+from tests.helpers import arith_questions, one_thread, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -129,10 +129,10 @@ def test_every_example_train_config_is_valid():
         assert cfg.loss == "opd", f
 
 
-def test_opd_demo_and_module_entry_point(tmp_path):
+def test_opd_demo_and_module_entry_point(tmp_path, capsys):
     """`python -m opdlens.opd.demo` (plain and --compare-templates) and `python -m opdlens.opd
     CONFIG.yaml` on a saved tiny model: they run, write what their docs promise, and the module
-    entry point turns bad input into exit code 2."""
+    entry point turns bad input into exit status 2."""
     import math
 
     from opdlens.opd import demo
@@ -157,14 +157,18 @@ def test_opd_demo_and_module_entry_point(tmp_path):
         assert r["eval_rkl_gain"] == pytest.approx(r["eval_rkl_start"] - r["eval_rkl_end"])
     assert c["aligned"]["eval_rkl_start"] != c["misaligned"]["eval_rkl_start"]  # the template reached the teacher
 
-    assert module_main([]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        module_main([])  # no config: a usage error
+    assert exit_.value.code == 2
     f = tmp_path / "train.yaml"
     f.write_text(yaml.safe_dump(dict(student=str(model_dir), teacher=str(model_dir), steps=1, batch_size=2,
                                      micro_batch=2, max_new_tokens=4, eval_every=0, save_every=0, device="cpu",
                                      k=4, metrics_k=4, progress=False, train_questions=4,
                                      out_dir=str(tmp_path / "mod"))))
-    assert module_main([str(f)]) == 0
+    assert module_main([str(f)]).last_step == 1
     rows = [json.loads(x) for x in (tmp_path / "mod" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "rkl" in r][-1] == 1
     f.write_text("steps: 0\nlr: -1\n")
-    assert module_main([str(f)]) == 2
+    with pytest.raises(SystemExit) as exit_:
+        module_main([str(f)])  # an invalid config: OpdlensError, printed
+    assert exit_.value.code == 2 and "error:" in capsys.readouterr().err

@@ -7,9 +7,9 @@ import pytest
 import torch
 
 from opdlens.opd.scoring import process_devices
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.trainer import TrainConfig, train
 from opdlens.errors import OpdlensError
+from tests.helpers import arith_questions, one_thread, tiny
 
 
 @pytest.mark.parametrize("value", ["cpu", "cuda", "cuda:1", "+4", None])

@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from opdlens.opd.step import grpo_advantages
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.trainer import OPDTrainer, TrainConfig
+from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(8)
 

@@ -17,8 +17,8 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opdlens.opd.testing import one_thread, tiny
 from opdlens.opd.trainer import TrainConfig, list_checkpoints, train
+from tests.helpers import one_thread, tiny
 
 SRC = Path(__file__).resolve().parents[1] / "src"
 STEPS = 4

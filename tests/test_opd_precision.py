@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.trainer import TrainConfig, train
+from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(16)
 _, EVAL_QS = arith_questions(6, "test")

@@ -6,9 +6,9 @@ import pytest
 import torch
 
 from opdlens.opd.recipes import cold_start_sft, is_degenerate, select_template
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion
+from tests.helpers import arith_questions, one_thread, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

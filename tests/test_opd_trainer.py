@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from opdlens.opd.testing import arith_questions, one_thread, tiny
 from opdlens.opd.batching import completion_logits
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, list_checkpoints, read_metrics, train
 from opdlens.errors import OpdlensError
+from tests.helpers import arith_questions, one_thread, tiny
 
 
 @pytest.fixture(autouse=True, scope="module")

@@ -16,7 +16,7 @@ from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import SyntheticPolicy
-from opdlens.diagnose.targeting import TargetingConfig, depth_windows, select_targets
+from opdlens.diagnose.targeting import TargetingConfig, TargetPlan, depth_windows
 from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.diagnose.tree import RolloutSet, path_stats
 from tests.helpers import kill_sampling_after
@@ -123,19 +123,22 @@ def test_targets_follow_windows_and_budgets():
     comps = pol.sample([[]], 50, 10, seed=0)[0]
     rs = RolloutSet.from_lists([c.tokens for c in comps], [pol.is_success(c.tokens) for c in comps])
     path = max(rs.tokens, key=len).tolist()
-    cfg = TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=30)
-    targets = select_targets(path, path_stats(path, rs), pol.continuation_logprobs([], path),
-                             [teacher.continuation_logprobs([], path)], cfg)
+    stats = path_stats(path, rs)
+
+    def fixed_targets(cfg: TargetingConfig) -> list:
+        """The fixed mode's one round, as the pipeline plans it."""
+        lps, lpt = pol.continuation_logprobs([], path), teacher.continuation_logprobs([], path)
+        return TargetPlan.from_logprobs(path, stats, lps, [lpt], cfg).next_round(stats)
+
+    targets = fixed_targets(TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=30))
     windows = depth_windows(len(path), 2, 2.0)
     for start, end in windows:
         in_w = [t for t in targets if start <= t.node < end]
         off_path = {(t.node, t.token) for t in in_w if t.token != path[t.node]}
         assert len(off_path) <= 2  # one by |g_KD|, one by |P_θ − P_te|
     for t in targets:
-        assert t.need == 30 - path_stats(path, rs).visits_of(t.node, t.token)
-    capped = select_targets(path, path_stats(path, rs), pol.continuation_logprobs([], path),
-                            [teacher.continuation_logprobs([], path)],
-                            TargetingConfig(first_window=2, visit_target=30, max_rollouts_per_path=40))
+        assert t.need == 30 - stats.visits_of(t.node, t.token)
+    capped = fixed_targets(TargetingConfig(first_window=2, visit_target=30, max_rollouts_per_path=40))
     assert sum(t.need for t in capped) == 40
 
 

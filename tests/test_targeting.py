@@ -16,7 +16,14 @@ from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.signals import SignalConfig, ideal_gradient
 from opdlens.diagnose.store import RunStore
 from opdlens.synthetic import EOS, SyntheticPolicy
-from opdlens.diagnose.targeting import Target, TargetingConfig, TargetPlan, greedy_allocation, select_targets
+from opdlens.diagnose.targeting import (
+    Target,
+    TargetingConfig,
+    TargetPlan,
+    choose_pairs,
+    greedy_allocation,
+    teacher_candidates,
+)
 from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.diagnose.tree import RolloutSet, path_stats
 from opdlens.diagnose.uncertainty import variance_reduction
@@ -108,12 +115,18 @@ def _run_plan(pol, teachers, rs, path, cfg, sig):
     return plan, rounds, stats
 
 
-def test_fixed_plan_is_one_round_of_select_targets():
+def test_fixed_plan_is_one_round_of_the_fixed_rule():
+    """The fixed mode: one round taking every pair chosen from the teachers' candidates to
+    ``visit_target`` visits, in window order."""
     pol, teachers, rs, path = _tree()
     cfg = TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=30)
     plan, rounds, _ = _run_plan(pol, teachers, rs, path, cfg, SignalConfig(min_visits=10))
     lps = pol.continuation_logprobs([], path)
-    expected = select_targets(path, path_stats(path, rs), lps, [t.continuation_logprobs([], path) for t in teachers], cfg)
+    cands = teacher_candidates(lps, [t.continuation_logprobs([], path) for t in teachers], cfg.candidates_per_node)
+    before = path_stats(path, rs)
+    expected = [Target(u, k, cfg.visit_target - before.visits_of(u, k)) for u, k in choose_pairs(path, cands, cfg)]
+    expected = [t for t in expected if t.need > 0]  # no max_rollouts_per_path: nothing is capped
+    assert expected
     assert rounds == [expected] and plan.spent == plan.budget == sum(t.need for t in expected)
 
 

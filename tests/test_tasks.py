@@ -535,7 +535,7 @@ def test_calibrate_grades_what_the_engine_samples() -> None:
     those of an independent sample call with the same seed, graded by the task itself."""
     from opdlens.models import SMOLLM2, tiny_random_policy
     from opdlens.tasks import ArithTask
-    from opdlens.tasks.calibrate import measure_level
+    from opdlens.diagnose.calibrate import measure_level
 
     pol = tiny_random_policy(seed=0, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)
     task = ArithTask(difficulty=1)
@@ -554,23 +554,23 @@ def test_calibrate_grades_what_the_engine_samples() -> None:
 
 
 def test_calibrate_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    """``python -m opdlens.tasks.calibrate`` on a saved model: one result per level with the
+    """``python -m opdlens.diagnose.calibrate`` on a saved model: one result per level with the
     level's difficulty, its lines printed; an unknown level is a usage error."""
     from opdlens.models import SMOLLM2, tiny_random_policy
-    from opdlens.tasks.calibrate import main
+    from opdlens.diagnose.calibrate import main
 
     pol = tiny_random_policy(seed=0, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)
     pol.model.save_pretrained(tmp_path / "m")
     pol.tokenizer.save_pretrained(tmp_path / "m")
-    res = main(["--model", str(tmp_path / "m"), "--levels", "1", "3", "--questions", "2", "--samples", "3",
+    res = main(["--model", str(tmp_path / "m"), "--levels", "1,3", "--questions", "2", "--samples", "3",
                 "--max-new-tokens", "4", "--show", "1"])
     assert [r.level for r in res] == [1, 3]
     assert all(len(r.per_question) == 2 and 0.0 <= r.rate <= 1.0 and r.seconds > 0 for r in res)
     out = capsys.readouterr().out
     assert "level 1" in out and "level 3" in out and out.count("gold=") == 4  # --show 1: one per question
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as exit_:
         main(["--model", str(tmp_path / "m"), "--levels", "99"])
-    assert "unknown level 99" in capsys.readouterr().err
+    assert exit_.value.code == 2 and "unknown level 99" in capsys.readouterr().err
 
 
 def test_batched_grading_agrees_with_one_by_one() -> None:

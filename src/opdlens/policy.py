@@ -199,8 +199,9 @@ def attention_backends() -> Iterator[None]:
     shapes change from call to call (scoring batches, prefills, training steps) runs under it.
 
     On Hopper, PyTorch tries cuDNN's attention first, and cuDNN builds an execution plan for each
-    new (batch, length) shape, about a second each time; flash / memory-efficient attention need
-    no plan. Same results up to float rounding. The switch is process-wide (PyTorch's backend
+    new (batch, length) shape, a cost paid again on every new shape (measured in bench/RESULTS.md,
+    ``python bench/diagnose.py``); flash / memory-efficient attention need no plan. Same results
+    up to float rounding. The switch is process-wide (PyTorch's backend
     flags are global), so the regions are counted across threads: cuDNN is off from the first
     region's start to the last one's end, whatever the threads' interleaving."""
     with _NO_CUDNN_LOCK:

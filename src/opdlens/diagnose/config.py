@@ -13,7 +13,7 @@ from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
 from opdlens.rollout.base import EngineConfig
-from opdlens.rollout.vllm_engine import TEMPERATURE_RANGE
+from opdlens.rollout.base import TEMPERATURE_RANGE
 
 
 #: Keys of a :class:`DiagnoseConfig` that do not change what a run estimates: where it runs and

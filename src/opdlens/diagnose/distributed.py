@@ -32,23 +32,17 @@ from __future__ import annotations
 import json
 from collections import Counter, deque
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Protocol
 
 import pandas as pd
 from tqdm.auto import tqdm
 
-from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis, write_run_tables
 from opdlens.diagnose.questions import QuestionEnv, skip_row
 from opdlens.diagnose.run import write_config
-from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
-from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore, safe_name
-from opdlens.diagnose.targeting import TargetingConfig
-from opdlens.diagnose.teachers import TeacherSpec
 
 #: Folder of the per-question phase-1 records (summary row and skips, as JSON).
 PHASE1_DIR = "phase1"
@@ -89,48 +83,6 @@ class ConfigFactory:
         if str(self.config.device).startswith("cuda"):
             update["device"] = "cuda"
         return build_diagnosis(self.config.model_copy(update=update), progress=False)
-
-
-@dataclass
-class SyntheticFactory:
-    """A :class:`WorkerFactory` on the synthetic oracle (:mod:`opdlens.synthetic`): a random
-    Markov student, a helpful and a harmful tilted teacher, ``n_questions`` questions. Every
-    actor rebuilds the same policies from ``seed``; for tests and for trying a cluster without
-    models. ``prompt_lengths`` gives some questions prompt tokens (the synthetic model ignores
-    them; with ``max_context`` they exercise the context-length skip)."""
-
-    seed: int = 0
-    horizon: int = 10
-    n_questions: int = 2
-    options: DiagnoseConfig = field(
-        default_factory=lambda: DiagnoseConfig(
-            rollouts_per_question=200,
-            max_new_tokens=10,
-            chunk_rollouts=100,
-            targeting=TargetingConfig(first_window=2, per_window_gkd=2, per_window_gap=2, visit_target=60),
-            signals=SignalConfig(min_visits=10),
-        )
-    )
-    prompt_lengths: dict[str, int] = field(default_factory=dict)
-    max_context: int | None = None  # the student's input limit (None: the synthetic policy's)
-
-    def question_ids(self) -> list[str]:
-        return [f"q{i}" for i in range(self.n_questions)]
-
-    def __call__(self, out_dir: str) -> tuple[Diagnosis, Sequence[QuestionEnv]]:
-        from opdlens.synthetic import SyntheticPolicy
-
-        student = SyntheticPolicy.random(seed=self.seed, horizon=self.horizon)
-        teachers = [
-            Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=self.seed + 1)),
-            Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=self.seed + 2)),
-        ]
-        envs = [
-            QuestionEnv(id=q, prompt_ids=[1] * self.prompt_lengths.get(q, 0), grade=student.is_success)
-            for q in self.question_ids()
-        ]
-        runtime = Runtime(max_context=self.max_context)
-        return Diagnosis(RunStore(out_dir), student, teachers, self.options, runtime, progress=False), envs
 
 
 class DiagnosisWorker:
@@ -235,7 +187,7 @@ def diagnose_ray(
         num_workers: number of actors; default: one per GPU when ``config.device`` is CUDA and
             the cluster has GPUs, else one per CPU of the cluster.
         policy_factory: builds each actor's models and questions (default:
-            :class:`ConfigFactory` of ``config``); see :class:`SyntheticFactory`.
+            :class:`ConfigFactory` of ``config``); any picklable :class:`WorkerFactory`.
         progress: show a progress bar of finished jobs on the driver.
         max_restarts: restarts of a crashed actor (its in-flight calls are retried by Ray).
         max_job_attempts: how often a job is given to another actor after its actor died.

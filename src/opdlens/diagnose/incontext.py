@@ -1,6 +1,6 @@
 """In-context accuracy: the student's accuracy when it is shown each self-teacher context.
 
-The paper's companion experiment to the alignment study (PAPERS.md, part A): a self-distillation
+The paper's companion experiment to the alignment study (paper A, §4): a self-distillation
 teacher is the student reading a context (one correct solution, a summary, a correct and a wrong
 one, ...), so how often the student *answers correctly* from that context tells how much the
 context knows that the student's prompt does not. Correct-only demonstrations should raise the

@@ -1,4 +1,4 @@
-"""Per-node gradient signals and alignment scores (PAPERS.md, part A).
+"""Per-node gradient signals and alignment scores (paper A §2, the method).
 
 At a node ``u`` the student's objective restricted to the well-visited child set ``S_u`` is
 ``J = Σ_k P_θ(k) P_succ(k)``; its gradient with respect to the student's logits is the *ideal*
@@ -16,7 +16,7 @@ Dr. GRPO        ``(1/N) Σ_i (r_i − r̄)(e_{y_i} − P_θ)``; equals the ideal
 ==============  ===========================================================================
 
 The vectors are compared on ``S_u`` (the well-visited children). Two readings of "restricted
-to ``S_u``" are offered (``SignalConfig.restriction``; PAPERS.md part A):
+to ``S_u``" are offered (``SignalConfig.restriction``; the phrase is paper A §2's):
 
 * ``"renormalize"`` (opdlens default): ``P_θ`` and ``P_te`` are renormalised over ``S_u`` and
   every baseline (``P̄``, ``ℓ̄``) is taken over ``S_u``: the node is a small closed problem.

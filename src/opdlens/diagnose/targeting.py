@@ -18,30 +18,30 @@ own token at a chosen node is enriched too (``include_path_token``), so the node
 well-visited children the alignment needs.
 
 Adaptive mode (``mode: adaptive``). At most the same rollouts (the fixed mode's total for the
-path, capped by ``max_rollouts_per_path``) are spent in rounds. Round 0 brings every chosen pair to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the
-node set measured is the fixed mode's. The floor is not a setting: a pair left below
-``min_visits`` drops out of ``S_u``, and lower floors (with the allocation free to leave pairs
-short) lost valid nodes and accuracy at every budget measured (docs/RESULTS.md). Each later round may spend an equal share of what is
-left, and spends it where it is expected to lower the report's error most. Its candidates
-(``scope``) are every well-visited child (in ``S_u``) of every node of the path that has an
-alignment, chosen pair or not (``nodes``, the default: the report scores all valid nodes, and
-the ones no pair was chosen at only get the rollouts that pass through them), or the chosen
-pairs only (``pairs``). For every candidate, the
-expected drop of the posterior variance of its node's alignment (summed over the teachers) if the
-child got 1, 2, 4 or 8 times the round's equal share of visits
-(:func:`opdlens.diagnose.uncertainty.variance_reduction`, from the posterior draws of the node's
-``P_succ``); the increments are then taken greedily by gain per rollout
-(:func:`greedy_allocation`). The sum of the node variances is what the report's two error
-scales are made of (a node's squared error under the posterior-mean estimator, and ``n²`` times
-the variance of a path's mean alignment), so one allocation serves both, and one allocation
-serves all teachers (the tree stays teacher-independent). A child stops receiving rollouts once
-more visits cannot be expected to move its node: the sign and size are settled, the child's rate
-is pinned at 0 or 1, or the node is a near-tie that more visits would not resolve. Explicit
-stopping rules on top: a node gets nothing more once every teacher's interval is narrower than
-``stop_halfwidth`` (or, with ``stop_on_sign``, once every teacher's sign is settled); the path
-stops when nothing is expected to gain, after ``rounds`` rounds, or when the budget is spent.
-The allocation reads the GKD alignment in the renormalised reading of ``S_u`` whatever
-``signals.restriction`` is (it only decides where to sample; the node table follows the config).
+path, capped by ``max_rollouts_per_path``) are spent in rounds. Round 0 brings every chosen pair
+to ``signals.min_visits`` visits, so every pair is in ``S_u`` and the node set measured is the
+fixed mode's. The floor is not a setting: a pair left below ``min_visits`` drops out of ``S_u``,
+and lower floors (with the allocation free to leave pairs short) lost valid nodes and accuracy
+(measured in docs/RESULTS.md, ``python bench/budget.py``). Each later round may spend an equal
+share of what is left, and spends it where it is expected to lower the report's error most. Its
+candidates (``scope``) are every well-visited child (in ``S_u``) of every node of the path that
+has an alignment, chosen pair or not (``nodes``, the default: the report scores all valid nodes,
+and the ones no pair was chosen at only get the rollouts that pass through them), or the chosen
+pairs only (``pairs``). For every candidate, the expected drop of the posterior variance of its
+node's alignment (summed over the teachers) if the child got 1, 2, 4 or 8 times the round's equal
+share of visits (:func:`opdlens.diagnose.uncertainty.variance_reduction`, from the posterior draws
+of the node's ``P_succ``); the increments are then taken greedily by gain per rollout
+(:func:`greedy_allocation`). The sum of the node variances is what the report's two error scales
+are made of (a node's squared error under the posterior-mean estimator, and ``n²`` times the
+variance of a path's mean alignment), so one allocation serves both, and one allocation serves all
+teachers (the tree stays teacher-independent). A child stops receiving rollouts once more visits
+cannot be expected to move its node: the sign and size are settled, the child's rate is pinned at
+0 or 1, or the node is a near-tie that more visits would not resolve. Explicit stopping rules on
+top: a node gets nothing more once every teacher's interval is narrower than ``stop_halfwidth``
+(or, with ``stop_on_sign``, once every teacher's sign is settled); the path stops when nothing is
+expected to gain, after ``rounds`` rounds, or when the budget is spent. The allocation reads the
+GKD alignment in the renormalised reading of ``S_u`` whatever ``signals.restriction`` is (it only
+decides where to sample; the node table follows the config).
 :class:`TargetPlan` runs both modes round by round.
 """
 
@@ -210,26 +210,9 @@ def _cap(targets: list[Target], budget: int | None) -> list[Target]:
     return capped
 
 
-def select_targets(
-    path: Sequence[int],
-    stats: PathStats,
-    logp_student: torch.Tensor,
-    logp_teachers: Sequence[torch.Tensor],
-    config: TargetingConfig | None = None,
-) -> list[Target]:
+def _fixed_targets(pairs: list[tuple[int, int]], stats: PathStats, cfg: TargetingConfig) -> list[Target]:
     """Fixed mode: every chosen pair up to ``visit_target`` visits, in window order, at most
     ``max_rollouts_per_path`` rollouts in all (shallow windows first)."""
-    cfg = config or TargetingConfig()
-    return select_from_candidates(path, stats, teacher_candidates(logp_student, logp_teachers, cfg.candidates_per_node), cfg)
-
-
-def select_from_candidates(path: Sequence[int], stats: PathStats, cands: Candidates, config: TargetingConfig | None = None) -> list[Target]:
-    """:func:`select_targets` from stored candidates (the pipeline's priorities)."""
-    cfg = config or TargetingConfig()
-    return _fixed_targets(choose_pairs(path, cands, cfg), stats, cfg)
-
-
-def _fixed_targets(pairs: list[tuple[int, int]], stats: PathStats, cfg: TargetingConfig) -> list[Target]:
     targets = [Target(u, k, cfg.visit_target - stats.visits_of(u, k)) for u, k in pairs]
     return _cap([t for t in targets if t.need > 0], cfg.max_rollouts_per_path)
 

@@ -14,17 +14,17 @@ keep a spread for children with ``s = 0`` or ``s = n``, and follow any restricti
 renormalisation option of :mod:`opdlens.diagnose.signals` because they reuse its estimator.
 
 Per node and metric ``align_X`` (X in :data:`UNCERTAIN_METRICS`) the node table gets the
-equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and
-``align_X_se``, the error scale of the point estimate used to aggregate nodes (path means): the
-root mean square distance between the estimate and draws centred on *de-noised* rates
-(:func:`denoised_rates`: the children's rates shrunk towards the node's rate by the amount the
-binomial noise inflates their spread). Why not the posterior's standard deviation: the noise
-lengthens the estimated ideal gradient, so a node that the visits do not resolve looks better
-resolved, and its cosine more certain, than it is, and with two renormalised children the
-cosine is ±1, whose error (0 or 2) a spread around the posterior mean understates; path-mean
-intervals built from the posterior standard deviation undercovered on the synthetic oracle, from
-this error scale they cover about nominally (docs/RESULTS.md). ``sign_settled`` says whether the
-interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
+equal-tailed interval ``align_X_lo`` / ``align_X_hi`` (quantiles of the draws) and ``align_X_se``,
+the error scale of the point estimate used to aggregate nodes (path means): the root mean square
+distance between the estimate and draws centred on *de-noised* rates (:func:`denoised_rates`: the
+children's rates shrunk towards the node's rate by the amount the binomial noise inflates their
+spread). Why not the posterior's standard deviation: the noise lengthens the estimated ideal
+gradient, so a node that the visits do not resolve looks better resolved, and its cosine more
+certain, than it is, and with two renormalised children the cosine is ±1, whose error (0 or 2) a
+spread around the posterior mean understates; path-mean intervals built from the posterior
+standard deviation undercovered on the synthetic oracle, from this error scale they cover about
+nominally (measured in docs/RESULTS.md, ``python bench/budget.py``). ``sign_settled`` says whether
+the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P_succ``, so its
 standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
 

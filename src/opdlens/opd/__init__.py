@@ -1,4 +1,4 @@
-"""On-policy distillation (PAPERS.md, part B): losses, monitoring metrics, trainer and recipes.
+"""On-policy distillation (paper B, its mechanism and recipe): losses, monitoring metrics, trainer and recipes.
 
 * :mod:`opdlens.opd.losses`     the loss registry: the authors' top-k OPD, ours (top-k variants, full RKL), FKL, JSD
 * :mod:`opdlens.opd.metrics`    our token signals and the authors' top-k metrics (overlap, masses, advantages, splits)

@@ -3,25 +3,29 @@
 
 from __future__ import annotations
 
-import sys
+from collections.abc import Sequence
 from pathlib import Path
 
+import typer
+
+from opdlens.entry import run_app
 from opdlens.opd.cli import train_cmd
-from opdlens.errors import OpdlensError
+from opdlens.opd.trainer import TrainResult
+
+app = typer.Typer(add_completion=False)
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = sys.argv[1:] if argv is None else argv
-    if len(args) != 1:
-        print("usage: python -m opdlens.opd CONFIG.yaml", file=sys.stderr)
-        return 2
-    try:
-        train_cmd(Path(args[0]))
-    except OpdlensError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    return 0
+@app.command()
+def train(config: Path = typer.Argument(..., help="YAML training config")) -> TrainResult:
+    """On-policy distillation training (as ``opdlens train CONFIG.yaml``)."""
+    return train_cmd(config)
+
+
+def main(argv: Sequence[str] | None = None) -> TrainResult:
+    """Command-line entry point; returns the run's result (bad input exits with status 2)."""
+    result: TrainResult = run_app(app, argv, "python -m opdlens.opd")
+    return result
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    main()

@@ -1,6 +1,6 @@
 r"""A short OPD run on the embedded SmolLM2-135M-Instruct (CPU) that lowers reverse KL to a teacher.
 
-``python -m opdlens.opd.demo [--steps 12] [--out-dir runs/opd-demo] [--model smollm2]``
+``python -m opdlens.opd.demo [--steps 12] [--out-dir runs/opd-demo] [--model smollm2]`` (``--help``: all options)
 
 ``python -m opdlens.opd.demo --compare-templates`` runs the same short OPD twice, with the
 teacher's prompt aligned with the student's (``answer_hint``: the question, then the answer)
@@ -22,28 +22,33 @@ than the paper's 1e-6 so that a dozen steps on a tiny batch move the model visib
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import typer
+
+from opdlens.entry import choice, run_app
 from opdlens.opd.losses import LOSSES
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from opdlens.report.figures import plot_training_curve
-
 
 #: A teacher prompt whose style differs from the student's (same information, another register).
 MISALIGNED = ("Réponds uniquement en français, en vers, avec beaucoup de détails inutiles.\n\n{prompt}\n\n"
               "(Indice : la bonne réponse finale est {answer}.)")
 
 
-def compare_templates(a: argparse.Namespace) -> dict[str, Any]:
-    """Aligned vs misaligned teacher template: initial overlap and held-out reverse-KL gain."""
+def compare_templates(base: TrainConfig, fresh: bool) -> dict[str, Any]:
+    """Aligned vs misaligned teacher template: initial overlap and held-out reverse-KL gain.
+
+    ``base`` is the plain demo's config; each template trains in its own folder under its
+    ``out_dir`` (validated again, so a template that is not a valid format string is refused)."""
     out: dict[str, Any] = {}
     for name, tpl in (("aligned", "answer_hint"), ("misaligned", MISALIGNED)):
-        cfg = _config(a, tpl, a.out_dir / name)
-        train(cfg, resume=not a.fresh)
+        cfg = TrainConfig.model_validate({**base.model_dump(), "teacher_template": tpl, "out_dir": base.out_dir / name})
+        train(cfg, resume=not fresh)
         ev = [r for r in read_metrics(cfg.out_dir) if r.get("eval_rkl") is not None]
         start, end = ev[0]["eval_rkl"], ev[-1]["eval_rkl"]
         out[name] = {"initial_overlap_ratio": ev[0]["eval_overlap_ratio"], "eval_rkl_start": start, "eval_rkl_end": end,
@@ -52,50 +57,50 @@ def compare_templates(a: argparse.Namespace) -> dict[str, Any]:
         print(f"{name:>10}: initial overlap {out[name]['initial_overlap_ratio']:.3f}, held-out reverse KL "
               f"{start:.4f} -> {end:.4f} ({out[name]['eval_rkl_change_pct']:+.1f}%)")
     print(json.dumps(out, indent=1))
-    (a.out_dir / "compare_templates.json").write_text(json.dumps(out, indent=1))
+    (base.out_dir / "compare_templates.json").write_text(json.dumps(out, indent=1))
     return out
 
 
-def _config(a: argparse.Namespace, teacher_template: str, out_dir: Path) -> TrainConfig:
-    return TrainConfig(
-        student=a.model, teacher=a.model, task="arith", train_questions=64, eval_questions=a.eval_questions,
-        teacher_template=teacher_template, teacher_temperature=a.teacher_temperature, loss=a.loss,
-        lr=a.lr, batch_size=a.batch_size, micro_batch=a.batch_size, max_new_tokens=a.max_new_tokens,
-        steps=a.steps, seed=a.seed, eval_every=a.eval_every, save_every=0, out_dir=out_dir, device=a.device,
-    )
+app = typer.Typer(add_completion=False)
 
 
-def main(argv: list[str] | None = None) -> dict[str, Any]:
-    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out-dir", type=Path, default=Path("runs/opd-demo"))
-    ap.add_argument("--model", default="smollm2", help="student and (frozen) teacher: a model id or directory")
-    ap.add_argument("--steps", type=int, default=12)
-    ap.add_argument("--batch-size", type=int, default=4)
-    ap.add_argument("--lr", type=float, default=2e-5)
-    ap.add_argument("--loss", default="opd", choices=sorted(LOSSES))
-    ap.add_argument("--max-new-tokens", type=int, default=40)
-    ap.add_argument("--eval-questions", type=int, default=6)
-    ap.add_argument("--eval-every", type=int, default=3)
-    ap.add_argument("--teacher-template", default="answer_hint")
-    ap.add_argument("--teacher-temperature", type=float, default=1.0)
-    ap.add_argument("--device", default="auto")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--threads", type=int, default=1,
-                    help="torch CPU threads (1 is fastest for a 135M model on a small or busy machine)")
-    ap.add_argument("--fresh", action="store_true", help="ignore checkpoints in --out-dir (start over)")
-    ap.add_argument("--compare-templates", action="store_true", help="aligned vs misaligned teacher template")
-    a = ap.parse_args(argv)
-    if a.threads > 0:
+@app.command()
+def demo(
+    out_dir: Path = typer.Option(Path("runs/opd-demo"), help="run directory (rerun to resume)"),
+    model: str = typer.Option("smollm2", help="student and (frozen) teacher: a model id or directory"),
+    steps: int = typer.Option(12, help="optimizer steps"),
+    batch_size: int = typer.Option(4, help="rollouts per step (one micro-batch)"),
+    lr: float = typer.Option(2e-5, help="learning rate (higher than the paper's 1e-6: few steps, tiny batch)"),
+    loss: str = typer.Option("opd", callback=choice(*sorted(LOSSES)), help=f"one of {', '.join(sorted(LOSSES))}"),
+    max_new_tokens: int = typer.Option(40, help="new tokens per rollout"),
+    eval_questions: int = typer.Option(6, help="held-out questions"),
+    eval_every: int = typer.Option(3, help="steps between held-out evaluations"),
+    teacher_template: str = typer.Option("answer_hint", help="teacher prompt: a template name or a format string"),
+    teacher_temperature: float = typer.Option(1.0, help="teacher logits are divided by it"),
+    device: str = typer.Option("auto", help="'auto' (CUDA when available), 'cpu', 'cuda'"),
+    seed: int = typer.Option(0, help="seed of the questions and of the sampling"),
+    threads: int = typer.Option(1, help="torch CPU threads (1 is fastest for a 135M model on a small or busy machine)"),
+    fresh: bool = typer.Option(False, "--fresh", help="ignore checkpoints in --out-dir (start over)"),
+    compare: bool = typer.Option(False, "--compare-templates", help="aligned vs misaligned teacher template"),
+) -> dict[str, Any]:
+    """A short OPD run on the embedded SmolLM2-135M-Instruct (CPU) that lowers reverse KL to a teacher."""
+    if threads > 0:
         import torch
 
-        torch.set_num_threads(a.threads)
-    if a.compare_templates:
-        return compare_templates(a)
-    cfg = _config(a, a.teacher_template, a.out_dir)
-    res = train(cfg, resume=not a.fresh)
-    rows = read_metrics(a.out_dir)
-    png = plot_training_curve(rows, a.out_dir / "rkl_curve.png",
-                     f"OPD on {'SmolLM2-135M' if a.model == 'smollm2' else a.model}: loss={a.loss}, teacher={a.teacher_template}, lr={a.lr:g}")
+        torch.set_num_threads(threads)
+    cfg = TrainConfig(
+        student=model, teacher=model, task="arith", train_questions=64, eval_questions=eval_questions,
+        teacher_template=teacher_template, teacher_temperature=teacher_temperature, loss=loss,
+        lr=lr, batch_size=batch_size, micro_batch=batch_size, max_new_tokens=max_new_tokens,
+        steps=steps, seed=seed, eval_every=eval_every, save_every=0, out_dir=out_dir, device=device,
+    )
+    if compare:
+        return compare_templates(cfg, fresh)
+    res = train(cfg, resume=not fresh)
+    rows = read_metrics(out_dir)
+    name = "SmolLM2-135M" if model == "smollm2" else model
+    png = plot_training_curve(rows, out_dir / "rkl_curve.png",
+                              f"OPD on {name}: loss={loss}, teacher={teacher_template}, lr={lr:g}")
     ev = [r for r in rows if r.get("eval_rkl") is not None]
     start, end = ev[0]["eval_rkl"], ev[-1]["eval_rkl"]
     tr = [r["rkl"] for r in rows if r.get("rkl") is not None]
@@ -104,13 +109,19 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "eval_rkl_change_pct": 100.0 * (end - start) / start if start else math.nan,
         "train_rkl_first": tr[0] if tr else None, "train_rkl_last": tr[-1] if tr else None,
         "eval_reward_start": ev[0].get("eval_reward"), "eval_reward_end": ev[-1].get("eval_reward"),
-        "steps": res.last_step, "curve": str(png), "metrics": str(a.out_dir / "metrics.jsonl"),
+        "steps": res.last_step, "curve": str(png), "metrics": str(out_dir / "metrics.jsonl"),
     }
     print(f"held-out reverse KL to the teacher: start {start:.4f} -> end {end:.4f} nats/token "
           f"({summary['eval_rkl_change_pct']:+.1f}%) after {res.last_step} steps")
     print(json.dumps(summary, indent=1))
-    (a.out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
+    """Command-line entry point; returns the summary (or, with ``--compare-templates``, the comparison)."""
+    result: dict[str, Any] = run_app(app, argv, "python -m opdlens.opd.demo")
+    return result
 
 
 if __name__ == "__main__":

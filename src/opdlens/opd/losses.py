@@ -239,7 +239,7 @@ def full_rkl(
     r"""Full-vocabulary reverse KL per position: ``L_t = KL(p‖q) = Σ_v p(v) (log p(v) − log q(v))``.
 
     Analytic gradient w.r.t. the student logits: ``∂L_t/∂z_j = p(j) (ℓ(j) − ℓ̄)`` with
-    ``ℓ̄ = Σ_v p(v) ℓ(v) = KL(p‖q)`` (the GKD direction of PAPERS.md A, with the sign of a loss).
+    ``ℓ̄ = Σ_v p(v) ℓ(v) = KL(p‖q)`` (the GKD direction of paper A §2, with the sign of a loss).
     """
     _check(student_logits, teacher_logits, mask)
     logp = log_probs(student_logits)

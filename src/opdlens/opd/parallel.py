@@ -62,13 +62,6 @@ class Dist:
             out.merge(part)
         return out
 
-    def gather_list(self, items: list[Any]) -> list[Any]:
-        if self.world == 1:
-            return items
-        from accelerate.utils import gather_object
-
-        return list(gather_object(items))
-
     def barrier(self) -> None:
         if self.world > 1:
             self.acc.wait_for_everyone()

@@ -1,4 +1,4 @@
-r"""Recipes for when OPD fails (PAPERS.md, part B), and the config stages that run them.
+r"""Recipes for when OPD fails (paper B's recipe), and the config stages that run them.
 
 * :func:`cold_start_sft`: the teacher answers the training prompts at temperature 0.7; rollouts
   that are *incomplete* (no EOS within the budget) or *degenerate* (repetition, see

@@ -11,6 +11,11 @@ from pydantic import BaseModel, ConfigDict, Field
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, sample_counts
 
+#: Temperatures vLLM samples at as asked (it rejects > 2 and raises < 0.01 to 0.01). Here, not in
+#: :mod:`opdlens.rollout.vllm_engine`, so that a config can check a run's temperature without
+#: importing the engine module.
+TEMPERATURE_RANGE = (0.01, 2.0)
+
 
 @runtime_checkable
 class Engine(Protocol):

@@ -300,9 +300,9 @@ def prefix_block_m(M: int) -> int:
 def prefix_chunk(P: int, Hkv: int, M: int, T: int, smallest: int, n_sm: int) -> int:
     """Keys per program of the split-key prefix kernel: the smallest power-of-two multiple of
     ``smallest`` whose grid has at most ``2 * n_sm`` programs. Fewer, longer chunks mean fewer
-    partial outputs to write and merge; too few programs leave SMs idle. ``bench/attention.py``
-    sweeps (chunk, block) per shape: on an H100 the rule's pick was 1.0-2.3x faster than fixed
-    256-key chunks in one sweep, and the best setting moves between runs (bench/RESULTS.md)."""
+    partial outputs to write and merge; too few programs leave SMs idle. A rule rather than a
+    tuned table because the best (chunk, block) per shape moves between runs of the same machine;
+    the rule against fixed chunks is measured in bench/RESULTS.md (``python bench/attention.py``)."""
     chunk = max(16, smallest)
     blocks = P * Hkv * -(-M // prefix_block_m(M))
     while chunk < T and blocks * -(-T // chunk) > 2 * n_sm:

@@ -5,10 +5,10 @@ Per row, ``NSPLIT`` programs stream slices of the vocabulary computing each slic
 of ``exp(x / T - max)``; a small kernel draws one uniform ``u`` per row (Philox, seed read from a
 device tensor, so no host synchronisation) and finds the slice where the cumulative mass first
 exceeds ``u * Z``; a third scans that slice for the token. One exp per column and one random
-number per row (a Gumbel-max sampler needs a random number and two logs per column: 2-4x
-the GPU time on an H100, ``bench/sampler.py``). The distribution is ``softmax(x / T)`` up to float32 rounding of the cumulative sums, as
-in ``torch.multinomial``; not bit-identical to :func:`opdlens.rollout.base.sample_tokens` (other
-random stream).
+number per row, where a Gumbel-max sampler needs a random number and two logs per column (the
+two are measured in bench/RESULTS.md, ``python bench/sampler.py``). The distribution is
+``softmax(x / T)`` up to float32 rounding of the cumulative sums, as in ``torch.multinomial``;
+not bit-identical to :func:`opdlens.rollout.base.sample_tokens` (other random stream).
 """
 
 from __future__ import annotations

@@ -53,10 +53,8 @@ from typing import Any
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, parse_dtype
-from opdlens.rollout.base import validate_request
+from opdlens.rollout.base import TEMPERATURE_RANGE, validate_request
 
-#: Temperatures vLLM samples at as asked (it rejects > 2 and raises < 0.01 to 0.01).
-TEMPERATURE_RANGE = (0.01, 2.0)
 #: dtype names vLLM's ``LLM(dtype=)`` accepts.
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
 #: Share of the device's memory left out of vLLM's reservation for opdlens' own forward passes

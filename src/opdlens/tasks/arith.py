@@ -11,7 +11,7 @@ of the numbers, operations); ``n_operands``, ``max_value`` and ``ops`` override 
 a bare expression ("What is 7 + 5?").
 
 The default difficulty was calibrated on the embedded SmolLM2-135M-Instruct model so that its
-success rate is clearly between 0 and 1 (see :mod:`opdlens.tasks.calibrate`).
+success rate is clearly between 0 and 1 (``python -m opdlens.diagnose.calibrate``).
 """
 
 from __future__ import annotations
@@ -44,12 +44,10 @@ LEVELS: dict[int, ArithLevel] = {
     6: ArithLevel(4, 100, "+-*"),
 }
 
-#: Default difficulty. Measured on SmolLM2-135M-Instruct (Q4_1 GGUF, chat template, T=1, no
-#: top-k/top-p, 48 new tokens, 10 questions x 8 samples, seed 0) with
-#: ``python -m opdlens.tasks.calibrate``: level 1 (word) 0.087, level 2 (word) 0.125, level 2
-#: (``style="expr"``) 0.150; at level 2, 7 of 10 questions had a per-question rate strictly
-#: between 0 and 1. Easier numbers do not help: the 135M model fails mostly by rambling, so
-#: 0.2-0.6 is out of reach at T=1; harder levels can only lower the rate.
+#: Default difficulty: the level at which SmolLM2-135M-Instruct succeeds on most questions
+#: sometimes but not always (so the generation tree has both outcomes to compare). Easier numbers
+#: do not raise its rate (the 135M model fails mostly by rambling) and harder levels can only
+#: lower it. Measured in docs/RESULTS.md (``python -m opdlens.diagnose.calibrate``).
 DEFAULT_DIFFICULTY = 2
 
 _PEOPLE: tuple[tuple[str, str], ...] = (

