@@ -31,7 +31,8 @@ import pandas as pd
 
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
-from opdlens.diagnose.run import build_diagnosis, load_results
+from opdlens.diagnose.run import build_diagnosis
+from opdlens.report.run import load_results
 from opdlens.diagnose.store import RunStore
 
 TEACHERS = [dict(name="Self-1C", context="1c"), dict(name="Self-1C1W", context="1c1w")]

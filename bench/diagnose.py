@@ -51,7 +51,10 @@ from typing import Any
 import torch
 
 from opdlens import models
-from opdlens.diagnose import pipeline
+from opdlens.diagnose import diagnosis as dmod
+from opdlens.diagnose import run as drun
+from opdlens.diagnose import scoring as dscoring
+from opdlens.diagnose import state as dstate
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.policy import sample_counts
 from opdlens.rollout import TorchEngine
@@ -98,14 +101,14 @@ def patch(obj: Any, name: str, kind: str, phase: bool = False) -> None:
 
 
 def instrument() -> None:
-    D = pipeline.Diagnosis
+    D = dmod.Diagnosis
     for name, kind in (("initial_many", "phase: initial rollouts"), ("paths", "phase: paths"),
                        ("solutions", "phase: solutions + summaries"), ("write_priorities", "phase: priorities"),
                        ("enrich", "phase: targeted rollouts"), ("score_group", "phase: teacher scoring"),
                        ("finish", "phase: final tables")):
         if hasattr(D, name):
             patch(D, name, kind, phase=True)
-    patch(pipeline, "build_diagnosis", "phase: load models + task", phase=True)
+    patch(drun, "build_diagnosis", "phase: load models + task", phase=True)
     orig_sample = TorchEngine.sample
 
     @functools.wraps(orig_sample)
@@ -133,10 +136,11 @@ def instrument() -> None:
     for name in ("write_chunk", "write_table", "read_chunk", "read_rollouts", "read_table", "read_all"):
         if hasattr(RunStore, name):
             patch(RunStore, name, "run-store I/O")
-    for name in ("path_stats", "path_signals", "candidate_priorities", "children_column"):
-        if hasattr(pipeline, name):
-            patch(pipeline, name, "tree stats + targeting + signals")
-    orig_envs = pipeline.task_envs
+    for mod in (dstate, dscoring):
+        for name in ("path_stats", "path_signals", "candidate_priorities", "children_column"):
+            if hasattr(mod, name):
+                patch(mod, name, "tree stats + targeting + signals")
+    orig_envs = drun.task_envs
 
     def task_envs(*a, **k):  # type: ignore[no-untyped-def]
         envs = orig_envs(*a, **k)
@@ -151,7 +155,7 @@ def instrument() -> None:
                 e.grade_reason = timed("grading")(e.grade_reason)
         return envs
 
-    pipeline.task_envs = task_envs
+    drun.task_envs = task_envs
 
 
 class GpuBusy:
@@ -266,11 +270,11 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
                 import pstats
 
                 prof = cProfile.Profile()
-                prof.runcall(pipeline.diagnose, cfg, progress=False)
+                prof.runcall(drun.diagnose, cfg, progress=False)
                 prof.dump_stats(f"{args.cprofile}.{model}")
                 pstats.Stats(prof).sort_stats("tottime").print_stats(30)
             else:
-                pipeline.diagnose(cfg, progress=False)
+                drun.diagnose(cfg, progress=False)
             if dev == "cuda":
                 torch.cuda.synchronize()
             wall = time.perf_counter() - t0

@@ -17,7 +17,8 @@ from opdlens.cli import app
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.models import load_tokenizer, random_policy, tiny_random_policy
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.diagnose.run import diagnose, load_results
+from opdlens.diagnose.run import diagnose
+from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import policy_max_context
 from opdlens.errors import OpdlensError
 from opdlens.policy import check_same_tokenizer, sample_counts

@@ -9,14 +9,12 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 
-from opdlens.analysis import bootstrap_interval
 from scipy import stats
 from typer.testing import CliRunner
 
 from opdlens.cli import app
-from opdlens.compare import compare_runs, difficulty_bins, parse_edges, question_values, write_study
-from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
@@ -26,9 +24,15 @@ from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
-from opdlens.synthetic import SyntheticPolicy
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import TeacherSpec
+from opdlens.errors import OpdlensError
+from opdlens.report.aggregate import path_values, table1
+from opdlens.report.nodes import per_path
+from opdlens.report.stats import bootstrap_interval
+from opdlens.report.study import compare_runs, difficulty_bins, parse_edges
+from opdlens.report.study_tables import write_study
+from opdlens.synthetic import SyntheticPolicy
 
 runner = CliRunner()
 HARD = {"q0", "q1", "q2"}  # graded by the synthetic success rule (success rate ~0.2)
@@ -78,22 +82,29 @@ def test_table1_cells_and_tests_recomputed_by_hand(runs):
 
     v = _valid(b)
     v = v[v.teacher == "seeker"]
-    # one cell: "big", seeker, incorrect paths, mean cosine: per question the mean over the valid
-    # nodes of its incorrect paths (pooled), then the mean over questions with a bootstrap interval
-    per_q = v[~v.path_correct].groupby("question_id")["align_gkd"].mean()
+    # one cell: "big", seeker, incorrect paths, mean cosine: per path the mean over its valid nodes,
+    # per question the mean over its incorrect paths, then the mean over questions
+    pm = v[~v.path_correct].groupby(["question_id", "path_id"])["align_gkd"].mean()
+    per_q = pm.groupby(level="question_id").mean()
     cell = t1.loc[("big · synthetic", "seeker", "mean", "incorrect")]
     assert cell["n_questions"] == len(per_q) >= 5
     assert cell["value"] == pytest.approx(per_q.mean(), abs=1e-12)
-    lo, hi = bootstrap_interval(per_q.to_numpy(), 0.95, n_boot=2000, seed=0)
+    # the run's stat_unit is the path (the default): a bootstrap over the path means, each weighted
+    # 1 / paths of its question, with the run report's resamples
+    assert cell["unit"] == "path" and cell["n_units"] == cell["n_paths"] == len(pm)
+    w = 1.0 / pm.groupby(level="question_id").transform("size").to_numpy()
+    lo, hi = bootstrap_interval(pm.to_numpy(), 0.95, n_boot=10_000, seed=0, weights=w)
     assert (cell["ci_low"], cell["ci_high"]) == (pytest.approx(lo, abs=1e-12), pytest.approx(hi, abs=1e-12))
-    assert per_q.min() <= lo <= hi <= per_q.max()  # inside the range of the values, hence [-1, 1]
-    # weighted cosine, all paths: sum(w cos) / sum(w) per question, w = norm_ideal * norm_gkd
-    w = v["norm_ideal"] * v["norm_gkd"]
-    wq = (w * v["align_gkd"]).groupby(v["question_id"]).sum() / w.groupby(v["question_id"]).sum()
-    assert t1.loc[("big · synthetic", "seeker", "weighted", "all"), "value"] == pytest.approx(wq.mean(), abs=1e-12)
+    assert pm.min() <= lo <= hi <= pm.max()  # inside the range of the values, hence [-1, 1]
+    # weighted cosine, all paths: per path sum(w cos) / sum(w), w = norm_ideal * norm_gkd; then as above
+    wn = v["norm_ideal"] * v["norm_gkd"]
+    keys = [v["question_id"], v["path_id"]]
+    wp = (wn * v["align_gkd"]).groupby(keys).sum() / wn.groupby(keys).sum()
+    expect = wp.groupby(level=0).mean().mean()
+    assert t1.loc[("big · synthetic", "seeker", "weighted", "all"), "value"] == pytest.approx(expect, abs=1e-12)
 
     # correct vs incorrect, paired over the questions with both kinds of paths
-    c = v[v.path_correct].groupby("question_id")["align_gkd"].mean()
+    c = v[v.path_correct].groupby(["question_id", "path_id"])["align_gkd"].mean().groupby(level=0).mean()
     i = per_q
     both = c.index.intersection(i.index)
     test = study.tests.set_index(["setting", "teacher", "statistic"]).loc[("big · synthetic", "seeker", "mean")]
@@ -113,7 +124,7 @@ def test_difficulty_bins_and_best_teacher_follow_the_questions(runs):
     v = _valid(a)
     for label, qs in (("[0, 0.5)", HARD), ("[0.5, 1]", EASY)):
         sub = v[(v.teacher == "avoider") & v.question_id.isin(qs)]
-        expect = sub.groupby("question_id")["align_gkd"].mean().mean()
+        expect = sub.groupby(["question_id", "path_id"])["align_gkd"].mean().groupby(level=0).mean().mean()
         assert bins.loc[("avoider", "mean", label), "value"] == pytest.approx(expect, abs=1e-12)
     # the best teacher changes with difficulty: the success seeker on hard questions, the other
     # on easy ones (whose grade is the negated rule), clearly separated
@@ -132,15 +143,68 @@ def test_bins_and_question_values_units():
     for bad in ("0.5,0.2", "0,0.5", "x", "1.2"):
         with pytest.raises(OpdlensError, match="bin edges"):
             parse_edges(bad)
-    # pooled nodes: a question's value weights its paths by their valid nodes
+    # each path counts once in its question, whatever its number of valid nodes (not nodes pooled:
+    # that gave (1 + 1 + 1 - 1) / 4 = 0.5 here)
     nodes = pd.DataFrame({
         "question_id": ["q"] * 4, "path_id": [0, 0, 0, 1], "path_correct": [True] * 4, "teacher": "t",
         "valid": True, "align_gkd": [1.0, 1.0, 1.0, -1.0], "norm_ideal": [1.0, 1.0, 1.0, 3.0], "norm_gkd": 1.0,
     })  # fmt: skip
-    qv = question_values(nodes).set_index(["group", "statistic"])["value"]
-    assert qv[("correct", "mean")] == pytest.approx(0.5) and qv[("all", "mean")] == pytest.approx(0.5)
-    assert qv[("correct", "weighted")] == pytest.approx(0.0)
+    qv = table1(path_values(per_path(nodes)), unit="question").set_index(["group", "statistic"])["value"]
+    assert qv[("correct", "mean")] == pytest.approx(0.0) and qv[("all", "mean")] == pytest.approx(0.0)
+    assert qv[("correct", "weighted")] == pytest.approx(0.0)  # paths: 3/3 = 1 and -3/3 = -1
     assert ("incorrect", "mean") not in qv.index  # no incorrect path: no value, not a zero
+
+
+def _ragged(run: Path, dest: Path, unit: str) -> Path:
+    """A copy of ``run`` where no node of path 0 of q0 and of paths 0 and 1 of q3 is valid, so its
+    questions have 4, 3 or 2 scored paths (then the mean of all path means, the mean over questions of
+    their pooled nodes and the paper's path → question → teacher mean all differ), with ``stat_unit``
+    set to ``unit`` in its config.yaml (a report-only key: the results stay valid)."""
+    copy = shutil.copytree(run, dest)
+    for f in (copy / "nodes").rglob("*.parquet"):
+        df = pd.read_parquet(f)
+        drop = ((df.question_id == "q0") & (df.path_id == 0)) | ((df.question_id == "q3") & df.path_id.isin([0, 1]))
+        df.loc[drop, "valid"] = False
+        df.to_parquet(f)
+    cfg = yaml.safe_load((copy / "config.yaml").read_text())
+    (copy / "config.yaml").write_text(yaml.safe_dump({**cfg, "stat_unit": unit}))
+    return copy
+
+
+@pytest.mark.parametrize("unit", ["path", "question"])
+def test_report_and_compare_print_the_same_table1(runs, tmp_path, unit):
+    """`opdlens report` and `opdlens compare` on one run: the same Table 1 (value and interval, every
+    statistic and path group), equal to path mean -> question mean -> teacher mean by hand."""
+    run = _ragged(runs[0], tmp_path / "run", unit)
+    res = runner.invoke(app, ["report", str(run), "--out", str(tmp_path / "report")])
+    assert res.exit_code == 0, res.output
+    res = runner.invoke(app, ["compare", str(run), "--out", str(tmp_path / "study")])
+    assert res.exit_code == 0, res.output
+    per_teacher = pd.read_csv(tmp_path / "report" / "per_teacher.csv").set_index("teacher")
+    study = pd.read_csv(tmp_path / "study" / "table1.csv")
+    cells = study[(study.statistic == "mean") & (study.group == "all")].set_index("teacher")
+
+    v = _valid(run)
+    path_mean = v.groupby(["teacher", "question_id", "path_id"])["align_gkd"].mean()
+    assert sorted(path_mean.groupby(level=["teacher", "question_id"]).size().unique()) == [2, 3, 4]
+    by_hand = path_mean.groupby(level=["teacher", "question_id"]).mean().groupby(level="teacher").mean()
+    pooled = v.groupby(["teacher", "question_id"])["align_gkd"].mean().groupby(level="teacher").mean()
+    all_paths = path_mean.groupby(level="teacher").mean()
+    assert sorted(by_hand.index) == sorted(per_teacher.index) == sorted(cells.index) == ["avoider", "seeker"]
+    for teacher, expect in by_hand.items():
+        assert per_teacher.loc[teacher, "mean"] == pytest.approx(expect, abs=1e-12)
+        assert cells.loc[teacher, "value"] == per_teacher.loc[teacher, "mean"]
+        assert (cells.loc[teacher, "ci_low"], cells.loc[teacher, "ci_high"]) == (
+            per_teacher.loc[teacher, "ci_low"], per_teacher.loc[teacher, "ci_high"])
+        assert cells.loc[teacher, "unit"] == per_teacher.loc[teacher, "unit"] == unit
+        # the run discriminates: the former averages would print other numbers
+        assert abs(expect - pooled[teacher]) > 1e-4 and abs(expect - all_paths[teacher]) > 1e-4
+    # the whole Table 1, and the numbers as printed in both summaries
+    pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "report" / "table1.csv"), study.drop(columns="setting"))
+    report_md = (tmp_path / "report" / "summary.md").read_text()
+    study_md = (tmp_path / "study" / "summary.md").read_text()
+    for teacher, r in per_teacher.iterrows():
+        assert f"| {teacher} | {r['mean']:.3f} |" in report_md and f"{r['mean']:+.3f} [" in study_md
 
 
 def test_compare_command_writes_the_study(runs, tmp_path):

@@ -8,7 +8,7 @@ import pytest
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.diagnose.run import load_results
+from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore

@@ -12,7 +12,7 @@ ray = pytest.importorskip("ray")
 
 from opdlens.diagnose.config import DiagnoseConfig  # noqa: E402
 from opdlens.diagnose.distributed import diagnose_ray, read_phase1_record  # noqa: E402
-from opdlens.diagnose.run import load_results  # noqa: E402
+from opdlens.report.run import load_results  # noqa: E402
 from opdlens.errors import OpdlensError  # noqa: E402
 from opdlens.diagnose.store import RunStore  # noqa: E402
 from tests import helpers  # noqa: E402

@@ -13,7 +13,8 @@ from opdlens.models import tiny_random_policy
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.diagnose.run import diagnose, load_results
+from opdlens.diagnose.run import diagnose
+from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
 from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError

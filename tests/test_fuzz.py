@@ -26,7 +26,7 @@ from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.diagnose.run import load_results
+from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
 from opdlens.diagnose.state import Runtime
 from opdlens.errors import OpdlensError

@@ -14,7 +14,7 @@ import torch
 from typer.testing import CliRunner
 
 from opdlens.cli import app
-from opdlens.compare import compare_runs, difficulty_bins
+from opdlens.report.study import compare_runs, difficulty_bins
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.models import load_tokenizer, tiny_random_policy

@@ -11,7 +11,8 @@ import pytest
 
 from opdlens.diagnose.config import PAPER_PRESET, DiagnoseConfig
 from opdlens.models import SMOLLM2, load_tokenizer, tiny_random_policy
-from opdlens.diagnose.run import build_diagnosis, diagnose, load_results, write_config
+from opdlens.diagnose.run import build_diagnosis, diagnose, write_config
+from opdlens.report.run import load_results
 from opdlens.errors import OpdlensError
 from opdlens.diagnose.store import RunStore
 from opdlens.tasks import Grade, Question, Task, register_task, strip_thinking

@@ -14,10 +14,12 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from opdlens import analysis as A
 from opdlens.errors import OpdlensError
 from opdlens.report import CSV_FILES, FIGURE_FILES, write_report
+from opdlens.report.analyze import analyze
 from opdlens.report.html import GREY, alignment_color, display_token
+from opdlens.report.nodes import DIVERGENCE_COLUMNS
+from opdlens.report.stats import t_interval
 from opdlens.report.tables import fmt, fmt_ci, fmt_p
 
 NAN = float("nan")
@@ -136,7 +138,7 @@ def test_all_files_written(report: Path) -> None:
 
 def test_csvs_match_analysis(report: Path, data) -> None:  # type: ignore[no-untyped-def]
     nodes = data[0]
-    an = A.analyze(nodes, ci="bootstrap")  # the report's default: bounded CIs
+    an = analyze(nodes, ci="bootstrap")  # the report's default: bounded CIs
     pairs = {
         "per_teacher.csv": an.teachers.table,
         "pairwise.csv": an.teachers.pairwise,
@@ -173,7 +175,7 @@ def _md_table(md: str, title: str) -> list[dict[str, str]]:
 
 def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-untyped-def]
     md = (report / "summary.md").read_text(encoding="utf-8")
-    an = A.analyze(data[0], ci="bootstrap")
+    an = analyze(data[0], ci="bootstrap")
     rows = {r["teacher"]: r for r in _md_table(md, "Alignment per teacher")}
     assert set(rows) == set(TEACHERS)
     for r in an.teachers.table.itertuples():
@@ -202,7 +204,7 @@ def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-unty
 
     corr = _md_table(md, "Alignment vs divergences and depth")
     s = an.correlations.summary
-    assert len(corr) == len(s) == 2 * len(A.DIVERGENCE_COLUMNS)
+    assert len(corr) == len(s) == 2 * len(DIVERGENCE_COLUMNS)
     for got, r in zip(corr, s.itertuples()):
         assert (got["teacher"], got["variable"]) == (r.teacher, r.variable)
         assert got["Pearson"] == fmt(r.pearson_mean, signed=True)
@@ -411,7 +413,7 @@ def misreadable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.Data
 def test_intervals_stay_inside_the_metric_bounds(misreadable) -> None:  # type: ignore[no-untyped-def]
     out, nodes = misreadable
     pt = pd.read_csv(out / "per_teacher.csv").set_index("teacher")
-    assert A.t_interval([1.0, 1.0, 1.0, -1.0])[1] > 1.0  # what the report no longer shows
+    assert t_interval([1.0, 1.0, 1.0, -1.0])[1] > 1.0  # what the report no longer shows
     assert (pt["ci_method"] == "bootstrap").all()
     assert (pt["ci_low"] >= -1.0).all() and (pt["ci_high"] <= 1.0).all()
     assert pt.loc["U", "ci_high"] == 1.0 and pt.loc["U", "ci_low"] < 0.5

@@ -10,7 +10,7 @@ import torch
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.diagnose.run import load_results
+from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
 from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.signals import SignalConfig, ideal_gradient

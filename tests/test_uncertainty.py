@@ -261,7 +261,7 @@ def test_path_signals_estimator_option_changes_only_the_uncertain_alignments():
 
 
 def test_per_path_table_carries_the_path_mean_interval():
-    from opdlens.analysis import per_path
+    from opdlens.report.nodes import per_path
 
     nodes = _table().assign(path_correct=True, norm_ideal=1.0, norm_gkd=1.0)
     pp = per_path(nodes).set_index("teacher")

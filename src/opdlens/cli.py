@@ -47,19 +47,11 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
     ``index.html`` and whether the run is partial (unfinished)."""
     from opdlens.report import write_report
     from opdlens.report.run import load_run
-    from opdlens.diagnose.store import RunStore
 
-    res = load_run(RunStore(run_dir, create=False))
-    unit, choices = "path", None
-    cfg_file = run_dir / "config.yaml"
-    if cfg_file.is_file():  # the run's own choices (statistical unit, readings of the paper)
-        from opdlens.diagnose.config import read_run_config
-
-        cfg = read_run_config(cfg_file)
-        unit, choices = cfg.stat_unit, cfg.choices()
+    res = load_run(run_dir)  # with the run's own choices (statistical unit, readings of the paper)
     index = write_report(
         out or run_dir / "report", res.nodes, res.questions, res.paths, extra=extra,
-        skips=res.skips, inputs=res.inputs, notes=res.notes, unit=unit, choices=choices,
+        skips=res.skips, inputs=res.inputs, notes=res.notes, unit=res.stat_unit, choices=res.choices,
     )  # fmt: skip
     if res.partial:
         console.print(f"[yellow]partial:[/] {res.notes[0]}")
@@ -175,8 +167,9 @@ def compare(
 ) -> None:
     """The study across runs: Table 1 (teachers x settings, correct/incorrect paths), p-values, difficulty
     bins, best teacher per bin, and with --incontext the student's accuracy under each self-teacher context."""
-    from opdlens.compare import compare_runs, parse_edges, write_study
     from opdlens.diagnose.incontext import run_incontext
+    from opdlens.report.study import compare_runs, parse_edges
+    from opdlens.report.study_tables import write_study
 
     try:
         edges = parse_edges(bins)

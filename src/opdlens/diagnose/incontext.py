@@ -13,7 +13,7 @@ teacher sees it** (the token ids :meth:`opdlens.diagnose.diagnosis.Diagnosis.pre
 generation budget and temperature; each completion is graded by the task.
 
 The plain prompt is sampled afresh rather than read from the initial rollouts: the difficulty
-bins of :mod:`opdlens.compare` are cut on the initial rollouts' success rate, and measuring the
+bins of :mod:`opdlens.report.study` are cut on the initial rollouts' success rate, and measuring the
 baseline on the very sample that defines the bins would bias it (a question lands in the
 hardest bin partly because its initial rollouts were unlucky; an independent sample regresses
 towards its true rate, and so would every context's, making the contexts look better than the
@@ -38,9 +38,9 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from opdlens.analysis import t_interval
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.store import RunStore, derive_seed, safe_name
+from opdlens.errors import OpdlensError
+from opdlens.report.stats import t_interval
 
 if TYPE_CHECKING:
     from opdlens.diagnose.diagnosis import Diagnosis
@@ -200,7 +200,7 @@ def accuracy_table(rows: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame
     """Accuracy per (context, bin) with the question as the unit, and its gain over the prompt.
 
     ``rows``: stored in-context rows (:func:`read_incontext`) with a ``bin`` column (difficulty
-    bin of each question; :mod:`opdlens.compare` adds it). Per (context, bin), over questions with
+    bin of each question; :mod:`opdlens.report.study` adds it). Per (context, bin), over questions with
     samples: ``n_questions``, ``accuracy`` (mean of per-question accuracies), ``ci_low`` /
     ``ci_high`` (t-interval over questions), ``n_skipped`` (questions where the context could not
     be built or did not fit), and versus the plain prompt on the same questions: ``n_paired``,

@@ -20,16 +20,6 @@ from opdlens.policy import Policy, check_same_tokenizer
 if TYPE_CHECKING:
     from opdlens.diagnose.config import DiagnoseConfig
 
-def load_results(store: RunStore) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
-    """(nodes, questions, paths) tables of a finished run."""
-    nodes = store.read_all("nodes")
-    if nodes.empty:
-        raise OpdlensError(f"no per-node results in {store.root}: run `opdlens diagnose` first")
-    questions = store.read_table("questions.parquet")
-    paths = store.read_all("paths").drop(columns=["tokens"])
-    return nodes, questions, paths
-
-
 def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunStore:
     """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir.
 

@@ -202,7 +202,7 @@ def path_signals(
     ``draws_cache``: a dict kept for one path and its student log-probs while its teachers are
     scored (the posterior draws of the node intervals depend on neither the teacher nor its
     log-probs, see :func:`opdlens.diagnose.uncertainty.alignment_draws`).
-    Returns a dict of ``[L]`` numpy arrays (see ``opdlens.analysis`` for the column meanings).
+    Returns a dict of ``[L]`` numpy arrays (see ``opdlens.report.nodes`` for the column meanings).
     """
     cfg = config or SignalConfig()
     big_l = stats.length

@@ -29,7 +29,7 @@ a diagnose run and one of its teacher configurations::
     out_dir: runs/opd-self1c
 
 ``best`` picks the teacher with the highest mean per-path alignment (``align_gkd``, see
-:func:`opdlens.analysis.per_teacher`) in that run. Student, task, task arguments, generation
+:func:`opdlens.report.aggregate.per_teacher`) in that run. Student, task, task arguments, generation
 budget and the teacher (model and context) are taken from the diagnose config, so diagnostics
 and training use the same models, tasks, contexts and per-token signals.
 """
@@ -47,8 +47,8 @@ from opdlens.errors import OpdlensError
 
 def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
     """Name of the teacher configuration with the highest mean path alignment in a diagnose run."""
-    from opdlens.analysis import per_teacher
-    from opdlens.diagnose.run import load_results
+    from opdlens.report.aggregate import per_teacher
+    from opdlens.report.run import load_results
     from opdlens.diagnose.store import RunStore
 
     nodes, _, _ = load_results(RunStore(run_dir))

@@ -1,11 +1,12 @@
 """Report of a diagnostics run: Markdown summary, CSV tables, PNG figures, token-level HTML.
 
-:func:`write_report` is the entry point. It runs :func:`opdlens.analysis.analyze` on the
+:func:`write_report` is the entry point. It runs :func:`opdlens.report.analyze.analyze` on the
 per-node table and writes into ``out_dir``::
 
     summary.md                 tables with one-line explanations of every number
     index.html                 self-contained page: tables, figures, coloured tokens per teacher
-    per_teacher.csv            per-teacher means, CIs, node fractions
+    per_teacher.csv            per-teacher means (Table 1), CIs, node fractions
+    table1.csv                 Table 1 per teacher, statistic and path group (as `opdlens compare`)
     pairwise.csv               pairwise teacher tests (paired t, Wilcoxon signed-rank, Holm)
     correct_vs_incorrect.csv   paired tests per teacher
     per_question.csv           per (teacher, question) correct / incorrect means
@@ -26,16 +27,22 @@ from typing import Literal
 
 import pandas as pd
 
-from opdlens.analysis import Analysis, analyze, require_columns, valid_nodes
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.uncertainty import count_settled
+from opdlens.errors import OpdlensError
+from opdlens.report.analyze import Analysis, analyze
 from opdlens.report.figures import (
     plot_correct_incorrect,
     plot_depth,
     plot_distribution,
     plot_teacher_means,
 )
-from opdlens.report.html import alignment_color, render_page, render_token_view, two_child_tip
+from opdlens.report.html import (
+    alignment_color,
+    render_page,
+    render_token_view,
+    two_child_tip,
+)
+from opdlens.report.nodes import require_columns, valid_nodes
 from opdlens.report.tables import (
     CSV_FILES,
     build_tables,
@@ -90,9 +97,9 @@ def write_report(
     per-path tables. ``extra`` is an optional list of ``(title, png path)`` (e.g. training
     curves) copied to ``figures/`` and embedded in the HTML and listed in ``summary.md``.
     ``metric`` picks the alignment column; ``confidence``, ``ci``, ``n_boot``, ``seed`` and
-    ``alpha`` are passed to :func:`opdlens.analysis.per_teacher`; the default percentile bootstrap
-    stays inside the range of the path means, hence inside [-1, 1] (a t-interval over a few
-    paths can reach past ±1). ``unit`` (path or question) is the statistical unit of its CIs and
+    ``alpha`` are passed to :func:`opdlens.report.aggregate.per_teacher`; the default percentile bootstrap
+    stays inside the range of the unit means, hence inside [-1, 1] (a t-interval over a few
+    units can reach past ±1). ``unit`` (path or question) is the statistical unit of its CIs and
     tests; ``choices`` (the run config's :meth:`~opdlens.diagnose.config.DiagnoseConfig.choices`) is listed
     so a reader knows which reading of the paper the run used. ``skips`` (question_id, teacher,
     reason) are listed in a table, ``inputs`` (question_id, question_text, gold) are shown above
@@ -144,18 +151,19 @@ def write_report(
         ),
         (
             "Alignment per teacher",
-            f"Mean of path means with {conf}% CI ({'t-interval' if ci == 't' else 'bootstrap'}).",
+            f"Table 1's mean (path, then question, then teacher) with {conf}% CI over {unit} means "
+            f"({'t-interval' if ci == 't' else 'bootstrap'}).",
             plot_teacher_means(
                 an.teachers.table, metric, confidence, fig_dir / FIGURE_FILES["teacher_means"]
             ),
         ),
         (
             "Correct vs incorrect paths",
-            f"Mean of path means of correct and of incorrect paths, {conf}% percentile bootstrap CI over paths.",
+            f"Table 1's mean over correct and over incorrect paths (path, then question, then teacher), "
+            f"{conf}% CI over {unit} means.",
             plot_correct_incorrect(
-                an.paths, teachers, metric, confidence,
-                fig_dir / FIGURE_FILES["correct_vs_incorrect"], n_boot=n_boot, seed=seed,
-            ),  # fmt: skip
+                an.table1, teachers, metric, confidence, fig_dir / FIGURE_FILES["correct_vs_incorrect"]
+            ),
         ),
         (
             "Alignment vs normalised depth",

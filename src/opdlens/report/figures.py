@@ -19,28 +19,37 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from opdlens.analysis import bootstrap_interval
-
-__all__ = ["plot_correct_incorrect", "plot_depth", "plot_distribution", "plot_teacher_means", "plot_training_curve"]
+__all__ = [
+    "ci_error_bars",
+    "palette",
+    "plot_correct_incorrect",
+    "plot_depth",
+    "plot_distribution",
+    "plot_teacher_means",
+    "plot_training_curve",
+    "save_png",
+]
 
 _DPI = 110
 
 
-def _palette(n: int) -> list[tuple[float, float, float, float]]:
+def palette(n: int) -> list[tuple[float, float, float, float]]:
+    """``n`` distinct colours (tab10, tab20 beyond ten), one per teacher or context."""
     from matplotlib import colormaps
 
     cmap = colormaps["tab10" if n <= 10 else "tab20"]
     return [cmap(i % cmap.N) for i in range(n)]
 
 
-def _save(fig: Figure, path: Path) -> Path:
+def save_png(fig: Figure, path: Path) -> Path:
+    """Draw ``fig`` on an Agg canvas (no pyplot state, no display) and write it as PNG to ``path``."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
     fig.savefig(path, dpi=_DPI)
     return path
 
 
-def _yerr(means: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
+def ci_error_bars(means: np.ndarray, lo: np.ndarray, hi: np.ndarray) -> np.ndarray:
     """Asymmetric error bars from a CI; undefined CIs give zero-length bars."""
     low = np.where(np.isfinite(lo), means - lo, 0.0)
     high = np.where(np.isfinite(hi), hi - means, 0.0)
@@ -54,7 +63,7 @@ def plot_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], pat
     nrow = math.ceil(n / ncol)
     fig = Figure(figsize=(3.2 * ncol, 2.6 * nrow))
     bins = np.linspace(-1.0, 1.0, 41)
-    colors = _palette(n)
+    colors = palette(n)
     for i, teacher in enumerate(teachers):
         ax = fig.add_subplot(nrow, ncol, i + 1)
         x = valid.loc[valid["teacher"] == teacher, metric].to_numpy(dtype=float)
@@ -70,57 +79,48 @@ def plot_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], pat
         ax.tick_params(labelsize=7)
         if i % ncol == 0:
             ax.set_ylabel("valid nodes", fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_teacher_means(table: pd.DataFrame, metric: str, confidence: float, path: Path) -> Path:
-    """Bar per teacher: mean of path means with the CI of the teacher table as error bars."""
+    """Bar per teacher: Table 1's mean (path → question → teacher) with the teacher table's CI as error bars."""
     teachers = [str(t) for t in table["teacher"]]
     m = table["mean"].to_numpy(dtype=float)
-    err = _yerr(m, table["ci_low"].to_numpy(dtype=float), table["ci_high"].to_numpy(dtype=float))
+    err = ci_error_bars(m, table["ci_low"].to_numpy(dtype=float), table["ci_high"].to_numpy(dtype=float))
     fig = Figure(figsize=(max(4.0, 0.9 * len(teachers) + 2.0), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(teachers))
-    ax.bar(x, m, yerr=err, capsize=4, color=_palette(len(teachers)), edgecolor="black", lw=0.5)
+    ax.bar(x, m, yerr=err, capsize=4, color=palette(len(teachers)), edgecolor="black", lw=0.5)
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, teachers, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"mean {metric} (path means)")
+    ax.set_ylabel(f"mean {metric} (questions)")
     ax.set_title(f"Alignment per teacher ({round(100 * confidence)}% CI)", fontsize=10)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_correct_incorrect(
-    paths: pd.DataFrame, teachers: list[str], metric: str, confidence: float, path: Path,
-    *, n_boot: int = 10_000, seed: int = 0,
+    table1: pd.DataFrame, teachers: list[str], metric: str, confidence: float, path: Path
 ) -> Path:
-    """Grouped bars per teacher: mean of correct vs incorrect path means, with a percentile
-    bootstrap CI over paths (inside [-1, 1], like the metric)."""
+    """Grouped bars per teacher: Table 1's mean cosine over correct vs over incorrect paths
+    (:func:`opdlens.report.aggregate.table1`, the cells ``opdlens compare`` shows), with their intervals."""
     fig = Figure(figsize=(max(4.5, 1.1 * len(teachers) + 2.0), 3.6))
     ax = fig.add_subplot(1, 1, 1)
     x = np.arange(len(teachers))
     width = 0.38
-    pm = paths[np.isfinite(paths["mean"].to_numpy(dtype=float))]
-    for k, (flag, label, color) in enumerate(
-        ((True, "correct paths", "#4a90d9"), (False, "incorrect paths", "#e8a33d"))
-    ):
-        means, lo, hi = [], [], []
-        for teacher in teachers:
-            v = pm.loc[(pm["teacher"] == teacher) & (pm["path_correct"] == flag), "mean"]
-            a = v.to_numpy(dtype=float)
-            means.append(float(a.mean()) if a.size else float("nan"))
-            ci = bootstrap_interval(a, confidence, n_boot=n_boot, seed=seed)
-            lo.append(ci[0])
-            hi.append(ci[1])
-        mm = np.array(means)
-        err = _yerr(np.nan_to_num(mm), np.array(lo), np.array(hi))
-        ax.bar(x + (k - 0.5) * width, np.nan_to_num(mm), width, yerr=err, capsize=3, label=label,
+    t = table1[table1["statistic"] == "mean"]
+    for k, (group, color) in enumerate((("correct", "#4a90d9"), ("incorrect", "#e8a33d"))):
+        sub = t[t["group"] == group].set_index("teacher").reindex(teachers)
+        mm = sub["value"].to_numpy(dtype=float)
+        lo, hi = sub["ci_low"].to_numpy(dtype=float), sub["ci_high"].to_numpy(dtype=float)
+        err = ci_error_bars(np.nan_to_num(mm), lo, hi)
+        ax.bar(x + (k - 0.5) * width, np.nan_to_num(mm), width, yerr=err, capsize=3, label=f"{group} paths",
                color=color, edgecolor="black", lw=0.5)  # fmt: skip
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, teachers, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel(f"mean {metric} (path means)")
+    ax.set_ylabel(f"mean {metric} (questions)")
     ax.set_title(f"Correct vs incorrect paths ({round(100 * confidence)}% CI)", fontsize=10)
     ax.legend(fontsize=8)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_depth(
@@ -131,7 +131,7 @@ def plot_depth(
     ax = fig.add_subplot(1, 1, 1)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     centers = (edges[:-1] + edges[1:]) / 2
-    for teacher, color in zip(teachers, _palette(len(teachers))):
+    for teacher, color in zip(teachers, palette(len(teachers))):
         sub = valid[valid["teacher"] == teacher]
         d = pd.to_numeric(sub["depth_norm"], errors="coerce").to_numpy(dtype=float)
         y = sub[metric].to_numpy(dtype=float)
@@ -149,7 +149,7 @@ def plot_depth(
     ax.set_ylabel(f"mean {metric}")
     ax.set_title("Alignment along the path (± 1 s.e.)", fontsize=10)
     ax.legend(fontsize=7, ncol=2)
-    return _save(fig, path)
+    return save_png(fig, path)
 
 
 def plot_training_curve(rows: list[dict], path: Path, title: str = "") -> Path:  # type: ignore[type-arg]
@@ -173,5 +173,5 @@ def plot_training_curve(rows: list[dict], path: Path, title: str = "") -> Path: 
         a.legend()
         a.grid(alpha=0.3)
     fig.suptitle(title)
-    return _save(fig, path)
+    return save_png(fig, path)
 

@@ -1,28 +1,40 @@
-"""What a report reads from a run directory, finished or not.
+"""The one reader of a run directory: its tables and its validated configuration.
+
+Everything that needs a run's results (``opdlens report``, ``opdlens compare``, OPD's choice of
+the best teacher, scripts) reads them through :func:`load_run`, so a run means the same thing to
+each of them: the same node table, and the same ``stat_unit`` and choices from ``config.yaml``
+(read by :func:`opdlens.config.read_run_config`, which validates it and fills the values older
+runs used for keys added since).
 
 A finished run has ``questions.parquet`` and ``skips.parquet`` (written at the end). An
 interrupted or still running one has only the per-(teacher, question) node tables finished so
 far: :func:`load_run` then rebuilds the per-question rows of the scored questions from their
 stored rollouts and marks the result ``partial``, so the report shows what is finished and says
-that it is incomplete.
+that it is incomplete; ``finished=True`` (the cross-run study) refuses such a run instead.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 import pandas as pd
 
-from opdlens.errors import OpdlensError
+from opdlens.diagnose.config import DiagnoseConfig, read_run_config
 from opdlens.diagnose.store import RunStore
+from opdlens.errors import OpdlensError
 
-__all__ = ["RunResults", "load_run"]
+__all__ = ["RunResults", "load_results", "load_run"]
+
+SKIP_COLUMNS = ["question_id", "teacher", "reason"]
 
 
 @dataclass
 class RunResults:
-    """Tables of one run for the report. ``inputs``: question text and gold answer per question
-    (None for runs written before it existed); ``notes``: lines the report shows on top."""
+    """Tables of one run. ``inputs``: question text and gold answer per question (None for runs
+    written before it existed); ``config``: the run's configuration (None when the directory has
+    no ``config.yaml``, e.g. a run driven from Python); ``notes``: lines the report shows on top."""
 
     nodes: pd.DataFrame
     questions: pd.DataFrame
@@ -31,6 +43,32 @@ class RunResults:
     inputs: pd.DataFrame | None = None
     partial: bool = False
     notes: list[str] = field(default_factory=list)
+    root: Path = Path(".")
+    config: DiagnoseConfig | None = None
+
+    @property
+    def stat_unit(self) -> str:
+        """The statistical unit of intervals and teacher tests (the config's, else opdlens' default)."""
+        return self.config.stat_unit if self.config is not None else "path"
+
+    @property
+    def choices(self) -> dict[str, Any] | None:
+        """The run's readings of the paper (:meth:`DiagnoseConfig.choices`), None without a config."""
+        return self.config.choices() if self.config is not None else None
+
+    @property
+    def student(self) -> str:
+        """The student's short name (last part of its path or hub id)."""
+        return "?" if self.config is None else self.config.student.rstrip("/").split("/")[-1]
+
+    @property
+    def task(self) -> str:
+        return "?" if self.config is None else self.config.task
+
+    @property
+    def teachers(self) -> list[str]:
+        """Teacher configurations with per-node results, sorted."""
+        return sorted(map(str, self.nodes["teacher"].unique()))
 
 
 def _question_row(store: RunStore, qid: str) -> dict[str, object]:
@@ -43,18 +81,39 @@ def _question_row(store: RunStore, qid: str) -> dict[str, object]:
     }
 
 
-def load_run(store: RunStore) -> RunResults:
-    """The report's tables of ``store`` (see the module docstring); raises when nothing is scored."""
+def load_run(source: RunStore | str | Path, *, finished: bool = False, need_config: bool = False) -> RunResults:
+    """The tables of a run directory (see the module docstring); never creates the directory.
+
+    ``finished``: refuse an unfinished run (no ``questions.parquet``) instead of reading it as
+    partial, and require the ``success_rate`` column; ``need_config``: refuse a directory without
+    ``config.yaml``. Every refusal raises :class:`OpdlensError` saying what to do.
+    """
+    store = source if isinstance(source, RunStore) else RunStore(source, create=False)
+    root = store.root
+    cfg_file = root / "config.yaml"
+    if need_config and not cfg_file.is_file():
+        raise OpdlensError(f"{root} has no config.yaml: it is not a run directory written by `opdlens diagnose` "
+                           f"or `opdlens demo`")  # fmt: skip
+    done = store.has("questions.parquet")
+    if finished and not done:
+        raise OpdlensError(f"run {root} is unfinished (no questions.parquet): rerun `opdlens diagnose` with its "
+                           f"config (it resumes) before comparing it")  # fmt: skip
     nodes = store.read_all("nodes")
     if nodes.empty:
-        raise OpdlensError(f"no per-node results in {store.root}: run `opdlens diagnose` there first (or rerun it to finish)")
+        why = (f"every teacher was skipped on every question (see {root / 'skips.parquet'})" if done
+               else "run `opdlens diagnose` there first (or rerun it to finish)")  # fmt: skip
+        raise OpdlensError(f"no per-node results in {root} (nodes/ is empty): {why}")
     paths = store.read_all("paths")
     paths = paths.drop(columns=[c for c in ("tokens",) if c in paths.columns])
-    skips = (store.read_table("skips.parquet") if store.has("skips.parquet")
-             else pd.DataFrame(columns=["question_id", "teacher", "reason"]))  # fmt: skip
+    skips = store.read_table("skips.parquet") if store.has("skips.parquet") else pd.DataFrame(columns=SKIP_COLUMNS)
     inputs = store.read_table("inputs.parquet") if store.has("inputs.parquet") else None
-    if store.has("questions.parquet"):
-        return RunResults(nodes, store.read_table("questions.parquet"), paths, skips, inputs)
+    config = read_run_config(cfg_file) if cfg_file.is_file() else None
+    if done:
+        questions = store.read_table("questions.parquet")
+        if finished and "success_rate" not in questions.columns:
+            raise OpdlensError(f"{root / 'questions.parquet'} lacks the success_rate column: it was written by "
+                               f"another opdlens version; rerun the run")  # fmt: skip
+        return RunResults(nodes, questions, paths, skips, inputs, root=root, config=config)
     scored = sorted(nodes["question_id"].astype(str).unique())
     questions = pd.DataFrame([_question_row(store, q) for q in scored])
     total = "" if inputs is None else f" of {len(inputs)}"
@@ -63,4 +122,10 @@ def load_run(store: RunStore) -> RunResults:
         "still running (questions.parquet is written at the end). Rerun the same `opdlens diagnose` "
         "command to finish it, then rebuild the report."
     )
-    return RunResults(nodes, questions, paths, skips, inputs, partial=True, notes=[note])
+    return RunResults(nodes, questions, paths, skips, inputs, partial=True, notes=[note], root=root, config=config)
+
+
+def load_results(store: RunStore | str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
+    """``(nodes, questions, paths)`` of a finished run, read by :func:`load_run`."""
+    res = load_run(store, finished=True)
+    return res.nodes, res.questions, res.paths

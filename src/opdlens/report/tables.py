@@ -1,4 +1,4 @@
-"""Human-readable tables of an :class:`opdlens.analysis.Analysis`: CSVs, Markdown, HTML.
+"""Human-readable tables of an :class:`opdlens.report.analyze.Analysis`: CSVs, Markdown, HTML.
 
 Each table is built once as a :class:`Table` (title, one-line notes explaining the numbers,
 headers, formatted cells) and rendered both to Markdown (``summary.md``) and to HTML
@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from opdlens.analysis import Analysis
+from opdlens.report.analyze import Analysis
 
 __all__ = [
     "CSV_FILES",
@@ -34,6 +34,7 @@ __all__ = [
 #: CSV file written for each analysis frame.
 CSV_FILES: dict[str, str] = {
     "per_teacher": "per_teacher.csv",
+    "table1": "table1.csv",
     "pairwise": "pairwise.csv",
     "correct_vs_incorrect": "correct_vs_incorrect.csv",
     "per_question": "per_question.csv",
@@ -154,7 +155,7 @@ def questions_frame(an: Analysis, questions: pd.DataFrame, paths: pd.DataFrame) 
     """The per-question input table joined with path counts and per-teacher mean alignment.
 
     Columns: the input columns, ``n_paths`` / ``n_correct_paths`` (from the paths table) and
-    one ``align[<teacher>]`` column per teacher (mean of that teacher's path means).
+    one ``align[<teacher>]`` column per teacher (mean of that teacher's path means of the question).
     """
     q = questions.copy()
     counts = paths.groupby("question_id").agg(
@@ -176,6 +177,7 @@ def write_csvs(
     """Write every analysis frame as CSV (full precision) into ``out_dir``; returns the paths."""
     frames: dict[str, pd.DataFrame | None] = {
         "per_teacher": an.teachers.table,
+        "table1": an.table1,
         "pairwise": an.teachers.pairwise,
         "correct_vs_incorrect": an.questions.tests,
         "per_question": an.questions.table,
@@ -251,6 +253,8 @@ def build_tables(
     conf = round(100 * an.teachers.confidence)
     tt = an.teachers.table
     method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap (stays inside [-1, 1])"
+    unit_note = ("path means, each weighted 1 / paths of its question (statistical unit: the path)"
+                 if an.unit == "path" else "question means (statistical unit: the question)")  # fmt: skip
     tables: list[Table] = []
     tc = two_child if two_child is not None else pd.DataFrame(columns=["frac_two_child", "n_multi", "mean_multi"])
 
@@ -258,20 +262,23 @@ def build_tables(
         "per_teacher",
         "Alignment per teacher",
         [
-            f"mean: average over paths of the path's mean `{an.metric}` over its valid nodes "
-            f"(each path counts once); > 0 the teacher's gradient helps, < 0 it hurts.",
-            f"{conf}% CI: {method} over path means; std: spread of the path means.",
+            f"mean (Table 1): the mean `{an.metric}` over a path's valid nodes, averaged over the question's "
+            "paths, then over questions (each question counts once, as in the paper and in `opdlens compare`); "
+            "> 0 the teacher's gradient helps, < 0 it hurts.",
+            f"{conf}% CI: {method} over {unit_note}; std: spread of the {an.unit} means.",
             "node std: spread over single nodes (the per-token variance); % > 0 / % < 0: share "
             "of valid nodes with positive / negative alignment.",
-            "weighted: sum(w cos) / sum(w) over all valid nodes with w = |g_ideal| |g_GKD| "
-            "(nodes with large gradients count more).",
+            "weighted: sum(w cos) / sum(w) pooled over all valid nodes with w = |g_ideal| |g_GKD| "
+            "(nodes with large gradients count more); Table 1's weighted cosine (per path, then question) "
+            "is in table1.csv.",
             "rollout noise: median over paths of the half-width of a path mean's 95% interval "
             "from its nodes' finite rollouts (per_path.csv: mean_lo, mean_hi); small against the "
             "CI above means more rollouts would not change the answer.",
-            (f"2-child: share of valid nodes with exactly two well-visited children; there {two_child_meaning(estimator)}. "
-             "mean (3+): mean over the nodes with three or more children (nodes: how many)." if two_child is not None
-             else "2-child, mean (3+): not computed (they need the renormalised reading of S_u, under which a two-child "
-             "node's cosine is ±1, and the n_children column)."),
+            (f"2-child: share of valid nodes with exactly two well-visited children; there "
+             f"{two_child_meaning(estimator)}. mean (3+): mean over the nodes with three or more children "
+             "(nodes: how many)." if two_child is not None
+             else "2-child, mean (3+): not computed (they need the renormalised reading of S_u, under which a "
+             "two-child node's cosine is ±1, and the n_children column)."),
             *sign_disagreements(tt),
         ],
         ["teacher", "mean", f"{conf}% CI", "std", "paths", "questions", "nodes", "node std",
@@ -317,13 +324,13 @@ def build_tables(
         "pairwise",
         "Teacher comparisons",
         [
-            "diff: mean over paths of teacher A's path mean minus teacher B's. Both teachers score "
-            "the same paths (the tree is teacher-independent), so the tests are paired over the "
-            "paths both scored: paired t-test and Wilcoxon signed-rank, two-sided. Holm: p-values "
-            "corrected for the number of pairs.",
+            f"diff: mean over the {an.unit}s both teachers scored of teacher A's {an.unit} mean minus teacher B's"
+            + (" (weighted as in the CI above). " if an.unit == "path" else ". ")
+            + "Both teachers score the same paths (the tree is teacher-independent), so the tests are paired: "
+            "paired t-test and Wilcoxon signed-rank, two-sided. Holm: p-values corrected for the number of pairs.",
             f"significant: Holm-corrected paired-t p <= {alpha:g}.",
         ],
-        ["teacher A", "teacher B", "paths", "diff", "p (paired t)", "p (paired t, Holm)", "p (Wilcoxon)",
+        ["teacher A", "teacher B", f"{an.unit}s", "diff", "p (paired t)", "p (paired t, Holm)", "p (Wilcoxon)",
          "p (Wilcoxon, Holm)", "significant"],  # fmt: skip
     )
     for r in an.teachers.pairwise.itertuples(index=False):
