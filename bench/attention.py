@@ -27,9 +27,15 @@ import torch
 
 sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))  # after PYTHONPATH: a base checkout can be timed
 
-CASES = (("4 targets 2K N=64", 4, 64, 2048), ("8K N=64", 1, 64, 8192), ("8K N=100", 1, 100, 8192),
-         ("2K N=100", 1, 100, 2048), ("4 targets 8K N=64", 4, 64, 8192), ("16 targets 2K N=16", 16, 16, 2048),
-         ("8K N=16", 1, 16, 8192))
+CASES = (
+    ("4 targets 2K N=64", 4, 64, 2048),
+    ("8K N=64", 1, 64, 8192),
+    ("8K N=100", 1, 100, 8192),
+    ("2K N=100", 1, 100, 2048),
+    ("4 targets 8K N=64", 4, 64, 8192),
+    ("16 targets 2K N=16", 16, 16, 2048),
+    ("8K N=16", 1, 16, 8192),
+)
 
 
 HKV, G, D, S = 8, 2, 128, 128  # Qwen3-0.6B heads; suffix capacity
@@ -59,14 +65,25 @@ def row_configs() -> None:
             for nw in (2, 4, 8):
                 for ns in (1, 2, 3):
                     cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
-                    us = tt.do_bench(lambda: tk.decode_attention(q, sk, sv, tix, pk, pv, plen, 1, D ** -0.5, 1, 256,
-                                                                 row_config=cfg),
-                                     warmup=20, rep=100, return_mode="median") * 1e3
+                    us = (
+                        tt.do_bench(
+                            lambda: tk.decode_attention(
+                                q, sk, sv, tix, pk, pv, plen, 1, D**-0.5, 1, 256, row_config=cfg
+                            ),
+                            warmup=20,
+                            rep=100,
+                            return_mode="median",
+                        )
+                        * 1e3
+                    )
                     res.append((us, bn, nw, ns))
         cur = next(r[0] for r in res if r[1:] == (32, 4, 3))
         best = min(res)
-        print(f"rows {B:>3}, suffix {t + 1:>3}: current (32 keys, 4 warps, 3 stages) {cur:6.1f} us, best "
-              f"({best[1]} keys, {best[2]} warps, {best[3]} stages) {best[0]:6.1f} us, floor {floor_us:5.1f} us", flush=True)
+        print(
+            f"rows {B:>3}, suffix {t + 1:>3}: current (32 keys, 4 warps, 3 stages) {cur:6.1f} us, best "
+            f"({best[1]} keys, {best[2]} warps, {best[3]} stages) {best[0]:6.1f} us, floor {floor_us:5.1f} us",
+            flush=True,
+        )
 
 
 def prefix_sweep() -> None:
@@ -80,15 +97,26 @@ def prefix_sweep() -> None:
 
     dev, t = torch.device("cuda"), 64
     n_sm = torch.cuda.get_device_properties(dev).multi_processor_count
-    for name, P, R, T in (("8K N=100", 1, 100, 8192), ("8K N=64", 1, 64, 8192), ("2K N=100", 1, 100, 2048),
-                          ("4 targets 2K N=64", 4, 64, 2048)):
+    for name, P, R, T in (
+        ("8K N=100", 1, 100, 8192),
+        ("8K N=64", 1, 64, 8192),
+        ("2K N=100", 1, 100, 2048),
+        ("4 targets 2K N=64", 4, 64, 2048),
+    ):
         B, M = P * R, R * G
         q, sk, sv, pk, pv, plen, tix = _inputs(B, P, T, t)
         floor_us = (pk.numel() + B * HKV * (t + 1) * D) * 2 * 2 / 3.0e12 * 1e6
         picked = tk.prefix_chunk(P, HKV, M, T, 512, n_sm)
-        ref = tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, picked).float()
-        cur = tt.do_bench(lambda: tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, picked),
-                          warmup=20, rep=100, return_mode="median") * 1e3
+        ref = tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D**-0.5, 2, picked).float()
+        cur = (
+            tt.do_bench(
+                lambda: tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D**-0.5, 2, picked),
+                warmup=20,
+                rep=100,
+                return_mode="median",
+            )
+            * 1e3
+        )
         res = []
         for bm in (64, 128, 256):
             for bn in (64, 128):
@@ -98,8 +126,10 @@ def prefix_sweep() -> None:
                             cfg = dict(BLOCK_N=bn, num_warps=nw, num_stages=ns)
 
                             def f() -> torch.Tensor:
-                                return tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, chunk,
-                                                           block_m=bm, prefix_config=cfg)
+                                return tk.decode_attention(
+                                    q, sk, sv, tix, pk, pv, plen, R, D**-0.5, 2, chunk, block_m=bm, prefix_config=cfg
+                                )
+
                             try:
                                 err = float((f().float() - ref).norm() / ref.norm())
                                 us = tt.do_bench(f, warmup=10, rep=50, return_mode="median") * 1e3
@@ -108,11 +138,17 @@ def prefix_sweep() -> None:
                                 continue
                             res.append((us, bm, bn, nw, ns, chunk, err))
         res.sort()
-        print(f"{name:<19} engine (chunk {picked}, block {tk.prefix_block_m(M)}) {cur:6.1f} us, floor {floor_us:5.1f} us;"
-              " best 6:", flush=True)
+        print(
+            f"{name:<19} engine (chunk {picked}, block {tk.prefix_block_m(M)}) {cur:6.1f} us, floor {floor_us:5.1f} us;"
+            " best 6:",
+            flush=True,
+        )
         for us, bm, bn, nw, ns, chunk, err in res[:6]:
-            print(f"    {us:6.1f} us  block_m {bm:>3} block_n {bn:>3} warps {nw} stages {ns} chunk {chunk:>4}"
-                  f"  relerr {err:.1e}", flush=True)
+            print(
+                f"    {us:6.1f} us  block_m {bm:>3} block_n {bn:>3} warps {nw} stages {ns} chunk {chunk:>4}"
+                f"  relerr {err:.1e}",
+                flush=True,
+            )
         if P == 1:  # library flash / cuDNN attention over the prefix part alone
             qq = q.view(R, HKV, G, D).permute(1, 0, 2, 3).reshape(1, HKV, M, D)
             for C in (8, 16, 32):
@@ -120,15 +156,31 @@ def prefix_sweep() -> None:
                 qc = qq.expand(C, HKV, M, D).contiguous()
                 kc = pk.view(HKV, C, Lc, D).transpose(0, 1)
                 vc = pv.view(HKV, C, Lc, D).transpose(0, 1)
-                for lib, op in (("flash", lambda: torch.ops.aten._scaled_dot_product_flash_attention(
-                                    qc, kc, vc, 0.0, False, False, scale=D ** -0.5)),
-                                ("cudnn", lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
-                                    qc, kc, vc, None, True, 0.0, False, False, scale=D ** -0.5)),
-                                ("efficient", lambda: torch.ops.aten._scaled_dot_product_efficient_attention(
-                                    qc, kc, vc, None, True, 0.0, False, scale=D ** -0.5))):
+                for lib, op in (
+                    (
+                        "flash",
+                        lambda: torch.ops.aten._scaled_dot_product_flash_attention(
+                            qc, kc, vc, 0.0, False, False, scale=D**-0.5
+                        ),
+                    ),
+                    (
+                        "cudnn",
+                        lambda: torch.ops.aten._scaled_dot_product_cudnn_attention(
+                            qc, kc, vc, None, True, 0.0, False, False, scale=D**-0.5
+                        ),
+                    ),
+                    (
+                        "efficient",
+                        lambda: torch.ops.aten._scaled_dot_product_efficient_attention(
+                            qc, kc, vc, None, True, 0.0, False, scale=D**-0.5
+                        ),
+                    ),
+                ):
                     try:
                         us = tt.do_bench(op, warmup=10, rep=50, return_mode="median") * 1e3
-                        print(f"    library {lib:<9} C={C:>2} chunks of {Lc}: {us:6.1f} us (prefix part only)", flush=True)
+                        print(
+                            f"    library {lib:<9} C={C:>2} chunks of {Lc}: {us:6.1f} us (prefix part only)", flush=True
+                        )
                     except Exception as exc:  # noqa: BLE001
                         print(f"    library {lib:<9} C={C:>2}: {type(exc).__name__}: {str(exc)[:120]}", flush=True)
 
@@ -154,18 +206,26 @@ def main() -> None:
         best = (float("inf"), 0, 0)
         for chunk in (256, 512, 1024, 2048, 4096):
             for bm in (32, 64, 128):
+
                 def f() -> torch.Tensor:
-                    return tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D ** -0.5, 2, chunk, block_m=bm)
+                    return tk.decode_attention(q, sk, sv, tix, pk, pv, plen, R, D**-0.5, 2, chunk, block_m=bm)
+
                 out = f().float()
                 ref = out if ref is None else ref
                 err = float((out - ref).norm() / ref.norm())
                 us = tt.do_bench(f, warmup=20, rep=100, return_mode="median") * 1e3
                 best = min(best, (us, chunk, bm))
                 mark = " <- engine" if (chunk == picked and bm == tk.prefix_block_m(R * G)) else ""
-                print(f"{name:<19} chunk {chunk:>4} block {bm:>3} {us:7.1f} us  floor {floor_us:5.1f} us"
-                      f"  relerr {err:.1e}{mark}", flush=True)
-        print(f"{name:<19} best: chunk {best[1]} block {best[2]} {best[0]:.1f} us; engine picks chunk {picked}"
-              f" block {tk.prefix_block_m(R * G)}\n", flush=True)
+                print(
+                    f"{name:<19} chunk {chunk:>4} block {bm:>3} {us:7.1f} us  floor {floor_us:5.1f} us"
+                    f"  relerr {err:.1e}{mark}",
+                    flush=True,
+                )
+        print(
+            f"{name:<19} best: chunk {best[1]} block {best[2]} {best[0]:.1f} us; engine picks chunk {picked}"
+            f" block {tk.prefix_block_m(R * G)}\n",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

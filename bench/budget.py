@@ -33,10 +33,10 @@ import pandas as pd
 import torch
 
 from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
-from opdlens.synthetic import EOS, SyntheticPolicy
 from opdlens.diagnose.targeting import TargetingConfig, TargetPlan
 from opdlens.diagnose.tree import RolloutSet, path_stats
 from opdlens.diagnose.uncertainty import path_mean_interval
+from opdlens.synthetic import EOS, SyntheticPolicy
 
 
 def sample(policy: SyntheticPolicy, prefixes: list[list[int]], n: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -68,8 +68,9 @@ def sample(policy: SyntheticPolicy, prefixes: list[list[int]], n: int, rng: np.r
 
 
 def graded(policy: SyntheticPolicy, tokens: list[np.ndarray], forced: int | list[int]) -> RolloutSet:
-    return RolloutSet.from_lists(tokens, [policy.is_success(t.tolist()) for t in tokens],
-                                 np.broadcast_to(np.asarray(forced), (len(tokens),)))
+    return RolloutSet.from_lists(
+        tokens, [policy.is_success(t.tolist()) for t in tokens], np.broadcast_to(np.asarray(forced), (len(tokens),))
+    )
 
 
 def exact_alignment(policy: SyntheticPolicy, path: list[int], stats, lps, lpt, sig: SignalConfig) -> np.ndarray:
@@ -96,7 +97,9 @@ def enrich(policy, path, initial, lps, lpts, cfg, sig, rng) -> tuple[RolloutSet,
             by_need.setdefault(t.need, []).append(t)
         for need, group in by_need.items():
             prefixes = [path[: t.node] + [t.token] for t in group]
-            rs = rs.extend(graded(policy, sample(policy, prefixes, need, rng), np.repeat([t.node + 1 for t in group], need)))
+            rs = rs.extend(
+                graded(policy, sample(policy, prefixes, need, rng), np.repeat([t.node + 1 for t in group], need))
+            )
             spent += need * len(group)
         stats = path_stats(path, rs)
     return rs, spent
@@ -106,8 +109,10 @@ def setup_question(q: int, vocab: int = 6, horizon: int = 16, n_initial: int = 6
     """Question ``q``: its synthetic policy, the two teachers, the graded initial rollouts and the
     2 correct + 2 incorrect paths (as available)."""
     policy = SyntheticPolicy.random(vocab_size=vocab, horizon=horizon, modulus=3, seed=q)
-    teachers = {"helpful": policy.tilted(2.0, noise=1.0, seed=1000 + q),
-                "harmful": policy.tilted(-1.0, noise=1.0, seed=2000 + q)}
+    teachers = {
+        "helpful": policy.tilted(2.0, noise=1.0, seed=1000 + q),
+        "harmful": policy.tilted(-1.0, noise=1.0, seed=2000 + q),
+    }
     rng = np.random.default_rng(q)
     initial = graded(policy, sample(policy, [[]], n_initial, rng), 0)
     paths = []
@@ -130,11 +135,22 @@ def run_question(q: int, modes: list[tuple[str, TargetingConfig]], sig: SignalCo
             for tname, lpt in lpts.items():
                 exact = exact_alignment(policy, path, stats, lps, lpt, sig)
                 for est in args.estimators:
-                    out = pd.DataFrame(path_signals(stats, lps, lpt, sig.model_copy(update={"alignment_estimator": est})))
+                    out = pd.DataFrame(
+                        path_signals(stats, lps, lpt, sig.model_copy(update={"alignment_estimator": est}))
+                    )
                     out["exact"] = exact
                     out["node"] = np.arange(len(path))
-                    frames.append(out.assign(question_id=q, path_id=pid, teacher=tname, mode=mode_name, estimator=est,
-                                             visit_target=cfg.visit_target, spent=spent))
+                    frames.append(
+                        out.assign(
+                            question_id=q,
+                            path_id=pid,
+                            teacher=tname,
+                            mode=mode_name,
+                            estimator=est,
+                            visit_target=cfg.visit_target,
+                            spent=spent,
+                        )
+                    )
     return frames
 
 
@@ -156,21 +172,30 @@ def summarize(nodes: pd.DataFrame) -> pd.DataFrame:
         pm = path_mean_interval(v.assign(valid=True), keys=["run", "teacher", "question_id", "path_id"])
         exact_pm = v.groupby(["run", "teacher", "question_id", "path_id"], sort=True)["exact"].mean().to_numpy()
         spent = g.groupby(["run", "question_id", "path_id"])["spent"].first()
-        rows.append({
-            "mode": mode, "estimator": est, "visit_target": vt, "rollouts_per_path": spent.mean(),
-            "nodes": len(v), "valid": int(((ok["mode"] == mode) & (ok["estimator"] == est) & (ok["visit_target"] == vt)).sum()),
-            "rmse": float(np.sqrt((err**2).mean())),
-            "right_sign": float((np.sign(v["align_gkd"]) == np.sign(v["exact"])).mean()),
-            "node_coverage": float(cover.mean()), "node_width": float((v["align_gkd_hi"] - v["align_gkd_lo"]).mean()),
-            "settled": float(sett.mean()),
-            "settled_wrong": float((np.sign(v["align_gkd_lo"][sett]) != np.sign(v["exact"][sett])).mean()) if sett.any() else np.nan,
-            "pm_rmse": float(np.sqrt(((pm["mean"].to_numpy() - exact_pm) ** 2).mean())),
-            "pm_width": float((pm["hi"] - pm["lo"]).mean()),
-            "pm_coverage": float(((exact_pm >= pm["lo"]) & (exact_pm <= pm["hi"])).mean()),
-            "paths": len(pm),
-            "pm_z_mean": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).mean()),
-            "pm_z_sd": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).std()),
-        })
+        rows.append(
+            {
+                "mode": mode,
+                "estimator": est,
+                "visit_target": vt,
+                "rollouts_per_path": spent.mean(),
+                "nodes": len(v),
+                "valid": int(((ok["mode"] == mode) & (ok["estimator"] == est) & (ok["visit_target"] == vt)).sum()),
+                "rmse": float(np.sqrt((err**2).mean())),
+                "right_sign": float((np.sign(v["align_gkd"]) == np.sign(v["exact"])).mean()),
+                "node_coverage": float(cover.mean()),
+                "node_width": float((v["align_gkd_hi"] - v["align_gkd_lo"]).mean()),
+                "settled": float(sett.mean()),
+                "settled_wrong": float((np.sign(v["align_gkd_lo"][sett]) != np.sign(v["exact"][sett])).mean())
+                if sett.any()
+                else np.nan,
+                "pm_rmse": float(np.sqrt(((pm["mean"].to_numpy() - exact_pm) ** 2).mean())),
+                "pm_width": float((pm["hi"] - pm["lo"]).mean()),
+                "pm_coverage": float(((exact_pm >= pm["lo"]) & (exact_pm <= pm["hi"])).mean()),
+                "paths": len(pm),
+                "pm_z_mean": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).mean()),
+                "pm_z_sd": float(((pm["mean"].to_numpy() - exact_pm) / pm["se"].to_numpy()).std()),
+            }
+        )
     return pd.DataFrame(rows)
 
 
@@ -189,7 +214,9 @@ def budget_to_reach(summary: pd.DataFrame, mode: str, estimator: str, rmse: floa
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--questions", type=int, default=60)
-    ap.add_argument("--first-question", type=int, default=0, help="seed of the first synthetic policy (a replication: 60)")
+    ap.add_argument(
+        "--first-question", type=int, default=0, help="seed of the first synthetic policy (a replication: 60)"
+    )
     ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 33, 50, 100, 200])
     ap.add_argument("--vocab", type=int, default=6)
     ap.add_argument("--horizon", type=int, default=16)
@@ -197,20 +224,45 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--stop-halfwidth", type=float, default=0.05)
     ap.add_argument("--stop-on-sign", action="store_true")
-    ap.add_argument("--scope", default="nodes", choices=["nodes", "pairs"], help="adaptive: where rounds after the floor may spend")
+    ap.add_argument(
+        "--scope", default="nodes", choices=["nodes", "pairs"], help="adaptive: where rounds after the floor may spend"
+    )
     ap.add_argument("--n-draws", type=int, default=200, help="adaptive: posterior draws per node and round")
     ap.add_argument("--estimators", nargs="+", default=["plugin", "posterior_mean"])
-    ap.add_argument("--seed", type=int, default=0, help="seed of the targeted rollouts (the policies, initial rollouts "
-                    "and paths stay); 0 is the recorded runs' stream")
+    ap.add_argument(
+        "--seed",
+        type=int,
+        default=0,
+        help="seed of the targeted rollouts (the policies, initial rollouts "
+        "and paths stay); 0 is the recorded runs' stream",
+    )
     ap.add_argument("--save", help="write the scored node table here (parquet) for further analysis")
-    ap.add_argument("--load", nargs="+", metavar="PARQUET", help="run nothing: pool node tables written by --save "
-                    "(e.g. other policies or rollout streams, each file its own run) and summarise them together")
+    ap.add_argument(
+        "--load",
+        nargs="+",
+        metavar="PARQUET",
+        help="run nothing: pool node tables written by --save "
+        "(e.g. other policies or rollout streams, each file its own run) and summarise them together",
+    )
     args = ap.parse_args()
     sig = SignalConfig(min_visits=20)  # the renormalised reading (exact_alignment computes that one)
-    base = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4,
-                           rounds=args.rounds, stop_halfwidth=args.stop_halfwidth, stop_on_sign=args.stop_on_sign,
-                           scope=args.scope, n_draws=args.n_draws)
-    modes = [(m, base.model_copy(update={"mode": m, "visit_target": v})) for v in args.visit_targets for m in ("fixed", "adaptive")]
+    base = TargetingConfig(
+        first_window=3,
+        growth=2.0,
+        per_window_gkd=2,
+        per_window_gap=2,
+        candidates_per_node=4,
+        rounds=args.rounds,
+        stop_halfwidth=args.stop_halfwidth,
+        stop_on_sign=args.stop_on_sign,
+        scope=args.scope,
+        n_draws=args.n_draws,
+    )
+    modes = [
+        (m, base.model_copy(update={"mode": m, "visit_target": v}))
+        for v in args.visit_targets
+        for m in ("fixed", "adaptive")
+    ]
     t0 = time.perf_counter()
     if args.load:
         nodes = pd.concat([pd.read_parquet(f).assign(run=i) for i, f in enumerate(args.load)], ignore_index=True)
@@ -228,7 +280,9 @@ def main() -> None:
     ref = summary[(summary["mode"] == "fixed") & (summary["estimator"] == "plugin") & (summary["visit_target"] == 100)]
     if len(ref):
         target, spent = float(ref["rmse"].iloc[0]), float(ref["rollouts_per_path"].iloc[0])
-        print(f"reference: the paper's setting (fixed, plug-in, visit_target 100): RMSE {target:.3f} at {spent:.0f} rollouts/path")
+        print(
+            f"reference: the paper's setting (fixed, plug-in, visit_target 100): RMSE {target:.3f} at {spent:.0f} rollouts/path"
+        )
         for mode in ("fixed", "adaptive"):
             for est in args.estimators:
                 b = budget_to_reach(summary, mode, est, target)

@@ -45,9 +45,9 @@ sys.path.append(str(Path(__file__).resolve().parents[1] / "src"))
 import budget as B  # noqa: E402
 
 from opdlens.diagnose.signals import SignalConfig, path_signals  # noqa: E402
-from opdlens.synthetic import EOS, SyntheticPolicy  # noqa: E402
 from opdlens.diagnose.targeting import TargetingConfig, TargetPlan  # noqa: E402
 from opdlens.diagnose.tree import PathStats, path_stats  # noqa: E402
+from opdlens.synthetic import EOS, SyntheticPolicy  # noqa: E402
 
 SIG = SignalConfig(min_visits=20)
 BASE = TargetingConfig(first_window=3, growth=2.0, per_window_gkd=2, per_window_gap=2, candidates_per_node=4, rounds=4)
@@ -97,8 +97,14 @@ def stratified(stats: PathStats, lps, how: str) -> PathStats:
         sh = (s[a] + 0.5) / (n[a] + 1)
         rest, tot = 1 - pa.sum(), m[idx].sum()
         base = (ms[idx].sum() + 0.5) / (tot + 1)
-        value = ((pa * sh).sum() + rest * base,
-                 (pa**2 * sh * (1 - sh) / (n[a] + 1)).sum() + rest**2 * base * (1 - base) / (tot + 1)) if a.size else None
+        value = (
+            (
+                (pa * sh).sum() + rest * base,
+                (pa**2 * sh * (1 - sh) / (n[a] + 1)).sum() + rest**2 * base * (1 - base) / (tot + 1),
+            )
+            if a.size
+            else None
+        )
     return dataclasses.replace(stats, visits=n, successes=s)
 
 
@@ -116,7 +122,11 @@ def enrich_depth_floor(policy, path, initial, lps, lpts, cfg, rng):
     plan.round, plan.spent = 1, spent  # the floor round is done
     while targets := plan.next_round(stats):
         for t in targets:
-            rs = rs.extend(B.graded(policy, B.sample(policy, [path[: t.node] + [t.token]], t.need, rng), np.full(t.need, t.node + 1)))
+            rs = rs.extend(
+                B.graded(
+                    policy, B.sample(policy, [path[: t.node] + [t.token]], t.need, rng), np.full(t.need, t.node + 1)
+                )
+            )
             spent += t.need
         stats = path_stats(path, rs)
     return rs, spent
@@ -133,7 +143,9 @@ def report(rows: list, base_var: str) -> None:
         base = g[(g["var"] == base_var)].set_index(KEY).index
         for (var, est), h in g.groupby(["var", "est"]):
             h = h[h.set_index(KEY).index.isin(base)]
-            print(f"visits {vt:>3} {mode:>8} {var:>8} {est:>14}: nodes {len(h):5d}  RMSE {np.sqrt(((h.a - h.x) ** 2).mean()):.3f}")
+            print(
+                f"visits {vt:>3} {mode:>8} {var:>8} {est:>14}: nodes {len(h):5d}  RMSE {np.sqrt(((h.a - h.x) ** 2).mean()):.3f}"
+            )
 
 
 def estimators_run(args, variants) -> None:
@@ -168,8 +180,18 @@ def depth_floor_run(args) -> None:
                 stats = path_stats(path, rs)
                 for tn, lpt in lpts.items():
                     out = path_signals(stats, lps, lpt, SIG)
-                    scored(rows, q, pid, tn, vt, "adaptive", var, "posterior_mean", out,
-                           B.exact_alignment(policy, path, stats, lps, lpt, SIG))
+                    scored(
+                        rows,
+                        q,
+                        pid,
+                        tn,
+                        vt,
+                        "adaptive",
+                        var,
+                        "posterior_mean",
+                        out,
+                        B.exact_alignment(policy, path, stats, lps, lpt, SIG),
+                    )
     # scored on the nodes valid in both variants
     df = pd.DataFrame(rows, columns=[*KEY[:4], "mode", "var", "est", "u", "a", "x"])
     for vt, g in df.groupby("vt"):
@@ -177,7 +199,9 @@ def depth_floor_run(args) -> None:
         common = c[c == 2].index
         for var, h in g.groupby("var"):
             h = h[h.set_index(KEY).index.isin(common)]
-            print(f"visits {vt:>3} adaptive floor by {var:>6}, posterior mean: nodes {len(h):5d}  RMSE {np.sqrt(((h.a - h.x) ** 2).mean()):.3f}")
+            print(
+                f"visits {vt:>3} adaptive floor by {var:>6}, posterior mean: nodes {len(h):5d}  RMSE {np.sqrt(((h.a - h.x) ** 2).mean()):.3f}"
+            )
 
 
 def crn_run(args) -> None:
@@ -207,9 +231,16 @@ def crn_run(args) -> None:
             prefix = [int(x) for x in rng.integers(1, 6, size=depth)]
             uni = rng.random((4000, policy.horizon))
             ys = [outcomes(policy, prefix + [k], uni) for k in (1, 2, 3)]
-            r += [np.corrcoef(ys[i], ys[j])[0, 1] for i in range(3) for j in range(i + 1, 3) if ys[i].std() > 0 and ys[j].std() > 0]
-    print(f"{len(r)} child pairs: outcome correlation under shared uniforms, quantiles 10/25/50/75/90 % "
-          f"{np.round(np.percentile(r, [10, 25, 50, 75, 90]), 3).tolist()}, mean {np.mean(r):.3f}")
+            r += [
+                np.corrcoef(ys[i], ys[j])[0, 1]
+                for i in range(3)
+                for j in range(i + 1, 3)
+                if ys[i].std() > 0 and ys[j].std() > 0
+            ]
+    print(
+        f"{len(r)} child pairs: outcome correlation under shared uniforms, quantiles 10/25/50/75/90 % "
+        f"{np.round(np.percentile(r, [10, 25, 50, 75, 90]), 3).tolist()}, mean {np.mean(r):.3f}"
+    )
 
 
 def recalibrate_run(files: list[str]) -> None:
@@ -219,8 +250,10 @@ def recalibrate_run(files: list[str]) -> None:
         for (mode, vt), g in d.groupby(["mode", "visit_target"]):
             b = np.clip(((g["align_gkd"] + 1) * 10).astype(int), 0, 19)
             cm = g.groupby([np.minimum(g["n_children"], 4), b])["exact"].transform("mean")
-            print(f"{f} {mode:>8} visits {vt:>3}: RMSE {np.sqrt(((g['align_gkd'] - g['exact']) ** 2).mean()):.3f}, "
-                  f"recalibrated in-sample {np.sqrt(((g['exact'] - cm) ** 2).mean()):.3f}")
+            print(
+                f"{f} {mode:>8} visits {vt:>3}: RMSE {np.sqrt(((g['align_gkd'] - g['exact']) ** 2).mean()):.3f}, "
+                f"recalibrated in-sample {np.sqrt(((g['exact'] - cm) ** 2).mean()):.3f}"
+            )
 
 
 def main() -> None:
@@ -232,11 +265,23 @@ def main() -> None:
     ap.add_argument("--visit-targets", type=int, nargs="+", default=[25, 33, 100])
     args = ap.parse_args()
     if args.lever == "ceiling":
-        estimators_run(args, {"none": lambda st, pol, lps: st, "path": lambda st, pol, lps: exactify(st, pol, "path"),
-                              "off": lambda st, pol, lps: exactify(st, pol, "off")})
+        estimators_run(
+            args,
+            {
+                "none": lambda st, pol, lps: st,
+                "path": lambda st, pol, lps: exactify(st, pol, "path"),
+                "off": lambda st, pol, lps: exactify(st, pol, "off"),
+            },
+        )
     elif args.lever == "stratified":
-        estimators_run(args, {"none": lambda st, pol, lps: st, "replace": lambda st, pol, lps: stratified(st, lps, "replace"),
-                              "combine": lambda st, pol, lps: stratified(st, lps, "combine")})
+        estimators_run(
+            args,
+            {
+                "none": lambda st, pol, lps: st,
+                "replace": lambda st, pol, lps: stratified(st, lps, "replace"),
+                "combine": lambda st, pol, lps: stratified(st, lps, "combine"),
+            },
+        )
     elif args.lever == "depth-floor":
         depth_floor_run(args)
     elif args.lever == "crn":

@@ -32,8 +32,8 @@ import pandas as pd
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.run import build_diagnosis
-from opdlens.report.run import load_results
 from opdlens.diagnose.store import RunStore
+from opdlens.report.run import load_results
 
 TEACHERS = [dict(name="Self-1C", context="1c"), dict(name="Self-1C1W", context="1c1w")]
 ESTIMATORS = ("plugin", "posterior_mean")
@@ -48,10 +48,13 @@ def variant(dx: Diagnosis, envs, base: Path, root: Path, targeting: dict) -> dic
     t0 = time.perf_counter()
     for est in ESTIMATORS:
         shutil.rmtree(root / "nodes", ignore_errors=True)  # re-score only; the targeted rollouts are kept
-        opts = dx.config.model_copy(update={
-            "targeting": dx.config.targeting.model_copy(update=targeting),
-            "signals": dx.config.signals.model_copy(update={"alignment_estimator": est}),
-            "schedule": "resident"})
+        opts = dx.config.model_copy(
+            update={
+                "targeting": dx.config.targeting.model_copy(update=targeting),
+                "signals": dx.config.signals.model_copy(update={"alignment_estimator": est}),
+                "schedule": "resident",
+            }
+        )
         store = RunStore(root)
         Diagnosis(store, dx.student, dx.teachers, opts, dx.runtime, progress=False).run(envs)
         nodes, questions, _ = load_results(store)
@@ -66,8 +69,11 @@ def score(nodes: pd.DataFrame, ref: pd.DataFrame) -> dict[str, float]:
     est, truth = ok(nodes), ok(ref)
     common = est.index.intersection(truth.index)
     err = est[common] - truth[common]
-    return {"nodes": len(common), "rmse": float(np.sqrt((err**2).mean())) if len(common) else float("nan"),
-            "same_sign": float((np.sign(est[common]) == np.sign(truth[common])).mean()) if len(common) else float("nan")}
+    return {
+        "nodes": len(common),
+        "rmse": float(np.sqrt((err**2).mean())) if len(common) else float("nan"),
+        "same_sign": float((np.sign(est[common]) == np.sign(truth[common])).mean()) if len(common) else float("nan"),
+    }
 
 
 def main() -> None:
@@ -83,32 +89,59 @@ def main() -> None:
     ap.add_argument("--json", default=None)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        cfg = DiagnoseConfig.model_validate(dict(
-            student=args.student, device=args.device, task="arith", seed=0, teachers=TEACHERS, out_dir=f"{tmp}/base",
-            n_questions=args.questions, rollouts_per_question=args.rollouts, max_new_tokens=args.max_new_tokens,
-            fallback_reference_solution=True))  # every question gets both teachers
+        cfg = DiagnoseConfig.model_validate(
+            dict(
+                student=args.student,
+                device=args.device,
+                task="arith",
+                seed=0,
+                teachers=TEACHERS,
+                out_dir=f"{tmp}/base",
+                n_questions=args.questions,
+                rollouts_per_question=args.rollouts,
+                max_new_tokens=args.max_new_tokens,
+                fallback_reference_solution=True,
+            )
+        )  # every question gets both teachers
         t0 = time.perf_counter()
         dx, envs = build_diagnosis(cfg, progress=False)
         for env in envs:
             dx.prepare(env)  # initial rollouts, paths, contexts: shared by every variant
         print(f"models and initial rollouts: {time.perf_counter() - t0:.1f} s", flush=True)
         extra = json.loads(args.targeting)
-        ref = variant(dx, envs, Path(f"{tmp}/base"), Path(f"{tmp}/ref"), dict(extra, mode="fixed", visit_target=args.reference))
-        print(f"reference (fixed, {args.reference} visits): {ref['rollouts']:.0f} targeted rollouts, {ref['seconds']:.1f} s", flush=True)
+        ref = variant(
+            dx, envs, Path(f"{tmp}/base"), Path(f"{tmp}/ref"), dict(extra, mode="fixed", visit_target=args.reference)
+        )
+        print(
+            f"reference (fixed, {args.reference} visits): {ref['rollouts']:.0f} targeted rollouts, {ref['seconds']:.1f} s",
+            flush=True,
+        )
         rows = []
         for vt in args.visit_targets:
             for mode in ("fixed", "adaptive"):
-                v = variant(dx, envs, Path(f"{tmp}/base"), Path(f"{tmp}/{mode}-{vt}"), dict(extra, mode=mode, visit_target=vt))
+                v = variant(
+                    dx, envs, Path(f"{tmp}/base"), Path(f"{tmp}/{mode}-{vt}"), dict(extra, mode=mode, visit_target=vt)
+                )
                 for est in ESTIMATORS:
-                    rows.append(dict(mode=mode, estimator=est, visit_target=vt, rollouts=v["rollouts"],
-                                     seconds=v["seconds"], **score(v[est], ref["plugin"])))
+                    rows.append(
+                        dict(
+                            mode=mode,
+                            estimator=est,
+                            visit_target=vt,
+                            rollouts=v["rollouts"],
+                            seconds=v["seconds"],
+                            **score(v[est], ref["plugin"]),
+                        )
+                    )
                 print(pd.DataFrame(rows[-2:]).round(3).to_string(index=False, header=len(rows) == 2), flush=True)
     table = pd.DataFrame(rows)
     pd.set_option("display.width", 200)
     print(f"\nreference: fixed mode at {args.reference} visits, plug-in, {ref['rollouts']:.0f} targeted rollouts")
     print(table.round(3).to_string(index=False))
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(args=vars(args), reference_rollouts=ref["rollouts"], rows=rows), indent=1))
+        Path(args.json).write_text(
+            json.dumps(dict(args=vars(args), reference_rollouts=ref["rollouts"], rows=rows), indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -56,9 +56,9 @@ from opdlens.diagnose import run as drun
 from opdlens.diagnose import scoring as dscoring
 from opdlens.diagnose import state as dstate
 from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.store import RunStore
 from opdlens.policy import sample_counts
 from opdlens.rollout import TorchEngine
-from opdlens.diagnose.store import RunStore
 
 # ---------------------------------------------------------------------------- timing
 _local = threading.local()  # per thread: the open timed calls, [start, time of nested timed calls]
@@ -102,10 +102,15 @@ def patch(obj: Any, name: str, kind: str, phase: bool = False) -> None:
 
 def instrument() -> None:
     D = dmod.Diagnosis
-    for name, kind in (("initial_many", "phase: initial rollouts"), ("paths", "phase: paths"),
-                       ("solutions", "phase: solutions + summaries"), ("write_priorities", "phase: priorities"),
-                       ("enrich", "phase: targeted rollouts"), ("score_group", "phase: teacher scoring"),
-                       ("finish", "phase: final tables")):
+    for name, kind in (
+        ("initial_many", "phase: initial rollouts"),
+        ("paths", "phase: paths"),
+        ("solutions", "phase: solutions + summaries"),
+        ("write_priorities", "phase: priorities"),
+        ("enrich", "phase: targeted rollouts"),
+        ("score_group", "phase: teacher scoring"),
+        ("finish", "phase: final tables"),
+    ):
         if hasattr(D, name):
             patch(D, name, kind, phase=True)
     patch(drun, "build_diagnosis", "phase: load models + task", phase=True)
@@ -116,8 +121,17 @@ def instrument() -> None:
         t0 = time.perf_counter()
         out = orig_sample(self, prefixes, n, max_new_tokens, **kw)
         dt = time.perf_counter() - t0
-        CALLS.append(dict(prefixes=[list(p) for p in prefixes], n=n, max_new=max_new_tokens, kw=kw, seconds=dt,
-                          tokens=sum(len(c.tokens) for cs in out for c in cs), graphs=self.stats.get("graphs", 0)))
+        CALLS.append(
+            dict(
+                prefixes=[list(p) for p in prefixes],
+                n=n,
+                max_new=max_new_tokens,
+                kw=kw,
+                seconds=dt,
+                tokens=sum(len(c.tokens) for cs in out for c in cs),
+                graphs=self.stats.get("graphs", 0),
+            )
+        )
         return out
 
     TorchEngine.sample = timed("engine sample")(sample)  # type: ignore[method-assign]
@@ -211,22 +225,44 @@ def random_spec_loader(dev: str) -> None:
             if shape == "tiny":
                 built[spec] = models.tiny_random_policy(seed=0, init_std=0.02, device=kw.get("device", dev))
             else:
-                fields = dict({**models.MODEL_SHAPES, **SHAPES}[shape], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                              eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
-                built[spec] = models.random_policy(fields, seed=0, device=kw.get("device", dev),
-                                                   dtype=kw.get("dtype"), tokenizer=tok)
+                fields = dict(
+                    {**models.MODEL_SHAPES, **SHAPES}[shape],
+                    vocab_size=len(tok),
+                    bos_token_id=tok.bos_token_id,
+                    eos_token_id=tok.eos_token_id,
+                    pad_token_id=tok.pad_token_id,
+                    tie_word_embeddings=True,
+                )
+                built[spec] = models.random_policy(
+                    fields, seed=0, device=kw.get("device", dev), dtype=kw.get("dtype"), tokenizer=tok
+                )
         return built[spec]
 
     models.load_policy = load  # build_diagnosis imports it from the module at call time
 
 
 #: SmolLM2-135M's shape (Llama), for a random-weight stand-in of the issue's run (``smollm2-135m``).
-SHAPES = {"smollm2-135m": dict(model_type="llama", hidden_size=576, intermediate_size=1536, num_hidden_layers=30,
-                               num_attention_heads=9, num_key_value_heads=3, head_dim=64, max_position_embeddings=8192,
-                               rope_theta=100000.0, rms_norm_eps=1e-5)}
+SHAPES = {
+    "smollm2-135m": dict(
+        model_type="llama",
+        hidden_size=576,
+        intermediate_size=1536,
+        num_hidden_layers=30,
+        num_attention_heads=9,
+        num_key_value_heads=3,
+        head_dim=64,
+        max_position_embeddings=8192,
+        rope_theta=100000.0,
+        rms_norm_eps=1e-5,
+    )
+}
 
-TEACHERS = [dict(name="Self-1C", context="1c"), dict(name="Self-Sum-1C", context="sum-1c"),
-            dict(name="Self-1C1W", context="1c1w"), dict(name="Self-Sum-1C1W", context="sum-1c1w")]
+TEACHERS = [
+    dict(name="Self-1C", context="1c"),
+    dict(name="Self-Sum-1C", context="sum-1c"),
+    dict(name="Self-1C1W", context="1c1w"),
+    dict(name="Self-Sum-1C1W", context="sum-1c1w"),
+]
 
 
 def config_for(model: str, dev: str, out: str, args: argparse.Namespace) -> dict[str, Any]:
@@ -234,18 +270,35 @@ def config_for(model: str, dev: str, out: str, args: argparse.Namespace) -> dict
     if args.engine:
         base["engine"] = json.loads(args.engine)
     if model == "smollm2":
-        return dict(base, student="smollm2", n_questions=args.questions, rollouts_per_question=512,
-                    max_new_tokens=48)
+        return dict(base, student="smollm2", n_questions=args.questions, rollouts_per_question=512, max_new_tokens=48)
     if model == "smollm2-135m":  # the issue's run on random weights: coin grades, targeting thresholds 0
-        return dict(base, student="random:smollm2-135m", dtype="float32", n_questions=args.questions,
-                    rollouts_per_question=args.rollouts, max_new_tokens=48,
-                    targeting=dict(tau_gkd=0.0, tau_gap=0.0, max_rollouts_per_path=args.per_path))
+        return dict(
+            base,
+            student="random:smollm2-135m",
+            dtype="float32",
+            n_questions=args.questions,
+            rollouts_per_question=args.rollouts,
+            max_new_tokens=48,
+            targeting=dict(tau_gkd=0.0, tau_gap=0.0, max_rollouts_per_path=args.per_path),
+        )
     if model == "tiny":
-        return dict(base, student="random:tiny", n_questions=2, rollouts_per_question=64, max_new_tokens=24,
-                    targeting=dict(visit_target=16, first_window=8))
-    return dict(base, student=f"random:{model}", dtype="bfloat16", n_questions=1, rollouts_per_question=256,
-                max_new_tokens=args.long_tokens,
-                targeting=dict(visit_target=100, max_rollouts_per_path=args.per_path, tau_gkd=0.0, tau_gap=0.0))
+        return dict(
+            base,
+            student="random:tiny",
+            n_questions=2,
+            rollouts_per_question=64,
+            max_new_tokens=24,
+            targeting=dict(visit_target=16, first_window=8),
+        )
+    return dict(
+        base,
+        student=f"random:{model}",
+        dtype="bfloat16",
+        n_questions=1,
+        rollouts_per_question=256,
+        max_new_tokens=args.long_tokens,
+        targeting=dict(visit_target=100, max_rollouts_per_path=args.per_path, tau_gkd=0.0, tau_gap=0.0),
+    )
 
 
 def reset() -> None:
@@ -285,17 +338,36 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
     load = INCL.get("phase: load models + task", 0.0)
     tokens = sum(c["tokens"] for c in CALLS)
     t_engine = sum(c["seconds"] for c in CALLS)
-    res: dict[str, Any] = dict(model=model, wall_s=wall, load_s=load, gpu_busy=busy.fraction,
-                               tokens=tokens, engine_calls=len(CALLS), engine_s=t_engine,
-                               run_tok_s=tokens / max(1e-9, wall - load), engine_in_run_tok_s=tokens / max(1e-9, t_engine),
-                               phases=dict(INCL), work=dict(EXCL))
+    res: dict[str, Any] = dict(
+        model=model,
+        wall_s=wall,
+        load_s=load,
+        gpu_busy=busy.fraction,
+        tokens=tokens,
+        engine_calls=len(CALLS),
+        engine_s=t_engine,
+        run_tok_s=tokens / max(1e-9, wall - load),
+        engine_in_run_tok_s=tokens / max(1e-9, t_engine),
+        phases=dict(INCL),
+        work=dict(EXCL),
+    )
     res["work"]["other (Python between calls)"] = wall - sum(EXCL.values())
     rows = sorted(sum(sample_counts(c["n"], len(c["prefixes"]))) for c in CALLS)
     res["graphs_captured"] = sum(c["graphs"] for c in CALLS)
-    res["calls"] = [dict(prefixes=len(c["prefixes"]), rows=sum(sample_counts(c["n"], len(c["prefixes"]))), max_new=c["max_new"], tokens=c["tokens"],
-                         seconds=c["seconds"], graphs=c["graphs"]) for c in CALLS]
-    res["rows_per_call"] = dict(median=rows[len(rows) // 2] if rows else 0, max=rows[-1] if rows else 0,
-                                mean=sum(rows) / max(1, len(rows)))
+    res["calls"] = [
+        dict(
+            prefixes=len(c["prefixes"]),
+            rows=sum(sample_counts(c["n"], len(c["prefixes"]))),
+            max_new=c["max_new"],
+            tokens=c["tokens"],
+            seconds=c["seconds"],
+            graphs=c["graphs"],
+        )
+        for c in CALLS
+    ]
+    res["rows_per_call"] = dict(
+        median=rows[len(rows) // 2] if rows else 0, max=rows[-1] if rows else 0, mean=sum(rows) / max(1, len(rows))
+    )
     # the engine alone on the run's largest calls (by tokens), warm, same arguments
     from opdlens.models import load_policy
 
@@ -315,11 +387,24 @@ def run_one(model: str, dev: str, args: argparse.Namespace) -> dict[str, Any]:
         alone_tok += sum(len(x.tokens) for cs in out for x in cs)
     res["engine_alone_tok_s"] = alone_tok / max(1e-9, alone_s)
     secs = sorted(t for _, t in SCORES)
-    res["scoring_calls"] = dict(calls=len(SCORES), paths=sum(n for n, _ in SCORES), seconds=sum(secs),
-                                first_s=SCORES[0][1] if SCORES else 0.0, median_s=secs[len(secs) // 2] if secs else 0.0,
-                                max_s=secs[-1] if secs else 0.0)
-    res["engine_alone_calls"] = [dict(prefixes=len(c["prefixes"]), rows=sum(sample_counts(c["n"], len(c["prefixes"]))), max_new=c["max_new"],
-                                      tokens=c["tokens"], in_run_s=c["seconds"]) for c in top]
+    res["scoring_calls"] = dict(
+        calls=len(SCORES),
+        paths=sum(n for n, _ in SCORES),
+        seconds=sum(secs),
+        first_s=SCORES[0][1] if SCORES else 0.0,
+        median_s=secs[len(secs) // 2] if secs else 0.0,
+        max_s=secs[-1] if secs else 0.0,
+    )
+    res["engine_alone_calls"] = [
+        dict(
+            prefixes=len(c["prefixes"]),
+            rows=sum(sample_counts(c["n"], len(c["prefixes"]))),
+            max_new=c["max_new"],
+            tokens=c["tokens"],
+            in_run_s=c["seconds"],
+        )
+        for c in top
+    ]
     return res
 
 
@@ -358,7 +443,9 @@ def check_device_signals(dev: str, length: int = 48, vocab: int = 49152) -> floa
     assert (ca.node == cb.node).all() and (ca.token == cb.token).all()
     worst = max(worst, float(np.abs(ca.gkd - cb.gkd).max()), float(np.abs(ca.gap - cb.gap).max()))
     texts = lambda toks: [str(t) for t in toks]  # noqa: E731
-    for ra, rb in zip(children_column(stats, lps, lpt, texts, 5), children_column(stats, lps.to(dev), lpt.to(dev), texts, 5)):
+    for ra, rb in zip(
+        children_column(stats, lps, lpt, texts, 5), children_column(stats, lps.to(dev), lpt.to(dev), texts, 5)
+    ):
         ra, rb = json.loads(ra), json.loads(rb)
         assert len(ra) == len(rb)
         for da, db in zip(ra, rb):
@@ -376,12 +463,23 @@ def probe_scoring(dev: str, ctx: int = 400, cont: int = 48, paths: int = 4, reps
     batched :meth:`HFPolicy.continuation_logprobs_many` of ``paths`` paths, the same paths one
     call each, and the bare model forward of the batch (with and without the padding mask)."""
     tok = models.load_tokenizer(models.SMOLLM2)
-    fields = dict(SHAPES["smollm2-135m"], vocab_size=len(tok), bos_token_id=tok.bos_token_id,
-                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, tie_word_embeddings=True)
+    fields = dict(
+        SHAPES["smollm2-135m"],
+        vocab_size=len(tok),
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        tie_word_embeddings=True,
+    )
     pol = models.random_policy(fields, seed=0, device=dev, dtype="float32", tokenizer=tok)
     gen = torch.Generator().manual_seed(0)
-    pairs = [(torch.randint(0, 40000, (ctx - 7 * i,), generator=gen).tolist(),
-              torch.randint(0, 40000, (cont - i,), generator=gen).tolist()) for i in range(paths)]  # fmt: skip
+    pairs = [
+        (
+            torch.randint(0, 40000, (ctx - 7 * i,), generator=gen).tolist(),
+            torch.randint(0, 40000, (cont - i,), generator=gen).tolist(),
+        )
+        for i in range(paths)
+    ]
     ids = torch.randint(0, 40000, (paths, ctx + cont), generator=gen).to(dev)
     mask = torch.ones_like(ids)
 
@@ -400,25 +498,32 @@ def probe_scoring(dev: str, ctx: int = 400, cont: int = 48, paths: int = 4, reps
         return dict(
             many=clock(lambda: pol.continuation_logprobs_many(pairs, on_device=True)),
             one_each=clock(lambda: [pol.continuation_logprobs(c, x) for c, x in pairs]),
-            forward_masked=clock(lambda: pol.model(input_ids=ids, attention_mask=mask, logits_to_keep=cont + 1,
-                                                   use_cache=False)),
+            forward_masked=clock(
+                lambda: pol.model(input_ids=ids, attention_mask=mask, logits_to_keep=cont + 1, use_cache=False)
+            ),
             forward_plain=clock(lambda: pol.model(input_ids=ids, logits_to_keep=cont + 1, use_cache=False)),
         )
 
 
 def report(r: dict[str, Any]) -> None:
     busy = "n/a" if r["gpu_busy"] is None else f"{100 * r['gpu_busy']:.0f}%"
-    print(f"\n== {r['model']}: wall {r['wall_s']:.1f} s (model load {r['load_s']:.1f} s), GPU busy {busy}, "
-          f"{r['tokens']:,} tokens in {r['engine_calls']} engine calls (rows/call median {r['rows_per_call']['median']},"
-          f" mean {r['rows_per_call']['mean']:.0f}, max {r['rows_per_call']['max']}; {r['graphs_captured']} CUDA graphs captured)")
-    print(f"   whole run {r['run_tok_s']:,.0f} tok/s | engine inside the run {r['engine_in_run_tok_s']:,.0f} tok/s"
-          f" | engine alone on the {len(r['engine_alone_calls'])} largest calls {r['engine_alone_tok_s']:,.0f} tok/s"
-          f" | run / engine-in-run {100 * r['run_tok_s'] / max(1e-9, r['engine_in_run_tok_s']):.0f}%"
-          f" | run / engine alone {100 * r['run_tok_s'] / max(1e-9, r['engine_alone_tok_s']):.0f}%")
+    print(
+        f"\n== {r['model']}: wall {r['wall_s']:.1f} s (model load {r['load_s']:.1f} s), GPU busy {busy}, "
+        f"{r['tokens']:,} tokens in {r['engine_calls']} engine calls (rows/call median {r['rows_per_call']['median']},"
+        f" mean {r['rows_per_call']['mean']:.0f}, max {r['rows_per_call']['max']}; {r['graphs_captured']} CUDA graphs captured)"
+    )
+    print(
+        f"   whole run {r['run_tok_s']:,.0f} tok/s | engine inside the run {r['engine_in_run_tok_s']:,.0f} tok/s"
+        f" | engine alone on the {len(r['engine_alone_calls'])} largest calls {r['engine_alone_tok_s']:,.0f} tok/s"
+        f" | run / engine-in-run {100 * r['run_tok_s'] / max(1e-9, r['engine_in_run_tok_s']):.0f}%"
+        f" | run / engine alone {100 * r['run_tok_s'] / max(1e-9, r['engine_alone_tok_s']):.0f}%"
+    )
     sc = r.get("scoring_calls")
     if sc:
-        print(f"   batched scoring: {sc['calls']} calls, {sc['paths']} paths, {sc['seconds']:.2f} s (first {sc['first_s']:.2f} s,"
-              f" median {sc['median_s']:.3f} s, max {sc['max_s']:.2f} s)")
+        print(
+            f"   batched scoring: {sc['calls']} calls, {sc['paths']} paths, {sc['seconds']:.2f} s (first {sc['first_s']:.2f} s,"
+            f" median {sc['median_s']:.3f} s, max {sc['max_s']:.2f} s)"
+        )
     print("   phases (inclusive):")
     for k, v in r["phases"].items():
         print(f"     {k:<40} {v:8.2f} s")

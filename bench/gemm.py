@@ -14,8 +14,13 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-SHAPES = {"qkv": (1024, 4096), "o": (2048, 1024), "gate_up": (1024, 6144), "down": (3072, 1024),
-          "lm_head": (1024, 151936)}
+SHAPES = {
+    "qkv": (1024, 4096),
+    "o": (2048, 1024),
+    "gate_up": (1024, 6144),
+    "down": (3072, 1024),
+    "lm_head": (1024, 151936),
+}
 
 
 def main() -> None:
@@ -35,8 +40,12 @@ def main() -> None:
                 res[f"{lib} x@Wt"] = tt.do_bench(lambda: x @ Wt, warmup=25, rep=200, return_mode="median")
             torch.backends.cuda.preferred_blas_library("cublas")
             floor = max(N * K * 2 / 3.0e12, 2 * M * N * K / 790e12) * 1e6
-            print(f"M={M:<4} {name:<8} " + "  ".join(f"{k} {v * 1e3:6.1f} us" for k, v in res.items())
-                  + f"  floor {floor:5.1f} us", flush=True)
+            print(
+                f"M={M:<4} {name:<8} "
+                + "  ".join(f"{k} {v * 1e3:6.1f} us" for k, v in res.items())
+                + f"  floor {floor:5.1f} us",
+                flush=True,
+            )
 
 
 if __name__ == "__main__":

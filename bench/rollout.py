@@ -116,8 +116,17 @@ def weight_bytes(model: torch.nn.Module) -> int:
     return total
 
 
-SMOKE_SHAPE = dict(model_type="qwen3", vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, tie_word_embeddings=True)
+SMOKE_SHAPE = dict(
+    model_type="qwen3",
+    vocab_size=512,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    head_dim=16,
+    tie_word_embeddings=True,
+)
 
 
 def _sync() -> None:
@@ -138,20 +147,31 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
     res: dict[str, Any] = {}
     long3 = [[1, 2, 3], list(range(5, 40)), [7]]
     # (model type, prefix chunk, prefixes, samples per prefix, hidden size, decode kernels)
-    cases = [("llama", 10**6, long3, 6, 32, "auto"),  # unchunked prefix, padded
-             ("qwen3", 10**6, long3, 6, 32, "auto"),
-             ("qwen3", 16, [list(range(5, 37)), list(range(9, 41))], 6, 32, "auto"),  # 2 chunks of 16, no padding
-             ("qwen3", 16, long3, 6, 32, "auto"),  # chunked + padded
-             ("qwen3", 16, long3, 1, 64, "auto"),  # one row per prefix (single attention kernel), head_dim 16
-             ("qwen3", 16, long3, 6, 64, "auto"),  # split-key prefix kernel with head_dim 16
-             ("qwen3", 16, long3, 6, 32, "torch"),  # the PyTorch-op decode step
-             ("qwen3", 10**6, [[1 + i, 2 + i, 3] for i in range(20)], 1, 32, "auto")]  # padded compaction
+    cases = [
+        ("llama", 10**6, long3, 6, 32, "auto"),  # unchunked prefix, padded
+        ("qwen3", 10**6, long3, 6, 32, "auto"),
+        ("qwen3", 16, [list(range(5, 37)), list(range(9, 41))], 6, 32, "auto"),  # 2 chunks of 16, no padding
+        ("qwen3", 16, long3, 6, 32, "auto"),  # chunked + padded
+        ("qwen3", 16, long3, 1, 64, "auto"),  # one row per prefix (single attention kernel), head_dim 16
+        ("qwen3", 16, long3, 6, 64, "auto"),  # split-key prefix kernel with head_dim 16
+        ("qwen3", 16, long3, 6, 32, "torch"),  # the PyTorch-op decode step
+        ("qwen3", 10**6, [[1 + i, 2 + i, 3] for i in range(20)], 1, 32, "auto"),
+    ]  # padded compaction
     for mt, chunk, prefixes, n, hidden, kernels in cases:
         eos = list(range(8)) if len(prefixes) == 20 else None
-        pol = tiny_random_policy(seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32,
-                                 hidden_size=hidden)
-        eng = TorchEngine(pol.model, eos or pol.eos_token_ids, pol.pad_token_id, dev, compact_below=0.9, sync_every=2,
-                          prefix_chunk=chunk, kernels=kernels)
+        pol = tiny_random_policy(
+            seed=0, vocab_size=64, init_std=0.5, model_type=mt, device=dev, dtype=torch.float32, hidden_size=hidden
+        )
+        eng = TorchEngine(
+            pol.model,
+            eos or pol.eos_token_ids,
+            pol.pad_token_id,
+            dev,
+            compact_below=0.9,
+            sync_every=2,
+            prefix_chunk=chunk,
+            kernels=kernels,
+        )
         out = eng.sample(prefixes, n, 24, seed=3, temperature=0.8)
         again = eng.sample(prefixes, n, 24, seed=3, temperature=0.8)
         err = 0.0
@@ -161,14 +181,26 @@ def check_correctness(dev: torch.device) -> dict[str, Any]:
                 ref = torch.log_softmax(rows, -1)[torch.arange(len(c.tokens)), torch.tensor(c.tokens)]
                 err = max(err, float((ref - torch.tensor(c.logprobs)).abs().max()))
         res[f"{mt} h={hidden} chunk={chunk} lens={[len(p) for p in prefixes]} n={n} kernels={eng.kernels}"] = dict(
-            max_abs_err=err, deterministic=out == again, sampler=eng.sampler,
-            stats={k: float(v) for k, v in eng.stats.items()})
+            max_abs_err=err,
+            deterministic=out == again,
+            sampler=eng.sampler,
+            stats={k: float(v) for k, v in eng.stats.items()},
+        )
     return res
 
 
-def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: int, skip_generate: bool,
-                smoke: bool = False, generate_repeats: int = 2, cases: set[str] | None = None,
-                compact_below: float = 0.5) -> list[dict[str, Any]]:
+def bench_shape(
+    shape: str,
+    dev: torch.device,
+    bw: float,
+    rate: float,
+    max_new: int,
+    skip_generate: bool,
+    smoke: bool = False,
+    generate_repeats: int = 2,
+    cases: set[str] | None = None,
+    compact_below: float = 0.5,
+) -> list[dict[str, Any]]:
     dt = torch.bfloat16 if dev.type == "cuda" else torch.float32
     pol = random_policy(SMOKE_SHAPE if smoke else shape, seed=0, device=dev, dtype=dt)
     model = pol.model
@@ -185,8 +217,11 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
     (cs,) = eng.sample([pre], 4, 16, seed=1)
     ref = torch.stack([pol.continuation_logprobs(pre, c.tokens)[torch.arange(16), torch.tensor(c.tokens)] for c in cs])
     bf16_err = float((ref - torch.tensor([c.logprobs for c in cs])).abs().max())
-    print(f"[{shape}] weights {wbytes / 1e9:.2f} GB, step floor {step_floor * 1e3:.3f} ms, "
-          f"bf16 logprob max|diff| vs teacher forcing {bf16_err:.3g}, sampler={eng.sampler}", flush=True)
+    print(
+        f"[{shape}] weights {wbytes / 1e9:.2f} GB, step floor {step_floor * 1e3:.3f} ms, "
+        f"bf16 logprob max|diff| vs teacher forcing {bf16_err:.3g}, sampler={eng.sampler}",
+        flush=True,
+    )
 
     eos_ids = list(range(7, V, 100))  # ~1% of the vocabulary: rows finish at different steps
     eos_eng = TorchEngine(model, eos_ids, pol.pad_token_id, dev, max_batch_rows=512, compact_below=compact_below)
@@ -203,7 +238,7 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
         """One case; ``eos``: rows stop at EOS (compaction, variable lengths), tokens counted as made."""
         if cases is not None and name not in cases:
             return
-        e = eos_eng if eos else eng
+        e = eos_eng if eos else eng  # noqa: F821 (defined later in this function, before the closure runs)
         rows = len(prefixes) * n
         e.sample(prefixes, n, max_new, seed=0)  # warm-up: graph capture, kernels
         t_eng, out = timed(lambda: e.sample(prefixes, n, max_new, seed=1))
@@ -219,9 +254,16 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
             try:
                 best = None
                 for _ in range(generate_repeats):
-                    t_gen, g_out = timed(lambda: model.generate(
-                        ids, attention_mask=torch.ones_like(ids), do_sample=True, max_new_tokens=max_new,
-                        pad_token_id=pol.pad_token_id, **kw))
+                    t_gen, g_out = timed(
+                        lambda: model.generate(  # noqa: F821 (defined later in this function, before the closure runs)
+                            ids,
+                            attention_mask=torch.ones_like(ids),
+                            do_sample=True,
+                            max_new_tokens=max_new,
+                            pad_token_id=pol.pad_token_id,  # noqa: F821 (defined later in this function, before the closure runs)
+                            **kw,
+                        )
+                    )
                     tps = gen_tokens(g_out, ids.shape[1]) / t_gen if eos else rows * max_new / t_gen
                     best = tps if best is None else max(best, tps)
                 gen_tps = float(best)
@@ -231,24 +273,40 @@ def bench_shape(shape: str, dev: torch.device, bw: float, rate: float, max_new: 
                 torch.cuda.empty_cache()
         eng_tps = tokens / t_eng
         roof_tps = rows / step_floor
-        t_floor = float("nan") if eos else floor_seconds(model, [len(x) for x in prefixes], n, max_new, bw, rate)
-        row = dict(shape=shape, case=name, rows=rows, max_new=max_new, engine_tok_s=eng_tps,
-                   engine_s=t_eng, ms_per_step=t_eng / max_new * 1e3, generate_tok_s=gen_tps,
-                   prefill_s=t_pre, decode_ms_per_step=(t_eng - t_pre) / max_new * 1e3,
-                   vs_generate=(eng_tps / gen_tps) if isinstance(gen_tps, float) else None,
-                   weight_floor_tok_s=roof_tps, frac_weight_floor=float("nan") if eos else eng_tps / roof_tps,
-                   floor_s=t_floor, frac_roofline=t_floor / t_eng,
-                   tokens=tokens, compactions=stats.get("compactions", 0),
-                   fused_attention=stats.get("fused_attention"), graphs=stats.get("graphs"),
-                   triton_kernels=stats.get("triton_kernels"),
-                   peak_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None)
+        t_floor = float("nan") if eos else floor_seconds(model, [len(x) for x in prefixes], n, max_new, bw, rate)  # noqa: F821 (defined later in this function, before the closure runs)
+        row = dict(
+            shape=shape,
+            case=name,
+            rows=rows,
+            max_new=max_new,
+            engine_tok_s=eng_tps,
+            engine_s=t_eng,
+            ms_per_step=t_eng / max_new * 1e3,
+            generate_tok_s=gen_tps,
+            prefill_s=t_pre,
+            decode_ms_per_step=(t_eng - t_pre) / max_new * 1e3,
+            vs_generate=(eng_tps / gen_tps) if isinstance(gen_tps, float) else None,
+            weight_floor_tok_s=roof_tps,
+            frac_weight_floor=float("nan") if eos else eng_tps / roof_tps,
+            floor_s=t_floor,
+            frac_roofline=t_floor / t_eng,
+            tokens=tokens,
+            compactions=stats.get("compactions", 0),
+            fused_attention=stats.get("fused_attention"),
+            graphs=stats.get("graphs"),
+            triton_kernels=stats.get("triton_kernels"),
+            peak_gb=torch.cuda.max_memory_allocated(dev) / 1e9 if dev.type == "cuda" else None,
+        )
         rows_out.append(row)
         gtxt = f"{gen_tps:,.0f}" if isinstance(gen_tps, float) else gen_tps
         vs = f"{row['vs_generate']:.1f}x" if row["vs_generate"] else "-"
-        print(f"[{shape}] {name:<22} rows={rows:<4} engine {eng_tps:>10,.0f} tok/s ({row['ms_per_step']:.2f} ms/step)"
-              f" | generate {gtxt:>8} | {vs:>7} | {100 * row['frac_roofline']:.1f}% of roofline"
-              f" ({100 * row['frac_weight_floor']:.1f}% of weight floor)"
-              f" | prefill {t_pre * 1e3:.1f} ms, decode {row['decode_ms_per_step']:.2f} ms/step", flush=True)
+        print(
+            f"[{shape}] {name:<22} rows={rows:<4} engine {eng_tps:>10,.0f} tok/s ({row['ms_per_step']:.2f} ms/step)"
+            f" | generate {gtxt:>8} | {vs:>7} | {100 * row['frac_roofline']:.1f}% of roofline"
+            f" ({100 * row['frac_weight_floor']:.1f}% of weight floor)"
+            f" | prefill {t_pre * 1e3:.1f} ms, decode {row['decode_ms_per_step']:.2f} ms/step",
+            flush=True,
+        )
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
 
@@ -281,10 +339,12 @@ def profile_step(shape: str, dev: torch.device, max_new: int = 128, only: set[st
     pol = random_policy(shape, seed=0, device=dev, dtype=torch.bfloat16)
     g = torch.Generator().manual_seed(0)
     V = pol.vocab_size
-    cases = {"batch 256": (torch.randint(0, V, (256, 64), generator=g).tolist(), 1),
-             "prefix 2K N=64": (torch.randint(0, V, (1, 2048), generator=g).tolist(), 64),
-             "batch 64": (torch.randint(0, V, (64, 64), generator=g).tolist(), 1),
-             "prefix 8K N=100": (torch.randint(0, V, (1, 8192), generator=g).tolist(), 100)}
+    cases = {
+        "batch 256": (torch.randint(0, V, (256, 64), generator=g).tolist(), 1),
+        "prefix 2K N=64": (torch.randint(0, V, (1, 2048), generator=g).tolist(), 64),
+        "batch 64": (torch.randint(0, V, (64, 64), generator=g).tolist(), 1),
+        "prefix 8K N=100": (torch.randint(0, V, (1, 8192), generator=g).tolist(), 100),
+    }
     for name, (prefixes, n) in cases.items():
         if only and name not in only:
             continue
@@ -321,19 +381,28 @@ def profile_step(shape: str, dev: torch.device, max_new: int = 128, only: set[st
 
         te.completions_from_buffers = timed_post
         eng.timing = True
-        t_call, _ = timed(lambda: eng.sample(prefixes, n, max_new, seed=2))
+        t_call, _ = timed(lambda: eng.sample(prefixes, n, max_new, seed=2))  # noqa: F821 (defined later in this function, before the closure runs)
         te.completions_from_buffers = orig
         replay = e0.elapsed_time(e1) / 50
         pre_ms = eng.stats.get("prefill_s", 0.0) * 1e3
-        print(f"[{shape}] profile {name}: whole call {t_call * 1e3:.1f} ms = prefill {pre_ms:.1f} + completions "
-              f"{post[0] * 1e3:.1f} + decode {t_call * 1e3 - pre_ms - post[0] * 1e3:.1f} ms "
-              f"({(t_call * 1e3 - pre_ms - post[0] * 1e3) / (max_new - 1):.3f} ms/step vs replay {replay:.3f})", flush=True)
-        print(f"[{shape}] profile {name}: captured step replays in {replay:.3f} ms at t=64; "
-              f"kernel time per step (eager, {max_new} tokens):", flush=True)
+        print(
+            f"[{shape}] profile {name}: whole call {t_call * 1e3:.1f} ms = prefill {pre_ms:.1f} + completions "
+            f"{post[0] * 1e3:.1f} + decode {t_call * 1e3 - pre_ms - post[0] * 1e3:.1f} ms "
+            f"({(t_call * 1e3 - pre_ms - post[0] * 1e3) / (max_new - 1):.3f} ms/step vs replay {replay:.3f})",
+            flush=True,
+        )
+        print(
+            f"[{shape}] profile {name}: captured step replays in {replay:.3f} ms at t=64; "
+            f"kernel time per step (eager, {max_new} tokens):",
+            flush=True,
+        )
         evs = sorted(prof.key_averages(), key=lambda ev: -ev.device_time_total)[:18]
         for ev in evs:
-            print(f"    {ev.key[:60]:<60} {ev.device_time_total / 1e3 / (max_new - 1):7.3f} ms/step"
-                  f" {ev.count:6d} calls {ev.device_time_total / max(1, ev.count):7.1f} us/call", flush=True)
+            print(
+                f"    {ev.key[:60]:<60} {ev.device_time_total / 1e3 / (max_new - 1):7.3f} ms/step"
+                f" {ev.count:6d} calls {ev.device_time_total / max(1, ev.count):7.1f} us/call",
+                flush=True,
+            )
         del eng, eager
         torch.cuda.empty_cache()
     del pol
@@ -359,35 +428,60 @@ def main() -> None:
     torch.backends.cuda.matmul.allow_tf32 = False
     import transformers
 
-    print(f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
-          f"transformers {transformers.__version__}", flush=True)
+    print(
+        f"{torch.cuda.get_device_name(dev) if dev.type == 'cuda' else 'cpu'}, torch {torch.__version__}, "
+        f"transformers {transformers.__version__}",
+        flush=True,
+    )
     bw = hbm_bandwidth(dev) if dev.type == "cuda" else 50e9
     rate = matmul_rate(dev) if dev.type == "cuda" else 1e12
-    print(f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s, bf16 mm {rate / 1e12:.0f} TFLOP/s",
-          flush=True)
+    print(
+        f"measured HBM bandwidth (copy, read+write): {bw / 1e12:.2f} TB/s, bf16 mm {rate / 1e12:.0f} TFLOP/s",
+        flush=True,
+    )
     if args.profile and dev.type == "cuda":
-        profile_step(args.shapes.split(",")[0].strip(), dev,
-                     only=set(args.profile_cases.split(",")) if args.profile_cases else None)
+        profile_step(
+            args.shapes.split(",")[0].strip(),
+            dev,
+            only=set(args.profile_cases.split(",")) if args.profile_cases else None,
+        )
     corr = check_correctness(dev)
     for k, v in corr.items():
-        print(f"correctness (fp32, GPU) {k}: max|logprob - teacher forcing| = {v['max_abs_err']:.2e}, "
-              f"deterministic={v['deterministic']}, sampler={v['sampler']}, stats={v['stats']}", flush=True)
+        print(
+            f"correctness (fp32, GPU) {k}: max|logprob - teacher forcing| = {v['max_abs_err']:.2e}, "
+            f"deterministic={v['deterministic']}, sampler={v['sampler']}, stats={v['stats']}",
+            flush=True,
+        )
     results: list[dict[str, Any]] = []
     for shape in args.shapes.split(","):
-        results += bench_shape(shape.strip(), dev, bw, rate, args.max_new, args.skip_generate, args.smoke,
-                               args.generate_repeats, set(args.cases.split(",")) if args.cases else None,
-                               args.compact_below)
-    print("\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline"
-          "   % wt floor  ms/step  decode ms/step")
+        results += bench_shape(
+            shape.strip(),
+            dev,
+            bw,
+            rate,
+            args.max_new,
+            args.skip_generate,
+            args.smoke,
+            args.generate_repeats,
+            set(args.cases.split(",")) if args.cases else None,
+            args.compact_below,
+        )
+    print(
+        "\nshape        case                   engine tok/s   generate tok/s   x generate   % roofline"
+        "   % wt floor  ms/step  decode ms/step"
+    )
     for r in results:
         g = f"{r['generate_tok_s']:,.0f}" if isinstance(r["generate_tok_s"], float) else r["generate_tok_s"]
         vs = f"{r['vs_generate']:.1f}" if r["vs_generate"] else "-"
-        print(f"{r['shape']:<12} {r['case']:<22} {r['engine_tok_s']:>12,.0f} {g:>16} {vs:>12} "
-              f"{100 * r['frac_roofline']:>11.1f} {100 * r['frac_weight_floor']:>11.1f} {r['ms_per_step']:>8.2f}"
-              f" {r['decode_ms_per_step']:>15.2f}")
+        print(
+            f"{r['shape']:<12} {r['case']:<22} {r['engine_tok_s']:>12,.0f} {g:>16} {vs:>12} "
+            f"{100 * r['frac_roofline']:>11.1f} {100 * r['frac_weight_floor']:>11.1f} {r['ms_per_step']:>8.2f}"
+            f" {r['decode_ms_per_step']:>15.2f}"
+        )
     if args.json:
-        Path(args.json).write_text(json.dumps(dict(bandwidth=bw, matmul_flops=rate, correctness=corr, results=results),
-                                              indent=1))
+        Path(args.json).write_text(
+            json.dumps(dict(bandwidth=bw, matmul_flops=rate, correctness=corr, results=results), indent=1)
+        )
 
 
 if __name__ == "__main__":

@@ -64,8 +64,12 @@ def main() -> None:
             gpu = sum(ev.self_device_time_total for ev in prof.key_averages()) / 20
             times[name] = (gpu, wall)
         floor = B * args.vocab * 2 / 3.0e12 * 1e6
-        print(f"B={B:>4}: " + "  ".join(f"{k} gpu {g:6.1f} us (wall {w:6.1f})" for k, (g, w) in times.items())
-              + f"  read floor {floor:5.1f} us", flush=True)
+        print(
+            f"B={B:>4}: "
+            + "  ".join(f"{k} gpu {g:6.1f} us (wall {w:6.1f})" for k, (g, w) in times.items())
+            + f"  read floor {floor:5.1f} us",
+            flush=True,
+        )
 
 
 if __name__ == "__main__":

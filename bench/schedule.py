@@ -55,17 +55,34 @@ def main() -> None:
 
         models.sources._TOKENIZER_CACHE[models.SMOLLM2] = AutoTokenizer.from_pretrained(str(args.tokenizer_dir))
     shutil.rmtree(args.out, ignore_errors=True)
-    cfg = DiagnoseConfig.model_validate({
-        "protocol": "paper", "student": "random:qwen3-0.6b", "device": args.device, "dtype": "bfloat16" if args.device == "cuda" else "float32",
-        "task": "arith", "n_questions": args.questions, "rollouts_per_question": 64,
-        "max_new_tokens": args.max_new_tokens, "teachers": TEACHERS,
-        "summarizer": "random:qwen3-32b", "solution_model": "random:qwen3-32b", "summary_max_new_tokens": 64,
-        "fallback_reference_solution": True,
-        "targeting": {"first_window": 16, "per_window_gkd": 2, "per_window_gap": 2, "visit_target": 16,
-                      "tau_gkd": 0.0, "tau_gap": 0.0,  # random models are near-uniform: target anyway
-                      "max_rollouts_per_path": 64},
-        "signals": {"min_visits": 4}, "out_dir": str(args.out),
-    })  # fmt: skip
+    cfg = DiagnoseConfig.model_validate(
+        {
+            "protocol": "paper",
+            "student": "random:qwen3-0.6b",
+            "device": args.device,
+            "dtype": "bfloat16" if args.device == "cuda" else "float32",
+            "task": "arith",
+            "n_questions": args.questions,
+            "rollouts_per_question": 64,
+            "max_new_tokens": args.max_new_tokens,
+            "teachers": TEACHERS,
+            "summarizer": "random:qwen3-32b",
+            "solution_model": "random:qwen3-32b",
+            "summary_max_new_tokens": 64,
+            "fallback_reference_solution": True,
+            "targeting": {
+                "first_window": 16,
+                "per_window_gkd": 2,
+                "per_window_gap": 2,
+                "visit_target": 16,
+                "tau_gkd": 0.0,
+                "tau_gap": 0.0,  # random models are near-uniform: target anyway
+                "max_rollouts_per_path": 64,
+            },
+            "signals": {"min_visits": 4},
+            "out_dir": str(args.out),
+        }
+    )
     start = time.perf_counter()
     write_config(RunStore(cfg.out_dir), cfg)
     diag, envs = build_diagnosis(cfg, progress=False)
@@ -74,14 +91,15 @@ def main() -> None:
     total = time.perf_counter() - start
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "cpu"
     cap = torch.cuda.get_device_properties(0).total_memory / 2**30 if torch.cuda.is_available() else 0.0
-    print(f"device: {gpu} ({cap:.0f} GiB); {args.questions} questions; total {total:.0f}s "
-          f"(task + student load {load_student:.0f}s)")
+    print(
+        f"device: {gpu} ({cap:.0f} GiB); {args.questions} questions; total {total:.0f}s "
+        f"(task + student load {load_student:.0f}s)"
+    )
     print(f"{'step':<34}{'seconds':>9}{'peak GPU GiB':>14}")
     for row in diag.phase_log:
         print(f"{row['phase']:<34}{row['seconds']:>9.1f}{row['peak_gpu_gib']:>14.1f}")
     peak = max(r["peak_gpu_gib"] for r in diag.phase_log)
-    print(f"peak over the run: {peak:.1f} GiB; teachers scored: "
-          f"{sorted(set(diag.store.read_all('nodes')['teacher']))}")
+    print(f"peak over the run: {peak:.1f} GiB; teachers scored: {sorted(set(diag.store.read_all('nodes')['teacher']))}")
     if args.json:
         args.json.write_text(json.dumps({"device": gpu, "total_s": total, "phases": diag.phase_log}, indent=1))
 

@@ -78,10 +78,24 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     vocab = student.vocab_size
     g = torch.Generator().manual_seed(0)
     prompts = {f"q{i}": torch.randint(10, vocab, (a.prompt_len,), generator=g).tolist() for i in range(a.batch)}
-    cfg = TrainConfig(loss=a.loss, k=a.k, batch_size=a.batch, micro_batch=a.micro_batch, max_new_tokens=a.max_new,
-                      lr=1e-6, steps=a.steps + 1, eval_every=0, save_every=0, device=device, dtype=a.dtype,
-                      teacher_device=a.teacher_device,
-                      progress=False, tensorboard=False, metrics_chunk=0, out_dir=tempfile.mkdtemp())
+    cfg = TrainConfig(
+        loss=a.loss,
+        k=a.k,
+        batch_size=a.batch,
+        micro_batch=a.micro_batch,
+        max_new_tokens=a.max_new,
+        lr=1e-6,
+        steps=a.steps + 1,
+        eval_every=0,
+        save_every=0,
+        device=device,
+        dtype=a.dtype,
+        teacher_device=a.teacher_device,
+        progress=False,
+        tensorboard=False,
+        metrics_chunk=0,
+        out_dir=tempfile.mkdtemp(),
+    )
     questions = [_Q(i) for i in range(a.batch)]
     tr = OPDTrainer(cfg, student, teacher, _NoCheck(), questions, [])
     tr.scorer.student_context = lambda q: prompts[q.id]  # type: ignore[method-assign]
@@ -108,15 +122,32 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         _sync()
         wall = time.perf_counter() - t0
         if i > 0:  # step 1 warms up (CUDA graphs, autotuning, allocator)
-            rows.append({"step_s": wall, "rollout_s": row["sample_s"], "scoring_s": score_time[0],
-                         "update_s": wall - row["sample_s"] - score_time[0], "tokens": row["n_tokens"]})
+            rows.append(
+                {
+                    "step_s": wall,
+                    "rollout_s": row["sample_s"],
+                    "scoring_s": score_time[0],
+                    "update_s": wall - row["sample_s"] - score_time[0],
+                    "tokens": row["n_tokens"],
+                }
+            )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
     out = {
-        "device": torch.cuda.get_device_name() if device != "cpu" else "cpu", "teacher_device": a.teacher_device or device,
-        "student": a.student, "teacher": a.teacher, "batch": a.batch, "micro_batch": a.micro_batch,
-        "prompt_len": a.prompt_len, "max_new": a.max_new, "dtype": a.dtype, "teacher_dtype": a.teacher_dtype,
-        "loss": a.loss, "k": a.k, "steps_timed": len(rows),
-        "steps_per_s": 1.0 / med["step_s"], "tokens_per_s": med["tokens"] / med["step_s"],
+        "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
+        "teacher_device": a.teacher_device or device,
+        "student": a.student,
+        "teacher": a.teacher,
+        "batch": a.batch,
+        "micro_batch": a.micro_batch,
+        "prompt_len": a.prompt_len,
+        "max_new": a.max_new,
+        "dtype": a.dtype,
+        "teacher_dtype": a.teacher_dtype,
+        "loss": a.loss,
+        "k": a.k,
+        "steps_timed": len(rows),
+        "steps_per_s": 1.0 / med["step_s"],
+        "tokens_per_s": med["tokens"] / med["step_s"],
         **{f"median_{k}": v for k, v in med.items()},
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device != "cpu" else None,
     }

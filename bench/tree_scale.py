@@ -40,7 +40,9 @@ def main() -> None:
         t0 = time.perf_counter()
         st = path_stats(path, rs)
         t1 = time.perf_counter()
-        nbytes = sum(getattr(st, f).nbytes for f in ("ptr", "child_token", "visits", "successes", "sampled", "sampled_successes"))
+        nbytes = sum(
+            getattr(st, f).nbytes for f in ("ptr", "child_token", "visits", "successes", "sampled", "sampled_successes")
+        )
         lp = torch.log_softmax(torch.randn(args.length, args.vocab), -1)
         t2 = time.perf_counter()
         path_signals(st, lp, lp.roll(1, -1), SignalConfig(min_visits=20))
@@ -50,7 +52,9 @@ def main() -> None:
             f"({st.child_token.size} (node, child) cells), path_signals {t3 - t2:.3f}s"
         )
     rss1 = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(f"{args.rollouts} rollouts × {args.length} tokens; peak RSS {rss1 / 1e6:.2f} GB (rollouts loaded: {rss0 / 1e6:.2f} GB)")
+    print(
+        f"{args.rollouts} rollouts × {args.length} tokens; peak RSS {rss1 / 1e6:.2f} GB (rollouts loaded: {rss0 / 1e6:.2f} GB)"
+    )
 
 
 if __name__ == "__main__":

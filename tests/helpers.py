@@ -15,8 +15,8 @@ from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.store import RunStore
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import TeacherSpec

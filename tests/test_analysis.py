@@ -20,20 +20,36 @@ from opdlens.report.stats import bootstrap_interval, holm, t_interval
 NAN = float("nan")
 
 
-def node_row(
-    teacher: str, q: str, path: int, correct: bool, u: int, align: float, **kw: object
-) -> dict[str, object]:
+def node_row(teacher: str, q: str, path: int, correct: bool, u: int, align: float, **kw: object) -> dict[str, object]:
     """One row of the node table; ``align`` NaN means an invalid node."""
     valid = bool(kw.pop("valid", not math.isnan(align)))
     row: dict[str, object] = {
-        "question_id": q, "path_id": path, "path_correct": correct, "teacher": teacher,
-        "node": u, "depth_norm": u / 10, "token_id": 100 + u, "token_text": f"t{u}",
-        "valid": valid, "n_children": 2 if valid else 1, "visits": 40, "p_student": 0.5,
-        "p_teacher": 0.4, "psucc_token": 0.7 if valid else NAN, "teacher_adv": 0.1,
-        "align_gkd": align, "align_single": align, "align_minillm": align,
-        "align_drgrpo": 1.0 if valid else NAN, "norm_ideal": 1.0, "norm_gkd": 1.0,
-        "kl": 0.0, "js": 0.0, "l2": 0.0, "cos_prob": 1.0,
-    }  # fmt: skip
+        "question_id": q,
+        "path_id": path,
+        "path_correct": correct,
+        "teacher": teacher,
+        "node": u,
+        "depth_norm": u / 10,
+        "token_id": 100 + u,
+        "token_text": f"t{u}",
+        "valid": valid,
+        "n_children": 2 if valid else 1,
+        "visits": 40,
+        "p_student": 0.5,
+        "p_teacher": 0.4,
+        "psucc_token": 0.7 if valid else NAN,
+        "teacher_adv": 0.1,
+        "align_gkd": align,
+        "align_single": align,
+        "align_minillm": align,
+        "align_drgrpo": 1.0 if valid else NAN,
+        "norm_ideal": 1.0,
+        "norm_gkd": 1.0,
+        "kl": 0.0,
+        "js": 0.0,
+        "l2": 0.0,
+        "cos_prob": 1.0,
+    }
     row.update(kw)
     return row
 
@@ -104,9 +120,18 @@ def test_per_path_values() -> None:
     other = path_rows("T", "q1", 1, False, [NAN, NAN])  # no valid node at all
     pp = per_path(table(rows, other))
     assert list(pp.columns) == [
-        "teacher", "question_id", "path_id", "path_correct", "n_nodes", "n_valid", "mean", "std",
-        "weighted_mean", "frac_pos", "frac_neg",
-    ]  # fmt: skip
+        "teacher",
+        "question_id",
+        "path_id",
+        "path_correct",
+        "n_nodes",
+        "n_valid",
+        "mean",
+        "std",
+        "weighted_mean",
+        "frac_pos",
+        "frac_neg",
+    ]
     r = pp.iloc[0]
     assert (r.teacher, r.question_id, r.path_id, bool(r.path_correct)) == ("T", "q1", 0, True)
     assert (r.n_nodes, r.n_valid) == (5, 3)
@@ -272,8 +297,10 @@ def test_per_teacher_pairwise_is_paired_with_holm() -> None:
     s = per_teacher(_teacher_table(), alpha=0.05)
     pw = s.pairwise
     assert [(a, b) for a, b in zip(pw.teacher_a, pw.teacher_b)] == [
-        ("A", "B"), ("A", "C"), ("B", "C"),
-    ]  # fmt: skip
+        ("A", "B"),
+        ("A", "C"),
+        ("B", "C"),
+    ]
     tp, wp = [], []
     for _, r in pw.iterrows():
         pa, pb = _paths_by_key(r.teacher_a), _paths_by_key(r.teacher_b)

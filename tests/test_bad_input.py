@@ -15,24 +15,28 @@ from typer.testing import CliRunner
 
 from opdlens.cli import app
 from opdlens.diagnose.config import DiagnoseConfig
-from opdlens.models import load_tokenizer, random_policy, tiny_random_policy
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import diagnose
-from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import policy_max_context
-from opdlens.errors import OpdlensError
-from opdlens.policy import check_same_tokenizer, sample_counts
 from opdlens.diagnose.store import RunStore
+from opdlens.diagnose.teachers import TeacherSpec
+from opdlens.errors import OpdlensError
+from opdlens.models import load_tokenizer, random_policy, tiny_random_policy
+from opdlens.policy import check_same_tokenizer, sample_counts
+from opdlens.report.run import load_results
 from opdlens.synthetic import EOS
 from opdlens.tasks import NO_ANSWER, get_task
-from opdlens.diagnose.teachers import TeacherSpec
 from tests.helpers import SyntheticFactory
 
 
 def _small(out: Path, **kw: object) -> DiagnoseConfig:
     base: dict[str, object] = dict(
-        task="arith", n_questions=2, rollouts_per_question=8, max_new_tokens=6,
-        teachers=[TeacherSpec(name="plain")], out_dir=str(out),
+        task="arith",
+        n_questions=2,
+        rollouts_per_question=8,
+        max_new_tokens=6,
+        teachers=[TeacherSpec(name="plain")],
+        out_dir=str(out),
         targeting={"first_window": 2, "visit_target": 8, "max_rollouts_per_path": 16},
     )
     base.update(kw)
@@ -89,14 +93,20 @@ def test_teacher_with_another_tokenizer_is_refused(tmp_path, tiny_dirs):
         check_same_tokenizer(a, b)
     student, other = tiny_dirs
     cfg = _small(tmp_path, student=str(student), teachers=[TeacherSpec(name="big", model=str(other))])
-    with pytest.raises(OpdlensError, match=r"do not share a tokenizer: output vocabulary size 49152 \(student\) != 49216"):
+    with pytest.raises(
+        OpdlensError, match=r"do not share a tokenizer: output vocabulary size 49152 \(student\) != 49216"
+    ):
         diagnose(cfg, progress=False)
     assert not (tmp_path / "rollouts").exists()  # refused before any sampling
 
 
 def test_dataset_rows_without_answers(tmp_path):
     data = tmp_path / "data.jsonl"
-    rows = [{"id": "a", "question": "1+1?", "answer": 2}, {"id": "b", "question": "2+2?"}, {"id": "c", "question": "3+3?", "answer": 6}]
+    rows = [
+        {"id": "a", "question": "1+1?", "answer": 2},
+        {"id": "b", "question": "2+2?"},
+        {"id": "c", "question": "3+3?", "answer": 6},
+    ]
     data.write_text("\n".join(json.dumps(r) for r in rows) + "\n")
     cfg = _small(tmp_path / "run", task="jsonl", task_args={"path": str(data), "answer_type": "int"})
     with pytest.raises(OpdlensError, match=r"data.jsonl: row 2: field 'answer' is missing \(fields: id, question\)"):
@@ -163,7 +173,9 @@ def test_hf_policy_context_comes_from_the_model_config(tmp_path):
     diag.student = pol
     diag.config = type(diag.config)(max_new_tokens=16)
     assert diag.too_long(QuestionEnv(id="x", prompt_ids=[1] * 4080, grade=bool)) is None
-    assert "4097 exceeds the student's context of 4096" in (diag.too_long(QuestionEnv(id="y", prompt_ids=[1] * 4081, grade=bool)) or "")
+    assert "4097 exceeds the student's context of 4096" in (
+        diag.too_long(QuestionEnv(id="y", prompt_ids=[1] * 4081, grade=bool)) or ""
+    )
 
 
 # ------------------------------------------------------------------ out of GPU memory
@@ -241,7 +253,10 @@ def test_typo_in_a_teacher_entry_is_an_error(tmp_path):
 @pytest.mark.parametrize(
     ("text", "where"),
     [
-        ("targeting: {candidates_per_node: -1}\n", "targeting.candidates_per_node: Input should be greater than or equal to 1"),
+        (
+            "targeting: {candidates_per_node: -1}\n",
+            "targeting.candidates_per_node: Input should be greater than or equal to 1",
+        ),
         ("targeting: {visit_target: 0}\n", "targeting.visit_target"),
         ("signals: {min_visits: 0, typo: 1}\n", "signals.typo: unknown key"),
         ("rollouts_per_question: 0\n", "rollouts_per_question"),
@@ -321,7 +336,7 @@ def test_dot_names_round_trip_through_the_run_and_the_report(tmp_path):
     res = CliRunner().invoke(app, ["report", str(tmp_path / "run")])
     assert res.exit_code == 0, res.output
     html = (tmp_path / "run" / "report" / "index.html").read_text()
-    assert "data-teacher=\"..\"" in html and "Question .." in html
+    assert 'data-teacher=".."' in html and "Question .." in html
 
 
 # ------------------------------------------------------------------ run identity and lock
@@ -330,8 +345,9 @@ def test_rerun_with_another_config_is_refused_naming_the_keys(tmp_path, tiny_dir
     run = tmp_path / "run"
     diagnose(_small(run, student=str(student)), progress=False)
     before = sorted(p.relative_to(run) for p in run.rglob("*.parquet"))
-    changed = _small(run, student=str(student), seed=1, rollouts_per_question=12,
-                     teachers=[TeacherSpec(name="renamed")])  # fmt: skip
+    changed = _small(
+        run, student=str(student), seed=1, rollouts_per_question=12, teachers=[TeacherSpec(name="renamed")]
+    )
     with pytest.raises(OpdlensError) as err:
         diagnose(changed, progress=False)
     msg = str(err.value)
@@ -426,7 +442,9 @@ def test_corrupt_chunk_is_set_aside_and_recomputed(tmp_path, damage):
     assert len(list((tmp_path / "a" / "corrupt" / "rollouts" / "q0").iterdir())) == 1
     again, _, _ = load_results(RunStore(tmp_path / "a"))
     key = ["teacher", "question_id", "path_id", "node"]
-    pd.testing.assert_frame_equal(again.sort_values(key).reset_index(drop=True), ref.sort_values(key).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        again.sort_values(key).reset_index(drop=True), ref.sort_values(key).reset_index(drop=True)
+    )
 
 
 def test_corrupt_result_table_in_report_is_one_error_line(tmp_path):

@@ -10,7 +10,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import yaml
-
 from scipy import stats
 from typer.testing import CliRunner
 
@@ -20,8 +19,6 @@ from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import write_config
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
 from opdlens.diagnose.targeting import TargetingConfig
@@ -48,13 +45,17 @@ def _synthetic_run(root: Path, seed: int, student_name: str) -> Path:
         Teacher(TeacherSpec(name="avoider", model="synthetic"), student.tilted(-4.0, seed=2)),
     ]
     opts = DiagnoseConfig(
-        rollouts_per_question=120, max_new_tokens=8, chunk_rollouts=200, seed=seed,
+        rollouts_per_question=120,
+        max_new_tokens=8,
+        chunk_rollouts=200,
+        seed=seed,
         targeting=TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=30),
         signals=SignalConfig(min_visits=8),
-    )  # fmt: skip
+    )
     envs = [
-        QuestionEnv(id=f"q{i}", prompt_ids=[],
-                    grade=student.is_success if i < 3 else (lambda t: not student.is_success(t)))  # fmt: skip
+        QuestionEnv(
+            id=f"q{i}", prompt_ids=[], grade=student.is_success if i < 3 else (lambda t: not student.is_success(t))
+        )
         for i in range(6)
     ]
     store = RunStore(root)
@@ -137,18 +138,33 @@ def test_difficulty_bins_and_best_teacher_follow_the_questions(runs):
 
 def test_bins_and_question_values_units():
     cats = difficulty_bins(np.array([0.0, 0.19, 0.2, 0.5, 0.79, 0.8, 1.0]))
-    assert list(cats.astype(str)) == ["[0, 0.2)", "[0, 0.2)", "[0.2, 0.5)", "[0.5, 0.8)", "[0.5, 0.8)",
-                                      "[0.8, 1]", "[0.8, 1]"]  # fmt: skip
+    assert list(cats.astype(str)) == [
+        "[0, 0.2)",
+        "[0, 0.2)",
+        "[0.2, 0.5)",
+        "[0.5, 0.8)",
+        "[0.5, 0.8)",
+        "[0.8, 1]",
+        "[0.8, 1]",
+    ]
     assert parse_edges("0.3, 0.6") == (0.3, 0.6)
     for bad in ("0.5,0.2", "0,0.5", "x", "1.2"):
         with pytest.raises(OpdlensError, match="bin edges"):
             parse_edges(bad)
     # each path counts once in its question, whatever its number of valid nodes (not nodes pooled:
     # that gave (1 + 1 + 1 - 1) / 4 = 0.5 here)
-    nodes = pd.DataFrame({
-        "question_id": ["q"] * 4, "path_id": [0, 0, 0, 1], "path_correct": [True] * 4, "teacher": "t",
-        "valid": True, "align_gkd": [1.0, 1.0, 1.0, -1.0], "norm_ideal": [1.0, 1.0, 1.0, 3.0], "norm_gkd": 1.0,
-    })  # fmt: skip
+    nodes = pd.DataFrame(
+        {
+            "question_id": ["q"] * 4,
+            "path_id": [0, 0, 0, 1],
+            "path_correct": [True] * 4,
+            "teacher": "t",
+            "valid": True,
+            "align_gkd": [1.0, 1.0, 1.0, -1.0],
+            "norm_ideal": [1.0, 1.0, 1.0, 3.0],
+            "norm_gkd": 1.0,
+        }
+    )
     qv = table1(path_values(per_path(nodes)), unit="question").set_index(["group", "statistic"])["value"]
     assert qv[("correct", "mean")] == pytest.approx(0.0) and qv[("all", "mean")] == pytest.approx(0.0)
     assert qv[("correct", "weighted")] == pytest.approx(0.0)  # paths: 3/3 = 1 and -3/3 = -1
@@ -195,7 +211,9 @@ def test_report_and_compare_print_the_same_table1(runs, tmp_path, unit):
         assert per_teacher.loc[teacher, "mean"] == pytest.approx(expect, abs=1e-12)
         assert cells.loc[teacher, "value"] == per_teacher.loc[teacher, "mean"]
         assert (cells.loc[teacher, "ci_low"], cells.loc[teacher, "ci_high"]) == (
-            per_teacher.loc[teacher, "ci_low"], per_teacher.loc[teacher, "ci_high"])
+            per_teacher.loc[teacher, "ci_low"],
+            per_teacher.loc[teacher, "ci_high"],
+        )
         assert cells.loc[teacher, "unit"] == per_teacher.loc[teacher, "unit"] == unit
         # the run discriminates: the former averages would print other numbers
         assert abs(expect - pooled[teacher]) > 1e-4 and abs(expect - all_paths[teacher]) > 1e-4
@@ -221,7 +239,8 @@ def test_compare_command_writes_the_study(runs, tmp_path):
     pd.testing.assert_frame_equal(pd.read_csv(out / "table1.csv"), study.table1, check_dtype=False)
     summary = (out / "summary.md").read_text()
     cell = study.table1.set_index(["setting", "teacher", "statistic", "group"]).loc[
-        ("small · synthetic", "seeker", "mean", "correct")]
+        ("small · synthetic", "seeker", "mean", "correct")
+    ]
     assert f"{cell['value']:+.3f}" in summary and "Table 1: mean cosine" in summary
     assert "small · synthetic: incorrect" in summary and "Best teacher per difficulty bin" in summary
 

@@ -8,7 +8,6 @@ import pytest
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
@@ -16,6 +15,7 @@ from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import CONTEXTS, TeacherSpec, context_messages, register_context, trainable_contexts
 from opdlens.errors import OpdlensError
 from opdlens.opd.config import TrainConfig
+from opdlens.report.run import load_results
 from opdlens.synthetic import SyntheticPolicy
 
 
@@ -35,7 +35,9 @@ def test_a_registered_context_runs_end_to_end(tmp_path, wrong_only):
         shown.append(messages[0]["content"])
         return []
 
-    teachers = [Teacher(TeacherSpec(name="Self-1W", model="synthetic", context=wrong_only), student.tilted(2.0), encode)]
+    teachers = [
+        Teacher(TeacherSpec(name="Self-1W", model="synthetic", context=wrong_only), student.tilted(2.0), encode)
+    ]
     config = DiagnoseConfig(
         rollouts_per_question=60,
         max_new_tokens=6,

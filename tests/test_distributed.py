@@ -12,9 +12,9 @@ ray = pytest.importorskip("ray")
 
 from opdlens.diagnose.config import DiagnoseConfig  # noqa: E402
 from opdlens.diagnose.distributed import diagnose_ray, read_phase1_record  # noqa: E402
-from opdlens.report.run import load_results  # noqa: E402
-from opdlens.errors import OpdlensError  # noqa: E402
 from opdlens.diagnose.store import RunStore  # noqa: E402
+from opdlens.errors import OpdlensError  # noqa: E402
+from opdlens.report.run import load_results  # noqa: E402
 from tests import helpers  # noqa: E402
 from tests.helpers import SyntheticFactory  # noqa: E402
 
@@ -62,7 +62,9 @@ def assert_same_run(a: Path, b: Path) -> None:
     """Equal per-node, per-question, per-path and skip tables, and the same rollout chunks."""
     na, qa, pa = load_results(RunStore(a))
     nb, qb, pb = load_results(RunStore(b))
-    pd.testing.assert_frame_equal(na.sort_values(KEY).reset_index(drop=True), nb.sort_values(KEY).reset_index(drop=True))
+    pd.testing.assert_frame_equal(
+        na.sort_values(KEY).reset_index(drop=True), nb.sort_values(KEY).reset_index(drop=True)
+    )
     pd.testing.assert_frame_equal(qa, qb)
     pd.testing.assert_frame_equal(pa, pb)
     pd.testing.assert_frame_equal(RunStore(a).read_table("skips.parquet"), RunStore(b).read_table("skips.parquet"))
@@ -73,8 +75,10 @@ class _InitCalled(Exception):
     pass
 
 
-@pytest.mark.parametrize(("given", "passed"), [(None, "local"), ("", "local"), ("local", "local"), ("auto", "auto"),
-                                               ("ray://head:10001", "ray://head:10001")])
+@pytest.mark.parametrize(
+    ("given", "passed"),
+    [(None, "local"), ("", "local"), ("local", "local"), ("auto", "auto"), ("ray://head:10001", "ray://head:10001")],
+)
 def test_local_address_always_starts_a_fresh_cluster(monkeypatch, tmp_path, given, passed):
     """``--ray local`` (and no address) must reach ray.init as "local": Ray's default None attaches to
     RAY_ADDRESS or to the last cluster recorded on the machine, which may be stale."""
@@ -122,7 +126,9 @@ def test_killed_workers_and_interrupted_driver_resume_to_identical_results(clust
             other = next(a for a in actors if a not in killed)
             ray.kill(other, no_restart=False)  # restarts; Ray retries its in-flight call
 
-    store = diagnose_ray(_cfg(tmp_path / "killed"), num_workers=2, policy_factory=FACTORY, progress=False, on_result=kill)
+    store = diagnose_ray(
+        _cfg(tmp_path / "killed"), num_workers=2, policy_factory=FACTORY, progress=False, on_result=kill
+    )
     assert len(killed) == 1 and n_alive[0] == 2 and n_alive[-1] == 1  # the dead worker was dropped
     assert_same_run(store.root, reference)
 
@@ -168,15 +174,20 @@ def test_unloadable_model_on_ray_gives_the_loader_message(cluster, tmp_path):
 def test_config_models_loaded_in_the_actors_equal_diagnose(cluster, tmp_path):
     """The default ConfigFactory (models and task built inside the actor from the config, as
     `opdlens diagnose CONFIG --ray` does) gives the single-process `diagnose` results."""
-    from opdlens.models import load_tokenizer, tiny_random_policy
     from opdlens.diagnose.run import diagnose
+    from opdlens.models import load_tokenizer, tiny_random_policy
 
     model_dir = tmp_path / "tiny"
     tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)
     load_tokenizer("smollm2").save_pretrained(model_dir)
     cfg = DiagnoseConfig(
-        student=str(model_dir), task="arith", n_questions=2, rollouts_per_question=8, max_new_tokens=6,
-        teachers=[{"name": "plain"}, {"name": "Self-1C1W", "context": "1c1w"}], out_dir=str(tmp_path / "ray"),
+        student=str(model_dir),
+        task="arith",
+        n_questions=2,
+        rollouts_per_question=8,
+        max_new_tokens=6,
+        teachers=[{"name": "plain"}, {"name": "Self-1C1W", "context": "1c1w"}],
+        out_dir=str(tmp_path / "ray"),
         targeting={"first_window": 2, "visit_target": 8, "max_rollouts_per_path": 16},
         fallback_reference_solution=True,  # a random model never answers: show the reference answer (recorded)
     )

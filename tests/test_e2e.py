@@ -9,20 +9,19 @@ import pytest
 
 from opdlens.config import load_yaml
 from opdlens.diagnose.config import DiagnoseConfig
-from opdlens.models import tiny_random_policy
-from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import diagnose
-from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
-from opdlens.errors import OpdlensError
-from opdlens.report import write_report
 from opdlens.diagnose.signals import SignalConfig
+from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.store import RunStore
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import TeacherSpec
+from opdlens.errors import OpdlensError
+from opdlens.models import tiny_random_policy
+from opdlens.report import write_report
+from opdlens.report.run import load_results
 
 
 def test_self_distillation_contexts_on_a_tiny_hf_model(tmp_path):
@@ -89,7 +88,9 @@ def test_smollm2_pipeline_end_to_end_with_report(tmp_path):
         rollouts_per_question=16,
         max_new_tokens=20,
         teachers=[TeacherSpec(name="Self-1C", context="1c"), TeacherSpec(name="Self-Sum-1C", context="sum-1c")],
-        targeting=TargetingConfig(first_window=6, per_window_gkd=1, per_window_gap=1, visit_target=6, max_rollouts_per_path=24),
+        targeting=TargetingConfig(
+            first_window=6, per_window_gkd=1, per_window_gap=1, visit_target=6, max_rollouts_per_path=24
+        ),
         signals=SignalConfig(min_visits=3),
         fallback_reference_solution=True,
         out_dir=str(tmp_path / "run"),
@@ -99,7 +100,7 @@ def test_smollm2_pipeline_end_to_end_with_report(tmp_path):
     assert len(questions) == 2 and (questions["n_rollouts"] == 16).all()
     assert set(nodes["teacher"]) <= {"Self-1C", "Self-Sum-1C"} and len(nodes) > 0
     # every scored path's nodes are its tokens, in order
-    for (t, q, pid), grp in nodes.groupby(["teacher", "question_id", "path_id"]):
+    for (_, q, pid), grp in nodes.groupby(["teacher", "question_id", "path_id"]):
         length = int(paths[(paths.question_id == q) & (paths.path_id == pid)]["length"].iloc[0])
         assert grp["node"].tolist() == list(range(length))
     assert nodes["p_student"].between(0, 1).all() and nodes["kl"].ge(-1e-6).all()

@@ -9,8 +9,8 @@ from typing import Any
 import pytest
 import torch
 
-from opdlens.models import tiny_random_policy
 from opdlens.errors import OpdlensError
+from opdlens.models import tiny_random_policy
 from opdlens.rollout import EngineConfig, TorchEngine
 from opdlens.rollout.decode import Job, Prefill
 
@@ -69,7 +69,10 @@ def scripted_engine(stop: dict[tuple[int, int], int], **kw: Any) -> tuple[TorchE
 
     eng._prefill = prefill  # type: ignore[method-assign]
     eng._state = lambda batch, prefills, max_new: (  # type: ignore[method-assign]
-        ScriptedState(batch, stop, log), batch, max(j.rows for j in batch))
+        ScriptedState(batch, stop, log),
+        batch,
+        max(j.rows for j in batch),
+    )
     return eng, log
 
 
@@ -100,7 +103,8 @@ def test_all_finished_stops_early_and_sync_every_delays_the_check() -> None:
     eng4.sample([[1], [2, 3]], 3, 20, seed=0)
     assert eng4.stats["decode_steps"] == 4  # the host looks only every 4 steps
     assert [[c.tokens for c in cs] for cs in eng4.sample([[1], [2, 3]], 3, 20, seed=0)] == [
-        [c.tokens for c in cs] for cs in res]
+        [c.tokens for c in cs] for cs in res
+    ]
 
 
 def test_uneven_jobs_pad_the_grid_and_padding_never_reaches_results() -> None:
@@ -171,8 +175,10 @@ def test_frozen_models_share_their_weights_with_the_fused_tensors():
         ref = pol.model(x).logits
         w = FusedWeights(pol.model)
         layer = pol.model.model.layers[0]
-        shares = (layer.mlp.gate_proj.weight.data_ptr() == w.gu_w[0].data_ptr()
-                  and layer.self_attn.q_proj.bias.data_ptr() == w.qkv_b[0].data_ptr())
+        shares = (
+            layer.mlp.gate_proj.weight.data_ptr() == w.gu_w[0].data_ptr()
+            and layer.self_attn.q_proj.bias.data_ptr() == w.qkv_b[0].data_ptr()
+        )
         assert shares == frozen
         assert all(torch.equal(a, b) for a, b in zip(before, pol.model.parameters()))
         assert torch.equal(pol.model(x).logits, ref)

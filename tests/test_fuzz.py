@@ -20,29 +20,37 @@ import yaml
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from opdlens.diagnose import pipeline
 from opdlens.config import validate_config
-from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose import pipeline
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
-from opdlens.errors import OpdlensError
-from opdlens.report.run import load_run
 from opdlens.diagnose.store import RunStore
+from opdlens.errors import OpdlensError
+from opdlens.report.run import load_results, load_run
 from opdlens.synthetic import SyntheticPolicy
 from opdlens.tasks import get_task
 from tests.helpers import kill_sampling_after
 
-FUZZ = settings(max_examples=16, deadline=None, derandomize=True, database=None,
-                suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])  # fmt: skip
+FUZZ = settings(
+    max_examples=16,
+    deadline=None,
+    derandomize=True,
+    database=None,
+    suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large],
+)
 
-names = st.one_of(st.sampled_from([".", "..", "", "a/b", "T", "Self-1C", "é", "x" * 100, ".hidden"]), st.text(max_size=6))
+names = st.one_of(
+    st.sampled_from([".", "..", "", "a/b", "T", "Self-1C", "é", "x" * 100, ".hidden"]), st.text(max_size=6)
+)
 teacher = st.fixed_dictionaries(
     {"name": names},
-    optional={"model": st.just("synthetic"), "context": st.sampled_from(["plain", "1c", "bogus"]), "modle": st.just("x")},
+    optional={
+        "model": st.just("synthetic"),
+        "context": st.sampled_from(["plain", "1c", "bogus"]),
+        "modle": st.just("x"),
+    },
 )
 config_dicts = st.fixed_dictionaries(
     {},
@@ -57,26 +65,48 @@ config_dicts = st.fixed_dictionaries(
         "seed": st.integers(-1, 3),
         "teachers": st.lists(teacher, max_size=3),
         "targeting_teachers": st.one_of(st.none(), st.lists(names, max_size=2)),
-        "targeting": st.fixed_dictionaries({}, optional={
-            "first_window": st.integers(-1, 4), "visit_target": st.integers(0, 12),
-            "per_window_gkd": st.integers(-1, 2), "per_window_gap": st.integers(-1, 2),
-            "candidates_per_node": st.integers(-1, 4), "growth": st.floats(0, 3),
-            "max_rollouts_per_path": st.one_of(st.none(), st.integers(0, 30)), "visits": st.just(1)}),
-        "signals": st.fixed_dictionaries({}, optional={
-            "min_visits": st.integers(-1, 6), "min_children": st.integers(1, 3),
-            "min_psucc_range": st.floats(-0.5, 1.5)}),
+        "targeting": st.fixed_dictionaries(
+            {},
+            optional={
+                "first_window": st.integers(-1, 4),
+                "visit_target": st.integers(0, 12),
+                "per_window_gkd": st.integers(-1, 2),
+                "per_window_gap": st.integers(-1, 2),
+                "candidates_per_node": st.integers(-1, 4),
+                "growth": st.floats(0, 3),
+                "max_rollouts_per_path": st.one_of(st.none(), st.integers(0, 30)),
+                "visits": st.just(1),
+            },
+        ),
+        "signals": st.fixed_dictionaries(
+            {},
+            optional={
+                "min_visits": st.integers(-1, 6),
+                "min_children": st.integers(1, 3),
+                "min_psucc_range": st.floats(-0.5, 1.5),
+            },
+        ),
         "typo_key": st.integers(),
     },
-)  # fmt: skip
+)
 json_row = st.fixed_dictionaries(
-    {"question": st.one_of(st.text(max_size=8), st.none(), st.integers()),
-     "answer": st.one_of(st.text(max_size=4), st.integers(), st.none(), st.booleans())},
+    {
+        "question": st.one_of(st.text(max_size=8), st.none(), st.integers()),
+        "answer": st.one_of(st.text(max_size=4), st.integers(), st.none(), st.booleans()),
+    },
     optional={"id": st.one_of(names, st.integers(), st.none())},
-).map(lambda r: json.dumps(r).encode())  # fmt: skip
-line = st.one_of(json_row, json_row, json_row, st.binary(max_size=12), st.text(max_size=8).map(str.encode),
-                 st.just(b'{"question": "q", "answer": "a", "id": "\xff"}'))  # fmt: skip
+).map(lambda r: json.dumps(r).encode())
+line = st.one_of(
+    json_row,
+    json_row,
+    json_row,
+    st.binary(max_size=12),
+    st.text(max_size=8).map(str.encode),
+    st.just(b'{"question": "q", "answer": "a", "id": "\xff"}'),
+)
 jsonl = st.tuples(st.booleans(), st.lists(line, max_size=5)).map(
-    lambda t: (b"\xef\xbb\xbf" if t[0] else b"") + b"\n".join(t[1]) + b"\n")
+    lambda t: (b"\xef\xbb\xbf" if t[0] else b"") + b"\n".join(t[1]) + b"\n"
+)
 
 
 run_configs = st.fixed_dictionaries(
@@ -88,21 +118,28 @@ run_configs = st.fixed_dictionaries(
         "n_correct_paths": st.integers(0, 2),
         "n_incorrect_paths": st.integers(1, 2),
         "teachers": st.lists(names.filter(bool), min_size=1, max_size=2, unique=True).map(
-            lambda ns: [{"name": n} for n in ns]),
-        "targeting": st.fixed_dictionaries({
-            "first_window": st.integers(1, 4), "visit_target": st.integers(1, 8),
-            "per_window_gkd": st.integers(0, 2), "per_window_gap": st.integers(0, 2),
-            "candidates_per_node": st.integers(1, 4),
-            "max_rollouts_per_path": st.one_of(st.none(), st.integers(1, 20))}),
+            lambda ns: [{"name": n} for n in ns]
+        ),
+        "targeting": st.fixed_dictionaries(
+            {
+                "first_window": st.integers(1, 4),
+                "visit_target": st.integers(1, 8),
+                "per_window_gkd": st.integers(0, 2),
+                "per_window_gap": st.integers(0, 2),
+                "candidates_per_node": st.integers(1, 4),
+                "max_rollouts_per_path": st.one_of(st.none(), st.integers(1, 20)),
+            }
+        ),
         "signals": st.fixed_dictionaries({"min_visits": st.integers(1, 4)}),
     },
-)  # fmt: skip
+)
 good_row = st.fixed_dictionaries(
     {"question": st.text(min_size=1, max_size=8).filter(str.strip), "answer": st.text(min_size=1, max_size=4)},
     optional={"id": names},
-).map(lambda r: json.dumps(r).encode())  # fmt: skip
+).map(lambda r: json.dumps(r).encode())
 run_data = st.tuples(st.lists(good_row, min_size=1, max_size=4), st.lists(line, max_size=1)).map(
-    lambda t: b"\n".join(t[0] + t[1]) + b"\n")
+    lambda t: b"\n".join(t[0] + t[1]) + b"\n"
+)
 
 
 def _synthetic_builder(fail_after: int | None):  # type: ignore[no-untyped-def]
@@ -111,15 +148,21 @@ def _synthetic_builder(fail_after: int | None):  # type: ignore[no-untyped-def]
     KeyboardInterrupt after ``fail_after`` calls (a kill at that moment)."""
 
     def build(config: Any, *, progress: bool = True) -> tuple[Diagnosis, list[QuestionEnv]]:
-        questions = get_task(config.task, **config.task_args).load(split=config.split, n=config.n_questions, seed=config.seed)
+        questions = get_task(config.task, **config.task_args).load(
+            split=config.split, n=config.n_questions, seed=config.seed
+        )
         student = SyntheticPolicy.random(seed=config.seed, horizon=6)
         if fail_after is not None:
             kill_sampling_after(student, fail_after)
-        teachers = [Teacher(spec.model_copy(update={"context": "plain"}), student.tilted(2.0 - i, seed=i + 1))
-                    for i, spec in enumerate(config.teachers)]  # fmt: skip
+        teachers = [
+            Teacher(spec.model_copy(update={"context": "plain"}), student.tilted(2.0 - i, seed=i + 1))
+            for i, spec in enumerate(config.teachers)
+        ]
         opts = config.model_copy(update={"max_new_tokens": min(config.max_new_tokens or 6, 6)})
-        envs = [QuestionEnv(id=q.id, prompt_ids=[], grade=student.is_success, question_text=q.prompt, gold=str(q.answer))
-                for q in questions]  # fmt: skip
+        envs = [
+            QuestionEnv(id=q.id, prompt_ids=[], grade=student.is_success, question_text=q.prompt, gold=str(q.answer))
+            for q in questions
+        ]
         return Diagnosis(RunStore(config.out_dir), student, teachers, opts, progress=False), envs
 
     return build
@@ -144,8 +187,12 @@ def _sorted_nodes(root: Path) -> pd.DataFrame:
 
 
 @FUZZ
-@given(raw=st.one_of(run_configs, run_configs, run_configs, config_dicts), data=st.one_of(run_data, run_data, jsonl),
-       on_bad_row=st.sampled_from(["error", "skip"]), fail_after=st.one_of(st.integers(0, 10), st.integers(0, 10), st.none()))
+@given(
+    raw=st.one_of(run_configs, run_configs, run_configs, config_dicts),
+    data=st.one_of(run_data, run_data, jsonl),
+    on_bad_row=st.sampled_from(["error", "skip"]),
+    fail_after=st.one_of(st.integers(0, 10), st.integers(0, 10), st.none()),
+)
 def test_runs_finish_or_fail_cleanly_and_resume_exactly(tmp_path_factory, raw, data, on_bad_row, fail_after) -> None:  # type: ignore[no-untyped-def]
     tmp = tmp_path_factory.mktemp("fuzz")
     (tmp / "data.jsonl").write_bytes(data)

@@ -14,24 +14,22 @@ import torch
 from typer.testing import CliRunner
 
 from opdlens.cli import app
-from opdlens.report.study import compare_runs, difficulty_bins
-from opdlens.diagnose.config import DiagnoseConfig
-from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
-from opdlens.models import load_tokenizer, tiny_random_policy
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
+from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import diagnose
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
-from opdlens.errors import OpdlensError
-from opdlens.policy import sample_counts
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
-from opdlens.synthetic import SyntheticPolicy
 from opdlens.diagnose.targeting import TargetingConfig
-from opdlens.tasks import CORRECT, INCORRECT, Grade, Question, Task, register_task
 from opdlens.diagnose.teachers import Solutions, TeacherSpec, context_messages
+from opdlens.errors import OpdlensError
+from opdlens.models import load_tokenizer, tiny_random_policy
+from opdlens.policy import sample_counts
+from opdlens.report.study import compare_runs, difficulty_bins
+from opdlens.synthetic import SyntheticPolicy
+from opdlens.tasks import CORRECT, INCORRECT, Grade, Question, Task, register_task
 
 INFORMED, PROMPT, OTHER = 1, 2, 3  # first token of a prefix: which oracle answers
 
@@ -58,11 +56,20 @@ class Switch:
     def continuation_logprobs(self, context: Sequence[int], continuation: Sequence[int]) -> torch.Tensor:
         return self._pick(context).continuation_logprobs(context, continuation)
 
-    def sample(self, prefixes: Sequence[Sequence[int]], n: int | Sequence[int], max_new_tokens: int, *, seed: int,
-               temperature: float = 1.0) -> Any:  # fmt: skip
+    def sample(
+        self,
+        prefixes: Sequence[Sequence[int]],
+        n: int | Sequence[int],
+        max_new_tokens: int,
+        *,
+        seed: int,
+        temperature: float = 1.0,
+    ) -> Any:
         self.calls += 1
-        return [self._pick(p).sample([p], k, max_new_tokens, seed=seed + j, temperature=temperature)[0]
-                for j, (p, k) in enumerate(zip(prefixes, sample_counts(n, len(prefixes))))]  # fmt: skip
+        return [
+            self._pick(p).sample([p], k, max_new_tokens, seed=seed + j, temperature=temperature)[0]
+            for j, (p, k) in enumerate(zip(prefixes, sample_counts(n, len(prefixes))))
+        ]
 
 
 def _synthetic_diagnosis(root, student: Switch) -> tuple[Diagnosis, list[QuestionEnv]]:
@@ -71,9 +78,13 @@ def _synthetic_diagnosis(root, student: Switch) -> tuple[Diagnosis, list[Questio
         Teacher(TeacherSpec(name="Self-1C1W", context="1c1w"), student, lambda msgs: [OTHER]),
         Teacher(TeacherSpec(name="external", model="synthetic"), student.base.tilted(1.0, seed=3)),
     ]
-    opts = DiagnoseConfig(rollouts_per_question=40, max_new_tokens=6, seed=5,
-                        targeting=TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=10),
-                        signals=SignalConfig(min_visits=4))  # fmt: skip
+    opts = DiagnoseConfig(
+        rollouts_per_question=40,
+        max_new_tokens=6,
+        seed=5,
+        targeting=TargetingConfig(first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=10),
+        signals=SignalConfig(min_visits=4),
+    )
     envs = [QuestionEnv(id=f"q{i}", prompt_ids=[PROMPT], grade=student.base.is_success) for i in range(3)]
     envs.append(QuestionEnv(id="never", prompt_ids=[PROMPT], grade=lambda t: False))
     return Diagnosis(RunStore(root), student, teachers, opts, progress=False), envs
@@ -87,8 +98,11 @@ def test_incontext_accuracy_matches_exact_rates_and_resumes(tmp_path):
     rows = sample_incontext(diag, envs, n).set_index(["question_id", "context"])
     # the external teacher is not a self-teacher: no in-context row
     assert set(rows.index.get_level_values("context")) == {PLAIN, "Self-1C", "Self-1C1W"}
-    exact = {PLAIN: student.base.success_prob([PROMPT]), "Self-1C": student.informed.success_prob([INFORMED]),
-             "Self-1C1W": student.base.success_prob([OTHER])}  # fmt: skip
+    exact = {
+        PLAIN: student.base.success_prob([PROMPT]),
+        "Self-1C": student.informed.success_prob([INFORMED]),
+        "Self-1C1W": student.base.success_prob([OTHER]),
+    }
     assert exact["Self-1C"] > exact[PLAIN] + 0.2  # the informed context really helps
     for q in ("q0", "q1", "q2"):
         for ctx, p in exact.items():
@@ -125,8 +139,13 @@ def test_incontext_accuracy_matches_exact_rates_and_resumes(tmp_path):
 
 def test_incontext_needs_a_self_teacher(tmp_path):
     pol = SyntheticPolicy.random(seed=0, horizon=4)
-    diag = Diagnosis(RunStore(tmp_path), pol, [Teacher(TeacherSpec(name="ext", model="x"), pol.tilted(1.0))],
-                     DiagnoseConfig(max_new_tokens=48), progress=False)
+    diag = Diagnosis(
+        RunStore(tmp_path),
+        pol,
+        [Teacher(TeacherSpec(name="ext", model="x"), pol.tilted(1.0))],
+        DiagnoseConfig(max_new_tokens=48),
+        progress=False,
+    )
     with pytest.raises(OpdlensError, match="no self-distillation teacher"):
         sample_incontext(diag, [], 4)
 
@@ -157,15 +176,31 @@ def test_compare_incontext_on_a_tiny_hf_model_matches_exact_rates(tmp_path):
     tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)
     load_tokenizer("smollm2").save_pretrained(model_dir)
     cfg = DiagnoseConfig(
-        student=str(model_dir), task="test-first-char", n_questions=2, rollouts_per_question=12,
+        student=str(model_dir),
+        task="test-first-char",
+        n_questions=2,
+        rollouts_per_question=12,
         teachers=[TeacherSpec(name="Self-1C", context="1c")],
         targeting=TargetingConfig(first_window=1, per_window_gkd=1, per_window_gap=1, visit_target=4),
-        signals=SignalConfig(min_visits=2), out_dir=str(tmp_path / "run"),
-    )  # fmt: skip
+        signals=SignalConfig(min_visits=2),
+        out_dir=str(tmp_path / "run"),
+    )
     store = diagnose(cfg, progress=False)
     n = 200
-    res = CliRunner().invoke(app, ["compare", str(store.root), "--out", str(tmp_path / "study"), "--incontext",
-                                   "--incontext-samples", str(n), "--device", "cpu"])  # fmt: skip
+    res = CliRunner().invoke(
+        app,
+        [
+            "compare",
+            str(store.root),
+            "--out",
+            str(tmp_path / "study"),
+            "--incontext",
+            "--incontext-samples",
+            str(n),
+            "--device",
+            "cpu",
+        ],
+    )
     assert res.exit_code == 0, res.output
     rows = read_incontext(store.root).set_index(["question_id", "context"])
 

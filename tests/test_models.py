@@ -7,6 +7,7 @@ import copy
 import pytest
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.models import (
     MODEL_SHAPES,
     HFPolicy,
@@ -16,7 +17,6 @@ from opdlens.models import (
     spec_weight_bytes,
     tiny_random_policy,
 )
-from opdlens.errors import OpdlensError
 from opdlens.policy import Policy, check_same_tokenizer
 
 
@@ -54,10 +54,19 @@ def test_continuation_logprobs_equals_next_token_logprobs(pol: HFPolicy) -> None
 
 
 def test_continuation_logprobs_many_equals_one_call_each(pol: HFPolicy) -> None:
-    pairs = [([1, 520, 9531, 198], [30, 31, 2000, 7]), ([42], [5, 6]), ([8, 9, 10], []), ([3, 4], [11, 12, 13, 14, 15, 16])]
+    pairs = [
+        ([1, 520, 9531, 198], [30, 31, 2000, 7]),
+        ([42], [5, 6]),
+        ([8, 9, 10], []),
+        ([3, 4], [11, 12, 13, 14, 15, 16]),
+    ]
     many = pol.continuation_logprobs_many(pairs)
-    assert [tuple(m.shape) for m in many] == [(4, pol.vocab_size), (2, pol.vocab_size), (0, pol.vocab_size),
-                                              (6, pol.vocab_size)]  # fmt: skip
+    assert [tuple(m.shape) for m in many] == [
+        (4, pol.vocab_size),
+        (2, pol.vocab_size),
+        (0, pol.vocab_size),
+        (6, pol.vocab_size),
+    ]
     for (ctx, cont), m in zip(pairs, many):
         torch.testing.assert_close(m, pol.continuation_logprobs(ctx, cont), atol=1e-4, rtol=0)
     small = copy.copy(pol)
@@ -124,9 +133,16 @@ def test_random_shapes_config() -> None:
     assert (cfg.model_type, cfg.hidden_size, cfg.num_hidden_layers, cfg.num_key_value_heads) == ("qwen3", 1024, 28, 8)
     # a shrunken Qwen3-1.7B shape builds and scores
     small = random_policy(
-        {**MODEL_SHAPES["qwen3-1.7b"], "num_hidden_layers": 1,
-         "hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-         "head_dim": 16, "vocab_size": 100},
+        {
+            **MODEL_SHAPES["qwen3-1.7b"],
+            "num_hidden_layers": 1,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+            "vocab_size": 100,
+        },
         seed=0,
     )
     assert small.vocab_size == 100 and small.eos_token_ids == frozenset({})  # eos 151645 outside vocab
@@ -139,8 +155,15 @@ def test_random_model_spec(monkeypatch: pytest.MonkeyPatch) -> None:
     without building it; a malformed spec names the valid form and shapes."""
     from opdlens import models
 
-    tiny = {**MODEL_SHAPES["qwen3-0.6b"], "num_hidden_layers": 1, "hidden_size": 32, "intermediate_size": 64,
-            "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": 16}
+    tiny = {
+        **MODEL_SHAPES["qwen3-0.6b"],
+        "num_hidden_layers": 1,
+        "hidden_size": 32,
+        "intermediate_size": 64,
+        "num_attention_heads": 2,
+        "num_key_value_heads": 1,
+        "head_dim": 16,
+    }
     monkeypatch.setitem(MODEL_SHAPES, "qwen3-test", tiny)
     monkeypatch.setattr(models.loading, "_POLICY_CACHE", {})
     a = models.load_policy("random:qwen3-test:3")
@@ -255,8 +278,16 @@ def _fake_embedded_model(tmp_path, monkeypatch: pytest.MonkeyPatch):  # type: ig
 
     from opdlens.models import sources
 
-    fields = dict(model_type="llama", vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                  num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)  # fmt: skip
+    fields = dict(
+        model_type="llama",
+        vocab_size=64,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(build_config(fields), dtype=torch.float32)
     source = tmp_path / "gguf"

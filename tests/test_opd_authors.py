@@ -32,8 +32,15 @@ def batch():
 def _sets(p: np.ndarray, q: np.ndarray, k: int) -> dict[str, list[int]]:
     s = [int(i) for i in np.argsort(-p, kind="stable")[:k]]
     t = [int(i) for i in np.argsort(-q, kind="stable")[:k]]
-    return {"S": s, "T": t, "student": s, "teacher": t, "intersection": [v for v in s if v in t],
-            "union": s + [v for v in t if v not in s], "symmetric_difference": [v for v in s if v not in t] + [v for v in t if v not in s]}
+    return {
+        "S": s,
+        "T": t,
+        "student": s,
+        "teacher": t,
+        "intersection": [v for v in s if v in t],
+        "union": s + [v for v in t if v not in s],
+        "symmetric_difference": [v for v in s if v not in t] + [v for v in t if v not in s],
+    }
 
 
 def _weights(ids: list[int], p: np.ndarray, q: np.ndarray, mode: str, normalise: bool) -> dict[int, float]:
@@ -69,8 +76,9 @@ def _reference(z, w, mask, k, topk_set, mode, tau_s=1.0, tau_t=1.0):
 def test_opd_topk_value_and_gradient_match_the_formulas(batch, topk_set, mode):
     z, w, tok, mask = batch
     x = z.clone().requires_grad_(True)
-    out = L.opd_topk(x, w, tok, mask, k=K, topk_set=topk_set, weight=mode, student_temperature=1.3,
-                     teacher_temperature=0.7)
+    out = L.opd_topk(
+        x, w, tok, mask, k=K, topk_set=topk_set, weight=mode, student_temperature=1.3, teacher_temperature=0.7
+    )
     out.loss.backward()
     value, grad = _reference(z, w, mask, K, topk_set, mode, tau_s=1.3, tau_t=0.7)
     assert out.value.item() == pytest.approx(value, rel=1e-4, abs=1e-6)
@@ -165,9 +173,16 @@ def test_authors_metrics_match_direct_loops(batch):
             if only_t:
                 rows["qs_t"].append(sum(q[v] for v in only_t))
     assert min(rows["ov"]) == 0.0 and max(rows["ov"]) == 1.0  # covers an empty and a full intersection
-    for key, name in (("ov", "overlap_ratio"), ("ps", "student_p_sum_intersection"), ("qs", "teacher_p_sum_intersection"),
-                      ("adv_i", "adv_intersection"), ("adv_s", "adv_only_stu"), ("adv_t", "adv_only_tch"),
-                      ("ps_s", "student_p_sum_only_stu"), ("qs_t", "teacher_p_sum_only_tch")):
+    for key, name in (
+        ("ov", "overlap_ratio"),
+        ("ps", "student_p_sum_intersection"),
+        ("qs", "teacher_p_sum_intersection"),
+        ("adv_i", "adv_intersection"),
+        ("adv_s", "adv_only_stu"),
+        ("adv_t", "adv_only_tch"),
+        ("ps_s", "student_p_sum_only_stu"),
+        ("qs_t", "teacher_p_sum_only_tch"),
+    ):
         assert m[name] == pytest.approx(float(np.mean(rows[key])), rel=1e-5, abs=1e-7), name
     # theirs skips empty intersections, ours counts them as 0: they differ on this batch
     assert ours["student_shared_mass"] < m["student_p_sum_intersection"]
@@ -177,7 +192,10 @@ def test_gradient_split_matches_autograd(batch):
     z, w, tok, mask = batch
     m = mechanism_metrics(z, w, k=K, student_temperature=1.3).summary(mask)
     norms = {}
-    for name, sel in (("grad_norm_intersection", lambda e: e.shared), ("grad_norm_non_intersection", lambda e: ~e.shared)):
+    for name, sel in (
+        ("grad_norm_intersection", lambda e: e.shared),
+        ("grad_norm_non_intersection", lambda e: ~e.shared),
+    ):
         x = z.clone().requires_grad_(True)
         L.opd_topk(x, w, tok, mask, k=K, student_temperature=1.3, entry_mask=sel).loss.backward()
         norms[name] = float(x.grad.norm())

@@ -8,9 +8,9 @@ import pickle
 import pytest
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
-from opdlens.errors import OpdlensError
 from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(8)
@@ -25,8 +25,21 @@ def _evil_pickle(path, target) -> None:
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(batch_size=2, micro_batch=2, max_new_tokens=4, steps=2, lr=1e-3, eval_every=0, save_every=1,
-                out_dir=tmp_path, progress=False, tensorboard=False, k=4, metrics_k=4, device="cpu")
+    base = dict(
+        batch_size=2,
+        micro_batch=2,
+        max_new_tokens=4,
+        steps=2,
+        lr=1e-3,
+        eval_every=0,
+        save_every=1,
+        out_dir=tmp_path,
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 

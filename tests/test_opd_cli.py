@@ -9,10 +9,10 @@ import pytest
 import yaml
 
 from opdlens.diagnose.config import DiagnoseConfig
+from opdlens.diagnose.teachers import TeacherSpec
+from opdlens.errors import OpdlensError
 from opdlens.opd import cli as opd_cli
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
-from opdlens.errors import OpdlensError
-from opdlens.diagnose.teachers import TeacherSpec
 from tests.helpers import arith_questions, one_thread, tiny
 
 
@@ -23,9 +23,17 @@ def _single_thread():
 
 
 def _diag() -> DiagnoseConfig:
-    return DiagnoseConfig(student="smollm2", task="arith", max_new_tokens=32, seed=3, teachers=[
-        TeacherSpec(name="Self-1C", context="1c"), TeacherSpec(name="Ext", model="/models/big", context="plain"),
-        TeacherSpec(name="Self-Sum-1C", context="sum-1c")])
+    return DiagnoseConfig(
+        student="smollm2",
+        task="arith",
+        max_new_tokens=32,
+        seed=3,
+        teachers=[
+            TeacherSpec(name="Self-1C", context="1c"),
+            TeacherSpec(name="Ext", model="/models/big", context="plain"),
+            TeacherSpec(name="Self-Sum-1C", context="sum-1c"),
+        ],
+    )
 
 
 def test_train_config_from_diagnose():
@@ -65,23 +73,51 @@ class _AlwaysRight:
 def test_self_distillation_context_shows_a_student_solution(tmp_path):
     student = tiny(0, init_std=0.2)
     _, qs = arith_questions(3)
-    cfg = TrainConfig(teacher_context="1c", steps=1, batch_size=2, micro_batch=2, max_new_tokens=4, lr=1e-3,
-                      eval_every=0, save_every=0, out_dir=tmp_path, progress=False, tensorboard=False, k=4,
-                      metrics_k=4, context_rollouts=2)
-    res = train(cfg, student=student, teacher=tiny(0, init_std=0.2), task=_AlwaysRight(), train_questions=qs,
-                eval_questions=[])
+    cfg = TrainConfig(
+        teacher_context="1c",
+        steps=1,
+        batch_size=2,
+        micro_batch=2,
+        max_new_tokens=4,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        out_dir=tmp_path,
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        context_rollouts=2,
+    )
+    res = train(
+        cfg, student=student, teacher=tiny(0, init_std=0.2), task=_AlwaysRight(), train_questions=qs, eval_questions=[]
+    )
     sols = json.loads((tmp_path / "solutions.json").read_text())
     assert set(sols) == {q.id for q in qs} and all(s["correct"] for s in sols.values())
-    tr = OPDTrainer(cfg, student, tiny(0, init_std=0.2), _AlwaysRight(), qs, [],
-                    solutions={k: __import__("opdlens.diagnose.teachers", fromlist=["Solutions"]).Solutions(**v)
-                               for k, v in sols.items()})
+    tr = OPDTrainer(
+        cfg,
+        student,
+        tiny(0, init_std=0.2),
+        _AlwaysRight(),
+        qs,
+        [],
+        solutions={
+            k: __import__("opdlens.diagnose.teachers", fromlist=["Solutions"]).Solutions(**v) for k, v in sols.items()
+        },
+    )
     msg = tr.teacher_messages(qs[0])[0]["content"]
     assert qs[0].prompt in msg and sols[qs[0].id]["correct"] in msg and "correct solution" in msg
     assert res.last_step == 1 and res.history[-1]["rkl"] > 0  # same weights, different context
     # with a real checker, a random model has no correct solution: a clear error
     with pytest.raises(OpdlensError, match="no training question has the needed solution"):
-        train(cfg.model_copy(update={"out_dir": tmp_path / "b"}), student=student, teacher=tiny(1), task=arith_questions(1)[0],
-              train_questions=qs, eval_questions=[])
+        train(
+            cfg.model_copy(update={"out_dir": tmp_path / "b"}),
+            student=student,
+            teacher=tiny(1),
+            task=arith_questions(1)[0],
+            train_questions=qs,
+            eval_questions=[],
+        )
 
 
 def test_train_cmd_end_to_end_from_yaml(tmp_path):
@@ -90,10 +126,25 @@ def test_train_cmd_end_to_end_from_yaml(tmp_path):
     model_dir = tmp_path / "tiny"
     pol.model.save_pretrained(model_dir)
     pol.tokenizer.save_pretrained(model_dir)
-    cfg = dict(student=str(model_dir), teacher=str(model_dir), teacher_template="answer_hint", steps=2,
-               batch_size=2, micro_batch=2, max_new_tokens=4, lr=1e-3, eval_every=2, eval_questions=2,
-               save_every=2, out_dir=str(tmp_path / "run"), device="cpu", k=4, metrics_k=4, progress=False,
-               train_questions=8)
+    cfg = dict(
+        student=str(model_dir),
+        teacher=str(model_dir),
+        teacher_template="answer_hint",
+        steps=2,
+        batch_size=2,
+        micro_batch=2,
+        max_new_tokens=4,
+        lr=1e-3,
+        eval_every=2,
+        eval_questions=2,
+        save_every=2,
+        out_dir=str(tmp_path / "run"),
+        device="cpu",
+        k=4,
+        metrics_k=4,
+        progress=False,
+        train_questions=8,
+    )
     f = tmp_path / "train.yaml"
     f.write_text(yaml.safe_dump(cfg))
     from typer.testing import CliRunner
@@ -142,12 +193,26 @@ def test_opd_demo_and_module_entry_point(tmp_path, capsys):
     model_dir = tmp_path / "tiny"
     pol.model.save_pretrained(model_dir)
     pol.tokenizer.save_pretrained(model_dir)
-    common = ["--model", str(model_dir), "--batch-size", "2", "--max-new-tokens", "4", "--eval-questions", "2",
-              "--eval-every", "1", "--threads", "1"]
+    common = [
+        "--model",
+        str(model_dir),
+        "--batch-size",
+        "2",
+        "--max-new-tokens",
+        "4",
+        "--eval-questions",
+        "2",
+        "--eval-every",
+        "1",
+        "--threads",
+        "1",
+    ]
     s = demo.main(common + ["--steps", "2", "--out-dir", str(tmp_path / "demo")])
     assert s["steps"] == 2
     assert math.isfinite(s["eval_rkl_start"]) and s["eval_rkl_start"] > 0  # a context-bearing teacher differs
-    assert s["eval_rkl_change_pct"] == pytest.approx(100 * (s["eval_rkl_end"] - s["eval_rkl_start"]) / s["eval_rkl_start"])
+    assert s["eval_rkl_change_pct"] == pytest.approx(
+        100 * (s["eval_rkl_end"] - s["eval_rkl_start"]) / s["eval_rkl_start"]
+    )
     assert (tmp_path / "demo" / "rkl_curve.png").stat().st_size > 0
     assert json.loads((tmp_path / "demo" / "summary.json").read_text()) == s
     c = demo.main(common + ["--steps", "1", "--compare-templates", "--out-dir", str(tmp_path / "cmp")])
@@ -161,10 +226,26 @@ def test_opd_demo_and_module_entry_point(tmp_path, capsys):
         module_main([])  # no config: a usage error
     assert exit_.value.code == 2
     f = tmp_path / "train.yaml"
-    f.write_text(yaml.safe_dump(dict(student=str(model_dir), teacher=str(model_dir), steps=1, batch_size=2,
-                                     micro_batch=2, max_new_tokens=4, eval_every=0, save_every=0, device="cpu",
-                                     k=4, metrics_k=4, progress=False, train_questions=4,
-                                     out_dir=str(tmp_path / "mod"))))
+    f.write_text(
+        yaml.safe_dump(
+            dict(
+                student=str(model_dir),
+                teacher=str(model_dir),
+                steps=1,
+                batch_size=2,
+                micro_batch=2,
+                max_new_tokens=4,
+                eval_every=0,
+                save_every=0,
+                device="cpu",
+                k=4,
+                metrics_k=4,
+                progress=False,
+                train_questions=4,
+                out_dir=str(tmp_path / "mod"),
+            )
+        )
+    )
     assert module_main([str(f)]).last_step == 1
     rows = [json.loads(x) for x in (tmp_path / "mod" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows if "rkl" in r][-1] == 1

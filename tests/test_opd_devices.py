@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.opd.scoring import process_devices
 from opdlens.opd.trainer import TrainConfig, train
-from opdlens.errors import OpdlensError
 from tests.helpers import arith_questions, one_thread, tiny
 
 
@@ -73,9 +73,24 @@ def test_gpu_teacher_device_without_cuda_is_refused(monkeypatch):
 def _train(tmp_path, name: str, student_device: str, teacher_device: str | None):
     task, qs = arith_questions(8)
     _, eval_qs = arith_questions(4, "test")
-    cfg = TrainConfig(loss="opd", steps=3, lr=1e-3, batch_size=8, micro_batch=4, eval_every=3, eval_questions=4,
-                      max_new_tokens=6, save_every=0, out_dir=tmp_path / name, progress=False, tensorboard=False,
-                      k=4, metrics_k=4, device=student_device, teacher_device=teacher_device)
+    cfg = TrainConfig(
+        loss="opd",
+        steps=3,
+        lr=1e-3,
+        batch_size=8,
+        micro_batch=4,
+        eval_every=3,
+        eval_questions=4,
+        max_new_tokens=6,
+        save_every=0,
+        out_dir=tmp_path / name,
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        device=student_device,
+        teacher_device=teacher_device,
+    )
     student = tiny(0, init_std=0.2, device=student_device)
     teacher = tiny(1, init_std=0.2, device=teacher_device or student_device)
     res = train(cfg, student=student, teacher=teacher, task=task, train_questions=qs, eval_questions=eval_qs)
@@ -110,11 +125,26 @@ def test_load_models_puts_each_model_on_its_device(monkeypatch):
     from opdlens.models import MODEL_SHAPES
     from opdlens.opd.trainer import load_models
 
-    monkeypatch.setitem(MODEL_SHAPES, "qwen3-devtest", {**MODEL_SHAPES["qwen3-0.6b"], "num_hidden_layers": 2, "hidden_size": 64,
-                                                          "intermediate_size": 128, "num_attention_heads": 4,
-                                                          "num_key_value_heads": 2, "head_dim": 16})
-    cfg = TrainConfig(student="random:qwen3-devtest:1", teacher="random:qwen3-devtest:2", device="cuda:0",
-                      teacher_device="cuda:1", dtype="bfloat16")
+    monkeypatch.setitem(
+        MODEL_SHAPES,
+        "qwen3-devtest",
+        {
+            **MODEL_SHAPES["qwen3-0.6b"],
+            "num_hidden_layers": 2,
+            "hidden_size": 64,
+            "intermediate_size": 128,
+            "num_attention_heads": 4,
+            "num_key_value_heads": 2,
+            "head_dim": 16,
+        },
+    )
+    cfg = TrainConfig(
+        student="random:qwen3-devtest:1",
+        teacher="random:qwen3-devtest:2",
+        device="cuda:0",
+        teacher_device="cuda:1",
+        dtype="bfloat16",
+    )
     student, teacher = load_models(cfg)
     assert {p.device for p in student.model.parameters()} == {torch.device("cuda:0")}
     assert {p.device for p in teacher.model.parameters()} == {torch.device("cuda:1")}

@@ -9,8 +9,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from opdlens.opd import losses as L
 from opdlens.errors import OpdlensError
+from opdlens.opd import losses as L
 
 B, T, V = 3, 5, 11
 
@@ -45,9 +45,16 @@ def test_full_rkl_matches_loop_and_kl_div(batch):
                 p, q = _softmax(z[b, t]), _softmax(w[b, t])
                 vals.append(_loop_kl(p, q))
                 # independent implementation: F.kl_div(input=log q, target=log p) = KL(p || q)
-                ref_kl_div.append(float(F.kl_div(torch.log_softmax(w[b, t].double(), -1),
-                                                 torch.log_softmax(z[b, t].double(), -1),
-                                                 reduction="sum", log_target=True)))
+                ref_kl_div.append(
+                    float(
+                        F.kl_div(
+                            torch.log_softmax(w[b, t].double(), -1),
+                            torch.log_softmax(z[b, t].double(), -1),
+                            reduction="sum",
+                            log_target=True,
+                        )
+                    )
+                )
                 assert out.per_token[b, t].item() == pytest.approx(vals[-1], rel=1e-5, abs=1e-6)
             else:
                 assert out.per_token[b, t].item() == 0.0
@@ -242,15 +249,31 @@ def test_denominator_makes_micro_batches_add_up(batch):
         full = L.opd_loss(name, z, w, tok, mask, k=4, reduction="token_mean").loss
         n = mask.sum().item()
         parts = sum(
-            L.opd_loss(name, z[i : i + 1], w[i : i + 1], tok[i : i + 1], mask[i : i + 1], k=4,
-                       reduction="token_mean", denominator=n).loss
+            L.opd_loss(
+                name,
+                z[i : i + 1],
+                w[i : i + 1],
+                tok[i : i + 1],
+                mask[i : i + 1],
+                k=4,
+                reduction="token_mean",
+                denominator=n,
+            ).loss
             for i in range(B)
         )
         assert parts.item() == pytest.approx(full.item(), rel=1e-5)
         full_s = L.opd_loss(name, z, w, tok, mask, k=4, reduction="seq_sum").loss
         parts_s = sum(
-            L.opd_loss(name, z[i : i + 1], w[i : i + 1], tok[i : i + 1], mask[i : i + 1], k=4,
-                       reduction="seq_sum", denominator=B).loss
+            L.opd_loss(
+                name,
+                z[i : i + 1],
+                w[i : i + 1],
+                tok[i : i + 1],
+                mask[i : i + 1],
+                k=4,
+                reduction="seq_sum",
+                denominator=B,
+            ).loss
             for i in range(B)
         )
         assert parts_s.item() == pytest.approx(full_s.item(), rel=1e-5)

@@ -19,8 +19,21 @@ def _single_thread():
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(batch_size=4, micro_batch=2, max_new_tokens=6, steps=1, lr=1e-3, eval_every=0, save_every=0,
-                out_dir=tmp_path, progress=False, tensorboard=False, k=4, metrics_k=4, device="cpu")
+    base = dict(
+        batch_size=4,
+        micro_batch=2,
+        max_new_tokens=6,
+        steps=1,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        out_dir=tmp_path,
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -35,13 +48,31 @@ def test_grpo_advantages_closed_form():
 
 def test_step_logs_authors_metrics_and_chunked_curves(tmp_path):
     # the same weights, the teacher shown the answer: partial overlaps
-    tr = OPDTrainer(_cfg(tmp_path, metrics_chunk=2, topk_set="intersection", teacher_template="answer_hint"),
-                    tiny(0), tiny(0), TASK, QS, [])
+    tr = OPDTrainer(
+        _cfg(tmp_path, metrics_chunk=2, topk_set="intersection", teacher_template="answer_hint"),
+        tiny(0),
+        tiny(0),
+        TASK,
+        QS,
+        [],
+    )
     row = tr.train_step()
-    for key in ("overlap_ratio", "student_p_sum_intersection", "adv_intersection", "adv_only_stu", "adv_only_tch",
-                "student_p_sum_only_stu", "teacher_p_sum_only_tch", "grad_norm_intersection",
-                "grad_norm_non_intersection", "adv_abs_share_intersection", "student_entropy", "teacher_entropy",
-                "overlap_ratio_chunk_0_2", "adv_intersection_chunk_2_4"):
+    for key in (
+        "overlap_ratio",
+        "student_p_sum_intersection",
+        "adv_intersection",
+        "adv_only_stu",
+        "adv_only_tch",
+        "student_p_sum_only_stu",
+        "teacher_p_sum_only_tch",
+        "grad_norm_intersection",
+        "grad_norm_non_intersection",
+        "adv_abs_share_intersection",
+        "student_entropy",
+        "teacher_entropy",
+        "overlap_ratio_chunk_0_2",
+        "adv_intersection_chunk_2_4",
+    ):
         assert key in row, key
     assert 0 < row["overlap_ratio"] < 1 and row["grad_norm"] > 0
     # the overlap-only loss trains only shared entries: all of its advantage is on them
@@ -63,8 +94,14 @@ class _Half:
 
 def _grads(tmp_path, outcome_weight: float) -> torch.Tensor:
     s = tiny(0)
-    tr = OPDTrainer(_cfg(tmp_path, samples_per_prompt=2, outcome_weight=outcome_weight, max_grad_norm=None),
-                    s, tiny(1), _Half(), QS, [])
+    tr = OPDTrainer(
+        _cfg(tmp_path, samples_per_prompt=2, outcome_weight=outcome_weight, max_grad_norm=None),
+        s,
+        tiny(1),
+        _Half(),
+        QS,
+        [],
+    )
     tr.optimizer.step = lambda *a, **k: None
     tr.optimizer.zero_grad = lambda *a, **k: None
     tr.train_step()

@@ -8,8 +8,8 @@ import numpy as np
 import pytest
 import torch
 
-from opdlens.opd.metrics import token_metrics
 from opdlens.errors import OpdlensError
+from opdlens.opd.metrics import token_metrics
 
 
 def _direct(p: np.ndarray, q: np.ndarray, k: int) -> dict[str, float]:
@@ -21,10 +21,15 @@ def _direct(p: np.ndarray, q: np.ndarray, k: int) -> dict[str, float]:
     adv = sum(p[v] * (math.log(q[v]) - math.log(p[v])) for v in inter) / P if inter else float("nan")
     hp = -sum(x * math.log(x) for x in p)
     hq = -sum(x * math.log(x) for x in q)
-    return dict(overlap_ratio=len(inter) / k, student_shared_mass=P, teacher_shared_mass=Q,
-                overlap_advantage=adv, entropy_gap=hq - hp,
-                rkl=sum(p[i] * math.log(p[i] / q[i]) for i in range(len(p))),
-                top1_agree=float(np.argmax(p) == np.argmax(q)))
+    return dict(
+        overlap_ratio=len(inter) / k,
+        student_shared_mass=P,
+        teacher_shared_mass=Q,
+        overlap_advantage=adv,
+        entropy_gap=hq - hp,
+        rkl=sum(p[i] * math.log(p[i] / q[i]) for i in range(len(p))),
+        top1_agree=float(np.argmax(p) == np.argmax(q)),
+    )
 
 
 def test_metrics_match_direct_loops():
@@ -49,7 +54,8 @@ def test_metrics_match_direct_loops():
                 else:
                     assert got == pytest.approx(val, rel=1e-4, abs=1e-5), (key, b, t)
             assert m.sampled_log_ratio[b, t].item() == pytest.approx(
-                math.log(p[tok[b, t]]) - math.log(q[tok[b, t]]), rel=1e-4, abs=1e-5)
+                math.log(p[tok[b, t]]) - math.log(q[tok[b, t]]), rel=1e-4, abs=1e-5
+            )
     assert 0.0 < min(ratios) < 1.0 and max(ratios) == 1.0  # the test covers partial and full overlap
 
 

@@ -31,10 +31,29 @@ def _config(tmp_path: Path, out: str, device: str = "cpu") -> Path:
             pol = tiny(seed, init_std=0.2)
             pol.model.save_pretrained(d)
             pol.tokenizer.save_pretrained(d)
-    cfg = dict(student=str(student), teacher=str(teacher), task="arith", train_questions=8, eval_questions=0,
-               loss="opd", k=4, metrics_k=4, batch_size=4, micro_batch=1, rollout_chunk=1, max_new_tokens=4,
-               lr=1e-2, steps=STEPS, save_every=2, eval_every=0, device=device, progress=False, tensorboard=False,
-               out_dir=str(tmp_path / out), metrics_chunk=0)
+    cfg = dict(
+        student=str(student),
+        teacher=str(teacher),
+        task="arith",
+        train_questions=8,
+        eval_questions=0,
+        loss="opd",
+        k=4,
+        metrics_k=4,
+        batch_size=4,
+        micro_batch=1,
+        rollout_chunk=1,
+        max_new_tokens=4,
+        lr=1e-2,
+        steps=STEPS,
+        save_every=2,
+        eval_every=0,
+        device=device,
+        progress=False,
+        tensorboard=False,
+        out_dir=str(tmp_path / out),
+        metrics_chunk=0,
+    )
     f = tmp_path / f"{out}.yaml"
     f.write_text(yaml.safe_dump(cfg))
     return f
@@ -49,8 +68,20 @@ def _free_port() -> int:
 def _launch(cfg: Path, log: Path) -> subprocess.Popen:
     path = os.pathsep.join(p for p in (str(SRC), os.environ.get("PYTHONPATH", "")) if p)
     env = dict(os.environ, PYTHONPATH=path, OMP_NUM_THREADS="1", TOKENIZERS_PARALLELISM="false")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), "-m", "opdlens.opd", str(cfg)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        "2",
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(_free_port()),
+        "-m",
+        "opdlens.opd",
+        str(cfg),
+    ]
     return subprocess.Popen(cmd, env=env, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True)
 
 

@@ -19,12 +19,28 @@ def _single_thread():
 
 
 def _run(tmp_path, dtype: str, student=None):
-    cfg = TrainConfig(loss="full", steps=6, lr=1e-3, batch_size=8, micro_batch=8, eval_every=6, eval_questions=6,
-                      max_new_tokens=5, save_every=0, out_dir=tmp_path / dtype, progress=False, tensorboard=False,
-                      k=4, metrics_k=4, device="cpu", dtype=dtype)
+    cfg = TrainConfig(
+        loss="full",
+        steps=6,
+        lr=1e-3,
+        batch_size=8,
+        micro_batch=8,
+        eval_every=6,
+        eval_questions=6,
+        max_new_tokens=5,
+        save_every=0,
+        out_dir=tmp_path / dtype,
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        device="cpu",
+        dtype=dtype,
+    )
     student = student if student is not None else tiny(0, init_std=0.2)
-    res = train(cfg, student=student, teacher=tiny(1, init_std=0.2), task=TASK, train_questions=QS,
-                eval_questions=EVAL_QS)
+    res = train(
+        cfg, student=student, teacher=tiny(1, init_std=0.2), task=TASK, train_questions=QS, eval_questions=EVAL_QS
+    )
     return res.history[0]["eval_rkl"], res.history[-1]["eval_rkl"], student
 
 

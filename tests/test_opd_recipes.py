@@ -5,8 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdlens.opd.recipes import cold_start_sft, is_degenerate, select_template
 from opdlens.errors import OpdlensError
+from opdlens.opd.recipes import cold_start_sft, is_degenerate, select_template
 from opdlens.policy import Completion
 from tests.helpers import arith_questions, one_thread, tiny
 
@@ -84,7 +84,9 @@ def test_select_template_ranks_by_overlap():
 # ---------------------------------------------------------------------------- prompt selection + stages
 from opdlens.opd.recipes import dedup_prompts, normalise_prompt  # noqa: E402
 
-BASE = "A farmer has 17 sheep and buys 5 more at the market on a sunny Tuesday morning. How many sheep does he have now?"
+BASE = (
+    "A farmer has 17 sheep and buys 5 more at the market on a sunny Tuesday morning. How many sheep does he have now?"
+)
 
 
 def test_dedup_exact_then_near_then_distinct():
@@ -128,27 +130,52 @@ def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
     ref = tmp_path / "ref.jsonl"
     ref.write_text(__import__("json").dumps({"prompt": qs[0].prompt}) + "\n")
     cfg = TrainConfig(
-        batch_size=2, micro_batch=2, max_new_tokens=4, steps=2, lr=1e-3, eval_every=0, save_every=1,
-        out_dir=tmp_path / "run", progress=False, tensorboard=False, k=4, metrics_k=4, device="cpu",
+        batch_size=2,
+        micro_batch=2,
+        max_new_tokens=4,
+        steps=2,
+        lr=1e-3,
+        eval_every=0,
+        save_every=1,
+        out_dir=tmp_path / "run",
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        device="cpu",
         prompt_selection={"against": str(ref)},
-        template_selection={"candidates": {"plain": "{prompt}", "noisy": "zebra quartz " * 4 + "{prompt}"},
-                            "apply_to": "teacher", "questions": 2, "n_rollouts": 1, "max_new_tokens": 4},
+        template_selection={
+            "candidates": {"plain": "{prompt}", "noisy": "zebra quartz " * 4 + "{prompt}"},
+            "apply_to": "teacher",
+            "questions": 2,
+            "n_rollouts": 1,
+            "max_new_tokens": 4,
+        },
         cold_start={"temperature": 0.7, "max_new_tokens": 4, "lr": 1e-3, "batch_size": 2, "questions": 2},
     )
     with one_thread():
         student = tiny(0, init_std=0.3)
-        teacher = _Scripted(tiny(0, init_std=0.3), [Completion([11, 12, 13, min(student.eos_token_ids)], [0.0] * 4, True)])
+        teacher = _Scripted(
+            tiny(0, init_std=0.3), [Completion([11, 12, 13, min(student.eos_token_ids)], [0.0] * 4, True)]
+        )
         teacher.model = teacher.base.model
-        res = train(cfg, student=student, teacher=teacher, task=task, train_questions=qs, eval_questions=[],
-                    stop_after=1)
+        res = train(
+            cfg, student=student, teacher=teacher, task=task, train_questions=qs, eval_questions=[], stop_after=1
+        )
     stages = __import__("json").loads((tmp_path / "run" / "stages.json").read_text())
     assert stages["log"]["prompt_exact_duplicates"] == 1 and stages["log"]["prompts_kept"] == 5
     assert stages["log"]["template_selected"] == "plain" and stages["templates"] == {"teacher_template": "{prompt}"}
     assert stages["log"]["cold_start_n_kept"] == 2
     assert qs[0].id not in stages["kept_question_ids"]
     with one_thread():
-        res2 = train(cfg, student=tiny(0, init_std=0.3), teacher=tiny(0, init_std=0.3), task=task, train_questions=qs,
-                     eval_questions=[])
+        res2 = train(
+            cfg,
+            student=tiny(0, init_std=0.3),
+            teacher=tiny(0, init_std=0.3),
+            task=task,
+            train_questions=qs,
+            eval_questions=[],
+        )
     assert res.last_step == 1 and res2.resumed_from == 1 and res2.last_step == 2
 
 
@@ -159,8 +186,10 @@ def test_thinking_switch_reaches_the_chat_template():
 
     pol = copy.copy(tiny(0))
     pol.tokenizer = copy.deepcopy(pol.tokenizer)
-    pol.tokenizer.chat_template = ("{% for m in messages %}{{ m.content }}{% endfor %}"
-                                   "{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}")
+    pol.tokenizer.chat_template = (
+        "{% for m in messages %}{{ m.content }}{% endfor %}"
+        "{% if enable_thinking is defined and not enable_thinking %} /no_think{% endif %}"
+    )
     plain, off, on = encode_user(pol, "hi"), encode_user(pol, "hi", False), encode_user(pol, "hi", True)
     assert plain == on and off != plain
     assert pol.decode(off).endswith(" /no_think")

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.opd.batching import completion_logits
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, list_checkpoints, read_metrics, train
-from opdlens.errors import OpdlensError
 from tests.helpers import arith_questions, one_thread, tiny
 
 
@@ -38,8 +38,21 @@ def ToyTask():  # noqa: N802 - the arith task stands in for any task
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(batch_size=4, micro_batch=2, max_new_tokens=6, steps=3, lr=3e-3, eval_every=0, save_every=0,
-                out_dir=tmp_path, progress=False, tensorboard=False, k=4, metrics_k=4, device="cpu")
+    base = dict(
+        batch_size=4,
+        micro_batch=2,
+        max_new_tokens=6,
+        steps=3,
+        lr=3e-3,
+        eval_every=0,
+        save_every=0,
+        out_dir=tmp_path,
+        progress=False,
+        tensorboard=False,
+        k=4,
+        metrics_k=4,
+        device="cpu",
+    )
     base.update(kw)
     return TrainConfig(**base)
 
@@ -79,18 +92,41 @@ def test_few_steps_lower_reverse_kl(tmp_path):
     """8 full-vocabulary OPD steps at lr 1e-2 lower the held-out reverse KL (1.29 -> 0.57 measured)."""
     loss = "full"
     student, teacher = tiny(0, init_std=0.2), tiny(1, init_std=0.2)
-    cfg = _cfg(tmp_path / loss, loss=loss, steps=8, lr=1e-2, batch_size=8, micro_batch=8, eval_every=8,
-               eval_questions=6, max_new_tokens=5)
-    res = train(cfg, student=student, teacher=teacher, task=ToyTask(), train_questions=toy_questions(16),
-                eval_questions=toy_questions(6, "e"))
+    cfg = _cfg(
+        tmp_path / loss,
+        loss=loss,
+        steps=8,
+        lr=1e-2,
+        batch_size=8,
+        micro_batch=8,
+        eval_every=8,
+        eval_questions=6,
+        max_new_tokens=5,
+    )
+    res = train(
+        cfg,
+        student=student,
+        teacher=teacher,
+        task=ToyTask(),
+        train_questions=toy_questions(16),
+        eval_questions=toy_questions(6, "e"),
+    )
     start, end = res.history[0]["eval_rkl"], res.history[-1]["eval_rkl"]
     assert res.history[0]["step"] == 0 and res.last_step == 8
     assert start > 0.5 and end < 0.7 * start, (start, end)
     train_rkl = [r["rkl"] for r in res.history[1:]]
     assert train_rkl[-1] < train_rkl[0] and all(r["grad_norm"] > 0 for r in res.history[1:])
     rows = read_metrics(tmp_path / loss)
-    needed = {"loss", "rkl", "overlap_ratio", "overlap_advantage", "entropy_gap", "student_shared_mass",
-              "teacher_shared_mass", "train_reward"}
+    needed = {
+        "loss",
+        "rkl",
+        "overlap_ratio",
+        "overlap_advantage",
+        "entropy_gap",
+        "student_shared_mass",
+        "teacher_shared_mass",
+        "train_reward",
+    }
     assert needed <= set(rows[1]) and len(rows) == 9
     assert {"eval_reward", "eval_rkl"} <= set(rows[-1])
 
@@ -99,16 +135,35 @@ def test_resume_reproduces_uninterrupted_run(tmp_path, pair):
     _, teacher = pair
     qs = toy_questions(10)
     kw = dict(steps=4, save_every=2, eval_every=2, eval_questions=2, tensorboard=True, loss="opd")
-    full = train(_cfg(tmp_path / "a", **kw), student=tiny(0), teacher=teacher, task=ToyTask(),
-                 train_questions=qs, eval_questions=toy_questions(2, "e"))
+    full = train(
+        _cfg(tmp_path / "a", **kw),
+        student=tiny(0),
+        teacher=teacher,
+        task=ToyTask(),
+        train_questions=qs,
+        eval_questions=toy_questions(2, "e"),
+    )
     # interrupted after 3 steps: the step-3 update is lost, the step-2 checkpoint survives
     s_b = tiny(0)
-    part = train(_cfg(tmp_path / "b", **kw), student=s_b, teacher=teacher, task=ToyTask(), train_questions=qs,
-                 eval_questions=toy_questions(2, "e"), stop_after=3)
+    part = train(
+        _cfg(tmp_path / "b", **kw),
+        student=s_b,
+        teacher=teacher,
+        task=ToyTask(),
+        train_questions=qs,
+        eval_questions=toy_questions(2, "e"),
+        stop_after=3,
+    )
     assert part.last_step == 3 and [c for c, _ in list_checkpoints(tmp_path / "b")] == [2]
     s_c = tiny(5)  # fresh process: different init, everything comes from the checkpoint
-    rest = train(_cfg(tmp_path / "b", **kw), student=s_c, teacher=teacher, task=ToyTask(), train_questions=qs,
-                 eval_questions=toy_questions(2, "e"))
+    rest = train(
+        _cfg(tmp_path / "b", **kw),
+        student=s_c,
+        teacher=teacher,
+        task=ToyTask(),
+        train_questions=qs,
+        eval_questions=toy_questions(2, "e"),
+    )
     assert rest.resumed_from == 2 and rest.last_step == 4
     fa = dict(tiny(0).model.named_parameters())  # sanity: training moved the weights
     params_c = dict(s_c.model.named_parameters())
@@ -152,8 +207,10 @@ def test_same_object_teacher_is_frozen_copy(tmp_path):
 
 def test_config_yaml_roundtrip_and_errors(tmp_path):
     p = tmp_path / "c.yaml"
-    p.write_text("student: smollm2\nloss: full\nlr: 1.0e-5\nbatch_size: 8\nsamples_per_prompt: 2\n"
-                 "teacher_template: answer_hint\n")
+    p.write_text(
+        "student: smollm2\nloss: full\nlr: 1.0e-5\nbatch_size: 8\nsamples_per_prompt: 2\n"
+        "teacher_template: answer_hint\n"
+    )
     cfg = TrainConfig.from_yaml(p)
     assert cfg.loss == "full" and cfg.lr == 1e-5 and cfg.batch_size == 8 and cfg.k == 16
     assert TrainConfig().lr == 1e-6 and TrainConfig().batch_size == 64

@@ -9,16 +9,15 @@ import pytest
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.store import RunStore
-from opdlens.synthetic import SyntheticPolicy
 from opdlens.diagnose.targeting import TargetingConfig, TargetPlan, depth_windows
 from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.diagnose.tree import RolloutSet, path_stats
+from opdlens.errors import OpdlensError
+from opdlens.report.run import load_results
+from opdlens.synthetic import SyntheticPolicy
 from tests.helpers import kill_sampling_after
 
 
@@ -98,7 +97,7 @@ def test_targeted_rollouts_of_all_questions_share_engine_calls(tmp_path):
 
     diag.student.sample = sample  # type: ignore[method-assign]
     questions = diag.run(envs)
-    targeted = calls[len(envs):]  # after one initial call per question
+    targeted = calls[len(envs) :]  # after one initial call per question
     n_paths = int(diag.store.read_all("paths").groupby("question_id").size().max())
     turns = n_paths + -(-len(envs) // LANES) - 1  # a lane admits one question per turn
     assert 0 < len(targeted) <= turns * LANES * BUDGET_TIERS
@@ -150,8 +149,9 @@ def test_pipeline_bad_input(tmp_path):
         Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), other)], cfg)
     with pytest.raises(OpdlensError, match="no teacher"):
         Diagnosis(RunStore(tmp_path), student, [], cfg)
-    diag = Diagnosis(RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), student)], cfg,
-                     progress=False)
+    diag = Diagnosis(
+        RunStore(tmp_path), student, [Teacher(TeacherSpec(name="t", model="x"), student)], cfg, progress=False
+    )
     with pytest.raises(OpdlensError, match="no questions"):
         diag.run([])
 

@@ -10,11 +10,11 @@ import pandas as pd
 import pytest
 
 from opdlens.diagnose.config import PAPER_PRESET, DiagnoseConfig
-from opdlens.models import SMOLLM2, load_tokenizer, tiny_random_policy
 from opdlens.diagnose.run import build_diagnosis, diagnose, write_config
-from opdlens.report.run import load_results
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.store import RunStore
+from opdlens.errors import OpdlensError
+from opdlens.models import SMOLLM2, load_tokenizer, tiny_random_policy
+from opdlens.report.run import load_results
 from opdlens.tasks import Grade, Question, Task, register_task, strip_thinking
 
 #: A Qwen3-like chat template with the enable_thinking switch (test-only).
@@ -64,9 +64,17 @@ def qwen3_dirs(tmp_path_factory):
 
 def _config(dirs, out, **kw) -> DiagnoseConfig:
     base = dict(
-        student=dirs["student"], task="test-parity", n_questions=2, rollouts_per_question=16,
-        max_new_tokens=6, thinking=False, summarizer=dirs["teacher"], summarizer_thinking=False,
-        summary_max_new_tokens=8, solution_model=dirs["teacher"], solution_thinking=False,
+        student=dirs["student"],
+        task="test-parity",
+        n_questions=2,
+        rollouts_per_question=16,
+        max_new_tokens=6,
+        thinking=False,
+        summarizer=dirs["teacher"],
+        summarizer_thinking=False,
+        summary_max_new_tokens=8,
+        solution_model=dirs["teacher"],
+        solution_thinking=False,
         teachers=[
             {"name": "Self-1C", "context": "1c"},
             {"name": "Self-Sum-1C", "context": "sum-1c"},
@@ -74,10 +82,16 @@ def _config(dirs, out, **kw) -> DiagnoseConfig:
             {"name": "Self-1C(ext)", "context": "1c-ext"},
             {"name": "Ext", "model": dirs["teacher"], "thinking": True},
         ],
-        targeting={"first_window": 2, "per_window_gkd": 1, "per_window_gap": 1, "visit_target": 6,
-                   "max_rollouts_per_path": 12},
-        signals={"min_visits": 2}, out_dir=str(out),
-    )  # fmt: skip
+        targeting={
+            "first_window": 2,
+            "per_window_gkd": 1,
+            "per_window_gap": 1,
+            "visit_target": 6,
+            "max_rollouts_per_path": 12,
+        },
+        signals={"min_visits": 2},
+        out_dir=str(out),
+    )
     base.update(kw)
     return DiagnoseConfig.model_validate(base)
 
@@ -114,7 +128,9 @@ def test_paper_preset_fills_only_unset_keys():
     # the alignment estimator: ours is the posterior mean, the paper's the plug-in (also under other signal keys)
     assert ours.signals.alignment_estimator == "posterior_mean" and cfg.signals.alignment_estimator == "plugin"
     assert mine.signals.alignment_estimator == "plugin"
-    assert ours.choices()["alignment estimator"] == "posterior_mean" and cfg.choices()["alignment estimator"] == "plugin"
+    assert (
+        ours.choices()["alignment estimator"] == "posterior_mean" and cfg.choices()["alignment estimator"] == "plugin"
+    )
 
 
 @pytest.mark.parametrize("protocol", ["opdlens", "paper"])
@@ -167,8 +183,15 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
 def test_fallback_is_opt_in_and_recorded(qwen3_dirs, tmp_path):
     # no correct rollout can ever be shown: n_correct_paths takes every correct one
     teachers = [{"name": "Self-1C", "context": "1c"}]
-    common = dict(teachers=teachers, n_correct_paths=16, n_incorrect_paths=0, rollouts_per_question=8,
-                  summarizer=None, solution_model=None, targeting={"visit_target": 1})
+    common = dict(
+        teachers=teachers,
+        n_correct_paths=16,
+        n_incorrect_paths=0,
+        rollouts_per_question=8,
+        summarizer=None,
+        solution_model=None,
+        targeting={"visit_target": 1},
+    )
     strict = _config(qwen3_dirs, tmp_path / "strict", **common)
     diag, envs = build_diagnosis(strict, progress=False)
     with pytest.raises(OpdlensError, match="no per-node results|all .* skipped"):
@@ -186,8 +209,12 @@ def test_fallback_is_opt_in_and_recorded(qwen3_dirs, tmp_path):
 
 
 def test_schedules_give_identical_results(qwen3_dirs, tmp_path):
-    small = dict(n_questions=1, teachers=[{"name": "Self-1C", "context": "1c"}, {"name": "Ext", "model": qwen3_dirs["teacher"]}],
-                 summarizer=None, solution_model=None)  # fmt: skip
+    small = dict(
+        n_questions=1,
+        teachers=[{"name": "Self-1C", "context": "1c"}, {"name": "Ext", "model": qwen3_dirs["teacher"]}],
+        summarizer=None,
+        solution_model=None,
+    )
     seq = _config(qwen3_dirs, tmp_path / "seq", **small)
     res = _config(qwen3_dirs, tmp_path / "res", schedule="resident", **small)
     diagnose(seq, progress=False)
@@ -219,21 +246,61 @@ def test_report_mentions_forced_pm1_only_under_renormalisation(tmp_path):
     for teacher in ("A",):  # noqa: B007
         for pid, correct in ((0, True), (1, False)):
             for u, (a, k) in enumerate(((1.0, 2), (-0.3, 3), (0.4, 2))):
-                rows.append({"question_id": "q", "path_id": pid, "path_correct": correct, "teacher": teacher, "node": u,
-                             "depth_norm": u / 3, "token_id": u, "token_text": f"t{u}", "valid": True, "n_children": k,
-                             "visits": 30, "p_student": 0.5, "p_teacher": 0.4, "psucc_token": 0.5, "teacher_adv": 0.1,
-                             "align_gkd": a, "align_single": a, "align_minillm": a, "align_drgrpo": a, "norm_ideal": 1.0,
-                             "norm_gkd": 1.0, "kl": 0.1, "js": 0.1, "l2": 0.1, "cos_prob": 0.9})  # fmt: skip
+                rows.append(
+                    {
+                        "question_id": "q",
+                        "path_id": pid,
+                        "path_correct": correct,
+                        "teacher": teacher,
+                        "node": u,
+                        "depth_norm": u / 3,
+                        "token_id": u,
+                        "token_text": f"t{u}",
+                        "valid": True,
+                        "n_children": k,
+                        "visits": 30,
+                        "p_student": 0.5,
+                        "p_teacher": 0.4,
+                        "psucc_token": 0.5,
+                        "teacher_adv": 0.1,
+                        "align_gkd": a,
+                        "align_single": a,
+                        "align_minillm": a,
+                        "align_drgrpo": a,
+                        "norm_ideal": 1.0,
+                        "norm_gkd": 1.0,
+                        "kl": 0.1,
+                        "js": 0.1,
+                        "l2": 0.1,
+                        "cos_prob": 0.9,
+                    }
+                )
     nodes = pd.DataFrame(rows)
     questions = pd.DataFrame({"question_id": ["q"], "n_rollouts": [8], "success_rate": [0.5], "n_targeted": [0]})
-    paths = pd.DataFrame({"question_id": ["q", "q"], "path_id": [0, 1], "correct": [True, False], "length": [3, 3],
-                          "text": ["a", "b"]})
-    ren = write_report(tmp_path / "ren", nodes, questions, paths,
-                       choices={"restriction to S_u": "renormalize", "alignment estimator": "posterior_mean"})
-    plug = write_report(tmp_path / "plug", nodes, questions, paths,
-                        choices={"restriction to S_u": "renormalize", "alignment estimator": "plugin"})
-    lit = write_report(tmp_path / "lit", nodes, questions, paths,
-                       choices={"restriction to S_u": "literal", "alignment estimator": "posterior_mean"})
+    paths = pd.DataFrame(
+        {"question_id": ["q", "q"], "path_id": [0, 1], "correct": [True, False], "length": [3, 3], "text": ["a", "b"]}
+    )
+    ren = write_report(
+        tmp_path / "ren",
+        nodes,
+        questions,
+        paths,
+        choices={"restriction to S_u": "renormalize", "alignment estimator": "posterior_mean"},
+    )
+    plug = write_report(
+        tmp_path / "plug",
+        nodes,
+        questions,
+        paths,
+        choices={"restriction to S_u": "renormalize", "alignment estimator": "plugin"},
+    )
+    lit = write_report(
+        tmp_path / "lit",
+        nodes,
+        questions,
+        paths,
+        choices={"restriction to S_u": "literal", "alignment estimator": "posterior_mean"},
+    )
     md_ren, md_plug, md_lit = ((r.parent / "summary.md").read_text() for r in (ren, plug, lit))
     assert "by construction" in md_ren and "by construction" in md_plug and "by construction" not in md_lit
     # the note says what the run's estimator reports for a two-child node, and the choices list the estimator
@@ -251,7 +318,7 @@ def test_runs_written_before_a_key_existed_keep_the_value_they_ran_with(tmp_path
     (posterior mean, every node) is refused instead of mixing two estimators in one run."""
     import yaml
 
-    from opdlens.config import stored_result_keys, describe_mismatch, result_keys
+    from opdlens.config import describe_mismatch, result_keys, stored_result_keys
     from opdlens.diagnose.config import DiagnoseConfig, demo_config, read_run_config
 
     cfg = demo_config(str(tmp_path / "run")).model_dump(mode="json")
@@ -263,4 +330,6 @@ def test_runs_written_before_a_key_existed_keep_the_value_they_ran_with(tmp_path
     assert now.signals.alignment_estimator == "posterior_mean" and now.targeting.scope == "nodes"
     stored = stored_result_keys(tmp_path, DiagnoseConfig)
     assert stored is not None and stored["signals"]["alignment_estimator"] == "plugin"
-    assert "signals.alignment_estimator: 'plugin' -> 'posterior_mean'" in (describe_mismatch(stored, result_keys(now)) or "")
+    assert "signals.alignment_estimator: 'plugin' -> 'posterior_mean'" in (
+        describe_mismatch(stored, result_keys(now)) or ""
+    )

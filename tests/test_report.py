@@ -58,27 +58,50 @@ def data() -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:
             for u, tok in enumerate(toks):
                 a = _align(teacher, q, p, u)
                 valid = not math.isnan(a)
-                rows.append({
-                    "question_id": q, "path_id": p, "path_correct": CORRECT[(q, p)],
-                    "teacher": teacher, "node": u, "depth_norm": u / n, "token_id": 1000 + u,
-                    "token_text": tok, "valid": valid, "n_children": 3 if valid else 1,
-                    "visits": 20 + u, "p_student": 0.25, "p_teacher": 0.5,
-                    "psucc_token": 0.75 if valid else NAN, "teacher_adv": 0.125,
-                    "align_gkd": a, "align_single": a, "align_minillm": a,
-                    "align_drgrpo": 1.0 if valid else NAN, "norm_ideal": 1.0 + u,
-                    "norm_gkd": 0.5, "kl": 0.1 * u + (0.3 if teacher == "ext-4B" else 0.0),
-                    "js": 0.05 * ((u * 7) % 5), "l2": 0.2 * ((u * 3) % 4), "cos_prob": 1.0 - 0.1 * u,
-                })  # fmt: skip
+                rows.append(
+                    {
+                        "question_id": q,
+                        "path_id": p,
+                        "path_correct": CORRECT[(q, p)],
+                        "teacher": teacher,
+                        "node": u,
+                        "depth_norm": u / n,
+                        "token_id": 1000 + u,
+                        "token_text": tok,
+                        "valid": valid,
+                        "n_children": 3 if valid else 1,
+                        "visits": 20 + u,
+                        "p_student": 0.25,
+                        "p_teacher": 0.5,
+                        "psucc_token": 0.75 if valid else NAN,
+                        "teacher_adv": 0.125,
+                        "align_gkd": a,
+                        "align_single": a,
+                        "align_minillm": a,
+                        "align_drgrpo": 1.0 if valid else NAN,
+                        "norm_ideal": 1.0 + u,
+                        "norm_gkd": 0.5,
+                        "kl": 0.1 * u + (0.3 if teacher == "ext-4B" else 0.0),
+                        "js": 0.05 * ((u * 7) % 5),
+                        "l2": 0.2 * ((u * 3) % 4),
+                        "cos_prob": 1.0 - 0.1 * u,
+                    }
+                )
     nodes = pd.DataFrame(rows)
-    questions = pd.DataFrame({
-        "question_id": ["q1", "q2"], "n_rollouts": [64, 64], "success_rate": [0.625, 0.25],
-        "n_targeted": [300, 120],
-    })  # fmt: skip
-    paths = pd.DataFrame([
-        {"question_id": q, "path_id": p, "correct": CORRECT[(q, p)], "length": len(t),
-         "text": "".join(t)}
-        for (q, p), t in TOKENS.items()
-    ])  # fmt: skip
+    questions = pd.DataFrame(
+        {
+            "question_id": ["q1", "q2"],
+            "n_rollouts": [64, 64],
+            "success_rate": [0.625, 0.25],
+            "n_targeted": [300, 120],
+        }
+    )
+    paths = pd.DataFrame(
+        [
+            {"question_id": q, "path_id": p, "correct": CORRECT[(q, p)], "length": len(t), "text": "".join(t)}
+            for (q, p), t in TOKENS.items()
+        ]
+    )
     return nodes, questions, paths
 
 
@@ -111,9 +134,7 @@ def test_alignment_color_endpoints_and_interpolation() -> None:
     assert alignment_color(NAN) == GREY and alignment_color(None) == GREY
     assert alignment_color(5.0) == "#1a9850" and alignment_color(-3.0) == "#d73027"
     # halfway between white (255) and green (26, 152, 80): 140.5 -> 140 (banker's), 203.5, 167.5
-    assert alignment_color(0.5) == "#" + "".join(
-        f"{round(255 + (e - 255) * 0.5):02x}" for e in (26, 152, 80)
-    )
+    assert alignment_color(0.5) == "#" + "".join(f"{round(255 + (e - 255) * 0.5):02x}" for e in (26, 152, 80))
 
 
 def test_display_token_escapes_and_shows_whitespace() -> None:
@@ -153,8 +174,9 @@ def test_csvs_match_analysis(report: Path, data) -> None:  # type: ignore[no-unt
         for col in expected.columns:
             e = expected[col].to_numpy()
             if np.issubdtype(np.asarray(e).dtype, np.number):
-                np.testing.assert_allclose(got[col].to_numpy(dtype=float), e.astype(float),
-                                           rtol=1e-12, equal_nan=True, err_msg=f"{name}:{col}")  # fmt: skip
+                np.testing.assert_allclose(
+                    got[col].to_numpy(dtype=float), e.astype(float), rtol=1e-12, equal_nan=True, err_msg=f"{name}:{col}"
+                )
             else:
                 assert [str(x) for x in got[col]] == [str(x) for x in e], f"{name}:{col}"
     q = pd.read_csv(report / "questions.csv").set_index("question_id")
@@ -168,9 +190,7 @@ def _md_table(md: str, title: str) -> list[dict[str, str]]:
     sec = md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
     lines = [ln for ln in sec.splitlines() if ln.startswith("|")]
     headers = [h.strip() for h in lines[0].strip("|").split("|")]
-    return [
-        dict(zip(headers, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]
-    ]
+    return [dict(zip(headers, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
 
 
 def test_summary_md_numbers(report: Path, data) -> None:  # type: ignore[no-untyped-def]
@@ -253,8 +273,7 @@ class _TokenParser(HTMLParser):
                 key = (self.teacher, self.question, self.path)
                 style = a.get("style") or ""
                 self.tokens.setdefault(key, []).append(  # type: ignore[arg-type]
-                    {"cls": cls, "color": style.split("background:")[1], "text": "",
-                     "tip": a.get("data-tip") or ""}  # fmt: skip
+                    {"cls": cls, "color": style.split("background:")[1], "text": "", "tip": a.get("data-tip") or ""}
                 )
                 self.depth = 1
 
@@ -286,8 +305,9 @@ def test_html_tokens_in_order_with_colours(report: Path, data) -> None:  # type:
         for (q, path), toks in TOKENS.items():
             spans = p.tokens[(teacher, q, path)]
             assert [s["text"] for s in spans] == [_shown(t) for t in toks]
-            sub = nodes[(nodes.teacher == teacher) & (nodes.question_id == q)
-                        & (nodes.path_id == path)].sort_values("node")  # fmt: skip
+            sub = nodes[(nodes.teacher == teacher) & (nodes.question_id == q) & (nodes.path_id == path)].sort_values(
+                "node"
+            )
             for s, a in zip(spans, sub.align_gkd):
                 assert s["color"] == alignment_color(a)
                 assert ("inv" in s["cls"].split()) == math.isnan(a)
@@ -371,13 +391,33 @@ def test_report_errors(tmp_path: Path, data) -> None:  # type: ignore[no-untyped
 
 def _node(teacher: str, q: str, p: int, u: int, a: float, n_children: int, w: float, **kw: object) -> dict:
     return {
-        "question_id": q, "path_id": p, "path_correct": p == 0, "teacher": teacher, "node": u,
-        "depth_norm": u / 2, "token_id": 7 + u, "token_text": f"t{u}", "valid": True,
-        "n_children": n_children, "visits": 30, "p_student": 0.25, "p_teacher": 0.5,
-        "psucc_token": 0.5, "teacher_adv": 0.1, "align_gkd": a, "align_single": a,
-        "align_minillm": a, "align_drgrpo": a, "norm_ideal": w, "norm_gkd": 0.5, "kl": 0.1 * (u + 1),
-        "js": 0.01 * (p + 1), "l2": 0.2 + 0.1 * u, "cos_prob": 0.9 - 0.1 * p, **kw,
-    }  # fmt: skip
+        "question_id": q,
+        "path_id": p,
+        "path_correct": p == 0,
+        "teacher": teacher,
+        "node": u,
+        "depth_norm": u / 2,
+        "token_id": 7 + u,
+        "token_text": f"t{u}",
+        "valid": True,
+        "n_children": n_children,
+        "visits": 30,
+        "p_student": 0.25,
+        "p_teacher": 0.5,
+        "psucc_token": 0.5,
+        "teacher_adv": 0.1,
+        "align_gkd": a,
+        "align_single": a,
+        "align_minillm": a,
+        "align_drgrpo": a,
+        "norm_ideal": w,
+        "norm_gkd": 0.5,
+        "kl": 0.1 * (u + 1),
+        "js": 0.01 * (p + 1),
+        "l2": 0.2 + 0.1 * u,
+        "cos_prob": 0.9 - 0.1 * p,
+        **kw,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -394,17 +434,27 @@ def misreadable(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, pd.Data
         rows.append(_node("U", q, p, 0, a, 2, 1.0))
         rows.append(_node("U", q, p, 1, NAN, 1, 1.0, valid=False))
     nodes = pd.DataFrame(rows)
-    children = [{"token": 7, "text": "t0", "p_student": 0.25, "p_teacher": 0.5, "psucc": 0.75, "visits": 30},
-                {"token": 9, "text": "<alt>", "p_student": 0.125, "p_teacher": 0.0625, "psucc": 0.25, "visits": 21}]
+    children = [
+        {"token": 7, "text": "t0", "p_student": 0.25, "p_teacher": 0.5, "psucc": 0.75, "visits": 30},
+        {"token": 9, "text": "<alt>", "p_student": 0.125, "p_teacher": 0.0625, "psucc": 0.25, "visits": 21},
+    ]
     nodes["children"] = __import__("json").dumps(children)
-    questions = pd.DataFrame({"question_id": ["q1", "q2"], "n_rollouts": [8, 8], "success_rate": [0.5, 0.25],
-                              "n_targeted": [4, 4]})  # fmt: skip
-    paths = pd.DataFrame([{"question_id": q, "path_id": p, "correct": p == 0, "length": 2, "text": "t0t1"}
-                          for q, p in keys])  # fmt: skip
-    skips = pd.DataFrame({"question_id": ["q3", "q1"], "teacher": ["", "U"],
-                          "reason": ["prompt too long", "no correct rollout to show the teacher"]})  # fmt: skip
-    inputs = pd.DataFrame({"question_id": ["q1", "q2"], "question_text": ["What is <b>2+2</b>?", "Is 7 prime?"],
-                           "gold": ["4", "True"]})  # fmt: skip
+    questions = pd.DataFrame(
+        {"question_id": ["q1", "q2"], "n_rollouts": [8, 8], "success_rate": [0.5, 0.25], "n_targeted": [4, 4]}
+    )
+    paths = pd.DataFrame(
+        [{"question_id": q, "path_id": p, "correct": p == 0, "length": 2, "text": "t0t1"} for q, p in keys]
+    )
+    skips = pd.DataFrame(
+        {
+            "question_id": ["q3", "q1"],
+            "teacher": ["", "U"],
+            "reason": ["prompt too long", "no correct rollout to show the teacher"],
+        }
+    )
+    inputs = pd.DataFrame(
+        {"question_id": ["q1", "q2"], "question_text": ["What is <b>2+2</b>?", "Is 7 prime?"], "gold": ["4", "True"]}
+    )
     out = tmp_path_factory.mktemp("misreadable")
     write_report(out, nodes, questions, paths, skips=skips, inputs=inputs, notes=["PARTIAL RUN: test"], n_boot=2000)
     return out, nodes
@@ -439,7 +489,9 @@ def test_skips_question_text_gold_and_children_are_shown(misreadable) -> None:  
     md = (out / "summary.md").read_text(encoding="utf-8")
     skipped = _md_table(md, "Skipped")
     assert [(r["question"], r["teacher"], r["reason"]) for r in skipped] == [
-        ("q3", "(all)", "prompt too long"), ("q1", "U", "no correct rollout to show the teacher")]
+        ("q3", "(all)", "prompt too long"),
+        ("q1", "U", "no correct rollout to show the teacher"),
+    ]
     assert "2 skip(s) (1 whole question(s))" in md
     page = (out / "index.html").read_text(encoding="utf-8")
     assert "<pre class='qtext'>What is &lt;b&gt;2+2&lt;/b&gt;?</pre><b>gold answer:</b> <code>4</code>" in page
@@ -462,8 +514,9 @@ def test_children_column_matches_the_path_statistics() -> None:
     from opdlens.diagnose.tree import RolloutSet, path_stats
 
     rng = np.random.default_rng(0)
-    rollouts = RolloutSet.from_lists([rng.integers(0, 5, size=rng.integers(1, 6)) for _ in range(400)],
-                                     rng.random(400) < 0.5)  # fmt: skip
+    rollouts = RolloutSet.from_lists(
+        [rng.integers(0, 5, size=rng.integers(1, 6)) for _ in range(400)], rng.random(400) < 0.5
+    )
     path = [1, 2, 3, 4]
     st = path_stats(path, rollouts)
     lps = torch.log_softmax(torch.randn(4, 5, dtype=torch.float64), -1)

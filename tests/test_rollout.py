@@ -9,8 +9,8 @@ import pytest
 import torch
 from scipy import stats
 
-from opdlens.models import HFPolicy, tiny_random_policy
 from opdlens.errors import OpdlensError
+from opdlens.models import HFPolicy, tiny_random_policy
 from opdlens.policy import Completion
 from opdlens.rollout import Engine, TorchEngine, fused_supported
 
@@ -61,11 +61,17 @@ def test_models_the_fused_backend_cannot_run(llama: HFPolicy) -> None:
     (still exact), and asking for ``fused`` is an error that says what to use instead."""
     import copy
 
-    cases = [("model_type", "mistral", "model_type 'mistral' not in", True),
-             ("use_sliding_window", True, "sliding-window attention", True),  # Llama's own forward ignores it
-             ("layer_types", ["sliding_attention"] * llama.model.config.num_hidden_layers, "non-full attention layers",
-              False),
-             ("rope", "dynamic", "rope type 'dynamic'", False)]
+    cases = [
+        ("model_type", "mistral", "model_type 'mistral' not in", True),
+        ("use_sliding_window", True, "sliding-window attention", True),  # Llama's own forward ignores it
+        (
+            "layer_types",
+            ["sliding_attention"] * llama.model.config.num_hidden_layers,
+            "non-full attention layers",
+            False,
+        ),
+        ("rope", "dynamic", "rope type 'dynamic'", False),
+    ]
     for key, value, reason, runs in cases:
         model = copy.deepcopy(llama.model)
         if key == "rope":
@@ -181,7 +187,9 @@ def test_prefill_equals_hf_forward(model_type: str) -> None:
         cache = ref.past_key_values
         for layer in range(eng.n_layers):
             torch.testing.assert_close(k_all[layer, r, :, : len(p)], cache.layers[layer].keys[0], atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(v_all[layer, r, :, : len(p)], cache.layers[layer].values[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(
+                v_all[layer, r, :, : len(p)], cache.layers[layer].values[0], atol=1e-5, rtol=1e-5
+            )
 
 
 def test_model_built_under_inference_mode() -> None:

@@ -10,12 +10,9 @@ import torch
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
-from opdlens.report.run import load_results
 from opdlens.diagnose.schedule import Teacher
-from opdlens.diagnose.state import Runtime
 from opdlens.diagnose.signals import SignalConfig, ideal_gradient
 from opdlens.diagnose.store import RunStore
-from opdlens.synthetic import EOS, SyntheticPolicy
 from opdlens.diagnose.targeting import (
     Target,
     TargetingConfig,
@@ -27,14 +24,20 @@ from opdlens.diagnose.targeting import (
 from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.diagnose.tree import RolloutSet, path_stats
 from opdlens.diagnose.uncertainty import variance_reduction
+from opdlens.report.run import load_results
+from opdlens.synthetic import EOS, SyntheticPolicy
 from tests.helpers import kill_sampling_after
 
 
 def test_greedy_allocation_takes_the_best_gain_per_rollout_first():
     grid = [10, 20, 40]
-    gains = np.array([[1.0, 0.0, 0.3],  # gain of 10 / 20 / 40 more visits, per cell
-                      [1.5, 0.0, 0.5],
-                      [1.8, 0.0, 0.6]])
+    gains = np.array(
+        [
+            [1.0, 0.0, 0.3],  # gain of 10 / 20 / 40 more visits, per cell
+            [1.5, 0.0, 0.5],
+            [1.8, 0.0, 0.6],
+        ]
+    )
     # rates per rollout: cell 0: .1, .05, .015; cell 2: .03, .02, .005; cell 1 never gains
     np.testing.assert_array_equal(greedy_allocation(gains, grid, 10), [10, 0, 0])
     np.testing.assert_array_equal(greedy_allocation(gains, grid, 25), [20, 0, 5])
@@ -134,8 +137,17 @@ def test_fixed_plan_is_one_round_of_the_fixed_rule():
 def test_adaptive_plan_floors_then_spends_at_most_the_budget_where_it_is_uncertain(scope):
     pol, teachers, rs, path = _tree()
     sig = SignalConfig(min_visits=10)
-    cfg = TargetingConfig(mode="adaptive", first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=60,
-                          rounds=3, stop_halfwidth=0.0, n_draws=64, scope=scope)
+    cfg = TargetingConfig(
+        mode="adaptive",
+        first_window=2,
+        per_window_gkd=1,
+        per_window_gap=1,
+        visit_target=60,
+        rounds=3,
+        stop_halfwidth=0.0,
+        n_draws=64,
+        scope=scope,
+    )
     plan, rounds, stats = _run_plan(pol, teachers, rs, path, cfg, sig)
     assert 2 <= len(rounds) <= 1 + cfg.rounds
     assert all(stats.visits_of(u, k) >= sig.min_visits for u, k in plan.pairs)  # floor: every pair in S_u
@@ -163,8 +175,16 @@ def test_adaptive_plan_floors_then_spends_at_most_the_budget_where_it_is_uncerta
 
 def test_adaptive_plan_stops_when_every_interval_is_tight_enough():
     pol, teachers, rs, path = _tree()
-    cfg = TargetingConfig(mode="adaptive", first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=60,
-                          rounds=3, stop_halfwidth=1.5, n_draws=64)
+    cfg = TargetingConfig(
+        mode="adaptive",
+        first_window=2,
+        per_window_gkd=1,
+        per_window_gap=1,
+        visit_target=60,
+        rounds=3,
+        stop_halfwidth=1.5,
+        n_draws=64,
+    )
     plan, rounds, _ = _run_plan(pol, teachers, rs, path, cfg, SignalConfig(min_visits=10))
     assert len(rounds) == 1 and plan.spent < plan.budget  # the floor, then nothing is uncertain enough
 
@@ -173,13 +193,28 @@ def _diagnosis(root, mode: str, fail_after: int | None = None):
     student = SyntheticPolicy.random(seed=0, horizon=10)
     if fail_after is not None:
         kill_sampling_after(student, fail_after)
-    teachers = [Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
-                Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2))]
-    opts = DiagnoseConfig(rollouts_per_question=100, max_new_tokens=10, chunk_rollouts=50, n_correct_paths=1,
-                        n_incorrect_paths=1, signals=SignalConfig(min_visits=10),
-                        targeting=TargetingConfig(mode=mode, first_window=2, per_window_gkd=1, per_window_gap=1,
-                                                  visit_target=40, rounds=2, n_draws=32,
-                                                  max_rollouts_per_path=150))
+    teachers = [
+        Teacher(TeacherSpec(name="helpful", model="synthetic"), student.tilted(4.0, seed=1)),
+        Teacher(TeacherSpec(name="harmful", model="synthetic"), student.tilted(-4.0, seed=2)),
+    ]
+    opts = DiagnoseConfig(
+        rollouts_per_question=100,
+        max_new_tokens=10,
+        chunk_rollouts=50,
+        n_correct_paths=1,
+        n_incorrect_paths=1,
+        signals=SignalConfig(min_visits=10),
+        targeting=TargetingConfig(
+            mode=mode,
+            first_window=2,
+            per_window_gkd=1,
+            per_window_gap=1,
+            visit_target=40,
+            rounds=2,
+            n_draws=32,
+            max_rollouts_per_path=150,
+        ),
+    )
     env = QuestionEnv(id="q0", prompt_ids=[], grade=student.is_success)
     return Diagnosis(RunStore(root), student, teachers, opts, progress=False), [env]
 
@@ -209,8 +244,12 @@ def test_pipeline_adaptive_mode_keeps_the_budget_and_resumes(tmp_path):
 
 def test_variance_reduction_does_not_depend_on_the_memory_block_size():
     pol, teachers, rs, path = _tree()
-    cfg = TargetingConfig(mode="adaptive", first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=60, n_draws=64)
-    plan, _, stats = _run_plan(pol, teachers, rs, path, cfg.model_copy(update={"rounds": 1}), SignalConfig(min_visits=10))
+    cfg = TargetingConfig(
+        mode="adaptive", first_window=2, per_window_gkd=1, per_window_gap=1, visit_target=60, n_draws=64
+    )
+    plan, _, stats = _run_plan(
+        pol, teachers, rs, path, cfg.model_copy(update={"rounds": 1}), SignalConfig(min_visits=10)
+    )
     st = plan.node_state(stats)
     cells = torch.nonzero(st.mask)
     whole = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, [5, 40], n_draws=64)

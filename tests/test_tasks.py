@@ -185,7 +185,16 @@ def test_normalize_gold(value: Any, kind: str, expected: str) -> None:
 
 @pytest.mark.parametrize(
     ("value", "kind"),
-    [(None, "int"), ("abc", "int"), (3.5, "int"), (True, "int"), ("maybe", "bool"), ("E", "letter"), (7, "letter"), ("", "text")],
+    [
+        (None, "int"),
+        ("abc", "int"),
+        (3.5, "int"),
+        (True, "int"),
+        ("maybe", "bool"),
+        ("E", "letter"),
+        (7, "letter"),
+        ("", "text"),
+    ],
 )
 def test_normalize_gold_rejects(value: Any, kind: str) -> None:
     with pytest.raises(ValueError):
@@ -207,7 +216,7 @@ def test_arith_answers_equal_expression_value() -> None:
                 assert int(q.answer) >= 1
                 assert len(q.meta["operands"]) == LEVELS[level].n_operands
                 assert set(q.meta["ops"]) <= set(LEVELS[level].ops)
-                assert 'Answer: <number>' in q.prompt
+                assert "Answer: <number>" in q.prompt
                 if style == "expr":
                     assert expr in q.prompt
 
@@ -378,10 +387,16 @@ def test_jsonl_bad_rows_error_and_skip(tmp_path: Path) -> None:
 
 
 def test_jsonl_unparseable_int_and_duplicates(tmp_path: Path) -> None:
-    p = _write_jsonl(tmp_path / "ints.jsonl", [{"id": 1, "question": "a", "answer": "4"}, {"id": 2, "question": "b", "answer": "four"}])
+    p = _write_jsonl(
+        tmp_path / "ints.jsonl",
+        [{"id": 1, "question": "a", "answer": "4"}, {"id": 2, "question": "b", "answer": "four"}],
+    )
     with pytest.raises(OpdlensError, match=r"ints.jsonl: row 2: field 'answer': expected an integer"):
         get_task("jsonl", path=p, answer_type="int").load()
-    p2 = _write_jsonl(tmp_path / "dup.jsonl", [{"id": "x", "question": "a", "answer": "1"}, {"id": "x", "question": "b", "answer": "2"}])
+    p2 = _write_jsonl(
+        tmp_path / "dup.jsonl",
+        [{"id": "x", "question": "a", "answer": "1"}, {"id": "x", "question": "b", "answer": "2"}],
+    )
     with pytest.raises(OpdlensError, match="row 2: field 'id': duplicate id 'x'"):
         get_task("jsonl", path=p2, answer_type="int").load()
 
@@ -420,7 +435,14 @@ def test_parquet_letters_with_choices(tmp_path: Path) -> None:
         }
     )
     pq.write_table(table, p)
-    kw = dict(path=p, question_field="stem", answer_field="gold", id_field="uid", answer_type="letter", choices_field="options")
+    kw = dict(
+        path=p,
+        question_field="stem",
+        answer_field="gold",
+        id_field="uid",
+        answer_type="letter",
+        choices_field="options",
+    )
     # row 2 has 5 options, so 'e' is a valid answer; row 3 has a null answer
     with pytest.raises(OpdlensError, match=r"mc.parquet: row 3: field 'gold': answer is missing"):
         get_task("parquet", **kw).load()
@@ -533,9 +555,9 @@ def test_hub_task_from_local_export(tmp_path: Path) -> None:
 def test_calibrate_grades_what_the_engine_samples() -> None:
     """calibrate uses the diagnose run's prompts, engine and grader: its per-question rates are
     those of an independent sample call with the same seed, graded by the task itself."""
+    from opdlens.diagnose.calibrate import measure_level
     from opdlens.models import SMOLLM2, tiny_random_policy
     from opdlens.tasks import ArithTask
-    from opdlens.diagnose.calibrate import measure_level
 
     pol = tiny_random_policy(seed=0, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)
     task = ArithTask(difficulty=1)
@@ -544,8 +566,10 @@ def test_calibrate_grades_what_the_engine_samples() -> None:
     prompts = [pol.encode_chat([{"role": "user", "content": q.prompt}]) for q in qs]
     comps = pol.sample(prompts, 4, 5, seed=7, temperature=1.0)
     eos = pol.eos_token_ids
-    expect = [sum(task.check(pol.decode([t for t in c.tokens if t not in eos]), q) for c in cs) / 4
-              for q, cs in zip(qs, comps)]
+    expect = [
+        sum(task.check(pol.decode([t for t in c.tokens if t not in eos]), q) for c in cs) / 4
+        for q, cs in zip(qs, comps)
+    ]
     assert res.per_question == expect
     assert res.rate == pytest.approx(sum(expect) / 3)
     assert res.level == 1 and 0.0 <= res.no_answer_rate <= 1.0
@@ -556,14 +580,28 @@ def test_calibrate_grades_what_the_engine_samples() -> None:
 def test_calibrate_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     """``python -m opdlens.diagnose.calibrate`` on a saved model: one result per level with the
     level's difficulty, its lines printed; an unknown level is a usage error."""
-    from opdlens.models import SMOLLM2, tiny_random_policy
     from opdlens.diagnose.calibrate import main
+    from opdlens.models import SMOLLM2, tiny_random_policy
 
     pol = tiny_random_policy(seed=0, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)
     pol.model.save_pretrained(tmp_path / "m")
     pol.tokenizer.save_pretrained(tmp_path / "m")
-    res = main(["--model", str(tmp_path / "m"), "--levels", "1,3", "--questions", "2", "--samples", "3",
-                "--max-new-tokens", "4", "--show", "1"])
+    res = main(
+        [
+            "--model",
+            str(tmp_path / "m"),
+            "--levels",
+            "1,3",
+            "--questions",
+            "2",
+            "--samples",
+            "3",
+            "--max-new-tokens",
+            "4",
+            "--show",
+            "1",
+        ]
+    )
     assert [r.level for r in res] == [1, 3]
     assert all(len(r.per_question) == 2 and 0.0 <= r.rate <= 1.0 and r.seconds > 0 for r in res)
     out = capsys.readouterr().out
@@ -576,8 +614,8 @@ def test_calibrate_command_line(tmp_path: Path, capsys: pytest.CaptureFixture[st
 def test_batched_grading_agrees_with_one_by_one() -> None:
     """task_envs' grade_many (one batched detokenisation) gives each completion the grade that
     grade gives it, EOS tokens and empty completions included; decode_many equals decode."""
-    from opdlens.models import SMOLLM2, tiny_random_policy
     from opdlens.diagnose.questions import task_envs
+    from opdlens.models import SMOLLM2, tiny_random_policy
     from opdlens.tasks import ArithTask
 
     pol = tiny_random_policy(seed=1, model_type="qwen3", init_std=0.5, tokenizer=SMOLLM2)

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 import torch
 
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import (
     SignalConfig,
     drgrpo_gradient,
@@ -19,8 +18,9 @@ from opdlens.diagnose.signals import (
     reward_to_go,
     single_sample_gradient,
 )
-from opdlens.synthetic import EOS, SyntheticPolicy
 from opdlens.diagnose.tree import RolloutSet, path_stats
+from opdlens.errors import OpdlensError
+from opdlens.synthetic import EOS, SyntheticPolicy
 
 
 def _rollouts(policy: SyntheticPolicy, n: int, seed: int, prefix=()) -> RolloutSet:
@@ -149,8 +149,12 @@ def test_estimated_alignment_converges_to_exact():
         for u in np.flatnonzero(ren["valid"]):
             toks, n, _ = st.children(int(u))
             s_u = toks[n >= 300]  # the same well-visited child set, with exact P_succ
-            assert ren["align_gkd"][u] == pytest.approx(_exact_node_alignment(student, teacher, path[:u], s_u), abs=0.05)
-            assert lit["align_gkd"][u] == pytest.approx(_exact_literal_alignment(student, teacher, path[:u], s_u), abs=0.05)
+            assert ren["align_gkd"][u] == pytest.approx(
+                _exact_node_alignment(student, teacher, path[:u], s_u), abs=0.05
+            )
+            assert lit["align_gkd"][u] == pytest.approx(
+                _exact_literal_alignment(student, teacher, path[:u], s_u), abs=0.05
+            )
             compared += 1
     assert compared >= 4
 
@@ -312,8 +316,11 @@ def test_literal_drgrpo_monte_carlo_matches_literal_ideal():
     rs = _rollouts(student, 60000, seed=8)
     st = path_stats([1], rs)
     sig = path_signals(
-        st, student.continuation_logprobs([], [1]), teacher.continuation_logprobs([], [1]),
-        SignalConfig(min_visits=1, restriction="literal"), baseline=rs.success_rate,
+        st,
+        student.continuation_logprobs([], [1]),
+        teacher.continuation_logprobs([], [1]),
+        SignalConfig(min_visits=1, restriction="literal"),
+        baseline=rs.success_rate,
     )
     assert sig["valid"][0] and sig["align_drgrpo"][0] > 0.97
 

@@ -7,11 +7,17 @@ import pandas as pd
 import pytest
 import torch
 
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
-from opdlens.synthetic import SyntheticPolicy
 from opdlens.diagnose.tree import RolloutSet, path_stats
-from opdlens.diagnose.uncertainty import alignment_draws, count_settled, denoised_rates, node_uncertainty, path_mean_interval
+from opdlens.diagnose.uncertainty import (
+    alignment_draws,
+    count_settled,
+    denoised_rates,
+    node_uncertainty,
+    path_mean_interval,
+)
+from opdlens.errors import OpdlensError
+from opdlens.synthetic import SyntheticPolicy
 
 
 def _oracle_nodes(n_policies: int = 12, k: int = 3):
@@ -65,7 +71,7 @@ def test_interval_covers_the_exact_alignment_on_resolved_nodes():
         out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, w, n_draws=300, seed=rep)
         hits.append((exact >= out["align_gkd_lo"]) & (exact <= out["align_gkd_hi"]))
         est_adv = (w * s / n).sum(-1)
-        adv_hits.append(((est_adv - (w * ps).sum(-1)).abs() <= 1.96 * out["teacher_adv_se"]))
+        adv_hits.append((est_adv - (w * ps).sum(-1)).abs() <= 1.96 * out["teacher_adv_se"])
     cover = torch.stack(hits).double().mean(0)
     assert 0.90 <= float(cover[resolved].mean()) <= 0.99
     # the linear signal's closed-form standard error has nominal coverage
@@ -128,7 +134,6 @@ def test_path_signals_carry_the_uncertainty_columns():
     assert not none["valid"].any() and np.isnan(none["align_gkd_lo"]).all() and not none["sign_settled"].any()
 
 
-
 @pytest.mark.parametrize("restriction", ["renormalize", "literal"])
 def test_teachers_of_a_path_share_its_posterior_draws(restriction):
     """A path's draws cache makes the second teacher's intervals the same, bit for bit, as
@@ -149,17 +154,20 @@ def test_teachers_of_a_path_share_its_posterior_draws(restriction):
             np.testing.assert_array_equal(shared[k], alone[k], err_msg=k)
     assert len(cache) == 2  # the draws around the posterior and around the de-noised rates
 
+
 def _table() -> pd.DataFrame:
-    return pd.DataFrame({
-        "teacher": ["a", "a", "a", "b", "b"],
-        "question_id": ["q"] * 5,
-        "path_id": [0, 0, 0, 0, 0],
-        "valid": [True, True, False, True, True],
-        "align_gkd": [0.5, -0.2, np.nan, 0.9, 0.1],
-        "align_gkd_lo": [0.1, -0.6, np.nan, 0.5, -0.3],
-        "align_gkd_hi": [0.8, 0.3, np.nan, 1.0, 0.4],
-        "align_gkd_se": [0.2, 0.25, np.nan, 0.1, 0.2],
-    })
+    return pd.DataFrame(
+        {
+            "teacher": ["a", "a", "a", "b", "b"],
+            "question_id": ["q"] * 5,
+            "path_id": [0, 0, 0, 0, 0],
+            "valid": [True, True, False, True, True],
+            "align_gkd": [0.5, -0.2, np.nan, 0.9, 0.1],
+            "align_gkd_lo": [0.1, -0.6, np.nan, 0.5, -0.3],
+            "align_gkd_hi": [0.8, 0.3, np.nan, 1.0, 0.4],
+            "align_gkd_se": [0.2, 0.25, np.nan, 0.1, 0.2],
+        }
+    )
 
 
 def test_count_settled_and_path_mean_interval_by_hand():
@@ -198,7 +206,9 @@ def test_error_scale_matches_the_plug_in_error_on_the_oracle():
     err2, se2 = [], []
     for rep, n, s in _replicas(ps, 100, 10, np.random.default_rng(1)):
         valid = torch.ones(len(p), dtype=torch.bool)
-        out = node_uncertainty(_rows(p, mask), n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=200, seed=rep)
+        out = node_uncertainty(
+            _rows(p, mask), n, s, mask, valid, {"gkd": g_d}, torch.zeros_like(p), n_draws=200, seed=rep
+        )
         ok = torch.isfinite(exact) & torch.isfinite(out["align_gkd_se"])
         err2.append(float(((masked_cosine(ideal(s / n), g_d) - exact)[ok] ** 2).sum()))
         se2.append(float((out["align_gkd_se"][ok] ** 2).sum()))
@@ -215,8 +225,18 @@ def test_posterior_mean_estimator_has_lower_error_than_the_plug_in_on_the_oracle
         exact = masked_cosine(ideal(ps), g_d)
         err_plug, err_post = [], []
         for rep, n, s in _replicas(ps, 30, 10, np.random.default_rng(1)):
-            out = node_uncertainty(_rows(p, mask), n, s, mask, torch.ones(len(p), dtype=torch.bool), {"gkd": g_d},
-                                   torch.zeros_like(p), n_draws=200, seed=rep, estimator="posterior_mean")
+            out = node_uncertainty(
+                _rows(p, mask),
+                n,
+                s,
+                mask,
+                torch.ones(len(p), dtype=torch.bool),
+                {"gkd": g_d},
+                torch.zeros_like(p),
+                n_draws=200,
+                seed=rep,
+                estimator="posterior_mean",
+            )
             plug = masked_cosine(ideal(s / n), g_d)
             ok = torch.isfinite(exact) & torch.isfinite(plug) & torch.isfinite(out["align_gkd"])
             err_plug.append((plug - exact)[ok])
@@ -236,8 +256,17 @@ def test_posterior_mean_of_a_two_child_node_is_its_sign_probability():
     g_d = torch.tensor([[1.0, -1.0]] * 3, dtype=torch.float64)
     n = torch.tensor([[20.0, 20.0], [30.0, 50.0], [40.0, 40.0]])
     s = torch.tensor([[10.0, 8.0], [12.0, 27.0], [35.0, 5.0]])
-    out = node_uncertainty(_rows(p, mask), n, s, mask, torch.ones(3, dtype=torch.bool), {"gkd": g_d},
-                           torch.zeros_like(p), n_draws=4000, estimator="posterior_mean")
+    out = node_uncertainty(
+        _rows(p, mask),
+        n,
+        s,
+        mask,
+        torch.ones(3, dtype=torch.bool),
+        {"gkd": g_d},
+        torch.zeros_like(p),
+        n_draws=4000,
+        estimator="posterior_mean",
+    )
     for r in range(3):
         a, b = s[r] + 0.5, n[r] - s[r] + 0.5
         p_gt = integrate.quad(lambda x: st.beta.pdf(x, a[0], b[0]) * st.beta.cdf(x, a[1], b[1]), 0, 1)[0]

@@ -26,12 +26,12 @@ import torch
 from opdlens import models
 from opdlens.config import validate_config
 from opdlens.diagnose.config import DiagnoseConfig
-from opdlens.models import tiny_random_policy
 from opdlens.diagnose.run import vllm_engine
+from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.errors import OpdlensError
+from opdlens.models import tiny_random_policy
 from opdlens.rollout import Engine, VLLMEngine
 from opdlens.rollout import vllm_engine as ve
-from opdlens.diagnose.teachers import TeacherSpec
 
 GIB = 1 << 30
 VOCAB = 16
@@ -66,7 +66,9 @@ class FakeDevice:
 
     def allocate(self, what: str, nbytes: int) -> None:
         if nbytes > self.free:
-            raise FakeOutOfMemory(f"CUDA out of memory loading {what}: {nbytes / GIB:.1f} GiB asked, {self.free / GIB:.1f} free")
+            raise FakeOutOfMemory(
+                f"CUDA out of memory loading {what}: {nbytes / GIB:.1f} GiB asked, {self.free / GIB:.1f} free"
+            )
         self.used += nbytes
         self.held[what] = nbytes
 
@@ -162,13 +164,23 @@ class FakeLLM:
         self.logprobs_mode = logprobs_mode
         self.calls: list[tuple[list[Any], list[FakeSamplingParams]]] = []
         self.child_seeds: list[int] = []
-        FakeLLM.built.append(dict(model=model, dtype=dtype, seed=seed, gpu_memory_utilization=gpu_memory_utilization,
-                                  logprobs_mode=logprobs_mode, enable_prefix_caching=enable_prefix_caching))
+        FakeLLM.built.append(
+            dict(
+                model=model,
+                dtype=dtype,
+                seed=seed,
+                gpu_memory_utilization=gpu_memory_utilization,
+                logprobs_mode=logprobs_mode,
+                enable_prefix_caching=enable_prefix_caching,
+            )
+        )
 
     def get_tokenizer(self) -> Any:
         return types.SimpleNamespace(eos_token_id=EOS)
 
-    def generate(self, prompts: list[Any], sampling_params: Any = None, *, use_tqdm: bool = True) -> list[FakeRequestOutput]:
+    def generate(
+        self, prompts: list[Any], sampling_params: Any = None, *, use_tqdm: bool = True
+    ) -> list[FakeRequestOutput]:
         params = sampling_params if isinstance(sampling_params, list) else [sampling_params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError("The lengths of prompts and sampling_params must be the same.")
@@ -213,7 +225,9 @@ def fake_vllm(monkeypatch: pytest.MonkeyPatch) -> type[FakeLLM]:
     """vLLM replaced by the fake, on a fresh 80 GiB device; the single-process variable unset."""
     monkeypatch.setattr(FakeLLM, "device", FakeDevice())
     monkeypatch.setattr(FakeLLM, "built", [])
-    monkeypatch.setattr(ve, "_import_vllm", lambda: types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams))
+    monkeypatch.setattr(
+        ve, "_import_vllm", lambda: types.SimpleNamespace(LLM=FakeLLM, SamplingParams=FakeSamplingParams)
+    )
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "unset")
     monkeypatch.delenv("VLLM_ENABLE_V1_MULTIPROCESSING")
     return FakeLLM
@@ -232,7 +246,9 @@ def test_requests_and_outputs_map_onto_vllm(fake_vllm: type[FakeLLM]) -> None:
     assert prompts == [{"prompt_token_ids": [1, 2, 3]}, {"prompt_token_ids": [4]}]
     seeds = ve.request_seeds(10, 2, 3)
     assert [(p.n, p.max_tokens, p.temperature, p.seed, p.logprobs, p.stop_token_ids, p.detokenize) for p in params] == [
-        (3, 6, 0.8, seeds[0], 0, [EOS], False), (3, 6, 0.8, seeds[1], 0, [EOS], False)]
+        (3, 6, 0.8, seeds[0], 0, [EOS], False),
+        (3, 6, 0.8, seeds[1], 0, [EOS], False),
+    ]
     assert [len(cs) for cs in res] == [3, 3]
     for prefix, cs in zip([[1, 2, 3], [4]], res):
         for c in cs:  # temperature-scaled log-probs (processed_logprobs), exact against the logit table
@@ -322,8 +338,17 @@ def test_temperatures_vllm_would_change_are_refused(fake_vllm: type[FakeLLM]) ->
     assert validate_config(DiagnoseConfig, {"temperature": 2.5}, "test").temperature == 2.5  # torch engine: any T > 0
 
 
-@pytest.mark.parametrize(("ours", "theirs"), [("bf16", "bfloat16"), ("fp16", "float16"), ("fp32", "float32"),
-                                              ("bfloat16", "bfloat16"), ("float32", "float32"), (None, "auto")])
+@pytest.mark.parametrize(
+    ("ours", "theirs"),
+    [
+        ("bf16", "bfloat16"),
+        ("fp16", "float16"),
+        ("fp32", "float32"),
+        ("bfloat16", "bfloat16"),
+        ("float32", "float32"),
+        (None, "auto"),
+    ],
+)
 def test_config_dtype_reaches_vllm_under_its_name(fake_vllm: type[FakeLLM], ours: str | None, theirs: str) -> None:
     pol = tiny_random_policy(seed=0, vocab_size=VOCAB)
     vllm_engine(DiagnoseConfig(student="Qwen/Qwen3-0.6B", rollout_engine="vllm", dtype=ours), pol)
@@ -355,16 +380,33 @@ def test_rollout_engine_vllm_config_builds_the_student_sampler(fake_vllm: type[F
     """``rollout_engine: vllm``: the student's samples come from vLLM (model id, dtype, seed, the
     student's EOS ids and the temperature-scaled log-probs mode passed on); scoring stays on HF."""
     pol = tiny_random_policy(seed=0, vocab_size=VOCAB)
-    cfg = DiagnoseConfig(student="Qwen/Qwen3-0.6B", rollout_engine="vllm", dtype="bfloat16", seed=5,
-                         vllm_options={"gpu_memory_utilization": 0.5})
+    cfg = DiagnoseConfig(
+        student="Qwen/Qwen3-0.6B",
+        rollout_engine="vllm",
+        dtype="bfloat16",
+        seed=5,
+        vllm_options={"gpu_memory_utilization": 0.5},
+    )
     pol.engine = vllm_engine(cfg, pol)
-    assert fake_vllm.built == [dict(model="Qwen/Qwen3-0.6B", gpu_memory_utilization=0.5, dtype="bfloat16", seed=5,
-                                    logprobs_mode="processed_logprobs", enable_prefix_caching=True)]
+    assert fake_vllm.built == [
+        dict(
+            model="Qwen/Qwen3-0.6B",
+            gpu_memory_utilization=0.5,
+            dtype="bfloat16",
+            seed=5,
+            logprobs_mode="processed_logprobs",
+            enable_prefix_caching=True,
+        )
+    ]
     res = pol.sample([[1, 2, 3]], n=4, max_new_tokens=5, seed=9, temperature=0.7)
     ((prompts, params),) = pol.engine.llm.calls
     assert prompts == [{"prompt_token_ids": [1, 2, 3]}]
     assert (params[0].n, params[0].seed, params[0].temperature, params[0].stop_token_ids) == (
-        4, ve.request_seeds(9, 1, 4)[0], 0.7, sorted(pol.eos_token_ids))
+        4,
+        ve.request_seeds(9, 1, 4)[0],
+        0.7,
+        sorted(pol.eos_token_ids),
+    )
     assert [len(c.tokens) for c in res[0]] == [len(c.logprobs) for c in res[0]] and len(res[0]) == 4
     # the embedded GGUF is no vLLM model; a non-engine is refused
     with pytest.raises(OpdlensError, match="embedded 'smollm2'"):
@@ -374,24 +416,34 @@ def test_rollout_engine_vllm_config_builds_the_student_sampler(fake_vllm: type[F
 
 
 # ---------------------------------------------------------------------------- memory (item 2)
-SIZES = {"org/student-8b": 16 * GIB, "org/student-0.5b": 1 * GIB, "org/teacher-14b": 28 * GIB,
-         "org/summ-1b": 2 * GIB, "org/huge-70b": 140 * GIB}
+SIZES = {
+    "org/student-8b": 16 * GIB,
+    "org/student-0.5b": 1 * GIB,
+    "org/teacher-14b": 28 * GIB,
+    "org/summ-1b": 2 * GIB,
+    "org/huge-70b": 140 * GIB,
+}
 
 
 def _memory_config(student: str, **kw: Any) -> DiagnoseConfig:
-    teachers = [TeacherSpec(name="self", model=None), TeacherSpec(name="big", model="org/teacher-14b"),
-                TeacherSpec(name="big-1c", model="org/teacher-14b", context="1c")]
+    teachers = [
+        TeacherSpec(name="self", model=None),
+        TeacherSpec(name="big", model="org/teacher-14b"),
+        TeacherSpec(name="big-1c", model="org/teacher-14b", context="1c"),
+    ]
     kw.setdefault("schedule", "resident")  # every model stays loaded after vLLM starts
-    return DiagnoseConfig(student=student, rollout_engine="vllm", device="cuda", teachers=teachers,
-                          summarizer="org/summ-1b", **kw)
+    return DiagnoseConfig(
+        student=student, rollout_engine="vllm", device="cuda", teachers=teachers, summarizer="org/summ-1b", **kw
+    )
 
 
 @pytest.fixture
 def cuda_device(fake_vllm: type[FakeLLM], monkeypatch: pytest.MonkeyPatch) -> FakeDevice:
     """The fake device as a CUDA device, model sizes from SIZES."""
     dev = fake_vllm.device
-    monkeypatch.setattr(ve, "device_memory", lambda device: (dev.free, dev.total) if device.startswith("cuda") else None,
-                        raising=False)
+    monkeypatch.setattr(
+        ve, "device_memory", lambda device: (dev.free, dev.total) if device.startswith("cuda") else None, raising=False
+    )
     monkeypatch.setattr(models, "spec_weight_bytes", lambda spec, dtype: SIZES[spec])
     return dev
 
@@ -419,7 +471,9 @@ def test_vllm_share_under_the_sequential_schedule_counts_the_largest_later_model
     cuda_device.allocate("student (HF)", SIZES["org/student-0.5b"])
     vllm_engine(_memory_config("org/student-0.5b", schedule="sequential"), pol)
     share = FakeLLM.built[-1]["gpu_memory_utilization"]
-    assert share == pytest.approx((80 - SIZES["org/student-0.5b"] / GIB - SIZES["org/teacher-14b"] / GIB - 8) / 80, abs=1e-3)
+    assert share == pytest.approx(
+        (80 - SIZES["org/student-0.5b"] / GIB - SIZES["org/teacher-14b"] / GIB - 8) / 80, abs=1e-3
+    )
     for spec in ("org/summ-1b", "org/teacher-14b"):  # the schedule's order: summariser, then teachers
         cuda_device.allocate(spec, SIZES[spec])
         assert cuda_device.free >= ve.SCORING_RESERVE * cuda_device.total - 0.001 * cuda_device.total
@@ -430,10 +484,13 @@ def test_vllm_memory_errors_say_what_to_change(cuda_device: FakeDevice) -> None:
     pol = tiny_random_policy(seed=0, vocab_size=VOCAB)
     cuda_device.allocate("student (HF)", SIZES["org/student-8b"])
     huge = _memory_config("org/student-8b").model_copy(
-        update={"teachers": [TeacherSpec(name="huge", model="org/huge-70b")]})
+        update={"teachers": [TeacherSpec(name="huge", model="org/huge-70b")]}
+    )
     with pytest.raises(OpdlensError, match=r"vLLM does not fit.*still to load take 142.0 GiB.*rollout_engine: torch"):
         vllm_engine(huge, pol)
-    with pytest.raises(OpdlensError, match=r"gpu_memory_utilization=0.9 reserves 72.0 GiB but only 34.0 GiB.*at most 0.42"):
+    with pytest.raises(
+        OpdlensError, match=r"gpu_memory_utilization=0.9 reserves 72.0 GiB but only 34.0 GiB.*at most 0.42"
+    ):
         vllm_engine(_memory_config("org/student-8b", vllm_options={"gpu_memory_utilization": 0.9}), pol)
     with pytest.raises(OpdlensError, match=r"gpu_memory_utilization=0.2 gives vLLM 16.0 GiB.*at least 0.21"):
         vllm_engine(_memory_config("org/student-8b", vllm_options={"gpu_memory_utilization": 0.2}), pol)
@@ -446,5 +503,3 @@ def test_no_share_computed_off_cuda(fake_vllm: type[FakeLLM]) -> None:
     pol = tiny_random_policy(seed=0, vocab_size=VOCAB)
     vllm_engine(DiagnoseConfig(student="x/y", rollout_engine="vllm", device="cpu"), pol)
     assert fake_vllm.built[-1]["gpu_memory_utilization"] == 0.9  # vLLM's own default
-
-

@@ -12,7 +12,9 @@ from rich.console import Console
 
 from opdlens.errors import OpdlensError
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="Per-token diagnostics and training for on-policy distillation.")
+app = typer.Typer(
+    add_completion=False, no_args_is_help=True, help="Per-token diagnostics and training for on-policy distillation."
+)
 console = Console(stderr=True, soft_wrap=True)  # no line breaks inserted: printed paths stay whole (copyable)
 
 
@@ -37,7 +39,9 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(
-    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="print the version and exit"),
+    version: bool = typer.Option(
+        False, "--version", callback=_version, is_eager=True, help="print the version and exit"
+    ),
 ) -> None:
     """Per-token diagnostics and training for on-policy distillation."""
 
@@ -50,9 +54,17 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
 
     res = load_run(run_dir)  # with the run's own choices (statistical unit, readings of the paper)
     index = write_report(
-        out or run_dir / "report", res.nodes, res.questions, res.paths, extra=extra,
-        skips=res.skips, inputs=res.inputs, notes=res.notes, unit=res.stat_unit, choices=res.choices,
-    )  # fmt: skip
+        out or run_dir / "report",
+        res.nodes,
+        res.questions,
+        res.paths,
+        extra=extra,
+        skips=res.skips,
+        inputs=res.inputs,
+        notes=res.notes,
+        unit=res.stat_unit,
+        choices=res.choices,
+    )
     if res.partial:
         console.print(f"[yellow]partial:[/] {res.notes[0]}")
     return index, res.partial
@@ -74,7 +86,9 @@ def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:
         else:
             store = diagnose(cfg, fresh=fresh)
     except KeyboardInterrupt:
-        console.print(f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume")
+        console.print(
+            f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume"
+        )
         raise typer.Exit(130) from None
     console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s; results in {store.root}")
     try:
@@ -91,15 +105,19 @@ def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:
 def demo(
     out: Path = typer.Option(Path("runs/demo"), help="run directory (rerun to resume)"),
     questions: int = typer.Option(4, min=1, help="number of built-in arithmetic questions"),
-    fresh: bool = typer.Option(False, "--fresh", help="move an existing run directory aside (<out>.old-<time>) and start afresh"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="move an existing run directory aside (<out>.old-<time>) and start afresh"
+    ),
 ) -> None:
     """The main job on the embedded default: SmolLM2-135M, built-in arithmetic, three self-distillation teachers."""
     from opdlens.diagnose.config import demo_config
 
     try:
         cfg = demo_config(str(out), questions)
-        console.print(f"diagnosing {cfg.student} on {questions} '{cfg.task}' questions with teachers "
-                      f"{', '.join(t.name for t in cfg.teachers)} → {out}")
+        console.print(
+            f"diagnosing {cfg.student} on {questions} '{cfg.task}' questions with teachers "
+            f"{', '.join(t.name for t in cfg.teachers)} → {out}"
+        )
         _run_diagnose(cfg, None, fresh)
     except OpdlensError as exc:
         _fail(exc)
@@ -113,8 +131,11 @@ def diagnose_cmd(
         None, help="run on Ray: 'local' (start a local cluster), 'auto' (the running cluster) or an address"
     ),
     fresh: bool = typer.Option(
-        False, "--fresh", help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh; "
-        "needed when the directory holds results of another configuration"),
+        False,
+        "--fresh",
+        help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh; "
+        "needed when the directory holds results of another configuration",
+    ),
 ) -> None:
     """Phase 1 (rollouts, targeted enrichment) and phase 2 (teacher scoring), then the report."""
     from opdlens.diagnose.config import DiagnoseConfig
@@ -143,7 +164,9 @@ def report(
         for d in train_run:
             png = d / "rkl_curve.png"
             if not png.is_file():
-                raise OpdlensError(f"{d} has no rkl_curve.png: run `opdlens train` (or python -m opdlens.opd.demo) there first")
+                raise OpdlensError(
+                    f"{d} has no rkl_curve.png: run `opdlens train` (or python -m opdlens.opd.demo) there first"
+                )
             extra.append((f"OPD training: {d.name}", png))
         index, partial = _report(run_dir, out, extra)
     except OpdlensError as exc:
@@ -157,11 +180,16 @@ def report(
 def compare(
     runs: list[Path] = typer.Argument(..., help="run directories written by diagnose/demo (one setting each)"),
     out: Path = typer.Option(Path("runs/compare"), help="folder for the study's CSVs, figures and summary.md"),
-    metric: str = typer.Option("align_gkd", help="alignment column: align_gkd, align_single, align_minillm, align_drgrpo"),
+    metric: str = typer.Option(
+        "align_gkd", help="alignment column: align_gkd, align_single, align_minillm, align_drgrpo"
+    ),
     bins: str = typer.Option("0.2,0.5,0.8", help="inner edges of the difficulty bins (student success rate)"),
     incontext: bool = typer.Option(
-        False, "--incontext", help="first sample the student under each self-teacher context of each run "
-        "(stored in the run directory, resumable) and add the in-context accuracy table"),
+        False,
+        "--incontext",
+        help="first sample the student under each self-teacher context of each run "
+        "(stored in the run directory, resumable) and add the in-context accuracy table",
+    ),
     samples: int = typer.Option(32, "--incontext-samples", min=1, help="completions per question and context"),
     device: Optional[str] = typer.Option(None, help="device of the --incontext sampling (default: each run's)"),
 ) -> None:

@@ -30,10 +30,14 @@ class RunSettings(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    student: str = Field("smollm2", min_length=1, description="'smollm2' (embedded), a local model directory or a HF hub id")
+    student: str = Field(
+        "smollm2", min_length=1, description="'smollm2' (embedded), a local model directory or a HF hub id"
+    )
     task: str = Field("arith", min_length=1, description="registered task name (`opdlens tasks` lists them)")
     task_args: dict[str, Any] = Field(default_factory=dict, description="passed to the task, e.g. path= for jsonl")
-    max_new_tokens: int | None = Field(None, ge=1, description="generation budget of a rollout (default: the task's own)")
+    max_new_tokens: int | None = Field(
+        None, ge=1, description="generation budget of a rollout (default: the task's own)"
+    )
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
     seed: int = Field(0, ge=0, description="run seed; every sampling seed derives from it")
 
@@ -158,8 +162,11 @@ def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any]
         if fp_file.exists():
             stored = json.loads(fp_file.read_text(encoding="utf-8"))["keys"]
         elif cfg_file.exists():
-            stored = {k: v for k, v in (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).items()
-                      if k not in getattr(cls, "NON_RESULT_KEYS", frozenset())}
+            stored = {
+                k: v
+                for k, v in (yaml.safe_load(cfg_file.read_text(encoding="utf-8")) or {}).items()
+                if k not in getattr(cls, "NON_RESULT_KEYS", frozenset())
+            }
         else:
             return None
         if not isinstance(stored, dict):

@@ -28,7 +28,6 @@ import torch
 
 from opdlens.errors import OpdlensError
 
-
 TokenSeq = Sequence[int]
 
 
@@ -47,9 +46,7 @@ class Completion:
 
     def __post_init__(self) -> None:
         if self.logprobs and len(self.logprobs) != len(self.tokens):
-            raise OpdlensError(
-                f"Completion has {len(self.tokens)} tokens but {len(self.logprobs)} log-probs"
-            )
+            raise OpdlensError(f"Completion has {len(self.tokens)} tokens but {len(self.logprobs)} log-probs")
 
 
 @runtime_checkable
@@ -104,7 +101,9 @@ def sample_counts(n: int | Sequence[int], n_prefixes: int) -> list[int]:
     if isinstance(counts, (str, bytes)) or not isinstance(counts, Sequence):
         raise OpdlensError(f"n (samples per prefix) must be an integer >= 1 or one such integer per prefix, got {n!r}")
     if len(counts) != n_prefixes:
-        raise OpdlensError(f"n has {len(counts)} counts for {n_prefixes} prefixes: give one count per prefix (or one int)")
+        raise OpdlensError(
+            f"n has {len(counts)} counts for {n_prefixes} prefixes: give one count per prefix (or one int)"
+        )
     for c in counts:
         if isinstance(c, bool) or not isinstance(c, int) or c < 1:
             raise OpdlensError(f"n (samples per prefix) must be an integer >= 1, got {c!r}")
@@ -182,8 +181,14 @@ def parse_dtype(dtype: torch.dtype | str | None) -> torch.dtype | None:
     ``torch.dtype`` as a ``torch.dtype``; None stays None (the caller's default)."""
     if dtype is None or isinstance(dtype, torch.dtype):
         return dtype
-    names = {"float32": torch.float32, "fp32": torch.float32, "float16": torch.float16,
-             "fp16": torch.float16, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16}
+    names = {
+        "float32": torch.float32,
+        "fp32": torch.float32,
+        "float16": torch.float16,
+        "fp16": torch.float16,
+        "bfloat16": torch.bfloat16,
+        "bf16": torch.bfloat16,
+    }
     if dtype not in names:
         raise OpdlensError(f"unknown dtype {dtype!r}; use one of {sorted(names)} or a torch.dtype")
     return names[dtype]

@@ -53,11 +53,16 @@ def children_column(
     texts = token_texts([int(t) for t in tok]) if tok.size else []
     out: list[list[dict[str, object]]] = [[] for _ in range(big_l)]
     for i in range(node.size):
-        out[int(node[i])].append({
-            "token": int(tok[i]), "text": texts[i], "p_student": round(float(p_st[i]), 6),
-            "p_teacher": round(float(p_te[i]), 6), "psucc": round(float(succ[i] / visits[i]), 6),
-            "visits": int(visits[i]),
-        })  # fmt: skip
+        out[int(node[i])].append(
+            {
+                "token": int(tok[i]),
+                "text": texts[i],
+                "p_student": round(float(p_st[i]), 6),
+                "p_teacher": round(float(p_te[i]), 6),
+                "psucc": round(float(succ[i] / visits[i]), 6),
+                "visits": int(visits[i]),
+            }
+        )
     return [json.dumps(c, ensure_ascii=False) for c in out]
 
 

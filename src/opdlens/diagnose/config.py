@@ -12,9 +12,7 @@ from opdlens.config import RunSettings, load_yaml, read_yaml, validate_config, w
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
-from opdlens.rollout.base import EngineConfig
-from opdlens.rollout.base import TEMPERATURE_RANGE
-
+from opdlens.rollout.base import TEMPERATURE_RANGE, EngineConfig
 
 #: Keys of a :class:`DiagnoseConfig` that do not change what a run estimates: where it runs and
 #: how fast (device, dtype, sampler engine and its options) and where it writes. Every other key
@@ -76,12 +74,19 @@ class DiagnoseConfig(RunSettings):
         None, description="enable_thinking of the student's chat template (Qwen3); null = the template's default"
     )
     device: str = Field("cpu", description="torch device of the models: cpu, cuda, cuda:1, ...")
-    dtype: str | None = Field(None, description="model dtype (float32, bfloat16, ...); default float32 on CPU, bfloat16 on CUDA")
+    dtype: str | None = Field(
+        None, description="model dtype (float32, bfloat16, ...); default float32 on CPU, bfloat16 on CUDA"
+    )
     rollout_engine: Literal["torch", "vllm"] = Field(
-        "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')")
-    vllm_options: dict[str, Any] = Field(default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization")
-    engine: EngineConfig = Field(default_factory=EngineConfig, description="settings of the torch rollout engine "
-                                 "(batch rows, kernels, sampler, CUDA graphs, compaction)")
+        "torch", description="student sampler: opdlens' TorchEngine, or vLLM (CUDA, pip install 'opdlens[vllm]')"
+    )
+    vllm_options: dict[str, Any] = Field(
+        default_factory=dict, description="passed to vllm.LLM, e.g. gpu_memory_utilization"
+    )
+    engine: EngineConfig = Field(
+        default_factory=EngineConfig,
+        description="settings of the torch rollout engine (batch rows, kernels, sampler, CUDA graphs, compaction)",
+    )
     split: str = Field("test", description="dataset split the questions come from")
     n_questions: int | None = Field(4, ge=1, description="questions drawn (seeded) from the split; None = all")
     rollouts_per_question: int = Field(64, ge=2, description="initial student rollouts per question")
@@ -89,21 +94,26 @@ class DiagnoseConfig(RunSettings):
     n_incorrect_paths: int = Field(2, ge=0, description="incorrect representative paths per question")
     chunk_rollouts: int = Field(256, ge=1, description="rollouts per stored chunk (the unit of resumption)")
     teachers: list[TeacherSpec] = Field(
-        default_factory=lambda: list(DEFAULT_TEACHERS), min_length=1, description="teacher configurations scored")
+        default_factory=lambda: list(DEFAULT_TEACHERS), min_length=1, description="teacher configurations scored"
+    )
     targeting_teachers: list[str] | None = Field(
-        None, description="names of the teachers whose log-probs choose the targeted rollouts; None = all")
+        None, description="names of the teachers whose log-probs choose the targeted rollouts; None = all"
+    )
     summarizer: str | None = Field(None, description="model writing Sum-* summaries (default: the student)")
     summarizer_thinking: bool | None = Field(
-        None, description="enable_thinking of the summariser (its thinking part is stripped from the summary either way)"
+        None,
+        description="enable_thinking of the summariser (its thinking part is stripped from the summary either way)",
     )
     summary_max_new_tokens: int = Field(256, ge=1, description="generation budget of a summary (thinking included)")
     summary_temperature: float = Field(0.3, gt=0, description="sampling temperature of a summary (ours; paper silent)")
     solution_model: str | None = Field(None, description="model writing the correct solution of 1c-ext contexts")
     solution_thinking: bool | None = Field(None, description="enable_thinking of the solution model")
     solution_temperature: float = Field(
-        0.7, gt=0, description="sampling temperature of the solution model (ours; paper silent)")
+        0.7, gt=0, description="sampling temperature of the solution model (ours; paper silent)"
+    )
     solution_tries: int = Field(
-        8, ge=1, description="samples of the solution model per question; the first correct one is shown (ours)")
+        8, ge=1, description="samples of the solution model per question; the first correct one is shown (ours)"
+    )
     fallback_reference_solution: bool = Field(
         False,
         description="when no correct rollout can be shown (none, or only scored paths), show the data's reference "
@@ -175,8 +185,10 @@ class DiagnoseConfig(RunSettings):
     def _vllm_temperature(self) -> DiagnoseConfig:
         lo, hi = TEMPERATURE_RANGE
         if self.rollout_engine == "vllm" and not lo <= self.temperature <= hi:
-            raise ValueError(f"temperature must be in [{lo}, {hi}] with rollout_engine: vllm "
-                             f"(vLLM rejects higher ones and raises lower ones to {lo}), got {self.temperature}")
+            raise ValueError(
+                f"temperature must be in [{lo}, {hi}] with rollout_engine: vllm "
+                f"(vLLM rejects higher ones and raises lower ones to {lo}), got {self.temperature}"
+            )
         return self
 
     @classmethod

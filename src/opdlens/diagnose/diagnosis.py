@@ -84,8 +84,10 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
                 check_same_tokenizer(student, t.policy)
         self.store, self.student, self.teachers = store, student, list(teachers)
         if config.max_new_tokens is None:
-            raise OpdlensError("the diagnosis needs a resolved generation budget: set max_new_tokens "
-                               "(build_diagnosis sets it with config.token_budget(task))")
+            raise OpdlensError(
+                "the diagnosis needs a resolved generation budget: set max_new_tokens "
+                "(build_diagnosis sets it with config.token_budget(task))"
+            )
         self.config, self.runtime = config, runtime or Runtime()
         self.sampler = Sampler(student, config.temperature)
         self.progress = progress
@@ -185,7 +187,9 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
                     slot.release()
         for prep in preps.values():
             self.skips.extend(prep.skips)
-        self._per_model("priorities", self.driving, envs, lambda env, group: self.write_priorities(env, preps[env.id], group))
+        self._per_model(
+            "priorities", self.driving, envs, lambda env, group: self.write_priorities(env, preps[env.id], group)
+        )
         resident = [t for t in self.teachers if t.slot.resident]
         rows: dict[str, dict[str, object]] = {}
 
@@ -201,7 +205,11 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
         return [rows[env.id] for env in envs]
 
     def _per_model(
-        self, step: str, teachers: Sequence[Teacher], envs: list[QuestionEnv], run: Callable[[QuestionEnv, list[Teacher]], None]
+        self,
+        step: str,
+        teachers: Sequence[Teacher],
+        envs: list[QuestionEnv],
+        run: Callable[[QuestionEnv, list[Teacher]], None],
     ) -> None:
         """One step of the sequential schedule: for each model (the teachers on it together), run
         the step on every question, then free the model."""
@@ -226,7 +234,9 @@ def write_run_tables(
     store.write_table("skips.parquet", pd.DataFrame(skips, columns=SKIP_COLUMNS))
     if not rows:
         first = skips[0]["reason"] if skips else "?"
-        raise OpdlensError(f"all {n_questions} questions were skipped (see {store.root / 'skips.parquet'}), e.g.: {first}")
+        raise OpdlensError(
+            f"all {n_questions} questions were skipped (see {store.root / 'skips.parquet'}), e.g.: {first}"
+        )
     questions = pd.DataFrame(rows)
     store.write_table("questions.parquet", questions)
     return questions

@@ -41,8 +41,8 @@ from tqdm.auto import tqdm
 from opdlens.diagnose.diagnosis import Diagnosis, write_run_tables
 from opdlens.diagnose.questions import QuestionEnv, skip_row
 from opdlens.diagnose.run import write_config
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.store import RunStore, safe_name
+from opdlens.errors import OpdlensError
 
 #: Folder of the per-question phase-1 records (summary row and skips, as JSON).
 PHASE1_DIR = "phase1"
@@ -159,8 +159,10 @@ class _Job:
     teacher: str | None = None  # None: phase 1
 
     def __str__(self) -> str:
-        return f"phase 1 of question {self.qid!r}" if self.teacher is None else (
-            f"scoring of question {self.qid!r} by teacher {self.teacher!r}"
+        return (
+            f"phase 1 of question {self.qid!r}"
+            if self.teacher is None
+            else (f"scoring of question {self.qid!r} by teacher {self.teacher!r}")
         )
 
 

@@ -38,14 +38,18 @@ class Round:
         return f"{self.name}{index:04d}"
 
 
-
 class Enrichment(DiagnosisState):
     """Targeted rollouts of the questions' paths (:meth:`enrich`)."""
 
-    def _path_logprobs(self, env: QuestionEnv, prep: Prepared, path: list[int]) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    def _path_logprobs(
+        self, env: QuestionEnv, prep: Prepared, path: list[int]
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         """The student's and the driving teachers' log-probs along a path (adaptive targeting)."""
-        lpts = [t.policy.continuation_logprobs(prep.contexts[t.spec.name], path)
-                for t in self.driving if t.spec.name in prep.contexts]  # fmt: skip
+        lpts = [
+            t.policy.continuation_logprobs(prep.contexts[t.spec.name], path)
+            for t in self.driving
+            if t.spec.name in prep.contexts
+        ]
         return self.student.continuation_logprobs(env.prompt_ids, path), lpts
 
     def targeted(self, env: QuestionEnv, prep: Prepared) -> None:
@@ -53,7 +57,9 @@ class Enrichment(DiagnosisState):
         self.enrich([(env, prep)])
 
     def enrich(
-        self, questions: Sequence[tuple[QuestionEnv, Prepared]], then: Callable[[QuestionEnv, Prepared], None] | None = None
+        self,
+        questions: Sequence[tuple[QuestionEnv, Prepared]],
+        then: Callable[[QuestionEnv, Prepared], None] | None = None,
     ) -> None:
         """Targeted rollouts of every path of ``questions``, from the stored priorities of the
         driving teachers (each question's summary row counts what was stored).
@@ -69,8 +75,10 @@ class Enrichment(DiagnosisState):
         ``then(env, prep)`` runs on a second worker thread for each question as soon as all of
         its chunks are stored, while the other questions go on sampling (the sequential
         schedule scores the questions that are done there); all of it has run when this returns."""
-        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker, \
-                ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher:  # fmt: skip
+        with (
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="grade") as worker,
+            ThreadPoolExecutor(max_workers=1, thread_name_prefix="finish") as finisher,
+        ):
             chunks: dict[str, list[Future[RolloutSet]]] = {env.id: [] for env, _ in questions}
             done: list[Future[None]] = []
 
@@ -148,8 +156,14 @@ class Enrichment(DiagnosisState):
                 pending = []
                 stats = self.path_stats(path, before)
                 if rnd == 0:
-                    plan = TargetPlan(path, stats, cands, self.config.targeting, self.config.signals,
-                                      logprobs=lambda path=path: self._path_logprobs(env, prep, path))  # fmt: skip
+                    plan = TargetPlan(
+                        path,
+                        stats,
+                        cands,
+                        self.config.targeting,
+                        self.config.signals,
+                        logprobs=lambda path=path: self._path_logprobs(env, prep, path),
+                    )
                 targets = plan.next_round(stats)
                 if not targets:
                     break
@@ -171,9 +185,14 @@ class Enrichment(DiagnosisState):
         stored = [[self.store.has_chunk(r.env.id, r.chunk_name(ci)) for ci in range(len(r.chunks))] for r in rounds]
         samples: list[list[list[int]]] = []
         if not all(all(s) for s in stored):
-            requests = [Continue(r.env.prompt_ids, r.path[: t.node] + [t.token], t.need,
-                                 self.config.max_new_tokens - t.node - 1)
-                        for r in rounds for chunk in r.chunks for t in chunk]  # fmt: skip
+            requests = [
+                Continue(
+                    r.env.prompt_ids, r.path[: t.node] + [t.token], t.need, self.config.max_new_tokens - t.node - 1
+                )
+                for r in rounds
+                for chunk in r.chunks
+                for t in chunk
+            ]
             seed = derive_seed(self.config.seed, "targeted", *[(r.env.id, r.name) for r in rounds])
             samples = self.sampler.rollouts(requests, seed)
         out: list[list[Future[RolloutSet]]] = []

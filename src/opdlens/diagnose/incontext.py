@@ -63,9 +63,16 @@ PLAIN = "plain prompt"
 INCONTEXT_DIR = "incontext"
 #: Columns of a stored in-context row.
 INCONTEXT_COLUMNS: tuple[str, ...] = (
-    "question_id", "context", "n_samples", "n_correct", "accuracy", "context_tokens",
-    "max_new_tokens", "temperature", "reason",
-)  # fmt: skip
+    "question_id",
+    "context",
+    "n_samples",
+    "n_correct",
+    "accuracy",
+    "context_tokens",
+    "max_new_tokens",
+    "temperature",
+    "reason",
+)
 
 
 def incontext_file(context: str, question: str) -> str:
@@ -117,22 +124,36 @@ def sample_incontext(
                 _check_stored(store, rel, n_samples)
                 continue
             row: dict[str, object] = {
-                "question_id": env.id, "context": name, "n_samples": 0, "n_correct": 0, "accuracy": float("nan"),
-                "context_tokens": 0, "max_new_tokens": opt.max_new_tokens, "temperature": opt.temperature, "reason": "",
-            }  # fmt: skip
+                "question_id": env.id,
+                "context": name,
+                "n_samples": 0,
+                "n_correct": 0,
+                "accuracy": float("nan"),
+                "context_tokens": 0,
+                "max_new_tokens": opt.max_new_tokens,
+                "temperature": opt.temperature,
+                "reason": "",
+            }
             if isinstance(ctx, str):
                 row["reason"] = ctx
             elif limit is not None and len(ctx) + opt.max_new_tokens > limit:
                 row["context_tokens"] = len(ctx)
-                row["reason"] = (f"context of {len(ctx)} tokens + max_new_tokens {opt.max_new_tokens} exceeds the "
-                                 f"student's context of {limit} tokens")  # fmt: skip
+                row["reason"] = (
+                    f"context of {len(ctx)} tokens + max_new_tokens {opt.max_new_tokens} exceeds the "
+                    f"student's context of {limit} tokens"
+                )
             else:
-                comps = student.sample([ctx], n_samples, opt.max_new_tokens,
-                                       seed=derive_seed(opt.seed, env.id, "incontext", name),
-                                       temperature=opt.temperature)[0]  # fmt: skip
+                comps = student.sample(
+                    [ctx],
+                    n_samples,
+                    opt.max_new_tokens,
+                    seed=derive_seed(opt.seed, env.id, "incontext", name),
+                    temperature=opt.temperature,
+                )[0]
                 n_correct = sum(bool(env.grade(c.tokens)) for c in comps)
-                row.update(n_samples=len(comps), n_correct=n_correct, accuracy=n_correct / len(comps),
-                           context_tokens=len(ctx))  # fmt: skip
+                row.update(
+                    n_samples=len(comps), n_correct=n_correct, accuracy=n_correct / len(comps), context_tokens=len(ctx)
+                )
             store.write_table(rel, pd.DataFrame([row], columns=list(INCONTEXT_COLUMNS)))
     out = read_incontext(store.root)
     assert out is not None  # the plain prompt of every question was written
@@ -175,15 +196,24 @@ def run_incontext(
     root = Path(run_dir)
     cfg_file = root / "config.yaml"
     if not (root / "questions.parquet").is_file() or not cfg_file.is_file():
-        raise OpdlensError(f"{root} is not a finished run (no config.yaml or questions.parquet): run or resume "
-                           f"`opdlens diagnose` there first")  # fmt: skip
+        raise OpdlensError(
+            f"{root} is not a finished run (no config.yaml or questions.parquet): run or resume "
+            f"`opdlens diagnose` there first"
+        )
     cfg = read_run_config(cfg_file)
     selves = [t for t in cfg.teachers if t.model is None]
     if not selves:
-        raise OpdlensError(f"run {root} has no self-distillation teacher (model: the student): in-context accuracy "
-                           f"samples the student under those teachers' contexts")  # fmt: skip
-    update: dict[str, object] = {"out_dir": str(root), "teachers": selves, "targeting_teachers": None,
-                                 "summarizer": None, "solution_model": None}  # fmt: skip
+        raise OpdlensError(
+            f"run {root} has no self-distillation teacher (model: the student): in-context accuracy "
+            f"samples the student under those teachers' contexts"
+        )
+    update: dict[str, object] = {
+        "out_dir": str(root),
+        "teachers": selves,
+        "targeting_teachers": None,
+        "summarizer": None,
+        "solution_model": None,
+    }
     if device is not None:
         update["device"] = device
     diag, envs = build_diagnosis(cfg.model_copy(update=update), progress=False)
@@ -191,8 +221,10 @@ def run_incontext(
     by_id = {e.id: e for e in envs}
     missing = sorted(set(finished) - set(by_id))
     if missing:
-        raise OpdlensError(f"questions {missing[:5]} of run {root} are not in its task any more (task data or "
-                           f"config changed since the run): in-context accuracy needs the same questions")  # fmt: skip
+        raise OpdlensError(
+            f"questions {missing[:5]} of run {root} are not in its task any more (task data or "
+            f"config changed since the run): in-context accuracy needs the same questions"
+        )
     return sample_incontext(diag, [by_id[q] for q in finished], n_samples, progress=progress)
 
 
@@ -211,8 +243,11 @@ def accuracy_table(rows: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame
         raise OpdlensError("accuracy_table needs a 'bin' column (the difficulty bin of each question)")
     done = rows[rows["n_samples"] > 0]
     plain = done[done["context"] == PLAIN].set_index("question_id")["accuracy"]
-    bins = list(rows["bin"].cat.categories) if isinstance(rows["bin"].dtype, pd.CategoricalDtype) else sorted(
-        rows["bin"].unique())
+    bins = (
+        list(rows["bin"].cat.categories)
+        if isinstance(rows["bin"].dtype, pd.CategoricalDtype)
+        else sorted(rows["bin"].unique())
+    )
     contexts = [PLAIN] + sorted(c for c in rows["context"].unique() if c != PLAIN)
     out = []
     for b in [*bins, "all"]:
@@ -226,10 +261,18 @@ def accuracy_table(rows: pd.DataFrame, confidence: float = 0.95) -> pd.DataFrame
             p = float("nan")
             if c != PLAIN and d.size >= 2 and np.ptp(d) > 0:
                 p = float(stats.ttest_1samp(d, 0.0).pvalue)
-            out.append({
-                "bin": str(b), "context": c, "n_questions": int(acc.size),
-                "accuracy": float(acc.mean()) if acc.size else float("nan"), "ci_low": lo, "ci_high": hi,
-                "n_skipped": int((sub["n_samples"] == 0).sum()), "n_paired": int(d.size) if c != PLAIN else 0,
-                "gain": float(d.mean()) if d.size and c != PLAIN else float("nan"), "p_gain": p,
-            })  # fmt: skip
+            out.append(
+                {
+                    "bin": str(b),
+                    "context": c,
+                    "n_questions": int(acc.size),
+                    "accuracy": float(acc.mean()) if acc.size else float("nan"),
+                    "ci_low": lo,
+                    "ci_high": hi,
+                    "n_skipped": int((sub["n_samples"] == 0).sum()),
+                    "n_paired": int(d.size) if c != PLAIN else 0,
+                    "gain": float(d.mean()) if d.size and c != PLAIN else float("nan"),
+                    "p_gain": p,
+                }
+            )
     return pd.DataFrame(out)

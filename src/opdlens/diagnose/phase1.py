@@ -47,9 +47,10 @@ class TreeSteps(DiagnosisState):
                 if self.store.has_chunk(env.id, "initial"):
                     futures.append(worker.submit(self.store.read_chunk, env.id, "initial"))
                     continue
-                (tokens,) = self.sampler.rollouts([Continue(env.prompt_ids, [], self.config.rollouts_per_question,
-                                                            self.config.max_new_tokens)],
-                                                  derive_seed(self.config.seed, env.id, "initial"))  # fmt: skip
+                (tokens,) = self.sampler.rollouts(
+                    [Continue(env.prompt_ids, [], self.config.rollouts_per_question, self.config.max_new_tokens)],
+                    derive_seed(self.config.seed, env.id, "initial"),
+                )
                 futures.append(worker.submit(graded_and_stored, self.store, env, "initial", tokens, [0] * len(tokens)))
             return [f.result() for f in futures]
 
@@ -110,7 +111,8 @@ class TreeSteps(DiagnosisState):
                 what = "correct" if want else "incorrect"
                 sol.reasons[name] = (
                     f"every {what} rollout is a scored representative path (showing it would leak the answer)"
-                    if cands else f"no {what} rollout to show the teacher"
+                    if cands
+                    else f"no {what} rollout to show the teacher"
                 )
         if sol.correct is None and self.config.fallback_reference_solution and env.reference_solution:
             sol.correct = env.reference_solution
@@ -143,8 +145,13 @@ class TreeSteps(DiagnosisState):
             return None, "the summariser has no tokenizer (no text to summarise)"
         budget = self.config.summary_max_new_tokens
         ids = encode([{"role": "user", "content": SUMMARY_PROMPT.format(solution=text)}])
-        comp = model.sample([ids], 1, budget, seed=derive_seed(self.config.seed, env.id, "summary", which), 
-                             temperature=self.config.summary_temperature)
+        comp = model.sample(
+            [ids],
+            1,
+            budget,
+            seed=derive_seed(self.config.seed, env.id, "summary", which),
+            temperature=self.config.summary_temperature,
+        )
         eos = model.eos_token_ids
         toks = [t for t in comp[0][0].tokens if t not in eos]
         answer = strip_thinking(decode(toks))
@@ -183,11 +190,14 @@ class TreeSteps(DiagnosisState):
                 continue
             limit = t.slot.max_context
             if limit is not None and len(ctx) + longest > limit:
-                skips.append(skip_row(
-                    env.id, t.spec.name,
-                    f"teacher context of {len(ctx)} tokens + path of {longest} tokens exceeds "
-                    f"the teacher's context of {limit} tokens",
-                ))  # fmt: skip
+                skips.append(
+                    skip_row(
+                        env.id,
+                        t.spec.name,
+                        f"teacher context of {len(ctx)} tokens + path of {longest} tokens exceeds "
+                        f"the teacher's context of {limit} tokens",
+                    )
+                )
                 continue
             contexts[t.spec.name] = ctx
         return Prepared(initial, paths, contexts, skips)

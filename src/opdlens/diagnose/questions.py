@@ -73,7 +73,9 @@ def graded(env: QuestionEnv, tokens: list[list[int]], forced: list[int]) -> Roll
     return RolloutSet.from_lists(tokens, [bool(g) for g in grades], forced)
 
 
-def graded_and_stored(store: RunStore, env: QuestionEnv, name: str, tokens: list[list[int]], forced: list[int]) -> RolloutSet:
+def graded_and_stored(
+    store: RunStore, env: QuestionEnv, name: str, tokens: list[list[int]], forced: list[int]
+) -> RolloutSet:
     """Grade a chunk of rollouts and write it to the store (on the grading worker)."""
     rs = graded(env, tokens, forced)
     store.write_chunk(env.id, name, rs)

@@ -20,6 +20,7 @@ from opdlens.policy import Policy, check_same_tokenizer
 if TYPE_CHECKING:
     from opdlens.diagnose.config import DiagnoseConfig
 
+
 def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunStore:
     """Run a :class:`opdlens.config.DiagnoseConfig` end to end (phases 1 and 2) into its out_dir.
 
@@ -35,9 +36,16 @@ def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunS
     with store.lock():
         write_config(store, config)
         diag, envs = build_diagnosis(config, progress=progress)
-        store.write_table("inputs.parquet", pd.DataFrame(
-            {"question_id": [e.id for e in envs], "question_text": [e.question_text for e in envs],
-             "gold": [e.gold for e in envs]}))  # fmt: skip
+        store.write_table(
+            "inputs.parquet",
+            pd.DataFrame(
+                {
+                    "question_id": [e.id for e in envs],
+                    "question_text": [e.question_text for e in envs],
+                    "gold": [e.gold for e in envs],
+                }
+            ),
+        )
         diag.run(envs)
     return store
 
@@ -83,8 +91,10 @@ def vllm_engine(config: Any, student: Any) -> Any:
     from opdlens.rollout import vllm_engine as ve
 
     if config.student == models.SMOLLM2:
-        raise OpdlensError("rollout_engine: vllm needs the student as a hub id or a local model directory; "
-                           "the embedded 'smollm2' GGUF runs with rollout_engine: torch")
+        raise OpdlensError(
+            "rollout_engine: vllm needs the student as a hub id or a local model directory; "
+            "the embedded 'smollm2' GGUF runs with rollout_engine: torch"
+        )
     opts = dict(config.vllm_options)
     if config.dtype:
         opts.setdefault("dtype", config.dtype)
@@ -95,11 +105,15 @@ def vllm_engine(config: Any, student: Any) -> Any:
         later = {spec.model for spec in config.teachers} | {config.summarizer, config.solution_model}
         later -= {None, config.student}  # the student's own spec is the already loaded student
         opts["gpu_memory_utilization"] = ve.memory_share(
-            free=mem[0], total=mem[1], student_bytes=models.spec_weight_bytes(config.student, dtype),
+            free=mem[0],
+            total=mem[1],
+            student_bytes=models.spec_weight_bytes(config.student, dtype),
             # the sequential schedule holds one of them at a time, the resident one all together
             later_bytes=(max if config.schedule == "sequential" else sum)(
-                [models.spec_weight_bytes(m, dtype) for m in sorted(later)] or [0]),
-            requested=opts.get("gpu_memory_utilization"))
+                [models.spec_weight_bytes(m, dtype) for m in sorted(later)] or [0]
+            ),
+            requested=opts.get("gpu_memory_utilization"),
+        )
     return VLLMEngine.from_model(config.student, eos_token_ids=sorted(student.eos_token_ids), **opts)
 
 
@@ -134,8 +148,11 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
         else:
             teachers.append(Teacher(t, slot(t.model), chat_encoder(t.model, thinking)))
     summ = slot(config.summarizer) if config.summarizer else None
-    summ_encode = chat_encoder(config.summarizer, config.summarizer_thinking) if config.summarizer else (
-        lambda m: student.encode_chat(m, thinking=config.summarizer_thinking))
+    summ_encode = (
+        chat_encoder(config.summarizer, config.summarizer_thinking)
+        if config.summarizer
+        else (lambda m: student.encode_chat(m, thinking=config.summarizer_thinking))
+    )
     # the one resolved copy of the configuration the diagnosis reads (the stored config.yaml keeps null)
     config = config.model_copy(update={"max_new_tokens": config.token_budget(task)})
     runtime = Runtime(
@@ -146,7 +163,10 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     if config.solution_model:
         runtime.solution_slot = slot(config.solution_model)
         runtime.solution_writer = _solution_writer(
-            runtime.solution_slot, chat_encoder(config.solution_model, config.solution_thinking), task, questions,
+            runtime.solution_slot,
+            chat_encoder(config.solution_model, config.solution_thinking),
+            task,
+            questions,
             config,
         )
     diag = Diagnosis(store, student, teachers, config, runtime, progress=progress)
@@ -168,7 +188,10 @@ def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
 
 
 def _solution_writer(
-    slot: ModelSlot, encode: Callable[[Messages], list[int]], task: Any, questions: Sequence[Any],
+    slot: ModelSlot,
+    encode: Callable[[Messages], list[int]],
+    task: Any,
+    questions: Sequence[Any],
     config: DiagnoseConfig,
 ) -> Callable[[QuestionEnv], tuple[str | None, str]]:
     """A function writing one correct solution per question with another (bigger) model, with
@@ -181,8 +204,13 @@ def _solution_writer(
         q = by_id[env.id]
         model = slot.get()
         ids = encode([{"role": "user", "content": q.prompt}])
-        comps = model.sample([ids], tries, max_new_tokens, seed=derive_seed(seed, env.id, "external"),
-                             temperature=config.solution_temperature)
+        comps = model.sample(
+            [ids],
+            tries,
+            max_new_tokens,
+            seed=derive_seed(seed, env.id, "external"),
+            temperature=config.solution_temperature,
+        )
         for c in comps[0]:
             text = model.decode([t for t in c.tokens if t not in model.eos_token_ids])
             if task.check(text, q):

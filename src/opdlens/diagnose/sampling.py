@@ -31,7 +31,6 @@ class Continue:
     budget: int
 
 
-
 class Sampler:
     """The student's sampler at the run's temperature; counts the calls it split after running
     out of GPU memory (``oom_retries``)."""
@@ -58,12 +57,15 @@ class Sampler:
             tiers.setdefault((requests[i].budget - 1) // width, []).append(i)
         for k, tier in enumerate(sorted(tiers, reverse=True)):
             todo = tiers[tier]
-            comps = self.sample([list(requests[i].prompt) + list(requests[i].prefix) for i in todo],
-                                 [requests[i].count for i in todo], max(requests[i].budget for i in todo),
-                                 seed if k == 0 else derive_seed(seed, "budget tier", tier))  # fmt: skip
+            comps = self.sample(
+                [list(requests[i].prompt) + list(requests[i].prefix) for i in todo],
+                [requests[i].count for i in todo],
+                max(requests[i].budget for i in todo),
+                seed if k == 0 else derive_seed(seed, "budget tier", tier),
+            )
             for i, cs in zip(todo, comps):
                 r = requests[i]
-                out[i] = [list(r.prefix) + c.tokens[:r.budget] for c in cs]
+                out[i] = [list(r.prefix) + c.tokens[: r.budget] for c in cs]
         return out
 
     def sample(self, prefixes: list[list[int]], n: list[int], max_new_tokens: int, seed: int) -> list[list[Completion]]:
@@ -88,7 +90,9 @@ class Sampler:
         s0, s1 = derive_seed(seed, "oom", 0), derive_seed(seed, "oom", 1)
         if len(prefixes) > 1:
             h = len(prefixes) // 2
-            return self.sample(prefixes[:h], n[:h], max_new_tokens, s0) + self.sample(prefixes[h:], n[h:], max_new_tokens, s1)
+            return self.sample(prefixes[:h], n[:h], max_new_tokens, s0) + self.sample(
+                prefixes[h:], n[h:], max_new_tokens, s1
+            )
         h = n[0] // 2
         a = self.sample(prefixes, [h], max_new_tokens, s0)
         b = self.sample(prefixes, [n[0] - h], max_new_tokens, s1)

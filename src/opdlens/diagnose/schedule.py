@@ -88,7 +88,9 @@ class Teacher:
     tokenizer, no model needed (None: the teacher sees the student's prompt ids, e.g. the
     synthetic oracle)."""
 
-    def __init__(self, spec: TeacherSpec, policy: Policy | ModelSlot, encode: Callable[[Messages], list[int]] | None = None) -> None:
+    def __init__(
+        self, spec: TeacherSpec, policy: Policy | ModelSlot, encode: Callable[[Messages], list[int]] | None = None
+    ) -> None:
         self.spec = spec
         self.slot = policy if isinstance(policy, ModelSlot) else ModelSlot.fixed(policy)
         self.encode = encode
@@ -106,7 +108,6 @@ def by_model(teachers: Sequence[Teacher]) -> list[list[Teacher]]:
     for t in teachers:
         groups.setdefault(0 if t.slot.resident else id(t.slot), []).append(t)
     return list(groups.values())
-
 
 
 class PhaseLog:

@@ -22,7 +22,6 @@ from opdlens.policy import Policy
 SCORE_GROUP_BYTES = 1 << 30
 
 
-
 def logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]], on_device: bool) -> list[torch.Tensor]:
     """The ``[L, V]`` log-probs of each ``(context, path)``: batched (and left on the model's
     device with ``on_device``) where the policy can (``continuation_logprobs_many``), else one
@@ -31,7 +30,6 @@ def logprobs_along(policy: Policy, pairs: list[tuple[Sequence[int], list[int]]],
     if many is not None:
         return list(many(pairs, on_device=on_device))
     return [policy.continuation_logprobs(c, p) for c, p in pairs]
-
 
 
 class Scoring(DiagnosisState):
@@ -50,8 +48,11 @@ class Scoring(DiagnosisState):
     def write_priorities(self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]) -> None:
         """Compute and store the priorities of ``teachers`` (loaded together) that are missing
         for the question; the student's log-probs are computed once for all of them."""
-        todo = [t for t in teachers if t.spec.name in prep.contexts
-                and not self.store.has(self.store.priorities_file(t.spec.name, env.id))]  # fmt: skip
+        todo = [
+            t
+            for t in teachers
+            if t.spec.name in prep.contexts and not self.store.has(self.store.priorities_file(t.spec.name, env.id))
+        ]
         if not todo:
             return
         frames: dict[str, list[pd.DataFrame]] = {t.spec.name: [] for t in todo}
@@ -59,11 +60,15 @@ class Scoring(DiagnosisState):
             for t, lpt in zip(todo, lpts):
                 for row, ls, lt in zip(rows, lps, lpt):
                     c = candidate_priorities(ls, lt, self.config.targeting.candidates_per_node)
-                    frames[t.spec.name].append(pd.DataFrame({"path_id": int(row.path_id), "node": c.node,
-                                                             "token": c.token, "gkd": c.gkd, "gap": c.gap}))  # fmt: skip
+                    frames[t.spec.name].append(
+                        pd.DataFrame(
+                            {"path_id": int(row.path_id), "node": c.node, "token": c.token, "gkd": c.gkd, "gap": c.gap}
+                        )
+                    )
         for t in todo:
-            self.store.write_table(self.store.priorities_file(t.spec.name, env.id),
-                                   pd.concat(frames[t.spec.name], ignore_index=True))  # fmt: skip
+            self.store.write_table(
+                self.store.priorities_file(t.spec.name, env.id), pd.concat(frames[t.spec.name], ignore_index=True)
+            )
 
     def _scored_paths(
         self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]
@@ -83,16 +88,20 @@ class Scoring(DiagnosisState):
                 paths = [[int(x) for x in r.tokens] for r in group]
                 keep = per_token * sum(len(p) for p in paths) <= SCORE_GROUP_BYTES
                 lps = logprobs_along(self.student, [(env.prompt_ids, p) for p in paths], keep)
-                lpts = [logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths], keep)
-                        for t in teachers]  # fmt: skip
+                lpts = [
+                    logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths], keep) for t in teachers
+                ]
                 yield group, lps, lpts
                 group = []
 
     def score_group(self, env: QuestionEnv, prep: Prepared, teachers: Sequence[Teacher]) -> None:
         """:meth:`score` for several teachers loaded together: the question's rollouts are read,
         each path's statistics built and the student's log-probs computed once for all of them."""
-        todo = [t for t in teachers if t.spec.name in prep.contexts
-                and not self.store.has(self.store.nodes_file(t.spec.name, env.id))]  # fmt: skip
+        todo = [
+            t
+            for t in teachers
+            if t.spec.name in prep.contexts and not self.store.has(self.store.nodes_file(t.spec.name, env.id))
+        ]
         if not todo:
             return
         rollouts = self.store.read_rollouts(env.id)
@@ -103,8 +112,14 @@ class Scoring(DiagnosisState):
                 stats = self.path_stats(path, rollouts)
                 draws: dict[str, Any] = {}  # the path's posterior draws, shared by its teachers
                 for t, lpt in zip(todo, lpts):
-                    sig = path_signals(stats, lps[i], lpt[i], self.config.signals, baseline=prep.initial.success_rate,
-                                       draws_cache=draws)
+                    sig = path_signals(
+                        stats,
+                        lps[i],
+                        lpt[i],
+                        self.config.signals,
+                        baseline=prep.initial.success_rate,
+                        draws_cache=draws,
+                    )
                     df = pd.DataFrame(sig)
                     df.insert(0, "node", np.arange(len(path)))
                     df.insert(0, "teacher", t.spec.name)
@@ -113,7 +128,11 @@ class Scoring(DiagnosisState):
                     df.insert(0, "question_id", env.id)
                     df["token_id"] = path
                     df["token_text"] = env.token_texts(path)
-                    df["children"] = children_column(stats, lps[i], lpt[i], env.token_texts, self.config.signals.min_visits)
+                    df["children"] = children_column(
+                        stats, lps[i], lpt[i], env.token_texts, self.config.signals.min_visits
+                    )
                     frames[t.spec.name].append(df)
         for t in todo:
-            self.store.write_table(self.store.nodes_file(t.spec.name, env.id), pd.concat(frames[t.spec.name], ignore_index=True))
+            self.store.write_table(
+                self.store.nodes_file(t.spec.name, env.id), pd.concat(frames[t.spec.name], ignore_index=True)
+            )

@@ -47,10 +47,10 @@ import torch
 from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import lfilter
 
-from opdlens.errors import OpdlensError
-from opdlens.policy import check_logprobs
 from opdlens.diagnose.tree import PathStats, well_visited
 from opdlens.diagnose.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
+from opdlens.errors import OpdlensError
+from opdlens.policy import check_logprobs
 
 Tensor = torch.Tensor
 ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
@@ -61,19 +61,26 @@ class SignalConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    min_visits: int = Field(20, ge=1, description="visits a child needs to be in S_u (paper: 20 short tasks, 10 on long AIME traces)")
+    min_visits: int = Field(
+        20, ge=1, description="visits a child needs to be in S_u (paper: 20 short tasks, 10 on long AIME traces)"
+    )
     min_children: int = Field(2, ge=2, description="|S_u| needed for a node to count")
-    min_psucc_range: float = Field(0.0, ge=0.0, le=1.0, description="node needs max P_succ − min P_succ > this over S_u")
+    min_psucc_range: float = Field(
+        0.0, ge=0.0, le=1.0, description="node needs max P_succ − min P_succ > this over S_u"
+    )
     restriction: Literal["renormalize", "literal"] = Field(
-        "renormalize", description="reading of 'restricted to S_u': renormalised (opdlens) or literal (the paper); see the module docstring"
+        "renormalize",
+        description="reading of 'restricted to S_u': renormalised (opdlens) or literal (the paper); see the module docstring",
     )
     minillm_gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount of MiniLLM's reward-to-go")
     minillm_length_norm: bool = Field(True, description="divide the reward-to-go by its number of terms")
     alignment_estimator: Estimator = Field(
-        "posterior_mean", description="point estimate of align_gkd/single/minillm: 'posterior_mean' (opdlens: its mean "
+        "posterior_mean",
+        description="point estimate of align_gkd/single/minillm: 'posterior_mean' (opdlens: its mean "
         "under the Beta posterior of each child's P_succ; lower error where the visits do not settle the sign, e.g. a "
         "two-child node is 2P(sign +) - 1 instead of ±1; see opdlens.diagnose.uncertainty) or 'plugin' (the cosine at the "
-        "observed success rates; the paper)")
+        "observed success rates; the paper)",
+    )
 
 
 # --------------------------------------------------------------------------- vector formulas
@@ -150,7 +157,9 @@ def masked_cosine(a: Tensor, b: Tensor) -> Tensor:
     a, b = _unit_scale(a), _unit_scale(b)
     num = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan")))
+    return torch.where(
+        den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan"))
+    )
 
 
 def teacher_advantage(p_student: Tensor, p_teacher: Tensor, psucc: Tensor, mask: Tensor) -> Tensor:
@@ -260,7 +269,9 @@ def path_signals(
         ell_full = _masked(ls_k - lt_k, seen)
         kl_full = (lps.exp() * (lps - lpt)).sum(-1).cpu()
         m_node, ms_node = (m * seen).sum(-1), (ms * seen).sum(-1)
-        v_node = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), (s * seen).sum(-1) / (n * seen).sum(-1).clamp_min(1.0))
+        v_node = torch.where(
+            m_node > 0, ms_node / m_node.clamp_min(1.0), (s * seen).sum(-1) / (n * seen).sum(-1).clamp_min(1.0)
+        )
         base = v_node if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
         g_ideal = ideal_gradient(p_full, psucc, mask, pbar=v_node)
 
@@ -296,6 +307,17 @@ def path_signals(
     for name, g in grads.items():
         out[f"align_{name}"] = torch.where(valid, masked_cosine(g_ideal, g), nan)
     out.update(divergences(lps, lpt))
-    out.update(node_uncertainty(ideal_of, n, s, mask, valid, {k: grads[k] for k in UNCERTAIN_METRICS}, p_te - p_st,
-                               estimator=cfg.alignment_estimator, cache=draws_cache))
+    out.update(
+        node_uncertainty(
+            ideal_of,
+            n,
+            s,
+            mask,
+            valid,
+            {k: grads[k] for k in UNCERTAIN_METRICS},
+            p_te - p_st,
+            estimator=cfg.alignment_estimator,
+            cache=draws_cache,
+        )
+    )
     return {k: v.numpy() for k, v in out.items()}

@@ -45,8 +45,8 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.tree import RolloutSet
+from opdlens.errors import OpdlensError
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
 
@@ -96,7 +96,9 @@ def start_fresh(root: str | Path) -> Path | None:
         try:
             os.replace(src, dst)
         except OSError as exc:
-            raise OpdlensError(f"cannot move {src} aside to {dst} ({exc.strerror}): move or delete it yourself") from None
+            raise OpdlensError(
+                f"cannot move {src} aside to {dst} ({exc.strerror}): move or delete it yourself"
+            ) from None
     return dst
 
 
@@ -107,12 +109,16 @@ class RunStore:
         self.root = Path(root)
         if not create:
             if not self.root.is_dir():
-                raise OpdlensError(f"run directory {self.root} does not exist: run `opdlens diagnose` (or `opdlens demo`) into it first")
+                raise OpdlensError(
+                    f"run directory {self.root} does not exist: run `opdlens diagnose` (or `opdlens demo`) into it first"
+                )
             return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
-            raise OpdlensError(f"cannot create run directory {self.root}: {exc.strerror}; choose another out_dir") from None
+            raise OpdlensError(
+                f"cannot create run directory {self.root}: {exc.strerror}; choose another out_dir"
+            ) from None
 
     # ---------------------------------------------------------------- run-level
     def check_writable(self) -> None:
@@ -164,7 +170,9 @@ class RunStore:
             dst.parent.mkdir(parents=True, exist_ok=True)
             os.replace(path, dst)
         except OSError as exc:
-            raise OpdlensError(f"{path} is unreadable and cannot be moved aside ({exc.strerror}): delete it and rerun") from None
+            raise OpdlensError(
+                f"{path} is unreadable and cannot be moved aside ({exc.strerror}): delete it and rerun"
+            ) from None
         return dst
 
     def _ok(self, path: Path) -> bool:
@@ -182,7 +190,9 @@ class RunStore:
             return pq.read_table(path)
         except (OSError, pa.ArrowException) as exc:
             if not path.exists():
-                raise OpdlensError(f"{path} is missing: the run is incomplete; rerun `opdlens diagnose` to finish it") from None
+                raise OpdlensError(
+                    f"{path} is missing: the run is incomplete; rerun `opdlens diagnose` to finish it"
+                ) from None
             dst = self.set_aside(path)
             raise OpdlensError(
                 f"{path} is unreadable ({type(exc).__name__}); it was moved to {dst}: rerun the same command to recompute it"
@@ -214,14 +224,18 @@ class RunStore:
         offsets = col.offsets.to_numpy().astype(np.int64)
         flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
         tokens = np.split(flat, offsets[1:-1] - offsets[0]) if len(col) else []
-        return RolloutSet(tokens, t.column("success").to_numpy().astype(bool), t.column("forced").to_numpy().astype(np.int64))
+        return RolloutSet(
+            tokens, t.column("success").to_numpy().astype(bool), t.column("forced").to_numpy().astype(np.int64)
+        )
 
     def _chunk_files(self, question: str, prefix: str = "") -> list[Path]:
         """The question's finished chunk files whose names start with ``prefix``: initial first,
         then in name order."""
         folder = self.root / "rollouts" / safe_name(question)
-        return sorted((f for f in folder.glob(f"{safe_name(prefix) if prefix else ''}*.parquet") if self._ok(f)),
-                      key=lambda p: (not p.name.startswith("initial"), p.name))  # fmt: skip
+        return sorted(
+            (f for f in folder.glob(f"{safe_name(prefix) if prefix else ''}*.parquet") if self._ok(f)),
+            key=lambda p: (not p.name.startswith("initial"), p.name),
+        )
 
     def count_rollouts(self, question: str, prefix: str = "") -> int:
         """How many rollouts :meth:`read_rollouts` would return (0 for none), from the files'
@@ -239,7 +253,9 @@ class RunStore:
         if not files:
             if missing_ok:
                 return None
-            raise OpdlensError(f"no rollouts stored for question {question!r} in {self.root / 'rollouts' / safe_name(question)}")
+            raise OpdlensError(
+                f"no rollouts stored for question {question!r} in {self.root / 'rollouts' / safe_name(question)}"
+            )
         return RolloutSet.concat([self.read_chunk(question, f.stem) for f in files])
 
     # ---------------------------------------------------------------- tables

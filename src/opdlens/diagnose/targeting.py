@@ -55,10 +55,10 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opdlens.errors import OpdlensError
 from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
 from opdlens.diagnose.tree import PathStats
 from opdlens.diagnose.uncertainty import alignment_draws, interval, settled, variance_reduction
+from opdlens.errors import OpdlensError
 
 
 class TargetingConfig(BaseModel):
@@ -66,32 +66,73 @@ class TargetingConfig(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    mode: Annotated[Literal["fixed", "adaptive"], Field(description=(
-        "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
-        "at most the same total, spent in rounds where more visits are expected to lower the alignments' posterior "
-        "variance most (see the module docstring)"))] = "fixed"
+    mode: Annotated[
+        Literal["fixed", "adaptive"],
+        Field(
+            description=(
+                "fixed: every chosen pair to visit_target visits (the paper); adaptive: the same pairs and "
+                "at most the same total, spent in rounds where more visits are expected to lower the alignments' posterior "
+                "variance most (see the module docstring)"
+            )
+        ),
+    ] = "fixed"
     first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
     growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
     per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
-    per_window_gap: Annotated[int, Field(ge=0, description="pairs per window with the largest |P_student - P_teacher|")] = 4
+    per_window_gap: Annotated[
+        int, Field(ge=0, description="pairs per window with the largest |P_student - P_teacher|")
+    ] = 4
     tau_gkd: Annotated[float, Field(ge=0.0, description="|g_KD| a pair must exceed")] = 1e-3
     tau_gap: Annotated[float, Field(ge=0.0, description="|P_student - P_teacher| a pair must exceed")] = 1e-2
-    visit_target: Annotated[int, Field(ge=1, description=(
-        "fixed mode: visits per chosen pair; both modes: sets the path's budget (what the fixed mode would spend)"))] = 100
-    candidates_per_node: Annotated[int, Field(ge=1, description="candidate tokens: top-k of the student and of each teacher")] = 8
-    include_path_token: Annotated[bool, Field(description="also enrich the path's own token at every chosen node")] = True
-    max_rollouts_per_path: Annotated[int | None, Field(ge=1, description=(
-        "cap on the targeted rollouts of one path (both modes; None: no cap)"))] = None
+    visit_target: Annotated[
+        int,
+        Field(
+            ge=1,
+            description=(
+                "fixed mode: visits per chosen pair; both modes: sets the path's budget (what the fixed mode would spend)"
+            ),
+        ),
+    ] = 100
+    candidates_per_node: Annotated[
+        int, Field(ge=1, description="candidate tokens: top-k of the student and of each teacher")
+    ] = 8
+    include_path_token: Annotated[bool, Field(description="also enrich the path's own token at every chosen node")] = (
+        True
+    )
+    max_rollouts_per_path: Annotated[
+        int | None, Field(ge=1, description=("cap on the targeted rollouts of one path (both modes; None: no cap)"))
+    ] = None
     rounds: Annotated[int, Field(ge=1, description="adaptive: allocation rounds after the first (floor) round")] = 4
-    stop_halfwidth: Annotated[float, Field(ge=0.0, description=(
-        "adaptive: a node gets no more rollouts once every teacher's alignment interval is this narrow (half-width)"))] = 0.05
-    stop_on_sign: Annotated[bool, Field(description=(
-        "adaptive: also stop a node once every teacher's alignment sign is settled (interval excludes 0)"))] = False
-    level: Annotated[float, Field(gt=0.0, lt=1.0, description="adaptive: level of the intervals the stopping rules read")] = 0.95
+    stop_halfwidth: Annotated[
+        float,
+        Field(
+            ge=0.0,
+            description=(
+                "adaptive: a node gets no more rollouts once every teacher's alignment interval is this narrow (half-width)"
+            ),
+        ),
+    ] = 0.05
+    stop_on_sign: Annotated[
+        bool,
+        Field(
+            description=(
+                "adaptive: also stop a node once every teacher's alignment sign is settled (interval excludes 0)"
+            )
+        ),
+    ] = False
+    level: Annotated[
+        float, Field(gt=0.0, lt=1.0, description="adaptive: level of the intervals the stopping rules read")
+    ] = 0.95
     n_draws: Annotated[int, Field(ge=16, description="adaptive: posterior draws per node and round")] = 200
-    scope: Annotated[Literal["nodes", "pairs"], Field(description=(
-        "adaptive: after the floor round, rollouts may go to any well-visited child of any node of the path that has "
-        "an alignment ('nodes'), or to the chosen pairs only ('pairs')"))] = "nodes"
+    scope: Annotated[
+        Literal["nodes", "pairs"],
+        Field(
+            description=(
+                "adaptive: after the floor round, rollouts may go to any well-visited child of any node of the path that has "
+                "an alignment ('nodes'), or to the chosen pairs only ('pairs')"
+            )
+        ),
+    ] = "nodes"
 
 
 @dataclass(frozen=True)
@@ -157,11 +198,17 @@ def candidate_priorities(logp_student: torch.Tensor, logp_teacher: torch.Tensor,
     nodes = torch.arange(cand.shape[0]).unsqueeze(1).expand_as(cand)
     keys = np.unique(np.stack([nodes.reshape(-1).numpy(), cand.reshape(-1).cpu().numpy()], 1), axis=0)
     n_t, k_t = torch.from_numpy(keys[:, 0]), torch.from_numpy(keys[:, 1])
-    return Candidates(keys[:, 0].astype(np.int64), keys[:, 1].astype(np.int64),
-                      gkd[n_t, k_t].cpu().numpy(), gap[n_t, k_t].cpu().numpy())  # fmt: skip
+    return Candidates(
+        keys[:, 0].astype(np.int64),
+        keys[:, 1].astype(np.int64),
+        gkd[n_t, k_t].cpu().numpy(),
+        gap[n_t, k_t].cpu().numpy(),
+    )
 
 
-def choose_pairs(path: Sequence[int], cands: Candidates, config: TargetingConfig | None = None) -> list[tuple[int, int]]:
+def choose_pairs(
+    path: Sequence[int], cands: Candidates, config: TargetingConfig | None = None
+) -> list[tuple[int, int]]:
     """The (node, token) pairs to enrich on one path, sorted (window order): in each depth
     window the ``per_window_gkd`` largest ``|g_KD|`` above ``tau_gkd``, then the
     ``per_window_gap`` largest gaps above ``tau_gap`` (ties: lower node, then token). They depend
@@ -189,7 +236,9 @@ def choose_pairs(path: Sequence[int], cands: Candidates, config: TargetingConfig
     return sorted(chosen)
 
 
-def teacher_candidates(logp_student: torch.Tensor, logp_teachers: Sequence[torch.Tensor], n_candidates: int) -> Candidates:
+def teacher_candidates(
+    logp_student: torch.Tensor, logp_teachers: Sequence[torch.Tensor], n_candidates: int
+) -> Candidates:
     """:func:`candidate_priorities` of every teacher, merged."""
     if not logp_teachers:
         raise OpdlensError("targeting needs at least one teacher's log-probs")
@@ -348,14 +397,26 @@ class TargetPlan:
         n = torch.from_numpy(pad["visits"][rows.numpy()]).double()
         s = torch.from_numpy(pad["successes"][rows.numpy()]).double()
         ideal = lambda ps: ideal_gradient(p_st, ps, mask_r)  # noqa: E731
-        bounds = [interval(d, self.cfg.level) for d in alignment_draws(ideal, n, s, mask_r, dirs, self.cfg.n_draws).values()]
+        bounds = [
+            interval(d, self.cfg.level) for d in alignment_draws(ideal, n, s, mask_r, dirs, self.cfg.n_draws).values()
+        ]
         lo = np.stack([b[0].numpy() for b in bounds]) if bounds else np.zeros((0, len(rows)))
         hi = np.stack([b[1].numpy() for b in bounds]) if bounds else np.zeros((0, len(rows)))
         done = (hi - lo) / 2 <= self.cfg.stop_halfwidth
         if self.cfg.stop_on_sign:
             done |= settled(lo, hi)
-        return NodeState(rows.numpy(), pad["child_token"][rows.numpy()], mask_r, n, s, ideal, dirs, lo, hi,
-                         (done | ~np.isfinite(lo)).all(0))
+        return NodeState(
+            rows.numpy(),
+            pad["child_token"][rows.numpy()],
+            mask_r,
+            n,
+            s,
+            ideal,
+            dirs,
+            lo,
+            hi,
+            (done | ~np.isfinite(lo)).all(0),
+        )
 
     def _allocate(self, stats: PathStats, budget: int) -> list[Target]:
         """One round: the pairs' expected variance reductions at :data:`GRID` multiples of the
@@ -379,7 +440,8 @@ class TargetPlan:
         step = -(-budget // len(live))
         grid = [step * j for j in GRID]
         cells = torch.tensor([[r, j] for _, _, r, j in live], dtype=torch.int64)
-        gains = variance_reduction(st.ideal, st.n, st.s, st.mask, st.directions, cells, grid, self.cfg.n_draws,
-                                   seed=self.round).numpy()
+        gains = variance_reduction(
+            st.ideal, st.n, st.s, st.mask, st.directions, cells, grid, self.cfg.n_draws, seed=self.round
+        ).numpy()
         extra = greedy_allocation(gains, grid, budget)
         return [Target(u, k, int(d)) for (u, k, _, _), d in zip(live, extra) if d > 0]

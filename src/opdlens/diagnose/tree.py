@@ -24,7 +24,6 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
-
 from typing import Any
 
 import numpy as np
@@ -33,12 +32,12 @@ from opdlens.errors import OpdlensError
 from opdlens.policy import TokenSeq
 
 
-
 def well_visited(visits: Any, min_visits: int) -> Any:
     """The rule of S_u, in one place: a child is well visited with at least ``min_visits`` visits,
     and never with none (an unvisited child has no ``P_succ`` estimate). Works on numpy arrays
     and torch tensors of visit counts alike."""
     return visits >= max(int(min_visits), 1)
+
 
 @dataclass
 class RolloutSet:
@@ -84,8 +83,11 @@ class RolloutSet:
     @staticmethod
     def concat(sets: Sequence[RolloutSet]) -> RolloutSet:
         """The rollouts of ``sets`` in order, in one copy (not one per set)."""
-        return RolloutSet([t for s in sets for t in s.tokens], np.concatenate([s.success for s in sets]),
-                          np.concatenate([s.forced for s in sets]))
+        return RolloutSet(
+            [t for s in sets for t in s.tokens],
+            np.concatenate([s.success for s in sets]),
+            np.concatenate([s.forced for s in sets]),
+        )
 
     @property
     def success_rate(self) -> float:

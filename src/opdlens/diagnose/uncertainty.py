@@ -110,7 +110,9 @@ def psucc_draws(
         a, b = mu * conc, (1 - mu) * conc
     draws = torch.zeros((n_draws, *mask.shape), dtype=torch.float64)
     cells = mask.nonzero(as_tuple=True)  # only the children in S_u are drawn (most padded cells are not)
-    draws[(slice(None), *cells)] = torch.from_numpy(rng.beta(a[cells].numpy(), b[cells].numpy(), size=(n_draws, len(cells[0]))))
+    draws[(slice(None), *cells)] = torch.from_numpy(
+        rng.beta(a[cells].numpy(), b[cells].numpy(), size=(n_draws, len(cells[0])))
+    )
     return draws
 
 
@@ -218,9 +220,12 @@ def node_uncertainty(
     ideal = lambda ps: ideal_rows(ps, rows)  # noqa: E731
     n_v, s_v, mask_v = n[rows], s[rows], mask[rows]
     dirs = {name: g[rows] for name, g in directions.items()}
-    g_hat = ideal(torch.where(mask_v, s_v.double() / n_v.double().clamp_min(1.0), torch.zeros_like(n_v, dtype=torch.float64)))
-    around = alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed + 1, center=denoised_rates(n_v, s_v, mask_v),
-                             cache=cache)
+    g_hat = ideal(
+        torch.where(mask_v, s_v.double() / n_v.double().clamp_min(1.0), torch.zeros_like(n_v, dtype=torch.float64))
+    )
+    around = alignment_draws(
+        ideal, n_v, s_v, mask_v, dirs, n_draws, seed + 1, center=denoised_rates(n_v, s_v, mask_v), cache=cache
+    )
     nan = torch.full(valid.shape, float("nan"), dtype=torch.float64)
     out: dict[str, Tensor] = {}
     for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed, cache=cache).items():
@@ -278,7 +283,9 @@ def variance_reduction(
     out = torch.zeros(len(extra), len(cells), dtype=torch.float64)
     for j, e in enumerate(extra):
         y = torch.arange(e + 1, dtype=torch.float64)
-        log_binom = torch.lgamma(torch.tensor(e + 1.0, dtype=torch.float64)) - torch.lgamma(y + 1) - torch.lgamma(e - y + 1)
+        log_binom = (
+            torch.lgamma(torch.tensor(e + 1.0, dtype=torch.float64)) - torch.lgamma(y + 1) - torch.lgamma(e - y + 1)
+        )
         block = max(1, max_cells // (n_draws * (e + 1)))  # cells per block: bounded memory for large ``extra``
         for c0 in range(0, len(cells), block):
             pc, ac = p[c0 : c0 + block], a[c0 : c0 + block]
@@ -307,7 +314,9 @@ def count_settled(nodes: pd.DataFrame, metric: str = "align_gkd", by: list[str] 
         )
     v = nodes[nodes["valid"].astype(bool) & np.isfinite(nodes[metric].to_numpy(dtype=float))]
     ok = settled(v[lo_c].to_numpy(dtype=float), v[hi_c].to_numpy(dtype=float))
-    frame = v[by].assign(n_valid=1, n_settled=ok.astype(int), n_settled_pos=(ok & (v[lo_c].to_numpy(dtype=float) > 0)).astype(int))
+    frame = v[by].assign(
+        n_valid=1, n_settled=ok.astype(int), n_settled_pos=(ok & (v[lo_c].to_numpy(dtype=float) > 0)).astype(int)
+    )
     out = frame.groupby(by, sort=True)[["n_valid", "n_settled", "n_settled_pos"]].sum().reset_index()
     out["frac_settled"] = out["n_settled"] / out["n_valid"]
     return out

@@ -20,8 +20,8 @@ import torch
 from opdlens.errors import OpdlensError
 from opdlens.models.scoring import HFPolicy
 from opdlens.models.sources import (
-    SMOLLM2,
     _LOCK,
+    SMOLLM2,
     _from_pretrained,
     _load_smollm2_model,
     load_tokenizer,
@@ -33,10 +33,20 @@ from opdlens.policy import parse_dtype
 def _qwen3(hidden: int, intermediate: int, layers: int, heads: int, tied: bool) -> dict[str, Any]:
     """Hugging Face config fields of a Qwen3 model size (8 KV heads of 128 dims in every size)."""
     return dict(
-        model_type="qwen3", vocab_size=151936, hidden_size=hidden, intermediate_size=intermediate,
-        num_hidden_layers=layers, num_attention_heads=heads, num_key_value_heads=8, head_dim=128,
-        max_position_embeddings=40960, rope_theta=1_000_000.0, rms_norm_eps=1e-6,
-        tie_word_embeddings=tied, bos_token_id=151643, eos_token_id=151645,
+        model_type="qwen3",
+        vocab_size=151936,
+        hidden_size=hidden,
+        intermediate_size=intermediate,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=8,
+        head_dim=128,
+        max_position_embeddings=40960,
+        rope_theta=1_000_000.0,
+        rms_norm_eps=1e-6,
+        tie_word_embeddings=tied,
+        bos_token_id=151643,
+        eos_token_id=151645,
     )
 
 
@@ -59,7 +69,7 @@ _POLICY_CACHE: dict[tuple[str, str, str], HFPolicy] = {}
 def spec_max_context(spec: str) -> int | None:
     """The input limit of model ``spec`` read from its config alone (no weights); None if unknown."""
     if spec.startswith(RANDOM_PREFIX):
-        shape = MODEL_SHAPES.get(spec[len(RANDOM_PREFIX):].split(":")[0].lower(), {})
+        shape = MODEL_SHAPES.get(spec[len(RANDOM_PREFIX) :].split(":")[0].lower(), {})
         return shape.get("max_position_embeddings")
     if spec == SMOLLM2:
         return 8192
@@ -167,15 +177,20 @@ def release_policy(policy: HFPolicy) -> None:
 def _random_spec(spec: str) -> tuple[dict[str, Any], int]:
     """``random:<shape>[:<seed>]``: the config fields of a :data:`MODEL_SHAPES` shape with the
     embedded SmolLM2 tokenizer's vocabulary and special ids in place of the shape's, and the seed."""
-    parts = spec[len(RANDOM_PREFIX):].split(":")
+    parts = spec[len(RANDOM_PREFIX) :].split(":")
     shape, seed = parts[0].lower(), parts[1] if len(parts) > 1 else "0"
     if shape not in MODEL_SHAPES or not seed.isdigit() or len(parts) > 2:
         raise OpdlensError(
             f"bad random model spec {spec!r}: use 'random:<shape>[:<seed>]' with a shape in {sorted(MODEL_SHAPES)}"
         )
     tok = load_tokenizer(SMOLLM2)
-    fields = dict(MODEL_SHAPES[shape], vocab_size=len(tok), eos_token_id=tok.eos_token_id,
-                  bos_token_id=tok.bos_token_id, pad_token_id=tok.pad_token_id)  # fmt: skip
+    fields = dict(
+        MODEL_SHAPES[shape],
+        vocab_size=len(tok),
+        eos_token_id=tok.eos_token_id,
+        bos_token_id=tok.bos_token_id,
+        pad_token_id=tok.pad_token_id,
+    )
     return fields, int(seed)
 
 
@@ -254,10 +269,19 @@ def tiny_random_policy(
     if hidden_size % num_heads or num_heads % num_kv_heads:
         raise OpdlensError("hidden_size must be divisible by num_heads, and num_heads by num_kv_heads")
     fields: dict[str, Any] = dict(
-        model_type=model_type, vocab_size=vocab, hidden_size=hidden_size, intermediate_size=2 * hidden_size,
-        num_hidden_layers=num_layers, num_attention_heads=num_heads, num_key_value_heads=num_kv_heads,
-        head_dim=hidden_size // num_heads, max_position_embeddings=4096, initializer_range=init_std,
-        tie_word_embeddings=False, bos_token_id=min(1, vocab - 1), eos_token_id=0 if tok is None else tok.eos_token_id,
+        model_type=model_type,
+        vocab_size=vocab,
+        hidden_size=hidden_size,
+        intermediate_size=2 * hidden_size,
+        num_hidden_layers=num_layers,
+        num_attention_heads=num_heads,
+        num_key_value_heads=num_kv_heads,
+        head_dim=hidden_size // num_heads,
+        max_position_embeddings=4096,
+        initializer_range=init_std,
+        tie_word_embeddings=False,
+        bos_token_id=min(1, vocab - 1),
+        eos_token_id=0 if tok is None else tok.eos_token_id,
         pad_token_id=0 if tok is None else tok.pad_token_id,
     )
     if tok is not None:

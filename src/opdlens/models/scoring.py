@@ -27,7 +27,7 @@ def _greedy_batches(order: list[int], fits: Callable[[list[int]], bool]) -> Iter
     start = 0
     while start < len(order):
         end = start + 1
-        while end < len(order) and fits(order[start:end + 1]):
+        while end < len(order) and fits(order[start : end + 1]):
             end += 1
         yield order[start:end]
         start = end
@@ -137,16 +137,17 @@ class HFPolicy:
         ids = torch.full((len(seqs), width), self._pad, dtype=torch.long)
         mask = torch.zeros((len(seqs), width), dtype=torch.long)
         for r, s in enumerate(seqs):
-            ids[r, width - len(s):] = torch.tensor(s)
-            mask[r, width - len(s):] = 1
+            ids[r, width - len(s) :] = torch.tensor(s)
+            mask[r, width - len(s) :] = 1
         return ids, mask, (mask.cumsum(1) - 1).clamp(min=0)
 
     def _last_logprobs(self, seqs: list[list[int]]) -> torch.Tensor:
         dev = self.device
         ids, mask, pos = (t.to(dev) for t in self._left_padded(seqs))
         with attention_backends():
-            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1,
-                                use_cache=False).logits[:, -1]
+            logits = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=pos, logits_to_keep=1, use_cache=False
+            ).logits[:, -1]
         return torch.log_softmax(logits.float(), dim=-1).to(self.output_device)
 
     def continuation_logprobs(self, context: TokenSeq, continuation: TokenSeq) -> torch.Tensor:
@@ -162,8 +163,10 @@ class HFPolicy:
         ``max_logits_bytes`` of kept logits, the log-softmax and its checks on the model's
         device, then one copy of each batch's rows to ``output_device`` (none with
         ``on_device``: the results stay on the model's device, for callers that reduce them there)."""
-        seqs = [(self._check_tokens(c, f"context {i}"), self._check_tokens(x, f"continuation {i}"))
-                for i, (c, x) in enumerate(pairs)]  # fmt: skip
+        seqs = [
+            (self._check_tokens(c, f"context {i}"), self._check_tokens(x, f"continuation {i}"))
+            for i, (c, x) in enumerate(pairs)
+        ]
         if any(not c for c, _ in seqs):
             raise OpdlensError("continuation_logprobs needs a non-empty context (the prompt tokens)")
         dest = self.device if on_device else self.output_device
@@ -191,7 +194,7 @@ class HFPolicy:
         with attention_backends():
             # [B, keep, V]
             logits = self.model(input_ids=ids.to(dev), logits_to_keep=keep, use_cache=False, **kw).logits
-        rows = torch.cat([logits[r, keep - 1 - len(x): keep - 1] for r, (_, x) in enumerate(seqs)])
+        rows = torch.cat([logits[r, keep - 1 - len(x) : keep - 1] for r, (_, x) in enumerate(seqs)])
         lp = check_logprobs(torch.log_softmax(rows.float(), dim=-1), self.name).to(dest)
         return list(lp.split([len(x) for _, x in seqs]))
 

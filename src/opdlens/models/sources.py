@@ -117,8 +117,11 @@ def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
                 "config.json, the weights (*.safetensors or *.bin) and the tokenizer files."
             ) from exc
         detail = " ".join(str(exc).split())
-        where = ("the Hugging Face hub is unreachable or offline (HF_HUB_OFFLINE) and the local cache has no copy"
-                 if not online else "the Hugging Face hub has no such id or refused it")  # fmt: skip
+        where = (
+            "the Hugging Face hub is unreachable or offline (HF_HUB_OFFLINE) and the local cache has no copy"
+            if not online
+            else "the Hugging Face hub has no such id or refused it"
+        )
         raise OpdlensError(
             f"could not find model {spec!r} offline: it is not a local directory, and {where} "
             f"({type(exc).__name__}: {detail}). "

@@ -17,11 +17,11 @@
 from opdlens.opd.losses import (
     LOSSES,
     LossOutput,
-    opd_topk,
     forward_kl,
     full_rkl,
     generalized_jsd,
     opd_loss,
+    opd_topk,
     reduce_tokens,
     sampled_token_rkl,
     topk_rkl,
@@ -30,7 +30,22 @@ from opdlens.opd.metrics import TokenMetrics, token_metrics
 from opdlens.opd.trainer import TEMPLATES, OPDTrainer, TrainConfig, TrainResult, read_metrics, train
 
 __all__ = [
-    "LOSSES", "LossOutput", "opd_topk", "forward_kl", "full_rkl", "generalized_jsd", "opd_loss", "reduce_tokens", "sampled_token_rkl",
-    "topk_rkl", "TokenMetrics", "token_metrics", "TEMPLATES", "OPDTrainer", "TrainConfig", "TrainResult",
-    "read_metrics", "train",
+    "LOSSES",
+    "LossOutput",
+    "opd_topk",
+    "forward_kl",
+    "full_rkl",
+    "generalized_jsd",
+    "opd_loss",
+    "reduce_tokens",
+    "sampled_token_rkl",
+    "topk_rkl",
+    "TokenMetrics",
+    "token_metrics",
+    "TEMPLATES",
+    "OPDTrainer",
+    "TrainConfig",
+    "TrainResult",
+    "read_metrics",
+    "train",
 ]

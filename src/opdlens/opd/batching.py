@@ -65,8 +65,13 @@ def completion_logits(
         mask[b, : len(y)] = 1.0
     pos = (attn.cumsum(1) - 1).clamp(min=0)
     with attention_backends():
-        out = model(input_ids=ids.to(device), attention_mask=attn.to(device), position_ids=pos.to(device),
-                    logits_to_keep=t_max, use_cache=False)
+        out = model(
+            input_ids=ids.to(device),
+            attention_mask=attn.to(device),
+            position_ids=pos.to(device),
+            logits_to_keep=t_max,
+            use_cache=False,
+        )
     logits = out.logits[:, -t_max:]
     mask = mask.to(device)
     return torch.where(mask.bool().unsqueeze(-1), logits, torch.zeros((), dtype=logits.dtype, device=device)), mask

@@ -57,8 +57,10 @@ def _rng_state() -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
             tensors[f"cuda.{i}"] = s
     name, keys, pos, has_gauss, gauss = np.random.get_state()
     py = random.getstate()
-    meta = {"numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
-            "python": [py[0], list(py[1]), py[2]]}
+    meta = {
+        "numpy": [name, keys.tolist(), int(pos), int(has_gauss), float(gauss)],
+        "python": [py[0], list(py[1]), py[2]],
+    }
     return tensors, meta
 
 
@@ -93,13 +95,21 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     for pid, vals in meta["plain"].items():
         state.setdefault(int(pid), {}).update(vals)
     # JSON has no tuples: hyper-parameters such as AdamW's betas come back as tuples
-    groups = [{k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
-              for g in meta["param_groups"]]
+    groups = [
+        {k: (tuple(v) if isinstance(v, list) and k != "params" else v) for k, v in g.items()}
+        for g in meta["param_groups"]
+    ]
     return {"state": state, "param_groups": groups}
 
 
-def save_checkpoint(out_dir: str | Path, step: int, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                    config: dict[str, Any], keep: int = 2) -> Path:
+def save_checkpoint(
+    out_dir: str | Path,
+    step: int,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    config: dict[str, Any],
+    keep: int = 2,
+) -> Path:
     """Write the checkpoint of ``step``; keep the newest ``keep`` (0: all)."""
     d = Path(out_dir) / CKPT_DIR / f"step_{step:07d}"
     d.mkdir(parents=True, exist_ok=True)
@@ -135,12 +145,16 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
         step = int(meta["step"])
         missing, unexpected = load_model(model, str(d / MODEL), strict=False)
         if missing or unexpected:
-            raise OpdlensError(f"checkpoint {d} does not match the student model (missing {missing[:3]}, "
-                               f"unexpected {unexpected[:3]}): was it written for another model?")
+            raise OpdlensError(
+                f"checkpoint {d} does not match the student model (missing {missing[:3]}, "
+                f"unexpected {unexpected[:3]}): was it written for another model?"
+            )
         if optimizer is not None:
             optimizer.load_state_dict(_join_optimizer(load_file(str(d / OPTIM)), meta["optimizer"]))
         _set_rng_state(load_file(str(d / RNG)), meta["rng"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
-        raise OpdlensError(f"checkpoint {d} is corrupt or not an opdlens checkpoint ({type(e).__name__}: {e}); "
-                           "delete it to resume from an earlier one") from e
+        raise OpdlensError(
+            f"checkpoint {d} is corrupt or not an opdlens checkpoint ({type(e).__name__}: {e}); "
+            "delete it to resume from an earlier one"
+        ) from e
     return step

@@ -41,15 +41,16 @@ from pathlib import Path
 from typing import Any
 
 from opdlens.config import read_yaml, validate_config
-from opdlens.opd.trainer import TrainConfig, TrainResult, train
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
+from opdlens.opd.trainer import TrainConfig, TrainResult, train
+
 
 def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
     """Name of the teacher configuration with the highest mean path alignment in a diagnose run."""
+    from opdlens.diagnose.store import RunStore
     from opdlens.report.aggregate import per_teacher
     from opdlens.report.run import load_results
-    from opdlens.diagnose.store import RunStore
 
     nodes, _, _ = load_results(RunStore(run_dir))
     table = per_teacher(nodes, metric).table.sort_values("mean", ascending=False)
@@ -75,9 +76,14 @@ def train_config_from_diagnose(diagnose: Any, teacher: str, **overrides: Any) ->
             "(summaries need a summariser model in the loop): pick another teacher configuration"
         )
     base: dict[str, Any] = dict(
-        student=diagnose.student, teacher=spec.model or diagnose.student, task=diagnose.task,
-        task_args=dict(diagnose.task_args), max_new_tokens=diagnose.max_new_tokens, seed=diagnose.seed,
-        teacher_context=spec.context, device=diagnose.device,
+        student=diagnose.student,
+        teacher=spec.model or diagnose.student,
+        task=diagnose.task,
+        task_args=dict(diagnose.task_args),
+        max_new_tokens=diagnose.max_new_tokens,
+        seed=diagnose.seed,
+        teacher_context=spec.context,
+        device=diagnose.device,
     )
     base.update(overrides)
     return validate_config(TrainConfig, base, f"from diagnose teacher {teacher!r}")
@@ -110,9 +116,11 @@ def train_cmd(config: Path) -> TrainResult:
 
     console = Console(stderr=True, soft_wrap=True)  # as opdlens.cli: printed paths stay whole
     cfg = load_train_config(config)
-    console.print(f"[bold]opdlens train[/]: student={cfg.student} teacher={cfg.teacher} "
-                  f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
-                  f"lr={cfg.lr:g} batch={cfg.batch_size} steps={cfg.steps} -> {cfg.out_dir}")
+    console.print(
+        f"[bold]opdlens train[/]: student={cfg.student} teacher={cfg.teacher} "
+        f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
+        f"lr={cfg.lr:g} batch={cfg.batch_size} steps={cfg.steps} -> {cfg.out_dir}"
+    )
     res = train(cfg)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
         return res
@@ -126,9 +134,13 @@ def train_cmd(config: Path) -> TrainResult:
         console.print(f"resumed from step {res.resumed_from}")
     rows = [r for r in res.history if r.get("eval_rkl") is not None]
     if len(rows) >= 2:
-        console.print(f"held-out reverse KL: {rows[0]['eval_rkl']:.4f} (step {rows[0]['step']}) -> "
-                      f"{rows[-1]['eval_rkl']:.4f} (step {rows[-1]['step']}); "
-                      f"reward {rows[0].get('eval_reward')} -> {rows[-1].get('eval_reward')}")
-    console.print(f"logs: {res.out_dir / 'metrics.jsonl'}, TensorBoard: {res.out_dir / 'tb'}; "
-                  f"last checkpoint: {res.last_checkpoint}; curve: {curve}")
+        console.print(
+            f"held-out reverse KL: {rows[0]['eval_rkl']:.4f} (step {rows[0]['step']}) -> "
+            f"{rows[-1]['eval_rkl']:.4f} (step {rows[-1]['step']}); "
+            f"reward {rows[0].get('eval_reward')} -> {rows[-1].get('eval_reward')}"
+        )
+    console.print(
+        f"logs: {res.out_dir / 'metrics.jsonl'}, TensorBoard: {res.out_dir / 'tb'}; "
+        f"last checkpoint: {res.last_checkpoint}; curve: {curve}"
+    )
     return res

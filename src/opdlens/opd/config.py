@@ -10,15 +10,15 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from opdlens.opd.losses import LOSSES, LossOptions, get_loss
 from opdlens.config import RunSettings
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
+from opdlens.opd.losses import LOSSES, LossOptions, get_loss
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
 TEMPLATES: dict[str, str] = {
@@ -40,8 +40,9 @@ def resolve_template(template: str) -> str:
     try:
         tpl.format(prompt="x", answer="y")
     except (KeyError, IndexError, ValueError) as e:
-        raise OpdlensError(f"template {template!r} has an unknown field or bad braces ({e}); "
-                           "allowed fields: {prompt}, {answer}") from e
+        raise OpdlensError(
+            f"template {template!r} has an unknown field or bad braces ({e}); allowed fields: {{prompt}}, {{answer}}"
+        ) from e
     return tpl
 
 
@@ -97,28 +98,46 @@ class TrainConfig(RunSettings):
     eval_split: str = Field("test", description="split of the held-out questions")
     eval_questions: int = Field(32, ge=0, description="held-out questions (0: no held-out evaluation)")
 
-    student_template: str = Field("same", description="student prompt: a TEMPLATES name or a format string with {prompt}")
-    teacher_template: str = Field("same", description="teacher prompt: a TEMPLATES name or a format string ({prompt}, {answer})")
-    teacher_temperature: float = Field(1.0, description="teacher logits are divided by it (authors' TEACHER_TEMPERATURE)")
+    student_template: str = Field(
+        "same", description="student prompt: a TEMPLATES name or a format string with {prompt}"
+    )
+    teacher_template: str = Field(
+        "same", description="teacher prompt: a TEMPLATES name or a format string ({prompt}, {answer})"
+    )
+    teacher_temperature: float = Field(
+        1.0, description="teacher logits are divided by it (authors' TEACHER_TEMPERATURE)"
+    )
     teacher_context: str | None = Field(
-        None, description="a diagnose teacher context (a registered one that needs no summary) instead of teacher_template")
+        None,
+        description="a diagnose teacher context (a registered one that needs no summary) instead of teacher_template",
+    )
     context_rollouts: int = Field(4, ge=1, description="student rollouts per question to find 1c/1c1w solutions")
-    student_thinking: bool | None = Field(None, description="enable_thinking of the student's chat template (None: template default)")
+    student_thinking: bool | None = Field(
+        None, description="enable_thinking of the student's chat template (None: template default)"
+    )
     teacher_thinking: bool | None = Field(
-        None, description="enable_thinking of the teacher's chat template; false for a non-thinking teacher")
+        None, description="enable_thinking of the teacher's chat template; false for a non-thinking teacher"
+    )
 
     loss: str = Field("opd", description=f"one of: {', '.join(LOSSES)} (docs/OPD.md)")
     k: int = Field(16, ge=0, description="top-k size (authors' LOG_PROB_TOP_K); loss opd: 0 = sampled-token")
     topk_set: Literal["student", "teacher", "intersection", "union", "symmetric_difference"] = Field(
-        "student", description="loss opd: the token set (authors' TOP_K_STRATEGY; intersection = overlap-only loss)")
+        "student", description="loss opd: the token set (authors' TOP_K_STRATEGY; intersection = overlap-only loss)"
+    )
     topk_weight: Literal["student", "teacher", "uniform"] = Field(
-        "student", description="loss opd: w_v = p/P(set), q/Q(set) or uniform (authors' REWARD_WEIGHT_MODE)")
+        "student", description="loss opd: w_v = p/P(set), q/Q(set) or uniform (authors' REWARD_WEIGHT_MODE)"
+    )
     jsd_beta: float = Field(0.5, description="loss jsd: teacher weight of the mixture")
     reduction: Literal["token_mean", "seq_sum", "seq_mean"] = Field("token_mean", description="loss aggregation")
     outcome_weight: float = Field(
-        0.0, ge=0, description="weight of the GRPO outcome advantage added to the distillation reward (needs samples_per_prompt >= 2)")
+        0.0,
+        ge=0,
+        description="weight of the GRPO outcome advantage added to the distillation reward (needs samples_per_prompt >= 2)",
+    )
     metrics_k: int = Field(16, ge=1, description="top-k size of the logged overlap metrics")
-    metrics_chunk: int = Field(1024, ge=0, description="per-position chunk of the overlap curves (0: off; authors: 1024)")
+    metrics_chunk: int = Field(
+        1024, ge=0, description="per-position chunk of the overlap curves (0: off; authors: 1024)"
+    )
 
     lr: float = Field(1e-6, description="AdamW learning rate (paper: 1e-6)")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay")
@@ -129,8 +148,11 @@ class TrainConfig(RunSettings):
     samples_per_prompt: int = Field(1, description="rollouts per question")
     micro_batch: int = Field(8, description="rollouts per forward/backward pass")
     rollout_chunk: int | None = Field(
-        None, ge=1, description="questions per sampling call, each seeded by (seed, step, chunk); set it so that runs "
-        "with different process counts draw identical rollouts (None: one call per process)")
+        None,
+        ge=1,
+        description="questions per sampling call, each seeded by (seed, step, chunk); set it so that runs "
+        "with different process counts draw identical rollouts (None: one call per process)",
+    )
     steps: int = Field(100, description="optimizer steps")
 
     eval_every: int = Field(10, ge=0, description="held-out evaluation period in steps (0: off)")
@@ -141,20 +163,29 @@ class TrainConfig(RunSettings):
     out_dir: Path = Field(Path("runs/opd"), description="run directory (metrics.jsonl, checkpoints/, tb/)")
     device: str = Field("auto", description="'auto' (CUDA when available), 'cpu', 'cuda', 'cuda:1'")
     teacher_device: str | None = Field(
-        None, description="the teacher's device (None: the student's): a teacher too big to share the student's GPU "
+        None,
+        description="the teacher's device (None: the student's): a teacher too big to share the student's GPU "
         "goes on another one ('cuda:1') or the CPU ('cpu'); with several processes, '+N' puts each process's teacher "
-        "on GPU local rank + N (4 students on GPUs 0-3, their teachers on 4-7: '+4')")
+        "on GPU local rank + N (4 students on GPUs 0-3, their teachers on 4-7: '+4')",
+    )
     dtype: Literal["float32", "bfloat16", "float16"] = Field(
-        "float32", description="compute dtype of the forward passes; the student's weights and optimizer state stay "
-        "float32 (mixed precision), the losses are computed in float32")
+        "float32",
+        description="compute dtype of the forward passes; the student's weights and optimizer state stay "
+        "float32 (mixed precision), the losses are computed in float32",
+    )
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
-        None, description="dtype of the teacher's weights (default: dtype)")
+        None, description="dtype of the teacher's weights (default: dtype)"
+    )
     tensorboard: bool = Field(True, description="write TensorBoard events under out_dir/tb")
     progress: bool = Field(True, description="progress bar")
 
     cold_start: ColdStartStage | None = Field(None, description="stage before OPD: SFT on filtered teacher rollouts")
-    template_selection: TemplateStage | None = Field(None, description="stage before OPD: pick the best-aligned template")
-    prompt_selection: PromptStage | None = Field(None, description="stage before OPD: de-duplicate the training prompts")
+    template_selection: TemplateStage | None = Field(
+        None, description="stage before OPD: pick the best-aligned template"
+    )
+    prompt_selection: PromptStage | None = Field(
+        None, description="stage before OPD: de-duplicate the training prompts"
+    )
 
     @field_validator("student_template", "teacher_template")
     @classmethod
@@ -166,16 +197,20 @@ class TrainConfig(RunSettings):
     @classmethod
     def _teacher_device(cls, v: str | None) -> str | None:
         if v is not None and not re.fullmatch(r"cpu|cuda(:\d+)?|\+\d+", v):
-            raise ValueError(f"{v!r} is not a device: use 'cpu', 'cuda', 'cuda:<index>' or '+<offset>' "
-                             "(each process's GPU index plus the offset)")
+            raise ValueError(
+                f"{v!r} is not a device: use 'cpu', 'cuda', 'cuda:<index>' or '+<offset>' "
+                "(each process's GPU index plus the offset)"
+            )
         return v
 
     @field_validator("teacher_context")
     @classmethod
     def _context(cls, v: str | None) -> str | None:
         if v is not None and not get_context(v).trainable:
-            raise ValueError(f"context {v!r} needs a summary (a summariser model in the loop); "
-                             f"training supports {', '.join(trainable_contexts())}")
+            raise ValueError(
+                f"context {v!r} needs a summary (a summariser model in the loop); "
+                f"training supports {', '.join(trainable_contexts())}"
+            )
         return v
 
     @field_validator("loss")
@@ -199,23 +234,35 @@ class TrainConfig(RunSettings):
         if self.k < (0 if self.loss == "opd" else 1):
             raise OpdlensError(f"k must be >= 1 for loss {self.loss!r} (k = 0 means sampled-token only for loss opd)")
         if self.teacher_context is not None and self.teacher_template != "same":
-            raise OpdlensError("set either teacher_context (a diagnose teacher configuration) or "
-                               "teacher_template, not both")
+            raise OpdlensError(
+                "set either teacher_context (a diagnose teacher configuration) or teacher_template, not both"
+            )
         if self.teacher_temperature <= 0 or self.temperature <= 0:
             raise OpdlensError("temperature and teacher_temperature must be > 0")
         if self.outcome_weight > 0 and self.samples_per_prompt < 2:
-            raise OpdlensError("outcome_weight > 0 needs samples_per_prompt >= 2 (GRPO compares rollouts of one question)")
+            raise OpdlensError(
+                "outcome_weight > 0 needs samples_per_prompt >= 2 (GRPO compares rollouts of one question)"
+            )
         if self.loss == "sampled" and self.temperature != 1.0:
             warnings.warn(
                 f"loss 'sampled' with sampling temperature {self.temperature}: the sampled-token estimator is "
-                "unbiased for the reverse KL only for on-policy samples at temperature 1", stacklevel=2)
+                "unbiased for the reverse KL only for on-policy samples at temperature 1",
+                stacklevel=2,
+            )
         return self
 
     def loss_options(self, denominator: float | None = None) -> LossOptions:
         """The :class:`~opdlens.opd.losses.LossOptions` of this run (one place, read by the step)."""
-        return LossOptions(k=self.k, topk_set=self.topk_set, topk_weight=self.topk_weight, beta=self.jsd_beta,
-                           reduction=self.reduction, denominator=denominator, student_temperature=self.temperature,
-                           teacher_temperature=self.teacher_temperature)
+        return LossOptions(
+            k=self.k,
+            topk_set=self.topk_set,
+            topk_weight=self.topk_weight,
+            beta=self.jsd_beta,
+            reduction=self.reduction,
+            denominator=denominator,
+            student_temperature=self.temperature,
+            teacher_temperature=self.teacher_temperature,
+        )
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> TrainConfig:
@@ -229,4 +276,3 @@ class TrainConfig(RunSettings):
 
     def to_yaml(self, path: str | Path) -> None:
         Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
-

@@ -36,8 +36,10 @@ from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from opdlens.report.figures import plot_training_curve
 
 #: A teacher prompt whose style differs from the student's (same information, another register).
-MISALIGNED = ("Réponds uniquement en français, en vers, avec beaucoup de détails inutiles.\n\n{prompt}\n\n"
-              "(Indice : la bonne réponse finale est {answer}.)")
+MISALIGNED = (
+    "Réponds uniquement en français, en vers, avec beaucoup de détails inutiles.\n\n{prompt}\n\n"
+    "(Indice : la bonne réponse finale est {answer}.)"
+)
 
 
 def compare_templates(base: TrainConfig, fresh: bool) -> dict[str, Any]:
@@ -51,11 +53,18 @@ def compare_templates(base: TrainConfig, fresh: bool) -> dict[str, Any]:
         train(cfg, resume=not fresh)
         ev = [r for r in read_metrics(cfg.out_dir) if r.get("eval_rkl") is not None]
         start, end = ev[0]["eval_rkl"], ev[-1]["eval_rkl"]
-        out[name] = {"initial_overlap_ratio": ev[0]["eval_overlap_ratio"], "eval_rkl_start": start, "eval_rkl_end": end,
-                     "eval_rkl_gain": start - end, "eval_rkl_change_pct": 100.0 * (end - start) / start,
-                     "final_overlap_ratio": ev[-1]["eval_overlap_ratio"]}
-        print(f"{name:>10}: initial overlap {out[name]['initial_overlap_ratio']:.3f}, held-out reverse KL "
-              f"{start:.4f} -> {end:.4f} ({out[name]['eval_rkl_change_pct']:+.1f}%)")
+        out[name] = {
+            "initial_overlap_ratio": ev[0]["eval_overlap_ratio"],
+            "eval_rkl_start": start,
+            "eval_rkl_end": end,
+            "eval_rkl_gain": start - end,
+            "eval_rkl_change_pct": 100.0 * (end - start) / start,
+            "final_overlap_ratio": ev[-1]["eval_overlap_ratio"],
+        }
+        print(
+            f"{name:>10}: initial overlap {out[name]['initial_overlap_ratio']:.3f}, held-out reverse KL "
+            f"{start:.4f} -> {end:.4f} ({out[name]['eval_rkl_change_pct']:+.1f}%)"
+        )
     print(json.dumps(out, indent=1))
     (base.out_dir / "compare_templates.json").write_text(json.dumps(out, indent=1))
     return out
@@ -89,30 +98,52 @@ def demo(
 
         torch.set_num_threads(threads)
     cfg = TrainConfig(
-        student=model, teacher=model, task="arith", train_questions=64, eval_questions=eval_questions,
-        teacher_template=teacher_template, teacher_temperature=teacher_temperature, loss=loss,
-        lr=lr, batch_size=batch_size, micro_batch=batch_size, max_new_tokens=max_new_tokens,
-        steps=steps, seed=seed, eval_every=eval_every, save_every=0, out_dir=out_dir, device=device,
+        student=model,
+        teacher=model,
+        task="arith",
+        train_questions=64,
+        eval_questions=eval_questions,
+        teacher_template=teacher_template,
+        teacher_temperature=teacher_temperature,
+        loss=loss,
+        lr=lr,
+        batch_size=batch_size,
+        micro_batch=batch_size,
+        max_new_tokens=max_new_tokens,
+        steps=steps,
+        seed=seed,
+        eval_every=eval_every,
+        save_every=0,
+        out_dir=out_dir,
+        device=device,
     )
     if compare:
         return compare_templates(cfg, fresh)
     res = train(cfg, resume=not fresh)
     rows = read_metrics(out_dir)
     name = "SmolLM2-135M" if model == "smollm2" else model
-    png = plot_training_curve(rows, out_dir / "rkl_curve.png",
-                              f"OPD on {name}: loss={loss}, teacher={teacher_template}, lr={lr:g}")
+    png = plot_training_curve(
+        rows, out_dir / "rkl_curve.png", f"OPD on {name}: loss={loss}, teacher={teacher_template}, lr={lr:g}"
+    )
     ev = [r for r in rows if r.get("eval_rkl") is not None]
     start, end = ev[0]["eval_rkl"], ev[-1]["eval_rkl"]
     tr = [r["rkl"] for r in rows if r.get("rkl") is not None]
     summary = {
-        "eval_rkl_start": start, "eval_rkl_end": end,
+        "eval_rkl_start": start,
+        "eval_rkl_end": end,
         "eval_rkl_change_pct": 100.0 * (end - start) / start if start else math.nan,
-        "train_rkl_first": tr[0] if tr else None, "train_rkl_last": tr[-1] if tr else None,
-        "eval_reward_start": ev[0].get("eval_reward"), "eval_reward_end": ev[-1].get("eval_reward"),
-        "steps": res.last_step, "curve": str(png), "metrics": str(out_dir / "metrics.jsonl"),
+        "train_rkl_first": tr[0] if tr else None,
+        "train_rkl_last": tr[-1] if tr else None,
+        "eval_reward_start": ev[0].get("eval_reward"),
+        "eval_reward_end": ev[-1].get("eval_reward"),
+        "steps": res.last_step,
+        "curve": str(png),
+        "metrics": str(out_dir / "metrics.jsonl"),
     }
-    print(f"held-out reverse KL to the teacher: start {start:.4f} -> end {end:.4f} nats/token "
-          f"({summary['eval_rkl_change_pct']:+.1f}%) after {res.last_step} steps")
+    print(
+        f"held-out reverse KL to the teacher: start {start:.4f} -> end {end:.4f} nats/token "
+        f"({summary['eval_rkl_change_pct']:+.1f}%) after {res.last_step} steps"
+    )
     print(json.dumps(summary, indent=1))
     (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary

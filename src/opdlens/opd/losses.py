@@ -119,8 +119,7 @@ def reduce_tokens(
     raise OpdlensError(f"unknown reduction {reduction!r}; choose one of {REDUCTIONS}")
 
 
-def _output(per_token: torch.Tensor, mask: torch.Tensor, reduction: Reduction,
-            denominator: float | None) -> LossOutput:
+def _output(per_token: torch.Tensor, mask: torch.Tensor, reduction: Reduction, denominator: float | None) -> LossOutput:
     """Package a differentiable per-token divergence into a :class:`LossOutput`."""
     loss = reduce_tokens(per_token, mask, reduction, denominator)
     m = mask.to(per_token.dtype)
@@ -292,11 +291,23 @@ def generalized_jsd(
     if not 0.0 <= beta <= 1.0:
         raise OpdlensError(f"generalized_jsd needs 0 <= beta <= 1, got {beta}")
     if beta == 0.0:
-        return forward_kl(student_logits, teacher_logits, mask, reduction=reduction,
-                          denominator=denominator, teacher_temperature=teacher_temperature)
+        return forward_kl(
+            student_logits,
+            teacher_logits,
+            mask,
+            reduction=reduction,
+            denominator=denominator,
+            teacher_temperature=teacher_temperature,
+        )
     if beta == 1.0:
-        return full_rkl(student_logits, teacher_logits, mask, reduction=reduction,
-                        denominator=denominator, teacher_temperature=teacher_temperature)
+        return full_rkl(
+            student_logits,
+            teacher_logits,
+            mask,
+            reduction=reduction,
+            denominator=denominator,
+            teacher_temperature=teacher_temperature,
+        )
     logp = log_probs(student_logits)
     logq = log_probs(teacher_logits.detach(), teacher_temperature)
     logm = torch.logaddexp(logq + math.log(beta), logp + math.log1p(-beta))
@@ -344,8 +355,9 @@ class TopkEntries:
 
 
 @torch.no_grad()
-def topk_entries(logp: torch.Tensor, logq: torch.Tensor, *, k: int, topk_set: TopkSet = "student",
-                 weight: WeightMode = "student") -> TopkEntries:
+def topk_entries(
+    logp: torch.Tensor, logq: torch.Tensor, *, k: int, topk_set: TopkSet = "student", weight: WeightMode = "student"
+) -> TopkEntries:
     r"""Token sets and weights of the authors' top-k OPD from full-vocabulary log-probs ``[B, T, V]``.
 
     ``S`` = student top-k, ``T`` = teacher top-k; the set is ``S``, ``T``, ``S∩T``, ``S∪T`` or
@@ -383,11 +395,15 @@ def topk_entries(logp: torch.Tensor, logq: torch.Tensor, *, k: int, topk_set: To
         w = torch.nan_to_num((base - log_z).exp(), nan=0.0, posinf=0.0)
         w = torch.where(torch.isfinite(log_z), w, torch.zeros_like(w))
     return TopkEntries(
-        ids=ids, logp=lp, logq=lq, in_set=valid,
+        ids=ids,
+        logp=lp,
+        logq=lq,
+        in_set=valid,
         shared=torch.cat([s_in_t, zeros], dim=-1),
         only_student=torch.cat([~s_in_t, zeros], dim=-1),
         only_teacher=torch.cat([zeros, ~t_in_s], dim=-1),
-        weight=w, k=k,
+        weight=w,
+        k=k,
     )
 
 
@@ -432,16 +448,20 @@ def opd_topk(
         lp_y = logp.gather(-1, idx).squeeze(-1)
         ratio = (lp_y - logq.gather(-1, idx).squeeze(-1)).detach()
         loss = reduce_tokens(ratio * lp_y, mask, reduction, denominator)
-        return LossOutput(loss=loss, per_token=ratio * mask.to(ratio.dtype),
-                          value=reduce_tokens(ratio, mask, reduction, denominator))
+        return LossOutput(
+            loss=loss, per_token=ratio * mask.to(ratio.dtype), value=reduce_tokens(ratio, mask, reduction, denominator)
+        )
     e = topk_entries(logp.detach(), logq, k=k, topk_set=topk_set, weight=weight)
     keep = e.in_set if entry_mask is None else e.in_set & entry_mask(e)
     c = torch.where(keep, e.weight * e.log_ratio, torch.zeros_like(e.weight))  # = −r_v, constant
     surrogate = (c * logp.gather(-1, e.ids)).sum(-1)
     per_token = c.sum(-1)
     loss = reduce_tokens(surrogate, mask, reduction, denominator)
-    return LossOutput(loss=loss, per_token=per_token * mask.to(per_token.dtype),
-                      value=reduce_tokens(per_token, mask, reduction, denominator))
+    return LossOutput(
+        loss=loss,
+        per_token=per_token * mask.to(per_token.dtype),
+        value=reduce_tokens(per_token, mask, reduction, denominator),
+    )
 
 
 # ---------------------------------------------------------------------------- registry
@@ -492,38 +512,69 @@ def _common(o: LossOptions) -> dict:
     return dict(reduction=o.reduction, denominator=o.denominator, teacher_temperature=o.teacher_temperature)
 
 
-@register_loss("opd", origin="authors", uses=("k", "topk_set", "topk_weight", "temperature", "teacher_temperature"),
-               doc="policy gradient on r_v = -w_v (log p(v) - log q(v)) over the chosen top-k set; k=0: sampled token")
+@register_loss(
+    "opd",
+    origin="authors",
+    uses=("k", "topk_set", "topk_weight", "temperature", "teacher_temperature"),
+    doc="policy gradient on r_v = -w_v (log p(v) - log q(v)) over the chosen top-k set; k=0: sampled token",
+)
 def _opd(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
-    return opd_topk(z, w, tok, m, k=o.k, topk_set=o.topk_set, weight=o.topk_weight,
-                    student_temperature=o.student_temperature, **_common(o))
+    return opd_topk(
+        z,
+        w,
+        tok,
+        m,
+        k=o.k,
+        topk_set=o.topk_set,
+        weight=o.topk_weight,
+        student_temperature=o.student_temperature,
+        **_common(o),
+    )
 
 
-@register_loss("sampled", origin="authors", uses=("teacher_temperature",),
-               doc="sampled-token REINFORCE estimator of the reverse KL (the authors' k=0, student at T=1)")
+@register_loss(
+    "sampled",
+    origin="authors",
+    uses=("teacher_temperature",),
+    doc="sampled-token REINFORCE estimator of the reverse KL (the authors' k=0, student at T=1)",
+)
 def _sampled(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
     return sampled_token_rkl(z, w, tok, m, **_common(o))
 
 
-@register_loss("topk_renorm", origin="ours", uses=("k", "teacher_temperature"),
-               doc="KL between student and teacher renormalised over the student's top-k (0 at k=1)")
+@register_loss(
+    "topk_renorm",
+    origin="ours",
+    uses=("k", "teacher_temperature"),
+    doc="KL between student and teacher renormalised over the student's top-k (0 at k=1)",
+)
 def _topk_renorm(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
     return topk_rkl(z, w, m, k=o.k, renormalize=True, **_common(o))
 
 
-@register_loss("topk_partial", origin="ours", uses=("k", "teacher_temperature"),
-               doc="partial reverse-KL sum over the student's top-k (unnormalised; can be negative)")
+@register_loss(
+    "topk_partial",
+    origin="ours",
+    uses=("k", "teacher_temperature"),
+    doc="partial reverse-KL sum over the student's top-k (unnormalised; can be negative)",
+)
 def _topk_partial(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
     return topk_rkl(z, w, m, k=o.k, **_common(o))
 
 
-@register_loss("topk_tail", origin="ours", uses=("k", "teacher_temperature"),
-               doc="KL over the student's top-k plus the remaining mass as one bucket (a lower bound of the full KL)")
+@register_loss(
+    "topk_tail",
+    origin="ours",
+    uses=("k", "teacher_temperature"),
+    doc="KL over the student's top-k plus the remaining mass as one bucket (a lower bound of the full KL)",
+)
 def _topk_tail(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
     return topk_rkl(z, w, m, k=o.k, tail=True, **_common(o))
 
 
-@register_loss("full", origin="ours", uses=("teacher_temperature",), doc="exact full-vocabulary reverse KL per position")
+@register_loss(
+    "full", origin="ours", uses=("teacher_temperature",), doc="exact full-vocabulary reverse KL per position"
+)
 def _full(z: torch.Tensor, w: torch.Tensor, tok: torch.Tensor, m: torch.Tensor, o: LossOptions) -> LossOutput:
     return full_rkl(z, w, m, **_common(o))
 
@@ -546,8 +597,15 @@ def get_loss(name: str) -> LossSpec:
     return LOSSES[name]
 
 
-def opd_loss(name: str, student_logits: torch.Tensor, teacher_logits: torch.Tensor, tokens: torch.Tensor,
-             mask: torch.Tensor, options: LossOptions | None = None, **kw: object) -> LossOutput:
+def opd_loss(
+    name: str,
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    tokens: torch.Tensor,
+    mask: torch.Tensor,
+    options: LossOptions | None = None,
+    **kw: object,
+) -> LossOutput:
     """Dispatch by registered name (``options`` or keyword overrides of :class:`LossOptions`)."""
     opts = options if options is not None else LossOptions()
     if kw:

@@ -37,8 +37,8 @@ from dataclasses import dataclass, fields
 
 import torch
 
-from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries
 from opdlens.errors import OpdlensError
+from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries
 
 
 @dataclass
@@ -103,7 +103,9 @@ def token_metrics(
     p_shared = (lp_s.exp() * sf).sum(-1)
     q_shared = (lq_s.exp() * sf).sum(-1)
     adv_num = (lp_s.exp() * (lq_s - lp_s) * sf).sum(-1)
-    overlap_adv = torch.where(shared.any(-1), adv_num / p_shared.clamp_min(1e-30), torch.full_like(adv_num, float("nan")))
+    overlap_adv = torch.where(
+        shared.any(-1), adv_num / p_shared.clamp_min(1e-30), torch.full_like(adv_num, float("nan"))
+    )
 
     h_p = -(p * logp).sum(-1)
     h_q = -(q * logq).sum(-1)
@@ -184,8 +186,10 @@ def mechanism_metrics(
       and ``C = Σ c_v``, so ``‖g‖² = (Σc² − 2C Σ c_v p(v) + C² Σ_u p(u)²)/τ²`` (no ``[B,T,V]`` tensor).
     """
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 3:
-        raise OpdlensError(f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
-                           "logits must both be [B, T, V] with the same shape")
+        raise OpdlensError(
+            f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
+            "logits must both be [B, T, V] with the same shape"
+        )
     logp = log_probs(student_logits, student_temperature)
     logq = log_probs(teacher_logits, teacher_temperature)
     e = topk_entries(logp, logq, k=k, topk_set=topk_set, weight=weight)
@@ -222,8 +226,9 @@ def mechanism_metrics(
     return RatioMetrics(num, den, frozenset({"grad_norm_intersection", "grad_norm_non_intersection"}))
 
 
-def chunk_sums(metrics: RatioMetrics, mask: torch.Tensor, chunk: int,
-               names: tuple[str, ...] = CHUNKED) -> dict[str, tuple[float, float]]:
+def chunk_sums(
+    metrics: RatioMetrics, mask: torch.Tensor, chunk: int, names: tuple[str, ...] = CHUNKED
+) -> dict[str, tuple[float, float]]:
     """``{f"{name}_chunk_{start}_{end}": (Σ num, Σ den)}`` over completion positions
     ``[start, end)`` (chunks of ``chunk`` tokens, as the authors' chunked curves)."""
     out: dict[str, tuple[float, float]] = {}
@@ -235,6 +240,8 @@ def chunk_sums(metrics: RatioMetrics, mask: torch.Tensor, chunk: int,
         if not bool(mc.any()):
             continue
         for name in names:
-            out[f"{name}_chunk_{s}_{e}"] = (float((metrics.num[name][:, s:e].double() * mc).sum()),
-                                            float((metrics.den[name][:, s:e].double() * mc).sum()))
+            out[f"{name}_chunk_{s}_{e}"] = (
+                float((metrics.num[name][:, s:e].double() * mc).sum()),
+                float((metrics.den[name][:, s:e].double() * mc).sum()),
+            )
     return out

@@ -18,8 +18,8 @@ from typing import Any, TypeVar
 
 import torch
 
-from opdlens.opd.runlog import MetricSums
 from opdlens.errors import OpdlensError
+from opdlens.opd.runlog import MetricSums
 
 T = TypeVar("T")
 
@@ -69,8 +69,10 @@ class Dist:
     def share(self, items: Sequence[T], what: str = "batch") -> tuple[list[T], int]:
         """This process's contiguous share of ``items`` and its start index (equal shares)."""
         if len(items) % self.world:
-            raise OpdlensError(f"the {what} of {len(items)} questions does not split over {self.world} processes: "
-                               "make batch_size / samples_per_prompt a multiple of the process count")
+            raise OpdlensError(
+                f"the {what} of {len(items)} questions does not split over {self.world} processes: "
+                "make batch_size / samples_per_prompt a multiple of the process count"
+            )
         n = len(items) // self.world
         return list(items[self.rank * n : (self.rank + 1) * n]), self.rank * n
 
@@ -78,4 +80,3 @@ class Dist:
         """This process's contiguous block of ``items`` (the last may be shorter) and its start."""
         n = math.ceil(len(items) / self.world)
         return list(items[self.rank * n : (self.rank + 1) * n]), self.rank * n
-

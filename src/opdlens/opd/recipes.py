@@ -19,9 +19,9 @@ r"""Recipes for when OPD fails (paper B's recipe), and the config stages that ru
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
 import json
 import re
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -29,11 +29,11 @@ from typing import Any, Literal
 import numpy as np
 import torch
 
-from opdlens.opd.batching import completion_logits, pad_tokens
-from opdlens.opd.metrics import token_metrics
-from opdlens.opd.config import resolve_template
-from opdlens.opd.scoring import encode_user, pad_id, step_seed
 from opdlens.errors import OpdlensError
+from opdlens.opd.batching import completion_logits, pad_tokens
+from opdlens.opd.config import resolve_template
+from opdlens.opd.metrics import token_metrics
+from opdlens.opd.scoring import encode_user, pad_id, step_seed
 from opdlens.policy import check_same_tokenizer
 
 
@@ -74,9 +74,14 @@ class ColdStartResult:
     kept: list[tuple[str, list[int]]] = field(default_factory=list)  # (question id, teacher tokens)
 
     def as_dict(self) -> dict[str, Any]:
-        return {"n_rollouts": self.n_rollouts, "n_incomplete": self.n_incomplete, "n_degenerate": self.n_degenerate,
-                "n_kept": self.n_kept, "sft_loss_first": self.losses[0] if self.losses else None,
-                "sft_loss_last": self.losses[-1] if self.losses else None}
+        return {
+            "n_rollouts": self.n_rollouts,
+            "n_incomplete": self.n_incomplete,
+            "n_degenerate": self.n_degenerate,
+            "n_kept": self.n_kept,
+            "sft_loss_first": self.losses[0] if self.losses else None,
+            "sft_loss_last": self.losses[-1] if self.losses else None,
+        }
 
 
 def cold_start_sft(
@@ -116,8 +121,9 @@ def cold_start_sft(
     s_tpl, t_tpl = resolve_template(student_template), resolve_template(teacher_template)
     t_ctx = [encode_user(teacher, t_tpl.format(prompt=q.prompt, answer=q.answer), teacher_thinking) for q in questions]
     with torch.no_grad():
-        outs = teacher.sample(t_ctx, n_per_question, max_new_tokens, seed=step_seed(seed, 0, salt=3),
-                              temperature=temperature)
+        outs = teacher.sample(
+            t_ctx, n_per_question, max_new_tokens, seed=step_seed(seed, 0, salt=3), temperature=temperature
+        )
     n_inc = n_deg = 0
     kept: list[tuple[Any, list[int]]] = []
     opts = dict(degenerate or {})
@@ -145,8 +151,9 @@ def cold_start_sft(
         order = rng.permutation(len(kept))
         for i in range(0, len(order), batch_size):
             batch = [kept[j] for j in order[i : i + batch_size]]
-            ctx = [encode_user(student, s_tpl.format(prompt=q.prompt, answer=q.answer), student_thinking)
-                   for q, _ in batch]
+            ctx = [
+                encode_user(student, s_tpl.format(prompt=q.prompt, answer=q.answer), student_thinking) for q, _ in batch
+            ]
             ys = [y for _, y in batch]
             logits, mask = completion_logits(model, ctx, ys, pad_id=pad)
             tok = pad_tokens(ys, logits.device)
@@ -220,10 +227,13 @@ def select_template(
     scores = []
     for name, raw in items:
         tpl = resolve_template(raw)
-        t_ctx = [encode_user(teacher, tpl.format(prompt=q.prompt, answer=q.answer), teacher_thinking) for q in questions]
+        t_ctx = [
+            encode_user(teacher, tpl.format(prompt=q.prompt, answer=q.answer), teacher_thinking) for q in questions
+        ]
         if apply_to == "both":
-            s_ctx = [encode_user(student, tpl.format(prompt=q.prompt, answer=q.answer), student_thinking)
-                     for q in questions]
+            s_ctx = [
+                encode_user(student, tpl.format(prompt=q.prompt, answer=q.answer), student_thinking) for q in questions
+            ]
             outs = student.sample(s_ctx, n_rollouts, max_new_tokens, seed=step_seed(seed, 0, salt=4))
         else:
             s_ctx, outs = plain, shared_rollouts
@@ -242,8 +252,9 @@ def select_template(
             n += int(sel.sum())
         if n == 0:
             raise OpdlensError(f"template {name!r}: the student produced no tokens to score")
-        scores.append(TemplateScore(name, tpl, sums["overlap_ratio"] / n, sums["rkl"] / n,
-                                    sums["student_shared_mass"] / n, n))
+        scores.append(
+            TemplateScore(name, tpl, sums["overlap_ratio"] / n, sums["rkl"] / n, sums["student_shared_mass"] / n, n)
+        )
     return sorted(scores, key=lambda s: -s.overlap_ratio)
 
 
@@ -287,8 +298,15 @@ def _embed(texts: Sequence[str], model_name: str, batch: int = 32) -> torch.Tens
     return torch.cat(out)
 
 
-def dedup_prompts(prompts: Sequence[str], against: Sequence[str], *, threshold: float = 0.8, num_perm: int = 128,
-                  shingle: int = 3, embedding_model: str | None = None) -> DedupResult:
+def dedup_prompts(
+    prompts: Sequence[str],
+    against: Sequence[str],
+    *,
+    threshold: float = 0.8,
+    num_perm: int = 128,
+    shingle: int = 3,
+    embedding_model: str | None = None,
+) -> DedupResult:
     """Drop ``prompts`` that duplicate one of ``against`` (exact after :func:`normalise_prompt`,
     then near: MinHash Jaccard of word ``shingle``-grams >= ``threshold`` via LSH, or embedding
     cosine >= ``threshold`` when ``embedding_model`` is given)."""
@@ -348,8 +366,9 @@ def read_prompts(path: str | Path) -> list[str]:
 STAGES_FILE = "stages.json"
 
 
-def run_stages(cfg: Any, student: Any, teacher: Any, task: Any, questions: list[Any],
-               out_dir: Path) -> tuple[Any, list[Any], dict[str, Any]]:
+def run_stages(
+    cfg: Any, student: Any, teacher: Any, task: Any, questions: list[Any], out_dir: Path
+) -> tuple[Any, list[Any], dict[str, Any]]:
     """Run the configured stages in order: prompt selection, template selection, cold start.
 
     Returns the config with the chosen templates, the kept training questions and a flat dict
@@ -359,20 +378,38 @@ def run_stages(cfg: Any, student: Any, teacher: Any, task: Any, questions: list[
     log: dict[str, Any] = {}
     if cfg.prompt_selection is not None:
         ps = cfg.prompt_selection
-        res = dedup_prompts([q.prompt for q in questions], read_prompts(ps.against), threshold=ps.threshold,
-                            num_perm=ps.num_perm, shingle=ps.shingle, embedding_model=ps.embedding_model)
+        res = dedup_prompts(
+            [q.prompt for q in questions],
+            read_prompts(ps.against),
+            threshold=ps.threshold,
+            num_perm=ps.num_perm,
+            shingle=ps.shingle,
+            embedding_model=ps.embedding_model,
+        )
         if not res.kept:
-            raise OpdlensError(f"prompt_selection removed all {len(questions)} training questions as duplicates of "
-                               f"{ps.against}: raise the threshold or check the file")
+            raise OpdlensError(
+                f"prompt_selection removed all {len(questions)} training questions as duplicates of "
+                f"{ps.against}: raise the threshold or check the file"
+            )
         questions = [questions[i] for i in res.kept]
         record["kept_question_ids"] = [q.id for q in questions]
         log.update(prompt_exact_duplicates=res.exact, prompt_near_duplicates=res.near, prompts_kept=len(res.kept))
     if cfg.template_selection is not None:
         ts = cfg.template_selection
-        scores = select_template(ts.candidates, student, teacher, questions[: ts.questions], apply_to=ts.apply_to,
-                                 n_rollouts=ts.n_rollouts, max_new_tokens=ts.max_new_tokens, k=cfg.metrics_k,
-                                 micro_batch=cfg.micro_batch, seed=cfg.seed, student_thinking=cfg.student_thinking,
-                                 teacher_thinking=cfg.teacher_thinking)
+        scores = select_template(
+            ts.candidates,
+            student,
+            teacher,
+            questions[: ts.questions],
+            apply_to=ts.apply_to,
+            n_rollouts=ts.n_rollouts,
+            max_new_tokens=ts.max_new_tokens,
+            k=cfg.metrics_k,
+            micro_batch=cfg.micro_batch,
+            seed=cfg.seed,
+            student_thinking=cfg.student_thinking,
+            teacher_thinking=cfg.teacher_thinking,
+        )
         best = scores[0]
         update = {"teacher_template": best.template}
         if ts.apply_to == "both":
@@ -385,11 +422,21 @@ def run_stages(cfg: Any, student: Any, teacher: Any, task: Any, questions: list[
         cs = cfg.cold_start
         qs = questions[: cs.questions] if cs.questions else questions
         res_cs = cold_start_sft(
-            student, teacher, qs, n_per_question=cs.n_per_question, temperature=cs.temperature,
+            student,
+            teacher,
+            qs,
+            n_per_question=cs.n_per_question,
+            temperature=cs.temperature,
             max_new_tokens=cs.max_new_tokens or cfg.token_budget(task),
-            student_template=cfg.student_template, teacher_template=cs.teacher_template or cfg.teacher_template,
-            lr=cs.lr, epochs=cs.epochs, batch_size=cs.batch_size, seed=cfg.seed,
-            student_thinking=cfg.student_thinking, teacher_thinking=cfg.teacher_thinking)
+            student_template=cfg.student_template,
+            teacher_template=cs.teacher_template or cfg.teacher_template,
+            lr=cs.lr,
+            epochs=cs.epochs,
+            batch_size=cs.batch_size,
+            seed=cfg.seed,
+            student_thinking=cfg.student_thinking,
+            teacher_thinking=cfg.teacher_thinking,
+        )
         log.update({f"cold_start_{k}": v for k, v in res_cs.as_dict().items()})
     record["log"] = log
     (out_dir / STAGES_FILE).write_text(json.dumps(record, indent=1))

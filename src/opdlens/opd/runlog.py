@@ -9,8 +9,8 @@ from typing import Any
 
 import torch
 
-from opdlens.opd.metrics import RatioMetrics, TokenMetrics, chunk_sums
 from opdlens.errors import OpdlensError
+from opdlens.opd.metrics import RatioMetrics, TokenMetrics, chunk_sums
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -68,8 +68,11 @@ class RunLogger:
     def __init__(self, out_dir: Path, start_step: int, tensorboard: bool) -> None:
         self.path = out_dir / METRICS_FILE
         if self.path.exists():  # resume: drop rows written after the checkpoint
-            keep = [ln for ln in self.path.read_text().splitlines()
-                    if ln.strip() and json.loads(ln).get("step", 0) <= start_step]
+            keep = [
+                ln
+                for ln in self.path.read_text().splitlines()
+                if ln.strip() and json.loads(ln).get("step", 0) <= start_step
+            ]
             self.path.write_text("".join(ln + "\n" for ln in keep))
         self.writer = None
         if tensorboard:

@@ -23,9 +23,9 @@ from typing import Any
 import numpy as np
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.opd.batching import completion_logits, model_device, pad_tokens
 from opdlens.opd.config import TrainConfig, resolve_template
-from opdlens.errors import OpdlensError
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -61,11 +61,13 @@ def process_devices(device: str, teacher_device: str | None = None) -> tuple[str
         elif teacher.startswith("cuda:") and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise OpdlensError(
                 f"teacher_device {teacher_device!r} would put every process's teacher on one GPU; with several "
-                "processes give an offset from each process's GPU instead, e.g. '+4' (students on 0-3, teachers on 4-7)")
+                "processes give an offset from each process's GPU instead, e.g. '+4' (students on 0-3, teachers on 4-7)"
+            )
     if teacher.startswith("cuda:") and int(teacher.split(":")[1]) >= torch.cuda.device_count():
         raise OpdlensError(
             f"teacher_device {teacher_device!r} is GPU {teacher.split(':')[1]} of this process, but "
-            f"{torch.cuda.device_count()} GPU(s) are visible: lower the index or offset, or use teacher_device: cpu")
+            f"{torch.cuda.device_count()} GPU(s) are visible: lower the index or offset, or use teacher_device: cpu"
+        )
     return student, teacher
 
 
@@ -156,8 +158,14 @@ class Scored:
 class Scorer:
     """Contexts, rollouts and scoring for a student/teacher pair under one config."""
 
-    def __init__(self, config: TrainConfig, student: Any, teacher: Any, solutions: Mapping[str, Any] | None = None,
-                 student_model: torch.nn.Module | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        student: Any,
+        teacher: Any,
+        solutions: Mapping[str, Any] | None = None,
+        student_model: torch.nn.Module | None = None,
+    ) -> None:
         self.config = config
         self.student = student
         self.teacher = teacher
@@ -170,8 +178,9 @@ class Scorer:
 
     def student_context(self, q: Any) -> list[int]:
         """Token ids of the student's prompt for question ``q``."""
-        return encode_user(self.student, self.student_tpl.format(prompt=q.prompt, answer=q.answer),
-                           self.config.student_thinking)
+        return encode_user(
+            self.student, self.student_tpl.format(prompt=q.prompt, answer=q.answer), self.config.student_thinking
+        )
 
     def teacher_messages(self, q: Any) -> list[dict[str, str]]:
         """The chat the teacher sees before the student's tokens (template or diagnose context)."""
@@ -190,8 +199,17 @@ class Scorer:
         return encode_messages(self.teacher, self.teacher_messages(q), self.config.teacher_thinking)
 
     @torch.no_grad()
-    def rollouts(self, questions: Sequence[Any], n: int, seed: int, temperature: float, *,
-                 chunk: int | None = None, first_chunk: int = 0, max_new_tokens: int = 256) -> list[Rollout]:
+    def rollouts(
+        self,
+        questions: Sequence[Any],
+        n: int,
+        seed: int,
+        temperature: float,
+        *,
+        chunk: int | None = None,
+        first_chunk: int = 0,
+        max_new_tokens: int = 256,
+    ) -> list[Rollout]:
         """``n`` student samples per question, sampled in calls of ``chunk`` questions (all at once
         when None); call ``i`` is seeded by ``step_seed(seed, first_chunk + i)``."""
         ctxs = [self.student_context(q) for q in questions]
@@ -200,11 +218,13 @@ class Scorer:
         for c, start in enumerate(range(0, len(questions), size)):
             part = ctxs[start : start + size]
             # the engine runs in the weights' own dtype (float32 masters), not under autocast
-            comps = self.student.sample(part, n, max_new_tokens, seed=step_seed(seed, first_chunk + c),
-                                        temperature=temperature)
+            comps = self.student.sample(
+                part, n, max_new_tokens, seed=step_seed(seed, first_chunk + c), temperature=temperature
+            )
             for j, (ctx, group) in enumerate(zip(part, comps)):
-                out.extend(Rollout(questions[start + j], ctx, list(x.tokens), bool(x.finished), start + j)
-                           for x in group)
+                out.extend(
+                    Rollout(questions[start + j], ctx, list(x.tokens), bool(x.finished), start + j) for x in group
+                )
         return out
 
     def score(self, rows: Sequence[Rollout], *, grad: bool) -> Scored:

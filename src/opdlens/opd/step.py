@@ -15,12 +15,12 @@ from dataclasses import dataclass
 
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.opd.config import TrainConfig
 from opdlens.opd.losses import get_loss, log_probs, reduce_tokens
 from opdlens.opd.metrics import mechanism_metrics, token_metrics
 from opdlens.opd.runlog import MetricSums
 from opdlens.opd.scoring import Rollout, Scored, Scorer
-from opdlens.errors import OpdlensError
 
 #: TokenMetrics names also logged by the authors' metrics (same definition): logged once.
 _DUPLICATES = ("overlap_ratio",)
@@ -44,12 +44,24 @@ def add_signals(sums: MetricSums, scored: Scored, cfg: TrainConfig) -> None:
     """Our token signals and the authors' mechanism metrics of one micro-batch (no gradient)."""
     s = scored.student.detach()
     k = min(cfg.metrics_k, s.shape[-1])
-    sums.add_tokens(token_metrics(s, scored.teacher, k=k, tokens=scored.tokens,
-                                  teacher_temperature=cfg.teacher_temperature), scored.mask, skip=_DUPLICATES)
-    sums.add_ratios(mechanism_metrics(s, scored.teacher, k=k, topk_set=cfg.topk_set, weight=cfg.topk_weight,
-                                      student_temperature=cfg.temperature,
-                                      teacher_temperature=cfg.teacher_temperature),
-                    scored.mask, cfg.metrics_chunk)
+    sums.add_tokens(
+        token_metrics(s, scored.teacher, k=k, tokens=scored.tokens, teacher_temperature=cfg.teacher_temperature),
+        scored.mask,
+        skip=_DUPLICATES,
+    )
+    sums.add_ratios(
+        mechanism_metrics(
+            s,
+            scored.teacher,
+            k=k,
+            topk_set=cfg.topk_set,
+            weight=cfg.topk_weight,
+            student_temperature=cfg.temperature,
+            teacher_temperature=cfg.teacher_temperature,
+        ),
+        scored.mask,
+        cfg.metrics_chunk,
+    )
 
 
 @dataclass
@@ -100,7 +112,9 @@ def accumulate_gradients(
                 lp = log_probs(sc.student, cfg.temperature).gather(-1, sc.tokens.unsqueeze(-1)).squeeze(-1)
                 term = -(adv.unsqueeze(1) * lp)
                 if denom is None:
-                    loss = loss + cfg.outcome_weight * reduce_tokens(term, sc.mask, "seq_mean") * (len(mb) / max(global_rows, 1))
+                    loss = loss + cfg.outcome_weight * reduce_tokens(term, sc.mask, "seq_mean") * (
+                        len(mb) / max(global_rows, 1)
+                    )
                 else:
                     loss = loss + cfg.outcome_weight * reduce_tokens(term, sc.mask, cfg.reduction, denom)
             if not torch.isfinite(loss):

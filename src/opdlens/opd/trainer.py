@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from opdlens.errors import OpdlensError
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
 from opdlens.opd.parallel import Dist
@@ -50,17 +51,36 @@ from opdlens.opd.scoring import (
     step_seed,
 )
 from opdlens.opd.step import accumulate_gradients, grpo_advantages, score_signals
-from opdlens.errors import OpdlensError
 from opdlens.policy import check_same_tokenizer
 
-__all__ = ["TEMPLATES", "TrainConfig", "TrainResult", "OPDTrainer", "train", "read_metrics", "resolve_template",
-           "list_checkpoints", "encode_user", "encode_messages"]
+__all__ = [
+    "TEMPLATES",
+    "TrainConfig",
+    "TrainResult",
+    "OPDTrainer",
+    "train",
+    "read_metrics",
+    "resolve_template",
+    "list_checkpoints",
+    "encode_user",
+    "encode_messages",
+]
 
 list_checkpoints = ckpt.list_checkpoints
 #: Held-out signals copied into the log (prefixed ``eval_``).
-EVAL_KEYS = ("rkl", "overlap_ratio", "overlap_advantage", "entropy_gap", "student_shared_mass", "teacher_shared_mass",
-             "student_p_sum_intersection", "teacher_p_sum_intersection", "adv_intersection", "student_entropy",
-             "teacher_entropy")
+EVAL_KEYS = (
+    "rkl",
+    "overlap_ratio",
+    "overlap_advantage",
+    "entropy_gap",
+    "student_shared_mass",
+    "teacher_shared_mass",
+    "student_p_sum_intersection",
+    "teacher_p_sum_intersection",
+    "adv_intersection",
+    "student_entropy",
+    "teacher_entropy",
+)
 
 
 @dataclass
@@ -80,9 +100,17 @@ class OPDTrainer:
     and the data. :func:`train` runs it with logging and checkpoints; :meth:`train_step` and
     :meth:`evaluate` serve custom loops and recipes."""
 
-    def __init__(self, config: TrainConfig, student: Any, teacher: Any, task: Any,
-                 train_questions: Sequence[Any], eval_questions: Sequence[Any],
-                 solutions: dict[str, Any] | None = None, dist: Dist | None = None) -> None:
+    def __init__(
+        self,
+        config: TrainConfig,
+        student: Any,
+        teacher: Any,
+        task: Any,
+        train_questions: Sequence[Any],
+        eval_questions: Sequence[Any],
+        solutions: dict[str, Any] | None = None,
+        dist: Dist | None = None,
+    ) -> None:
         if teacher is student or getattr(teacher, "model", None) is getattr(student, "model", None):
             teacher = frozen_copy(teacher)  # a frozen snapshot: the teacher must not move
         check_same_tokenizer(student, teacher)
@@ -118,16 +146,18 @@ class OPDTrainer:
         w = self.config.warmup_steps
         return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
-    def _rollouts(self, questions: list[Any], n: int, seed: int, temperature: float, *, first: int,
-                  strict: bool = True) -> list[Rollout]:
+    def _rollouts(
+        self, questions: list[Any], n: int, seed: int, temperature: float, *, first: int, strict: bool = True
+    ) -> list[Rollout]:
         chunk = self.config.rollout_chunk
         if chunk is not None and (len(questions) % chunk or first % chunk):
             if strict:
                 raise OpdlensError(f"rollout_chunk {chunk} must divide each process's {len(questions)} questions")
             chunk = None  # held-out blocks of uneven size: one call per process
         first_chunk = first // chunk if chunk else self.dist.rank
-        return self.scorer.rollouts(questions, n, seed, temperature, chunk=chunk, first_chunk=first_chunk,
-                                    max_new_tokens=self.max_new_tokens)
+        return self.scorer.rollouts(
+            questions, n, seed, temperature, chunk=chunk, first_chunk=first_chunk, max_new_tokens=self.max_new_tokens
+        )
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, Any]:
@@ -148,8 +178,16 @@ class OPDTrainer:
             g["lr"] = self._lr_at(step - 1)
         self.optimizer.zero_grad(set_to_none=True)
         t1 = time.perf_counter()
-        res = accumulate_gradients(self.scorer, rows, cfg, global_tokens=n_tok, global_rows=n_rows, world=dist.world,
-                                   outcome=outcome, no_sync=lambda: dist.no_sync(self.ddp_model))
+        res = accumulate_gradients(
+            self.scorer,
+            rows,
+            cfg,
+            global_tokens=n_tok,
+            global_rows=n_rows,
+            world=dist.world,
+            outcome=outcome,
+            no_sync=lambda: dist.no_sync(self.ddp_model),
+        )
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
@@ -164,8 +202,16 @@ class OPDTrainer:
         sums = dist.merge(res.sums)
         row: dict[str, Any] = {"step": step}
         row.update(sums.means())
-        row.update({"n_tokens": n_tok, "grad_norm": gnorm, "lr": self._lr_at(step - 1), "sample_s": t_sample,
-                    "update_s": t_update, "step_s": time.perf_counter() - t0})
+        row.update(
+            {
+                "n_tokens": n_tok,
+                "grad_norm": gnorm,
+                "lr": self._lr_at(step - 1),
+                "sample_s": t_sample,
+                "update_s": t_update,
+                "step_s": time.perf_counter() - t0,
+            }
+        )
         return row
 
     @torch.no_grad()
@@ -176,8 +222,13 @@ class OPDTrainer:
             return {}
         cfg, dist = self.config, self.dist
         mine, first = dist.block(self.eval_questions)
-        rows = self._rollouts(mine, cfg.eval_samples, step_seed(cfg.seed, 0, salt=1), cfg.eval_temperature,
-                              first=first, strict=False) if mine else []
+        rows = (
+            self._rollouts(
+                mine, cfg.eval_samples, step_seed(cfg.seed, 0, salt=1), cfg.eval_temperature, first=first, strict=False
+            )
+            if mine
+            else []
+        )
         sums = score_signals(self.scorer, rows, cfg)
         sums.add("reward", float(sum(self.scorer.correct(self.task, rows))), float(len(rows)))
         sums.add("mean_len", float(sum(len(r.tokens) for r in rows)), float(len(rows)))
@@ -189,8 +240,9 @@ class OPDTrainer:
         """Write ``out_dir/checkpoints/step_XXXXXXX/`` on the main process (safetensors + JSON)."""
         d = Path(out_dir) / ckpt.CKPT_DIR / f"step_{self.step:07d}"
         if self.dist.is_main:
-            ckpt.save_checkpoint(out_dir, self.step, self.model, self.optimizer,
-                                 self.config.model_dump(mode="json"), keep)
+            ckpt.save_checkpoint(
+                out_dir, self.step, self.model, self.optimizer, self.config.model_dump(mode="json"), keep
+            )
         self.dist.barrier()
         return d
 
@@ -216,8 +268,9 @@ def load_models(config: TrainConfig, *, student: bool = True, teacher: bool = Tr
     return s, t
 
 
-def collect_solutions(student: Any, task: Any, questions: Sequence[Any], *, n: int, max_new_tokens: int,
-                      seed: int) -> dict[str, Any]:
+def collect_solutions(
+    student: Any, task: Any, questions: Sequence[Any], *, n: int, max_new_tokens: int, seed: int
+) -> dict[str, Any]:
     """One correct and one wrong student solution per question (for ``1c`` / ``1c1w`` contexts).
 
     Samples ``n`` completions per question from the (initial) student at temperature 1, grades
@@ -244,8 +297,16 @@ def collect_solutions(student: Any, task: Any, questions: Sequence[Any], *, n: i
     return sols
 
 
-def _prepare_contexts(cfg: TrainConfig, student: Any, task: Any, train_q: list[Any], eval_q: list[Any],
-                      out_dir: Path, max_new_tokens: int, dist: Dist) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, int]]:
+def _prepare_contexts(
+    cfg: TrainConfig,
+    student: Any,
+    task: Any,
+    train_q: list[Any],
+    eval_q: list[Any],
+    out_dir: Path,
+    max_new_tokens: int,
+    dist: Dist,
+) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, int]]:
     """Solutions for diagnose-style teacher contexts; drops questions whose context cannot be built."""
     from opdlens.diagnose.teachers import Solutions, get_context, missing_for
 
@@ -256,8 +317,14 @@ def _prepare_contexts(cfg: TrainConfig, student: Any, task: Any, train_q: list[A
     path = out_dir / "solutions.json"
     if needs & {"correct", "wrong"}:  # from the student's own rollouts
         if not path.is_file() and dist.is_main:
-            sols = collect_solutions(student, task, train_q + eval_q, n=cfg.context_rollouts,
-                                     max_new_tokens=max_new_tokens, seed=step_seed(cfg.seed, 0, salt=2))
+            sols = collect_solutions(
+                student,
+                task,
+                train_q + eval_q,
+                n=cfg.context_rollouts,
+                max_new_tokens=max_new_tokens,
+                seed=step_seed(cfg.seed, 0, salt=2),
+            )
             path.write_text(json.dumps({k: vars(v) for k, v in sols.items()}))
         dist.barrier()
         sols = {k: Solutions(**v) for k, v in json.loads(path.read_text()).items()}
@@ -265,7 +332,10 @@ def _prepare_contexts(cfg: TrainConfig, student: Any, task: Any, train_q: list[A
         sols = {q.id: Solutions(external=(getattr(q, "meta", None) or {}).get("solution")) for q in train_q + eval_q}
     keep_t = [q for q in train_q if missing_for(kind, sols[q.id]) is None]
     keep_e = [q for q in eval_q if missing_for(kind, sols[q.id]) is None]
-    dropped = {"dropped_train_questions": len(train_q) - len(keep_t), "dropped_eval_questions": len(eval_q) - len(keep_e)}
+    dropped = {
+        "dropped_train_questions": len(train_q) - len(keep_t),
+        "dropped_eval_questions": len(eval_q) - len(keep_e),
+    }
     if not keep_t:
         raise OpdlensError(
             f"teacher_context {kind!r}: no training question has the needed solution "
@@ -280,7 +350,9 @@ def load_questions(config: TrainConfig) -> tuple[Any, list[Any], list[Any]]:
 
     task = get_task(config.task, **config.task_args)
     train_q = task.load(split=config.train_split, n=config.train_questions, seed=config.seed)
-    eval_q = task.load(split=config.eval_split, n=config.eval_questions, seed=config.seed) if config.eval_questions else []
+    eval_q = (
+        task.load(split=config.eval_split, n=config.eval_questions, seed=config.seed) if config.eval_questions else []
+    )
     return task, list(train_q), list(eval_q)
 
 
@@ -344,7 +416,8 @@ def train(
         cfg, train_questions = replay_stages(cfg, list(train_questions), out_dir)
     budget = cfg.token_budget(task)
     train_questions, eval_questions, sols, dropped = _prepare_contexts(
-        cfg, student, task, list(train_questions), list(eval_questions), out_dir, budget, dist)
+        cfg, student, task, list(train_questions), list(eval_questions), out_dir, budget, dist
+    )
     trainer = OPDTrainer(cfg, student, teacher, task, train_questions, eval_questions, solutions=sols, dist=dist)
     resumed_from = trainer.load_checkpoint(ckpts[-1][1]) if ckpts else None
     main = dist.is_main
@@ -380,13 +453,22 @@ def train(
                 last_ckpt = trainer.save_checkpoint(out_dir, cfg.keep_checkpoints)
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.4f}", rkl=f"{row.get('rkl', float('nan')):.4f}",
-                                overlap=f"{row.get('overlap_ratio', float('nan')):.3f}")
+                bar.set_postfix(
+                    loss=f"{row['loss']:.4f}",
+                    rkl=f"{row.get('rkl', float('nan')):.4f}",
+                    overlap=f"{row.get('overlap_ratio', float('nan')):.3f}",
+                )
     finally:
         if bar is not None:
             bar.close()
         if logger is not None:
             logger.close()
     final = history[-1] if history else {}
-    return TrainResult(history=history, out_dir=out_dir, last_step=trainer.step, resumed_from=resumed_from,
-                       last_checkpoint=last_ckpt, final=final)
+    return TrainResult(
+        history=history,
+        out_dir=out_dir,
+        last_step=trainer.step,
+        resumed_from=resumed_from,
+        last_checkpoint=last_ckpt,
+        final=final,
+    )

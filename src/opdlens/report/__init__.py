@@ -65,8 +65,19 @@ FIGURE_FILES: dict[str, str] = {
 
 QUESTION_COLUMNS = ["question_id", "n_rollouts", "success_rate", "n_targeted"]
 PATH_COLUMNS = ["question_id", "path_id", "correct", "length", "text"]
-TOKEN_COLUMNS = ["node", "token_id", "token_text", "depth_norm", "n_children", "visits",
-                 "p_student", "p_teacher", "psucc_token", "teacher_adv", "kl"]  # fmt: skip
+TOKEN_COLUMNS = [
+    "node",
+    "token_id",
+    "token_text",
+    "depth_norm",
+    "n_children",
+    "visits",
+    "p_student",
+    "p_teacher",
+    "psucc_token",
+    "teacher_adv",
+    "kl",
+]
 
 
 def write_report(
@@ -134,13 +145,19 @@ def write_report(
     estimator = (choices or {}).get("alignment estimator")
     two_child = two_child_share(valid, metric) if "n_children" in valid.columns and renormalised else None
     tables = build_tables(an, qtable, two_child=two_child, skips=skips, estimator=estimator)
-    overview = [*notes, *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips,
-                                        estimator=estimator)]
+    overview = [
+        *notes,
+        *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips, estimator=estimator),
+    ]
     if f"{metric}_lo" in nodes.columns:  # per-node intervals (opdlens.diagnose.uncertainty): how many signs are settled
         settled = count_settled(nodes, metric)
-        overview.append("settled sign (the node's 95% interval excludes 0): " + "; ".join(
-            f"{r.teacher} {int(r.n_settled)} of {int(r.n_valid)} valid nodes ({int(r.n_settled_pos)} positive)"
-            for r in settled.itertuples()))  # fmt: skip
+        overview.append(
+            "settled sign (the node's 95% interval excludes 0): "
+            + "; ".join(
+                f"{r.teacher} {int(r.n_settled)} of {int(r.n_valid)} valid nodes ({int(r.n_settled_pos)} positive)"
+                for r in settled.itertuples()
+            )
+        )
 
     conf = round(100 * confidence)
     figs: list[tuple[str, str, Path]] = [
@@ -153,9 +170,7 @@ def write_report(
             "Alignment per teacher",
             f"Table 1's mean (path, then question, then teacher) with {conf}% CI over {unit} means "
             f"({'t-interval' if ci == 't' else 'bootstrap'}).",
-            plot_teacher_means(
-                an.teachers.table, metric, confidence, fig_dir / FIGURE_FILES["teacher_means"]
-            ),
+            plot_teacher_means(an.teachers.table, metric, confidence, fig_dir / FIGURE_FILES["teacher_means"]),
         ),
         (
             "Correct vs incorrect paths",
@@ -189,8 +204,7 @@ def write_report(
     md += ["## Figures", ""]
     for t, caption, p in figs:
         md += [f"### {t}", "", caption, "", f"![{t}]({p.relative_to(out).as_posix()})", ""]
-    md += ["## Files", "", "CSV tables (full precision): "
-           + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]  # fmt: skip
+    md += ["## Files", "", "CSV tables (full precision): " + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
 
     token_nodes = nodes
@@ -198,14 +212,26 @@ def write_report(
     if missing:  # the token view degrades gracefully: tooltips show n/a
         token_nodes = nodes.assign(**{c: float("nan") for c in missing})
     token_view = render_token_view(
-        token_nodes, questions, paths, an.paths, teachers, metric,
-        max_questions=max_questions, max_tokens=max_tokens, inputs=inputs,
+        token_nodes,
+        questions,
+        paths,
+        an.paths,
+        teachers,
+        metric,
+        max_questions=max_questions,
+        max_tokens=max_tokens,
+        inputs=inputs,
         two_child=two_child_tip(estimator) if renormalised else None,
-    )  # fmt: skip
+    )
     page = render_page(
-        title=title, overview=overview, tables=tables, figures=figs, token_view=token_view,
-        teachers=teachers, metric=metric,
-    )  # fmt: skip
+        title=title,
+        overview=overview,
+        tables=tables,
+        figures=figs,
+        token_view=token_view,
+        teachers=teachers,
+        metric=metric,
+    )
     index = out / "index.html"
     index.write_text(page, encoding="utf-8")
     return index

@@ -133,9 +133,19 @@ def teacher_values(
     for key, g in units.groupby(by, sort=True, observed=True):
         x, w = g["value"].to_numpy(dtype=float), g["weight"].to_numpy(dtype=float)
         lo, hi = interval(x, ci, confidence, n_boot=n_boot, seed=seed, weights=w)
-        rows.append([*(key if isinstance(key, tuple) else (key,)), unit, int(g["question_id"].nunique()),
-                     int(g["n_paths"].sum()), int(x.size), weighted_mean(x, w)[0],
-                     float(x.std(ddof=1)) if x.size > 1 else float("nan"), lo, hi])  # fmt: skip
+        rows.append(
+            [
+                *(key if isinstance(key, tuple) else (key,)),
+                unit,
+                int(g["question_id"].nunique()),
+                int(g["n_paths"].sum()),
+                int(x.size),
+                weighted_mean(x, w)[0],
+                float(x.std(ddof=1)) if x.size > 1 else float("nan"),
+                lo,
+                hi,
+            ]
+        )
     return pd.DataFrame(rows, columns=[*by, *VALUE_COLUMNS])
 
 
@@ -189,10 +199,32 @@ def pairwise(units: pd.DataFrame, unit: Unit, teachers: Sequence[str], alpha: fl
         if unit == "path" and len(both):
             w = 1.0 / both.groupby(level="question_id")["a"].transform("size").to_numpy(dtype=float)
         n = len(both)
-        rows.append([a, b, n, weighted_mean(xa, w)[0], weighted_mean(xb, w)[0], weighted_mean(xa - xb, w)[0],
-                     *paired_tests(xa, xb, w)])  # fmt: skip
-    out = pd.DataFrame(rows, columns=["teacher_a", "teacher_b", "n_pairs", "mean_a", "mean_b", "diff", "t", "t_p",
-                                      "wilcoxon_stat", "wilcoxon_p"])  # fmt: skip
+        rows.append(
+            [
+                a,
+                b,
+                n,
+                weighted_mean(xa, w)[0],
+                weighted_mean(xb, w)[0],
+                weighted_mean(xa - xb, w)[0],
+                *paired_tests(xa, xb, w),
+            ]
+        )
+    out = pd.DataFrame(
+        rows,
+        columns=[
+            "teacher_a",
+            "teacher_b",
+            "n_pairs",
+            "mean_a",
+            "mean_b",
+            "diff",
+            "t",
+            "t_p",
+            "wilcoxon_stat",
+            "wilcoxon_p",
+        ],
+    )
     out.insert(8, "t_p_holm", holm(out["t_p"].to_numpy(dtype=float)))
     out["wilcoxon_p_holm"] = holm(out["wilcoxon_p"].to_numpy(dtype=float))
     out["significant"] = out["t_p_holm"].to_numpy(dtype=float) <= alpha
@@ -250,9 +282,19 @@ def per_question(
         i = both["mean_incorrect"].to_numpy(dtype=float)
         t_stat, t_p, w_stat, w_p = paired_tests(c, i)
         nan = float("nan")
-        rows.append({"teacher": teacher, "n": n, "mean_correct": float(c.mean()) if n else nan,
-                     "mean_incorrect": float(i.mean()) if n else nan, "mean_diff": float((c - i).mean()) if n else nan,
-                     "t_stat": t_stat, "t_p": t_p, "wilcoxon_stat": w_stat, "wilcoxon_p": w_p})  # fmt: skip
+        rows.append(
+            {
+                "teacher": teacher,
+                "n": n,
+                "mean_correct": float(c.mean()) if n else nan,
+                "mean_incorrect": float(i.mean()) if n else nan,
+                "mean_diff": float((c - i).mean()) if n else nan,
+                "t_stat": t_stat,
+                "t_p": t_p,
+                "wilcoxon_stat": w_stat,
+                "wilcoxon_p": w_p,
+            }
+        )
     return QuestionComparison(table=table, tests=pd.DataFrame(rows))
 
 
@@ -309,19 +351,26 @@ def per_teacher(
     wtd = teacher_values(pp, "weighted_mean", **args)  # type: ignore[arg-type]
     adv = teacher_values(pp, "teacher_adv", **args)  # type: ignore[arg-type]
     adv_units = unit_values(pp, "teacher_adv", unit)
-    adv["adv_p"] = [one_sample_test(g["value"].to_numpy(), 0.0, g["weight"].to_numpy())[1]
-                    for _, g in adv_units.groupby("teacher", sort=True)]  # fmt: skip
+    adv["adv_p"] = [
+        one_sample_test(g["value"].to_numpy(), 0.0, g["weight"].to_numpy())[1]
+        for _, g in adv_units.groupby("teacher", sort=True)
+    ]
     table = table.merge(
         wtd[["teacher", "value", "ci_low", "ci_high"]].rename(
-            columns={"value": "weighted_unit_mean", "ci_low": "weighted_ci_low", "ci_high": "weighted_ci_high"}),
-        on="teacher", how="left",
+            columns={"value": "weighted_unit_mean", "ci_low": "weighted_ci_low", "ci_high": "weighted_ci_high"}
+        ),
+        on="teacher",
+        how="left",
     ).merge(
         adv[["teacher", "value", "ci_low", "ci_high", "adv_p"]].rename(
-            columns={"value": "adv_mean", "ci_low": "adv_ci_low", "ci_high": "adv_ci_high"}),
-        on="teacher", how="left",
-    )  # fmt: skip
+            columns={"value": "adv_mean", "ci_low": "adv_ci_low", "ci_high": "adv_ci_high"}
+        ),
+        on="teacher",
+        how="left",
+    )
     nodes_t = node_stats(v, metric, ["teacher"], sort=True).rename(
-        columns={"n": "n_nodes", "mean": "node_mean", "std": "node_std"})  # fmt: skip
+        columns={"n": "n_nodes", "mean": "node_mean", "std": "node_std"}
+    )
     table = table.merge(nodes_t, left_on="teacher", right_index=True, how="left")
     table["ci_method"] = ci
     table["n_nodes"] = table["n_nodes"].astype(int)

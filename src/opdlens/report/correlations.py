@@ -93,8 +93,14 @@ def divergence_correlations(
         ry = pd.Series(y).groupby(c).rank(method="average").to_numpy(dtype=float)
         spear = grouped_pearson(c, rx, ry, n_groups)
         short = n < min_nodes
-        per_rows.append(keys.assign(variable=col, n=n.astype(int), pearson=np.where(short, np.nan, pear),
-                                    spearman=np.where(short, np.nan, spear)))  # fmt: skip
+        per_rows.append(
+            keys.assign(
+                variable=col,
+                n=n.astype(int),
+                pearson=np.where(short, np.nan, pear),
+                spearman=np.where(short, np.nan, spear),
+            )
+        )
     if not any_finite:
         raise OpdlensError(
             f"columns {columns} are NaN on every valid node: the pipeline did not compute the divergences"

@@ -72,8 +72,7 @@ def plot_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], pat
             ax.axvline(float(x.mean()), color="black", lw=1.2, ls="--")
         ax.axvline(0.0, color="grey", lw=0.6)
         std = f"{x.std(ddof=1):.2f}" if x.size > 1 else "-"
-        ax.set_title(f"{teacher}\nmean {x.mean() if x.size else float('nan'):.3f}, sd {std}",
-                     fontsize=9)  # fmt: skip
+        ax.set_title(f"{teacher}\nmean {x.mean() if x.size else float('nan'):.3f}, sd {std}", fontsize=9)
         ax.set_xlim(-1.0, 1.0)
         ax.set_xlabel(metric, fontsize=8)
         ax.tick_params(labelsize=7)
@@ -113,8 +112,17 @@ def plot_correct_incorrect(
         mm = sub["value"].to_numpy(dtype=float)
         lo, hi = sub["ci_low"].to_numpy(dtype=float), sub["ci_high"].to_numpy(dtype=float)
         err = ci_error_bars(np.nan_to_num(mm), lo, hi)
-        ax.bar(x + (k - 0.5) * width, np.nan_to_num(mm), width, yerr=err, capsize=3, label=f"{group} paths",
-               color=color, edgecolor="black", lw=0.5)  # fmt: skip
+        ax.bar(
+            x + (k - 0.5) * width,
+            np.nan_to_num(mm),
+            width,
+            yerr=err,
+            capsize=3,
+            label=f"{group} paths",
+            color=color,
+            edgecolor="black",
+            lw=0.5,
+        )
     ax.axhline(0.0, color="black", lw=0.8)
     ax.set_xticks(x, teachers, rotation=30, ha="right", fontsize=8)
     ax.set_ylabel(f"mean {metric} (questions)")
@@ -123,9 +131,7 @@ def plot_correct_incorrect(
     return save_png(fig, path)
 
 
-def plot_depth(
-    valid: pd.DataFrame, metric: str, teachers: list[str], path: Path, n_bins: int = 10
-) -> Path:
+def plot_depth(valid: pd.DataFrame, metric: str, teachers: list[str], path: Path, n_bins: int = 10) -> Path:
     """Mean ``metric`` of valid nodes per bin of ``depth_norm`` (± 1 s.e.), one line per teacher."""
     fig = Figure(figsize=(6.0, 3.6))
     ax = fig.add_subplot(1, 1, 1)
@@ -161,8 +167,10 @@ def plot_training_curve(rows: list[dict], path: Path, title: str = "") -> Path: 
 
     fig = Figure(figsize=(10, 3.8))
     ax = fig.subplots(1, 2)
-    panels = (("rkl", "eval_rkl", "per-token reverse KL  KL(p‖q)  [nats]"),
-              ("overlap_ratio", "eval_overlap_ratio", "top-k overlap ratio |S_p ∩ S_q| / k"))  # fmt: skip
+    panels = (
+        ("rkl", "eval_rkl", "per-token reverse KL  KL(p‖q)  [nats]"),
+        ("overlap_ratio", "eval_overlap_ratio", "top-k overlap ratio |S_p ∩ S_q| / k"),
+    )
     for a, (train_key, eval_key, label) in zip(ax, panels):
         if tr := series(train_key):
             a.plot(*zip(*tr), "o-", alpha=0.6, label="training batch (on-policy)")
@@ -174,4 +182,3 @@ def plot_training_curve(rows: list[dict], path: Path, title: str = "") -> Path: 
         a.grid(alpha=0.3)
     fig.suptitle(title)
     return save_png(fig, path)
-

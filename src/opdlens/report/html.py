@@ -104,9 +104,10 @@ def two_child_tip(estimator: object = None) -> str:
     literal reading gives two-child nodes any value, and no note): the cosine is ±1 at any
     success rates; what the shown value is depends on ``signals.alignment_estimator`` (None:
     unknown, both are said)."""
-    shown = {"plugin": "shown: that sign (plug-in)",
-             "posterior_mean": "shown: 2P - 1, P = probability the sign is + (posterior mean)"}.get(
-        str(estimator), "shown: the sign (plug-in) or 2P - 1 (posterior mean)")  # fmt: skip
+    shown = {
+        "plugin": "shown: that sign (plug-in)",
+        "posterior_mean": "shown: 2P - 1, P = probability the sign is + (posterior mean)",
+    }.get(str(estimator), "shown: the sign (plug-in) or 2P - 1 (posterior mean)")
     return f"(2 children: the cosine is ±1 at any P_succ, only its sign informs; {shown})"
 
 
@@ -123,8 +124,11 @@ def token_tooltip(row: pd.Series | dict, metric: str, two_child: str | None = No
         f"node {r.get('node')}  token id {r.get('token_id')}"
         + ("" if valid else "  (invalid node: not enough visited children)"),
         f"{metric} = {_num(r.get(metric), signed=True)}"
-        + (f"   95% [{_num(r.get(metric + '_lo'), signed=True)}, {_num(r.get(metric + '_hi'), signed=True)}]"
-           if metric + "_lo" in r else "")
+        + (
+            f"   95% [{_num(r.get(metric + '_lo'), signed=True)}, {_num(r.get(metric + '_hi'), signed=True)}]"
+            if metric + "_lo" in r
+            else ""
+        )
         + (f"   {two_child}" if two_child and valid and n_children == "2" else ""),
         f"P_student = {_num(r.get('p_student'))}   P_teacher = {_num(r.get('p_teacher'))}",
         f"P_succ = {_num(r.get('psucc_token'))}   teacher adv = {_num(r.get('teacher_adv'), signed=True)}",
@@ -188,12 +192,8 @@ def render_token_view(
     e = html.escape
     qids = sorted(nodes["question_id"].astype(str).unique())
     shown_q = qids[:max_questions]
-    qinfo = questions.assign(question_id=questions["question_id"].astype(str)).set_index(
-        "question_id"
-    )
-    pinfo = paths.assign(question_id=paths["question_id"].astype(str)).set_index(
-        ["question_id", "path_id"]
-    )
+    qinfo = questions.assign(question_id=questions["question_id"].astype(str)).set_index("question_id")
+    pinfo = paths.assign(question_id=paths["question_id"].astype(str)).set_index(["question_id", "path_id"])
     st = path_stats.assign(question_id=path_stats["question_id"].astype(str)).set_index(
         ["teacher", "question_id", "path_id"]
     )
@@ -208,8 +208,7 @@ def render_token_view(
     out = []
     if len(qids) > len(shown_q):
         out.append(
-            f"<p class='note'>Showing {len(shown_q)} of {len(qids)} questions "
-            f"(raise max_questions to see more).</p>"
+            f"<p class='note'>Showing {len(shown_q)} of {len(qids)} questions (raise max_questions to see more).</p>"
         )
     for ti, teacher in enumerate(teachers):
         hidden = " hidden" if ti else ""
@@ -236,16 +235,16 @@ def render_token_view(
                 correct = bool(g["path_correct"].iloc[0])
                 s = st.loc[(teacher, q, pid)] if (teacher, q, pid) in st.index else None
                 mean_s = fmt(s["mean"], signed=True) if s is not None else "–"
-                if s is not None and math.isfinite(float(s.get("mean_lo", math.nan))):  # rollout-noise interval of the mean
+                if s is not None and math.isfinite(
+                    float(s.get("mean_lo", math.nan))
+                ):  # rollout-noise interval of the mean
                     mean_s += f" (95% [{fmt(s['mean_lo'], signed=True)}, {fmt(s['mean_hi'], signed=True)}])"
                 nval = int(s["n_valid"]) if s is not None else 0
                 length = ""
                 if (q, pid) in pinfo.index:
                     length = f", {pinfo.loc[(q, pid), 'length']} tokens"
                 badge = (
-                    "<span class='badge ok'>correct</span>"
-                    if correct
-                    else "<span class='badge bad'>incorrect</span>"
+                    "<span class='badge ok'>correct</span>" if correct else "<span class='badge bad'>incorrect</span>"
                 )
                 out.append(
                     f"<div class='path' data-question='{e(q)}' data-path='{pid}'>"
@@ -267,16 +266,11 @@ def render_token_view(
                     )
                 out.append("<div class='tokens'>" + "".join(spans) + "</div>")
                 if len(g) > max_tokens:
-                    out.append(
-                        f"<p class='note'>… {len(g) - max_tokens} more tokens not shown.</p>"
-                    )
+                    out.append(f"<p class='note'>… {len(g) - max_tokens} more tokens not shown.</p>")
                 if (q, pid) in pinfo.index:
                     text = pinfo.loc[(q, pid), "text"]
                     if isinstance(text, str) and text:
-                        out.append(
-                            "<details><summary>path text</summary>"
-                            f"<pre>{e(text)}</pre></details>"
-                        )
+                        out.append(f"<details><summary>path text</summary><pre>{e(text)}</pre></details>")
                 out.append("</div>")
             out.append("</section>")
         out.append("</div>")
@@ -370,4 +364,3 @@ def render_page(
     parts.append(token_view)
     parts.append(f"<script>{_JS}</script></body></html>")
     return "\n".join(parts)
-

@@ -33,11 +33,32 @@ __all__ = [
 
 #: Columns of the per-node table (the pipeline contract).
 NODE_COLUMNS: tuple[str, ...] = (
-    "question_id", "path_id", "path_correct", "teacher", "node", "depth_norm", "token_id",
-    "token_text", "valid", "n_children", "visits", "p_student", "p_teacher", "psucc_token",
-    "teacher_adv", "align_gkd", "align_single", "align_minillm", "align_drgrpo", "norm_ideal",
-    "norm_gkd", "kl", "js", "l2", "cos_prob",
-)  # fmt: skip
+    "question_id",
+    "path_id",
+    "path_correct",
+    "teacher",
+    "node",
+    "depth_norm",
+    "token_id",
+    "token_text",
+    "valid",
+    "n_children",
+    "visits",
+    "p_student",
+    "p_teacher",
+    "psucc_token",
+    "teacher_adv",
+    "align_gkd",
+    "align_single",
+    "align_minillm",
+    "align_drgrpo",
+    "norm_ideal",
+    "norm_gkd",
+    "kl",
+    "js",
+    "l2",
+    "cos_prob",
+)
 #: Alignment metrics (cosine with the ideal gradient) available in the node table.
 ALIGN_METRICS: tuple[str, ...] = ("align_gkd", "align_single", "align_minillm", "align_drgrpo")
 #: Node-level quantities correlated with the alignment (:mod:`opdlens.report.correlations`).
@@ -101,10 +122,9 @@ def node_stats(v: pd.DataFrame, metric: str, keys: list[str], *, sort: bool) -> 
     ``frac_neg`` and ``weighted_mean`` = Σ w·x / Σ w with w = norm_ideal·norm_gkd (non-finite
     weights count as 0; NaN where the weights sum to 0)."""
     x = v[metric].to_numpy(dtype=float)
-    w = (
-        pd.to_numeric(v["norm_ideal"], errors="coerce").to_numpy(dtype=float)
-        * pd.to_numeric(v["norm_gkd"], errors="coerce").to_numpy(dtype=float)
-    )
+    w = pd.to_numeric(v["norm_ideal"], errors="coerce").to_numpy(dtype=float) * pd.to_numeric(
+        v["norm_gkd"], errors="coerce"
+    ).to_numpy(dtype=float)
     w_ok = np.isfinite(w)
     work = pd.DataFrame(
         {
@@ -167,8 +187,7 @@ def per_path(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
     out = allp.join(stats_v, how="left").reset_index()
     out["n_valid"] = out["n_valid"].fillna(0).astype(int)
     out["path_correct"] = out["path_correct"].astype(bool)
-    cols = [*PATH_KEYS, "path_correct", "n_nodes", "n_valid", "mean", "std", "weighted_mean",
-            "frac_pos", "frac_neg"]  # fmt: skip
+    cols = [*PATH_KEYS, "path_correct", "n_nodes", "n_valid", "mean", "std", "weighted_mean", "frac_pos", "frac_neg"]
     if f"{metric}_se" in nodes.columns:
         pmi = path_mean_interval(v, metric, keys=PATH_KEYS)[[*PATH_KEYS, "lo", "hi", "se"]]
         pmi = pmi.rename(columns={"lo": "mean_lo", "hi": "mean_hi", "se": "mean_se"})

@@ -92,16 +92,22 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
     root = store.root
     cfg_file = root / "config.yaml"
     if need_config and not cfg_file.is_file():
-        raise OpdlensError(f"{root} has no config.yaml: it is not a run directory written by `opdlens diagnose` "
-                           f"or `opdlens demo`")  # fmt: skip
+        raise OpdlensError(
+            f"{root} has no config.yaml: it is not a run directory written by `opdlens diagnose` or `opdlens demo`"
+        )
     done = store.has("questions.parquet")
     if finished and not done:
-        raise OpdlensError(f"run {root} is unfinished (no questions.parquet): rerun `opdlens diagnose` with its "
-                           f"config (it resumes) before comparing it")  # fmt: skip
+        raise OpdlensError(
+            f"run {root} is unfinished (no questions.parquet): rerun `opdlens diagnose` with its "
+            f"config (it resumes) before comparing it"
+        )
     nodes = store.read_all("nodes")
     if nodes.empty:
-        why = (f"every teacher was skipped on every question (see {root / 'skips.parquet'})" if done
-               else "run `opdlens diagnose` there first (or rerun it to finish)")  # fmt: skip
+        why = (
+            f"every teacher was skipped on every question (see {root / 'skips.parquet'})"
+            if done
+            else "run `opdlens diagnose` there first (or rerun it to finish)"
+        )
         raise OpdlensError(f"no per-node results in {root} (nodes/ is empty): {why}")
     paths = store.read_all("paths")
     paths = paths.drop(columns=[c for c in ("tokens",) if c in paths.columns])
@@ -111,8 +117,10 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
     if done:
         questions = store.read_table("questions.parquet")
         if finished and "success_rate" not in questions.columns:
-            raise OpdlensError(f"{root / 'questions.parquet'} lacks the success_rate column: it was written by "
-                               f"another opdlens version; rerun the run")  # fmt: skip
+            raise OpdlensError(
+                f"{root / 'questions.parquet'} lacks the success_rate column: it was written by "
+                f"another opdlens version; rerun the run"
+            )
         return RunResults(nodes, questions, paths, skips, inputs, root=root, config=config)
     scored = sorted(nodes["question_id"].astype(str).unique())
     questions = pd.DataFrame([_question_row(store, q) for q in scored])

@@ -112,9 +112,11 @@ def read_settings(run_dirs: Sequence[str | Path]) -> list[Setting]:
     labels = [f"{lab} #{i + 1}" if labels.count(lab) > 1 else lab for i, lab in enumerate(labels)]
     common = set(runs[0].teachers).intersection(*(r.teachers for r in runs[1:]))
     if not common:
-        raise OpdlensError("the runs cannot be compared: they share no teacher configuration name ("
-                           + "; ".join(f"{r.root}: {', '.join(r.teachers)}" for r in runs)
-                           + "); name the same configurations alike in their configs (e.g. Self-1C)")  # fmt: skip
+        raise OpdlensError(
+            "the runs cannot be compared: they share no teacher configuration name ("
+            + "; ".join(f"{r.root}: {', '.join(r.teachers)}" for r in runs)
+            + "); name the same configurations alike in their configs (e.g. Self-1C)"
+        )
     return [Setting(lab, r, read_incontext(r.root)) for lab, r in zip(labels, runs)]
 
 
@@ -145,8 +147,10 @@ def difficulty_bins(success_rate: pd.Series | np.ndarray, edges: Sequence[float]
     if np.any(~np.isfinite(rate) | (rate < 0) | (rate > 1)):
         raise OpdlensError("success rates must be finite numbers in [0, 1] (questions.parquet is corrupt)")
     bounds = [0.0, *edges, 1.0]
-    labels = [f"[{fmt_edge(a)}, {fmt_edge(b)}{']' if i == len(edges) else ')'}"
-              for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))]  # fmt: skip
+    labels = [
+        f"[{fmt_edge(a)}, {fmt_edge(b)}{']' if i == len(edges) else ')'}"
+        for i, (a, b) in enumerate(zip(bounds[:-1], bounds[1:]))
+    ]
     codes = np.searchsorted(np.asarray(edges, dtype=float), rate, side="right")
     return pd.Categorical.from_codes(codes, categories=labels, ordered=True)
 
@@ -161,9 +165,11 @@ def _binned_paths(s: Setting, metric: str, edges: tuple[float, ...]) -> pd.DataF
     rate = q.set_index(q["question_id"].astype(str))["success_rate"]
     long["success_rate"] = long["question_id"].astype(str).map(rate).to_numpy(dtype=float)
     if long["success_rate"].isna().any():
-        raise OpdlensError(f"run {s.root}: nodes of questions missing from questions.parquet "
-                           f"({sorted(long.loc[long['success_rate'].isna(), 'question_id'].unique())[:3]}); "
-                           f"rerun `opdlens diagnose` there to finish it")  # fmt: skip
+        raise OpdlensError(
+            f"run {s.root}: nodes of questions missing from questions.parquet "
+            f"({sorted(long.loc[long['success_rate'].isna(), 'question_id'].unique())[:3]}); "
+            f"rerun `opdlens diagnose` there to finish it"
+        )
     long["bin"] = difficulty_bins(long["success_rate"], edges)
     return long
 
@@ -181,15 +187,25 @@ def _correct_vs_incorrect(s: Setting, metric: str) -> pd.DataFrame:
             c, i = c[np.isfinite(c)], i[np.isfinite(i)]
             welch_p, mw_p = unpaired_tests(c, i)
             n_pair = int(p["n"])
-            rows.append({
-                "teacher": teacher, "statistic": statistic, "n_paired": n_pair, "paired_correct": p["mean_correct"],
-                "paired_incorrect": p["mean_incorrect"], "paired_diff": p["mean_diff"], "paired_t_p": p["t_p"],
-                "wilcoxon_p": p["wilcoxon_p"], "n_correct": int(c.size), "n_incorrect": int(i.size),
-                "diff": float(c.mean() - i.mean()) if c.size and i.size else math.nan,
-                "welch_p": welch_p, "mannwhitney_p": mw_p,
-                "test": "paired t" if n_pair >= 2 else ("Welch t" if min(c.size, i.size) >= 2 else "none"),
-                "p": p["t_p"] if n_pair >= 2 else welch_p,
-            })  # fmt: skip
+            rows.append(
+                {
+                    "teacher": teacher,
+                    "statistic": statistic,
+                    "n_paired": n_pair,
+                    "paired_correct": p["mean_correct"],
+                    "paired_incorrect": p["mean_incorrect"],
+                    "paired_diff": p["mean_diff"],
+                    "paired_t_p": p["t_p"],
+                    "wilcoxon_p": p["wilcoxon_p"],
+                    "n_correct": int(c.size),
+                    "n_incorrect": int(i.size),
+                    "diff": float(c.mean() - i.mean()) if c.size and i.size else math.nan,
+                    "welch_p": welch_p,
+                    "mannwhitney_p": mw_p,
+                    "test": "paired t" if n_pair >= 2 else ("Welch t" if min(c.size, i.size) >= 2 else "none"),
+                    "p": p["t_p"] if n_pair >= 2 else welch_p,
+                }
+            )
     return pd.DataFrame(rows)
 
 
@@ -202,9 +218,19 @@ def _best_teacher(long: pd.DataFrame, bins: pd.DataFrame, unit: str) -> pd.DataF
         if sub.empty:
             continue
         best = sub.iloc[0]
-        row = {"statistic": statistic, "bin": b, "best": best["teacher"], "n_questions": int(best["n_questions"]),
-               "value": float(best["value"]), "ci_low": float(best["ci_low"]), "ci_high": float(best["ci_high"]),
-               "second": None, "second_value": math.nan, "n_paired": 0, "p_vs_second": math.nan}  # fmt: skip
+        row = {
+            "statistic": statistic,
+            "bin": b,
+            "best": best["teacher"],
+            "n_questions": int(best["n_questions"]),
+            "value": float(best["value"]),
+            "ci_low": float(best["ci_low"]),
+            "ci_high": float(best["ci_high"]),
+            "second": None,
+            "second_value": math.nan,
+            "n_paired": 0,
+            "p_vs_second": math.nan,
+        }
         if len(sub) > 1:
             second = sub.iloc[1]
             sel = long[long["statistic"] == statistic]
@@ -212,8 +238,12 @@ def _best_teacher(long: pd.DataFrame, bins: pd.DataFrame, unit: str) -> pd.DataF
                 sel = sel[sel["bin"].astype(str) == b]
             units = unit_values(sel, "value", unit)  # type: ignore[arg-type]
             test = pairwise(units, unit, [best["teacher"], second["teacher"]]).iloc[0]  # type: ignore[arg-type]
-            row.update(second=second["teacher"], second_value=float(second["value"]), n_paired=int(test["n_pairs"]),
-                       p_vs_second=float(test["t_p"]))  # fmt: skip
+            row.update(
+                second=second["teacher"],
+                second_value=float(second["value"]),
+                n_paired=int(test["n_pairs"]),
+                p_vs_second=float(test["t_p"]),
+            )
         rows.append(row)
     return pd.DataFrame(rows)
 
@@ -221,8 +251,10 @@ def _best_teacher(long: pd.DataFrame, bins: pd.DataFrame, unit: str) -> pd.DataF
 def _question_values(long: pd.DataFrame) -> pd.DataFrame:
     """Per (teacher, question, group, statistic): the mean over the group's paths (``value``),
     ``n_paths``, and the question's success rate and bin."""
-    frames = [unit_values(sel, "value", "question", ["teacher", "statistic"]).assign(group=g)
-              for g, sel in (("all", long), *((g, long[long["group"] == g]) for g in GROUPS[1:]))]  # fmt: skip
+    frames = [
+        unit_values(sel, "value", "question", ["teacher", "statistic"]).assign(group=g)
+        for g, sel in (("all", long), *((g, long[long["group"] == g]) for g in GROUPS[1:]))
+    ]
     qv = pd.concat(frames, ignore_index=True).drop(columns="weight")
     info = long.drop_duplicates("question_id").set_index("question_id")[["success_rate", "bin"]]
     qv = qv.join(info, on="question_id")
@@ -281,21 +313,38 @@ def compare_runs(
         overall = t1[t1["group"] == "all"].drop(columns="group").assign(bin=ALL_BINS)
         bins = pd.concat([by_bin.assign(bin=by_bin["bin"].astype(str)), overall], ignore_index=True)
         bins = _order(bins, labels)
-        parts = {"questions": _question_values(long), "table1": t1, "tests": _correct_vs_incorrect(s, metric),
-                 "bins": bins, "best": _best_teacher(long, bins, unit)}  # fmt: skip
+        parts = {
+            "questions": _question_values(long),
+            "table1": t1,
+            "tests": _correct_vs_incorrect(s, metric),
+            "bins": bins,
+            "best": _best_teacher(long, bins, unit),
+        }
         for k, df in parts.items():
             out[k].append(df.assign(setting=s.label)[["setting", *df.columns]])
     tables = {k: _order(pd.concat(v, ignore_index=True), labels, [s.label for s in settings]) for k, v in out.items()}
-    return Study(runs=settings, metric=metric, edges=edges, confidence=confidence, **tables,
-                 incontext=_incontext(settings, edges, confidence))  # fmt: skip
+    return Study(
+        runs=settings,
+        metric=metric,
+        edges=edges,
+        confidence=confidence,
+        **tables,
+        incontext=_incontext(settings, edges, confidence),
+    )
 
 
 def _order(df: pd.DataFrame, bins: list[str], settings: list[str] | None = None) -> pd.DataFrame:
     """Rows in setting order, then teacher, statistic, group and bin order."""
     keys = {"statistic": list(STATISTICS), "group": list(GROUPS), "bin": bins, "setting": settings}
     cols = [c for c in ("setting", "teacher", "statistic", "group", "bin") if c in df.columns]
-    sort = df.assign(**{f"_{c}": df[c].astype(str).map({v: i for i, v in enumerate(keys[c])})  # type: ignore[arg-type]
-                        if keys.get(c) is not None else df[c] for c in cols})  # fmt: skip
+    sort = df.assign(
+        **{
+            f"_{c}": df[c].astype(str).map({v: i for i, v in enumerate(keys[c])})  # type: ignore[arg-type]
+            if keys.get(c) is not None
+            else df[c]
+            for c in cols
+        }
+    )
     tmp = [f"_{c}" for c in cols]
     return sort.sort_values(tmp, kind="stable").drop(columns=tmp).reset_index(drop=True)
 

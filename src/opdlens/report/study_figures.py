@@ -19,6 +19,7 @@ __all__ = ["plot_bins", "plot_correct_incorrect", "plot_grid", "plot_incontext"]
 
 def _bars(rows: pd.DataFrame | pd.Series, value: str = "value") -> np.ndarray:
     """Error bars of ``rows`` (one row, or a frame) from their ``ci_low`` / ``ci_high`` columns."""
+
     def col(c: str) -> np.ndarray:
         return np.atleast_1d(np.asarray(rows[c], dtype=float))
 
@@ -40,9 +41,16 @@ def plot_grid(study: Study, path: Path) -> Path:
             for k, g in enumerate(("correct", "incorrect")):
                 sub = t[t["group"] == g].set_index("teacher").reindex(teachers)
                 m = sub["value"].to_numpy(dtype=float)
-                ax.bar(x + (k - 0.5) * 0.38, np.nan_to_num(m), 0.38, color=colors[g], alpha=0.8, label=g,
-                       yerr=ci_error_bars(m, sub["ci_low"].to_numpy(dtype=float), sub["ci_high"].to_numpy(dtype=float)),
-                       capsize=2)  # fmt: skip
+                ax.bar(
+                    x + (k - 0.5) * 0.38,
+                    np.nan_to_num(m),
+                    0.38,
+                    color=colors[g],
+                    alpha=0.8,
+                    label=g,
+                    yerr=ci_error_bars(m, sub["ci_low"].to_numpy(dtype=float), sub["ci_high"].to_numpy(dtype=float)),
+                    capsize=2,
+                )
             alls = t[t["group"] == "all"].set_index("teacher").reindex(teachers)["value"].to_numpy(dtype=float)
             ax.plot(x, alls, "D", color="black", ms=4, label="all")
             ax.axhline(0.0, color="grey", lw=0.6)
@@ -71,8 +79,18 @@ def plot_correct_incorrect(study: Study, path: Path) -> Path:
                 if (s, teacher, "correct") not in t.index or (s, teacher, "incorrect") not in t.index:
                     continue
                 c, i = t.loc[(s, teacher, "correct")], t.loc[(s, teacher, "incorrect")]
-                ax.errorbar([i["value"]], [c["value"]], xerr=_bars(i), yerr=_bars(c), fmt=markers[si % len(markers)],
-                            color=colors[teacher], ms=5, capsize=2, lw=0.8, label=f"{teacher} · {s}")  # fmt: skip
+                ax.errorbar(
+                    [i["value"]],
+                    [c["value"]],
+                    xerr=_bars(i),
+                    yerr=_bars(c),
+                    fmt=markers[si % len(markers)],
+                    color=colors[teacher],
+                    ms=5,
+                    capsize=2,
+                    lw=0.8,
+                    label=f"{teacher} · {s}",
+                )
         lim = ax.get_xlim() + ax.get_ylim()
         lo, hi = min(lim), max(lim)
         ax.plot([lo, hi], [lo, hi], color="grey", lw=0.7, ls="--")
@@ -99,8 +117,17 @@ def plot_bins(study: Study, path: Path) -> Path:
         for j, teacher in enumerate(teachers):
             sub = b[b["teacher"] == teacher].set_index("bin").reindex(labels)
             m = sub["value"].to_numpy(dtype=float)
-            ax.errorbar(x + (j - len(teachers) / 2) * 0.04, m, yerr=_bars(sub, "value"), marker="o", ms=3,
-                        capsize=2, lw=1, color=colors[teacher], label=teacher)  # fmt: skip
+            ax.errorbar(
+                x + (j - len(teachers) / 2) * 0.04,
+                m,
+                yerr=_bars(sub, "value"),
+                marker="o",
+                ms=3,
+                capsize=2,
+                lw=1,
+                color=colors[teacher],
+                label=teacher,
+            )
         ax.axhline(0.0, color="grey", lw=0.6)
         ax.set_xticks(x, labels, fontsize=7)
         ax.set_xlabel("student success rate (difficulty bin)", fontsize=8)
@@ -127,8 +154,18 @@ def plot_incontext(study: Study, path: Path) -> Path:
         for j, c in enumerate(contexts):
             sub = ic[(ic["setting"] == s) & (ic["context"] == c)].set_index("bin").reindex(labels)
             m = sub["accuracy"].to_numpy(dtype=float)
-            ax.errorbar(x + (j - len(contexts) / 2) * 0.04, m, yerr=_bars(sub, "accuracy"), marker="o", ms=3,
-                        capsize=2, lw=1, color=colors[c], ls="--" if c == PLAIN else "-", label=c)  # fmt: skip
+            ax.errorbar(
+                x + (j - len(contexts) / 2) * 0.04,
+                m,
+                yerr=_bars(sub, "accuracy"),
+                marker="o",
+                ms=3,
+                capsize=2,
+                lw=1,
+                color=colors[c],
+                ls="--" if c == PLAIN else "-",
+                label=c,
+            )
         ax.set_ylim(-0.02, 1.02)
         ax.set_xticks(x, labels, fontsize=7)
         ax.set_xlabel("student success rate (difficulty bin)", fontsize=8)

@@ -23,8 +23,10 @@ from opdlens.report.tables import Table, fmt, fmt_ci, fmt_p, render_markdown_tab
 
 __all__ = ["write_study"]
 
-UNIT_NOTE = ("seeded percentile bootstrap (inside [-1, 1]) over the units of each run's stat_unit (Runs table): "
-             "question means, or path means each weighted 1 / paths of its question.")
+UNIT_NOTE = (
+    "seeded percentile bootstrap (inside [-1, 1]) over the units of each run's stat_unit (Runs table): "
+    "question means, or path means each weighted 1 / paths of its question."
+)
 
 
 def _cell(value: float, lo: float, hi: float, n: int | None = None) -> str:
@@ -49,25 +51,61 @@ def _grid_table(study: Study, statistic: str) -> Table:
                     row.append("–")
         rows.append(row)
     what = "mean cosine" if statistic == "mean" else "weighted cosine (w = norm_ideal·norm_gkd)"
-    return Table(f"table1_{statistic}", f"Table 1: {what} of {study.metric}, by setting and path group",
-                 [f"A path's {what} over its valid nodes, averaged over the question's paths of the group, then over "
-                  "questions (each question counts once; `opdlens report` prints the same value for the run), "
-                  "n = questions.",
-                  f"{study.confidence:.0%} interval: {UNIT_NOTE}"],
-                 headers, rows)  # fmt: skip
+    return Table(
+        f"table1_{statistic}",
+        f"Table 1: {what} of {study.metric}, by setting and path group",
+        [
+            f"A path's {what} over its valid nodes, averaged over the question's paths of the group, then over "
+            "questions (each question counts once; `opdlens report` prints the same value for the run), "
+            "n = questions.",
+            f"{study.confidence:.0%} interval: {UNIT_NOTE}",
+        ],
+        headers,
+        rows,
+    )
 
 
 def _tests_table(study: Study) -> Table:
-    rows = [[r.setting, r.teacher, r.statistic, str(r.n_paired), fmt(r.paired_diff, 3, True), fmt_p(r.paired_t_p),
-             fmt_p(r.wilcoxon_p), f"{r.n_correct}/{r.n_incorrect}", fmt(r.diff, 3, True), fmt_p(r.welch_p),
-             f"{r.test}: {fmt_p(r.p)}"] for r in study.tests.itertuples()]  # fmt: skip
-    return Table("tests", "Correct vs incorrect paths (question as the unit)",
-                 ["Paired: questions with both correct and incorrect paths, diff = correct − incorrect "
-                  "(negative: incorrect paths align better); t-test and Wilcoxon signed-rank.",
-                  "Unpaired fallback: all questions' correct vs incorrect values (Welch t); `p` is the paired "
-                  "t-test when n_paired >= 2, else Welch's."],
-                 ["setting", "teacher", "statistic", "n_paired", "paired diff", "paired t p", "Wilcoxon p",
-                  "n correct/incorrect", "unpaired diff", "Welch p", "p"], rows)  # fmt: skip
+    rows = [
+        [
+            r.setting,
+            r.teacher,
+            r.statistic,
+            str(r.n_paired),
+            fmt(r.paired_diff, 3, True),
+            fmt_p(r.paired_t_p),
+            fmt_p(r.wilcoxon_p),
+            f"{r.n_correct}/{r.n_incorrect}",
+            fmt(r.diff, 3, True),
+            fmt_p(r.welch_p),
+            f"{r.test}: {fmt_p(r.p)}",
+        ]
+        for r in study.tests.itertuples()
+    ]
+    return Table(
+        "tests",
+        "Correct vs incorrect paths (question as the unit)",
+        [
+            "Paired: questions with both correct and incorrect paths, diff = correct − incorrect "
+            "(negative: incorrect paths align better); t-test and Wilcoxon signed-rank.",
+            "Unpaired fallback: all questions' correct vs incorrect values (Welch t); `p` is the paired "
+            "t-test when n_paired >= 2, else Welch's.",
+        ],
+        [
+            "setting",
+            "teacher",
+            "statistic",
+            "n_paired",
+            "paired diff",
+            "paired t p",
+            "Wilcoxon p",
+            "n correct/incorrect",
+            "unpaired diff",
+            "Welch p",
+            "p",
+        ],
+        rows,
+    )
 
 
 def _bins_tables(study: Study) -> list[Table]:
@@ -78,39 +116,87 @@ def _bins_tables(study: Study) -> list[Table]:
         idx = b.set_index(["teacher", "bin"])
         rows = []
         for teacher in sorted(b["teacher"].unique()):
-            rows.append([teacher] + [
-                _cell(idx.loc[(teacher, lab), "value"], idx.loc[(teacher, lab), "ci_low"],
-                      idx.loc[(teacher, lab), "ci_high"], int(idx.loc[(teacher, lab), "n_questions"]))
-                if (teacher, lab) in idx.index else "–" for lab in labels])  # fmt: skip
-        out.append(Table(f"bins_{s}", f"Mean alignment by difficulty: {s}",
-                         ["Bins of the student's success rate on its initial rollouts (low = hard); Table 1's mean "
-                          "cosine (all paths) over the bin's questions, n = questions.", f"interval: {UNIT_NOTE}"],
-                         ["teacher", *labels], rows))  # fmt: skip
+            rows.append(
+                [teacher]
+                + [
+                    _cell(
+                        idx.loc[(teacher, lab), "value"],
+                        idx.loc[(teacher, lab), "ci_low"],
+                        idx.loc[(teacher, lab), "ci_high"],
+                        int(idx.loc[(teacher, lab), "n_questions"]),
+                    )
+                    if (teacher, lab) in idx.index
+                    else "–"
+                    for lab in labels
+                ]
+            )
+        out.append(
+            Table(
+                f"bins_{s}",
+                f"Mean alignment by difficulty: {s}",
+                [
+                    "Bins of the student's success rate on its initial rollouts (low = hard); Table 1's mean "
+                    "cosine (all paths) over the bin's questions, n = questions.",
+                    f"interval: {UNIT_NOTE}",
+                ],
+                ["teacher", *labels],
+                rows,
+            )
+        )
     return out
 
 
 def _best_table(study: Study) -> Table:
-    rows = [[r.setting, r.statistic, r.bin, r.best, _cell(r.value, r.ci_low, r.ci_high, r.n_questions),
-             "–" if r.second is None else f"{r.second} ({fmt(r.second_value, 3, True)})", fmt_p(r.p_vs_second)]
-            for r in study.best.itertuples()]  # fmt: skip
-    return Table("best", "Best teacher per difficulty bin",
-                 ["Highest value over the bin's questions (as in the bins table); p: paired t-test against the "
-                  "runner-up over the units (stat_unit) both scored."],
-                 ["setting", "statistic", "bin", "best", "value [CI] (n)", "runner-up", "p vs runner-up"],
-                 rows)  # fmt: skip
+    rows = [
+        [
+            r.setting,
+            r.statistic,
+            r.bin,
+            r.best,
+            _cell(r.value, r.ci_low, r.ci_high, r.n_questions),
+            "–" if r.second is None else f"{r.second} ({fmt(r.second_value, 3, True)})",
+            fmt_p(r.p_vs_second),
+        ]
+        for r in study.best.itertuples()
+    ]
+    return Table(
+        "best",
+        "Best teacher per difficulty bin",
+        [
+            "Highest value over the bin's questions (as in the bins table); p: paired t-test against the "
+            "runner-up over the units (stat_unit) both scored."
+        ],
+        ["setting", "statistic", "bin", "best", "value [CI] (n)", "runner-up", "p vs runner-up"],
+        rows,
+    )
 
 
 def _incontext_table(study: Study) -> Table:
     assert study.incontext is not None
-    rows = [[r.setting, r.context, r.bin, _cell(r.accuracy, r.ci_low, r.ci_high, r.n_questions),
-             "–" if r.context == PLAIN else fmt(r.gain, 3, True), fmt_p(r.p_gain), str(r.n_skipped)]
-            for r in study.incontext.itertuples()]  # fmt: skip
-    return Table("incontext", "In-context accuracy: the student shown each self-teacher context",
-                 ["Accuracy of the student's samples from each teacher's exact context vs its plain prompt "
-                  "(sampled afresh, independent of the bins); mean over questions with a t-interval.",
-                  "gain: mean accuracy difference to the plain prompt on the same questions (paired t-test p); "
-                  "skipped: questions where the context could not be built or did not fit."],
-                 ["setting", "context", "bin", "accuracy [CI] (n)", "gain", "p", "skipped"], rows)  # fmt: skip
+    rows = [
+        [
+            r.setting,
+            r.context,
+            r.bin,
+            _cell(r.accuracy, r.ci_low, r.ci_high, r.n_questions),
+            "–" if r.context == PLAIN else fmt(r.gain, 3, True),
+            fmt_p(r.p_gain),
+            str(r.n_skipped),
+        ]
+        for r in study.incontext.itertuples()
+    ]
+    return Table(
+        "incontext",
+        "In-context accuracy: the student shown each self-teacher context",
+        [
+            "Accuracy of the student's samples from each teacher's exact context vs its plain prompt "
+            "(sampled afresh, independent of the bins); mean over questions with a t-interval.",
+            "gain: mean accuracy difference to the plain prompt on the same questions (paired t-test p); "
+            "skipped: questions where the context could not be built or did not fit.",
+        ],
+        ["setting", "context", "bin", "accuracy [CI] (n)", "gain", "p", "skipped"],
+        rows,
+    )
 
 
 def _config_cells(run: RunResults) -> list[str]:
@@ -130,23 +216,42 @@ def write_study(study: Study, out: str | Path) -> Path:
     study.bins.to_csv(out / "bins.csv", index=False)
     study.best.to_csv(out / "best_teacher.csv", index=False)
     study.questions.to_csv(out / "questions.csv", index=False)
-    figs = [plot_grid(study, out / "fig_table1.png"), plot_correct_incorrect(study, out / "fig_correct_incorrect.png"),
-            plot_bins(study, out / "fig_bins.png")]  # fmt: skip
-    tables = [_grid_table(study, "mean"), _grid_table(study, "weighted"), _tests_table(study),
-              *_bins_tables(study), _best_table(study)]  # fmt: skip
+    figs = [
+        plot_grid(study, out / "fig_table1.png"),
+        plot_correct_incorrect(study, out / "fig_correct_incorrect.png"),
+        plot_bins(study, out / "fig_bins.png"),
+    ]
+    tables = [
+        _grid_table(study, "mean"),
+        _grid_table(study, "weighted"),
+        _tests_table(study),
+        *_bins_tables(study),
+        _best_table(study),
+    ]
     if study.incontext is not None:
         study.incontext.to_csv(out / "incontext.csv", index=False)
         figs.append(plot_incontext(study, out / "fig_incontext.png"))
         tables.append(_incontext_table(study))
-    runs = Table("runs", "Runs", [f"metric: {study.metric}; difficulty edges: {', '.join(map(fmt_edge, study.edges))}"],
-                 ["setting", "run", "student", "task", "protocol", "stat_unit", "questions", "teachers", "in-context"],
-                 [[s.label, str(s.root), *_config_cells(s.run), str(len(s.run.questions)), ", ".join(s.teachers),
-                   "yes" if s.incontext is not None else "no"] for s in study.runs])  # fmt: skip
+    runs = Table(
+        "runs",
+        "Runs",
+        [f"metric: {study.metric}; difficulty edges: {', '.join(map(fmt_edge, study.edges))}"],
+        ["setting", "run", "student", "task", "protocol", "stat_unit", "questions", "teachers", "in-context"],
+        [
+            [
+                s.label,
+                str(s.root),
+                *_config_cells(s.run),
+                str(len(s.run.questions)),
+                ", ".join(s.teachers),
+                "yes" if s.incontext is not None else "no",
+            ]
+            for s in study.runs
+        ],
+    )
     lines = ["# opdlens study", "", render_markdown_table(runs)]
     lines += [render_markdown_table(t) for t in tables]
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
     summary = out / "summary.md"
     summary.write_text("\n".join(lines))
     return summary
-
-

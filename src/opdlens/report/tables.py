@@ -132,9 +132,7 @@ def render_html_table(t: Table) -> str:
     e = html.escape
     parts = [f'<section class="table" id="tbl-{e(t.key)}"><h2>{e(t.title)}</h2>']
     if t.notes:
-        parts.append(
-            "<ul class='notes'>" + "".join(f"<li>{inline_code(n)}</li>" for n in t.notes) + "</ul>"
-        )
+        parts.append("<ul class='notes'>" + "".join(f"<li>{inline_code(n)}</li>" for n in t.notes) + "</ul>")
     if not t.rows:
         parts.append("<p><em>(no rows)</em></p></section>")
         return "".join(parts)
@@ -143,10 +141,9 @@ def render_html_table(t: Table) -> str:
     for r in t.rows:
         parts.append(
             "<tr>"
-            + "".join(f"<td>{e(c)}</td>" if _is_number(c) else f"<td class='txt'>{e(c)}</td>"
-                      for c in r)
+            + "".join(f"<td>{e(c)}</td>" if _is_number(c) else f"<td class='txt'>{e(c)}</td>" for c in r)
             + "</tr>"
-        )  # fmt: skip
+        )
     parts.append("</tbody></table></section>")
     return "".join(parts)
 
@@ -158,9 +155,7 @@ def questions_frame(an: Analysis, questions: pd.DataFrame, paths: pd.DataFrame) 
     one ``align[<teacher>]`` column per teacher (mean of that teacher's path means of the question).
     """
     q = questions.copy()
-    counts = paths.groupby("question_id").agg(
-        n_paths=("path_id", "size"), n_correct_paths=("correct", "sum")
-    )
+    counts = paths.groupby("question_id").agg(n_paths=("path_id", "size"), n_correct_paths=("correct", "sum"))
     q = q.merge(counts, how="left", left_on="question_id", right_index=True)
     pm = an.paths[np.isfinite(an.paths["mean"].to_numpy(dtype=float))]
     means = pm.groupby(["question_id", "teacher"])["mean"].mean().unstack("teacher")
@@ -171,9 +166,7 @@ def questions_frame(an: Analysis, questions: pd.DataFrame, paths: pd.DataFrame) 
     return q
 
 
-def write_csvs(
-    out_dir: Path, an: Analysis, questions_table: pd.DataFrame
-) -> dict[str, Path]:
+def write_csvs(out_dir: Path, an: Analysis, questions_table: pd.DataFrame) -> dict[str, Path]:
     """Write every analysis frame as CSV (full precision) into ``out_dir``; returns the paths."""
     frames: dict[str, pd.DataFrame | None] = {
         "per_teacher": an.teachers.table,
@@ -204,8 +197,10 @@ def two_child_meaning(estimator: object = None) -> str:
     plugin = "the plug-in estimate is that ±1"
     post = "the posterior-mean estimate is 2P - 1, P = the posterior probability that the sign is +"
     shown = {"plugin": plugin, "posterior_mean": post}.get(str(estimator), f"{plugin}; {post}")
-    return ("both gradients lie on one line (renormalised over S_u they sum to zero), so at any success rates "
-            f"the cosine is +1 or -1 by construction and only its sign carries information: {shown}")
+    return (
+        "both gradients lie on one line (renormalised over S_u they sum to zero), so at any success rates "
+        f"the cosine is +1 or -1 by construction and only its sign carries information: {shown}"
+    )
 
 
 def two_child_share(valid: pd.DataFrame, metric: str) -> pd.DataFrame:
@@ -215,10 +210,17 @@ def two_child_share(valid: pd.DataFrame, metric: str) -> pd.DataFrame:
     ``n_multi`` and ``mean_multi`` (count and mean alignment of the nodes with >= 3 children)."""
     two = pd.to_numeric(valid["n_children"], errors="coerce").to_numpy() == 2
     x = valid[metric].to_numpy(dtype=float)
-    work = pd.DataFrame({"teacher": valid["teacher"].astype(str).to_numpy(), "two": two.astype(float),
-                         "multi": (~two).astype(float), "xm": np.where(two, 0.0, x)})  # fmt: skip
-    g = work.groupby("teacher", sort=True).agg(frac_two_child=("two", "mean"), n_multi=("multi", "sum"),
-                                               _sum=("xm", "sum"))  # fmt: skip
+    work = pd.DataFrame(
+        {
+            "teacher": valid["teacher"].astype(str).to_numpy(),
+            "two": two.astype(float),
+            "multi": (~two).astype(float),
+            "xm": np.where(two, 0.0, x),
+        }
+    )
+    g = work.groupby("teacher", sort=True).agg(
+        frac_two_child=("two", "mean"), n_multi=("multi", "sum"), _sum=("xm", "sum")
+    )
     g["n_multi"] = g["n_multi"].astype(int)
     with np.errstate(invalid="ignore", divide="ignore"):
         g["mean_multi"] = np.where(g["n_multi"] > 0, g["_sum"] / g["n_multi"].clip(lower=1), np.nan)
@@ -253,8 +255,11 @@ def build_tables(
     conf = round(100 * an.teachers.confidence)
     tt = an.teachers.table
     method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap (stays inside [-1, 1])"
-    unit_note = ("path means, each weighted 1 / paths of its question (statistical unit: the path)"
-                 if an.unit == "path" else "question means (statistical unit: the question)")  # fmt: skip
+    unit_note = (
+        "path means, each weighted 1 / paths of its question (statistical unit: the path)"
+        if an.unit == "path"
+        else "question means (statistical unit: the question)"
+    )
     tables: list[Table] = []
     tc = two_child if two_child is not None else pd.DataFrame(columns=["frac_two_child", "n_multi", "mean_multi"])
 
@@ -274,29 +279,57 @@ def build_tables(
             "rollout noise: median over paths of the half-width of a path mean's 95% interval "
             "from its nodes' finite rollouts (per_path.csv: mean_lo, mean_hi); small against the "
             "CI above means more rollouts would not change the answer.",
-            (f"2-child: share of valid nodes with exactly two well-visited children; there "
-             f"{two_child_meaning(estimator)}. mean (3+): mean over the nodes with three or more children "
-             "(nodes: how many)." if two_child is not None
-             else "2-child, mean (3+): not computed (they need the renormalised reading of S_u, under which a "
-             "two-child node's cosine is ±1, and the n_children column)."),
+            (
+                f"2-child: share of valid nodes with exactly two well-visited children; there "
+                f"{two_child_meaning(estimator)}. mean (3+): mean over the nodes with three or more children "
+                "(nodes: how many)."
+                if two_child is not None
+                else "2-child, mean (3+): not computed (they need the renormalised reading of S_u, under which a "
+                "two-child node's cosine is ±1, and the n_children column)."
+            ),
             *sign_disagreements(tt),
         ],
-        ["teacher", "mean", f"{conf}% CI", "std", "paths", "questions", "nodes", "node std",
-         "% > 0", "% < 0", "weighted", "rollout noise", "2-child", "mean (3+)", "nodes (3+)"],  # fmt: skip
+        [
+            "teacher",
+            "mean",
+            f"{conf}% CI",
+            "std",
+            "paths",
+            "questions",
+            "nodes",
+            "node std",
+            "% > 0",
+            "% < 0",
+            "weighted",
+            "rollout noise",
+            "2-child",
+            "mean (3+)",
+            "nodes (3+)",
+        ],
     )
     half = (an.paths["mean_hi"] - an.paths["mean_lo"]) / 2 if "mean_hi" in an.paths.columns else None
     noise = half.groupby(an.paths["teacher"].astype(str)).median() if half is not None else pd.Series(dtype=float)
     for r in tt.itertuples(index=False):
         c = tc.loc[str(r.teacher)] if str(r.teacher) in tc.index else None
-        t.rows.append([
-            str(r.teacher), fmt(r.mean), fmt_ci(r.ci_low, r.ci_high), fmt(r.std),
-            str(r.n_paths), str(r.n_questions), str(r.n_nodes), fmt(r.node_std),
-            fmt_pct(r.frac_pos), fmt_pct(r.frac_neg), fmt(r.weighted_mean),
-            fmt(noise.get(str(r.teacher), float("nan"))),
-            DASH if c is None else fmt_pct(c["frac_two_child"]),
-            DASH if c is None else fmt(c["mean_multi"], signed=True),
-            DASH if c is None else str(int(c["n_multi"])),
-        ])  # fmt: skip
+        t.rows.append(
+            [
+                str(r.teacher),
+                fmt(r.mean),
+                fmt_ci(r.ci_low, r.ci_high),
+                fmt(r.std),
+                str(r.n_paths),
+                str(r.n_questions),
+                str(r.n_nodes),
+                fmt(r.node_std),
+                fmt_pct(r.frac_pos),
+                fmt_pct(r.frac_neg),
+                fmt(r.weighted_mean),
+                fmt(noise.get(str(r.teacher), float("nan"))),
+                DASH if c is None else fmt_pct(c["frac_two_child"]),
+                DASH if c is None else fmt(c["mean_multi"], signed=True),
+                DASH if c is None else str(int(c["n_multi"])),
+            ]
+        )
     tables.append(t)
 
     t = Table(
@@ -305,18 +338,23 @@ def build_tables(
         [
             "Per question: mean alignment of its correct paths and of its incorrect paths; "
             "questions: those having both kinds of path.",
-            "diff: mean over questions of (correct - incorrect); negative means incorrect paths "
-            "align better.",
-            "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, "
-            "across questions.",
+            "diff: mean over questions of (correct - incorrect); negative means incorrect paths align better.",
+            "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, across questions.",
         ],
         ["teacher", "questions", "correct", "incorrect", "diff", "p (t)", "p (Wilcoxon)"],
     )
     for r in an.questions.tests.itertuples(index=False):
-        t.rows.append([
-            str(r.teacher), str(r.n), fmt(r.mean_correct), fmt(r.mean_incorrect),
-            fmt(r.mean_diff, signed=True), fmt_p(r.t_p), fmt_p(r.wilcoxon_p),
-        ])  # fmt: skip
+        t.rows.append(
+            [
+                str(r.teacher),
+                str(r.n),
+                fmt(r.mean_correct),
+                fmt(r.mean_incorrect),
+                fmt(r.mean_diff, signed=True),
+                fmt_p(r.t_p),
+                fmt_p(r.wilcoxon_p),
+            ]
+        )
     tables.append(t)
 
     alpha = an.teachers.alpha
@@ -330,15 +368,32 @@ def build_tables(
             "paired t-test and Wilcoxon signed-rank, two-sided. Holm: p-values corrected for the number of pairs.",
             f"significant: Holm-corrected paired-t p <= {alpha:g}.",
         ],
-        ["teacher A", "teacher B", f"{an.unit}s", "diff", "p (paired t)", "p (paired t, Holm)", "p (Wilcoxon)",
-         "p (Wilcoxon, Holm)", "significant"],  # fmt: skip
+        [
+            "teacher A",
+            "teacher B",
+            f"{an.unit}s",
+            "diff",
+            "p (paired t)",
+            "p (paired t, Holm)",
+            "p (Wilcoxon)",
+            "p (Wilcoxon, Holm)",
+            "significant",
+        ],
     )
     for r in an.teachers.pairwise.itertuples(index=False):
-        t.rows.append([
-            str(r.teacher_a), str(r.teacher_b), str(r.n_pairs), fmt(r.diff, signed=True), fmt_p(r.t_p),
-            fmt_p(r.t_p_holm), fmt_p(r.wilcoxon_p), fmt_p(r.wilcoxon_p_holm),
-            "yes" if r.significant else "no",
-        ])  # fmt: skip
+        t.rows.append(
+            [
+                str(r.teacher_a),
+                str(r.teacher_b),
+                str(r.n_pairs),
+                fmt(r.diff, signed=True),
+                fmt_p(r.t_p),
+                fmt_p(r.t_p_holm),
+                fmt_p(r.wilcoxon_p),
+                fmt_p(r.wilcoxon_p_holm),
+                "yes" if r.significant else "no",
+            ]
+        )
     tables.append(t)
 
     if an.correlations is not None:
@@ -353,15 +408,20 @@ def build_tables(
                 f"paths: paths with a defined correlation; CI: {conf}% percentile bootstrap over paths "
                 "(inside [-1, 1]).",
             ],
-            ["teacher", "variable", "paths", "Pearson", f"Pearson {conf}% CI", "Spearman",
-             f"Spearman {conf}% CI"],  # fmt: skip
+            ["teacher", "variable", "paths", "Pearson", f"Pearson {conf}% CI", "Spearman", f"Spearman {conf}% CI"],
         )
         for r in an.correlations.summary.itertuples(index=False):
-            t.rows.append([
-                str(r.teacher), str(r.variable), str(r.n_paths), fmt(r.pearson_mean, signed=True),
-                fmt_ci(r.pearson_ci_low, r.pearson_ci_high), fmt(r.spearman_mean, signed=True),
-                fmt_ci(r.spearman_ci_low, r.spearman_ci_high),
-            ])  # fmt: skip
+            t.rows.append(
+                [
+                    str(r.teacher),
+                    str(r.variable),
+                    str(r.n_paths),
+                    fmt(r.pearson_mean, signed=True),
+                    fmt_ci(r.pearson_ci_low, r.pearson_ci_high),
+                    fmt(r.spearman_mean, signed=True),
+                    fmt_ci(r.spearman_ci_low, r.spearman_ci_high),
+                ]
+            )
         tables.append(t)
 
     align_cols = [c for c in questions_table.columns if str(c).startswith("align[")]
@@ -379,21 +439,28 @@ def build_tables(
         ["question", "success", "rollouts", "targeted", "paths (correct)", *align_cols],
     )
     for _, r in shown.iterrows():
-        t.rows.append([
-            str(r["question_id"]), fmt(r["success_rate"]), str(r["n_rollouts"]),
-            str(r["n_targeted"]), f"{r['n_paths']} ({r['n_correct_paths']})",
-            *[fmt(r[c], signed=True) for c in align_cols],
-        ])  # fmt: skip
+        t.rows.append(
+            [
+                str(r["question_id"]),
+                fmt(r["success_rate"]),
+                str(r["n_rollouts"]),
+                str(r["n_targeted"]),
+                f"{r['n_paths']} ({r['n_correct_paths']})",
+                *[fmt(r[c], signed=True) for c in align_cols],
+            ]
+        )
     tables.append(t)
 
     if skips is not None and not skips.empty:
         t = Table(
             "skips",
             "Skipped",
-            ["Questions and teachers left out of the results, with the reason; teacher \"(all)\": "
-             "the whole question was skipped."],
+            [
+                'Questions and teachers left out of the results, with the reason; teacher "(all)": '
+                "the whole question was skipped."
+            ],
             ["question", "teacher", "reason"],
-        )  # fmt: skip
+        )
         for r in skips.itertuples(index=False):
             t.rows.append([str(r.question_id), str(r.teacher) or "(all)", str(r.reason)])
         tables.append(t)

@@ -11,4 +11,12 @@ from opdlens.rollout.base import Engine, EngineConfig, sample_tokens, validate_r
 from opdlens.rollout.torch_engine import TorchEngine, fused_supported
 from opdlens.rollout.vllm_engine import VLLMEngine
 
-__all__ = ["Engine", "EngineConfig", "TorchEngine", "VLLMEngine", "fused_supported", "sample_tokens", "validate_request"]
+__all__ = [
+    "Engine",
+    "EngineConfig",
+    "TorchEngine",
+    "VLLMEngine",
+    "fused_supported",
+    "sample_tokens",
+    "validate_request",
+]

@@ -47,32 +47,58 @@ class EngineConfig(BaseModel):
 
     max_batch_rows: int = Field(256, ge=1, description="rows (samples) decoded together in one batch")
     max_kv_bytes: int | None = Field(
-        None, ge=1, description="bound on the generated-token KV cache of one batch, in bytes "
-        "(default: 40% of the GPU memory free when the engine is built; 2 GiB on CPU)")
+        None,
+        ge=1,
+        description="bound on the generated-token KV cache of one batch, in bytes "
+        "(default: 40% of the GPU memory free when the engine is built; 2 GiB on CPU)",
+    )
     backend: Literal["auto", "fused", "hf"] = Field(
-        "auto", description="'fused': the engine's own forward with each prefix's KV cache stored once "
+        "auto",
+        description="'fused': the engine's own forward with each prefix's KV cache stored once "
         "(llama / qwen2 / qwen3 models); 'hf': Hugging Face forward with the model's cache (any causal LM); "
-        "'auto': fused where the model supports it")
+        "'auto': fused where the model supports it",
+    )
     kernels: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="decode-step kernels of the fused backend: 'triton' (fused Triton kernels), "
-        "'torch' (PyTorch ops); 'auto': triton on CUDA, torch on CPU")
+        "auto",
+        description="decode-step kernels of the fused backend: 'triton' (fused Triton kernels), "
+        "'torch' (PyTorch ops); 'auto': triton on CUDA, torch on CPU",
+    )
     sampler: Literal["auto", "torch", "triton"] = Field(
-        "auto", description="'torch' (Gumbel-max in PyTorch) or 'triton' (inverse-CDF kernel, CUDA only); "
-        "'auto': triton on CUDA, torch on CPU")
-    cuda_graphs: bool | None = Field(None, description="replay captured CUDA graphs of the decode step "
-                                     "(default: on for CUDA; ignored on CPU)")
-    sync_every: int | None = Field(None, ge=1, description="decode steps between host checks of finished "
-                                   "rows (default: 1 on CPU, 16 on CUDA)")
-    compact_below: float = Field(0.5, ge=0.0, le=1.0, description="live-row fraction under which finished "
-                                 "rows are dropped from the batch")
-    suffix_bucket: int = Field(64, ge=1, description="torch kernels on CUDA: granularity of the generated-length "
-                               "buckets that each get a CUDA graph")
-    fused_attention: bool = Field(True, description="torch kernels on CUDA: PyTorch's memory-efficient attention "
-                                  "kernel for the shared-prefix part (else matmul + softmax)")
-    prefix_chunk: int = Field(512, ge=1, description="keys per chunk of the split-key prefix attention (the "
-                              "smallest; on CUDA the Triton kernels grow it until the grid has <= 2 programs per SM)")
-    graph_cache: int = Field(16, ge=1, description="triton kernels: decode shapes whose buffers and CUDA graph "
-                             "are kept across sample() calls (LRU; their KV buffers together stay under max_kv_bytes)")
+        "auto",
+        description="'torch' (Gumbel-max in PyTorch) or 'triton' (inverse-CDF kernel, CUDA only); "
+        "'auto': triton on CUDA, torch on CPU",
+    )
+    cuda_graphs: bool | None = Field(
+        None, description="replay captured CUDA graphs of the decode step (default: on for CUDA; ignored on CPU)"
+    )
+    sync_every: int | None = Field(
+        None, ge=1, description="decode steps between host checks of finished rows (default: 1 on CPU, 16 on CUDA)"
+    )
+    compact_below: float = Field(
+        0.5, ge=0.0, le=1.0, description="live-row fraction under which finished rows are dropped from the batch"
+    )
+    suffix_bucket: int = Field(
+        64,
+        ge=1,
+        description="torch kernels on CUDA: granularity of the generated-length buckets that each get a CUDA graph",
+    )
+    fused_attention: bool = Field(
+        True,
+        description="torch kernels on CUDA: PyTorch's memory-efficient attention "
+        "kernel for the shared-prefix part (else matmul + softmax)",
+    )
+    prefix_chunk: int = Field(
+        512,
+        ge=1,
+        description="keys per chunk of the split-key prefix attention (the "
+        "smallest; on CUDA the Triton kernels grow it until the grid has <= 2 programs per SM)",
+    )
+    graph_cache: int = Field(
+        16,
+        ge=1,
+        description="triton kernels: decode shapes whose buffers and CUDA graph "
+        "are kept across sample() calls (LRU; their KV buffers together stay under max_kv_bytes)",
+    )
 
 
 def validate_request(
@@ -84,7 +110,9 @@ def validate_request(
     if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 0:
         raise OpdlensError(f"max_new_tokens must be an integer >= 0, got {max_new_tokens!r}")
     if not (isinstance(temperature, (int, float)) and temperature > 0 and temperature == temperature):
-        raise OpdlensError(f"temperature must be > 0 (use a small value such as 1e-3 for near-greedy), got {temperature!r}")
+        raise OpdlensError(
+            f"temperature must be > 0 (use a small value such as 1e-3 for near-greedy), got {temperature!r}"
+        )
     seqs = [[int(t) for t in p] for p in prefixes]
     for i, s in enumerate(seqs):
         if not s:

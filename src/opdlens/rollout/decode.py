@@ -122,7 +122,9 @@ class StepGraphs:
 
 
 # ---------------------------------------------------------------------------- compaction helpers
-def live_rows(grid: torch.Tensor, groups: torch.Tensor, n_live: torch.Tensor, R2: int) -> tuple[torch.Tensor, torch.Tensor]:
+def live_rows(
+    grid: torch.Tensor, groups: torch.Tensor, n_live: torch.Tensor, R2: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Old row indices of a compacted ``[len(groups), R2]`` grid and its padding mask.
 
     ``grid [P, R]`` marks live rows; group ``i`` of the new grid takes old group ``groups[i]``'s
@@ -165,7 +167,9 @@ class HFState:
 
     def step(self, tok: torch.Tensor, t: int) -> torch.Tensor:
         pos = torch.full((tok.numel(), 1), self.plen + t, dtype=torch.long, device=tok.device)
-        out = self.eng.model(input_ids=tok[:, None], position_ids=pos, use_cache=True, **{self.eng.cache_kw: self.cache})
+        out = self.eng.model(
+            input_ids=tok[:, None], position_ids=pos, use_cache=True, **{self.eng.cache_kw: self.cache}
+        )
         self.cache = getattr(out, "cache", None) or out.past_key_values
         return out.logits[:, -1]
 
@@ -314,7 +318,9 @@ class TorchState:
         keep = idx.flatten().to(self.eng.device)
         self.P, self.R = len(groups), R2
         used = t + 1  # slots 0..t are written
-        new_k = torch.zeros((self.suf_k.shape[0], keep.numel(), *self.suf_k.shape[2:]), dtype=self.suf_k.dtype, device=keep.device)
+        new_k = torch.zeros(
+            (self.suf_k.shape[0], keep.numel(), *self.suf_k.shape[2:]), dtype=self.suf_k.dtype, device=keep.device
+        )
         new_v = torch.zeros_like(new_k)
         new_k[:, :, :, :used] = self.suf_k[:, keep, :, :used]
         new_v[:, :, :, :used] = self.suf_v[:, keep, :, :used]
@@ -375,8 +381,9 @@ class SlotCache:
         slot = self.slots.pop(key, None)
         if slot is None:
             need = eng.kv_bytes_per_token * P * (T + R * S)
-            while self.slots and (len(self.slots) >= self.size or
-                                  need + sum(s.nbytes for s in self.slots.values()) > self.max_bytes):
+            while self.slots and (
+                len(self.slots) >= self.size or need + sum(s.nbytes for s in self.slots.values()) > self.max_bytes
+            ):
                 self.slots.pop(next(iter(self.slots)))
             slot = Slot(eng, P, R, T, S)
         self.slots[key] = slot
@@ -417,7 +424,7 @@ class TritonState:
             n = min(gk.shape[3], T)
             for dst, src in ((slot.pre_k, gk), (slot.pre_v, gv)):
                 if _is_range(ps) and _is_range(rs):  # the usual case: a strided copy, not an index kernel
-                    dst[:, ps[0]:ps[-1] + 1, :, :n].copy_(src[:, rs[0]:rs[-1] + 1, :, :n])
+                    dst[:, ps[0] : ps[-1] + 1, :, :n].copy_(src[:, rs[0] : rs[-1] + 1, :, :n])
                 else:
                     pi, ri = torch.tensor(ps, device=eng.device), torch.tensor(rs, device=eng.device)
                     dst[:, pi, :, :n] = src[:, ri, :, :n]
@@ -460,8 +467,9 @@ class TritonState:
             return s.suf_k[li], s.suf_v[li], s.t_idx
 
         def attend(li: int, q: torch.Tensor) -> torch.Tensor:
-            return tk.decode_attention(q, s.suf_k[li], s.suf_v[li], s.t_idx, s.pre_k[li], s.pre_v[li], s.plen, s.R,
-                                       m.scaling, s.mode, s.chunk).view(B, H * D)
+            return tk.decode_attention(
+                q, s.suf_k[li], s.suf_v[li], s.t_idx, s.pre_k[li], s.pre_v[li], s.plen, s.R, m.scaling, s.mode, s.chunk
+            ).view(B, H * D)
 
         return m.lm_head(m.forward(x, cos, sin, kv, attend))
 

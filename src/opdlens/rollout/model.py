@@ -89,12 +89,15 @@ class FusedWeights:
                 if frozen:  # layer by layer, so the peak is one layer's copy
                     _alias_layer(layer, qkv_w[-1], qkv_b[-1], gu_w[-1])
                 if hasattr(a, "q_norm"):
-                    qk_norm_w.append(torch.cat([a.q_norm.weight[None].expand(H, -1), a.k_norm.weight[None].expand(Hkv, -1)]))
+                    qk_norm_w.append(
+                        torch.cat([a.q_norm.weight[None].expand(H, -1), a.k_norm.weight[None].expand(Hkv, -1)])
+                    )
             if not first:  # update in place: captured CUDA graphs keep reading the same memory
                 old = [*self.qkv_w, *self.qkv_b, *self.gu_w, *self.qk_norm_w]
                 new = [*qkv_w, *qkv_b, *gu_w, *qk_norm_w]
                 if len(old) == len(new) and all(
-                    (a is None and b is None) or (a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype)
+                    (a is None and b is None)
+                    or (a is not None and b is not None and a.shape == b.shape and a.dtype == b.dtype)
                     for a, b in zip(old, new)
                 ):
                     for a, b in zip(old, new):
@@ -112,8 +115,11 @@ def _alias_layer(layer: torch.nn.Module, qkv: torch.Tensor, qkv_b: torch.Tensor 
     costs no memory (a second copy would be half of a 32B model's weights). Models being
     trained keep their own parameters (an optimizer may replace them)."""
     a, m = layer.self_attn, layer.mlp
-    for mods, fused, name in (((a.q_proj, a.k_proj, a.v_proj), qkv, "weight"), ((m.gate_proj, m.up_proj), gu, "weight"),
-                              ((a.q_proj, a.k_proj, a.v_proj), qkv_b, "bias")):  # fmt: skip
+    for mods, fused, name in (
+        ((a.q_proj, a.k_proj, a.v_proj), qkv, "weight"),
+        ((m.gate_proj, m.up_proj), gu, "weight"),
+        ((a.q_proj, a.k_proj, a.v_proj), qkv_b, "bias"),
+    ):
         if fused is None:
             continue
         start = 0
@@ -133,7 +139,9 @@ class TorchOps:
         """Normalise in float32, cast, scale (as Hugging Face's RMSNorm)."""
         return F.rms_norm(x.float(), (x.shape[-1],), eps=self.m.eps).to(x.dtype) * weight
 
-    def add_rmsnorm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rmsnorm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         """The residual add (rounded to the model dtype) and the RMSNorm of the sum."""
         x = x + delta
         return x, self.rmsnorm(x, weight)
@@ -149,7 +157,7 @@ class TorchOps:
         m = self.m
         H, Hkv, D = m.n_heads, m.n_kv, m.head_dim
         qkv = qkv.view(-1, H + 2 * Hkv, D)
-        qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv:]
+        qk, v = qkv[:, : H + Hkv], qkv[:, H + Hkv :]
         if m.w.qk_norm_w:
             qk = self.rmsnorm(qk, m.w.qk_norm_w[li])
         qk = torch.addcmul(qk * cos[:, None], qk.roll(D // 2, dims=-1), sin[:, None])
@@ -172,7 +180,9 @@ class TritonOps(TorchOps):
     def rmsnorm(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
         return self.tk.rmsnorm(x, weight, self.m.eps)
 
-    def add_rmsnorm(self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def add_rmsnorm(
+        self, x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         return self.tk.add_rmsnorm(x, delta, weight, self.m.eps)
 
     def act_mul(self, gu: torch.Tensor) -> torch.Tensor:
@@ -203,7 +213,7 @@ class BoundModel:
         self.dtype = next(model.parameters()).dtype
         self.inv_freq = base.rotary_emb.inv_freq.float().to(device)
         self.rope_scale = float(getattr(base.rotary_emb, "attention_scaling", 1.0))
-        self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim ** -0.5))
+        self.scaling = float(getattr(self.layers[0].self_attn, "scaling", self.head_dim**-0.5))
         self.eps = float(getattr(cfg, "rms_norm_eps", 1e-6))
         self.act = self.layers[0].mlp.act_fn
         self.silu = str(getattr(cfg, "hidden_act", "")) == "silu"
@@ -271,8 +281,14 @@ class BoundModel:
         def attend(li: int, q: torch.Tensor) -> torch.Tensor:
             k_all[li].copy_(kv_tmp[0].view(N, T, Hkv, D).transpose(1, 2))
             v_all[li].copy_(kv_tmp[1].view(N, T, Hkv, D).transpose(1, 2))
-            o = F.scaled_dot_product_attention(q.view(N, T, H, D).transpose(1, 2), k_all[li], v_all[li],
-                                               is_causal=True, scale=self.scaling, enable_gqa=Hkv != H)
+            o = F.scaled_dot_product_attention(
+                q.view(N, T, H, D).transpose(1, 2),
+                k_all[li],
+                v_all[li],
+                is_causal=True,
+                scale=self.scaling,
+                enable_gqa=Hkv != H,
+            )
             return o.transpose(1, 2).reshape(N * T, H * D)
 
         with attention_backends():  # prefill lengths change from call to call

@@ -77,7 +77,9 @@ class TorchEngine:
         self.pad_token_id = int(pad_token_id)
         self.dtype = next(model.parameters()).dtype
         is_cuda = self.device.type == "cuda"
-        self.max_kv_bytes = cfg.max_kv_bytes or (int(0.4 * torch.cuda.mem_get_info(self.device)[0]) if is_cuda else 2 << 30)
+        self.max_kv_bytes = cfg.max_kv_bytes or (
+            int(0.4 * torch.cuda.mem_get_info(self.device)[0]) if is_cuda else 2 << 30
+        )
         self.cuda_graphs = is_cuda if cfg.cuda_graphs is None else (cfg.cuda_graphs and is_cuda)
         self.sync_every = cfg.sync_every or (16 if is_cuda else 1)
         self.fused_attention = cfg.fused_attention and is_cuda
@@ -124,7 +126,9 @@ class TorchEngine:
         """Gumbel-max in PyTorch, or the inverse-CDF Triton kernel (CUDA; checked once here)."""
         from opdlens.rollout import triton_sampler
 
-        if sampler == "torch" or (sampler == "auto" and not (self.device.type == "cuda" and triton_sampler.available())):
+        if sampler == "torch" or (
+            sampler == "auto" and not (self.device.type == "cuda" and triton_sampler.available())
+        ):
             return sample_tokens, "torch"
         if self.device.type != "cuda":
             raise OpdlensError("the triton sampler needs a CUDA device; set sampler='torch'")
@@ -133,8 +137,9 @@ class TorchEngine:
         tok, lp = triton_sampler.sample_tokens_triton(x, 0.7, gen)
         ref = torch.log_softmax(x.float() / 0.7, -1).gather(1, tok[:, None])[:, 0]
         if not bool(((lp - ref).abs() < 1e-4).all()):
-            raise OpdlensError(f"the triton sampler fails its self-check here ({lp.tolist()} vs {ref.tolist()}); "
-                               "set sampler='torch'")
+            raise OpdlensError(
+                f"the triton sampler fails its self-check here ({lp.tolist()} vs {ref.tolist()}); set sampler='torch'"
+            )
         return triton_sampler.sample_tokens_triton, "triton"
 
     # ------------------------------------------------------------------ public API
@@ -162,8 +167,9 @@ class TorchEngine:
         self.stats = {"decode_steps": 0, "row_steps": 0, "prefills": 0, "graphs": 0, "batches": 0}
         if self.bound is not None:
             self.bound.w.refresh()  # weights changed in place since the last call (training)
-        row_cap = max(1, min(self.config.max_batch_rows,
-                             self.max_kv_bytes // max(1, max_new_tokens * self.kv_bytes_per_token)))
+        row_cap = max(
+            1, min(self.config.max_batch_rows, self.max_kv_bytes // max(1, max_new_tokens * self.kv_bytes_per_token))
+        )
         jobs = self._jobs(seqs, counts, row_cap)
         remaining: dict[int, int] = {}  # jobs left per prefix (to drop its prefill)
         for j in jobs:
@@ -178,7 +184,7 @@ class TorchEngine:
                 self.stats["prefill_s"] = self.stats.get("prefill_s", 0.0) + self._clock() - t0  # type: ignore[operator]
             comps = self._decode(batch, prefills, max_new_tokens, temperature, gen)
             for job, cs in zip(batch, comps):
-                result[job.prefix][job.first:job.first + job.rows] = cs
+                result[job.prefix][job.first : job.first + job.rows] = cs
                 remaining[job.prefix] -= 1
                 if remaining[job.prefix] == 0:
                     del prefills[job.prefix]
@@ -228,15 +234,18 @@ class TorchEngine:
         out: dict[int, Prefill] = {}
         if self.bound is None:
             for i, seq in zip(ids, seqs):
-                res = self.model(input_ids=torch.tensor([seq], dtype=torch.long, device=self.device),
-                                 use_cache=True, logits_to_keep=1)
+                res = self.model(
+                    input_ids=torch.tensor([seq], dtype=torch.long, device=self.device),
+                    use_cache=True,
+                    logits_to_keep=1,
+                )
                 out[i] = Prefill(len(seq), res.logits[0, -1], cache=getattr(res, "cache", None) or res.past_key_values)
             self.stats["prefills"] += len(seqs)
             return out
         start = 0
         while start < len(seqs):
             end = start + 1
-            while end < len(seqs) and (end - start + 1) * max(len(x) for x in seqs[start:end + 1]) <= max_tokens:
+            while end < len(seqs) and (end - start + 1) * max(len(x) for x in seqs[start : end + 1]) <= max_tokens:
                 end += 1
             group = seqs[start:end]
             T = max(len(x) for x in group)
@@ -252,7 +261,9 @@ class TorchEngine:
         return out
 
     # ------------------------------------------------------------------ the decode loop
-    def _state(self, batch: list[Job], prefills: dict[int, Prefill], max_new: int) -> tuple[DecodeState, list[Job], int]:
+    def _state(
+        self, batch: list[Job], prefills: dict[int, Prefill], max_new: int
+    ) -> tuple[DecodeState, list[Job], int]:
         """The batch's decode state, the jobs of its grid (the batch, maybe padded with empty
         jobs) and its rows per prefix."""
         if self.backend == "hf":
@@ -298,7 +309,9 @@ class TorchEngine:
                 n_alive = int(alive_cpu.sum())
                 if n_alive == 0:
                     break
-                res = state.compact(alive_cpu, step) if n_alive <= self.config.compact_below * alive_cpu.numel() else None
+                res = (
+                    state.compact(alive_cpu, step) if n_alive <= self.config.compact_below * alive_cpu.numel() else None
+                )
                 if res is not None:
                     keep, pad = res
                     row_out, alive, tok = row_out[keep], alive[keep], tok[keep]
@@ -309,4 +322,4 @@ class TorchEngine:
             self.stats["fused_attention"] = float(self.fused_attention and self.kernels == "torch")
             self.stats["triton_kernels"] = float(self.kernels == "triton")
         comps = completions_from_buffers(out_tok[:n_out], out_lp[:n_out], steps, self.eos_ids)
-        return [comps[offsets[p]:offsets[p + 1]] for p in range(len(batch))]
+        return [comps[offsets[p] : offsets[p + 1]] for p in range(len(batch))]

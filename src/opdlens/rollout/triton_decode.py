@@ -81,9 +81,23 @@ if triton is not None:
 
     @triton.jit
     def _qkv_rope_kernel(  # type: ignore[no-untyped-def]
-        qkv_ptr, cos_ptr, sin_ptr, qn_ptr, kn_ptr, q_ptr, kc_ptr, vc_ptr, t_ptr,
-        H, HKV, D, S_CAP, eps,
-        HAS_NORM: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_D: tl.constexpr,
+        qkv_ptr,
+        cos_ptr,
+        sin_ptr,
+        qn_ptr,
+        kn_ptr,
+        q_ptr,
+        kc_ptr,
+        vc_ptr,
+        t_ptr,
+        H,
+        HKV,
+        D,
+        S_CAP,
+        eps,
+        HAS_NORM: tl.constexpr,
+        BLOCK_H: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0).to(tl.int64)
         t = tl.load(t_ptr)
@@ -103,7 +117,9 @@ if triton is not None:
             dt = q_ptr.dtype.element_ty
             r = tl.rsqrt(tl.sum(x * x, 1) / D + eps)[:, None]
             w = tl.where(is_q, tl.load(qn_ptr + d, mask=dm, other=0.0), tl.load(kn_ptr + d, mask=dm, other=0.0))
-            wr = tl.where(is_q, tl.load(qn_ptr + d_rot, mask=dm, other=0.0), tl.load(kn_ptr + d_rot, mask=dm, other=0.0))
+            wr = tl.where(
+                is_q, tl.load(qn_ptr + d_rot, mask=dm, other=0.0), tl.load(kn_ptr + d_rot, mask=dm, other=0.0)
+            )
             xn = ((x * r).to(dt).to(tl.float32) * w.to(tl.float32)).to(dt).to(tl.float32)
             xrn = ((xr * r).to(dt).to(tl.float32) * wr.to(tl.float32)).to(dt).to(tl.float32)
             x = tl.where(is_qk, xn, x)
@@ -119,9 +135,24 @@ if triton is not None:
 
     @triton.jit
     def _prefix_attn_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, pk_ptr, pv_ptr, plen_ptr, po_ptr, plse_ptr,
-        R, HKV, G, D, T_PRE, C, CHUNK, scale,
-        IEEE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr,
+        q_ptr,
+        pk_ptr,
+        pv_ptr,
+        plen_ptr,
+        po_ptr,
+        plse_ptr,
+        R,
+        HKV,
+        G,
+        D,
+        T_PRE,
+        C,
+        CHUNK,
+        scale,
+        IEEE: tl.constexpr,
+        BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         """Split-key attention of a prefix group's R*G queries (per kv-head) over one key chunk."""
         pid = tl.program_id(0)
@@ -134,8 +165,11 @@ if triton is not None:
         brow = (p * R + mrow // G).to(tl.int64)
         d = tl.arange(0, BLOCK_D)
         dm = d < D
-        q = tl.load(q_ptr + ((brow * HKV + h) * G + mrow % G)[:, None] * D + d[None, :],
-                    mask=mm[:, None] & dm[None, :], other=0.0)
+        q = tl.load(
+            q_ptr + ((brow * HKV + h) * G + mrow % G)[:, None] * D + d[None, :],
+            mask=mm[:, None] & dm[None, :],
+            other=0.0,
+        )
         plen = tl.load(plen_ptr + p)
         k0 = _scalar(c * CHUNK)
         k1 = _scalar(tl.minimum(k0 + CHUNK, plen))
@@ -167,7 +201,9 @@ if triton is not None:
         out = tl.where(ok[:, None], acc / tl.where(ok, l_i, 1.0)[:, None], 0.0)
         lse = tl.where(ok, m_i + tl.log(tl.where(ok, l_i, 1.0)), float("-inf"))
         part = (pid * C + c).to(tl.int64) * M + mrow
-        tl.store(po_ptr + part[:, None] * D + d[None, :], out.to(po_ptr.dtype.element_ty), mask=mm[:, None] & dm[None, :])
+        tl.store(
+            po_ptr + part[:, None] * D + d[None, :], out.to(po_ptr.dtype.element_ty), mask=mm[:, None] & dm[None, :]
+        )
         tl.store(plse_ptr + part, lse, mask=mm)
 
     @triton.jit
@@ -191,9 +227,28 @@ if triton is not None:
 
     @triton.jit
     def _row_attn_kernel(  # type: ignore[no-untyped-def]
-        q_ptr, sk_ptr, sv_ptr, t_ptr, pk_ptr, pv_ptr, plen_ptr, po_ptr, plse_ptr, out_ptr,
-        R, HKV, G, D, S_CAP, T_PRE, C, scale,
-        PREFIX: tl.constexpr, IEEE: tl.constexpr, BLOCK_G: tl.constexpr, BLOCK_N: tl.constexpr,
+        q_ptr,
+        sk_ptr,
+        sv_ptr,
+        t_ptr,
+        pk_ptr,
+        pv_ptr,
+        plen_ptr,
+        po_ptr,
+        plse_ptr,
+        out_ptr,
+        R,
+        HKV,
+        G,
+        D,
+        S_CAP,
+        T_PRE,
+        C,
+        scale,
+        PREFIX: tl.constexpr,
+        IEEE: tl.constexpr,
+        BLOCK_G: tl.constexpr,
+        BLOCK_N: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
         """One row, one kv-head: its G query heads (padded to a tensor-core tile) over the row's
@@ -245,8 +300,11 @@ if triton is not None:
             v = tl.load(sv_ptr + offs, mask=nm[:, None] & dm[None, :], other=0.0)
             m_i, l_i, acc = _attn_block(q, k, v, nm, m_i, l_i, acc, scale, IEEE)
         out = acc / tl.where(gm, l_i, 1.0)[:, None]
-        tl.store(out_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=qm)
+        tl.store(
+            out_ptr + ((b.to(tl.int64) * HKV + h) * G + g)[:, None] * D + d[None, :],
+            out.to(out_ptr.dtype.element_ty),
+            mask=qm,
+        )
 
 
 def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -257,7 +315,9 @@ def rmsnorm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return out
 
 
-def add_rmsnorm(x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+def add_rmsnorm(
+    x: torch.Tensor, delta: torch.Tensor, weight: torch.Tensor, eps: float
+) -> tuple[torch.Tensor, torch.Tensor]:
     """``x + delta`` (the residual stream, ``[B, N]`` contiguous) and its RMSNorm, in one kernel."""
     B, N = x.shape
     x_new = torch.empty_like(x)
@@ -277,8 +337,16 @@ def silu_mul(gu: torch.Tensor) -> torch.Tensor:
 
 
 def qkv_rope(
-    qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, q_norm: torch.Tensor | None, k_norm: torch.Tensor | None,
-    k_cache: torch.Tensor, v_cache: torch.Tensor, t_idx: torch.Tensor, H: int, eps: float,
+    qkv: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    q_norm: torch.Tensor | None,
+    k_norm: torch.Tensor | None,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    t_idx: torch.Tensor,
+    H: int,
+    eps: float,
 ) -> torch.Tensor:
     """``qkv [B, (H + 2 Hkv) * D]`` -> rotated q ``[B, H, D]``; rotated k and v written to slot
     ``t_idx`` of ``k_cache, v_cache [B, Hkv, S, D]``. ``cos, sin [B, D]`` (sin sign-folded)."""
@@ -287,8 +355,26 @@ def qkv_rope(
     has_norm = q_norm is not None
     qn = q_norm if has_norm else cos
     kn = k_norm if has_norm else cos
-    _qkv_rope_kernel[(B,)](qkv, cos, sin, qn, kn, q, k_cache, v_cache, t_idx, H, Hkv, D, S, eps,
-                           HAS_NORM=has_norm, BLOCK_H=_p2(H + 2 * Hkv), BLOCK_D=_p2(D), num_warps=4)
+    _qkv_rope_kernel[(B,)](
+        qkv,
+        cos,
+        sin,
+        qn,
+        kn,
+        q,
+        k_cache,
+        v_cache,
+        t_idx,
+        H,
+        Hkv,
+        D,
+        S,
+        eps,
+        HAS_NORM=has_norm,
+        BLOCK_H=_p2(H + 2 * Hkv),
+        BLOCK_D=_p2(D),
+        num_warps=4,
+    )
     return q
 
 
@@ -311,9 +397,20 @@ def prefix_chunk(P: int, Hkv: int, M: int, T: int, smallest: int, n_sm: int) -> 
 
 
 def decode_attention(
-    q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, t_idx: torch.Tensor,
-    pre_k: torch.Tensor, pre_v: torch.Tensor, plen: torch.Tensor, R: int, scale: float, mode: int, chunk: int,
-    block_m: int | None = None, partial_dtype: torch.dtype | None = None, row_config: dict[str, int] | None = None,
+    q: torch.Tensor,
+    k_cache: torch.Tensor,
+    v_cache: torch.Tensor,
+    t_idx: torch.Tensor,
+    pre_k: torch.Tensor,
+    pre_v: torch.Tensor,
+    plen: torch.Tensor,
+    R: int,
+    scale: float,
+    mode: int,
+    chunk: int,
+    block_m: int | None = None,
+    partial_dtype: torch.dtype | None = None,
+    row_config: dict[str, int] | None = None,
     prefix_config: dict[str, int] | None = None,
 ) -> torch.Tensor:
     """Attention of ``q [B, H, D]`` (rows ``b = p * R + r``) over prefix ``p``'s keys
@@ -336,14 +433,51 @@ def decode_attention(
         po = torch.empty((P * Hkv * C * M, D), dtype=partial_dtype or torch.float32, device=q.device)
         plse = torch.empty((P * Hkv * C * M,), dtype=torch.float32, device=q.device)
         _prefix_attn_kernel[(P * Hkv, C, triton.cdiv(M, bm))](
-            q, pre_k, pre_v, plen, po, plse, R, Hkv, G, D, T, C, chunk, scale,
-            IEEE=q.dtype == torch.float32, BLOCK_M=bm, BLOCK_D=max(16, bd),
-            **(prefix_config or dict(BLOCK_N=64 if D <= 128 else 32, num_warps=8 if bm >= 128 else 4)))
+            q,
+            pre_k,
+            pre_v,
+            plen,
+            po,
+            plse,
+            R,
+            Hkv,
+            G,
+            D,
+            T,
+            C,
+            chunk,
+            scale,
+            IEEE=q.dtype == torch.float32,
+            BLOCK_M=bm,
+            BLOCK_D=max(16, bd),
+            **(prefix_config or dict(BLOCK_N=64 if D <= 128 else 32, num_warps=8 if bm >= 128 else 4)),
+        )
     else:
         C = 1
         po, plse = q, q  # unused
-    _row_attn_kernel[(Hkv, B)](q, k_cache, v_cache, t_idx, pre_k, pre_v, plen, po, plse, out,
-                               R, Hkv, G, D, S, T, C, scale,
-                               PREFIX=mode, IEEE=q.dtype == torch.float32, BLOCK_G=max(16, _p2(G)),
-                               BLOCK_D=max(16, bd), **(row_config or dict(BLOCK_N=32, num_warps=4)))
+    _row_attn_kernel[(Hkv, B)](
+        q,
+        k_cache,
+        v_cache,
+        t_idx,
+        pre_k,
+        pre_v,
+        plen,
+        po,
+        plse,
+        out,
+        R,
+        Hkv,
+        G,
+        D,
+        S,
+        T,
+        C,
+        scale,
+        PREFIX=mode,
+        IEEE=q.dtype == torch.float32,
+        BLOCK_G=max(16, _p2(G)),
+        BLOCK_D=max(16, bd),
+        **(row_config or dict(BLOCK_N=32, num_warps=4)),
+    )
     return out

@@ -32,8 +32,16 @@ def available() -> bool:
 if triton is not None:
 
     @triton.jit
-    def _cdf_part_kernel(logits_ptr, stride, V, SPAN, inv_temp, part_ptr, NSPLIT,  # type: ignore[no-untyped-def]
-                         BLOCK: tl.constexpr):
+    def _cdf_part_kernel(
+        logits_ptr,
+        stride,
+        V,
+        SPAN,
+        inv_temp,
+        part_ptr,
+        NSPLIT,  # type: ignore[no-untyped-def]
+        BLOCK: tl.constexpr,
+    ):
         """Columns ``[split * SPAN, (split + 1) * SPAN)`` of one row: max ``m`` and
         ``sum exp(x - m)`` of ``x = logits / T`` (one exp per column)."""
         row = tl.program_id(0)
@@ -82,8 +90,17 @@ if triton is not None:
         tl.store(out + 3, big_m + tl.log(z))
 
     @triton.jit
-    def _cdf_pick_kernel(logits_ptr, stride, V, SPAN, inv_temp, pick_ptr, tok_ptr, lp_ptr,  # type: ignore[no-untyped-def]
-                         BLOCK: tl.constexpr):
+    def _cdf_pick_kernel(
+        logits_ptr,
+        stride,
+        V,
+        SPAN,
+        inv_temp,
+        pick_ptr,
+        tok_ptr,
+        lp_ptr,  # type: ignore[no-untyped-def]
+        BLOCK: tl.constexpr,
+    ):
         """One row: inside the chosen split, the first column whose cumulative ``exp(x - M)``
         exceeds the mass left; its log-prob ``x - logsumexp``."""
         row = tl.program_id(0)

@@ -244,8 +244,10 @@ class VLLMEngine:
                 tokens = [int(t) for t in out.token_ids]
                 if out.logprobs is None:
                     raise OpdlensError("vLLM returned no log-probs: SamplingParams(logprobs=0) was ignored")
-                lps = [_logprob_value(step[tok]) if isinstance(step, Mapping) else _logprob_value(step)
-                       for tok, step in zip(tokens, out.logprobs)]
+                lps = [
+                    _logprob_value(step[tok]) if isinstance(step, Mapping) else _logprob_value(step)
+                    for tok, step in zip(tokens, out.logprobs)
+                ]
                 comps.append(Completion(tokens, lps, finished=out.finish_reason == "stop"))
             result.append(comps)
         return result

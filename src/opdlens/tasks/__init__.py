@@ -18,6 +18,7 @@ from opdlens.tasks.answers import (
     normalize_gold,
     strip_thinking,
 )
+from opdlens.tasks.arith import DEFAULT_DIFFICULTY, LEVELS, ArithTask
 from opdlens.tasks.base import (
     CORRECT,
     INCORRECT,
@@ -30,7 +31,6 @@ from opdlens.tasks.base import (
     list_tasks,
     register_task,
 )
-from opdlens.tasks.arith import DEFAULT_DIFFICULTY, LEVELS, ArithTask
 from opdlens.tasks.hf import AIMETask, BoolQTask, HFTask, MMLUTask, load_hf_rows
 from opdlens.tasks.local import JsonlTask, LocalFileTask, ParquetTask, iter_rows, read_rows
 

@@ -196,9 +196,7 @@ def extract_letter(text: str, letters: str = "ABCD") -> str | None:
         m = re.match(rf"\W*(?:\\text\{{)?({cls})\b", boxed)
         if m:
             return m.group(1)
-    marked = re.findall(
-        _MARKER + r"(?:\s*(?:option|choice))?" + _DECOR + rf"({cls})(?![\w])", body, re.IGNORECASE
-    )
+    marked = re.findall(_MARKER + r"(?:\s*(?:option|choice))?" + _DECOR + rf"({cls})(?![\w])", body, re.IGNORECASE)
     # the marker is case-insensitive but the letter must be upper case: filter afterwards
     marked = [x for x in marked if x in letters]
     if marked:

@@ -51,11 +51,28 @@ LEVELS: dict[int, ArithLevel] = {
 DEFAULT_DIFFICULTY = 2
 
 _PEOPLE: tuple[tuple[str, str], ...] = (
-    ("Tom", "he"), ("Anna", "she"), ("Ben", "he"), ("Lucy", "she"), ("Sam", "he"),
-    ("Mia", "she"), ("Leo", "he"), ("Emma", "she"), ("Max", "he"), ("Zoe", "she"),
+    ("Tom", "he"),
+    ("Anna", "she"),
+    ("Ben", "he"),
+    ("Lucy", "she"),
+    ("Sam", "he"),
+    ("Mia", "she"),
+    ("Leo", "he"),
+    ("Emma", "she"),
+    ("Max", "he"),
+    ("Zoe", "she"),
 )
 _ITEMS: tuple[str, ...] = (
-    "apples", "marbles", "stickers", "books", "coins", "pencils", "cookies", "stamps", "cards", "shells",
+    "apples",
+    "marbles",
+    "stickers",
+    "books",
+    "coins",
+    "pencils",
+    "cookies",
+    "stamps",
+    "cards",
+    "shells",
 )
 _ADD = ("{P} buys {b} more.", "{P} finds {b} more.", "{P} gets {b} more from a friend.")
 _SUB = ("{P} gives away {b}.", "{P} loses {b}.", "{P} gives {b} to a friend.")

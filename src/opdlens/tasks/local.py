@@ -47,14 +47,19 @@ def iter_rows(path: str | Path) -> Iterator[tuple[int, dict[str, Any] | str]]:
     if suffix in (".jsonl", ".json", ".ndjson"):
         with p.open("rb") as f:
             if b"\x00" in f.read(8192):
-                raise OpdlensError(f"data file {p} is binary (it holds NUL bytes), not JSONL text: one JSON object a line, UTF-8")
+                raise OpdlensError(
+                    f"data file {p} is binary (it holds NUL bytes), not JSONL text: one JSON object a line, UTF-8"
+                )
             f.seek(0)
             for lineno, raw in enumerate(f, start=1):
                 try:
                     line = raw.decode("utf-8-sig" if lineno == 1 else "utf-8")  # a leading BOM is accepted
                 except UnicodeDecodeError as e:
                     n += 1
-                    yield lineno, f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8"
+                    yield (
+                        lineno,
+                        f"not UTF-8 text (byte 0x{raw[e.start]:02x} at column {e.start + 1}); save the file as UTF-8",
+                    )
                     continue
                 if not line.strip():
                     continue
@@ -168,9 +173,7 @@ class LocalFileTask(Task):
                     raise _BadRow(row)
                 q = self._question(p, num, row)
                 if q.id in seen:
-                    raise _BadRow(
-                        f"field {self.id_field!r}: duplicate id {q.id!r} (first seen at row {seen[q.id]})"
-                    )
+                    raise _BadRow(f"field {self.id_field!r}: duplicate id {q.id!r} (first seen at row {seen[q.id]})")
             except _BadRow as e:
                 msg = f"{p}: row {num}: {e}"
                 if self.on_bad_row == "skip":
