@@ -21,7 +21,7 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from opdlens.config import validate_config
-from opdlens.diagnose import pipeline
+from opdlens.diagnose import run as drun
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
 from opdlens.diagnose.questions import QuestionEnv
@@ -170,9 +170,9 @@ def _synthetic_builder(fail_after: int | None):  # type: ignore[no-untyped-def]
 
 def _run(cfg: DiagnoseConfig, fail_after: int | None = None) -> str:
     """``diagnose(cfg)``: "done", "error" (an OpdlensError) or "killed"; anything else propagates."""
-    with mock.patch.object(pipeline, "build_diagnosis", _synthetic_builder(fail_after)):
+    with mock.patch.object(drun, "build_diagnosis", _synthetic_builder(fail_after)):
         try:
-            pipeline.diagnose(cfg, progress=False)
+            drun.diagnose(cfg, progress=False)
         except OpdlensError:
             return "error"
         except KeyboardInterrupt:
