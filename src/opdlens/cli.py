@@ -195,7 +195,7 @@ def compare(
 ) -> None:
     """The study across runs: Table 1 (teachers x settings, correct/incorrect paths), p-values, difficulty
     bins, best teacher per bin, and with --incontext the student's accuracy under each self-teacher context."""
-    from opdlens.diagnose.incontext import run_incontext
+    from opdlens.report.incontext import run_incontext
     from opdlens.report.study import compare_runs, parse_edges
     from opdlens.report.study_tables import write_study
 

@@ -14,7 +14,7 @@ computes (:func:`compare_runs`):
 ``best``                   the teacher with the highest value per setting × statistic × bin, its
                            interval, the runner-up and a paired test against it
 ``incontext``              in-context accuracy per setting × context × bin
-                           (:mod:`opdlens.diagnose.incontext`)
+                           (:mod:`opdlens.report.incontext`)
 ``questions``              the per-question values of the tests above
 =========================  ===================================================================
 
@@ -45,7 +45,6 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from opdlens.diagnose.incontext import accuracy_table, read_incontext
 from opdlens.errors import OpdlensError
 from opdlens.report.aggregate import (
     GROUPS,
@@ -57,6 +56,7 @@ from opdlens.report.aggregate import (
     teacher_values,
     unit_values,
 )
+from opdlens.report.incontext import accuracy_table, read_incontext
 from opdlens.report.nodes import per_path
 from opdlens.report.run import RunResults, load_run
 from opdlens.report.stats import check_interval_args, unpaired_tests

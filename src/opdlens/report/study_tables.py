@@ -9,8 +9,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from opdlens.diagnose.incontext import PLAIN
 from opdlens.report.aggregate import GROUPS
+from opdlens.report.incontext import PLAIN
 from opdlens.report.run import RunResults
 from opdlens.report.study import ALL_BINS, Study, fmt_edge
 from opdlens.report.study_figures import (
