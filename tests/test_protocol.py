@@ -143,10 +143,12 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
     diag.run(envs)
     # each scheduled model is freed after its steps; the teacher is loaded for priorities and scoring
     assert not ext.slot.loaded and ext.slot.loads == 3  # one model: solutions+summaries, priorities, scoring
-    assert not diag.config.summarizer.loaded and not diag.config.solution_slot.loaded
+    assert not diag.runtime.summarizer.loaded and not diag.runtime.solution_slot.loaded
     store = RunStore(cfg.out_dir)
     nodes, questions, paths = load_results(store)
     assert "Ext" in set(nodes["teacher"]) and len(questions) == 2
+    valid = nodes[nodes["valid"].astype(bool)]
+    assert len(valid) and valid["pbar"].between(0, 1).all()  # the P̄ of every valid node reaches the table
     skips = store.read_table("skips.parquet")
     assert list(skips.columns) == ["question_id", "teacher", "action", "reason"]
     for q in questions["question_id"]:
