@@ -391,9 +391,13 @@ class TargetPlan:
         mask_r, tok_r = mask[rows], tok[rows]
         p_st, lp_st = restrict(self.logp_student[rows].gather(1, tok_r), mask_r)
         dirs = {}
+        ls_k = self.logp_student[rows].gather(1, tok_r)
         for i, lt in enumerate(self.logp_teachers):
-            _, lp_te = restrict(lt[rows].gather(1, tok_r), mask_r)
-            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask_r)
+            lt_k = lt[rows].gather(1, tok_r)
+            _, lp_te = restrict(lt_k, mask_r)
+            # the same "direction undefined" scale as path_signals (a teacher proportional to the student: zero)
+            terms = torch.stack([ls_k.abs(), lt_k.abs(), lp_st.abs(), lp_te.abs()]).amax(0)
+            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask_r, ell_terms=terms)
         n = torch.from_numpy(pad["visits"][rows.numpy()]).double()
         s = torch.from_numpy(pad["successes"][rows.numpy()]).double()
         ideal = lambda ps: ideal_gradient(p_st, ps, mask_r)  # noqa: E731
