@@ -329,10 +329,13 @@ class TopkEntries:
     """The ``2k`` candidate tokens of every position: the student's top-k then the teacher's.
 
     All tensors are ``[B, T, 2k]`` and detached. ``in_set``: the entry belongs to the chosen set
-    (a token both models rank is counted once, on the student side); ``shared`` / ``only_student``
-    / ``only_teacher``: the entry is a token of ``S∩T`` (student side) / ``S∖T`` / ``T∖S``;
-    ``weight``: ``w_v`` (see :func:`topk_entries`), defined on every entry (normalised over the
-    chosen set, so equal to the training weight where ``in_set``); ``advantage = −w_v ℓ(v)``.
+    (a token both models rank is counted once: on the teacher side for the teacher set, else on
+    the student side); ``shared`` / ``only_student`` / ``only_teacher``: the entry is a token of
+    ``S∩T`` (counted once, on the side the chosen set trains: the teacher side for
+    ``topk_set="teacher"``, else the student side) / ``S∖T`` / ``T∖S``; ``weight``: ``w_v`` (see
+    :func:`topk_entries`), defined on every entry (normalised over the chosen set, so equal to the
+    training weight where ``in_set``); ``advantage``: the training advantage ``−w_v ℓ(v)`` on the
+    chosen set and 0 elsewhere (the authors mask the log-ratio outside the set before weighting).
     """
 
     ids: torch.Tensor
@@ -351,7 +354,7 @@ class TopkEntries:
 
     @property
     def advantage(self) -> torch.Tensor:
-        return -self.weight * self.log_ratio
+        return torch.where(self.in_set, -self.weight * self.log_ratio, torch.zeros_like(self.weight))
 
 
 @torch.no_grad()
@@ -399,7 +402,7 @@ def topk_entries(
         logp=lp,
         logq=lq,
         in_set=valid,
-        shared=torch.cat([s_in_t, zeros], dim=-1),
+        shared=torch.cat([zeros, t_in_s], dim=-1) if topk_set == "teacher" else torch.cat([s_in_t, zeros], dim=-1),
         only_student=torch.cat([~s_in_t, zeros], dim=-1),
         only_teacher=torch.cat([zeros, ~t_in_s], dim=-1),
         weight=w,

@@ -45,7 +45,14 @@ def add_signals(sums: MetricSums, scored: Scored, cfg: TrainConfig) -> None:
     s = scored.student.detach()
     k = min(cfg.metrics_k, s.shape[-1])
     sums.add_tokens(
-        token_metrics(s, scored.teacher, k=k, tokens=scored.tokens, teacher_temperature=cfg.teacher_temperature),
+        token_metrics(
+            s,
+            scored.teacher,
+            k=k,
+            tokens=scored.tokens,
+            teacher_temperature=cfg.teacher_temperature,
+            student_temperature=cfg.temperature,
+        ),
         scored.mask,
         skip=_DUPLICATES,
     )

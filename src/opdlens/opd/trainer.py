@@ -1,8 +1,10 @@
 r"""On-policy distillation trainer: the step loop, evaluation and :func:`train` (run / resume).
 
-One optimizer step (``batch_size`` rollouts over all processes):
+One optimizer step (``batch_size`` rollouts, or with ``batch_unit: prompts`` ``batch_size``
+prompts × ``samples_per_prompt`` rollouts, over all processes):
 
-1. draw ``batch_size / samples_per_prompt`` training questions (seeded by ``(seed, step)``);
+1. draw the step's training questions (:attr:`TrainConfig.prompts_per_step`): seeded by
+   ``(seed, step)``, or with ``prompt_order: sequential`` the next block in order (epochs);
    each process takes an equal contiguous share (:mod:`opdlens.opd.parallel`);
 2. the student samples ``samples_per_prompt`` completions per question at ``temperature`` with
    its rollout engine (:mod:`opdlens.opd.scoring`);
@@ -12,7 +14,8 @@ One optimizer step (``batch_size`` rollouts over all processes):
 4. gradient clipping and one AdamW step on the float32 master weights;
 5. logging (:mod:`opdlens.opd.runlog`) of the loss, our token signals and the authors' metrics
    (:mod:`opdlens.opd.metrics`), the training reward, and every ``eval_every`` steps the
-   held-out reward and signals; checkpoints (:mod:`opdlens.opd.checkpoint`) every
+   held-out evaluation (``eval_samples`` per question at ``eval_temperature`` / ``eval_top_p``,
+   up to ``eval_max_new_tokens``; avg@n, pass@n and the signals); checkpoints (:mod:`opdlens.opd.checkpoint`) every
    ``save_every`` steps.
 
 Each step's randomness is a function of ``(seed, step)`` only, so a resumed run reproduces the
@@ -121,6 +124,12 @@ class OPDTrainer:
         self.train_questions = list(train_questions)
         self.eval_questions = list(eval_questions)
         self.max_new_tokens = config.token_budget(task)
+        self.eval_task = task
+        if config.eval_task_args is not None and self.eval_questions:
+            from opdlens.tasks import get_task
+
+            self.eval_task = get_task(config.task, **config.eval_task_args)  # grades the held-out answers
+        self.eval_max_new_tokens = config.eval_max_new_tokens or config.token_budget(self.eval_task)
         self.dist = dist or Dist(next(student.model.parameters()).device)
         self.model: torch.nn.Module = student.model
         if any(p.dtype != torch.float32 for p in self.model.parameters()):
@@ -147,7 +156,16 @@ class OPDTrainer:
         return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
     def _rollouts(
-        self, questions: list[Any], n: int, seed: int, temperature: float, *, first: int, strict: bool = True
+        self,
+        questions: list[Any],
+        n: int,
+        seed: int,
+        temperature: float,
+        *,
+        first: int,
+        strict: bool = True,
+        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
     ) -> list[Rollout]:
         chunk = self.config.rollout_chunk
         if chunk is not None and (len(questions) % chunk or first % chunk):
@@ -156,8 +174,27 @@ class OPDTrainer:
             chunk = None  # held-out blocks of uneven size: one call per process
         first_chunk = first // chunk if chunk else self.dist.rank
         return self.scorer.rollouts(
-            questions, n, seed, temperature, chunk=chunk, first_chunk=first_chunk, max_new_tokens=self.max_new_tokens
+            questions,
+            n,
+            seed,
+            temperature,
+            chunk=chunk,
+            first_chunk=first_chunk,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            top_p=top_p,
         )
+
+    def step_questions(self, step: int) -> list[Any]:
+        """The training questions of optimizer step ``step`` (1-based), over all processes:
+        ``prompts_per_step`` of them, drawn by ``(seed, step)`` or, with ``prompt_order:
+        sequential``, the step's block of the questions in order (wrapping around: epochs)."""
+        cfg, qs = self.config, self.train_questions
+        n = cfg.prompts_per_step
+        if cfg.prompt_order == "sequential":
+            start = (step - 1) * n
+            return [qs[i % len(qs)] for i in range(start, start + n)]
+        idx = np.random.default_rng([cfg.seed, step]).choice(len(qs), size=n, replace=n > len(qs))
+        return [qs[i] for i in idx]
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, Any]:
@@ -165,10 +202,7 @@ class OPDTrainer:
         cfg, dist = self.config, self.dist
         t0 = time.perf_counter()
         step = self.step + 1
-        n_prompts = cfg.batch_size // cfg.samples_per_prompt
-        rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.choice(len(self.train_questions), size=n_prompts, replace=n_prompts > len(self.train_questions))
-        mine, first = dist.share([self.train_questions[i] for i in idx])
+        mine, first = dist.share(self.step_questions(step))
         rows = self._rollouts(mine, cfg.samples_per_prompt, step_seed(cfg.seed, step), cfg.temperature, first=first)
         t_sample = time.perf_counter() - t0
         correct = self.scorer.correct(self.task, rows)
@@ -216,24 +250,45 @@ class OPDTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out student reward and signals (fixed sampling seed: evaluations differ only by
-        the weights); every process takes its share of the questions."""
+        """Held-out evaluation (fixed sampling seed: evaluations differ only by the weights);
+        every process takes its share of the questions, all samples of a question together.
+
+        ``eval_samples`` (n) rollouts per question at ``eval_temperature``, nucleus ``eval_top_p``,
+        up to ``eval_max_new_tokens``, graded by the held-out task: ``eval_avg_at_n`` (= the
+        older ``eval_reward``) is the mean accuracy over all samples (the authors' mean@n), and
+        ``eval_pass_at_n`` the share of questions with at least one correct sample; the signals
+        are scored on the same rollouts."""
         if not self.eval_questions:
             return {}
         cfg, dist = self.config, self.dist
         mine, first = dist.block(self.eval_questions)
         rows = (
             self._rollouts(
-                mine, cfg.eval_samples, step_seed(cfg.seed, 0, salt=1), cfg.eval_temperature, first=first, strict=False
+                mine,
+                cfg.eval_samples,
+                step_seed(cfg.seed, 0, salt=1),
+                cfg.eval_temperature,
+                first=first,
+                strict=False,
+                top_p=cfg.eval_top_p,
+                max_new_tokens=self.eval_max_new_tokens,
             )
             if mine
             else []
         )
         sums = score_signals(self.scorer, rows, cfg)
-        sums.add("reward", float(sum(self.scorer.correct(self.task, rows))), float(len(rows)))
+        correct = self.scorer.correct(self.eval_task, rows)
+        solved: dict[int, bool] = {}
+        for r, ok in zip(rows, correct):
+            solved[r.group] = solved.get(r.group, False) or ok
+        sums.add("reward", float(sum(correct)), float(len(rows)))
+        sums.add("avg_at_n", float(sum(correct)), float(len(rows)))
+        sums.add("pass_at_n", float(sum(solved.values())), float(len(solved)))
         sums.add("mean_len", float(sum(len(r.tokens) for r in rows)), float(len(rows)))
+        sums.add("frac_finished", float(sum(r.finished for r in rows)), float(len(rows)))
         m = dist.merge(sums).means()
-        return {f"eval_{k}": m[k] for k in (*EVAL_KEYS, "reward", "mean_len") if k in m}
+        keys = (*EVAL_KEYS, "reward", "avg_at_n", "pass_at_n", "mean_len", "frac_finished")
+        return {f"eval_{k}": m[k] for k in keys if k in m}
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, out_dir: str | Path, keep: int = 2) -> Path:
@@ -345,13 +400,17 @@ def _prepare_contexts(
 
 
 def load_questions(config: TrainConfig) -> tuple[Any, list[Any], list[Any]]:
-    """The task and its training / held-out questions."""
+    """The task and its training / held-out questions (the held-out ones from ``eval_task_args``
+    when set)."""
     from opdlens.tasks import get_task
 
     task = get_task(config.task, **config.task_args)
     train_q = task.load(split=config.train_split, n=config.train_questions, seed=config.seed)
+    eval_task = task if config.eval_task_args is None else get_task(config.task, **config.eval_task_args)
     eval_q = (
-        task.load(split=config.eval_split, n=config.eval_questions, seed=config.seed) if config.eval_questions else []
+        eval_task.load(split=config.eval_split, n=config.eval_questions, seed=config.seed)
+        if config.eval_questions != 0
+        else []
     )
     return task, list(train_q), list(eval_q)
 
@@ -438,7 +497,7 @@ def train(
         history.append(row)
 
     try:
-        if trainer.step == 0 and cfg.eval_every > 0:
+        if trainer.step == 0 and cfg.eval_every > 0 and cfg.eval_at_start:
             emit({"step": 0, **dropped, **stage_log, **trainer.evaluate()})
         done = 0
         while trainer.step < cfg.steps and (stop_after is None or done < stop_after):
