@@ -49,8 +49,9 @@ from opdlens.rollout.base import (
     sample_tokens,
     validate_request,
 )
-from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, SlotCache, TorchState, TritonState
+from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, TorchState
 from opdlens.rollout.model import FUSED_MODEL_TYPES, BoundModel, fused_supported
+from opdlens.rollout.triton_state import SlotCache, TritonState
 
 __all__ = ["FUSED_MODEL_TYPES", "EngineConfig", "TorchEngine", "fused_supported"]
 
