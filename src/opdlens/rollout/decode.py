@@ -18,13 +18,16 @@ import copy
 import threading
 from collections.abc import Callable, Hashable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 import torch
 import torch.nn.functional as F
 
 from opdlens.rollout.base import EngineConfig
 from opdlens.rollout.model import BoundModel
+
+if TYPE_CHECKING:
+    from opdlens.rollout.triton_state import SlotCache
 
 _NEG_INF = float("-inf")
 
