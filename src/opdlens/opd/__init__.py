@@ -16,18 +16,17 @@
 """
 
 from opdlens.opd.losses import (
-    LOSSES,
     LossOutput,
     forward_kl,
     full_rkl,
     generalized_jsd,
-    opd_loss,
     opd_topk,
     reduce_tokens,
     sampled_token_rkl,
     topk_rkl,
 )
 from opdlens.opd.metrics import TokenMetrics, token_metrics
+from opdlens.opd.registry import LOSSES, opd_loss
 from opdlens.opd.trainer import TEMPLATES, OPDTrainer, TrainConfig, TrainResult, read_metrics, train
 
 __all__ = [

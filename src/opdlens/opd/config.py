@@ -18,8 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from opdlens.config import RunSettings
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
-from opdlens.opd.losses import LOSSES, LossOptions, get_loss
 from opdlens.opd.presets import COLD_START_PAPER, PRESETS, preset_values
+from opdlens.opd.registry import LOSSES, LossOptions, get_loss
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
 TEMPLATES: dict[str, str] = {
@@ -365,7 +365,7 @@ class TrainConfig(RunSettings):
         return self.prompts_per_step * self.samples_per_prompt
 
     def loss_options(self, denominator: float | None = None) -> LossOptions:
-        """The :class:`~opdlens.opd.losses.LossOptions` of this run (one place, read by the step)."""
+        """The :class:`~opdlens.opd.registry.LossOptions` of this run (one place, read by the step)."""
         return LossOptions(
             k=self.k,
             topk_set=self.topk_set,

@@ -31,7 +31,7 @@ from typing import Any
 import typer
 
 from opdlens.entry import choice, run_app
-from opdlens.opd.losses import LOSSES
+from opdlens.opd.registry import LOSSES
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from opdlens.report.figures import plot_training_curve
 

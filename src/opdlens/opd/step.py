@@ -17,8 +17,9 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd.config import TrainConfig
-from opdlens.opd.losses import get_loss, log_probs, reduce_tokens
+from opdlens.opd.losses import log_probs, reduce_tokens
 from opdlens.opd.metrics import mechanism_metrics, token_metrics
+from opdlens.opd.registry import get_loss
 from opdlens.opd.runlog import MetricSums
 from opdlens.opd.scoring import Rollout, Scored, Scorer
 

@@ -9,7 +9,7 @@ prompts × ``samples_per_prompt`` rollouts, over all processes):
 2. the student samples ``samples_per_prompt`` completions per question at ``temperature`` with
    its rollout engine (:mod:`opdlens.opd.scoring`);
 3. micro-batched student (with gradient) and teacher (without) forward passes and the OPD loss
-   named by ``loss`` (:data:`opdlens.opd.losses.LOSSES`), normalised by the global token count
+   named by ``loss`` (:data:`opdlens.opd.registry.LOSSES`), normalised by the global token count
    (:mod:`opdlens.opd.step`); optionally the GRPO outcome term;
 4. gradient clipping and one AdamW step on the float32 master weights;
 5. logging (:mod:`opdlens.opd.runlog`) of the loss, our token signals and the authors' metrics
