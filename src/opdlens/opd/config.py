@@ -49,7 +49,7 @@ def resolve_template(template: str) -> str:
 class ColdStartStage(BaseModel):
     """Off-policy cold start before OPD: SFT of the student on filtered teacher rollouts."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     questions: int | None = Field(None, ge=1, description="training questions used (default: all of train_questions)")
     n_per_question: int = Field(1, ge=1, description="teacher rollouts per question")
@@ -65,7 +65,7 @@ class TemplateStage(BaseModel):
     """Teacher-aligned template selection: the candidate with the highest initial top-k overlap
     becomes the run's template (``apply_to``: both prompts, or the teacher's only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     candidates: dict[str, str] = Field(description="name -> template (a TEMPLATES name or a format string)")
     apply_to: Literal["both", "teacher"] = Field("both", description="whose prompt the template changes")
@@ -78,7 +78,7 @@ class PromptStage(BaseModel):
     """Teacher-aligned prompt selection: drop training prompts that duplicate a reference set
     (exact match after normalisation, then near-duplicates by MinHash Jaccard or embeddings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     against: str = Field(description="file of reference prompts (JSONL with a 'prompt' field, or one per line)")
     threshold: float = Field(0.8, gt=0, le=1, description="near-duplicate when similarity >= threshold")
@@ -191,6 +191,13 @@ class TrainConfig(RunSettings):
     @classmethod
     def _template(cls, v: str) -> str:
         resolve_template(v)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"{v!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
         return v
 
     @field_validator("teacher_device")
