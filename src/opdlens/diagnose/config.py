@@ -3,10 +3,11 @@ preset, the demo's configuration and the reader of a stored run's configuration.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from opdlens.config import RunSettings, load_yaml, read_yaml, validate_config, with_legacy_values
 from opdlens.diagnose.signals import SignalConfig
@@ -24,6 +25,9 @@ from opdlens.rollout.base import TEMPERATURE_RANGE, EngineConfig
 #: targeted rollouts of all questions together, the resident one each question alone: other random
 #: streams, the same distributions); ``stat_unit`` (the report only) changes no stored result.
 NON_RESULT_KEYS = frozenset({"device", "dtype", "rollout_engine", "vllm_options", "out_dir", "schedule", "stat_unit"})
+
+#: The devices a run can name (``device``): the CPU, a CUDA GPU (``cuda``, ``cuda:1``) or Apple's ``mps``.
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 
 #: Values that keys added (or whose defaults changed) after a run was written had in that run:
 #: a stored configuration without the key ran with this value, not with today's default.
@@ -136,6 +140,13 @@ class DiagnoseConfig(RunSettings):
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
     out_dir: str = Field("runs/diagnose", min_length=1, description="run directory (rerun to resume)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(v):
+            raise ValueError(f"{v!r} is not a device opdlens runs on: use 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> DiagnoseConfig:

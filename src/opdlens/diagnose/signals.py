@@ -73,7 +73,7 @@ ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
 class SignalConfig(BaseModel):
     """Thresholds and options; defaults follow the paper (short tasks). Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     min_visits: int = Field(
         20, ge=1, description="visits a child needs to be in S_u (paper: 20 short tasks, 10 on long AIME traces)"

@@ -64,7 +64,7 @@ from opdlens.errors import OpdlensError
 class TargetingConfig(BaseModel):
     """Which (node, token) pairs of a path get targeted rollouts, and how many. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Annotated[
         Literal["fixed", "adaptive"],
@@ -76,8 +76,10 @@ class TargetingConfig(BaseModel):
             )
         ),
     ] = "fixed"
-    first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
-    growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
+    first_window: Annotated[int, Field(ge=1, le=10**9, description="size of the first depth window (tokens)")] = 50
+    growth: Annotated[
+        float, Field(ge=1.0, le=1e6, description="each depth window is this much larger than the previous")
+    ] = 2.0
     per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
     per_window_gap: Annotated[
         int, Field(ge=0, description="pairs per window with the largest |P_student - P_teacher|")

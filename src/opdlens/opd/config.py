@@ -56,7 +56,7 @@ class ColdStartStage(BaseModel):
     :data:`opdlens.opd.presets.COLD_START_PAPER`, each with its source); ``ours`` (default) keeps
     ours (1 epoch, constant lr, batch 8, incomplete/degenerate filter, 1 attempt)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     recipe: Literal["ours", "paper"] = Field(
         "ours", description="'paper': unset keys take the authors' values (docs/OPD.md, cold start); 'ours': ours"
@@ -107,7 +107,7 @@ class TemplateStage(BaseModel):
     """Teacher-aligned template selection: the candidate with the highest initial top-k overlap
     becomes the run's template (``apply_to``: both prompts, or the teacher's only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     candidates: dict[str, str] = Field(description="name -> template (a TEMPLATES name or a format string)")
     apply_to: Literal["both", "teacher"] = Field("both", description="whose prompt the template changes")
@@ -120,7 +120,7 @@ class PromptStage(BaseModel):
     """Teacher-aligned prompt selection: drop training prompts that duplicate a reference set
     (exact match after normalisation, then near-duplicates by MinHash Jaccard or embeddings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     against: str = Field(description="file of reference prompts (JSONL with a 'prompt' field, or one per line)")
     threshold: float = Field(0.8, gt=0, le=1, description="near-duplicate when similarity >= threshold")
@@ -293,6 +293,13 @@ class TrainConfig(RunSettings):
     @classmethod
     def _template(cls, v: str) -> str:
         resolve_template(v)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"{v!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
         return v
 
     @field_validator("teacher_device")

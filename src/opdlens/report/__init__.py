@@ -28,6 +28,7 @@ from typing import Literal
 import pandas as pd
 
 from opdlens.diagnose.uncertainty import count_settled
+from opdlens.display import display_text
 from opdlens.errors import OpdlensError
 from opdlens.report.analyze import Analysis, analyze
 from opdlens.report.figures import (
@@ -192,18 +193,19 @@ def write_report(
             shutil.copyfile(p, dst)
         figs.append((t, "", dst))
 
-    md = [f"# {title}", ""]
-    md += [f"- {line}" for line in overview]
+    md = [f"# {display_text(title)}", ""]
+    md += [f"- {display_text(line)}" for line in overview]
     md.append("")
     if choices:
         md += ["## Choices of this run", "", "Where opdlens and the paper differ (docs/PROTOCOL.md says why):", ""]
-        md += [f"- {k}: `{v}`" for k, v in choices.items()]
+        md += [f"- {k}: `{display_text(v)}`" for k, v in choices.items()]
         md.append("")
         overview = [*overview, "choices: " + "; ".join(f"{k} = {v}" for k, v in choices.items())]
     md += [render_markdown_table(t) for t in tables]
     md += ["## Figures", ""]
     for t, caption, p in figs:
-        md += [f"### {t}", "", caption, "", f"![{t}]({p.relative_to(out).as_posix()})", ""]
+        shown = display_text(t)
+        md += [f"### {shown}", "", display_text(caption), "", f"![{shown}]({p.relative_to(out).as_posix()})", ""]
     md += ["## Files", "", "CSV tables (full precision): " + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]
     (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
 

@@ -117,7 +117,44 @@ def read_settings(run_dirs: Sequence[str | Path]) -> list[Setting]:
             + "; ".join(f"{r.root}: {', '.join(r.teachers)}" for r in runs)
             + "); name the same configurations alike in their configs (e.g. Self-1C)"
         )
+    _check_same_configurations(runs, sorted(common))
     return [Setting(lab, r, read_incontext(r.root)) for lab, r in zip(labels, runs)]
+
+
+def _teacher_settings(run: RunResults, teacher: str) -> dict[str, object]:
+    """What a teacher row of Table 1 means in ``run``: the teacher's model, context and thinking,
+    and the run's alignment estimator, restriction to S_u and student temperature."""
+    cfg = run.config
+    assert cfg is not None  # read_settings reads the runs with need_config
+    spec = next((t for t in cfg.teachers if t.name == teacher), None)
+    return {
+        "model": None if spec is None else spec.model,
+        "context": None if spec is None else spec.context,
+        "thinking": None if spec is None else spec.thinking,
+        "alignment_estimator": cfg.signals.alignment_estimator,
+        "restriction": cfg.signals.restriction,
+        "temperature": cfg.temperature,
+    }
+
+
+def _check_same_configurations(runs: Sequence[RunResults], teachers: Sequence[str]) -> None:
+    """Refuse to merge into one row teachers of the same name whose settings differ between runs
+    (another context, estimator, restriction or temperature is another teacher configuration)."""
+    problems = []
+    for teacher in teachers:
+        values = [_teacher_settings(r, teacher) for r in runs]
+        differ = [k for k in values[0] if any(v[k] != values[0][k] for v in values[1:])]
+        if differ:
+            problems.append(
+                f"{teacher!r}: "
+                + "; ".join(f"{k} " + ", ".join(f"{v[k]!r} in {r.root}" for v, r in zip(values, runs)) for k in differ)
+            )
+    if problems:
+        raise OpdlensError(
+            "the runs name different teacher configurations alike, so Table 1 would merge them into one row ("
+            + " | ".join(problems)
+            + "): give each configuration its own name in the configs, or compare runs made with the same settings"
+        )
 
 
 def parse_edges(text: str) -> tuple[float, ...]:

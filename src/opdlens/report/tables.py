@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from opdlens.display import display_text, markdown_cell
 from opdlens.report.analyze import Analysis
 
 __all__ = [
@@ -99,13 +100,13 @@ class Table:
 
 
 def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
+    return markdown_cell(s)
 
 
 def render_markdown_table(t: Table) -> str:
     """Section with a ``##`` title, notes as a bullet list, and a GitHub-flavoured table."""
-    out = [f"## {t.title}", ""]
-    out += [f"- {n}" for n in t.notes]
+    out = [f"## {display_text(t.title)}", ""]
+    out += [f"- {display_text(n)}" for n in t.notes]
     out.append("")
     if not t.rows:
         out += ["_(no rows)_", ""]
@@ -119,7 +120,7 @@ def render_markdown_table(t: Table) -> str:
 
 def inline_code(text: str) -> str:
     """Escape ``text`` for HTML, turning Markdown-style `code` spans into ``<code>``."""
-    parts = html.escape(text).split("`")
+    parts = html.escape(display_text(text)).split("`")
     return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
 
 
@@ -128,8 +129,12 @@ def _is_number(cell: str) -> bool:
 
 
 def render_html_table(t: Table) -> str:
-    """Section with an ``<h2>``, notes and an HTML table (all text escaped)."""
-    e = html.escape
+    """Section with an ``<h2>``, notes and an HTML table (all text escaped, shown as written:
+    :func:`~opdlens.display.display_text`)."""
+
+    def e(text: str) -> str:
+        return html.escape(display_text(text))
+
     parts = [f'<section class="table" id="tbl-{e(t.key)}"><h2>{e(t.title)}</h2>']
     if t.notes:
         parts.append("<ul class='notes'>" + "".join(f"<li>{inline_code(n)}</li>" for n in t.notes) + "</ul>")

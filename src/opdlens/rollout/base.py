@@ -44,7 +44,7 @@ class EngineConfig(BaseModel):
     ``compact_below`` and the kernel choices change which random numbers a row draws, so the same
     seed gives the same completions only under the same settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_batch_rows: int = Field(256, ge=1, description="rows (samples) decoded together in one batch")
     max_kv_bytes: int | None = Field(
