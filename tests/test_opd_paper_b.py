@@ -318,7 +318,7 @@ def _random_text(n: int, seed: int) -> str:
 
 
 def test_paper_rejection_rules():
-    from opdlens.opd.recipes import paper_rejection
+    from opdlens.opd.coldstart import paper_rejection
 
     body = _random_text(400, 0)
     assert paper_rejection(body) == "no_boxed"
@@ -337,7 +337,7 @@ def test_paper_rejection_rules():
 
 
 def test_cosine_schedule_by_hand():
-    from opdlens.opd.recipes import cosine_lr_factor
+    from opdlens.opd.coldstart import cosine_lr_factor
 
     assert [cosine_lr_factor(s, 4, 1) for s in range(4)] == pytest.approx([0.0, 1.0, 0.75, 0.25])
     assert [cosine_lr_factor(s, 5, 2) for s in range(3)] == pytest.approx([0.0, 0.5, 1.0])
@@ -393,7 +393,7 @@ class _Attempts:
 
 
 def test_cold_start_rejection_sampling_schedule_and_cutoff():
-    from opdlens.opd.recipes import cold_start_sft
+    from opdlens.opd.coldstart import cold_start_sft
 
     good = "so the answer is \\boxed{4}, done"
     loop = "\\boxed{4}\n" + "\n".join(["I will check this again now."] * 5)
@@ -431,7 +431,7 @@ def test_cold_start_rejection_sampling_schedule_and_cutoff():
 
 
 def test_cold_start_micro_batches_accumulate_to_the_batch(monkeypatch):
-    from opdlens.opd.recipes import cold_start_sft
+    from opdlens.opd.coldstart import cold_start_sft
     from opdlens.policy import Completion
 
     class _SGD(torch.optim.SGD):  # linear in the gradient: equal updates iff equal gradients
