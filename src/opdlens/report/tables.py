@@ -38,6 +38,8 @@ CSV_FILES: dict[str, str] = {
     "table1": "table1.csv",
     "pairwise": "pairwise.csv",
     "correct_vs_incorrect": "correct_vs_incorrect.csv",
+    "correct_vs_incorrect_weighted": "correct_vs_incorrect_weighted.csv",
+    "pooled_nodes": "pooled_nodes.csv",
     "per_question": "per_question.csv",
     "per_path": "per_path.csv",
     "correlations": "correlations.csv",
@@ -46,6 +48,43 @@ CSV_FILES: dict[str, str] = {
 }
 
 DASH = "–"
+
+#: Part of the skip reason phase 1 records when a teacher's context and a path do not fit the
+#: teacher's model (:meth:`opdlens.diagnose.phase1.TreeSteps.prepare`).
+CONTEXT_TOO_LONG = "exceeds the teacher's context"
+
+
+def unit_note(unit: str) -> str:
+    """What a run's intervals and teacher tests run over, for captions and notes."""
+    if unit == "path":
+        return "path means, each weighted 1 / paths of its question (statistical unit: the path)"
+    return "question means (statistical unit: the question)"
+
+
+def skip_counts(skips: pd.DataFrame | None, teachers: Sequence[str]) -> pd.DataFrame:
+    """Per teacher: ``skipped`` (questions skipped for it, a whole-question skip included),
+    ``too_long`` (of which because its context and a path exceed its model's window) and
+    ``fallback`` (questions shown the reference solution instead of a rollout)."""
+    rows = []
+    sk = skips if skips is not None else pd.DataFrame(columns=["question_id", "teacher", "reason"])
+    teacher = sk["teacher"].astype(str)
+    action = sk["action"].astype(str) if "action" in sk.columns else pd.Series("skipped", index=sk.index)
+    reason = sk["reason"].astype(str)
+    whole = set(sk.loc[(teacher == "") & (action != "fallback"), "question_id"].astype(str))
+    for t in teachers:
+        mine = sk[(teacher == t) & (action != "fallback")]
+        qs = set(mine["question_id"].astype(str)) | whole
+        too_long = mine[reason[mine.index].str.contains(CONTEXT_TOO_LONG, regex=False)]
+        fb = sk[(teacher == t) & (action == "fallback")]
+        rows.append(
+            {
+                "teacher": t,
+                "skipped": len(qs),
+                "too_long": int(too_long["question_id"].nunique()),
+                "fallback": int(fb["question_id"].nunique()),
+            }
+        )
+    return pd.DataFrame(rows, columns=["teacher", "skipped", "too_long", "fallback"])
 
 
 def fmt(x: object, digits: int = 3, signed: bool = False) -> str:
@@ -178,6 +217,8 @@ def write_csvs(out_dir: Path, an: Analysis, questions_table: pd.DataFrame) -> di
         "table1": an.table1,
         "pairwise": an.teachers.pairwise,
         "correct_vs_incorrect": an.questions.tests,
+        "correct_vs_incorrect_weighted": an.questions_weighted.tests if an.questions_weighted else None,
+        "pooled_nodes": an.pooled,
         "per_question": an.questions.table,
         "per_path": an.paths,
         "correlations": an.correlations.summary if an.correlations else None,
@@ -245,6 +286,34 @@ def sign_disagreements(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def _with_skipped(teachers: Sequence[str], skips: pd.DataFrame) -> list[str]:
+    """``teachers`` and, after them, the teachers skipped on every question (no result at all)."""
+    more = sorted(set(skips["teacher"].astype(str)) - set(teachers) - {""})
+    return [*teachers, *more]
+
+
+def _skip_reasons(skips: pd.DataFrame | None) -> dict[tuple[str, str], str]:
+    """(question, teacher) -> the recorded reason it was skipped (a whole-question skip under every teacher)."""
+    out: dict[tuple[str, str], str] = {}
+    if skips is None or skips.empty:
+        return out
+    for r in skips.itertuples(index=False):
+        if str(getattr(r, "action", "skipped")) != "fallback":
+            out[(str(r.question_id), str(r.teacher))] = str(r.reason)
+    return out
+
+
+def _targeted_note(questions: pd.DataFrame) -> str:
+    """Total and per-question range of the targeted rollouts."""
+    n = pd.to_numeric(questions["n_targeted"], errors="coerce")
+    if n.notna().sum() == 0:
+        return "targeted rollouts: not recorded."
+    return (
+        f"targeted rollouts: {int(n.sum()):,} in all over {int(n.notna().sum())} question(s); per question "
+        f"{int(n.min()):,}-{int(n.max()):,} (mean {n.mean():,.0f}); the paper: 45K-200K per question."
+    )
+
+
 def build_tables(
     an: Analysis,
     questions_table: pd.DataFrame,
@@ -260,11 +329,25 @@ def build_tables(
     conf = round(100 * an.teachers.confidence)
     tt = an.teachers.table
     method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap (stays inside [-1, 1])"
-    unit_note = (
-        "path means, each weighted 1 / paths of its question (statistical unit: the path)"
-        if an.unit == "path"
-        else "question means (statistical unit: the question)"
-    )
+    units = unit_note(an.unit)
+    sq = an.teachers.shared
+    if sq is None:
+        shared_note = "questions: each teacher's own questions."
+    elif not sq.questions:
+        shared_note = (
+            "no question was scored by every teacher: each teacher's values are over its own questions "
+            "(questions), not comparable across teachers."
+        )
+    else:
+        shared_note = (
+            f"questions: Table 1 is over the {len(sq.questions)} question(s) all {len(tt)} teachers share"
+            + (
+                f"; {len(sq.excluded)} question(s) scored by some teachers only are left out (table below)"
+                if len(sq.excluded)
+                else ""
+            )
+            + "; scored: the questions the teacher has a value for."
+        )
     tables: list[Table] = []
     tc = two_child if two_child is not None else pd.DataFrame(columns=["frac_two_child", "n_multi", "mean_multi"])
 
@@ -275,7 +358,8 @@ def build_tables(
             f"mean (Table 1): the mean `{an.metric}` over a path's valid nodes, averaged over the question's "
             "paths, then over questions (each question counts once, as in the paper and in `opdlens compare`); "
             "> 0 the teacher's gradient helps, < 0 it hurts.",
-            f"{conf}% CI: {method} over {unit_note}; std: spread of the {an.unit} means.",
+            f"{conf}% CI: {method} over {units}; std: spread of the {an.unit} means.",
+            shared_note,
             "node std: spread over single nodes (the per-token variance); % > 0 / % < 0: share "
             "of valid nodes with positive / negative alignment.",
             "weighted: sum(w cos) / sum(w) pooled over all valid nodes with w = |g_ideal| |g_GKD| "
@@ -301,6 +385,7 @@ def build_tables(
             "std",
             "paths",
             "questions",
+            "scored",
             "nodes",
             "node std",
             "% > 0",
@@ -324,6 +409,7 @@ def build_tables(
                 fmt(r.std),
                 str(r.n_paths),
                 str(r.n_questions),
+                str(getattr(r, "n_questions_scored", r.n_questions)),
                 str(r.n_nodes),
                 fmt(r.node_std),
                 fmt_pct(r.frac_pos),
@@ -337,30 +423,86 @@ def build_tables(
         )
     tables.append(t)
 
-    t = Table(
-        "correct_vs_incorrect",
-        "Correct vs incorrect paths",
-        [
-            "Per question: mean alignment of its correct paths and of its incorrect paths; "
-            "questions: those having both kinds of path.",
-            "diff: mean over questions of (correct - incorrect); negative means incorrect paths align better.",
-            "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, across questions.",
-        ],
-        ["teacher", "questions", "correct", "incorrect", "diff", "p (t)", "p (Wilcoxon)"],
-    )
-    for r in an.questions.tests.itertuples(index=False):
-        t.rows.append(
+    if sq is not None and len(sq.excluded):
+        reasons = _skip_reasons(skips)
+        t = Table(
+            "left_out",
+            "Questions left out of Table 1",
             [
-                str(r.teacher),
-                str(r.n),
-                fmt(r.mean_correct),
-                fmt(r.mean_incorrect),
-                fmt(r.mean_diff, signed=True),
-                fmt_p(r.t_p),
-                fmt_p(r.wilcoxon_p),
-            ]
+                "Questions some teachers have no value for (skipped, or no valid node): Table 1 compares the "
+                "teachers over the questions all of them share, so these count for none of them.",
+                "The teachers' own values over all their questions are in per_path.csv and per_question.csv.",
+            ],
+            ["question", "missing for", "reason"],
         )
-    tables.append(t)
+        for r in sq.excluded.itertuples(index=False):
+            why = [reasons.get((str(r.question_id), m), "no valid node") for m in str(r.teachers).split(", ")]
+            t.rows.append([str(r.question_id), str(r.teachers), "; ".join(dict.fromkeys(why))])
+        tables.append(t)
+
+    for comparison, title, what in (
+        (an.questions, "Correct vs incorrect paths", "mean alignment"),
+        (an.questions_weighted, "Correct vs incorrect paths, weighted cosine", "weighted cosine"),
+    ):
+        if comparison is None:
+            continue
+        weighted = comparison is an.questions_weighted
+        t = Table(
+            "correct_vs_incorrect_weighted" if weighted else "correct_vs_incorrect",
+            title,
+            [
+                f"Per question: {what} of its correct paths and of its incorrect paths"
+                + (
+                    " (a path's weighted cosine: sum(w cos) / sum(w) over its valid nodes, w = |g_ideal| |g_GKD|)"
+                    if weighted
+                    else ""
+                )
+                + "; questions: those having both kinds of path.",
+                "diff: mean over questions of (correct - incorrect); negative means incorrect paths align better.",
+                "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, across questions "
+                "(the question is the unit).",
+            ],
+            ["teacher", "questions", "correct", "incorrect", "diff", "p (t)", "p (Wilcoxon)"],
+        )
+        for r in comparison.tests.itertuples(index=False):
+            t.rows.append(
+                [
+                    str(r.teacher),
+                    str(r.n),
+                    fmt(r.mean_correct),
+                    fmt(r.mean_incorrect),
+                    fmt(r.mean_diff, signed=True),
+                    fmt_p(r.t_p),
+                    fmt_p(r.wilcoxon_p),
+                ]
+            )
+        tables.append(t)
+
+    if an.pooled is not None:
+        t = Table(
+            "pooled_nodes",
+            "Pooled node alignments",
+            [
+                "The paper's pooled figures (its §4): every valid node of every path and question pooled per "
+                f"teacher, and over all teachers; mean and std of the node `{an.metric}` (the paper reports a std "
+                "of 0.83-0.91), shares > 0 / < 0. Not Table 1's path -> question -> teacher mean.",
+                "undefined: valid nodes whose alignment is not finite (left out of the other columns).",
+            ],
+            ["teacher", "valid nodes", "mean", "std", "% > 0", "% < 0", "undefined"],
+        )
+        for r in an.pooled.itertuples(index=False):
+            t.rows.append(
+                [
+                    str(r.teacher),
+                    str(r.n_nodes),
+                    fmt(r.mean, signed=True),
+                    fmt(r.std),
+                    fmt_pct(r.frac_pos),
+                    fmt_pct(r.frac_neg),
+                    str(r.n_undefined),
+                ]
+            )
+        tables.append(t)
 
     alpha = an.teachers.alpha
     t = Table(
@@ -437,7 +579,9 @@ def build_tables(
         "Questions",
         [
             "success: share of the student's rollouts that were correct; rollouts / targeted: "
-            "initial and targeted rollouts; paths: representative paths (correct ones).",
+            "initial and targeted rollouts of the question (all its paths); paths: representative paths "
+            "(correct ones).",
+            _targeted_note(questions_table),
             "align[teacher]: mean alignment of the question's paths under that teacher.",
         ]
         + ([f"{more} more question(s) in questions.csv."] if more > 0 else []),
@@ -457,6 +601,19 @@ def build_tables(
     tables.append(t)
 
     if skips is not None and not skips.empty:
+        counts = skip_counts(skips, _with_skipped([str(x) for x in tt["teacher"]], skips))
+        t = Table(
+            "skips_per_teacher",
+            "Skips per teacher",
+            [
+                "skipped: questions a teacher has no result for (its context could not be built, or the whole "
+                "question was skipped); too long: of those, questions where the teacher's context plus a path "
+                "exceed its model's window; fallback: questions shown the reference solution instead of a rollout.",
+            ],
+            ["teacher", "skipped", "too long", "fallback"],
+            [[str(r.teacher), str(r.skipped), str(r.too_long), str(r.fallback)] for r in counts.itertuples()],
+        )
+        tables.append(t)
         t = Table(
             "skips",
             "Skipped",
@@ -498,6 +655,21 @@ def overview_lines(
     if skips is not None and not skips.empty:
         whole = int((skips["teacher"].astype(str) == "").sum())
         extra.append(f"{len(skips)} skip(s) ({whole} whole question(s)): see the Skipped table.")
+        counts = skip_counts(skips, _with_skipped(teachers, skips))
+        if counts["too_long"].sum():
+            extra.append(
+                "context longer than the teacher model's window (question skipped for that teacher): "
+                + "; ".join(f"{r.teacher} {r.too_long}" for r in counts.itertuples() if r.too_long)
+                + "."
+            )
+    sq = an.teachers.shared
+    if sq is not None and len(sq.excluded):
+        extra.append(
+            f"Table 1 compares the teachers over the {len(sq.questions)} question(s) all of them share; "
+            f"{len(sq.excluded)} question(s) scored by some teachers only are left out (see Questions left out "
+            "of Table 1)."
+        )
+    extra.append(_targeted_note(questions))
     extra += [f"note: {line}" for line in sign_disagreements(an.teachers.table)]
     return [
         f"alignment metric: `{an.metric}`: cosine between the ideal (success-seeking) gradient "
@@ -510,3 +682,47 @@ def overview_lines(
         f"mean student success rate over questions: {fmt(sr.mean())}.",
         *extra,
     ]
+
+
+def _value(v: object) -> str:
+    return "null" if v is None else str(v)
+
+
+def choices_table(choices: dict[str, object]) -> tuple[list[str], Table]:
+    """The report's "Choices of this run" from a run's :meth:`~opdlens.diagnose.config.DiagnoseConfig.choices`
+    (label -> value): Markdown lines (``- label: `value` ...``) and the same as an HTML table. Each
+    choice of :data:`~opdlens.diagnose.config.CHOICES` says its key, its value under ``protocol:
+    paper`` and under ours, and whether paper A's text states the paper value."""
+    from opdlens.diagnose.config import CHOICES, CHOICES_BY_LABEL
+
+    lines = [
+        "Every choice that changes results (docs/PROTOCOL.md lists the same and says why ours differ): the run's "
+        "value, then its config key, its value under `protocol: paper` and under opdlens' defaults, and whether "
+        'paper A\'s text states the paper value ("paper: what the text says") or not, the value then being ours '
+        '("ours (paper silent)").',
+        "",
+    ]
+    t = Table(
+        "choices",
+        "Choices of this run",
+        [lines[0]],
+        ["choice", "this run", "config key", "protocol: paper", "opdlens", "the paper's value is"],
+    )
+    for label, v in choices.items():
+        c = CHOICES_BY_LABEL.get(label)
+        if c is None:
+            lines.append(f"- {label}: `{_value(v)}`")
+            t.rows.append([label, _value(v), DASH, DASH, DASH, DASH])
+            continue
+        paper = _value(c.paper) + (" (per setting)" if c.per_setting else "")
+        lines.append(
+            f"- {label}: `{_value(v)}` (`{c.key}`; protocol: paper → {paper}, opdlens → {_value(c.ours)}; "
+            f"{c.provenance}: {c.source})"
+        )
+        t.rows.append([label, _value(v), c.key, paper, _value(c.ours), f"{c.provenance}: {c.source}"])
+    unused = [c.label for c in CHOICES if c.label not in choices]
+    if unused and any(label in CHOICES_BY_LABEL for label in choices):
+        note = f"not used by this run (or not given): {', '.join(unused)}."
+        lines.append(f"- {note}")
+        t.notes.append(note)
+    return lines, t
