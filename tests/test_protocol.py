@@ -386,7 +386,8 @@ ISSUE_KEYS = {
 
 
 def test_every_result_key_is_one_registered_choice():
-    from opdlens.diagnose.config import CHOICES, CHOICES_BY_KEY, NON_RESULT_KEYS, NOT_CHOICES, OURS, PAPER
+    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_KEY, NOT_CHOICES, OURS, PAPER
+    from opdlens.diagnose.config import NON_RESULT_KEYS
     from opdlens.diagnose.signals import SignalConfig
     from opdlens.diagnose.targeting import TargetingConfig
     from opdlens.diagnose.teachers import TeacherSpec
@@ -433,13 +434,13 @@ def test_every_result_key_is_one_registered_choice():
 def test_protocol_doc_lists_every_choice():
     from pathlib import Path
 
-    from opdlens.diagnose.config import CHOICES, choices_markdown
+    from opdlens.diagnose.choices import CHOICES, choices_markdown
 
     doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
     table = doc.split("<!-- choices:begin -->\n", 1)[1].split("\n<!-- choices:end -->", 1)[0]
     assert table == choices_markdown(), (
         "docs/PROTOCOL.md's choices table differs from CHOICES: paste the output of "
-        "`python -c 'from opdlens.diagnose.config import choices_markdown; print(choices_markdown())'`"
+        "`python -c 'from opdlens.diagnose.choices import choices_markdown; print(choices_markdown())'`"
     )
     rows = [line for line in table.splitlines()[2:]]
     assert len(rows) == len(CHOICES)
@@ -455,7 +456,7 @@ def test_paper_configs_label_every_value():
 
     import yaml
 
-    from opdlens.diagnose.config import CHOICES_BY_KEY, OURS, PAPER
+    from opdlens.diagnose.choices import CHOICES_BY_KEY, OURS, PAPER
 
     paper = DiagnoseConfig(protocol="paper")
     files = sorted((Path(__file__).parent.parent / "configs").glob("paper-*.yaml"))

@@ -664,7 +664,7 @@ def test_weighted_correct_vs_incorrect_and_pooled_nodes_are_shown(shared_run) ->
 
 
 def test_targeted_rollouts_and_choices_are_shown(shared_run) -> None:  # type: ignore[no-untyped-def]
-    from opdlens.diagnose.config import CHOICES, CHOICES_BY_LABEL
+    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_LABEL
 
     runs, choices = shared_run
     md = (runs["question"] / "summary.md").read_text(encoding="utf-8")

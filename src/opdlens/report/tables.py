@@ -693,7 +693,7 @@ def choices_table(choices: dict[str, object]) -> tuple[list[str], Table]:
     (label -> value): Markdown lines (``- label: `value` ...``) and the same as an HTML table. Each
     choice of :data:`~opdlens.diagnose.config.CHOICES` says its key, its value under ``protocol:
     paper`` and under ours, and whether paper A's text states the paper value."""
-    from opdlens.diagnose.config import CHOICES, CHOICES_BY_LABEL
+    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_LABEL
 
     lines = [
         "Every choice that changes results (docs/PROTOCOL.md lists the same and says why ours differ): the run's "
