@@ -17,7 +17,8 @@ from opdlens.errors import OpdlensError
 from opdlens.models import tiny_random_policy
 from opdlens.opd.config import TrainConfig
 from opdlens.opd.presets import PAPER_B
-from opdlens.opd.trainer import OPDTrainer, load_questions, train
+from opdlens.opd.questions import load_questions
+from opdlens.opd.trainer import OPDTrainer, train
 from opdlens.rollout.base import make_generator, nucleus_log_probs, sample_tokens
 from tests.helpers import arith_questions, one_thread, tiny
 

@@ -20,8 +20,8 @@ from opdlens.report import CSV_FILES, FIGURE_FILES, write_report
 from opdlens.report.analyze import analyze
 from opdlens.report.html import GREY, alignment_color, display_token
 from opdlens.report.nodes import DIVERGENCE_COLUMNS
+from opdlens.report.render import fmt, fmt_ci, fmt_p
 from opdlens.report.stats import t_interval
-from opdlens.report.tables import fmt, fmt_ci, fmt_p
 
 NAN = float("nan")
 TEACHERS = ["ext-4B", "self-1C"]

@@ -31,6 +31,7 @@ from opdlens.diagnose.uncertainty import count_settled
 from opdlens.display import display_text
 from opdlens.errors import OpdlensError
 from opdlens.report.analyze import Analysis, analyze
+from opdlens.report.csvs import CSV_FILES, questions_frame, write_csvs
 from opdlens.report.figures import (
     plot_correct_incorrect,
     plot_depth,
@@ -45,17 +46,9 @@ from opdlens.report.html import (
     two_child_tip,
 )
 from opdlens.report.nodes import require_columns, valid_nodes
-from opdlens.report.tables import (
-    CSV_FILES,
-    build_tables,
-    choices_table,
-    overview_lines,
-    questions_frame,
-    render_markdown_table,
-    two_child_share,
-    unit_note,
-    write_csvs,
-)
+from opdlens.report.overview import choices_table, overview_lines
+from opdlens.report.render import render_markdown_table
+from opdlens.report.tables import build_tables, two_child_share, unit_note
 
 __all__ = ["CSV_FILES", "FIGURE_FILES", "alignment_color", "write_report"]
 

@@ -19,7 +19,7 @@ import pandas as pd
 
 from opdlens.diagnose.children import parse_children
 from opdlens.display import display_text
-from opdlens.report.tables import Table, fmt, inline_code, render_html_table
+from opdlens.report.render import Table, fmt, inline_code, render_html_table
 
 __all__ = [
     "GREEN",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from opdlens.report.aggregate import ALL_TEACHERS, GROUPS
 from opdlens.report.incontext import PLAIN
+from opdlens.report.render import Table, fmt, fmt_ci, fmt_p, render_markdown_table
 from opdlens.report.run import RunResults
 from opdlens.report.study import ALL_BINS, Study, fmt_edge
 from opdlens.report.study_figures import (
@@ -20,7 +21,6 @@ from opdlens.report.study_figures import (
     plot_grid,
     plot_incontext,
 )
-from opdlens.report.tables import Table, fmt, fmt_ci, fmt_p, render_markdown_table
 
 __all__ = ["write_study"]
 

@@ -7,47 +7,23 @@ headers, formatted cells) and rendered both to Markdown (``summary.md``) and to 
 
 from __future__ import annotations
 
-import html
-import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from opdlens.display import display_text, markdown_cell
 from opdlens.report.analyze import Analysis
+from opdlens.report.render import (
+    DASH,
+    Table,
+    fmt,
+    fmt_ci,
+    fmt_p,
+    fmt_pct,
+)
 
-__all__ = [
-    "CSV_FILES",
-    "Table",
-    "build_tables",
-    "fmt",
-    "fmt_ci",
-    "fmt_p",
-    "render_html_table",
-    "render_markdown_table",
-    "write_csvs",
-]
+__all__ = ["build_tables"]
 
-#: CSV file written for each analysis frame.
-CSV_FILES: dict[str, str] = {
-    "per_teacher": "per_teacher.csv",
-    "table1": "table1.csv",
-    "pairwise": "pairwise.csv",
-    "correct_vs_incorrect": "correct_vs_incorrect.csv",
-    "correct_vs_incorrect_weighted": "correct_vs_incorrect_weighted.csv",
-    "pooled_nodes": "pooled_nodes.csv",
-    "per_question": "per_question.csv",
-    "per_path": "per_path.csv",
-    "correlations": "correlations.csv",
-    "correlations_per_path": "correlations_per_path.csv",
-    "questions": "questions.csv",
-}
-
-DASH = "–"
 
 #: Part of the skip reason phase 1 records when a teacher's context and a path do not fit the
 #: teacher's model (:meth:`opdlens.diagnose.phase1.TreeSteps.prepare`).
@@ -85,154 +61,6 @@ def skip_counts(skips: pd.DataFrame | None, teachers: Sequence[str]) -> pd.DataF
             }
         )
     return pd.DataFrame(rows, columns=["teacher", "skipped", "too_long", "fallback"])
-
-
-def fmt(x: object, digits: int = 3, signed: bool = False) -> str:
-    """Fixed-point number with ``digits`` decimals; NaN / None as an en dash."""
-    if x is None:
-        return DASH
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(v):
-        return DASH
-    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
-
-
-def fmt_p(p: object) -> str:
-    """p-value with 3 significant digits (``0.0312``, ``1.2e-05``); NaN as an en dash."""
-    try:
-        v = float(p)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return DASH
-    if math.isnan(v):
-        return DASH
-    return f"{v:.3g}"
-
-
-def fmt_ci(lo: object, hi: object, digits: int = 3) -> str:
-    """``[lo, hi]`` with ``digits`` decimals, or an en dash when undefined."""
-    if any(isinstance(v, float) and math.isnan(v) for v in (lo, hi)):
-        return DASH
-    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
-
-
-def fmt_pct(x: object) -> str:
-    """Fraction as a percentage with one decimal."""
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return DASH
-    return DASH if math.isnan(v) else f"{100 * v:.1f}%"
-
-
-@dataclass
-class Table:
-    """A formatted table: ``rows`` are lists of strings, one per header."""
-
-    key: str
-    title: str
-    notes: list[str]
-    headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-
-
-def _md_cell(s: str) -> str:
-    return markdown_cell(s)
-
-
-def render_markdown_table(t: Table) -> str:
-    """Section with a ``##`` title, notes as a bullet list, and a GitHub-flavoured table."""
-    out = [f"## {display_text(t.title)}", ""]
-    out += [f"- {display_text(n)}" for n in t.notes]
-    out.append("")
-    if not t.rows:
-        out += ["_(no rows)_", ""]
-        return "\n".join(out)
-    out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-    out.append("|" + "|".join("---" for _ in t.headers) + "|")
-    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
-    out.append("")
-    return "\n".join(out)
-
-
-def inline_code(text: str) -> str:
-    """Escape ``text`` for HTML, turning Markdown-style `code` spans into ``<code>``."""
-    parts = html.escape(display_text(text)).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _is_number(cell: str) -> bool:
-    return bool(re.fullmatch(r"[-+]?[\d.,%e\[\]() –+-]+|yes|no", cell))
-
-
-def render_html_table(t: Table) -> str:
-    """Section with an ``<h2>``, notes and an HTML table (all text escaped, shown as written:
-    :func:`~opdlens.display.display_text`)."""
-
-    def e(text: str) -> str:
-        return html.escape(display_text(text))
-
-    parts = [f'<section class="table" id="tbl-{e(t.key)}"><h2>{e(t.title)}</h2>']
-    if t.notes:
-        parts.append("<ul class='notes'>" + "".join(f"<li>{inline_code(n)}</li>" for n in t.notes) + "</ul>")
-    if not t.rows:
-        parts.append("<p><em>(no rows)</em></p></section>")
-        return "".join(parts)
-    parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers))
-    parts.append("</tr></thead><tbody>")
-    for r in t.rows:
-        parts.append(
-            "<tr>"
-            + "".join(f"<td>{e(c)}</td>" if _is_number(c) else f"<td class='txt'>{e(c)}</td>" for c in r)
-            + "</tr>"
-        )
-    parts.append("</tbody></table></section>")
-    return "".join(parts)
-
-
-def questions_frame(an: Analysis, questions: pd.DataFrame, paths: pd.DataFrame) -> pd.DataFrame:
-    """The per-question input table joined with path counts and per-teacher mean alignment.
-
-    Columns: the input columns, ``n_paths`` / ``n_correct_paths`` (from the paths table) and
-    one ``align[<teacher>]`` column per teacher (mean of that teacher's path means of the question).
-    """
-    q = questions.copy()
-    counts = paths.groupby("question_id").agg(n_paths=("path_id", "size"), n_correct_paths=("correct", "sum"))
-    q = q.merge(counts, how="left", left_on="question_id", right_index=True)
-    pm = an.paths[np.isfinite(an.paths["mean"].to_numpy(dtype=float))]
-    means = pm.groupby(["question_id", "teacher"])["mean"].mean().unstack("teacher")
-    means.columns = [f"align[{c}]" for c in means.columns]
-    q = q.merge(means, how="left", left_on="question_id", right_index=True)
-    for c in ("n_paths", "n_correct_paths"):
-        q[c] = q[c].fillna(0).astype(int)
-    return q
-
-
-def write_csvs(out_dir: Path, an: Analysis, questions_table: pd.DataFrame) -> dict[str, Path]:
-    """Write every analysis frame as CSV (full precision) into ``out_dir``; returns the paths."""
-    frames: dict[str, pd.DataFrame | None] = {
-        "per_teacher": an.teachers.table,
-        "table1": an.table1,
-        "pairwise": an.teachers.pairwise,
-        "correct_vs_incorrect": an.questions.tests,
-        "correct_vs_incorrect_weighted": an.questions_weighted.tests if an.questions_weighted else None,
-        "pooled_nodes": an.pooled,
-        "per_question": an.questions.table,
-        "per_path": an.paths,
-        "correlations": an.correlations.summary if an.correlations else None,
-        "correlations_per_path": an.correlations.per_path if an.correlations else None,
-        "questions": questions_table,
-    }
-    written: dict[str, Path] = {}
-    for key, df in frames.items():
-        if df is None:
-            continue
-        p = out_dir / CSV_FILES[key]
-        df.to_csv(p, index=False)
-        written[key] = p
-    return written
 
 
 def two_child_meaning(estimator: object = None) -> str:
@@ -286,7 +114,7 @@ def sign_disagreements(table: pd.DataFrame) -> list[str]:
     return out
 
 
-def _with_skipped(teachers: Sequence[str], skips: pd.DataFrame) -> list[str]:
+def with_skipped(teachers: Sequence[str], skips: pd.DataFrame) -> list[str]:
     """``teachers`` and, after them, the teachers skipped on every question (no result at all)."""
     more = sorted(set(skips["teacher"].astype(str)) - set(teachers) - {""})
     return [*teachers, *more]
@@ -303,7 +131,7 @@ def _skip_reasons(skips: pd.DataFrame | None) -> dict[tuple[str, str], str]:
     return out
 
 
-def _targeted_note(questions: pd.DataFrame) -> str:
+def targeted_note(questions: pd.DataFrame) -> str:
     """Total and per-question range of the targeted rollouts."""
     n = pd.to_numeric(questions["n_targeted"], errors="coerce")
     if n.notna().sum() == 0:
@@ -581,7 +409,7 @@ def build_tables(
             "success: share of the student's rollouts that were correct; rollouts / targeted: "
             "initial and targeted rollouts of the question (all its paths); paths: representative paths "
             "(correct ones).",
-            _targeted_note(questions_table),
+            targeted_note(questions_table),
             "align[teacher]: mean alignment of the question's paths under that teacher.",
         ]
         + ([f"{more} more question(s) in questions.csv."] if more > 0 else []),
@@ -601,7 +429,7 @@ def build_tables(
     tables.append(t)
 
     if skips is not None and not skips.empty:
-        counts = skip_counts(skips, _with_skipped([str(x) for x in tt["teacher"]], skips))
+        counts = skip_counts(skips, with_skipped([str(x) for x in tt["teacher"]], skips))
         t = Table(
             "skips_per_teacher",
             "Skips per teacher",
@@ -627,102 +455,3 @@ def build_tables(
             t.rows.append([str(r.question_id), str(r.teacher) or "(all)", str(r.reason)])
         tables.append(t)
     return tables
-
-
-def overview_lines(
-    an: Analysis,
-    nodes: pd.DataFrame,
-    questions: pd.DataFrame,
-    paths: pd.DataFrame,
-    *,
-    two_child: pd.DataFrame | None = None,
-    skips: pd.DataFrame | None = None,
-    estimator: object = None,
-) -> list[str]:
-    """One-line facts about the run shown at the top of the report (``estimator``: as in
-    :func:`build_tables`)."""
-    valid = nodes["valid"].fillna(False).astype(bool)
-    teachers: Sequence[str] = [str(t) for t in an.teachers.table["teacher"]]
-    sr = pd.to_numeric(questions["success_rate"], errors="coerce")
-    extra = []
-    if two_child is not None and not two_child.empty:
-        n_valid = valid.sum()
-        n_two = int(((pd.to_numeric(nodes["n_children"], errors="coerce") == 2) & valid).sum())
-        extra.append(
-            f"{n_two} of {int(n_valid)} valid node(s) ({fmt_pct(n_two / max(int(n_valid), 1))}) have exactly two "
-            f"well-visited children: {two_child_meaning(estimator)} (see the 2-child column)."
-        )
-    if skips is not None and not skips.empty:
-        whole = int((skips["teacher"].astype(str) == "").sum())
-        extra.append(f"{len(skips)} skip(s) ({whole} whole question(s)): see the Skipped table.")
-        counts = skip_counts(skips, _with_skipped(teachers, skips))
-        if counts["too_long"].sum():
-            extra.append(
-                "context longer than the teacher model's window (question skipped for that teacher): "
-                + "; ".join(f"{r.teacher} {r.too_long}" for r in counts.itertuples() if r.too_long)
-                + "."
-            )
-    sq = an.teachers.shared
-    if sq is not None and len(sq.excluded):
-        extra.append(
-            f"Table 1 compares the teachers over the {len(sq.questions)} question(s) all of them share; "
-            f"{len(sq.excluded)} question(s) scored by some teachers only are left out (see Questions left out "
-            "of Table 1)."
-        )
-    extra.append(_targeted_note(questions))
-    extra += [f"note: {line}" for line in sign_disagreements(an.teachers.table)]
-    return [
-        f"alignment metric: `{an.metric}`: cosine between the ideal (success-seeking) gradient "
-        "and the distillation gradient at a node, in [-1, 1]: > 0 helpful, about 0 orthogonal "
-        "(stylistic), < 0 harmful.",
-        f"{nodes['question_id'].nunique()} question(s), {len(paths)} representative path(s), "
-        f"{len(teachers)} teacher configuration(s): {', '.join(teachers)}.",
-        f"{len(nodes)} scored node(s), {int(valid.sum())} valid ({fmt_pct(valid.mean())}): a node "
-        "is valid when >= 2 next tokens have enough visits to estimate their success rate.",
-        f"mean student success rate over questions: {fmt(sr.mean())}.",
-        *extra,
-    ]
-
-
-def _value(v: object) -> str:
-    return "null" if v is None else str(v)
-
-
-def choices_table(choices: dict[str, object]) -> tuple[list[str], Table]:
-    """The report's "Choices of this run" from a run's :meth:`~opdlens.diagnose.config.DiagnoseConfig.choices`
-    (label -> value): Markdown lines (``- label: `value` ...``) and the same as an HTML table. Each
-    choice of :data:`~opdlens.diagnose.config.CHOICES` says its key, its value under ``protocol:
-    paper`` and under ours, and whether paper A's text states the paper value."""
-    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_LABEL
-
-    lines = [
-        "Every choice that changes results (docs/PROTOCOL.md lists the same and says why ours differ): the run's "
-        "value, then its config key, its value under `protocol: paper` and under opdlens' defaults, and whether "
-        'paper A\'s text states the paper value ("paper: what the text says") or not, the value then being ours '
-        '("ours (paper silent)").',
-        "",
-    ]
-    t = Table(
-        "choices",
-        "Choices of this run",
-        [lines[0]],
-        ["choice", "this run", "config key", "protocol: paper", "opdlens", "the paper's value is"],
-    )
-    for label, v in choices.items():
-        c = CHOICES_BY_LABEL.get(label)
-        if c is None:
-            lines.append(f"- {label}: `{_value(v)}`")
-            t.rows.append([label, _value(v), DASH, DASH, DASH, DASH])
-            continue
-        paper = _value(c.paper) + (" (per setting)" if c.per_setting else "")
-        lines.append(
-            f"- {label}: `{_value(v)}` (`{c.key}`; protocol: paper → {paper}, opdlens → {_value(c.ours)}; "
-            f"{c.provenance}: {c.source})"
-        )
-        t.rows.append([label, _value(v), c.key, paper, _value(c.ours), f"{c.provenance}: {c.source}"])
-    unused = [c.label for c in CHOICES if c.label not in choices]
-    if unused and any(label in CHOICES_BY_LABEL for label in choices):
-        note = f"not used by this run (or not given): {', '.join(unused)}."
-        lines.append(f"- {note}")
-        t.notes.append(note)
-    return lines, t
