@@ -13,28 +13,13 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd import checkpoint as ckpt
-from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
+from opdlens.opd.config import TrainConfig
 from opdlens.opd.parallel import Dist
-from opdlens.opd.runlog import read_metrics
 from opdlens.opd.scoring import (
     decode,
-    encode_messages,
     encode_user,
     step_seed,
 )
-
-__all__ = [
-    "TEMPLATES",
-    "TrainConfig",
-    "TrainResult",
-    "OPDTrainer",
-    "train",
-    "read_metrics",
-    "resolve_template",
-    "list_checkpoints",
-    "encode_user",
-    "encode_messages",
-]
 
 list_checkpoints = ckpt.list_checkpoints
 #: Held-out signals copied into the log (prefixed ``eval_``).
