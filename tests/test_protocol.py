@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -60,6 +61,10 @@ def qwen3_dirs(tmp_path_factory):
         tok.save_pretrained(root / name)
         out[name] = str(root / name)
     return out
+
+
+#: Paper A's six settings: {boolq, mmlu, aime} x {Qwen3-0.6B, 1.7B} (paper-b-*: paper B's training).
+PAPER_A_CONFIG = re.compile(r"paper-(boolq|mmlu|aime)-qwen3-[0-9.]+b\.yaml")
 
 
 def _config(dirs, out, **kw) -> DiagnoseConfig:
@@ -230,10 +235,10 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
-    paper = [f for f in files if f.name.startswith("paper-")]
+    paper = [f for f in files if PAPER_A_CONFIG.fullmatch(f.name)]
     assert len(paper) == 6  # {boolq, mmlu, aime} x {Qwen3-0.6B, 1.7B}
     for f in files:
-        if f.name.startswith("train"):
+        if f.name.startswith(("train", "paper-b-")):  # training configs (paper B's setup included)
             continue
         cfg = DiagnoseConfig.from_yaml(f)
         if f in paper:
@@ -459,7 +464,7 @@ def test_paper_configs_label_every_value():
     from opdlens.diagnose.choices import CHOICES_BY_KEY, OURS, PAPER
 
     paper = DiagnoseConfig(protocol="paper")
-    files = sorted((Path(__file__).parent.parent / "configs").glob("paper-*.yaml"))
+    files = sorted(f for f in (Path(__file__).parent.parent / "configs").iterdir() if PAPER_A_CONFIG.fullmatch(f.name))
     assert len(files) == 6
     for f in files:
         section = ""
