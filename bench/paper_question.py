@@ -35,7 +35,9 @@ rollouts, 1 + 1 targets per window of 8, 12, ... tokens, 6 visits per target: th
 CPU in seconds.
 
 Usage: ``PYTHONPATH=src:. python bench/paper_question.py [--shapes qwen3-0.6b] [--traces boolq=200]
-[--max-targeted 20000] [--json out.json]``.
+[--max-targeted 20000] [--json out.json]``. A device call has at most 10 minutes: run one setting
+per call (an MMLU-like question at the uncapped preset budget generates ~40M tokens; cap it with
+``--max-targeted``), then ``--from-json a.json b.json ...`` prints the projection of them all.
 """
 
 from __future__ import annotations
@@ -297,12 +299,15 @@ def projection(results: list[dict[str, Any]], args: argparse.Namespace) -> dict[
         "together), model loading counted once per setting",
         "targeted time linear in the number of targeted rollouts (same depth mix as run); the paper's 45K-200K per "
         "question bound it, 'as run' is the protocol: paper preset of this commit (capped by --max-targeted if set)",
+        "a --max-targeted cap keeps the shallow windows' targets (fixed mode, window order), whose rollouts are the "
+        "longest: the per-rollout cost of a capped run is then an upper bound",
+        "model loading: random weights built on the device (reading checkpoints takes longer), once per setting",
         f"AIME not measured: the MMLU-like question scaled by {AIME_TOKENS} / its trace length (linear in tokens; "
         "attention makes it super-linear)",
         "random weights: traces run to max_new_tokens, grades are coins, tau_gkd = tau_gap = 0 (ours)",
         "GPU-days of this GPU against A100-days: no A100/H100 speed factor applied",
-        f"BoolQ-like traces {args.trace_tokens.get('boolq')} tokens, MMLU-like {args.trace_tokens.get('mmlu')} "
-        "(ours; the paper: 45K-200K targeted rollouts 'depending on trace length')",
+        f"traces (new tokens) {args.trace_tokens}: ours (paper: BoolQ short, MMLU medium, AIME 5K-30K tokens; "
+        "45K-200K targeted rollouts 'depending on trace length')",
     ]
     return out
 
@@ -347,6 +352,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--smoke", action="store_true", help="tiny models and budgets (CPU, seconds)")
     ap.add_argument("--json", default=None, help="write the results and the projection here")
     ap.add_argument("--keep", default=None, help="copy each run directory to KEEP/<shape>-<task>")
+    ap.add_argument(
+        "--from-json", nargs="+", default=None, help="run nothing: the projection of the results in these --json files"
+    )
     args = ap.parse_args(argv)
     if isinstance(args.traces, str):
         args.traces = parse_traces(args.traces)
@@ -356,14 +364,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args.trace_tokens = dict(args.traces)
     shapes = [s.strip() for s in args.shapes.split(",") if s.strip()]
     args.suite_students = shapes if args.smoke else list(SUITE_STUDENTS)
-    torch.backends.cuda.matmul.allow_tf32 = False
-    instrument()
     results = []
-    for shape in shapes:
-        for task, tokens in args.traces.items():
-            r = run_question(shape, task, tokens, args)
-            report(r)
-            results.append(r)
+    if args.from_json:  # e.g. one device call per setting, the projection of them all
+        results = [r for f in args.from_json for r in json.loads(Path(f).read_text())["results"]]
+        args.trace_tokens = {r["task_like"]: r["max_new_tokens"] for r in results}
+    else:
+        torch.backends.cuda.matmul.allow_tf32 = False
+        instrument()
+        for shape in shapes:
+            for task, tokens in args.traces.items():
+                r = run_question(shape, task, tokens, args)
+                report(r)
+                results.append(r)
     proj = projection(results, args)
     print(f"\nprojection of the paper's suite on one {proj['gpu']} (paper: {PAPER_A100_DAYS:g} A100-days):")
     for label, days in (proj["suite_gpu_days_with_aime"] or proj["suite_gpu_days_boolq_mmlu"]).items():

@@ -120,3 +120,23 @@ def test_smoke_run_end_to_end(tmp_path: Path) -> None:
         assert len(nodes) == r["node_rows"] > 0
         assert set(nodes["teacher"]) <= set(r["teachers"])
     assert set(data["projection"]["suite_gpu_days_with_aime"]) == {"as run", "45K targeted", "200K targeted"}
+
+
+def test_projection_from_json_files(pq, tmp_path: Path) -> None:  # type: ignore[no-untyped-def]
+    """``--from-json``: the results of several calls (one setting each) projected together, as one
+    call over all of them would."""
+    rs = [
+        _result("qwen3-0.6b", "boolq", 200, wall=100.0, load=20.0, targeted_s=50.0, n=10_000),
+        _result("qwen3-1.7b", "mmlu", 2048, wall=400.0, load=20.0, targeted_s=300.0, n=20_000),
+    ]
+    files = []
+    for i, r in enumerate(rs):
+        files.append(tmp_path / f"{i}.json")
+        files[-1].write_text(json.dumps({"results": [r]}))
+    out = pq.main(["--from-json", *map(str, files), "--json", str(tmp_path / "all.json")])
+    args = Namespace(suite_students=["qwen3-0.6b", "qwen3-1.7b"], trace_tokens={"boolq": 200, "mmlu": 2048})
+    assert out["projection"]["suite_gpu_days_with_aime"] == pytest.approx(
+        pq.projection(rs, args)["suite_gpu_days_with_aime"]
+    )
+    assert out["projection"]["not_measured"] == ["qwen3-0.6b mmlu", "qwen3-0.6b aime", "qwen3-1.7b boolq"]
+    assert json.loads((tmp_path / "all.json").read_text())["results"] == rs
