@@ -145,6 +145,13 @@ def _gkd(p: Tensor, ell: Tensor, mask: Tensor, lbar: Tensor | None, ell_terms: T
     return -pm * (ell - lbar), _top(p * torch.maximum(terms, lbar_terms), mask)
 
 
+def renormalized_ell_terms(ls_k: Tensor, lt_k: Tensor, lp_st: Tensor, lp_te: Tensor) -> Tensor:
+    """The scale of the "direction undefined" rule for ``ℓ_k = lp_st − lp_te`` renormalised over
+    S_u: per child the largest absolute log-probability ``ℓ_k`` is computed from (the full-vocabulary
+    ``ls_k``, ``lt_k`` and their renormalised ``lp_st``, ``lp_te``)."""
+    return torch.stack([ls_k.abs(), lt_k.abs(), lp_st.abs(), lp_te.abs()]).amax(0)
+
+
 def gkd_gradient(
     p: Tensor, ell: Tensor, mask: Tensor, lbar: Tensor | None = None, *, ell_terms: Tensor | None = None
 ) -> Tensor:
@@ -314,7 +321,7 @@ def path_signals(
     nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
     if cfg.restriction == "renormalize":
         ell = _masked(lp_st - lp_te, mask)
-        ell_terms = torch.stack([ls_k.abs(), lt_k.abs(), lp_st.abs(), lp_te.abs()]).amax(0)  # the zero rule's scale
+        ell_terms = renormalized_ell_terms(ls_k, lt_k, lp_st, lp_te)
         if baseline is None:
             base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
         else:

@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
+from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, renormalized_ell_terms, restrict
 from opdlens.diagnose.tree import PathStats
 from opdlens.diagnose.uncertainty import alignment_draws, interval, settled, variance_reduction
 from opdlens.errors import OpdlensError
@@ -397,8 +397,8 @@ class TargetPlan:
         for i, lt in enumerate(self.logp_teachers):
             lt_k = lt[rows].gather(1, tok_r)
             _, lp_te = restrict(lt_k, mask_r)
-            # the same "direction undefined" scale as path_signals (a teacher proportional to the student: zero)
-            terms = torch.stack([ls_k.abs(), lt_k.abs(), lp_st.abs(), lp_te.abs()]).amax(0)
+            # path_signals' "direction undefined" scale (a teacher proportional to the student: zero)
+            terms = renormalized_ell_terms(ls_k, lt_k, lp_st, lp_te)
             dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask_r, ell_terms=terms)
         n = torch.from_numpy(pad["visits"][rows.numpy()]).double()
         s = torch.from_numpy(pad["successes"][rows.numpy()]).double()
