@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 from opdlens.errors import OpdlensError
 from opdlens.opd import losses as L
+from opdlens.opd import registry as R
 
 B, T, V = 3, 5, 11
 
@@ -246,10 +247,10 @@ def test_generalized_jsd_gradient_matches_autograd_reference(batch):
 def test_denominator_makes_micro_batches_add_up(batch):
     z, w, tok, mask = batch
     for name in ("opd", "sampled", "topk_renorm", "topk_tail", "full", "jsd"):
-        full = L.opd_loss(name, z, w, tok, mask, k=4, reduction="token_mean").loss
+        full = R.opd_loss(name, z, w, tok, mask, k=4, reduction="token_mean").loss
         n = mask.sum().item()
         parts = sum(
-            L.opd_loss(
+            R.opd_loss(
                 name,
                 z[i : i + 1],
                 w[i : i + 1],
@@ -262,9 +263,9 @@ def test_denominator_makes_micro_batches_add_up(batch):
             for i in range(B)
         )
         assert parts.item() == pytest.approx(full.item(), rel=1e-5)
-        full_s = L.opd_loss(name, z, w, tok, mask, k=4, reduction="seq_sum").loss
+        full_s = R.opd_loss(name, z, w, tok, mask, k=4, reduction="seq_sum").loss
         parts_s = sum(
-            L.opd_loss(
+            R.opd_loss(
                 name,
                 z[i : i + 1],
                 w[i : i + 1],
@@ -281,8 +282,8 @@ def test_denominator_makes_micro_batches_add_up(batch):
 
 def test_identical_distributions_give_zero(batch):
     z, w, tok, mask = batch
-    for name in L.LOSSES:
-        out = L.opd_loss(name, z, z.clone(), tok, mask, k=4)
+    for name in R.LOSSES:
+        out = R.opd_loss(name, z, z.clone(), tok, mask, k=4)
         assert abs(out.value.item()) < 1e-6, name
 
 
@@ -293,19 +294,19 @@ def test_errors_are_clear(batch):
     with pytest.raises(OpdlensError, match="k=99"):
         L.topk_rkl(z, w, mask, k=99)
     with pytest.raises(OpdlensError, match="unknown OPD loss 'nope'.*choose one of opd, sampled"):
-        L.opd_loss("nope", z, w, tok, mask)
+        R.opd_loss("nope", z, w, tok, mask)
     with pytest.raises(OpdlensError, match="topk_renorm"):
-        L.get_loss("topk")
+        R.get_loss("topk")
     with pytest.raises(OpdlensError, match="beta"):
         L.generalized_jsd(z, w, mask, beta=1.5)
 
 
 def test_teacher_temperature_divides_teacher_logits(batch):
     z, w, tok, mask = batch
-    for name in L.LOSSES:
-        a = L.opd_loss(name, z, w, tok, mask, k=4, teacher_temperature=0.5).value.item()
-        b = L.opd_loss(name, z, w * 2.0, tok, mask, k=4).value.item()
-        c = L.opd_loss(name, z, w, tok, mask, k=4).value.item()
+    for name in R.LOSSES:
+        a = R.opd_loss(name, z, w, tok, mask, k=4, teacher_temperature=0.5).value.item()
+        b = R.opd_loss(name, z, w * 2.0, tok, mask, k=4).value.item()
+        c = R.opd_loss(name, z, w, tok, mask, k=4).value.item()
         assert a == pytest.approx(b, rel=1e-5, abs=1e-6) and a != pytest.approx(c, rel=1e-3), name
     with pytest.raises(OpdlensError, match="temperature"):
         L.full_rkl(z, w, mask, teacher_temperature=0.0)
