@@ -30,6 +30,7 @@ import numpy as np
 import torch
 
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 from opdlens.opd.batching import completion_logits, pad_tokens
 from opdlens.opd.config import resolve_template
 from opdlens.opd.metrics import token_metrics
@@ -439,7 +440,7 @@ def run_stages(
         )
         log.update({f"cold_start_{k}": v for k, v in res_cs.as_dict().items()})
     record["log"] = log
-    (out_dir / STAGES_FILE).write_text(json.dumps(record, indent=1))
+    atomic_write(out_dir / STAGES_FILE, json.dumps(record, indent=1))
     return cfg, questions, log
 
 

@@ -29,6 +29,7 @@ import pandas as pd
 
 from opdlens.diagnose.uncertainty import count_settled
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 from opdlens.report.analyze import Analysis, analyze
 from opdlens.report.figures import (
     plot_correct_incorrect,
@@ -189,7 +190,7 @@ def write_report(
     for i, (t, p) in enumerate(extras):
         dst = fig_dir / f"extra_{i}{p.suffix or '.png'}"
         if p.resolve() != dst.resolve():
-            shutil.copyfile(p, dst)
+            atomic_write(dst, lambda tmp, p=p: shutil.copyfile(p, tmp))
         figs.append((t, "", dst))
 
     md = [f"# {title}", ""]
@@ -205,7 +206,7 @@ def write_report(
     for t, caption, p in figs:
         md += [f"### {t}", "", caption, "", f"![{t}]({p.relative_to(out).as_posix()})", ""]
     md += ["## Files", "", "CSV tables (full precision): " + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]
-    (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write(out / "summary.md", "\n".join(md))
 
     token_nodes = nodes
     missing = [c for c in TOKEN_COLUMNS if c not in nodes.columns]
@@ -233,5 +234,5 @@ def write_report(
         metric=metric,
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic_write(index, page)
     return index
