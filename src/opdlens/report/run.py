@@ -15,8 +15,9 @@ that it is incomplete; ``finished=True`` (the cross-run study) refuses such a ru
 The reader never changes the run directory. A stored file it cannot read (a damaged node table,
 say) is left where it is (setting it aside in ``corrupt/`` is ``opdlens diagnose``'s job, which
 then recomputes it) and the result is marked ``partial`` with a note naming the file, as is a
-finished run lacking the node table of a (teacher, question) that was neither scored nor
-recorded as skipped: a report is never silently built from part of the data.
+finished run without per-node rows for a (teacher, question), among the teachers with results,
+that is not recorded as skipped (a deleted node table): a report is never silently built from
+part of the data.
 """
 
 from __future__ import annotations
@@ -87,20 +88,25 @@ def _question_row(store: RunStore, qid: str) -> dict[str, object]:
     }
 
 
-def _missing_pairs(store: RunStore, config: DiagnoseConfig, questions: pd.DataFrame, skips: pd.DataFrame) -> list[str]:
-    """``teacher 'T' on question 'q'`` for each pair of a finished run with neither a node table
-    (readable or not) nor a recorded skip."""
+def _missing_pairs(store: RunStore, nodes: pd.DataFrame, questions: pd.DataFrame, skips: pd.DataFrame) -> list[str]:
+    """``teacher 'T' on question 'q'`` for each pair of a finished run, among the teachers with
+    results (a run's config may name teachers a run driven from Python did not score), that has
+    no per-node rows, no recorded skip and no unreadable node table (named separately)."""
     skipped = set()
     if not skips.empty:
         acts = skips["action"] if "action" in skips.columns else pd.Series("skipped", index=skips.index)
         skipped = {(str(q), str(t)) for q, t, a in zip(skips["question_id"], skips["teacher"], acts) if a == "skipped"}
+    have = set(zip(nodes["teacher"].astype(str), nodes["question_id"].astype(str)))
+    teachers = sorted({t for t, _ in have})
+    unreadable = set(store.unreadable)
     out = []
     for q in questions["question_id"].astype(str):
         if (q, "") in skipped:
             continue
-        for t in (spec.name for spec in config.teachers):
-            if (q, t) not in skipped and not (store.root / store.nodes_file(t, q)).exists():
-                out.append(f"teacher {t!r} on question {q!r}")
+        for t in teachers:
+            if (t, q) in have or (q, t) in skipped or store.root / store.nodes_file(t, q) in unreadable:
+                continue
+            out.append(f"teacher {t!r} on question {q!r}")
     return out
 
 
@@ -156,7 +162,7 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
                 f"{root / 'questions.parquet'} lacks the success_rate column: it was written by "
                 f"another opdlens version; rerun the run"
             )
-        missing = _missing_pairs(store, config, questions, skips) if config is not None else []
+        missing = _missing_pairs(store, nodes, questions, skips)
         notes = _incomplete_notes(store, missing)
         if notes and finished:
             raise OpdlensError(f"run {root} is incomplete: {' '.join(notes)}")
