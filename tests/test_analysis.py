@@ -242,7 +242,9 @@ def _weighted_t(x: np.ndarray, w: np.ndarray) -> tuple[float, float]:
 
 
 def test_per_teacher_table_values() -> None:
-    s = per_teacher(_teacher_table())
+    # each teacher over its own questions (shared=False); the default, Table 1 over the questions
+    # every teacher shares, is tested in test_table1_is_over_the_questions_every_teacher_shares
+    s = per_teacher(_teacher_table(), shared=False)
     t = s.table.set_index("teacher")
     assert list(t.index) == ["A", "B", "C"]
     for teacher, means in PATH_MEANS.items():
@@ -275,7 +277,7 @@ def test_per_teacher_table_values() -> None:
 
 
 def test_per_teacher_bootstrap_ci() -> None:
-    s = per_teacher(_teacher_table(), ci="bootstrap", n_boot=500, seed=3)
+    s = per_teacher(_teacher_table(), ci="bootstrap", n_boot=500, seed=3, shared=False)
     r = s.table.set_index("teacher").loc["B"]
     x = np.array(PATH_MEANS["B"])
     w = _question_weights([f"q{k // 2}" for k in range(x.size)])
@@ -286,6 +288,67 @@ def test_per_teacher_bootstrap_ci() -> None:
     assert r.ci_method == "bootstrap"
     with pytest.raises(OpdlensError, match="ci must be"):
         per_teacher(_teacher_table(), ci="normal")  # type: ignore[arg-type]
+
+
+def test_table1_is_over_the_questions_every_teacher_shares() -> None:
+    """A has q0, q1; B q0-q2; C q0 and one path of q1: Table 1 (report and study) is over q0 and q1
+    for every teacher, B's q2 is listed as left out, and each teacher's own count is kept."""
+    nodes = _teacher_table()
+    s = per_teacher(nodes)
+    t = s.table.set_index("teacher")
+    assert s.shared is not None and s.shared.questions == ["q0", "q1"]
+    assert s.shared.excluded.to_dict("records") == [{"question_id": "q2", "teachers": "A, C"}]
+    assert s.shared.per_teacher.set_index("teacher")["n_questions"].to_dict() == {"A": 2, "B": 3, "C": 2}
+    for teacher, means in PATH_MEANS.items():
+        m = np.array(means)
+        qs = np.array([f"q{k // 2}" for k in range(m.size)])
+        keep = np.isin(qs, ["q0", "q1"])
+        q_means = pd.Series(m[keep]).groupby(qs[keep]).mean()
+        r = t.loc[teacher]
+        assert r["mean"] == pytest.approx(q_means.mean())
+        assert r.n_questions == 2 and r.n_paths == keep.sum()
+        assert r.n_questions_scored == len(set(qs))
+        mean, se = _weighted_t(m[keep], _question_weights(list(qs[keep])))
+        half = stats.t.ppf(0.975, keep.sum() - 1) * se
+        assert (r.ci_low, r.ci_high) == pytest.approx((mean - half, mean + half))
+        assert r.n_nodes == 2 * m.size  # the pooled node figures keep every valid node
+    # B over its own three questions would differ: the restriction is visible
+    assert t.loc["B", "mean"] != pytest.approx(np.mean([np.mean([-0.2, 0.0]), np.mean([-0.4, 0.1]), -0.1]))
+    # Table 1 (the study's function) agrees, every statistic and group
+    from opdlens.report.aggregate import path_values, table1
+
+    t1 = table1(path_values(per_path(nodes)), ci="t").set_index(["teacher", "statistic", "group"])
+    for teacher in PATH_MEANS:
+        assert t1.loc[(teacher, "mean", "all"), "value"] == pytest.approx(t.loc[teacher, "mean"])
+        assert t1.loc[(teacher, "mean", "all"), "n_questions"] == 2
+    # no shared question at all: each teacher over its own, and the report can say so
+    lone = table(path_rows("A", "q0", 0, True, [0.2, 0.4]), path_rows("B", "q1", 0, True, [-0.2, 0.0]))
+    s = per_teacher(lone)
+    assert s.shared is not None and s.shared.questions == []
+    assert s.table.set_index("teacher")["mean"].to_dict() == pytest.approx({"A": 0.3, "B": -0.1})
+
+
+def test_pooled_nodes_are_every_valid_node() -> None:
+    from opdlens.report.aggregate import ALL_TEACHERS, pooled_nodes
+
+    nodes = _teacher_table()
+    nodes.loc[0, "align_gkd"] = NAN  # a valid node whose alignment is undefined (A's first node)
+    p = pooled_nodes(nodes).set_index("teacher")
+    everything = []
+    for teacher, means in PATH_MEANS.items():
+        x = np.concatenate([[mm - 0.1, mm + 0.1] for mm in means])
+        if teacher == "A":
+            x = x[1:]
+        everything.append(x)
+        r = p.loc[teacher]
+        assert r.n_nodes == x.size and r["mean"] == pytest.approx(x.mean()) and r["std"] == pytest.approx(x.std(ddof=1))
+        assert r.frac_pos == pytest.approx(np.mean(x > 0)) and r.n_undefined == (1 if teacher == "A" else 0)
+    x = np.concatenate(everything)
+    r = p.loc[ALL_TEACHERS]
+    assert (
+        r.n_nodes == x.size == 23 and r["mean"] == pytest.approx(x.mean()) and r["std"] == pytest.approx(x.std(ddof=1))
+    )
+    assert r.n_undefined == 1
 
 
 def _paths_by_key(teacher: str) -> dict[tuple[str, int], float]:

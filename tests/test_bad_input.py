@@ -460,3 +460,379 @@ def test_corrupt_result_table_in_report_is_one_error_line(tmp_path):
     # the report reads and names it; setting it aside (to recompute it) is diagnose's job
     assert (tmp_path / "a" / "questions.parquet").read_bytes() == b"PAR1 not really"
     assert not (tmp_path / "a" / "corrupt").exists()
+
+
+# ------------------------------------------------------------------ one error line, bounded work (issue 23)
+def _synthetic_build(config, *, progress: bool = True):  # type: ignore[no-untyped-def]
+    """``build_diagnosis`` on the synthetic oracle: the config's task, questions, budgets and
+    teacher names; a random Markov student, every teacher a tilted copy of it."""
+    from opdlens.diagnose.diagnosis import Diagnosis
+    from opdlens.diagnose.schedule import Teacher
+    from opdlens.synthetic import SyntheticPolicy
+
+    questions = get_task(config.task, **config.task_args).load(
+        split=config.split, n=config.n_questions, seed=config.seed
+    )
+    student = SyntheticPolicy.random(seed=config.seed, horizon=6)
+    teachers = [
+        Teacher(spec.model_copy(update={"context": "plain"}), student.tilted(3.0 - 2 * i, seed=i + 1))
+        for i, spec in enumerate(config.teachers)
+    ]
+    envs = [
+        QuestionEnv(id=q.id, prompt_ids=[], grade=student.is_success, question_text=q.prompt, gold=str(q.answer))
+        for q in questions
+    ]
+    return Diagnosis(RunStore(config.out_dir), student, teachers, config, progress=False), envs
+
+
+_SYNTHETIC_RUN = dict(
+    task="arith",
+    n_questions=2,
+    rollouts_per_question=40,
+    max_new_tokens=6,
+    chunk_rollouts=20,
+    teachers=[{"name": "up"}, {"name": "down"}],
+    targeting={"first_window": 2, "visit_target": 12, "per_window_gkd": 1, "per_window_gap": 1},
+    signals={"min_visits": 4},
+)
+
+
+def _config_file(tmp_path: Path, name: str = "cfg.yaml", **kw: object) -> Path:
+    p = tmp_path / name
+    p.write_text(yaml.safe_dump({**_SYNTHETIC_RUN, **kw}, allow_unicode=True), encoding="utf-8")
+    return p
+
+
+def _one_error_line(res) -> str:  # type: ignore[no-untyped-def]
+    """The CLI's message, checked to be one ``error:`` line (no traceback, status 2)."""
+    assert res.exit_code == 2, res.output
+    assert "Traceback" not in res.output and res.output.count("error:") == 1, res.output
+    assert res.output.startswith("error: "), res.output
+    return " ".join(res.output.split())
+
+
+def test_disk_full_is_one_error_line_and_the_rerun_resumes_exactly(tmp_path, monkeypatch):
+    import errno
+
+    import pyarrow.parquet as pq
+
+    import opdlens.diagnose.run
+
+    monkeypatch.setattr(opdlens.diagnose.run, "build_diagnosis", _synthetic_build)
+    real, calls = pq.write_table, [0]
+
+    def full_after_3(table, where, *a, **k):  # type: ignore[no-untyped-def]
+        calls[0] += 1
+        if calls[0] > 3:
+            raise OSError(errno.ENOSPC, "No space left on device", str(where))
+        return real(table, where, *a, **k)
+
+    run = tmp_path / "run"
+    cfg = _config_file(tmp_path, out_dir=str(run))
+    monkeypatch.setattr(pq, "write_table", full_after_3)
+    msg = _one_error_line(CliRunner().invoke(app, ["diagnose", str(cfg)]))
+    assert "error: the disk is full writing " in msg and "(No space left on device)" in msg
+    assert "rerun the same command: it resumes from the finished work, which is kept" in msg
+    kept = sorted(p.relative_to(run) for p in (run / "rollouts").rglob("*.parquet"))
+    assert len(kept) == 2  # inputs.parquet and two chunks were written before the disk filled
+    monkeypatch.setattr(pq, "write_table", real)
+    res = CliRunner().invoke(app, ["diagnose", str(cfg)])
+    assert res.exit_code == 0, res.output
+    # the resumed run has exactly the results of a run that never stopped
+    opdlens.diagnose.run.diagnose(
+        DiagnoseConfig(**{**_SYNTHETIC_RUN, "out_dir": str(tmp_path / "ref")}), progress=False
+    )
+    key = ["teacher", "question_id", "path_id", "node"]
+    got, ref = (load_results(RunStore(d))[0].sort_values(key).reset_index(drop=True) for d in (run, tmp_path / "ref"))
+    assert len(got) > 0 and set(got["teacher"]) == {"up", "down"}
+    pd.testing.assert_frame_equal(got, ref)
+    for chunk in kept:
+        assert (run / chunk).read_bytes() == (tmp_path / "ref" / chunk).read_bytes()
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        ("targeting: {growth: .inf}\n", "targeting.growth: must be a finite number, not inf or nan"),
+        ("targeting: {growth: 1.0e+300}\n", "targeting.growth: Input should be less than or equal to 1000000"),
+        ("device: tpu:9\n", "device: Value error, 'tpu:9' is not a device opdlens runs on: use 'cpu', 'cuda'"),
+        ("device: cuda:99\n", "device 'cuda:99': "),
+        ("temperature: .inf\n", "temperature: must be a finite number, not inf or nan"),
+        ("temperature: .nan\n", "temperature: must be a finite number, not inf or nan"),
+        ("task_args: {max_value: .inf}\n", "task_args.max_value: must be a finite number"),
+        ("vllm_options: {gpu_memory_utilization: -.inf}\n", "vllm_options.gpu_memory_utilization: must be a finite"),
+        ("split: nonexistent\n", "task 'arith' has no split 'nonexistent'; its splits are train, validation, test"),
+        ("n_questions: 1000000000000000000000\n", "task 'arith' generates at most 100000 questions at once"),
+        ("task_args: {n_default: 1e21}\nn_questions: null\n", "arith n_default must be an integer, got '1e21'"),
+    ],
+)
+def test_bad_values_are_one_error_line_before_any_model_loads(tmp_path, monkeypatch, text, expect):
+    import opdlens.models
+
+    def never(*a, **k):  # type: ignore[no-untyped-def]
+        raise AssertionError("a model was loaded")
+
+    monkeypatch.setattr(opdlens.models, "load_policy", never)
+    cfg = _yaml(tmp_path, f"out_dir: {tmp_path / 'run'}\n" + text)
+    msg = _one_error_line(CliRunner().invoke(app, ["diagnose", str(cfg)]))
+    assert expect in msg
+    assert not (tmp_path / "run" / "rollouts").exists()
+
+
+def test_depth_windows_hold_at_the_largest_growth():
+    from opdlens.diagnose.targeting import TargetingConfig, depth_windows
+
+    big = TargetingConfig(first_window=10**9, growth=1e6)
+    assert depth_windows(10**7, big.first_window, big.growth) == [(0, 10**7)]
+    assert depth_windows(10**6, 1, 1e6) == [(0, 1), (1, 10**6)]  # sizes 1, then 1e6 (clipped to the length)
+    assert depth_windows(400, 50, 2.0) == [(0, 50), (50, 150), (150, 350), (350, 400)]
+
+
+def _float_fields(model: type, seen: set[type] | None = None):  # type: ignore[no-untyped-def]
+    """(model, field name) of every float-valued field of ``model`` and of the models it nests."""
+    import typing
+
+    from pydantic import BaseModel
+
+    seen = set() if seen is None else seen
+    if model in seen:
+        return
+    seen.add(model)
+
+    def parts(tp):  # type: ignore[no-untyped-def]
+        yield tp
+        for arg in typing.get_args(tp):
+            yield from parts(arg)
+
+    for name, field in model.model_fields.items():
+        kinds = list(parts(field.annotation))
+        if float in kinds:
+            yield model, name
+        for k in kinds:
+            if isinstance(k, type) and issubclass(k, BaseModel):
+                yield from _float_fields(k, seen)
+
+
+def test_every_float_of_every_config_model_refuses_inf_and_nan():
+    from opdlens.opd.config import TrainConfig
+
+    fields = list(_float_fields(DiagnoseConfig)) + list(_float_fields(TrainConfig))
+    names = {f"{m.__name__}.{n}" for m, n in fields}
+    # the models nested in the two configs, found by the walk (so a new model is covered too)
+    assert {"DiagnoseConfig.temperature", "TargetingConfig.growth", "SignalConfig.min_psucc_range"} <= names
+    assert {"TrainConfig.lr", "TrainConfig.betas", "ColdStartStage.temperature", "PromptStage.threshold"} <= names
+    assert len(fields) >= 20
+    for model, name in fields:
+        for bad in (float("inf"), float("-inf"), float("nan")):
+            value = (1.0, bad) if name == "betas" else bad
+            try:
+                model.model_validate({name: value})
+            except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError (or the model's own check)
+                assert "finite" in str(exc) or type(exc).__name__ != "ValidationError", (model, name, exc)
+                assert "finite" in str(exc), f"{model.__name__}.{name} = {bad}: {exc}"
+            else:
+                raise AssertionError(f"{model.__name__}.{name} accepted {bad}")
+
+
+_BOMB = """student: smollm2
+{where}:
+  a: &a [x, x, x, x, x, x, x, x, x, x]
+  b: &b [*a, *a, *a, *a, *a, *a, *a, *a, *a, *a]
+  c: &c [*b, *b, *b, *b, *b, *b, *b, *b, *b, *b]
+  d: &d [*c, *c, *c, *c, *c, *c, *c, *c, *c, *c]
+  e: &e [*d, *d, *d, *d, *d, *d, *d, *d, *d, *d]
+  f: &f [*e, *e, *e, *e, *e, *e, *e, *e, *e, *e]
+  g: &g [*f, *f, *f, *f, *f, *f, *f, *f, *f, *f]
+  h: &h [*g, *g, *g, *g, *g, *g, *g, *g, *g, *g]
+"""
+
+
+@pytest.mark.parametrize("where", ["task_args", "vllm_options"])
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path, where):
+    import time
+
+    start = time.perf_counter()
+    res = CliRunner().invoke(app, ["diagnose", str(_yaml(tmp_path, _BOMB.format(where=where)))])
+    msg = _one_error_line(res)
+    assert time.perf_counter() - start < 5
+    assert "cannot be read: it expands to more than 100000 values (aliases counted at every use)" in msg
+
+
+def test_yaml_size_nesting_and_recursion_are_bounded(tmp_path):
+    from opdlens.config import MAX_YAML_BYTES, MAX_YAML_VALUES, read_yaml
+
+    # aliases that stay small are YAML as usual: every use is the value
+    ok = read_yaml(_yaml(tmp_path, "base: &t {name: a, context: 1c}\nteachers: [*t, *t]\nseed: &s 3\nx: *s\n"))
+    assert ok["teachers"] == [{"name": "a", "context": "1c"}] * 2 and ok["x"] == 3
+    # at the bound: a = 99 items, b = k uses of a; values: the mapping, 2 keys, a's list and items
+    # (100), b's list and k x 100 = 104 + 100 k, so k = 998 gives 99904 and k = 999 gives 100004
+    assert MAX_YAML_VALUES == 100_000
+
+    def uses(k: int) -> Path:
+        return _yaml(tmp_path, "a: &l [" + ", ".join(["1"] * 99) + "]\nb: [" + ", ".join(["*l"] * k) + "]\n")
+
+    assert len(read_yaml(uses(998))["b"]) == 998
+    with pytest.raises(OpdlensError, match="expands to more than 100000 values"):
+        read_yaml(uses(999))
+    with pytest.raises(OpdlensError, match=r"an alias refers to a value that contains it \(a recursive structure\)"):
+        read_yaml(_yaml(tmp_path, "a: &a [1, *a]\n"))
+    with pytest.raises(OpdlensError, match="is nested too deeply to be a config"):
+        read_yaml(_yaml(tmp_path, "a: " + "[" * 1000 + "]" * 1000 + "\n"))
+    big = _yaml(tmp_path, "# " + "x" * MAX_YAML_BYTES + "\nseed: 1\n")
+    with pytest.raises(OpdlensError, match=rf"is {MAX_YAML_BYTES + 11} bytes, more than the {MAX_YAML_BYTES}"):
+        read_yaml(big)
+
+
+@pytest.mark.parametrize(
+    ("text", "expect"),
+    [
+        (
+            "seed: 1\ntask: arith\nseed: 2\n",
+            "at line 3, column 1: duplicate key 'seed' (first at line 1, again at line 3)",
+        ),
+        (
+            "targeting:\n  growth: 2.0\n  first_window: 4\n  growth: 3.0\n",
+            "at line 4, column 3: duplicate key 'growth' (first at line 2, again at line 4)",
+        ),
+        ("teachers: [{name: a, name: b}]\n", "duplicate key 'name' (first at line 1, again at line 1)"),
+    ],
+)
+def test_duplicate_yaml_keys_name_the_key_and_lines(tmp_path, text, expect):
+    msg = _one_error_line(CliRunner().invoke(app, ["diagnose", str(_yaml(tmp_path, text))]))
+    assert expect in msg and "each key may appear once" in msg
+
+
+def test_yaml_merge_keys_may_be_overridden(tmp_path):
+    from opdlens.config import read_yaml
+
+    data = read_yaml(_yaml(tmp_path, "t: &t {name: a, context: 1c}\nteachers:\n  - <<: *t\n    name: b\n"))
+    assert data["teachers"] == [{"name": "b", "context": "1c"}]
+
+
+# ------------------------------------------------------------------ compare: one row, one configuration
+def _tiny_run(root: Path, **settings: object) -> Path:
+    """A finished synthetic run whose config.yaml carries ``settings`` (teachers 'T' and 'U')."""
+    from opdlens.diagnose.diagnosis import Diagnosis
+    from opdlens.diagnose.run import write_config
+    from opdlens.diagnose.schedule import Teacher
+    from opdlens.synthetic import SyntheticPolicy
+
+    student = SyntheticPolicy.random(seed=0, horizon=6)
+    teachers = [
+        Teacher(TeacherSpec(name="T", model="synthetic"), student.tilted(3.0, seed=1)),
+        Teacher(TeacherSpec(name="U", model="synthetic"), student.tilted(-3.0, seed=2)),
+    ]
+    opts = DiagnoseConfig(**{**_SYNTHETIC_RUN, "teachers": [{"name": "T"}, {"name": "U"}]})
+    store = RunStore(root)
+    written = {"teachers": [{"name": "T"}, {"name": "U"}], "task": "synthetic", "out_dir": str(root), **settings}
+    write_config(store, DiagnoseConfig(**written))  # type: ignore[arg-type]
+    envs = [QuestionEnv(id=f"q{i}", prompt_ids=[], grade=student.is_success) for i in range(2)]
+    Diagnosis(store, student, teachers, opts, progress=False).run(envs)
+    return root
+
+
+def test_compare_refuses_to_merge_differing_teachers_into_one_row(tmp_path):
+    a = _tiny_run(tmp_path / "a")
+    same = _tiny_run(tmp_path / "same", seed=5)  # another seed is another sample, the same configurations
+    from opdlens.report.study import read_settings
+
+    assert [s.teachers for s in read_settings([a, same])] == [["T", "U"], ["T", "U"]]
+    b = _tiny_run(
+        tmp_path / "b",
+        teachers=[{"name": "T", "context": "1c"}, {"name": "U"}],
+        temperature=0.7,
+        signals={"alignment_estimator": "plugin", "restriction": "literal"},
+    )
+    msg = _one_error_line(CliRunner().invoke(app, ["compare", str(a), str(b), "--out", str(tmp_path / "no")]))
+    assert "the runs name different teacher configurations alike, so Table 1 would merge them into one row" in msg
+    assert f"'T': context 'plain' in {a}, '1c' in {b}" in msg
+    for k, old, new in (
+        ("alignment_estimator", "'posterior_mean'", "'plugin'"),
+        ("restriction", "'renormalize'", "'literal'"),
+        ("temperature", "1.0", "0.7"),
+    ):
+        assert f"{k} {old} in {a}, {new} in {b}" in msg
+    assert "'U': alignment_estimator" in msg and "'U': context" not in msg
+    assert not (tmp_path / "no").exists()
+
+
+# ------------------------------------------------------------------ names shown as written (display spoofing)
+def test_display_text_escapes_what_could_spoof_and_keeps_the_rest():
+    from opdlens.display import display_text, markdown_cell
+
+    assert display_text("good\u202etxt.exe") == "good\\u202etxt.exe"
+    assert display_text("a\x1b[2Jb\rc\x7f\x9b\u2066\u200f\u061c\u2028") == (
+        "a\\x1b[2Jb\\x0dc\\x7f\\x9b\\u2066\\u200f\\u061c\\u2028"
+    )
+    assert display_text("one\ntwo\tx") == "one\\x0atwo\tx"
+    assert display_text("one\ntwo", newlines=True) == "one\ntwo"
+    plain = "Self-1C · é 中文 עברית (q_1) [x] \\ |"
+    assert display_text(plain) == plain  # letters of any script, punctuation and backslashes are text
+    assert markdown_cell("a|b") == "a\\|b"
+    assert markdown_cell("x\\|y") == "x\\\\\\|y"  # the backslash doubled, the pipe escaped: shows x\|y
+    assert markdown_cell("two\nlines\u202e") == "two lines\\u202e"
+
+
+def _markdown_tables(text: str) -> list[list[list[str]]]:
+    """The tables of a Markdown text as rendered by a GFM table parser: rows of cell texts."""
+    import html as html_lib
+    import re
+
+    from markdown_it import MarkdownIt
+
+    rendered = MarkdownIt("commonmark").enable("table").render(text)
+    tables = []
+    for t in re.findall(r"<table>(.*?)</table>", rendered, re.S):
+        rows = re.findall(r"<tr>(.*?)</tr>", t, re.S)
+        tables.append([[html_lib.unescape(c) for c in re.findall(r"<t[hd][^>]*>(.*?)</t[hd]>", r, re.S)] for r in rows])
+    return tables
+
+
+def test_spoofing_names_are_shown_escaped_in_the_report_and_on_the_terminal(tmp_path, monkeypatch):
+    import re
+
+    import opdlens.diagnose.run
+    from opdlens.display import display_text
+
+    monkeypatch.setattr(opdlens.diagnose.run, "build_diagnosis", _synthetic_build)
+    names = ["good\u202etxt.exe", "a|b", "x\\|y", "esc\x1b[31mred\r"]
+    ids = ["q\u202e1", "q\x1b]0;owned\x07|2"]
+    data = tmp_path / "data.jsonl"
+    data.write_text(
+        "".join(json.dumps({"id": i, "question": f"What is {n}+1?", "answer": n + 1}) + "\n" for n, i in enumerate(ids))
+    )
+    run = tmp_path / "run\u202eexe.txt"
+    cfg = DiagnoseConfig(
+        **{
+            **_SYNTHETIC_RUN,
+            "task": "jsonl",
+            "task_args": {"path": str(data), "answer_type": "int"},
+            "teachers": [{"name": n} for n in names],
+            "out_dir": str(run),
+        }
+    )
+    opdlens.diagnose.run.diagnose(cfg, progress=False)
+    res = CliRunner().invoke(app, ["report", str(run)])
+    assert res.exit_code == 0, res.output
+    # the terminal: the run directory's name is shown with its override as an escape
+    assert "\u202e" not in res.output and "\x1b" not in res.output
+    assert display_text(run / "report" / "index.html") in " ".join(res.output.split())
+    out = run / "report"
+    hidden = re.compile("[\x00-\x08\x0b-\x1f\x7f-\x9f\u202a-\u202e\u2066-\u2069\u200e\u200f]")
+    for f in ("summary.md", "index.html"):
+        text = (out / f).read_text(encoding="utf-8")
+        assert not hidden.search(text), (f, hidden.search(text))
+    html = (out / "index.html").read_text(encoding="utf-8")
+    for n in names:
+        assert f">{display_text(n).replace('&', '&amp;')}</option>" in html  # the selector shows every name
+    assert "Question q\\u202e1" in html and "Question q\\x1b]0;owned\\x07|2" in html
+    # summary.md: every table keeps its columns, and the teachers' cells read as their names shown
+    tables = _markdown_tables((out / "summary.md").read_text(encoding="utf-8"))
+    assert len(tables) >= 4
+    for t in tables:
+        assert len({len(r) for r in t}) == 1, t[0]
+    first_cells = {r[0] for t in tables for r in t[1:]}
+    assert {display_text(n) for n in names} <= first_cells
+    assert "x\\|y" in first_cells and "a|b" in first_cells
+    # the stored data keep the names as they were
+    assert "\ngood\u202etxt.exe," in (out / "per_teacher.csv").read_text(encoding="utf-8")

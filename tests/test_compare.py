@@ -288,3 +288,82 @@ def test_compare_errors_say_what_to_fix(runs, tmp_path):
     assert res.exit_code == 2 and "unfinished" in res.output
     res = runner.invoke(app, ["compare", str(a), "--bins", "0.9,0.1"])
     assert res.exit_code == 2 and "bin edges" in res.output
+
+
+def test_table1_over_the_questions_all_teachers_share(runs, tmp_path):
+    """One teacher skipped on a question (its node table is missing, a skip is recorded): Table 1,
+    the bins and the best teacher compare the teachers over the other questions, and the study
+    prints each teacher's count and the question left out."""
+    run = shutil.copytree(runs[0], tmp_path / "skipped")
+    (run / "nodes" / "avoider" / "q4.parquet").unlink()
+    skips = pd.read_parquet(run / "skips.parquet")
+    extra = pd.DataFrame([{"question_id": "q4", "teacher": "avoider", "action": "skipped", "reason": "too long"}])
+    pd.concat([skips, extra], ignore_index=True).to_parquet(run / "skips.parquet")
+    study = compare_runs([run], edges=(0.5,))
+    t1 = study.table1.set_index(["teacher", "statistic", "group"])
+    v = _valid(run)
+    assert set(v[v.teacher == "seeker"].question_id) == {f"q{i}" for i in range(6)}
+    for teacher in ("seeker", "avoider"):
+        sub = v[(v.teacher == teacher) & (v.question_id != "q4")]
+        expect = sub.groupby(["question_id", "path_id"])["align_gkd"].mean().groupby(level=0).mean()
+        cell = t1.loc[(teacher, "mean", "all")]
+        assert cell["n_questions"] == len(expect) == 5
+        assert cell["value"] == pytest.approx(expect.mean(), abs=1e-12)
+    # the seeker over its own six questions would differ
+    own = v[v.teacher == "seeker"].groupby(["question_id", "path_id"])["align_gkd"].mean().groupby(level=0).mean()
+    assert abs(own.mean() - t1.loc[("seeker", "mean", "all"), "value"]) > 1e-3
+    # the easy bin lost q4 for both teachers
+    assert study.bins.set_index(["teacher", "statistic", "bin"]).loc[("seeker", "mean", "[0.5, 1]"), "n_questions"] == 2
+    shared = study.shared.set_index("teacher")
+    assert shared.loc["seeker", "n_questions"] == 6 and shared.loc["avoider", "n_questions"] == 5
+    assert (shared["n_shared"] == 5).all()
+    assert study.excluded[["question_id", "teachers"]].values.tolist() == [["q4", "avoider"]]
+    q = study.questions[(study.questions.teacher == "seeker") & (study.questions.group == "all")]
+    assert q.set_index("question_id")["shared"].to_dict() == {f"q{i}": i != 4 for i in range(6)}
+    summary = write_study(study, tmp_path / "out").read_text()
+    assert "| small · synthetic | avoider | 5 | 5 |" in summary and "| small · synthetic | seeker | 6 | 5 |" in summary
+    assert "| small · synthetic | q4 | avoider |" in summary
+    assert (tmp_path / "out" / "left_out.csv").is_file()
+
+
+def test_divergence_and_depth_correlations_by_student_size(runs, tmp_path):
+    from opdlens.report.aggregate import ALL_TEACHERS
+    from opdlens.report.study import student_size
+
+    assert student_size("Qwen3-0.6B") == 0.6 and student_size("SmolLM2-135M") == pytest.approx(0.135)
+    assert np.isnan(student_size("smollm2"))
+    dirs = []
+    for src, name in ((runs[0], "org/Model-1.7B"), (runs[1], "org/Model-0.6B")):
+        d = shutil.copytree(src, tmp_path / name.split("-")[-1])
+        cfg = yaml.safe_load((d / "config.yaml").read_text())
+        (d / "config.yaml").write_text(yaml.safe_dump({**cfg, "student": name}))
+        dirs.append(d)
+    study = compare_runs(dirs, n_boot=500)
+    c = study.correlations.set_index(["setting", "teacher", "variable"])
+    # by hand for the 1.7B run and the KL: the within-path Pearson r of every (teacher, path) with
+    # >= 3 valid nodes, averaged over the teachers per path, then over paths
+    v = _valid(dirs[0])
+    per = {}
+    for (_t, q, p), g in v.groupby(["teacher", "question_id", "path_id"]):
+        if len(g) >= 3 and g["kl"].std() > 0 and g["align_gkd"].std() > 0:
+            per.setdefault((q, p), []).append(stats.pearsonr(g["align_gkd"], g["kl"]).statistic)
+    by_path = [np.mean(r) for r in per.values()]
+    row = c.loc[("Model-1.7B · synthetic", ALL_TEACHERS, "kl")]
+    assert row["n_paths"] == len(by_path) >= 10
+    assert row["pearson_mean"] == pytest.approx(np.mean(by_path), abs=1e-9)
+    assert row["pearson_ci_low"] <= row["pearson_mean"] <= row["pearson_ci_high"]
+    assert row["size_b"] == 1.7 and c.loc[("Model-0.6B · synthetic", ALL_TEACHERS, "kl"), "size_b"] == 0.6
+    # the per-teacher rows are the run report's
+    from opdlens.report.correlations import divergence_correlations
+
+    own = divergence_correlations(
+        pd.concat([pd.read_parquet(f) for f in sorted((dirs[0] / "nodes").rglob("*.parquet"))]), n_boot=500
+    )
+    mine = own.summary.set_index(["teacher", "variable"]).loc[("seeker", "depth_norm"), "pearson_mean"]
+    assert c.loc[("Model-1.7B · synthetic", "seeker", "depth_norm"), "pearson_mean"] == pytest.approx(mine, abs=1e-12)
+    summary = write_study(study, tmp_path / "out").read_text()
+    section = summary.split("## Alignment vs divergences and depth by student size (Pearson)", 1)[1]
+    header = next(line for line in section.splitlines() if line.startswith("| variable"))
+    assert header.index("Model-0.6B · synthetic (600M)") < header.index("Model-1.7B · synthetic (1.7B)")
+    assert "| kl | " in section and f"{row['pearson_mean']:+.3f} [" in section
+    assert (tmp_path / "out" / "correlations.csv").is_file()

@@ -136,7 +136,8 @@ def test_engine_config_fields_and_overrides() -> None:
 
 
 def test_triton_grid_rounds_shapes_up_so_they_recur() -> None:
-    from opdlens.rollout.decode import TorchState, TritonState
+    from opdlens.rollout.decode import TorchState
+    from opdlens.rollout.triton_state import TritonState
 
     batch = [Job(0, 0, 99), Job(1, 0, 97), Job(2, 0, 3)]
     grid, R = TritonState.grid(batch)

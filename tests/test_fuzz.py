@@ -11,6 +11,7 @@ under a second per example. Examples are derandomised so CI sees the same cases 
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 from typing import Any
 from unittest import mock
@@ -58,7 +59,7 @@ config_dicts = st.fixed_dictionaries(
         "n_questions": st.one_of(st.integers(-1, 4), st.none(), st.just("x")),
         "rollouts_per_question": st.integers(-1, 24),
         "max_new_tokens": st.one_of(st.none(), st.integers(-1, 6)),
-        "temperature": st.one_of(st.floats(-1, 3), st.just(0.0)),
+        "temperature": st.one_of(st.floats(-1, 3), st.just(0.0), st.sampled_from([float("inf"), float("nan")])),
         "n_correct_paths": st.integers(-1, 2),
         "n_incorrect_paths": st.integers(-1, 2),
         "chunk_rollouts": st.integers(-1, 20),
@@ -73,7 +74,7 @@ config_dicts = st.fixed_dictionaries(
                 "per_window_gkd": st.integers(-1, 2),
                 "per_window_gap": st.integers(-1, 2),
                 "candidates_per_node": st.integers(-1, 4),
-                "growth": st.floats(0, 3),
+                "growth": st.one_of(st.floats(0, 3), st.sampled_from([float("inf"), 1e300])),
                 "max_rollouts_per_path": st.one_of(st.none(), st.integers(0, 30)),
                 "visits": st.just(1),
             },
@@ -87,6 +88,9 @@ config_dicts = st.fixed_dictionaries(
             },
         ),
         "typo_key": st.integers(),
+        "split": st.sampled_from(["train", "nonexistent"]),
+        "device": st.sampled_from(["cpu", "tpu:9", "cuda:x"]),
+        "task_args": st.fixed_dictionaries({}, optional={"n_default": st.sampled_from([2, 10**21, float("inf")])}),
     },
 )
 json_row = st.fixed_dictionaries(
@@ -213,15 +217,38 @@ def test_runs_finish_or_fail_cleanly_and_resume_exactly(tmp_path_factory, raw, d
     assert not load_run(RunStore(tmp / "a", create=False)).partial
 
 
+def _aliased(levels: int, width: int, where: str) -> bytes:
+    """A YAML config whose ``where`` mapping nests ``levels`` lists of ``width`` uses of the previous
+    one: ``width ** levels`` values once expanded (an alias bomb when large)."""
+    lines = [f"{where}:", "  l0: &l0 [" + ", ".join(["x"] * width) + "]"]
+    lines += [f"  l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * width) + "]" for i in range(1, levels)]
+    return ("\n".join(lines) + "\n").encode()
+
+
+yaml_texts = st.one_of(
+    st.binary(max_size=60),
+    config_dicts.map(lambda d: yaml.safe_dump(d).encode()),
+    st.builds(_aliased, st.integers(1, 9), st.integers(1, 12), st.sampled_from(["task_args", "vllm_options"])),
+    # a key given twice, at the top or inside a mapping
+    st.sampled_from([b"seed: 1\nseed: 2\n", b"targeting: {growth: 2, growth: 3}\n", b"a: &a [*a]\n"]),
+)
+
+
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)
-@given(text=st.one_of(st.binary(max_size=60), config_dicts.map(lambda d: yaml.safe_dump(d).encode())))
+@given(text=yaml_texts)
 def test_config_files_load_or_fail_with_one_message(tmp_path_factory, text: bytes) -> None:  # type: ignore[no-untyped-def]
     path = tmp_path_factory.mktemp("cfg") / "c.yaml"
     path.write_bytes(text)
+    start = time.perf_counter()
     try:
-        DiagnoseConfig.from_yaml(path)
+        cfg = DiagnoseConfig.from_yaml(path)
     except OpdlensError as exc:
         assert str(exc) and "Traceback" not in str(exc)
+        return
+    finally:
+        assert time.perf_counter() - start < 5  # bounded work, alias bombs included
+    # what loads is finite and small: it is written to config.yaml and fingerprinted as JSON
+    assert len(json.dumps(cfg.model_dump(mode="json"), allow_nan=False)) < 2_000_000
 
 
 @settings(max_examples=60, deadline=None, derandomize=True, database=None)

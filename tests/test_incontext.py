@@ -16,7 +16,6 @@ from typer.testing import CliRunner
 from opdlens.cli import app
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.diagnosis import Diagnosis
-from opdlens.diagnose.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.diagnose.questions import QuestionEnv
 from opdlens.diagnose.run import diagnose
 from opdlens.diagnose.schedule import Teacher
@@ -27,6 +26,7 @@ from opdlens.diagnose.teachers import Solutions, TeacherSpec, context_messages
 from opdlens.errors import OpdlensError
 from opdlens.models import load_tokenizer, tiny_random_policy
 from opdlens.policy import sample_counts
+from opdlens.report.incontext import PLAIN, accuracy_table, read_incontext, sample_incontext
 from opdlens.report.study import compare_runs, difficulty_bins
 from opdlens.synthetic import SyntheticPolicy
 from opdlens.tasks import CORRECT, INCORRECT, Grade, Question, Task, register_task

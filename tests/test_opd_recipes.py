@@ -6,7 +6,8 @@ import pytest
 import torch
 
 from opdlens.errors import OpdlensError
-from opdlens.opd.recipes import cold_start_sft, is_degenerate, select_template
+from opdlens.opd.coldstart import cold_start_sft, is_degenerate
+from opdlens.opd.recipes import select_template
 from opdlens.policy import Completion
 from tests.helpers import arith_questions, one_thread, tiny
 

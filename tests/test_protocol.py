@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pandas as pd
 import pytest
@@ -60,6 +61,10 @@ def qwen3_dirs(tmp_path_factory):
         tok.save_pretrained(root / name)
         out[name] = str(root / name)
     return out
+
+
+#: Paper A's six settings: {boolq, mmlu, aime} x {Qwen3-0.6B, 1.7B} (paper-b-*: paper B's training).
+PAPER_A_CONFIG = re.compile(r"paper-(boolq|mmlu|aime)-qwen3-[0-9.]+b\.yaml")
 
 
 def _config(dirs, out, **kw) -> DiagnoseConfig:
@@ -143,10 +148,12 @@ def test_protocol_runs_end_to_end_with_recorded_skips(qwen3_dirs, tmp_path, prot
     diag.run(envs)
     # each scheduled model is freed after its steps; the teacher is loaded for priorities and scoring
     assert not ext.slot.loaded and ext.slot.loads == 3  # one model: solutions+summaries, priorities, scoring
-    assert not diag.config.summarizer.loaded and not diag.config.solution_slot.loaded
+    assert not diag.runtime.summarizer.loaded and not diag.runtime.solution_slot.loaded
     store = RunStore(cfg.out_dir)
     nodes, questions, paths = load_results(store)
     assert "Ext" in set(nodes["teacher"]) and len(questions) == 2
+    valid = nodes[nodes["valid"].astype(bool)]
+    assert len(valid) and valid["pbar"].between(0, 1).all()  # the P̄ of every valid node reaches the table
     skips = store.read_table("skips.parquet")
     assert list(skips.columns) == ["question_id", "teacher", "action", "reason"]
     for q in questions["question_id"]:
@@ -228,10 +235,10 @@ def test_shipped_configs_validate():
     from pathlib import Path
 
     files = sorted(Path(__file__).parent.parent.joinpath("configs").glob("*.yaml"))
-    paper = [f for f in files if f.name.startswith("paper-")]
+    paper = [f for f in files if PAPER_A_CONFIG.fullmatch(f.name)]
     assert len(paper) == 6  # {boolq, mmlu, aime} x {Qwen3-0.6B, 1.7B}
     for f in files:
-        if f.name.startswith("train"):
+        if f.name.startswith(("train", "paper-b-")):  # training configs (paper B's setup included)
             continue
         cfg = DiagnoseConfig.from_yaml(f)
         if f in paper:
@@ -333,3 +340,284 @@ def test_runs_written_before_a_key_existed_keep_the_value_they_ran_with(tmp_path
     assert "signals.alignment_estimator: 'plugin' -> 'posterior_mean'" in (
         describe_mismatch(stored, result_keys(now)) or ""
     )
+
+
+# --------------------------------------------------------------------------------------------
+# every choice is one registered key (issue 27, items 3, 6, 10)
+# --------------------------------------------------------------------------------------------
+
+
+def _dotted(tree: dict, prefix: str = "") -> set[str]:
+    """Dotted leaf keys of a nested mapping (one level of nesting, as the preset)."""
+    out: set[str] = set()
+    for k, v in tree.items():
+        name = f"{prefix}{k}"
+        out |= _dotted(v, f"{name}.") if isinstance(v, dict) else {name}
+    return out
+
+
+#: The targeting, signal, sampling and self-distillation keys issue 27 names, each of which must be
+#: a registered choice.
+ISSUE_KEYS = {
+    "targeting.include_path_token",
+    "targeting.candidates_per_node",
+    "targeting.tau_gkd",
+    "targeting.tau_gap",
+    "targeting.per_window_gkd",
+    "targeting.per_window_gap",
+    "targeting.first_window",
+    "targeting.growth",
+    "targeting.visit_target",
+    "targeting.max_rollouts_per_path",
+    "temperature",
+    "summary_temperature",
+    "solution_temperature",
+    "solution_tries",
+    "summary_max_new_tokens",
+    "thinking",
+    "teachers[].thinking",
+    "summarizer_thinking",
+    "solution_thinking",
+    "solution_thinking_shown",
+    "rollouts_per_question",
+    "max_new_tokens",
+    "n_questions",
+    "signals.restriction",
+    "signals.min_visits",
+    "signals.alignment_estimator",
+    "tree_accounting",
+    "stat_unit",
+}
+
+
+def test_every_result_key_is_one_registered_choice():
+    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_KEY, NOT_CHOICES, OURS, PAPER
+    from opdlens.diagnose.config import NON_RESULT_KEYS
+    from opdlens.diagnose.signals import SignalConfig
+    from opdlens.diagnose.targeting import TargetingConfig
+    from opdlens.diagnose.teachers import TeacherSpec
+
+    keys = [c.key for c in CHOICES]
+    assert len(keys) == len(set(keys)) and len({c.label for c in CHOICES}) == len(CHOICES)
+    assert _dotted(PAPER_PRESET) <= set(keys)  # every preset value is disclosed
+    assert ISSUE_KEYS <= set(keys)
+    # every config key is a choice, or declared not to be one: a new key cannot be forgotten
+    nested = {"targeting": TargetingConfig, "signals": SignalConfig}
+    every = set()
+    for name in DiagnoseConfig.model_fields:
+        if name in nested:
+            every |= {f"{name}.{k}" for k in nested[name].model_fields}
+        else:
+            every.add(name)
+    every |= {f"teachers[].{k}" for k in TeacherSpec.model_fields if k == "thinking"}
+    unclassified = every - set(keys) - set(NOT_CHOICES) - set(NON_RESULT_KEYS) - {"protocol"}
+    assert not unclassified, f"config keys neither in CHOICES nor in NOT_CHOICES: {sorted(unclassified)}"
+    assert not (set(keys) & set(NOT_CHOICES)) and set(keys) <= every
+    # the values come from the preset and the defaults, not from a copy of them
+    paper, ours = DiagnoseConfig(protocol="paper"), DiagnoseConfig()
+    for c in CHOICES:
+        assert c.provenance in (PAPER, OURS) and c.source
+        assert c.paper == c.value(paper) and c.ours == c.value(ours)
+    assert (
+        CHOICES_BY_KEY["targeting.per_window_gkd"].paper == 20 and CHOICES_BY_KEY["targeting.per_window_gkd"].ours == 4
+    )
+    assert CHOICES_BY_KEY["tree_accounting"].paper == "all-ancestors"
+    assert CHOICES_BY_KEY["targeting.tau_gkd"].provenance == OURS  # the paper names τ without a value
+    assert CHOICES_BY_KEY["targeting.visit_target"].provenance == PAPER
+    # choices(): every registered label with this config's value, in order, after the protocol
+    cfg = DiagnoseConfig.model_validate(
+        {"protocol": "paper", "teachers": [{"name": "A", "context": "sum-1c", "thinking": False}], "temperature": 0.7}
+    )
+    ch = cfg.choices()
+    assert list(ch) == ["protocol", *(c.label for c in CHOICES)]
+    assert ch["student sampling temperature"] == 0.7 and ch["thinking (teachers)"] == {"A": False}
+    assert ch["targets per window by GKD magnitude"] == 20 and ch["shown solution keeps its <think> part"] is True
+    used = cfg.choices(used_only=True)  # no adaptive targeting, no 1C-ext teacher: those keys are left out
+    assert "summary temperature" in used and "adaptive: rounds" not in used and "solution writer tries" not in used
+
+
+def test_protocol_doc_lists_every_choice():
+    from pathlib import Path
+
+    from opdlens.diagnose.choices import CHOICES, choices_markdown
+
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    table = doc.split("<!-- choices:begin -->\n", 1)[1].split("\n<!-- choices:end -->", 1)[0]
+    assert table == choices_markdown(), (
+        "docs/PROTOCOL.md's choices table differs from CHOICES: paste the output of "
+        "`python -c 'from opdlens.diagnose.choices import choices_markdown; print(choices_markdown())'`"
+    )
+    rows = [line for line in table.splitlines()[2:]]
+    assert len(rows) == len(CHOICES)
+    for c, row in zip(CHOICES, rows):
+        assert f"| `{c.key}` |" in row and f"| {c.provenance}: " in row
+
+
+def test_paper_configs_label_every_value():
+    """Every key line of configs/paper-*.yaml says whether the paper states its value; the label of
+    a registered choice is the registry's, and a value the preset also fills is the preset's."""
+    import re
+    from pathlib import Path
+
+    import yaml
+
+    from opdlens.diagnose.choices import CHOICES_BY_KEY, OURS, PAPER
+
+    paper = DiagnoseConfig(protocol="paper")
+    files = sorted(f for f in (Path(__file__).parent.parent / "configs").iterdir() if PAPER_A_CONFIG.fullmatch(f.name))
+    assert len(files) == 6
+    for f in files:
+        section = ""
+        for line in f.read_text(encoding="utf-8").splitlines():
+            m = re.match(r"^(\s*)([a-z_]+):\s*([^#]*?)\s*(#\s*(.*))?$", line)
+            if not m or line.lstrip().startswith(("#", "-")):
+                continue
+            indent, key, value, label = m.group(1), m.group(2), m.group(3), m.group(5)
+            if not indent and value == "" and key in ("targeting", "signals"):
+                section = key
+                continue
+            section = section if indent else ""
+            dotted = f"{section}.{key}" if section else key
+            assert label and label.startswith((PAPER + ":", PAPER + " ", OURS)), f"{f.name}: {dotted} is unlabelled"
+            choice = CHOICES_BY_KEY.get(dotted)
+            if choice is not None:
+                assert label.startswith(choice.provenance), f"{f.name}: {dotted} labelled {label!r}"
+                if not choice.per_setting:
+                    assert choice.value(DiagnoseConfig.from_yaml(f)) == choice.value(paper), (f.name, dotted)
+        raw = yaml.safe_load(f.read_text(encoding="utf-8"))
+        assert raw["targeting"]["per_window_gkd"] == PAPER_PRESET["targeting"]["per_window_gkd"]
+
+
+# --------------------------------------------------------------------------------------------
+# the paper's budget: 45K-200K targeted rollouts per question (issue 27, item 2)
+# --------------------------------------------------------------------------------------------
+
+#: Trace lengths of the paper's tasks (BoolQ, MMLU, AIME) and the windows 1-50, 51-150, 151-350, ...
+#: that cover them, by hand: ends 50, 150, 350, 750, 1550, 3150, 6350, 12750, 25550, 51150.
+WINDOWS_BY_HAND = {200: 3, 1000: 5, 2000: 6, 30000: 10}
+
+
+def _plan_total(length: int, on_path: bool, cfg) -> int:  # type: ignore[no-untyped-def]
+    """Targeted rollouts TargetPlan gives one path of ``length`` tokens whose candidates are, at
+    every node, only its own token (``on_path``: nothing to add) or only another token (every
+    chosen node then gets its path token too), with random priorities above the thresholds and no
+    visits yet."""
+    import numpy as np
+
+    from opdlens.diagnose.targeting import Candidates, TargetPlan
+    from opdlens.diagnose.tree import RolloutSet, path_stats
+
+    rng = np.random.default_rng(length)
+    path = rng.integers(0, 50, size=length)
+    node = np.arange(length)
+    token = path if on_path else path + 100
+    cands = Candidates(node, token.astype(np.int64), 0.5 + rng.random(length), 0.5 + rng.random(length))
+    stats = path_stats(list(path), RolloutSet.from_lists([[999]], [True]))  # no visit of any candidate
+    return TargetPlan(list(path), stats, cands, cfg).budget
+
+
+def test_paper_budget_lands_in_the_papers_range():
+    import re
+    from pathlib import Path
+
+    from opdlens.diagnose.config import PAPER_TARGETED_RANGE
+    from opdlens.diagnose.targeting import depth_windows
+
+    cfg = DiagnoseConfig(protocol="paper")
+    t, paths = cfg.targeting, cfg.n_correct_paths + cfg.n_incorrect_paths
+    lo_paper, hi_paper = PAPER_TARGETED_RANGE
+    assert (lo_paper, hi_paper) == (45_000, 200_000) and paths == 4
+    per_window = t.per_window_gkd + t.per_window_gap
+    doc = (Path(__file__).parent.parent / "docs" / "PROTOCOL.md").read_text(encoding="utf-8")
+    for length, w in WINDOWS_BY_HAND.items():
+        assert len(depth_windows(length, t.first_window, t.growth)) == w
+        low = w * per_window * t.visit_target * paths  # every chosen node's path token among its pairs
+        high = min(w * 2 * per_window * t.visit_target, t.max_rollouts_per_path) * paths  # none is
+        assert lo_paper <= low <= high <= hi_paper, (length, low, high)
+        # the targeting code itself, at both ends
+        assert _plan_total(length, True, t) * paths == low
+        assert _plan_total(length, False, t) * paths == high
+        # the arithmetic docs/PROTOCOL.md shows
+        row = next(r for r in doc.splitlines() if r.startswith(f"| {length:,} | {w} |"))
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[2] == str(per_window) and cells[3] == f"{low // paths:,}"
+        assert cells[4] == f"{low:,}" and re.match(rf"{high:,}\b", cells[5])
+    # the old preset (4 + 4) missed the range: the issue's 19K at 200 tokens, 38K at 2K
+    assert 3 * 2 * 8 * 100 * 4 == 19_200 < lo_paper and 6 * 2 * 8 * 100 * 4 == 38_400 < lo_paper
+
+
+# --------------------------------------------------------------------------------------------
+# self-distillation contexts (issue 27, item 6)
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shown", [True, False])
+def test_solution_thinking_shown_is_a_choice(tmp_path, shown):
+    from opdlens.diagnose.diagnosis import Diagnosis
+    from opdlens.diagnose.questions import QuestionEnv
+    from opdlens.diagnose.schedule import Teacher
+    from opdlens.diagnose.teachers import TeacherSpec
+    from opdlens.diagnose.tree import RolloutSet
+    from opdlens.synthetic import SyntheticPolicy
+
+    student = SyntheticPolicy.random(seed=0, horizon=4)
+    specs = [TeacherSpec(name="Self-1C1W", context="1c1w"), TeacherSpec(name="Self-1C(ext)", context="1c-ext")]
+    cfg = DiagnoseConfig(max_new_tokens=4, solution_thinking_shown=shown, out_dir=str(tmp_path))
+    diag = Diagnosis(RunStore(tmp_path), student, [Teacher(s, student) for s in specs], cfg, progress=False)
+    texts = {
+        (1,): "<think>plan A</think> The answer is 4.",
+        (2,): "<think>still going",  # unterminated: nothing after the thinking part
+        (3,): "<think>plan C</think> 5",
+        (4,): "<think>plan D</think> 6",
+    }
+    env = QuestionEnv(
+        id="q",
+        prompt_ids=[],
+        grade=lambda t: True,
+        decode=lambda toks: texts[tuple(int(x) for x in toks)],
+        external_solution="<think>by the writer</think> 4",
+    )
+    initial = RolloutSet.from_lists([[1], [2], [3], [4]], [True, False, True, False])
+    paths = pd.DataFrame({"question_id": "q", "path_id": [0, 1], "correct": [True, False], "tokens": [[3], [4]]})
+    sol = diag.solutions(env, initial, paths)
+    if shown:  # as written (the default: what the tool did before the key existed)
+        assert sol.correct == texts[(1,)] and sol.wrong == texts[(2,)]
+        assert sol.external == "<think>by the writer</think> 4"
+    else:
+        assert sol.correct == "The answer is 4." and sol.external == "4"
+        assert sol.wrong is None and "thinking part" in sol.reasons["wrong"]  # a recorded reason, no substitute
+    stored = RunStore(tmp_path).read_table("solutions/q.parquet").iloc[0]
+    assert stored["correct"] == sol.correct  # what the teacher sees is what is stored
+    assert DiagnoseConfig().solution_thinking_shown is True
+
+
+def test_contexts_longer_than_the_window_are_counted_per_teacher(qwen3_dirs, tmp_path):
+    """A teacher whose model's window cannot hold its context and a path is skipped on that
+    question, with a recorded reason the report counts per teacher (its rendering: test_report)."""
+    import shutil
+
+    from transformers import AutoConfig
+
+    from opdlens.report.tables import skip_counts
+
+    short = tmp_path / "short"
+    shutil.copytree(qwen3_dirs["teacher"], short)
+    conf = AutoConfig.from_pretrained(short)
+    conf.max_position_embeddings = 8  # the chat-encoded prompt alone is longer
+    conf.save_pretrained(short)
+    cfg = _config(
+        qwen3_dirs,
+        tmp_path / "run",
+        teachers=[{"name": "Self-1C", "context": "1c"}, {"name": "Short", "model": str(short)}],
+        summarizer=None,
+        solution_model=None,
+        fallback_reference_solution=True,
+    )
+    diag, envs = build_diagnosis(cfg, progress=False)
+    skips = pd.DataFrame([row for env in envs for row in diag.prepare(env).skips])
+    assert not diag.teachers[1].slot.loaded  # the window is known from the model's config alone
+    too_long = skips[(skips.teacher == "Short") & skips.reason.str.contains("exceeds the teacher's context of 8")]
+    assert len(too_long) == len(envs) == 2
+    counts = skip_counts(skips, ["Self-1C", "Short"]).set_index("teacher")
+    assert counts.loc["Short", "too_long"] == counts.loc["Short", "skipped"] == 2
+    assert counts.loc["Self-1C", "too_long"] == 0

@@ -13,14 +13,15 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+from scipy import stats
 
 from opdlens.errors import OpdlensError
 from opdlens.report import CSV_FILES, FIGURE_FILES, write_report
 from opdlens.report.analyze import analyze
 from opdlens.report.html import GREY, alignment_color, display_token
 from opdlens.report.nodes import DIVERGENCE_COLUMNS
+from opdlens.report.render import fmt, fmt_ci, fmt_p
 from opdlens.report.stats import t_interval
-from opdlens.report.tables import fmt, fmt_ci, fmt_p
 
 NAN = float("nan")
 TEACHERS = ["ext-4B", "self-1C"]
@@ -534,3 +535,153 @@ def test_children_column_matches_the_path_statistics() -> None:
             assert c["p_student"] == pytest.approx(math.exp(lps[u, c["token"]]), abs=1e-6)
             assert c["p_teacher"] == pytest.approx(math.exp(lpt[u, c["token"]]), abs=1e-6)
     assert any(json.loads(c) for c in col)
+
+
+# --------------------------------------------------------------------------------------------
+# issue 27: shared questions, the run's unit, weighted test, pooled figures, budget, choices
+# --------------------------------------------------------------------------------------------
+
+SHARED_ALIGN = {  # (teacher, question, path) -> node alignments (weights 1, 3 for nodes 0, 1)
+    ("A", "q1", 0): [0.8, 0.2],
+    ("A", "q1", 1): [-0.4, 0.6],
+    ("A", "q2", 0): [0.9, 0.9],
+    ("A", "q2", 1): [0.9, 0.7],
+    ("A", "q3", 0): [0.3, -0.1],
+    ("A", "q3", 1): [0.5, 0.7],
+    ("B", "q1", 0): [-0.2, 0.4],
+    ("B", "q1", 1): [0.6, 0.0],
+    ("B", "q3", 0): [0.1, 0.1],
+    ("B", "q3", 1): [-0.5, 0.3],
+}  # B was skipped on q2 (its context did not fit its model)
+TOO_LONG = "teacher context of 900 tokens + path of 200 tokens exceeds the teacher's context of 1024 tokens"
+
+
+@pytest.fixture(scope="module")
+def shared_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-untyped-def]
+    from opdlens.diagnose.config import DiagnoseConfig
+
+    rows = [
+        _node(t, q, p, u, a, 3, 1.0 + 2 * u) for (t, q, p), aligns in SHARED_ALIGN.items() for u, a in enumerate(aligns)
+    ]
+    nodes = pd.DataFrame(rows)
+    questions = pd.DataFrame(
+        {
+            "question_id": ["q1", "q2", "q3"],
+            "n_rollouts": [64] * 3,
+            "success_rate": [0.5, 0.25, 0.75],
+            "n_targeted": [48_000, 61_500, 52_300],
+        }
+    )
+    paths = pd.DataFrame(
+        [
+            {"question_id": q, "path_id": p, "correct": p == 0, "length": 2, "text": "t0t1"}
+            for q in ("q1", "q2", "q3")
+            for p in (0, 1)
+        ]
+    )
+    skips = pd.DataFrame({"question_id": ["q2"], "teacher": ["B"], "action": ["skipped"], "reason": [TOO_LONG]})
+    choices = DiagnoseConfig(protocol="paper").choices(used_only=True)
+    out = {}
+    for unit in ("question", "path"):
+        d = tmp_path_factory.mktemp(f"shared-{unit}")
+        write_report(d, nodes, questions, paths, skips=skips, unit=unit, choices=choices, n_boot=500)  # type: ignore[arg-type]
+        out[unit] = d
+    return out, choices
+
+
+def _path_value(aligns: list[float], weighted: bool) -> float:
+    w = np.array([1.0, 3.0]) * 0.5  # norm_ideal (1, 3) x norm_gkd 0.5
+    return float((w * aligns).sum() / w.sum()) if weighted else float(np.mean(aligns))
+
+
+def test_table1_is_over_the_questions_every_teacher_shares(shared_run) -> None:  # type: ignore[no-untyped-def]
+    runs, _ = shared_run
+    md = (runs["question"] / "summary.md").read_text(encoding="utf-8")
+    rows = {r["teacher"]: r for r in _md_table(md, "Alignment per teacher")}
+    pt = pd.read_csv(runs["question"] / "per_teacher.csv").set_index("teacher")
+    t1 = pd.read_csv(runs["question"] / "table1.csv").set_index(["teacher", "statistic", "group"])
+    for teacher in ("A", "B"):
+        # by hand: path means, question means over q1 and q3 (B has no q2), teacher mean
+        q_means = [np.mean([np.mean(SHARED_ALIGN[(teacher, q, p)]) for p in (0, 1)]) for q in ("q1", "q3")]
+        assert pt.loc[teacher, "mean"] == pytest.approx(np.mean(q_means))
+        assert t1.loc[(teacher, "mean", "all"), "value"] == pytest.approx(np.mean(q_means))
+        assert t1.loc[(teacher, "mean", "all"), "n_questions"] == 2
+        assert rows[teacher]["questions"] == "2"
+    # A's own mean over its three questions would differ: q2 is really left out
+    own = np.mean([np.mean([np.mean(SHARED_ALIGN[("A", q, p)]) for p in (0, 1)]) for q in ("q1", "q2", "q3")])
+    assert abs(own - pt.loc["A", "mean"]) > 0.05
+    assert rows["A"]["scored"] == "3" and rows["B"]["scored"] == "2"
+    assert "Table 1 is over the 2 question(s) all 2 teachers share" in md
+    left = _md_table(md, "Questions left out of Table 1")
+    assert [(r["question"], r["missing for"], r["reason"]) for r in left] == [("q2", "B", TOO_LONG)]
+    # the context that did not fit is counted per teacher
+    assert "context longer than the teacher model's window (question skipped for that teacher): B 1." in md
+    assert {r["teacher"]: (r["skipped"], r["too long"]) for r in _md_table(md, "Skips per teacher")} == {
+        "A": ("0", "0"),
+        "B": ("1", "1"),
+    }
+
+
+def test_ci_captions_name_the_runs_unit(shared_run) -> None:  # type: ignore[no-untyped-def]
+    runs, _ = shared_run
+    for unit, means in (
+        ("question", "question means (statistical unit: the question)"),
+        ("path", "path means, each weighted 1 / paths of its question (statistical unit: the path)"),
+    ):
+        md = (runs[unit] / "summary.md").read_text(encoding="utf-8")
+        figures = md.split("## Figures", 1)[1]
+        assert figures.count(f"CI over {means}") == 2  # the teacher means and the correct-vs-incorrect figures
+        assert f"95% CI: percentile bootstrap (stays inside [-1, 1]) over {means}" in md
+        if unit == "question":
+            assert "over path means" not in md
+
+
+def test_weighted_correct_vs_incorrect_and_pooled_nodes_are_shown(shared_run) -> None:  # type: ignore[no-untyped-def]
+    runs, _ = shared_run
+    md = (runs["question"] / "summary.md").read_text(encoding="utf-8")
+    got = {r["teacher"]: r for r in _md_table(md, "Correct vs incorrect paths, weighted cosine")}
+    for teacher, qs in (("A", ("q1", "q2", "q3")), ("B", ("q1", "q3"))):
+        c = np.array([_path_value(SHARED_ALIGN[(teacher, q, 0)], True) for q in qs])
+        i = np.array([_path_value(SHARED_ALIGN[(teacher, q, 1)], True) for q in qs])
+        r = got[teacher]
+        assert r["questions"] == str(len(qs))
+        assert r["correct"] == fmt(c.mean()) and r["incorrect"] == fmt(i.mean())
+        assert r["diff"] == fmt((c - i).mean(), signed=True)
+        assert r["p (t)"] == fmt_p(stats.ttest_rel(c, i).pvalue)
+    csv = pd.read_csv(runs["question"] / "correct_vs_incorrect_weighted.csv").set_index("teacher")
+    assert csv.loc["B", "n"] == 2
+    # the paper's pooled figures: every valid node, per teacher and over all
+    pooled = {r["teacher"]: r for r in _md_table(md, "Pooled node alignments")}
+    by_teacher = {t: np.concatenate([a for (tt, _, _), a in SHARED_ALIGN.items() if tt == t]) for t in ("A", "B")}
+    everything = np.concatenate(list(by_teacher.values()))
+    for name, x in (*by_teacher.items(), ("(all teachers)", everything)):
+        r = pooled[name]
+        assert r["valid nodes"] == str(x.size) and r["mean"] == fmt(x.mean(), signed=True)
+        assert r["std"] == fmt(x.std(ddof=1)) and r["% > 0"] == f"{100 * np.mean(x > 0):.1f}%"
+    assert "(figures/alignment_pooled.png)" in md
+    w, h = _png_size(runs["question"] / "figures" / "alignment_pooled.png")
+    assert w >= 300 and h >= 200
+
+
+def test_targeted_rollouts_and_choices_are_shown(shared_run) -> None:  # type: ignore[no-untyped-def]
+    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_LABEL
+
+    runs, choices = shared_run
+    md = (runs["question"] / "summary.md").read_text(encoding="utf-8")
+    total = 48_000 + 61_500 + 52_300
+    line = f"targeted rollouts: {total:,} in all over 3 question(s); per question 48,000-61,500 (mean {total / 3:,.0f})"
+    assert line in md
+    assert [r["targeted"] for r in _md_table(md, "Questions")] == ["48000", "61500", "52300"]
+    section = md.split("## Choices of this run\n", 1)[1].split("\n## ", 1)[0]
+    assert "- protocol: `paper`" in section
+    for label, value in choices.items():
+        if label == "protocol":
+            continue
+        c = CHOICES_BY_LABEL[label]
+        shown = "null" if value is None else str(value)
+        assert f"- {label}: `{shown}` (`{c.key}`; protocol: paper → " in section
+        assert f"; {c.provenance}: {c.source})" in section
+    unused = [c.label for c in CHOICES if c.label not in choices]
+    assert unused and f"not used by this run (or not given): {', '.join(unused)}." in section
+    page = (runs["question"] / "index.html").read_text(encoding="utf-8")
+    assert "id='tbl-choices'" in page.replace('"', "'")

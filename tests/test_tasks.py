@@ -271,6 +271,34 @@ def test_arith_overrides_and_errors() -> None:
         ArithTask().load(path="x.jsonl")
 
 
+def test_arith_splits_are_named_and_an_unknown_one_is_an_error() -> None:
+    t = ArithTask()
+    streams = {split: [q.prompt for q in t.load(split=split, n=5)] for split in ("train", "validation", "test")}
+    assert len({tuple(v) for v in streams.values()}) == 3  # three different question streams
+    with pytest.raises(OpdlensError) as e:
+        t.load(split="nonexistent")
+    assert str(e.value) == "task 'arith' has no split 'nonexistent'; its splits are train, validation, test"
+
+
+def test_arith_counts_are_bounded_and_typed() -> None:
+    from opdlens.tasks.arith import MAX_QUESTIONS
+
+    t = ArithTask(difficulty=1)
+    assert len(t.load(n=MAX_QUESTIONS // 1000)) == MAX_QUESTIONS // 1000
+    for n in (MAX_QUESTIONS + 1, 10**21):
+        with pytest.raises(OpdlensError, match=rf"generates at most {MAX_QUESTIONS} questions at once, {n} were"):
+            t.load(n=n)
+    with pytest.raises(OpdlensError, match=r"n_default must be in \[1, 100000\], got 1000000000000000000000"):
+        ArithTask(n_default=10**21)
+    with pytest.raises(OpdlensError, match=r"n_operands must be in \[2, 100\], got 1000000000"):
+        ArithTask(n_operands=10**9)
+    for bad in ("1e21", 3.5, True):
+        with pytest.raises(OpdlensError, match=r"arith n_default must be an integer, got"):
+            ArithTask(n_default=bad)  # type: ignore[arg-type]
+    with pytest.raises(OpdlensError, match="max_value must be an integer, got inf"):
+        ArithTask(max_value=float("inf"))  # type: ignore[arg-type]
+
+
 def test_arith_default_is_short() -> None:
     t = get_task("arith")
     assert t.max_new_tokens <= 64
@@ -421,6 +449,57 @@ def test_jsonl_empty_missing_and_wrong_kind(tmp_path: Path) -> None:
         get_task("jsonl", path=only_bad, on_bad_row="skip").load()
 
 
+@pytest.mark.parametrize(
+    ("row", "error"),
+    [
+        (
+            {"question": ["What is", "2+2?"], "answer": 4},
+            "field 'question' must be a string (the question's text), got a list",
+        ),
+        (
+            {"question": {"text": "2+2?"}, "answer": 4},
+            "field 'question' must be a string (the question's text), got an object",
+        ),
+        ({"question": 7, "answer": 4}, "field 'question' must be a string (the question's text), got int 7"),
+        (
+            {"question": "2+2?", "answer": [4]},
+            "field 'answer' must be a single value (a string, number or boolean), got a list",
+        ),
+        ({"question": "2+2?", "answer": {"v": 4}}, "field 'answer' must be a single value"),
+        ("NaN", "field 'answer' is nan (not a finite number)"),
+        ("Infinity", "field 'answer' is inf (not a finite number)"),
+        ({"id": ["a"], "question": "2+2?", "answer": 4}, "field 'id' must be a single value"),
+    ],
+)
+def test_jsonl_fields_of_the_wrong_kind_name_the_line(tmp_path: Path, row: Any, error: str) -> None:
+    """A list or object where text is expected, or NaN, is an error naming the file, the line and
+    the field, for every answer type (before: str() of the list became the question, "nan" the answer)."""
+    bad = row if isinstance(row, dict) else None
+    line = json.dumps(bad) if bad is not None else '{"question": "2+2?", "answer": ' + row + "}"
+    p = tmp_path / "rows.jsonl"
+    p.write_text('{"question": "1+1?", "answer": 2}\n\n' + line + "\n", encoding="utf-8")
+    for answer_type in ("text", "int", "math"):
+        with pytest.raises(OpdlensError) as e:
+            get_task("jsonl", path=p, answer_type=answer_type).load()
+        assert str(e.value).startswith(f"{p}: row 3: {error}"), str(e.value)
+    t = get_task("jsonl", path=p, answer_type="text", on_bad_row="skip")
+    assert [q.answer for q in t.load()] == ["2"] and t.n_skipped == 1
+
+
+def test_parquet_nan_answer_and_list_option_are_errors(tmp_path: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    p = tmp_path / "nan.parquet"
+    pq.write_table(pa.table({"question": ["a?", "b?"], "answer": [1.5, float("nan")]}), p)
+    with pytest.raises(OpdlensError, match=r"nan.parquet: row 2: field 'answer' is nan \(not a finite number\)"):
+        get_task("parquet", path=p, answer_type="text").load()
+    p2 = tmp_path / "opts.parquet"
+    pq.write_table(pa.table({"question": ["a?"], "answer": ["A"], "opts": [[["x", "y"], ["z"]]]}), p2)
+    with pytest.raises(OpdlensError, match=r"opts.parquet: row 1: field 'opts\[0\]' must be a single value"):
+        get_task("parquet", path=p2, answer_type="letter", choices_field="opts").load()
+
+
 def test_parquet_letters_with_choices(tmp_path: Path) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
@@ -481,8 +560,46 @@ def test_hub_offline_error(monkeypatch: pytest.MonkeyPatch) -> None:
         get_task("boolq").load(n=5)
     msg = str(e.value)
     assert "could not load dataset google/boolq" in msg
-    assert "no hub access" in msg and "task jsonl" in msg
+    assert hf_module.HUB_UNREACHABLE in msg and "task jsonl" in msg
     assert calls == [("google/boolq", None, "validation")]
+
+
+def test_hub_unreachable_dataset_fails_at_once_as_models_do(monkeypatch: pytest.MonkeyPatch) -> None:
+    """With the hub unreachable, a dataset that is not cached fails at once, with the model
+    loader's words, and the network is never tried (before: five retries, about 30 s)."""
+    import socket
+    import time
+
+    from opdlens.models import sources
+
+    tried: list[object] = []
+
+    def no_network(*a: Any, **k: Any) -> Any:
+        tried.append(a[:2])
+        raise OSError("network is off in this test")
+
+    monkeypatch.setattr(sources, "hub_reachable", lambda timeout=2.0: False)
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    start = time.perf_counter()
+    with pytest.raises(OpdlensError) as e:
+        get_task("mmlu", dataset="opdlens-tests/no-such-dataset").load(n=2)
+    took = time.perf_counter() - start
+    msg = str(e.value)
+    assert msg.startswith("could not load dataset opdlens-tests/no-such-dataset (all) split 'test': ")
+    assert hf_module.HUB_UNREACHABLE in msg and "pass a local jsonl/parquet via task jsonl" in msg
+    assert tried == [] and took < 15, (tried, took)
+    import datasets.config
+    import huggingface_hub.constants as hc
+
+    assert datasets.config.HF_HUB_OFFLINE == hc.HF_HUB_OFFLINE  # the offline switch was put back
+    # the model loader says the same about the hub
+    from transformers import AutoTokenizer
+
+    with pytest.raises(OpdlensError) as m:
+        sources._from_pretrained(AutoTokenizer, "opdlens-tests/no-such-model")
+    assert hf_module.HUB_UNREACHABLE in str(m.value)
 
 
 def test_boolq_from_fake_hub(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -10,6 +10,7 @@ import torch
 from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, masked_cosine, path_signals, restrict
 from opdlens.diagnose.tree import RolloutSet, path_stats
 from opdlens.diagnose.uncertainty import (
+    N_DRAWS,
     alignment_draws,
     count_settled,
     denoised_rates,
@@ -298,3 +299,140 @@ def test_per_path_table_carries_the_path_mean_interval():
     assert pp.loc["a", "mean"] == pytest.approx(0.15) and pp.loc["a", "mean_se"] == pytest.approx(se_a)
     assert pp.loc["a", "mean_hi"] - pp.loc["a", "mean"] == pytest.approx(1.959964 * se_a, rel=1e-5)
     assert "mean_lo" not in per_path(nodes.drop(columns=["align_gkd_se"])).columns  # older node tables
+
+
+# ----------------------------------------------------------------------------- direction undefined
+# One rule for both estimators and the intervals: a gradient that is tiny because the student's
+# probabilities are tiny keeps its direction; one that is rounding residue (teacher proportional
+# to the student on S_u) is zero, and its alignment NaN.
+EPS_P = (1e-7, 3e-7)  # the student's probabilities of the two targeted children
+A_TILT = 1.0  # the teacher's log-ratio tilt: ℓ_1 − ℓ_3 = −A_TILT, ℓ_2 − ℓ_3 = +A_TILT
+COUNTS = {1: (50, 45), 2: (50, 5), 3: (40, 20)}  # child: (visits, successes); 3 is on the path
+
+
+def _tiny_node() -> tuple:
+    """A node (root of path ``[3, EOS]``) whose targeted children 1 and 2 have student
+    probabilities ~1e-7; child 3 carries the on-policy rollouts. Returns (stats, lps, lpt, p, q)."""
+    toks, succ, forced = [], [], []
+    for k, (n, s) in COUNTS.items():
+        toks += [[k, 0]] * n
+        succ += [True] * s + [False] * (n - s)
+        forced += [int(k != 3)] * n
+    stats = path_stats([3, 0], RolloutSet.from_lists(toks, succ, forced))
+    p = np.array([1e-9, EPS_P[0], EPS_P[1], 1 - 1e-9 - sum(EPS_P)])
+    ratio = np.array([0.0, EPS_P[0] / p[3] * np.exp(A_TILT), EPS_P[1] / p[3] * np.exp(-A_TILT), 1.0])
+    q = ratio * (1 - 1e-9) / ratio.sum()
+    q[0] = 1e-9
+    row1 = torch.log_softmax(torch.tensor([0.0, 1.0, 2.0, 3.0], dtype=torch.float64), -1)
+    lps = torch.stack([torch.from_numpy(np.log(p)), row1])
+    lpt = torch.stack([torch.from_numpy(np.log(q)), row1.flip(-1)])
+    return stats, lps, lpt, p, q
+
+
+def _reference_vectors(p: np.ndarray, q: np.ndarray, psucc: np.ndarray, restriction: str):
+    """The ideal (one row per row of ``psucc``, over the children in ``psucc``'s columns), GKD and
+    single-sample directions of :func:`_tiny_node`, in numpy by formulas free of cancellation
+    (every difference ``P_succ(k) − P̄``, ``ℓ_k − ℓ̄`` written as a weighted sum of pairwise
+    differences, the pairwise log-ratios from the construction)."""
+    n3, s3 = COUNTS[3]
+    if restriction == "renormalize":  # S_u = {1, 2, 3}, renormalised
+        w = p[1:] / p[1:].sum()
+        ell_diff = np.array([[0.0, -2 * A_TILT, -A_TILT], [2 * A_TILT, 0.0, A_TILT], [A_TILT, -A_TILT, 0.0]])
+        ideal = w * np.einsum("j,dkj->dk", w, psucc[:, :, None] - psucc[:, None, :])
+        gkd = -w * (ell_diff @ w)
+        ell3 = np.log(w[2]) - np.log(q[1:][2] / q[1:].sum())
+        single = ell3 * np.array([w[0], w[1], -(w[0] + w[1])])  # −ℓ_3 (e_3 − P̃), all of N sampled at 3
+    else:  # literal: S_u = {1, 2}; P̄ the on-policy rate (child 3's rollouts), ℓ̄ the full KL
+        w = p[1:3]
+        kl = float((p * (np.log(p) - np.log(q))).sum())
+        ideal = w * (psucc - s3 / n3)
+        gkd = -w * (np.log(p[1:3]) - np.log(q[1:3]) - kl)
+        single = w * (np.log(p[3]) - np.log(q[3]))  # −ℓ_3 (e_3 − P_θ) kept on {1, 2}
+    return ideal, gkd, single
+
+
+def _cos(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
+
+
+@pytest.mark.parametrize("restriction", ["renormalize", "literal"])
+@pytest.mark.parametrize("estimator", ["plugin", "posterior_mean"])
+def test_tiny_valid_node_has_a_defined_alignment(restriction, estimator):
+    stats, lps, lpt, p, q = _tiny_node()
+    kids = [1, 2, 3] if restriction == "renormalize" else [1, 2]
+    min_visits = 20 if restriction == "renormalize" else 45  # child 3 (40 visits) outside S_u when literal
+    cfg = SignalConfig(min_visits=min_visits, restriction=restriction, alignment_estimator=estimator)
+    sig = path_signals(stats, lps, lpt, cfg)
+    assert sig["valid"][0] and sig["norm_ideal"][0] < 1e-6 and sig["norm_gkd"][0] < 1e-5
+    observed = np.array([[COUNTS[k][1] / COUNTS[k][0] for k in kids]])
+    ideal, gkd, single = _reference_vectors(p, q, observed, restriction)
+    rng = np.random.default_rng(0)
+    draws = np.stack([rng.beta(COUNTS[k][1] + 0.5, COUNTS[k][0] - COUNTS[k][1] + 0.5, 500 * N_DRAWS) for k in kids], -1)
+    d_ideal, _, _ = _reference_vectors(p, q, draws, restriction)
+    for name, direction in (("gkd", gkd), ("single", single)):
+        plug, post = float(_cos(ideal, direction)[0]), _cos(d_ideal, direction)
+        # the node's columns come from N_DRAWS posterior draws: their Monte-Carlo spread, measured
+        batches = post.reshape(-1, N_DRAWS)
+        mc = np.quantile(batches, [0.025, 0.975], axis=1).std(axis=1)
+        want = plug if estimator == "plugin" else float(post.mean())
+        got = float(sig[f"align_{name}"][0])
+        tol = 1e-6 if estimator == "plugin" else 4 * batches.mean(1).std()
+        assert np.isfinite(got) and got == pytest.approx(want, abs=tol), name
+        lo, hi = float(sig[f"align_{name}_lo"][0]), float(sig[f"align_{name}_hi"][0])
+        assert lo == pytest.approx(np.quantile(post, 0.025), abs=4 * mc[0] + 1e-3), name
+        assert hi == pytest.approx(np.quantile(post, 0.975), abs=4 * mc[1] + 1e-3), name
+        assert np.isfinite(sig[f"align_{name}_se"][0])
+    assert float(_cos(ideal, gkd)[0]) > 0.9  # the teacher tilts towards the successful child
+    assert sig["sign_settled"][0]
+
+
+@pytest.mark.parametrize("estimator", ["plugin", "posterior_mean"])
+def test_teacher_proportional_to_the_student_on_s_u_has_no_direction(estimator):
+    stats, lps, _, _, _ = _tiny_node()
+    lps = lps.clone()
+    lps[0] = torch.log_softmax(torch.tensor([0.3, -1.1, 0.7, 2.9], dtype=torch.float64), -1)
+    lpt = lps.flip(-1)  # the teacher differs at the path's next node (MiniLLM's reward-to-go)
+    shift = torch.tensor([0.0, 0.3, 0.3, 0.3], dtype=torch.float64)
+    lpt[0] = torch.log_softmax(lps[0] + shift, -1)  # proportional to the student on S_u = {1, 2, 3}
+    sig = path_signals(stats, lps, lpt, SignalConfig(min_visits=20, alignment_estimator=estimator))
+    assert sig["valid"][0] and sig["norm_ideal"][0] > 0 and sig["norm_gkd"][0] == 0.0
+    for col in ("align_gkd", "align_gkd_lo", "align_gkd_hi", "align_gkd_se", "align_single", "align_single_lo"):
+        assert np.isnan(sig[col][0]), col
+    assert not sig["sign_settled"][0]
+    assert np.isfinite(sig["align_minillm"][0])  # its reward-to-go term still has a direction
+    mask = torch.tensor([[False, True, True, True]])
+    ps, lp_st = restrict(lps[:1], mask)
+    _, lp_te = restrict(lpt[:1], mask)
+    ell = lp_st - lp_te
+    residue = -ps * (ell - (ps * ell).sum(-1, keepdim=True))  # the GKD formula without the zero rule
+    assert 0 < float(residue.norm()) < 1e-14 and np.isfinite(float(masked_cosine(residue, ps)[0]))
+    assert float(gkd_gradient(ps, ell, mask, ell_terms=lp_st.abs()).abs().max()) == 0.0
+
+
+def test_the_zero_rule_is_relative_to_the_inputs():
+    """Uniformly tiny inputs give the same directions and cosines (no absolute threshold);
+    residue is zero at any scale."""
+    p, g_d, ps, mask = _oracle_nodes(n_policies=2)
+    n = torch.full_like(ps, 60.0)
+    s = (ps * 60).round()
+    valid = torch.ones(len(p), dtype=torch.bool)
+    outs = []
+    for scale in (1.0, 1e-150):
+        rows = lambda x, r, c=scale: ideal_gradient(p[r] * c, x, mask[r], pbar=(p[r] * x).sum(-1))  # noqa: E731
+        for est in ("plugin", "posterior_mean"):
+            outs.append(node_uncertainty(rows, n, s, mask, valid, {"gkd": g_d * scale}, g_d, estimator=est))
+    for a, b in ((outs[0], outs[2]), (outs[1], outs[3])):
+        assert a.keys() == b.keys()
+        for k in a:
+            torch.testing.assert_close(a[k], b[k], equal_nan=True, atol=1e-12, rtol=0, msg=k)
+    assert torch.isfinite(outs[3]["align_gkd"]).sum() >= 0.9 * len(p)
+    # P_succ equal on every child: the ideal gradient is rounding residue at any scale, hence zero
+    residue = []
+    for rate in (1 / 3, 0.9):
+        tie = torch.full((1, 3), rate, dtype=torch.float64)
+        for c in (1.0, 1e-150):
+            pp = torch.tensor([[0.1, 0.3, 0.6]], dtype=torch.float64) * c
+            pbar = (pp * tie).sum(-1) / pp.sum(-1)
+            residue.append(float((pp * (tie - pbar)).abs().max()) / c)
+            assert float(ideal_gradient(pp, tie, torch.ones_like(tie, dtype=torch.bool), pbar=pbar).abs().max()) == 0
+    assert 0 < max(residue) < 1e-15  # the formula without the rule leaves residue

@@ -2,16 +2,18 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import NoReturn, Optional
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 
+from opdlens.display import display_text
 from opdlens.errors import OpdlensError
 
 app = typer.Typer(
@@ -26,9 +28,50 @@ EXIT_PARTIAL = 3
 EXIT_NO_REPORT = 4
 
 
-def _fail(exc: BaseException) -> None:
-    console.print(f"[bold red]error:[/] {escape(str(exc))}")  # "teachers[0]" is text, not markup
+def _say(label: str, text: object) -> None:
+    """Print ``label`` (rich markup) and ``text`` (data: ids, names, paths, messages quoting them),
+    the text shown as written: no markup, no control or bidi character (:func:`display_text`)."""
+    console.print(f"{label} {escape(display_text(text, newlines=True))}".lstrip())
+
+
+def _fail(exc: OpdlensError | OSError) -> NoReturn:
+    """One ``error:`` line and exit status 2; an ``OSError`` other than a full disk propagates."""
+    if not isinstance(exc, OpdlensError):
+        full = _disk_full(exc)
+        if full is None:
+            raise exc
+        exc = full
+    _say("[bold red]error:[/]", exc)
     raise typer.Exit(2)
+
+
+def _disk_full(exc: OSError) -> OpdlensError | None:
+    """The error to show for a write that failed because the disk (or the user's quota) is full."""
+    if exc.errno not in (errno.ENOSPC, errno.EDQUOT) and "No space left on device" not in str(exc):
+        return None
+    where = f" writing {exc.filename}" if exc.filename else ""
+    return OpdlensError(
+        f"the disk is full{where} ({exc.strerror or exc}): free some space (or choose another out_dir) and "
+        "rerun the same command: it resumes from the finished work, which is kept"
+    )
+
+
+def _check_device(device: str) -> None:
+    """Refuse a device this machine does not have before any model loads (a config may name a
+    GPU the machine it was written on had)."""
+    import torch
+
+    if device.startswith("cuda"):
+        if not torch.cuda.is_available():
+            raise OpdlensError(f"device {device!r}: CUDA is not available on this machine; use device: cpu")
+        index = int(device.partition(":")[2] or 0)
+        if index >= torch.cuda.device_count():
+            raise OpdlensError(
+                f"device {device!r}: this machine has {torch.cuda.device_count()} CUDA GPU(s) "
+                f"(cuda:0 to cuda:{torch.cuda.device_count() - 1}); choose one of them"
+            )
+    elif device == "mps" and not torch.backends.mps.is_available():
+        raise OpdlensError("device 'mps': Apple's MPS backend is not available on this machine; use device: cpu")
 
 
 def _version(value: bool) -> None:
@@ -78,7 +121,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
     )
     if res.partial:
         for note in res.notes:
-            console.print(f"[yellow]partial:[/] {note}")
+            _say("[yellow]partial:[/]", note)
     return index, res.partial
 
 
@@ -86,6 +129,8 @@ def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:
     from opdlens.diagnose.run import diagnose
 
     start = time.perf_counter()
+    if ray_address is None:
+        _check_device(cfg.device)
     try:
         if ray_address is not None:
             from opdlens.diagnose.distributed import diagnose_ray
@@ -98,18 +143,24 @@ def _run_diagnose(cfg, ray_address: Optional[str], fresh: bool = False) -> Path:
         else:
             store = diagnose(cfg, fresh=fresh)
     except KeyboardInterrupt:
-        console.print(
-            f"[yellow]interrupted[/]: finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume"
+        _say(
+            "[yellow]interrupted[/]:",
+            f"finished rollouts are kept in {cfg.out_dir}; rerun the same command to resume",
         )
         raise typer.Exit(130) from None
-    console.print(f"[green]done[/] in {time.perf_counter() - start:.0f}s; results in {store.root}")
+    _say(f"[green]done[/] in {time.perf_counter() - start:.0f}s;", f"results in {store.root}")
     try:
         index, _ = _report(store.root)
     except OpdlensError as exc:  # e.g. no valid node: the results are kept, the report has nothing to show
-        console.print(f"[bold red]no report:[/] {exc}")
+        _say("[bold red]no report:[/]", exc)
         raise typer.Exit(EXIT_NO_REPORT) from None
-    console.print(f"report: {index}")
-    console.print(f"summary: {index.parent / 'summary.md'}")
+    except OSError as exc:
+        if (full := _disk_full(exc)) is None:
+            raise
+        _say("[bold red]no report:[/]", full)
+        raise typer.Exit(EXIT_NO_REPORT) from None
+    _say("report:", index)
+    _say("summary:", index.parent / "summary.md")
     return index
 
 
@@ -126,12 +177,13 @@ def demo(
 
     try:
         cfg = demo_config(str(out), questions)
-        console.print(
+        _say(
+            "",
             f"diagnosing {cfg.student} on {questions} '{cfg.task}' questions with teachers "
-            f"{', '.join(t.name for t in cfg.teachers)} → {out}"
+            f"{', '.join(t.name for t in cfg.teachers)} → {out}",
         )
         _run_diagnose(cfg, None, fresh)
-    except OpdlensError as exc:
+    except (OpdlensError, OSError) as exc:
         _fail(exc)
 
 
@@ -157,7 +209,7 @@ def diagnose_cmd(
         if out is not None:
             cfg = cfg.model_copy(update={"out_dir": str(out)})
         _run_diagnose(cfg, ray, fresh)
-    except OpdlensError as exc:
+    except (OpdlensError, OSError) as exc:
         _fail(exc)
 
 
@@ -181,9 +233,9 @@ def report(
                 )
             extra.append((f"OPD training: {d.name}", png))
         index, partial = _report(run_dir, out, extra)
-    except OpdlensError as exc:
+    except (OpdlensError, OSError) as exc:
         _fail(exc)
-    console.print(f"report: {index}")
+    _say("report:", index)
     if partial:
         raise typer.Exit(EXIT_PARTIAL)
 
@@ -207,7 +259,7 @@ def compare(
 ) -> None:
     """The study across runs: Table 1 (teachers x settings, correct/incorrect paths), p-values, difficulty
     bins, best teacher per bin, and with --incontext the student's accuracy under each self-teacher context."""
-    from opdlens.diagnose.incontext import run_incontext
+    from opdlens.report.incontext import run_incontext
     from opdlens.report.study import compare_runs, parse_edges
     from opdlens.report.study_tables import write_study
 
@@ -216,13 +268,13 @@ def compare(
         study = compare_runs(runs, metric, edges)  # checks the runs before any sampling
         if incontext:
             for run_dir in runs:
-                console.print(f"in-context accuracy: {run_dir}")
+                _say("in-context accuracy:", run_dir)
                 run_incontext(run_dir, samples, device=device)
             study = compare_runs(runs, metric, edges)
         summary = write_study(study, out)
-    except OpdlensError as exc:
+    except (OpdlensError, OSError) as exc:
         _fail(exc)
-    console.print(f"study: {summary}")
+    _say("study:", summary)
 
 
 @app.command()
@@ -240,7 +292,7 @@ def train(
 
     try:
         train_cmd(config, fresh=fresh)
-    except OpdlensError as exc:
+    except (OpdlensError, OSError) as exc:
         _fail(exc)
 
 

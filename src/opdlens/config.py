@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from pathlib import Path
 from typing import Any, Protocol
@@ -26,9 +27,10 @@ class HasBudget(Protocol):
 
 class RunSettings(BaseModel):
     """The settings ``opdlens diagnose`` and ``opdlens train`` share, under the same names and
-    defaults: which student, on which task, and how it samples."""
+    defaults: which student, on which task, and how it samples. Every number must be finite
+    (``.inf`` and ``.nan`` are refused, in this model and in those that extend it)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     student: str = Field(
         "smollm2", min_length=1, description="'smollm2' (embedded), a local model directory or a HF hub id"
@@ -46,21 +48,113 @@ class RunSettings(BaseModel):
         return int(self.max_new_tokens or task.max_new_tokens)
 
 
+#: Largest config file read (bytes). Configs are a few kilobytes; the bound keeps a stray file
+#: (a log, a data set) from being parsed for minutes.
+MAX_YAML_BYTES = 128 * 1024
+#: Most values a config may hold once its aliases are expanded (an alias counts the whole value
+#: it repeats, at every use). Configs hold hundreds; an alias bomb (``a: &a [x, x]``,
+#: ``b: &b [*a, *a]``, ...) grows exponentially and is refused before anything expands it.
+MAX_YAML_VALUES = 100_000
+
+
+class _ConfigLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, refusing duplicate keys (YAML requires keys to be unique; PyYAML
+    silently keeps the last value)."""
+
+    def construct_mapping(self, node: yaml.Node, deep: bool = False) -> dict[Any, Any]:
+        if isinstance(node, yaml.MappingNode):
+            seen: dict[Any, yaml.Node] = {}
+            for key_node, _ in node.value:
+                if key_node.tag == "tag:yaml.org,2002:merge":  # '<<' merges: its keys may be overridden
+                    continue
+                key = self.construct_object(key_node, deep=True)
+                try:
+                    first = seen.setdefault(key, key_node)
+                except TypeError:  # an unhashable key: the base class names it
+                    continue
+                if first is not key_node:
+                    raise yaml.constructor.ConstructorError(
+                        None,
+                        None,
+                        f"duplicate key {key!r} (first at line {first.start_mark.line + 1}, again at line "
+                        f"{key_node.start_mark.line + 1}): each key may appear once; keep the value you mean",
+                        key_node.start_mark,
+                    )
+        return super().construct_mapping(node, deep=deep)
+
+
+def _expanded_size(root: yaml.Node, limit: int) -> int:
+    """The number of values of a composed YAML document with every alias expanded (computed on
+    the node graph, where an alias is a shared node, so without expanding anything); raises
+    ``ValueError`` past ``limit`` or for an alias that contains itself."""
+    sizes: dict[int, int] = {}
+    open_: set[int] = set()
+
+    def size(node: yaml.Node) -> int:
+        key = id(node)
+        if key in sizes:
+            return sizes[key]
+        if key in open_:
+            raise ValueError("an alias refers to a value that contains it (a recursive structure)")
+        open_.add(key)
+        n = 1
+        if isinstance(node, yaml.SequenceNode):
+            n += sum(size(child) for child in node.value)
+        elif isinstance(node, yaml.MappingNode):
+            n += sum(size(k) + size(v) for k, v in node.value)
+        open_.discard(key)
+        if n > limit:
+            raise ValueError(
+                f"it expands to more than {limit} values (aliases counted at every use): "
+                "write the values out, or check for an alias bomb"
+            )
+        sizes[key] = n
+        return n
+
+    return size(root)
+
+
 def read_yaml(path: str | Path) -> dict[str, Any]:
-    """The mapping in a YAML file; errors name the file, the line and what is wrong."""
+    """The mapping in a YAML file; errors name the file, the line and what is wrong.
+
+    Bounded work: files over :data:`MAX_YAML_BYTES`, documents expanding (aliases) to more than
+    :data:`MAX_YAML_VALUES` values and structures nested too deeply are refused before they are
+    built; so are duplicate keys."""
     p = Path(path)
     if not p.is_file():
         raise OpdlensError(f"config file {p} does not exist")
+    size = p.stat().st_size
+    if size > MAX_YAML_BYTES:
+        raise OpdlensError(
+            f"config {p} is {size} bytes, more than the {MAX_YAML_BYTES} a config may have: "
+            "is it the right file? (put data in a task file, e.g. task: jsonl)"
+        )
+    raw = p.read_bytes()
     try:
-        text = p.read_bytes().decode("utf-8-sig")
-        data = yaml.safe_load(text)
+        text = raw.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
-        line = p.read_bytes()[: exc.start].count(b"\n") + 1
+        line = raw[: exc.start].count(b"\n") + 1
         raise OpdlensError(f"config {p} is not UTF-8 text (line {line}): save it as UTF-8") from None
+    loader = None
+    try:
+        loader = _ConfigLoader(text)  # its reader refuses control characters at once
+        node = loader.get_single_node()
+        if node is not None:
+            _expanded_size(node, MAX_YAML_VALUES)
+        data = loader.construct_document(node) if node is not None else None
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise OpdlensError(f"config {p} is not valid YAML{where}: {getattr(exc, 'problem', exc)}") from None
+    except RecursionError:
+        raise OpdlensError(f"config {p} is nested too deeply to be a config") from None
+    except OpdlensError:
+        raise
+    except ValueError as exc:  # the size bound, a recursive alias, an integer of thousands of digits
+        raise OpdlensError(f"config {p} cannot be read: {exc}") from None
+    finally:
+        if loader is not None:
+            loader.dispose()
     if data is None or data == {}:
         raise OpdlensError(
             f"config {p} is empty: add at least 'student', 'task' and 'teachers' "
@@ -71,8 +165,25 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def _non_finite(value: Any, loc: str = "") -> list[str]:
+    """Where a JSON-like tree holds an infinite or NaN float (dotted names, ``a.b[2]``)."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return [loc or "(root)"]
+    if isinstance(value, dict):
+        return [x for k, v in value.items() for x in _non_finite(v, f"{loc}.{k}" if loc else str(k))]
+    if isinstance(value, list | tuple):
+        return [x for i, v in enumerate(value) for x in _non_finite(v, f"{loc}[{i}]")]
+    return []
+
+
 def validate_config(cls: type[BaseModel], data: dict[str, Any], where: str) -> Any:
-    """``cls.model_validate(data)`` with pydantic's errors rewritten as one readable message."""
+    """``cls.model_validate(data)`` with pydantic's errors rewritten as one readable message.
+    A number that is not finite (YAML's ``.inf``, ``.nan``) is refused anywhere in ``data``,
+    free-form mappings such as ``task_args`` and ``vllm_options`` included."""
+    bad = _non_finite(data)
+    if bad:
+        lines = [f"  {loc}: must be a finite number, not inf or nan" for loc in bad]
+        raise OpdlensError(f"config {where} has {len(lines)} problem(s):\n" + "\n".join(lines))
     try:
         return cls.model_validate(data)
     except ValidationError as exc:

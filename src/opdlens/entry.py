@@ -17,6 +17,7 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
+from opdlens.display import display_text
 from opdlens.errors import OpdlensError
 
 #: Exit status of bad input: usage errors (typer's own) and :class:`OpdlensError`.
@@ -37,7 +38,9 @@ def run_app(app: typer.Typer, argv: Sequence[str] | None, prog_name: str) -> Any
         try:
             result.append(run(**params))
         except OpdlensError as exc:
-            Console(stderr=True, soft_wrap=True).print(f"[bold red]error:[/] {escape(str(exc))}")
+            Console(stderr=True, soft_wrap=True).print(
+                f"[bold red]error:[/] {escape(display_text(exc, newlines=True))}"
+            )
             raise typer.Exit(EXIT_BAD_INPUT) from None
 
     command.callback = keep

@@ -1,8 +1,11 @@
-"""Measure a model's success rate on ``arith`` at several difficulties.
+"""Measure a model's success rate on ``arith`` at several difficulties, or on another task.
 
 Run ``python -m opdlens.diagnose.calibrate`` (options: ``--levels 1,2,3``, ``--questions 10``,
 ``--samples 8``, ``--max-new-tokens 48``, ``--temperature 1.0``, ``--style word``, ``--seed 0``,
-``--model`` for another model spec, ``--show 2`` to print example completions).
+``--model`` for another model spec, ``--show 2`` to print example completions). ``--task yesno``
+(any registered task, ``--task-args '{"kinds": "parity"}'`` passed to it) measures that task once
+instead of arith's levels, with the success rate per ``meta["kind"]`` when its questions have one;
+the generation budget defaults to the task's ``max_new_tokens``.
 
 For each level it samples ``samples`` completions at ``temperature`` for ``questions`` questions
 of the chat-templated prompt, with the same loading, prompt encoding, rollout engine and grading
@@ -20,32 +23,38 @@ package (``--model smollm2``), so this runs offline on a CPU.
 
 from __future__ import annotations
 
+import json
 import time
+from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 import typer
 
 from opdlens.entry import choice, run_app
+from opdlens.errors import OpdlensError
 from opdlens.tasks.arith import DEFAULT_DIFFICULTY, LEVELS, ArithTask
 from opdlens.tasks.base import NO_ANSWER, UNFINISHED_THINKING
 
 
 @dataclass
 class LevelResult:
-    """Success statistics of one difficulty setting."""
+    """Success statistics of one difficulty setting (``level`` None: a task without levels)."""
 
-    level: int
+    level: int | None
     rate: float
     per_question: list[float]
     no_answer_rate: float
     seconds: float
+    task: str = "arith"
+    #: success rate per ``meta["kind"]`` of the questions (empty when they have none)
+    per_kind: dict[str, float] = field(default_factory=dict)
 
 
 def measure_level(
     policy: Any,
-    task: ArithTask,
+    task: Any,
     questions: int,
     samples: int,
     max_new_tokens: int,
@@ -58,7 +67,8 @@ def measure_level(
     from opdlens.diagnose.questions import task_envs
 
     t0 = time.perf_counter()
-    envs = task_envs(task, task.load(n=questions, seed=seed), policy)
+    qs = task.load(n=questions, seed=seed)
+    envs = task_envs(task, qs, policy)
     comps = policy.sample([e.prompt_ids for e in envs], samples, max_new_tokens, seed=seed, temperature=temperature)
     per_q: list[float] = []
     n_none = 0
@@ -70,7 +80,19 @@ def measure_level(
         for c, r in list(zip(cs, reasons, strict=True))[:show]:
             print(f"  [{env.id} gold={env.gold} {r}] {env.decode(c.tokens)!r}", flush=True)
     rate = sum(per_q) / len(per_q) if per_q else 0.0
-    return LevelResult(task.difficulty, rate, per_q, n_none / max(1, len(envs) * samples), time.perf_counter() - t0)
+    kinds: dict[str, list[float]] = defaultdict(list)
+    for q, r in zip(qs, per_q, strict=True):
+        if "kind" in q.meta:
+            kinds[str(q.meta["kind"])].append(r)
+    return LevelResult(
+        getattr(task, "difficulty", None),
+        rate,
+        per_q,
+        n_none / max(1, len(envs) * samples),
+        time.perf_counter() - t0,
+        task=task.name,
+        per_kind={k: sum(v) / len(v) for k, v in sorted(kinds.items())},
+    )
 
 
 def parse_levels(text: str) -> list[int]:
@@ -100,7 +122,7 @@ def calibrate(
     levels: str = typer.Option("1,2,3,4", callback=_check_levels, help="difficulty levels, comma-separated"),
     questions: int = typer.Option(10, help="questions per level"),
     samples: int = typer.Option(8, help="completions per question"),
-    max_new_tokens: int = typer.Option(ArithTask.max_new_tokens, help="new tokens per completion"),
+    max_new_tokens: int | None = typer.Option(None, help="new tokens per completion (default: the task's)"),
     temperature: float = typer.Option(1.0, help="sampling temperature"),
     style: str = typer.Option("word", callback=choice("word", "expr"), help="word | expr (arith's question style)"),
     seed: int = typer.Option(0, help="seed of the questions and of the sampling"),
@@ -108,8 +130,27 @@ def calibrate(
     device: str = typer.Option("cpu", help="device of the model"),
     threads: int = typer.Option(0, help="torch threads (0: leave the default)"),
     show: int = typer.Option(0, help="print this many completions per question"),
+    task: str = typer.Option("arith", help="task to measure (arith: at each of --levels; others: once)"),
+    task_args: str = typer.Option("{}", help='JSON of the task\'s arguments, e.g. \'{"kinds": "parity"}\''),
 ) -> list[LevelResult]:
-    """Measure a model's success rate on arith at several difficulties."""
+    """Measure a model's success rate on arith at several difficulties, or on another task."""
+    from opdlens.tasks import get_task
+
+    try:
+        kwargs = json.loads(task_args)
+    except json.JSONDecodeError as e:
+        raise typer.BadParameter(f"--task-args is not JSON: {e}") from None
+    if not isinstance(kwargs, dict):
+        raise typer.BadParameter(f"--task-args must be a JSON object, got {task_args!r}")
+    is_arith = task.strip().lower() == "arith"
+    try:
+        tasks = (
+            [(lv, ArithTask(difficulty=lv, style=style, **kwargs)) for lv in parse_levels(levels)]
+            if is_arith
+            else [(None, get_task(task, **kwargs))]
+        )
+    except (OpdlensError, TypeError) as e:
+        raise typer.BadParameter(f"task {task!r}: {e}") from None
     if threads:
         import torch
 
@@ -117,21 +158,29 @@ def calibrate(
     from opdlens.models import load_policy
 
     policy = load_policy(model, device=device)
+    budget = max_new_tokens if max_new_tokens is not None else tasks[0][1].max_new_tokens
     print(
         f"model {policy.name}: {questions} questions x {samples} samples, T={temperature}, "
-        f"max_new_tokens={max_new_tokens}, style={style}, seed={seed}"
+        f"max_new_tokens={budget}, " + (f"style={style}, " if is_arith else f"task={tasks[0][1]!r}, ") + f"seed={seed}"
     )
     results = []
-    for lv in parse_levels(levels):
-        task = ArithTask(difficulty=lv, style=style)
-        r = measure_level(policy, task, questions, samples, max_new_tokens, temperature, seed, show)
+    for lv, t in tasks:
+        r = measure_level(policy, t, questions, samples, budget, temperature, seed, show)
         results.append(r)
-        mark = " (default)" if lv == DEFAULT_DIFFICULTY else ""
+        if lv is not None:
+            mark = " (default)" if lv == DEFAULT_DIFFICULTY else ""
+            head = f"level {lv}{mark} {LEVELS[lv]}"
+        else:
+            head = f"task {t.name}"
+        inside = sum(0.0 < x < 1.0 for x in r.per_question)
         print(
-            f"level {lv}{mark} {LEVELS[lv]}: success {r.rate:.3f}  no-answer {r.no_answer_rate:.3f}  "
+            f"{head}: success {r.rate:.3f}  no-answer {r.no_answer_rate:.3f}  "
+            f"strictly between 0 and 1: {inside}/{len(r.per_question)}  "
             f"per-question {[round(x, 2) for x in r.per_question]}  ({r.seconds:.1f}s)",
             flush=True,
         )
+        if r.per_kind:
+            print("  per kind: " + ", ".join(f"{k} {v:.3f}" for k, v in r.per_kind.items()), flush=True)
     return results
 
 

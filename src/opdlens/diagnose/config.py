@@ -3,10 +3,11 @@ preset, the demo's configuration and the reader of a stored run's configuration.
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import ConfigDict, Field, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from opdlens.config import RunSettings, load_yaml, read_yaml, validate_config, with_legacy_values
 from opdlens.diagnose.signals import SignalConfig
@@ -25,6 +26,9 @@ from opdlens.rollout.base import TEMPERATURE_RANGE, EngineConfig
 #: streams, the same distributions); ``stat_unit`` (the report only) changes no stored result.
 NON_RESULT_KEYS = frozenset({"device", "dtype", "rollout_engine", "vllm_options", "out_dir", "schedule", "stat_unit"})
 
+#: The devices a run can name (``device``): the CPU, a CUDA GPU (``cuda``, ``cuda:1``) or Apple's ``mps``.
+DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
+
 #: Values that keys added (or whose defaults changed) after a run was written had in that run:
 #: a stored configuration without the key ran with this value, not with today's default.
 LEGACY_VALUES: dict[tuple[str, str], Any] = {
@@ -34,16 +38,32 @@ LEGACY_VALUES: dict[tuple[str, str], Any] = {
 
 
 #: ``protocol: paper``: the choices of paper A (PAPERS.md) where opdlens' defaults differ, applied
-#: to every key the config does not set itself. docs/PROTOCOL.md says why each default differs.
+#: to every key the config does not set itself. :data:`opdlens.diagnose.choices.CHOICES` says, key by key, which of these
+#: values paper A's text states and which are ours where it is silent (docs/PROTOCOL.md).
+#: The targeting budget: the paper's "45K–200K targeted rollouts per question depending on trace
+#: length" with its windows (50·2^i) and ~100 visits per target gives 20 + 20 targets per window
+#: (4 paths: 48K at 200 tokens, 160K at 30K; docs/PROTOCOL.md, "Budget"); the per-path cap of
+#: 200K / 4 keeps a question at or below the paper's upper bound when the path's own tokens at the
+#: chosen nodes (``include_path_token``) add up to as many targets again.
 PAPER_PRESET: dict[str, Any] = {
     "signals": {"restriction": "literal", "min_visits": 20, "min_children": 2, "alignment_estimator": "plugin"},
     "tree_accounting": "all-ancestors",
     "stat_unit": "question",
     "n_correct_paths": 2,
     "n_incorrect_paths": 2,
-    "targeting": {"first_window": 50, "growth": 2.0, "per_window_gkd": 4, "per_window_gap": 4, "visit_target": 100},
+    "targeting": {
+        "first_window": 50,
+        "growth": 2.0,
+        "per_window_gkd": 20,
+        "per_window_gap": 20,
+        "visit_target": 100,
+        "max_rollouts_per_path": 50_000,
+    },
     "fallback_reference_solution": False,
 }
+
+#: The paper's stated range of targeted rollouts per question (paper A, §2.5 / §3).
+PAPER_TARGETED_RANGE: tuple[int, int] = (45_000, 200_000)
 
 
 def _apply_preset(data: dict[str, Any], preset: dict[str, Any]) -> dict[str, Any]:
@@ -114,6 +134,12 @@ class DiagnoseConfig(RunSettings):
     solution_tries: int = Field(
         8, ge=1, description="samples of the solution model per question; the first correct one is shown (ours)"
     )
+    solution_thinking_shown: bool = Field(
+        True,
+        description="whether a solution shown to a self-distillation teacher (a correct or wrong rollout, the "
+        "external solution) keeps its <think>...</think> part; false shows only the text after it (ours; paper "
+        "silent). Summaries are stripped of the summariser's own thinking either way",
+    )
     fallback_reference_solution: bool = Field(
         False,
         description="when no correct rollout can be shown (none, or only scored paths), show the data's reference "
@@ -136,6 +162,13 @@ class DiagnoseConfig(RunSettings):
     targeting: TargetingConfig = Field(default_factory=TargetingConfig)
     signals: SignalConfig = Field(default_factory=SignalConfig)
     out_dir: str = Field("runs/diagnose", min_length=1, description="run directory (rerun to resume)")
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not DEVICE_PATTERN.fullmatch(v):
+            raise ValueError(f"{v!r} is not a device opdlens runs on: use 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> DiagnoseConfig:
@@ -162,23 +195,13 @@ class DiagnoseConfig(RunSettings):
         """The paper's tree accounting (:func:`opdlens.diagnose.tree.path_stats`)."""
         return self.tree_accounting == "all-ancestors"
 
-    def choices(self) -> dict[str, Any]:
-        """The choices that make a run paper-faithful or not, for the report."""
+    def choices(self, used_only: bool = False) -> dict[str, Any]:
+        """The run's value of every result-changing choice (:data:`CHOICES`), by label, after
+        ``protocol``; ``used_only`` leaves out the keys this run does not use (adaptive-mode keys
+        under fixed targeting, summariser keys without a Sum-* teacher, ...)."""
         return {
             "protocol": self.protocol,
-            "restriction to S_u": self.signals.restriction,
-            "tree accounting": self.tree_accounting,
-            "statistical unit": self.stat_unit,
-            "min visits per child": self.signals.min_visits,
-            "visit target": self.targeting.visit_target,
-            "targeting mode": self.targeting.mode,
-            "alignment estimator": self.signals.alignment_estimator,
-            "reference-solution fallback": self.fallback_reference_solution,
-            "thinking (student)": self.thinking,
-            "thinking (summariser)": self.summarizer_thinking,
-            "thinking (solution model)": self.solution_thinking,
-            "thinking (teachers)": {t.name: t.thinking for t in self.teachers if t.thinking is not None} or None,
-            "schedule": self.schedule,
+            **{c.label: c.value(self) for c in choices_registry() if not used_only or c.used_by(self)},
         }
 
     @model_validator(mode="after")
@@ -194,6 +217,13 @@ class DiagnoseConfig(RunSettings):
     @classmethod
     def from_yaml(cls, path: str | Path) -> DiagnoseConfig:
         return load_yaml(cls, path)
+
+
+def choices_registry() -> tuple[Any, ...]:
+    """:data:`opdlens.diagnose.choices.CHOICES` (imported here: that module reads this one's defaults)."""
+    from opdlens.diagnose.choices import CHOICES
+
+    return CHOICES
 
 
 def read_run_config(path: str | Path) -> DiagnoseConfig:

@@ -82,18 +82,27 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
         for t in teachers:
             if t.slot.loaded:  # scheduled models are checked when build_diagnosis loads them
                 check_same_tokenizer(student, t.policy)
-        self.store, self.student, self.teachers = store, student, list(teachers)
+        self.sampler = Sampler(student, config.temperature)
+        self.store, self.teachers = store, list(teachers)
         if config.max_new_tokens is None:
             raise OpdlensError(
                 "the diagnosis needs a resolved generation budget: set max_new_tokens "
                 "(build_diagnosis sets it with config.token_budget(task))"
             )
         self.config, self.runtime = config, runtime or Runtime()
-        self.sampler = Sampler(student, config.temperature)
         self.progress = progress
         self.skips: list[dict[str, str]] = []
         #: per step of the sequential schedule: wall seconds and peak GPU memory (GiB, 0 on CPU)
         self.phase = PhaseLog()
+
+    @property
+    def student(self) -> Policy:  # type: ignore[override]
+        """The student: the policy its sampler samples (replacing one replaces the other)."""
+        return self.sampler.student
+
+    @student.setter
+    def student(self, policy: Policy) -> None:
+        self.sampler.student = policy
 
     @property
     def oom_retries(self) -> int:

@@ -105,10 +105,15 @@ class TreeSteps(DiagnosisState):
         for want, name in ((True, "correct"), (False, "wrong")):
             cands = [t for t, s in zip(initial.tokens, initial.success) if bool(s) == want and t.size]
             off = [t for t in cands if tuple(int(x) for x in t) not in on_path]
-            if off:
-                setattr(sol, name, env.decode(off[0]))
+            text = next((x for x in (self._shown(env.decode(t)) for t in off) if x is not None), None)
+            what = "correct" if want else "incorrect"
+            if text is not None:
+                setattr(sol, name, text)
+            elif off:  # solution_thinking_shown is off and no such rollout has text after its thinking part
+                sol.reasons[name] = (
+                    f"no {what} rollout has text after its thinking part (solution_thinking_shown: false)"
+                )
             else:
-                what = "correct" if want else "incorrect"
                 sol.reasons[name] = (
                     f"every {what} rollout is a scored representative path (showing it would leak the answer)"
                     if cands
@@ -119,9 +124,10 @@ class TreeSteps(DiagnosisState):
             sol.reasons["fallback"] = f"{sol.reasons.pop('correct')}: showing the reference solution instead"
         needed = needed_texts({t.spec.context for t in self.teachers})  # the registered contexts' needs
         if "external" in needed:
-            sol.external, why = self.external(env)
+            external, why = self.external(env)
+            sol.external = None if external is None else self._shown(external)
             if sol.external is None:
-                sol.reasons["external"] = why
+                sol.reasons["external"] = why or "the external solution has no text after its thinking part"
         for which in ("correct", "wrong"):
             if f"{which}_summary" in needed:
                 summary, why = self._summarize(env, getattr(sol, which), which)
@@ -131,6 +137,14 @@ class TreeSteps(DiagnosisState):
         row = {k: v for k, v in sol.__dict__.items() if k != "reasons"}
         self.store.write_table(rel, pd.DataFrame([{**row, "reasons": json.dumps(sol.reasons)}]))
         return sol
+
+    def _shown(self, text: str) -> str | None:
+        """``text`` as a self-distillation teacher is shown it: whole, or without its thinking part
+        (``solution_thinking_shown: false``; None when nothing follows the thinking part)."""
+        if self.config.solution_thinking_shown:
+            return text
+        answer = strip_thinking(text)
+        return answer.strip() if answer is not None and answer.strip() else None
 
     def _summarize(self, env: QuestionEnv, text: str | None, which: str) -> tuple[str | None, str]:
         """A short summary of ``text`` by the summariser (its thinking part stripped), or None

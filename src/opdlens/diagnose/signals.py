@@ -26,13 +26,27 @@ to ``S_u``" are offered (``SignalConfig.restriction``; the phrase is paper A §2
   ``2 P(+) − 1``.
 * ``"literal"`` (``protocol: paper``): the full-vocabulary gradient components, kept for
   ``k ∈ S_u``: full-vocabulary ``P_θ``, ``P̄`` = the student's on-policy success rate at the
-  node (all its sampled children), ``ℓ̄`` = the full-vocabulary ``KL(P_θ‖P_te)``; the
-  Monte-Carlo estimators average over all sampled children. Two-child nodes take any value.
+  node, ``ℓ̄`` = the full-vocabulary ``KL(P_θ‖P_te)``; the Monte-Carlo estimators average over
+  all sampled children. Two-child nodes take any value.
+
+``P̄`` is the student's expected success at the node, ``Σ_k P_θ(k) P_succ(k)``. In the literal
+reading it is estimated by the success rate of the rollouts whose child at ``u`` the student drew
+(``PathStats.sampled``: never a forced token, under either ``tree_accounting``), which are
+on-policy from ``u``: unbiased whatever the targeting (a node without such rollouts falls back to
+``Σ P_θ P_succ`` over its observed children, ``P_θ`` renormalised on them). The renormalised
+reading takes ``Σ_{S_u} P̃_θ P_succ``. The node table's ``pbar`` column is the ``P̄`` the ideal
+gradient used.
 
 The teacher advantage renormalises over ``S_u`` in both readings (as the paper does). The
 alignment ``Align(u) = cos(g_ideal, g_D)`` is computed scale-free (each vector divided by its
 largest entry first), so nodes whose gradients are tiny but exact (a confident student,
-``P_θ ≈ 1e-7`` on a teacher-preferred child) get a cosine, not NaN.
+``P_θ ≈ 1e-7`` on ``S_u``) get a cosine, not NaN. "Direction undefined" has one rule for every
+estimator (plug-in, posterior mean) and the node intervals: a gradient whose norm is at most
+``ZERO_RTOL`` (≈ 2.3e-13) times the largest absolute term it is computed from (probabilities ×
+log-probabilities, success rates, counts) is rounding residue and is set to exactly zero by its
+builder below, and a cosine with a zero vector is NaN (:mod:`opdlens.diagnose.uncertainty`). So a
+teacher proportional to the student on ``S_u`` (renormalised GKD direction zero) gives NaN, not a
+cosine of rounding noise.
 
 Everything is vectorised over the nodes of a path: inputs are padded ``[..., K]`` arrays with a
 boolean mask, as produced by :meth:`opdlens.diagnose.tree.PathStats.padded`.
@@ -48,7 +62,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from scipy.signal import lfilter
 
 from opdlens.diagnose.tree import PathStats, well_visited
-from opdlens.diagnose.uncertainty import UNCERTAIN_METRICS, Estimator, node_uncertainty
+from opdlens.diagnose.uncertainty import UNCERTAIN_METRICS, Estimator, cosine, node_uncertainty, snap_zero
 from opdlens.errors import OpdlensError
 from opdlens.policy import check_logprobs
 
@@ -59,7 +73,7 @@ ESTIMATORS = ("gkd", "single", "minillm", "drgrpo")
 class SignalConfig(BaseModel):
     """Thresholds and options; defaults follow the paper (short tasks). Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     min_visits: int = Field(
         20, ge=1, description="visits a child needs to be in S_u (paper: 20 short tasks, 10 on long AIME traces)"
@@ -98,68 +112,125 @@ def restrict(logp: Tensor, mask: Tensor, renormalize: bool = True) -> tuple[Tens
     return p, _masked(lp, mask)
 
 
-def ideal_gradient(p: Tensor, psucc: Tensor, mask: Tensor, pbar: Tensor | None = None) -> Tensor:
+def _top(x: Tensor, mask: Tensor) -> Tensor:
+    """Largest ``|x|`` over the masked entries of the last axis (0 where none): ``[...]``."""
+    return _masked(x.abs(), mask).amax(-1)
+
+
+def ideal_gradient(
+    p: Tensor, psucc: Tensor, mask: Tensor, pbar: Tensor | None = None, *, keep: Tensor | None = None
+) -> Tensor:
     """``P_θ(k)(P_succ(k) − P̄)``: gradient of ``Σ P_θ P_succ`` w.r.t. the logits. ``P̄``
-    defaults to ``Σ_{k∈mask} P_θ(k) P_succ(k)``; the literal reading passes the node's own
-    success rate (``[...]``)."""
+    defaults to ``Σ_{k∈mask} P_θ(k) P_succ(k)``; the literal reading passes the node's
+    on-policy success rate (``[...]``). Components outside ``keep`` (default ``mask``) are 0;
+    rounding residue is exactly 0 (:func:`opdlens.diagnose.uncertainty.snap_zero`)."""
     psucc = _masked(psucc, mask)
-    pbar = (p * psucc).sum(-1, keepdim=True) if pbar is None else pbar.unsqueeze(-1)
-    return _masked(p * (psucc - pbar), mask)
+    pm = _masked(p, mask)
+    pbar = (pm * psucc).sum(-1, keepdim=True) if pbar is None else pbar.unsqueeze(-1)
+    g = pm * (psucc - pbar)
+    scale = _top(p * torch.maximum(psucc.abs(), pbar.abs()), mask)
+    return snap_zero(_masked(g, mask if keep is None else keep), scale)
 
 
-def gkd_gradient(p: Tensor, ell: Tensor, mask: Tensor, lbar: Tensor | None = None) -> Tensor:
-    """``−P_θ(k)(ℓ_k − ℓ̄)``: descent direction of KL(P_θ‖P_te) w.r.t. the logits. ``ℓ̄``
-    defaults to ``Σ_{k∈mask} P_θ(k) ℓ_k``; the literal reading passes the full-vocabulary KL."""
+def _gkd(p: Tensor, ell: Tensor, mask: Tensor, lbar: Tensor | None, ell_terms: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The GKD direction (before the zero rule) and its scale (largest absolute term)."""
     ell = _masked(ell, mask)
-    lbar = (p * ell).sum(-1, keepdim=True) if lbar is None else lbar.unsqueeze(-1)
-    return _masked(-p * (ell - lbar), mask)
+    pm = _masked(p, mask)
+    terms = ell.abs() if ell_terms is None else _masked(ell_terms.abs(), mask)
+    if lbar is None:
+        lbar, lbar_terms = (pm * ell).sum(-1, keepdim=True), (pm * terms).sum(-1, keepdim=True)
+    else:
+        lbar = lbar.unsqueeze(-1)
+        lbar_terms = lbar.abs()
+    return -pm * (ell - lbar), _top(p * torch.maximum(terms, lbar_terms), mask)
 
 
-def _score_function(p: Tensor, weights: Tensor, mask: Tensor) -> Tensor:
-    """``Σ_k w_k (e_k − P_θ)``: the logit gradient of ``Σ_k w_k log P_θ(k)``."""
+def renormalized_ell_terms(ls_k: Tensor, lt_k: Tensor, lp_st: Tensor, lp_te: Tensor) -> Tensor:
+    """The scale of the "direction undefined" rule for ``ℓ_k = lp_st − lp_te`` renormalised over
+    S_u: per child the largest absolute log-probability ``ℓ_k`` is computed from (the full-vocabulary
+    ``ls_k``, ``lt_k`` and their renormalised ``lp_st``, ``lp_te``)."""
+    return torch.stack([ls_k.abs(), lt_k.abs(), lp_st.abs(), lp_te.abs()]).amax(0)
+
+
+def gkd_gradient(
+    p: Tensor, ell: Tensor, mask: Tensor, lbar: Tensor | None = None, *, ell_terms: Tensor | None = None
+) -> Tensor:
+    """``−P_θ(k)(ℓ_k − ℓ̄)``: descent direction of KL(P_θ‖P_te) w.r.t. the logits. ``ℓ̄``
+    defaults to ``Σ_{k∈mask} P_θ(k) ℓ_k``; the literal reading passes the full-vocabulary KL.
+    ``ell_terms``: per child the largest absolute log-probability ``ℓ_k`` was computed from
+    (default ``|ℓ_k|``), the scale of the zero rule: where the teacher is proportional to the
+    student on the mask, ``ℓ_k − ℓ̄`` is rounding residue and the direction is exactly 0."""
+    g, scale = _gkd(p, ell, mask, lbar, ell_terms)
+    return snap_zero(g, scale)
+
+
+def _score_function(p: Tensor, weights: Tensor, weight_terms: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """``Σ_k w_k (e_k − P_θ)`` (the logit gradient of ``Σ_k w_k log P_θ(k)``) and its scale, from
+    ``weight_terms`` (per child the largest absolute term ``w_k`` is computed from)."""
     w = _masked(weights, mask)
-    return _masked(w - p * w.sum(-1, keepdim=True), mask)
+    wt = _masked(weight_terms.abs(), mask)
+    g = _masked(w - p * w.sum(-1, keepdim=True), mask)
+    return g, torch.maximum(wt.amax(-1), _top(p * wt.sum(-1, keepdim=True), mask))
 
 
-def single_sample_gradient(p: Tensor, ell: Tensor, counts: Tensor, mask: Tensor) -> Tensor:
-    """Monte-Carlo single-sample estimator ``(1/N) Σ_i −ℓ_{y_i}(e_{y_i} − P_θ)`` from counts."""
+def single_sample_gradient(
+    p: Tensor,
+    ell: Tensor,
+    counts: Tensor,
+    mask: Tensor,
+    *,
+    ell_terms: Tensor | None = None,
+    keep: Tensor | None = None,
+) -> Tensor:
+    """Monte-Carlo single-sample estimator ``(1/N) Σ_i −ℓ_{y_i}(e_{y_i} − P_θ)`` from counts
+    (over ``mask``; components outside ``keep``, default ``mask``, are 0; zero rule as in
+    :func:`gkd_gradient`)."""
     n = _masked(counts.to(p.dtype), mask)
-    total = n.sum(-1, keepdim=True).clamp_min(1.0)
-    return _score_function(p, -_masked(ell, mask) * n / total, mask)
+    share = n / n.sum(-1, keepdim=True).clamp_min(1.0)
+    terms = ell.abs() if ell_terms is None else ell_terms
+    g, scale = _score_function(p, -_masked(ell, mask) * share, terms * share, mask)
+    return snap_zero(_masked(g, mask if keep is None else keep), scale)
 
 
-def drgrpo_gradient(p: Tensor, counts: Tensor, successes: Tensor, baseline: Tensor, mask: Tensor) -> Tensor:
-    """Dr. GRPO per-node gradient ``(1/N) Σ_i (r_i − r̄)(e_{y_i} − P_θ)`` from counts."""
+def drgrpo_gradient(
+    p: Tensor, counts: Tensor, successes: Tensor, baseline: Tensor, mask: Tensor, *, keep: Tensor | None = None
+) -> Tensor:
+    """Dr. GRPO per-node gradient ``(1/N) Σ_i (r_i − r̄)(e_{y_i} − P_θ)`` from counts (over
+    ``mask``; components outside ``keep``, default ``mask``, are 0; exactly 0 where every child
+    has the baseline's rate, up to rounding)."""
     n = _masked(counts.to(p.dtype), mask)
     s = _masked(successes.to(p.dtype), mask)
     total = n.sum(-1, keepdim=True).clamp_min(1.0)
-    return _score_function(p, (s - n * baseline.unsqueeze(-1)) / total, mask)
+    b = baseline.unsqueeze(-1)
+    g, scale = _score_function(p, (s - n * b) / total, torch.maximum(s.abs(), n * b.abs()) / total, mask)
+    return snap_zero(_masked(g, mask if keep is None else keep), scale)
 
 
 def minillm_gradient(
-    p: Tensor, ell: Tensor, onehot: Tensor, reward_to_go: Tensor, mask: Tensor, lbar: Tensor | None = None
+    p: Tensor,
+    ell: Tensor,
+    onehot: Tensor,
+    reward_to_go: Tensor,
+    mask: Tensor,
+    lbar: Tensor | None = None,
+    *,
+    ell_terms: Tensor | None = None,
+    keep: Tensor | None = None,
 ) -> Tensor:
-    """MiniLLM: exact single-step term (GKD) plus ``R_{u+1}(e_{y_u} − P_θ)``."""
-    long_term = _score_function(p, onehot.to(p.dtype) * reward_to_go.unsqueeze(-1), mask)
-    return gkd_gradient(p, ell, mask, lbar) + long_term
-
-
-def _unit_scale(x: Tensor) -> Tensor:
-    """``x`` divided by its largest absolute entry (rows that are exactly zero stay zero)."""
-    top = x.abs().amax(-1, keepdim=True)
-    return x / torch.where(top > 0, top, torch.ones_like(top))
+    """MiniLLM: exact single-step term (GKD) plus ``R_{u+1}(e_{y_u} − P_θ)`` (over ``mask``;
+    components outside ``keep``, default ``mask``, are 0; zero rule on the sum)."""
+    g_kd, s_kd = _gkd(p, ell, mask, lbar, ell_terms)
+    r = onehot.to(p.dtype) * reward_to_go.unsqueeze(-1)
+    long_term, s_lt = _score_function(p, r, r, mask)
+    return snap_zero(_masked(g_kd + long_term, mask if keep is None else keep), torch.maximum(s_kd, s_lt))
 
 
 def masked_cosine(a: Tensor, b: Tensor) -> Tensor:
     """Cosine over the last axis, scale-free: exact for vectors of any magnitude (each is first
-    divided by its largest entry, so 1e-300-sized gradients do not underflow); NaN only where a
-    vector is exactly zero (no direction)."""
-    a, b = _unit_scale(a), _unit_scale(b)
-    num = (a * b).sum(-1)
-    den = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(
-        den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan"))
-    )
+    divided by its largest entry, so 1e-300-sized gradients do not underflow); NaN exactly where
+    a vector is zero (no direction: the gradient builders set rounding residue to zero, see
+    :data:`opdlens.diagnose.uncertainty.ZERO_RTOL`)."""
+    return cosine(a, b)
 
 
 def teacher_advantage(p_student: Tensor, p_teacher: Tensor, psucc: Tensor, mask: Tensor) -> Tensor:
@@ -247,42 +318,51 @@ def path_signals(
     token_ell = (lps.gather(1, on_path) - lpt.gather(1, on_path)).squeeze(1).cpu()
     rtg = reward_to_go(token_ell, cfg.minillm_gamma, cfg.minillm_length_norm)
 
+    nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
     if cfg.restriction == "renormalize":
         ell = _masked(lp_st - lp_te, mask)
+        ell_terms = renormalized_ell_terms(ls_k, lt_k, lp_st, lp_te)
         if baseline is None:
             base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
         else:
             base = torch.full((big_l,), float(baseline), dtype=torch.float64)
+        pbar = torch.where(mask.any(-1), (p_st * psucc * mask).sum(-1), nan)  # over S_u, as the ideal takes it
         g_ideal = ideal_gradient(p_st, psucc, mask)
 
         def ideal_of(ps: Tensor, rows: Tensor) -> Tensor:  # the ideal at P_succ draws (uncertainty)
             return ideal_gradient(p_st[rows], ps, mask[rows])
 
         grads = {
-            "gkd": gkd_gradient(p_st, ell, mask),
-            "single": single_sample_gradient(p_st, ell, m, mask),
-            "minillm": minillm_gradient(p_st, ell, onehot & mask, rtg, mask),
+            "gkd": gkd_gradient(p_st, ell, mask, ell_terms=ell_terms),
+            "single": single_sample_gradient(p_st, ell, m, mask, ell_terms=ell_terms),
+            "minillm": minillm_gradient(p_st, ell, onehot & mask, rtg, mask, ell_terms=ell_terms),
             "drgrpo": drgrpo_gradient(p_st, m, ms, base, mask),
         }
     else:  # literal: full-vocabulary components and baselines, kept on S_u
         p_full = _masked(ls_k.exp(), seen)
         ell_full = _masked(ls_k - lt_k, seen)
+        ell_terms = torch.maximum(ls_k.abs(), lt_k.abs())
         kl_full = (lps.exp() * (lps - lpt)).sum(-1).cpu()
+        # P̄ = the student's expected success at the node, estimated by the success rate of the
+        # rollouts whose child at u the student drew (on-policy from u whatever the tree
+        # accounting); with none, Σ P_θ P_succ over the observed children (P_θ renormalised on them)
         m_node, ms_node = (m * seen).sum(-1), (ms * seen).sum(-1)
-        v_node = torch.where(
-            m_node > 0, ms_node / m_node.clamp_min(1.0), (s * seen).sum(-1) / (n * seen).sum(-1).clamp_min(1.0)
-        )
-        base = v_node if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
-        g_ideal = ideal_gradient(p_full, psucc, mask, pbar=v_node)
+        over_seen = (p_full * psucc).sum(-1) / p_full.sum(-1)
+        pbar = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), torch.where(seen.any(-1), over_seen, nan))
+        pbar0 = pbar.nan_to_num(0.0)  # nodes without children: every vector is 0 there
+        base = pbar0 if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
+        g_ideal = ideal_gradient(p_full, psucc, mask, pbar=pbar0)
 
         def ideal_of(ps: Tensor, rows: Tensor) -> Tensor:
-            return ideal_gradient(p_full[rows], ps, mask[rows], pbar=v_node[rows])
+            return ideal_gradient(p_full[rows], ps, mask[rows], pbar=pbar0[rows])
 
         grads = {
-            "gkd": gkd_gradient(p_full, ell_full, mask, lbar=kl_full),
-            "single": _masked(single_sample_gradient(p_full, ell_full, m, seen), mask),
-            "minillm": _masked(minillm_gradient(p_full, ell_full, onehot, rtg, seen, lbar=kl_full), mask),
-            "drgrpo": _masked(drgrpo_gradient(p_full, m, ms, base, seen), mask),
+            "gkd": gkd_gradient(p_full, ell_full, mask, lbar=kl_full, ell_terms=ell_terms),
+            "single": single_sample_gradient(p_full, ell_full, m, seen, ell_terms=ell_terms, keep=mask),
+            "minillm": minillm_gradient(
+                p_full, ell_full, onehot, rtg, seen, lbar=kl_full, ell_terms=ell_terms, keep=mask
+            ),
+            "drgrpo": drgrpo_gradient(p_full, m, ms, base, seen, keep=mask),
         }
 
     n_children = mask.sum(-1)
@@ -291,7 +371,6 @@ def path_signals(
     ps_min = torch.where(mask, psucc, torch.full_like(psucc, big)).min(-1).values
     valid = (n_children >= cfg.min_children) & ((ps_max - ps_min) > cfg.min_psucc_range)
 
-    nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
     out: dict[str, Tensor] = {
         "valid": valid,
         "n_children": n_children,
@@ -301,6 +380,7 @@ def path_signals(
         "p_teacher": lpt.gather(1, on_path).squeeze(1).exp().cpu(),
         "psucc_token": torch.where((onehot & mask).any(-1), (psucc * (onehot & mask)).sum(-1), nan),
         "teacher_adv": torch.where(n_children > 0, teacher_advantage(p_st, p_te, psucc, mask), nan),
+        "pbar": pbar,
         "norm_ideal": g_ideal.norm(dim=-1),
         "norm_gkd": grads["gkd"].norm(dim=-1),
     }

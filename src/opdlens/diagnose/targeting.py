@@ -55,7 +55,7 @@ import numpy as np
 import torch
 from pydantic import BaseModel, ConfigDict, Field
 
-from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, restrict
+from opdlens.diagnose.signals import SignalConfig, gkd_gradient, ideal_gradient, renormalized_ell_terms, restrict
 from opdlens.diagnose.tree import PathStats
 from opdlens.diagnose.uncertainty import alignment_draws, interval, settled, variance_reduction
 from opdlens.errors import OpdlensError
@@ -64,7 +64,7 @@ from opdlens.errors import OpdlensError
 class TargetingConfig(BaseModel):
     """Which (node, token) pairs of a path get targeted rollouts, and how many. Unknown keys are errors."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     mode: Annotated[
         Literal["fixed", "adaptive"],
@@ -76,8 +76,10 @@ class TargetingConfig(BaseModel):
             )
         ),
     ] = "fixed"
-    first_window: Annotated[int, Field(ge=1, description="size of the first depth window (tokens)")] = 50
-    growth: Annotated[float, Field(ge=1.0, description="each depth window is this much larger than the previous")] = 2.0
+    first_window: Annotated[int, Field(ge=1, le=10**9, description="size of the first depth window (tokens)")] = 50
+    growth: Annotated[
+        float, Field(ge=1.0, le=1e6, description="each depth window is this much larger than the previous")
+    ] = 2.0
     per_window_gkd: Annotated[int, Field(ge=0, description="pairs per window with the largest |g_KD|")] = 4
     per_window_gap: Annotated[
         int, Field(ge=0, description="pairs per window with the largest |P_student - P_teacher|")
@@ -391,9 +393,13 @@ class TargetPlan:
         mask_r, tok_r = mask[rows], tok[rows]
         p_st, lp_st = restrict(self.logp_student[rows].gather(1, tok_r), mask_r)
         dirs = {}
+        ls_k = self.logp_student[rows].gather(1, tok_r)
         for i, lt in enumerate(self.logp_teachers):
-            _, lp_te = restrict(lt[rows].gather(1, tok_r), mask_r)
-            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask_r)
+            lt_k = lt[rows].gather(1, tok_r)
+            _, lp_te = restrict(lt_k, mask_r)
+            # path_signals' "direction undefined" scale (a teacher proportional to the student: zero)
+            terms = renormalized_ell_terms(ls_k, lt_k, lp_st, lp_te)
+            dirs[str(i)] = gkd_gradient(p_st, lp_st - lp_te, mask_r, ell_terms=terms)
         n = torch.from_numpy(pad["visits"][rows.numpy()]).double()
         s = torch.from_numpy(pad["successes"][rows.numpy()]).double()
         ideal = lambda ps: ideal_gradient(p_st, ps, mask_r)  # noqa: E731

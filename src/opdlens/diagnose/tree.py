@@ -9,15 +9,19 @@ each node ``u`` (prefix ``y[:u]``), the per-child-token counts
   unbiased sample of ``P(success | y[:u] + [k])`` under the student;
 * ``successes[u, k]``: how many of those succeeded;
 * ``sampled[u, k]`` / ``sampled_successes[u, k]``: the subset whose token ``k`` at ``u`` was
-  drawn by the student itself (used by Monte-Carlo estimators of policy gradients, which need
-  the children distributed as the student's policy).
+  drawn by the student itself, i.e. rollouts with ``u >= f`` (``f`` the forced-prefix length
+  below), under either accounting. They are on-policy from ``u`` on: the student's expected
+  success at the node (``P̄``) is their success rate, and the Monte-Carlo estimators of policy
+  gradients use them, which need the children distributed as the student's policy.
 
 A rollout that diverges from the path after sharing ``m`` tokens contributes the on-path child
 at nodes ``< m`` and its own token at node ``m`` (O(1) work per rollout and path, via a
 difference array). A *targeted* rollout was forced through ``f`` leading tokens (``prefix =
 path[:u] + [k]``, so ``f = u + 1``); its outcome is a sample of the student's success
 probability only for nodes at or below the forced token, so it counts at nodes ``≥ f - 1``
-(``count_forced_at_ancestors=True`` reproduces the paper's looser accounting).
+(``count_forced_at_ancestors=True`` reproduces the paper's looser accounting: visits and
+successes from depth 0). Either way it is *sampled* only at nodes ``≥ f``: the forced token and
+the on-path tokens above it were given, not drawn.
 """
 
 from __future__ import annotations
@@ -176,7 +180,7 @@ def path_stats(path: TokenSeq, rollouts: RolloutSet, *, count_forced_at_ancestor
     lengths = np.array([r.size for r in rollouts.tokens], dtype=np.int64)
     lcp = _common_prefix_lengths(p, rollouts.tokens)
     lo = np.zeros_like(lcp) if count_forced_at_ancestors else np.maximum(rollouts.forced - 1, 0)
-    free_from = np.zeros_like(lcp) if count_forced_at_ancestors else rollouts.forced  # child sampled at u >= f
+    free_from = rollouts.forced  # the child at u was drawn by the student iff u >= f, under both accountings
     succ = rollouts.success.astype(np.int64)
 
     # on-path children: nodes lo .. end-1 with end = min(lcp, L, len)

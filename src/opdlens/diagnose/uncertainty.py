@@ -28,6 +28,11 @@ the interval of ``align_gkd`` excludes 0. The teacher advantage is linear in ``P
 standard error ``teacher_adv_se`` is computed in closed form (binomial variance at the posterior
 mean). :func:`count_settled` and :func:`path_mean_interval` are the helpers for the analysis.
 
+Every cosine here, of a draw or of the point estimate, follows the rule of "direction undefined"
+of the whole package (:data:`ZERO_RTOL`): scale-free, NaN exactly where a vector is zero, a
+vector being zero when its builder found it to be rounding residue. A node whose gradients are
+tiny because the student's probabilities are tiny gets real draws, estimate and interval.
+
 Point estimate (``SignalConfig.alignment_estimator``, :data:`Estimator`): ``"plugin"`` keeps the
 cosine at the observed rates (the paper's); ``"posterior_mean"`` (opdlens' default) replaces ``align_X`` by the mean
 of the same draws, the estimate of least expected squared error under the posterior. It differs
@@ -116,11 +121,42 @@ def psucc_draws(
     return draws
 
 
-def _cosine(a: Tensor, b: Tensor, eps: float = 1e-12) -> Tensor:
-    """:func:`opdlens.diagnose.signals.masked_cosine` (not imported: that module imports this one)."""
+# --------------------------------------------------------------------------- direction undefined
+#: The one rule of "direction undefined", shared by every estimator and interval: a gradient whose
+#: norm is at most ``ZERO_RTOL`` times the largest absolute term it is computed from (its *scale*,
+#: given by its builder in :mod:`opdlens.diagnose.signals`) is rounding residue and is set to exactly
+#: zero (:func:`snap_zero`); a cosine with an exactly zero vector is NaN, any other cosine is computed
+#: scale-free (:func:`cosine`). Relative, so a gradient that is tiny because the student's
+#: probabilities are tiny keeps its direction, while a teacher proportional to the student on
+#: ``S_u`` (GKD direction zero up to rounding) gives NaN.
+ZERO_RTOL = 1024 * float(torch.finfo(torch.float64).eps)  # ≈ 2.3e-13
+
+
+def unit_scale(x: Tensor) -> Tensor:
+    """``x`` divided by its largest absolute entry over the last axis (rows that are exactly zero
+    stay zero): the norms of the result lie in ``[1, sqrt(K)]``, so no product of them underflows."""
+    top = x.abs().amax(-1, keepdim=True)
+    return x / torch.where(top > 0, top, torch.ones_like(top))
+
+
+def snap_zero(g: Tensor, scale: Tensor) -> Tensor:
+    """``g [..., K]`` with the rows whose norm is at most ``ZERO_RTOL * scale [...]`` set to exactly
+    zero (see :data:`ZERO_RTOL`). The norm is taken scale-free (no underflow for tiny rows)."""
+    top = g.abs().amax(-1)
+    norm = unit_scale(g).norm(dim=-1) * top
+    return torch.where((norm <= ZERO_RTOL * scale).unsqueeze(-1), torch.zeros_like(g), g)
+
+
+def cosine(a: Tensor, b: Tensor) -> Tensor:
+    """Cosine over the last axis, scale-free (each vector first divided by its largest entry, so
+    1e-300-sized gradients neither underflow nor lose precision); NaN exactly where a vector is
+    zero (no direction; builders set rounding residue to zero, :func:`snap_zero`)."""
+    a, b = unit_scale(a), unit_scale(b)
     num = (a * b).sum(-1)
     den = a.norm(dim=-1) * b.norm(dim=-1)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
+    return torch.where(
+        den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan"))
+    )
 
 
 def alignment_draws(
@@ -151,7 +187,7 @@ def alignment_draws(
         block = max(1, max_cells // max(1, mask.numel()))
         blocks = []
         for start in range(0, n_draws, block):
-            g = ideal(psucc_draws(n, s, mask, min(block, n_draws - start), rng, center))
+            g = unit_scale(ideal(psucc_draws(n, s, mask, min(block, n_draws - start), rng, center)))
             blocks.append((g, g.norm(dim=-1)))
         if cache is not None:
             cache[key] = blocks
@@ -162,12 +198,15 @@ def alignment_draws(
     return {name: cos[i] for i, name in enumerate(directions)}
 
 
-def _draw_cosines(g: Tensor, g_norm: Tensor, dirs: Tensor, eps: float = 1e-12) -> Tensor:
-    """:func:`_cosine` of every draw ``g [D, L, K]`` (norms ``g_norm [D, L]``) with every
-    direction ``dirs [M, L, K]``, in one pass over the draws: ``[M, D, L]``."""
+def _draw_cosines(g: Tensor, g_norm: Tensor, dirs: Tensor) -> Tensor:
+    """:func:`cosine` of every draw ``g [D, L, K]`` (already :func:`unit_scale`'d, norms ``g_norm
+    [D, L]``) with every direction ``dirs [M, L, K]``, in one pass over the draws: ``[M, D, L]``."""
+    dirs = unit_scale(dirs)
     num = torch.einsum("dlk,mlk->mdl", g, dirs)
     den = g_norm.unsqueeze(0) * dirs.norm(dim=-1).unsqueeze(1)
-    return torch.where(den > eps, num / den.clamp_min(eps), torch.full_like(num, float("nan")))
+    return torch.where(
+        den > 0, num / torch.where(den > 0, den, torch.ones_like(den)), torch.full_like(num, float("nan"))
+    )
 
 
 def interval(draws: Tensor, level: float = LEVEL) -> tuple[Tensor, Tensor, Tensor]:
@@ -230,7 +269,7 @@ def node_uncertainty(
     out: dict[str, Tensor] = {}
     for name, draws in alignment_draws(ideal, n_v, s_v, mask_v, dirs, n_draws, seed, cache=cache).items():
         lo, hi, _ = interval(draws, level)
-        est = draws.mean(0) if estimator == "posterior_mean" else _cosine(g_hat, dirs[name])
+        est = draws.mean(0) if estimator == "posterior_mean" else cosine(g_hat, dirs[name])
         se = ((around[name] - est) ** 2).mean(0).sqrt()
         cols = {"_lo": lo, "_hi": hi, "_se": se} | ({"": est} if estimator != "plugin" else {})
         for suffix, x in cols.items():
@@ -275,7 +314,7 @@ def variance_reduction(
         raise OpdlensError(f"extra visits must be >= 1, got {list(extra)}")
     rng = np.random.default_rng(seed)
     ps = psucc_draws(n, s, mask, n_draws, rng)  # [D, L, K]
-    g = ideal(ps)
+    g = unit_scale(ideal(ps))
     row, slot = cells[:, 0], cells[:, 1]
     cos = torch.nan_to_num(_draw_cosines(g, g.norm(dim=-1), torch.stack(list(directions.values()))), nan=0.0)
     a = cos[:, :, row].permute(2, 0, 1)  # [C, T, D]

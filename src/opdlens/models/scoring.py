@@ -231,9 +231,13 @@ class HFPolicy:
         *,
         seed: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
     ) -> list[list[Completion]]:
+        """:meth:`opdlens.policy.Policy.sample` with the rollout engine; ``top_p < 1``: nucleus
+        sampling (passed to the engine only then, so engines without top-p serve the rest)."""
         seqs = [self._check_tokens(p, f"prefix {i}") for i, p in enumerate(prefixes)]
-        return self.engine.sample(seqs, n, max_new_tokens, seed=seed, temperature=temperature)
+        extra = {"top_p": top_p} if top_p != 1.0 else {}
+        return self.engine.sample(seqs, n, max_new_tokens, seed=seed, temperature=temperature, **extra)
 
     # ---------------------------------------------------------------- text helpers
     def _tok(self) -> Any:

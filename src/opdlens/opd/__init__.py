@@ -3,6 +3,7 @@
 * :mod:`opdlens.opd.losses`     the loss registry: the authors' top-k OPD, ours (top-k variants, full RKL), FKL, JSD
 * :mod:`opdlens.opd.metrics`    our token signals and the authors' top-k metrics (overlap, masses, advantages, splits)
 * :mod:`opdlens.opd.config`     :class:`TrainConfig` (every field described) and the prompt templates
+* :mod:`opdlens.opd.presets`    ``preset: paper-b`` and ``cold_start: {recipe: paper}``: the authors' values, sourced
 * :mod:`opdlens.opd.scoring`    contexts, student rollouts, student/teacher logits under mixed precision
 * :mod:`opdlens.opd.step`       the loss step (micro-batches, global normalisation, GRPO outcome term)
 * :mod:`opdlens.opd.checkpoint` safetensors + JSON checkpoints (no pickle)
@@ -15,18 +16,17 @@
 """
 
 from opdlens.opd.losses import (
-    LOSSES,
     LossOutput,
     forward_kl,
     full_rkl,
     generalized_jsd,
-    opd_loss,
     opd_topk,
     reduce_tokens,
     sampled_token_rkl,
     topk_rkl,
 )
 from opdlens.opd.metrics import TokenMetrics, token_metrics
+from opdlens.opd.registry import LOSSES, opd_loss
 from opdlens.opd.trainer import TEMPLATES, OPDTrainer, TrainConfig, TrainResult, read_metrics, train
 
 __all__ = [

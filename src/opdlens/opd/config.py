@@ -18,7 +18,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from opdlens.config import RunSettings
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
-from opdlens.opd.losses import LOSSES, LossOptions, get_loss
+from opdlens.opd.presets import COLD_START_PAPER, PRESETS, preset_values
+from opdlens.opd.registry import LOSSES, LossOptions, get_loss
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
 TEMPLATES: dict[str, str] = {
@@ -47,25 +48,66 @@ def resolve_template(template: str) -> str:
 
 
 class ColdStartStage(BaseModel):
-    """Off-policy cold start before OPD: SFT of the student on filtered teacher rollouts."""
+    """Off-policy cold start before OPD: SFT of the student on filtered teacher rollouts.
 
-    model_config = ConfigDict(extra="forbid")
+    ``recipe: paper`` fills the keys not set with the authors' values (teacher rollouts at T = 0.7
+    up to 12,288 tokens, rejected without ``\\boxed{}`` or with repeated text, 3 attempts; SFT 2
+    epochs, cosine schedule with 5 % warm-up, batch 64, cutoff 14,336 tokens:
+    :data:`opdlens.opd.presets.COLD_START_PAPER`, each with its source); ``ours`` (default) keeps
+    ours (1 epoch, constant lr, batch 8, incomplete/degenerate filter, 1 attempt)."""
 
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    recipe: Literal["ours", "paper"] = Field(
+        "ours", description="'paper': unset keys take the authors' values (docs/OPD.md, cold start); 'ours': ours"
+    )
     questions: int | None = Field(None, ge=1, description="training questions used (default: all of train_questions)")
     n_per_question: int = Field(1, ge=1, description="teacher rollouts per question")
     temperature: float = Field(0.7, gt=0, description="teacher sampling temperature (paper: 0.7)")
+    top_p: float = Field(1.0, gt=0, le=1, description="nucleus truncation of the teacher sampling (1: none)")
     max_new_tokens: int | None = Field(None, ge=1, description="rollout budget (default: the run's max_new_tokens)")
-    lr: float = Field(1e-5, gt=0, description="SFT learning rate")
+    teacher_thinking: bool | None = Field(
+        None, description="enable_thinking of the teacher's chat template here (None: the run's teacher_thinking)"
+    )
+    filter: Literal["ours", "paper"] = Field(
+        "ours",
+        description="'ours': drop incomplete (no EOS) and degenerate (repeated tokens) rollouts; 'paper': drop "
+        "rollouts whose text has no \\boxed or repeats (a line, a 100-character window, a 50-character block)",
+    )
+    max_attempts: int = Field(
+        1, ge=1, description="samples drawn per rollout slot until one passes the filter (authors: 3)"
+    )
+    lr: float = Field(1e-5, gt=0, description="SFT learning rate (peak, with a schedule)")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "constant", description="SFT learning-rate schedule: constant, or linear warm-up then cosine decay to 0"
+    )
+    warmup_ratio: float = Field(0.0, ge=0, lt=1, description="share of the SFT optimizer steps spent warming up")
     epochs: int = Field(1, ge=1, description="passes over the kept rollouts")
-    batch_size: int = Field(8, ge=1, description="SFT batch size (rollouts)")
+    batch_size: int = Field(8, ge=1, description="SFT batch size (rollouts per optimizer step)")
+    micro_batch: int | None = Field(
+        None, ge=1, description="rollouts per SFT forward/backward (gradient accumulation; None: batch_size)"
+    )
+    max_seq_tokens: int | None = Field(
+        None,
+        ge=2,
+        description="cutoff of prompt + response tokens in SFT: longer responses are cut to fit (None: no cutoff)",
+    )
     teacher_template: str | None = Field(None, description="the teacher's prompt (default: the run's teacher_template)")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        """``recipe: paper``: the keys left unset take the authors' values (explicit keys win)."""
+        if isinstance(data, dict) and data.get("recipe") == "paper":
+            return {**{k: v.value for k, v in COLD_START_PAPER.items()}, **data}
+        return data
 
 
 class TemplateStage(BaseModel):
     """Teacher-aligned template selection: the candidate with the highest initial top-k overlap
     becomes the run's template (``apply_to``: both prompts, or the teacher's only)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     candidates: dict[str, str] = Field(description="name -> template (a TEMPLATES name or a format string)")
     apply_to: Literal["both", "teacher"] = Field("both", description="whose prompt the template changes")
@@ -78,7 +120,7 @@ class PromptStage(BaseModel):
     """Teacher-aligned prompt selection: drop training prompts that duplicate a reference set
     (exact match after normalisation, then near-duplicates by MinHash Jaccard or embeddings)."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     against: str = Field(description="file of reference prompts (JSONL with a 'prompt' field, or one per line)")
     threshold: float = Field(0.8, gt=0, le=1, description="near-duplicate when similarity >= threshold")
@@ -132,12 +174,19 @@ class TrainConfig(RunSettings):
     NON_RESULT_KEYS: ClassVar[frozenset[str]] = TRAIN_NON_RESULT_KEYS
     #: Keys added after runs were written, with the value those runs used (none yet).
     LEGACY_VALUES: ClassVar[dict[tuple[str, str], Any]] = {}
+    preset: Literal["paper-b"] | None = Field(
+        None,
+        description="'paper-b': every key this config does not set takes the value of paper B's authors' scripts "
+        "(opdlens.opd.presets.PAPER_B, each value with its source file; docs/OPD.md); keys set here win",
+    )
 
     teacher: str = Field("smollm2", description="same tokenizer as the student (checked)")
     train_split: str = Field("train", description="split of the training questions")
     train_questions: int | None = Field(512, description="number of training questions (None: all)")
     eval_split: str = Field("test", description="split of the held-out questions")
-    eval_questions: int = Field(32, ge=0, description="held-out questions (0: no held-out evaluation)")
+    eval_questions: int | None = Field(
+        32, ge=0, description="held-out questions (None: all of the split; 0: no held-out evaluation)"
+    )
 
     student_template: str = Field(
         "same", description="student prompt: a TEMPLATES name or a format string with {prompt}"
@@ -185,8 +234,24 @@ class TrainConfig(RunSettings):
     betas: tuple[float, float] = Field((0.9, 0.999), description="AdamW betas")
     warmup_steps: int = Field(0, ge=0, description="linear warm-up steps")
     max_grad_norm: float | None = Field(1.0, description="gradient clipping (None: off)")
-    batch_size: int = Field(64, description="rollouts per optimizer step, over all processes (paper: 64)")
-    samples_per_prompt: int = Field(1, description="rollouts per question")
+    batch_unit: Literal["rollouts", "prompts"] = Field(
+        "rollouts",
+        description="what batch_size counts: 'rollouts' (a step draws batch_size / samples_per_prompt prompts) "
+        "or 'prompts' (a step draws batch_size prompts and trains on batch_size x samples_per_prompt rollouts, "
+        "as the authors' MINI_BATCH_SIZE, which verl multiplies by rollout.n)",
+    )
+    batch_size: int = Field(
+        64,
+        description="size of one optimizer step over all processes, in the unit of batch_unit (default: rollouts); "
+        "the authors: 64 prompts x 4 rollouts = 256 rollouts (preset paper-b)",
+    )
+    samples_per_prompt: int = Field(1, description="rollouts per question (authors' N_RESPONSES: 4)")
+    prompt_order: Literal["random", "sequential"] = Field(
+        "random",
+        description="how a step's prompts are drawn: 'random' (seeded by (seed, step), with replacement across "
+        "steps) or 'sequential' (consecutive blocks of the training questions in their loaded order, wrapping "
+        "around: epochs, as the authors' data.shuffle=False)",
+    )
     micro_batch: int = Field(8, description="rollouts per forward/backward pass")
     rollout_chunk: int | None = Field(
         None,
@@ -197,8 +262,36 @@ class TrainConfig(RunSettings):
     steps: int = Field(100, description="optimizer steps")
 
     eval_every: int = Field(10, ge=0, description="held-out evaluation period in steps (0: off)")
-    eval_temperature: float = Field(1.0, gt=0, description="sampling temperature of the held-out rollouts")
-    eval_samples: int = Field(1, ge=1, description="held-out rollouts per question")
+    eval_at_start: bool = Field(
+        True, description="also evaluate before the first step (authors' trainer.val_before_train: False)"
+    )
+    eval_task_args: dict[str, Any] | None = Field(
+        None,
+        description="task arguments of the held-out questions (None: task_args), e.g. another path= for a local "
+        "file task whose one file is one split; the held-out answers are graded by this task",
+    )
+    eval_temperature: float = Field(
+        1.0, gt=0, description="sampling temperature of the held-out rollouts (authors' val_kwargs.temperature: 0.7)"
+    )
+    eval_top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="nucleus (top-p) truncation of the held-out sampling: the smallest set of most likely tokens "
+        "whose probability reaches top_p, renormalised (1: none; authors' val_kwargs.top_p: 0.95)",
+    )
+    eval_max_new_tokens: int | None = Field(
+        None,
+        ge=1,
+        description="generation budget of a held-out rollout (None: the training budget; authors' "
+        "MAX_VAL_RESP_LENGTH: 31,744)",
+    )
+    eval_samples: int = Field(
+        1,
+        ge=1,
+        description="held-out rollouts per question; logged as eval_avg_at_n (mean accuracy over all samples) and "
+        "eval_pass_at_n (share of questions with a correct sample) (authors' val_kwargs.n: 16)",
+    )
     save_every: int = Field(50, ge=0, description="checkpoint period in steps (0: off)")
     keep_checkpoints: int = Field(2, ge=0, description="checkpoints kept (0: all)")
     out_dir: Path = Field(Path("runs/opd"), description="run directory (metrics.jsonl, checkpoints/, tb/)")
@@ -228,10 +321,25 @@ class TrainConfig(RunSettings):
         None, description="stage before OPD: de-duplicate the training prompts"
     )
 
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_preset(cls, data: Any) -> Any:
+        """Fill the keys a config leaves unset from its ``preset`` (explicit keys win)."""
+        if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in PRESETS:
+            return {**preset_values(data["preset"]), **data}
+        return data
+
     @field_validator("student_template", "teacher_template")
     @classmethod
     def _template(cls, v: str) -> str:
         resolve_template(v)
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", v):
+            raise ValueError(f"{v!r} is not a device: use 'auto', 'cpu', 'cuda', 'cuda:<index>' or 'mps'")
         return v
 
     @field_validator("teacher_device")
@@ -264,9 +372,10 @@ class TrainConfig(RunSettings):
     def _consistent(self) -> TrainConfig:
         if self.batch_size < 1 or self.micro_batch < 1 or self.samples_per_prompt < 1:
             raise OpdlensError("batch_size, micro_batch and samples_per_prompt must be >= 1")
-        if self.batch_size % self.samples_per_prompt:
+        if self.batch_unit == "rollouts" and self.batch_size % self.samples_per_prompt:
             raise OpdlensError(
-                f"batch_size {self.batch_size} must be a multiple of samples_per_prompt {self.samples_per_prompt}"
+                f"batch_size {self.batch_size} (rollouts) must be a multiple of samples_per_prompt "
+                f"{self.samples_per_prompt}; or count it in prompts: batch_unit: prompts"
             )
         if self.lr <= 0:
             raise OpdlensError(f"lr must be > 0, got {self.lr}")
@@ -292,8 +401,18 @@ class TrainConfig(RunSettings):
             )
         return self
 
+    @property
+    def prompts_per_step(self) -> int:
+        """Training questions drawn per optimizer step (over all processes)."""
+        return self.batch_size if self.batch_unit == "prompts" else self.batch_size // self.samples_per_prompt
+
+    @property
+    def rollouts_per_step(self) -> int:
+        """Rollouts one optimizer step trains on (over all processes)."""
+        return self.prompts_per_step * self.samples_per_prompt
+
     def loss_options(self, denominator: float | None = None) -> LossOptions:
-        """The :class:`~opdlens.opd.losses.LossOptions` of this run (one place, read by the step)."""
+        """The :class:`~opdlens.opd.registry.LossOptions` of this run (one place, read by the step)."""
         return LossOptions(
             k=self.k,
             topk_set=self.topk_set,

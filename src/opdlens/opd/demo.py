@@ -32,7 +32,7 @@ import typer
 
 from opdlens.entry import choice, run_app
 from opdlens.io import atomic_write
-from opdlens.opd.losses import LOSSES
+from opdlens.opd.registry import LOSSES
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from opdlens.report.figures import plot_training_curve
 

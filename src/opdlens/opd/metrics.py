@@ -1,7 +1,7 @@
 r"""Per-token OPD monitoring signals: top-k overlap, overlap-token advantage, entropy gap, shared mass.
 
-At each generated position ``t`` (student distribution ``p``, teacher ``q`` on the same
-prefix; see :mod:`opdlens.opd.losses`) let ``S^p_t`` and ``S^q_t`` be the student's and the
+At each generated position ``t`` (student distribution ``p`` at its rollout temperature,
+teacher ``q`` at the teacher temperature, on the same prefix; see :mod:`opdlens.opd.losses`) let ``S^p_t`` and ``S^q_t`` be the student's and the
 teacher's top-k token sets (k = 16 by default) and ``I_t = S^p_t ∩ S^q_t`` the shared set.
 
 * ``overlap_ratio``      ``|I_t| / k`` ∈ [0, 1];
@@ -79,8 +79,14 @@ def token_metrics(
     k: int = 16,
     tokens: torch.Tensor | None = None,
     teacher_temperature: float = 1.0,
+    student_temperature: float = 1.0,
 ) -> TokenMetrics:
-    """Compute :class:`TokenMetrics` from ``[B, T, V]`` logits (or log-probs)."""
+    """Compute :class:`TokenMetrics` from ``[B, T, V]`` logits (or log-probs).
+
+    ``p = softmax(z / student_temperature)``: the student at its rollout temperature (the
+    distribution the rollouts were drawn from and the loss trains; the authors' ``actor/entropy``
+    is the entropy of the logits divided by the rollout temperature); ``q = softmax(z_te /
+    teacher_temperature)``."""
     if student_logits.shape != teacher_logits.shape or student_logits.dim() != 3:
         raise OpdlensError(
             f"student {tuple(student_logits.shape)} and teacher {tuple(teacher_logits.shape)} "
@@ -89,7 +95,7 @@ def token_metrics(
     vocab = student_logits.shape[-1]
     if not 1 <= k <= vocab:
         raise OpdlensError(f"top-k overlap needs 1 <= k <= vocabulary size {vocab}, got k={k}")
-    logp = log_probs(student_logits)
+    logp = log_probs(student_logits, student_temperature)
     logq = log_probs(teacher_logits, teacher_temperature)
     p = logp.exp()
     q = logq.exp()
@@ -150,6 +156,17 @@ class RatioMetrics:
         return out
 
 
+#: Which sides of the ``2k`` entries (student top-k, teacher top-k) the authors' advantage tensor
+#: holds for each token set (``compute_distillation_reward`` in their ``dp_actor.py``): the
+#: per-set advantage means count only those entries.
+ADVANTAGE_SIDES: dict[str, tuple[bool, bool]] = {
+    "student": (True, False),
+    "intersection": (True, False),
+    "teacher": (False, True),
+    "union": (True, True),
+    "symmetric_difference": (True, True),
+}
+
 #: The mechanism metrics kept per position chunk when ``chunk > 0`` (the authors' chunked curves).
 CHUNKED = ("overlap_ratio", "adv_intersection", "student_p_sum_intersection", "teacher_p_sum_intersection")
 
@@ -167,15 +184,22 @@ def mechanism_metrics(
 ) -> RatioMetrics:
     r"""The authors' logged top-k signals (their names) and our gradient/advantage split.
 
-    With ``S``/``T`` the student/teacher top-k sets and the training advantage
-    ``a_v = −w_v ℓ(v)`` of :func:`~opdlens.opd.losses.topk_entries` (weights of the chosen set
-    and weight mode; entries outside the set get the same formula):
+    With ``S``/``T`` the student/teacher top-k sets, ``p`` the student at its rollout temperature
+    and the training advantage ``a_v`` of :func:`~opdlens.opd.losses.topk_entries`: ``−w_v ℓ(v)``
+    on the chosen set (weights of that set and weight mode), **0 outside it**, as in the authors'
+    advantage tensor (their ``compute_distillation_reward`` zeroes the log-ratio outside the set):
 
     * ``overlap_ratio``: ``|S∩T| / k``, mean over tokens;
     * ``student_p_sum_intersection`` / ``teacher_p_sum_intersection``: ``P(S∩T)`` / ``Q(S∩T)``,
       mean over the tokens whose intersection is non-empty (the authors skip the others);
     * ``adv_intersection`` / ``adv_only_stu`` / ``adv_only_tch``: mean of ``a_v`` over the
-      (token, id) entries of ``S∩T`` / ``S∖T`` / ``T∖S``;
+      (token, id) entries of ``S∩T`` / ``S∖T`` / ``T∖S``. Like the authors, a side enters only
+      when their advantage tensor holds it (:data:`ADVANTAGE_SIDES`: the student's top-k for the
+      student set and the intersection, the teacher's for the teacher set, both for the union and
+      the symmetric difference); the shared entries are those of the side the set trains (the
+      teacher's for the teacher set). So ``adv_only_stu`` is 0 under ``intersection`` and
+      ``adv_intersection`` 0 under ``symmetric_difference`` (untrained entries), and a side the
+      authors do not hold is not counted (NaN: ``adv_only_tch`` under the student set);
     * ``student_p_sum_only_stu`` / ``teacher_p_sum_only_tch``: ``P(S∖T)`` / ``Q(T∖S)`` over the
       tokens where that set is non-empty (ours, same averaging rule);
     * ``adv_abs_share_intersection``: ``Σ|a_v|`` on trained shared entries over ``Σ|a_v|`` on all
@@ -197,6 +221,9 @@ def mechanism_metrics(
     ones = torch.ones(p.shape[:2], dtype=p.dtype, device=p.device)
     num: dict[str, torch.Tensor] = {}
     den: dict[str, torch.Tensor] = {}
+    has_s, has_t = ADVANTAGE_SIDES[topk_set]
+    held = torch.zeros_like(e.in_set)
+    held[..., : e.k], held[..., e.k :] = has_s, has_t  # entries of the authors' advantage tensor
 
     def entry_mean(name: str, sel: torch.Tensor) -> None:
         num[name], den[name] = (adv * sel).sum(-1), sel.to(p.dtype).sum(-1)
@@ -208,9 +235,9 @@ def mechanism_metrics(
     num["overlap_ratio"], den["overlap_ratio"] = e.shared.to(p.dtype).sum(-1) / k, ones
     mass_where_nonempty("student_p_sum_intersection", p, e.shared)
     mass_where_nonempty("teacher_p_sum_intersection", q, e.shared)
-    entry_mean("adv_intersection", e.shared)
-    entry_mean("adv_only_stu", e.only_student)
-    entry_mean("adv_only_tch", e.only_teacher)
+    entry_mean("adv_intersection", e.shared & held)
+    entry_mean("adv_only_stu", e.only_student & held)
+    entry_mean("adv_only_tch", e.only_teacher & held)
     mass_where_nonempty("student_p_sum_only_stu", p, e.only_student)
     mass_where_nonempty("teacher_p_sum_only_tch", q, e.only_teacher)
     trained = e.in_set.to(p.dtype)

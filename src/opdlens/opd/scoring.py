@@ -209,18 +209,29 @@ class Scorer:
         chunk: int | None = None,
         first_chunk: int = 0,
         max_new_tokens: int = 256,
+        top_p: float = 1.0,
     ) -> list[Rollout]:
         """``n`` student samples per question, sampled in calls of ``chunk`` questions (all at once
-        when None); call ``i`` is seeded by ``step_seed(seed, first_chunk + i)``."""
+        when None); call ``i`` is seeded by ``step_seed(seed, first_chunk + i)``. ``top_p < 1``:
+        nucleus sampling (the student's ``sample`` must take ``top_p``, as :class:`~opdlens.models.HFPolicy`'s)."""
         ctxs = [self.student_context(q) for q in questions]
         size = chunk or max(len(questions), 1)
+        extra = {"top_p": top_p} if top_p != 1.0 else {}
         out: list[Rollout] = []
         for c, start in enumerate(range(0, len(questions), size)):
             part = ctxs[start : start + size]
             # the engine runs in the weights' own dtype (float32 masters), not under autocast
-            comps = self.student.sample(
-                part, n, max_new_tokens, seed=step_seed(seed, first_chunk + c), temperature=temperature
-            )
+            try:
+                comps = self.student.sample(
+                    part, n, max_new_tokens, seed=step_seed(seed, first_chunk + c), temperature=temperature, **extra
+                )
+            except TypeError as e:
+                if extra and "top_p" in str(e):
+                    raise OpdlensError(
+                        f"{type(self.student).__name__}.sample has no top_p (nucleus sampling): use an HFPolicy "
+                        "student or eval_top_p: 1"
+                    ) from e
+                raise
             for j, (ctx, group) in enumerate(zip(part, comps)):
                 out.extend(
                     Rollout(questions[start + j], ctx, list(x.tokens), bool(x.finished), start + j) for x in group

@@ -17,8 +17,9 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd.config import TrainConfig
-from opdlens.opd.losses import get_loss, log_probs, reduce_tokens
+from opdlens.opd.losses import log_probs, reduce_tokens
 from opdlens.opd.metrics import mechanism_metrics, token_metrics
+from opdlens.opd.registry import get_loss
 from opdlens.opd.runlog import MetricSums
 from opdlens.opd.scoring import Rollout, Scored, Scorer
 
@@ -45,7 +46,14 @@ def add_signals(sums: MetricSums, scored: Scored, cfg: TrainConfig) -> None:
     s = scored.student.detach()
     k = min(cfg.metrics_k, s.shape[-1])
     sums.add_tokens(
-        token_metrics(s, scored.teacher, k=k, tokens=scored.tokens, teacher_temperature=cfg.teacher_temperature),
+        token_metrics(
+            s,
+            scored.teacher,
+            k=k,
+            tokens=scored.tokens,
+            teacher_temperature=cfg.teacher_temperature,
+            student_temperature=cfg.temperature,
+        ),
         scored.mask,
         skip=_DUPLICATES,
     )

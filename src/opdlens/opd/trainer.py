@@ -1,18 +1,21 @@
 r"""On-policy distillation trainer: the step loop, evaluation and :func:`train` (run / resume).
 
-One optimizer step (``batch_size`` rollouts over all processes):
+One optimizer step (``batch_size`` rollouts, or with ``batch_unit: prompts`` ``batch_size``
+prompts × ``samples_per_prompt`` rollouts, over all processes):
 
-1. draw ``batch_size / samples_per_prompt`` training questions (seeded by ``(seed, step)``);
+1. draw the step's training questions (:attr:`TrainConfig.prompts_per_step`): seeded by
+   ``(seed, step)``, or with ``prompt_order: sequential`` the next block in order (epochs);
    each process takes an equal contiguous share (:mod:`opdlens.opd.parallel`);
 2. the student samples ``samples_per_prompt`` completions per question at ``temperature`` with
    its rollout engine (:mod:`opdlens.opd.scoring`);
 3. micro-batched student (with gradient) and teacher (without) forward passes and the OPD loss
-   named by ``loss`` (:data:`opdlens.opd.losses.LOSSES`), normalised by the global token count
+   named by ``loss`` (:data:`opdlens.opd.registry.LOSSES`), normalised by the global token count
    (:mod:`opdlens.opd.step`); optionally the GRPO outcome term;
 4. gradient clipping and one AdamW step on the float32 master weights;
 5. logging (:mod:`opdlens.opd.runlog`) of the loss, our token signals and the authors' metrics
    (:mod:`opdlens.opd.metrics`), the training reward, and every ``eval_every`` steps the
-   held-out reward and signals; checkpoints (:mod:`opdlens.opd.checkpoint`) every
+   held-out evaluation (``eval_samples`` per question at ``eval_temperature`` / ``eval_top_p``,
+   up to ``eval_max_new_tokens``; avg@n, pass@n and the signals); checkpoints (:mod:`opdlens.opd.checkpoint`) every
    ``save_every`` steps.
 
 Each step's randomness is a function of ``(seed, step)`` only, so a resumed run reproduces the
@@ -51,11 +54,11 @@ from opdlens.io import atomic_write
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
 from opdlens.opd.parallel import Dist
+from opdlens.opd.questions import load_questions, prepare_contexts
 from opdlens.opd.runlog import METRICS_FILE, RunLogger, read_metrics
 from opdlens.opd.scoring import (
     Rollout,
     Scorer,
-    decode,
     encode_messages,
     encode_user,
     frozen_copy,
@@ -133,6 +136,12 @@ class OPDTrainer:
         self.train_questions = list(train_questions)
         self.eval_questions = list(eval_questions)
         self.max_new_tokens = config.token_budget(task)
+        self.eval_task = task
+        if config.eval_task_args is not None and self.eval_questions:
+            from opdlens.tasks import get_task
+
+            self.eval_task = get_task(config.task, **config.eval_task_args)  # grades the held-out answers
+        self.eval_max_new_tokens = config.eval_max_new_tokens or config.token_budget(self.eval_task)
         self.dist = dist or Dist(next(student.model.parameters()).device)
         self.model: torch.nn.Module = student.model
         if any(p.dtype != torch.float32 for p in self.model.parameters()):
@@ -159,7 +168,16 @@ class OPDTrainer:
         return self.config.lr * (min(1.0, (step + 1) / w) if w > 0 else 1.0)
 
     def _rollouts(
-        self, questions: list[Any], n: int, seed: int, temperature: float, *, first: int, strict: bool = True
+        self,
+        questions: list[Any],
+        n: int,
+        seed: int,
+        temperature: float,
+        *,
+        first: int,
+        strict: bool = True,
+        top_p: float = 1.0,
+        max_new_tokens: int | None = None,
     ) -> list[Rollout]:
         chunk = self.config.rollout_chunk
         if chunk is not None and (len(questions) % chunk or first % chunk):
@@ -168,8 +186,27 @@ class OPDTrainer:
             chunk = None  # held-out blocks of uneven size: one call per process
         first_chunk = first // chunk if chunk else self.dist.rank
         return self.scorer.rollouts(
-            questions, n, seed, temperature, chunk=chunk, first_chunk=first_chunk, max_new_tokens=self.max_new_tokens
+            questions,
+            n,
+            seed,
+            temperature,
+            chunk=chunk,
+            first_chunk=first_chunk,
+            max_new_tokens=max_new_tokens or self.max_new_tokens,
+            top_p=top_p,
         )
+
+    def step_questions(self, step: int) -> list[Any]:
+        """The training questions of optimizer step ``step`` (1-based), over all processes:
+        ``prompts_per_step`` of them, drawn by ``(seed, step)`` or, with ``prompt_order:
+        sequential``, the step's block of the questions in order (wrapping around: epochs)."""
+        cfg, qs = self.config, self.train_questions
+        n = cfg.prompts_per_step
+        if cfg.prompt_order == "sequential":
+            start = (step - 1) * n
+            return [qs[i % len(qs)] for i in range(start, start + n)]
+        idx = np.random.default_rng([cfg.seed, step]).choice(len(qs), size=n, replace=n > len(qs))
+        return [qs[i] for i in idx]
 
     # ---------------------------------------------------------------- one step
     def train_step(self) -> dict[str, Any]:
@@ -177,10 +214,7 @@ class OPDTrainer:
         cfg, dist = self.config, self.dist
         t0 = time.perf_counter()
         step = self.step + 1
-        n_prompts = cfg.batch_size // cfg.samples_per_prompt
-        rng = np.random.default_rng([cfg.seed, step])
-        idx = rng.choice(len(self.train_questions), size=n_prompts, replace=n_prompts > len(self.train_questions))
-        mine, first = dist.share([self.train_questions[i] for i in idx])
+        mine, first = dist.share(self.step_questions(step))
         rows = self._rollouts(mine, cfg.samples_per_prompt, step_seed(cfg.seed, step), cfg.temperature, first=first)
         t_sample = time.perf_counter() - t0
         correct = self.scorer.correct(self.task, rows)
@@ -228,24 +262,45 @@ class OPDTrainer:
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Held-out student reward and signals (fixed sampling seed: evaluations differ only by
-        the weights); every process takes its share of the questions."""
+        """Held-out evaluation (fixed sampling seed: evaluations differ only by the weights);
+        every process takes its share of the questions, all samples of a question together.
+
+        ``eval_samples`` (n) rollouts per question at ``eval_temperature``, nucleus ``eval_top_p``,
+        up to ``eval_max_new_tokens``, graded by the held-out task: ``eval_avg_at_n`` (= the
+        older ``eval_reward``) is the mean accuracy over all samples (the authors' mean@n), and
+        ``eval_pass_at_n`` the share of questions with at least one correct sample; the signals
+        are scored on the same rollouts."""
         if not self.eval_questions:
             return {}
         cfg, dist = self.config, self.dist
         mine, first = dist.block(self.eval_questions)
         rows = (
             self._rollouts(
-                mine, cfg.eval_samples, step_seed(cfg.seed, 0, salt=1), cfg.eval_temperature, first=first, strict=False
+                mine,
+                cfg.eval_samples,
+                step_seed(cfg.seed, 0, salt=1),
+                cfg.eval_temperature,
+                first=first,
+                strict=False,
+                top_p=cfg.eval_top_p,
+                max_new_tokens=self.eval_max_new_tokens,
             )
             if mine
             else []
         )
         sums = score_signals(self.scorer, rows, cfg)
-        sums.add("reward", float(sum(self.scorer.correct(self.task, rows))), float(len(rows)))
+        correct = self.scorer.correct(self.eval_task, rows)
+        solved: dict[int, bool] = {}
+        for r, ok in zip(rows, correct):
+            solved[r.group] = solved.get(r.group, False) or ok
+        sums.add("reward", float(sum(correct)), float(len(rows)))
+        sums.add("avg_at_n", float(sum(correct)), float(len(rows)))
+        sums.add("pass_at_n", float(sum(solved.values())), float(len(solved)))
         sums.add("mean_len", float(sum(len(r.tokens) for r in rows)), float(len(rows)))
+        sums.add("frac_finished", float(sum(r.finished for r in rows)), float(len(rows)))
         m = dist.merge(sums).means()
-        return {f"eval_{k}": m[k] for k in (*EVAL_KEYS, "reward", "mean_len") if k in m}
+        keys = (*EVAL_KEYS, "reward", "avg_at_n", "pass_at_n", "mean_len", "frac_finished")
+        return {f"eval_{k}": m[k] for k in keys if k in m}
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, out_dir: str | Path, keep: int = 2) -> Path:
@@ -341,94 +396,6 @@ def load_models(config: TrainConfig, *, student: bool = True, teacher: bool = Tr
     return s, t
 
 
-def collect_solutions(
-    student: Any, task: Any, questions: Sequence[Any], *, n: int, max_new_tokens: int, seed: int
-) -> dict[str, Any]:
-    """One correct and one wrong student solution per question (for ``1c`` / ``1c1w`` contexts).
-
-    Samples ``n`` completions per question from the (initial) student at temperature 1, grades
-    them with the task checker and keeps the first correct and the first wrong text, as the
-    diagnostics do for the Self-1C / Self-1C1W teachers. Returns ``{question id: Solutions}``.
-    """
-    from opdlens.diagnose.teachers import Solutions
-
-    ctxs = [encode_user(student, q.prompt) for q in questions]
-    with torch.no_grad():
-        outs = student.sample(ctxs, n, max_new_tokens, seed=seed, temperature=1.0)
-    eos = set(student.eos_token_ids)
-    sols: dict[str, Any] = {}
-    for q, comps in zip(questions, outs):
-        correct = wrong = None
-        for c in comps:
-            text = decode(student, [t for t in c.tokens if t not in eos])
-            ok = bool(task.check(text, q))
-            if ok and correct is None:
-                correct = text
-            elif not ok and wrong is None:
-                wrong = text
-        sols[q.id] = Solutions(correct=correct, wrong=wrong, external=(getattr(q, "meta", None) or {}).get("solution"))
-    return sols
-
-
-def _prepare_contexts(
-    cfg: TrainConfig,
-    student: Any,
-    task: Any,
-    train_q: list[Any],
-    eval_q: list[Any],
-    out_dir: Path,
-    max_new_tokens: int,
-    dist: Dist,
-) -> tuple[list[Any], list[Any], dict[str, Any], dict[str, int]]:
-    """Solutions for diagnose-style teacher contexts; drops questions whose context cannot be built."""
-    from opdlens.diagnose.teachers import Solutions, get_context, missing_for
-
-    kind = cfg.teacher_context
-    needs = set(get_context(kind).needs) if kind is not None else set()
-    if not needs:
-        return train_q, eval_q, {}, {}
-    path = out_dir / "solutions.json"
-    if needs & {"correct", "wrong"}:  # from the student's own rollouts
-        if not path.is_file() and dist.is_main:
-            sols = collect_solutions(
-                student,
-                task,
-                train_q + eval_q,
-                n=cfg.context_rollouts,
-                max_new_tokens=max_new_tokens,
-                seed=step_seed(cfg.seed, 0, salt=2),
-            )
-            atomic_write(path, json.dumps({k: vars(v) for k, v in sols.items()}))
-        dist.barrier()
-        sols = {k: Solutions(**v) for k, v in json.loads(path.read_text()).items()}
-    else:
-        sols = {q.id: Solutions(external=(getattr(q, "meta", None) or {}).get("solution")) for q in train_q + eval_q}
-    keep_t = [q for q in train_q if missing_for(kind, sols[q.id]) is None]
-    keep_e = [q for q in eval_q if missing_for(kind, sols[q.id]) is None]
-    dropped = {
-        "dropped_train_questions": len(train_q) - len(keep_t),
-        "dropped_eval_questions": len(eval_q) - len(keep_e),
-    }
-    if not keep_t:
-        raise OpdlensError(
-            f"teacher_context {kind!r}: no training question has the needed solution "
-            f"({missing_for(kind, Solutions())}); raise context_rollouts or use teacher_context: plain"
-        )
-    return keep_t, keep_e, sols, dropped
-
-
-def load_questions(config: TrainConfig) -> tuple[Any, list[Any], list[Any]]:
-    """The task and its training / held-out questions."""
-    from opdlens.tasks import get_task
-
-    task = get_task(config.task, **config.task_args)
-    train_q = task.load(split=config.train_split, n=config.train_questions, seed=config.seed)
-    eval_q = (
-        task.load(split=config.eval_split, n=config.eval_questions, seed=config.seed) if config.eval_questions else []
-    )
-    return task, list(train_q), list(eval_q)
-
-
 def train(
     config: TrainConfig,
     *,
@@ -513,7 +480,7 @@ def train(
 
         cfg, train_questions = replay_stages(cfg, list(train_questions), out_dir)
     budget = cfg.token_budget(task)
-    train_questions, eval_questions, sols, dropped = _prepare_contexts(
+    train_questions, eval_questions, sols, dropped = prepare_contexts(
         cfg, student, task, list(train_questions), list(eval_questions), out_dir, budget, dist
     )
     trainer = OPDTrainer(cfg, student, teacher, task, train_questions, eval_questions, solutions=sols, dist=dist)
@@ -536,7 +503,7 @@ def train(
         history.append(row)
 
     try:
-        if trainer.step == 0 and cfg.eval_every > 0:
+        if trainer.step == 0 and cfg.eval_every > 0 and cfg.eval_at_start:
             emit({"step": 0, **dropped, **stage_log, **trainer.evaluate()})
         done = 0
         while trainer.step < cfg.steps and (stop_after is None or done < stop_after):

@@ -28,13 +28,16 @@ from typing import Literal
 import pandas as pd
 
 from opdlens.diagnose.uncertainty import count_settled
+from opdlens.display import display_text
 from opdlens.errors import OpdlensError
 from opdlens.io import atomic_write
 from opdlens.report.analyze import Analysis, analyze
+from opdlens.report.csvs import CSV_FILES, questions_frame, write_csvs
 from opdlens.report.figures import (
     plot_correct_incorrect,
     plot_depth,
     plot_distribution,
+    plot_pooled_distribution,
     plot_teacher_means,
 )
 from opdlens.report.html import (
@@ -44,21 +47,16 @@ from opdlens.report.html import (
     two_child_tip,
 )
 from opdlens.report.nodes import require_columns, valid_nodes
-from opdlens.report.tables import (
-    CSV_FILES,
-    build_tables,
-    overview_lines,
-    questions_frame,
-    render_markdown_table,
-    two_child_share,
-    write_csvs,
-)
+from opdlens.report.overview import choices_table, overview_lines
+from opdlens.report.render import render_markdown_table
+from opdlens.report.tables import build_tables, two_child_share, unit_note
 
 __all__ = ["CSV_FILES", "FIGURE_FILES", "alignment_color", "write_report"]
 
 #: PNG files written under ``figures/``.
 FIGURE_FILES: dict[str, str] = {
     "distribution": "alignment_hist.png",
+    "pooled": "alignment_pooled.png",
     "teacher_means": "teacher_means.png",
     "correct_vs_incorrect": "correct_vs_incorrect.png",
     "depth": "alignment_vs_depth.png",
@@ -161,6 +159,7 @@ def write_report(
         )
 
     conf = round(100 * confidence)
+    over = unit_note(an.unit)
     figs: list[tuple[str, str, Path]] = [
         (
             "Alignment distribution",
@@ -168,15 +167,21 @@ def write_report(
             plot_distribution(valid, metric, teachers, fig_dir / FIGURE_FILES["distribution"]),
         ),
         (
+            "Pooled alignment distribution",
+            "Every valid node of every teacher pooled (as the paper's appendix E.1 shows it): density histogram, "
+            "each teacher's outline on top; the title gives the pooled mean and std (Pooled node alignments table).",
+            plot_pooled_distribution(valid, metric, teachers, fig_dir / FIGURE_FILES["pooled"]),
+        ),
+        (
             "Alignment per teacher",
-            f"Table 1's mean (path, then question, then teacher) with {conf}% CI over {unit} means "
+            f"Table 1's mean (path, then question, then teacher) with {conf}% CI over {over} "
             f"({'t-interval' if ci == 't' else 'bootstrap'}).",
             plot_teacher_means(an.teachers.table, metric, confidence, fig_dir / FIGURE_FILES["teacher_means"]),
         ),
         (
             "Correct vs incorrect paths",
             f"Table 1's mean over correct and over incorrect paths (path, then question, then teacher), "
-            f"{conf}% CI over {unit} means.",
+            f"{conf}% CI over {over}.",
             plot_correct_incorrect(
                 an.table1, teachers, metric, confidence, fig_dir / FIGURE_FILES["correct_vs_incorrect"]
             ),
@@ -193,18 +198,18 @@ def write_report(
             atomic_write(dst, lambda tmp, p=p: shutil.copyfile(p, tmp))
         figs.append((t, "", dst))
 
-    md = [f"# {title}", ""]
-    md += [f"- {line}" for line in overview]
+    md = [f"# {display_text(title)}", ""]
+    md += [f"- {display_text(line)}" for line in overview]
     md.append("")
     if choices:
-        md += ["## Choices of this run", "", "Where opdlens and the paper differ (docs/PROTOCOL.md says why):", ""]
-        md += [f"- {k}: `{v}`" for k, v in choices.items()]
-        md.append("")
-        overview = [*overview, "choices: " + "; ".join(f"{k} = {v}" for k, v in choices.items())]
-    md += [render_markdown_table(t) for t in tables]
+        lines, choice_table = choices_table(choices)
+        md += ["## Choices of this run", "", *lines, ""]
+        tables = [choice_table, *tables]  # the HTML page shows them as a table
+    md += [render_markdown_table(t) for t in tables if t.key != "choices"]
     md += ["## Figures", ""]
     for t, caption, p in figs:
-        md += [f"### {t}", "", caption, "", f"![{t}]({p.relative_to(out).as_posix()})", ""]
+        shown = display_text(t)
+        md += [f"### {shown}", "", display_text(caption), "", f"![{shown}]({p.relative_to(out).as_posix()})", ""]
     md += ["## Files", "", "CSV tables (full precision): " + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]
     atomic_write(out / "summary.md", "\n".join(md))
 

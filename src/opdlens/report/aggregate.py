@@ -13,6 +13,13 @@ default): they run over path means, each path weighted ``1 / paths of its questi
 are about the same question-averaged value (:mod:`opdlens.report.stats` explains the weights).
 The value itself does not depend on the unit. Correct-vs-incorrect tests are paired over
 questions in both.
+
+Shared questions. A teacher skipped on a question (no solution to show, a context longer than its
+model's window) has no value there; Table 1 compares teachers over the questions every teacher
+of the run has a value for (:func:`shared_questions`), so a teacher is not ranked on easier or
+harder questions than the others. :class:`SharedQuestions` keeps each teacher's own count and the
+questions left out, which the report and the study print. Pairwise teacher tests pair the units
+both teachers of a pair have; correct-vs-incorrect tests use each teacher's questions.
 """
 
 from __future__ import annotations
@@ -43,10 +50,12 @@ from opdlens.report.stats import (
 )
 
 __all__ = [
+    "ALL_TEACHERS",
     "GROUPS",
     "STATISTICS",
     "UNITS",
     "QuestionComparison",
+    "SharedQuestions",
     "TeacherSummary",
     "Unit",
     "check_unit",
@@ -54,6 +63,8 @@ __all__ = [
     "path_values",
     "per_question",
     "per_teacher",
+    "pooled_nodes",
+    "shared_questions",
     "table1",
     "teacher_values",
     "unit_values",
@@ -149,6 +160,60 @@ def teacher_values(
     return pd.DataFrame(rows, columns=[*by, *VALUE_COLUMNS])
 
 
+@dataclass(frozen=True)
+class SharedQuestions:
+    """The questions every teacher has a value for, and what is left out.
+
+    ``questions``: the shared question ids, sorted; ``per_teacher``: one row per teacher with
+    ``n_questions`` (questions it has a value for) and ``n_shared``; ``excluded``: one row per
+    question left out, with ``teachers`` (comma-separated names of the teachers that lack it)."""
+
+    questions: list[str]
+    per_teacher: pd.DataFrame
+    excluded: pd.DataFrame
+
+    def restrict(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """The rows of ``frame`` on shared questions; all of ``frame`` when no question is shared
+        (then each teacher is over its own questions, and the report says so)."""
+        if not self.questions:
+            return frame
+        return frame[frame["question_id"].astype(str).isin(set(self.questions))]
+
+
+def shared_questions(paths: pd.DataFrame, column: str | None = None) -> SharedQuestions:
+    """The questions on which every teacher of ``paths`` (one row per teacher, question and path,
+    e.g. :func:`~opdlens.report.nodes.per_path`) has a finite ``column`` on at least one path.
+    ``column`` None: :func:`path_values` rows (``value``, the ``mean`` statistic's rows when a
+    ``statistic`` column is present), else ``per_path``'s ``mean``."""
+    if column is None:
+        if "statistic" in paths.columns:
+            paths = paths[paths["statistic"] == "mean"]
+        column = "value" if "value" in paths.columns else "mean"
+    x = pd.to_numeric(paths[column], errors="coerce").to_numpy(dtype=float)
+    have = paths.loc[np.isfinite(x), ["teacher", "question_id"]].astype(str).drop_duplicates()
+    teachers = sorted(set(paths["teacher"].astype(str)))
+    by_q = have.groupby("question_id")["teacher"].agg(set)
+    shared = sorted(q for q, ts in by_q.items() if len(ts) == len(teachers))
+    counts = have.groupby("teacher")["question_id"].nunique().reindex(teachers, fill_value=0)
+    n_shared = have[have["question_id"].isin(set(shared))].groupby("teacher")["question_id"].nunique()
+    per = pd.DataFrame(
+        {
+            "teacher": teachers,
+            "n_questions": counts.to_numpy(dtype=int),
+            "n_shared": n_shared.reindex(teachers, fill_value=0).to_numpy(dtype=int),
+        }
+    )
+    excluded = pd.DataFrame(
+        [
+            {"question_id": q, "teachers": ", ".join(t for t in teachers if t not in ts)}
+            for q, ts in sorted(by_q.items())
+            if len(ts) < len(teachers)
+        ],
+        columns=["question_id", "teachers"],
+    )
+    return SharedQuestions(shared, per, excluded)
+
+
 def path_values(paths: pd.DataFrame) -> pd.DataFrame:
     """:func:`~opdlens.report.nodes.per_path` in long form, one row per (path, statistic of
     :data:`STATISTICS`) with a finite ``value``, plus the path's ``group`` (correct / incorrect)."""
@@ -161,12 +226,20 @@ def path_values(paths: pd.DataFrame) -> pd.DataFrame:
 
 
 def table1(
-    long: pd.DataFrame, *, unit: Unit = "path", by: Sequence[str] = ("teacher",), **interval_args: object
+    long: pd.DataFrame,
+    *,
+    unit: Unit = "path",
+    by: Sequence[str] = ("teacher",),
+    shared: bool = True,
+    **interval_args: object,
 ) -> pd.DataFrame:
     """Table 1: :func:`teacher_values` per (``by``, statistic, group) of :func:`path_values`
     rows ``long``; the ``all`` group is every path, ``correct`` / ``incorrect`` only those paths
-    (so a question without such paths is not in that cell). ``interval_args``: ``ci``,
-    ``confidence``, ``n_boot``, ``seed`` of :func:`teacher_values`."""
+    (so a question without such paths is not in that cell). ``shared``: over the questions every
+    teacher has (:func:`shared_questions`), else each teacher over its own. ``interval_args``:
+    ``ci``, ``confidence``, ``n_boot``, ``seed`` of :func:`teacher_values`."""
+    if shared:
+        long = shared_questions(long).restrict(long)
     keys = [*by, "statistic"]
     frames = [
         teacher_values(sel, "value", unit=unit, by=keys, **interval_args).assign(group=g)  # type: ignore[arg-type]
@@ -313,12 +386,14 @@ class TeacherSummary:
     ``w = norm_ideal * norm_gkd``).
 
     ``pairwise``: one row per unordered teacher pair in the table's order (:func:`pairwise`).
+    ``shared``: the questions the values are over (:func:`shared_questions`; None: each teacher's own).
     """
 
     table: pd.DataFrame
     pairwise: pd.DataFrame
     confidence: float
     alpha: float
+    shared: SharedQuestions | None = None
 
 
 def per_teacher(
@@ -331,11 +406,16 @@ def per_teacher(
     seed: int = 0,
     alpha: float = 0.05,
     unit: Unit = "path",
+    shared: bool = True,
 ) -> TeacherSummary:
     """Per-teacher mean alignment (Table 1) with an interval over ``unit``, and pairwise tests.
 
     ``ci="t"`` gives a Student-t interval, ``ci="bootstrap"`` a seeded percentile bootstrap
-    (``n_boot`` resamples of the units); see :class:`TeacherSummary` for the columns.
+    (``n_boot`` resamples of the units); see :class:`TeacherSummary` for the columns. ``shared``:
+    the Table 1 values (mean, weighted, advantage) over the questions every teacher has
+    (:func:`shared_questions`; ``n_questions_scored``: the teacher's own count), else each teacher
+    over its own; the node figures pool every valid node and the pairwise tests pair what each
+    pair of teachers shares either way.
     """
     check_interval_args(ci, confidence)
     check_unit(unit)
@@ -347,10 +427,14 @@ def per_teacher(
     else:
         pp = pp.assign(teacher_adv=np.nan)
     args = {"unit": unit, "ci": ci, "confidence": confidence, "n_boot": n_boot, "seed": seed}
-    table = teacher_values(pp, "mean", **args).rename(columns={"value": "mean"})  # type: ignore[arg-type]
-    wtd = teacher_values(pp, "weighted_mean", **args)  # type: ignore[arg-type]
-    adv = teacher_values(pp, "teacher_adv", **args)  # type: ignore[arg-type]
-    adv_units = unit_values(pp, "teacher_adv", unit)
+    sq = shared_questions(pp, "mean") if shared else None
+    t1 = sq.restrict(pp) if sq is not None else pp
+    table = teacher_values(t1, "mean", **args).rename(columns={"value": "mean"})  # type: ignore[arg-type]
+    own = pp.groupby("teacher")["question_id"].nunique()
+    table.insert(table.columns.get_loc("n_paths"), "n_questions_scored", table["teacher"].map(own).astype(int))
+    wtd = teacher_values(t1, "weighted_mean", **args)  # type: ignore[arg-type]
+    adv = teacher_values(t1, "teacher_adv", **args)  # type: ignore[arg-type]
+    adv_units = unit_values(t1, "teacher_adv", unit)
     adv["adv_p"] = [
         one_sample_test(g["value"].to_numpy(), 0.0, g["weight"].to_numpy())[1]
         for _, g in adv_units.groupby("teacher", sort=True)
@@ -375,4 +459,28 @@ def per_teacher(
     table["ci_method"] = ci
     table["n_nodes"] = table["n_nodes"].astype(int)
     pw = pairwise(unit_values(pp, "mean", unit), unit, list(table["teacher"]), alpha)
-    return TeacherSummary(table=table, pairwise=pw, confidence=confidence, alpha=alpha)
+    return TeacherSummary(table=table, pairwise=pw, confidence=confidence, alpha=alpha, shared=sq)
+
+
+#: ``teacher`` of :func:`pooled_nodes`' row over every teacher's nodes.
+ALL_TEACHERS = "(all teachers)"
+
+
+def pooled_nodes(nodes: pd.DataFrame, metric: str = "align_gkd") -> pd.DataFrame:
+    """The paper's pooled node figures (its §4): per teacher and over all teachers
+    (:data:`ALL_TEACHERS`), every valid node with a finite ``metric`` pooled, whatever its path or
+    question: ``n_nodes``, ``mean``, ``std``, ``frac_pos`` / ``frac_neg`` (share > 0 / < 0), and
+    ``n_undefined`` (valid nodes whose ``metric`` is not finite: left out of the others)."""
+    v = valid_nodes(nodes, metric)
+    stats = node_stats(v, metric, ["teacher"], sort=True)
+    everything = node_stats(v.assign(teacher=ALL_TEACHERS), metric, ["teacher"], sort=True)
+    out = pd.concat([stats, everything]).reset_index()
+    valid = nodes["valid"].fillna(False).astype(bool)
+    x = pd.to_numeric(nodes[metric], errors="coerce").to_numpy(dtype=float)
+    undefined = nodes.loc[valid & ~np.isfinite(x), "teacher"].astype(str).value_counts()
+    out["teacher"] = out["teacher"].astype(str)
+    out["n_undefined"] = [
+        int(undefined.sum()) if t == ALL_TEACHERS else int(undefined.get(t, 0)) for t in out["teacher"]
+    ]
+    out = out.rename(columns={"n": "n_nodes"})
+    return out[["teacher", "n_nodes", "mean", "std", "frac_pos", "frac_neg", "n_undefined"]]

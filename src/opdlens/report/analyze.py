@@ -15,6 +15,7 @@ from opdlens.report.aggregate import (
     path_values,
     per_question,
     per_teacher,
+    pooled_nodes,
     table1,
 )
 from opdlens.report.correlations import Correlations, divergence_correlations
@@ -38,6 +39,8 @@ class Analysis:
     #: correct vs incorrect on the magnitude-weighted cosine (the paper's strongest MMLU evidence)
     questions_weighted: QuestionComparison | None = None
     unit: str = "path"
+    #: the paper's pooled node figures per teacher and over all (:func:`~opdlens.report.aggregate.pooled_nodes`)
+    pooled: pd.DataFrame | None = None
 
 
 def analyze(
@@ -57,7 +60,9 @@ def analyze(
     :func:`~opdlens.report.correlations.divergence_correlations` (on the columns of
     :data:`~opdlens.report.nodes.DIVERGENCE_COLUMNS` present in ``nodes`` unless
     ``correlation_columns`` is given; ``correlations`` is None if none is), and Table 1
-    (:func:`~opdlens.report.aggregate.table1`) with the same interval settings and ``unit``."""
+    (:func:`~opdlens.report.aggregate.table1`) with the same interval settings and ``unit``, both over
+    the questions every teacher shares, and the pooled node figures
+    (:func:`~opdlens.report.aggregate.pooled_nodes`)."""
     cols = (
         [c for c in DIVERGENCE_COLUMNS if c in nodes.columns]
         if correlation_columns is None
@@ -75,4 +80,5 @@ def analyze(
         questions_weighted=per_question(nodes, metric, value="weighted_mean"),
         unit=unit,
         table1=table1(path_values(paths), unit=unit, ci=ci, confidence=confidence, n_boot=n_boot, seed=seed),
+        pooled=pooled_nodes(nodes, metric),
     )

@@ -22,7 +22,7 @@ from opdlens.report.nodes import (
 )
 from opdlens.report.stats import bootstrap_interval, grouped_pearson
 
-__all__ = ["Correlations", "divergence_correlations"]
+__all__ = ["Correlations", "divergence_correlations", "pooled_over_teachers"]
 
 
 @dataclass(frozen=True)
@@ -119,3 +119,25 @@ def divergence_correlations(
             row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_interval(r, confidence, n_boot=n_boot, seed=seed)
         rows.append(row)
     return Correlations(per_path=pp, summary=_ordered(pd.DataFrame(rows), ["teacher"], order))
+
+
+def pooled_over_teachers(
+    per_path: pd.DataFrame, *, confidence: float = 0.95, n_boot: int = 10_000, seed: int = 0
+) -> pd.DataFrame:
+    """One row per variable over every teacher of a run: each path's coefficient averaged over
+    the teachers that have one (a path is scored by every teacher, so its teachers are not
+    independent units), then the mean over paths with a seeded percentile bootstrap interval over
+    paths, as :class:`Correlations`' summary. ``per_path``: :attr:`Correlations.per_path`."""
+    order = {v: i for i, v in enumerate(dict.fromkeys(per_path["variable"]))}
+    by_path = per_path.groupby(["question_id", "path_id", "variable"], sort=True)[["pearson", "spearman"]].mean()
+    rows = []
+    for var, sub in by_path.groupby(level="variable", sort=False):
+        row: dict[str, object] = {"variable": var}
+        row["n_paths"] = int(np.isfinite(sub["pearson"].to_numpy(dtype=float)).sum())
+        for name in ("pearson", "spearman"):
+            r = sub[name].to_numpy(dtype=float)
+            r = r[np.isfinite(r)]
+            row[f"{name}_mean"] = float(r.mean()) if r.size else float("nan")
+            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_interval(r, confidence, n_boot=n_boot, seed=seed)
+        rows.append(row)
+    return _ordered(pd.DataFrame(rows), [], order)

@@ -27,6 +27,7 @@ __all__ = [
     "plot_correct_incorrect",
     "plot_depth",
     "plot_distribution",
+    "plot_pooled_distribution",
     "plot_teacher_means",
     "plot_training_curve",
     "save_png",
@@ -80,6 +81,31 @@ def plot_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], pat
         ax.tick_params(labelsize=7)
         if i % ncol == 0:
             ax.set_ylabel("valid nodes", fontsize=8)
+    return save_png(fig, path)
+
+
+def plot_pooled_distribution(valid: pd.DataFrame, metric: str, teachers: list[str], path: Path) -> Path:
+    """The pooled alignment distribution (the paper's App. E.1): a density histogram of ``metric``
+    over every valid node of every teacher (40 bins on [-1, 1]), each teacher's density as an outline."""
+    fig = Figure(figsize=(6.4, 3.8))
+    ax = fig.add_subplot(1, 1, 1)
+    bins = np.linspace(-1.0, 1.0, 41).tolist()
+    x = valid[metric].to_numpy(dtype=float)
+    ax.hist(x, bins=bins, density=True, color="#adb5bd", alpha=0.9, label=f"all teachers ({x.size} nodes)")
+    for color, teacher in zip(palette(len(teachers)), teachers):
+        xt = valid.loc[valid["teacher"] == teacher, metric].to_numpy(dtype=float)
+        if xt.size:
+            ax.hist(xt, bins=bins, density=True, histtype="step", lw=1.2, color=color, label=teacher)
+    ax.axvline(0.0, color="grey", lw=0.6)
+    if x.size:
+        ax.axvline(float(x.mean()), color="black", lw=1.2, ls="--")
+    std = f"{x.std(ddof=1):.2f}" if x.size > 1 else "-"
+    mean = f"{x.mean():+.3f}" if x.size else "-"
+    ax.set_title(f"Pooled alignment of valid nodes: mean {mean}, std {std}", fontsize=10)
+    ax.set_xlim(-1.0, 1.0)
+    ax.set_xlabel(metric)
+    ax.set_ylabel("density")
+    ax.legend(fontsize=7, loc="upper left")
     return save_png(fig, path)
 
 

@@ -18,7 +18,8 @@ from pathlib import Path
 import pandas as pd
 
 from opdlens.diagnose.children import parse_children
-from opdlens.report.tables import Table, fmt, inline_code, render_html_table
+from opdlens.display import display_text
+from opdlens.report.render import Table, fmt, inline_code, render_html_table
 
 __all__ = [
     "GREEN",
@@ -78,9 +79,16 @@ def display_token(text: object) -> str:
             out.append('<span class="sp">→</span>\t')
         elif ch == "\r":
             out.append('<span class="sp">␍</span>')
+        elif (shown := display_text(ch)) != ch:  # a bidi or control character: shown as its escape
+            out.append(f'<span class="sp">{html.escape(shown)}</span>')
         else:
             out.append(html.escape(ch))
     return "".join(out)
+
+
+def _show(text: object, newlines: bool = False) -> str:
+    """Data text (an id, a name, a question) HTML-escaped and shown as written (:func:`display_text`)."""
+    return html.escape(display_text(text, newlines=newlines))
 
 
 def _int(x: object) -> str:
@@ -212,7 +220,7 @@ def render_token_view(
         )
     for ti, teacher in enumerate(teachers):
         hidden = " hidden" if ti else ""
-        out.append(f'<div class="teacher-view" data-teacher="{e(str(teacher))}"{hidden}>')
+        out.append(f'<div class="teacher-view" data-teacher="{_show(teacher)}"{hidden}>')
         for q in shown_q:
             qi = qinfo.loc[q] if q in qinfo.index else None
             qmeta = ""
@@ -222,12 +230,12 @@ def render_token_view(
                     f"{_int(qi.get('n_rollouts'))} rollouts, {_int(qi.get('n_targeted'))} "
                     "targeted rollouts</span>"
                 )
-            out.append(f"<section class='question'><h3>Question {e(q)}{qmeta}</h3>")
+            out.append(f"<section class='question'><h3>Question {_show(q)}{qmeta}</h3>")
             if q in texts:
                 qtext, gold = texts[q]
                 out.append(
-                    f"<div class='qinfo'><pre class='qtext'>{e(str(qtext))}</pre>"
-                    f"<b>gold answer:</b> <code>{e(str(gold))}</code></div>"
+                    f"<div class='qinfo'><pre class='qtext'>{_show(qtext, newlines=True)}</pre>"
+                    f"<b>gold answer:</b> <code>{_show(gold)}</code></div>"
                 )
             path_ids = sorted({int(k[2]) for k in groups if k[0] == teacher and k[1] == q})
             for pid in path_ids:
@@ -247,7 +255,7 @@ def render_token_view(
                     "<span class='badge ok'>correct</span>" if correct else "<span class='badge bad'>incorrect</span>"
                 )
                 out.append(
-                    f"<div class='path' data-question='{e(q)}' data-path='{pid}'>"
+                    f"<div class='path' data-question='{_show(q)}' data-path='{pid}'>"
                     f"<div class='path-head'>path {pid} {badge} <span class='meta'>mean "
                     f"{e(metric)} {mean_s} over {nval} valid of {len(g)} nodes{length}</span></div>"
                 )
@@ -270,7 +278,9 @@ def render_token_view(
                 if (q, pid) in pinfo.index:
                     text = pinfo.loc[(q, pid), "text"]
                     if isinstance(text, str) and text:
-                        out.append(f"<details><summary>path text</summary><pre>{e(text)}</pre></details>")
+                        out.append(
+                            f"<details><summary>path text</summary><pre>{_show(text, newlines=True)}</pre></details>"
+                        )
                 out.append("</div>")
             out.append("</section>")
         out.append("</div>")
@@ -337,11 +347,10 @@ def render_page(
     metric: str,
 ) -> str:
     """Assemble the page. ``figures`` are ``(title, caption, png path)``, embedded as base64."""
-    e = html.escape
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
-        f"<title>{e(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{e(title)}</h1><ul class='notes'>",
+        f"<title>{_show(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_show(title)}</h1><ul class='notes'>",
         "".join(f"<li>{inline_code(line)}</li>" for line in overview),
         "</ul>",
     ]
@@ -351,11 +360,12 @@ def render_page(
         for i, (ftitle, caption, p) in enumerate(figures):
             wide = " class='wide'" if i == 0 else ""
             parts.append(
-                f"<figure{wide}><img alt='{e(ftitle, quote=True)}' src='{_embed_png(p)}'>"
-                f"<figcaption><b>{e(ftitle)}</b>. {e(caption)}</figcaption></figure>"
+                f"<figure{wide}><img alt='{_show(ftitle)}' src='{_embed_png(p)}'>"
+                f"<figcaption><b>{_show(ftitle)}</b>. {_show(caption)}</figcaption></figure>"
             )
         parts.append("</div>")
-    opts = "".join(f"<option value='{e(str(t), quote=True)}'>{e(str(t))}</option>" for t in teachers)
+    # the value is the views' data-teacher: both the name as shown (display_text)
+    opts = "".join(f"<option value='{_show(t)}'>{_show(t)}</option>" for t in teachers)
     parts.append(
         "<h2 id='tokens'>Tokens of the representative paths</h2>"
         "<div class='controls'><label>teacher: <select id='teacher-select'>"

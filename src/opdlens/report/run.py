@@ -60,8 +60,9 @@ class RunResults:
 
     @property
     def choices(self) -> dict[str, Any] | None:
-        """The run's readings of the paper (:meth:`DiagnoseConfig.choices`), None without a config."""
-        return self.config.choices() if self.config is not None else None
+        """The run's value of every choice it uses (:meth:`DiagnoseConfig.choices`; the report names the
+        ones it does not use), None without a config."""
+        return self.config.choices(used_only=True) if self.config is not None else None
 
     @property
     def student(self) -> str:

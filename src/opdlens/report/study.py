@@ -14,9 +14,18 @@ computes (:func:`compare_runs`):
 ``best``                   the teacher with the highest value per setting × statistic × bin, its
                            interval, the runner-up and a paired test against it
 ``incontext``              in-context accuracy per setting × context × bin
-                           (:mod:`opdlens.diagnose.incontext`)
-``questions``              the per-question values of the tests above
+                           (:mod:`opdlens.report.incontext`)
+``questions``              the per-question values of the tests above (``shared``: in Table 1)
+``shared``                 per setting × teacher: questions scored and questions in Table 1
+``excluded``               per setting: the questions left out of Table 1 and the teachers lacking them
+``correlations``           per setting × teacher (and over all teachers) × variable: the
+                           within-path correlation of the alignment with the divergences and
+                           depth (:mod:`opdlens.report.correlations`), with the student's size
 =========================  ===================================================================
+
+Table 1, the difficulty bins and the best teacher compare a setting's teachers over the questions
+all of them have a value for (:func:`opdlens.report.aggregate.shared_questions`), as the run
+report does; ``shared`` and ``excluded`` say what that leaves out.
 
 Every value is computed as the run report computes it (:mod:`opdlens.report.aggregate`): the
 mean over a path's valid nodes (the *mean* cosine, or the *weighted* cosine ``Σ w·cos / Σ w``
@@ -37,6 +46,7 @@ Difficulty: questions are binned by the student's success rate on its initial ro
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -45,19 +55,22 @@ from typing import Literal
 import numpy as np
 import pandas as pd
 
-from opdlens.diagnose.incontext import accuracy_table, read_incontext
 from opdlens.errors import OpdlensError
 from opdlens.report.aggregate import (
+    ALL_TEACHERS,
     GROUPS,
     STATISTICS,
     pairwise,
     path_values,
     per_question,
+    shared_questions,
     table1,
     teacher_values,
     unit_values,
 )
-from opdlens.report.nodes import per_path
+from opdlens.report.correlations import divergence_correlations, pooled_over_teachers
+from opdlens.report.incontext import accuracy_table, read_incontext
+from opdlens.report.nodes import DIVERGENCE_COLUMNS, per_path
 from opdlens.report.run import RunResults, load_run
 from opdlens.report.stats import check_interval_args, unpaired_tests
 
@@ -71,6 +84,7 @@ __all__ = [
     "fmt_edge",
     "parse_edges",
     "read_settings",
+    "student_size",
 ]
 
 #: Inner edges of the default difficulty bins (student success rate).
@@ -117,7 +131,44 @@ def read_settings(run_dirs: Sequence[str | Path]) -> list[Setting]:
             + "; ".join(f"{r.root}: {', '.join(r.teachers)}" for r in runs)
             + "); name the same configurations alike in their configs (e.g. Self-1C)"
         )
+    _check_same_configurations(runs, sorted(common))
     return [Setting(lab, r, read_incontext(r.root)) for lab, r in zip(labels, runs)]
+
+
+def _teacher_settings(run: RunResults, teacher: str) -> dict[str, object]:
+    """What a teacher row of Table 1 means in ``run``: the teacher's model, context and thinking,
+    and the run's alignment estimator, restriction to S_u and student temperature."""
+    cfg = run.config
+    assert cfg is not None  # read_settings reads the runs with need_config
+    spec = next((t for t in cfg.teachers if t.name == teacher), None)
+    return {
+        "model": None if spec is None else spec.model,
+        "context": None if spec is None else spec.context,
+        "thinking": None if spec is None else spec.thinking,
+        "alignment_estimator": cfg.signals.alignment_estimator,
+        "restriction": cfg.signals.restriction,
+        "temperature": cfg.temperature,
+    }
+
+
+def _check_same_configurations(runs: Sequence[RunResults], teachers: Sequence[str]) -> None:
+    """Refuse to merge into one row teachers of the same name whose settings differ between runs
+    (another context, estimator, restriction or temperature is another teacher configuration)."""
+    problems = []
+    for teacher in teachers:
+        values = [_teacher_settings(r, teacher) for r in runs]
+        differ = [k for k in values[0] if any(v[k] != values[0][k] for v in values[1:])]
+        if differ:
+            problems.append(
+                f"{teacher!r}: "
+                + "; ".join(f"{k} " + ", ".join(f"{v[k]!r} in {r.root}" for v, r in zip(values, runs)) for k in differ)
+            )
+    if problems:
+        raise OpdlensError(
+            "the runs name different teacher configurations alike, so Table 1 would merge them into one row ("
+            + " | ".join(problems)
+            + "): give each configuration its own name in the configs, or compare runs made with the same settings"
+        )
 
 
 def parse_edges(text: str) -> tuple[float, ...]:
@@ -261,6 +312,31 @@ def _question_values(long: pd.DataFrame) -> pd.DataFrame:
     return qv[["teacher", "question_id", "group", "statistic", "n_paths", "value", "success_rate", "bin"]]
 
 
+_SIZE = re.compile(r"(\d+(?:\.\d+)?)\s*([bBmM])(?![A-Za-z])")
+
+
+def student_size(name: str) -> float:
+    """Parameters of a student in billions from its name (``Qwen3-0.6B`` -> 0.6, ``SmolLM2-135M``
+    -> 0.135); NaN when the name does not say."""
+    m = _SIZE.findall(name)
+    if not m:
+        return math.nan
+    value, unit = m[-1]
+    return float(value) * (1e-3 if unit.lower() == "m" else 1.0)
+
+
+def _correlations(s: Setting, metric: str, confidence: float, n_boot: int, seed: int) -> pd.DataFrame | None:
+    """The run report's within-path correlations per teacher and over all teachers
+    (:func:`~opdlens.report.correlations.pooled_over_teachers`), None without divergence columns."""
+    cols = [c for c in DIVERGENCE_COLUMNS if c in s.run.nodes.columns]
+    if not cols:
+        return None
+    corr = divergence_correlations(s.run.nodes, metric, cols, confidence=confidence, n_boot=n_boot, seed=seed)
+    pooled = pooled_over_teachers(corr.per_path, confidence=confidence, n_boot=n_boot, seed=seed)
+    df = pd.concat([corr.summary, pooled.assign(teacher=ALL_TEACHERS)], ignore_index=True)
+    return df.assign(student=s.run.student, size_b=student_size(s.run.student))
+
+
 @dataclass(frozen=True)
 class Study:
     """The study tables (see the module docstring for each)."""
@@ -275,6 +351,9 @@ class Study:
     bins: pd.DataFrame
     best: pd.DataFrame
     incontext: pd.DataFrame | None
+    shared: pd.DataFrame | None = None
+    excluded: pd.DataFrame | None = None
+    correlations: pd.DataFrame | None = None
 
     @property
     def settings(self) -> list[str]:
@@ -303,9 +382,12 @@ def compare_runs(
     _check_edges(edges)
     labels = [*difficulty_bins([0.0], edges).categories, ALL_BINS]
     args = {"ci": ci, "confidence": confidence, "n_boot": n_boot, "seed": seed}
-    out: dict[str, list[pd.DataFrame]] = {k: [] for k in ("questions", "table1", "tests", "bins", "best")}
+    keys = ("questions", "table1", "tests", "bins", "best", "shared", "excluded", "correlations")
+    out: dict[str, list[pd.DataFrame]] = {k: [] for k in keys}
     for s in settings:
-        long = _binned_paths(s, metric, edges)
+        every = _binned_paths(s, metric, edges)
+        sq = shared_questions(every)
+        long = sq.restrict(every)  # Table 1, bins and the best teacher: the questions all teachers share
         unit = s.run.stat_unit
         t1 = table1(long, unit=unit, **args)  # type: ignore[arg-type]
         by = ["teacher", "statistic", "bin"]
@@ -313,16 +395,24 @@ def compare_runs(
         overall = t1[t1["group"] == "all"].drop(columns="group").assign(bin=ALL_BINS)
         bins = pd.concat([by_bin.assign(bin=by_bin["bin"].astype(str)), overall], ignore_index=True)
         bins = _order(bins, labels)
+        questions = _question_values(every)
         parts = {
-            "questions": _question_values(long),
+            "questions": questions.assign(shared=questions["question_id"].astype(str).isin(set(sq.questions))),
             "table1": t1,
             "tests": _correct_vs_incorrect(s, metric),
             "bins": bins,
             "best": _best_teacher(long, bins, unit),
+            "shared": sq.per_teacher,
+            "excluded": sq.excluded,
+            "correlations": _correlations(s, metric, confidence, n_boot, seed),
         }
         for k, df in parts.items():
-            out[k].append(df.assign(setting=s.label)[["setting", *df.columns]])
-    tables = {k: _order(pd.concat(v, ignore_index=True), labels, [s.label for s in settings]) for k, v in out.items()}
+            if df is not None:
+                out[k].append(df.assign(setting=s.label)[["setting", *df.columns]])
+    order = [s.label for s in settings]
+    tables = {k: _order(pd.concat(v, ignore_index=True), labels, order) for k, v in out.items() if v}
+    for k in ("excluded", "correlations"):  # optional tables
+        tables.setdefault(k, None)  # type: ignore[arg-type]
     return Study(
         runs=settings,
         metric=metric,

@@ -9,9 +9,9 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from opdlens.diagnose.incontext import PLAIN
 from opdlens.report.aggregate import STATISTICS
 from opdlens.report.figures import ci_error_bars, palette, save_png
+from opdlens.report.incontext import PLAIN
 from opdlens.report.study import Study
 
 __all__ = ["plot_bins", "plot_correct_incorrect", "plot_grid", "plot_incontext"]

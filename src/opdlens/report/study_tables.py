@@ -7,11 +7,13 @@ written.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
-from opdlens.diagnose.incontext import PLAIN
 from opdlens.io import atomic_write
-from opdlens.report.aggregate import GROUPS
+from opdlens.report.aggregate import ALL_TEACHERS, GROUPS
+from opdlens.report.incontext import PLAIN
+from opdlens.report.render import Table, fmt, fmt_ci, fmt_p, render_markdown_table
 from opdlens.report.run import RunResults
 from opdlens.report.study import ALL_BINS, Study, fmt_edge
 from opdlens.report.study_figures import (
@@ -20,7 +22,6 @@ from opdlens.report.study_figures import (
     plot_grid,
     plot_incontext,
 )
-from opdlens.report.tables import Table, fmt, fmt_ci, fmt_p, render_markdown_table
 
 __all__ = ["write_study"]
 
@@ -59,6 +60,8 @@ def _grid_table(study: Study, statistic: str) -> Table:
             f"A path's {what} over its valid nodes, averaged over the question's paths of the group, then over "
             "questions (each question counts once; `opdlens report` prints the same value for the run), "
             "n = questions.",
+            "A setting's teachers are compared over the questions all of them have a value for (Questions per "
+            "teacher; the questions left out are listed below it).",
             f"{study.confidence:.0%} interval: {UNIT_NOTE}",
         ],
         headers,
@@ -200,6 +203,94 @@ def _incontext_table(study: Study) -> Table:
     )
 
 
+def _shared_tables(study: Study) -> list[Table]:
+    out = []
+    if study.shared is not None:
+        out.append(
+            Table(
+                "shared",
+                "Questions per teacher",
+                [
+                    "scored: questions the teacher has a value for; in Table 1: the questions every teacher of the "
+                    "setting has (Table 1, the bins and the best teacher are over these)."
+                ],
+                ["setting", "teacher", "scored", "in Table 1"],
+                [[r.setting, r.teacher, str(r.n_questions), str(r.n_shared)] for r in study.shared.itertuples()],
+            )
+        )
+    if study.excluded is not None and len(study.excluded):
+        out.append(
+            Table(
+                "excluded",
+                "Questions left out of Table 1",
+                ["Questions some teachers of the setting have no value for (skipped, or no valid node)."],
+                ["setting", "question", "missing for"],
+                [[r.setting, str(r.question_id), r.teachers] for r in study.excluded.itertuples()],
+            )
+        )
+    return out
+
+
+def _size_order(study: Study) -> list[str]:
+    """Settings by task, then student size (smallest first; unknown sizes last), then given order."""
+    assert study.correlations is not None
+    size = study.correlations.drop_duplicates("setting").set_index("setting")["size_b"]
+    task = {s.label: s.run.task for s in study.runs}
+    keyed = [
+        (task.get(s, ""), math.inf if not math.isfinite(float(size.get(s, math.nan))) else float(size[s]), i, s)
+        for i, s in enumerate(study.settings)
+        if s in size.index
+    ]
+    return [k[-1] for k in sorted(keyed)]
+
+
+def _correlation_tables(study: Study) -> list[Table]:
+    if study.correlations is None or study.correlations.empty:
+        return []
+    settings = _size_order(study)
+    c = study.correlations
+    pooled = c[c["teacher"] == ALL_TEACHERS].set_index(["setting", "variable"])
+    variables = list(dict.fromkeys(c["variable"]))
+    size = c.drop_duplicates("setting").set_index("setting")["size_b"]
+    heads = [f"{s} ({fmt_size(size[s])})" for s in settings]
+    out = []
+    for name, title in (("pearson", "Pearson"), ("spearman", "Spearman")):
+        rows = []
+        for v in variables:
+            row = [v]
+            for s in settings:
+                if (s, v) in pooled.index:
+                    r = pooled.loc[(s, v)]
+                    row.append(_cell(r[f"{name}_mean"], r[f"{name}_ci_low"], r[f"{name}_ci_high"], int(r["n_paths"])))
+                else:
+                    row.append("–")
+            rows.append(row)
+        out.append(
+            Table(
+                f"correlations_{name}",
+                f"Alignment vs divergences and depth by student size ({title})",
+                [
+                    f"Within-path {title} correlation of {study.metric} with each quantity over the path's valid "
+                    "nodes (as in `opdlens report`), averaged per path over the setting's teachers, then over "
+                    f"paths; {study.confidence:.0%} percentile bootstrap over paths, n = paths. Settings by task, "
+                    "then student size (parameters from the student's name).",
+                    "kl / js / l2: student-teacher divergences; cos_prob: cosine of the two distributions; "
+                    "depth_norm: position in the path. Per-teacher rows: correlations.csv.",
+                ],
+                ["variable", *heads],
+                rows,
+            )
+        )
+    return out
+
+
+def fmt_size(b: float) -> str:
+    """``0.6`` -> ``0.6B``, ``0.135`` -> ``135M``; ``?`` when unknown."""
+    if not math.isfinite(b):
+        return "size ?"
+    return f"{b * 1000:g}M" if b < 1 else f"{b:g}B"
+
+
 def _config_cells(run: RunResults) -> list[str]:
     """Student, task, protocol and statistical unit of a run, from its validated config."""
     cfg = run.config
@@ -212,14 +303,19 @@ def write_study(study: Study, out: str | Path) -> Path:
     """Write the CSVs, figures and ``summary.md`` of a study into ``out``; returns summary.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    for name, frame in (
-        ("table1.csv", study.table1),
-        ("correct_vs_incorrect.csv", study.tests),
-        ("bins.csv", study.bins),
-        ("best_teacher.csv", study.best),
-        ("questions.csv", study.questions),
-    ):
-        atomic_write(out / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
+    frames = {
+        "table1.csv": study.table1,
+        "correct_vs_incorrect.csv": study.tests,
+        "bins.csv": study.bins,
+        "best_teacher.csv": study.best,
+        "questions.csv": study.questions,
+        "questions_per_teacher.csv": study.shared,
+        "left_out.csv": study.excluded,
+        "correlations.csv": study.correlations,
+    }
+    for name, frame in frames.items():
+        if frame is not None:
+            atomic_write(out / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     figs = [
         plot_grid(study, out / "fig_table1.png"),
         plot_correct_incorrect(study, out / "fig_correct_incorrect.png"),
@@ -228,9 +324,11 @@ def write_study(study: Study, out: str | Path) -> Path:
     tables = [
         _grid_table(study, "mean"),
         _grid_table(study, "weighted"),
+        *_shared_tables(study),
         _tests_table(study),
         *_bins_tables(study),
         _best_table(study),
+        *_correlation_tables(study),
     ]
     if study.incontext is not None:
         atomic_write(out / "incontext.csv", lambda tmp: study.incontext.to_csv(tmp, index=False))

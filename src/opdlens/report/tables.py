@@ -7,187 +7,60 @@ headers, formatted cells) and rendered both to Markdown (``summary.md``) and to 
 
 from __future__ import annotations
 
-import html
-import math
-import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
-from opdlens.io import atomic_write
 from opdlens.report.analyze import Analysis
+from opdlens.report.render import (
+    DASH,
+    Table,
+    fmt,
+    fmt_ci,
+    fmt_p,
+    fmt_pct,
+)
 
-__all__ = [
-    "CSV_FILES",
-    "Table",
-    "build_tables",
-    "fmt",
-    "fmt_ci",
-    "fmt_p",
-    "render_html_table",
-    "render_markdown_table",
-    "write_csvs",
-]
-
-#: CSV file written for each analysis frame.
-CSV_FILES: dict[str, str] = {
-    "per_teacher": "per_teacher.csv",
-    "table1": "table1.csv",
-    "pairwise": "pairwise.csv",
-    "correct_vs_incorrect": "correct_vs_incorrect.csv",
-    "per_question": "per_question.csv",
-    "per_path": "per_path.csv",
-    "correlations": "correlations.csv",
-    "correlations_per_path": "correlations_per_path.csv",
-    "questions": "questions.csv",
-}
-
-DASH = "–"
+__all__ = ["build_tables"]
 
 
-def fmt(x: object, digits: int = 3, signed: bool = False) -> str:
-    """Fixed-point number with ``digits`` decimals; NaN / None as an en dash."""
-    if x is None:
-        return DASH
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return str(x)
-    if math.isnan(v):
-        return DASH
-    return f"{v:+.{digits}f}" if signed else f"{v:.{digits}f}"
+#: Part of the skip reason phase 1 records when a teacher's context and a path do not fit the
+#: teacher's model (:meth:`opdlens.diagnose.phase1.TreeSteps.prepare`).
+CONTEXT_TOO_LONG = "exceeds the teacher's context"
 
 
-def fmt_p(p: object) -> str:
-    """p-value with 3 significant digits (``0.0312``, ``1.2e-05``); NaN as an en dash."""
-    try:
-        v = float(p)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return DASH
-    if math.isnan(v):
-        return DASH
-    return f"{v:.3g}"
+def unit_note(unit: str) -> str:
+    """What a run's intervals and teacher tests run over, for captions and notes."""
+    if unit == "path":
+        return "path means, each weighted 1 / paths of its question (statistical unit: the path)"
+    return "question means (statistical unit: the question)"
 
 
-def fmt_ci(lo: object, hi: object, digits: int = 3) -> str:
-    """``[lo, hi]`` with ``digits`` decimals, or an en dash when undefined."""
-    if any(isinstance(v, float) and math.isnan(v) for v in (lo, hi)):
-        return DASH
-    return f"[{fmt(lo, digits)}, {fmt(hi, digits)}]"
-
-
-def fmt_pct(x: object) -> str:
-    """Fraction as a percentage with one decimal."""
-    try:
-        v = float(x)  # type: ignore[arg-type]
-    except (TypeError, ValueError):
-        return DASH
-    return DASH if math.isnan(v) else f"{100 * v:.1f}%"
-
-
-@dataclass
-class Table:
-    """A formatted table: ``rows`` are lists of strings, one per header."""
-
-    key: str
-    title: str
-    notes: list[str]
-    headers: list[str]
-    rows: list[list[str]] = field(default_factory=list)
-
-
-def _md_cell(s: str) -> str:
-    return s.replace("|", "\\|").replace("\n", " ")
-
-
-def render_markdown_table(t: Table) -> str:
-    """Section with a ``##`` title, notes as a bullet list, and a GitHub-flavoured table."""
-    out = [f"## {t.title}", ""]
-    out += [f"- {n}" for n in t.notes]
-    out.append("")
-    if not t.rows:
-        out += ["_(no rows)_", ""]
-        return "\n".join(out)
-    out.append("| " + " | ".join(_md_cell(h) for h in t.headers) + " |")
-    out.append("|" + "|".join("---" for _ in t.headers) + "|")
-    out += ["| " + " | ".join(_md_cell(c) for c in r) + " |" for r in t.rows]
-    out.append("")
-    return "\n".join(out)
-
-
-def inline_code(text: str) -> str:
-    """Escape ``text`` for HTML, turning Markdown-style `code` spans into ``<code>``."""
-    parts = html.escape(text).split("`")
-    return "".join(f"<code>{p}</code>" if i % 2 else p for i, p in enumerate(parts))
-
-
-def _is_number(cell: str) -> bool:
-    return bool(re.fullmatch(r"[-+]?[\d.,%e\[\]() –+-]+|yes|no", cell))
-
-
-def render_html_table(t: Table) -> str:
-    """Section with an ``<h2>``, notes and an HTML table (all text escaped)."""
-    e = html.escape
-    parts = [f'<section class="table" id="tbl-{e(t.key)}"><h2>{e(t.title)}</h2>']
-    if t.notes:
-        parts.append("<ul class='notes'>" + "".join(f"<li>{inline_code(n)}</li>" for n in t.notes) + "</ul>")
-    if not t.rows:
-        parts.append("<p><em>(no rows)</em></p></section>")
-        return "".join(parts)
-    parts.append("<table><thead><tr>" + "".join(f"<th>{e(h)}</th>" for h in t.headers))
-    parts.append("</tr></thead><tbody>")
-    for r in t.rows:
-        parts.append(
-            "<tr>"
-            + "".join(f"<td>{e(c)}</td>" if _is_number(c) else f"<td class='txt'>{e(c)}</td>" for c in r)
-            + "</tr>"
+def skip_counts(skips: pd.DataFrame | None, teachers: Sequence[str]) -> pd.DataFrame:
+    """Per teacher: ``skipped`` (questions skipped for it, a whole-question skip included),
+    ``too_long`` (of which because its context and a path exceed its model's window) and
+    ``fallback`` (questions shown the reference solution instead of a rollout)."""
+    rows = []
+    sk = skips if skips is not None else pd.DataFrame(columns=["question_id", "teacher", "reason"])
+    teacher = sk["teacher"].astype(str)
+    action = sk["action"].astype(str) if "action" in sk.columns else pd.Series("skipped", index=sk.index)
+    reason = sk["reason"].astype(str)
+    whole = set(sk.loc[(teacher == "") & (action != "fallback"), "question_id"].astype(str))
+    for t in teachers:
+        mine = sk[(teacher == t) & (action != "fallback")]
+        qs = set(mine["question_id"].astype(str)) | whole
+        too_long = mine[reason[mine.index].str.contains(CONTEXT_TOO_LONG, regex=False)]
+        fb = sk[(teacher == t) & (action == "fallback")]
+        rows.append(
+            {
+                "teacher": t,
+                "skipped": len(qs),
+                "too_long": int(too_long["question_id"].nunique()),
+                "fallback": int(fb["question_id"].nunique()),
+            }
         )
-    parts.append("</tbody></table></section>")
-    return "".join(parts)
-
-
-def questions_frame(an: Analysis, questions: pd.DataFrame, paths: pd.DataFrame) -> pd.DataFrame:
-    """The per-question input table joined with path counts and per-teacher mean alignment.
-
-    Columns: the input columns, ``n_paths`` / ``n_correct_paths`` (from the paths table) and
-    one ``align[<teacher>]`` column per teacher (mean of that teacher's path means of the question).
-    """
-    q = questions.copy()
-    counts = paths.groupby("question_id").agg(n_paths=("path_id", "size"), n_correct_paths=("correct", "sum"))
-    q = q.merge(counts, how="left", left_on="question_id", right_index=True)
-    pm = an.paths[np.isfinite(an.paths["mean"].to_numpy(dtype=float))]
-    means = pm.groupby(["question_id", "teacher"])["mean"].mean().unstack("teacher")
-    means.columns = [f"align[{c}]" for c in means.columns]
-    q = q.merge(means, how="left", left_on="question_id", right_index=True)
-    for c in ("n_paths", "n_correct_paths"):
-        q[c] = q[c].fillna(0).astype(int)
-    return q
-
-
-def write_csvs(out_dir: Path, an: Analysis, questions_table: pd.DataFrame) -> dict[str, Path]:
-    """Write every analysis frame as CSV (full precision) into ``out_dir``; returns the paths."""
-    frames: dict[str, pd.DataFrame | None] = {
-        "per_teacher": an.teachers.table,
-        "table1": an.table1,
-        "pairwise": an.teachers.pairwise,
-        "correct_vs_incorrect": an.questions.tests,
-        "per_question": an.questions.table,
-        "per_path": an.paths,
-        "correlations": an.correlations.summary if an.correlations else None,
-        "correlations_per_path": an.correlations.per_path if an.correlations else None,
-        "questions": questions_table,
-    }
-    written: dict[str, Path] = {}
-    for key, df in frames.items():
-        if df is None:
-            continue
-        p = out_dir / CSV_FILES[key]
-        atomic_write(p, lambda tmp, df=df: df.to_csv(tmp, index=False))
-        written[key] = p
-    return written
+    return pd.DataFrame(rows, columns=["teacher", "skipped", "too_long", "fallback"])
 
 
 def two_child_meaning(estimator: object = None) -> str:
@@ -241,6 +114,34 @@ def sign_disagreements(table: pd.DataFrame) -> list[str]:
     return out
 
 
+def with_skipped(teachers: Sequence[str], skips: pd.DataFrame) -> list[str]:
+    """``teachers`` and, after them, the teachers skipped on every question (no result at all)."""
+    more = sorted(set(skips["teacher"].astype(str)) - set(teachers) - {""})
+    return [*teachers, *more]
+
+
+def _skip_reasons(skips: pd.DataFrame | None) -> dict[tuple[str, str], str]:
+    """(question, teacher) -> the recorded reason it was skipped (a whole-question skip under every teacher)."""
+    out: dict[tuple[str, str], str] = {}
+    if skips is None or skips.empty:
+        return out
+    for r in skips.itertuples(index=False):
+        if str(getattr(r, "action", "skipped")) != "fallback":
+            out[(str(r.question_id), str(r.teacher))] = str(r.reason)
+    return out
+
+
+def targeted_note(questions: pd.DataFrame) -> str:
+    """Total and per-question range of the targeted rollouts."""
+    n = pd.to_numeric(questions["n_targeted"], errors="coerce")
+    if n.notna().sum() == 0:
+        return "targeted rollouts: not recorded."
+    return (
+        f"targeted rollouts: {int(n.sum()):,} in all over {int(n.notna().sum())} question(s); per question "
+        f"{int(n.min()):,}-{int(n.max()):,} (mean {n.mean():,.0f}); the paper: 45K-200K per question."
+    )
+
+
 def build_tables(
     an: Analysis,
     questions_table: pd.DataFrame,
@@ -256,11 +157,25 @@ def build_tables(
     conf = round(100 * an.teachers.confidence)
     tt = an.teachers.table
     method = "t-interval" if (tt["ci_method"] == "t").all() else "percentile bootstrap (stays inside [-1, 1])"
-    unit_note = (
-        "path means, each weighted 1 / paths of its question (statistical unit: the path)"
-        if an.unit == "path"
-        else "question means (statistical unit: the question)"
-    )
+    units = unit_note(an.unit)
+    sq = an.teachers.shared
+    if sq is None:
+        shared_note = "questions: each teacher's own questions."
+    elif not sq.questions:
+        shared_note = (
+            "no question was scored by every teacher: each teacher's values are over its own questions "
+            "(questions), not comparable across teachers."
+        )
+    else:
+        shared_note = (
+            f"questions: Table 1 is over the {len(sq.questions)} question(s) all {len(tt)} teachers share"
+            + (
+                f"; {len(sq.excluded)} question(s) scored by some teachers only are left out (table below)"
+                if len(sq.excluded)
+                else ""
+            )
+            + "; scored: the questions the teacher has a value for."
+        )
     tables: list[Table] = []
     tc = two_child if two_child is not None else pd.DataFrame(columns=["frac_two_child", "n_multi", "mean_multi"])
 
@@ -271,7 +186,8 @@ def build_tables(
             f"mean (Table 1): the mean `{an.metric}` over a path's valid nodes, averaged over the question's "
             "paths, then over questions (each question counts once, as in the paper and in `opdlens compare`); "
             "> 0 the teacher's gradient helps, < 0 it hurts.",
-            f"{conf}% CI: {method} over {unit_note}; std: spread of the {an.unit} means.",
+            f"{conf}% CI: {method} over {units}; std: spread of the {an.unit} means.",
+            shared_note,
             "node std: spread over single nodes (the per-token variance); % > 0 / % < 0: share "
             "of valid nodes with positive / negative alignment.",
             "weighted: sum(w cos) / sum(w) pooled over all valid nodes with w = |g_ideal| |g_GKD| "
@@ -297,6 +213,7 @@ def build_tables(
             "std",
             "paths",
             "questions",
+            "scored",
             "nodes",
             "node std",
             "% > 0",
@@ -320,6 +237,7 @@ def build_tables(
                 fmt(r.std),
                 str(r.n_paths),
                 str(r.n_questions),
+                str(getattr(r, "n_questions_scored", r.n_questions)),
                 str(r.n_nodes),
                 fmt(r.node_std),
                 fmt_pct(r.frac_pos),
@@ -333,30 +251,86 @@ def build_tables(
         )
     tables.append(t)
 
-    t = Table(
-        "correct_vs_incorrect",
-        "Correct vs incorrect paths",
-        [
-            "Per question: mean alignment of its correct paths and of its incorrect paths; "
-            "questions: those having both kinds of path.",
-            "diff: mean over questions of (correct - incorrect); negative means incorrect paths align better.",
-            "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, across questions.",
-        ],
-        ["teacher", "questions", "correct", "incorrect", "diff", "p (t)", "p (Wilcoxon)"],
-    )
-    for r in an.questions.tests.itertuples(index=False):
-        t.rows.append(
+    if sq is not None and len(sq.excluded):
+        reasons = _skip_reasons(skips)
+        t = Table(
+            "left_out",
+            "Questions left out of Table 1",
             [
-                str(r.teacher),
-                str(r.n),
-                fmt(r.mean_correct),
-                fmt(r.mean_incorrect),
-                fmt(r.mean_diff, signed=True),
-                fmt_p(r.t_p),
-                fmt_p(r.wilcoxon_p),
-            ]
+                "Questions some teachers have no value for (skipped, or no valid node): Table 1 compares the "
+                "teachers over the questions all of them share, so these count for none of them.",
+                "The teachers' own values over all their questions are in per_path.csv and per_question.csv.",
+            ],
+            ["question", "missing for", "reason"],
         )
-    tables.append(t)
+        for r in sq.excluded.itertuples(index=False):
+            why = [reasons.get((str(r.question_id), m), "no valid node") for m in str(r.teachers).split(", ")]
+            t.rows.append([str(r.question_id), str(r.teachers), "; ".join(dict.fromkeys(why))])
+        tables.append(t)
+
+    for comparison, title, what in (
+        (an.questions, "Correct vs incorrect paths", "mean alignment"),
+        (an.questions_weighted, "Correct vs incorrect paths, weighted cosine", "weighted cosine"),
+    ):
+        if comparison is None:
+            continue
+        weighted = comparison is an.questions_weighted
+        t = Table(
+            "correct_vs_incorrect_weighted" if weighted else "correct_vs_incorrect",
+            title,
+            [
+                f"Per question: {what} of its correct paths and of its incorrect paths"
+                + (
+                    " (a path's weighted cosine: sum(w cos) / sum(w) over its valid nodes, w = |g_ideal| |g_GKD|)"
+                    if weighted
+                    else ""
+                )
+                + "; questions: those having both kinds of path.",
+                "diff: mean over questions of (correct - incorrect); negative means incorrect paths align better.",
+                "p (t): paired t-test; p (Wilcoxon): Wilcoxon signed-rank test; both two-sided, across questions "
+                "(the question is the unit).",
+            ],
+            ["teacher", "questions", "correct", "incorrect", "diff", "p (t)", "p (Wilcoxon)"],
+        )
+        for r in comparison.tests.itertuples(index=False):
+            t.rows.append(
+                [
+                    str(r.teacher),
+                    str(r.n),
+                    fmt(r.mean_correct),
+                    fmt(r.mean_incorrect),
+                    fmt(r.mean_diff, signed=True),
+                    fmt_p(r.t_p),
+                    fmt_p(r.wilcoxon_p),
+                ]
+            )
+        tables.append(t)
+
+    if an.pooled is not None:
+        t = Table(
+            "pooled_nodes",
+            "Pooled node alignments",
+            [
+                "The paper's pooled figures (its §4): every valid node of every path and question pooled per "
+                f"teacher, and over all teachers; mean and std of the node `{an.metric}` (the paper reports a std "
+                "of 0.83-0.91), shares > 0 / < 0. Not Table 1's path -> question -> teacher mean.",
+                "undefined: valid nodes whose alignment is not finite (left out of the other columns).",
+            ],
+            ["teacher", "valid nodes", "mean", "std", "% > 0", "% < 0", "undefined"],
+        )
+        for r in an.pooled.itertuples(index=False):
+            t.rows.append(
+                [
+                    str(r.teacher),
+                    str(r.n_nodes),
+                    fmt(r.mean, signed=True),
+                    fmt(r.std),
+                    fmt_pct(r.frac_pos),
+                    fmt_pct(r.frac_neg),
+                    str(r.n_undefined),
+                ]
+            )
+        tables.append(t)
 
     alpha = an.teachers.alpha
     t = Table(
@@ -433,7 +407,9 @@ def build_tables(
         "Questions",
         [
             "success: share of the student's rollouts that were correct; rollouts / targeted: "
-            "initial and targeted rollouts; paths: representative paths (correct ones).",
+            "initial and targeted rollouts of the question (all its paths); paths: representative paths "
+            "(correct ones).",
+            targeted_note(questions_table),
             "align[teacher]: mean alignment of the question's paths under that teacher.",
         ]
         + ([f"{more} more question(s) in questions.csv."] if more > 0 else []),
@@ -453,6 +429,19 @@ def build_tables(
     tables.append(t)
 
     if skips is not None and not skips.empty:
+        counts = skip_counts(skips, with_skipped([str(x) for x in tt["teacher"]], skips))
+        t = Table(
+            "skips_per_teacher",
+            "Skips per teacher",
+            [
+                "skipped: questions a teacher has no result for (its context could not be built, or the whole "
+                "question was skipped); too long: of those, questions where the teacher's context plus a path "
+                "exceed its model's window; fallback: questions shown the reference solution instead of a rollout.",
+            ],
+            ["teacher", "skipped", "too long", "fallback"],
+            [[str(r.teacher), str(r.skipped), str(r.too_long), str(r.fallback)] for r in counts.itertuples()],
+        )
+        tables.append(t)
         t = Table(
             "skips",
             "Skipped",
@@ -466,43 +455,3 @@ def build_tables(
             t.rows.append([str(r.question_id), str(r.teacher) or "(all)", str(r.reason)])
         tables.append(t)
     return tables
-
-
-def overview_lines(
-    an: Analysis,
-    nodes: pd.DataFrame,
-    questions: pd.DataFrame,
-    paths: pd.DataFrame,
-    *,
-    two_child: pd.DataFrame | None = None,
-    skips: pd.DataFrame | None = None,
-    estimator: object = None,
-) -> list[str]:
-    """One-line facts about the run shown at the top of the report (``estimator``: as in
-    :func:`build_tables`)."""
-    valid = nodes["valid"].fillna(False).astype(bool)
-    teachers: Sequence[str] = [str(t) for t in an.teachers.table["teacher"]]
-    sr = pd.to_numeric(questions["success_rate"], errors="coerce")
-    extra = []
-    if two_child is not None and not two_child.empty:
-        n_valid = valid.sum()
-        n_two = int(((pd.to_numeric(nodes["n_children"], errors="coerce") == 2) & valid).sum())
-        extra.append(
-            f"{n_two} of {int(n_valid)} valid node(s) ({fmt_pct(n_two / max(int(n_valid), 1))}) have exactly two "
-            f"well-visited children: {two_child_meaning(estimator)} (see the 2-child column)."
-        )
-    if skips is not None and not skips.empty:
-        whole = int((skips["teacher"].astype(str) == "").sum())
-        extra.append(f"{len(skips)} skip(s) ({whole} whole question(s)): see the Skipped table.")
-    extra += [f"note: {line}" for line in sign_disagreements(an.teachers.table)]
-    return [
-        f"alignment metric: `{an.metric}`: cosine between the ideal (success-seeking) gradient "
-        "and the distillation gradient at a node, in [-1, 1]: > 0 helpful, about 0 orthogonal "
-        "(stylistic), < 0 harmful.",
-        f"{nodes['question_id'].nunique()} question(s), {len(paths)} representative path(s), "
-        f"{len(teachers)} teacher configuration(s): {', '.join(teachers)}.",
-        f"{len(nodes)} scored node(s), {int(valid.sum())} valid ({fmt_pct(valid.mean())}): a node "
-        "is valid when >= 2 next tokens have enough visits to estimate their success rate.",
-        f"mean student success rate over questions: {fmt(sr.mean())}.",
-        *extra,
-    ]

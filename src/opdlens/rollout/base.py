@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Iterable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
@@ -43,7 +44,7 @@ class EngineConfig(BaseModel):
     ``compact_below`` and the kernel choices change which random numbers a row draws, so the same
     seed gives the same completions only under the same settings."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     max_batch_rows: int = Field(256, ge=1, description="rows (samples) decoded together in one batch")
     max_kv_bytes: int | None = Field(
@@ -120,18 +121,46 @@ def validate_request(
     return seqs, counts
 
 
+def check_top_p(top_p: float) -> float:
+    """``top_p`` if it is in ``(0, 1]``, else an :class:`OpdlensError`."""
+    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
+        raise OpdlensError(f"top_p must be in (0, 1] (1: no truncation), got {top_p!r}")
+    return float(top_p)
+
+
+def nucleus_log_probs(lp: torch.Tensor, top_p: float) -> torch.Tensor:
+    """Nucleus (top-p) truncation of log-probabilities ``[B, V]``, renormalised.
+
+    Keeps, per row, the smallest set of most probable tokens whose total probability reaches
+    ``top_p``: a token is kept when the probability of the tokens ranked before it is ``< top_p``
+    (the most probable token always is; the rule of Hugging Face's ``TopPLogitsWarper`` and vLLM).
+    The others get ``-inf``; the kept ones ``lp − log Σ_kept p``.
+    """
+    if top_p >= 1.0:
+        return lp
+    sorted_lp, order = lp.sort(dim=-1, descending=True)
+    p_sorted = sorted_lp.exp()
+    before = p_sorted.cumsum(dim=-1) - p_sorted  # mass ranked strictly before each token
+    drop_sorted = before >= top_p
+    drop_sorted[..., 0] = False
+    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
+    kept = lp.masked_fill(drop, -math.inf)
+    return kept - torch.logsumexp(kept, dim=-1, keepdim=True)
+
+
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator
+    logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact categorical sampling by the Gumbel-max trick.
 
     Returns ``(tokens [B] int64, logprobs [B] float32)`` where the log-probs are under the
-    temperature-scaled distribution ``log_softmax(logits / T)``.
+    sampled distribution: ``log_softmax(logits / T)``, truncated to its top-p nucleus and
+    renormalised when ``top_p < 1`` (:func:`nucleus_log_probs`).
     """
     x = logits.float()
     if temperature != 1.0:
         x = x / temperature
-    lp = torch.log_softmax(x, dim=-1)
+    lp = nucleus_log_probs(torch.log_softmax(x, dim=-1), top_p)
     noise = torch.empty_like(lp).exponential_(generator=generator)
     # argmax(lp + Gumbel) with Gumbel = -log(Exp(1))
     tok = torch.argmax(lp - noise.log_(), dim=-1)

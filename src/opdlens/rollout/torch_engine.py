@@ -24,6 +24,8 @@ Backends (the decode states of :mod:`opdlens.rollout.decode`):
 
 Sampling: Gumbel-max in PyTorch (CPU default) or an inverse-CDF Triton kernel (CUDA default),
 from a ``torch.Generator`` seeded by ``seed``: same seed and same settings, same completions.
+Nucleus (top-p) sampling, ``sample(..., top_p=p)`` with ``p < 1``, always runs the PyTorch
+sampler on the truncated distribution (the Triton kernel has no top-p).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from __future__ import annotations
 import inspect
 import time
 from collections.abc import Callable, Iterable, Sequence
+from functools import partial
 from typing import Any
 
 import torch
@@ -38,9 +41,17 @@ from pydantic import ValidationError
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq
-from opdlens.rollout.base import EngineConfig, completions_from_buffers, make_generator, sample_tokens, validate_request
-from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, SlotCache, TorchState, TritonState
+from opdlens.rollout.base import (
+    EngineConfig,
+    check_top_p,
+    completions_from_buffers,
+    make_generator,
+    sample_tokens,
+    validate_request,
+)
+from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, TorchState
 from opdlens.rollout.model import FUSED_MODEL_TYPES, BoundModel, fused_supported
+from opdlens.rollout.triton_state import SlotCache, TritonState
 
 __all__ = ["FUSED_MODEL_TYPES", "EngineConfig", "TorchEngine", "fused_supported"]
 
@@ -156,10 +167,15 @@ class TorchEngine:
         *,
         seed: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
     ) -> list[list[Completion]]:
         """``n`` continuations of each prefix (``n[i]`` of prefix ``i`` when a sequence), planned
-        into batches together (see :meth:`_jobs` and :meth:`_plan`)."""
+        into batches together (see :meth:`_jobs` and :meth:`_plan`). ``top_p < 1`` samples from
+        the top-p nucleus of each step's distribution (:func:`~opdlens.rollout.base.nucleus_log_probs`)
+        with the PyTorch sampler, whatever ``sampler`` is set (the Triton sampler has no top-p)."""
         seqs, counts = validate_request(prefixes, n, max_new_tokens, temperature)
+        top_p = check_top_p(top_p)
+        sampler: Sampler = self._sample if top_p >= 1.0 else partial(sample_tokens, top_p=top_p)
         result: list[list[Completion]] = [[Completion([], [], False) for _ in range(c)] for c in counts]
         if max_new_tokens == 0 or not seqs:
             return result
@@ -182,7 +198,7 @@ class TorchEngine:
             prefills.update(self._prefill([seqs[i] for i in todo], todo))
             if t0 is not None:
                 self.stats["prefill_s"] = self.stats.get("prefill_s", 0.0) + self._clock() - t0  # type: ignore[operator]
-            comps = self._decode(batch, prefills, max_new_tokens, temperature, gen)
+            comps = self._decode(batch, prefills, max_new_tokens, temperature, gen, sampler)
             for job, cs in zip(batch, comps):
                 result[job.prefix][job.first : job.first + job.rows] = cs
                 remaining[job.prefix] -= 1
@@ -274,7 +290,13 @@ class TorchEngine:
         return cls(self, grid, R, prefills, max_new), grid, R
 
     def _decode(
-        self, batch: list[Job], prefills: dict[int, Prefill], max_new: int, temperature: float, gen: torch.Generator
+        self,
+        batch: list[Job],
+        prefills: dict[int, Prefill],
+        max_new: int,
+        temperature: float,
+        gen: torch.Generator,
+        sampler: Sampler | None = None,
     ) -> list[list[Completion]]:
         """Sample ``max_new`` tokens for every row of ``batch`` (a ``[P, R]`` grid; row ``r`` of job
         ``p`` is sample ``j.first + r``, dead if ``r >= j.rows``); completions per job."""
@@ -294,8 +316,9 @@ class TorchEngine:
         first = torch.stack([prefills[j.prefix].logits for j in grid])  # [P, V]
         logits = first.repeat_interleave(R, dim=0)
         steps = 0
+        sample = sampler or self._sample
         for step in range(max_new):
-            tok, lp = self._sample(logits, temperature, gen)
+            tok, lp = sample(logits, temperature, gen)
             out_tok[:, step].index_copy_(0, row_out, tok)
             out_lp[:, step].index_copy_(0, row_out, lp)
             alive &= ~self._eos_lut[tok]

@@ -53,7 +53,7 @@ from typing import Any
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, parse_dtype
-from opdlens.rollout.base import TEMPERATURE_RANGE, validate_request
+from opdlens.rollout.base import TEMPERATURE_RANGE, check_top_p, validate_request
 
 #: dtype names vLLM's ``LLM(dtype=)`` accepts.
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -214,9 +214,11 @@ class VLLMEngine:
         *,
         seed: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
     ) -> list[list[Completion]]:
         seqs, counts = validate_request(prefixes, n, max_new_tokens, temperature)
         temperature = check_temperature(temperature)
+        top_p = check_top_p(top_p)
         if max_new_tokens == 0:
             return [[Completion([], [], False) for _ in range(c)] for c in counts]
         prompts = [{"prompt_token_ids": s} for s in seqs]
@@ -225,6 +227,7 @@ class VLLMEngine:
                 n=c,
                 max_tokens=max_new_tokens,
                 temperature=temperature,
+                top_p=top_p,
                 seed=s,
                 logprobs=0,
                 stop_token_ids=sorted(self.eos_token_ids),

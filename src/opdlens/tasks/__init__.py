@@ -7,8 +7,9 @@
 >>> task.grade("<think>hmm", qs[0]).reason
 'unterminated <think> (no answer)'
 
-Registered tasks: ``arith`` (generated word problems), ``boolq``, ``mmlu``, ``aime`` (hub
-datasets, or their local export via ``path=``), ``jsonl`` and ``parquet`` (users' own files).
+Registered tasks: ``arith`` (generated word problems), ``yesno`` (generated yes/no questions),
+``boolq``, ``mmlu``, ``aime`` (hub datasets, or their local export via ``path=``), ``jsonl`` and
+``parquet`` (users' own files).
 """
 
 from opdlens.tasks.answers import (
@@ -33,6 +34,8 @@ from opdlens.tasks.base import (
 )
 from opdlens.tasks.hf import AIMETask, BoolQTask, HFTask, MMLUTask, load_hf_rows
 from opdlens.tasks.local import JsonlTask, LocalFileTask, ParquetTask, iter_rows, read_rows
+from opdlens.tasks.yesno import KINDS as YESNO_KINDS
+from opdlens.tasks.yesno import YesNoTask
 
 __all__ = [
     "ANSWER_TYPES",
@@ -42,6 +45,7 @@ __all__ = [
     "LEVELS",
     "NO_ANSWER",
     "UNFINISHED_THINKING",
+    "YESNO_KINDS",
     "AIMETask",
     "ArithTask",
     "BoolQTask",
@@ -53,6 +57,7 @@ __all__ = [
     "ParquetTask",
     "Question",
     "Task",
+    "YesNoTask",
     "answers_match",
     "extract_answer",
     "get_task",

@@ -80,6 +80,25 @@ _MUL = {2: "Then {p} doubles the number of {items}.", 3: "Then {p} triples the n
 
 ARITH_INSTRUCTION = 'End your reply with "Answer: <number>".'
 
+#: The splits of ``arith``: each is its own question stream (train and test share no generator).
+SPLITS: tuple[str, ...] = ("train", "validation", "test")
+#: Most questions one ``load()`` generates (a run diagnoses a few hundred at most; the bound keeps
+#: a typo such as ``n_questions: 1000000000000`` from generating without end).
+MAX_QUESTIONS = 100_000
+#: Largest ``n_operands`` (the number of operations of a question, generated one by one).
+MAX_OPERANDS = 100
+#: Largest ``max_value`` (operands beyond it would not fit a small model's vocabulary of numbers anyway).
+MAX_VALUE = 10**12
+
+
+def _int_arg(name: str, value: Any, lo: int, hi: int) -> int:
+    """An integer task argument in ``[lo, hi]`` (a clear error for another type or value)."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise OpdlensError(f"arith {name} must be an integer, got {value!r}")
+    if not lo <= value <= hi:
+        raise OpdlensError(f"arith {name} must be in [{lo}, {hi}], got {value}")
+    return value
+
 
 @register_task
 class ArithTask(Task):
@@ -109,23 +128,20 @@ class ArithTask(Task):
         n_default: int = 100,
         instruction: str = ARITH_INSTRUCTION,
     ) -> None:
-        if difficulty not in LEVELS:
+        if isinstance(difficulty, bool) or difficulty not in LEVELS:
             raise OpdlensError(f"arith difficulty must be one of {sorted(LEVELS)}, got {difficulty!r}")
         base = LEVELS[difficulty]
         self.difficulty = difficulty
-        self.n_operands = base.n_operands if n_operands is None else int(n_operands)
-        self.max_value = base.max_value if max_value is None else int(max_value)
+        self.n_operands = base.n_operands if n_operands is None else _int_arg("n_operands", n_operands, 2, MAX_OPERANDS)
+        self.max_value = base.max_value if max_value is None else _int_arg("max_value", max_value, 2, MAX_VALUE)
         self.ops = base.ops if ops is None else ops
-        if self.n_operands < 2:
-            raise OpdlensError(f"arith n_operands must be >= 2, got {self.n_operands}")
-        if self.max_value < 2:
-            raise OpdlensError(f"arith max_value must be >= 2, got {self.max_value}")
-        if not self.ops or set(self.ops) - set("+-*"):
+        if not isinstance(self.ops, str) or not self.ops or set(self.ops) - set("+-*"):
             raise OpdlensError(f"arith ops must be a non-empty subset of '+-*', got {self.ops!r}")
         if style not in ("word", "expr"):
             raise OpdlensError(f"arith style must be 'word' or 'expr', got {style!r}")
-        if n_default < 1:
-            raise OpdlensError(f"arith n_default must be >= 1, got {n_default}")
+        _int_arg("n_default", n_default, 1, MAX_QUESTIONS)
+        if not isinstance(instruction, str):
+            raise OpdlensError(f"arith instruction must be a string, got {instruction!r}")
         self.style = style
         self.n_default = n_default
         self.instruction = instruction
@@ -138,9 +154,16 @@ class ArithTask(Task):
         """
         if kw:
             raise OpdlensError(f"task 'arith': unexpected load() arguments {sorted(kw)}")
+        if split not in SPLITS:
+            raise OpdlensError(f"task 'arith' has no split {split!r}; its splits are {', '.join(SPLITS)}")
         count = self.n_default if n is None else n
         if count < 0:
             raise OpdlensError(f"n must be >= 0, got {n}")
+        if count > MAX_QUESTIONS:
+            raise OpdlensError(
+                f"task 'arith' generates at most {MAX_QUESTIONS} questions at once, {count} were asked for "
+                "(n_questions): ask for fewer"
+            )
         key = f"arith|{split}|{seed}|{self.n_operands}|{self.max_value}|{self.ops}|{self.style}"
         rng = random.Random(key)  # str seeds are hashed with SHA-512: stable across runs
         return [self._generate(rng, f"arith-{split}-{seed}-{i}") for i in range(count)]

@@ -8,6 +8,8 @@ same task (rows keep the hub's field names) or use the ``jsonl``/``parquet`` tas
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -31,9 +33,35 @@ def _looks_offline(exc: BaseException) -> bool:
     return any(h in text for h in _OFFLINE_HINTS)
 
 
+#: Why a hub load failed when the hub cannot be reached (the model loader's words,
+#: :func:`opdlens.models.sources._from_pretrained`).
+HUB_UNREACHABLE = "the Hugging Face hub is unreachable or offline (HF_HUB_OFFLINE) and the local cache has no copy"
+
+
+@contextmanager
+def _offline() -> Iterator[None]:
+    """``datasets`` and ``huggingface_hub`` in offline mode for the duration (only the local cache
+    is read): what ``HF_HUB_OFFLINE=1`` does, for a hub found unreachable at run time. Without it
+    ``load_dataset`` retries the network five times (about 30 s) before failing."""
+    import datasets.config
+    import huggingface_hub.constants as hc
+
+    flags = [(m, n) for m in (datasets.config, hc) for n in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE") if hasattr(m, n)]
+    saved = [getattr(m, n) for m, n in flags]
+    for m, n in flags:
+        setattr(m, n, True)
+    try:
+        yield
+    finally:
+        for (m, n), value in zip(flags, saved):
+            setattr(m, n, value)
+
+
 def load_hf_rows(dataset: str, config: str | None, split: str) -> list[dict[str, Any]]:
     """Rows of a hub dataset split as dicts; any failure is an :class:`OpdlensError` that says how
-    to proceed without hub access."""
+    to proceed without hub access. The hub's reachability is checked first, as the model loader
+    checks it (:func:`opdlens.models.sources.hub_reachable`): offline, only the local cache is
+    read, so a dataset that is not cached fails at once instead of after rounds of retries."""
     label = dataset + (f" ({config})" if config else "") + f" split {split!r}"
     try:
         import datasets
@@ -42,12 +70,17 @@ def load_hf_rows(dataset: str, config: str | None, split: str) -> list[dict[str,
             f"could not load dataset {label}: the `datasets` package is not installed; "
             "install it, or pass a local jsonl/parquet via task jsonl"
         ) from e
+    from opdlens.models import sources
+
+    online = sources.hub_reachable()
     try:
-        ds = datasets.load_dataset(dataset, config, split=split)
+        with nullcontext() if online else _offline():
+            ds = datasets.load_dataset(dataset, config, split=split)
     except Exception as e:  # noqa: BLE001 - re-raised with a user-facing message
-        cause = "no hub access" if _looks_offline(e) else "error"
+        detail = " ".join(f"{type(e).__name__}: {e}".split())
+        cause = HUB_UNREACHABLE if not online or _looks_offline(e) else "error"
         raise OpdlensError(
-            f"could not load dataset {label}: {cause} ({type(e).__name__}: {e}); "
+            f"could not load dataset {label}: {cause} ({detail}); "
             "download it and pass a local jsonl/parquet via task jsonl "
             "(or pass path=<file> to this task)"
         ) from e

@@ -10,7 +10,9 @@ line number) and the field; with ``on_bad_row="skip"`` they are skipped instead 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Iterator
+from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -199,15 +201,20 @@ class LocalFileTask(Task):
         if text is None or (isinstance(text, str) and not text.strip()):
             present = ", ".join(sorted(map(str, row))) or "none"
             raise _BadRow(f"field {self.question_field!r} is missing or empty (fields: {present})")
+        if not isinstance(text, str):
+            raise _BadRow(f"field {self.question_field!r} must be a string (the question's text), got {_kind(text)}")
         if self.answer_field not in row:
             present = ", ".join(sorted(map(str, row))) or "none"
             raise _BadRow(f"field {self.answer_field!r} is missing (fields: {present})")
+        _check_scalar(self.answer_field, row[self.answer_field])
         choices: list[str] | None = None
         letters = "ABCD"
         if self.choices_field is not None:
             raw = row.get(self.choices_field)
             if not isinstance(raw, list | tuple) or len(raw) < 2:
                 raise _BadRow(f"field {self.choices_field!r} must be a list of at least 2 options, got {raw!r}")
+            for i, c in enumerate(raw):
+                _check_scalar(f"{self.choices_field}[{i}]", c)
             choices = [str(c) for c in raw]
             letters = LETTERS[: len(choices)]
         try:
@@ -215,6 +222,8 @@ class LocalFileTask(Task):
         except ValueError as e:
             raise _BadRow(f"field {self.answer_field!r}: {e}") from None
         rid = row.get(self.id_field)
+        if rid is not None:
+            _check_scalar(self.id_field, rid)
         qid = str(rid) if rid is not None and str(rid) != "" else f"{p.stem}-{num}"
         body = str(text).strip()
         if choices is not None:
@@ -228,6 +237,25 @@ class LocalFileTask(Task):
 
 class _BadRow(Exception):
     """Internal: a row that cannot become a question (message names the field)."""
+
+
+def _kind(value: Any) -> str:
+    """``a list``, ``a dict``, ``the number 3``: what a field holds, for an error message."""
+    if isinstance(value, list | tuple):
+        return f"a list ({json.dumps(value, default=str)[:60]})"
+    if isinstance(value, dict):
+        return f"an object ({json.dumps(value, default=str)[:60]})"
+    return f"{type(value).__name__} {value!r}"
+
+
+def _check_scalar(field: str, value: Any) -> None:
+    """A field that becomes text (an answer, an option, an id) must hold one value: a string, a
+    finite number or a boolean; a list or an object would be turned into its Python spelling, and
+    NaN (JSON's NaN, or a missing value of a Parquet float column) into the answer "nan"."""
+    if isinstance(value, list | tuple | dict | set | frozenset | bytes | bytearray):
+        raise _BadRow(f"field {field!r} must be a single value (a string, number or boolean), got {_kind(value)}")
+    if isinstance(value, float | Decimal) and not math.isfinite(value):
+        raise _BadRow(f"field {field!r} is {value} (not a finite number): give a value, or leave the row out")
 
 
 @register_task
