@@ -262,3 +262,136 @@ def test_data_files_load_or_fail_naming_the_file(tmp_path_factory, data: bytes, 
         assert "rows.jsonl" in str(exc)
         return
     assert questions and len({q.id for q in questions}) == len(questions)
+
+
+# ---------------------------------------------------------------------- changed, damaged, linked
+# The same rule for a run whose inputs change, whose files are damaged, or whose directory holds
+# symbolic links planted by someone else: a correct run or one OpdlensError, never a result
+# mixed from two inputs, never a report that hides missing data, never a write through a link.
+tricky_ids = st.sampled_from(["a", "A", "a b", "a_b-7dbde935", "Ab", "ab", ".", "x/y", "é"])
+row_dicts = st.lists(
+    st.fixed_dictionaries(
+        {
+            "id": st.one_of(tricky_ids, st.text(alphabet="abAB _-.", min_size=1, max_size=4)),
+            "question": st.text(alphabet="xyz+?= ", min_size=1, max_size=6).filter(str.strip),
+            "answer": st.text(alphabet="0123456789", min_size=1, max_size=2),
+        }
+    ),
+    min_size=1,
+    max_size=3,
+    unique_by=lambda r: r["id"],
+)
+mutations = st.sampled_from(["prompt", "answer", "drop", "add", "id case", "same"])
+
+
+def _write_rows(path: Path, rows: list[dict[str, Any]]) -> None:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+
+
+def _mutate(rows: list[dict[str, Any]], how: str, i: int) -> list[dict[str, Any]]:
+    rows = [dict(r) for r in rows]
+    r = rows[i % len(rows)]
+    if how == "prompt":
+        r["question"] += " again"
+    elif how == "answer":
+        r["answer"] += "1"
+    elif how == "drop" and len(rows) > 1:
+        rows.remove(r)
+    elif how == "add":
+        rows.append({"id": "new-q", "question": "new", "answer": "1"})
+    elif how == "id case":
+        r["id"] = r["id"].swapcase()
+    return rows
+
+
+@settings(FUZZ, max_examples=12)
+@given(raw=run_configs, rows=row_dicts, how=mutations, which=st.integers(0, 2))
+def test_changed_data_gives_the_new_results_or_one_error_never_a_mix(tmp_path_factory, raw, rows, how, which) -> None:  # type: ignore[no-untyped-def]
+    tmp = tmp_path_factory.mktemp("change")
+    data = tmp / "data.jsonl"
+    _write_rows(data, rows)
+    raw = {**raw, "n_questions": None, "task": "jsonl", "task_args": {"path": str(data)}}
+    cfg = validate_config(DiagnoseConfig, raw | {"out_dir": str(tmp / "a")}, "fuzz")
+    if _run(cfg) != "done":
+        return
+    new = _mutate(rows, how, which)
+    _write_rows(data, new)
+    resumed = _run(cfg)
+    changed_ids = {r["id"] for r in rows} - {r["id"] for r in new} or {
+        r["id"] for r, s in zip(rows, new) if (r["question"], r["answer"]) != (s["question"], s["answer"])
+    }
+    event(f"{how}: {resumed}")
+    if changed_ids:  # a stored question changed or left: the run cannot resume
+        assert resumed == "error"
+        return
+    assert _run(cfg.model_copy(update={"out_dir": str(tmp / "b")})) == resumed
+    if resumed != "done":
+        return
+    inputs = pd.read_parquet(tmp / "a" / "inputs.parquet")
+    assert inputs["question_id"].tolist() == [r["id"] for r in new]
+    pd.testing.assert_frame_equal(_sorted_nodes(tmp / "a"), _sorted_nodes(tmp / "b"))
+
+
+DAMAGES = {"zero": lambda b: b"", "truncated": lambda b: b[: len(b) // 2], "garbage": lambda b: b"PAR1 garbage"}
+LINKABLE = [
+    "report/index.html",
+    "report/summary.md",
+    "report/table1.csv",
+    "report/figures/alignment_hist.png",
+    "config.yaml",
+    "fingerprint.json",
+    "questions.parquet",
+]
+
+
+@settings(FUZZ, max_examples=8)
+@given(
+    raw=run_configs,
+    data=run_data,
+    damage=st.sampled_from(sorted(DAMAGES)),
+    pick=st.integers(0, 50),
+    links=st.lists(st.sampled_from(LINKABLE), min_size=1, max_size=3, unique=True),
+)
+def test_damaged_or_linked_run_files_are_reported_partial_and_never_written_through(  # type: ignore[no-untyped-def]
+    tmp_path_factory, raw, data, damage, pick, links
+) -> None:
+    from opdlens.cli import _report
+
+    tmp = tmp_path_factory.mktemp("damage")
+    (tmp / "data.jsonl").write_bytes(data)
+    raw = {**raw, "task": "jsonl", "task_args": {"path": str(tmp / "data.jsonl"), "on_bad_row": "skip"}}
+    cfg = validate_config(DiagnoseConfig, raw | {"out_dir": str(tmp / "a")}, "fuzz")
+    if _run(cfg) != "done":
+        return
+    root = tmp / "a"
+    ref = _sorted_nodes(root)
+    node_files = sorted((root / "nodes").rglob("*.parquet"))
+    bad = None
+    if node_files:
+        bad = node_files[pick % len(node_files)]
+        bad.write_bytes(DAMAGES[damage](bad.read_bytes()))
+    outside = tmp / "outside"
+    outside.mkdir()
+    for i, rel in enumerate(links):
+        target = outside / f"f{i}"
+        target.write_bytes(b"precious")
+        (root / rel).parent.mkdir(parents=True, exist_ok=True)
+        (root / rel).unlink(missing_ok=True)
+        (root / rel).symlink_to(target)
+    try:
+        res = load_run(root)
+    except OpdlensError:
+        res = None
+    if res is not None and bad is not None:  # never a report that silently leaves the damaged file out
+        assert res.partial and any(str(bad.relative_to(root)) in n for n in res.notes)
+    if res is not None:
+        try:
+            _report(root)
+        except OpdlensError:
+            pass
+    resumed = _run(cfg)  # diagnose sets the damaged file aside and recomputes it
+    assert all(f.read_bytes() == b"precious" for f in outside.iterdir())
+    event(f"damage {damage}, {len(links)} link(s): {resumed}")
+    if resumed == "done":
+        pd.testing.assert_frame_equal(_sorted_nodes(root), ref)
+        assert not load_run(root).partial

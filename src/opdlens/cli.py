@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import os
 import sys
 import time
 from pathlib import Path
@@ -97,8 +98,17 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
     from opdlens.report.run import load_run
 
     res = load_run(run_dir)  # with the run's own choices (statistical unit, readings of the paper)
+    # files are never written through links (opdlens.io); nor are the run's own report folders followed
+    folders = [out / "figures"] if out is not None else [run_dir / "report", run_dir / "report" / "figures"]
+    out = out or run_dir / "report"
+    for d in folders:
+        if d.is_symlink():
+            raise OpdlensError(
+                f"report folder {d} is a symbolic link (to {os.readlink(d)}): opdlens does not write through "
+                "links; remove it, or pass --out to write the report elsewhere"
+            )
     index = write_report(
-        out or run_dir / "report",
+        out,
         res.nodes,
         res.questions,
         res.paths,
@@ -110,7 +120,8 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
         choices=res.choices,
     )
     if res.partial:
-        _say("[yellow]partial:[/]", res.notes[0])
+        for note in res.notes:
+            _say("[yellow]partial:[/]", note)
     return index, res.partial
 
 
@@ -267,12 +278,20 @@ def compare(
 
 
 @app.command()
-def train(config: Path = typer.Argument(..., help="YAML training config")) -> None:
-    """On-policy distillation training (see opdlens.opd)."""
+def train(
+    config: Path = typer.Argument(..., help="YAML training config"),
+    fresh: bool = typer.Option(
+        False,
+        "--fresh",
+        help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh; "
+        "needed when the directory holds a run of another configuration",
+    ),
+) -> None:
+    """On-policy distillation training (see opdlens.opd); rerun to resume (same configuration only)."""
     from opdlens.opd.cli import train_cmd
 
     try:
-        train_cmd(config)
+        train_cmd(config, fresh=fresh)
     except (OpdlensError, OSError) as exc:
         _fail(exc)
 

@@ -294,3 +294,103 @@ def stored_result_keys(root: str | Path, cls: type[BaseModel]) -> dict[str, Any]
         if isinstance(d, dict) and isinstance(merged[k], dict):
             merged[k] = {**d, **merged[k]}
     return merged
+
+
+# ---------------------------------------------------------------------- input identity
+#: Weight files of a local model directory: their size, the safetensors header (tensor names,
+#: dtypes, shapes, offsets) and :data:`_SAMPLES` blocks of their bytes enter its digest.
+_WEIGHT_SUFFIXES = frozenset({".safetensors", ".bin", ".pt", ".pth", ".gguf", ".ckpt", ".h5", ".msgpack"})
+#: Small files of a model directory hashed whole: configuration, tokenizer, chat template, code.
+_SMALL_SUFFIXES = frozenset({".json", ".jinja", ".txt", ".model", ".tiktoken", ".py", ".yaml"})
+_SAMPLES, _BLOCK = 16, 1 << 16
+
+
+def _weights_digest(h: Any, path: Path) -> None:
+    size = path.stat().st_size
+    h.update(f"{path.name}\0{size}\0".encode())
+    with path.open("rb") as f:
+        start = 0
+        if path.suffix == ".safetensors" and size >= 8:
+            n = int.from_bytes(f.read(8), "little")
+            start = 8 + min(n, size - 8)
+            h.update(f.read(start - 8))  # the header: names, dtypes, shapes, offsets, metadata
+        span = size - start
+        for i in range(_SAMPLES if span > 0 else 0):  # blocks spread evenly over the tensor bytes
+            f.seek(start + span * i // _SAMPLES)
+            h.update(f.read(_BLOCK))
+
+
+def model_digest(spec: str | None) -> str | None:
+    """What identifies the contents of a model spec, for the run fingerprint (None: nothing to add).
+
+    * a local directory: SHA-256 (first 16 hex digits) over its configuration, tokenizer and
+      chat-template files (whole) and, per weight file, its size, its safetensors header and 16
+      blocks of 64 KiB spread over its tensor bytes. No modification times (a copy or ``touch``
+      keeps the digest) and about 1 MiB read per weight file, not the whole weights: replacing
+      the weights (another model, a further fine-tuned checkpoint) changes it, an edit that
+      touches none of the sampled bytes and keeps every size would not;
+    * a hub id: ``<id>@<commit>`` of the snapshot in the local Hugging Face cache, when one is
+      cached (the revision that would load), else None (the id, in the config, is all we know);
+    * ``smollm2``, ``random:...`` and other built-in specs: None (the package version fixes them).
+    """
+    if not spec:
+        return None
+    p = Path(spec)
+    if p.is_dir():
+        h = hashlib.sha256()
+        try:
+            for f in sorted(x for x in p.iterdir() if x.is_file() and not x.name.startswith(".")):
+                if f.suffix in _WEIGHT_SUFFIXES:
+                    _weights_digest(h, f)
+                elif f.suffix in _SMALL_SUFFIXES:
+                    h.update(f"{f.name}\0".encode() + hashlib.sha256(f.read_bytes()).digest())
+        except OSError as exc:
+            raise OpdlensError(f"cannot read model directory {p} ({exc.strerror}): check its permissions") from None
+        return h.hexdigest()[:16]
+    if p.exists() or spec.count("/") > 1 or spec.startswith(("/", ".", "~")):
+        return None
+    try:
+        from huggingface_hub import try_to_load_from_cache
+
+        cached = try_to_load_from_cache(spec, "config.json")
+    except Exception:  # not a valid repo id, no cache: nothing known
+        return None
+    if not isinstance(cached, str):
+        return None
+    commit = Path(cached).parent.name  # .../snapshots/<commit>/config.json
+    return f"{spec}@{commit}"
+
+
+def model_digests(specs: Any) -> dict[str, str]:
+    """``{"model <spec>": digest}`` of the specs with a :func:`model_digest` (None entries skipped)."""
+    out: dict[str, str] = {}
+    for spec in specs:
+        if spec and f"model {spec}" not in out and (d := model_digest(spec)) is not None:
+            out[f"model {spec}"] = d
+    return out
+
+
+def stored_inputs(root: str | Path) -> dict[str, str]:
+    """The input digests a run directory's ``fingerprint.json`` holds (``{}`` for none, e.g. a run
+    written before they were recorded)."""
+    f = Path(root) / "fingerprint.json"
+    try:
+        inputs = json.loads(f.read_text(encoding="utf-8")).get("inputs", {}) if f.is_file() else {}
+    except (OSError, ValueError, AttributeError):
+        return {}  # stored_result_keys reports an unreadable fingerprint.json
+    return {str(k): str(v) for k, v in inputs.items()} if isinstance(inputs, dict) else {}
+
+
+def describe_input_changes(stored: dict[str, str], inputs: dict[str, str]) -> str | None:
+    """``"model X: contents changed (a -> b); ..."`` for the inputs recorded on both sides whose
+    digests differ, or None. An input recorded on one side only (a run written before digests
+    were kept, a hub model not cached then) cannot be compared and is not a change."""
+    changed = [k for k in sorted(set(stored) & set(inputs)) if stored[k] != inputs[k]]
+    if not changed:
+        return None
+    return "; ".join(f"{k}: contents changed ({stored[k]} -> {inputs[k]})" for k in changed)
+
+
+def fingerprint_record(keys: dict[str, Any], inputs: dict[str, str]) -> str:
+    """The text of ``fingerprint.json``: the result keys, their fingerprint and the input digests."""
+    return json.dumps({"fingerprint": fingerprint(keys), "keys": keys, "inputs": inputs}, indent=1)

@@ -40,8 +40,8 @@ from tqdm.auto import tqdm
 
 from opdlens.diagnose.diagnosis import Diagnosis, write_run_tables
 from opdlens.diagnose.questions import QuestionEnv, skip_row
-from opdlens.diagnose.run import write_config
-from opdlens.diagnose.store import RunStore, safe_name
+from opdlens.diagnose.run import check_questions, write_config
+from opdlens.diagnose.store import RunStore
 from opdlens.errors import OpdlensError
 
 #: Folder of the per-question phase-1 records (summary row and skips, as JSON).
@@ -75,6 +75,21 @@ class ConfigFactory:
         cfg = self.config
         task = get_task(cfg.task, **cfg.task_args)
         return [q.id for q in task.load(split=cfg.split, n=cfg.n_questions, seed=cfg.seed)]
+
+    def inputs(self) -> pd.DataFrame:
+        """``inputs.parquet`` of the run (question id, prompt text, gold answer), as
+        :func:`opdlens.diagnose.run.diagnose` writes it (called on the driver: no models)."""
+        from opdlens.tasks import get_task
+
+        cfg = self.config
+        qs = get_task(cfg.task, **cfg.task_args).load(split=cfg.split, n=cfg.n_questions, seed=cfg.seed)
+        return pd.DataFrame(
+            {
+                "question_id": [q.id for q in qs],
+                "question_text": [q.prompt for q in qs],
+                "gold": [str(q.answer) for q in qs],
+            }
+        )
 
     def __call__(self, out_dir: str) -> tuple[Diagnosis, Sequence[QuestionEnv]]:
         from opdlens.diagnose.run import build_diagnosis
@@ -136,21 +151,21 @@ class DiagnosisWorker:
         return teacher
 
 
-def phase1_file(qid: str) -> str:
+def phase1_file(store: RunStore, qid: str) -> str:
     """Relative path of a question's phase-1 record."""
-    return f"{PHASE1_DIR}/{safe_name(qid)}.parquet"
+    return store.question_file(PHASE1_DIR, qid)
 
 
 def write_phase1_record(store: RunStore, qid: str, record: dict[str, Any]) -> None:
     """Atomically store a question's phase-1 record (it marks the tree as complete)."""
-    store.write_table(phase1_file(qid), pd.DataFrame({"question_id": [qid], "record": [json.dumps(record)]}))
+    store.write_table(phase1_file(store, qid), pd.DataFrame({"question_id": [qid], "record": [json.dumps(record)]}))
 
 
 def read_phase1_record(store: RunStore, qid: str) -> dict[str, Any] | None:
     """A question's phase-1 record, or None when its phase 1 has not finished."""
-    if not store.has(phase1_file(qid)):
+    if not store.has(phase1_file(store, qid)):
         return None
-    return dict(json.loads(store.read_table(phase1_file(qid))["record"].iloc[0]))
+    return dict(json.loads(store.read_table(phase1_file(store, qid))["record"].iloc[0]))
 
 
 @dataclass(frozen=True)
@@ -214,6 +229,11 @@ def diagnose_ray(
         raise OpdlensError("no questions to diagnose: the task returned an empty question set")
     if len(set(qids)) != len(qids):
         raise OpdlensError("question ids must be unique")
+    store.check_names("question", qids)
+    if isinstance(factory, ConfigFactory):  # the same question checks as a single-process run
+        inputs = factory.inputs()
+        check_questions(store, inputs, [t.name for t in config.teachers])
+        store.write_table("inputs.parquet", inputs)
 
     started = False
     if not ray.is_initialized():

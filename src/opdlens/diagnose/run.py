@@ -26,8 +26,10 @@ def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunS
 
     The run directory is locked while the run writes into it (a second run on it fails at once)
     and is checked writable before any model loads. It resumes only a run of the same
-    fingerprint (:func:`write_config`); ``fresh`` first moves an existing directory aside
-    (``<out_dir>.old-<time>``) and starts a new run.
+    fingerprint (:func:`write_config`: the result keys and the contents of local models) and of
+    the same questions (:func:`check_questions`: each question's prompt and gold answer);
+    ``fresh`` first moves an existing run directory aside (``<out_dir>.old-<time>``) and starts
+    a new run.
     """
     if fresh:
         start_fresh(config.out_dir)
@@ -36,46 +38,121 @@ def diagnose(config: Any, *, progress: bool = True, fresh: bool = False) -> RunS
     with store.lock():
         write_config(store, config)
         diag, envs = build_diagnosis(config, progress=progress)
-        store.write_table(
-            "inputs.parquet",
-            pd.DataFrame(
-                {
-                    "question_id": [e.id for e in envs],
-                    "question_text": [e.question_text for e in envs],
-                    "gold": [e.gold for e in envs],
-                }
-            ),
-        )
+        inputs = inputs_frame(envs)
+        check_questions(store, inputs, [t.spec.name for t in diag.teachers])
+        store.write_table("inputs.parquet", inputs)
         diag.run(envs)
     return store
 
 
+def model_specs(config: Any) -> list[str]:
+    """The model specs a diagnose config loads: student, teachers, summariser, solution model."""
+    specs = [config.student, *(t.model for t in config.teachers), config.summarizer, config.solution_model]
+    return [s for s in specs if s]
+
+
 def write_config(store: RunStore, config: Any) -> None:
-    """Save the run's configuration as ``config.yaml`` and its fingerprint (the keys that
-    determine results, :func:`opdlens.config.result_keys`) as ``fingerprint.json``.
+    """Save the run's configuration as ``config.yaml`` and its fingerprint as ``fingerprint.json``:
+    the keys that determine results (:func:`opdlens.config.result_keys`) and the digests of its
+    local models' contents (:func:`opdlens.config.model_digest`; hub ids: the cached revision).
 
     A directory that already holds rollouts or scores must have the same fingerprint: otherwise
-    one error names the differing keys (stored and new values) and how to start afresh. A
-    directory with nothing stored (e.g. a first attempt that failed to load a model) takes the
-    new configuration. Both files are rewritten on every run, so they always describe it.
+    one error names the differing keys (stored and new values) and changed models, and how to
+    start afresh. A directory with nothing stored (e.g. a first attempt that failed to load a
+    model) takes the new configuration. Both files are rewritten on every run, so they always
+    describe it.
     """
-    import json
-
     import yaml
 
-    from opdlens.config import describe_mismatch, fingerprint, result_keys, stored_result_keys
+    from opdlens.config import (
+        describe_input_changes,
+        describe_mismatch,
+        fingerprint_record,
+        model_digests,
+        result_keys,
+        stored_inputs,
+        stored_result_keys,
+    )
 
     keys = result_keys(config)
+    inputs = model_digests(model_specs(config))
+    old_inputs = stored_inputs(store.root)
     if store.has_results():
         stored = stored_result_keys(store.root, type(config))
-        if stored is not None and (why := describe_mismatch(stored, keys)):
+        why = [
+            x
+            for x in (
+                describe_mismatch(stored, keys) if stored is not None else None,
+                describe_input_changes(old_inputs, inputs),
+            )
+            if x
+        ]
+        if why:
             raise OpdlensError(
-                f"run directory {store.root} holds results of another configuration ({why}). "
+                f"run directory {store.root} holds results of another configuration ({'; '.join(why)}). "
                 "Rerun with the stored settings to resume, choose another out_dir, or pass --fresh "
                 "to move the old run aside and start afresh"
             )
-    store.write_text("fingerprint.json", json.dumps({"fingerprint": fingerprint(keys), "keys": keys}, indent=1))
+        # a digest this run cannot compute (a hub model no longer cached) stays recorded
+        wanted = {f"model {s}" for s in model_specs(config)}
+        inputs = {**{k: v for k, v in old_inputs.items() if k in wanted}, **inputs}
+    store.write_text("fingerprint.json", fingerprint_record(keys, inputs))
     store.write_text("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+
+
+def inputs_frame(envs: Sequence[QuestionEnv]) -> pd.DataFrame:
+    """``inputs.parquet``: per question its id, prompt text and gold answer."""
+    return pd.DataFrame(
+        {
+            "question_id": [e.id for e in envs],
+            "question_text": [e.question_text for e in envs],
+            "gold": [e.gold for e in envs],
+        }
+    )
+
+
+def _cell(x: Any) -> str | None:
+    return None if x is None or (isinstance(x, float) and x != x) else str(x)
+
+
+def check_questions(store: RunStore, inputs: pd.DataFrame, teachers: Sequence[str] = ()) -> None:
+    """Refuse questions a run cannot hold or resume with (one error each):
+
+    * ids (or teacher names) whose file names collide (:meth:`RunStore.check_names`);
+    * in a directory that holds results, questions whose prompt text or gold answer differ from
+      the stored ``inputs.parquet`` (the stored rollouts were sampled on the old prompt and graded
+      against the old answer), and stored questions the data no longer has (their results would
+      be reported with the new ones). New questions are fine: they are computed.
+    """
+    ids = [str(x) for x in inputs["question_id"]]
+    store.check_names("question", ids)
+    store.check_names("teacher", list(teachers))
+    if not store.has_results() or not store.has("inputs.parquet"):
+        return
+    old = store.read_table("inputs.parquet")
+    before = {
+        str(r.question_id): (_cell(r.question_text), _cell(r.gold))
+        for r in old.itertuples(index=False)
+        if "question_text" in old.columns
+    }
+    now = {q: (_cell(t), _cell(g)) for q, t, g in zip(ids, inputs["question_text"], inputs["gold"])}
+    changed = [q for q in now if q in before and before[q] != now[q]]
+    gone = [q for q in before if q not in now]
+
+    def names(qs: list[str]) -> str:
+        return ", ".join(map(repr, qs[:8])) + (f" and {len(qs) - 8} more" if len(qs) > 8 else "")
+
+    problems = []
+    if changed:
+        problems.append(f"question(s) {names(changed)} have another prompt or gold answer than the stored ones")
+    if gone:
+        problems.append(f"question(s) {names(gone)} are no longer in the data")
+    if problems:
+        raise OpdlensError(
+            f"run directory {store.root} holds results of other questions: {'; '.join(problems)} "
+            f"(see {store.root / 'inputs.parquet'}). Restore the data to resume, choose another out_dir, "
+            "or pass --fresh to move the old run aside and start afresh"
+        )
 
 
 def vllm_engine(config: Any, student: Any) -> Any:

@@ -13,7 +13,8 @@ Layout::
       phase1/<question>.parquet           marks a question's tree as complete (Ray runs)
       questions.parquet                   per-question summary (rollouts, success rate, answers not found)
       skips.parquet                       recorded skips: (question, teacher, reason)
-      corrupt/                            unreadable files set aside (recomputed on the next run)
+      corrupt/                            unreadable files set aside by `diagnose` (recomputed on the next run)
+      store.json                          the store's version (how names become file names)
 
 A chunk file exists only once its rollouts are complete (write to a temporary name, then
 rename), so a run interrupted at any moment loses at most the chunk in flight; rerunning skips
@@ -21,18 +22,28 @@ every chunk already on disk. Chunk seeds derive from (run seed, question, chunk 
 a resumed run produces exactly the rollouts an uninterrupted run would; a file that cannot be
 read (zero bytes, bad footer) is moved to ``corrupt/`` and counts as missing, so it is recomputed.
 
-Names from the data (question ids, teacher names) become file names only through
-:func:`safe_name`, which encodes anything that could leave its folder or hide (``.``, ``..``,
-separators, a leading dot, the empty name).
+Names from the data (question ids, teacher names, context names) become file names only through
+:meth:`RunStore.name`, which encodes them injectively and case-safely (:func:`safe_name`):
+nothing can leave its folder or hide (``.``, ``..``, separators, a leading dot, the empty name),
+two ids never share a file, also on a case-insensitive file system (macOS), and
+:meth:`RunStore.check_names` refuses a question set whose names collide anyway. ``store.json``
+records the encoding; a run written before it existed (:data:`STORE_VERSION` 1) keeps the old
+encoding (:func:`legacy_safe_name`), so it resumes and reports as before.
+
+Every file is written by :func:`opdlens.io.atomic_write` (temporary file, then ``os.replace``;
+a symbolic link at the destination is replaced, never written through).
 """
 
 from __future__ import annotations
 
 import errno
 import fcntl
+import glob
 import hashlib
+import json
 import os
 import re
+import secrets
 import socket
 import time
 from collections.abc import Iterator
@@ -47,19 +58,61 @@ import pyarrow.parquet as pq
 
 from opdlens.diagnose.tree import RolloutSet
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 
 _SAFE = re.compile(r"[^A-Za-z0-9._-]+")
+_PLAIN = re.compile(r"[a-z0-9][a-z0-9._-]{0,79}")
+
+#: Version of the store layout this opdlens writes (``store.json``): 2 = :func:`safe_name`.
+#: Version 1 (no ``store.json``; runs written before it) named files by :func:`legacy_safe_name`.
+STORE_VERSION = 2
+STORE_FILE = "store.json"
+#: Folders whose presence (without ``store.json``) marks a run written by store version 1.
+_RESULT_DIRS = ("rollouts", "nodes", "paths", "priorities", "phase1", "external", "solutions", "incontext")
+#: What makes a directory a run directory (diagnose or train) that ``--fresh`` may move aside.
+RUN_MARKERS = (
+    "config.yaml",
+    "fingerprint.json",
+    STORE_FILE,
+    ".lock",
+    "rollouts",
+    "nodes",
+    "checkpoints",
+    "metrics.jsonl",
+)
+
+
+def _hash(name: str, n: int) -> str:
+    return hashlib.sha256(name.encode("utf-8", "surrogatepass")).hexdigest()[:n]
 
 
 def safe_name(name: str) -> str:
-    """A file-name-safe version of an id (stable, collision-resistant): characters other than
-    ``[A-Za-z0-9._-]`` become ``_``, a leading dot becomes ``_`` (so ``.``, ``..`` and hidden
-    names stay inside their folder), and any name that changed gets a hash of the original."""
+    """The file name of an id: injective and case-safe.
+
+    An id made only of ``[a-z0-9._-]``, starting with a letter or digit and at most 80 long is
+    its own file name. Any other id becomes its safe characters (others replaced by ``_``, a
+    leading dot by ``_``, cut at 72) plus ``+`` and 16 hex digits of the SHA-256 of the exact id.
+    The two kinds never meet (only the second holds ``+``), the first is lowercase, so two ids
+    share a name, also ignoring case, only if their hashes agree; :meth:`RunStore.check_names`
+    turns that (astronomically unlikely) case into an error naming both ids."""
+    if _PLAIN.fullmatch(name):
+        return name
+    clean = _SAFE.sub("_", name)[:72]
+    if clean.startswith("."):
+        clean = "_" + clean[1:]
+    return f"{clean}+{_hash(name, 16)}"
+
+
+def legacy_safe_name(name: str) -> str:
+    """The file name of an id in store version 1 (runs written before ``store.json``): safe
+    characters kept, a name that changed suffixed ``-`` + 8 hex digits of its SHA-1. Not
+    injective (``"a b"`` and ``"a_b-7dbde935"`` share ``a_b-7dbde935``) nor case-safe; kept to
+    read and resume such runs, whose ids :meth:`RunStore.check_names` checks for collisions."""
     clean = _SAFE.sub("_", name)[:80]
     if clean.startswith("."):
         clean = "_" + clean[1:]
     if clean != name or not clean:
-        clean += "-" + hashlib.sha1(name.encode()).hexdigest()[:8]
+        clean += "-" + hashlib.sha1(name.encode("utf-8", "surrogatepass")).hexdigest()[:8]
     return clean
 
 
@@ -70,10 +123,7 @@ def derive_seed(seed: int, *parts: object) -> int:
 
 
 def _write_atomic(table: pa.Table, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")  # unique across nodes
-    pq.write_table(table, tmp)
-    os.replace(tmp, path)
+    atomic_write(path, lambda tmp: pq.write_table(table, tmp))
 
 
 def _intact(path: Path) -> bool:
@@ -85,11 +135,42 @@ def _intact(path: Path) -> bool:
     return True
 
 
+def is_run_dir(root: str | Path) -> bool:
+    """Whether ``root`` holds a run of ``opdlens diagnose`` or ``opdlens train`` (one of
+    :data:`RUN_MARKERS`)."""
+    return any((Path(root) / m).exists() for m in RUN_MARKERS)
+
+
+def check_fresh(root: str | Path) -> Path | None:
+    """The directory :func:`start_fresh` would move aside (None: nothing to move), or the
+    :class:`OpdlensError` saying why it will not (checked before any model loads)."""
+    src = Path(os.path.abspath(root))  # "runs/x/.." names runs, whose name is not ".."
+    if not src.is_dir() or not any(src.iterdir()):
+        return None
+    here = Path.cwd().resolve()
+    if src.resolve() == here or src.resolve() in here.parents:
+        raise OpdlensError(
+            f"--fresh cannot move {str(root)!r} aside: it is the current directory or one above it; "
+            "set out_dir to the run's own folder (e.g. runs/<name>) and run from outside it"
+        )
+    if not is_run_dir(src):
+        raise OpdlensError(
+            f"--fresh refuses to move {src} aside: it is not a run directory (it has none of "
+            f"{', '.join(RUN_MARKERS)}); choose another out_dir, or move or delete it yourself"
+        )
+    return src
+
+
 def start_fresh(root: str | Path) -> Path | None:
     """Move an existing, non-empty run directory aside to ``<root>.old-<time>`` (nothing is
-    deleted) so a new run starts in an empty one; fails if a run holds the directory."""
-    src = Path(root)
-    if not src.is_dir() or not any(src.iterdir()):
+    deleted) so a new run starts in an empty one; fails if a run holds the directory. Returns
+    where it went (None: nothing to move).
+
+    Refused (:class:`OpdlensError`, nothing moved): a directory that holds no run (none of
+    :data:`RUN_MARKERS`: ``--fresh`` never moves a folder of other files), and the current
+    directory or one above it (``out_dir: .``: the new run would go on in the moved folder)."""
+    src = check_fresh(root)
+    if src is None:
         return None
     dst = src.with_name(f"{src.name}.old-{time.strftime('%Y%m%d-%H%M%S')}")
     with RunStore(src).lock():
@@ -103,27 +184,94 @@ def start_fresh(root: str | Path) -> Path | None:
 
 
 class RunStore:
-    """Read/write access to one run directory (created if missing)."""
+    """Read/write access to one run directory (created if missing).
 
-    def __init__(self, root: str | Path, *, create: bool = True) -> None:
+    ``set_aside``: move an unreadable file to ``corrupt/`` so that the next run recomputes it
+    (what ``diagnose`` does). With ``set_aside=False`` (the report's reader) nothing is moved:
+    unreadable files are skipped and listed in :attr:`unreadable` (so the reader can say that
+    its result is incomplete), and :meth:`read_table` of one raises an error naming it."""
+
+    def __init__(self, root: str | Path, *, create: bool = True, set_aside: bool = True) -> None:
         self.root = Path(root)
+        self.set_aside_unreadable = set_aside
+        self.unreadable: list[Path] = []
         if not create:
             if not self.root.is_dir():
                 raise OpdlensError(
                     f"run directory {self.root} does not exist: run `opdlens diagnose` (or `opdlens demo`) into it first"
                 )
-            return
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise OpdlensError(
-                f"cannot create run directory {self.root}: {exc.strerror}; choose another out_dir"
-            ) from None
+        else:
+            try:
+                self.root.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise OpdlensError(
+                    f"cannot create run directory {self.root}: {exc.strerror}; choose another out_dir"
+                ) from None
+        self._version: int | None = None
+
+    @property
+    def version(self) -> int:
+        """The store version (read once, on first use: see :meth:`_read_version`)."""
+        if self._version is None:
+            self._version = self._read_version()
+        return self._version
+
+    def _read_version(self) -> int:
+        """The store version of the directory: ``store.json``'s, else 1 for a run written before
+        it (result folders present), else :data:`STORE_VERSION` (a new run)."""
+        f = self.root / STORE_FILE
+        if f.is_file():
+            try:
+                version = json.loads(f.read_text(encoding="utf-8"))["version"]
+                if not isinstance(version, int):
+                    raise TypeError("not an integer")
+            except (OSError, ValueError, KeyError, TypeError) as exc:
+                raise OpdlensError(
+                    f"{f} is unreadable ({type(exc).__name__}: {exc}): it names the run's file layout; "
+                    "restore it, or pass --fresh to move the run aside and start afresh"
+                ) from None
+            if version > STORE_VERSION:
+                raise OpdlensError(
+                    f"run directory {self.root} was written by a newer opdlens (store version {version}, "
+                    f"this one reads up to {STORE_VERSION}): upgrade opdlens"
+                )
+            return version
+        if any((self.root / d).is_dir() for d in _RESULT_DIRS) or (self.root / "questions.parquet").exists():
+            return 1
+        return STORE_VERSION
+
+    def _mark_version(self) -> None:
+        """Write ``store.json`` before the first file of a new run (a version-1 run stays 1)."""
+        if self.version >= 2 and not (self.root / STORE_FILE).is_file():
+            atomic_write(self.root / STORE_FILE, json.dumps({"version": self.version}) + "\n")
+
+    def name(self, name: str) -> str:
+        """The file name of an id in this run (:func:`safe_name`; :func:`legacy_safe_name` in a
+        version-1 run)."""
+        return safe_name(name) if self.version >= 2 else legacy_safe_name(name)
+
+    def check_names(self, what: str, names: list[str]) -> None:
+        """Refuse ids whose file names would coincide, also ignoring case (a case-insensitive
+        file system): one error naming both ids."""
+        seen: dict[str, str] = {}
+        for n in names:
+            key = self.name(n).casefold()
+            other = seen.setdefault(key, n)
+            if other != n:
+                raise OpdlensError(
+                    f"{what} ids {other!r} and {n!r} would share the file name {self.name(n)!r} in {self.root}"
+                    + (
+                        " (this run was written by an older opdlens whose file names can collide); rename one "
+                        "of them, or pass --fresh to start a new run, which names files without collisions"
+                        if self.version < 2
+                        else "; rename one of them"
+                    )
+                )
 
     # ---------------------------------------------------------------- run-level
     def check_writable(self) -> None:
         """Raise when files cannot be created in the run directory (before any model loads)."""
-        probe = self.root / f".write-test-{socket.gethostname()}-{os.getpid()}"
+        probe = self.root / f".write-test-{socket.gethostname()}-{os.getpid()}-{secrets.token_hex(4)}"
         try:
             probe.write_bytes(b"")
             probe.unlink()
@@ -137,7 +285,7 @@ class RunStore:
         """Hold an exclusive lock on the run directory; a second writer fails at once."""
         path = self.root / ".lock"
         try:
-            fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)  # never truncate a link's target
         except OSError as exc:
             raise OpdlensError(
                 f"cannot lock run directory {self.root} ({exc.strerror}): fix its permissions or choose another out_dir"
@@ -176,12 +324,16 @@ class RunStore:
         return dst
 
     def _ok(self, path: Path) -> bool:
-        """``path`` exists and is readable; an unreadable file is set aside (so it is recomputed)."""
+        """``path`` exists and is readable; an unreadable file is set aside (so it is recomputed),
+        or, with ``set_aside=False``, listed in :attr:`unreadable`."""
         if not path.exists():
             return False
         if _intact(path):
             return True
-        self.set_aside(path)
+        if self.set_aside_unreadable:
+            self.set_aside(path)
+        elif path not in self.unreadable:
+            self.unreadable.append(path)
         return False
 
     def _read(self, path: Path) -> pa.Table:
@@ -193,6 +345,11 @@ class RunStore:
                 raise OpdlensError(
                     f"{path} is missing: the run is incomplete; rerun `opdlens diagnose` to finish it"
                 ) from None
+            if not self.set_aside_unreadable:
+                raise OpdlensError(
+                    f"{path} is unreadable ({type(exc).__name__}): rerun `opdlens diagnose` with the run's "
+                    "config to recompute it"
+                ) from None
             dst = self.set_aside(path)
             raise OpdlensError(
                 f"{path} is unreadable ({type(exc).__name__}); it was moved to {dst}: rerun the same command to recompute it"
@@ -200,7 +357,7 @@ class RunStore:
 
     # ---------------------------------------------------------------- rollouts
     def _chunk_path(self, question: str, chunk: str) -> Path:
-        return self.root / "rollouts" / safe_name(question) / f"{safe_name(chunk)}.parquet"
+        return self.root / "rollouts" / self.name(question) / f"{self.name(chunk)}.parquet"
 
     def has_chunk(self, question: str, chunk: str) -> bool:
         return self._ok(self._chunk_path(question, chunk))
@@ -216,10 +373,14 @@ class RunStore:
                 "forced": pa.array(rollouts.forced, type=pa.int32()),
             }
         )
+        self._mark_version()
         _write_atomic(table, self._chunk_path(question, chunk))
 
     def read_chunk(self, question: str, chunk: str) -> RolloutSet:
-        t = self._read(self._chunk_path(question, chunk))
+        return self._read_chunk_file(self._chunk_path(question, chunk))
+
+    def _read_chunk_file(self, path: Path) -> RolloutSet:
+        t = self._read(path)
         col = t.column("tokens").combine_chunks()
         offsets = col.offsets.to_numpy().astype(np.int64)
         flat = col.flatten().to_numpy(zero_copy_only=False).astype(np.int64)
@@ -231,9 +392,9 @@ class RunStore:
     def _chunk_files(self, question: str, prefix: str = "") -> list[Path]:
         """The question's finished chunk files whose names start with ``prefix``: initial first,
         then in name order."""
-        folder = self.root / "rollouts" / safe_name(question)
+        folder = self.root / "rollouts" / self.name(question)
         return sorted(
-            (f for f in folder.glob(f"{safe_name(prefix) if prefix else ''}*.parquet") if self._ok(f)),
+            (f for f in folder.glob(f"{glob.escape(self.name(prefix)) if prefix else ''}*.parquet") if self._ok(f)),
             key=lambda p: (not p.name.startswith("initial"), p.name),
         )
 
@@ -254,20 +415,18 @@ class RunStore:
             if missing_ok:
                 return None
             raise OpdlensError(
-                f"no rollouts stored for question {question!r} in {self.root / 'rollouts' / safe_name(question)}"
+                f"no rollouts stored for question {question!r} in {self.root / 'rollouts' / self.name(question)}"
             )
-        return RolloutSet.concat([self.read_chunk(question, f.stem) for f in files])
+        return RolloutSet.concat([self._read_chunk_file(f) for f in files])
 
     # ---------------------------------------------------------------- tables
     def write_text(self, rel: str, text: str) -> Path:
-        """Write a small text file atomically (temporary name, then rename)."""
-        path = self.root / rel
-        tmp = path.with_name(f".{path.name}.tmp-{socket.gethostname()}-{os.getpid()}")
-        tmp.write_text(text, encoding="utf-8")
-        os.replace(tmp, path)
-        return path
+        """Write a small text file atomically (:func:`opdlens.io.atomic_write`)."""
+        self._mark_version()
+        return atomic_write(self.root / rel, text)
 
     def write_table(self, rel: str, df: pd.DataFrame) -> Path:
+        self._mark_version()
         path = self.root / rel
         _write_atomic(pa.Table.from_pandas(df, preserve_index=False), path)
         return path
@@ -279,16 +438,16 @@ class RunStore:
         return self._ok(self.root / rel)
 
     def paths_file(self, question: str) -> str:
-        return f"paths/{safe_name(question)}.parquet"
+        return f"paths/{self.name(question)}.parquet"
 
     def nodes_file(self, teacher: str, question: str) -> str:
-        return f"nodes/{safe_name(teacher)}/{safe_name(question)}.parquet"
+        return f"nodes/{self.name(teacher)}/{self.name(question)}.parquet"
 
     def priorities_file(self, teacher: str, question: str) -> str:
-        return f"priorities/{safe_name(teacher)}/{safe_name(question)}.parquet"
+        return f"priorities/{self.name(teacher)}/{self.name(question)}.parquet"
 
     def question_file(self, folder: str, question: str) -> str:
-        return f"{folder}/{safe_name(question)}.parquet"
+        return f"{folder}/{self.name(question)}.parquet"
 
     def read_all(self, folder: str) -> pd.DataFrame:
         """Concatenate every Parquet file below ``folder`` (empty frame if none)."""

@@ -16,9 +16,14 @@ app = typer.Typer(add_completion=False)
 
 
 @app.command()
-def train(config: Path = typer.Argument(..., help="YAML training config")) -> TrainResult:
-    """On-policy distillation training (as ``opdlens train CONFIG.yaml``)."""
-    return train_cmd(config)
+def train(
+    config: Path = typer.Argument(..., help="YAML training config"),
+    fresh: bool = typer.Option(
+        False, "--fresh", help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh"
+    ),
+) -> TrainResult:
+    """On-policy distillation training (as ``opdlens train CONFIG.yaml [--fresh]``)."""
+    return train_cmd(config, fresh=fresh)
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:

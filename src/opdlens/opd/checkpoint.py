@@ -29,6 +29,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, load_model, save_file, save_model
 
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 
 CKPT_DIR = "checkpoints"
 STATE = "state.json"
@@ -114,14 +115,13 @@ def save_checkpoint(
     d = Path(out_dir) / CKPT_DIR / f"step_{step:07d}"
     d.mkdir(parents=True, exist_ok=True)
     (d / STATE).unlink(missing_ok=True)  # incomplete until state.json is back
-    save_model(model, str(d / MODEL))
+    # every file through opdlens.io.atomic_write: complete or absent, never written through a link
+    atomic_write(d / MODEL, lambda tmp: save_model(model, str(tmp)))
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
-    save_file(opt_tensors, str(d / OPTIM))
+    atomic_write(d / OPTIM, lambda tmp: save_file(opt_tensors, str(tmp)))
     rng_tensors, rng_meta = _rng_state()
-    save_file(rng_tensors, str(d / RNG))
-    tmp = d / (STATE + ".tmp")
-    tmp.write_text(json.dumps({"step": step, "optimizer": opt_meta, "rng": rng_meta, "config": config}))
-    tmp.replace(d / STATE)
+    atomic_write(d / RNG, lambda tmp: save_file(rng_tensors, str(tmp)))
+    atomic_write(d / STATE, json.dumps({"step": step, "optimizer": opt_meta, "rng": rng_meta, "config": config}))
     if keep > 0:
         for _, old in list_checkpoints(out_dir)[:-keep]:
             shutil.rmtree(old, ignore_errors=True)

@@ -107,10 +107,12 @@ def load_train_config(path: str | Path) -> TrainConfig:
     return train_config_from_diagnose(diag, teacher, **data)
 
 
-def train_cmd(config: Path) -> TrainResult:
-    """``opdlens train CONFIG.yaml``: run or resume OPD training; prints a short summary.
+def train_cmd(config: Path, fresh: bool = False) -> TrainResult:
+    """``opdlens train CONFIG.yaml [--fresh]``: run or resume OPD training; prints a short summary.
 
-    Typer-compatible (one ``Path`` argument). Errors are :class:`OpdlensError` with a message.
+    A rerun resumes only a run of the same configuration and inputs (``out_dir/fingerprint.json``,
+    see :func:`opdlens.opd.trainer.train`); ``fresh`` first moves an existing run directory aside.
+    Typer-compatible. Errors are :class:`OpdlensError` with a message.
     """
     from rich.console import Console
 
@@ -121,7 +123,7 @@ def train_cmd(config: Path) -> TrainResult:
         f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "
         f"lr={cfg.lr:g} batch={cfg.batch_size} steps={cfg.steps} -> {cfg.out_dir}"
     )
-    res = train(cfg)
+    res = train(cfg, fresh=fresh)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
         return res
     from opdlens.opd.trainer import read_metrics

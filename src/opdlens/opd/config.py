@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 import warnings
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
@@ -129,11 +129,51 @@ class PromptStage(BaseModel):
     embedding_model: str | None = Field(None, description="sentence-embedding model (cosine) instead of MinHash")
 
 
+#: Keys of a :class:`TrainConfig` that do not change what a training run computes, so a run may
+#: resume under other values (every other key is in its fingerprint, ``out_dir/fingerprint.json``):
+#:
+#: * ``out_dir``: where it writes;
+#: * ``device``, ``teacher_device``: where it runs (float32 master weights everywhere; other
+#:   hardware rounds differently and draws from another generator, same distributions);
+#: * ``progress``, ``tensorboard``: display and an extra copy of the log (metrics.jsonl is written
+#:   either way);
+#: * ``save_every``, ``keep_checkpoints``: when checkpoints are written and how many are kept
+#:   (writing one draws no randomness; each step's randomness is a function of (seed, step));
+#: * ``eval_every``: which steps are evaluated (held-out rollouts use their own fixed seed and
+#:   leave the weights and the training streams alone; what an evaluation measures, eval_split,
+#:   eval_questions, eval_samples, eval_temperature, is a result key);
+#: * ``steps``: where the run stops (steps 1..n are the same for any total: resuming with a larger
+#:   ``steps`` extends a run; nothing is scheduled over the total);
+#: * ``micro_batch``: how the batch is cut for forward/backward (the gradient is the full batch's,
+#:   up to rounding).
+#:
+#: ``dtype`` and ``teacher_dtype`` ARE result keys, unlike a diagnose run's ``dtype``: the forward
+#: precision enters every update and compounds over the steps, so one run mixing float32 and
+#: bfloat16 steps would be neither. So is ``rollout_chunk`` (it fixes the sampling seeds).
+TRAIN_NON_RESULT_KEYS = frozenset(
+    {
+        "out_dir",
+        "device",
+        "teacher_device",
+        "progress",
+        "tensorboard",
+        "save_every",
+        "keep_checkpoints",
+        "eval_every",
+        "steps",
+        "micro_batch",
+    }
+)
+
+
 class TrainConfig(RunSettings):
     """OPD run configuration (YAML-loadable with :meth:`from_yaml`)."""
 
     model_config = ConfigDict(extra="forbid")
 
+    NON_RESULT_KEYS: ClassVar[frozenset[str]] = TRAIN_NON_RESULT_KEYS
+    #: Keys added after runs were written, with the value those runs used (none yet).
+    LEGACY_VALUES: ClassVar[dict[tuple[str, str], Any]] = {}
     preset: Literal["paper-b"] | None = Field(
         None,
         description="'paper-b': every key this config does not set takes the value of paper B's authors' scripts "
@@ -395,4 +435,6 @@ class TrainConfig(RunSettings):
         return validate_config(cls, data, str(path))
 
     def to_yaml(self, path: str | Path) -> None:
-        Path(path).write_text(yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        from opdlens.io import atomic_write
+
+        atomic_write(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))

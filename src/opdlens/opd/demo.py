@@ -31,6 +31,7 @@ from typing import Any
 import typer
 
 from opdlens.entry import choice, run_app
+from opdlens.io import atomic_write
 from opdlens.opd.registry import LOSSES
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from opdlens.report.figures import plot_training_curve
@@ -66,7 +67,7 @@ def compare_templates(base: TrainConfig, fresh: bool) -> dict[str, Any]:
             f"{start:.4f} -> {end:.4f} ({out[name]['eval_rkl_change_pct']:+.1f}%)"
         )
     print(json.dumps(out, indent=1))
-    (base.out_dir / "compare_templates.json").write_text(json.dumps(out, indent=1))
+    atomic_write(base.out_dir / "compare_templates.json", json.dumps(out, indent=1))
     return out
 
 
@@ -145,7 +146,7 @@ def demo(
         f"({summary['eval_rkl_change_pct']:+.1f}%) after {res.last_step} steps"
     )
     print(json.dumps(summary, indent=1))
-    (out_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+    atomic_write(out_dir / "summary.json", json.dumps(summary, indent=1))
     return summary
 
 

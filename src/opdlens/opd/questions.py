@@ -12,6 +12,7 @@ from typing import Any
 import torch
 
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TrainConfig
 from opdlens.opd.parallel import Dist
@@ -95,7 +96,7 @@ def prepare_contexts(
                 max_new_tokens=max_new_tokens,
                 seed=step_seed(cfg.seed, 0, salt=2),
             )
-            path.write_text(json.dumps({k: vars(v) for k, v in sols.items()}))
+            atomic_write(path, json.dumps({k: vars(v) for k, v in sols.items()}))
         dist.barrier()
         sols = {k: Solutions(**v) for k, v in json.loads(path.read_text()).items()}
     else:

@@ -26,6 +26,7 @@ from typing import Any, Literal
 import torch
 
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 from opdlens.opd.batching import completion_logits
 from opdlens.opd.coldstart import cold_start_sft
 from opdlens.opd.config import resolve_template
@@ -311,7 +312,7 @@ def run_stages(
         )
         log.update({f"cold_start_{k}": v for k, v in res_cs.as_dict().items()})
     record["log"] = log
-    (out_dir / STAGES_FILE).write_text(json.dumps(record, indent=1))
+    atomic_write(out_dir / STAGES_FILE, json.dumps(record, indent=1))
     return cfg, questions, log
 
 

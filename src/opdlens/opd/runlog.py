@@ -1,4 +1,11 @@
-"""Logging of an OPD run: metric sums across micro-batches/processes, metrics.jsonl, TensorBoard."""
+"""Logging of an OPD run: metric sums across micro-batches/processes, metrics.jsonl, TensorBoard.
+
+``metrics.jsonl`` grows by one appended line per step (:func:`opdlens.io.append_line`: opened
+with ``O_NOFOLLOW``, so a symlink planted there is refused, never written through); rewriting the
+whole file atomically every step would cost O(steps²). A crash mid-append can leave a torn last
+line: the readers skip a last line that is not JSON, and a resume rewrites the file atomically
+(:func:`opdlens.io.atomic_write`) with the rows up to its checkpoint.
+"""
 
 from __future__ import annotations
 
@@ -10,6 +17,7 @@ from typing import Any
 import torch
 
 from opdlens.errors import OpdlensError
+from opdlens.io import append_line, atomic_write
 from opdlens.opd.metrics import RatioMetrics, TokenMetrics, chunk_sums
 
 METRICS_FILE = "metrics.jsonl"
@@ -67,13 +75,9 @@ class RunLogger:
 
     def __init__(self, out_dir: Path, start_step: int, tensorboard: bool) -> None:
         self.path = out_dir / METRICS_FILE
-        if self.path.exists():  # resume: drop rows written after the checkpoint
-            keep = [
-                ln
-                for ln in self.path.read_text().splitlines()
-                if ln.strip() and json.loads(ln).get("step", 0) <= start_step
-            ]
-            self.path.write_text("".join(ln + "\n" for ln in keep))
+        if self.path.exists() or self.path.is_symlink():  # resume: drop rows written after the checkpoint
+            keep = [json.dumps(r) for r in _rows(self.path) if r.get("step", 0) <= start_step]
+            atomic_write(self.path, "".join(ln + "\n" for ln in keep))  # replaces a symlink, never follows it
         self.writer = None
         if tensorboard:
             from torch.utils.tensorboard import SummaryWriter
@@ -81,8 +85,7 @@ class RunLogger:
             self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
 
     def log(self, row: dict[str, Any]) -> None:
-        with self.path.open("a") as f:
-            f.write(json.dumps(jsonable(row)) + "\n")
+        append_line(self.path, json.dumps(jsonable(row)))
         if self.writer is not None:
             step = int(row["step"])
             for k, v in row.items():
@@ -106,4 +109,25 @@ def read_metrics(out_dir: str | Path) -> list[dict[str, Any]]:
     p = Path(out_dir) / METRICS_FILE
     if not p.is_file():
         raise OpdlensError(f"no {METRICS_FILE} in {out_dir}")
-    return [json.loads(ln) for ln in p.read_text().splitlines() if ln.strip()]
+    return _rows(p)
+
+
+def _rows(path: Path) -> list[dict[str, Any]]:
+    """The JSON rows of a log; a torn last line (a crash mid-append) is skipped, any other
+    unreadable line is an error naming it."""
+    try:
+        lines = [ln for ln in path.read_text(encoding="utf-8").splitlines() if ln.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise OpdlensError(f"cannot read {path} ({exc}): move it aside and rerun") from None
+    rows = []
+    for i, ln in enumerate(lines):
+        try:
+            row = json.loads(ln)
+            if not isinstance(row, dict):
+                raise ValueError("not an object")
+        except ValueError:
+            if i == len(lines) - 1:
+                break  # torn by a crash while appending
+            raise OpdlensError(f"{path} line {i + 1} is not a JSON row: move the file aside and rerun") from None
+        rows.append(row)
+    return rows

@@ -26,6 +26,8 @@ once, in :mod:`opdlens.opd.recipes`.
 
 from __future__ import annotations
 
+import hashlib
+import json
 import random
 import shutil
 import time
@@ -37,7 +39,18 @@ from typing import Any
 import numpy as np
 import torch
 
+from opdlens.config import (
+    describe_input_changes,
+    describe_mismatch,
+    fingerprint_record,
+    model_digests,
+    result_keys,
+    stored_inputs,
+    stored_result_keys,
+)
+from opdlens.diagnose.store import check_fresh, start_fresh
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
 from opdlens.opd.parallel import Dist
@@ -306,6 +319,67 @@ class OPDTrainer:
         return self.step
 
 
+# ---------------------------------------------------------------------------- run identity
+FINGERPRINT = "fingerprint.json"
+#: Files whose presence means a training directory holds results (besides checkpoints).
+RESULT_FILES = (METRICS_FILE, "stages.json", "solutions.json")
+
+
+def questions_digest(questions: Sequence[Any]) -> str:
+    """SHA-256 (16 hex digits) of the questions' ids, prompts and answers, in order."""
+    h = hashlib.sha256()
+    for q in questions:
+        h.update(json.dumps([str(q.id), str(q.prompt), str(q.answer)]).encode("utf-8", "surrogatepass") + b"\n")
+    return h.hexdigest()[:16]
+
+
+def _stored_keys(out_dir: Path) -> dict[str, Any] | None:
+    """The result keys a training directory ran with: ``fingerprint.json``'s, else (a run written
+    before it) ``config.yaml``'s, else the latest checkpoint's ``state.json``'s config."""
+    stored = stored_result_keys(out_dir, TrainConfig)
+    if stored is not None:
+        return stored
+    for _, d in reversed(ckpt.list_checkpoints(out_dir)):
+        try:
+            old = json.loads((d / ckpt.STATE).read_text())["config"]
+            return result_keys(TrainConfig.model_validate({**old, "out_dir": str(out_dir)}))
+        except (OSError, ValueError, KeyError, TypeError, OpdlensError):
+            continue
+    return None
+
+
+def check_identity(out_dir: Path, cfg: TrainConfig, inputs: dict[str, str]) -> None:
+    """Refuse to resume a training directory that holds results (checkpoints, metrics, stage or
+    solution files) of another configuration or other inputs: one error naming each differing
+    result key (old -> new) and changed input, pointing at ``--fresh``. A directory without
+    results (a first attempt that failed before step 1) takes the new configuration."""
+    if not (ckpt.list_checkpoints(out_dir) or any((out_dir / f).exists() for f in RESULT_FILES)):
+        return
+    keys = result_keys(cfg)
+    if not (out_dir / FINGERPRINT).is_file() and (out_dir / "stages.json").is_file():
+        # a run written before fingerprint.json: its config.yaml holds the templates its stages chose
+        try:
+            chosen = json.loads((out_dir / "stages.json").read_text()).get("templates", {})
+            keys = result_keys(cfg.model_copy(update=chosen))
+        except (OSError, ValueError, AttributeError):
+            pass
+    stored = _stored_keys(out_dir)
+    why = [
+        x
+        for x in (
+            describe_mismatch(stored, keys) if stored is not None else None,
+            describe_input_changes(stored_inputs(out_dir), inputs),
+        )
+        if x
+    ]
+    if why:
+        raise OpdlensError(
+            f"training directory {out_dir} holds a run of another configuration ({'; '.join(why)}). "
+            "Rerun with the stored settings to resume, choose another out_dir, or pass --fresh "
+            "(`opdlens train --fresh`) to move the old run aside and start afresh"
+        )
+
+
 # ---------------------------------------------------------------------------- entry points
 def load_models(config: TrainConfig, *, student: bool = True, teacher: bool = True) -> tuple[Any, Any]:
     """Student (float32 master weights, a private copy) and teacher (``teacher_dtype``, default
@@ -332,6 +406,7 @@ def train(
     eval_questions: Sequence[Any] | None = None,
     stop_after: int | None = None,
     resume: bool = True,
+    fresh: bool = False,
     callback: Callable[[dict[str, Any]], None] | None = None,
 ) -> TrainResult:
     """Run (or resume) OPD training as configured; returns the per-step history.
@@ -342,8 +417,23 @@ def train(
     are dropped). ``stop_after`` ends this call after that many steps (to simulate an
     interruption); a final checkpoint is written only when ``steps`` is reached. Configured
     stages (prompt selection, template selection, cold start) run before step 1 of a fresh run.
+
+    Run identity, as for diagnose runs: ``out_dir/fingerprint.json`` records the result keys
+    (:data:`~opdlens.opd.config.TrainConfig.NON_RESULT_KEYS` says which keys are not) and the
+    digests of the inputs (local model directories, training and held-out questions). A resume
+    into a directory that holds a run of another configuration or other inputs is refused
+    (:func:`check_identity`: one error naming each differing key, old -> new), before any model
+    loads. ``fresh`` first moves an existing run directory aside (``<out_dir>.old-<time>``);
+    ``resume=False`` restarts in place, discarding the directory's earlier metrics (no check).
     """
     cfg = config
+    out_dir = Path(cfg.out_dir)
+    inputs = model_digests([cfg.student, cfg.teacher])
+    check = resume and not fresh
+    if check:
+        check_identity(out_dir, cfg, inputs)  # before any model loads
+    if fresh:
+        check_fresh(out_dir)  # a directory --fresh will not move: say so before any model loads
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     random.seed(cfg.seed)
@@ -356,9 +446,18 @@ def train(
         task = task or t_task
         train_questions = train_questions if train_questions is not None else t_train
         eval_questions = eval_questions if eval_questions is not None else t_eval
+    inputs["train questions"] = questions_digest(train_questions)
+    inputs["eval questions"] = questions_digest(eval_questions)
+    if check:
+        check_identity(out_dir, cfg, inputs)  # now with the questions' contents
     dist = Dist(next(student.model.parameters()).device)
-    out_dir = Path(cfg.out_dir)
+    if fresh:
+        if dist.is_main:
+            start_fresh(out_dir)
+        dist.barrier()
     out_dir.mkdir(parents=True, exist_ok=True)
+    if dist.is_main:
+        atomic_write(out_dir / FINGERPRINT, fingerprint_record(result_keys(cfg), inputs))
     ckpts = ckpt.list_checkpoints(out_dir)
     if ckpts and not resume and cfg.save_every > 0:
         raise OpdlensError(

@@ -30,6 +30,7 @@ import pandas as pd
 from opdlens.diagnose.uncertainty import count_settled
 from opdlens.display import display_text
 from opdlens.errors import OpdlensError
+from opdlens.io import atomic_write
 from opdlens.report.analyze import Analysis, analyze
 from opdlens.report.csvs import CSV_FILES, questions_frame, write_csvs
 from opdlens.report.figures import (
@@ -194,7 +195,7 @@ def write_report(
     for i, (t, p) in enumerate(extras):
         dst = fig_dir / f"extra_{i}{p.suffix or '.png'}"
         if p.resolve() != dst.resolve():
-            shutil.copyfile(p, dst)
+            atomic_write(dst, lambda tmp, p=p: shutil.copyfile(p, tmp))
         figs.append((t, "", dst))
 
     md = [f"# {display_text(title)}", ""]
@@ -210,7 +211,7 @@ def write_report(
         shown = display_text(t)
         md += [f"### {shown}", "", display_text(caption), "", f"![{shown}]({p.relative_to(out).as_posix()})", ""]
     md += ["## Files", "", "CSV tables (full precision): " + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]
-    (out / "summary.md").write_text("\n".join(md), encoding="utf-8")
+    atomic_write(out / "summary.md", "\n".join(md))
 
     token_nodes = nodes
     missing = [c for c in TOKEN_COLUMNS if c not in nodes.columns]
@@ -238,5 +239,5 @@ def write_report(
         metric=metric,
     )
     index = out / "index.html"
-    index.write_text(page, encoding="utf-8")
+    atomic_write(index, page)
     return index

@@ -7,6 +7,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from opdlens.io import atomic_write
 from opdlens.report.analyze import Analysis
 
 #: CSV file written for each analysis frame.
@@ -63,6 +64,6 @@ def write_csvs(out_dir: Path, an: Analysis, questions_table: pd.DataFrame) -> di
         if df is None:
             continue
         p = out_dir / CSV_FILES[key]
-        df.to_csv(p, index=False)
+        atomic_write(p, lambda tmp, df=df: df.to_csv(tmp, index=False))
         written[key] = p
     return written

@@ -19,6 +19,8 @@ import pandas as pd
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from opdlens.io import atomic_write
+
 __all__ = [
     "ci_error_bars",
     "palette",
@@ -46,7 +48,7 @@ def save_png(fig: Figure, path: Path) -> Path:
     """Draw ``fig`` on an Agg canvas (no pyplot state, no display) and write it as PNG to ``path``."""
     FigureCanvasAgg(fig)
     fig.tight_layout()
-    fig.savefig(path, dpi=_DPI)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=_DPI))
     return path
 
 

@@ -38,7 +38,7 @@ import numpy as np
 import pandas as pd
 from scipy import stats
 
-from opdlens.diagnose.store import RunStore, derive_seed, safe_name
+from opdlens.diagnose.store import RunStore, derive_seed
 from opdlens.errors import OpdlensError
 from opdlens.report.stats import t_interval
 
@@ -75,9 +75,10 @@ INCONTEXT_COLUMNS: tuple[str, ...] = (
 )
 
 
-def incontext_file(context: str, question: str) -> str:
-    """Path, relative to the run directory, of the row of (context, question)."""
-    return f"{INCONTEXT_DIR}/{safe_name(context)}/{safe_name(question)}.parquet"
+def incontext_file(store: RunStore, context: str, question: str) -> str:
+    """Path, relative to the run directory, of the row of (context, question) (names encoded by
+    :meth:`RunStore.name`)."""
+    return store.question_file(f"{INCONTEXT_DIR}/{store.name(context)}", question)
 
 
 def sample_incontext(
@@ -119,7 +120,7 @@ def sample_incontext(
             name = t.spec.name
             contexts[name] = prep.contexts[name] if name in prep.contexts else skipped.get(name, "context not built")
         for name, ctx in contexts.items():
-            rel = incontext_file(name, env.id)
+            rel = incontext_file(store, name, env.id)
             if store.has(rel):
                 _check_stored(store, rel, n_samples)
                 continue

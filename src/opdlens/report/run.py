@@ -11,6 +11,13 @@ interrupted or still running one has only the per-(teacher, question) node table
 far: :func:`load_run` then rebuilds the per-question rows of the scored questions from their
 stored rollouts and marks the result ``partial``, so the report shows what is finished and says
 that it is incomplete; ``finished=True`` (the cross-run study) refuses such a run instead.
+
+The reader never changes the run directory. A stored file it cannot read (a damaged node table,
+say) is left where it is (setting it aside in ``corrupt/`` is ``opdlens diagnose``'s job, which
+then recomputes it) and the result is marked ``partial`` with a note naming the file, as is a
+finished run without per-node rows for a (teacher, question), among the teachers with results,
+that is not recorded as skipped (a deleted node table): a report is never silently built from
+part of the data.
 """
 
 from __future__ import annotations
@@ -82,15 +89,43 @@ def _question_row(store: RunStore, qid: str) -> dict[str, object]:
     }
 
 
-def load_run(source: RunStore | str | Path, *, finished: bool = False, need_config: bool = False) -> RunResults:
-    """The tables of a run directory (see the module docstring); never creates the directory.
+def _missing_pairs(store: RunStore, nodes: pd.DataFrame, questions: pd.DataFrame, skips: pd.DataFrame) -> list[str]:
+    """``teacher 'T' on question 'q'`` for each pair of a finished run, among the teachers with
+    results (a run's config may name teachers a run driven from Python did not score), that has
+    no per-node rows, no recorded skip and no unreadable node table (named separately)."""
+    skipped = set()
+    if not skips.empty:
+        acts = skips["action"] if "action" in skips.columns else pd.Series("skipped", index=skips.index)
+        skipped = {(str(q), str(t)) for q, t, a in zip(skips["question_id"], skips["teacher"], acts) if a == "skipped"}
+    have = set(zip(nodes["teacher"].astype(str), nodes["question_id"].astype(str)))
+    teachers = sorted({t for t, _ in have})
+    unreadable = set(store.unreadable)
+    out = []
+    for q in questions["question_id"].astype(str):
+        if (q, "") in skipped:
+            continue
+        for t in teachers:
+            if (t, q) in have or (q, t) in skipped or store.root / store.nodes_file(t, q) in unreadable:
+                continue
+            out.append(f"teacher {t!r} on question {q!r}")
+    return out
 
-    ``finished``: refuse an unfinished run (no ``questions.parquet``) instead of reading it as
-    partial, and require the ``success_rate`` column; ``need_config``: refuse a directory without
-    ``config.yaml``. Every refusal raises :class:`OpdlensError` saying what to do.
+
+def _listed(items: list[str], limit: int = 8) -> str:
+    return ", ".join(items[:limit]) + (f" and {len(items) - limit} more" if len(items) > limit else "")
+
+
+def load_run(source: RunStore | str | Path, *, finished: bool = False, need_config: bool = False) -> RunResults:
+    """The tables of a run directory (see the module docstring); never creates the directory
+    and never changes it.
+
+    ``finished``: refuse an unfinished run (no ``questions.parquet``) or one with unreadable or
+    missing files instead of reading it as partial, and require the ``success_rate`` column;
+    ``need_config``: refuse a directory without ``config.yaml``. Every refusal raises
+    :class:`OpdlensError` saying what to do.
     """
-    store = source if isinstance(source, RunStore) else RunStore(source, create=False)
-    root = store.root
+    root = source.root if isinstance(source, RunStore) else Path(source)
+    store = RunStore(root, create=False, set_aside=False)  # a reader: unreadable files stay, listed
     cfg_file = root / "config.yaml"
     if need_config and not cfg_file.is_file():
         raise OpdlensError(
@@ -98,8 +133,9 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
         )
     done = store.has("questions.parquet")
     if finished and not done:
+        what = "questions.parquet is unreadable" if store.unreadable else "no questions.parquet"
         raise OpdlensError(
-            f"run {root} is unfinished (no questions.parquet): rerun `opdlens diagnose` with its "
+            f"run {root} is unfinished ({what}): rerun `opdlens diagnose` with its "
             f"config (it resumes) before comparing it"
         )
     nodes = store.read_all("nodes")
@@ -109,6 +145,11 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
             if done
             else "run `opdlens diagnose` there first (or rerun it to finish)"
         )
+        if store.unreadable:
+            why = (
+                f"unreadable: {_listed([str(p.relative_to(root)) for p in store.unreadable])}; rerun "
+                "`opdlens diagnose` with the run's config to recompute them"
+            )
         raise OpdlensError(f"no per-node results in {root} (nodes/ is empty): {why}")
     paths = store.read_all("paths")
     paths = paths.drop(columns=[c for c in ("tokens",) if c in paths.columns])
@@ -122,7 +163,11 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
                 f"{root / 'questions.parquet'} lacks the success_rate column: it was written by "
                 f"another opdlens version; rerun the run"
             )
-        return RunResults(nodes, questions, paths, skips, inputs, root=root, config=config)
+        missing = _missing_pairs(store, nodes, questions, skips)
+        notes = _incomplete_notes(store, missing)
+        if notes and finished:
+            raise OpdlensError(f"run {root} is incomplete: {' '.join(notes)}")
+        return RunResults(nodes, questions, paths, skips, inputs, bool(notes), notes, root=root, config=config)
     scored = sorted(nodes["question_id"].astype(str).unique())
     questions = pd.DataFrame([_question_row(store, q) for q in scored])
     total = "" if inputs is None else f" of {len(inputs)}"
@@ -131,7 +176,27 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
         "still running (questions.parquet is written at the end). Rerun the same `opdlens diagnose` "
         "command to finish it, then rebuild the report."
     )
-    return RunResults(nodes, questions, paths, skips, inputs, partial=True, notes=[note], root=root, config=config)
+    notes = [note, *_incomplete_notes(store, [])]
+    return RunResults(nodes, questions, paths, skips, inputs, partial=True, notes=notes, root=root, config=config)
+
+
+def _incomplete_notes(store: RunStore, missing: list[str]) -> list[str]:
+    """The report's notes on files the reader could not read and results that are missing."""
+    notes = []
+    if store.unreadable:
+        rel = [str(p.relative_to(store.root)) for p in store.unreadable]
+        notes.append(
+            f"PARTIAL: {len(rel)} stored file(s) of {store.root} are unreadable and left out of this report: "
+            f"{_listed(rel)}. Rerun `opdlens diagnose` with the run's config to recompute them, then rebuild "
+            "the report."
+        )
+    if missing:
+        notes.append(
+            f"PARTIAL: no results for {len(missing)} (teacher, question) pair(s) that were neither scored nor "
+            f"skipped: {_listed(missing)}. Rerun `opdlens diagnose` with the run's config to compute them, then "
+            "rebuild the report."
+        )
+    return notes
 
 
 def load_results(store: RunStore | str | Path) -> tuple[pd.DataFrame, pd.DataFrame, pd.DataFrame]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+from opdlens.io import atomic_write
 from opdlens.report.aggregate import ALL_TEACHERS, GROUPS
 from opdlens.report.incontext import PLAIN
 from opdlens.report.render import Table, fmt, fmt_ci, fmt_p, render_markdown_table
@@ -302,17 +303,19 @@ def write_study(study: Study, out: str | Path) -> Path:
     """Write the CSVs, figures and ``summary.md`` of a study into ``out``; returns summary.md."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    study.table1.to_csv(out / "table1.csv", index=False)
-    study.tests.to_csv(out / "correct_vs_incorrect.csv", index=False)
-    study.bins.to_csv(out / "bins.csv", index=False)
-    study.best.to_csv(out / "best_teacher.csv", index=False)
-    study.questions.to_csv(out / "questions.csv", index=False)
-    if study.shared is not None:
-        study.shared.to_csv(out / "questions_per_teacher.csv", index=False)
-    if study.excluded is not None:
-        study.excluded.to_csv(out / "left_out.csv", index=False)
-    if study.correlations is not None:
-        study.correlations.to_csv(out / "correlations.csv", index=False)
+    frames = {
+        "table1.csv": study.table1,
+        "correct_vs_incorrect.csv": study.tests,
+        "bins.csv": study.bins,
+        "best_teacher.csv": study.best,
+        "questions.csv": study.questions,
+        "questions_per_teacher.csv": study.shared,
+        "left_out.csv": study.excluded,
+        "correlations.csv": study.correlations,
+    }
+    for name, frame in frames.items():
+        if frame is not None:
+            atomic_write(out / name, lambda tmp, frame=frame: frame.to_csv(tmp, index=False))
     figs = [
         plot_grid(study, out / "fig_table1.png"),
         plot_correct_incorrect(study, out / "fig_correct_incorrect.png"),
@@ -328,7 +331,7 @@ def write_study(study: Study, out: str | Path) -> Path:
         *_correlation_tables(study),
     ]
     if study.incontext is not None:
-        study.incontext.to_csv(out / "incontext.csv", index=False)
+        atomic_write(out / "incontext.csv", lambda tmp: study.incontext.to_csv(tmp, index=False))
         figs.append(plot_incontext(study, out / "fig_incontext.png"))
         tables.append(_incontext_table(study))
     runs = Table(
@@ -352,5 +355,5 @@ def write_study(study: Study, out: str | Path) -> Path:
     lines += [render_markdown_table(t) for t in tables]
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
     summary = out / "summary.md"
-    summary.write_text("\n".join(lines))
+    atomic_write(summary, "\n".join(lines))
     return summary
