@@ -194,7 +194,9 @@ def test_nucleus_truncation_by_hand():
     got = truncate_log_probs(lp, Truncation(top_p=0.81)).exp()
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.5, 0.15, 0.3]], dtype=torch.float64) / 0.95)
     torch.testing.assert_close(truncate_log_probs(lp, Truncation(top_p=1.0)), lp)
-    torch.testing.assert_close(truncate_log_probs(lp, Truncation(top_p=1e-6)).exp(), torch.tensor([[0.0, 1.0, 0.0, 0.0]]).double())
+    torch.testing.assert_close(
+        truncate_log_probs(lp, Truncation(top_p=1e-6)).exp(), torch.tensor([[0.0, 1.0, 0.0, 0.0]]).double()
+    )
 
 
 def _truncated(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
@@ -226,7 +228,9 @@ def test_sampler_top_p_frequencies_chi_square():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(12, generator=g) * 2
     rows = 20000
-    tok, lp = sample_tokens(logits.expand(rows, 12).contiguous(), 0.7, make_generator(torch.device("cpu"), 5), Truncation(top_p=0.9))
+    tok, lp = sample_tokens(
+        logits.expand(rows, 12).contiguous(), 0.7, make_generator(torch.device("cpu"), 5), Truncation(top_p=0.9)
+    )
     ref = _truncated(logits.numpy(), 0.7, 0.9)
     assert 2 <= (ref > 0).sum() < 12  # the truncation bites and leaves a choice
     counts = np.bincount(tok.numpy(), minlength=12)
