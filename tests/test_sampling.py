@@ -12,7 +12,6 @@ from typing import Any
 import numpy as np
 import pytest
 import torch
-from helpers import SyntheticFactory
 from scipy import stats
 
 from opdlens.diagnose.config import DiagnoseConfig
@@ -25,6 +24,7 @@ from opdlens.report.run import load_results
 from opdlens.rollout import TorchEngine
 from opdlens.sampling import LOG_ZERO, Truncation, sampling_log_probs, support_log_probs, truncate_log_probs
 from opdlens.synthetic import SyntheticPolicy
+from tests.helpers import SyntheticFactory
 
 SETTINGS = [
     Truncation(top_p=0.8),
