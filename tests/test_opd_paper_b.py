@@ -19,7 +19,8 @@ from opdlens.opd.config import TrainConfig
 from opdlens.opd.presets import PAPER_B
 from opdlens.opd.questions import load_questions
 from opdlens.opd.trainer import OPDTrainer, train
-from opdlens.rollout.base import make_generator, nucleus_log_probs, sample_tokens
+from opdlens.rollout.base import make_generator, sample_tokens
+from opdlens.sampling import Truncation, truncate_log_probs
 from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(8)
@@ -188,12 +189,14 @@ def test_nucleus_truncation_by_hand():
     p = torch.tensor([[0.05, 0.5, 0.15, 0.3]], dtype=torch.float64)
     lp = p.log()
     # ranked 0.5, 0.3, 0.15, 0.05; mass before each: 0, 0.5, 0.8, 0.95
-    got = nucleus_log_probs(lp, 0.8).exp()
+    got = truncate_log_probs(lp, Truncation(top_p=0.8)).exp()
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.5 / 0.8, 0.0, 0.3 / 0.8]], dtype=torch.float64))
-    got = nucleus_log_probs(lp, 0.81).exp()
+    got = truncate_log_probs(lp, Truncation(top_p=0.81)).exp()
     torch.testing.assert_close(got, torch.tensor([[0.0, 0.5, 0.15, 0.3]], dtype=torch.float64) / 0.95)
-    torch.testing.assert_close(nucleus_log_probs(lp, 1.0), lp)
-    torch.testing.assert_close(nucleus_log_probs(lp, 1e-6).exp(), torch.tensor([[0.0, 1.0, 0.0, 0.0]]).double())
+    torch.testing.assert_close(truncate_log_probs(lp, Truncation(top_p=1.0)), lp)
+    torch.testing.assert_close(
+        truncate_log_probs(lp, Truncation(top_p=1e-6)).exp(), torch.tensor([[0.0, 1.0, 0.0, 0.0]]).double()
+    )
 
 
 def _truncated(logits: np.ndarray, temperature: float, top_p: float) -> np.ndarray:
@@ -225,7 +228,9 @@ def test_sampler_top_p_frequencies_chi_square():
     g = torch.Generator().manual_seed(3)
     logits = torch.randn(12, generator=g) * 2
     rows = 20000
-    tok, lp = sample_tokens(logits.expand(rows, 12).contiguous(), 0.7, make_generator(torch.device("cpu"), 5), 0.9)
+    tok, lp = sample_tokens(
+        logits.expand(rows, 12).contiguous(), 0.7, make_generator(torch.device("cpu"), 5), Truncation(top_p=0.9)
+    )
     ref = _truncated(logits.numpy(), 0.7, 0.9)
     assert 2 <= (ref > 0).sum() < 12  # the truncation bites and leaves a choice
     counts = np.bincount(tok.numpy(), minlength=12)

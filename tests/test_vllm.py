@@ -106,6 +106,7 @@ class FakeSamplingParams:
         temperature: float = 1.0,
         top_p: float = 1.0,
         top_k: int = 0,
+        min_p: float = 0.0,
         seed: int | None = None,
         stop_token_ids: list[int] | None = None,
         max_tokens: int | None = 16,
@@ -122,7 +123,12 @@ class FakeSamplingParams:
             raise ValueError(f"max_tokens must be at least 1, got {max_tokens}.")
         if logprobs is not None and logprobs != -1 and logprobs < 0:
             raise ValueError(f"logprobs must be non-negative or -1, got {logprobs}.")
+        if not (top_k == -1 or top_k >= 0):
+            raise ValueError(f"top_k must be 0 (disable), or at least 1, got {top_k}.")
+        if not 0.0 <= min_p <= 1.0:
+            raise ValueError(f"min_p must be in [0, 1], got {min_p}.")
         self.n, self.temperature, self.top_p, self.top_k = n, float(temperature), top_p, top_k
+        self.min_p = min_p
         self.seed = None if seed == -1 else seed
         self.stop_token_ids = list(dict.fromkeys(stop_token_ids or []))
         self.max_tokens, self.logprobs, self.detokenize = max_tokens, logprobs, detokenize
@@ -300,6 +306,17 @@ def test_per_prompt_counts_map_onto_vllm(fake_vllm: type[FakeLLM]) -> None:
     ((_, params),) = eng.llm.calls
     assert [p.n for p in params] == [2, 5, 1] and [p.seed for p in params] == ve.request_seeds(1, 3, [2, 5, 1])
     assert [len(cs) for cs in res] == [2, 5, 1]
+
+
+def test_truncation_maps_onto_vllm_sampling_params(fake_vllm: type[FakeLLM]) -> None:
+    eng = _engine()
+    eng.sample([[1, 2]], 2, 3, seed=1)
+    eng.sample([[1, 2]], 2, 3, seed=1, top_p=0.9, top_k=5, min_p=0.05)
+    (_, off), (_, on) = eng.llm.calls
+    assert (off[0].top_p, off[0].top_k, off[0].min_p) == (1.0, -1, 0.0)  # vLLM's "off" for top_k is -1
+    assert (on[0].top_p, on[0].top_k, on[0].min_p) == (0.9, 5, 0.05)
+    with pytest.raises(OpdlensError, match="top_k"):
+        eng.sample([[1, 2]], 2, 3, seed=1, top_k=-1)
 
 
 def test_sibling_prefixes_do_not_share_noise(fake_vllm: type[FakeLLM]) -> None:

@@ -19,6 +19,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from opdlens.errors import OpdlensError
+from opdlens.sampling import Truncation
 
 
 class HasBudget(Protocol):
@@ -41,7 +42,23 @@ class RunSettings(BaseModel):
         None, ge=1, description="generation budget of a rollout (default: the task's own)"
     )
     temperature: float = Field(1.0, gt=0, description="student sampling temperature")
+    top_p: float = Field(
+        1.0,
+        gt=0,
+        le=1,
+        description="student sampling: keep the most probable tokens whose mass reaches top_p, renormalised "
+        "(1: off; applied after min_p and top_k, as vLLM does: opdlens.sampling)",
+    )
+    top_k: int = Field(0, ge=0, description="student sampling: keep the top_k most probable tokens (0: off)")
+    min_p: float = Field(
+        0.0, ge=0, lt=1, description="student sampling: drop tokens below min_p x the most probable one's (0: off)"
+    )
     seed: int = Field(0, ge=0, description="run seed; every sampling seed derives from it")
+
+    @property
+    def truncation(self) -> Truncation:
+        """The student's sampling truncation (``top_p``, ``top_k``, ``min_p``)."""
+        return Truncation(self.top_p, self.top_k, self.min_p)
 
     def token_budget(self, task: HasBudget) -> int:
         """The generation budget of a rollout: ``max_new_tokens``, else the task's own (the one rule)."""
@@ -207,11 +224,14 @@ def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
 # ---------------------------------------------------------------------- run identity
 def with_legacy_values(stored: dict[str, Any], legacy: dict[tuple[str, str], Any]) -> dict[str, Any]:
     """A stored run configuration (``config.yaml`` or the fingerprint's keys) with the keys it
-    lacks of ``legacy`` (a config class's ``LEGACY_VALUES``: keys added, or whose default changed,
+    lacks of ``legacy`` (a config class's ``LEGACY_VALUES``, ``(section, key)`` or ``("", key)`` for a
+    top-level key: keys added, or whose default changed,
     after a run was written, with the value that run used) set to those values."""
     out = dict(stored)
     for (section, key), value in legacy.items():
-        if isinstance(out.get(section), dict) and key not in out[section]:
+        if not section:  # a top-level key
+            out.setdefault(key, value)
+        elif isinstance(out.get(section), dict) and key not in out[section]:
             out[section] = {**out[section], key: value}
     return out
 

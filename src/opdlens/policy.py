@@ -84,9 +84,15 @@ class Policy(Protocol):
         *,
         seed: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[Completion]]:
         """``n`` independent continuations of every prefix (result ``[len(prefixes)][n]``), or
         ``n[i]`` of prefix ``i`` when ``n`` is a sequence (one count per prefix, each >= 1).
+        Each token is drawn from :func:`opdlens.sampling.sampling_log_probs` (temperature, then
+        the ``min_p`` / ``top_k`` / ``top_p`` truncation, renormalised); a policy that cannot
+        truncate may omit those three arguments, and is then called without them.
 
         Deterministic for a given seed. Generation stops at an EOS token or after
         ``max_new_tokens`` tokens.

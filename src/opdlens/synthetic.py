@@ -23,6 +23,7 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, sample_counts
+from opdlens.sampling import NO_TRUNCATION, Truncation, sampling_log_probs
 
 EOS = 0
 
@@ -81,6 +82,13 @@ class SyntheticPolicy:
         q = self._child_values()  # [L, V+1, M, V]
         logits = self.logits + beta * (q - 0.5) + noise * rng.normal(size=self.logits.shape)
         return SyntheticPolicy(logits, self.modulus, self.target, self.prompt_len)
+
+    def sampling(self, temperature: float = 1.0, trunc: Truncation = NO_TRUNCATION) -> SyntheticPolicy:
+        """The policy that :meth:`sample` at ``temperature`` with ``trunc`` draws from: its table
+        is :func:`opdlens.sampling.sampling_log_probs` of this one's (dropped tokens ``-inf``), so
+        its DP gives the exact success probabilities of a tree sampled with those settings."""
+        table = sampling_log_probs(torch.from_numpy(self._logp), temperature, trunc).numpy()
+        return SyntheticPolicy(table, self.modulus, self.target, self.prompt_len)
 
     # ------------------------------------------------------------------ exact oracle
     def _child_values(self) -> np.ndarray:
@@ -168,7 +176,11 @@ class SyntheticPolicy:
         *,
         seed: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[Completion]]:
+        trunc = Truncation(top_p, top_k, min_p)
         rng = np.random.default_rng(seed)
         out: list[list[Completion]] = []
         for prefix, rows in zip(prefixes, sample_counts(n, len(prefixes))):
@@ -183,10 +195,16 @@ class SyntheticPolicy:
                 idx = np.flatnonzero(alive & (t < self.horizon))
                 if idx.size == 0:
                     break
-                logp = self._logp[t[idx], a[idx], s[idx]] / temperature
-                logp = logp - _logsumexp(logp, axis=-1)
+                logp = self._logp[t[idx], a[idx], s[idx]]
+                if trunc.active:
+                    logp = sampling_log_probs(torch.from_numpy(logp), temperature, trunc).numpy()
+                else:
+                    logp = logp / temperature
+                    logp = logp - _logsumexp(logp, axis=-1)
                 u = rng.random(idx.size)
-                k = (np.cumsum(np.exp(logp), axis=-1) < u[:, None]).sum(-1).clip(max=self._vocab - 1)
+                # inverse CDF; a u above the rounded total takes the last token of positive probability
+                last = self._vocab - 1 - np.argmax(np.isfinite(logp[:, ::-1]), axis=-1)
+                k = np.minimum((np.cumsum(np.exp(logp), axis=-1) < u[:, None]).sum(-1), last)
                 for j, i in enumerate(idx):
                     toks[i].append(int(k[j]))
                     lps[i].append(float(logp[j, k[j]]))

@@ -183,7 +183,17 @@ CHOICES: tuple[Choice, ...] = (
         "targeting.n_draws", "adaptive: posterior draws", OURS, "the paper has no adaptive mode", used=_uses_adaptive
     ),
     # -- sampling and the questions
-    Choice("temperature", "student sampling temperature", OURS, "not stated (nor top-p / top-k)"),
+    Choice("temperature", "student sampling temperature", OURS, "not stated"),
+    Choice("top_p", "student sampling top-p", OURS, "not stated (1: off)"),
+    Choice("top_k", "student sampling top-k", OURS, "not stated (0: off)"),
+    Choice("min_p", "student sampling min-p", OURS, "not stated (0: off)"),
+    Choice(
+        "signals.student_distribution",
+        "P_θ of the gradients",
+        OURS,
+        "P_θ is 'the student's probability'; sampling settings are not stated. 'sampling': the distribution the "
+        "tree was sampled from (temperature and truncation); the same as the model's at T = 1 without truncation",
+    ),
     Choice("n_questions", "questions per setting", OURS, "not stated", True),
     Choice("split", "dataset split", OURS, "not stated"),
     Choice("rollouts_per_question", "initial rollouts per question", OURS, "not stated", True),

@@ -34,6 +34,10 @@ DEVICE_PATTERN = re.compile(r"cpu|cuda(:\d+)?|mps")
 LEGACY_VALUES: dict[tuple[str, str], Any] = {
     ("signals", "alignment_estimator"): "plugin",  # the default until posterior_mean became ours
     ("targeting", "scope"): "pairs",  # adaptive rounds spent on the chosen pairs only
+    ("", "top_p"): 1.0,  # sampling truncation came later: runs before it sampled the full distribution
+    ("", "top_k"): 0,
+    ("", "min_p"): 0.0,
+    ("signals", "student_distribution"): "model",  # P_θ was the model's softmax at T = 1
 }
 
 

@@ -82,7 +82,7 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
         for t in teachers:
             if t.slot.loaded:  # scheduled models are checked when build_diagnosis loads them
                 check_same_tokenizer(student, t.policy)
-        self.sampler = Sampler(student, config.temperature)
+        self.sampler = Sampler(student, config.temperature, config.truncation)
         self.store, self.teachers = store, list(teachers)
         if config.max_new_tokens is None:
             raise OpdlensError(

@@ -50,7 +50,7 @@ class Enrichment(DiagnosisState):
             for t in self.driving
             if t.spec.name in prep.contexts
         ]
-        return self.student.continuation_logprobs(env.prompt_ids, path), lpts
+        return self.student_signal_logprobs(self.student.continuation_logprobs(env.prompt_ids, path)), lpts
 
     def targeted(self, env: QuestionEnv, prep: Prepared) -> None:
         """Enrich every path of one question (:meth:`enrich` of that question alone)."""

@@ -12,6 +12,7 @@ import torch
 from opdlens.diagnose.store import derive_seed
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, Policy
+from opdlens.sampling import NO_TRUNCATION, Truncation
 
 log = logging.getLogger(__name__)
 
@@ -35,8 +36,8 @@ class Sampler:
     """The student's sampler at the run's temperature; counts the calls it split after running
     out of GPU memory (``oom_retries``)."""
 
-    def __init__(self, student: Policy, temperature: float) -> None:
-        self.student, self.temperature = student, temperature
+    def __init__(self, student: Policy, temperature: float, trunc: Truncation = NO_TRUNCATION) -> None:
+        self.student, self.temperature, self.trunc = student, temperature, trunc
         self.oom_retries = 0
 
     # ------------------------------------------------------------------ helpers
@@ -75,7 +76,9 @@ class Sampler:
         same memory give the same rollouts; the split changes which random numbers each rollout
         gets, not their distribution."""
         try:
-            return self.student.sample(prefixes, n, max_new_tokens, seed=seed, temperature=self.temperature)
+            return self.student.sample(
+                prefixes, n, max_new_tokens, seed=seed, temperature=self.temperature, **self.trunc.kwargs()
+            )
         except torch.OutOfMemoryError:
             pass  # retry outside the except block: the traceback holds the failed call's tensors
         if torch.cuda.is_available():

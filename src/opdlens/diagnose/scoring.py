@@ -87,7 +87,10 @@ class Scoring(DiagnosisState):
             if nxt is None or per_token * (sum(int(r.length) for r in group) + nxt) > SCORE_GROUP_BYTES:
                 paths = [[int(x) for x in r.tokens] for r in group]
                 keep = per_token * sum(len(p) for p in paths) <= SCORE_GROUP_BYTES
-                lps = logprobs_along(self.student, [(env.prompt_ids, p) for p in paths], keep)
+                lps = [
+                    self.student_signal_logprobs(lp)
+                    for lp in logprobs_along(self.student, [(env.prompt_ids, p) for p in paths], keep)
+                ]
                 lpts = [
                     logprobs_along(t.policy, [(prep.contexts[t.spec.name], p) for p in paths], keep) for t in teachers
                 ]

@@ -86,6 +86,13 @@ class SignalConfig(BaseModel):
         "renormalize",
         description="reading of 'restricted to S_u': renormalised (opdlens) or literal (the paper); see the module docstring",
     )
+    student_distribution: Literal["sampling", "model"] = Field(
+        "sampling",
+        description="P_θ of every signal: 'sampling' (opdlens) = the distribution the tree was sampled from "
+        "(softmax(logits / temperature), truncated by min_p / top_k / top_p and renormalised; a token outside it has "
+        "P_θ = 0), so the ideal gradient is the gradient of the success the sampled tree estimates; 'model' = the "
+        "model's softmax at temperature 1. The two are the same at temperature 1 without truncation",
+    )
     minillm_gamma: float = Field(1.0, ge=0.0, le=1.0, description="discount of MiniLLM's reward-to-go")
     minillm_length_norm: bool = Field(True, description="divide the reward-to-go by its number of terms")
     alignment_estimator: Estimator = Field(

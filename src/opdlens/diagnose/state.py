@@ -9,12 +9,15 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+import torch
+
 from opdlens.diagnose.questions import Messages, QuestionEnv
 from opdlens.diagnose.sampling import Sampler
 from opdlens.diagnose.schedule import ModelSlot, PhaseLog, Teacher
 from opdlens.diagnose.store import RunStore
 from opdlens.diagnose.tree import PathStats, RolloutSet, path_stats
 from opdlens.policy import Policy
+from opdlens.sampling import support_log_probs
 
 if TYPE_CHECKING:
     from opdlens.diagnose.config import DiagnoseConfig
@@ -53,6 +56,15 @@ class DiagnosisState:
         """The teachers whose priorities choose the targeted rollouts."""
         names = self.config.targeting_teachers
         return [t for t in self.teachers if names is None or t.spec.name in names]
+
+    def student_signal_logprobs(self, lp: torch.Tensor) -> torch.Tensor:
+        """The student's log-probs ``[L, V]`` as every signal and priority takes them
+        (``signals.student_distribution``): the sampling distribution (temperature, then the
+        run's truncation; tokens outside it at :data:`opdlens.sampling.LOG_ZERO`) or the model's."""
+        cfg = self.config
+        if cfg.signals.student_distribution == "model":
+            return lp
+        return support_log_probs(lp, cfg.temperature, cfg.truncation)
 
     def path_stats(self, path: Sequence[int], rollouts: RolloutSet) -> PathStats:
         return path_stats(path, rollouts, count_forced_at_ancestors=self.config.count_forced_at_ancestors)

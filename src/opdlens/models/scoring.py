@@ -16,6 +16,7 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, attention_backends, check_logprobs
+from opdlens.sampling import Truncation
 
 _CHAT_END_TOKENS = ("<|im_end|>", "<|eot_id|>", "<|end|>", "<end_of_turn>", "<|endoftext|>", "</s>")
 
@@ -232,11 +233,13 @@ class HFPolicy:
         seed: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[Completion]]:
-        """:meth:`opdlens.policy.Policy.sample` with the rollout engine; ``top_p < 1``: nucleus
-        sampling (passed to the engine only then, so engines without top-p serve the rest)."""
+        """:meth:`opdlens.policy.Policy.sample` with the rollout engine; the truncation settings
+        are passed to the engine only where set (so engines without them serve the rest)."""
         seqs = [self._check_tokens(p, f"prefix {i}") for i, p in enumerate(prefixes)]
-        extra = {"top_p": top_p} if top_p != 1.0 else {}
+        extra = Truncation(top_p, top_k, min_p).kwargs()
         return self.engine.sample(seqs, n, max_new_tokens, seed=seed, temperature=temperature, **extra)
 
     # ---------------------------------------------------------------- text helpers

@@ -26,6 +26,7 @@ import torch
 from opdlens.errors import OpdlensError
 from opdlens.opd.batching import completion_logits, model_device, pad_tokens
 from opdlens.opd.config import TrainConfig, resolve_template
+from opdlens.sampling import NO_TRUNCATION, Truncation
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -209,14 +210,15 @@ class Scorer:
         chunk: int | None = None,
         first_chunk: int = 0,
         max_new_tokens: int = 256,
-        top_p: float = 1.0,
+        trunc: Truncation = NO_TRUNCATION,
     ) -> list[Rollout]:
         """``n`` student samples per question, sampled in calls of ``chunk`` questions (all at once
-        when None); call ``i`` is seeded by ``step_seed(seed, first_chunk + i)``. ``top_p < 1``:
-        nucleus sampling (the student's ``sample`` must take ``top_p``, as :class:`~opdlens.models.HFPolicy`'s)."""
+        when None); call ``i`` is seeded by ``step_seed(seed, first_chunk + i)``; each token drawn
+        from the distribution truncated by ``trunc`` (the student's ``sample`` must take the
+        truncation settings used, as :class:`~opdlens.models.HFPolicy`'s does)."""
         ctxs = [self.student_context(q) for q in questions]
         size = chunk or max(len(questions), 1)
-        extra = {"top_p": top_p} if top_p != 1.0 else {}
+        extra = trunc.kwargs()
         out: list[Rollout] = []
         for c, start in enumerate(range(0, len(questions), size)):
             part = ctxs[start : start + size]
@@ -226,10 +228,10 @@ class Scorer:
                     part, n, max_new_tokens, seed=step_seed(seed, first_chunk + c), temperature=temperature, **extra
                 )
             except TypeError as e:
-                if extra and "top_p" in str(e):
+                if extra and any(k in str(e) for k in extra):
                     raise OpdlensError(
-                        f"{type(self.student).__name__}.sample has no top_p (nucleus sampling): use an HFPolicy "
-                        "student or eval_top_p: 1"
+                        f"{type(self.student).__name__}.sample cannot truncate ({trunc.describe()}): use an "
+                        "HFPolicy student, or top_p: 1, top_k: 0, min_p: 0 (and eval_top_p: 1)"
                     ) from e
                 raise
             for j, (ctx, group) in enumerate(zip(part, comps)):

@@ -67,6 +67,7 @@ from opdlens.opd.scoring import (
 )
 from opdlens.opd.step import accumulate_gradients, grpo_advantages, score_signals
 from opdlens.policy import check_same_tokenizer
+from opdlens.sampling import NO_TRUNCATION, Truncation
 
 __all__ = [
     "TEMPLATES",
@@ -176,7 +177,7 @@ class OPDTrainer:
         *,
         first: int,
         strict: bool = True,
-        top_p: float = 1.0,
+        trunc: Truncation = NO_TRUNCATION,
         max_new_tokens: int | None = None,
     ) -> list[Rollout]:
         chunk = self.config.rollout_chunk
@@ -193,7 +194,7 @@ class OPDTrainer:
             chunk=chunk,
             first_chunk=first_chunk,
             max_new_tokens=max_new_tokens or self.max_new_tokens,
-            top_p=top_p,
+            trunc=trunc,
         )
 
     def step_questions(self, step: int) -> list[Any]:
@@ -215,7 +216,9 @@ class OPDTrainer:
         t0 = time.perf_counter()
         step = self.step + 1
         mine, first = dist.share(self.step_questions(step))
-        rows = self._rollouts(mine, cfg.samples_per_prompt, step_seed(cfg.seed, step), cfg.temperature, first=first)
+        rows = self._rollouts(
+            mine, cfg.samples_per_prompt, step_seed(cfg.seed, step), cfg.temperature, first=first, trunc=cfg.truncation
+        )
         t_sample = time.perf_counter() - t0
         correct = self.scorer.correct(self.task, rows)
         outcome = grpo_advantages(correct, [r.group for r in rows]) if cfg.outcome_weight > 0 else None
@@ -282,7 +285,7 @@ class OPDTrainer:
                 cfg.eval_temperature,
                 first=first,
                 strict=False,
-                top_p=cfg.eval_top_p,
+                trunc=Truncation(top_p=cfg.eval_top_p),
                 max_new_tokens=self.eval_max_new_tokens,
             )
             if mine

@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-import math
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Literal, Protocol, runtime_checkable
 
 import torch
@@ -11,6 +10,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, sample_counts
+from opdlens.sampling import NO_TRUNCATION, Truncation, sampling_log_probs
+
+#: A step's sampler: ``(logits [B, V], temperature, generator) -> (tokens [B], log-probs [B])``.
+Sampler = Callable[[torch.Tensor, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 #: Temperatures vLLM samples at as asked (it rejects > 2 and raises < 0.01 to 0.01). Here, not in
 #: :mod:`opdlens.rollout.vllm_engine`, so that a config can check a run's temperature without
@@ -32,8 +35,13 @@ class Engine(Protocol):
         *,
         seed: int,
         temperature: float = 1.0,
+        top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[Completion]]:
-        """Result ``[len(prefixes)][n or n[i]]``; deterministic for a seed; stops at EOS or the cap."""
+        """Result ``[len(prefixes)][n or n[i]]``; deterministic for a seed; stops at EOS or the cap.
+        Tokens are drawn from :func:`opdlens.sampling.sampling_log_probs` (temperature, then the
+        ``min_p`` / ``top_k`` / ``top_p`` truncation)."""
         ...
 
 
@@ -121,50 +129,35 @@ def validate_request(
     return seqs, counts
 
 
-def check_top_p(top_p: float) -> float:
-    """``top_p`` if it is in ``(0, 1]``, else an :class:`OpdlensError`."""
-    if isinstance(top_p, bool) or not isinstance(top_p, (int, float)) or not 0.0 < top_p <= 1.0:
-        raise OpdlensError(f"top_p must be in (0, 1] (1: no truncation), got {top_p!r}")
-    return float(top_p)
-
-
-def nucleus_log_probs(lp: torch.Tensor, top_p: float) -> torch.Tensor:
-    """Nucleus (top-p) truncation of log-probabilities ``[B, V]``, renormalised.
-
-    Keeps, per row, the smallest set of most probable tokens whose total probability reaches
-    ``top_p``: a token is kept when the probability of the tokens ranked before it is ``< top_p``
-    (the most probable token always is; the rule of Hugging Face's ``TopPLogitsWarper`` and vLLM).
-    The others get ``-inf``; the kept ones ``lp − log Σ_kept p``.
-    """
-    if top_p >= 1.0:
-        return lp
-    sorted_lp, order = lp.sort(dim=-1, descending=True)
-    p_sorted = sorted_lp.exp()
-    before = p_sorted.cumsum(dim=-1) - p_sorted  # mass ranked strictly before each token
-    drop_sorted = before >= top_p
-    drop_sorted[..., 0] = False
-    drop = torch.empty_like(drop_sorted).scatter_(-1, order, drop_sorted)
-    kept = lp.masked_fill(drop, -math.inf)
-    return kept - torch.logsumexp(kept, dim=-1, keepdim=True)
-
-
 def sample_tokens(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator, top_p: float = 1.0
+    logits: torch.Tensor, temperature: float, generator: torch.Generator, trunc: Truncation = NO_TRUNCATION
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Exact categorical sampling by the Gumbel-max trick.
 
     Returns ``(tokens [B] int64, logprobs [B] float32)`` where the log-probs are under the
-    sampled distribution: ``log_softmax(logits / T)``, truncated to its top-p nucleus and
-    renormalised when ``top_p < 1`` (:func:`nucleus_log_probs`).
+    sampled distribution: ``log_softmax(logits / T)``, truncated by ``trunc`` and renormalised
+    (:func:`opdlens.sampling.sampling_log_probs`).
     """
-    x = logits.float()
-    if temperature != 1.0:
-        x = x / temperature
-    lp = nucleus_log_probs(torch.log_softmax(x, dim=-1), top_p)
+    lp = sampling_log_probs(logits.float(), temperature, trunc)
     noise = torch.empty_like(lp).exponential_(generator=generator)
     # argmax(lp + Gumbel) with Gumbel = -log(Exp(1))
     tok = torch.argmax(lp - noise.log_(), dim=-1)
     return tok, lp.gather(1, tok[:, None])[:, 0]
+
+
+def truncating(sampler: Sampler, trunc: Truncation) -> Sampler:
+    """``sampler`` drawing from the truncated distribution: the dropped tokens' logits are set
+    to ``-inf`` first (torch ops, no host synchronisation), then ``sampler`` samples the rest at
+    temperature 1 (both the PyTorch and the Triton sampler treat ``-inf`` as probability 0)."""
+    if not trunc.active:
+        return sampler
+
+    def sample(
+        logits: torch.Tensor, temperature: float, generator: torch.Generator
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        return sampler(sampling_log_probs(logits.float(), temperature, trunc), 1.0, generator)
+
+    return sample
 
 
 def make_generator(device: torch.device, seed: int) -> torch.Generator:

@@ -24,16 +24,16 @@ Backends (the decode states of :mod:`opdlens.rollout.decode`):
 
 Sampling: Gumbel-max in PyTorch (CPU default) or an inverse-CDF Triton kernel (CUDA default),
 from a ``torch.Generator`` seeded by ``seed``: same seed and same settings, same completions.
-Nucleus (top-p) sampling, ``sample(..., top_p=p)`` with ``p < 1``, always runs the PyTorch
-sampler on the truncated distribution (the Triton kernel has no top-p).
+Truncated sampling (``top_p``, ``top_k``, ``min_p``; :mod:`opdlens.sampling`) sets the dropped
+tokens' logits to ``-inf`` with torch ops before either sampler draws (outside the CUDA graphs,
+which hold the model's forward only).
 """
 
 from __future__ import annotations
 
 import inspect
 import time
-from collections.abc import Callable, Iterable, Sequence
-from functools import partial
+from collections.abc import Iterable, Sequence
 from typing import Any
 
 import torch
@@ -43,19 +43,19 @@ from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq
 from opdlens.rollout.base import (
     EngineConfig,
-    check_top_p,
+    Sampler,
     completions_from_buffers,
     make_generator,
     sample_tokens,
+    truncating,
     validate_request,
 )
 from opdlens.rollout.decode import DecodeState, HFState, Job, Prefill, TorchState
 from opdlens.rollout.model import FUSED_MODEL_TYPES, BoundModel, fused_supported
 from opdlens.rollout.triton_state import SlotCache, TritonState
+from opdlens.sampling import Truncation
 
 __all__ = ["FUSED_MODEL_TYPES", "EngineConfig", "TorchEngine", "fused_supported"]
-
-Sampler = Callable[[torch.Tensor, float, torch.Generator], tuple[torch.Tensor, torch.Tensor]]
 
 
 class TorchEngine:
@@ -168,14 +168,15 @@ class TorchEngine:
         seed: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[Completion]]:
         """``n`` continuations of each prefix (``n[i]`` of prefix ``i`` when a sequence), planned
-        into batches together (see :meth:`_jobs` and :meth:`_plan`). ``top_p < 1`` samples from
-        the top-p nucleus of each step's distribution (:func:`~opdlens.rollout.base.nucleus_log_probs`)
-        with the PyTorch sampler, whatever ``sampler`` is set (the Triton sampler has no top-p)."""
+        into batches together (see :meth:`_jobs` and :meth:`_plan`), each token drawn from the
+        truncated distribution of :func:`opdlens.sampling.sampling_log_probs` by the engine's
+        sampler (PyTorch or Triton)."""
         seqs, counts = validate_request(prefixes, n, max_new_tokens, temperature)
-        top_p = check_top_p(top_p)
-        sampler: Sampler = self._sample if top_p >= 1.0 else partial(sample_tokens, top_p=top_p)
+        sampler = truncating(self._sample, Truncation(top_p, top_k, min_p))
         result: list[list[Completion]] = [[Completion([], [], False) for _ in range(c)] for c in counts]
         if max_new_tokens == 0 or not seqs:
             return result

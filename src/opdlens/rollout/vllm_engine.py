@@ -53,7 +53,8 @@ from typing import Any
 
 from opdlens.errors import OpdlensError
 from opdlens.policy import Completion, TokenSeq, parse_dtype
-from opdlens.rollout.base import TEMPERATURE_RANGE, check_top_p, validate_request
+from opdlens.rollout.base import TEMPERATURE_RANGE, validate_request
+from opdlens.sampling import Truncation
 
 #: dtype names vLLM's ``LLM(dtype=)`` accepts.
 VLLM_DTYPES = ("auto", "half", "float16", "bfloat16", "float", "float32")
@@ -215,10 +216,14 @@ class VLLMEngine:
         seed: int,
         temperature: float = 1.0,
         top_p: float = 1.0,
+        top_k: int = 0,
+        min_p: float = 0.0,
     ) -> list[list[Completion]]:
+        """vLLM's sampler applies temperature, ``min_p``, ``top_k``, ``top_p`` in the order of
+        :mod:`opdlens.sampling` (``top_k`` 0 is passed as vLLM's "off", -1)."""
         seqs, counts = validate_request(prefixes, n, max_new_tokens, temperature)
         temperature = check_temperature(temperature)
-        top_p = check_top_p(top_p)
+        trunc = Truncation(top_p, top_k, min_p)
         if max_new_tokens == 0:
             return [[Completion([], [], False) for _ in range(c)] for c in counts]
         prompts = [{"prompt_token_ids": s} for s in seqs]
@@ -227,7 +232,9 @@ class VLLMEngine:
                 n=c,
                 max_tokens=max_new_tokens,
                 temperature=temperature,
-                top_p=top_p,
+                top_p=trunc.top_p,
+                top_k=trunc.top_k if trunc.top_k > 0 else -1,
+                min_p=trunc.min_p,
                 seed=s,
                 logprobs=0,
                 stop_token_ids=sorted(self.eos_token_ids),
