@@ -54,6 +54,7 @@ AUTHORS = {
     "dtype": "bfloat16",  # fp32 weights, bf16 FSDP mixed precision
     "teacher_dtype": "float32",
     "metrics_chunk": 1024,
+    "rollout_dtype": "bfloat16",  # vLLM rollout in bf16, synced from the actor each step
 }
 
 

@@ -267,6 +267,12 @@ class TrainConfig(RunSettings):
         description="compute dtype of the forward passes; the student's weights and optimizer state stay "
         "float32 (mixed precision), the losses are computed in float32",
     )
+    rollout_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="weights the rollout engine samples from: 'float32' (the master weights themselves) or "
+        "'bfloat16' (a bf16 copy refreshed after every optimizer step, as verl's vLLM rollout); the loss always "
+        "scores the tokens with the student recomputed in the training forward (docs/OPD.md, rollout weights)",
+    )
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the teacher's weights (default: dtype)"
     )

@@ -9,6 +9,7 @@ The sources are files of the authors' code (github thunlp/OPD, commit 0a44395), 
 * ``verl/verl/workers/fsdp_workers.py``: the mini-batch multiplied by ``rollout.n``, the mixed
   precision of the actor and the teacher (``reward_model``);
 * ``verl/verl/trainer/ppo/ray_trainer.py``: the logged top-k metrics and their 1,024-token chunks;
+* ``verl/verl/trainer/config/rollout/rollout.yaml``: the vLLM rollout's weight dtype;
 * ``scripts/infer/vllm_rollout.py`` and ``LlamaFactory/examples/train_full/qwen3_base_full_sft.yaml``:
   the cold start's teacher rollouts and SFT (:data:`COLD_START_PAPER`).
 
@@ -29,6 +30,7 @@ OPTIM = "verl/verl/trainer/config/optim/fsdp.yaml"
 ACTOR = "verl/verl/trainer/config/actor/dp_actor.yaml"
 WORKERS = "verl/verl/workers/fsdp_workers.py"
 TRAINER = "verl/verl/trainer/ppo/ray_trainer.py"
+ROLLOUT_CFG = "verl/verl/trainer/config/rollout/rollout.yaml"
 
 
 @dataclass(frozen=True)
@@ -80,6 +82,11 @@ PAPER_B: dict[str, Sourced] = {
     "teacher_dtype": Sourced(
         "float32",
         f"{SCRIPT}: +reward_model.model.dtype=$MODEL_DTYPE (fp32); {WORKERS}: its forward under bf16 autocast",
+    ),
+    "rollout_dtype": Sourced(
+        "bfloat16",
+        f"{SCRIPT}: actor_rollout_ref.rollout.name=vllm, {ROLLOUT_CFG}: dtype bfloat16; {WORKERS}: rollout_mode "
+        "copies the FSDP actor's weights into vLLM before each generation",
     ),
     "metrics_k": Sourced(16, f"{TRAINER}: the top-k metrics use LOG_PROB_TOP_K"),
     "metrics_chunk": Sourced(1024, f"{TRAINER}: chunk_size = 1024"),

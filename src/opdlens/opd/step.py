@@ -72,6 +72,30 @@ def add_signals(sums: MetricSums, scored: Scored, cfg: TrainConfig) -> None:
     )
 
 
+@torch.no_grad()
+def add_rollout_gap(sums: MetricSums, scored: Scored, rows: Sequence[Rollout], temperature: float) -> None:
+    """The rollout policy's recorded log-probs of the sampled tokens against the training
+    forward's (``log_softmax(z / temperature)`` of :meth:`Scorer.score`, the ones the loss uses):
+    ``rollout_logp_diff_mean`` / ``_max`` of ``|Δ log p|`` and ``rollout_probs_diff_mean`` / ``_max``
+    of ``|Δ p|`` (the authors' ``training/rollout_probs_diff_*``). Skipped when a row has none."""
+    if not rows or any(len(r.logprobs) != len(r.tokens) for r in rows):
+        return
+    lp = log_probs(scored.student.detach(), temperature).gather(-1, scored.tokens.unsqueeze(-1)).squeeze(-1)
+    rec = torch.zeros_like(lp)
+    for b, r in enumerate(rows):
+        if r.logprobs:
+            rec[b, : len(r.logprobs)] = torch.tensor(r.logprobs, dtype=lp.dtype)
+    sel = scored.mask.bool()
+    if not bool(sel.any()):
+        return
+    for name, d in (
+        ("rollout_logp_diff", (lp - rec).abs()[sel]),
+        ("rollout_probs_diff", (lp.exp() - rec.exp()).abs()[sel]),
+    ):
+        sums.add(f"{name}_mean", float(d.double().sum()), float(d.numel()))
+        sums.add_max(f"{name}_max", float(d.max()))
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -130,6 +154,7 @@ def accumulate_gradients(
             (loss * world).backward()
         loss_total += float(loss.detach())
         add_signals(sums, sc, cfg)
+        add_rollout_gap(sums, sc, mb, cfg.temperature)
         sums.add("loss_value", float((out.per_token * sc.mask).sum()), float(sc.mask.sum()))
         del sc, out, loss
     return StepResult(loss_total, sums)

@@ -7,7 +7,8 @@ prompts × ``samples_per_prompt`` rollouts, over all processes):
    ``(seed, step)``, or with ``prompt_order: sequential`` the next block in order (epochs);
    each process takes an equal contiguous share (:mod:`opdlens.opd.parallel`);
 2. the student samples ``samples_per_prompt`` completions per question at ``temperature`` with
-   its rollout engine (:mod:`opdlens.opd.scoring`);
+   its rollout engine (:mod:`opdlens.opd.scoring`), from the float32 masters or a ``rollout_dtype``
+   copy refreshed after every update (:mod:`opdlens.opd.rollout_weights`);
 3. micro-batched student (with gradient) and teacher (without) forward passes and the OPD loss
    named by ``loss`` (:data:`opdlens.opd.registry.LOSSES`), normalised by the global token count
    (:mod:`opdlens.opd.step`); optionally the GRPO outcome term;
@@ -42,6 +43,7 @@ from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
 from opdlens.opd.parallel import Dist
 from opdlens.opd.questions import load_questions, prepare_contexts
+from opdlens.opd.rollout_weights import RolloutWeights
 from opdlens.opd.runlog import METRICS_FILE, RunLogger, read_metrics
 from opdlens.opd.scoring import (
     Rollout,
@@ -142,8 +144,12 @@ class OPDTrainer:
         if not params:
             raise OpdlensError("the student model has no trainable parameters")
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
+        # the rollout engine's weights: the masters, or a rollout_dtype copy taken before any sharding
+        self.rollout_weights = RolloutWeights(student, config.rollout_dtype)
         self.ddp_model = self.dist.prepare(self.model)
-        self.scorer = Scorer(config, student, teacher, solutions, student_model=self.ddp_model)
+        self.scorer = Scorer(
+            config, student, teacher, solutions, student_model=self.ddp_model, sampler=self.rollout_weights.policy
+        )
         self.step = 0
 
     # ---------------------------------------------------------------- helpers
@@ -226,6 +232,7 @@ class OPDTrainer:
         gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.rollout_weights.refresh()  # the next step samples from the new weights
         t_update = time.perf_counter() - t1
         self.step = step
         res.sums.add("train_reward", float(sum(correct)), float(len(rows)))
@@ -303,6 +310,7 @@ class OPDTrainer:
     def load_checkpoint(self, path: str | Path) -> int:
         """Restore model, optimizer, RNG and step from a checkpoint directory."""
         self.step = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        self.rollout_weights.refresh()
         return self.step
 
 
