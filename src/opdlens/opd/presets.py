@@ -117,6 +117,23 @@ COLD_START_PAPER: dict[str, Sourced] = {
     "max_seq_tokens": Sourced(14336, f"{LLAMAFACTORY}: cutoff_len 14336"),
 }
 
+DEDUP = "scripts/infer/dedup_deepmath.py"
+
+#: The authors' prompt matching (``recipe: paper`` of ``select_teacher_prompts`` and
+#: ``drop_duplicate_prompts``): how they built the control set, DeepMath minus DAPO-Math-17K (§5.2).
+PROMPT_MATCH_PAPER: dict[str, Sourced] = {
+    "suffixes": Sourced(
+        [" Please reason step by step, and put your final answer within \\boxed{}."],
+        f"{DEDUP}: extract_dapo_question strips this suffix, then white space",
+    ),
+    "exact": Sourced("stripped", f"{DEDUP}: exact string match after the strip (dapo_set membership)"),
+    "near": Sourced("embedding", f"{DEDUP}: SentenceTransformer embeddings, FAISS inner product, top-1"),
+    "embedding_model": Sourced(
+        "sentence-transformers/all-mpnet-base-v2", f"{DEDUP}: model/all-mpnet-base-v2, normalised (normalize_L2)"
+    ),
+    "threshold": Sourced(0.6, f"{DEDUP}: threshold = 0.6 (similarity >= threshold is a duplicate)"),
+}
+
 #: Preset name -> values.
 PRESETS: dict[str, dict[str, Sourced]] = {"paper-b": PAPER_B}
 

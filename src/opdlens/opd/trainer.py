@@ -349,7 +349,7 @@ def train(
     restored and training continues from its step (rows of ``metrics.jsonl`` written after it
     are dropped). ``stop_after`` ends this call after that many steps (to simulate an
     interruption); a final checkpoint is written only when ``steps`` is reached. Configured
-    stages (prompt selection, template selection, cold start) run before step 1 of a fresh run.
+    stages (prompt selection, duplicate removal, template selection, cold start) run before step 1 of a fresh run.
     """
     cfg = config
     torch.manual_seed(cfg.seed)
@@ -380,7 +380,9 @@ def train(
         shutil.rmtree(out_dir / "tb", ignore_errors=True)
     dist.barrier()
     stage_log: dict[str, Any] = {}
-    if not ckpts and (cfg.prompt_selection or cfg.template_selection or cfg.cold_start):
+    if not ckpts and (
+        cfg.select_teacher_prompts or cfg.drop_duplicate_prompts or cfg.template_selection or cfg.cold_start
+    ):
         from opdlens.opd.recipes import run_stages
 
         cfg, train_questions, stage_log = run_stages(cfg, student, teacher, task, list(train_questions), out_dir)
