@@ -55,6 +55,7 @@ AUTHORS = {
     "teacher_dtype": "float32",
     "metrics_chunk": 1024,
     "rollout_dtype": "bfloat16",  # vLLM rollout in bf16, synced from the actor each step
+    "parallel": "fsdp",  # verl's FSDP workers (actor strategy: fsdp)
 }
 
 

@@ -309,6 +309,12 @@ class TrainConfig(RunSettings):
         description="compute dtype of the forward passes; the student's weights and optimizer state stay "
         "float32 (mixed precision), the losses are computed in float32",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several processes: 'ddp' (every process holds the whole student and AdamW state) or "
+        "'fsdp' (FSDP2: weights, gradients and AdamW state sharded over the processes, for students that do not "
+        "fit one GPU; checkpoints are gathered to whole tensors, so they resume on any process count)",
+    )
     rollout_dtype: Literal["float32", "bfloat16"] = Field(
         "float32",
         description="weights the rollout engine samples from: 'float32' (the master weights themselves) or "

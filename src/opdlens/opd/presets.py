@@ -83,6 +83,11 @@ PAPER_B: dict[str, Sourced] = {
         "float32",
         f"{SCRIPT}: +reward_model.model.dtype=$MODEL_DTYPE (fp32); {WORKERS}: its forward under bf16 autocast",
     ),
+    "parallel": Sourced(
+        "fsdp",
+        f"{ACTOR}: strategy fsdp (verl's FSDP1 workers, {WORKERS}; ours: FSDP2), param/optimizer offload off "
+        f"in {SCRIPT}",
+    ),
     "rollout_dtype": Sourced(
         "bfloat16",
         f"{SCRIPT}: actor_rollout_ref.rollout.name=vllm, {ROLLOUT_CFG}: dtype bfloat16; {WORKERS}: rollout_mode "

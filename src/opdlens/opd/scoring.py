@@ -253,6 +253,12 @@ class Scorer:
         # to the student's device in the forward's own dtype (half the bytes under bf16 autocast), then float32
         return Scored(s_logits.float(), t_logits.to(s_logits.device).float(), pad_tokens(comps, s_logits.device), mask)
 
+    @torch.no_grad()
+    def dummy_forward(self) -> None:
+        """One student forward on one padding token (its result unused): keeps FSDP's collectives
+        in step on a process with fewer rows than the others."""
+        completion_logits(self.model, [[self._pad_s]], [[self._pad_s]], pad_id=self._pad_s)
+
     def correct(self, task: Any, rows: Sequence[Rollout]) -> list[bool]:
         """Task-checker verdict per rollout."""
         return [bool(task.check(decode(self.student, r.tokens), r.question)) for r in rows]

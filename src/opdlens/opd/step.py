@@ -161,9 +161,14 @@ def accumulate_gradients(
 
 
 @torch.no_grad()
-def score_signals(scorer: Scorer, rows: Sequence[Rollout], cfg: TrainConfig) -> MetricSums:
-    """Signals of ``rows`` without gradient (held-out evaluation)."""
+def score_signals(scorer: Scorer, rows: Sequence[Rollout], cfg: TrainConfig, forwards: int | None = None) -> MetricSums:
+    """Signals of ``rows`` without gradient (held-out evaluation). ``forwards``: run that many
+    student forwards in all, the ones past the rows on a one-token dummy (FSDP: every process
+    must run as many forwards as the others)."""
     sums = MetricSums()
-    for i in range(0, len(rows), cfg.micro_batch):
+    starts = range(0, len(rows), cfg.micro_batch)
+    for i in starts:
         add_signals(sums, scorer.score(rows[i : i + cfg.micro_batch], grad=False), cfg)
+    for _ in range(max(0, (forwards or 0) - len(starts))):
+        scorer.dummy_forward()
     return sums

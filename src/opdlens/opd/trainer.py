@@ -97,6 +97,7 @@ class TrainResult:
     resumed_from: int | None = None
     last_checkpoint: Path | None = None
     final: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)  # processes, strategy, parameters held here / in all
 
 
 class OPDTrainer:
@@ -131,7 +132,7 @@ class OPDTrainer:
 
             self.eval_task = get_task(config.task, **config.eval_task_args)  # grades the held-out answers
         self.eval_max_new_tokens = config.eval_max_new_tokens or config.token_budget(self.eval_task)
-        self.dist = dist or Dist(next(student.model.parameters()).device)
+        self.dist = dist or Dist(next(student.model.parameters()).device, config.parallel)
         self.model: torch.nn.Module = student.model
         if any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.float()  # master weights: see scoring.forward_precision
@@ -140,13 +141,13 @@ class OPDTrainer:
             p.requires_grad_(False)
         teacher.model.eval()
         self.model.eval()  # no dropout: OPD gradients on the sampling policy itself
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise OpdlensError("the student model has no trainable parameters")
-        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         # the rollout engine's weights: the masters, or a rollout_dtype copy taken before any sharding
-        self.rollout_weights = RolloutWeights(student, config.rollout_dtype)
-        self.ddp_model = self.dist.prepare(self.model)
+        self.rollout_weights = RolloutWeights(student, config.rollout_dtype, sharded=self.dist.sharded)
+        self.ddp_model = self.dist.prepare(self.model)  # FSDP replaces the parameters: the optimizer comes after
+        params = [p for p in self.model.parameters() if p.requires_grad]
+        self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
         self.scorer = Scorer(
             config, student, teacher, solutions, student_model=self.ddp_model, sampler=self.rollout_weights.policy
         )
@@ -229,7 +230,8 @@ class OPDTrainer:
         )
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.rollout_weights.refresh()  # the next step samples from the new weights
@@ -282,7 +284,9 @@ class OPDTrainer:
             if mine
             else []
         )
-        sums = score_signals(self.scorer, rows, cfg)
+        # FSDP: every process runs as many forwards (each one all-gathers), the shorter blocks pad
+        n_mb = -(-len(rows) // cfg.micro_batch)
+        sums = score_signals(self.scorer, rows, cfg, forwards=dist.max_int(n_mb) if dist.sharded else n_mb)
         correct = self.scorer.correct(self.eval_task, rows)
         solved: dict[int, bool] = {}
         for r, ok in zip(rows, correct):
@@ -300,16 +304,28 @@ class OPDTrainer:
     def save_checkpoint(self, out_dir: str | Path, keep: int = 2) -> Path:
         """Write ``out_dir/checkpoints/step_XXXXXXX/`` on the main process (safetensors + JSON)."""
         d = Path(out_dir) / ckpt.CKPT_DIR / f"step_{self.step:07d}"
+        full = None
+        if self.dist.sharded:  # gathered on every process, written by the main one
+            from opdlens.opd.fsdp import full_state
+
+            full = full_state(self.model, self.optimizer)
         if self.dist.is_main:
             ckpt.save_checkpoint(
-                out_dir, self.step, self.model, self.optimizer, self.config.model_dump(mode="json"), keep
+                out_dir, self.step, self.model, self.optimizer, self.config.model_dump(mode="json"), keep, full=full
             )
         self.dist.barrier()
         return d
 
     def load_checkpoint(self, path: str | Path) -> int:
         """Restore model, optimizer, RNG and step from a checkpoint directory."""
-        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        loader = None
+        if self.dist.sharded:
+            from opdlens.opd.fsdp import load_full_state
+
+            def loader(tensors: dict[str, torch.Tensor], osd: dict[str, Any] | None) -> None:
+                load_full_state(self.model, self.optimizer, tensors, osd)
+
+        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer, loader)
         self.rollout_weights.refresh()
         return self.step
 
@@ -364,7 +380,7 @@ def train(
         task = task or t_task
         train_questions = train_questions if train_questions is not None else t_train
         eval_questions = eval_questions if eval_questions is not None else t_eval
-    dist = Dist(next(student.model.parameters()).device)
+    dist = Dist(next(student.model.parameters()).device, cfg.parallel)
     out_dir = Path(cfg.out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpts = ckpt.list_checkpoints(out_dir)
@@ -440,6 +456,8 @@ def train(
         if logger is not None:
             logger.close()
     final = history[-1] if history else {}
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters())
+    total = sum(p.numel() for p in trainer.model.parameters())
     return TrainResult(
         history=history,
         out_dir=out_dir,
@@ -447,4 +465,10 @@ def train(
         resumed_from=resumed_from,
         last_checkpoint=last_ckpt,
         final=final,
+        parallel={
+            "processes": dist.world,
+            "strategy": "fsdp" if dist.sharded else ("ddp" if dist.world > 1 else "single"),
+            "params_here": local,
+            "params": total,
+        },
     )
