@@ -620,7 +620,13 @@ def test_every_float_of_every_config_model_refuses_inf_and_nan():
     names = {f"{m.__name__}.{n}" for m, n in fields}
     # the models nested in the two configs, found by the walk (so a new model is covered too)
     assert {"DiagnoseConfig.temperature", "TargetingConfig.growth", "SignalConfig.min_psucc_range"} <= names
-    assert {"TrainConfig.lr", "TrainConfig.betas", "ColdStartStage.temperature", "PromptStage.threshold"} <= names
+    assert {
+        "TrainConfig.lr",
+        "TrainConfig.betas",
+        "ColdStartStage.temperature",
+        "TeacherPromptStage.threshold",
+        "DuplicatePromptStage.threshold",
+    } <= names
     assert len(fields) >= 20
     for model, name in fields:
         for bad in (float("inf"), float("-inf"), float("nan")):

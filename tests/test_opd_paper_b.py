@@ -55,6 +55,8 @@ AUTHORS = {
     "dtype": "bfloat16",  # fp32 weights, bf16 FSDP mixed precision
     "teacher_dtype": "float32",
     "metrics_chunk": 1024,
+    "rollout_dtype": "bfloat16",  # vLLM rollout in bf16, synced from the actor each step
+    "parallel": "fsdp",  # verl's FSDP workers (actor strategy: fsdp)
 }
 
 

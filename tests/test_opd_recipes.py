@@ -83,45 +83,144 @@ def test_select_template_ranks_by_overlap():
 
 
 # ---------------------------------------------------------------------------- prompt selection + stages
-from opdlens.opd.recipes import dedup_prompts, normalise_prompt  # noqa: E402
+from opdlens.opd.prompts import (  # noqa: E402
+    AUTHORS_SUFFIX,
+    load_embedder,
+    match_prompts,
+    normalise_prompt,
+    read_prompts,
+    strip_suffix,
+    teacher_aligned,
+    without_matches,
+)
 
 BASE = (
     "A farmer has 17 sheep and buys 5 more at the market on a sunny Tuesday morning. How many sheep does he have now?"
 )
 
 
-def test_dedup_exact_then_near_then_distinct():
+def test_minhash_matching_exact_then_near_then_distinct():
+    """Ours: normalised exact match, then MinHash Jaccard of word 3-grams."""
     prompts = [
         "a FARMER has 17 sheep, and buys 5 more at the market on a sunny tuesday morning; how many sheep does he have now",
         BASE.replace("sunny", "rainy"),  # one word changed: Jaccard of 3-gram shingles 16/22 words...
         "What is the capital of France?",
         BASE.replace("Tuesday", "Friday").replace("17", "18").replace("market", "fair"),
     ]
-    res = dedup_prompts(prompts, [BASE], threshold=0.5)
+    m = match_prompts(prompts, [BASE], exact="normalised", near="minhash", threshold=0.5)
     assert normalise_prompt(prompts[0]) == normalise_prompt(BASE)
-    assert (res.exact, res.near) == (1, 1) and res.kept == [2, 3]
+    assert m.exact == [True, False, False, False] and m.near == [False, True, False, False]
+    assert without_matches(m) == [2, 3] and teacher_aligned(m) == [0, 1]
     # the near test is the MinHash estimate of the shingle Jaccard: 1-word edit of 21 words keeps 16/24 3-grams
-    strict = dedup_prompts(prompts, [BASE], threshold=0.9)
-    assert (strict.exact, strict.near, strict.kept) == (1, 0, [1, 2, 3])
+    strict = match_prompts(prompts, [BASE], exact="normalised", near="minhash", threshold=0.9)
+    assert (sum(strict.exact), sum(strict.near), without_matches(strict)) == (1, 0, [1, 2, 3])
 
 
-def test_dedup_with_an_embedding_model(tmp_path):
-    from opdlens.opd.recipes import _embed
+# real prompts in the authors' two formats: DAPO-Math rows end with the instruction suffix,
+# DeepMath questions are raw (extra_info.question)
+DAPO = [
+    "In triangle $ABC$, $AB = 13$, $BC = 14$ and $CA = 15$. Find the area of the triangle." + AUTHORS_SUFFIX,
+    "Let $x$ be a positive real number such that $x + 1/x = 3$. Find $x^2 + 1/x^2$." + AUTHORS_SUFFIX,
+    "How many positive divisors does $2024$ have?",  # a row without the suffix is kept as is
+]
+DEEPMATH = [
+    "In triangle $ABC$, $AB = 13$, $BC = 14$ and $CA = 15$. Find the area of the triangle.",  # = DAPO[0] stripped
+    "  How many positive divisors does $2024$ have?\n",  # = DAPO[2] up to white space
+    "Let $x$ be a positive real number such that $x + 1/x = 3$. Find $x^2 + 1/x^2$." + AUTHORS_SUFFIX,
+    "let $x$ be a positive real number such that $x + 1/x = 3$. find $x^2 + 1/x^2$.",  # case differs
+    "Evaluate the integral $\\int_0^1 x^2 \\, dx$.",
+]
 
+
+def test_exact_match_strips_the_authors_suffix_on_real_prompts():
+    assert AUTHORS_SUFFIX == " Please reason step by step, and put your final answer within \\boxed{}."
+    assert strip_suffix(DAPO[0], [AUTHORS_SUFFIX]) == DEEPMATH[0]
+    assert strip_suffix(DAPO[2], [AUTHORS_SUFFIX]) == DAPO[2]
+    m = match_prompts(DEEPMATH, DAPO, suffixes=[AUTHORS_SUFFIX], exact="stripped", near="none")
+    # the authors' exact match: equal strings after the suffix strip (case matters)
+    assert m.exact == [True, True, True, False, False] and not any(m.near)
+    assert teacher_aligned(m) == [0, 1, 2] and without_matches(m) == [3, 4]
+    # without the strip only the suffixed DeepMath row and the white-space one match
+    bare = match_prompts(DEEPMATH, DAPO, exact="stripped", near="none")
+    assert bare.exact == [False, True, True, False, False]
+    # ours, normalised: the case-changed row matches too
+    loose = match_prompts(DEEPMATH, DAPO, suffixes=[AUTHORS_SUFFIX], exact="normalised", near="none")
+    assert loose.exact == [True, True, True, True, False]
+
+
+def test_embedding_near_match_at_the_threshold_with_an_injected_encoder():
+    vecs = {"r": [1.0, 0.0], "a": [0.6, 0.8], "b": [0.59, 0.8073], "c": [0.0, 1.0]}  # cosines 0.6, 0.59, 0
+    seen = []
+
+    def embed(texts):
+        seen.append(list(texts))
+        return torch.tensor([vecs[t] for t in texts])
+
+    m = match_prompts(
+        ["a", "b", "c", "r" + AUTHORS_SUFFIX], ["r"], suffixes=[AUTHORS_SUFFIX], threshold=0.6, embed=embed
+    )
+    assert m.exact == [False, False, False, True]
+    assert m.near == [True, False, False, False]  # cosine >= 0.6 is a duplicate, as the authors'
+    assert m.similarity[0] == pytest.approx(0.6) and m.similarity[3] != m.similarity[3]  # NaN: exact, not embedded
+    assert seen == [["a", "b", "c"], ["r"]]  # only the non-exact prompts are embedded, suffixes stripped
+    assert teacher_aligned(m) == [0, 3] and without_matches(m) == [1, 2]
+
+
+def test_embedder_loads_a_random_encoder_the_sentence_transformers_way(tmp_path):
     pol = tiny(0)
-    pol.model.save_pretrained(tmp_path / "emb")
-    pol.tokenizer.save_pretrained(tmp_path / "emb")
-    name = str(tmp_path / "emb")
-    prompts = [BASE + " Be brief.", "What is the capital of France?"]
-    ref = [BASE]
-    e = _embed(prompts + ref, name)
+    d = tmp_path / "emb"
+    pol.model.save_pretrained(d)
+    pol.tokenizer.save_pretrained(d)
+    (d / "sentence_bert_config.json").write_text('{"max_seq_length": 8, "do_lower_case": false}')
+    embed = load_embedder(str(d), device="cpu")
+    texts = [BASE + " Be brief.", "What is the capital of France?", BASE]
+    e = embed(texts)
+    assert e.shape == (3, pol.model.config.hidden_size)
     assert torch.allclose(e.norm(dim=-1), torch.ones(3), atol=1e-5)
-    c = (e[:2] @ e[2]).tolist()
-    assert c[0] > c[1]  # the paraphrase is closer than the unrelated prompt
-    res = dedup_prompts(prompts, ref, threshold=(c[0] + c[1]) / 2, embedding_model=name)
-    assert (res.exact, res.near, res.kept) == (0, 1, [1])
-    res = dedup_prompts(prompts, ref, threshold=min(1.0, c[0] + 1e-4), embedding_model=name)
-    assert (res.near, res.kept) == (0, [0, 1])
+    # mean pooling over the first max_seq_length tokens of the last hidden states
+    enc = pol.tokenizer(texts[1:2], truncation=True, max_length=8, return_tensors="pt")
+    from transformers import AutoModel
+
+    with torch.no_grad():
+        h = AutoModel.from_pretrained(d)(**enc).last_hidden_state[0]
+    assert torch.allclose(e[1], torch.nn.functional.normalize(h.mean(0), dim=0), atol=1e-5)
+    # truncation at 8 tokens: BASE and BASE + " Be brief." embed alike
+    assert torch.allclose(e[0], e[2], atol=1e-6)
+
+
+def test_prompt_stages_select_the_teacher_aligned_set_or_its_control(tmp_path):
+    from opdlens.opd.config import TrainConfig
+    from opdlens.opd.presets import PROMPT_MATCH_PAPER
+    from opdlens.opd.recipes import run_stages
+
+    task, qs = arith_questions(6)
+    ref = tmp_path / "teacher.jsonl"
+    ref.write_text("".join(__import__("json").dumps({"prompt": q.prompt + AUTHORS_SUFFIX}) + "\n" for q in qs[:2]))
+    assert read_prompts(ref) == [q.prompt + AUTHORS_SUFFIX for q in qs[:2]]
+    exact_only = {"reference": str(ref), "recipe": "paper", "near": "none"}
+    base = dict(device="cpu", progress=False, tensorboard=False)
+    cfg = TrainConfig(select_teacher_prompts=exact_only, **base)
+    assert cfg.select_teacher_prompts.suffixes == [AUTHORS_SUFFIX]  # recipe: paper
+    assert {k: getattr(cfg.select_teacher_prompts, k) for k in PROMPT_MATCH_PAPER} == {
+        k: v.value for k, v in PROMPT_MATCH_PAPER.items() if k != "near"
+    } | {"near": "none"}
+    assert (
+        TrainConfig(drop_duplicate_prompts={"reference": "x", "recipe": "paper"}).drop_duplicate_prompts.threshold
+        == 0.6
+    )
+    _, aligned, log = run_stages(cfg, None, None, task, list(qs), tmp_path)
+    assert [q.id for q in aligned] == [q.id for q in qs[:2]]
+    assert log == {
+        "select_teacher_prompts_exact": 2,
+        "select_teacher_prompts_near": 0,
+        "select_teacher_prompts_kept": 2,
+    }
+    cfg = TrainConfig(drop_duplicate_prompts=exact_only, **base)
+    _, control, log = run_stages(cfg, None, None, task, list(qs), tmp_path)
+    assert [q.id for q in control] == [q.id for q in qs[2:]]  # the complement
+    assert log["drop_duplicate_prompts_kept"] == 4
+    with pytest.raises(ValueError, match="drop_duplicate_prompts"):  # pydantic wraps it; from_yaml: one line
+        TrainConfig(prompt_selection={"against": str(ref)})
 
 
 def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
@@ -144,7 +243,7 @@ def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
         k=4,
         metrics_k=4,
         device="cpu",
-        prompt_selection={"against": str(ref)},
+        drop_duplicate_prompts={"reference": str(ref)},
         template_selection={
             "candidates": {"plain": "{prompt}", "noisy": "zebra quartz " * 4 + "{prompt}"},
             "apply_to": "teacher",
@@ -164,7 +263,7 @@ def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
             cfg, student=student, teacher=teacher, task=task, train_questions=qs, eval_questions=[], stop_after=1
         )
     stages = __import__("json").loads((tmp_path / "run" / "stages.json").read_text())
-    assert stages["log"]["prompt_exact_duplicates"] == 1 and stages["log"]["prompts_kept"] == 5
+    assert stages["log"]["drop_duplicate_prompts_exact"] == 1 and stages["log"]["drop_duplicate_prompts_kept"] == 5
     assert stages["log"]["template_selected"] == "plain" and stages["templates"] == {"teacher_template": "{prompt}"}
     assert stages["log"]["cold_start_n_kept"] == 2
     assert qs[0].id not in stages["kept_question_ids"]

@@ -10,7 +10,7 @@
 * :mod:`opdlens.opd.runlog`     metric sums, metrics.jsonl, TensorBoard
 * :mod:`opdlens.opd.parallel`   data parallelism through accelerate (DDP)
 * :mod:`opdlens.opd.trainer`    :class:`OPDTrainer`, :func:`train` (``opdlens train CONFIG.yaml``)
-* :mod:`opdlens.opd.recipes`    cold start, template selection, prompt de-duplication (config stages)
+* :mod:`opdlens.opd.recipes`    cold start, template selection, prompt selection (config stages; matching in prompts.py)
 * :mod:`opdlens.opd.cli`     ``train_cmd`` and the diagnose -> train link
 * :mod:`opdlens.opd.demo`    ``python -m opdlens.opd.demo``: a short SmolLM2 run lowering reverse KL
 """

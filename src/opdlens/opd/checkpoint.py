@@ -20,6 +20,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -110,14 +111,20 @@ def save_checkpoint(
     optimizer: torch.optim.Optimizer,
     config: dict[str, Any],
     keep: int = 2,
+    full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
 ) -> Path:
-    """Write the checkpoint of ``step``; keep the newest ``keep`` (0: all)."""
+    """Write the checkpoint of ``step``; keep the newest ``keep`` (0: all). ``full``: the whole
+    weights and optimizer state gathered from FSDP shards (:func:`opdlens.opd.fsdp.full_state`),
+    written in the same layout as an unsharded model's."""
     d = Path(out_dir) / CKPT_DIR / f"step_{step:07d}"
     d.mkdir(parents=True, exist_ok=True)
     (d / STATE).unlink(missing_ok=True)  # incomplete until state.json is back
     # every file through opdlens.io.atomic_write: complete or absent, never written through a link
-    atomic_write(d / MODEL, lambda tmp: save_model(model, str(tmp)))
-    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict())
+    if full is None:
+        atomic_write(d / MODEL, lambda tmp: save_model(model, str(tmp)))
+    else:
+        atomic_write(d / MODEL, lambda tmp: save_file(full[0], str(tmp), metadata={"format": "pt"}))
+    opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict() if full is None else full[1])
     atomic_write(d / OPTIM, lambda tmp: save_file(opt_tensors, str(tmp)))
     rng_tensors, rng_meta = _rng_state()
     atomic_write(d / RNG, lambda tmp: save_file(rng_tensors, str(tmp)))
@@ -128,8 +135,15 @@ def save_checkpoint(
     return d
 
 
-def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None) -> int:
-    """Restore model, optimizer and RNG states from a checkpoint directory; returns its step."""
+def load_checkpoint(
+    path: str | Path,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer | None,
+    loader: Callable[[dict[str, torch.Tensor], dict[str, Any] | None], None] | None = None,
+) -> int:
+    """Restore model, optimizer and RNG states from a checkpoint directory; returns its step.
+    ``loader(weights, optimizer_state)`` puts whole tensors into a sharded model instead
+    (:func:`opdlens.opd.fsdp.load_full_state`)."""
     d = Path(path)
     if d.name in (STATE, PICKLE, MODEL):
         d = d.parent
@@ -143,14 +157,18 @@ def load_checkpoint(path: str | Path, model: torch.nn.Module, optimizer: torch.o
     try:
         meta = json.loads((d / STATE).read_text())
         step = int(meta["step"])
-        missing, unexpected = load_model(model, str(d / MODEL), strict=False)
-        if missing or unexpected:
-            raise OpdlensError(
-                f"checkpoint {d} does not match the student model (missing {missing[:3]}, "
-                f"unexpected {unexpected[:3]}): was it written for another model?"
-            )
-        if optimizer is not None:
-            optimizer.load_state_dict(_join_optimizer(load_file(str(d / OPTIM)), meta["optimizer"]))
+        if loader is not None:
+            osd = _join_optimizer(load_file(str(d / OPTIM)), meta["optimizer"]) if optimizer is not None else None
+            loader(load_file(str(d / MODEL)), osd)
+        else:
+            missing, unexpected = load_model(model, str(d / MODEL), strict=False)
+            if missing or unexpected:
+                raise OpdlensError(
+                    f"checkpoint {d} does not match the student model (missing {missing[:3]}, "
+                    f"unexpected {unexpected[:3]}): was it written for another model?"
+                )
+            if optimizer is not None:
+                optimizer.load_state_dict(_join_optimizer(load_file(str(d / OPTIM)), meta["optimizer"]))
         _set_rng_state(load_file(str(d / RNG)), meta["rng"])
     except (SafetensorError, OSError, ValueError, KeyError, TypeError, json.JSONDecodeError) as e:
         raise OpdlensError(

@@ -134,6 +134,12 @@ def train_cmd(config: Path, fresh: bool = False) -> TrainResult:
     )
     if res.resumed_from is not None:
         console.print(f"resumed from step {res.resumed_from}")
+    par = res.parallel
+    if par.get("processes", 1) > 1:
+        console.print(
+            f"{par['strategy']}: {par['processes']} processes; the main one holds {par['params_here']:,} of the "
+            f"student's {par['params']:,} parameters"
+        )
     rows = [r for r in res.history if r.get("eval_rkl") is not None]
     if len(rows) >= 2:
         console.print(

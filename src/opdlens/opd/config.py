@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from opdlens.config import RunSettings
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
-from opdlens.opd.presets import COLD_START_PAPER, PRESETS, preset_values
+from opdlens.opd.presets import COLD_START_PAPER, PRESETS, PROMPT_MATCH_PAPER, preset_values
 from opdlens.opd.registry import LOSSES, LossOptions, get_loss
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
@@ -116,17 +116,59 @@ class TemplateStage(BaseModel):
     max_new_tokens: int = Field(64, ge=1, description="rollout budget of the scoring")
 
 
-class PromptStage(BaseModel):
-    """Teacher-aligned prompt selection: drop training prompts that duplicate a reference set
-    (exact match after normalisation, then near-duplicates by MinHash Jaccard or embeddings)."""
+class PromptMatchStage(BaseModel):
+    """How the training prompts are matched against a reference file (:mod:`opdlens.opd.prompts`).
+
+    ``recipe: paper`` fills the keys not set with the authors' values (``scripts/infer/dedup_deepmath.py``:
+    the DAPO instruction suffix stripped, exact string match, then all-mpnet-base-v2 cosine >= 0.6:
+    :data:`opdlens.opd.presets.PROMPT_MATCH_PAPER`); ``ours`` (default): no suffix, normalised exact
+    match, MinHash Jaccard >= 0.8."""
 
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
-    against: str = Field(description="file of reference prompts (JSONL with a 'prompt' field, or one per line)")
-    threshold: float = Field(0.8, gt=0, le=1, description="near-duplicate when similarity >= threshold")
+    recipe: Literal["ours", "paper"] = Field(
+        "ours", description="'paper': unset keys take the authors' values (docs/OPD.md, prompt selection)"
+    )
+    reference: str = Field(
+        description="file of reference prompts (JSONL/Parquet rows with 'prompt' (text or chat list) or "
+        "'question', or one per line)"
+    )
+    suffixes: list[str] = Field(
+        default_factory=list, description="instruction suffixes stripped from both sides before matching"
+    )
+    exact: Literal["stripped", "normalised"] = Field(
+        "normalised",
+        description="exact match: 'stripped' (equal strings after the suffix strip, the authors') or "
+        "'normalised' (also lower case, words only)",
+    )
+    near: Literal["embedding", "minhash", "none"] = Field(
+        "minhash", description="near match: embedding cosine, MinHash Jaccard of word shingles, or none"
+    )
+    threshold: float = Field(0.8, gt=0, le=1, description="near match when similarity >= threshold")
+    embedding_model: str = Field(
+        "sentence-transformers/all-mpnet-base-v2",
+        description="sentence encoder of near: embedding (hub id or directory; mean pooling, unit norm)",
+    )
     num_perm: int = Field(128, ge=16, description="MinHash permutations")
     shingle: int = Field(3, ge=1, description="word n-gram size of the shingles")
-    embedding_model: str | None = Field(None, description="sentence-embedding model (cosine) instead of MinHash")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _apply_recipe(cls, data: Any) -> Any:
+        """``recipe: paper``: the keys left unset take the authors' values (explicit keys win)."""
+        if isinstance(data, dict) and data.get("recipe") == "paper":
+            return {**{k: v.value for k, v in PROMPT_MATCH_PAPER.items()}, **data}
+        return data
+
+
+class TeacherPromptStage(PromptMatchStage):
+    """Teacher-aligned prompt selection (paper B's recipe): keep only the training prompts found
+    in the teacher's post-training prompts (``reference``), exactly or nearly."""
+
+
+class DuplicatePromptStage(PromptMatchStage):
+    """Drop the training prompts found in ``reference``, exactly or nearly: paper B's control set
+    (DeepMath minus the teacher's post-training prompts), or de-contamination against an evaluation set."""
 
 
 #: Keys of a :class:`TrainConfig` that do not change what a training run computes, so a run may
@@ -307,6 +349,18 @@ class TrainConfig(RunSettings):
         description="compute dtype of the forward passes; the student's weights and optimizer state stay "
         "float32 (mixed precision), the losses are computed in float32",
     )
+    parallel: Literal["ddp", "fsdp"] = Field(
+        "ddp",
+        description="with several processes: 'ddp' (every process holds the whole student and AdamW state) or "
+        "'fsdp' (FSDP2: weights, gradients and AdamW state sharded over the processes, for students that do not "
+        "fit one GPU; checkpoints are gathered to whole tensors, so they resume on any process count)",
+    )
+    rollout_dtype: Literal["float32", "bfloat16"] = Field(
+        "float32",
+        description="weights the rollout engine samples from: 'float32' (the master weights themselves) or "
+        "'bfloat16' (a bf16 copy refreshed after every optimizer step, as verl's vLLM rollout); the loss always "
+        "scores the tokens with the student recomputed in the training forward (docs/OPD.md, rollout weights)",
+    )
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the teacher's weights (default: dtype)"
     )
@@ -317,14 +371,27 @@ class TrainConfig(RunSettings):
     template_selection: TemplateStage | None = Field(
         None, description="stage before OPD: pick the best-aligned template"
     )
-    prompt_selection: PromptStage | None = Field(
-        None, description="stage before OPD: de-duplicate the training prompts"
+    select_teacher_prompts: TeacherPromptStage | None = Field(
+        None,
+        description="stage before OPD (paper B's recipe): keep the training prompts found in the teacher's "
+        "post-training prompts",
+    )
+    drop_duplicate_prompts: DuplicatePromptStage | None = Field(
+        None,
+        description="stage before OPD: drop the training prompts found in a reference set (paper B's control "
+        "set; de-contamination)",
     )
 
     @model_validator(mode="before")
     @classmethod
     def _apply_preset(cls, data: Any) -> Any:
         """Fill the keys a config leaves unset from its ``preset`` (explicit keys win)."""
+        if isinstance(data, dict) and "prompt_selection" in data:
+            raise OpdlensError(
+                "prompt_selection is gone (it dropped prompts found in its 'against' file): use "
+                "drop_duplicate_prompts: {reference: FILE} for that, or select_teacher_prompts: {reference: FILE} "
+                "for paper B's recipe (train on the teacher's post-training prompts); docs/OPD.md"
+            )
         if isinstance(data, dict) and isinstance(data.get("preset"), str) and data["preset"] in PRESETS:
             return {**preset_values(data["preset"]), **data}
         return data

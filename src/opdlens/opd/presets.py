@@ -9,6 +9,7 @@ The sources are files of the authors' code (github thunlp/OPD, commit 0a44395), 
 * ``verl/verl/workers/fsdp_workers.py``: the mini-batch multiplied by ``rollout.n``, the mixed
   precision of the actor and the teacher (``reward_model``);
 * ``verl/verl/trainer/ppo/ray_trainer.py``: the logged top-k metrics and their 1,024-token chunks;
+* ``verl/verl/trainer/config/rollout/rollout.yaml``: the vLLM rollout's weight dtype;
 * ``scripts/infer/vllm_rollout.py`` and ``LlamaFactory/examples/train_full/qwen3_base_full_sft.yaml``:
   the cold start's teacher rollouts and SFT (:data:`COLD_START_PAPER`).
 
@@ -29,6 +30,7 @@ OPTIM = "verl/verl/trainer/config/optim/fsdp.yaml"
 ACTOR = "verl/verl/trainer/config/actor/dp_actor.yaml"
 WORKERS = "verl/verl/workers/fsdp_workers.py"
 TRAINER = "verl/verl/trainer/ppo/ray_trainer.py"
+ROLLOUT_CFG = "verl/verl/trainer/config/rollout/rollout.yaml"
 
 
 @dataclass(frozen=True)
@@ -81,6 +83,16 @@ PAPER_B: dict[str, Sourced] = {
         "float32",
         f"{SCRIPT}: +reward_model.model.dtype=$MODEL_DTYPE (fp32); {WORKERS}: its forward under bf16 autocast",
     ),
+    "parallel": Sourced(
+        "fsdp",
+        f"{ACTOR}: strategy fsdp (verl's FSDP1 workers, {WORKERS}; ours: FSDP2), param/optimizer offload off "
+        f"in {SCRIPT}",
+    ),
+    "rollout_dtype": Sourced(
+        "bfloat16",
+        f"{SCRIPT}: actor_rollout_ref.rollout.name=vllm, {ROLLOUT_CFG}: dtype bfloat16; {WORKERS}: rollout_mode "
+        "copies the FSDP actor's weights into vLLM before each generation",
+    ),
     "metrics_k": Sourced(16, f"{TRAINER}: the top-k metrics use LOG_PROB_TOP_K"),
     "metrics_chunk": Sourced(1024, f"{TRAINER}: chunk_size = 1024"),
 }
@@ -108,6 +120,23 @@ COLD_START_PAPER: dict[str, Sourced] = {
         64, f"{LLAMAFACTORY}: per_device_train_batch_size 8 x gradient_accumulation_steps 1 x 8 GPUs (README.md)"
     ),
     "max_seq_tokens": Sourced(14336, f"{LLAMAFACTORY}: cutoff_len 14336"),
+}
+
+DEDUP = "scripts/infer/dedup_deepmath.py"
+
+#: The authors' prompt matching (``recipe: paper`` of ``select_teacher_prompts`` and
+#: ``drop_duplicate_prompts``): how they built the control set, DeepMath minus DAPO-Math-17K (§5.2).
+PROMPT_MATCH_PAPER: dict[str, Sourced] = {
+    "suffixes": Sourced(
+        [" Please reason step by step, and put your final answer within \\boxed{}."],
+        f"{DEDUP}: extract_dapo_question strips this suffix, then white space",
+    ),
+    "exact": Sourced("stripped", f"{DEDUP}: exact string match after the strip (dapo_set membership)"),
+    "near": Sourced("embedding", f"{DEDUP}: SentenceTransformer embeddings, FAISS inner product, top-1"),
+    "embedding_model": Sourced(
+        "sentence-transformers/all-mpnet-base-v2", f"{DEDUP}: model/all-mpnet-base-v2, normalised (normalize_L2)"
+    ),
+    "threshold": Sourced(0.6, f"{DEDUP}: threshold = 0.6 (similarity >= threshold is a duplicate)"),
 }
 
 #: Preset name -> values.

@@ -5,11 +5,12 @@ r"""Recipes for when OPD fails (paper B's recipe), and the config stages that ru
 * :func:`select_template`: score candidate prompt templates by the *initial* top-k overlap
   ratio between student and teacher on a few student rollouts; the best-aligned template is
   the one to train with (``TrainConfig.student_template`` / ``teacher_template``);
-* :func:`dedup_prompts`: teacher-aligned prompt selection: drop training prompts that duplicate
-  a reference set, by exact match (after normalisation), then near-duplicates (MinHash Jaccard
-  with LSH, the ``datasketch`` package; or cosine of mean-pooled embeddings of a given model);
-* :func:`run_stages`: the configured stages before OPD (``prompt_selection``,
-  ``template_selection``, ``cold_start`` of :class:`~opdlens.opd.config.TrainConfig`), recorded
+* prompt selection (:mod:`opdlens.opd.prompts`): ``select_teacher_prompts`` keeps the training
+  prompts found in the teacher's post-training prompts (paper B's teacher-aligned recipe),
+  ``drop_duplicate_prompts`` drops those found in a reference set (paper B's control set);
+* :func:`run_stages`: the configured stages before OPD (``select_teacher_prompts``,
+  ``drop_duplicate_prompts``, ``template_selection``, ``cold_start`` of
+  :class:`~opdlens.opd.config.TrainConfig`), recorded
   in ``stages.json`` so that a resumed run (:func:`replay_stages`) trains on the same prompts
   and templates without re-running them.
 """
@@ -17,7 +18,6 @@ r"""Recipes for when OPD fails (paper B's recipe), and the config stages that ru
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -31,6 +31,7 @@ from opdlens.opd.batching import completion_logits
 from opdlens.opd.coldstart import cold_start_sft
 from opdlens.opd.config import resolve_template
 from opdlens.opd.metrics import token_metrics
+from opdlens.opd.prompts import match_prompts, read_prompts, teacher_aligned, without_matches
 from opdlens.opd.scoring import encode_user, pad_id, step_seed
 from opdlens.policy import check_same_tokenizer
 
@@ -124,110 +125,6 @@ def select_template(
     return sorted(scores, key=lambda s: -s.overlap_ratio)
 
 
-# ---------------------------------------------------------------------------- prompt selection
-def normalise_prompt(text: str) -> str:
-    """Lower case, words only, single spaces: the key of exact-duplicate matching."""
-    return " ".join(re.findall(r"\w+", text.lower()))
-
-
-@dataclass
-class DedupResult:
-    """Indices of the kept prompts and how many were dropped as exact / near duplicates."""
-
-    kept: list[int]
-    exact: int
-    near: int
-
-
-def _shingles(text: str, n: int) -> set[bytes]:
-    words = normalise_prompt(text).split()
-    if len(words) < n:
-        return {" ".join(words).encode()}
-    return {" ".join(words[i : i + n]).encode() for i in range(len(words) - n + 1)}
-
-
-def _embed(texts: Sequence[str], model_name: str, batch: int = 32) -> torch.Tensor:
-    """Unit-norm mean-pooled last hidden states of a Hugging Face encoder (or decoder)."""
-    from transformers import AutoModel, AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(model_name)
-    if tok.pad_token is None:
-        tok.pad_token = tok.eos_token
-    model = AutoModel.from_pretrained(model_name).eval()
-    out = []
-    with torch.no_grad():
-        for i in range(0, len(texts), batch):
-            enc = tok(list(texts[i : i + batch]), padding=True, truncation=True, max_length=512, return_tensors="pt")
-            h = model(**enc).last_hidden_state.float()
-            m = enc["attention_mask"].unsqueeze(-1).float()
-            out.append(torch.nn.functional.normalize((h * m).sum(1) / m.sum(1).clamp_min(1.0), dim=-1))
-    return torch.cat(out)
-
-
-def dedup_prompts(
-    prompts: Sequence[str],
-    against: Sequence[str],
-    *,
-    threshold: float = 0.8,
-    num_perm: int = 128,
-    shingle: int = 3,
-    embedding_model: str | None = None,
-) -> DedupResult:
-    """Drop ``prompts`` that duplicate one of ``against`` (exact after :func:`normalise_prompt`,
-    then near: MinHash Jaccard of word ``shingle``-grams >= ``threshold`` via LSH, or embedding
-    cosine >= ``threshold`` when ``embedding_model`` is given)."""
-    ref = {normalise_prompt(a) for a in against}
-    rest = [i for i, p in enumerate(prompts) if normalise_prompt(p) not in ref]
-    exact = len(prompts) - len(rest)
-    if not against or not rest:
-        return DedupResult(rest, exact, 0)
-    if embedding_model is not None:
-        e_ref = _embed(list(against), embedding_model)
-        e_new = _embed([prompts[i] for i in rest], embedding_model)
-        near_mask = (e_new @ e_ref.T).max(dim=1).values >= threshold
-        kept = [i for i, near in zip(rest, near_mask.tolist()) if not near]
-        return DedupResult(kept, exact, len(rest) - len(kept))
-    from datasketch import MinHash, MinHashLSH
-
-    def sig(text: str) -> MinHash:
-        m = MinHash(num_perm=num_perm, seed=1)
-        m.update_batch(list(_shingles(text, shingle)))
-        return m
-
-    lsh = MinHashLSH(threshold=threshold, num_perm=num_perm)
-    ref_sigs = []
-    for j, a in enumerate(against):
-        ref_sigs.append(sig(a))
-        lsh.insert(str(j), ref_sigs[-1])
-    kept = []
-    for i in rest:
-        m = sig(prompts[i])
-        # LSH proposes candidates; keep the estimated Jaccard as the decision
-        if not any(m.jaccard(ref_sigs[int(c)]) >= threshold for c in lsh.query(m)):
-            kept.append(i)
-    return DedupResult(kept, exact, len(rest) - len(kept))
-
-
-def read_prompts(path: str | Path) -> list[str]:
-    """Reference prompts: JSONL rows with a ``prompt`` (or ``question``) field, or one per line."""
-    p = Path(path)
-    if not p.is_file():
-        raise OpdlensError(f"prompt_selection.against: {p} does not exist")
-    out = []
-    for n, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
-        if p.suffix == ".jsonl":
-            try:
-                row = json.loads(line)
-                out.append(str(row.get("prompt", row.get("question"))) if isinstance(row, dict) else str(row))
-            except json.JSONDecodeError as e:
-                raise OpdlensError(f"{p}:{n}: not JSON ({e.msg})") from e
-        else:
-            out.append(line)
-    return out
-
-
 # ---------------------------------------------------------------------------- config stages
 STAGES_FILE = "stages.json"
 
@@ -235,31 +132,41 @@ STAGES_FILE = "stages.json"
 def run_stages(
     cfg: Any, student: Any, teacher: Any, task: Any, questions: list[Any], out_dir: Path
 ) -> tuple[Any, list[Any], dict[str, Any]]:
-    """Run the configured stages in order: prompt selection, template selection, cold start.
+    """Run the configured stages in order: teacher-aligned prompt selection, duplicate-prompt
+    removal, template selection, cold start.
 
     Returns the config with the chosen templates, the kept training questions and a flat dict
     of what each stage did (logged with step 0). Writes ``out_dir/stages.json``.
     """
     record: dict[str, Any] = {}
     log: dict[str, Any] = {}
-    if cfg.prompt_selection is not None:
-        ps = cfg.prompt_selection
-        res = dedup_prompts(
+    for key, select, what in (
+        ("select_teacher_prompts", teacher_aligned, "found in the teacher's post-training prompts"),
+        ("drop_duplicate_prompts", without_matches, "not found in the reference prompts"),
+    ):
+        ps = getattr(cfg, key)
+        if ps is None:
+            continue
+        m = match_prompts(
             [q.prompt for q in questions],
-            read_prompts(ps.against),
+            read_prompts(ps.reference, f"{key}.reference"),
+            suffixes=ps.suffixes,
+            exact=ps.exact,
+            near=ps.near,
             threshold=ps.threshold,
+            embedding_model=ps.embedding_model,
             num_perm=ps.num_perm,
             shingle=ps.shingle,
-            embedding_model=ps.embedding_model,
         )
-        if not res.kept:
+        kept = select(m)
+        if not kept:
             raise OpdlensError(
-                f"prompt_selection removed all {len(questions)} training questions as duplicates of "
-                f"{ps.against}: raise the threshold or check the file"
+                f"{key} kept none of the {len(questions)} training questions (none {what}, {ps.reference}): "
+                "check the file, the suffixes or the threshold"
             )
-        questions = [questions[i] for i in res.kept]
+        questions = [questions[i] for i in kept]
         record["kept_question_ids"] = [q.id for q in questions]
-        log.update(prompt_exact_duplicates=res.exact, prompt_near_duplicates=res.near, prompts_kept=len(res.kept))
+        log.update({f"{key}_exact": sum(m.exact), f"{key}_near": sum(m.near), f"{key}_kept": len(kept)})
     if cfg.template_selection is not None:
         ts = cfg.template_selection
         scores = select_template(

@@ -24,15 +24,19 @@ METRICS_FILE = "metrics.jsonl"
 
 
 class MetricSums:
-    """``name -> [Σ num, Σ den]`` (plus the names reported as ``sqrt(Σ num) / Σ den``).
+    """``name -> [Σ num, Σ den]`` (plus the names reported as ``sqrt(Σ num) / Σ den``), and maxima.
 
-    Everything a step logs is a ratio of sums, so micro-batches and processes combine by adding
-    (:meth:`merge`) and the result equals the full-batch value.
+    Everything a step logs is a ratio of sums or a maximum, so micro-batches and processes combine
+    by adding or taking the max (:meth:`merge`) and the result equals the full-batch value.
     """
 
     def __init__(self) -> None:
         self.sums: dict[str, list[float]] = {}
         self.root: set[str] = set()
+        self.maxes: dict[str, float] = {}
+
+    def add_max(self, name: str, value: float) -> None:
+        self.maxes[name] = max(self.maxes.get(name, value), value)
 
     def add(self, name: str, num: float, den: float) -> None:
         s = self.sums.setdefault(name, [0.0, 0.0])
@@ -61,12 +65,15 @@ class MetricSums:
         for name, (a, b) in other.sums.items():
             self.add(name, a, b)
         self.root |= other.root
+        for name, v in other.maxes.items():
+            self.add_max(name, v)
 
     def means(self, prefix: str = "") -> dict[str, float]:
         out = {}
         for name, (a, b) in self.sums.items():
             val = (math.sqrt(max(a, 0.0)) if name in self.root else a) / b if b > 0 else float("nan")
             out[prefix + name] = val
+        out.update({prefix + name: v for name, v in self.maxes.items()})
         return out
 
 

@@ -8,7 +8,8 @@
   pass without, each on its own context followed by the same generated tokens, under the
   run's compute dtype (:func:`forward_precision`): the student's weights stay float32 (master
   weights, so small AdamW updates are not rounded away) while the matmuls run in bf16/fp16
-  under autocast (rollouts run in the weights' float32); the losses take the logits to float32.
+  under autocast; the losses take the logits to float32. Rollouts are sampled by ``sampler``: the
+  student itself (float32 masters) or its ``rollout_dtype`` copy (:mod:`opdlens.opd.rollout_weights`).
 """
 
 from __future__ import annotations
@@ -143,6 +144,7 @@ class Rollout:
     tokens: list[int]
     finished: bool
     group: int  # index of the question in its batch (GRPO groups)
+    logprobs: tuple[float, ...] = ()  # the rollout policy's log-prob of each token (empty: not recorded)
 
 
 @dataclass
@@ -166,9 +168,11 @@ class Scorer:
         teacher: Any,
         solutions: Mapping[str, Any] | None = None,
         student_model: torch.nn.Module | None = None,
+        sampler: Any | None = None,
     ) -> None:
         self.config = config
         self.student = student
+        self.sampler = sampler if sampler is not None else student  # the rollout policy (rollout_weights)
         self.teacher = teacher
         self.model = student_model if student_model is not None else student.model  # maybe DDP-wrapped
         self.solutions = dict(solutions or {})
@@ -222,9 +226,9 @@ class Scorer:
         out: list[Rollout] = []
         for c, start in enumerate(range(0, len(questions), size)):
             part = ctxs[start : start + size]
-            # the engine runs in the weights' own dtype (float32 masters), not under autocast
+            # the engine runs in the sampler's own dtype (float32 masters or the rollout_dtype copy), not autocast
             try:
-                comps = self.student.sample(
+                comps = self.sampler.sample(
                     part, n, max_new_tokens, seed=step_seed(seed, first_chunk + c), temperature=temperature, **extra
                 )
             except TypeError as e:
@@ -236,7 +240,8 @@ class Scorer:
                 raise
             for j, (ctx, group) in enumerate(zip(part, comps)):
                 out.extend(
-                    Rollout(questions[start + j], ctx, list(x.tokens), bool(x.finished), start + j) for x in group
+                    Rollout(questions[start + j], ctx, list(x.tokens), bool(x.finished), start + j, tuple(x.logprobs))
+                    for x in group
                 )
         return out
 
@@ -249,6 +254,12 @@ class Scorer:
             t_logits, _ = completion_logits(self.teacher.model, t_ctx, comps, pad_id=self._pad_t)
         # to the student's device in the forward's own dtype (half the bytes under bf16 autocast), then float32
         return Scored(s_logits.float(), t_logits.to(s_logits.device).float(), pad_tokens(comps, s_logits.device), mask)
+
+    @torch.no_grad()
+    def dummy_forward(self) -> None:
+        """One student forward on one padding token (its result unused): keeps FSDP's collectives
+        in step on a process with fewer rows than the others."""
+        completion_logits(self.model, [[self._pad_s]], [[self._pad_s]], pad_id=self._pad_s)
 
     def correct(self, task: Any, rows: Sequence[Rollout]) -> list[bool]:
         """Task-checker verdict per rollout."""

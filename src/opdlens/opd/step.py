@@ -72,6 +72,30 @@ def add_signals(sums: MetricSums, scored: Scored, cfg: TrainConfig) -> None:
     )
 
 
+@torch.no_grad()
+def add_rollout_gap(sums: MetricSums, scored: Scored, rows: Sequence[Rollout], temperature: float) -> None:
+    """The rollout policy's recorded log-probs of the sampled tokens against the training
+    forward's (``log_softmax(z / temperature)`` of :meth:`Scorer.score`, the ones the loss uses):
+    ``rollout_logp_diff_mean`` / ``_max`` of ``|Δ log p|`` and ``rollout_probs_diff_mean`` / ``_max``
+    of ``|Δ p|`` (the authors' ``training/rollout_probs_diff_*``). Skipped when a row has none."""
+    if not rows or any(len(r.logprobs) != len(r.tokens) for r in rows):
+        return
+    lp = log_probs(scored.student.detach(), temperature).gather(-1, scored.tokens.unsqueeze(-1)).squeeze(-1)
+    rec = torch.zeros_like(lp)
+    for b, r in enumerate(rows):
+        if r.logprobs:
+            rec[b, : len(r.logprobs)] = torch.tensor(r.logprobs, dtype=lp.dtype)
+    sel = scored.mask.bool()
+    if not bool(sel.any()):
+        return
+    for name, d in (
+        ("rollout_logp_diff", (lp - rec).abs()[sel]),
+        ("rollout_probs_diff", (lp.exp() - rec.exp()).abs()[sel]),
+    ):
+        sums.add(f"{name}_mean", float(d.double().sum()), float(d.numel()))
+        sums.add_max(f"{name}_max", float(d.max()))
+
+
 @dataclass
 class StepResult:
     loss: float
@@ -130,15 +154,21 @@ def accumulate_gradients(
             (loss * world).backward()
         loss_total += float(loss.detach())
         add_signals(sums, sc, cfg)
+        add_rollout_gap(sums, sc, mb, cfg.temperature)
         sums.add("loss_value", float((out.per_token * sc.mask).sum()), float(sc.mask.sum()))
         del sc, out, loss
     return StepResult(loss_total, sums)
 
 
 @torch.no_grad()
-def score_signals(scorer: Scorer, rows: Sequence[Rollout], cfg: TrainConfig) -> MetricSums:
-    """Signals of ``rows`` without gradient (held-out evaluation)."""
+def score_signals(scorer: Scorer, rows: Sequence[Rollout], cfg: TrainConfig, forwards: int | None = None) -> MetricSums:
+    """Signals of ``rows`` without gradient (held-out evaluation). ``forwards``: run that many
+    student forwards in all, the ones past the rows on a one-token dummy (FSDP: every process
+    must run as many forwards as the others)."""
     sums = MetricSums()
-    for i in range(0, len(rows), cfg.micro_batch):
+    starts = range(0, len(rows), cfg.micro_batch)
+    for i in starts:
         add_signals(sums, scorer.score(rows[i : i + cfg.micro_batch], grad=False), cfg)
+    for _ in range(max(0, (forwards or 0) - len(starts))):
+        scorer.dummy_forward()
     return sums

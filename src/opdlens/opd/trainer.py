@@ -7,7 +7,8 @@ prompts × ``samples_per_prompt`` rollouts, over all processes):
    ``(seed, step)``, or with ``prompt_order: sequential`` the next block in order (epochs);
    each process takes an equal contiguous share (:mod:`opdlens.opd.parallel`);
 2. the student samples ``samples_per_prompt`` completions per question at ``temperature`` with
-   its rollout engine (:mod:`opdlens.opd.scoring`);
+   its rollout engine (:mod:`opdlens.opd.scoring`), from the float32 masters or a ``rollout_dtype``
+   copy refreshed after every update (:mod:`opdlens.opd.rollout_weights`);
 3. micro-batched student (with gradient) and teacher (without) forward passes and the OPD loss
    named by ``loss`` (:data:`opdlens.opd.registry.LOSSES`), normalised by the global token count
    (:mod:`opdlens.opd.step`); optionally the GRPO outcome term;
@@ -55,6 +56,7 @@ from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
 from opdlens.opd.parallel import Dist
 from opdlens.opd.questions import load_questions, prepare_contexts
+from opdlens.opd.rollout_weights import RolloutWeights
 from opdlens.opd.runlog import METRICS_FILE, RunLogger, read_metrics
 from opdlens.opd.scoring import (
     Rollout,
@@ -109,6 +111,7 @@ class TrainResult:
     resumed_from: int | None = None
     last_checkpoint: Path | None = None
     final: dict[str, Any] = field(default_factory=dict)
+    parallel: dict[str, Any] = field(default_factory=dict)  # processes, strategy, parameters held here / in all
 
 
 class OPDTrainer:
@@ -143,7 +146,7 @@ class OPDTrainer:
 
             self.eval_task = get_task(config.task, **config.eval_task_args)  # grades the held-out answers
         self.eval_max_new_tokens = config.eval_max_new_tokens or config.token_budget(self.eval_task)
-        self.dist = dist or Dist(next(student.model.parameters()).device)
+        self.dist = dist or Dist(next(student.model.parameters()).device, config.parallel)
         self.model: torch.nn.Module = student.model
         if any(p.dtype != torch.float32 for p in self.model.parameters()):
             self.model.float()  # master weights: see scoring.forward_precision
@@ -152,12 +155,16 @@ class OPDTrainer:
             p.requires_grad_(False)
         teacher.model.eval()
         self.model.eval()  # no dropout: OPD gradients on the sampling policy itself
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        if not params:
+        if not any(p.requires_grad for p in self.model.parameters()):
             raise OpdlensError("the student model has no trainable parameters")
+        # the rollout engine's weights: the masters, or a rollout_dtype copy taken before any sharding
+        self.rollout_weights = RolloutWeights(student, config.rollout_dtype, sharded=self.dist.sharded)
+        self.ddp_model = self.dist.prepare(self.model)  # FSDP replaces the parameters: the optimizer comes after
+        params = [p for p in self.model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(params, lr=config.lr, betas=config.betas, weight_decay=config.weight_decay)
-        self.ddp_model = self.dist.prepare(self.model)
-        self.scorer = Scorer(config, student, teacher, solutions, student_model=self.ddp_model)
+        self.scorer = Scorer(
+            config, student, teacher, solutions, student_model=self.ddp_model, sampler=self.rollout_weights.policy
+        )
         self.step = 0
 
     # ---------------------------------------------------------------- helpers
@@ -239,9 +246,11 @@ class OPDTrainer:
         )
         params = [p for g in self.optimizer.param_groups for p in g["params"]]
         max_norm = cfg.max_grad_norm if cfg.max_grad_norm is not None else float("inf")
-        gnorm = float(torch.nn.utils.clip_grad_norm_(params, max_norm))
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        gnorm = float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)  # FSDP: a DTensor
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.rollout_weights.refresh()  # the next step samples from the new weights
         t_update = time.perf_counter() - t1
         self.step = step
         res.sums.add("train_reward", float(sum(correct)), float(len(rows)))
@@ -291,7 +300,9 @@ class OPDTrainer:
             if mine
             else []
         )
-        sums = score_signals(self.scorer, rows, cfg)
+        # FSDP: every process runs as many forwards (each one all-gathers), the shorter blocks pad
+        n_mb = -(-len(rows) // cfg.micro_batch)
+        sums = score_signals(self.scorer, rows, cfg, forwards=dist.max_int(n_mb) if dist.sharded else n_mb)
         correct = self.scorer.correct(self.eval_task, rows)
         solved: dict[int, bool] = {}
         for r, ok in zip(rows, correct):
@@ -309,16 +320,29 @@ class OPDTrainer:
     def save_checkpoint(self, out_dir: str | Path, keep: int = 2) -> Path:
         """Write ``out_dir/checkpoints/step_XXXXXXX/`` on the main process (safetensors + JSON)."""
         d = Path(out_dir) / ckpt.CKPT_DIR / f"step_{self.step:07d}"
+        full = None
+        if self.dist.sharded:  # gathered on every process, written by the main one
+            from opdlens.opd.fsdp import full_state
+
+            full = full_state(self.model, self.optimizer)
         if self.dist.is_main:
             ckpt.save_checkpoint(
-                out_dir, self.step, self.model, self.optimizer, self.config.model_dump(mode="json"), keep
+                out_dir, self.step, self.model, self.optimizer, self.config.model_dump(mode="json"), keep, full=full
             )
         self.dist.barrier()
         return d
 
     def load_checkpoint(self, path: str | Path) -> int:
         """Restore model, optimizer, RNG and step from a checkpoint directory."""
-        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer)
+        loader = None
+        if self.dist.sharded:
+            from opdlens.opd.fsdp import load_full_state
+
+            def loader(tensors: dict[str, torch.Tensor], osd: dict[str, Any] | None) -> None:
+                load_full_state(self.model, self.optimizer, tensors, osd)
+
+        self.step = ckpt.load_checkpoint(path, self.model, self.optimizer, loader)
+        self.rollout_weights.refresh()
         return self.step
 
 
@@ -419,7 +443,8 @@ def train(
     restored and training continues from its step (rows of ``metrics.jsonl`` written after it
     are dropped). ``stop_after`` ends this call after that many steps (to simulate an
     interruption); a final checkpoint is written only when ``steps`` is reached. Configured
-    stages (prompt selection, template selection, cold start) run before step 1 of a fresh run.
+    stages (prompt selection, duplicate removal, template selection, cold start) run before step 1
+    of a fresh run.
 
     Run identity, as for diagnose runs: ``out_dir/fingerprint.json`` records the result keys
     (:data:`~opdlens.opd.config.TrainConfig.NON_RESULT_KEYS` says which keys are not) and the
@@ -453,7 +478,7 @@ def train(
     inputs["eval questions"] = questions_digest(eval_questions)
     if check:
         check_identity(out_dir, cfg, inputs)  # now with the questions' contents
-    dist = Dist(next(student.model.parameters()).device)
+    dist = Dist(next(student.model.parameters()).device, cfg.parallel)
     if fresh:
         if dist.is_main:
             start_fresh(out_dir)
@@ -474,7 +499,9 @@ def train(
         shutil.rmtree(out_dir / "tb", ignore_errors=True)
     dist.barrier()
     stage_log: dict[str, Any] = {}
-    if not ckpts and (cfg.prompt_selection or cfg.template_selection or cfg.cold_start):
+    if not ckpts and (
+        cfg.select_teacher_prompts or cfg.drop_duplicate_prompts or cfg.template_selection or cfg.cold_start
+    ):
         from opdlens.opd.recipes import run_stages
 
         cfg, train_questions, stage_log = run_stages(cfg, student, teacher, task, list(train_questions), out_dir)
@@ -532,6 +559,8 @@ def train(
         if logger is not None:
             logger.close()
     final = history[-1] if history else {}
+    local = sum(getattr(p, "_local_tensor", p).numel() for p in trainer.model.parameters())
+    total = sum(p.numel() for p in trainer.model.parameters())
     return TrainResult(
         history=history,
         out_dir=out_dir,
@@ -539,4 +568,10 @@ def train(
         resumed_from=resumed_from,
         last_checkpoint=last_ckpt,
         final=final,
+        parallel={
+            "processes": dist.world,
+            "strategy": "fsdp" if dist.sharded else ("ddp" if dist.world > 1 else "single"),
+            "params_here": local,
+            "params": total,
+        },
     )
