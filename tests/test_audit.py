@@ -148,3 +148,82 @@ def test_expected_gradient_of_the_reverse_kl_is_analytic():
     losses = {x.name: x for x in default_losses()}
     for name in ("full[T=1]", "opd[k=0,T=1]", "sampled[T=1]", "k1_reward", "opd[student,student,k=64,T=1]"):
         assert torch.allclose(expected_gradient(losses[name], lp, lq), analytic, atol=1e-6), name
+
+
+def test_audit_every_logs_what_a_standalone_audit_of_the_checkpoint_gives(tmp_path, monkeypatch):
+    """A probe diagnose run on tiny random HF models (a parity grader gives branches with mixed
+    outcomes); 2 OPD steps with audit_every 2 and a checkpoint at step 2: the logged alignment per
+    teacher equals a standalone audit of the checkpoint's student on the probe."""
+    import opdlens.diagnose.run as diagnose_run
+    from opdlens.audit.probe import TrainingProbe, training_loss
+    from opdlens.diagnose.config import DiagnoseConfig
+    from opdlens.diagnose.diagnosis import Diagnosis
+    from opdlens.diagnose.questions import QuestionEnv
+    from opdlens.diagnose.schedule import Teacher
+    from opdlens.diagnose.store import RunStore
+    from opdlens.diagnose.targeting import TargetingConfig
+    from opdlens.diagnose.teachers import TeacherSpec
+    from opdlens.opd import checkpoint as ckpt
+    from opdlens.opd.config import TrainConfig
+    from opdlens.opd.runlog import read_metrics
+    from opdlens.opd.trainer import train
+    from tests.helpers import arith_questions, tiny
+
+    options = DiagnoseConfig(
+        rollouts_per_question=32,
+        max_new_tokens=3,
+        chunk_rollouts=32,
+        n_correct_paths=2,
+        n_incorrect_paths=2,
+        targeting=TargetingConfig(first_window=1, per_window_gkd=1, per_window_gap=1, visit_target=8),
+        signals=SignalConfig(min_visits=3),
+    )
+    probe_dir = tmp_path / "probe"
+
+    def build(config=None, progress=True):
+        student = tiny(0, init_std=1.0)
+        teachers = [Teacher(TeacherSpec(name="other", model="tiny"), tiny(1, init_std=1.0))]
+        envs = [QuestionEnv(id="q0", prompt_ids=[1, 2, 3], grade=lambda toks: sum(toks) % 2 == 0)]
+        return Diagnosis(RunStore(str(probe_dir)), student, teachers, options, progress=False), envs
+
+    with one_thread():
+        diag, envs = build()
+        diag.run(envs)
+        diagnose_run.write_config(diag.store, options.model_copy(update={"out_dir": str(probe_dir)}))
+        assert diag.store.read_all("nodes")["valid"].sum() >= 3
+        monkeypatch.setattr(diagnose_run, "build_diagnosis", build)
+        task, qs = arith_questions(8)
+        cfg = TrainConfig(
+            batch_size=2,
+            micro_batch=2,
+            max_new_tokens=4,
+            steps=2,
+            lr=3e-2,
+            eval_every=0,
+            save_every=2,
+            out_dir=tmp_path / "opd",
+            progress=False,
+            tensorboard=False,
+            loss="full",
+            device="cpu",
+            audit_every=2,
+            audit_probe=str(probe_dir),
+        )
+        train(
+            cfg,
+            student=tiny(0, init_std=1.0),
+            teacher=tiny(1, init_std=1.0),
+            task=task,
+            train_questions=qs,
+            eval_questions=[],
+        )
+        logged = read_metrics(tmp_path / "opd")[-1]
+        key = "audit/align[full][other]"
+        assert logged["step"] == 2 and key in logged and np.isfinite(logged[key])
+        fresh = tiny(5, init_std=1.0)
+        ckpt.load_checkpoint(ckpt.list_checkpoints(tmp_path / "opd")[-1][1], fresh.model, None)
+        d2, e2 = build()
+        probe = TrainingProbe(d2, e2, training_loss(cfg))
+        standalone, untrained = probe.measure(fresh), probe.measure(tiny(0, init_std=1.0))
+    assert standalone[key] == pytest.approx(logged[key], abs=1e-9)
+    assert untrained[key] != pytest.approx(logged[key], abs=1e-6)  # training moved the student

@@ -44,7 +44,7 @@ from typing import Literal
 import torch
 
 from opdlens.errors import OpdlensError
-from opdlens.opd.losses import TOPK_SETS, WEIGHT_MODES, full_rkl, log_probs, opd_topk
+from opdlens.opd.losses import TOPK_SETS, WEIGHT_MODES, full_rkl, log_probs
 from opdlens.opd.registry import LOSSES, LossOptions
 
 Tensor = torch.Tensor
@@ -188,36 +188,29 @@ def minillm_loss() -> AuditedLoss:
     )
 
 
-def mixture_loss(lam: float, k: int, topk_set: str = "student", weighting: str = "student") -> AuditedLoss:
-    """The authors' OPD with the outcome (GRPO) advantage added to the distillation reward:
-    ``L = L_opd + λ · (−(r − b) log p(y))``."""
+def with_outcome(loss: AuditedLoss, lam: float, name: str | None = None) -> AuditedLoss:
+    """``loss`` with the outcome (GRPO) advantage added to its reward, as the authors' code and
+    the trainer's ``outcome_weight`` do: ``L + λ · (−(r − b) log p(y))``, averaged over the
+    node's rollouts."""
 
     def fn(z: Tensor, w: Tensor, tok: Tensor, weight: Tensor, reward: Tensor) -> Tensor:
-        opd = opd_topk(
-            z,
-            w,
-            tok,
-            weight,
-            k=min(k, z.shape[-1]),
-            topk_set=topk_set,  # type: ignore[arg-type]
-            weight=weighting,  # type: ignore[arg-type]
-            reduction="seq_sum",
-            denominator=1.0,
-        ).loss
-        return opd + lam * _outcome_term(z, tok, weight, reward)
+        return loss.fn(z, w, tok, weight, reward) + lam * _outcome_term(z, tok, weight, reward)
 
-    label = f"opd+outcome[{topk_set},{weighting},k={k},lambda={lam:g}]" if k else f"opd+outcome[k=0,lambda={lam:g}]"
-    return AuditedLoss(
-        label,
-        fn,
-        "rollouts",
-        "opd+outcome",
-        "authors",
-        "the authors' OPD with the outcome advantage added to the reward",
-        topk_set=topk_set if k else "",
-        weighting=weighting if k else "",
-        k=k,
+    return replace(
+        loss,
+        name=name or f"{loss.name}+outcome[lambda={lam:g}]",
+        fn=fn,
+        expectation="rollouts",
+        family=f"{loss.family}+outcome",
+        doc=f"{loss.doc}; plus {lam:g} x the outcome advantage",
     )
+
+
+def mixture_loss(lam: float, k: int, topk_set: str = "student", weighting: str = "student") -> AuditedLoss:
+    """The authors' OPD with the outcome advantage added to the distillation reward."""
+    opts = LossOptions(k=k, topk_set=topk_set, topk_weight=weighting)  # type: ignore[arg-type]
+    label = f"opd+outcome[{topk_set},{weighting},k={k},lambda={lam:g}]" if k else f"opd+outcome[k=0,lambda={lam:g}]"
+    return with_outcome(registry_loss("opd", opts), lam, label)
 
 
 def default_losses(
