@@ -94,6 +94,7 @@ def _main(
 def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]] | None = None) -> tuple[Path, bool]:
     """Write the report of ``run_dir`` into ``out`` (default ``run_dir/report``); returns its
     ``index.html`` and whether the run is partial (unfinished)."""
+    from opdlens.audit.run import report_line
     from opdlens.report import write_report
     from opdlens.report.run import load_run
 
@@ -107,6 +108,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
                 f"report folder {d} is a symbolic link (to {os.readlink(d)}): opdlens does not write through "
                 "links; remove it, or pass --out to write the report elsewhere"
             )
+    audit = report_line(res.root)  # `opdlens audit`'s line, when the run has been audited
     index = write_report(
         out,
         res.nodes,
@@ -115,7 +117,7 @@ def _report(run_dir: Path, out: Path | None = None, extra: list[tuple[str, Path]
         extra=extra,
         skips=res.skips,
         inputs=res.inputs,
-        notes=res.notes,
+        notes=[*res.notes, *([audit] if audit else [])],
         unit=res.stat_unit,
         choices=res.choices,
     )
@@ -238,6 +240,46 @@ def report(
     _say("report:", index)
     if partial:
         raise typer.Exit(EXIT_PARTIAL)
+
+
+@app.command()
+def audit(
+    run_dir: Path = typer.Argument(..., help="a finished run directory written by diagnose/demo"),
+    losses: list[str] = typer.Option(
+        [],
+        "--losses",
+        help="audited losses by name, shell globs (* and ?) allowed, repeatable, e.g. --losses 'opd[*' "
+        "--losses 'full*' (default: every loss; --list shows them)",
+    ),
+    loss: list[str] = typer.Option(
+        [], "--loss", help="your own loss as module:function or file.py:function (repeatable; docs/AUDIT.md)"
+    ),
+    unit: Optional[str] = typer.Option(None, help="statistical unit of the CIs: path or question (default: the run's)"),
+    device: Optional[str] = typer.Option(None, help="device of the models (default: the run's)"),
+    list_losses: bool = typer.Option(False, "--list", help="list the audited losses and exit"),
+) -> None:
+    """Audit losses on a finished run: each loss's per-node gradient (autograd through its own code) against
+    the ideal gradient, aggregated like Table 1; writes RUN_DIR/audit/ and adds a line to the run's report."""
+    from opdlens.audit.losses import default_losses, select_losses
+    from opdlens.audit.run import audit_run
+
+    if list_losses:
+        for x in default_losses():
+            typer.echo(f"{x.name}\t{x.expectation}\t{x.doc}")
+        return
+    try:
+        if unit is not None and unit not in ("path", "question"):
+            raise OpdlensError(f"--unit must be 'path' or 'question', got {unit!r}")
+        if device is not None:
+            _check_device(device)
+        chosen = select_losses(losses, loss)
+        _say("", f"auditing {len(chosen)} loss(es) on {run_dir}")
+        summary = audit_run(run_dir, chosen, unit=unit, device=device)
+        index, _ = _report(run_dir)
+    except (OpdlensError, OSError) as exc:
+        _fail(exc)
+    _say("audit:", summary)
+    _say("report:", index)
 
 
 @app.command()

@@ -54,6 +54,7 @@ boolean mask, as produced by :meth:`opdlens.diagnose.tree.PathStats.padded`.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
@@ -271,6 +272,118 @@ def reward_to_go(token_ell: Tensor, gamma: float = 1.0, length_norm: bool = True
 
 
 # --------------------------------------------------------------------------- per-path signals
+@dataclass
+class NodeProblem:
+    """What a path's nodes compare every direction with, whatever the teacher: the children
+    (padded ``[L, K]``: ``seen`` observed, ``mask`` = S_u, token ids ``tok``, visits ``n`` and
+    successes ``s``, student-drawn visits ``m`` and their successes ``ms``, ``psucc``), the
+    student's log-probs of the children ``ls_k``, the student's probabilities the vectors are
+    built from ``p`` (renormalised over S_u, or full-vocabulary on the observed children: the
+    run's ``restriction``), ``P̄``, the Dr. GRPO baseline ``base``, the ideal gradient
+    ``g_ideal``, which children are the path's own next token (``onehot``) and the valid nodes.
+    :func:`path_signals` and the loss audit (:mod:`opdlens.audit`) both build on it."""
+
+    renormalized: bool
+    seen: Tensor
+    tok: Tensor
+    n: Tensor
+    s: Tensor
+    m: Tensor
+    ms: Tensor
+    mask: Tensor
+    psucc: Tensor
+    ls_k: Tensor
+    p: Tensor
+    pbar: Tensor
+    base: Tensor
+    g_ideal: Tensor
+    onehot: Tensor
+    n_children: Tensor
+    valid: Tensor
+
+    def ideal_of(self, ps: Tensor, rows: Tensor) -> Tensor:
+        """The ideal gradient of the nodes ``rows`` at the success probabilities ``ps``
+        (``[..., len(rows), K]``; the posterior draws of :mod:`opdlens.diagnose.uncertainty`)."""
+        if self.renormalized:
+            return ideal_gradient(self.p[rows], ps, self.mask[rows])
+        return ideal_gradient(self.p[rows], ps, self.mask[rows], pbar=self.pbar.nan_to_num(0.0)[rows])
+
+
+def node_problem(
+    stats: PathStats, logp_student: Tensor, config: SignalConfig | None = None, *, baseline: float | None = None
+) -> NodeProblem:
+    """The teacher-independent part of :func:`path_signals` (see :class:`NodeProblem`):
+    ``logp_student`` is the student's ``[L, V]`` log-probs along the path (any device)."""
+    cfg = config or SignalConfig()
+    big_l = stats.length
+    lps = logp_student.double()
+    pad = stats.padded(0)  # every observed child; S_u is the well-visited subset
+    seen = torch.from_numpy(pad["mask"])
+    tok = torch.from_numpy(pad["child_token"])
+    n = torch.from_numpy(pad["visits"]).double()
+    s = torch.from_numpy(pad["successes"]).double()
+    m = torch.from_numpy(pad["sampled"]).double()
+    ms = torch.from_numpy(pad["sampled_successes"]).double()
+    mask = seen & well_visited(n, cfg.min_visits)  # S_u
+    psucc = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(n))
+    ls_k = lps.gather(1, tok.to(lps.device)).cpu()  # full-vocabulary work stays on the log-probs' device
+    onehot = seen & (tok == torch.from_numpy(stats.path).unsqueeze(1))
+
+    nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
+    if cfg.restriction == "renormalize":
+        p, _ = restrict(ls_k, mask, True)  # renormalised over S_u
+        if baseline is None:
+            base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
+        else:
+            base = torch.full((big_l,), float(baseline), dtype=torch.float64)
+        pbar = torch.where(mask.any(-1), (p * psucc * mask).sum(-1), nan)  # over S_u, as the ideal takes it
+        g_ideal = ideal_gradient(p, psucc, mask)
+    else:  # literal: full-vocabulary components and baselines, kept on S_u
+        p = _masked(ls_k.exp(), seen)
+        # P̄ = the student's expected success at the node, estimated by the success rate of the
+        # rollouts whose child at u the student drew (on-policy from u whatever the tree
+        # accounting); with none, Σ P_θ P_succ over the observed children (P_θ renormalised on them)
+        m_node, ms_node = (m * seen).sum(-1), (ms * seen).sum(-1)
+        over_seen = (p * psucc).sum(-1) / p.sum(-1)
+        pbar = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), torch.where(seen.any(-1), over_seen, nan))
+        pbar0 = pbar.nan_to_num(0.0)  # nodes without children: every vector is 0 there
+        base = pbar0 if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
+        g_ideal = ideal_gradient(p, psucc, mask, pbar=pbar0)
+
+    n_children = mask.sum(-1)
+    big = torch.finfo(torch.float64).max
+    ps_max = torch.where(mask, psucc, torch.full_like(psucc, -big)).max(-1).values
+    ps_min = torch.where(mask, psucc, torch.full_like(psucc, big)).min(-1).values
+    valid = (n_children >= cfg.min_children) & ((ps_max - ps_min) > cfg.min_psucc_range)
+    return NodeProblem(
+        cfg.restriction == "renormalize",
+        seen,
+        tok,
+        n,
+        s,
+        m,
+        ms,
+        mask,
+        psucc,
+        ls_k,
+        p,
+        pbar,
+        base,
+        g_ideal,
+        onehot,
+        n_children,
+        valid,
+    )
+
+
+def path_log_ratio(stats: PathStats, logp_student: Tensor, logp_teacher: Tensor) -> Tensor:
+    """``ℓ_t(y_t) = log P_θ(y_t) − log P_te(y_t)`` of the path's own tokens (``[L]``, CPU):
+    the terms of MiniLLM's reward-to-go."""
+    on_path = torch.from_numpy(stats.path).unsqueeze(1).to(logp_student.device)
+    lps, lpt = logp_student.double(), logp_teacher.double()
+    return (lps.gather(1, on_path) - lpt.gather(1, on_path)).squeeze(1).cpu()
+
+
 def path_signals(
     stats: PathStats,
     logp_student: Tensor,
@@ -303,42 +416,18 @@ def path_signals(
             "differ: student and teacher must share a tokenizer"
         )
     lps, lpt = logp_student.double(), logp_teacher.double()
+    pr = node_problem(stats, lps, cfg, baseline=baseline)
+    seen, tok, mask, m, ms, psucc, ls_k = pr.seen, pr.tok, pr.mask, pr.m, pr.ms, pr.psucc, pr.ls_k
+    onehot, base, g_ideal, valid = pr.onehot, pr.base, pr.g_ideal, pr.valid
 
-    pad = stats.padded(0)  # every observed child; S_u is the well-visited subset
-    seen = torch.from_numpy(pad["mask"])
-    tok = torch.from_numpy(pad["child_token"])
-    n = torch.from_numpy(pad["visits"]).double()
-    s = torch.from_numpy(pad["successes"]).double()
-    m = torch.from_numpy(pad["sampled"]).double()
-    ms = torch.from_numpy(pad["sampled_successes"]).double()
-    mask = seen & well_visited(n, cfg.min_visits)  # S_u
-    psucc = torch.where(seen, s / n.clamp_min(1.0), torch.zeros_like(n))
-
-    ls_k = lps.gather(1, tok.to(lps.device)).cpu()  # full-vocabulary work stays on the log-probs' device
-    lt_k = lpt.gather(1, tok.to(lps.device)).cpu()
+    lt_k = lpt.gather(1, tok.to(lps.device)).cpu()  # full-vocabulary work stays on the log-probs' device
     p_st, lp_st = restrict(ls_k, mask, True)  # renormalised over S_u
     p_te, lp_te = restrict(lt_k, mask, True)
+    rtg = reward_to_go(path_log_ratio(stats, lps, lpt), cfg.minillm_gamma, cfg.minillm_length_norm)
 
-    path = torch.from_numpy(stats.path)
-    onehot = seen & (tok == path.unsqueeze(1))
-    on_path = path.unsqueeze(1).to(lps.device)
-    token_ell = (lps.gather(1, on_path) - lpt.gather(1, on_path)).squeeze(1).cpu()
-    rtg = reward_to_go(token_ell, cfg.minillm_gamma, cfg.minillm_length_norm)
-
-    nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
-    if cfg.restriction == "renormalize":
+    if pr.renormalized:
         ell = _masked(lp_st - lp_te, mask)
         ell_terms = renormalized_ell_terms(ls_k, lt_k, lp_st, lp_te)
-        if baseline is None:
-            base = (ms * mask).sum(-1) / (m * mask).sum(-1).clamp_min(1.0)
-        else:
-            base = torch.full((big_l,), float(baseline), dtype=torch.float64)
-        pbar = torch.where(mask.any(-1), (p_st * psucc * mask).sum(-1), nan)  # over S_u, as the ideal takes it
-        g_ideal = ideal_gradient(p_st, psucc, mask)
-
-        def ideal_of(ps: Tensor, rows: Tensor) -> Tensor:  # the ideal at P_succ draws (uncertainty)
-            return ideal_gradient(p_st[rows], ps, mask[rows])
-
         grads = {
             "gkd": gkd_gradient(p_st, ell, mask, ell_terms=ell_terms),
             "single": single_sample_gradient(p_st, ell, m, mask, ell_terms=ell_terms),
@@ -346,23 +435,10 @@ def path_signals(
             "drgrpo": drgrpo_gradient(p_st, m, ms, base, mask),
         }
     else:  # literal: full-vocabulary components and baselines, kept on S_u
-        p_full = _masked(ls_k.exp(), seen)
+        p_full = pr.p
         ell_full = _masked(ls_k - lt_k, seen)
         ell_terms = torch.maximum(ls_k.abs(), lt_k.abs())
         kl_full = (lps.exp() * (lps - lpt)).sum(-1).cpu()
-        # P̄ = the student's expected success at the node, estimated by the success rate of the
-        # rollouts whose child at u the student drew (on-policy from u whatever the tree
-        # accounting); with none, Σ P_θ P_succ over the observed children (P_θ renormalised on them)
-        m_node, ms_node = (m * seen).sum(-1), (ms * seen).sum(-1)
-        over_seen = (p_full * psucc).sum(-1) / p_full.sum(-1)
-        pbar = torch.where(m_node > 0, ms_node / m_node.clamp_min(1.0), torch.where(seen.any(-1), over_seen, nan))
-        pbar0 = pbar.nan_to_num(0.0)  # nodes without children: every vector is 0 there
-        base = pbar0 if baseline is None else torch.full((big_l,), float(baseline), dtype=torch.float64)
-        g_ideal = ideal_gradient(p_full, psucc, mask, pbar=pbar0)
-
-        def ideal_of(ps: Tensor, rows: Tensor) -> Tensor:
-            return ideal_gradient(p_full[rows], ps, mask[rows], pbar=pbar0[rows])
-
         grads = {
             "gkd": gkd_gradient(p_full, ell_full, mask, lbar=kl_full, ell_terms=ell_terms),
             "single": single_sample_gradient(p_full, ell_full, m, seen, ell_terms=ell_terms, keep=mask),
@@ -372,12 +448,10 @@ def path_signals(
             "drgrpo": drgrpo_gradient(p_full, m, ms, base, seen, keep=mask),
         }
 
-    n_children = mask.sum(-1)
-    big = torch.finfo(torch.float64).max
-    ps_max = torch.where(mask, psucc, torch.full_like(psucc, -big)).max(-1).values
-    ps_min = torch.where(mask, psucc, torch.full_like(psucc, big)).min(-1).values
-    valid = (n_children >= cfg.min_children) & ((ps_max - ps_min) > cfg.min_psucc_range)
-
+    n_children = pr.n_children
+    nan = torch.full((big_l,), float("nan"), dtype=torch.float64)
+    path = torch.from_numpy(stats.path)
+    on_path = path.unsqueeze(1).to(lps.device)
     out: dict[str, Tensor] = {
         "valid": valid,
         "n_children": n_children,
@@ -387,7 +461,7 @@ def path_signals(
         "p_teacher": lpt.gather(1, on_path).squeeze(1).exp().cpu(),
         "psucc_token": torch.where((onehot & mask).any(-1), (psucc * (onehot & mask)).sum(-1), nan),
         "teacher_adv": torch.where(n_children > 0, teacher_advantage(p_st, p_te, psucc, mask), nan),
-        "pbar": pbar,
+        "pbar": pr.pbar,
         "norm_ideal": g_ideal.norm(dim=-1),
         "norm_gkd": grads["gkd"].norm(dim=-1),
     }
@@ -396,9 +470,9 @@ def path_signals(
     out.update(divergences(lps, lpt))
     out.update(
         node_uncertainty(
-            ideal_of,
-            n,
-            s,
+            pr.ideal_of,
+            pr.n,
+            pr.s,
             mask,
             valid,
             {k: grads[k] for k in UNCERTAIN_METRICS},

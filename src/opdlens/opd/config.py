@@ -334,6 +334,14 @@ class TrainConfig(RunSettings):
         description="held-out rollouts per question; logged as eval_avg_at_n (mean accuracy over all samples) and "
         "eval_pass_at_n (share of questions with a correct sample) (authors' val_kwargs.n: 16)",
     )
+    audit_every: int = Field(
+        0,
+        ge=0,
+        description="every N steps, audit the training loss's gradient at the nodes of audit_probe against its "
+        "ideal gradient (P_succ fixed from the probe run; docs/AUDIT.md), logged as audit/align[<loss>][<teacher>] "
+        "(0: off)",
+    )
+    audit_probe: str | None = Field(None, description="a finished diagnose run directory: the probe of audit_every")
     save_every: int = Field(50, ge=0, description="checkpoint period in steps (0: off)")
     keep_checkpoints: int = Field(2, ge=0, description="checkpoints kept (0: all)")
     out_dir: Path = Field(Path("runs/opd"), description="run directory (metrics.jsonl, checkpoints/, tb/)")
@@ -460,6 +468,8 @@ class TrainConfig(RunSettings):
             raise OpdlensError(
                 "outcome_weight > 0 needs samples_per_prompt >= 2 (GRPO compares rollouts of one question)"
             )
+        if self.audit_every > 0 and not self.audit_probe:
+            raise OpdlensError("audit_every > 0 needs audit_probe: a finished diagnose run directory")
         if self.loss == "sampled" and self.temperature != 1.0:
             warnings.warn(
                 f"loss 'sampled' with sampling temperature {self.temperature}: the sampled-token estimator is "

@@ -29,7 +29,8 @@ Every function takes logits *or* log-probabilities of shape ``[B, T, V]`` (they 
 normalised with ``log_softmax``, which is idempotent on log-probs), a mask ``[B, T]``
 (1 = a generated token that counts) and returns a :class:`LossOutput` with a scalar
 ``loss`` to back-propagate, a detached ``per_token`` ``[B, T]`` value of the divergence
-(or estimate) at each position, and the reduced ``value``. All arithmetic is float32.
+(or estimate) at each position, and the reduced ``value``. All arithmetic is float32 (float64
+for float64 logits).
 
 Reductions (``reduction=``):
 
@@ -83,10 +84,11 @@ def _check(student: torch.Tensor, teacher: torch.Tensor | None, mask: torch.Tens
 
 
 def log_probs(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """float32 ``log_softmax(logits / temperature)`` over the last axis."""
+    """float32 ``log_softmax(logits / temperature)`` over the last axis (float64 logits stay
+    float64: the loss audit, :mod:`opdlens.audit`, differentiates the losses in double precision)."""
     if temperature <= 0:
         raise OpdlensError(f"temperature must be > 0, got {temperature}")
-    x = logits.float()
+    x = logits if logits.dtype == torch.float64 else logits.float()
     if temperature != 1.0:
         x = x / temperature
     return F.log_softmax(x, dim=-1)

@@ -16,8 +16,9 @@ prompts × ``samples_per_prompt`` rollouts, over all processes):
 5. logging (:mod:`opdlens.opd.runlog`) of the loss, our token signals and the authors' metrics
    (:mod:`opdlens.opd.metrics`), the training reward, and every ``eval_every`` steps the
    held-out evaluation (``eval_samples`` per question at ``eval_temperature`` / ``eval_top_p``,
-   up to ``eval_max_new_tokens``; avg@n, pass@n and the signals); checkpoints (:mod:`opdlens.opd.checkpoint`) every
-   ``save_every`` steps.
+   up to ``eval_max_new_tokens``; avg@n, pass@n and the signals); every ``audit_every`` steps the
+   loss audit on the probe run ``audit_probe`` (:mod:`opdlens.audit.probe`); checkpoints
+   (:mod:`opdlens.opd.checkpoint`) every ``save_every`` steps.
 
 Each step's randomness is a function of ``(seed, step)`` only, so a resumed run reproduces the
 uninterrupted one; with ``rollout_chunk`` set, so does a run on another number of processes.
@@ -519,6 +520,11 @@ def train(
     if main:
         cfg.to_yaml(out_dir / "config.yaml")
     logger = RunLogger(out_dir, trainer.step, cfg.tensorboard) if main else None
+    probe = None
+    if cfg.audit_every > 0 and main:  # the loss audit's probe (docs/AUDIT.md), on the main process
+        from opdlens.audit.probe import TrainingProbe, training_loss
+
+        probe = TrainingProbe.from_run(cfg.audit_probe, training_loss(cfg), device=str(dist.device))
     history: list[dict[str, Any]] = []
     last_ckpt = ckpts[-1][1] if ckpts else None
     bar = None
@@ -540,6 +546,8 @@ def train(
             row = trainer.train_step()
             if cfg.eval_every > 0 and (trainer.step % cfg.eval_every == 0 or trainer.step == cfg.steps):
                 row.update(trainer.evaluate())
+            if probe is not None and trainer.step % cfg.audit_every == 0:
+                row.update(probe.measure(trainer.student))
             emit(row)
             if callback is not None:
                 callback(row)
