@@ -27,6 +27,7 @@ from opdlens.audit.run import summarize
 from opdlens.diagnose.schedule import by_model
 from opdlens.diagnose.scoring import logprobs_along
 from opdlens.errors import OpdlensError
+from opdlens.sampling import support_log_probs
 
 
 def training_loss(config: Any) -> AuditedLoss:
@@ -53,6 +54,8 @@ class TrainingProbe:
 
     def __init__(self, diag: Any, envs: Sequence[Any], loss: AuditedLoss, unit: str = "path") -> None:
         self.loss, self.unit, self.signals = loss, unit, diag.config.signals
+        cfg = diag.config  # P_θ as the probe run's signals take it (signals.student_distribution)
+        self._sampling = (cfg.temperature, cfg.truncation) if cfg.signals.student_distribution == "sampling" else None
         store = diag.store
         envs = [e for e in envs if any(store.has(store.nodes_file(t.spec.name, e.id)) for t in diag.teachers)]
         if not envs:
@@ -110,6 +113,8 @@ class TrainingProbe:
         for p in self.paths:
             (lps,) = logprobs_along(student, [(p.prompt_ids, p.tokens)], False)
             lps = lps.detach().double().cpu()
+            if self._sampling is not None:
+                lps = support_log_probs(lps, *self._sampling)
             draws: dict[str, Any] = {}
             for teacher, lpt in p.teachers.items():
                 res = audit_path(
