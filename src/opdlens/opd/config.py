@@ -177,8 +177,8 @@ class DuplicatePromptStage(PromptMatchStage):
 #: * ``out_dir``: where it writes;
 #: * ``device``, ``teacher_device``: where it runs (float32 master weights everywhere; other
 #:   hardware rounds differently and draws from another generator, same distributions);
-#: * ``progress``, ``tensorboard``: display and an extra copy of the log (metrics.jsonl is written
-#:   either way);
+#: * ``progress``, ``tensorboard``, ``report_to``, ``project``, ``run_name``: display and extra
+#:   copies of the log (metrics.jsonl is written either way);
 #: * ``save_every``, ``keep_checkpoints``: when checkpoints are written and how many are kept
 #:   (writing one draws no randomness; each step's randomness is a function of (seed, step));
 #: * ``eval_every``: which steps are evaluated (held-out rollouts use their own fixed seed and
@@ -199,6 +199,9 @@ TRAIN_NON_RESULT_KEYS = frozenset(
         "teacher_device",
         "progress",
         "tensorboard",
+        "report_to",
+        "project",
+        "run_name",
         "save_every",
         "keep_checkpoints",
         "eval_every",
@@ -372,7 +375,16 @@ class TrainConfig(RunSettings):
     teacher_dtype: Literal["float32", "bfloat16", "float16"] | None = Field(
         None, description="dtype of the teacher's weights (default: dtype)"
     )
-    tensorboard: bool = Field(True, description="write TensorBoard events under out_dir/tb")
+    report_to: list[Literal["tensorboard", "wandb", "trackio", "swanlab", "mlflow"]] = Field(
+        default_factory=lambda: ["tensorboard"],
+        description="experiment trackers, each through its own library (imported only when named; pip extras of "
+        "the same names); metrics.jsonl is written either way (opdlens.opd.trackers)",
+    )
+    tensorboard: bool | None = Field(
+        None, description="older spelling: false removes tensorboard from report_to, true adds it"
+    )
+    project: str = Field("opdlens", min_length=1, description="the trackers' project (wandb, trackio, swanlab, mlflow)")
+    run_name: str | None = Field(None, description="the trackers' run name (default: the out_dir's name)")
     progress: bool = Field(True, description="progress bar")
 
     cold_start: ColdStartStage | None = Field(None, description="stage before OPD: SFT on filtered teacher rollouts")
@@ -442,6 +454,12 @@ class TrainConfig(RunSettings):
     def _loss(cls, v: str) -> str:
         get_loss(v)
         return v
+
+    @property
+    def trackers(self) -> list[str]:
+        """``report_to`` with the older ``tensorboard`` key applied, each name once."""
+        names = [n for n in dict.fromkeys(self.report_to) if not (n == "tensorboard" and self.tensorboard is False)]
+        return names + ["tensorboard"] if self.tensorboard and "tensorboard" not in names else names
 
     @model_validator(mode="after")
     def _consistent(self) -> TrainConfig:

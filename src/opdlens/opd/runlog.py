@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ import torch
 from opdlens.errors import OpdlensError
 from opdlens.io import append_line, atomic_write
 from opdlens.opd.metrics import RatioMetrics, TokenMetrics, chunk_sums
+from opdlens.opd.trackers import Tracker, split_row
 
 METRICS_FILE = "metrics.jsonl"
 
@@ -78,32 +80,26 @@ class MetricSums:
 
 
 class RunLogger:
-    """Appends one JSON row per step to ``metrics.jsonl`` (and TensorBoard scalars)."""
+    """Appends one JSON row per step to ``metrics.jsonl`` and hands it to the run's experiment
+    trackers (:mod:`opdlens.opd.trackers`)."""
 
-    def __init__(self, out_dir: Path, start_step: int, tensorboard: bool) -> None:
+    def __init__(self, out_dir: Path, start_step: int, trackers: Sequence[Tracker] = ()) -> None:
         self.path = out_dir / METRICS_FILE
         if self.path.exists() or self.path.is_symlink():  # resume: drop rows written after the checkpoint
             keep = [json.dumps(r) for r in _rows(self.path) if r.get("step", 0) <= start_step]
             atomic_write(self.path, "".join(ln + "\n" for ln in keep))  # replaces a symlink, never follows it
-        self.writer = None
-        if tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(str(out_dir / "tb"), purge_step=start_step + 1 if start_step else None)
+        self.trackers = list(trackers)
 
     def log(self, row: dict[str, Any]) -> None:
         append_line(self.path, json.dumps(jsonable(row)))
-        if self.writer is not None:
-            step = int(row["step"])
-            for k, v in row.items():
-                if k != "step" and isinstance(v, (int, float)) and math.isfinite(float(v)):
-                    group = "eval" if k.startswith("eval_") else "train"
-                    self.writer.add_scalar(f"{group}/{k}", float(v), step)
-            self.writer.flush()
+        if self.trackers:
+            scalars, curves = split_row(row)
+            for t in self.trackers:
+                t.log(scalars, curves, int(row["step"]))
 
     def close(self) -> None:
-        if self.writer is not None:
-            self.writer.close()
+        for t in self.trackers:
+            t.close()
 
 
 def jsonable(row: dict[str, Any]) -> dict[str, Any]:

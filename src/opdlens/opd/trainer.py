@@ -44,6 +44,7 @@ import torch
 from opdlens.config import (
     describe_input_changes,
     describe_mismatch,
+    fingerprint,
     fingerprint_record,
     model_digests,
     result_keys,
@@ -69,6 +70,7 @@ from opdlens.opd.scoring import (
     step_seed,
 )
 from opdlens.opd.step import accumulate_gradients, grpo_advantages, score_signals
+from opdlens.opd.trackers import check_trackers, open_trackers, run_id
 from opdlens.policy import check_same_tokenizer
 from opdlens.sampling import NO_TRUNCATION, Truncation
 
@@ -463,6 +465,7 @@ def train(
         check_identity(out_dir, cfg, inputs)  # before any model loads
     if fresh:
         check_fresh(out_dir)  # a directory --fresh will not move: say so before any model loads
+    check_trackers(cfg.trackers)  # a tracker named but not installed: say so before any model loads
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed % (2**32))
     random.seed(cfg.seed)
@@ -519,7 +522,18 @@ def train(
     main = dist.is_main
     if main:
         cfg.to_yaml(out_dir / "config.yaml")
-    logger = RunLogger(out_dir, trainer.step, cfg.tensorboard) if main else None
+    logger = None
+    if main:
+        trackers = open_trackers(
+            cfg.trackers,
+            out_dir,
+            trainer.step,
+            config=cfg.model_dump(mode="json"),
+            project=cfg.project,
+            name=cfg.run_name or out_dir.resolve().name,
+            ident=run_id(out_dir, fingerprint(result_keys(cfg))),
+        )
+        logger = RunLogger(out_dir, trainer.step, trackers)
     probe = None
     if cfg.audit_every > 0 and main:  # the loss audit's probe (docs/AUDIT.md), on the main process
         from opdlens.audit.probe import TrainingProbe, training_loss

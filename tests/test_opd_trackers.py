@@ -1,0 +1,185 @@
+"""Experiment trackers (``report_to``): wandb in offline mode for real (its run file read back),
+trackio / swanlab / mlflow through stand-in modules that record the calls, TensorBoard, and the
+error for a tracker that is not installed (issue 25)."""
+
+from __future__ import annotations
+
+import glob
+import json
+import struct
+import sys
+import types
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from opdlens.errors import OpdlensError
+from opdlens.opd.trackers import split_row
+from opdlens.opd.trainer import TrainConfig, read_metrics, train
+from tests.helpers import arith_questions, one_thread, tiny
+
+TASK, QS = arith_questions(8)
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _single_thread():
+    with one_thread():
+        yield
+
+
+def _cfg(tmp_path: Path, **kw: Any) -> TrainConfig:
+    base: dict[str, Any] = dict(
+        batch_size=2,
+        micro_batch=2,
+        max_new_tokens=4,
+        steps=2,
+        lr=3e-3,
+        eval_every=0,
+        save_every=0,
+        out_dir=tmp_path,
+        progress=False,
+        report_to=[],
+        k=4,
+        metrics_k=4,
+        metrics_chunk=2,
+        device="cpu",
+    )
+    base.update(kw)
+    return TrainConfig(**base)
+
+
+def _train(cfg: TrainConfig) -> list[dict[str, Any]]:
+    train(cfg, student=tiny(0), teacher=tiny(1), task=TASK, train_questions=QS, eval_questions=[])
+    return read_metrics(cfg.out_dir)
+
+
+def test_rows_become_tracker_names_and_position_curves() -> None:
+    scalars, curves = split_row(
+        {
+            "step": 3,
+            "loss": 0.5,
+            "eval_rkl": 0.1,
+            "x_chunk_2_4": 0.7,
+            "x_chunk_0_2": 0.9,
+            "nan": float("nan"),
+            "ok": True,
+        }
+    )
+    assert scalars == {"train/loss": 0.5, "eval/eval_rkl": 0.1, "train/x_chunk_2_4": 0.7, "train/x_chunk_0_2": 0.9}
+    assert curves == {"train/x": [(0, 0.9), (2, 0.7)]}
+
+
+def test_trackers_key_and_the_older_tensorboard_spelling(tmp_path: Path) -> None:
+    assert TrainConfig(out_dir=str(tmp_path)).trackers == ["tensorboard"]
+    assert TrainConfig(out_dir=str(tmp_path), tensorboard=False).trackers == []
+    assert TrainConfig(out_dir=str(tmp_path), report_to=["wandb"], tensorboard=True).trackers == [
+        "wandb",
+        "tensorboard",
+    ]
+    with pytest.raises(Exception, match="report_to"):
+        TrainConfig(out_dir=str(tmp_path), report_to=["neptune"])
+
+
+def test_a_tracker_that_is_not_installed_is_one_error_before_any_model_loads(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setitem(sys.modules, "swanlab", None)  # import fails as for a missing package
+    cfg = _cfg(tmp_path, report_to=["swanlab"], student="/nonexistent/model", teacher="/nonexistent/model")
+    with pytest.raises(OpdlensError, match=r"swanlab.*pip install 'opdlens\[swanlab\]'"):
+        train(cfg)
+    assert not (tmp_path / "metrics.jsonl").exists()
+
+
+def _wandb_records(run_file: str) -> list[Any]:
+    """The protobuf records of a wandb run file (a LevelDB-style log of 32 KiB blocks, each record
+    with a 7-byte header: CRC, length, type full/first/middle/last), read without wandb's service."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    data = Path(run_file).read_bytes()
+    pos, block, out, part = 7, 32768, [], b""
+    while pos + 7 <= len(data):
+        if block - pos % block < 7:
+            pos += block - pos % block
+            continue
+        _, length, kind = struct.unpack("<IHB", data[pos : pos + 7])
+        chunk = data[pos + 7 : pos + 7 + length]
+        pos += 7 + length
+        if kind == 0:
+            break
+        part = chunk if kind in (1, 2) else part + chunk
+        if kind in (1, 4):
+            rec = pb.Record()
+            rec.ParseFromString(part)
+            out.append(rec)
+    return out
+
+
+def test_wandb_offline_run_holds_the_metrics_the_config_and_the_curves(tmp_path: Path, monkeypatch) -> None:
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    cfg = _cfg(tmp_path, report_to=["wandb"], project="opd-test", run_name="tiny")
+    rows = {r["step"]: r for r in _train(cfg)}
+    (run_file,) = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "run-*.wandb"))
+    recs = _wandb_records(run_file)
+    history = {}
+    for r in recs:
+        if r.WhichOneof("record_type") == "history":
+            items = {i.key or "/".join(i.nested_key): i.value_json for i in r.history.item}
+            history[int(items["_step"])] = items
+    assert set(history) >= {1, 2}
+    for step in (1, 2):
+        assert json.loads(history[step]["train/loss"]) == pytest.approx(rows[step]["loss"], rel=1e-9)
+        assert any(k.startswith("curves/train/") for k in history[step])  # the per-position plots
+    (run,) = [r.run for r in recs if r.WhichOneof("record_type") == "run"]
+    assert run.project == "opd-test" and run.display_name == "tiny"
+    config = {i.key: json.loads(i.value_json) for i in run.config.update}
+    assert config["loss"] == cfg.loss and config["lr"] == cfg.lr
+
+
+class _Recorder(types.ModuleType):
+    """A stand-in tracker module: every call recorded as (function, args, kwargs)."""
+
+    def __init__(self, name: str) -> None:
+        super().__init__(name)
+        self.calls: list[tuple[str, tuple[Any, ...], dict[str, Any]]] = []
+
+    def __getattr__(self, fn: str) -> Any:
+        if fn.startswith("__"):
+            raise AttributeError(fn)
+        return lambda *a, **k: self.calls.append((fn, a, k))
+
+
+@pytest.mark.parametrize("name", ["trackio", "swanlab", "mlflow"])
+def test_trackio_swanlab_mlflow_get_the_config_and_every_step(tmp_path: Path, monkeypatch, name: str) -> None:
+    mod = _Recorder(name)
+    monkeypatch.setitem(sys.modules, name, mod)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    cfg = _cfg(tmp_path, report_to=[name], project="p", run_name="r")
+    rows = {r["step"]: r for r in _train(cfg)}
+    fns = [c[0] for c in mod.calls]
+    logs = [c for c in mod.calls if c[0] in ("log", "log_metrics")]
+    assert [c[2]["step"] for c in logs] == [1, 2]
+    for c in logs:
+        metrics = c[1][0]
+        assert metrics["train/overlap_ratio"] == pytest.approx(rows[c[2]["step"]]["overlap_ratio"])
+    if name == "mlflow":
+        assert fns[:3] == ["set_tracking_uri", "set_experiment", "start_run"] and fns[-1] == "end_run"
+        assert mod.calls[0][1][0].startswith("file://") and mod.calls[0][1][0].endswith("/mlruns")
+        (params,) = [c[1][0] for c in mod.calls if c[0] == "log_params"]
+        assert params["loss"] == cfg.loss and params["project"] == "p"
+    else:
+        ((_, _, init),) = [c for c in mod.calls if c[0] == "init"]
+        assert init["project"] == "p" and init["config"]["loss"] == cfg.loss
+        assert fns[-1] == "finish"
+
+
+def test_mlflow_metric_names_lose_the_characters_it_refuses() -> None:
+    from opdlens.opd.trackers import _MLFLOW_BAD
+
+    assert _MLFLOW_BAD.sub("_", "train/audit/align[opd[k=16,set=student]][Self-1C]") == (
+        "train/audit/align_opd_k_16_set_student___Self-1C_"
+    )
+
+
+def test_tensorboard_events_under_tb(tmp_path: Path) -> None:
+    _train(_cfg(tmp_path, report_to=["tensorboard"]))
+    assert any(p.name.startswith("events") for p in (tmp_path / "tb").iterdir())
