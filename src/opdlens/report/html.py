@@ -338,7 +338,8 @@ _JS = """
 """
 
 
-def _figures_html(figures: Sequence[tuple[str, str, Path]], first_wide: bool) -> str:
+def figures_html(figures: Sequence[tuple[str, str, Path]], first_wide: bool) -> str:
+    """Figures ``(title, caption, png path)`` embedded as base64, side by side."""
     parts = ["<div class='figs'>"]
     for i, (ftitle, caption, p) in enumerate(figures):
         wide = " class='wide'" if first_wide and i == 0 else ""
@@ -373,7 +374,7 @@ def render_page(
         "<section id='answer'><h2>The answer</h2><ul class='answer'>",
         "".join(f"<li>{inline_code(line)}</li>" for line in answer),
         "</ul>",
-        _figures_html(answer_figures, first_wide=False) if answer_figures else "",
+        figures_html(answer_figures, first_wide=False) if answer_figures else "",
         "</section>",
         "<details id='about'><summary>About this run: definitions and notes</summary><ul class='notes'>",
         "".join(f"<li>{inline_code(line)}</li>" for line in overview),
@@ -387,7 +388,7 @@ def render_page(
     parts += [render_html_table(t) for t in tables]
     if figures:
         parts.append("<h2>Figures</h2>")
-        parts.append(_figures_html(figures, first_wide=True))
+        parts.append(figures_html(figures, first_wide=True))
     # the value is the views' data-teacher: both the name as shown (display_text)
     opts = "".join(f"<option value='{_show(t)}'>{_show(t)}</option>" for t in teachers)
     parts.append(
@@ -397,4 +398,32 @@ def render_page(
     )
     parts.append(token_view)
     parts.append(f"<script>{_JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+def render_study_page(
+    *,
+    title: str,
+    runs: Sequence[tuple[str, str | None, str]],
+    tables: Sequence[Table],
+    figures: Sequence[tuple[str, str, Path]],
+) -> str:
+    """The study's self-contained page (``opdlens compare``): its runs, each linked to its own
+    report's token view when that report exists (``(label, relative href or None, note)``), then
+    the figures and the tables."""
+    items = []
+    for label, href, note in runs:
+        link = f"<a href='{html.escape(href, quote=True)}'>{_show(label)}</a>" if href else _show(label)
+        items.append(f"<li>{link} <span class='note'>{_show(note)}</span></li>")
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{_show(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_show(title)}</h1>",
+        "<h2>Runs (each run's report, with its token view)</h2><ul class='runs'>",
+        "".join(items),
+        "</ul>",
+        figures_html(figures, first_wide=True) if figures else "",
+    ]
+    parts += [render_html_table(t) for t in tables]
+    parts.append("</body></html>")
     return "\n".join(parts)
