@@ -85,7 +85,7 @@ def test_report_on_an_interrupted_run_is_partial(tmp_path):
     out = " ".join(res.output.split())
     assert "partial: PARTIAL RUN: 1 question(s) scored so far" in out and "Traceback" not in out
     summary = (tmp_path / "run" / "report" / "summary.md").read_text()
-    assert "PARTIAL RUN" in summary.splitlines()[2]
+    assert summary.splitlines()[2] == "## The answer" and "PARTIAL RUN" in summary.splitlines()[4]
     q = __import__("pandas").read_csv(tmp_path / "run" / "report" / "questions.csv")
     init = diag.store.read_chunk("q0", "initial")
     assert q["question_id"].tolist() == ["q0"] and q["n_rollouts"].tolist() == [len(init)]

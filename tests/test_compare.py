@@ -245,6 +245,28 @@ def test_compare_command_writes_the_study(runs, tmp_path):
     assert "small · synthetic: incorrect" in summary and "Best teacher per difficulty bin" in summary
 
 
+def test_the_study_page_links_each_runs_report_and_embeds_its_figures(runs, tmp_path):
+    """``index.html`` of a study: self-contained (figures as data URIs, no external resource),
+    Table 1 with its CIs, correct vs incorrect, the difficulty bins and the pooled distribution,
+    and a link to each run's own report (its token view) that resolves from the study folder."""
+    import re
+
+    a, b = runs
+    runner.invoke(app, ["report", str(a)])  # run a has a report, run b not yet
+    out = tmp_path / "study"
+    res = runner.invoke(app, ["compare", str(a), str(b), "--out", str(out), "--bins", "0.5"])
+    assert res.exit_code == 0, res.output
+    page = (out / "index.html").read_text(encoding="utf-8")
+    assert "Table 1: mean cosine" in page and "Correct vs incorrect" in page and "Pooled alignment" in page
+    imgs = re.findall(r"<img[^>]* src='([^']*)'", page)
+    assert len(imgs) == 4 and all(src.startswith("data:image/png;base64,") for src in imgs)
+    assert not re.search(r"(src|href)=['\"]https?:", page)
+    hrefs = re.findall(r"<a href='([^']*)'>", page)
+    assert len(hrefs) == 1 and (out / hrefs[0]).resolve() == (a / "report" / "index.html").resolve()
+    assert f"no report yet (opdlens report {b})" in page
+    assert (out / "fig_pooled.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
 def test_same_setting_twice_gets_distinct_labels(runs, tmp_path):
     a, _ = runs
     copy = shutil.copytree(a, tmp_path / "rerun")

@@ -188,3 +188,34 @@ def test_finished_questions_are_handed_on_while_others_sample(tmp_path):
         assert seen[env.id][1] == {f.name for f in (tmp_path / "rollouts" / env.id).glob("targeted*.parquet")}
         assert seen[env.id][1]
     assert min(c for c, _ in seen.values()) < calls[0]  # some question was done before the last call
+
+
+@pytest.mark.parametrize("spelling", ["same", "trailing slash"])
+def test_a_teacher_on_the_students_own_model_keeps_the_student_loaded(tmp_path, spelling):
+    """A teacher (and the summariser) naming the student's model: the schedule frees a teacher's
+    model after its phase, which must never free the student (the loader's cache hands both the
+    same object, also for another spelling of the path)."""
+    from opdlens.diagnose.run import diagnose
+    from opdlens.models import load_tokenizer, tiny_random_policy
+
+    model_dir = tmp_path / "tiny"
+    tiny_random_policy(seed=0, init_std=0.5).model.save_pretrained(model_dir)
+    load_tokenizer("smollm2").save_pretrained(model_dir)
+    spec = str(model_dir) if spelling == "same" else str(model_dir) + "/"
+    cfg = DiagnoseConfig(
+        student=str(model_dir),
+        task="arith",
+        n_questions=2,
+        rollouts_per_question=8,
+        max_new_tokens=4,
+        teachers=[TeacherSpec(name="T", model=spec, context="plain"), TeacherSpec(name="S", context="sum-1c")],
+        summarizer=spec,
+        summary_max_new_tokens=4,
+        fallback_reference_solution=True,
+        targeting=TargetingConfig(first_window=1, per_window_gkd=1, per_window_gap=1, visit_target=3),
+        signals=SignalConfig(min_visits=2),
+        out_dir=str(tmp_path / "run"),
+    )
+    store = diagnose(cfg, progress=False)
+    nodes, questions, _ = load_results(store)
+    assert set(nodes["teacher"]) == {"T", "S"} and len(questions) == 2

@@ -188,7 +188,7 @@ def test_csvs_match_analysis(report: Path, data) -> None:  # type: ignore[no-unt
 
 def _md_table(md: str, title: str) -> list[dict[str, str]]:
     """Rows of the Markdown table under ``## title`` as dicts header -> cell."""
-    sec = md.split(f"## {title}\n", 1)[1].split("\n## ", 1)[0]
+    sec = md.split(f"\n## {title}\n", 1)[1].split("\n## ", 1)[0]
     lines = [ln for ln in sec.splitlines() if ln.startswith("|")]
     headers = [h.strip() for h in lines[0].strip("|").split("|")]
     return [dict(zip(headers, (c.strip() for c in ln.strip("|").split("|")))) for ln in lines[2:]]
@@ -348,6 +348,24 @@ def _png_size(path: Path) -> tuple[int, int]:
     return struct.unpack(">II", raw[16:24])
 
 
+def test_the_report_leads_with_the_answer(report: Path) -> None:
+    """The answer (teachers ranked with their intervals, correct vs incorrect) and its two figures
+    come before any table; definitions, notes and the choices are folded; the rest follows."""
+    md = (report / "summary.md").read_text(encoding="utf-8")
+    heads = [ln for ln in md.splitlines() if ln.startswith("## ")]
+    assert heads[:2] == ["## The answer", "## About this run"]
+    answer = md[md.index("## The answer") : md.index("## About this run")]
+    assert "- highest alignment: " in answer and "95% CI" in answer and "correct vs incorrect paths" in answer
+    assert answer.index("teacher_means.png") < answer.index("correct_vs_incorrect.png")
+    html = (report / "index.html").read_text(encoding="utf-8")
+    first_table = html.index("<table")
+    assert html.index("id='answer'") < html.index("highest alignment") < first_table
+    assert html.index("<figure") < first_table  # the answer's figures before the tables
+    about = html[html.index("<details id='about'>") : html.index("</details>", html.index("<details id='about'>"))]
+    assert "alignment metric" in about and "<table" not in about
+    assert html.count("<img") == 6  # 2 with the answer, 3 after the tables, the extra figure
+
+
 def test_figures_are_valid_pngs(report: Path) -> None:
     for name in FIGURE_FILES.values():
         f = report / "figures" / name
@@ -478,11 +496,14 @@ def test_two_child_share_and_sign_disagreement_are_stated(misreadable) -> None: 
     assert rows["T"]["mean (3+)"] == fmt(np.mean([-0.5, -0.9, -0.2, -0.99]), signed=True)
     assert rows["T"]["nodes (3+)"] == "4" and rows["U"]["mean (3+)"] == "–" and rows["U"]["nodes (3+)"] == "0"
     assert float(rows["T"]["mean"]) > 0 > float(rows["T"]["weighted"])
-    assert "- T: the mean (+0.176) and the weighted mean (-0.631) disagree in sign" in md
-    assert "- note: T: the mean (+0.176)" in md  # also in the overview
+    # said once, with the answer
+    assert md.count("T: the mean (+0.176) and the weighted mean (-0.631) disagree in sign") == 1
+    assert md.index("- note: T: the mean (+0.176)") < md.index("## About this run")
     assert "U: the mean" not in md
     assert "8 of 12 valid node(s) (66.7%) have exactly two well-visited children" in md
-    assert md.splitlines()[2] == "- PARTIAL RUN: test"
+    assert md.splitlines()[2:5] == ["## The answer", "", "- PARTIAL RUN: test"]
+    html = (out / "index.html").read_text(encoding="utf-8")
+    assert html.count("disagree in sign") == 1
 
 
 def test_skips_question_text_gold_and_children_are_shown(misreadable) -> None:  # type: ignore[no-untyped-def]
@@ -629,8 +650,8 @@ def test_ci_captions_name_the_runs_unit(shared_run) -> None:  # type: ignore[no-
         ("path", "path means, each weighted 1 / paths of its question (statistical unit: the path)"),
     ):
         md = (runs[unit] / "summary.md").read_text(encoding="utf-8")
-        figures = md.split("## Figures", 1)[1]
-        assert figures.count(f"CI over {means}") == 2  # the teacher means and the correct-vs-incorrect figures
+        answer = md.split("## The answer", 1)[1].split("## About this run", 1)[0]
+        assert answer.count(f"CI over {means}") == 2  # the teacher means and the correct-vs-incorrect figures
         assert f"95% CI: percentile bootstrap (stays inside [-1, 1]) over {means}" in md
         if unit == "question":
             assert "over path means" not in md

@@ -418,9 +418,10 @@ def test_training_files_are_never_written_through_links(tmp_path):
 def test_no_file_is_written_outside_the_atomic_helper():
     """Every write in the package goes through opdlens.io (temporary file + os.replace): no
     direct write_text / write_bytes / to_csv / to_parquet / savefig / save_file / open-for-writing
-    outside it, except where the helper's writer callback writes its temporary file."""
+    outside it, except where the helper's writer callback writes its temporary file (``to_csv(index=False)``
+    with no path returns the text, which the store then writes)."""
     direct = re.compile(
-        r"(?<!store)\.write_text\(|\.write_bytes\(|\.to_csv\((?!tmp)|\.to_parquet\(|savefig\((?!tmp)|save_file\((?!\w+, str\(tmp)"
+        r"(?<!store)\.write_text\(|\.write_bytes\(|\.to_csv\((?!tmp|index=False\))|\.to_parquet\(|savefig\((?!tmp)|save_file\((?!\w+, str\(tmp)"
         r"|save_model\((?!model, str\(tmp)|open\([^)]*[\"'][wa]b?\+?[\"']|pq\.write_table\((?!table, tmp)|json\.dump\("
     )
     allowed = {

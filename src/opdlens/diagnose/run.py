@@ -214,7 +214,8 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     def slot(spec: str) -> ModelSlot:
         if spec not in slots:
             check_spec_tokenizer(student, spec)
-            slots[spec] = _model_slot(spec, student, config)
+            # the student's own spec is the loaded student (kept for the whole run, never freed)
+            slots[spec] = ModelSlot.fixed(student) if spec == config.student else _model_slot(spec, student, config)
         return slots[spec]
 
     teachers = []
@@ -261,7 +262,11 @@ def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
         check_same_tokenizer(student, policy)
         return policy
 
-    return ModelSlot(load, release_policy, spec, spec_max_context(spec))
+    def release(policy: Policy) -> None:
+        if policy is not student:  # another spelling of the student's spec: the loader's cache gave the student
+            release_policy(policy)
+
+    return ModelSlot(load, release, spec, spec_max_context(spec))
 
 
 def _solution_writer(

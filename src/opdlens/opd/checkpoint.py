@@ -123,7 +123,8 @@ def save_checkpoint(
     if full is None:
         atomic_write(d / MODEL, lambda tmp: save_model(model, str(tmp)))
     else:
-        atomic_write(d / MODEL, lambda tmp: save_file(full[0], str(tmp), metadata={"format": "pt"}))
+        weights = full[0]  # whole tensors gathered from the shards (opdlens.opd.fsdp)
+        atomic_write(d / MODEL, lambda tmp: save_file(weights, str(tmp), metadata={"format": "pt"}))
     opt_tensors, opt_meta = _split_optimizer(optimizer.state_dict() if full is None else full[1])
     atomic_write(d / OPTIM, lambda tmp: save_file(opt_tensors, str(tmp)))
     rng_tensors, rng_meta = _rng_state()

@@ -47,11 +47,14 @@ from opdlens.report.html import (
     two_child_tip,
 )
 from opdlens.report.nodes import require_columns, valid_nodes
-from opdlens.report.overview import choices_table, overview_lines
+from opdlens.report.overview import answer_lines, choices_table, overview_lines
 from opdlens.report.render import render_markdown_table
 from opdlens.report.tables import build_tables, two_child_share, unit_note
 
 __all__ = ["CSV_FILES", "FIGURE_FILES", "alignment_color", "write_report"]
+
+#: The figures shown with the answer, at the top of the report (the others follow the tables).
+ANSWER_FIGURES = ("Alignment per teacher", "Correct vs incorrect paths")
 
 #: PNG files written under ``figures/``.
 FIGURE_FILES: dict[str, str] = {
@@ -144,10 +147,7 @@ def write_report(
     estimator = (choices or {}).get("alignment estimator")
     two_child = two_child_share(valid, metric) if "n_children" in valid.columns and renormalised else None
     tables = build_tables(an, qtable, two_child=two_child, skips=skips, estimator=estimator)
-    overview = [
-        *notes,
-        *overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips, estimator=estimator),
-    ]
+    overview = overview_lines(an, nodes, questions, paths, two_child=two_child, skips=skips, estimator=estimator)
     if f"{metric}_lo" in nodes.columns:  # per-node intervals (opdlens.diagnose.uncertainty): how many signs are settled
         settled = count_settled(nodes, metric)
         overview.append(
@@ -198,18 +198,40 @@ def write_report(
             atomic_write(dst, lambda tmp, p=p: shutil.copyfile(p, tmp))
         figs.append((t, "", dst))
 
-    md = [f"# {display_text(title)}", ""]
+    # the answer first (which teacher helps, by how much, how sure), with its two figures; then
+    # what the run was (folded on the page), the tables, the other figures
+    answer = [*notes, *answer_lines(an, confidence)]  # a PARTIAL RUN note heads the answer
+    lead = [f for f in figs if f[0] in ANSWER_FIGURES]
+    rest = [f for f in figs if f[0] not in ANSWER_FIGURES]
+
+    def md_figures(items: list[tuple[str, str, Path]], level: str) -> list[str]:
+        out_md: list[str] = []
+        for t, caption, p in items:
+            shown = display_text(t)
+            out_md += [
+                f"{level} {shown}",
+                "",
+                display_text(caption),
+                "",
+                f"![{shown}]({p.relative_to(out).as_posix()})",
+                "",
+            ]
+        return out_md
+
+    md = [f"# {display_text(title)}", "", "## The answer", ""]
+    md += [f"- {display_text(line)}" for line in answer]
+    md.append("")
+    md += md_figures(lead, "###")
+    md += ["## About this run", ""]
     md += [f"- {display_text(line)}" for line in overview]
     md.append("")
+    choice_table = None
     if choices:
         lines, choice_table = choices_table(choices)
         md += ["## Choices of this run", "", *lines, ""]
-        tables = [choice_table, *tables]  # the HTML page shows them as a table
-    md += [render_markdown_table(t) for t in tables if t.key != "choices"]
+    md += [render_markdown_table(t) for t in tables]
     md += ["## Figures", ""]
-    for t, caption, p in figs:
-        shown = display_text(t)
-        md += [f"### {shown}", "", display_text(caption), "", f"![{shown}]({p.relative_to(out).as_posix()})", ""]
+    md += md_figures(rest, "###")
     md += ["## Files", "", "CSV tables (full precision): " + ", ".join(f"`{f}`" for f in CSV_FILES.values()) + ".", ""]
     atomic_write(out / "summary.md", "\n".join(md))
 
@@ -231,9 +253,12 @@ def write_report(
     )
     page = render_page(
         title=title,
+        answer=answer,
+        answer_figures=lead,
         overview=overview,
+        choices=choice_table,
         tables=tables,
-        figures=figs,
+        figures=rest,
         token_view=token_view,
         teachers=teachers,
         metric=metric,

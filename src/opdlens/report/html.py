@@ -293,6 +293,8 @@ body{font-family:-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:0 auto
 h1{font-size:1.6em;margin-bottom:.2em} h2{font-size:1.25em;margin-top:1.6em;border-bottom:1px solid #ddd}
 h3{font-size:1.05em;margin:1.2em 0 .4em}
 ul.notes{font-size:.85em;color:#555;margin:.3em 0 .6em;padding-left:1.2em}
+ul.answer{font-size:1.05em;margin:.3em 0 .8em;padding-left:1.2em} ul.answer li{margin:.2em 0}
+details{margin:.6em 0} details>summary{cursor:pointer;color:#444;font-weight:600}
 table{border-collapse:collapse;font-size:.85em;margin:.4em 0 1em}
 th,td{border:1px solid #ddd;padding:3px 8px;text-align:right;white-space:nowrap}
 th{background:#f3f3f3} td:first-child,th:first-child,td.txt{text-align:left}
@@ -336,34 +338,57 @@ _JS = """
 """
 
 
+def figures_html(figures: Sequence[tuple[str, str, Path]], first_wide: bool) -> str:
+    """Figures ``(title, caption, png path)`` embedded as base64, side by side."""
+    parts = ["<div class='figs'>"]
+    for i, (ftitle, caption, p) in enumerate(figures):
+        wide = " class='wide'" if first_wide and i == 0 else ""
+        parts.append(
+            f"<figure{wide}><img alt='{_show(ftitle)}' src='{_embed_png(p)}'>"
+            f"<figcaption><b>{_show(ftitle)}</b>. {_show(caption)}</figcaption></figure>"
+        )
+    parts.append("</div>")
+    return "".join(parts)
+
+
 def render_page(
     *,
     title: str,
+    answer: Sequence[str],
+    answer_figures: Sequence[tuple[str, str, Path]],
     overview: Sequence[str],
+    choices: Table | None,
     tables: Sequence[Table],
     figures: Sequence[tuple[str, str, Path]],
     token_view: str,
     teachers: Sequence[str],
     metric: str,
 ) -> str:
-    """Assemble the page. ``figures`` are ``(title, caption, png path)``, embedded as base64."""
+    """Assemble the page: the answer and its figures first, then what the run was (folded:
+    definitions, notes, the run's choices), the tables, the other figures and the tokens.
+    ``figures`` are ``(title, caption, png path)``, embedded as base64."""
     parts = [
         "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
         f"<title>{_show(title)}</title><style>{_CSS}</style></head><body>",
-        f"<h1>{_show(title)}</h1><ul class='notes'>",
-        "".join(f"<li>{inline_code(line)}</li>" for line in overview),
+        f"<h1>{_show(title)}</h1>",
+        "<section id='answer'><h2>The answer</h2><ul class='answer'>",
+        "".join(f"<li>{inline_code(line)}</li>" for line in answer),
         "</ul>",
+        figures_html(answer_figures, first_wide=False) if answer_figures else "",
+        "</section>",
+        "<details id='about'><summary>About this run: definitions and notes</summary><ul class='notes'>",
+        "".join(f"<li>{inline_code(line)}</li>" for line in overview),
+        "</ul></details>",
     ]
+    if choices is not None:
+        parts.append(
+            "<details id='choices'><summary>Choices of this run (every result-changing setting)</summary>"
+            f"{render_html_table(choices)}</details>"
+        )
     parts += [render_html_table(t) for t in tables]
     if figures:
-        parts.append("<h2>Figures</h2><div class='figs'>")
-        for i, (ftitle, caption, p) in enumerate(figures):
-            wide = " class='wide'" if i == 0 else ""
-            parts.append(
-                f"<figure{wide}><img alt='{_show(ftitle)}' src='{_embed_png(p)}'>"
-                f"<figcaption><b>{_show(ftitle)}</b>. {_show(caption)}</figcaption></figure>"
-            )
-        parts.append("</div>")
+        parts.append("<h2>Figures</h2>")
+        parts.append(figures_html(figures, first_wide=True))
     # the value is the views' data-teacher: both the name as shown (display_text)
     opts = "".join(f"<option value='{_show(t)}'>{_show(t)}</option>" for t in teachers)
     parts.append(
@@ -373,4 +398,32 @@ def render_page(
     )
     parts.append(token_view)
     parts.append(f"<script>{_JS}</script></body></html>")
+    return "\n".join(parts)
+
+
+def render_study_page(
+    *,
+    title: str,
+    runs: Sequence[tuple[str, str | None, str]],
+    tables: Sequence[Table],
+    figures: Sequence[tuple[str, str, Path]],
+) -> str:
+    """The study's self-contained page (``opdlens compare``): its runs, each linked to its own
+    report's token view when that report exists (``(label, relative href or None, note)``), then
+    the figures and the tables."""
+    items = []
+    for label, href, note in runs:
+        link = f"<a href='{html.escape(href, quote=True)}'>{_show(label)}</a>" if href else _show(label)
+        items.append(f"<li>{link} <span class='note'>{_show(note)}</span></li>")
+    parts = [
+        "<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>",
+        f"<title>{_show(title)}</title><style>{_CSS}</style></head><body>",
+        f"<h1>{_show(title)}</h1>",
+        "<h2>Runs (each run's report, with its token view)</h2><ul class='runs'>",
+        "".join(items),
+        "</ul>",
+        figures_html(figures, first_wide=True) if figures else "",
+    ]
+    parts += [render_html_table(t) for t in tables]
+    parts.append("</body></html>")
     return "\n".join(parts)

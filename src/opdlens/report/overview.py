@@ -52,7 +52,6 @@ def overview_lines(
             "of Table 1)."
         )
     extra.append(targeted_note(questions))
-    extra += [f"note: {line}" for line in sign_disagreements(an.teachers.table)]
     return [
         f"alignment metric: `{an.metric}`: cosine between the ideal (success-seeking) gradient "
         "and the distillation gradient at a node, in [-1, 1]: > 0 helpful, about 0 orthogonal "
@@ -108,3 +107,48 @@ def choices_table(choices: dict[str, object]) -> tuple[list[str], Table]:
         lines.append(f"- {note}")
         t.notes.append(note)
     return lines, t
+
+
+def _verdict(lo: float, hi: float) -> str:
+    if lo > 0:
+        return "helps (the interval is above 0)"
+    if hi < 0:
+        return "hurts (the interval is below 0)"
+    return "not resolved (the interval contains 0)"
+
+
+def answer_lines(an: Analysis, confidence: float = 0.95) -> list[str]:
+    """The report's first lines: which teacher's signal points towards success, by how much and
+    how sure (Table 1's mean and interval per teacher, best first), and whether correct and
+    incorrect paths differ (the paired test per teacher)."""
+    table = an.teachers.table.sort_values("mean", ascending=False, na_position="last")
+    conf = f"{round(100 * confidence)}%"
+    lines: list[str] = []
+    ranked = table[pd.to_numeric(table["mean"], errors="coerce").notna()]
+    if ranked.empty:
+        return ["no teacher has a valid node: nothing to rank (see the notes below)."]
+    best = ranked.iloc[0]
+    lines.append(
+        f"highest alignment: {best['teacher']}, mean {fmt(best['mean'], signed=True)} "
+        f"({conf} CI {fmt(best['ci_low'], signed=True)} to {fmt(best['ci_high'], signed=True)}, "
+        f"{int(best['n_units'])} {an.unit}s): {_verdict(float(best['ci_low']), float(best['ci_high']))}."
+    )
+    for r in ranked.iloc[1:].itertuples():
+        lines.append(
+            f"{r.teacher}: {fmt(r.mean, signed=True)} ({conf} CI {fmt(r.ci_low, signed=True)} to "
+            f"{fmt(r.ci_high, signed=True)}): {_verdict(float(r.ci_low), float(r.ci_high))}."
+        )
+    tests = an.questions.tests
+    if tests is not None and not tests.empty:
+        parts = []
+        for r in tests.itertuples():
+            if not pd.notna(r.mean_diff):
+                continue
+            side = "incorrect" if r.mean_diff < 0 else "correct"
+            parts.append(
+                f"{r.teacher} {side} paths by {fmt(abs(r.mean_diff))} (p = {fmt(r.t_p)}, {int(r.n)} questions)"
+            )
+        if parts:
+            lines.append("correct vs incorrect paths, higher alignment on: " + "; ".join(parts) + ".")
+    lines += [f"note: {line}" for line in sign_disagreements(an.teachers.table)]
+    return lines

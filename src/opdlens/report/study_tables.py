@@ -1,4 +1,6 @@
-"""The study's output (:func:`write_study`): CSVs, a Markdown summary and figures.
+"""The study's output (:func:`write_study`): CSVs, a Markdown summary, figures and a
+self-contained HTML page (``index.html``: the runs linked to their own reports, the figures,
+the tables).
 
 The numbers are those of :func:`opdlens.report.study.compare_runs`; here they are only formatted
 (:class:`opdlens.report.tables.Table`, the same renderer as the run report's summary.md) and
@@ -8,14 +10,19 @@ written.
 from __future__ import annotations
 
 import math
+import os
 from pathlib import Path
+
+import pandas as pd
 
 from opdlens.io import atomic_write
 from opdlens.report.aggregate import ALL_TEACHERS, GROUPS
+from opdlens.report.figures import plot_pooled_distribution
+from opdlens.report.html import render_study_page
 from opdlens.report.incontext import PLAIN
 from opdlens.report.render import Table, fmt, fmt_ci, fmt_p, render_markdown_table
 from opdlens.report.run import RunResults
-from opdlens.report.study import ALL_BINS, Study, fmt_edge
+from opdlens.report.study import ALL_BINS, Setting, Study, fmt_edge
 from opdlens.report.study_figures import (
     plot_bins,
     plot_correct_incorrect,
@@ -351,9 +358,51 @@ def write_study(study: Study, out: str | Path) -> Path:
             for s in study.runs
         ],
     )
+    pooled = _pooled_figure(study, out / "fig_pooled.png")
+    if pooled is not None:
+        figs.append(pooled)
     lines = ["# opdlens study", "", render_markdown_table(runs)]
     lines += [render_markdown_table(t) for t in tables]
     lines += ["## Figures", ""] + [f"![{p.stem}]({p.name})" for p in figs] + [""]
     summary = out / "summary.md"
     atomic_write(summary, "\n".join(lines))
+    page = render_study_page(
+        title="opdlens study",
+        runs=[_run_link(s, out) for s in study.runs],
+        tables=[runs, *tables],
+        figures=[(FIGURE_TITLES.get(p.stem, p.stem), "", p) for p in figs],
+    )
+    atomic_write(out / "index.html", page)
     return summary
+
+
+#: Titles of the study's figures on its HTML page.
+FIGURE_TITLES = {
+    "fig_table1": "Table 1: mean alignment per setting and teacher, with CIs",
+    "fig_correct_incorrect": "Correct vs incorrect paths",
+    "fig_bins": "Alignment by question difficulty",
+    "fig_incontext": "In-context accuracy",
+    "fig_pooled": "Pooled alignment distribution (every valid node of every run)",
+}
+
+
+def _run_link(s: Setting, out: Path) -> tuple[str, str | None, str]:
+    """A run's label, the relative link to its report's page (None when it has none) and a note."""
+    index = s.root / "report" / "index.html"
+    if not index.is_file():
+        return s.label, None, f"{s.root}: no report yet (opdlens report {s.root})"
+    return s.label, Path(os.path.relpath(index.resolve(), out.resolve())).as_posix(), str(s.root)
+
+
+def _pooled_figure(study: Study, path: Path) -> Path | None:
+    """The pooled distribution of the valid nodes of every run (teachers by name across runs)."""
+    frames = []
+    for s in study.runs:
+        nodes = s.run.nodes
+        ok = nodes["valid"].fillna(False).astype(bool) & pd.to_numeric(nodes[study.metric], errors="coerce").notna()
+        frames.append(nodes.loc[ok, ["teacher", study.metric]])
+    valid = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame()
+    if valid.empty:
+        return None
+    teachers = list(dict.fromkeys(str(t) for s in study.runs for t in s.teachers))
+    return plot_pooled_distribution(valid, study.metric, teachers, path)

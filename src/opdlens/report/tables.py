@@ -204,7 +204,6 @@ def build_tables(
                 else "2-child, mean (3+): not computed (they need the renormalised reading of S_u, under which a "
                 "two-child node's cosine is ±1, and the n_children column)."
             ),
-            *sign_disagreements(tt),
         ],
         [
             "teacher",
