@@ -200,7 +200,7 @@ OVERRIDES_HELP = (
 @app.command(name="diagnose")
 def diagnose_cmd(
     config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help=OVERRIDES_HELP),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="KEY=VALUE", help=OVERRIDES_HELP),
     out: Optional[Path] = typer.Option(None, help="override out_dir"),
     ray: Optional[str] = typer.Option(
         None, help="run on Ray: 'local' (start a local cluster), 'auto' (the running cluster) or an address"
@@ -331,7 +331,7 @@ def compare(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML training config"),
-    overrides: Optional[list[str]] = typer.Argument(None, metavar="[KEY=VALUE]...", help=OVERRIDES_HELP),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="KEY=VALUE", help=OVERRIDES_HELP),
     fresh: bool = typer.Option(
         False,
         "--fresh",

@@ -20,7 +20,7 @@ app = typer.Typer(add_completion=False)
 def train(
     config: Path = typer.Argument(..., help="YAML training config"),
     overrides: Optional[list[str]] = typer.Argument(
-        None, metavar="[KEY=VALUE]...", help="overrides of the config's keys (as `opdlens train`)"
+        None, metavar="KEY=VALUE", help="overrides of the config's keys (as `opdlens train`)"
     ),
     fresh: bool = typer.Option(
         False, "--fresh", help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh"
