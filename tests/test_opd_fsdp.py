@@ -74,6 +74,11 @@ def test_fsdp_on_two_cpu_processes_equals_one_process_and_resumes_across_counts(
     d1 = dict(list_checkpoints(tmp_path / "one"))[STEPS]
     o1, o2 = load_file(str(d1 / "optimizer.safetensors")), load_file(str(d2 / "optimizer.safetensors"))
     assert o1.keys() == o2.keys() and all(o1[k].shape == o2[k].shape for k in o1)
+    # ... and is a Hugging Face model directory of the trained student, as the one-process one
+    from transformers import AutoModelForCausalLM
+
+    hf = AutoModelForCausalLM.from_pretrained(d2).state_dict()
+    _close({n: hf[n] for n in ref}, ref)
     # an FSDP checkpoint resumes on one process ...
     _resume_from(tmp_path / "two", 2, tmp_path / "fsdp_to_one")
     cfg = TrainConfig.from_yaml(one).model_copy(update={"out_dir": tmp_path / "fsdp_to_one"})

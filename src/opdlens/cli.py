@@ -189,9 +189,18 @@ def demo(
         _fail(exc)
 
 
+#: Help of the KEY=VALUE arguments of ``diagnose`` and ``train``.
+OVERRIDES_HELP = (
+    "overrides of the config's keys, KEY=VALUE: a dotted key (a number is a list index) and a YAML value, "
+    "e.g. signals.min_visits=10 teachers.0.model=Qwen/Qwen3-1.7B task_args='{path: d.jsonl}'; recorded in the "
+    "run's config.yaml"
+)
+
+
 @app.command(name="diagnose")
 def diagnose_cmd(
     config: Path = typer.Argument(..., help="YAML run config (see configs/)"),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="KEY=VALUE", help=OVERRIDES_HELP),
     out: Optional[Path] = typer.Option(None, help="override out_dir"),
     ray: Optional[str] = typer.Option(
         None, help="run on Ray: 'local' (start a local cluster), 'auto' (the running cluster) or an address"
@@ -207,7 +216,7 @@ def diagnose_cmd(
     from opdlens.diagnose.config import DiagnoseConfig
 
     try:
-        cfg = DiagnoseConfig.from_yaml(config)
+        cfg = DiagnoseConfig.from_yaml(config, overrides or [])
         if out is not None:
             cfg = cfg.model_copy(update={"out_dir": str(out)})
         _run_diagnose(cfg, ray, fresh)
@@ -322,6 +331,7 @@ def compare(
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML training config"),
+    overrides: Optional[list[str]] = typer.Argument(None, metavar="KEY=VALUE", help=OVERRIDES_HELP),
     fresh: bool = typer.Option(
         False,
         "--fresh",
@@ -333,7 +343,7 @@ def train(
     from opdlens.opd.cli import train_cmd
 
     try:
-        train_cmd(config, fresh=fresh)
+        train_cmd(config, fresh=fresh, overrides=overrides or [])
     except (OpdlensError, OSError) as exc:
         _fail(exc)
 

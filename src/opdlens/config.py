@@ -8,15 +8,18 @@ and :class:`opdlens.opd.config.TrainConfig`.
 
 from __future__ import annotations
 
+import copy
+import difflib
 import hashlib
 import json
 import math
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from opdlens.errors import OpdlensError
 from opdlens.sampling import Truncation
@@ -54,6 +57,14 @@ class RunSettings(BaseModel):
         0.0, ge=0, lt=1, description="student sampling: drop tokens below min_p x the most probable one's (0: off)"
     )
     seed: int = Field(0, ge=0, description="run seed; every sampling seed derives from it")
+    #: The command-line overrides this config was read with (:func:`apply_overrides`), recorded in
+    #: the run's stored ``config.yaml`` (:func:`overrides_comment`); their values are in the fields.
+    _overrides: list[str] = PrivateAttr(default_factory=list)
+
+    @property
+    def overrides(self) -> list[str]:
+        """The command-line overrides applied to this config's file (``KEY=VALUE``, in order)."""
+        return list(self._overrides)
 
     @property
     def truncation(self) -> Truncation:
@@ -216,9 +227,178 @@ def _problem(err: Any) -> str:
     return f"  {loc}: {err['msg']}"
 
 
-def load_yaml(cls: type[BaseModel], path: str | Path) -> Any:
-    """Parse and validate a YAML config file into ``cls``."""
-    return validate_config(cls, read_yaml(path), str(path))
+def load_yaml(cls: type[BaseModel], path: str | Path, overrides: Sequence[str] = ()) -> Any:
+    """Parse and validate a YAML config file into ``cls``, with command-line ``overrides``
+    (:func:`apply_overrides`) applied first and recorded on the result (:func:`set_overrides`)."""
+    data = apply_overrides(read_yaml(path), overrides, cls)
+    return set_overrides(validate_config(cls, data, config_where(path, overrides)), overrides)
+
+
+# ---------------------------------------------------------------------- command-line overrides
+#: The comment line of a stored ``config.yaml`` that records the command-line overrides of the run
+#: (a JSON list after it); YAML readers ignore it, :func:`stored_overrides` reads it back.
+OVERRIDES_COMMENT = "# command-line overrides: "
+
+
+def config_where(path: str | Path, overrides: Sequence[str] = ()) -> str:
+    """How a config's errors name it: the file, and the overrides applied to it."""
+    return str(path) + (f" (with overrides {' '.join(overrides)})" if overrides else "")
+
+
+def _override_value(text: str) -> Any:
+    """An override's value as YAML reads it (a scalar or a flow collection: ``10``, ``null``,
+    ``true``, ``[1, 2]``, ``{a: 1}``), with ``1e-5`` a number (PyYAML's YAML 1.1 wants ``1.0e-5``)."""
+    loader = _ConfigLoader(text)
+    try:
+        value = loader.get_single_data()
+    finally:
+        loader.dispose()
+    if isinstance(value, str) and re.fullmatch(r"[-+]?(\d+\.?\d*|\.\d+)[eE][-+]?\d+", text.strip()):
+        return float(text)
+    return value
+
+
+def _model_of(annotation: Any) -> Any:
+    """What a field annotation holds, for walking overrides: a pydantic model class, ``("list",
+    item)`` for a list or tuple, ``("dict", value)`` for a mapping, or None (a scalar, or anything
+    free-form, whose keys are not checked)."""
+    import types
+    import typing
+
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        held = [m for m in (_model_of(a) for a in typing.get_args(annotation) if a is not type(None)) if m]
+        return held[0] if len(held) == 1 else None
+    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        return annotation
+    if origin in (list, tuple):
+        args = typing.get_args(annotation)
+        return ("list", args[0] if args else Any)
+    if origin is dict:
+        args = typing.get_args(annotation)
+        return ("dict", args[1] if len(args) == 2 else Any)
+    return None
+
+
+def _default_of(model: type[BaseModel], key: str) -> Any:
+    """The JSON-able default of field ``key`` of ``model`` (what a config that leaves it out gets)."""
+    field = model.model_fields[key]
+    if field.is_required():
+        return None
+    value = field.get_default(call_default_factory=True)
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json", exclude_unset=True)
+    if isinstance(value, list | tuple):
+        return [v.model_dump(mode="json") if isinstance(v, BaseModel) else v for v in value]
+    return value
+
+
+def apply_overrides(
+    raw: dict[str, Any], overrides: Sequence[str], cls: type[BaseModel] | None = None
+) -> dict[str, Any]:
+    """``raw`` (a config as read from YAML) with each ``KEY=VALUE`` of ``overrides`` set, in order:
+    ``signals.min_visits=10``, ``teachers.0.model=Qwen/Qwen3-1.7B``, ``task_args={path: d.jsonl}``.
+
+    ``KEY`` is dotted; a number names a list index. ``VALUE`` is read as YAML (a scalar or a flow
+    collection: ``[1, 2]``, ``null``, ``true``). With ``cls`` (the config's model) every key is
+    checked against it: an unknown key, a missing or out-of-range index, or a key inside a plain
+    value is an :class:`OpdlensError` naming the override; keys inside free-form mappings
+    (``task_args``, ``vllm_options``) are not checked. A section or list the file leaves out starts
+    from its default (``teachers.0.model=...`` edits the default teachers). ``raw`` is not changed;
+    the result goes through the config's own validation as a file would."""
+    out = copy.deepcopy(raw)
+    for item in overrides:
+        key, eq, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not eq or not all(p.strip() for p in parts):
+            raise OpdlensError(
+                f"override {item!r} is not KEY=VALUE (a dotted key, e.g. signals.min_visits=10 or teachers.0.model=ID)"
+            )
+        parts = [p.strip() for p in parts]
+        try:
+            value = _override_value(text)
+        except yaml.YAMLError as exc:
+            raise OpdlensError(
+                f"override {item!r}: the value is not valid YAML ({getattr(exc, 'problem', exc)})"
+            ) from None
+        _set_path(out, parts, value, item, cls)
+    return out
+
+
+def _set_path(root: dict[str, Any], parts: list[str], value: Any, item: str, cls: Any) -> None:
+    cur: Any = root
+    schema: Any = cls  # a model class, ("list"|"dict", inner), or None: not checked
+    for i, part in enumerate(parts):
+        where = ".".join(parts[:i]) or "the config"
+        last = i == len(parts) - 1
+        if isinstance(cur, list):
+            if not part.isdigit():
+                raise OpdlensError(f"override {item!r}: {where} is a list: {part!r} is not an index (0, 1, ...)")
+            index = int(part)
+            if index >= len(cur):
+                raise OpdlensError(
+                    f"override {item!r}: {where} has {len(cur)} item(s) (indices 0 to {len(cur) - 1}), no index {index}"
+                )
+            inner = schema[1] if isinstance(schema, tuple) else None
+            schema = _model_of(inner) if inner is not None else None
+            if last:
+                cur[index] = value
+            else:
+                cur = cur[index]
+            continue
+        if not isinstance(cur, dict):
+            raise OpdlensError(
+                f"override {item!r}: {where} is a single value ({cur!r}), not a section: it has no key {part!r}"
+            )
+        if isinstance(schema, type) and issubclass(schema, BaseModel):
+            if part not in schema.model_fields:
+                known = sorted(schema.model_fields)
+                close = difflib.get_close_matches(part, known, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                raise OpdlensError(
+                    f"override {item!r}: unknown key {'.'.join(parts[: i + 1])!r}{hint}; "
+                    f"the keys of {where} are: {', '.join(known)}"
+                )
+            if not last and part not in cur:
+                cur[part] = _default_of(schema, part)
+            held = schema.model_fields[part].annotation
+            schema = _model_of(held)
+        elif isinstance(schema, tuple):
+            schema = _model_of(schema[1])
+        else:
+            schema = None
+        if last:
+            cur[part] = value
+        else:
+            if cur.get(part) is None:
+                cur[part] = {}
+            cur = cur[part]
+
+
+def set_overrides(config: Any, overrides: Sequence[str]) -> Any:
+    """Record ``overrides`` on a validated config (its stored ``config.yaml`` lists them); returns it."""
+    if overrides:
+        config._overrides = list(overrides)
+    return config
+
+
+def overrides_comment(config: Any) -> str:
+    """The :data:`OVERRIDES_COMMENT` line of a config's stored YAML ("" without overrides)."""
+    overrides = getattr(config, "_overrides", None) or []
+    return f"{OVERRIDES_COMMENT}{json.dumps(list(overrides))}\n" if overrides else ""
+
+
+def stored_overrides(path: str | Path) -> list[str]:
+    """The command-line overrides a stored ``config.yaml`` records (``[]``: none, or unreadable)."""
+    try:
+        with Path(path).open(encoding="utf-8") as f:
+            first = f.readline()
+        if first.startswith(OVERRIDES_COMMENT):
+            found = json.loads(first[len(OVERRIDES_COMMENT) :])
+            return [str(x) for x in found] if isinstance(found, list) else []
+    except (OSError, ValueError):
+        pass
+    return []
 
 
 # ---------------------------------------------------------------------- run identity

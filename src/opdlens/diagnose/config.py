@@ -4,12 +4,21 @@ preset, the demo's configuration and the reader of a stored run's configuration.
 from __future__ import annotations
 
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from opdlens.config import RunSettings, load_yaml, read_yaml, validate_config, with_legacy_values
+from opdlens.config import (
+    RunSettings,
+    load_yaml,
+    read_yaml,
+    set_overrides,
+    stored_overrides,
+    validate_config,
+    with_legacy_values,
+)
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
@@ -219,8 +228,10 @@ class DiagnoseConfig(RunSettings):
         return self
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> DiagnoseConfig:
-        return load_yaml(cls, path)
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> DiagnoseConfig:
+        """The config of a YAML file with command-line ``overrides`` (``KEY=VALUE``,
+        :func:`opdlens.config.apply_overrides`) applied before validation."""
+        return load_yaml(cls, path, overrides)
 
 
 def choices_registry() -> tuple[Any, ...]:
@@ -231,8 +242,10 @@ def choices_registry() -> tuple[Any, ...]:
 
 
 def read_run_config(path: str | Path) -> DiagnoseConfig:
-    """The configuration a run directory's ``config.yaml`` was written with (see :func:`with_legacy_values`)."""
-    return validate_config(DiagnoseConfig, with_legacy_values(read_yaml(path), LEGACY_VALUES), str(path))
+    """The configuration a run directory's ``config.yaml`` was written with (see :func:`with_legacy_values`),
+    with the command-line overrides it records (:func:`opdlens.config.stored_overrides`)."""
+    config = validate_config(DiagnoseConfig, with_legacy_values(read_yaml(path), LEGACY_VALUES), str(path))
+    return set_overrides(config, stored_overrides(path))
 
 
 def demo_config(out_dir: str = "runs/demo", n_questions: int = 4) -> DiagnoseConfig:

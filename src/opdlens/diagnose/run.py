@@ -69,6 +69,7 @@ def write_config(store: RunStore, config: Any) -> None:
         describe_mismatch,
         fingerprint_record,
         model_digests,
+        overrides_comment,
         result_keys,
         stored_inputs,
         stored_result_keys,
@@ -97,7 +98,8 @@ def write_config(store: RunStore, config: Any) -> None:
         wanted = {f"model {s}" for s in model_specs(config)}
         inputs = {**{k: v for k, v in old_inputs.items() if k in wanted}, **inputs}
     store.write_text("fingerprint.json", fingerprint_record(keys, inputs))
-    store.write_text("config.yaml", yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False))
+    text = overrides_comment(config) + yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False)
+    store.write_text("config.yaml", text)
 
 
 def inputs_frame(envs: Sequence[QuestionEnv]) -> pd.DataFrame:

@@ -101,10 +101,34 @@ def hub_reachable(timeout: float = 2.0) -> bool:
     return _HUB_REACHABLE[endpoint]
 
 
+def check_model_dir(path: Path) -> None:
+    """Refuse, saying what to pass instead, a local directory that is an opdlens training run or a
+    training checkpoint without the Hugging Face files (a checkpoint written by an opdlens before
+    they were added holds only the resume state). A checkpoint directory with them
+    (``runs/x/checkpoints/step_0000200``) is a model directory like any other."""
+    if (path / "config.json").is_file():
+        return
+    if (path / "state.json").is_file() and (path / "model.safetensors").is_file():
+        raise OpdlensError(
+            f"{path} is an opdlens training checkpoint that holds only the resume state (no config.json, no "
+            "tokenizer): it was written before checkpoints were Hugging Face model directories. Copy config.json, "
+            "generation_config.json and the tokenizer files of the run's student model into it (its "
+            "model.safetensors already has the Hugging Face layout), or resume the run to write a new checkpoint"
+        )
+    ckpts = sorted(d for d in (path / "checkpoints").glob("step_*") if (d / "state.json").is_file())
+    if ckpts:
+        raise OpdlensError(
+            f"{path} is an opdlens training run directory, not a model: pass one of its checkpoints, e.g. the "
+            f"latest, {ckpts[-1]}"
+        )
+
+
 def _from_pretrained(cls: Any, spec: str, **kwargs: Any) -> Any:
     """``cls.from_pretrained(spec)`` with a clear, complete error when the model is not available;
     with the hub unreachable, only the local cache is tried (no network retries)."""
     is_dir = Path(spec).expanduser().is_dir()
+    if is_dir:
+        check_model_dir(Path(spec).expanduser())
     online = is_dir or hub_reachable()
     if not online:
         kwargs["local_files_only"] = True

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Optional
 
 import typer
 
@@ -18,12 +19,15 @@ app = typer.Typer(add_completion=False)
 @app.command()
 def train(
     config: Path = typer.Argument(..., help="YAML training config"),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, metavar="KEY=VALUE", help="overrides of the config's keys (as `opdlens train`)"
+    ),
     fresh: bool = typer.Option(
         False, "--fresh", help="move an existing run directory aside (<out_dir>.old-<time>) and start afresh"
     ),
 ) -> TrainResult:
-    """On-policy distillation training (as ``opdlens train CONFIG.yaml [--fresh]``)."""
-    return train_cmd(config, fresh=fresh)
+    """On-policy distillation training (as ``opdlens train CONFIG.yaml [KEY=VALUE ...] [--fresh]``)."""
+    return train_cmd(config, fresh=fresh, overrides=overrides or [])
 
 
 def main(argv: Sequence[str] | None = None) -> TrainResult:

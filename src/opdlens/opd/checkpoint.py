@@ -8,7 +8,15 @@
 * ``rng.safetensors``: the torch (and CUDA) generator states;
 * ``state.json``: step, optimizer hyper-parameters and non-tensor state, NumPy/Python RNG
   states, the run config. Written last (atomically): a directory without it is incomplete
-  and ignored.
+  and ignored;
+* the Hugging Face files around ``model.safetensors`` (:func:`write_hf_files`): ``config.json``,
+  ``generation_config.json``, the tokenizer's files and ``model.safetensors.index.json``, so the
+  checkpoint directory itself is a model directory: ``student: runs/x/checkpoints/step_0000200``
+  in a diagnose config, ``AutoModelForCausalLM.from_pretrained``, vLLM. The weights are not
+  written twice: ``model.safetensors`` (the student's float32 weights under their state-dict
+  names, one of two tied tensors dropped, which Hugging Face ties back on load) is both the
+  resume state and the model's weights; the index lists it alone, so a loader that globs
+  ``*.safetensors`` (vLLM) does not take the optimizer and RNG files for weights.
 
 Nothing here unpickles: a ``state.pt`` (our old pickle format, or a planted file) is refused
 with an error, since loading a pickle can run arbitrary code.
@@ -38,6 +46,8 @@ MODEL = "model.safetensors"
 OPTIM = "optimizer.safetensors"
 RNG = "rng.safetensors"
 PICKLE = "state.pt"
+HF_CONFIG = "config.json"
+HF_INDEX = "model.safetensors.index.json"
 
 
 def list_checkpoints(out_dir: str | Path) -> list[tuple[int, Path]]:
@@ -104,6 +114,48 @@ def _join_optimizer(tensors: dict[str, torch.Tensor], meta: dict[str, Any]) -> d
     return {"state": state, "param_groups": groups}
 
 
+def write_hf_files(d: Path, model: torch.nn.Module, tokenizer: Any | None) -> None:
+    """Make checkpoint directory ``d`` (its ``model.safetensors`` written) a Hugging Face model
+    directory: the model's ``config.json`` (dtype: the stored weights'), ``generation_config.json``,
+    the tokenizer's files and a ``model.safetensors.index.json`` naming ``model.safetensors`` alone.
+    Every file through :func:`atomic_write` (the tokenizer is saved into a temporary folder first)."""
+    import copy
+    import tempfile
+
+    from safetensors import safe_open
+
+    config = getattr(model, "config", None)
+    if config is None or not hasattr(config, "to_json_string"):
+        raise OpdlensError(
+            f"the student ({type(model).__name__}) has no Hugging Face config to write beside its weights"
+        )
+    cfg = copy.deepcopy(config)
+    if hasattr(cfg, "quantization_config"):
+        del cfg.quantization_config  # the weights are plain tensors
+    with safe_open(str(d / MODEL), framework="pt") as f:
+        names = sorted(f.keys())
+        stored = {f.get_slice(n).get_dtype() for n in names}
+    dtypes = {"F32": torch.float32, "BF16": torch.bfloat16, "F16": torch.float16}
+    if len(stored) == 1 and (dtype := dtypes.get(stored.pop())) is not None:
+        cfg.dtype = dtype  # what from_pretrained(dtype="auto") loads: the stored (master) weights' precision
+    atomic_write(d / HF_CONFIG, cfg.to_json_string())
+    generation = getattr(model, "generation_config", None)
+    if generation is not None and hasattr(generation, "to_json_string"):
+        atomic_write(d / "generation_config.json", generation.to_json_string())
+    size = (d / MODEL).stat().st_size
+    index = {"metadata": {"total_size": size}, "weight_map": dict.fromkeys(names, MODEL)}
+    atomic_write(d / HF_INDEX, json.dumps(index, indent=1))
+    if tokenizer is not None:
+        tmp = Path(tempfile.mkdtemp(dir=d, prefix=".tmp-tokenizer-"))
+        try:
+            tokenizer.save_pretrained(str(tmp))
+            for f in sorted(tmp.iterdir()):
+                if f.is_file():
+                    atomic_write(d / f.name, f.read_bytes())
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
 def save_checkpoint(
     out_dir: str | Path,
     step: int,
@@ -112,10 +164,12 @@ def save_checkpoint(
     config: dict[str, Any],
     keep: int = 2,
     full: tuple[dict[str, torch.Tensor], dict[str, Any]] | None = None,
+    tokenizer: Any | None = None,
 ) -> Path:
     """Write the checkpoint of ``step``; keep the newest ``keep`` (0: all). ``full``: the whole
     weights and optimizer state gathered from FSDP shards (:func:`opdlens.opd.fsdp.full_state`),
-    written in the same layout as an unsharded model's."""
+    written in the same layout as an unsharded model's. The directory is also a Hugging Face
+    model directory (:func:`write_hf_files`, with ``tokenizer``'s files when given)."""
     d = Path(out_dir) / CKPT_DIR / f"step_{step:07d}"
     d.mkdir(parents=True, exist_ok=True)
     (d / STATE).unlink(missing_ok=True)  # incomplete until state.json is back
@@ -129,6 +183,7 @@ def save_checkpoint(
     atomic_write(d / OPTIM, lambda tmp: save_file(opt_tensors, str(tmp)))
     rng_tensors, rng_meta = _rng_state()
     atomic_write(d / RNG, lambda tmp: save_file(rng_tensors, str(tmp)))
+    write_hf_files(d, model, tokenizer)
     atomic_write(d / STATE, json.dumps({"step": step, "optimizer": opt_meta, "rng": rng_meta, "config": config}))
     if keep > 0:
         for _, old in list_checkpoints(out_dir)[:-keep]:

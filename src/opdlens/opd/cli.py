@@ -37,10 +37,11 @@ and training use the same models, tasks, contexts and per-token signals.
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from opdlens.config import read_yaml, validate_config
+from opdlens.config import apply_overrides, read_yaml, set_overrides, validate_config
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
 from opdlens.opd.trainer import TrainConfig, TrainResult, train
@@ -89,13 +90,22 @@ def train_config_from_diagnose(diagnose: Any, teacher: str, **overrides: Any) ->
     return validate_config(TrainConfig, base, f"from diagnose teacher {teacher!r}")
 
 
-def load_train_config(path: str | Path) -> TrainConfig:
-    """Read a train YAML: a plain :class:`TrainConfig`, or ``from_diagnose`` + ``teacher_config``."""
+#: Keys of a train YAML that start from a diagnose run (not :class:`TrainConfig` keys).
+FROM_DIAGNOSE_KEYS = ("from_diagnose", "teacher_config")
+
+
+def load_train_config(path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+    """Read a train YAML: a plain :class:`TrainConfig`, or ``from_diagnose`` + ``teacher_config``;
+    ``overrides`` (``KEY=VALUE``, :func:`opdlens.config.apply_overrides`) change its keys first."""
     p = Path(path)
     data = read_yaml(p)
     if "from_diagnose" not in data:
-        return TrainConfig.from_yaml(p)
+        return TrainConfig.from_yaml(p, overrides)
     from opdlens.diagnose.config import DiagnoseConfig
+
+    own = [o for o in overrides if o.partition("=")[0].strip() in FROM_DIAGNOSE_KEYS]
+    data = apply_overrides(data, own)
+    data = apply_overrides(data, [o for o in overrides if o not in own], TrainConfig)
 
     run_dir = Path(data.pop("from_diagnose"))
     if not run_dir.is_absolute():
@@ -104,11 +114,12 @@ def load_train_config(path: str | Path) -> TrainConfig:
     cfg_file = run_dir / "config.yaml" if run_dir.is_dir() else run_dir
     diag = DiagnoseConfig.from_yaml(cfg_file)
     teacher = best_teacher(run_dir) if choice == "best" else choice
-    return train_config_from_diagnose(diag, teacher, **data)
+    return set_overrides(train_config_from_diagnose(diag, teacher, **data), overrides)
 
 
-def train_cmd(config: Path, fresh: bool = False) -> TrainResult:
-    """``opdlens train CONFIG.yaml [--fresh]``: run or resume OPD training; prints a short summary.
+def train_cmd(config: Path, fresh: bool = False, overrides: Sequence[str] = ()) -> TrainResult:
+    """``opdlens train CONFIG.yaml [KEY=VALUE ...] [--fresh]``: run or resume OPD training; prints a
+    short summary. ``overrides`` change the config's keys (:func:`load_train_config`).
 
     A rerun resumes only a run of the same configuration and inputs (``out_dir/fingerprint.json``,
     see :func:`opdlens.opd.trainer.train`); ``fresh`` first moves an existing run directory aside.
@@ -117,7 +128,7 @@ def train_cmd(config: Path, fresh: bool = False) -> TrainResult:
     from rich.console import Console
 
     console = Console(stderr=True, soft_wrap=True)  # as opdlens.cli: printed paths stay whole
-    cfg = load_train_config(config)
+    cfg = load_train_config(config, overrides)
     console.print(
         f"[bold]opdlens train[/]: student={cfg.student} teacher={cfg.teacher} "
         f"context={cfg.teacher_context or cfg.teacher_template} loss={cfg.loss} k={cfg.k} "

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
@@ -520,16 +521,21 @@ class TrainConfig(RunSettings):
         )
 
     @classmethod
-    def from_yaml(cls, path: str | Path) -> TrainConfig:
-        """Load a config from YAML (optionally nested under ``train:``); unknown keys and bad
-        values raise :class:`OpdlensError`."""
-        from opdlens.config import read_yaml, validate_config
+    def from_yaml(cls, path: str | Path, overrides: Sequence[str] = ()) -> TrainConfig:
+        """Load a config from YAML (optionally nested under ``train:``) with command-line
+        ``overrides`` (:func:`opdlens.config.apply_overrides`, keys relative to the config
+        itself); unknown keys and bad values raise :class:`OpdlensError`."""
+        from opdlens.config import apply_overrides, config_where, read_yaml, set_overrides, validate_config
 
         data = read_yaml(path)
         data = data["train"] if isinstance(data.get("train"), dict) else data
-        return validate_config(cls, data, str(path))
+        data = apply_overrides(data, overrides, cls)
+        return set_overrides(validate_config(cls, data, config_where(path, overrides)), overrides)
 
     def to_yaml(self, path: str | Path) -> None:
+        """Write the config as YAML, headed by the command-line overrides it was read with (a comment)."""
+        from opdlens.config import overrides_comment
         from opdlens.io import atomic_write
 
-        atomic_write(path, yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False))
+        text = overrides_comment(self) + yaml.safe_dump(self.model_dump(mode="json"), sort_keys=False)
+        atomic_write(path, text)

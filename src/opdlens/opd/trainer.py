@@ -321,7 +321,8 @@ class OPDTrainer:
 
     # ---------------------------------------------------------------- checkpoints
     def save_checkpoint(self, out_dir: str | Path, keep: int = 2) -> Path:
-        """Write ``out_dir/checkpoints/step_XXXXXXX/`` on the main process (safetensors + JSON)."""
+        """Write ``out_dir/checkpoints/step_XXXXXXX/`` on the main process (safetensors + JSON), also a
+        Hugging Face model directory of the student (:func:`opdlens.opd.checkpoint.write_hf_files`)."""
         d = Path(out_dir) / ckpt.CKPT_DIR / f"step_{self.step:07d}"
         full = None
         if self.dist.sharded:  # gathered on every process, written by the main one
@@ -330,7 +331,14 @@ class OPDTrainer:
             full = full_state(self.model, self.optimizer)
         if self.dist.is_main:
             ckpt.save_checkpoint(
-                out_dir, self.step, self.model, self.optimizer, self.config.model_dump(mode="json"), keep, full=full
+                out_dir,
+                self.step,
+                self.model,
+                self.optimizer,
+                self.config.model_dump(mode="json"),
+                keep,
+                full=full,
+                tokenizer=getattr(self.student, "tokenizer", None),
             )
         self.dist.barrier()
         return d

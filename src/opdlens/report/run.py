@@ -62,7 +62,13 @@ class RunResults:
     def choices(self) -> dict[str, Any] | None:
         """The run's value of every choice it uses (:meth:`DiagnoseConfig.choices`; the report names the
         ones it does not use), None without a config."""
-        return self.config.choices(used_only=True) if self.config is not None else None
+        if self.config is None:
+            return None
+        overrides = self.config.overrides
+        return {
+            **self.config.choices(used_only=True),
+            **({"command-line overrides": " ".join(overrides)} if overrides else {}),
+        }
 
     @property
     def student(self) -> str:

@@ -9,7 +9,8 @@
 
 Registered tasks: ``arith`` (generated word problems), ``yesno`` (generated yes/no questions),
 ``boolq``, ``mmlu``, ``aime`` (hub datasets, or their local export via ``path=``), ``jsonl`` and
-``parquet`` (users' own files).
+``parquet`` (users' own files), ``chat`` / ``verl`` (chat-message prompts of verl's Parquet and TRL's
+prompt-only datasets, checked per ``data_source``).
 """
 
 from opdlens.tasks.answers import (
@@ -32,6 +33,7 @@ from opdlens.tasks.base import (
     list_tasks,
     register_task,
 )
+from opdlens.tasks.chat import DATA_SOURCES, ChatTask, VerlTask, checker_for
 from opdlens.tasks.hf import AIMETask, BoolQTask, HFTask, MMLUTask, load_hf_rows
 from opdlens.tasks.local import JsonlTask, LocalFileTask, ParquetTask, iter_rows, read_rows
 from opdlens.tasks.yesno import KINDS as YESNO_KINDS
@@ -40,6 +42,7 @@ from opdlens.tasks.yesno import YesNoTask
 __all__ = [
     "ANSWER_TYPES",
     "CORRECT",
+    "DATA_SOURCES",
     "DEFAULT_DIFFICULTY",
     "INCORRECT",
     "LEVELS",
@@ -49,6 +52,7 @@ __all__ = [
     "AIMETask",
     "ArithTask",
     "BoolQTask",
+    "ChatTask",
     "Grade",
     "HFTask",
     "JsonlTask",
@@ -57,8 +61,10 @@ __all__ = [
     "ParquetTask",
     "Question",
     "Task",
+    "VerlTask",
     "YesNoTask",
     "answers_match",
+    "checker_for",
     "extract_answer",
     "get_task",
     "iter_rows",
