@@ -35,7 +35,7 @@ from typing import Any, ClassVar
 from opdlens.errors import OpdlensError
 from opdlens.tasks.answers import answers_match, extract_answer, normalize_gold
 from opdlens.tasks.base import Question, Task, check_answer_type, register_task, subsample
-from opdlens.tasks.local import _BAD_ROW_POLICIES, _BadRow, _check_scalar, _kind, iter_rows
+from opdlens.tasks.local import _BAD_ROW_POLICIES, _BadRow, _check_scalar, _kind, collect_questions, iter_rows
 
 #: data_source -> answer type (the checker): verl's and TRL's usual sources. GSM8K's "#### 72"
 #: and a \\boxed{} answer are both read by the ``math`` checker.
@@ -174,27 +174,10 @@ class ChatTask(Task):
             rows = enumerate(load_hf_rows(self.dataset, self.config, split))
             source = f"{self.dataset}:{split}"
             stem = f"{self.dataset.rsplit('/', 1)[-1]}-{split}"
-        self.n_skipped, self.skipped = 0, []
-        questions: list[Question] = []
-        seen: dict[str, int] = {}
-        for num, row in rows:
-            try:
-                if isinstance(row, str):
-                    raise _BadRow(row)
-                q = self._question(row, num, source, stem)
-                if q.id in seen:
-                    raise _BadRow(f"duplicate id {q.id!r} (first seen at row {seen[q.id]})")
-            except _BadRow as e:
-                msg = f"{source}: row {num}: {e}"
-                if self.on_bad_row == "skip":
-                    self.n_skipped += 1
-                    self.skipped.append(msg)
-                    continue
-                raise OpdlensError(msg + " (pass on_bad_row='skip' to skip such rows)") from None
-            seen[q.id] = num
-            questions.append(q)
-        if not questions:
-            raise OpdlensError(f"{source}: no usable rows ({self.n_skipped} bad rows skipped)")
+        questions, self.skipped = collect_questions(
+            rows, lambda num, row: self._question(row, num, source, stem), source, self.on_bad_row
+        )
+        self.n_skipped = len(self.skipped)
         return subsample(questions, n, seed)
 
     def _prompt(self, row: dict[str, Any]) -> tuple[str, str | None]:

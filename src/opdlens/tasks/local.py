@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from decimal import Decimal
 from pathlib import Path
 from typing import Any, ClassVar
@@ -165,28 +165,10 @@ class LocalFileTask(Task):
         if p is None:
             raise OpdlensError(f"task {self.name!r} needs a data file: pass path=...")
         self._check_suffix(p)
-        self.n_skipped = 0
-        self.skipped = []
-        questions: list[Question] = []
-        seen: dict[str, int] = {}
-        for num, row in iter_rows(p):
-            try:
-                if isinstance(row, str):
-                    raise _BadRow(row)
-                q = self._question(p, num, row)
-                if q.id in seen:
-                    raise _BadRow(f"field {self.id_field!r}: duplicate id {q.id!r} (first seen at row {seen[q.id]})")
-            except _BadRow as e:
-                msg = f"{p}: row {num}: {e}"
-                if self.on_bad_row == "skip":
-                    self.n_skipped += 1
-                    self.skipped.append(msg)
-                    continue
-                raise OpdlensError(msg + " (pass on_bad_row='skip' to skip such rows)") from None
-            seen[q.id] = num
-            questions.append(q)
-        if not questions:
-            raise OpdlensError(f"{p}: no usable rows ({self.n_skipped} bad rows skipped)")
+        questions, self.skipped = collect_questions(
+            iter_rows(p), lambda num, row: self._question(p, num, row), str(p), self.on_bad_row, self.id_field
+        )
+        self.n_skipped = len(self.skipped)
         return subsample(questions, n, seed)
 
     def _check_suffix(self, p: Path) -> None:
@@ -233,6 +215,41 @@ class LocalFileTask(Task):
         extra = {k: v for k, v in row.items() if k not in used}
         meta: dict[str, Any] = {"source": str(p), "row": num, "extra": extra}
         return Question(id=qid, prompt=prompt, answer=answer, choices=choices, meta=meta)
+
+
+def collect_questions(
+    rows: Iterable[tuple[int, dict[str, Any] | str]],
+    make: Callable[[int, dict[str, Any]], Question],
+    source: str,
+    on_bad_row: str,
+    id_field: str | None = None,
+) -> tuple[list[Question], list[str]]:
+    """The questions of numbered ``rows`` (a ``str`` row: the reason it could not be read), each
+    built by ``make(num, row)``, which raises :class:`_BadRow` for a bad one; a repeated id is a bad
+    row. ``on_bad_row``: ``"skip"`` keeps the others and returns the skipped rows' messages,
+    ``"error"`` raises on the first. No usable row at all is an error."""
+    questions: list[Question] = []
+    skipped: list[str] = []
+    seen: dict[str, int] = {}
+    for num, row in rows:
+        try:
+            if isinstance(row, str):
+                raise _BadRow(row)
+            q = make(num, row)
+            if q.id in seen:
+                field = f"field {id_field!r}: " if id_field else ""
+                raise _BadRow(f"{field}duplicate id {q.id!r} (first seen at row {seen[q.id]})")
+        except _BadRow as e:
+            msg = f"{source}: row {num}: {e}"
+            if on_bad_row == "skip":
+                skipped.append(msg)
+                continue
+            raise OpdlensError(msg + " (pass on_bad_row='skip' to skip such rows)") from None
+        seen[q.id] = num
+        questions.append(q)
+    if not questions:
+        raise OpdlensError(f"{source}: no usable rows ({len(skipped)} bad rows skipped)")
+    return questions, skipped
 
 
 class _BadRow(Exception):
