@@ -6,8 +6,10 @@
 * ``tensorboard``: ``torch.utils.tensorboard`` events under ``out_dir/tb``;
 * ``wandb``: a Weights & Biases run (``WANDB_MODE=offline`` works without a network);
 * ``trackio``: a Trackio project (local by default);
-* ``swanlab``: a SwanLab experiment (``SWANLAB_MODE=local`` / ``offline`` works without a network);
-* ``mlflow``: an MLflow run (``MLFLOW_TRACKING_URI``, else a file store under ``out_dir/mlruns``).
+* ``swanlab``: a SwanLab experiment under ``out_dir/swanlog`` (``SWANLAB_MODE=offline`` works
+  without a network);
+* ``mlflow``: an MLflow run (``MLFLOW_TRACKING_URI``, else a file store under ``out_dir/mlruns``,
+  which ``mlflow-skinny`` can write).
 
 Every tracker gets the run's configuration once, then per step the finite scalars of the step's
 row under the same names as ``metrics.jsonl`` (``train/<name>``, ``eval/<name>``, as the
@@ -162,6 +164,9 @@ class _Mlflow:
 
         self.mlflow = mlflow
         if not os.environ.get("MLFLOW_TRACKING_URI"):
+            # a local file store beside the run (works with mlflow-skinny, which has no database
+            # backend); MLflow >= 3.7 asks for this opt-in before writing one
+            os.environ.setdefault("MLFLOW_ALLOW_FILE_STORE", "true")
             mlflow.set_tracking_uri((out_dir / "mlruns").resolve().as_uri())
         mlflow.set_experiment(project)
         mlflow.start_run(run_name=name)
