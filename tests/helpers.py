@@ -36,6 +36,30 @@ def kill_sampling_after(policy: Any, n_calls: int) -> None:
     policy.sample = sample
 
 
+def tiny_train_config(out_dir: Any, **kw: Any) -> Any:
+    """A :class:`~opdlens.opd.config.TrainConfig` for the tiny CPU models: no progress bar, no
+    tracker, no checkpoints or evaluation unless asked, k = metrics_k = 4; ``kw`` overrides any key
+    (each test file sets its batch, budget, steps and lr)."""
+    from opdlens.opd.config import TrainConfig
+
+    base: dict[str, Any] = dict(
+        batch_size=2,
+        micro_batch=2,
+        max_new_tokens=4,
+        steps=2,
+        lr=1e-3,
+        eval_every=0,
+        save_every=0,
+        out_dir=out_dir,
+        progress=False,
+        report_to=[],
+        k=4,
+        metrics_k=4,
+        device="cpu",
+    )
+    return TrainConfig(**{**base, **kw})
+
+
 def tiny(seed: int, **kw: Any) -> Any:
     """A 2-layer, 32-wide random Llama on SmolLM2's tokenizer; ``init_std=0.5`` gives peaked,
     seed-dependent distributions (so student and teacher differ measurably)."""

@@ -11,7 +11,7 @@ import torch
 from opdlens.errors import OpdlensError
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)
 
@@ -25,23 +25,7 @@ def _evil_pickle(path, target) -> None:
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        batch_size=2,
-        micro_batch=2,
-        max_new_tokens=4,
-        steps=2,
-        lr=1e-3,
-        eval_every=0,
-        save_every=1,
-        out_dir=tmp_path,
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path, **{"save_every": 1, **kw})
 
 
 def test_planted_pickle_checkpoint_is_refused_without_running_it(tmp_path):

@@ -7,7 +7,7 @@ import torch
 
 from opdlens.opd.step import grpo_advantages
 from opdlens.opd.trainer import OPDTrainer, TrainConfig
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)
 
@@ -19,23 +19,7 @@ def _single_thread():
 
 
 def _cfg(tmp_path, **kw) -> TrainConfig:
-    base = dict(
-        batch_size=4,
-        micro_batch=2,
-        max_new_tokens=6,
-        steps=1,
-        lr=1e-3,
-        eval_every=0,
-        save_every=0,
-        out_dir=tmp_path,
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path, **{"batch_size": 4, "max_new_tokens": 6, "steps": 1, **kw})
 
 
 def test_grpo_advantages_closed_form():

@@ -21,7 +21,7 @@ from opdlens.opd.questions import load_questions
 from opdlens.opd.trainer import OPDTrainer, train
 from opdlens.rollout.base import make_generator, sample_tokens
 from opdlens.sampling import Truncation, truncate_log_probs
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)
 _, EVAL_QS = arith_questions(4, "test")
@@ -67,23 +67,7 @@ def _single_thread():
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> TrainConfig:
-    base = dict(
-        batch_size=4,
-        micro_batch=4,
-        max_new_tokens=3,
-        steps=1,
-        lr=1e-3,
-        eval_every=0,
-        save_every=0,
-        out_dir=tmp_path,
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path, **{"batch_size": 4, "micro_batch": 4, "max_new_tokens": 3, "steps": 1, **kw})
 
 
 class _Spy:

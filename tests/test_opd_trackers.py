@@ -17,7 +17,7 @@ import pytest
 from opdlens.errors import OpdlensError
 from opdlens.opd.trackers import split_row
 from opdlens.opd.trainer import TrainConfig, read_metrics, train
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)
 
@@ -29,24 +29,7 @@ def _single_thread():
 
 
 def _cfg(tmp_path: Path, **kw: Any) -> TrainConfig:
-    base: dict[str, Any] = dict(
-        batch_size=2,
-        micro_batch=2,
-        max_new_tokens=4,
-        steps=2,
-        lr=3e-3,
-        eval_every=0,
-        save_every=0,
-        out_dir=tmp_path,
-        progress=False,
-        report_to=[],
-        k=4,
-        metrics_k=4,
-        metrics_chunk=2,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path, **{"lr": 0.003, "metrics_chunk": 2, **kw})
 
 
 def _train(cfg: TrainConfig) -> list[dict[str, Any]]:

@@ -11,7 +11,7 @@ import torch
 from opdlens.errors import OpdlensError
 from opdlens.opd.batching import completion_logits
 from opdlens.opd.trainer import OPDTrainer, TrainConfig, list_checkpoints, read_metrics, train
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -38,23 +38,7 @@ def ToyTask():  # noqa: N802 - the arith task stands in for any task
 
 
 def _cfg(tmp_path: Path, **kw) -> TrainConfig:
-    base = dict(
-        batch_size=4,
-        micro_batch=2,
-        max_new_tokens=6,
-        steps=3,
-        lr=3e-3,
-        eval_every=0,
-        save_every=0,
-        out_dir=tmp_path,
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(tmp_path, **{"batch_size": 4, "max_new_tokens": 6, "steps": 3, "lr": 0.003, **kw})
 
 
 def test_completion_logits_align_with_unpadded_forward(pair):

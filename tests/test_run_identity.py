@@ -31,7 +31,7 @@ from opdlens.errors import OpdlensError
 from opdlens.io import append_line, atomic_write
 from opdlens.opd.trainer import TrainConfig, train
 from opdlens.report.run import load_run
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 from tests.test_fuzz import _synthetic_builder
 
 SRC = Path(__file__).resolve().parents[1] / "src" / "opdlens"
@@ -82,23 +82,7 @@ TASK, QS = arith_questions(8)
 
 
 def _tcfg(out: Path, **kw) -> TrainConfig:
-    base = dict(
-        batch_size=2,
-        micro_batch=2,
-        max_new_tokens=4,
-        steps=2,
-        lr=1e-3,
-        eval_every=0,
-        save_every=1,
-        out_dir=out,
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
-    )
-    base.update(kw)
-    return TrainConfig(**base)
+    return tiny_train_config(out, **{"save_every": 1, **kw})
 
 
 def _train(cfg: TrainConfig, teacher, questions=QS, **kw):  # type: ignore[no-untyped-def]
