@@ -8,9 +8,10 @@ import yaml
 from typer.testing import CliRunner
 
 from opdlens.cli import app
-from opdlens.config import apply_overrides, fingerprint, result_keys, stored_overrides
+from opdlens.config import apply_overrides, stored_overrides
 from opdlens.diagnose.config import DiagnoseConfig, read_run_config
 from opdlens.errors import OpdlensError
+from opdlens.identity import fingerprint, result_keys
 from opdlens.opd.cli import load_train_config
 from opdlens.opd.config import TrainConfig
 

@@ -325,8 +325,8 @@ def test_runs_written_before_a_key_existed_keep_the_value_they_ran_with(tmp_path
     (posterior mean, every node) is refused instead of mixing two estimators in one run."""
     import yaml
 
-    from opdlens.config import describe_mismatch, result_keys, stored_result_keys
     from opdlens.diagnose.config import DiagnoseConfig, demo_config, read_run_config
+    from opdlens.identity import describe_mismatch, result_keys, stored_result_keys
 
     cfg = demo_config(str(tmp_path / "run")).model_dump(mode="json")
     del cfg["signals"]["alignment_estimator"], cfg["targeting"]["scope"]

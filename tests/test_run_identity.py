@@ -23,11 +23,11 @@ from safetensors.torch import save_file
 from typer.testing import CliRunner
 
 from opdlens.cli import app
-from opdlens.config import model_digest
 from opdlens.diagnose import run as drun
 from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.store import RunStore, legacy_safe_name, safe_name, start_fresh
 from opdlens.errors import OpdlensError
+from opdlens.identity import model_digest
 from opdlens.io import append_line, atomic_write
 from opdlens.opd.trainer import TrainConfig, train
 from opdlens.report.run import load_run

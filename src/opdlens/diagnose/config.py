@@ -10,18 +10,11 @@ from typing import Any, ClassVar, Literal
 
 from pydantic import ConfigDict, Field, field_validator, model_validator
 
-from opdlens.config import (
-    RunSettings,
-    load_yaml,
-    read_yaml,
-    set_overrides,
-    stored_overrides,
-    validate_config,
-    with_legacy_values,
-)
+from opdlens.config import RunSettings, load_yaml, read_yaml, set_overrides, stored_overrides, validate_config
 from opdlens.diagnose.signals import SignalConfig
 from opdlens.diagnose.targeting import TargetingConfig
 from opdlens.diagnose.teachers import DEFAULT_TEACHERS, TeacherSpec
+from opdlens.identity import with_legacy_values
 from opdlens.rollout.base import TEMPERATURE_RANGE, EngineConfig
 
 #: Keys of a :class:`DiagnoseConfig` that do not change what a run estimates: where it runs and

@@ -53,8 +53,8 @@ def model_specs(config: Any) -> list[str]:
 
 def write_config(store: RunStore, config: Any) -> None:
     """Save the run's configuration as ``config.yaml`` and its fingerprint as ``fingerprint.json``:
-    the keys that determine results (:func:`opdlens.config.result_keys`) and the digests of its
-    local models' contents (:func:`opdlens.config.model_digest`; hub ids: the cached revision).
+    the keys that determine results (:func:`opdlens.identity.result_keys`) and the digests of its
+    local models' contents (:func:`opdlens.identity.model_digest`; hub ids: the cached revision).
 
     A directory that already holds rollouts or scores must have the same fingerprint: otherwise
     one error names the differing keys (stored and new values) and changed models, and how to
@@ -64,12 +64,12 @@ def write_config(store: RunStore, config: Any) -> None:
     """
     import yaml
 
-    from opdlens.config import (
+    from opdlens.config import overrides_comment
+    from opdlens.identity import (
         describe_input_changes,
         describe_mismatch,
         fingerprint_record,
         model_digests,
-        overrides_comment,
         result_keys,
         stored_inputs,
         stored_result_keys,

@@ -41,7 +41,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from opdlens.config import (
+from opdlens.diagnose.store import check_fresh, start_fresh
+from opdlens.errors import OpdlensError
+from opdlens.identity import (
     describe_input_changes,
     describe_mismatch,
     fingerprint,
@@ -51,8 +53,6 @@ from opdlens.config import (
     stored_inputs,
     stored_result_keys,
 )
-from opdlens.diagnose.store import check_fresh, start_fresh
-from opdlens.errors import OpdlensError
 from opdlens.io import atomic_write
 from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TEMPLATES, TrainConfig, resolve_template
