@@ -10,6 +10,7 @@ import re
 import pandas as pd
 import pytest
 
+from opdlens.diagnose.choices import run_choices
 from opdlens.diagnose.config import PAPER_PRESET, DiagnoseConfig
 from opdlens.diagnose.run import build_diagnosis, diagnose, write_config
 from opdlens.diagnose.store import RunStore
@@ -129,12 +130,13 @@ def test_paper_preset_fills_only_unset_keys():
     assert ours.signals.restriction == "renormalize" and ours.stat_unit == "path"
     # every preset key is a real config key (a typo in the preset would be an error)
     assert set(PAPER_PRESET) <= set(DiagnoseConfig.model_fields)
-    assert cfg.choices()["protocol"] == "paper" and ours.choices()["restriction to S_u"] == "renormalize"
+    assert run_choices(cfg)["protocol"] == "paper" and run_choices(ours)["restriction to S_u"] == "renormalize"
     # the alignment estimator: ours is the posterior mean, the paper's the plug-in (also under other signal keys)
     assert ours.signals.alignment_estimator == "posterior_mean" and cfg.signals.alignment_estimator == "plugin"
     assert mine.signals.alignment_estimator == "plugin"
     assert (
-        ours.choices()["alignment estimator"] == "posterior_mean" and cfg.choices()["alignment estimator"] == "plugin"
+        run_choices(ours)["alignment estimator"] == "posterior_mean"
+        and run_choices(cfg)["alignment estimator"] == "plugin"
     )
 
 
@@ -391,7 +393,7 @@ ISSUE_KEYS = {
 
 
 def test_every_result_key_is_one_registered_choice():
-    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_KEY, NOT_CHOICES, OURS, PAPER
+    from opdlens.diagnose.choices import CHOICES, CHOICES_BY_KEY, NOT_CHOICES, OURS, PAPER, run_choices
     from opdlens.diagnose.config import NON_RESULT_KEYS
     from opdlens.diagnose.signals import SignalConfig
     from opdlens.diagnose.targeting import TargetingConfig
@@ -428,11 +430,11 @@ def test_every_result_key_is_one_registered_choice():
     cfg = DiagnoseConfig.model_validate(
         {"protocol": "paper", "teachers": [{"name": "A", "context": "sum-1c", "thinking": False}], "temperature": 0.7}
     )
-    ch = cfg.choices()
+    ch = run_choices(cfg)
     assert list(ch) == ["protocol", *(c.label for c in CHOICES)]
     assert ch["student sampling temperature"] == 0.7 and ch["thinking (teachers)"] == {"A": False}
     assert ch["targets per window by GKD magnitude"] == 20 and ch["shown solution keeps its <think> part"] is True
-    used = cfg.choices(used_only=True)  # no adaptive targeting, no 1C-ext teacher: those keys are left out
+    used = run_choices(cfg, used_only=True)  # no adaptive targeting, no 1C-ext teacher: those keys are left out
     assert "summary temperature" in used and "adaptive: rounds" not in used and "solution writer tries" not in used
 
 

@@ -15,6 +15,7 @@ import pandas as pd
 import pytest
 from scipy import stats
 
+from opdlens.diagnose.choices import run_choices
 from opdlens.errors import OpdlensError
 from opdlens.report import CSV_FILES, FIGURE_FILES, write_report
 from opdlens.report.analyze import analyze
@@ -601,7 +602,7 @@ def shared_run(tmp_path_factory: pytest.TempPathFactory):  # type: ignore[no-unt
         ]
     )
     skips = pd.DataFrame({"question_id": ["q2"], "teacher": ["B"], "action": ["skipped"], "reason": [TOO_LONG]})
-    choices = DiagnoseConfig(protocol="paper").choices(used_only=True)
+    choices = run_choices(DiagnoseConfig(protocol="paper"), used_only=True)
     out = {}
     for unit in ("question", "path"):
         d = tmp_path_factory.mktemp(f"shared-{unit}")

@@ -1,7 +1,7 @@
 """Every result-changing choice of a ``opdlens diagnose`` run, in one list (:data:`CHOICES`): its
 config key, its value under ``protocol: paper`` and under our defaults (computed from
 :data:`~opdlens.diagnose.config.PAPER_PRESET` and the defaults, so they cannot drift), and whether
-paper A's text states the paper value. ``DiagnoseConfig.choices()``, the report's "Choices of this
+paper A's text states the paper value. ``run_choices(config)``, the report's "Choices of this
 run" and docs/PROTOCOL.md's table all come from it."""
 
 from __future__ import annotations
@@ -77,7 +77,7 @@ _EXTERNAL = _needs("external")
 _SHOWN = _needs("correct", "wrong", "external")
 
 #: Every result-changing choice of a run, in the order the report and docs/PROTOCOL.md list them.
-#: ``DiagnoseConfig.choices()``, the report's "Choices of this run" and the PROTOCOL.md table all
+#: ``run_choices(config)``, the report's "Choices of this run" and the PROTOCOL.md table all
 #: come from this list; tests/test_protocol.py checks that every key of :data:`PAPER_PRESET` and
 #: every config key not in :data:`NOT_CHOICES` / :data:`NON_RESULT_KEYS` is here.
 CHOICES: tuple[Choice, ...] = (
@@ -277,3 +277,10 @@ def choices_markdown() -> str:
         paper = _value_text(c.paper) + (" (per setting: configs/paper-*.yaml)" if c.per_setting else "")
         rows.append(f"| {c.label} | `{c.key}` | {paper} | {_value_text(c.ours)} | {c.provenance}: {c.source} |")
     return "\n".join([head, *rows])
+
+
+def run_choices(cfg: DiagnoseConfig, used_only: bool = False) -> dict[str, Any]:
+    """The run's value of every result-changing choice (:data:`CHOICES`), by label, after
+    ``protocol``; ``used_only`` leaves out the keys this run does not use (adaptive-mode keys
+    under fixed targeting, summariser keys without a Sum-* teacher, ...)."""
+    return {"protocol": cfg.protocol, **{c.label: c.value(cfg) for c in CHOICES if not used_only or c.used_by(cfg)}}

@@ -201,15 +201,6 @@ class DiagnoseConfig(RunSettings):
         """The paper's tree accounting (:func:`opdlens.diagnose.tree.path_stats`)."""
         return self.tree_accounting == "all-ancestors"
 
-    def choices(self, used_only: bool = False) -> dict[str, Any]:
-        """The run's value of every result-changing choice (:data:`CHOICES`), by label, after
-        ``protocol``; ``used_only`` leaves out the keys this run does not use (adaptive-mode keys
-        under fixed targeting, summariser keys without a Sum-* teacher, ...)."""
-        return {
-            "protocol": self.protocol,
-            **{c.label: c.value(self) for c in choices_registry() if not used_only or c.used_by(self)},
-        }
-
     @model_validator(mode="after")
     def _vllm_temperature(self) -> DiagnoseConfig:
         lo, hi = TEMPERATURE_RANGE
@@ -225,13 +216,6 @@ class DiagnoseConfig(RunSettings):
         """The config of a YAML file with command-line ``overrides`` (``KEY=VALUE``,
         :func:`opdlens.config.apply_overrides`) applied before validation."""
         return load_yaml(cls, path, overrides)
-
-
-def choices_registry() -> tuple[Any, ...]:
-    """:data:`opdlens.diagnose.choices.CHOICES` (imported here: that module reads this one's defaults)."""
-    from opdlens.diagnose.choices import CHOICES
-
-    return CHOICES
 
 
 def read_run_config(path: str | Path) -> DiagnoseConfig:

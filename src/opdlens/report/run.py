@@ -28,6 +28,7 @@ from typing import Any
 
 import pandas as pd
 
+from opdlens.diagnose.choices import run_choices
 from opdlens.diagnose.config import DiagnoseConfig, read_run_config
 from opdlens.diagnose.store import RunStore
 from opdlens.errors import OpdlensError
@@ -60,13 +61,13 @@ class RunResults:
 
     @property
     def choices(self) -> dict[str, Any] | None:
-        """The run's value of every choice it uses (:meth:`DiagnoseConfig.choices`; the report names the
+        """The run's value of every choice it uses (:func:`opdlens.diagnose.choices.run_choices`; the report names the
         ones it does not use), None without a config."""
         if self.config is None:
             return None
         overrides = self.config.overrides
         return {
-            **self.config.choices(used_only=True),
+            **run_choices(self.config, used_only=True),
             **({"command-line overrides": " ".join(overrides)} if overrides else {}),
         }
 
