@@ -13,29 +13,12 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.io import atomic_write
-from opdlens.opd import checkpoint as ckpt
 from opdlens.opd.config import TrainConfig
 from opdlens.opd.parallel import Dist
 from opdlens.opd.scoring import (
     decode,
     encode_user,
     step_seed,
-)
-
-list_checkpoints = ckpt.list_checkpoints
-#: Held-out signals copied into the log (prefixed ``eval_``).
-EVAL_KEYS = (
-    "rkl",
-    "overlap_ratio",
-    "overlap_advantage",
-    "entropy_gap",
-    "student_shared_mass",
-    "teacher_shared_mass",
-    "student_p_sum_intersection",
-    "teacher_p_sum_intersection",
-    "adv_intersection",
-    "student_entropy",
-    "teacher_entropy",
 )
 
 
