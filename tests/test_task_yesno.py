@@ -112,6 +112,11 @@ def test_splits_are_disjoint() -> None:
     assert not texts["validation"] & texts["test"]
     with pytest.raises(OpdlensError, match="unknown split 'dev'"):
         YesNoTask().load(split="dev", n=3)
+    # a huge count is one error at once, not a generator that never ends (the same bound as arith's)
+    with pytest.raises(
+        OpdlensError, match="task 'yesno' generates at most 100000 questions at once, 1000000000000000000000 were"
+    ):
+        YesNoTask().load(n=10**21)
 
 
 def test_kinds_and_bad_arguments() -> None:

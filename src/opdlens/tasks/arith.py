@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from opdlens.errors import OpdlensError
-from opdlens.tasks.base import Question, Task, register_task
+from opdlens.tasks.base import MAX_QUESTIONS, Question, Task, generated_count, register_task
 
 
 @dataclass(frozen=True)
@@ -82,9 +82,6 @@ ARITH_INSTRUCTION = 'End your reply with "Answer: <number>".'
 
 #: The splits of ``arith``: each is its own question stream (train and test share no generator).
 SPLITS: tuple[str, ...] = ("train", "validation", "test")
-#: Most questions one ``load()`` generates (a run diagnoses a few hundred at most; the bound keeps
-#: a typo such as ``n_questions: 1000000000000`` from generating without end).
-MAX_QUESTIONS = 100_000
 #: Largest ``n_operands`` (the number of operations of a question, generated one by one).
 MAX_OPERANDS = 100
 #: Largest ``max_value`` (operands beyond it would not fit a small model's vocabulary of numbers anyway).
@@ -156,14 +153,7 @@ class ArithTask(Task):
             raise OpdlensError(f"task 'arith': unexpected load() arguments {sorted(kw)}")
         if split not in SPLITS:
             raise OpdlensError(f"task 'arith' has no split {split!r}; its splits are {', '.join(SPLITS)}")
-        count = self.n_default if n is None else n
-        if count < 0:
-            raise OpdlensError(f"n must be >= 0, got {n}")
-        if count > MAX_QUESTIONS:
-            raise OpdlensError(
-                f"task 'arith' generates at most {MAX_QUESTIONS} questions at once, {count} were asked for "
-                "(n_questions): ask for fewer"
-            )
+        count = generated_count("arith", n, self.n_default)
         key = f"arith|{split}|{seed}|{self.n_operands}|{self.max_value}|{self.ops}|{self.style}"
         rng = random.Random(key)  # str seeds are hashed with SHA-512: stable across runs
         return [self._generate(rng, f"arith-{split}-{seed}-{i}") for i in range(count)]

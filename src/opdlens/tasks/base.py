@@ -102,6 +102,25 @@ class Task:
 # ---------------------------------------------------------------------------- helpers
 
 
+#: Most questions one ``load()`` of a generated task makes (a run diagnoses a few hundred at
+#: most; the bound keeps a typo such as ``n_questions: 1000000000000`` from generating without end).
+MAX_QUESTIONS = 100_000
+
+
+def generated_count(task: str, n: int | None, n_default: int) -> int:
+    """How many questions a generated task's ``load(n=...)`` makes: ``n``, else ``n_default``;
+    an error for a negative count or one above :data:`MAX_QUESTIONS`."""
+    count = n_default if n is None else n
+    if count < 0:
+        raise OpdlensError(f"n must be >= 0, got {n}")
+    if count > MAX_QUESTIONS:
+        raise OpdlensError(
+            f"task '{task}' generates at most {MAX_QUESTIONS} questions at once, {count} were asked for "
+            "(n_questions): ask for fewer"
+        )
+    return count
+
+
 def subsample(items: Sequence[Any], n: int | None, seed: int) -> list[Any]:
     """All ``items`` when ``n`` is None, else a seeded random subset of ``min(n, len)`` of them,
     kept in their original order (so ``n`` and ``seed`` identify the subset)."""

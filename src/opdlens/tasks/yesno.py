@@ -31,7 +31,7 @@ from collections.abc import Callable
 from typing import Any, ClassVar
 
 from opdlens.errors import OpdlensError
-from opdlens.tasks.base import Question, Task, register_task
+from opdlens.tasks.base import Question, Task, generated_count, register_task
 
 #: The kinds of question, in the order a question's kind is drawn from.
 KINDS: tuple[str, ...] = ("compare", "parity", "sum", "category", "alpha", "letters")
@@ -110,9 +110,7 @@ class YesNoTask(Task):
             raise OpdlensError(f"task 'yesno': unexpected load() arguments {sorted(kw)}")
         if split not in SPLITS:
             raise OpdlensError(f"task 'yesno': unknown split {split!r}; expected one of {', '.join(SPLITS)}")
-        count = self.n_default if n is None else n
-        if count < 0:
-            raise OpdlensError(f"n must be >= 0, got {n}")
+        count = generated_count("yesno", n, self.n_default)
         rng = random.Random(f"yesno|{split}|{seed}|{','.join(self.kinds)}")  # str seeds: stable (SHA-512)
         seen: set[str] = set()
         out: list[Question] = []
