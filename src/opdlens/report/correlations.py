@@ -110,15 +110,20 @@ def divergence_correlations(
 
     rows = []
     for (teacher, var), sub in pp.groupby(["teacher", "variable"], sort=True):
-        row: dict[str, object] = {"teacher": teacher, "variable": var}
-        row["n_paths"] = int(np.isfinite(sub["pearson"].to_numpy(dtype=float)).sum())
-        for name in ("pearson", "spearman"):
-            r = sub[name].to_numpy(dtype=float)
-            r = r[np.isfinite(r)]
-            row[f"{name}_mean"] = float(r.mean()) if r.size else float("nan")
-            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_interval(r, confidence, n_boot=n_boot, seed=seed)
-        rows.append(row)
+        rows.append({"teacher": teacher, "variable": var, **_over_paths(sub, confidence, n_boot, seed)})
     return Correlations(per_path=pp, summary=_ordered(pd.DataFrame(rows), ["teacher"], order))
+
+
+def _over_paths(per_path: pd.DataFrame, confidence: float, n_boot: int, seed: int) -> dict[str, object]:
+    """``n_paths`` and, for Pearson and Spearman, the mean over paths of the finite coefficients
+    with its seeded percentile bootstrap interval over paths."""
+    row: dict[str, object] = {"n_paths": int(np.isfinite(per_path["pearson"].to_numpy(dtype=float)).sum())}
+    for name in ("pearson", "spearman"):
+        r = per_path[name].to_numpy(dtype=float)
+        r = r[np.isfinite(r)]
+        row[f"{name}_mean"] = float(r.mean()) if r.size else float("nan")
+        row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_interval(r, confidence, n_boot=n_boot, seed=seed)
+    return row
 
 
 def pooled_over_teachers(
@@ -132,12 +137,5 @@ def pooled_over_teachers(
     by_path = per_path.groupby(["question_id", "path_id", "variable"], sort=True)[["pearson", "spearman"]].mean()
     rows = []
     for var, sub in by_path.groupby(level="variable", sort=False):
-        row: dict[str, object] = {"variable": var}
-        row["n_paths"] = int(np.isfinite(sub["pearson"].to_numpy(dtype=float)).sum())
-        for name in ("pearson", "spearman"):
-            r = sub[name].to_numpy(dtype=float)
-            r = r[np.isfinite(r)]
-            row[f"{name}_mean"] = float(r.mean()) if r.size else float("nan")
-            row[f"{name}_ci_low"], row[f"{name}_ci_high"] = bootstrap_interval(r, confidence, n_boot=n_boot, seed=seed)
-        rows.append(row)
+        rows.append({"variable": var, **_over_paths(sub, confidence, n_boot, seed)})
     return _ordered(pd.DataFrame(rows), [], order)
