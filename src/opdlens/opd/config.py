@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from opdlens.config import RunSettings
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
-from opdlens.opd.presets import COLD_START_PAPER, PRESETS, PROMPT_MATCH_PAPER, preset_values
+from opdlens.opd.presets import COLD_START_PAPER, PRESETS, PROMPT_MATCH_PAPER, preset_values, with_recipe
 from opdlens.opd.registry import LOSSES, LossOptions, get_loss
 
 #: Named prompt templates (``{prompt}``: the task prompt; ``{answer}``: the reference answer).
@@ -99,9 +99,7 @@ class ColdStartStage(BaseModel):
     @classmethod
     def _apply_recipe(cls, data: Any) -> Any:
         """``recipe: paper``: the keys left unset take the authors' values (explicit keys win)."""
-        if isinstance(data, dict) and data.get("recipe") == "paper":
-            return {**{k: v.value for k, v in COLD_START_PAPER.items()}, **data}
-        return data
+        return with_recipe(data, COLD_START_PAPER)
 
 
 class TemplateStage(BaseModel):
@@ -157,9 +155,7 @@ class PromptMatchStage(BaseModel):
     @classmethod
     def _apply_recipe(cls, data: Any) -> Any:
         """``recipe: paper``: the keys left unset take the authors' values (explicit keys win)."""
-        if isinstance(data, dict) and data.get("recipe") == "paper":
-            return {**{k: v.value for k, v in PROMPT_MATCH_PAPER.items()}, **data}
-        return data
+        return with_recipe(data, PROMPT_MATCH_PAPER)
 
 
 class TeacherPromptStage(PromptMatchStage):

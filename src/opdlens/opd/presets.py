@@ -148,3 +148,11 @@ def preset_values(name: str) -> dict[str, Any]:
     if name not in PRESETS:
         raise OpdlensError(f"unknown preset {name!r}; known: {', '.join(PRESETS)}")
     return {k: v.value for k, v in PRESETS[name].items()}
+
+
+def with_recipe(data: Any, values: dict[str, Sourced]) -> Any:
+    """A stage's raw config with ``recipe: paper``: the keys it leaves unset take ``values``
+    (the authors', without their sources); keys it sets win. Anything else unchanged."""
+    if isinstance(data, dict) and data.get("recipe") == "paper":
+        return {**{k: v.value for k, v in values.items()}, **data}
+    return data
