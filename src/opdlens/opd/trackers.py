@@ -11,12 +11,12 @@
 * ``mlflow``: an MLflow run (``MLFLOW_TRACKING_URI``, else a file store under ``out_dir/mlruns``,
   which ``mlflow-skinny`` can write).
 
-Every tracker gets the run's configuration once, then per step the finite scalars of the step's
-row under the same names as ``metrics.jsonl`` (``train/<name>``, ``eval/<name>``, as the
-TensorBoard copy names them). The per-position curves (``<metric>_chunk_<start>_<end>``) also go
-to the trackers that draw native line plots (wandb: one ``wandb.plot.line`` per metric and step;
-TensorBoard: one scalar per chunk, under ``curves/``). A tracker that is named but not installed
-is an error naming the pip extra, raised before training starts.
+Every tracker but TensorBoard gets the run's configuration once; every tracker gets, per step,
+the finite scalars of the step's row under ``train/<name>`` and ``eval/<name>`` (the names of
+``metrics.jsonl``). The per-position curves (``<metric>_chunk_<start>_<end>``) are scalars among
+them; wandb also draws each as a native line plot (``curves/<group>/<metric>``, one
+``wandb.plot.line`` per metric and step). A tracker that is named but not installed is an error
+naming the pip extra, raised before training starts.
 """
 
 from __future__ import annotations
