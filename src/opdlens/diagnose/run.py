@@ -216,8 +216,7 @@ def build_diagnosis(config: Any, *, progress: bool = True) -> tuple[Diagnosis, l
     def slot(spec: str) -> ModelSlot:
         if spec not in slots:
             check_spec_tokenizer(student, spec)
-            # the student's own spec is the loaded student (kept for the whole run, never freed)
-            slots[spec] = ModelSlot.fixed(student) if spec == config.student else _model_slot(spec, student, config)
+            slots[spec] = _model_slot(spec, student, config)
         return slots[spec]
 
     teachers = []
