@@ -13,6 +13,13 @@ Per step (median over ``--steps`` timed steps after one warm-up step):
 * update: the rest of the step: loss, backward, clipping, AdamW (and the logged signals);
 * tokens/s = generated tokens per step / step time.
 
+The physical floor of a step (``floor_s``; on a GPU): the training FLOPs
+6·N_student·T + 2·N_teacher·T (T = the rows' prompt + generated tokens) at the bf16 matmul rate
+measured in the same run (an 8192³ GEMM), plus the rollout's weight traffic (one read of the rollout
+weights per decode step) at the copy bandwidth measured in the same run (a 1 GiB device copy);
+``floor_fraction`` = floor_s / step time. ``--profile`` adds the torch profiler's top kernels of one
+step (``--profile-out`` writes the whole table).
+
 The prompts bypass the chat template and the task checker is skipped (random ids have no text).
 
     python bench/train.py                       # the H100 configuration of bench/RESULTS.md
@@ -71,6 +78,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--loss", default="opd")
     ap.add_argument("--k", type=int, default=16)
     ap.add_argument("--teacher-device", default=None, help="the teacher's device (e.g. cuda:1; default: the student's)")
+    ap.add_argument("--rollout-dtype", default="float32", choices=["float32", "bfloat16"])
+    ap.add_argument("--profile", action="store_true", help="profile one extra step (torch profiler)")
+    ap.add_argument("--profile-out", default=None, help="write the profiler's whole table here")
     a = ap.parse_args(argv)
     device = "cuda:0" if torch.cuda.is_available() else "cpu"
     student = _policy(a.student, 0, device, "float32")
@@ -91,6 +101,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         device=device,
         dtype=a.dtype,
         teacher_device=a.teacher_device,
+        rollout_dtype=a.rollout_dtype,
         progress=False,
         tensorboard=False,
         metrics_chunk=0,
@@ -132,6 +143,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                 }
             )
     med = {k: statistics.median(r[k] for r in rows) for k in rows[0]}
+    if a.profile:
+        _profile(tr, a.profile_out)
+    floor = _floor(student, teacher, a, device) if device != "cpu" else {}
     out = {
         "device": torch.cuda.get_device_name() if device != "cpu" else "cpu",
         "teacher_device": a.teacher_device or device,
@@ -149,10 +163,73 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "steps_per_s": 1.0 / med["step_s"],
         "tokens_per_s": med["tokens"] / med["step_s"],
         **{f"median_{k}": v for k, v in med.items()},
+        "rollout_dtype": a.rollout_dtype,
         "peak_mem_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device != "cpu" else None,
+        **floor,
     }
+    if floor:
+        out["floor_fraction"] = floor["floor_s"] / med["step_s"]
     print(json.dumps(out, indent=1))
     return out
+
+
+def _n_params(policy: Any) -> int:
+    return sum(p.numel() for p in policy.model.parameters())
+
+
+def _floor(student: Any, teacher: Any, a: argparse.Namespace, device: str) -> dict[str, float]:
+    """The step's physical floor from the bf16 GEMM rate and copy bandwidth measured here."""
+    n = 8192
+    x = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+    for _ in range(3):
+        x @ x
+    _sync()
+    t = time.perf_counter()
+    for _ in range(20):
+        x @ x
+    _sync()
+    peak = 20 * 2 * n**3 / (time.perf_counter() - t)
+    buf = torch.empty(2**28, device=device, dtype=torch.float32)  # 1 GiB
+    dst = torch.empty_like(buf)
+    dst.copy_(buf)
+    _sync()
+    t = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(buf)
+    _sync()
+    bw = 10 * 2 * buf.numel() * 4 / (time.perf_counter() - t)  # read + write bytes per second
+    del x, buf, dst
+    n_s, n_t = _n_params(student), _n_params(teacher)
+    t_seq = a.batch * (a.prompt_len + a.max_new)
+    flops = (6 * n_s + 2 * n_t) * t_seq
+    w_bytes = n_s * (2 if a.rollout_dtype == "bfloat16" else 4)
+    compute_s, traffic_s = flops / peak, a.max_new * w_bytes / bw
+    return {
+        "bf16_tflops_measured": peak / 1e12,
+        "copy_gbps_measured": bw / 1e9,
+        "student_params": n_s,
+        "teacher_params": n_t,
+        "floor_compute_s": compute_s,
+        "floor_rollout_traffic_s": traffic_s,
+        "floor_s": compute_s + traffic_s,
+    }
+
+
+def _profile(tr: OPDTrainer, path: str | None) -> None:
+    """One more step under the torch profiler: the top kernels by device time."""
+    from torch.profiler import ProfilerActivity, profile
+
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if torch.cuda.is_available() else [])
+    with profile(activities=acts) as prof:
+        tr.train_step()
+        _sync()
+    key = "cuda_time_total" if torch.cuda.is_available() else "cpu_time_total"
+    table = prof.key_averages().table(sort_by=key, row_limit=200, max_name_column_width=70)
+    if path:
+        from opdlens.io import atomic_write
+
+        atomic_write(path, table)
+    print("\n".join(table.splitlines()[:40]))
 
 
 if __name__ == "__main__":
