@@ -229,3 +229,82 @@ def test_second_run_in_one_process_gets_a_trainable_student(tmp_path):
     assert not any(p.requires_grad for p in t.model.parameters())
     s2, _ = load_models(cfg, teacher=False)
     assert all(p.requires_grad for p in s2.model.parameters())
+
+
+def test_shared_logprobs_same_step_once_each(pair, tmp_path, monkeypatch):
+    """A micro-batch's loss, signals and rollout gap read one log-softmax and one top-k per model
+    (shared_logprobs): the gradients and every logged value equal the unshared computation's."""
+    import contextlib
+
+    import opdlens.opd.losses as losses_mod
+    import opdlens.opd.step as step_mod
+
+    student, teacher = pair
+    cfg = _cfg(tmp_path, micro_batch=2, batch_size=4, loss="opd", outcome_weight=0.0)
+    tr = OPDTrainer(cfg, student, teacher, ToyTask(), toy_questions(4), [])
+    rows = tr._rollouts(toy_questions(4), 1, 7, cfg.temperature, first=0)
+    calls = {"log_softmax": 0, "topk": 0}
+    real_ls, real_topk = losses_mod._log_softmax, torch.Tensor.topk
+
+    def counting_ls(*a, **k):
+        calls["log_softmax"] += 1
+        return real_ls(*a, **k)
+
+    def counting_topk(self, *a, **k):
+        calls["topk"] += 1
+        return real_topk(self, *a, **k)
+
+    monkeypatch.setattr(losses_mod, "_log_softmax", counting_ls)
+    monkeypatch.setattr(torch.Tensor, "topk", counting_topk)
+
+    def step() -> tuple[dict[str, float], list[torch.Tensor]]:
+        tr.optimizer.zero_grad(set_to_none=True)
+        n_tok = sum(len(r.tokens) for r in rows)
+        res = step_mod.accumulate_gradients(tr.scorer, rows, cfg, global_tokens=n_tok, global_rows=len(rows))
+        grads = [p.grad.clone() for p in tr.model.parameters() if p.grad is not None]
+        return {**res.sums.means(), "loss": res.loss}, grads
+
+    shared_vals, shared_grads = step()
+    shared_calls = dict(calls)
+    calls.update(log_softmax=0, topk=0)
+    monkeypatch.setattr(step_mod, "shared_logprobs", contextlib.nullcontext)
+    plain_vals, plain_grads = step()
+    micro = 2
+    assert shared_calls == {"log_softmax": 2 * micro, "topk": 2 * micro}
+    assert calls == {"log_softmax": 7 * micro, "topk": 6 * micro}
+    assert shared_vals.keys() == plain_vals.keys() and len(shared_vals) > 20
+    for key, v in plain_vals.items():
+        assert shared_vals[key] == pytest.approx(v, rel=0, abs=0, nan_ok=True), key
+    assert len(shared_grads) == len(plain_grads) > 0
+    for a, b in zip(shared_grads, plain_grads):
+        assert torch.equal(a, b)
+
+
+def test_shared_logprobs_cache_rules():
+    """The cache keys on the tensor and its version: an in-place change or a caller needing a
+    graph gets a fresh result; callers without one get the shared result detached."""
+    from opdlens.opd.losses import log_probs, shared_logprobs, topk_ids
+
+    z = torch.randn(2, 3, 11, requires_grad=True)
+    with shared_logprobs():
+        a = log_probs(z, 0.7)
+        assert a.requires_grad
+        b = log_probs(z.detach(), 0.7)
+        assert not b.requires_grad and b.data_ptr() == a.data_ptr()
+        assert log_probs(z.detach(), 1.0).data_ptr() != a.data_ptr()  # another temperature
+        y = z.detach().clone()
+        first = log_probs(y)
+        y.add_(1.0)  # in place: a new version of y
+        second = log_probs(y)
+        assert second.data_ptr() != first.data_ptr()
+        assert torch.allclose(second, torch.log_softmax(y, -1))
+        idx = topk_ids(b, 4)
+        assert topk_ids(a, 4).data_ptr() == idx.data_ptr() and torch.equal(idx, b.topk(4, dim=-1).indices)
+        assert topk_ids(b, 3).shape[-1] == 3
+    with torch.no_grad(), shared_logprobs():
+        c = log_probs(z)
+    with shared_logprobs():
+        log_probs(z.detach())  # cached without a graph
+        d = log_probs(z)  # needs one: recomputed
+        assert d.requires_grad
+    assert torch.allclose(c, d.detach())

@@ -38,7 +38,7 @@ from dataclasses import dataclass, fields
 import torch
 
 from opdlens.errors import OpdlensError
-from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries
+from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries, topk_ids
 
 
 @dataclass
@@ -100,8 +100,8 @@ def token_metrics(
     p = logp.exp()
     q = logq.exp()
 
-    idx_p = logp.topk(k, dim=-1).indices  # [B, T, k]
-    idx_q = logq.topk(k, dim=-1).indices
+    idx_p = topk_ids(logp, k)  # [B, T, k]
+    idx_q = topk_ids(logq, k)
     shared = (idx_p.unsqueeze(-1) == idx_q.unsqueeze(-2)).any(-1)  # [B, T, k] over S^p
     sf = shared.float()
     lp_s = logp.gather(-1, idx_p)

@@ -17,7 +17,7 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd.config import TrainConfig
-from opdlens.opd.losses import log_probs, reduce_tokens
+from opdlens.opd.losses import log_probs, reduce_tokens, shared_logprobs
 from opdlens.opd.metrics import mechanism_metrics, token_metrics
 from opdlens.opd.registry import get_loss
 from opdlens.opd.runlog import MetricSums
@@ -133,7 +133,7 @@ def accumulate_gradients(
     for j, i in enumerate(starts):
         mb = rows[i : i + cfg.micro_batch]
         sync = no_sync() if (no_sync is not None and j < len(starts) - 1) else contextlib.nullcontext()
-        with sync:
+        with shared_logprobs(), sync:  # the loss, signals and rollout gap share log-softmaxes and top-k
             sc = scorer.score(mb, grad=True)
             out = spec.fn(sc.student, sc.teacher, sc.tokens, sc.mask, opts)
             loss = out.loss
@@ -152,10 +152,10 @@ def accumulate_gradients(
             if not torch.isfinite(loss):
                 raise OpdlensError(f"non-finite OPD loss (loss={loss.item()}); try a lower lr or dtype float32")
             (loss * world).backward()
-        loss_total += float(loss.detach())
-        add_signals(sums, sc, cfg)
-        add_rollout_gap(sums, sc, mb, cfg.temperature)
-        sums.add("loss_value", float((out.per_token * sc.mask).sum()), float(sc.mask.sum()))
+            loss_total += float(loss.detach())
+            add_signals(sums, sc, cfg)
+            add_rollout_gap(sums, sc, mb, cfg.temperature)
+            sums.add("loss_value", float((out.per_token * sc.mask).sum()), float(sc.mask.sum()))
         del sc, out, loss
     return StepResult(loss_total, sums)
 
