@@ -219,3 +219,26 @@ def test_a_teacher_on_the_students_own_model_keeps_the_student_loaded(tmp_path, 
     store = diagnose(cfg, progress=False)
     nodes, questions, _ = load_results(store)
     assert set(nodes["teacher"]) == {"T", "S"} and len(questions) == 2
+
+
+def test_scheduled_model_load_frees_the_students_decode_buffers(monkeypatch):
+    """Before the schedule loads another model beside the student, the student's engine drops the
+    decode buffers it keeps between calls (an MMLU-length run's student kept ~30 GB of them on an
+    H100 and the 32B solution writer then ran out of memory); the student samples again after."""
+    from types import SimpleNamespace
+
+    import opdlens.models as models
+    from opdlens.diagnose.run import _model_slot
+    from tests.helpers import tiny
+
+    student, other = tiny(0), tiny(1)
+    before = student.sample([[1, 5, 6]], 2, 3, seed=0)
+    eng = student.engine
+    eng.slots.slots[(1, 1, 1, 1)] = SimpleNamespace(nbytes=1 << 30)  # stands for a kept decode buffer
+    monkeypatch.setattr(models, "load_policy", lambda spec, **kw: other)
+    slot = _model_slot("other-model", student, SimpleNamespace(device="cpu", dtype=None))
+    assert slot.get() is other and slot.loads == 1
+    assert eng.slots.slots == {}
+    assert student.engine is eng
+    again = student.sample([[1, 5, 6]], 2, 3, seed=0)
+    assert [c.tokens for c in again[0]] == [c.tokens for c in before[0]]

@@ -258,6 +258,9 @@ def _model_slot(spec: str, student: Any, config: Any) -> ModelSlot:
     from opdlens.models import load_policy, release_policy, spec_max_context
 
     def load() -> Policy:
+        free = getattr(student, "free_engine_caches", None)
+        if free is not None:  # the student's decode buffers (up to 40% of the free GPU memory) go first
+            free()
         policy = load_policy(spec, device=config.device, dtype=config.dtype)
         policy.model.requires_grad_(False)  # inference only (lets the engine fuse weights without a copy)
         check_same_tokenizer(student, policy)

@@ -209,6 +209,15 @@ class HFPolicy:
             self._engine = TorchEngine(self.model, self._eos, self._pad, self.device, **self.engine_options)
         return self._engine
 
+    def free_engine_caches(self) -> None:
+        """Give back the memory the rollout engine keeps between calls (decode buffers, CUDA
+        graphs), e.g. before another model is loaded beside this one; sampling rebuilds it."""
+        free = getattr(self._engine, "free_caches", None)
+        if free is not None:
+            free()
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+
     def use_engine_config(self, config: Any) -> None:
         """Sample with a :class:`~opdlens.rollout.TorchEngine` built from ``config`` (an
         :class:`~opdlens.rollout.EngineConfig`), replacing the current engine."""

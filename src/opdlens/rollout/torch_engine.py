@@ -113,6 +113,12 @@ class TorchEngine:
         self.stats: dict[str, float] = {}
         self.timing = False  # benchmarks: record stats["prefill_s"] (adds device syncs)
 
+    def free_caches(self) -> None:
+        """Drop the decode buffers and CUDA graphs kept across calls (:class:`SlotCache`: up to
+        ``max_kv_bytes`` of KV buffers); the next call builds what it needs again. The model
+        schedule calls it before loading another model beside this one."""
+        self.slots = SlotCache(self.config.graph_cache, self.max_kv_bytes)
+
     # ------------------------------------------------------------------ choices made once
     def _pick_backend(self, backend: str) -> str:
         reason = fused_supported(self.model)
