@@ -225,6 +225,33 @@ def diagnose_cmd(
 
 
 @app.command()
+def rescore(
+    run_dir: Path = typer.Argument(..., help="a finished `opdlens diagnose` run"),
+    overrides: Optional[list[str]] = typer.Argument(
+        None, metavar="KEY=VALUE", help="scoring keys to change (signals.*, tree_accounting, stat_unit)"
+    ),
+    out: Path = typer.Option(..., help="the new run directory"),
+    scoring: Optional[str] = typer.Option(
+        None, help="set every scoring key to this protocol's: 'paper' (protocol: paper) or 'opdlens' (our defaults)"
+    ),
+    fresh: bool = typer.Option(False, "--fresh", help="move an existing --out directory aside first"),
+) -> None:
+    """Score a finished run's tree again under other scoring choices (same rollouts), then the report."""
+    from opdlens.diagnose.rescore import rescore as run_rescore
+
+    try:
+        if scoring not in (None, "paper", "opdlens"):
+            raise OpdlensError(f"--scoring must be 'paper' or 'opdlens', got {scoring!r}")
+        start = time.perf_counter()
+        store = run_rescore(run_dir, out, overrides or [], scoring=scoring, fresh=fresh)  # type: ignore[arg-type]
+        _say(f"[green]done[/] in {time.perf_counter() - start:.0f}s;", f"results in {store.root}")
+        index, _ = _report(store.root)
+        _say("report:", index)
+    except (OpdlensError, OSError) as exc:
+        _fail(exc)
+
+
+@app.command()
 def report(
     run_dir: Path = typer.Argument(..., help="a run directory written by diagnose/demo"),
     train_run: list[Path] = typer.Option([], "--train", help="OPD run directory whose curve to include (repeatable)"),

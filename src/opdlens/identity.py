@@ -61,7 +61,7 @@ def differing_keys(old: Any, new: Any, prefix: str = "") -> list[str]:
     return [] if old == new else [prefix or "(root)"]
 
 
-def _value_at(tree: Any, dotted: str) -> Any:
+def value_at(tree: Any, dotted: str) -> Any:
     """The value at a :func:`differing_keys` name (``teachers[1].model``), or ``<missing>``."""
     cur = tree
     for part in re.findall(r"[^.\[\]]+|\[\d+\]", dotted):
@@ -77,7 +77,7 @@ def describe_mismatch(stored: dict[str, Any], keys: dict[str, Any], limit: int =
     if fingerprint(stored) == fingerprint(keys):
         return None
     diff = differing_keys(stored, keys)
-    shown = "; ".join(f"{k}: {_value_at(stored, k)!r} -> {_value_at(keys, k)!r}" for k in diff[:limit])
+    shown = "; ".join(f"{k}: {value_at(stored, k)!r} -> {value_at(keys, k)!r}" for k in diff[:limit])
     return shown + (f" (and {len(diff) - limit} more)" if len(diff) > limit else "")
 
 

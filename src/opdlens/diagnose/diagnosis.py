@@ -173,6 +173,34 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
         self.skips.sort(key=lambda r: order.get(r["question_id"], len(order)))
         return self.finish(rows, len(envs))
 
+    def score_stored(self, envs: Iterable[QuestionEnv]) -> pd.DataFrame:
+        """Phase 2 alone on stored trees (``opdlens rescore``): each question's rollouts, paths
+        and teacher contexts are read back and every teacher scores them, one model at a time.
+        Nothing is sampled: a question whose tree is not stored is an error."""
+        envs = list(envs)
+        for env in envs:
+            if not self.store.count_rollouts(env.id, "initial") or not self.store.has(self.store.paths_file(env.id)):
+                raise OpdlensError(
+                    f"question {env.id} has no stored tree in {self.store.root}: rescore scores stored trees"
+                )
+
+        def refuse(*_: Any, **__: Any) -> Any:
+            raise OpdlensError(
+                "rescore would sample new rollouts: the stored tree is incomplete (finish the source run)"
+            )
+
+        sample, self.sampler.sample = self.sampler.sample, refuse  # type: ignore[method-assign]
+        try:
+            preps = {env.id: self.prepare(env) for env in self._bar(envs, "stored trees")}
+            for prep in preps.values():
+                self.skips.extend(prep.skips)
+            self._per_model(
+                "scoring", self.teachers, envs, lambda env, group: self.score_group(env, preps[env.id], group)
+            )
+        finally:
+            self.sampler.sample = sample  # type: ignore[method-assign]
+        return self.finish([self.summary(env, preps[env.id]) for env in envs], len(envs))
+
     def _bar(self, items: Sequence[Any], desc: str) -> Iterable[Any]:
         return tqdm(items, desc=desc, unit="q", disable=not self.progress)
 

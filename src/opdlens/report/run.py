@@ -30,6 +30,7 @@ import pandas as pd
 
 from opdlens.diagnose.choices import run_choices
 from opdlens.diagnose.config import DiagnoseConfig, read_run_config
+from opdlens.diagnose.rescore import rescored_note
 from opdlens.diagnose.store import RunStore
 from opdlens.errors import OpdlensError
 
@@ -174,7 +175,10 @@ def load_run(source: RunStore | str | Path, *, finished: bool = False, need_conf
         notes = _incomplete_notes(store, missing)
         if notes and finished:
             raise OpdlensError(f"run {root} is incomplete: {' '.join(notes)}")
-        return RunResults(nodes, questions, paths, skips, inputs, bool(notes), notes, root=root, config=config)
+        partial = bool(notes)
+        if (rescored := rescored_note(root)) is not None:
+            notes = [rescored, *notes]
+        return RunResults(nodes, questions, paths, skips, inputs, partial, notes, root=root, config=config)
     scored = sorted(nodes["question_id"].astype(str).unique())
     questions = pd.DataFrame([_question_row(store, q) for q in scored])
     total = "" if inputs is None else f" of {len(inputs)}"
