@@ -38,7 +38,8 @@ from typing import Any
 import torch
 
 from opdlens.models import random_policy, tiny_random_policy
-from opdlens.opd.trainer import OPDTrainer, TrainConfig
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.trainer import OPDTrainer
 
 
 class _Q:

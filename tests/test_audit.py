@@ -165,8 +165,8 @@ def test_audit_every_logs_what_a_standalone_audit_of_the_checkpoint_gives(tmp_pa
     from opdlens.diagnose.teachers import TeacherSpec
     from opdlens.opd import checkpoint as ckpt
     from opdlens.opd.config import TrainConfig
+    from opdlens.opd.run import train
     from opdlens.opd.runlog import read_metrics
-    from opdlens.opd.trainer import train
     from tests.helpers import arith_questions, tiny
 
     options = DiagnoseConfig(

@@ -10,7 +10,9 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd import checkpoint as ckpt
-from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
+from opdlens.opd.trainer import OPDTrainer
 from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)

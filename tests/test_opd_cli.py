@@ -12,7 +12,9 @@ from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.errors import OpdlensError
 from opdlens.opd import cli as opd_cli
-from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
+from opdlens.opd.trainer import OPDTrainer
 from tests.helpers import arith_questions, one_thread, tiny
 
 

@@ -7,8 +7,9 @@ import pytest
 import torch
 
 from opdlens.errors import OpdlensError
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
 from opdlens.opd.scoring import process_devices
-from opdlens.opd.trainer import TrainConfig, train
 from tests.helpers import arith_questions, one_thread, tiny
 
 
@@ -123,7 +124,7 @@ def test_teacher_on_a_second_gpu_trains_like_one_gpu(tmp_path):
 @pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs (run on a GPU machine)")
 def test_load_models_puts_each_model_on_its_device(monkeypatch):
     from opdlens.models import MODEL_SHAPES
-    from opdlens.opd.trainer import load_models
+    from opdlens.opd.run import load_models
 
     monkeypatch.setitem(
         MODEL_SHAPES,

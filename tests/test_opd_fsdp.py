@@ -15,7 +15,9 @@ import torch
 import yaml
 from safetensors.torch import load_file
 
-from opdlens.opd.trainer import TrainConfig, list_checkpoints, train
+from opdlens.opd.checkpoint import list_checkpoints
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
 from tests.helpers import one_thread, tiny
 from tests.test_opd_parallel import STEPS, _config, _launch, _weights
 

@@ -10,7 +10,9 @@ import pytest
 import torch
 
 from opdlens.errors import OpdlensError
-from opdlens.opd.trainer import TrainConfig, list_checkpoints, train
+from opdlens.opd.checkpoint import list_checkpoints
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
 from tests.helpers import arith_questions, one_thread, tiny
 
 

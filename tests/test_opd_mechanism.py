@@ -5,8 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opdlens.opd.config import TrainConfig
 from opdlens.opd.step import grpo_advantages
-from opdlens.opd.trainer import OPDTrainer, TrainConfig
+from opdlens.opd.trainer import OPDTrainer
 from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)

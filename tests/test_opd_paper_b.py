@@ -18,7 +18,8 @@ from opdlens.models import tiny_random_policy
 from opdlens.opd.config import TrainConfig
 from opdlens.opd.presets import PAPER_B
 from opdlens.opd.questions import load_questions
-from opdlens.opd.trainer import OPDTrainer, train
+from opdlens.opd.run import train
+from opdlens.opd.trainer import OPDTrainer
 from opdlens.rollout.base import make_generator, sample_tokens
 from opdlens.sampling import Truncation, truncate_log_probs
 from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config

@@ -5,7 +5,8 @@ from __future__ import annotations
 import pytest
 import torch
 
-from opdlens.opd.trainer import TrainConfig, train
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
 from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(16)

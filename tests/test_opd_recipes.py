@@ -224,7 +224,8 @@ def test_prompt_stages_select_the_teacher_aligned_set_or_its_control(tmp_path):
 
 
 def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
-    from opdlens.opd.trainer import TrainConfig, train
+    from opdlens.opd.config import TrainConfig
+    from opdlens.opd.run import train
 
     task, qs = arith_questions(6)
     ref = tmp_path / "ref.jsonl"

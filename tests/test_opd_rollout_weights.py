@@ -6,8 +6,10 @@ from __future__ import annotations
 import pytest
 import torch
 
+from opdlens.opd.config import TrainConfig
 from opdlens.opd.presets import PAPER_B
-from opdlens.opd.trainer import OPDTrainer, TrainConfig, train
+from opdlens.opd.run import train
+from opdlens.opd.trainer import OPDTrainer
 from tests.helpers import arith_questions, one_thread, tiny
 
 TASK, QS = arith_questions(8)

@@ -15,8 +15,10 @@ from typing import Any
 import pytest
 
 from opdlens.errors import OpdlensError
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
+from opdlens.opd.runlog import read_metrics
 from opdlens.opd.trackers import split_row
-from opdlens.opd.trainer import TrainConfig, read_metrics, train
 from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 TASK, QS = arith_questions(8)

@@ -10,7 +10,11 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd.batching import completion_logits
-from opdlens.opd.trainer import OPDTrainer, TrainConfig, list_checkpoints, read_metrics, train
+from opdlens.opd.checkpoint import list_checkpoints
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
+from opdlens.opd.runlog import read_metrics
+from opdlens.opd.trainer import OPDTrainer
 from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 
@@ -218,7 +222,7 @@ def test_config_yaml_roundtrip_and_errors(tmp_path):
 
 def test_second_run_in_one_process_gets_a_trainable_student(tmp_path):
     """load_policy caches one instance per spec; a first run freezes it as the teacher."""
-    from opdlens.opd.trainer import load_models
+    from opdlens.opd.run import load_models
 
     pol = tiny(0)
     pol.model.save_pretrained(tmp_path / "m")

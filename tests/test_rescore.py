@@ -64,6 +64,7 @@ def test_rescore_under_our_scoring_changes_values_and_a_round_trip_gives_them_ba
     rec = json.loads((ours / RESCORED_FILE).read_text())
     assert rec["changed"]["tree_accounting"] == ["all-ancestors", "from-forced-node"]
     assert rec["changed"]["signals.restriction"] == ["literal", "renormalize"]
+    assert rec["changed"]["stat_unit"] == ["question", "path"]  # not a result key, still a scoring choice
     a, b = _nodes(source), _nodes(ours)
     assert (a["n_children"].fillna(-1) != b["n_children"].fillna(-1)).any() or not a["align_gkd"].equals(b["align_gkd"])
     assert len(a) == len(b)  # the same paths and nodes

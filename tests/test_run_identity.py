@@ -29,7 +29,8 @@ from opdlens.diagnose.store import RunStore, legacy_safe_name, safe_name, start_
 from opdlens.errors import OpdlensError
 from opdlens.identity import model_digest
 from opdlens.io import append_line, atomic_write
-from opdlens.opd.trainer import TrainConfig, train
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import train
 from opdlens.report.run import load_run
 from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 from tests.test_fuzz import _synthetic_builder

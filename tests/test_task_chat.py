@@ -147,7 +147,8 @@ def test_train_and_diagnose_read_a_verl_parquet(tmp_path):
     from opdlens.diagnose.signals import SignalConfig
     from opdlens.diagnose.targeting import TargetingConfig
     from opdlens.diagnose.teachers import TeacherSpec
-    from opdlens.opd.trainer import TrainConfig, train
+    from opdlens.opd.config import TrainConfig
+    from opdlens.opd.run import train
     from tests.helpers import one_thread, tiny
 
     f = _parquet(tmp_path / "train.parquet", VERL_ROWS)

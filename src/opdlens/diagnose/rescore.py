@@ -67,13 +67,14 @@ def rescore_config(
     data = apply_overrides(data, overrides, DiagnoseConfig)
     data["out_dir"] = str(out_dir)
     new = set_overrides(validate_config(DiagnoseConfig, data, "opdlens rescore"), list(overrides))
-    changed = differing_keys(result_keys(old), result_keys(new))
-    tree = [k for k in changed if _top_key(k) not in SCORING_KEYS]
+    tree = [k for k in differing_keys(result_keys(old), result_keys(new)) if _top_key(k) not in SCORING_KEYS]
     if tree:
         raise OpdlensError(
             f"rescore changes only how the stored tree is scored ({', '.join(SCORING_KEYS)}); "
             f"{', '.join(tree)} would need other rollouts: run `opdlens diagnose` with that setting instead"
         )
+    a, b = (c.model_dump(mode="json") for c in (old, new))
+    changed = differing_keys({k: a[k] for k in SCORING_KEYS}, {k: b[k] for k in SCORING_KEYS})
     return old, new, changed
 
 
@@ -118,10 +119,10 @@ def copy_tree(src: RunStore, dst: Path) -> int:
 def _record(source: Path, old: DiagnoseConfig, new: DiagnoseConfig, changed: list[str]) -> dict[str, Any]:
     from opdlens.identity import fingerprint, value_at
 
-    a, b = result_keys(old), result_keys(new)
+    a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     return {
         "source": str(source.resolve()),
-        "source_fingerprint": fingerprint(a),
+        "source_fingerprint": fingerprint(result_keys(old)),
         "changed": {k: [value_at(a, k), value_at(b, k)] for k in changed},
     }
 

@@ -9,12 +9,14 @@
 * :mod:`opdlens.opd.checkpoint` safetensors + JSON checkpoints (no pickle)
 * :mod:`opdlens.opd.runlog`     metric sums, metrics.jsonl, TensorBoard
 * :mod:`opdlens.opd.parallel`   data parallelism through accelerate (DDP)
-* :mod:`opdlens.opd.trainer`    :class:`OPDTrainer`, :func:`train` (``opdlens train CONFIG.yaml``)
+* :mod:`opdlens.opd.trainer`    :class:`OPDTrainer`: one optimizer step, the held-out evaluation
+* :mod:`opdlens.opd.run`        :func:`train` (``opdlens train CONFIG.yaml``): run identity, stages, the step loop, resume
 * :mod:`opdlens.opd.recipes`    cold start, template selection, prompt selection (config stages; matching in prompts.py)
 * :mod:`opdlens.opd.cli`     ``train_cmd`` and the diagnose -> train link
 * :mod:`opdlens.opd.demo`    ``python -m opdlens.opd.demo``: a short SmolLM2 run lowering reverse KL
 """
 
+from opdlens.opd.config import TEMPLATES, TrainConfig
 from opdlens.opd.losses import (
     LossOutput,
     forward_kl,
@@ -27,7 +29,9 @@ from opdlens.opd.losses import (
 )
 from opdlens.opd.metrics import TokenMetrics, token_metrics
 from opdlens.opd.registry import LOSSES, opd_loss
-from opdlens.opd.trainer import TEMPLATES, OPDTrainer, TrainConfig, TrainResult, read_metrics, train
+from opdlens.opd.run import TrainResult, train
+from opdlens.opd.runlog import read_metrics
+from opdlens.opd.trainer import OPDTrainer
 
 __all__ = [
     "LOSSES",

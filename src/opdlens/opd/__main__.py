@@ -11,7 +11,7 @@ import typer
 
 from opdlens.entry import run_app
 from opdlens.opd.cli import train_cmd
-from opdlens.opd.trainer import TrainResult
+from opdlens.opd.run import TrainResult
 
 app = typer.Typer(add_completion=False)
 

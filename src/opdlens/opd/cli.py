@@ -1,6 +1,6 @@
 """``opdlens train CONFIG.yaml`` and the link from ``opdlens diagnose`` to training.
 
-A train config is a :class:`~opdlens.opd.trainer.TrainConfig` in YAML, e.g. (defaults of the
+A train config is a :class:`~opdlens.opd.config.TrainConfig` in YAML, e.g. (defaults of the
 paper where not set: lr 1e-6, batch 64, top-k 16, no KL regularisation)::
 
     student: smollm2                  # 'smollm2', a local model directory or a HF id
@@ -44,7 +44,8 @@ from typing import Any
 from opdlens.config import apply_overrides, read_yaml, set_overrides, validate_config
 from opdlens.diagnose.teachers import get_context, trainable_contexts
 from opdlens.errors import OpdlensError
-from opdlens.opd.trainer import TrainConfig, TrainResult, train
+from opdlens.opd.config import TrainConfig
+from opdlens.opd.run import TrainResult, train
 
 
 def best_teacher(run_dir: str | Path, metric: str = "align_gkd") -> str:
@@ -122,7 +123,7 @@ def train_cmd(config: Path, fresh: bool = False, overrides: Sequence[str] = ()) 
     short summary. ``overrides`` change the config's keys (:func:`load_train_config`).
 
     A rerun resumes only a run of the same configuration and inputs (``out_dir/fingerprint.json``,
-    see :func:`opdlens.opd.trainer.train`); ``fresh`` first moves an existing run directory aside.
+    see :func:`opdlens.opd.run.train`); ``fresh`` first moves an existing run directory aside.
     Typer-compatible. Errors are :class:`OpdlensError` with a message.
     """
     from rich.console import Console
@@ -137,7 +138,7 @@ def train_cmd(config: Path, fresh: bool = False, overrides: Sequence[str] = ()) 
     res = train(cfg, fresh=fresh)
     if int(os.environ.get("RANK", "0")) != 0:  # data-parallel: the main process reports
         return res
-    from opdlens.opd.trainer import read_metrics
+    from opdlens.opd.runlog import read_metrics
     from opdlens.report.figures import plot_training_curve
 
     curve = plot_training_curve(

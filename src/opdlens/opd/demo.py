@@ -32,8 +32,10 @@ import typer
 
 from opdlens.entry import choice, run_app
 from opdlens.io import atomic_write
+from opdlens.opd.config import TrainConfig
 from opdlens.opd.registry import LOSSES
-from opdlens.opd.trainer import TrainConfig, read_metrics, train
+from opdlens.opd.run import train
+from opdlens.opd.runlog import read_metrics
 from opdlens.report.figures import plot_training_curve
 
 #: A teacher prompt whose style differs from the student's (same information, another register).

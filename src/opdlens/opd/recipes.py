@@ -67,7 +67,7 @@ def select_template(
 ) -> list[TemplateScore]:
     r"""Rank prompt templates by the initial top-k overlap ratio ``|S^p ∩ S^q| / k``.
 
-    For each candidate template (a :data:`~opdlens.opd.trainer.TEMPLATES` name or a format string
+    For each candidate template (a :data:`~opdlens.opd.config.TEMPLATES` name or a format string
     with ``{prompt}`` and optionally ``{answer}``): ``n_rollouts`` student rollouts per question
     are scored by student and teacher, and the token-mean overlap ratio (plus reverse KL and the
     student mass on the shared set) is computed. ``apply_to="both"``: the template is the prompt
