@@ -52,10 +52,19 @@ def test_rescore_with_the_same_keys_reproduces_every_node_and_samples_nothing(so
     assert _bytes(out, "rollouts") == _bytes(source, "rollouts") and _bytes(source, "rollouts")
     pd.testing.assert_frame_equal(_nodes(out), _nodes(source))
     rec = json.loads((out / RESCORED_FILE).read_text())
-    assert rec["changed"] == {} and rec["source"] == str(source.resolve())
+    assert rec["changed"] == {} and rec["runtime"] == {} and rec["source"] == str(source.resolve())
     q_src, q_out = (RunStore(r).read_table("questions.parquet") for r in (source, out))
     pd.testing.assert_frame_equal(q_out, q_src)
     assert "Scored again with `opdlens rescore`" in load_run(out).notes[0]
+    assert "other hardware or precision" not in load_run(out).notes[0]
+
+
+def test_rescore_on_another_dtype_says_so(source, tmp_path):
+    out = tmp_path / "f64"
+    _rescore(source, out, ["dtype=float64"])
+    rec = json.loads((out / RESCORED_FILE).read_text())
+    assert rec["changed"] == {} and rec["runtime"] == {"dtype": [None, "float64"]}
+    assert "other hardware or precision than the source (`dtype`: null → float64)" in load_run(out).notes[0]
 
 
 def test_rescore_under_our_scoring_changes_values_and_a_round_trip_gives_them_back(source, tmp_path):

@@ -34,6 +34,10 @@ SCORING_KEYS: tuple[str, ...] = ("signals", "tree_accounting", "stat_unit")
 #: The file a rescored run keeps beside its config: the source and the changed keys.
 RESCORED_FILE = "rescored.json"
 
+#: Keys that change no result key but the precision of the scoring forwards (the model dtype
+#: defaults to bf16 on CUDA and float32 on a CPU): the report says when they differ from the source's.
+_RUNTIME_KEYS = ("device", "dtype")
+
 #: What of a source run is not copied: phase 2's results, the report and the run's own identity.
 _NOT_COPIED = frozenset(
     {"nodes", "report", "config.yaml", "fingerprint.json", "questions.parquet", "skips.parquet", RESCORED_FILE}
@@ -124,6 +128,7 @@ def _record(source: Path, old: DiagnoseConfig, new: DiagnoseConfig, changed: lis
         "source": str(source.resolve()),
         "source_fingerprint": fingerprint(result_keys(old)),
         "changed": {k: [value_at(a, k), value_at(b, k)] for k in changed},
+        "runtime": {k: [a[k], b[k]] for k in _RUNTIME_KEYS if a[k] != b[k]},
     }
 
 
@@ -188,10 +193,19 @@ def rescored_note(root: str | Path) -> str | None:
     except (OSError, ValueError, KeyError, AttributeError):
         return f"Scored again with `opdlens rescore` ({RESCORED_FILE} unreadable)."
     what = "; ".join(f"`{k}`: {_short(v[0])} → {_short(v[1])}" for k, v in changed.items()) or "none"
-    return (
+    note = (
         f"Scored again with `opdlens rescore` on the tree of run {source} (the same rollouts, paths and "
         f"teacher contexts; nothing sampled). Changed scoring choices: {what}."
     )
+    runtime = rec.get("runtime") or {}
+    if runtime:
+        where = "; ".join(f"`{k}`: {_short(v[0])} → {_short(v[1])}" for k, v in runtime.items())
+        note += (
+            f" Scored on other hardware or precision than the source ({where}): node values differ by the "
+            "forwards' precision too (bf16 against float32 flipped 2 % of node signs on the SmolLM2 study, "
+            "docs/RESULTS.md); compare runs scored alike."
+        )
+    return note
 
 
 def _short(v: Any) -> str:
