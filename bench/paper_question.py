@@ -35,7 +35,7 @@ rollouts, 1 + 1 targets per window of 8, 12, ... tokens, 6 visits per target: th
 CPU in seconds.
 
 Usage: ``PYTHONPATH=src:. python bench/paper_question.py [--shapes qwen3-0.6b] [--traces boolq=200]
-[--max-targeted 20000] [--json out.json]``. A device call has at most 10 minutes: run one setting
+[--max-targeted 20000] [--json out.json] [--progress]``. A device call has at most 10 minutes: run one setting
 per call (an MMLU-like question at the uncapped preset budget generates ~40M tokens; cap it with
 ``--max-targeted``), then ``--from-json a.json b.json ...`` prints the projection of them all.
 """
@@ -210,7 +210,7 @@ def run_question(shape: str, task: str, tokens: int, args: argparse.Namespace) -
             torch.cuda.reset_peak_memory_stats()
         with bd.GpuBusy() as busy:
             t0 = time.perf_counter()
-            drun.diagnose(cfg, progress=False)
+            drun.diagnose(cfg, progress=args.progress)
             if cuda:
                 torch.cuda.synchronize()
             t1 = time.perf_counter()
@@ -350,6 +350,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--engine", default=None, help="JSON of the config's engine: block")
     ap.add_argument("--smoke", action="store_true", help="tiny models and budgets (CPU, seconds)")
+    ap.add_argument(
+        "--progress",
+        action="store_true",
+        help="progress bars per step (a device call cut at its limit shows how far it got)",
+    )
     ap.add_argument("--json", default=None, help="write the results and the projection here")
     ap.add_argument("--keep", default=None, help="copy each run directory to KEEP/<shape>-<task>")
     ap.add_argument(
