@@ -18,7 +18,7 @@ import json
 import torch
 
 from opdlens.opd.batching import completion_logits
-from opdlens.opd.losses import log_probs
+from opdlens.opd.logprobs import log_probs
 from opdlens.opd.rollout_weights import RolloutWeights
 from opdlens.opd.scoring import encode_user, pad_id, pad_tokens
 from opdlens.tasks import get_task

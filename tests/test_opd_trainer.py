@@ -240,7 +240,7 @@ def test_shared_logprobs_same_step_once_each(pair, tmp_path, monkeypatch):
     (shared_logprobs): the gradients and every logged value equal the unshared computation's."""
     import contextlib
 
-    import opdlens.opd.losses as losses_mod
+    import opdlens.opd.logprobs as losses_mod
     import opdlens.opd.step as step_mod
 
     student, teacher = pair
@@ -287,7 +287,7 @@ def test_shared_logprobs_same_step_once_each(pair, tmp_path, monkeypatch):
 def test_shared_logprobs_cache_rules():
     """The cache keys on the tensor and its version: an in-place change or a caller needing a
     graph gets a fresh result; callers without one get the shared result detached."""
-    from opdlens.opd.losses import log_probs, shared_logprobs, topk_ids
+    from opdlens.opd.logprobs import log_probs, shared_logprobs, topk_ids
 
     z = torch.randn(2, 3, 11, requires_grad=True)
     with shared_logprobs():

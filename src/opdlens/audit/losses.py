@@ -44,7 +44,8 @@ from typing import Literal
 import torch
 
 from opdlens.errors import OpdlensError
-from opdlens.opd.losses import TOPK_SETS, WEIGHT_MODES, full_rkl, log_probs
+from opdlens.opd.logprobs import log_probs
+from opdlens.opd.losses import TOPK_SETS, WEIGHT_MODES, full_rkl
 from opdlens.opd.registry import LOSSES, LossOptions
 
 Tensor = torch.Tensor

@@ -1,5 +1,6 @@
 """On-policy distillation (paper B, its mechanism and recipe): losses, monitoring metrics, trainer and recipes.
 
+* :mod:`opdlens.opd.logprobs`   log-softmax and top-k over the vocabulary, once per micro-batch
 * :mod:`opdlens.opd.losses`     the loss registry: the authors' top-k OPD, ours (top-k variants, full RKL), FKL, JSD
 * :mod:`opdlens.opd.metrics`    our token signals and the authors' top-k metrics (overlap, masses, advantages, splits)
 * :mod:`opdlens.opd.config`     :class:`TrainConfig` (every field described) and the prompt templates

@@ -38,7 +38,8 @@ from dataclasses import dataclass, fields
 import torch
 
 from opdlens.errors import OpdlensError
-from opdlens.opd.losses import TopkSet, WeightMode, log_probs, topk_entries, topk_ids
+from opdlens.opd.logprobs import log_probs, topk_ids
+from opdlens.opd.losses import TopkSet, WeightMode, topk_entries
 
 
 @dataclass

@@ -17,7 +17,8 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd.config import TrainConfig
-from opdlens.opd.losses import log_probs, reduce_tokens, shared_logprobs
+from opdlens.opd.logprobs import log_probs, shared_logprobs
+from opdlens.opd.losses import reduce_tokens
 from opdlens.opd.metrics import mechanism_metrics, token_metrics
 from opdlens.opd.registry import get_loss
 from opdlens.opd.runlog import MetricSums
