@@ -337,7 +337,7 @@ def test_cosine_schedule_by_hand():
 
 
 def test_cold_start_paper_recipe_values():
-    from opdlens.opd.config import ColdStartStage
+    from opdlens.opd.stages import ColdStartStage
 
     paper = ColdStartStage(recipe="paper")
     want = dict(

@@ -4,6 +4,7 @@
 * :mod:`opdlens.opd.losses`     the loss registry: the authors' top-k OPD, ours (top-k variants, full RKL), FKL, JSD
 * :mod:`opdlens.opd.metrics`    our token signals and the authors' top-k metrics (overlap, masses, advantages, splits)
 * :mod:`opdlens.opd.config`     :class:`TrainConfig` (every field described) and the prompt templates
+* :mod:`opdlens.opd.stages`     the configs of the stages before OPD (cold start, template selection, prompt matching)
 * :mod:`opdlens.opd.presets`    ``preset: paper-b`` and ``cold_start: {recipe: paper}``: the authors' values, sourced
 * :mod:`opdlens.opd.scoring`    contexts, student rollouts, student/teacher logits under mixed precision
 * :mod:`opdlens.opd.step`       the loss step (micro-batches, global normalisation, GRPO outcome term)
