@@ -133,3 +133,17 @@ def test_opdlens_rescore_command_writes_the_report(source, tmp_path):
     assert "Scored again with `opdlens rescore`" in summary and "`tree_accounting`: all-ancestors" in summary
     bad = CliRunner().invoke(app, ["rescore", str(source), "--out", str(tmp_path / "b"), "seed=3"])
     assert bad.exit_code != 0 and "seed" in bad.output
+
+
+def test_a_refusing_sampler_raises_before_the_model_samples():
+    """The backstop of `Diagnosis.score_stored`: a sampler with a refusal reason never reaches the model."""
+    from opdlens.diagnose.sampling import Sampler
+    from opdlens.synthetic import SyntheticPolicy
+
+    policy = SyntheticPolicy.random(seed=0, horizon=4)
+    sampler = Sampler(policy, 1.0)
+    sampler.refuse = "nothing may be sampled here"
+    with pytest.raises(OpdlensError, match="nothing may be sampled here"):
+        sampler.sample([[]], [2], 3, seed=0)
+    sampler.refuse = None
+    assert len(sampler.sample([[]], [2], 3, seed=0)[0]) == 2

@@ -184,12 +184,7 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
                     f"question {env.id} has no stored tree in {self.store.root}: rescore scores stored trees"
                 )
 
-        def refuse(*_: Any, **__: Any) -> Any:
-            raise OpdlensError(
-                "rescore would sample new rollouts: the stored tree is incomplete (finish the source run)"
-            )
-
-        sample, self.sampler.sample = self.sampler.sample, refuse  # type: ignore[method-assign]
+        self.sampler.refuse = "rescore would sample new rollouts: the stored tree is incomplete (finish the source run)"
         try:
             preps = {env.id: self.prepare(env) for env in self._bar(envs, "stored trees")}
             for prep in preps.values():
@@ -198,7 +193,7 @@ class Diagnosis(TreeSteps, Enrichment, Scoring):
                 "scoring", self.teachers, envs, lambda env, group: self.score_group(env, preps[env.id], group)
             )
         finally:
-            self.sampler.sample = sample  # type: ignore[method-assign]
+            self.sampler.refuse = None
         return self.finish([self.summary(env, preps[env.id]) for env in envs], len(envs))
 
     def _bar(self, items: Sequence[Any], desc: str) -> Iterable[Any]:

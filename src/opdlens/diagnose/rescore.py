@@ -24,7 +24,7 @@ from opdlens.config import apply_overrides, set_overrides, validate_config
 from opdlens.diagnose.config import DiagnoseConfig, read_run_config
 from opdlens.diagnose.store import RunStore, is_run_dir, start_fresh
 from opdlens.errors import OpdlensError
-from opdlens.identity import differing_keys, result_keys
+from opdlens.identity import differing_keys, fingerprint, result_keys, value_at
 from opdlens.io import atomic_write
 
 #: Top-level config keys whose change leaves the tree as it is (how nodes are scored, counted
@@ -121,8 +121,6 @@ def copy_tree(src: RunStore, dst: Path) -> int:
 
 
 def _record(source: Path, old: DiagnoseConfig, new: DiagnoseConfig, changed: list[str]) -> dict[str, Any]:
-    from opdlens.identity import fingerprint, value_at
-
     a, b = old.model_dump(mode="json"), new.model_dump(mode="json")
     return {
         "source": str(source.resolve()),

@@ -39,6 +39,8 @@ class Sampler:
     def __init__(self, student: Policy, temperature: float, trunc: Truncation = NO_TRUNCATION) -> None:
         self.student, self.temperature, self.trunc = student, temperature, trunc
         self.oom_retries = 0
+        #: set (to the reason) where nothing may be sampled: :meth:`sample` raises it instead
+        self.refuse: str | None = None
 
     # ------------------------------------------------------------------ helpers
     def rollouts(self, requests: Sequence[Continue], seed: int) -> list[list[list[int]]]:
@@ -75,6 +77,8 @@ class Sampler:
         each half with its own seed derived from ``seed``, and retried. The same request and the
         same memory give the same rollouts; the split changes which random numbers each rollout
         gets, not their distribution."""
+        if self.refuse is not None:
+            raise OpdlensError(self.refuse)
         try:
             return self.student.sample(
                 prefixes, n, max_new_tokens, seed=seed, temperature=self.temperature, **self.trunc.kwargs()
