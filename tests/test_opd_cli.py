@@ -12,10 +12,9 @@ from opdlens.diagnose.config import DiagnoseConfig
 from opdlens.diagnose.teachers import TeacherSpec
 from opdlens.errors import OpdlensError
 from opdlens.opd import cli as opd_cli
-from opdlens.opd.config import TrainConfig
 from opdlens.opd.run import train
 from opdlens.opd.trainer import OPDTrainer
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -75,22 +74,7 @@ class _AlwaysRight:
 def test_self_distillation_context_shows_a_student_solution(tmp_path):
     student = tiny(0, init_std=0.2)
     _, qs = arith_questions(3)
-    cfg = TrainConfig(
-        teacher_context="1c",
-        steps=1,
-        batch_size=2,
-        micro_batch=2,
-        max_new_tokens=4,
-        lr=1e-3,
-        eval_every=0,
-        save_every=0,
-        out_dir=tmp_path,
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        context_rollouts=2,
-    )
+    cfg = tiny_train_config(tmp_path, teacher_context="1c", steps=1, context_rollouts=2)
     res = train(
         cfg, student=student, teacher=tiny(0, init_std=0.2), task=_AlwaysRight(), train_questions=qs, eval_questions=[]
     )

@@ -11,9 +11,8 @@ import torch
 
 from opdlens.errors import OpdlensError
 from opdlens.opd.checkpoint import list_checkpoints
-from opdlens.opd.config import TrainConfig
 from opdlens.opd.run import train
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -28,21 +27,7 @@ def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("hf")
     task, qs = arith_questions(8)
     student = tiny(0)
-    cfg = TrainConfig(
-        batch_size=2,
-        micro_batch=2,
-        max_new_tokens=4,
-        steps=2,
-        lr=3e-3,
-        eval_every=0,
-        save_every=2,
-        out_dir=root / "run",
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
-    )
+    cfg = tiny_train_config(root / "run", lr=3e-3, save_every=2)
     res = train(cfg, student=student, teacher=tiny(1), task=task, train_questions=qs, eval_questions=[])
     (step, ckpt), *_ = list_checkpoints(root / "run")
     assert step == 2 and res.last_checkpoint == ckpt

@@ -9,7 +9,7 @@ from opdlens.errors import OpdlensError
 from opdlens.opd.coldstart import cold_start_sft, is_degenerate
 from opdlens.opd.recipes import select_template
 from opdlens.policy import Completion
-from tests.helpers import arith_questions, one_thread, tiny
+from tests.helpers import arith_questions, one_thread, tiny, tiny_train_config
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -224,26 +224,14 @@ def test_prompt_stages_select_the_teacher_aligned_set_or_its_control(tmp_path):
 
 
 def test_stages_run_from_the_config_and_replay_on_resume(tmp_path):
-    from opdlens.opd.config import TrainConfig
     from opdlens.opd.run import train
 
     task, qs = arith_questions(6)
     ref = tmp_path / "ref.jsonl"
     ref.write_text(__import__("json").dumps({"prompt": qs[0].prompt}) + "\n")
-    cfg = TrainConfig(
-        batch_size=2,
-        micro_batch=2,
-        max_new_tokens=4,
-        steps=2,
-        lr=1e-3,
-        eval_every=0,
+    cfg = tiny_train_config(
+        tmp_path / "run",
         save_every=1,
-        out_dir=tmp_path / "run",
-        progress=False,
-        tensorboard=False,
-        k=4,
-        metrics_k=4,
-        device="cpu",
         drop_duplicate_prompts={"reference": str(ref)},
         template_selection={
             "candidates": {"plain": "{prompt}", "noisy": "zebra quartz " * 4 + "{prompt}"},
